@@ -1,0 +1,172 @@
+"""One network, four readings: x_0, eps, v and the score, and the Denoiser interface.
+
+For x_t = alpha x_0 + sigma eps (any process):
+    eps   = (x_t - alpha x_0) / sigma
+    x_0   = (x_t - sigma eps) / alpha
+    v     = alpha eps - sigma x_0                          (Salimans & Ho 2022)
+    x_0   = (alpha x_t - sigma v) / (alpha^2 + sigma^2)
+    eps   = (sigma x_t + alpha v) / (alpha^2 + sigma^2)
+    score = grad log q(x_t) = -E[eps | x_t] / sigma
+    x_0   = (x_t + sigma^2 score) / alpha                  (Tweedie's formula; VE: x_0 = x_t + sigma^2 score)
+
+Every loss, sampler and guidance rule consumes one interface:
+
+    denoiser(x_t, t, **cond) -> Prediction
+
+where ``t`` is a (B,) float64 tensor of process times and the Prediction reads the
+network's output as any of the four targets, exactly when it is the native one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from .processes import Process, broadcast
+
+TARGETS = ("x0", "eps", "v", "score")
+
+
+# --------------------------------------------------------------------------- conversions (pure)
+
+
+def x0_from_eps(x_t, eps, alpha, sigma):
+    return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(x_t, x0, alpha, sigma):
+    return (x_t - alpha * x0) / sigma
+
+
+def v_from_x0_eps(x0, eps, alpha, sigma):
+    return alpha * eps - sigma * x0
+
+
+def x0_from_v(x_t, v, alpha, sigma):
+    return (alpha * x_t - sigma * v) / (alpha**2 + sigma**2)
+
+
+def eps_from_v(x_t, v, alpha, sigma):
+    return (sigma * x_t + alpha * v) / (alpha**2 + sigma**2)
+
+
+def score_from_eps(eps, sigma):
+    return -eps / sigma
+
+
+def eps_from_score(score, sigma):
+    return -sigma * score
+
+
+def x0_from_score(x_t, score, alpha, sigma):
+    """Tweedie's formula: E[x_0 | x_t] = (x_t + sigma^2 grad log q(x_t)) / alpha."""
+    return (x_t + sigma**2 * score) / alpha
+
+
+def convert(value: Tensor, source: str, target: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """Read a prediction of ``source`` as ``target`` (both in TARGETS). alpha and sigma broadcast against x_t."""
+    for name in (source, target):
+        if name not in TARGETS:
+            raise ValueError(f"unknown prediction target {name!r}; choose one of {TARGETS}")
+    if source == target:
+        return value
+    # route through (x0, eps), which determine everything
+    if source == "x0":
+        x0, eps = value, None
+    elif source == "eps":
+        x0, eps = None, value
+    elif source == "v":
+        x0, eps = x0_from_v(x_t, value, alpha, sigma), eps_from_v(x_t, value, alpha, sigma)
+    else:  # score
+        x0, eps = None, eps_from_score(value, sigma)
+    if target == "x0":
+        return x0 if x0 is not None else x0_from_eps(x_t, eps, alpha, sigma)
+    if eps is None:
+        eps = eps_from_x0(x_t, x0, alpha, sigma)
+    if target == "eps":
+        return eps
+    if target == "score":
+        return score_from_eps(eps, sigma)
+    if x0 is None:
+        x0 = x0_from_eps(x_t, eps, alpha, sigma)
+    return v_from_x0_eps(x0, eps, alpha, sigma)
+
+
+# --------------------------------------------------------------------------- the interface
+
+
+@dataclass
+class Prediction:
+    """What a denoiser says about x_t: one native ``value`` of kind ``target``, readable as any other.
+
+    alpha and sigma are already broadcast against x_t (shape (B, 1, ...), x_t's dtype)."""
+
+    x_t: Tensor
+    alpha: Tensor
+    sigma: Tensor
+    target: str
+    value: Tensor
+
+    def as_(self, target: str) -> Tensor:
+        return convert(self.value, self.target, target, self.x_t, self.alpha, self.sigma)
+
+    @property
+    def x0(self) -> Tensor:
+        return self.as_("x0")
+
+    @property
+    def eps(self) -> Tensor:
+        return self.as_("eps")
+
+    @property
+    def v(self) -> Tensor:
+        return self.as_("v")
+
+    @property
+    def score(self) -> Tensor:
+        return self.as_("score")
+
+
+class DenoiserFn(Protocol):
+    """The one interface: D(x_t, t, **cond) -> Prediction, with t a (B,) float64 tensor of process times."""
+
+    process: Process
+
+    def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction: ...
+
+
+def make_prediction(process: Process, x_t: Tensor, t: Tensor, target: str, value: Tensor) -> Prediction:
+    """Wrap a raw prediction of ``target`` at times t into a Prediction."""
+    t = expand_t(t, x_t)
+    return Prediction(x_t, broadcast(process.alpha(t), x_t), broadcast(process.sigma(t), x_t), target, value)
+
+
+def expand_t(t, x: Tensor) -> Tensor:
+    """A scalar or (B,) time as a (B,) float64 tensor on x's device."""
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+class Denoiser(nn.Module):
+    """Wraps a network net(x_in, c_noise, **cond) that predicts ``target`` into the Denoiser interface.
+
+    Preconditioning (in the spirit of EDM): the network sees x_in = x_t / sqrt(alpha^2 + sigma^2),
+    unit-scale for every process (the identity for variance-preserving ones), and c_noise =
+    process.noise_condition(t), so networks never know which schedule trained them."""
+
+    def __init__(self, net: nn.Module, process: Process, target: str = "eps"):
+        super().__init__()
+        if target not in TARGETS:
+            raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+        self.net, self.process, self.target = net, process, target
+
+    def forward(self, x_t: Tensor, t, **cond) -> Prediction:
+        t = expand_t(t, x_t)
+        alpha, sigma = broadcast(self.process.alpha(t), x_t), broadcast(self.process.sigma(t), x_t)
+        c_in = torch.rsqrt(alpha**2 + sigma**2)
+        c_noise = self.process.noise_condition(t).to(device=x_t.device, dtype=torch.float32)
+        out = self.net(x_t * c_in, c_noise, **cond)
+        return Prediction(x_t, alpha, sigma, self.target, out.to(x_t.dtype))
