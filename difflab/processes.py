@@ -121,6 +121,13 @@ class DiscreteDDPM(Process):
             raise ValueError(f"unknown beta schedule {self.schedule!r}; choose one of {sorted(BETA_SCHEDULES)}")
         if self.T < 1:
             raise ValueError(f"T must be >= 1, got {self.T}")
+        betas = self.betas
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            # the linear and sigmoid schedules rescale beta_end by 1000/T, which passes 1 for T <= 20
+            raise ValueError(
+                f"schedule {self.schedule!r} with T={self.T} has betas outside (0, 1) "
+                f"(max {float(betas.max()):.3g}); use a larger T or the cosine schedule"
+            )
 
     @property
     def t_max(self) -> float:
@@ -205,10 +212,11 @@ class ContinuousVP(Process):
         if self.schedule == "cosine":
             a = math.atan(math.exp(-self.lambda_min / 2))
             return torch.atan(torch.exp(-lam / 2)) / a
-        # solve (beta_max - beta_min)/2 t^2 + beta_min t + log abar = 0 for t >= 0
+        # solve (beta_max - beta_min)/2 t^2 + beta_min t + log abar = 0 for t >= 0, in the rationalized
+        # form -2 log abar / (beta_min + sqrt(beta_min^2 - 2 d log abar)), free of cancellation as t -> 0
         log_abar = torch.nn.functional.logsigmoid(lam)
         d = self.beta_max - self.beta_min
-        return (-self.beta_min + torch.sqrt(self.beta_min**2 - 2 * d * log_abar)) / d
+        return -2 * log_abar / (self.beta_min + torch.sqrt(self.beta_min**2 - 2 * d * log_abar))
 
 
 @dataclass(frozen=True)
@@ -281,3 +289,6 @@ def transition_variance(process: Process, t: Tensor, s: Tensor) -> Tensor:
     """sigma_{t|s}^2 = sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2: for DDPM with s = t-1 this is beta_t."""
     a_ts = process.alpha(t) / process.alpha(s)
     return process.sigma(t) ** 2 - a_ts**2 * process.sigma(s) ** 2
+
+
+PROCESSES_BY_NAME: dict[str, type[Process]] = {"ddpm": DiscreteDDPM, "vp": ContinuousVP, "ve": VarianceExploding}

@@ -1,0 +1,87 @@
+"""Pictures of the chain: forward noising q(x_t | x_0) and reverse denoising, for 2-D sets and images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from . import plots
+from .io import atomic_path
+from .checkpoint import RunConfig
+from .data.toy2d import make_toy
+from .samplers import sample
+
+COLUMNS = 6  # moments of the chain shown side by side
+
+
+def _pick(n_items: int, k: int) -> list[int]:
+    """k indices spread evenly over 0..n_items-1 (first and last included)."""
+    return sorted({round(i * (n_items - 1) / (k - 1)) for i in range(k)})
+
+
+def forward_noising(process, x0: torch.Tensor, ts: list[float], seed: int = 0) -> list[torch.Tensor]:
+    """Samples of q(x_t | x_0) = N(alpha_t x_0, sigma_t^2 I) at each t in ts (one noise draw per t)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in ts:
+        eps = torch.randn(x0.shape, generator=g)
+        out.append(process.q_sample(x0, torch.full((len(x0),), float(t), dtype=torch.float64), eps))
+    return out
+
+
+def toy_trajectories(denoiser, cfg: RunConfig, out, n: int = 2000, steps: int = 100, seed: int = 0, sampler: str = "ddpm") -> None:
+    """The classic swiss-roll figure: forward noising of the data (top) and reverse denoising of noise (bottom)."""
+    process = denoiser.process
+    x0 = make_toy(cfg.dataset, n, seed=seed + 7)
+    _, traj = sample(denoiser, (n, 2), steps, sampler=sampler, generator=torch.Generator().manual_seed(seed), return_trajectory=True)
+    idx = _pick(len(traj.t), COLUMNS)
+    rev_t = [float(traj.t[i]) for i in idx]
+    fwd_t = sorted(rev_t)
+    plots.trajectories_2d(forward_noising(process, x0, fwd_t, seed), fwd_t, [traj.x_t[i] for i in idx], rev_t, out)
+
+
+def _strip(rows: list[list[torch.Tensor]]) -> Image.Image:
+    """A grid picture from rows of uint8 (C, H, W) images."""
+    flat = torch.stack([img for row in rows for img in row])
+    return plots.image_grid(flat, nrow=len(rows[0]))
+
+
+def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm") -> None:
+    """Reverse chain strip (per sample: x_t on the left half, predicted x_0 on the right), an optional GIF,
+    and an optional forward-noising strip of real images."""
+    from .data.images import load_images, to_model, to_uint8
+
+    c = denoiser.net.config
+    shape = (n, c.in_channels, c.image_size, c.image_size)
+    _, traj = sample(denoiser, shape, steps, sampler=sampler, generator=torch.Generator().manual_seed(seed), return_trajectory=True)
+    idx = _pick(len(traj.x0), COLUMNS)
+    rows = [[to_uint8(traj.x_t[i][k]) for i in idx] + [to_uint8(traj.x0[i][k]) for i in idx] for k in range(n)]
+    with atomic_path(out) as tmp:
+        _strip(rows).save(tmp)
+    if gif:
+        chain_gif(traj, gif)
+    if forward:
+        real = load_images(cfg.dataset, split="test", data_dir=cfg.data.get("data_dir"), size=cfg.data.get("size"), channels=cfg.data.get("channels"))
+        x0 = to_model(real.images[:n])
+        ts = [float(t) for t in torch.linspace(0, denoiser.process.t_max, COLUMNS + 2)]
+        noisy = forward_noising(denoiser.process, x0, ts, seed)
+        rows = [[to_uint8(noisy[j][k]) for j in range(len(ts))] for k in range(n)]
+        with atomic_path(forward) as tmp:
+            _strip(rows).save(tmp)
+
+
+def chain_gif(traj, path, n: int = 16) -> None:
+    """One frame per step: a grid of x_t beside a grid of the predicted x_0."""
+    from .data.images import to_uint8
+
+    frames = []
+    for i in range(len(traj.x0)):
+        xt = plots.image_grid(to_uint8(traj.x_t[i][:n]), nrow=4)
+        x0 = plots.image_grid(to_uint8(traj.x0[i][:n]), nrow=4)
+        frame = Image.new(xt.mode, (xt.width * 2 + 8, xt.height), 255)
+        frame.paste(xt, (0, 0))
+        frame.paste(x0, (xt.width + 8, 0))
+        frames.append(frame)
+    plots.save_gif(frames, Path(path))

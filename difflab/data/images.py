@@ -1,0 +1,450 @@
+"""Image data sets, kept as uint8 (N, C, H, W) and scaled to [-1, 1] only when a batch is drawn.
+
+Sources for ``load_images(source, split, size, channels, data_dir)``:
+
+* ``"digits"``: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), values
+  0..16 mapped to uint8 by round(v * 255 / 16).
+* ``"fashion-mnist"``: the four IDX files (optionally gzipped) in ``data_dir`` or
+  /usr/share/datasets/fashion-mnist; 28x28 grey, 10 classes.
+* a folder of PNG/JPEG images, searched recursively (hidden files and folders skipped). Each image is
+  resized so its shorter side is ``size`` and center-cropped to size x size; without ``size`` all
+  images must have one size and are center-cropped to a square. Images are read as grey ('L') when
+  ``channels=1``, RGB when ``channels=3``, and by default grey if every image is grey (a grey mode, or
+  RGB with equal channels), else RGB. When every image lies inside a first-level subfolder the
+  subfolder names are the classes (sorted, indices 0..K-1); otherwise the set is unlabelled.
+* an ``.npz`` file with a uint8 array ``images`` of shape (N, H, W), (N, H, W, C) or (N, C, H, W)
+  (C in {1, 3}) and optionally integer ``labels`` (N,). ``save_npz`` writes this format.
+
+Known dataset names win over paths: write ``./digits`` for a folder called digits.
+
+Splits (deterministic, disjoint, stratified by class when there are labels):
+
+* ``"digits"``: within each class, in dataset order, every 5th image (positions 4, 9, 14, ...) is
+  ``"test"`` (355 images), the rest ``"train"`` (1442).
+* ``"fashion-mnist"``: the official files, ``"train"`` (60000) and ``"test"`` (t10k, 10000).
+* folders and npz files: within each class (or over the whole set when unlabelled), in sorted file
+  order / array order, every 10th image (positions 9, 19, ...) is ``"test"``, the rest ``"train"``.
+* ``"all"``: every image of the source (train then test for fashion-mnist).
+
+Every problem with the data raises ``DataError``, one line naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .loader import ShuffledBatches
+
+DATASETS = ("digits", "fashion-mnist")
+SPLITS = ("train", "test", "all")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+class DataError(ValueError):
+    """Anything wrong with a data source: missing, unreadable, corrupt, or of the wrong shape."""
+
+
+@dataclass
+class ImageSet:
+    images: Tensor  # uint8 (N, C, H, W)
+    labels: Tensor | None  # long (N,)
+    num_classes: int | None
+    name: str
+    class_names: tuple[str, ...] | None = None
+    split: str = "all"
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels is not None and self.labels.shape != (len(self.images),):
+            raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def size(self) -> int:
+        return self.images.shape[-1]
+
+
+# --------------------------------------------------------------------------- scaling
+
+
+def to_model(x: Tensor) -> Tensor:
+    """uint8 in 0..255 -> float32 in [-1, 1]."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_model expects uint8 images, got {x.dtype}")
+    return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x: Tensor) -> Tensor:
+    """float in [-1, 1] -> uint8 (clamped, rounded to the nearest level)."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_images(
+    source: str, split: str = "train", size: int | None = None, channels: int | None = None, data_dir: str | None = None
+) -> ImageSet:
+    """Load ``source`` (a dataset name, a folder of images or an .npz file) as uint8 (N, C, H, W); see the module doc."""
+    if split not in SPLITS:
+        raise DataError(f"{source}: unknown split {split!r}; choose one of {SPLITS}")
+    if size is not None and (not isinstance(size, int) or size <= 0):
+        raise DataError(f"{source}: size must be a positive integer, got {size!r}")
+    if channels not in (None, 1, 3):
+        raise DataError(f"{source}: channels must be 1 or 3, got {channels!r}")
+
+    if source == "digits":
+        data = _split(_load_digits(), split, every=5)
+    elif source == "fashion-mnist":
+        data = _load_fashion_mnist(Path(data_dir or FASHION_MNIST_DIR), split)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            return _split(_load_folder(path, size, channels), split, every=10)
+        if path.is_file() and path.suffix.lower() == ".npz":
+            data = _split(_load_npz(path), split, every=10)
+        elif path.exists():
+            raise DataError(f"{path}: not a folder of images or an .npz file")
+        else:
+            raise DataError(
+                f"unknown image source {source!r}: not a dataset name {DATASETS} and no such file or folder; "
+                "give a dataset name, a folder of PNG/JPEG images, or an .npz file"
+            )
+    data.images = _conform(data.images, size, channels, data.name)
+    return data
+
+
+def _split(data: ImageSet, split: str, every: int) -> ImageSet:
+    """Deterministic holdout: every ``every``-th image of each class (positions every-1, 2*every-1, ...) is test."""
+    data.split = split
+    if split == "all":
+        return data
+    groups = data.labels if data.labels is not None else torch.zeros(len(data), dtype=torch.long)
+    rank = torch.empty(len(data), dtype=torch.long)  # position of each image within its class
+    for k in groups.unique():
+        members = (groups == k).nonzero().squeeze(1)
+        rank[members] = torch.arange(len(members))
+    keep = (rank % every == every - 1) if split == "test" else (rank % every != every - 1)
+    if not keep.any():
+        raise DataError(f"{data.name}: the {split!r} split is empty (fewer than {every} images per class); use split='all'")
+    data.images = data.images[keep]
+    data.labels = data.labels[keep] if data.labels is not None else None
+    return data
+
+
+def _conform(images: Tensor, size: int | None, channels: int | None, name: str) -> Tensor:
+    """Center-crop to a square, resize to ``size`` (antialiased bilinear) and convert to ``channels``."""
+    H, W = images.shape[-2:]
+    if H != W:
+        s = min(H, W)
+        top, left = (H - s) // 2, (W - s) // 2
+        images = images[..., top : top + s, left : left + s]
+    if size is not None and size != images.shape[-1]:
+        chunks = []
+        for chunk in images.split(4096):
+            resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            chunks.append(resized.round().clamp(0, 255).to(torch.uint8))
+        images = torch.cat(chunks)
+    C = images.shape[1]
+    if C not in (1, 3):
+        raise DataError(f"{name}: images must have 1 or 3 channels, got {C}")
+    if channels == 3 and C == 1:
+        images = images.expand(-1, 3, -1, -1)  # (N, 3, H, W)
+    elif channels == 1 and C == 3:
+        images = _luminance(images)
+    return images.contiguous()
+
+
+def _luminance(rgb: Tensor) -> Tensor:
+    """ITU-R 601-2 luma, as PIL's convert('L'): (N, 3, H, W) uint8 -> (N, 1, H, W) uint8."""
+    r, g, b = rgb.long().unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[:, None]  # (N, 1, H, W)
+
+
+def _load_digits() -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * 255.0 / 16.0).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return ImageSet(torch.from_numpy(images), labels, 10, "digits", tuple(str(k) for k in range(10)))
+
+
+def _find_idx(folder: Path, name: str) -> Path:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"fashion-mnist: {folder / name}[.gz] not found; install with `apt-get install dataset-fashion-mnist` "
+        "or point --data at a folder with the four IDX files "
+        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz)"
+    )
+
+
+def _load_fashion_mnist(folder: Path, split: str) -> ImageSet:
+    parts = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
+    images, labels = [], []
+    for prefix in parts:
+        image_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+        label_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+        x, y = read_idx(image_path), read_idx(label_path)
+        if x.dtype != np.uint8 or x.ndim != 3:
+            raise DataError(f"{image_path}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
+        if y.dtype != np.uint8 or y.shape != (len(x),):
+            raise DataError(f"{label_path}: expected {len(x)} uint8 labels to match {image_path.name}, got {y.dtype} {y.shape}")
+        if y.size and y.max() >= 10:
+            raise DataError(f"{label_path}: labels must be in 0..9, found {int(y.max())}")
+        images.append(torch.from_numpy(x)[:, None])  # (N, 1, H, W)
+        labels.append(torch.from_numpy(y.astype(np.int64)))
+    if len({tuple(x.shape[1:]) for x in images}) > 1:
+        raise DataError(f"fashion-mnist in {folder}: train and test images differ in size")
+    return ImageSet(torch.cat(images), torch.cat(labels), 10, "fashion-mnist", FASHION_MNIST_CLASSES, split)
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """One image as uint8 (H, W) when grey or (H, W, 3), resized (shorter side = size) and center-cropped
+    square; and its original (width, height)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode.startswith("I;16"):
+                im = Image.fromarray((np.asarray(im, dtype=np.uint16) >> 8).astype(np.uint8))
+            im = im.convert("L" if im.mode in GREY_MODES else "RGB")
+            w, h = original = im.size
+            if size is not None and min(w, h) != size:
+                scale = size / min(w, h)
+                w, h = max(size, round(w * scale)), max(size, round(h * scale))
+                im = im.resize((w, h), Image.Resampling.BICUBIC)
+            s = min(w, h)
+            left, top = (w - s) // 2, (h - s) // 2
+            array = np.array(im.crop((left, top, left + s, top + s)))  # a writable copy
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    if array.ndim == 3 and (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
+        array = array[..., 0]  # RGB with equal channels is grey
+    return array, original
+
+
+def _load_folder(root: Path, size: int | None, channels: int | None) -> ImageSet:
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+    )
+    if not files:
+        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")
+
+    arrays, first = [], None
+    for path in files:
+        array, shape = _read_image(path, size)
+        first = first or (path, shape)
+        if size is None and shape != first[1]:  # without a target size every image must already have one size
+            raise DataError(
+                f"{path}: is {shape[0]}x{shape[1]} but {first[0].name} is {first[1][0]}x{first[1][1]}; "
+                "pass a size (--size) to resize every image"
+            )
+        arrays.append(array)
+
+    if channels is None:
+        channels = 1 if all(a.ndim == 2 for a in arrays) else 3
+    images = np.stack([_as_channels(a, channels) for a in arrays])  # (N, H, W, C)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
+
+    relative = [p.relative_to(root) for p in files]
+    labels = class_names = None
+    if all(len(r.parts) >= 2 for r in relative):
+        class_names = tuple(sorted({r.parts[0] for r in relative}))
+        index = {name: k for k, name in enumerate(class_names)}
+        labels = torch.tensor([index[r.parts[0]] for r in relative], dtype=torch.long)
+    return ImageSet(images, labels, len(class_names) if class_names else None, root.name, class_names)
+
+
+def _as_channels(array: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W) grey or (H, W, 3) RGB -> (H, W, channels)."""
+    if array.ndim == 2:
+        return np.repeat(array[..., None], channels, axis=-1)
+    if channels == 3:
+        return array
+    return _luminance(torch.from_numpy(array).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()  # (H, W, 1)
+
+
+def _load_npz(path: Path) -> ImageSet:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            keys = list(archive.keys())
+            images = archive["images"] if "images" in keys else None
+            labels = archive["labels"] if "labels" in keys else None
+    except Exception as e:  # BadZipFile, OSError, ValueError (pickled objects), EOFError...
+        raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
+    if images is None:
+        raise DataError(f"{path}: no 'images' array (found {keys})")
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: 'images' must be uint8 (0..255), got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]  # (N, 1, H, W)
+    elif images.ndim == 4:
+        if _channels_last(images.shape):
+            images = images.transpose(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+        elif images.shape[1] not in (1, 3):
+            raise DataError(f"{path}: 'images' of shape {images.shape} has no channel axis of size 1 or 3")
+    else:
+        raise DataError(f"{path}: 'images' must have shape (N, H, W), (N, H, W, C) or (N, C, H, W), got {images.shape}")
+    if len(images) == 0 or min(images.shape[2:]) == 0:
+        raise DataError(f"{path}: 'images' is empty ({images.shape})")
+    if labels is not None:
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{path}: 'labels' must be {len(images)} integers, got {labels.dtype} {labels.shape}")
+        if labels.min() < 0:
+            raise DataError(f"{path}: 'labels' must be non-negative, found {int(labels.min())}")
+        labels = torch.from_numpy(labels.astype(np.int64))
+    num_classes = int(labels.max()) + 1 if labels is not None else None
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), labels, num_classes, path.stem)
+
+
+def _channels_last(shape: tuple[int, ...]) -> bool:
+    """Whether a 4-D image array is (N, H, W, C): the last axis is 1 or 3 and the first is not, or both are
+    and the array is square in the (H, W) it would imply."""
+    last, first = shape[3] in (1, 3), shape[1] in (1, 3)
+    return last and (not first or shape[1] == shape[2])
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write to a temporary file in the same folder, then rename over ``path``: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_npz(path: str | os.PathLike, images: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None) -> None:
+    """Write uint8 images (N, C, H, W) and optional labels (N,) to an .npz that load_images reads back; atomic."""
+    images = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise DataError(f"{path}: save_npz needs uint8 images (N, C, H, W), got {images.dtype} {images.shape}")
+    arrays = {"images": images}
+    if labels is not None:
+        labels = labels.cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{path}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
+        arrays["labels"] = labels.astype(np.int64)
+    _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
+# --------------------------------------------------------------------------- IDX (the MNIST file format)
+
+# IDX header: two zero bytes, a type code, the number of dimensions; then each size as a big-endian uint32
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or raw, detected from its first bytes), checking the magic number and size."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from e
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt gzip data ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'})")
+    ndim, header = raw[3], 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions)")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(IDX_TYPES[raw[2]]).newbyteorder(">")
+    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes but its header (shape {dims}, {dtype.name}) needs {expected}")
+    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as an IDX file, gzipped when ``path`` ends in .gz; atomic."""
+    array = np.asarray(array)
+    codes = {np.dtype(t): code for code, t in IDX_TYPES.items()}
+    if array.dtype not in codes:
+        raise DataError(f"{path}: IDX cannot store {array.dtype}; use one of {[np.dtype(t).name for t in IDX_TYPES.values()]}")
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if str(path).endswith(".gz"):
+        raw = gzip.compress(raw, mtime=0)
+    _atomic_write(path, lambda f: f.write(raw))
+
+
+# --------------------------------------------------------------------------- batches for training
+
+
+class ImageBatches:
+    """Endless shuffled minibatches (x float32 in [-1, 1] (B, C, H, W), labels (B,) or None) of an ImageSet.
+
+    The order is a pure function of (seed, epoch) (data.loader.ShuffledBatches): ``state_dict`` /
+    ``load_state_dict`` resume it exactly. Images stay uint8 until a batch is drawn."""
+
+    def __init__(self, data: ImageSet, batch_size: int, seed: int):
+        self.data = data
+        self.order = ShuffledBatches(data.images, batch_size, seed=seed, labels=data.labels)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor | None]:
+        x, y = next(self.order)
+        return to_model(x), y
+
+    def state_dict(self) -> dict:
+        return self.order.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.load_state_dict(state)
+
+
+def batches(data: ImageSet, batch_size: int, generator: torch.Generator) -> ImageBatches:
+    """Endless shuffled batches of ``data``; the order's seed is drawn from ``generator``."""
+    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
+    return ImageBatches(data, batch_size, seed)

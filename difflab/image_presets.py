@@ -1,0 +1,54 @@
+"""Default runs for image sets: U-Net presets sized for 2 CPU cores, and our default recipe
+(cosine beta schedule, v-prediction, min-SNR-5 weighting, EMA)."""
+
+from __future__ import annotations
+
+from .checkpoint import RunConfig, TrainConfig, process_to_dict
+from .losses import SimpleLoss
+from .nets.unet import PRESETS as UNET_PRESETS
+from .nets.unet import UNetConfig
+from .processes import DiscreteDDPM
+
+RECIPE_PROCESS = process_to_dict(DiscreteDDPM(T=1000, schedule="cosine"))
+RECIPE_LOSS = {"target": None, "weighting": "min_snr", "gamma": 5.0}
+
+IMAGE_PRESETS: dict[str, RunConfig] = {
+    "digits": RunConfig(
+        dataset="digits",
+        process=RECIPE_PROCESS,
+        net_kind="unet",
+        net=UNET_PRESETS["digits"].to_dict(),
+        target="v",
+        loss=dict(RECIPE_LOSS),
+        train=TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup=200, ema_decay=0.998, checkpoint_every=500, sample_every=1000, log_every=25),
+    ),
+    "fashion-mnist": RunConfig(
+        dataset="fashion-mnist",
+        process=RECIPE_PROCESS,
+        net_kind="unet",
+        net=UNET_PRESETS["fashion-mnist"].to_dict(),
+        target="v",
+        loss=dict(RECIPE_LOSS),
+        train=TrainConfig(steps=30000, batch_size=128, lr=1e-3, warmup=500, ema_decay=0.9995, checkpoint_every=500, sample_every=2000, log_every=50),
+    ),
+}
+
+
+def image_preset(source: str) -> RunConfig:
+    """A run for a user's own folder or .npz: the shape is read from the data, the net is sized like fashion-mnist."""
+    from .data.images import load_images
+
+    data = load_images(source, split="train")  # raises DataError for unknown names and bad files
+    _, c, h, _ = data.images.shape
+    mults = (1, 2, 2) if h % 4 == 0 else ((1, 2) if h % 2 == 0 else (1,))
+    net = UNetConfig(image_size=h, in_channels=c, base_channels=64, channel_mults=mults, attention_resolutions=(h // 2 ** (len(mults) - 1),))
+    return RunConfig(
+        dataset=source,
+        process=RECIPE_PROCESS,
+        net_kind="unet",
+        net=net.to_dict(),
+        target="v",
+        loss=dict(RECIPE_LOSS),
+        train=IMAGE_PRESETS["fashion-mnist"].train,
+        data={"size": h, "channels": c},
+    )

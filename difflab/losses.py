@@ -1,0 +1,115 @@
+"""The simple denoising loss (Ho et al. 2020, eq. 14), with a choice of target and weighting.
+
+One training example: draw t ~ process.sample_t, eps ~ N(0, I), x_t = alpha x_0 + sigma eps, and
+regress the denoiser's reading of ``target`` against its true value.
+
+Every target is the same regression in other coordinates. With x_t fixed, an error in x_0 shows up as
+    eps-error   = -(alpha / sigma) x0-error                      weight SNR = alpha^2 / sigma^2
+    v-error     = -((alpha^2 + sigma^2) / sigma) x0-error        weight (alpha^2 + sigma^2)^2 / sigma^2 (VP: SNR + 1)
+    score-error = (alpha / sigma^2) x0-error                     weight alpha^2 / sigma^4
+so a plain MSE on a target puts that target's *native weight* on the x0-MSE. A weighting names the
+effective weight on the x0-MSE instead, and the loss multiplies the target MSE by effective / native:
+    'none'     the target's native weight (plain MSE of the target)
+    'snr'      SNR                      (= plain eps-MSE, whatever the target)
+    'min_snr'  min(SNR, gamma)          (Hang et al. 2023, "Min-SNR weighting")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .parameterize import TARGETS, expand_t, score_from_eps, v_from_x0_eps
+from .processes import broadcast
+
+WEIGHTINGS = ("none", "snr", "min_snr")
+
+
+def snr_factor(target: str, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """SNR / native weight of ``target``: the factor turning a plain target-MSE into an SNR-weighted x0-MSE."""
+    a2, s2 = alpha**2, sigma**2
+    return {"x0": a2 / s2, "eps": torch.ones_like(a2), "v": a2 / (a2 + s2) ** 2, "score": s2}[target]
+
+
+def inverse_native_weight(target: str, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """1 / native x0-weight of ``target`` (finite at sigma = 0)."""
+    a2, s2 = alpha**2, sigma**2
+    return {"x0": torch.ones_like(a2), "eps": s2 / a2, "v": s2 / (a2 + s2) ** 2, "score": s2**2 / a2}[target]
+
+
+def loss_weight(target: str, weighting: str, alpha: Tensor, sigma: Tensor, gamma: float = 5.0) -> Tensor:
+    """Per-example factor on the plain MSE of ``target`` (float64, shape of alpha).
+
+    Written without forming SNR itself, so it stays finite at sigma -> 0 and alpha -> 0:
+    min(SNR, gamma) / native = min(SNR / native, gamma / native)."""
+    if weighting == "none":
+        return torch.ones_like(alpha)
+    if weighting == "snr":
+        return snr_factor(target, alpha, sigma)
+    if weighting == "min_snr":
+        return torch.minimum(snr_factor(target, alpha, sigma), gamma * inverse_native_weight(target, alpha, sigma))
+    raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {WEIGHTINGS}")
+
+
+@dataclass
+class SimpleLoss:
+    """E_{t, eps} [ w(t) ||pred.as_(target) - target_true||^2 ], the squared error averaged over dimensions.
+
+    target: 'x0', 'eps', 'v', 'score', or None for the denoiser's native target (no conversion).
+    weighting: 'none', 'snr' or 'min_snr' (see the module docstring); gamma is Min-SNR's clamp."""
+
+    target: str | None = None
+    weighting: str = "none"
+    gamma: float = 5.0
+
+    def __post_init__(self):
+        if self.target is not None and self.target not in TARGETS:
+            raise ValueError(f"unknown loss target {self.target!r}; choose one of {TARGETS} or None")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown loss weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
+        if not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma}")
+
+    def __call__(
+        self,
+        denoiser,
+        x0: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        cond: Mapping | None = None,
+        reduction: str = "mean",
+    ) -> Tensor:
+        """The loss on a batch x0 (B, ...): a scalar for reduction='mean', the (B,) per-example losses for 'none'.
+
+        t (B,) and noise (like x0) are drawn from ``generator`` unless given; cond is passed as
+        denoiser(x_t, t, **cond)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'none'")
+        process = denoiser.process
+        B = x0.shape[0]
+        if t is None:
+            t = process.sample_t(B, generator)
+        t = expand_t(t, x0)
+        if noise is None:
+            device = generator.device if generator is not None else x0.device
+            noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
+        x_t = process.q_sample(x0, t, noise)
+        pred = denoiser(x_t, t, **(cond or {}))
+
+        target = self.target or pred.target
+        alpha, sigma = process.alpha(t), process.sigma(t)  # (B,) float64
+        a, s = broadcast(alpha, x0), broadcast(sigma, x0)
+        true = {
+            "x0": x0,
+            "eps": noise,
+            "v": v_from_x0_eps(x0, noise, a, s),
+            "score": score_from_eps(noise, s),
+        }[target]
+        mse = ((pred.as_(target) - true) ** 2).flatten(1).mean(1)  # (B,)
+        per_example = loss_weight(target, self.weighting, alpha, sigma, self.gamma).to(mse) * mse
+        return per_example.mean() if reduction == "mean" else per_example

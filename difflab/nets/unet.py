@@ -1,0 +1,383 @@
+"""A U-Net for images: net(x_in, c_noise, *, class_labels, low_res, context) -> same shape as x_in.
+
+The layout follows DDPM (Ho et al. 2020) with the refinements of Nichol & Dhariwal (2021):
+
+    x ──conv_in──┬─[Block]×n ─ down ─[Block]×n ─ ... ─ middle ─ ... [Block]×(n+1) ─ up ─[Block]×(n+1)─ conv_out
+                 └────────────── skip connections (every encoder output joins its mirror) ──────────┘
+
+* a Block is a residual block (GroupNorm, SiLU, 3x3 conv, twice) whose second norm is modulated by the
+  time (and class) embedding: h = GroupNorm(h) * (1 + scale) + shift (FiLM, "scale-shift norm");
+* at the feature-map sizes in ``attention_resolutions`` the residual block is followed by multi-head
+  self-attention over the H*W positions, and, when ``context_dim`` is set, by cross-attention to a
+  context sequence (B, L, context_dim);
+* the last conv of every residual block, the output projection of every attention block and the
+  output conv start at zero, so at initialisation each block is the identity and the network outputs 0.
+
+The network knows nothing about noise schedules: ``c_noise`` is whatever scalar per sample the
+Denoiser passes (about 0..1000), embedded with nets.embeddings.TimeEmbedding.
+
+Conditioning:
+* ``class_labels`` (B,) in 0..num_classes, where the extra index ``num_classes`` is the "null" class
+  used for classifier-free guidance; ``class_labels=None`` means null for the whole batch.
+* ``low_res`` (B, cond_channels, h, w): concatenated to the input channels (super-resolution); when
+  (h, w) differs from x's size it is first upsampled bilinearly.
+* ``context`` (B, L, context_dim) with optional ``context_mask`` (B, L), True = attend; ``context=None``
+  skips the cross-attention blocks (their contribution is zero).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .embeddings import TimeEmbedding
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 28
+    in_channels: int = 1
+    out_channels: int | None = None  # None: same as in_channels
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # one entry per resolution; the size halves between entries
+    num_res_blocks: int = 2  # per resolution in the encoder (the decoder has one more)
+    attention_resolutions: tuple[int, ...] = (14,)  # feature-map sizes where self-attention runs
+    num_heads: int = 4
+    dropout: float = 0.0
+    num_classes: int | None = None  # class embedding with num_classes + 1 rows (the last is "null")
+    cond_channels: int = 0  # extra input channels (low_res), e.g. an upsampled low-resolution image
+    context_dim: int | None = None  # cross-attention to a (B, L, context_dim) sequence
+    norm_groups: int = 32  # GroupNorm groups, capped to the largest divisor of the channel count
+
+    def __post_init__(self):
+        # JSON turns tuples into lists; store tuples so equal configs compare equal
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
+        self.validate()
+
+    @property
+    def out_ch(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    def resolutions(self) -> list[int]:
+        """Feature-map size of each level: image_size, image_size/2, ..."""
+        return [self.image_size // 2**i for i in range(len(self.channel_mults))]
+
+    def validate(self) -> None:
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "norm_groups"):
+            positive(name)
+        for name in ("out_channels", "num_classes", "context_dim"):
+            if getattr(self, name) is not None:
+                positive(name)
+        if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
+            raise ValueError(f"UNetConfig.cond_channels must be a non-negative integer, got {self.cond_channels!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
+            raise ValueError(f"UNetConfig.channel_mults must be non-empty positive integers, got {self.channel_mults}")
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size % factor:
+            raise ValueError(
+                f"UNetConfig.image_size={self.image_size} must be divisible by 2**(len(channel_mults)-1) = {factor} "
+                f"to downsample {len(self.channel_mults) - 1} times; use fewer channel_mults or another size"
+            )
+        sizes = self.resolutions()
+        unused = [r for r in self.attention_resolutions if r not in sizes]
+        if unused:
+            raise ValueError(
+                f"UNetConfig.attention_resolutions {unused} are not feature-map sizes of this network; choose from {sizes}"
+            )
+        for size, mult in zip(sizes, self.channel_mults):
+            ch = self.base_channels * mult
+            if size in self.attention_resolutions and ch % self.num_heads:
+                raise ValueError(f"UNetConfig.num_heads={self.num_heads} must divide the {ch} channels at size {size}")
+        if self.context_dim is not None and not self.attention_resolutions:
+            raise ValueError("UNetConfig.context_dim is set but attention_resolutions is empty: cross-attention would never run")
+
+    def to_dict(self) -> dict:
+        """JSON-ready: tuples become lists."""
+        d = asdict(self)
+        d["channel_mults"], d["attention_resolutions"] = list(self.channel_mults), list(self.attention_resolutions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> UNetConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown UNetConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+def group_norm(channels: int, max_groups: int) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= max_groups that divides ``channels``."""
+    groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def zero_(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, then GroupNorm modulated by the embedding (FiLM), SiLU, dropout, conv; plus a skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(in_ch, groups), nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)  # -> (scale, shift)
+        self.norm2, self.drop = group_norm(out_ch, groups), nn.Dropout(dropout)
+        self.conv2 = zero_(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+def _heads(t: Tensor, heads: int) -> Tensor:
+    """(B, N, C) -> (B, heads, N, C/heads)."""
+    B, N, C = t.shape
+    return t.reshape(B, N, heads, C // heads).transpose(1, 2)  # (B, heads, N, d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H*W positions of a feature map, with a residual connection."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = group_norm(channels, groups)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.out = zero_(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        q, k, v = (_heads(t, self.heads) for t in self.qkv(tokens).chunk(3, dim=-1))  # (B, heads, HW, d) each
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        h = h.transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
+        return x + self.out(h).transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+
+
+class CrossAttention(nn.Module):
+    """Queries from the feature map, keys and values from a context sequence (B, L, context_dim)."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm, self.norm_context = group_norm(channels, groups), nn.LayerNorm(context_dim)
+        self.q = nn.Linear(channels, channels)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.out = zero_(nn.Linear(channels, channels))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+        B, C, H, W = x.shape
+        q = _heads(self.q(self.norm(x).flatten(2).transpose(1, 2)), self.heads)  # (B, heads, HW, d)
+        k, v = (_heads(t, self.heads) for t in self.kv(self.norm_context(context)).chunk(2, dim=-1))  # (B, heads, L, d)
+        attn_mask, any_valid = None, None
+        if mask is not None:
+            # a sample whose tokens are all masked attends to nothing: its contribution is set to zero
+            # (softmax over an empty set is undefined, so it attends to everything and is then zeroed)
+            any_valid = mask.any(dim=1)  # (B,)
+            attn_mask = (mask | ~any_valid[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, HW, d)
+        h = self.out(h.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
+        if any_valid is not None:
+            h = h * any_valid[:, None, None].to(h.dtype)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
+
+
+class Block(nn.Module):
+    """A residual block, optionally followed by self-attention and cross-attention."""
+
+    def __init__(self, in_ch, out_ch, cfg: UNetConfig, emb_dim: int, attention: bool):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, cfg.norm_groups, cfg.dropout)
+        self.attn = SelfAttention(out_ch, cfg.num_heads, cfg.norm_groups) if attention else None
+        self.cross = None
+        if attention and cfg.context_dim is not None:
+            self.cross = CrossAttention(out_ch, cfg.context_dim, cfg.num_heads, cfg.norm_groups)
+
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        h = self.res(h, emb)
+        if self.attn is not None:
+            h = self.attn(h)
+        if self.cross is not None and context is not None:
+            h = self.cross(h, context, mask)
+        return h
+
+
+class Downsample(nn.Sequential):
+    def __init__(self, ch: int):
+        super().__init__(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # (B, C, H/2, W/2)
+
+
+class Upsample(nn.Sequential):
+    def __init__(self, ch: int):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))  # (B, C, 2H, 2W)
+
+
+class UNet(nn.Module):
+    """net(x, c_noise, *, class_labels=None, low_res=None, context=None, context_mask=None) -> (B, out_channels, H, W)."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        emb_dim = 4 * cfg.base_channels
+        self.time = TimeEmbedding(cfg.base_channels, emb_dim)
+        self.classes = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        sizes = cfg.resolutions()
+        ch = chans[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
+
+        # encoder: every output (including conv_in's) is saved for a skip connection
+        skip_chs = [ch]
+        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
+        for level, (out_ch, size) in enumerate(zip(chans, sizes)):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(Block(ch, out_ch, cfg, emb_dim, size in cfg.attention_resolutions))
+                ch = out_ch
+                skip_chs.append(ch)
+            self.down.append(blocks)
+            if level < len(chans) - 1:
+                self.downsample.append(Downsample(ch))
+                skip_chs.append(ch)
+
+        # middle, at the lowest resolution: attention there iff that size is an attention resolution
+        self.mid = Block(ch, ch, cfg, emb_dim, sizes[-1] in cfg.attention_resolutions)
+        self.mid_res = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.dropout)
+
+        # decoder, lowest resolution first: each block consumes one skip
+        self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(chans))):
+            blocks = nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(Block(ch + skip_chs.pop(), chans[level], cfg, emb_dim, sizes[level] in cfg.attention_resolutions))
+                ch = chans[level]
+            self.up.append(blocks)
+            if level > 0:
+                self.upsample.append(Upsample(ch))
+        assert not skip_chs
+
+        self.norm_out = group_norm(ch, cfg.norm_groups)
+        self.conv_out = zero_(nn.Conv2d(ch, cfg.out_ch, 3, padding=1))
+
+    def embedding(self, c_noise: Tensor, class_labels: Tensor | None, batch: int) -> Tensor:
+        """Time embedding plus class embedding (null class when labels are None). (B, emb_dim)"""
+        c_noise = torch.as_tensor(c_noise, device=self.conv_in.weight.device)
+        if c_noise.ndim == 0:
+            c_noise = c_noise.expand(batch)
+        if c_noise.shape != (batch,):
+            raise ValueError(f"c_noise must have shape ({batch},) or be a scalar, got {tuple(c_noise.shape)}")
+        emb = self.time(c_noise)
+        if self.classes is None:
+            if class_labels is not None:
+                raise ValueError("class_labels given but this UNet has num_classes=None")
+            return emb
+        n = self.config.num_classes
+        if class_labels is None:
+            class_labels = torch.full((batch,), n, dtype=torch.long, device=emb.device)
+        if class_labels.shape != (batch,) or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+            raise ValueError(f"class_labels must be ({batch},) integers, got {class_labels.dtype} {tuple(class_labels.shape)}")
+        class_labels = class_labels.long()
+        if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > n):
+            raise ValueError(f"class_labels must be in 0..{n} ({n} is the null class)")
+        return emb + self.classes(class_labels)
+
+    def _check_inputs(self, x: Tensor, low_res: Tensor | None, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"UNet expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}"
+            )
+        if cfg.cond_channels:
+            if low_res is None or low_res.ndim != 4 or low_res.shape[:2] != (x.shape[0], cfg.cond_channels):
+                got = None if low_res is None else tuple(low_res.shape)
+                raise ValueError(f"this UNet needs low_res of shape (B, {cfg.cond_channels}, h, w), got {got}")
+            if low_res.shape[2:] != x.shape[2:]:
+                low_res = F.interpolate(low_res, size=x.shape[2:], mode="bilinear", align_corners=False)
+            x = torch.cat([x, low_res.to(x.dtype)], dim=1)  # (B, C + cond_channels, H, W)
+        elif low_res is not None:
+            raise ValueError("low_res given but this UNet has cond_channels=0")
+        if context is not None:
+            if cfg.context_dim is None:
+                raise ValueError("context given but this UNet has context_dim=None")
+            if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.context_dim:
+                raise ValueError(f"context must have shape (B, L, {cfg.context_dim}), got {tuple(context.shape)}")
+            if mask is not None and (mask.shape != context.shape[:2] or mask.dtype != torch.bool):
+                raise ValueError(f"context_mask must be a bool tensor of shape {tuple(context.shape[:2])}")
+        elif mask is not None:
+            raise ValueError("context_mask given without context")
+        return x
+
+    def forward(
+        self,
+        x: Tensor,
+        c_noise: Tensor,
+        *,
+        class_labels: Tensor | None = None,
+        low_res: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        h = self._check_inputs(x, low_res, context, context_mask)
+        emb = self.embedding(c_noise, class_labels, x.shape[0])
+        cond = (emb, context, context_mask)
+
+        h = self.conv_in(h)
+        skips = [h]
+        for level, blocks in enumerate(self.down):
+            for block in blocks:
+                h = block(h, *cond)
+                skips.append(h)
+            if level < len(self.downsample):
+                h = self.downsample[level](h)
+                skips.append(h)
+
+        h = self.mid_res(self.mid(h, *cond), emb)
+
+        for level, blocks in enumerate(self.up):
+            for block in blocks:
+                h = block(torch.cat([h, skips.pop()], dim=1), *cond)  # (B, C + C_skip, H, W)
+            if level < len(self.upsample):
+                h = self.upsample[level](h)
+
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def num_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# Sized for 2 CPU cores at batch 64. Forward + backward per batch of 64, measured on 2 pinned cores of a
+# Xeon (fp32 / torch.autocast("cpu", dtype=torch.bfloat16)):
+#   digits          1.08M parameters   ~0.07 s / ~0.08 s   (~14 it/s)
+#   fashion-mnist   1.19M parameters   ~0.56 s / ~0.30 s   (~2-3 it/s)
+# For comparison, fashion-mnist at base_channels=64, num_res_blocks=2 has 6.9M parameters and takes
+# ~2.7 s / ~1.6 s per batch of 64: more capacity, five times the training time.
+PRESETS: dict[str, UNetConfig] = {
+    # sklearn digits, 8x8 grey: 8 -> 4, attention at 4
+    "digits": UNetConfig(
+        image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=2, attention_resolutions=(4,)
+    ),
+    # Fashion-MNIST, 28x28 grey: 28 -> 14 -> 7, attention at 7
+    "fashion-mnist": UNetConfig(
+        image_size=28, in_channels=1, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,)
+    ),
+}

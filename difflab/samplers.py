@@ -1,0 +1,568 @@
+"""Samplers: pure functions that run a forward process backwards, and the step grids they walk.
+
+Every sampler has one signature and draws randomness only from the generator it is given:
+
+    x0 = sampler(denoiser, x, ts, *, cond=None, generator=None, callback=None, return_trajectory=False, **options)
+
+    denoiser  the Denoiser interface: denoiser(x_t, t, **cond) -> Prediction, with ``denoiser.process``
+    x         the starting state x_{ts[0]} (for sampling: noise already scaled, e.g. ``process.prior_sample``)
+    ts        a decreasing float64 grid t_0 = t_max > ... > t_N = 0 from ``timesteps``
+    callback  callback(i, t_i, x_{t_i}, prediction at (x_{t_i}, t_i)), once per step
+    return_trajectory  also return a ``Trajectory`` (x_t at every grid time, predicted x_0 at every step)
+
+Notation (all processes write x_t = alpha_t x_0 + sigma_t eps; s < t is the next, less noisy time):
+
+    paper symbol                         here
+    bar-alpha_t (Ho et al.)              alpha_t^2
+    sigma_t (DDIM, Song et al. 2021a)    c, the std of the fresh noise in a DDIM step
+    sigma (EDM), y = x / s(t)            sigma_tilde = sigma_t / alpha_t, y = x_t / alpha_t
+    lambda_t (DPM-Solver)                lambda_t = log(alpha_t / sigma_t)  (half of ``process.log_snr``)
+    eps_hat, x0_hat                      pred.eps, pred.x0 (the Prediction read in either target)
+    alpha_i (Song & Ermon 2019)          a, the Langevin step size
+
+The single-step updates (``ddpm_step``, ``ddim_step``, ``euler_step``, ``dpmpp_2m_step``,
+``langevin_step``) are pure functions of a Prediction, the two times and the noise, so they can be
+checked against other implementations (tests/test_parity_diffusers.py). ``ddim_invert`` encodes data
+into noise (DDIM run forwards); ``sample`` builds the grid and the prior noise and runs a sampler by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .parameterize import Prediction, expand_t
+from .processes import (
+    ContinuousVP,
+    DiscreteDDPM,
+    Process,
+    VarianceExploding,
+    broadcast,
+    posterior_coefficients,
+    transition_variance,
+)
+
+F64 = torch.float64
+
+__all__ = [
+    "SAMPLERS",
+    "SPACINGS",
+    "Trajectory",
+    "ddim",
+    "ddim_invert",
+    "ddim_step",
+    "ddpm",
+    "ddpm_step",
+    "default_spacing",
+    "dpmpp_2m",
+    "dpmpp_2m_step",
+    "euler",
+    "euler_step",
+    "get_sampler",
+    "heun",
+    "langevin",
+    "langevin_step",
+    "pc",
+    "sample",
+    "timesteps",
+]
+
+
+# --------------------------------------------------------------------------- trajectory
+
+
+@dataclass
+class Trajectory:
+    """The states a sampler visited.
+
+    t   (N+1,) float64: the grid times (``langevin``: the positive levels, then 0; ``ddim_invert``: increasing).
+    x_t (N+1, B, ...): x_t[0] is the start, x_t[i] the state at t[i], x_t[N] the returned sample.
+    x0  (N, B, ...):   x0[i] is the first x_0 prediction made at step i, i.e. denoiser(x_t[i], t[i]).x0
+                       (N entries: no prediction is made at the final time).
+    """
+
+    t: Tensor
+    x_t: Tensor
+    x0: Tensor
+
+
+class _Recorder:
+    """Collects a Trajectory when asked to, and does nothing otherwise."""
+
+    def __init__(self, on: bool):
+        self.on = on
+        self.t: list[float] = []
+        self.x_t: list[Tensor] = []
+        self.x0: list[Tensor] = []
+
+    def step(self, t: Tensor, x_t: Tensor, x0: Tensor) -> None:
+        if self.on:
+            self.t.append(float(t))
+            self.x_t.append(x_t.detach().clone())
+            self.x0.append(x0.detach().clone())
+
+    def finish(self, t: Tensor, x: Tensor):
+        """Return x, or (x, Trajectory) when recording."""
+        if not self.on:
+            return x
+        self.t.append(float(t))
+        self.x_t.append(x.detach().clone())
+        traj = Trajectory(torch.tensor(self.t, dtype=F64), torch.stack(self.x_t), torch.stack(self.x0))
+        return x, traj
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Standard normal noise shaped like x, drawn on the generator's device (so a seed reproduces anywhere)."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
+
+
+def _alpha_sigma(process: Process, t: Tensor) -> tuple[Tensor, Tensor]:
+    t = torch.as_tensor(t, dtype=F64)
+    return process.alpha(t), process.sigma(t)
+
+
+def _sigma_tilde(process: Process, t: Tensor) -> Tensor:
+    """EDM's noise level sigma_tilde = sigma_t / alpha_t (0 at t = 0)."""
+    alpha_t, sigma_t = _alpha_sigma(process, t)
+    return sigma_t / alpha_t
+
+
+def _lambda(process: Process, t: Tensor) -> Tensor:
+    """DPM-Solver's lambda_t = log(alpha_t / sigma_t) (+inf at t = 0)."""
+    alpha_t, sigma_t = _alpha_sigma(process, t)
+    return torch.log(alpha_t) - torch.log(sigma_t)
+
+
+def _check_grid(ts: Tensor, increasing_ok: bool = False) -> Tensor:
+    ts = torch.as_tensor(ts, dtype=F64)
+    if ts.ndim != 1 or len(ts) < 2:
+        raise ValueError(f"ts must be a 1-D grid of at least 2 times, got shape {tuple(ts.shape)}")
+    d = ts[1:] - ts[:-1]
+    if bool((d < 0).all()) or (increasing_ok and bool((d > 0).all())):
+        return ts
+    raise ValueError("ts must be strictly decreasing (use timesteps(process, n, spacing))")
+
+
+def _call(denoiser, x: Tensor, t: Tensor, cond: dict | None) -> Prediction:
+    return denoiser(x, expand_t(t, x), **(cond or {}))
+
+
+def _require_ve(process: Process, name: str) -> None:
+    if not isinstance(process, VarianceExploding):
+        raise ValueError(
+            f"the {name!r} sampler needs a VarianceExploding process (x_t = x_0 + sigma eps), "
+            f"got {type(process).__name__}; use 'ddpm', 'ddim', 'euler', 'heun' or 'dpmpp-2m'"
+        )
+
+
+# --------------------------------------------------------------------------- single steps (pure)
+
+
+def ddpm_step(process: Process, pred: Prediction, t, s, variance: str = "beta", noise: Tensor | None = None) -> Tensor:
+    """Ancestral step x_t -> x_s (Ho et al. 2020, Algorithm 2 on any subsequence): mean mu_tilde(x_t, x0_hat)
+    of q(x_s | x_t, x0_hat) (eq. 7) plus std * noise, variance 'beta' (sigma_{t|s}^2) or 'beta_tilde'
+    (the posterior variance); no noise when s = 0, nor when noise is None (the mean alone)."""
+    if variance not in ("beta", "beta_tilde"):
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'beta_tilde'")
+    t, s = torch.as_tensor(t, dtype=F64), torch.as_tensor(s, dtype=F64)
+    c_x0, c_xt, beta_tilde = posterior_coefficients(process, t, s)
+    x_t = pred.x_t
+    mu_tilde = broadcast(c_x0, x_t) * pred.x0 + broadcast(c_xt, x_t) * x_t
+    if noise is None:
+        return mu_tilde
+    var = beta_tilde if variance == "beta_tilde" else transition_variance(process, t, s)
+    var = torch.where(s > 0, var, torch.zeros_like(var))  # the step into the data (t = 0) adds no noise
+    return mu_tilde + broadcast(var.clamp(min=0).sqrt(), x_t) * noise
+
+
+def ddim_step(process: Process, pred: Prediction, t, s, eta: float = 0.0, noise: Tensor | None = None) -> Tensor:
+    """DDIM step x_t -> x_s (Song et al. 2021a, eq. 12): x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z,
+    c^2 = eta^2 beta_tilde (eq. 16). With eta = 0 it also runs forwards (s > t: DDIM inversion).
+    noise=None drops the c z term (the deterministic part)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
+    t, s = torch.as_tensor(t, dtype=F64), torch.as_tensor(s, dtype=F64)
+    alpha_s, sigma_s = _alpha_sigma(process, s)
+    x_t = pred.x_t
+    if eta > 0:
+        if bool((s >= t).any()):
+            raise ValueError("DDIM with eta > 0 only runs backwards (s < t); inversion needs eta = 0")
+        c2 = eta**2 * posterior_coefficients(process, t, s)[2]
+    else:
+        c2 = torch.zeros_like(sigma_s)
+    x_s = broadcast(alpha_s, x_t) * pred.x0 + broadcast((sigma_s**2 - c2).clamp(min=0).sqrt(), x_t) * pred.eps
+    if noise is not None and eta > 0:
+        x_s = x_s + broadcast(c2.sqrt(), x_t) * noise
+    return x_s
+
+
+def euler_step(process: Process, pred: Prediction, t, s) -> Tensor:
+    """Euler step of the probability-flow ODE in EDM coordinates (Karras et al. 2022, eq. 4 with s(t) = alpha_t):
+    y = x / alpha, dy/dsigma_tilde = eps_hat, so y_s = y_t + (sigma_tilde_s - sigma_tilde_t) eps_hat."""
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = _alpha_sigma(process, t), _alpha_sigma(process, s)
+    x_t = pred.x_t
+    h = sigma_s / alpha_s - sigma_t / alpha_t
+    y_s = x_t / broadcast(alpha_t, x_t) + broadcast(h, x_t) * pred.eps
+    return broadcast(alpha_s, x_t) * y_s
+
+
+def dpmpp_2m_step(process: Process, pred: Prediction, t, s, t_prev=None, x0_prev: Tensor | None = None) -> Tensor:
+    """DPM-Solver++(2M) step x_t -> x_s (Lu et al. 2022, Algorithm 2) in lambda = log(alpha/sigma):
+    x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) D, h = lambda_s - lambda_t, with
+    D = (1 + 1/(2r)) x0_hat - 1/(2r) x0_prev, r = (lambda_t - lambda_prev) / h, or D = x0_hat (first order,
+    when there is no previous step). Into sigma_s = 0 the step returns x0_hat (diffusers' final_sigmas_type='zero')."""
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = _alpha_sigma(process, t), _alpha_sigma(process, s)
+    x_t, x0_hat = pred.x_t, pred.x0
+    if bool((sigma_s == 0).all()):
+        return x0_hat
+    lambda_t, lambda_s = torch.log(alpha_t / sigma_t), torch.log(alpha_s / sigma_s)
+    h = lambda_s - lambda_t
+    if x0_prev is None or t_prev is None:
+        D = x0_hat
+    else:
+        r = (lambda_t - _lambda(process, t_prev)) / h
+        D = broadcast(1 + 1 / (2 * r), x_t) * x0_hat - broadcast(1 / (2 * r), x_t) * x0_prev
+    return broadcast(sigma_s / sigma_t, x_t) * x_t - broadcast(alpha_s * torch.expm1(-h), x_t) * D
+
+
+def langevin_step(pred: Prediction, a, noise: Tensor) -> Tensor:
+    """One unadjusted Langevin step (Song & Ermon 2019, Algorithm 1): x + a/2 score + sqrt(a) z.
+    ``a`` is a scalar or a (B,) tensor of step sizes."""
+    x = pred.x_t
+    a = torch.as_tensor(a, dtype=F64)
+    return x + broadcast(a / 2, x) * pred.score + broadcast(a.sqrt(), x) * noise
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+@torch.no_grad()
+def ddpm(denoiser, x: Tensor, ts, *, variance: str = "beta", cond: dict | None = None,
+         generator: torch.Generator | None = None, callback: Callable | None = None, return_trajectory: bool = False):
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) on the grid ts, variance 'beta' or 'beta_tilde'."""
+    if variance not in ("beta", "beta_tilde"):
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'beta_tilde'")
+    ts = _check_grid(ts)
+    process, rec = denoiser.process, _Recorder(return_trajectory)
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        pred = _call(denoiser, x, t, cond)
+        if callback is not None:
+            callback(i, t, x, pred)
+        rec.step(t, x, pred.x0)
+        z = _randn_like(x, generator) if float(s) > 0 else None
+        x = ddpm_step(process, pred, t, s, variance, z)
+    return rec.finish(ts[-1], x)
+
+
+@torch.no_grad()
+def ddim(denoiser, x: Tensor, ts, *, eta: float = 0.0, cond: dict | None = None,
+         generator: torch.Generator | None = None, callback: Callable | None = None, return_trajectory: bool = False):
+    """DDIM (Song et al. 2021a, eq. 12) on the grid ts; eta = 0 is deterministic.
+    An increasing grid with eta = 0 encodes instead (see ``ddim_invert``)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must lie in [0, 1], got {eta}")
+    ts = _check_grid(ts, increasing_ok=eta == 0)
+    if ts[1] > ts[0]:
+        return ddim_invert(denoiser, x, ts, cond=cond, callback=callback, return_trajectory=return_trajectory)
+    process, rec = denoiser.process, _Recorder(return_trajectory)
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        pred = _call(denoiser, x, t, cond)
+        if callback is not None:
+            callback(i, t, x, pred)
+        rec.step(t, x, pred.x0)
+        z = _randn_like(x, generator) if eta > 0 and float(s) > 0 else None
+        x = ddim_step(process, pred, t, s, eta, z)
+    return rec.finish(ts[-1], x)
+
+
+@torch.no_grad()
+def ddim_invert(denoiser, x0: Tensor, ts, *, fixed_point_iters: int = 0, cond: dict | None = None,
+                callback: Callable | None = None, return_trajectory: bool = False):
+    """DDIM inversion (Song et al. 2021a, Sec. 4.3; Dhariwal & Nichol 2021, eq. 13): the eta = 0 ODE run from data up.
+
+    ts may be the decreasing sampling grid (walked backwards) or an increasing one; the result x_T satisfies
+    ddim(denoiser, x_T, decreasing ts) ~= x0. Each step t -> s solves the decoding step s -> t for x_s:
+        x_s = (alpha_s / alpha_t) x_t + alpha_s (sigma_tilde_s - sigma_tilde_t) eps_hat(x_s, s),
+    starting from eps_hat(x_t, t) (the usual approximation) and refining with ``fixed_point_iters``
+    evaluations at (x_s, s); with enough iterations encode-then-decode is exact. At t = 0 eps_hat is
+    undefined, so that step always takes one evaluation at (alpha_s x_0, s)."""
+    ts = _check_grid(ts, increasing_ok=True)
+    if ts[1] < ts[0]:
+        ts = ts.flip(0)
+    process, rec, x = denoiser.process, _Recorder(return_trajectory), x0
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = _alpha_sigma(process, t), _alpha_sigma(process, s)
+        a = broadcast(alpha_s / alpha_t, x)
+        b = broadcast(alpha_s * (sigma_s / alpha_s - sigma_t / alpha_t), x)
+        iters = fixed_point_iters
+        if float(t) > 0:
+            pred = _call(denoiser, x, t, cond)
+            x_s, x0_hat = a * x + b * pred.eps, pred.x0
+        else:  # t = 0: x is the data itself; start from eps = 0 and evaluate once at the next level
+            pred, x_s, x0_hat, iters = None, a * x, x, iters + 1
+        for _ in range(iters):
+            pred = _call(denoiser, x_s, s, cond)
+            x_s = a * x + b * pred.eps
+        if callback is not None:
+            callback(i, t, x, pred)
+        rec.step(t, x, x0_hat)
+        x = x_s
+    return rec.finish(ts[-1], x)
+
+
+@torch.no_grad()
+def euler(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
+          callback: Callable | None = None, return_trajectory: bool = False):
+    """Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the correction);
+    the same map as DDIM with eta = 0."""
+    ts = _check_grid(ts)
+    process, rec = denoiser.process, _Recorder(return_trajectory)
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        pred = _call(denoiser, x, t, cond)
+        if callback is not None:
+            callback(i, t, x, pred)
+        rec.step(t, x, pred.x0)
+        x = euler_step(process, pred, t, s)
+    return rec.finish(ts[-1], x)
+
+
+@torch.no_grad()
+def heun(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
+         callback: Callable | None = None, return_trajectory: bool = False):
+    """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, deterministic),
+    in y = x / alpha and sigma_tilde = sigma / alpha; 2N - 1 evaluations (none extra into sigma = 0)."""
+    ts = _check_grid(ts)
+    process, rec = denoiser.process, _Recorder(return_trajectory)
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        (alpha_t, sigma_t), (alpha_s, sigma_s) = _alpha_sigma(process, t), _alpha_sigma(process, s)
+        pred = _call(denoiser, x, t, cond)
+        if callback is not None:
+            callback(i, t, x, pred)
+        rec.step(t, x, pred.x0)
+        y = x / broadcast(alpha_t, x)
+        h = broadcast(sigma_s / alpha_s - sigma_t / alpha_t, x)  # sigma_tilde_{i+1} - sigma_tilde_i
+        d = pred.eps  # line 6: d_i = (y_i - D(y_i; sigma_i)) / sigma_i
+        y_next = y + h * d  # line 7: Euler step
+        if float(s) > 0:  # line 8: second-order correction unless sigma_{i+1} = 0
+            d_prime = _call(denoiser, broadcast(alpha_s, x) * y_next, s, cond).eps  # line 9
+            y_next = y + h * (d + d_prime) / 2  # line 10: trapezoidal rule
+        x = broadcast(alpha_s, x) * y_next
+    return rec.finish(ts[-1], x)
+
+
+@torch.no_grad()
+def dpmpp_2m(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
+             callback: Callable | None = None, return_trajectory: bool = False):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): first step first order, multistep 2nd order after,
+    the final step into sigma = 0 returns the data prediction (as diffusers' DPMSolverMultistepScheduler)."""
+    ts = _check_grid(ts)
+    process, rec = denoiser.process, _Recorder(return_trajectory)
+    t_prev = x0_prev = None
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        pred = _call(denoiser, x, t, cond)
+        if callback is not None:
+            callback(i, t, x, pred)
+        x0_hat = pred.x0
+        rec.step(t, x, x0_hat)
+        x = dpmpp_2m_step(process, pred, t, s, t_prev, x0_prev)
+        t_prev, x0_prev = t, x0_hat
+    return rec.finish(ts[-1], x)
+
+
+@torch.no_grad()
+def langevin(denoiser, x: Tensor, ts, *, n_steps_each: int = 100, step_lr: float | None = None,
+             cond: dict | None = None, generator: torch.Generator | None = None, callback: Callable | None = None,
+             return_trajectory: bool = False):
+    """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) for VarianceExploding: at each level sigma_i of
+    ts (> 0), n_steps_each steps with a_i = step_lr sigma_i^2 / sigma_L^2, then a Tweedie denoising step
+    x_0 = x + sigma_L^2 score(x, sigma_L) from the smallest level.
+
+    step_lr is a_L, the step at the smallest level; the paper's 2e-5 with sigma_L = 0.01 is a_i / sigma_i^2 = 0.2,
+    the default for any sigma_L. a_i / sigma_i^2 >= 4 diverges at the large levels (a ValueError)."""
+    process = denoiser.process
+    _require_ve(process, "langevin")
+    ts = _check_grid(ts)
+    levels = ts[process.sigma(ts) > 0]
+    sigma_L = process.sigma(levels[-1])
+    step_lr = 0.2 * float(sigma_L) ** 2 if step_lr is None else step_lr
+    if n_steps_each < 1 or not 0 < step_lr < 4 * float(sigma_L) ** 2:
+        raise ValueError(f"need n_steps_each >= 1 and 0 < step_lr < 4 sigma_L^2 = {4 * float(sigma_L) ** 2:.3g} "
+                         f"(larger steps diverge), got {n_steps_each}, {step_lr}")
+    rec = _Recorder(return_trajectory)
+    for i, t in enumerate(levels):
+        a_i = step_lr * process.sigma(t) ** 2 / sigma_L**2
+        for k in range(n_steps_each):
+            pred = _call(denoiser, x, t, cond)
+            if k == 0:
+                if callback is not None:
+                    callback(i, t, x, pred)
+                rec.step(t, x, pred.x0)
+            x = langevin_step(pred, a_i, _randn_like(x, generator))
+    x = _call(denoiser, x, levels[-1], cond).x0  # denoise: E[x_0 | x] by Tweedie's formula
+    return rec.finish(torch.zeros((), dtype=F64), x)
+
+
+@torch.no_grad()
+def pc(denoiser, x: Tensor, ts, *, snr: float = 0.16, n_corrector: int = 1, cond: dict | None = None,
+       generator: torch.Generator | None = None, callback: Callable | None = None, return_trajectory: bool = False):
+    """Predictor-corrector sampling for the VE SDE (Song et al. 2021b, Algorithms 2 and 4), ordered as in the
+    authors' code: at each t_i, n_corrector Langevin steps of size eps = 2 (snr ||z|| / ||score||)^2 (norms
+    averaged over the batch), then the reverse-diffusion predictor to t_{i+1}; the last predictor step, into
+    sigma = 0, is noise-free, i.e. Tweedie's denoising step."""
+    process = denoiser.process
+    _require_ve(process, "pc")
+    if n_corrector < 0 or not snr > 0:
+        raise ValueError(f"need n_corrector >= 0 and snr > 0, got {n_corrector}, {snr}")
+    ts = _check_grid(ts)
+    rec = _Recorder(return_trajectory)
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        pred = _call(denoiser, x, t, cond)
+        if callback is not None:
+            callback(i, t, x, pred)
+        rec.step(t, x, pred.x0)
+        for _ in range(n_corrector):  # corrector: Langevin MCMC at fixed t (Algorithm 4)
+            z = _randn_like(x, generator)
+            grad = pred.score
+            # norms averaged over the batch, as in the reference code: per sample, ||z|| / ||score|| is
+            # heavy-tailed in low dimension (a point near the mode has a tiny score) and the step explodes
+            z_norm = z.flatten(1).norm(dim=1).mean().to(F64)
+            g_norm = grad.flatten(1).norm(dim=1).mean().to(F64)
+            eps = 2 * (snr * z_norm / g_norm) ** 2
+            x = langevin_step(pred, 2 * eps, z)  # x + eps score + sqrt(2 eps) z
+            pred = _call(denoiser, x, t, cond)
+        # predictor: reverse diffusion, x + (sigma_t^2 - sigma_s^2) score + sqrt(sigma_t^2 - sigma_s^2) z,
+        # which for VE is exactly the ancestral step with variance 'beta'
+        z = _randn_like(x, generator) if float(s) > 0 else None
+        x = ddpm_step(process, pred, t, s, "beta", z)
+    return rec.finish(ts[-1], x)
+
+
+SAMPLERS: dict[str, Callable] = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "heun": heun,
+    "dpmpp-2m": dpmpp_2m,
+    "langevin": langevin,
+    "pc": pc,
+}
+
+
+def get_sampler(name: str) -> Callable:
+    """The sampler function registered under ``name``."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+# --------------------------------------------------------------------------- step spacings
+
+SPACINGS = ("uniform", "leading", "trailing", "karras", "logsnr")
+
+
+def _default_t_min(process: Process) -> float:
+    """The smallest positive level of the Karras and log-SNR grids: t = 1, sigma_min, or 1e-3 (Song et al.)."""
+    if isinstance(process, DiscreteDDPM):
+        return 1.0
+    if isinstance(process, VarianceExploding):
+        return float(process.sigma_min)
+    if isinstance(process, ContinuousVP):
+        return 1e-3
+    raise ValueError(f"pass t_min for a {type(process).__name__} process")
+
+
+def timesteps(process: Process, n: int, spacing: str = "uniform", rho: float = 7.0,
+              t_min: float | None = None) -> Tensor:
+    """A decreasing float64 grid of n+1 times from t_max (for 'leading', from diffusers' first step) down to 0.
+
+    uniform   linspace(t_max, 0, n+1), rounded to integers for DiscreteDDPM (the same grid as 'trailing' there)
+    leading   DiscreteDDPM only, diffusers' 'leading' + 1: (T // n) k + 1 for k = n-1..0, then 0
+    trailing  DiscreteDDPM only, diffusers' 'trailing' + 1: round(T - k T / n) for k = 0..n-1, then 0
+    karras    Karras et al. (2022) eq. 5 in sigma_tilde = sigma/alpha between t_max and t_min, then 0
+    logsnr    uniform in log-SNR between t_max and t_min (geometric in sigma for VE), then 0
+    (karras and logsnr map back with process.t_from_log_snr; t may be fractional for DiscreteDDPM).
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"the number of steps must be a positive integer, got {n!r}")
+    discrete = isinstance(process, DiscreteDDPM)
+    t_max = float(process.t_max)
+    zero = torch.zeros(1, dtype=F64)
+
+    if spacing in ("uniform", "leading", "trailing"):
+        if spacing != "uniform" and not discrete:
+            raise ValueError(f"spacing {spacing!r} is diffusers' integer grid, defined for DiscreteDDPM only; "
+                             f"use 'uniform', 'karras' or 'logsnr'")
+        if discrete and n > process.T:
+            raise ValueError(f"{n} steps exceed the T={process.T} steps of the process for spacing {spacing!r}")
+        k = torch.arange(n, dtype=F64)
+        if spacing == "leading":
+            grid = (process.T // n) * k.flip(0) + 1
+        else:  # uniform / trailing: t_max + k (-t_max / n), numpy-arange style so the rounding matches diffusers
+            grid = t_max + k * (-t_max / n)
+            if discrete:
+                grid = grid.round()
+        return torch.cat([grid, zero])
+
+    t_lo = _default_t_min(process) if t_min is None else float(t_min)
+    if not 0 < t_lo < t_max:
+        raise ValueError(f"t_min must lie in (0, t_max={t_max}), got {t_lo}")
+    if n == 1:
+        return torch.tensor([t_max, 0.0], dtype=F64)
+    ends = torch.tensor([t_max, t_lo], dtype=F64)
+    ramp = torch.linspace(0, 1, n, dtype=F64)
+    if spacing == "karras":
+        st_max, st_min = _sigma_tilde(process, ends)
+        inv_rho = 1.0 / rho
+        st = (st_max**inv_rho + ramp * (st_min**inv_rho - st_max**inv_rho)) ** rho
+        log_snr = -2 * torch.log(st)
+    else:  # logsnr
+        log_snr_lo, log_snr_hi = process.log_snr(ends)  # at t_max (lowest SNR) and at t_min
+        log_snr = log_snr_lo + ramp * (log_snr_hi - log_snr_lo)
+    grid = process.t_from_log_snr(log_snr).to(F64)
+    grid[0], grid[-1] = t_max, t_lo  # exact endpoints
+    return torch.cat([grid, zero])
+
+
+def default_spacing(sampler: str, process: Process) -> str:
+    """The grid each sampler is usually run on: Karras for the ODE solvers and for VE, log-SNR for DPM-Solver++
+    and the VE Langevin samplers (geometric levels), otherwise uniform."""
+    if sampler in ("langevin", "pc", "dpmpp-2m"):
+        return "logsnr"
+    if sampler in ("euler", "heun") or isinstance(process, VarianceExploding):
+        return "karras"
+    return "uniform"
+
+
+@torch.no_grad()
+def sample(denoiser, shape, steps: int, sampler: str = "ddim", spacing: str | None = None,
+           generator: torch.Generator | None = None, cond: dict | None = None, return_trajectory: bool = False,
+           device=None, dtype: torch.dtype = torch.float32, **options):
+    """Draw samples of ``shape`` (B, ...): build the grid, draw x ~ N(0, sigma(t_0)^2 I), run the sampler.
+
+    The prior neglects alpha(t_0) x_0, as every sampler does. ``device`` defaults to the denoiser's."""
+    fn = get_sampler(sampler)
+    process = denoiser.process
+    ts = timesteps(process, steps, spacing or default_spacing(sampler, process))
+    if device is None:
+        tensors = [*denoiser.parameters(), *denoiser.buffers()] if isinstance(denoiser, torch.nn.Module) else []
+        device = tensors[0].device if tensors else torch.device("cpu")
+    gen_device = generator.device if generator is not None else device
+    sigma_0 = float(process.sigma(ts[0]))
+    x = (torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gen_device) * sigma_0).to(device)
+    return fn(denoiser, x, ts, cond=cond, generator=generator, return_trajectory=return_trajectory, **options)

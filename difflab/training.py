@@ -1,0 +1,149 @@
+"""The training loop: one short function a reader can take in at a glance.
+
+AdamW with linear warm-up, gradient clipping and accumulation, an EMA of the parameters,
+bf16 autocast on the CPU when asked, checkpoints every N steps written atomically, and
+--resume that continues exactly (optimizer, EMA, RNG states, step, data order)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .data.loader import ShuffledBatches
+from .io import atomic_path
+from .losses import SimpleLoss
+from .parameterize import Denoiser
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    """theta_ema <- decay theta_ema + (1 - decay) theta for parameters; buffers are copied, not averaged."""
+    for p_ema, p in zip(ema.parameters(), net.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+
+
+def learning_rate(step: int, base_lr: float, warmup: int) -> float:
+    """Linear warm-up from base_lr / warmup to base_lr over the first ``warmup`` steps, then constant."""
+    return base_lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+def _autocast(precision: str):
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def train(
+    run_dir: str | Path,
+    config: ckpt.RunConfig,
+    data: Tensor,
+    labels: Tensor | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    preview: Callable[[Denoiser, int, Path], None] | None = None,
+    stop_after: int | None = None,
+) -> Denoiser:
+    """Train ``config``'s denoiser on ``data`` (float, already in model space) and write the run to ``run_dir``.
+
+    Returns the EMA denoiser. ``preview(ema_denoiser, step, run_dir)`` draws pictures at sample_every
+    steps and at the end; ``stop_after`` ends early after that many steps (tests use it)."""
+    run_dir, tc = Path(run_dir), config.train
+    torch.manual_seed(tc.seed)
+    denoiser = config.build_denoiser()
+    ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
+    loss_fn = SimpleLoss(**config.loss)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    batches = ShuffledBatches(data, tc.batch_size * tc.accumulation, seed=tc.seed, labels=labels)
+    gen = torch.Generator().manual_seed(tc.seed + 1)  # draws t and eps
+    step = 0
+
+    if resume:
+        step = _load_state(run_dir, denoiser, ema, opt, batches, gen)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    ckpt.save_config(run_dir, config)
+
+    first = step
+    last = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc=f"train {config.dataset}", dynamic_ncols=True)
+    log = open(run_dir / "metrics.jsonl", "a")
+    t0 = time.perf_counter()
+    while step < last:
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, tc.lr, tc.warmup)
+        x, y = next(batches)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for xm, ym in zip(x.chunk(tc.accumulation), (y.chunk(tc.accumulation) if y is not None else [None] * tc.accumulation)):
+            cond = {"class_labels": ym} if (ym is not None and _uses_labels(config)) else None
+            with _autocast(tc.precision):
+                loss = loss_fn(denoiser, xm, generator=gen, cond=cond) / tc.accumulation
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), tc.grad_clip)
+        opt.step()
+        ema_update(ema, denoiser, tc.ema_decay)
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}")
+        if step % tc.log_every == 0 or step == last:
+            rate = (step - first) / (time.perf_counter() - t0)
+            log.write(json.dumps({"step": step, "loss": total, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], "it_s": rate}) + "\n")
+            log.flush()
+        if step % tc.checkpoint_every == 0 or step == last:
+            _save_state(run_dir, denoiser, ema, opt, batches, gen, step)
+        if preview is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
+            preview(ema, step, run_dir)
+    bar.close()
+    log.close()
+    return ema
+
+
+def _uses_labels(config: ckpt.RunConfig) -> bool:
+    return bool(config.net.get("num_classes"))
+
+
+def _save_state(run_dir, denoiser, ema, opt, batches, gen, step) -> None:
+    """train_state.pt first, then the weights, each atomically; both carry the step so a mismatch is caught."""
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "batches": batches.state_dict(),
+    }
+    with atomic_path(run_dir / ckpt.STATE) as tmp:
+        torch.save(state, tmp)
+    ckpt.save_weights(run_dir, denoiser.net, ema.net, step)
+
+
+def _load_state(run_dir, denoiser, ema, opt, batches, gen) -> int:
+    path = run_dir / ckpt.STATE
+    if not path.exists():
+        raise ckpt.CheckpointError(f"cannot resume: {path} is missing (was the run started?)")
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # torch raises several types for a damaged file
+        raise ckpt.CheckpointError(f"cannot resume: {path} is corrupt ({type(e).__name__})") from None
+    denoiser.net.load_state_dict(ckpt.load_weights(run_dir, "net"))
+    ema.net.load_state_dict(ckpt.load_weights(run_dir, "ema"))
+    opt.load_state_dict(state["optimizer"])
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    batches.load_state_dict(state["batches"])
+    return state["step"]
