@@ -26,7 +26,7 @@ demo: $(STAMP)
 	$(BIN)/python -m difflab.demo
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -n 2 --durations=10
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10
 
 clean:
 	rm -rf $(VENV) runs out

@@ -14,6 +14,7 @@ from .data.toy2d import make_toy
 from .samplers import sample
 
 COLUMNS = 6  # moments of the chain shown side by side
+FRACTIONS = (1.0, 0.6, 0.4, 0.25, 0.1, 0.0)  # of t_max: the structure appears late in the reverse chain
 
 
 def _pick(n_items: int, k: int) -> list[int]:
@@ -36,7 +37,7 @@ def toy_trajectories(denoiser, cfg: RunConfig, out, n: int = 2000, steps: int = 
     process = denoiser.process
     x0 = make_toy(cfg.dataset, n, seed=seed + 7)
     _, traj = sample(denoiser, (n, 2), steps, sampler=sampler, generator=torch.Generator().manual_seed(seed), return_trajectory=True)
-    idx = _pick(len(traj.t), COLUMNS)
+    idx = [int(torch.argmin((traj.t - f * process.t_max).abs())) for f in FRACTIONS]
     rev_t = [float(traj.t[i]) for i in idx]
     fwd_t = sorted(rev_t)
     plots.trajectories_2d(forward_noising(process, x0, fwd_t, seed), fwd_t, [traj.x_t[i] for i in idx], rev_t, out)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -127,6 +127,16 @@ def load_weights(run_dir: str | Path, which: str = "ema") -> dict[str, torch.Ten
         raise CheckpointError(f"{path} is corrupt ({e})") from None
     prefix = f"{which}."
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def weights_step(run_dir: str | Path) -> int:
+    """The training step recorded in model.safetensors' metadata."""
+    path = Path(run_dir) / WEIGHTS
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(f.metadata()["step"])
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} is missing or corrupt ({e})") from None
 
 
 def load_denoiser(run_dir: str | Path, ema: bool = True) -> tuple[Denoiser, RunConfig]:

@@ -14,11 +14,11 @@ from .processes import DiscreteDDPM
 def _toy(name: str) -> RunConfig:
     return RunConfig(
         dataset=name,
-        process=process_to_dict(DiscreteDDPM(T=1000, schedule="linear")),
+        process=process_to_dict(DiscreteDDPM(T=1000, schedule="cosine")),
         net_kind="mlp",
         net=MLPConfig(dim=2, hidden=128, depth=4, time_dim=64).to_dict(),
-        target="eps",
-        loss=asdict(SimpleLoss()),
+        target="v",
+        loss=asdict(SimpleLoss(weighting="min_snr", gamma=5.0)),
         train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=1000, log_every=50),
         data={"n": 20000, "seed": 1},
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -133,12 +134,12 @@ class DiscreteDDPM(Process):
     def t_max(self) -> float:
         return float(self.T)
 
-    @property
+    @cached_property
     def betas(self) -> Tensor:
         """beta_1..beta_T as a (T,) float64 tensor (index 0 is beta_1)."""
         return BETA_SCHEDULES[self.schedule](self.T)
 
-    @property
+    @cached_property
     def log_abar(self) -> Tensor:
         """log abar_t for t = 0..T, shape (T+1,), with abar_0 = 1."""
         return torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(torch.log1p(-self.betas), 0)])

@@ -6,8 +6,10 @@ bf16 autocast on the CPU when asked, checkpoints every N steps written atomicall
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -83,35 +85,69 @@ def train(
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc=f"train {config.dataset}", dynamic_ncols=True)
     log = open(run_dir / "metrics.jsonl", "a")
     t0 = time.perf_counter()
-    while step < last:
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, tc.lr, tc.warmup)
-        x, y = next(batches)
-        opt.zero_grad(set_to_none=True)
-        total = 0.0
-        for xm, ym in zip(x.chunk(tc.accumulation), (y.chunk(tc.accumulation) if y is not None else [None] * tc.accumulation)):
-            cond = {"class_labels": ym} if (ym is not None and _uses_labels(config)) else None
-            with _autocast(tc.precision):
-                loss = loss_fn(denoiser, xm, generator=gen, cond=cond) / tc.accumulation
-            loss.backward()
-            total += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), tc.grad_clip)
-        opt.step()
-        ema_update(ema, denoiser, tc.ema_decay)
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{total:.4f}")
-        if step % tc.log_every == 0 or step == last:
-            rate = (step - first) / (time.perf_counter() - t0)
-            log.write(json.dumps({"step": step, "loss": total, "grad_norm": float(grad_norm), "lr": opt.param_groups[0]["lr"], "it_s": rate}) + "\n")
-            log.flush()
-        if step % tc.checkpoint_every == 0 or step == last:
-            _save_state(run_dir, denoiser, ema, opt, batches, gen, step)
-        if preview is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
-            preview(ema, step, run_dir)
+    with _finish_step_on_ctrl_c() as interrupted:
+        while step < last and not interrupted:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, tc.lr, tc.warmup)
+            loss, grad_norm = train_step(denoiser, loss_fn, opt, next(batches), gen, tc, _uses_labels(config))
+            ema_update(ema, denoiser, tc.ema_decay)
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % tc.log_every == 0 or step == last:
+                rate = (step - first) / (time.perf_counter() - t0)
+                log.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "it_s": rate}) + "\n")
+                log.flush()
+            if step % tc.checkpoint_every == 0 or step == last:
+                _save_state(run_dir, denoiser, ema, opt, batches, gen, step)
+            if preview is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
+                preview(ema, step, run_dir)
     bar.close()
     log.close()
+    if interrupted:
+        _save_state(run_dir, denoiser, ema, opt, batches, gen, step)
+        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved, continue with --resume")
     return ema
+
+
+@contextlib.contextmanager
+def _finish_step_on_ctrl_c():
+    """Ctrl-C (SIGINT) sets a flag instead of raising mid-step, so the loop can finish the step and checkpoint."""
+    flag: list[int] = []
+
+    class Flag:
+        def __bool__(self):
+            return bool(flag)
+
+    def handler(signum, frame):
+        flag.append(signum)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield Flag()
+        return
+    try:
+        yield Flag()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def train_step(denoiser, loss_fn, opt, batch, gen, tc: ckpt.TrainConfig, use_labels: bool) -> tuple[float, float]:
+    """One optimizer step over ``tc.accumulation`` micro-batches; returns (loss, gradient norm before clipping)."""
+    x, y = batch
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    labels = y.chunk(tc.accumulation) if (y is not None and use_labels) else [None] * tc.accumulation
+    for xm, ym in zip(x.chunk(tc.accumulation), labels):
+        cond = {"class_labels": ym} if ym is not None else None
+        with _autocast(tc.precision):
+            loss = loss_fn(denoiser, xm, generator=gen, cond=cond) / tc.accumulation
+        loss.backward()
+        total += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), tc.grad_clip)
+    opt.step()
+    return total, float(grad_norm)
 
 
 def _uses_labels(config: ckpt.RunConfig) -> bool:
@@ -140,10 +176,22 @@ def _load_state(run_dir, denoiser, ema, opt, batches, gen) -> int:
         state = torch.load(path, weights_only=False)
     except Exception as e:  # torch raises several types for a damaged file
         raise ckpt.CheckpointError(f"cannot resume: {path} is corrupt ({type(e).__name__})") from None
+    if ckpt.weights_step(run_dir) != state["step"]:
+        raise ckpt.CheckpointError(f"cannot resume: {run_dir} holds weights and training state of different steps")
     denoiser.net.load_state_dict(ckpt.load_weights(run_dir, "net"))
     ema.net.load_state_dict(ckpt.load_weights(run_dir, "ema"))
     opt.load_state_dict(state["optimizer"])
     gen.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     batches.load_state_dict(state["batches"])
+    _truncate_log(run_dir / "metrics.jsonl", state["step"])
     return state["step"]
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop metric rows written after the checkpoint we resume from (the killed run's lost steps)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(r + "\n" for r in rows))

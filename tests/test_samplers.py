@@ -219,6 +219,8 @@ def test_exact_output_law(case, proc):
     exact = GaussianDenoiser(process, MU, COV)
     mean_err, cov_err = law_errors(*law(exact))
     assert mean_err < 1e-6 and cov_err < 0.026, (mean_err, cov_err)  # the mean is a fixed point of every step
+    if proc not in ("ddpm-linear", "ve"):
+        return  # (the wrong denoisers are checked on one VP and the VE process)
     for wrong in (ScaledX0(exact), FlippedEps(exact)):
         mean_err, cov_err = law_errors(*law(wrong))
         assert not (mean_err < 0.05 and cov_err < 0.05), (wrong, mean_err, cov_err)

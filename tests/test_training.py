@@ -1,0 +1,118 @@
+"""The training loop: EMA arithmetic, determinism, and exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+from difflab.checkpoint import load_weights, weights_step
+from difflab.presets import preset_for
+from difflab.training import ema_update, learning_rate
+
+
+def test_ema_matches_hand_computation():
+    net, ema = nn.Linear(2, 1), nn.Linear(2, 1)
+    with torch.no_grad():
+        ema.weight.fill_(1.0), ema.bias.fill_(0.0)
+        net.weight.fill_(3.0), net.bias.fill_(2.0)
+    ema_update(ema, net, decay=0.9)
+    assert torch.allclose(ema.weight, torch.full((1, 2), 0.9 * 1 + 0.1 * 3))
+    assert torch.allclose(ema.bias, torch.tensor([0.1 * 2]))
+    ema_update(ema, net, decay=0.9)  # 0.9 * 1.2 + 0.1 * 3 = 1.38
+    assert torch.allclose(ema.weight, torch.full((1, 2), 1.38))
+
+
+def test_ema_copies_buffers_instead_of_averaging():
+    net, ema = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+    net.running_mean.fill_(5.0)
+    net.num_batches_tracked.fill_(7)
+    ema_update(ema, net, decay=0.99)
+    assert torch.equal(ema.running_mean, torch.full((3,), 5.0))  # copied, not 0.99 * 0 + 0.01 * 5
+    assert int(ema.num_batches_tracked) == 7
+
+
+def test_warmup_is_linear_then_constant():
+    assert learning_rate(0, 1.0, 10) == pytest.approx(0.1)
+    assert learning_rate(4, 1.0, 10) == pytest.approx(0.5)
+    assert learning_rate(9, 1.0, 10) == learning_rate(500, 1.0, 10) == 1.0
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    from dataclasses import replace
+    from difflab.presets import preset_for
+    from difflab.data.toy2d import make_toy
+    from difflab.training import train
+    run, steps, kill_at, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    cfg = preset_for("swissroll")
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, checkpoint_every=40, sample_every=kill_at or 0, log_every=10, batch_size=64, warmup=20))
+    def die(ema, step, run_dir):
+        if kill_at and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+    train(run, cfg, make_toy("swissroll", 1000, seed=1), resume=resume, progress=False, preview=die)
+    """
+)
+
+
+def _train(run, steps, kill_at=0, resume=False):
+    return subprocess.run([sys.executable, "-c", SCRIPT, str(run), str(steps), str(kill_at), "1" if resume else "0"], capture_output=True, text=True)
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    assert _train(straight, 120).returncode == 0
+    killed = _train(broken, 120, kill_at=95)
+    assert killed.returncode == -9  # really killed by SIGKILL, mid-run
+    assert weights_step(broken) == 80  # the last checkpoint before the kill
+    assert _train(broken, 120, resume=True).returncode == 0
+    assert weights_step(broken) == 120
+    for which in ("net", "ema"):
+        a, b = load_weights(straight, which), load_weights(broken, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{which}.{k} differs after resume"
+    opt_a = torch.load(straight / "train_state.pt", weights_only=False)["optimizer"]["state"]
+    opt_b = torch.load(broken / "train_state.pt", weights_only=False)["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged == list(range(10, 121, 10))  # the killed run's rows after step 80 were dropped, none twice
+
+
+def test_same_seed_same_run_and_other_seed_differs(tmp_path):
+    from difflab.data.toy2d import make_toy
+    from difflab.training import train
+
+    data = make_toy("swissroll", 500, seed=1)
+    cfg = preset_for("swissroll")
+    cfg = replace(cfg, train=replace(cfg.train, steps=15, batch_size=32, checkpoint_every=15))
+    outs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        c = replace(cfg, train=replace(cfg.train, seed=seed))
+        train(tmp_path / name, c, data, progress=False)
+        outs.append(load_weights(tmp_path / name, "net"))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    assert not all(torch.equal(outs[0][k], outs[2][k]) for k in outs[0])
+
+
+def test_resume_refuses_mismatched_files(tmp_path):
+    from difflab.checkpoint import CheckpointError
+    from difflab.data.toy2d import make_toy
+    from difflab.training import train
+
+    data = make_toy("swissroll", 200, seed=1)
+    cfg = preset_for("swissroll")
+    cfg = replace(cfg, train=replace(cfg.train, steps=10, batch_size=16, checkpoint_every=5))
+    train(tmp_path / "r", cfg, data, progress=False)
+    state = torch.load(tmp_path / "r" / "train_state.pt", weights_only=False)
+    state["step"] = 5
+    torch.save(state, tmp_path / "r" / "train_state.pt")
+    with pytest.raises(CheckpointError, match="different steps"):
+        train(tmp_path / "r", replace(cfg, train=replace(cfg.train, steps=20)), data, resume=True, progress=False)
