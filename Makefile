@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo test install clean
+.PHONY: demo demo-2d test install clean fashion-mnist
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -18,12 +18,25 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0 -e '.[test]'
+	$(MAKE) --no-print-directory fashion-mnist
 	touch $@
+
+# Fashion-MNIST comes from Debian's package (IDX files in /usr/share/datasets/fashion-mnist); tests that
+# need it are skipped, saying so, where it cannot be installed.
+fashion-mnist:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || echo "could not install dataset-fashion-mnist"; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; fi; \
+	fi
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m difflab.demo
+
+demo-2d: $(STAMP)
+	$(BIN)/python -m difflab.demo 2d
 
 test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10

@@ -50,15 +50,15 @@ def _strip(rows: list[list[torch.Tensor]]) -> Image.Image:
 
 
 def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm") -> None:
-    """Reverse chain strip (per sample: x_t on the left half, predicted x_0 on the right), an optional GIF,
-    and an optional forward-noising strip of real images."""
+    """Reverse chain strip (per sample, at six moments of the chain: x_t beside its predicted x_0), an optional
+    GIF, and an optional forward-noising strip of real images."""
     from .data.images import load_images, to_model, to_uint8
 
     c = denoiser.net.config
     shape = (n, c.in_channels, c.image_size, c.image_size)
     _, traj = sample(denoiser, shape, steps, sampler=sampler, generator=torch.Generator().manual_seed(seed), return_trajectory=True)
     idx = _pick(len(traj.x0), COLUMNS)
-    rows = [[to_uint8(traj.x_t[i][k]) for i in idx] + [to_uint8(traj.x0[i][k]) for i in idx] for k in range(n)]
+    rows = [[to_uint8(img[i][k]) for i in idx for img in (traj.x_t, traj.x0)] for k in range(n)]
     with atomic_path(out) as tmp:
         _strip(rows).save(tmp)
     if gif:

@@ -278,6 +278,31 @@ def cmd_trajectories(args) -> None:
             print(f"wrote {path}")
 
 
+# --------------------------------------------------------------------------- eval
+
+
+def cmd_eval(args) -> None:
+    """Sample quality (FD, KID, precision/recall, class histogram) and bits/dim of a run; see difflab/evaluate.py."""
+    from .evaluate import evaluate, format_report, write_json
+
+    _check_suffix(args.json, (".json",), "--json")
+    get_sampler(args.sampler)  # fail before loading anything
+    if args.bpd_n < 0:
+        raise UsageError(f"--bpd-n must be 0 (skip) or a positive integer, got {args.bpd_n}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        small_work_single_thread(load_config(args.run).dataset)
+    result = evaluate(
+        args.run, n=args.n, sampler=args.sampler, steps=args.steps, spacing=args.spacing, seed=args.seed,
+        batch=args.batch, ema=args.ema, bpd_n=args.bpd_n, features=args.features, split=args.split, progress=not args.quiet,
+    )  # fmt: skip
+    print(format_report(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -347,6 +372,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--sampler", default="ddpm")
     r.set_defaults(func=cmd_trajectories)
+
+    e = sub.add_parser("eval", help="sample quality (FD, KID, precision/recall, classes) and bits/dim of a run")
+    e.add_argument("run", help="run directory")
+    e.add_argument("--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")
+    e.add_argument("--sampler", default="dpmpp-2m", help=f"one of: {', '.join(SAMPLERS)}")
+    e.add_argument("--steps", type=positive_int, default=20)
+    e.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the sampler's usual grid")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch", type=positive_int, default=250, help="samples per sampler call")
+    e.add_argument("--bpd-n", type=int, default=32, help="test images for bits/dim (0 skips; ~1.7 s each for digits, ~13 s for 28x28)")
+    e.add_argument("--features", help="feature net: digits, fashion-mnist, random, or a classifier .safetensors (default: the dataset's, else random)")
+    e.add_argument("--split", choices=["test", "train"], default="test", help="reference split (default test)")
+    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
+    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's; 1 for 2-D runs)")
+    e.add_argument("--json", help="write the numbers to this .json")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=cmd_eval)
     return p
 
 

@@ -20,7 +20,7 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
         net=UNET_PRESETS["digits"].to_dict(),
         target="v",
         loss=dict(RECIPE_LOSS),
-        train=TrainConfig(steps=3000, batch_size=128, lr=2e-3, warmup=200, ema_decay=0.998, checkpoint_every=500, sample_every=1000, log_every=25),
+        train=TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=500, sample_every=500, log_every=25),
     ),
     "fashion-mnist": RunConfig(
         dataset="fashion-mnist",
@@ -29,7 +29,7 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
         net=UNET_PRESETS["fashion-mnist"].to_dict(),
         target="v",
         loss=dict(RECIPE_LOSS),
-        train=TrainConfig(steps=30000, batch_size=128, lr=1e-3, warmup=500, ema_decay=0.9995, checkpoint_every=500, sample_every=2000, log_every=50),
+        train=TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, precision="bf16", checkpoint_every=250, sample_every=1000, log_every=25),
     ),
 }
 

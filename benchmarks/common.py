@@ -1,0 +1,91 @@
+"""Shared by the benchmark scripts: where results go, what machine they ran on, the command that made them."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+RUNS = ROOT / "benchmarks" / "runs"  # git-ignored (the repo's .gitignore ignores every runs/ folder)
+
+
+def command_line() -> str:
+    """The command as typed from the repository root, e.g. `.venv/bin/python benchmarks/throughput.py --rounds 5`."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(ROOT)
+    except ValueError:
+        pass
+    return " ".join([".venv/bin/python", str(script), *map(shlex.quote, sys.argv[1:])])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    """`uptime`'s load averages (1, 5, 15 min), e.g. '3.31, 3.50, 3.58'."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def busy_processes(min_cpu: float = 20.0, exclude_pid: int | None = None) -> list[str]:
+    """Other processes using more than min_cpu % of a core right now (what else shared the machine)."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.splitlines()[1:]:
+        parts = line.split(None, 2)
+        if len(parts) < 3:
+            continue
+        pid, pcpu, args = int(parts[0]), float(parts[1]), parts[2]
+        if pcpu >= min_cpu and pid != (exclude_pid or os.getpid()):
+            rows.append(f"{pcpu:.0f}% {args[:90]}")
+    return rows
+
+
+def machine(device: str = "cpu") -> str:
+    """One line naming the hardware and software a result was measured with."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        hw = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), host {cpu_model()}, {os.cpu_count()} CPUs"
+    else:
+        hw = f"{cpu_model()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    return f"{hw}; Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}"
+
+
+def header(title: str, device: str = "cpu") -> list[str]:
+    return [
+        f"# {title}",
+        "",
+        f"- command: `{command_line()}`",
+        f"- machine: {machine(device)}",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+    ]
+
+
+def md_table(headers: list[str], rows: list[list], align: str | None = None) -> list[str]:
+    """A markdown table; align is one of 'l'/'r' per column (default: first left, the rest right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines

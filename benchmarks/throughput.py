@@ -1,0 +1,338 @@
+"""Throughput of our U-Net against diffusers' UNet2DModel at a matched parameter count, on this CPU.
+
+Both networks read 28x28 grey images (the 'fashion-mnist' preset) and are measured in one run:
+
+    training   images/s of forward + backward + AdamW step at batch 64 (MSE to a random target)
+    sampling   images/s of a forward pass under torch.no_grad() at batch 256
+    precision  fp32, and bf16 as torch.autocast("cpu", dtype=torch.bfloat16) (weights stay fp32)
+
+Background load on a shared machine hits both contenders alike: each round measures every
+(mode, precision) for both networks back to back, alternating which goes first, and the table reports
+the median over rounds. Each round also times a large fp32 and bf16 torch.matmul, this machine's
+matmul peak (GFLOP/s), and our training FLOP/s (FLOPs of one step counted by FlopCounterMode) is
+reported as a fraction of it. A torch.profiler table of one training step of each network shows where
+the time goes.
+
+    .venv/bin/python benchmarks/throughput.py [--rounds 8] [--threads 2]
+
+Writes benchmarks/results/throughput.md and throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from common import RESULTS, busy_processes, header, load_average, md_table
+
+from difflab.nets.unet import PRESETS, UNet, num_parameters
+
+TRAIN_BATCH, SAMPLE_BATCH = 64, 256
+PRECISIONS = ("fp32", "bf16")
+MODES = ("train", "sample")
+TARGET_SPEEDUP = 1.5
+
+
+def diffusers_config() -> dict:
+    """UNet2DModel laid out like our preset: 32/64/64 channels at 28/14/7, one resnet per level in the encoder
+    (two in the decoder), self-attention at 7x7 and in the middle block, 4 heads of 16 channels."""
+    return dict(
+        sample_size=28,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=16,
+    )
+
+
+class Contender:
+    """A network, its AdamW optimizer and how to call it as net(x, c_noise) -> (B, 1, 28, 28)."""
+
+    def __init__(self, name: str, net: nn.Module, call):
+        self.name, self.net, self.call = name, net, call
+        self.opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def train_step(self, x, c, target, precision: str) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with autocast(precision):
+            out = self.call(self.net, x, c)
+        F.mse_loss(out.float(), target).backward()
+        self.opt.step()
+
+    @torch.no_grad()
+    def sample_step(self, x, c, precision: str) -> None:
+        with autocast(precision):
+            self.call(self.net, x, c)
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def build_contenders() -> list[Contender]:
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    ours = UNet(PRESETS["fashion-mnist"])
+    theirs = UNet2DModel(**diffusers_config())
+    for net in (ours, theirs):
+        # zero-initialised output layers make every gradient but the last layer's exactly zero on step 1;
+        # a small random init gives both networks the arithmetic of a network in training
+        with torch.no_grad():
+            for p in net.parameters():
+                if not p.any():
+                    p.normal_(0, 1e-3)
+    return [
+        Contender("difflab UNet", ours, lambda net, x, c: net(x, c)),
+        Contender("diffusers UNet2DModel", theirs, lambda net, x, c: net(x, c).sample),
+    ]
+
+
+def batch(n: int, g: torch.Generator):
+    """Inputs (n, 1, 28, 28), noise levels c in [0, 1000), targets."""
+    return torch.randn(n, 1, 28, 28, generator=g), torch.rand(n, generator=g) * 1000, torch.randn(n, 1, 28, 28, generator=g)
+
+
+def measure(contender: Contender, mode: str, precision: str, inputs, iters: int) -> float:
+    """images/s over ``iters`` consecutive steps."""
+    x, c, target = inputs
+    start = time.perf_counter()
+    for _ in range(iters):
+        if mode == "train":
+            contender.train_step(x, c, target, precision)
+        else:
+            contender.sample_step(x, c, precision)
+    return iters * len(x) / (time.perf_counter() - start)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int, reps: int) -> float:
+    """Best of ``reps`` timings of an (n x n) @ (n x n) product, in GFLOP/s (2 n^3 FLOPs)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def count_flops(contender: Contender, mode: str, inputs) -> int:
+    """FLOPs (matmuls, convolutions, attention) of one step, forward + backward for training."""
+    x, c, target = inputs
+    with FlopCounterMode(display=False) as counter:
+        if mode == "train":
+            out = contender.call(contender.net, x, c)
+            F.mse_loss(out, target).backward()
+        else:
+            with torch.no_grad():
+                contender.call(contender.net, x, c)
+    contender.net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def profile_step(contender: Contender, precision: str, inputs, steps: int = 3) -> dict[str, float]:
+    """Self CPU time per training step (ms) of each aten op, from torch.profiler over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x, c, target = inputs
+    contender.train_step(x, c, target, precision)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            contender.train_step(x, c, target, precision)
+    totals: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        totals[evt.key] += evt.self_cpu_time_total / 1e3 / steps
+    return dict(totals)
+
+
+OP_GROUPS = {
+    "convolution (fwd + bwd)": ("convolution", "conv2d", "mkldnn_convolution", "_slow_conv2d", "thnn_conv2d"),
+    "group norm (fwd + bwd)": ("group_norm", "native_group_norm"),
+    "attention": ("scaled_dot_product", "_flash_attention", "bmm", "softmax", "baddbmm"),
+    "linear / matmul": ("addmm", "aten::mm", "linear"),
+    "AdamW": ("_fused_adamw", "_foreach", "adamw", "lerp", "addcdiv", "addcmul"),
+    "element-wise (SiLU, add, mul, cat, copies)": ("silu", "add", "mul", "cat", "copy_", "clone", "to_copy", "fill", "zero", "sub", "div"),
+}
+
+
+def group_ops(totals: dict[str, float]) -> dict[str, float]:
+    """Self time grouped into the categories above (an op goes to the first group whose pattern it contains)."""
+    groups: dict[str, float] = defaultdict(float)
+    for op, ms in totals.items():
+        name = op.lower()
+        for group, patterns in OP_GROUPS.items():
+            if any(p in name for p in patterns):
+                groups[group] += ms
+                break
+        else:
+            groups["other"] += ms
+    return dict(groups)
+
+
+def plot(path, medians, names) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [(m, p) for m in MODES for p in PRECISIONS]
+    labels = [f"{m}\n{p}" for m, p in keys]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.38
+    for i, name in enumerate(names):
+        vals = [medians[(name, m, p)] for m, p in keys]
+        bars = ax1.bar([k + (i - 0.5) * width for k in range(len(keys))], vals, width, label=name)
+        ax1.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax1.set_xticks(range(len(keys)), labels)
+    ax1.set_ylabel("images / s (median over rounds)")
+    ax1.set_title("throughput, 28x28x1, matched parameter count")
+    ax1.legend(fontsize=8)
+    ratios = [medians[(names[0], m, p)] / medians[(names[1], m, p)] for m, p in keys]
+    bars = ax2.bar(range(len(keys)), ratios, 0.5, color=["tab:green" if r >= TARGET_SPEEDUP else "tab:red" for r in ratios])
+    ax2.bar_label(bars, fmt="%.2fx", fontsize=8)
+    ax2.axhline(TARGET_SPEEDUP, ls="--", c="k", lw=1, label=f"target {TARGET_SPEEDUP}x (training)")
+    ax2.axhline(1.0, c="grey", lw=0.8)
+    ax2.set_xticks(range(len(keys)), labels)
+    ax2.set_ylabel("difflab / diffusers")
+    ax2.set_title("speed-up of difflab's UNet")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved measurement rounds (median reported)")
+    parser.add_argument("--train-iters", type=int, default=3, help="training steps per measurement")
+    parser.add_argument("--sample-iters", type=int, default=2, help="forward passes per measurement")
+    parser.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul that measures the peak")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for throughput.md and throughput.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before, others_before = load_average(), busy_processes()
+    t_start = time.perf_counter()
+
+    contenders = build_contenders()
+    names = [c.name for c in contenders]
+    params = {c.name: num_parameters(c.net) for c in contenders}
+    g = torch.Generator().manual_seed(0)
+    inputs = {"train": batch(TRAIN_BATCH, g), "sample": batch(SAMPLE_BATCH, g)}
+
+    flops = {(c.name, m): count_flops(c, m, inputs[m]) for c in contenders for m in MODES}
+
+    for c in tqdm(contenders, desc="warm-up", leave=False):
+        for p in PRECISIONS:
+            measure(c, "train", p, inputs["train"], 2)
+            measure(c, "sample", p, inputs["sample"], 1)
+
+    samples: dict[tuple, list[float]] = defaultdict(list)
+    for r in tqdm(range(args.rounds), desc="rounds"):
+        order = contenders if r % 2 == 0 else contenders[::-1]  # A B, then B A: neither always goes first
+        for mode in MODES:
+            iters = args.train_iters if mode == "train" else args.sample_iters
+            for p in PRECISIONS:
+                for c in order:
+                    samples[(c.name, mode, p)].append(measure(c, mode, p, inputs[mode], iters))
+        for dtype, p in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+            samples[("matmul", p)].append(matmul_gflops(dtype, args.matmul_n, 3))
+    med = {k: statistics.median(v) for k, v in samples.items()}
+
+    profiles = {}
+    if not args.no_profile:
+        for c in tqdm(contenders, desc="profile", leave=False):
+            for p in PRECISIONS:
+                profiles[(c.name, p)] = profile_step(c, p, inputs["train"])
+    load_after, others_after = load_average(), busy_processes()
+    minutes = (time.perf_counter() - t_start) / 60
+
+    # ------------------------------------------------------------------ report
+    ours, theirs = names
+    lines = header("Training and sampling throughput: difflab UNet vs diffusers UNet2DModel (CPU)")
+    lines += [
+        f"- threads: torch.set_num_threads({args.threads}); {args.rounds} interleaved rounds "
+        f"({args.train_iters} training steps / {args.sample_iters} forward passes per measurement), medians reported; "
+        f"took {minutes:.1f} min",
+        f"- load average (uptime) before: {load_before}; after: {load_after}",
+        f"- other busy processes before: {'; '.join(others_before) or 'none'}",
+        f"- other busy processes after: {'; '.join(others_after) or 'none'}",
+        f"- difflab UNet: `PRESETS['fashion-mnist']` = `{PRESETS['fashion-mnist']}`",
+        f"- diffusers UNet2DModel: `{diffusers_config()}`",
+        f"- parameters: {ours} {params[ours]:,}; {theirs} {params[theirs]:,} "
+        f"(ratio {params[ours] / params[theirs]:.3f})",
+        f"- FLOPs per image (FlopCounterMode: convolutions, matmuls, attention): training step (fwd + bwd) "
+        f"{ours} {flops[(ours, 'train')] / TRAIN_BATCH / 1e6:.1f} M, {theirs} {flops[(theirs, 'train')] / TRAIN_BATCH / 1e6:.1f} M; "
+        f"forward {ours} {flops[(ours, 'sample')] / SAMPLE_BATCH / 1e6:.1f} M, {theirs} {flops[(theirs, 'sample')] / SAMPLE_BATCH / 1e6:.1f} M",
+        "",
+        "## Throughput (images/s, median over rounds; min-max in brackets)",
+        "",
+    ]
+    rows = []
+    for mode in MODES:
+        batch_size = TRAIN_BATCH if mode == "train" else SAMPLE_BATCH
+        for p in PRECISIONS:
+            cells = []
+            for name in names:
+                v = samples[(name, mode, p)]
+                cells.append(f"{med[(name, mode, p)]:.1f} [{min(v):.0f}-{max(v):.0f}]")
+            ratio = med[(ours, mode, p)] / med[(theirs, mode, p)]
+            verdict = ("yes" if ratio >= TARGET_SPEEDUP else "**no**") if mode == "train" else "(no target)"
+            rows.append([f"{mode} (batch {batch_size})", p, *cells, f"{ratio:.2f}x", verdict])
+    lines += md_table(["mode", "precision", ours, theirs, "ours / theirs", f"target >= {TARGET_SPEEDUP}x met"], rows, "llrrrl")
+
+    lines += ["", "## Fraction of the matmul peak", ""]
+    rows = []
+    for p in PRECISIONS:
+        peak = med[("matmul", p)]
+        for name in names:
+            gflops = flops[(name, "train")] * med[(name, "train", p)] / TRAIN_BATCH / 1e9
+            rows.append([name, p, f"{peak:.0f}", f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"])
+    lines += [
+        f"Peak: median over rounds of the best of 3 timings of a {args.matmul_n}x{args.matmul_n} torch.matmul "
+        f"(fp32, and bf16 tensors). Training FLOP/s = FLOPs of one step x steps/s.",
+        "",
+    ]
+    lines += md_table(["network", "precision", "matmul peak GFLOP/s", "training GFLOP/s", "fraction of peak"], rows, "llrrr")
+
+    if profiles:
+        lines += ["", "## Where a training step's time goes (torch.profiler, self CPU time, ms per step of batch 64)", ""]
+        headers, table = ["op group"], defaultdict(dict)
+        for (name, p), totals in profiles.items():
+            col = f"{'ours' if name == ours else 'diffusers'} {p}"
+            headers.append(col)
+            for group, ms in group_ops(totals).items():
+                table[group][col] = ms
+            table["total"][col] = sum(totals.values())
+        order = sorted(table, key=lambda gname: (gname == "total", -table[gname].get(headers[1], 0)))
+        lines += md_table(headers, [[gname, *(f"{table[gname].get(h, 0):.1f}" for h in headers[1:])] for gname in order])
+        for (name, p), totals in profiles.items():
+            top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
+            lines += ["", f"Top ops, {name}, {p} (ms per step):", ""]
+            lines += md_table(["op", "ms"], [[f"`{op}`", f"{ms:.1f}"] for op, ms in top])
+
+    args_out = __import__("pathlib").Path(args.out)
+    args_out.mkdir(parents=True, exist_ok=True)
+    (args_out / "throughput.md").write_text("\n".join(lines) + "\n")
+    plot(args_out / "throughput.png", med, names)
+    print("\n".join(lines))
+    print(f"\nwrote {args_out / 'throughput.md'} and {args_out / 'throughput.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""`difflab eval` and evaluate(): reproducible numbers, a reused reference cache, clear errors."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from difflab import evaluate as ev
+from difflab.checkpoint import RunConfig, TrainConfig, save_config, save_weights
+from difflab.cli import main
+from difflab.data.images import load_images, to_model
+from difflab.image_presets import IMAGE_PRESETS
+from difflab.nets.unet import UNetConfig
+from difflab.processes import ContinuousVP
+from difflab.training import train
+
+TINY_UNET = UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    folder = tmp_path_factory.getbasetemp() / "difflab-cache"
+    monkeypatch.setenv("DIFFLAB_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_digits_run(tmp_path_factory):
+    """The digits recipe (DiscreteDDPM, cosine, v) with a small U-Net, trained for 30 steps."""
+    run = tmp_path_factory.mktemp("runs") / "digits"
+    preset = IMAGE_PRESETS["digits"]
+    cfg = replace(preset, net=TINY_UNET.to_dict(), train=TrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=5, checkpoint_every=30))
+    data = load_images("digits", "train")
+    train(run, cfg, to_model(data.images), data.labels, progress=False)
+    return run
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, capsys):
+    args = ["eval", tiny_digits_run, "--n", "60", "--steps", "4", "--bpd-n", "2", "--batch", "25", "--quiet"]
+    before = ev.reference_computations
+    code, out, err = run_cli(capsys, *args, "--json", tmp_path / "a.json")
+    assert code == 0, err
+    assert ev.reference_computations == before + 2  # the test split (reference) and the train split (floor)
+    files = sorted(cache.glob("ref-digits-*.safetensors"))
+    assert len(files) == 2
+    mtimes = [f.stat().st_mtime_ns for f in files]
+    assert "FD" in out and "bits/dim of 2 test images" in out and f"wrote {tmp_path / 'a.json'}" in out
+
+    code, _, _ = run_cli(capsys, *args, "--json", tmp_path / "b.json")
+    assert code == 0
+    assert ev.reference_computations == before + 2  # second call: loaded from the cache
+    assert [f.stat().st_mtime_ns for f in files] == mtimes
+    a, b = (tmp_path / "a.json").read_text(), (tmp_path / "b.json").read_text()
+    assert a == b
+
+    code, _, _ = run_cli(capsys, *args, "--seed", "1", "--json", tmp_path / "c.json")
+    assert code == 0
+    r, c = json.loads(a), json.loads((tmp_path / "c.json").read_text())
+    assert r["fd"] != c["fd"] and r["bits_per_dim"]["total"] != c["bits_per_dim"]["total"]
+
+    # the numbers themselves
+    assert r["n"] == 60 and r["spacing"] == "logsnr" and r["features"]["name"] == "digits" and r["reference"]["n"] == 355
+    assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["pr_n"] == 60
+    assert r["kid"]["subset_size"] == 60 and r["kid"]["stderr"] > 0
+    floor = r["real_vs_real"]
+    assert floor["split"] == "train" and floor["n"] == 60
+    assert floor["fd"] < 0.5 * r["fd"]  # 30 training steps are far from the data
+    classes = r["classes"]
+    assert classes["names"] == [str(k) for k in range(10)]
+    for hist in (classes["samples"], classes["real"], classes["real_labels"]):
+        assert len(hist) == 10 and sum(hist) == pytest.approx(1.0)
+    assert classes["real_labels"][0] == pytest.approx(36 / 355)  # 178 zeros, every 5th of them is test
+    assert 0 <= classes["total_variation"] <= 1
+    bpd = r["bits_per_dim"]
+    assert bpd["n"] == 2 and bpd["total"] == pytest.approx(bpd["prior"] + bpd["terms"] + bpd["decoder"])
+    assert 0 < bpd["total"] < 20
+
+
+def test_python_api_matches_the_cli_numbers(tiny_digits_run, tmp_path, capsys):
+    result = ev.evaluate(tiny_digits_run, n=60, steps=4, bpd_n=2, batch=25, progress=False)
+    assert set(result["seconds"]) >= {"sampling", "features", "reference", "bits_per_dim", "total"}
+    code, _, _ = run_cli(capsys, "eval", tiny_digits_run, "--n", "60", "--steps", "4", "--bpd-n", "2", "--batch", "25", "--quiet", "--json", tmp_path / "a.json")
+    assert code == 0
+    assert ev.to_json(result) == (tmp_path / "a.json").read_text()
+
+
+def test_continuous_process_and_random_features(tmp_path):
+    """A ContinuousVP run (untrained, built by hand): no bits/dim, with the reason; random features: no classes."""
+    run = tmp_path / "vp"
+    cfg = RunConfig(dataset="digits", process={"kind": "vp", "schedule": "cosine", "beta_min": 0.1, "beta_max": 20.0, "lambda_min": -15.0},
+                    net_kind="unet", net=TINY_UNET.to_dict(), target="v")  # fmt: skip
+    denoiser = cfg.build_denoiser()
+    assert isinstance(denoiser.process, ContinuousVP)
+    save_config(run, cfg)
+    save_weights(run, denoiser.net, denoiser.net, step=0)
+    r = ev.evaluate(run, n=20, steps=2, sampler="ddim", features="random", progress=False)
+    assert r["bits_per_dim"]["total"] is None and "DiscreteDDPM" in r["bits_per_dim"]["reason"]
+    assert r["features"]["kind"] == "random" and r["classes"]["samples"] is None
+    assert r["fd"] > r["real_vs_real"]["fd"] > 0
+    text = ev.format_report(r)
+    assert "bits/dim: - (" in text and "no classifier head" in text
+
+
+def test_toy_run_reports_distances(tiny_toy_run):
+    r = ev.evaluate(tiny_toy_run, n=300, steps=5, sampler="ddim", progress=False)
+    assert r["kind"] == "points" and r["bits_per_dim"]["total"] is None
+    assert r["energy_distance"] > r["real_fresh"]["energy_distance"] > 0  # 30 steps of training
+    assert r["sliced_wasserstein"] > r["real_fresh"]["sliced_wasserstein"] > 0
+    assert ev.evaluate(tiny_toy_run, n=300, steps=5, sampler="ddim", progress=False)["energy_distance"] == r["energy_distance"]
+
+
+@pytest.mark.parametrize(
+    "argv, code, needle",
+    [
+        (["eval", "{missing}"], 1, "does not exist"),
+        (["eval", "{run}", "--n", "0"], 2, "must be a positive integer"),
+        (["eval", "{run}", "--n", "5"], 1, "n must be an integer >= 10"),
+        (["eval", "{run}", "--steps", "-2"], 2, "must be a positive integer"),
+        (["eval", "{run}", "--batch", "x"], 2, "invalid positive_int value"),
+        (["eval", "{run}", "--sampler", "nope"], 1, "unknown sampler 'nope'"),
+        (["eval", "{run}", "--spacing", "nope"], 2, "invalid choice"),
+        (["eval", "{run}", "--bpd-n", "-1"], 1, "--bpd-n must be 0"),
+        (["eval", "{run}", "--features", "nope"], 1, "unknown feature net 'nope'"),
+        (["eval", "{run}", "--json", "{tmp}/out.txt"], 1, "expected a file ending in .json"),
+    ],
+)
+def test_bad_options_give_one_line(capsys, tmp_path, tiny_digits_run, argv, code, needle):
+    argv = [a.format(missing=tmp_path / "nothing", run=tiny_digits_run, tmp=tmp_path) for a in argv]
+    got, _, err = run_cli(capsys, *argv, "--quiet", "--json", tmp_path / "r.json") if "--json" not in argv else run_cli(capsys, *argv, "--quiet")
+    assert got == code
+    assert needle in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.txt"))

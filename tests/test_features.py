@@ -1,0 +1,141 @@
+"""Feature networks: the shipped classifiers reach their recorded accuracy, features are deterministic,
+real-vs-real distances are far below real-vs-noise ones, and the generic fallbacks work on any images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from difflab.data.images import DataError, load_images, save_npz
+from difflab.features import (
+    SHIPPED,
+    FeatureNetError,
+    FeatureTraining,
+    embed,
+    load_feature_net,
+    random_feature_net,
+    resolve_feature_net,
+    train_and_save,
+    weight_paths,
+)
+from difflab.metrics import frechet_distance
+
+MAX_BYTES = 2 * 1024 * 1024
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def accuracy(net, images, labels) -> float:
+    _, logits = embed(net, images)
+    return (logits.argmax(1) == labels).double().mean().item()
+
+
+def fashion_or_skip(split: str):
+    try:
+        return load_images("fashion-mnist", split)
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_are_small_and_documented(name):
+    weights, meta_path = weight_paths(name)
+    assert weights.stat().st_size <= MAX_BYTES
+    meta = json.loads(meta_path.read_text())
+    assert meta["seed"] == 0 and meta["command"].startswith("python -m difflab.features train")
+    assert meta["config"]["image_size"] == {"digits": 8, "fashion-mnist": 28}[name]
+    net = load_feature_net(name)
+    assert net.config.feature_dim == 128 and net.config.num_classes == 10
+
+
+def test_digits_classifier_reaches_recorded_accuracy():
+    net = load_feature_net("digits")
+    test = load_images("digits", "test")
+    acc = accuracy(net, test.images, test.labels)
+    assert len(test) == net.meta["test_n"] == 355
+    assert acc >= 0.97
+    assert abs(acc - net.meta["test_accuracy"]) <= 0.005
+
+
+def test_fashion_classifier_reaches_recorded_accuracy():
+    test = fashion_or_skip("test")
+    net = load_feature_net("fashion-mnist")
+    k = net.meta["test_subset"]["n"]
+    assert k == 2000
+    acc = accuracy(net, test.images[:k], test.labels[:k])
+    assert abs(acc - net.meta["test_subset"]["accuracy"]) <= 0.005
+    assert net.meta["test_accuracy"] >= 0.90 and net.meta["test_n"] == 10000
+    assert abs(acc - net.meta["test_accuracy"]) <= 0.02  # a 2000-image subset of the full test split
+
+
+def test_features_are_deterministic():
+    images = load_images("digits", "test").images[:100]
+    a, b = load_feature_net("digits"), load_feature_net("digits")
+    assert a.fingerprint() == b.fingerprint()
+    fa, la = embed(a, images)
+    fb, lb = embed(b, images)
+    assert fa.shape == (100, 128) and la.shape == (100, 10)
+    assert torch.equal(fa, fb) and torch.equal(la, lb)
+    f_small, _ = embed(a, images, batch=7)  # batch composition does not matter (BatchNorm in eval mode)
+    torch.testing.assert_close(f_small, fa, rtol=1e-5, atol=1e-5)
+
+
+def test_random_features_are_fixed_and_take_any_images():
+    a, b = random_feature_net(3), random_feature_net(3)
+    assert a.fingerprint() == b.fingerprint() != random_feature_net(3, seed=1).fingerprint()
+    x = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    fa, logits = embed(a, x)
+    assert fa.shape == (6, 128) and logits is None
+    assert torch.equal(fa, embed(b, x)[0])
+    assert fa.std() > 0
+
+
+@pytest.mark.parametrize("which", ["digits", "random"])
+def test_real_vs_real_fd_is_far_below_real_vs_noise(which):
+    net = load_feature_net("digits") if which == "digits" else random_feature_net(1)
+    test, train = load_images("digits", "test"), load_images("digits", "train")
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randint(0, 256, (len(test), 1, 8, 8), dtype=torch.uint8, generator=g)
+    blur = torch.nn.functional.avg_pool2d(test.images.float(), 3, 1, 1).round().to(torch.uint8)  # blurred digits
+    f_test, f_train, f_noise, f_blur = (embed(net, x)[0] for x in (test.images, train.images, noise, blur))
+    real = frechet_distance(f_test, f_train)
+    assert real < 0.05 * frechet_distance(f_test, f_noise)
+    assert real < 0.5 * frechet_distance(f_test, f_blur)
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FeatureNetError, match="unknown feature net 'nope'"):
+        load_feature_net("nope")
+    with pytest.raises(FeatureNetError, match="missing"):
+        load_feature_net(str(tmp_path / "mine.safetensors"))
+    with pytest.raises(FeatureNetError, match="3 channels"):
+        resolve_feature_net(None, "digits", channels=3, size=8)
+    with pytest.raises(FeatureNetError, match="trained on 8x8"):
+        resolve_feature_net("digits", "mine", channels=1, size=28)
+    assert resolve_feature_net(None, "my-folder", channels=3, size=32).meta["kind"] == "random"
+
+
+def test_train_own_classifier(tmp_path):
+    """The generic path for a user's labelled data: train, write weights + JSON, load by path; deterministic."""
+    digits = load_images("digits", "all")
+    data = tmp_path / "mine.npz"
+    save_npz(data, digits.images, digits.labels)
+    recipe = FeatureTraining(epochs=2, batch_size=64, shift=0)
+    weights, meta = train_and_save(str(data), tmp_path / "a", recipe, progress=False)
+    again, _ = train_and_save(str(data), tmp_path / "b", recipe, progress=False)
+    assert weights.name == "mine-classifier.safetensors" and weights.with_suffix(".json").is_file()
+    net = load_feature_net(str(weights))
+    assert net.fingerprint() == load_feature_net(str(again)).fingerprint()
+    test = load_images(str(data), "test")
+    assert meta["test_n"] == len(test) and meta["test_accuracy"] == pytest.approx(accuracy(net, test.images, test.labels))
+    assert meta["test_accuracy"] > 0.5  # two epochs: well above chance (0.1)
+    with pytest.raises(FeatureNetError, match="--out"):
+        train_and_save(str(data), None, recipe, progress=False)
