@@ -24,7 +24,9 @@ def command_line() -> str:
         script = script.relative_to(ROOT)
     except ValueError:
         pass
-    return " ".join([".venv/bin/python", str(script), *map(shlex.quote, sys.argv[1:])])
+    exe = Path(sys.executable)
+    python = ".venv/bin/python" if (ROOT / ".venv") in exe.parents or exe.parent == ROOT / ".venv" / "bin" else "python"
+    return " ".join([python, str(script), *map(shlex.quote, sys.argv[1:])])
 
 
 def cpu_model() -> str:
@@ -71,12 +73,12 @@ def machine(device: str = "cpu") -> str:
     return f"{hw}; Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}"
 
 
-def header(title: str, device: str = "cpu") -> list[str]:
+def header(title: str, device: str = "cpu", command: str | None = None, machine_line: str | None = None) -> list[str]:
     return [
         f"# {title}",
         "",
-        f"- command: `{command_line()}`",
-        f"- machine: {machine(device)}",
+        f"- command: `{command or command_line()}`",
+        f"- machine: {machine_line or machine(device)}",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         "",
     ]

@@ -159,13 +159,13 @@ def build_run_config(args) -> RunConfig:
 
 
 def load_training_data(cfg: RunConfig):
-    """Model-space training data and labels for a run config."""
+    """Training data (2-D points as floats, images as uint8) and labels for a run config."""
     if is_toy(cfg.dataset):
         return make_toy(cfg.dataset, cfg.data.get("n", 20000), cfg.data.get("seed", 1)), None
-    from .data.images import load_images, to_model
+    from .data.images import load_images
 
     ds = load_images(cfg.dataset, split="train", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
-    return to_model(ds.images), ds.labels
+    return ds.images, ds.labels
 
 
 def cmd_train(args) -> None:

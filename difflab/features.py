@@ -6,7 +6,7 @@ A ``FeatureNet`` is a small CNN classifier on model-space images x in [-1, 1], s
     x ─ conv3x3 C→32, BN, ReLU                                  (N, 32, H, W)
       ─ maxpool 2 ─ conv3x3 32→64, BN, ReLU                     (N, 64, H/2, W/2)
       ─ maxpool 2 ─ conv3x3 64→128, BN, ReLU                    (N, 128, H/4, W/4)
-      ─ adaptive average pool to p x p, flatten                 (N, 128 p^2)
+      ─ adaptive average pool to 2 x 2, flatten                 (N, 512)
       ─ linear → 128, ReLU        = features(x)  the penultimate layer, used by FD, KID, precision/recall
       ─ linear → num_classes      = logits(x)    used by the class histogram
 
@@ -23,7 +23,7 @@ Where the features come from (``resolve_feature_net``):
 * your own classifier for your own labelled data set: ``python -m difflab.features train DATA --out DIR``
   writes DIR/{stem}-classifier.safetensors; pass that path to ``difflab eval --features``;
 * ``random``: the same architecture with fixed random weights (Kaiming init from a seeded generator, no
-  head, 2x2 pooling so coarse layout survives). It needs no training or download and takes any size and
+  head). It needs no training or download and takes any size and
   channel count; it is the default for data sets without a shipped classifier. Random features separate
   real data from noise and blur well, but they are weaker than trained ones at ranking good models:
   compare runs only under the same feature network (the report names it and its hash).
@@ -72,7 +72,7 @@ class FeatureNetConfig:
 
     in_channels: int = 1
     widths: tuple[int, ...] = (32, 64, 128)  # one conv stage per entry; 2x max-pooling between stages
-    pool: int = 1  # adaptive average pooling to pool x pool before the feature layer
+    pool: int = 2  # adaptive average pooling to pool x pool before the feature layer (2: coarse layout survives)
     feature_dim: int = 128
     num_classes: int | None = 10  # None: no classifier head (random features)
     image_size: int | None = None  # the size it was trained on (checked against the images); None: any
@@ -150,7 +150,7 @@ def random_feature_net(in_channels: int = 1, seed: int = 0) -> FeatureNet:
 
     Kaiming scaling keeps activations O(1) through the ReLUs, and BatchNorm in eval mode with fresh
     running statistics is the identity, so no data are needed."""
-    config = FeatureNetConfig(in_channels=in_channels, pool=2, num_classes=None)
+    config = FeatureNetConfig(in_channels=in_channels, num_classes=None)
     net = FeatureNet(config)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -292,7 +292,7 @@ class FeatureTraining:
 
 RECIPES: dict[str, FeatureTraining] = {
     "digits": FeatureTraining(epochs=40, batch_size=64, lr=3e-3, shift=1),
-    "fashion-mnist": FeatureTraining(epochs=4, batch_size=128, lr=3e-3, shift=2, flip=True),
+    "fashion-mnist": FeatureTraining(epochs=4, batch_size=128, lr=3e-3, shift=0),
 }
 
 
@@ -352,7 +352,25 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, num_classes: in
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", train_acc=f"{hits / seen:.3f}")
                 hits = seen = 0
     bar.close()
-    return net.eval()
+    net.eval()
+    return normalize_features(net, train_images)
+
+
+@torch.no_grad()
+def normalize_features(net: FeatureNet, images: Tensor) -> FeatureNet:
+    """Rescale the feature layer so the features of ``images`` have unit root-mean-square; logits unchanged.
+
+    relu(s z) = s relu(z) for s > 0, so multiplying the feature layer by s and dividing the head's weights
+    by s changes the features' scale only. Unit-scale features keep KID's kernel (x.y / D + 1)^3 near 1
+    (unscaled digits features gave x.y / D of about 5 and a kernel dominated by its variance) and make FD
+    read in units of the typical per-feature variance."""
+    feats, _ = embed(net, images)
+    s = 1.0 / feats.pow(2).mean().sqrt().clamp(min=1e-12).item()
+    net.embed.weight.mul_(s)
+    net.embed.bias.mul_(s)
+    if net.head is not None:
+        net.head.weight.div_(s)
+    return net
 
 
 def train_and_save(source: str, out: str | Path | None = None, recipe: FeatureTraining | None = None, data_dir: str | None = None,

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .data.images import to_model
 from .data.loader import ShuffledBatches
 from .io import atomic_path
 from .losses import SimpleLoss
@@ -59,7 +60,7 @@ def train(
     preview: Callable[[Denoiser, int, Path], None] | None = None,
     stop_after: int | None = None,
 ) -> Denoiser:
-    """Train ``config``'s denoiser on ``data`` (float, already in model space) and write the run to ``run_dir``.
+    """Train ``config``'s denoiser on ``data`` (uint8 images, or floats already in model space) and write the run to ``run_dir``.
 
     Returns the EMA denoiser. ``preview(ema_denoiser, step, run_dir)`` draws pictures at sample_every
     steps and at the end; ``stop_after`` ends early after that many steps (tests use it)."""
@@ -69,7 +70,8 @@ def train(
     ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
     loss_fn = SimpleLoss(**config.loss)
     opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    batches = ShuffledBatches(data, tc.batch_size * tc.accumulation, seed=tc.seed, labels=labels)
+    transform = to_model if data.dtype == torch.uint8 else None  # images stay uint8 until a batch is drawn
+    batches = ShuffledBatches(data, tc.batch_size * tc.accumulation, seed=tc.seed, labels=labels, transform=transform)
     gen = torch.Generator().manual_seed(tc.seed + 1)  # draws t and eps
     step = 0
 

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from difflab.data import images as images_module
+from difflab.data.loader import ShuffledBatches
 from difflab.data.images import (
     DataError,
     ImageSet,
-    batches,
     load_images,
     read_idx,
     save_npz,
@@ -337,6 +337,11 @@ def numbered_set(n: int) -> ImageSet:
     return ImageSet(images, torch.arange(n) % 3, 3, "numbered")
 
 
+def batches(data: ImageSet, batch_size: int, seed: int) -> ShuffledBatches:
+    """The trainer's batches of an image set: uint8 in memory, [-1, 1] floats per batch."""
+    return ShuffledBatches(data.images, batch_size, seed=seed, labels=data.labels, transform=to_model)
+
+
 def ids(x: torch.Tensor) -> list[int]:
     return to_uint8(x)[:, 0, 0, 0].tolist()
 
@@ -344,9 +349,9 @@ def ids(x: torch.Tensor) -> list[int]:
 def test_batches_are_reproducible_shuffled_epochs():
     data = numbered_set(12)
     take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
-    first = take(batches(data, 4, torch.Generator().manual_seed(0)), 6)
-    again = take(batches(data, 4, torch.Generator().manual_seed(0)), 6)
-    other = take(batches(data, 4, torch.Generator().manual_seed(1)), 6)
+    first = take(batches(data, 4, seed=0), 6)
+    again = take(batches(data, 4, seed=0), 6)
+    other = take(batches(data, 4, seed=1), 6)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again))
     assert [ids(x) for x, _ in first] != [ids(x) for x, _ in other]
     for x, y in first:
@@ -359,11 +364,11 @@ def test_batches_are_reproducible_shuffled_epochs():
 
 def test_batches_resume_from_their_state():
     data = numbered_set(10)
-    it = batches(data, 3, torch.Generator().manual_seed(5))
+    it = batches(data, 3, seed=5)
     for _ in range(4):  # into the second epoch
         next(it)
     state = json.loads(json.dumps(it.state_dict()))  # travels through a JSON checkpoint
     expected = [ids(next(it)[0]) for _ in range(7)]
-    resumed = batches(data, 3, torch.Generator().manual_seed(123))
+    resumed = batches(data, 3, seed=123)
     resumed.load_state_dict(state)
     assert [ids(next(resumed)[0]) for _ in range(7)] == expected

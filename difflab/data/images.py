@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .loader import ShuffledBatches
+from ..io import atomic_path
 
 DATASETS = ("digits", "fashion-mnist")
 SPLITS = ("train", "test", "all")
@@ -341,22 +341,6 @@ def _channels_last(shape: tuple[int, ...]) -> bool:
 # --------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_npz(path: str | os.PathLike, images: Tensor | np.ndarray, labels: Tensor | np.ndarray | None = None) -> None:
     """Write uint8 images (N, C, H, W) and optional labels (N,) to an .npz that load_images reads back; atomic."""
     images = images.cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
@@ -368,7 +352,8 @@ def save_npz(path: str | os.PathLike, images: Tensor | np.ndarray, labels: Tenso
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{path}: labels must be {len(images)} integers, got {labels.dtype} {labels.shape}")
         arrays["labels"] = labels.astype(np.int64)
-    _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 # --------------------------------------------------------------------------- IDX (the MNIST file format)
@@ -414,37 +399,5 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
     if str(path).endswith(".gz"):
         raw = gzip.compress(raw, mtime=0)
-    _atomic_write(path, lambda f: f.write(raw))
-
-
-# --------------------------------------------------------------------------- batches for training
-
-
-class ImageBatches:
-    """Endless shuffled minibatches (x float32 in [-1, 1] (B, C, H, W), labels (B,) or None) of an ImageSet.
-
-    The order is a pure function of (seed, epoch) (data.loader.ShuffledBatches): ``state_dict`` /
-    ``load_state_dict`` resume it exactly. Images stay uint8 until a batch is drawn."""
-
-    def __init__(self, data: ImageSet, batch_size: int, seed: int):
-        self.data = data
-        self.order = ShuffledBatches(data.images, batch_size, seed=seed, labels=data.labels)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[Tensor, Tensor | None]:
-        x, y = next(self.order)
-        return to_model(x), y
-
-    def state_dict(self) -> dict:
-        return self.order.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.load_state_dict(state)
-
-
-def batches(data: ImageSet, batch_size: int, generator: torch.Generator) -> ImageBatches:
-    """Endless shuffled batches of ``data``; the order's seed is drawn from ``generator``."""
-    seed = int(torch.randint(0, 2**31 - 1, (), generator=generator))
-    return ImageBatches(data, batch_size, seed)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(raw)

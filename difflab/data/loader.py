@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -11,14 +13,15 @@ class ShuffledBatches:
 
     Each epoch's permutation comes from a generator seeded with (seed, epoch), so the
     position (epoch, index) is all the state there is: ``state_dict``/``load_state_dict``
-    resume the exact data order after a crash."""
+    resume the exact data order after a crash. ``transform`` maps each batch as it is drawn
+    (images stay uint8 in memory and become floats in [-1, 1] one batch at a time)."""
 
-    def __init__(self, data: Tensor, batch_size: int, seed: int = 0, labels: Tensor | None = None):
+    def __init__(self, data: Tensor, batch_size: int, seed: int = 0, labels: Tensor | None = None, transform: Callable[[Tensor], Tensor] | None = None):
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         if len(data) == 0:
             raise ValueError("the dataset is empty")
-        self.data, self.labels = data, labels
+        self.data, self.labels, self.transform = data, labels, transform
         self.batch_size, self.seed = min(batch_size, len(data)), seed
         self.epoch, self.index = 0, 0
         self._perm = self._permutation()
@@ -36,7 +39,8 @@ class ShuffledBatches:
             self._perm = self._permutation()
         idx = self._perm[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return self.data[idx], (self.labels[idx] if self.labels is not None else None)
+        x = self.data[idx]
+        return (self.transform(x) if self.transform else x), (self.labels[idx] if self.labels is not None else None)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}

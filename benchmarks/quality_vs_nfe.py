@@ -1,0 +1,435 @@
+"""Sample quality against the number of network evaluations (NFE), for every sampler and step spacing.
+
+One Fashion-MNIST model with our default recipe (image_presets: DiscreteDDPM cosine T=1000, v-prediction,
+min-SNR-5, EMA; the 'fashion-mnist' U-Net) is trained by this command, or reused when its run folder
+already holds a checkpoint of at least --steps steps (an unfinished run resumes). Its EMA denoiser then
+draws --n-samples images at every (sampler, spacing, NFE):
+
+    samplers  ddpm (ancestral, variance beta), ddim (eta 0), euler, heun, dpmpp-2m: those of SAMPLERS that
+              apply to a DiscreteDDPM process (langevin and pc need a variance-exploding one)
+    spacings  uniform, leading, trailing, karras, logsnr
+    NFE       5, 10, 20, 50 network evaluations: N steps for every sampler but heun, which evaluates
+              2N - 1 times (none extra into t = 0), so heun runs N = (NFE + 1) // 2 steps and the table
+              shows its true count (9 at a budget of 10)
+
+and each set is scored by the Frechet distance (FD) of the shipped 'fashion-mnist' classifier's 128-d
+penultimate features against the real test split (10000 images), next to DDPM ancestral sampling at
+1000 steps, the reference. Every point starts from the same seed. Grids that coincide (uniform and
+trailing are one grid for DiscreteDDPM) are sampled once. Targets: at 10 evaluations the best sampler's
+FD within 10% of the 1000-step FD, at 20 within 2%.
+
+    .venv/bin/python benchmarks/quality_vs_nfe.py                       # CPU, small defaults
+    python benchmarks/quality_vs_nfe.py --device cuda --steps 30000 --batch 128 --n-samples 10000
+
+Each scored point is appended to the results' .jsonl as it finishes, so a killed run resumes where it
+stopped (a point is reused when its sampler, grid, sample count, seed, model step and feature net match).
+``--report-only`` rewrites the table and plot from the .jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from common import RESULTS, RUNS, command_line, header, load_average, machine, md_table
+
+from difflab import checkpoint as ckpt
+from difflab.data.images import load_images, to_model, to_uint8
+from difflab.features import embed, load_feature_net
+from difflab.image_presets import IMAGE_PRESETS
+from difflab.metrics import frechet_from_stats, gaussian_stats
+from difflab.processes import DiscreteDDPM
+from difflab.samplers import sample, timesteps
+
+F64 = torch.float64
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m")
+SPACINGS = ("uniform", "leading", "trailing", "karras", "logsnr")
+NFES = (5, 10, 20, 50)
+TARGETS = {10: 0.10, 20: 0.02}  # NFE budget -> allowed relative FD gap to the 1000-step reference
+REFERENCE = ("ddpm", "uniform", 1000)
+NAME = "quality_vs_nfe"
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class DeviceDDPM(DiscreteDDPM):
+    """DiscreteDDPM whose log-abar table moves to the device of t.
+
+    difflab's DiscreteDDPM indexes its CPU table with t, and t lives on the data's device (expand_t), so on
+    CUDA the loss and the Denoiser fail; this subclass is a stop-gap for the GPU run of this benchmark."""
+
+    def _log_abar_at(self, t):
+        t = torch.as_tensor(t, dtype=F64).clamp(0, self.T)
+        table = self.log_abar.to(t.device)
+        lo = t.floor().long().clamp(max=self.T - 1)
+        return torch.lerp(table[lo], table[lo + 1], t - lo)
+
+
+def on_device(denoiser, device: str):
+    if device != "cpu":
+        p = denoiser.process
+        denoiser.process = DeviceDDPM(T=p.T, schedule=p.schedule)
+    return denoiser.to(device)
+
+
+def recipe(steps: int, batch: int | None) -> ckpt.RunConfig:
+    """Our default recipe for Fashion-MNIST, with the step count (and batch size) of this benchmark."""
+    preset = IMAGE_PRESETS["fashion-mnist"]
+    tc = replace(preset.train, steps=steps, batch_size=batch or preset.train.batch_size, sample_every=0)
+    return replace(preset, train=tc)
+
+
+def _cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU, so a GPU run resumes on a CPU machine."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def train_on_device(run_dir: Path, config: ckpt.RunConfig, images: torch.Tensor, device: str, max_minutes: float | None) -> int:
+    """The difflab training step (training.train_step, ema_update, learning_rate) on a CUDA device, with bf16
+    autocast there when the recipe asks for bf16, writing the same run folder as training.train (resumable
+    by either). Stops after ``max_minutes`` (checkpointing first); returns the step reached."""
+    from difflab.data.loader import ShuffledBatches
+    from difflab.losses import SimpleLoss
+    from difflab.training import ema_update, learning_rate, train_step
+
+    tc = config.train
+    torch.manual_seed(tc.seed)
+    denoiser = on_device(config.build_denoiser(), device)
+    ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
+    loss_fn = SimpleLoss(**config.loss)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    batches = ShuffledBatches(to_model(images).to(device), tc.batch_size, seed=tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed + 1)
+    step = 0
+    state_path = run_dir / ckpt.STATE
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
+        if ckpt.weights_step(run_dir) != state["step"]:
+            raise ckpt.CheckpointError(f"{run_dir}: weights and training state of different steps")
+        denoiser.net.load_state_dict(ckpt.load_weights(run_dir, "net"))
+        ema.net.load_state_dict(ckpt.load_weights(run_dir, "ema"))
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        batches.load_state_dict(state["batches"])
+        step = state["step"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.save_config(run_dir, config)
+
+    def save():
+        state = {"step": step, "optimizer": _cpu(opt.state_dict()), "generator": gen.get_state(),
+                 "torch_rng": torch.get_rng_state(), "batches": batches.state_dict()}
+        tmp = state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(state_path)
+        ckpt.save_weights(run_dir, copy.deepcopy(denoiser.net).cpu(), copy.deepcopy(ema.net).cpu(), step)
+
+    cast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" else torch.autocast("cuda", enabled=False)
+    t0 = time.perf_counter()
+    bar = tqdm(total=tc.steps, initial=step, desc=f"train on {device}", dynamic_ncols=True, mininterval=5)
+    with open(run_dir / "metrics.jsonl", "a") as log:
+        while step < tc.steps:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, tc.lr, tc.warmup)
+            with cast:
+                loss, grad_norm = train_step(denoiser, loss_fn, opt, next(batches), gen, tc, False)
+            ema_update(ema, denoiser, tc.ema_decay)
+            step += 1
+            bar.update(1)
+            out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
+            if step % tc.log_every == 0 or step == tc.steps or out_of_time:
+                log.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if step % 5000 == 0 or step == tc.steps or out_of_time:
+                save()
+            if out_of_time:
+                break
+    bar.close()
+    return step
+
+
+def trained_model(args, images) -> tuple[torch.nn.Module, dict]:
+    """The EMA denoiser of args.run, trained (or resumed) to args.steps first if needed; and where it was trained."""
+    run = Path(args.run)
+    done = ckpt.weights_step(run) if (run / ckpt.WEIGHTS).exists() else 0
+    info_path = run / "trained_on.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"sessions": []}
+    if done < args.steps:
+        config = ckpt.load_config(run) if (run / ckpt.CONFIG).exists() else recipe(args.steps, args.batch)
+        config = replace(config, train=replace(config.train, steps=args.steps))
+        t0 = time.perf_counter()
+        if args.device == "cpu":
+            from difflab.training import train
+
+            train(run, config, to_model(images), resume=(run / ckpt.STATE).exists())
+            reached = args.steps
+        else:
+            reached = train_on_device(run, config, images, args.device, args.train_minutes)
+        info["sessions"].append({"from_step": done, "to_step": reached, "minutes": round((time.perf_counter() - t0) / 60, 2),
+                                 "device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M %Z")})
+        info_path.write_text(json.dumps(info, indent=2) + "\n")
+    denoiser, config = ckpt.load_denoiser(run)
+    info["step"], info["config"] = ckpt.weights_step(run), json.loads(config.to_json())
+    return on_device(denoiser, args.device), info
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def steps_for(sampler: str, nfe: int) -> int:
+    """Sampler steps that spend at most ``nfe`` evaluations (heun: 2N - 1 per N steps)."""
+    return (nfe + 1) // 2 if sampler == "heun" else nfe
+
+
+def nfe_of(sampler: str, steps: int) -> int:
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def sweep_points(args) -> list[tuple[str, str, int]]:
+    """(sampler, spacing, steps), the reference first, then the budgets with targets, then the rest."""
+    budgets = sorted(args.nfe, key=lambda n: (n not in TARGETS, n))
+    points = [(args.ref_sampler, "uniform", args.ref_steps)]
+    for nfe in budgets:
+        points += [(s, sp, steps_for(s, nfe)) for s in args.samplers for sp in args.spacings]
+    return points
+
+
+@torch.no_grad()
+def features_of_samples(denoiser, feature_net, sampler, spacing, steps, args) -> torch.Tensor:
+    g = torch.Generator(args.device).manual_seed(args.seed)
+    feats = []
+    cast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    for start in range(0, args.n_samples, args.sample_batch):
+        b = min(args.sample_batch, args.n_samples - start)
+        with cast:
+            x = sample(denoiser, (b, 1, 28, 28), steps, sampler=sampler, spacing=spacing, generator=g, device=args.device)
+        feats.append(embed(feature_net, to_uint8(x.float()), batch=2000)[0].to(F64).cpu())
+    return torch.cat(feats)
+
+
+def run_sweep(args, denoiser, info, feature_net, ref_stats, jsonl: Path, deadline: float) -> None:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
+    fingerprint = feature_net.fingerprint()[:16]
+    process = denoiser.process
+
+    def key(sampler, grid):
+        return json.dumps([sampler, [round(t, 6) for t in grid], args.n_samples, args.seed, info["step"], fingerprint, args.precision])
+
+    done = {r["key"]: r for r in rows}
+    points = sweep_points(args)
+    bar = tqdm(points, desc="FD sweep", dynamic_ncols=True)
+    for sampler, spacing, steps in bar:
+        grid = timesteps(process, steps, spacing).tolist()
+        k = key(sampler, grid)
+        label = (sampler, spacing, steps)
+        if any(r["key"] == k and (r["sampler"], r["spacing"], r["steps"]) == label for r in rows):
+            continue
+        if k in done:  # the same grid under another spacing name: the same samples
+            row = dict(done[k], spacing=spacing, same_as=done[k]["spacing"], seconds=0.0)
+        else:
+            if time.time() > deadline:
+                print(f"deadline reached: stopping the sweep before {label}; rerun to continue")
+                return
+            bar.set_postfix_str(f"{sampler} {spacing} {steps} steps")
+            t0 = time.perf_counter()
+            feats = features_of_samples(denoiser, feature_net, sampler, spacing, steps, args)
+            fd = frechet_from_stats(*gaussian_stats(feats), *ref_stats)
+            row = {"key": k, "sampler": sampler, "spacing": spacing, "steps": steps, "nfe": nfe_of(sampler, steps),
+                   "fd": fd, "n": args.n_samples, "seed": args.seed, "model_step": info["step"],
+                   "feature_net": fingerprint, "precision": args.precision,
+                   "seconds": round(time.perf_counter() - t0, 2), "device": args.device}
+            done[k] = row
+        rows.append(row)
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(args, jsonl: Path, meta: dict) -> None:
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    if meta.get("model_step") is not None:
+        rows = [r for r in rows if r["model_step"] == meta["model_step"] and r["n"] == meta["n"]]
+    ref = next((r for r in rows if (r["sampler"], r["spacing"], r["steps"]) == (args.ref_sampler, "uniform", args.ref_steps)), None)
+    table: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:
+        if r is ref:
+            continue
+        budget = next((n for n in args.nfe if steps_for(r["sampler"], n) == r["steps"]), None)
+        if budget is not None:
+            table.setdefault((r["sampler"], r["spacing"]), {})[budget] = r
+
+    lines = header("Sample quality vs number of network evaluations (Fashion-MNIST, default recipe)",
+                   command=meta.get("command"), machine_line=f"{meta.get('machine')} (the FD sweep); load average at its end: {meta.get('load', '?')}")
+    lines += [
+        f"- model: `{args.run}`, EMA weights at step {meta.get('model_step')}; recipe: DiscreteDDPM cosine T=1000, "
+        f"v-prediction, min-SNR-5, AdamW lr {meta.get('lr')}, warm-up {meta.get('warmup')}, EMA {meta.get('ema_decay')}, "
+        f"batch {meta.get('batch')}, precision {meta.get('train_precision')}, U-Net preset 'fashion-mnist' ({meta.get('params', '?'):,} parameters)",
+    ]
+    for s in meta.get("sessions", []):
+        lines.append(f"- trained steps {s['from_step']}-{s['to_step']} in {s['minutes']} min on {s['machine']} ({s['date']})")
+    lines += [
+        f"- samples: {meta.get('n')} per point, seed {args.seed}, sampling precision {args.precision}; "
+        f"FD of the shipped 'fashion-mnist' classifier's 128-d features (fingerprint {meta.get('fingerprint')}, "
+        f"test accuracy {meta.get('feature_acc')}) against the real test split ({meta.get('ref_n')} images)",
+        f"- floor: FD of {meta.get('n')} real training images against the test split = {meta.get('floor', float('nan')):.3f} "
+        "(what a perfect model scores at this sample count)",
+        f"- reference: {args.ref_sampler} ancestral, {args.ref_steps} steps: FD = "
+        + (f"{ref['fd']:.3f}" if ref else "not yet measured"),
+        "- NFE = network evaluations; heun runs N steps for 2N - 1 evaluations, so its column '10' is 9 evaluations "
+        "(5 steps), '20' is 19, '50' is 49, '5' is 5 (3 steps). uniform and trailing are the same grid for DiscreteDDPM.",
+        "",
+        "## FD by sampler, spacing and NFE (lower is better; in brackets: relative gap to the 1000-step reference)",
+        "",
+    ]
+    budgets = list(args.nfe)
+
+    def cell(r):
+        if r is None:
+            return "-"
+        gap = f" ({100 * (r['fd'] / ref['fd'] - 1):+.0f}%)" if ref else ""
+        nfe = f" [{r['nfe']}]" if r["nfe"] != next(n for n in budgets if steps_for(r["sampler"], n) == r["steps"]) else ""
+        return f"{r['fd']:.3f}{gap}{nfe}"
+
+    trs = [[s, sp, *(cell(table.get((s, sp), {}).get(n)) for n in budgets)] for s in args.samplers for sp in args.spacings]
+    lines += md_table(["sampler", "spacing", *(f"NFE {n}" for n in budgets)], trs, "ll" + "r" * len(budgets))
+
+    lines += ["", "## Targets", ""]
+    trows = []
+    for nfe, tol in TARGETS.items():
+        cands = [r for per in table.values() for n, r in per.items() if n == nfe]
+        if not cands or ref is None:
+            trows.append([f"{nfe}", f"within {100 * tol:.0f}%", "not measured", "", "", ""])
+            continue
+        best = min(cands, key=lambda r: r["fd"])
+        gap = best["fd"] / ref["fd"] - 1
+        trows.append([f"{nfe}", f"within {100 * tol:.0f}%", f"{best['sampler']} / {best['spacing']} ({best['nfe']} evals)",
+                      f"{best['fd']:.3f}", f"{100 * gap:+.1f}%", "yes" if gap <= tol else "**no**"])
+    lines += md_table(["NFE budget", "target", "best sampler / spacing", "FD", "gap to 1000-step DDPM", "met"], trows, "lllrrl")
+    lines += ["", "Raw rows (one per point, with seconds per point): `benchmarks/results/quality_vs_nfe.jsonl`."]
+    out = Path(args.results)
+    (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
+    plot(out / f"{NAME}.png", args, table, ref, meta)
+    print("\n".join(lines))
+
+
+def plot(path: Path, args, table, ref, meta) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(args.samplers)
+    cols = min(3, n)
+    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False, sharey=True)
+    for ax, s in zip(axes.flat, args.samplers):
+        for sp in args.spacings:
+            pts = sorted(table.get((s, sp), {}).values(), key=lambda r: r["nfe"])
+            if pts:
+                ax.plot([r["nfe"] for r in pts], [r["fd"] for r in pts], "o-", ms=3, label=sp)
+        if ref:
+            ax.axhline(ref["fd"], c="k", ls="--", lw=1, label=f"DDPM {args.ref_steps} steps")
+            ax.axhspan(ref["fd"], ref["fd"] * 1.1, color="grey", alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(list(args.nfe), [str(v) for v in args.nfe])
+        ax.set_title(s)
+        ax.set_xlabel("network evaluations")
+        ax.grid(alpha=0.3, which="both")
+    axes.flat[0].set_ylabel("FD (fashion-mnist features)")
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"Fashion-MNIST, default recipe, step {meta.get('model_step')}, {meta.get('n')} samples per point "
+                 "(grey band: within 10% of the reference)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--steps", type=int, help="training steps (default 2000 on cpu, 30000 on cuda)")
+    p.add_argument("--batch", type=int, help="training batch (default: the recipe's 64)")
+    p.add_argument("--train-minutes", type=float, help="cuda: stop training after this long (checkpointed; rerun to go on)")
+    p.add_argument("--run", default=str(RUNS / "quality_vs_nfe"), help="run folder (reused / resumed if present)")
+    p.add_argument("--out", "--results", dest="results", default=str(RESULTS), help="folder for the .md, .png and .jsonl")
+    p.add_argument("--n-samples", type=int, help="samples per point (default 256 on cpu, 10000 on cuda)")
+    p.add_argument("--sample-batch", type=int, help="samples per sampler call (default 256 on cpu, 10000 on cuda)")
+    p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
+    p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--spacings", nargs="+", default=list(SPACINGS), choices=SPACINGS)
+    p.add_argument("--ref-sampler", default="ddpm", choices=SAMPLERS)
+    p.add_argument("--ref-steps", type=int, default=1000)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="sampling precision (autocast)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on cpu")
+    p.add_argument("--deadline-minutes", type=float, help="stop starting new points after this long (whole command)")
+    p.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .jsonl")
+    args = p.parse_args(argv)
+    t_start = time.time()
+    deadline = t_start + 60 * args.deadline_minutes if args.deadline_minutes else float("inf")
+    cuda = args.device.startswith("cuda")
+    args.steps = args.steps or (30000 if cuda else 2000)
+    args.n_samples = args.n_samples or (10000 if cuda else 256)
+    args.sample_batch = min(args.sample_batch or (10000 if cuda else 256), args.n_samples)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        torch.set_num_threads(args.threads)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / f"{NAME}.jsonl"
+    meta_path = out / f"{NAME}.meta.json"
+
+    if args.report_only:
+        report(args, jsonl, json.loads(meta_path.read_text()))
+        return
+
+    train_images = load_images("fashion-mnist", "train", data_dir=args.data_dir).images
+    test_images = load_images("fashion-mnist", "test", data_dir=args.data_dir).images
+    denoiser, info = trained_model(args, train_images)
+    feature_net = load_feature_net("fashion-mnist").to(args.device)
+    ref_feats = embed(feature_net, test_images.to(args.device), batch=2000)[0].to(F64).cpu()
+    ref_stats = gaussian_stats(ref_feats)
+    floor_feats = embed(feature_net, train_images[: args.n_samples].to(args.device), batch=2000)[0].to(F64).cpu()
+    tc = info["config"]["train"]
+    meta = {
+        "device": args.device, "machine": machine(args.device), "model_step": info["step"], "n": args.n_samples,
+        "sessions": info["sessions"], "lr": tc["lr"], "warmup": tc["warmup"], "ema_decay": tc["ema_decay"],
+        "batch": tc["batch_size"], "train_precision": tc["precision"],
+        "params": sum(p.numel() for p in denoiser.net.parameters()),
+        "fingerprint": feature_net.fingerprint()[:16], "feature_acc": feature_net.meta.get("test_accuracy"),
+        "ref_n": len(test_images), "floor": frechet_from_stats(*gaussian_stats(floor_feats), *ref_stats),
+        "command": command_line(),
+    }
+    run_sweep(args, denoiser, info, feature_net, ref_stats, jsonl, deadline)
+    meta["load"] = load_average()
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    report(args, jsonl, meta)
+    print(f"\nwrote {out / NAME}.md, .png, .jsonl (took {(time.time() - t_start) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
