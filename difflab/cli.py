@@ -20,7 +20,7 @@ from .data.toy2d import TOY_DATASETS, make_toy
 from .io import atomic_path
 from .presets import preset_for
 from .processes import PROCESSES_BY_NAME
-from .samplers import SAMPLERS, SPACINGS, get_sampler, sample, timesteps
+from .samplers import SAMPLERS, SPACINGS, get_sampler, sample
 
 
 class UsageError(ValueError):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from .checkpoint import RunConfig, TrainConfig, process_to_dict
-from .losses import SimpleLoss
 from .nets.unet import PRESETS as UNET_PRESETS
 from .nets.unet import UNetConfig
 from .processes import DiscreteDDPM

@@ -46,14 +46,6 @@ PROCESSES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny (B, 2) tensors: one thread is faster, and keeps two xdist workers from fighting over the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def marginal(process, t, n, generator):
     """Exact draws from q(x_t) = N(alpha mu, alpha^2 Sigma + sigma^2 I) (so only the sampler is under test)."""

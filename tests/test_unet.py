@@ -9,14 +9,6 @@ import torch
 from difflab.nets.unet import PRESETS, UNet, UNetConfig, num_parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread avoids oversubscribing the cores when tests run in parallel."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def small(**overrides) -> UNetConfig:
     """A narrow network so that every test runs in well under a second."""
