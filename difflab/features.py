@@ -23,10 +23,13 @@ Where the features come from (``resolve_feature_net``):
 * your own classifier for your own labelled data set: ``python -m difflab.features train DATA --out DIR``
   writes DIR/{stem}-classifier.safetensors; pass that path to ``difflab eval --features``;
 * ``random``: the same architecture with fixed random weights (Kaiming init from a seeded generator, no
-  head). It needs no training or download and takes any size and
-  channel count; it is the default for data sets without a shipped classifier. Random features separate
-  real data from noise and blur well, but they are weaker than trained ones at ranking good models:
-  compare runs only under the same feature network (the report names it and its hash).
+  head). It needs no training or download and takes any size and channel count; it is the default for
+  data sets without a shipped classifier. Random features separate real data from noise and blur well,
+  but they are weaker than trained ones at ranking good models: compare runs only under the same
+  feature network (the report names it and its hash).
+
+A trained classifier's feature layer is rescaled after training so its features have unit RMS on the
+training images (``normalize_features``; the logits are unchanged).
 
 Feature statistics are comparable only under the same network: ``fingerprint`` hashes its config and
 every weight, and reference statistics are cached under that hash.
@@ -115,6 +118,7 @@ class FeatureNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(config.pool)
         self.embed = nn.Linear(c_in * config.pool**2, config.feature_dim)
         self.head = nn.Linear(config.feature_dim, config.num_classes) if config.num_classes else None
+        self.meta: dict = {}  # name, kind ('classifier' / 'random'), accuracy...: filled in by the loaders
 
     def features(self, x: Tensor) -> Tensor:
         """Model-space images (N, C, H, W) in [-1, 1] -> penultimate features (N, feature_dim)."""
@@ -290,6 +294,9 @@ class FeatureTraining:
     threads: int = 1  # measured: 1 thread trains 5x faster than 2 when other work shares the 2 cores
 
 
+# Measured (4 epochs, Fashion-MNIST test accuracy): no augmentation 91.6%, 1-pixel shifts 91.2%, shifts and
+# flips 90.9%; 2x2 pooling before the feature layer +0.8 points over global pooling. Digits (1442 training
+# images, 40 epochs) gain from 1-pixel shifts.
 RECIPES: dict[str, FeatureTraining] = {
     "digits": FeatureTraining(epochs=40, batch_size=64, lr=3e-3, shift=1),
     "fashion-mnist": FeatureTraining(epochs=4, batch_size=128, lr=3e-3, shift=0),

@@ -7,7 +7,6 @@ import json
 from dataclasses import replace
 
 import pytest
-import torch
 
 from difflab import evaluate as ev
 from difflab.checkpoint import RunConfig, TrainConfig, process_to_dict, save_config, save_weights
@@ -19,14 +18,6 @@ from difflab.processes import ContinuousVP
 from difflab.training import train
 
 TINY_UNET = UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

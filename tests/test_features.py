@@ -25,14 +25,6 @@ from difflab.metrics import frechet_distance
 MAX_BYTES = 2 * 1024 * 1024
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def accuracy(net, images, labels) -> float:
     _, logits = embed(net, images)
     return (logits.argmax(1) == labels).double().mean().item()
