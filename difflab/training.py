@@ -32,8 +32,7 @@ PRECISIONS = ("fp32", "bf16")
 @torch.no_grad()
 def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
     """theta_ema <- decay theta_ema + (1 - decay) theta for parameters; buffers are copied, not averaged."""
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p, 1 - decay)
+    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)  # one fused call for all tensors
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
 
@@ -69,7 +68,7 @@ def train(
     denoiser = config.build_denoiser()
     ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
     loss_fn = SimpleLoss(**config.loss)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
     transform = to_model if data.dtype == torch.uint8 else None  # images stay uint8 until a batch is drawn
     batches = ShuffledBatches(data, tc.batch_size * tc.accumulation, seed=tc.seed, labels=labels, transform=transform)
     gen = torch.Generator().manual_seed(tc.seed + 1)  # draws t and eps
@@ -95,7 +94,8 @@ def train(
             ema_update(ema, denoiser, tc.ema_decay)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if step % tc.log_every == 0 or step == last:
                 rate = (step - first) / (time.perf_counter() - t0)
                 log.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "it_s": rate}) + "\n")
