@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from common import RESULTS, RUNS, command_line, header, load_average, machine, md_table
+from common import RESULTS, ROOT, RUNS, command_line, header, load_average, machine, md_table
 
 from difflab import checkpoint as ckpt
 from difflab.data.images import load_images, to_model, to_uint8
@@ -180,7 +180,8 @@ def trained_model(args, images) -> tuple[torch.nn.Module, dict]:
         else:
             reached = train_on_device(run, config, images, args.device, args.train_minutes)
         info["sessions"].append({"from_step": done, "to_step": reached, "minutes": round((time.perf_counter() - t0) / 60, 2),
-                                 "device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M %Z")})
+                                 "device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                                 "command": command_line()})
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     denoiser, config = ckpt.load_denoiser(run)
     info["step"], info["config"] = ckpt.weights_step(run), json.loads(config.to_json())
@@ -263,9 +264,11 @@ def run_sweep(args, denoiser, info, feature_net, ref_stats, jsonl: Path, deadlin
 
 def report(args, jsonl: Path, meta: dict) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    if meta.get("model_step") is not None:
-        rows = [r for r in rows if r["model_step"] == meta["model_step"] and r["n"] == meta["n"]]
-    ref = next((r for r in rows if (r["sampler"], r["spacing"], r["steps"]) == (args.ref_sampler, "uniform", args.ref_steps)), None)
+    # only rows of this model, sample count, feature net and precision (the .jsonl may hold older sweeps)
+    rows = [r for r in rows if (r["model_step"], r["n"], r["feature_net"], r["precision"])
+            == (meta["model_step"], meta["n"], meta["fingerprint"], args.precision)]
+    refs = [r for r in rows if (r["sampler"], r["spacing"], r["steps"]) == (args.ref_sampler, "uniform", args.ref_steps)]
+    ref = refs[-1] if refs else None
     table: dict[tuple[str, str], dict[int, dict]] = {}
     for r in rows:
         if r is ref:
@@ -277,12 +280,13 @@ def report(args, jsonl: Path, meta: dict) -> None:
     lines = header("Sample quality vs number of network evaluations (Fashion-MNIST, default recipe)",
                    command=meta.get("command"), machine_line=f"{meta.get('machine')} (the FD sweep); load average at its end: {meta.get('load', '?')}")
     lines += [
-        f"- model: `{args.run}`, EMA weights at step {meta.get('model_step')}; recipe: DiscreteDDPM cosine T=1000, "
+        f"- model: `{_shown(args.run)}`, EMA weights at step {meta.get('model_step')}; recipe: DiscreteDDPM cosine T=1000, "
         f"v-prediction, min-SNR-5, AdamW lr {meta.get('lr')}, warm-up {meta.get('warmup')}, EMA {meta.get('ema_decay')}, "
         f"batch {meta.get('batch')}, precision {meta.get('train_precision')}, U-Net preset 'fashion-mnist' ({meta.get('params', '?'):,} parameters)",
     ]
     for s in meta.get("sessions", []):
-        lines.append(f"- trained steps {s['from_step']}-{s['to_step']} in {s['minutes']} min on {s['machine']} ({s['date']})")
+        by = f" by `{s['command']}`" if s.get("command") else ""
+        lines.append(f"- trained steps {s['from_step']}-{s['to_step']} in {s['minutes']} min on {s['machine']} ({s['date']}){by}")
     lines += [
         f"- samples: {meta.get('n')} per point, seed {args.seed}, sampling precision {args.precision}; "
         f"FD of the shipped 'fashion-mnist' classifier's 128-d features (fingerprint {meta.get('fingerprint')}, "
@@ -321,6 +325,8 @@ def report(args, jsonl: Path, meta: dict) -> None:
         trows.append([f"{nfe}", f"within {100 * tol:.0f}%", f"{best['sampler']} / {best['spacing']} ({best['nfe']} evals)",
                       f"{best['fd']:.3f}", f"{100 * gap:+.1f}%", "yes" if gap <= tol else "**no**"])
     lines += md_table(["NFE budget", "target", "best sampler / spacing", "FD", "gap to 1000-step DDPM", "met"], trows, "lllrrl")
+    if meta.get("notes"):
+        lines += ["", "## Notes", "", *(f"- {note}" for note in meta["notes"])]
     lines += ["", "Raw rows (one per point, with seconds per point): `benchmarks/results/quality_vs_nfe.jsonl`."]
     out = Path(args.results)
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
@@ -328,11 +334,20 @@ def report(args, jsonl: Path, meta: dict) -> None:
     print("\n".join(lines))
 
 
+def _shown(path) -> str:
+    """A path relative to the repository root when it lies inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def plot(path: Path, args, table, ref, meta) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     n = len(args.samplers)
     cols = min(3, n)
@@ -341,12 +356,14 @@ def plot(path: Path, args, table, ref, meta) -> None:
         for sp in args.spacings:
             pts = sorted(table.get((s, sp), {}).values(), key=lambda r: r["nfe"])
             if pts:
-                ax.plot([r["nfe"] for r in pts], [r["fd"] for r in pts], "o-", ms=3, label=sp)
+                ax.plot([r["nfe"] for r in pts], [r["fd"] for r in pts], "o-" if sp != "trailing" else "x:", ms=3,
+                        label=sp + (" (= uniform grid)" if sp == "trailing" else ""))
         if ref:
             ax.axhline(ref["fd"], c="k", ls="--", lw=1, label=f"DDPM {args.ref_steps} steps")
             ax.axhspan(ref["fd"], ref["fd"] * 1.1, color="grey", alpha=0.15)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xticks(list(args.nfe), [str(v) for v in args.nfe])
         ax.set_title(s)
         ax.set_xlabel("network evaluations")

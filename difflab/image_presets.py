@@ -19,7 +19,7 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
         net=UNET_PRESETS["digits"].to_dict(),
         target="v",
         loss=dict(RECIPE_LOSS),
-        train=TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=500, sample_every=500, log_every=25),
+        train=TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=500, sample_every=500, log_every=25),
     ),
     "fashion-mnist": RunConfig(
         dataset="fashion-mnist",
