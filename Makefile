@@ -39,7 +39,7 @@ demo-2d: $(STAMP)
 	$(BIN)/python -m difflab.demo 2d
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=10
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n 2 --dist loadfile --durations=10
 
 clean:
 	rm -rf $(VENV) runs out
