@@ -146,7 +146,7 @@ class DiscreteDDPM(Process):
 
     def _log_abar_at(self, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=F64).clamp(0, self.T)
-        table = self.log_abar
+        table = self.log_abar.to(t.device)  # follow t's device (the table is built on the CPU)
         lo = t.floor().long().clamp(max=self.T - 1)
         w = t - lo
         return torch.lerp(table[lo], table[lo + 1], w)
