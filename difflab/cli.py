@@ -229,7 +229,7 @@ def cmd_sample(args) -> None:
     sizes = [min(args.batch, args.n - i) for i in range(0, args.n, args.batch)]
     for i, b in enumerate(tqdm(sizes, desc="sample", disable=len(sizes) == 1 or args.quiet)):
         want_traj = args.gif is not None and i == 0
-        out = sample(denoiser, (b, *shape), args.steps, sampler=args.sampler, spacing=args.spacing, generator=g, return_trajectory=want_traj, **options)
+        out = sample(denoiser, (b, *shape), args.steps, sampler=args.sampler, spacing=args.spacing, generator=g, return_trajectory=want_traj, sigma_tilde_cap=args.sigma_cap, **options)
         if want_traj:
             out, traj = out
         chunks.append(out)
@@ -352,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive_int, default=50)
     s.add_argument("--spacing", choices=SPACINGS, default=None)
     s.add_argument("--eta", type=unit_float, default=0.0, help="DDIM's eta in [0, 1]")
+    s.add_argument("--sigma-cap", type=float, default=None, help="karras/logsnr grids: spread the levels below sigma/alpha = this (e.g. 80)")
     s.add_argument("--n", type=positive_int, default=64)
     s.add_argument("--batch", type=positive_int, default=1000)
     s.add_argument("--seed", type=int, default=0)

@@ -459,3 +459,18 @@ def test_sample_end_to_end_from_the_prior():
     b = sample(D, (N_SAMPLES, 2), 30, sampler="dpmpp-2m", generator=torch.Generator().manual_seed(5))
     assert torch.equal(a, b) and a.dtype == torch.float32
     assert moments_ok(a), moment_errors(a)
+
+
+def test_sigma_tilde_cap_spreads_a_short_grid_below_the_cap():
+    """Cosine DDPM has sigma/alpha = 2e4 at t = T; with the cap, every level after the first lies at or below 80."""
+    process = DiscreteDDPM(1000, "cosine")
+    for spacing in ("karras", "logsnr"):
+        plain = timesteps(process, 10, spacing)
+        capped = timesteps(process, 10, spacing, sigma_tilde_cap=80.0)
+        assert len(capped) == 11 and capped[0] == 1000 and capped[-1] == 0 and bool((capped[1:] < capped[:-1]).all())
+        st = process.sigma(capped[1:-1]) / process.alpha(capped[1:-1])
+        assert float(st[0]) == pytest.approx(80.0, rel=1e-6) and bool((st <= 80.0 + 1e-6).all())
+        assert int((plain > 980).sum()) > int((capped > 980).sum())  # fewer levels wasted at the top
+    # a process already below the cap is unchanged
+    ve = VarianceExploding(sigma_min=0.01, sigma_max=50.0)
+    torch.testing.assert_close(timesteps(ve, 5, "karras", sigma_tilde_cap=80.0), timesteps(ve, 5, "karras"))
