@@ -50,7 +50,7 @@ def load_average() -> str:
 def busy_processes(min_cpu: float = 20.0, exclude_pid: int | None = None) -> list[str]:
     """Other processes using more than min_cpu % of a core right now (what else shared the machine)."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=5, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     rows = []

@@ -45,11 +45,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, RUNS, busy_processes, header, load_average, md_table
+from throughput import diffusers_config
 from torch import nn
 from tqdm.auto import tqdm
-
-from common import RESULTS, RUNS, busy_processes, command_line, header, load_average, md_table
-from throughput import diffusers_config
 
 from difflab import checkpoint as ckpt
 from difflab.data.images import load_images, to_model, to_uint8

@@ -37,9 +37,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from common import (
+    RESULTS,
+    ROOT,
+    RUNS,
+    command_line,
+    header,
+    load_average,
+    machine,
+    md_table,
+)
 from tqdm.auto import tqdm
-
-from common import RESULTS, ROOT, RUNS, command_line, header, load_average, machine, md_table
 
 from difflab import checkpoint as ckpt
 from difflab.data.images import load_images, to_model, to_uint8

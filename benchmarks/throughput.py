@@ -13,7 +13,7 @@ matmul peak (GFLOP/s), and our training FLOP/s (FLOPs of one step counted by Flo
 reported as a fraction of it. A torch.profiler table of one training step of each network shows where
 the time goes.
 
-    .venv/bin/python benchmarks/throughput.py [--rounds 8] [--threads 2]
+    .venv/bin/python benchmarks/throughput.py [--rounds 12] [--threads 2]      # ~3-4 min on 2 idle cores
 
 Writes benchmarks/results/throughput.md and throughput.png.
 """
@@ -25,14 +25,14 @@ import statistics
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import RESULTS, busy_processes, header, load_average, md_table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
-
-from common import RESULTS, busy_processes, header, load_average, md_table
 
 from difflab.nets.unet import PRESETS, UNet, num_parameters
 
@@ -217,8 +217,8 @@ def plot(path, medians, names) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved measurement rounds (median reported)")
-    parser.add_argument("--train-iters", type=int, default=3, help="training steps per measurement")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved measurement rounds (median reported)")
+    parser.add_argument("--train-iters", type=int, default=2, help="training steps per measurement")
     parser.add_argument("--sample-iters", type=int, default=2, help="forward passes per measurement")
     parser.add_argument("--matmul-n", type=int, default=2048, help="size of the square matmul that measures the peak")
     parser.add_argument("--threads", type=int, default=2)
@@ -292,9 +292,13 @@ def main(argv=None) -> None:
                 v = samples[(name, mode, p)]
                 cells.append(f"{med[(name, mode, p)]:.1f} [{min(v):.0f}-{max(v):.0f}]")
             ratio = med[(ours, mode, p)] / med[(theirs, mode, p)]
+            best = max(samples[(ours, mode, p)]) / max(samples[(theirs, mode, p)])
             verdict = ("yes" if ratio >= TARGET_SPEEDUP else "**no**") if mode == "train" else "(no target)"
-            rows.append([f"{mode} (batch {batch_size})", p, *cells, f"{ratio:.2f}x", verdict])
-    lines += md_table(["mode", "precision", ours, theirs, "ours / theirs", f"target >= {TARGET_SPEEDUP}x met"], rows, "llrrrl")
+            rows.append([f"{mode} (batch {batch_size})", p, *cells, f"{ratio:.2f}x", f"{best:.2f}x", verdict])
+    lines += md_table(["mode", "precision", ours, theirs, "ours / theirs (medians)", "ours / theirs (best rounds)",
+                       f"target >= {TARGET_SPEEDUP}x met (medians)"], rows, "llrrrrl")
+    lines += ["", "Background load only ever slows a measurement down, so on a shared machine the best round (max) "
+              "is the cleaner estimate of each network's own speed; the median is what the issue asked for."]
 
     lines += ["", "## Fraction of the matmul peak", ""]
     rows = []
@@ -326,7 +330,7 @@ def main(argv=None) -> None:
             lines += ["", f"Top ops, {name}, {p} (ms per step):", ""]
             lines += md_table(["op", "ms"], [[f"`{op}`", f"{ms:.1f}"] for op, ms in top])
 
-    args_out = __import__("pathlib").Path(args.out)
+    args_out = Path(args.out)
     args_out.mkdir(parents=True, exist_ok=True)
     (args_out / "throughput.md").write_text("\n".join(lines) + "\n")
     plot(args_out / "throughput.png", med, names)
