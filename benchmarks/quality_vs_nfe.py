@@ -54,7 +54,6 @@ from difflab.data.images import load_images, to_model, to_uint8
 from difflab.features import embed, load_feature_net
 from difflab.image_presets import IMAGE_PRESETS
 from difflab.metrics import frechet_from_stats, gaussian_stats
-from difflab.processes import DiscreteDDPM
 from difflab.samplers import sample, timesteps
 
 F64 = torch.float64
@@ -69,23 +68,7 @@ NAME = "quality_vs_nfe"
 # --------------------------------------------------------------------------- the model
 
 
-class DeviceDDPM(DiscreteDDPM):
-    """DiscreteDDPM whose log-abar table moves to the device of t.
-
-    difflab's DiscreteDDPM indexes its CPU table with t, and t lives on the data's device (expand_t), so on
-    CUDA the loss and the Denoiser fail; this subclass is a stop-gap for the GPU run of this benchmark."""
-
-    def _log_abar_at(self, t):
-        t = torch.as_tensor(t, dtype=F64).clamp(0, self.T)
-        table = self.log_abar.to(t.device)
-        lo = t.floor().long().clamp(max=self.T - 1)
-        return torch.lerp(table[lo], table[lo + 1], t - lo)
-
-
 def on_device(denoiser, device: str):
-    if device != "cpu":
-        p = denoiser.process
-        denoiser.process = DeviceDDPM(T=p.T, schedule=p.schedule)
     return denoiser.to(device)
 
 
