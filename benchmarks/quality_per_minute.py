@@ -4,7 +4,8 @@ Two contenders train on Fashion-MNIST (60000 training images, [-1, 1]) on this C
 torch.set_num_threads(2), each for --minutes of wall-clock time:
 
     ours     difflab's trainer (training.train) with the default recipe of image_presets: DiscreteDDPM cosine
-             T=1000, v-prediction, min-SNR-5 loss, AdamW lr 1e-3 with 500 warm-up steps, grad clip 1, EMA 0.999,
+             T=1000, v-prediction, min-SNR-5 loss, AdamW lr 1e-3 with 500 warm-up steps, grad clip 1, EMA 0.999 with
+             warm-up (training.ema_decay_at),
              batch 64, bf16 autocast; the 'fashion-mnist' U-Net preset (1.19M parameters).
     classic  diffusers' examples/unconditional_image_generation/train_unconditional.py, as its defaults set it up:
              UNet2DModel (sized to match ours, as in benchmarks/throughput.py: 1.11M parameters), DDPMScheduler

@@ -51,6 +51,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     accumulation: int = 1
     ema_decay: float = 0.995
+    ema_warmup: bool = False  # True: decay min(ema_decay, (1 + step) / (10 + step)), see training.ema_decay_at
     precision: str = "fp32"  # or "bf16" (CPU autocast)
     seed: int = 0
     checkpoint_every: int = 1000

@@ -130,6 +130,7 @@ def build_run_config(args) -> RunConfig:
         seed=args.seed if args.seed is not None else t.seed,
         precision=args.precision or t.precision,
         ema_decay=args.ema_decay if args.ema_decay is not None else t.ema_decay,
+        ema_warmup=args.ema_warmup if args.ema_warmup is not None else t.ema_warmup,
         checkpoint_every=args.checkpoint_every or t.checkpoint_every,
         sample_every=args.sample_every if args.sample_every is not None else t.sample_every,
         accumulation=args.accumulation or t.accumulation,
@@ -333,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
     t.add_argument("--ema-decay", type=unit_float)
+    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="ramp the EMA decay up as min(decay, (1+step)/(10+step)) (default: the preset's choice)")
     t.add_argument("--precision", choices=["fp32", "bf16"])
     t.add_argument("--process", choices=sorted(PROCESSES_BY_NAME))
     t.add_argument("--schedule", help="beta schedule (linear, cosine, sigmoid) or VP/VE schedule")

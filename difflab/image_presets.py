@@ -28,7 +28,7 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
         net=UNET_PRESETS["fashion-mnist"].to_dict(),
         target="v",
         loss=dict(RECIPE_LOSS),
-        train=TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, precision="bf16", checkpoint_every=250, sample_every=1000, log_every=25),
+        train=TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, ema_warmup=True, precision="bf16", checkpoint_every=250, sample_every=1000, log_every=25),
     ),
 }
 

@@ -37,6 +37,16 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
         b_ema.copy_(b)
 
 
+def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
+    """The EMA decay for the update after ``step`` optimizer steps.
+
+    Without warm-up it is ``decay`` throughout. With it, min(decay, (1 + step) / (10 + step)): 0.1 at the
+    first update, 0.91 after 90 steps, 0.99 after 890 (the schedule of TensorFlow's
+    ExponentialMovingAverage with num_updates). A fixed 0.999 would keep 0.999^n of the random
+    initialisation in the average after n steps (37% after 1000), which ruins the EMA of a short run."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 def learning_rate(step: int, base_lr: float, warmup: int) -> float:
     """Linear warm-up from base_lr / warmup to base_lr over the first ``warmup`` steps, then constant."""
     return base_lr * min(1.0, (step + 1) / max(warmup, 1))
@@ -91,7 +101,7 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, tc.lr, tc.warmup)
             loss, grad_norm = train_step(denoiser, loss_fn, opt, next(batches), gen, tc, _uses_labels(config))
-            ema_update(ema, denoiser, tc.ema_decay)
+            ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
             step += 1
             bar.update(1)
             if step % 10 == 0:

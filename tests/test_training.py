@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from torch import nn
 
 from difflab.checkpoint import load_weights, weights_step
 from difflab.presets import preset_for
-from difflab.training import ema_update, learning_rate
+from difflab.training import ema_decay_at, ema_update, learning_rate
 
 
 def test_ema_matches_hand_computation():
@@ -37,6 +38,29 @@ def test_ema_copies_buffers_instead_of_averaging():
     assert int(ema.num_batches_tracked) == 7
 
 
+def test_ema_warmup_schedule():
+    assert ema_decay_at(0, 0.999, warmup=False) == ema_decay_at(10**6, 0.999, warmup=False) == 0.999
+    assert ema_decay_at(0, 0.999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999, warmup=True) == pytest.approx(0.91)
+    assert ema_decay_at(8990, 0.999, warmup=True) == pytest.approx(0.999)  # (1 + n) / (10 + n) reaches the cap here
+    assert ema_decay_at(10**6, 0.999, warmup=True) == 0.999
+
+
+@pytest.mark.parametrize("n", [1, 50, 400])
+def test_ema_warmup_forgets_the_initialisation(n):
+    """Averaging a constant 1 into an EMA that starts at 0: what is left of the start is the product of the
+    decays, prod_{k<n} (1 + k) / (10 + k) = 9! n! / (n + 9)! with warm-up, against 0.999^n without."""
+    net, warm, cold = (nn.Linear(1, 1, bias=False, dtype=torch.float64) for _ in range(3))
+    with torch.no_grad():
+        net.weight.fill_(1.0), warm.weight.fill_(0.0), cold.weight.fill_(0.0)
+    for step in range(n):
+        ema_update(warm, net, ema_decay_at(step, 0.999, warmup=True))
+        ema_update(cold, net, ema_decay_at(step, 0.999, warmup=False))
+    left = math.factorial(9) * math.factorial(n) / math.factorial(n + 9)
+    assert 1 - warm.weight.item() == pytest.approx(left, rel=1e-6, abs=1e-14)
+    assert 1 - cold.weight.item() == pytest.approx(0.999**n, rel=1e-9)
+
+
 def test_warmup_is_linear_then_constant():
     assert learning_rate(0, 1.0, 10) == pytest.approx(0.1)
     assert learning_rate(4, 1.0, 10) == pytest.approx(0.5)
@@ -53,7 +77,7 @@ SCRIPT = textwrap.dedent(
     from difflab.training import train
     run, steps, kill_at, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     cfg = preset_for("swissroll")
-    cfg = replace(cfg, train=replace(cfg.train, steps=steps, checkpoint_every=40, sample_every=kill_at or 0, log_every=10, batch_size=64, warmup=20))
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, checkpoint_every=40, sample_every=kill_at or 0, log_every=10, batch_size=64, warmup=20, ema_warmup=True))
     def die(ema, step, run_dir):
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
