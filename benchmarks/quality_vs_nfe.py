@@ -7,7 +7,8 @@ draws --n-samples images at every (sampler, spacing, NFE):
 
     samplers  ddpm (ancestral, variance beta), ddim (eta 0), euler, heun, dpmpp-2m: those of SAMPLERS that
               apply to a DiscreteDDPM process (langevin and pc need a variance-exploding one)
-    spacings  uniform, leading, trailing, karras, logsnr
+    spacings  uniform, leading, trailing, karras, logsnr; with --sigma-cap C also karras and logsnr built by
+              timesteps(..., sigma_tilde_cap=C) (shown as 'karras+capC', 'logsnr+capC')
     NFE       5, 10, 20, 50 network evaluations: N steps for every sampler but heun, which evaluates
               2N - 1 times (none extra into t = 0), so heun runs N = (NFE + 1) // 2 steps and the table
               shows its true count (9 at a budget of 10)
@@ -61,6 +62,24 @@ SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m")
 SPACINGS = ("uniform", "leading", "trailing", "karras", "logsnr")
 NFES = (5, 10, 20, 50)
 TARGETS = {10: 0.10, 20: 0.02}  # NFE budget -> allowed relative FD gap to the 1000-step reference
+CAPPABLE = ("karras", "logsnr")  # grids that --sigma-cap also sweeps with timesteps(..., sigma_tilde_cap=cap)
+
+
+def capped(spacing: str, cap: float) -> str:
+    """The label of a capped grid, e.g. 'karras+cap80'."""
+    return f"{spacing}+cap{cap:g}"
+
+
+def parse_spacing(label: str) -> tuple[str, float | None]:
+    """'karras+cap80' -> ('karras', 80.0); 'karras' -> ('karras', None)."""
+    spacing, _, cap = label.partition("+cap")
+    return spacing, (float(cap) if cap else None)
+
+
+def sweep_spacings(args) -> list[str]:
+    """The spacings of the sweep: --spacings, then the capped karras / log-SNR grids when --sigma-cap is set."""
+    extra = [capped(sp, args.sigma_cap) for sp in args.spacings if sp in CAPPABLE] if args.sigma_cap else []
+    return list(args.spacings) + extra
 REFERENCE = ("ddpm", "uniform", 1000)
 NAME = "quality_vs_nfe"
 
@@ -96,7 +115,7 @@ def train_on_device(run_dir: Path, config: ckpt.RunConfig, images: torch.Tensor,
     by either). Stops after ``max_minutes`` (checkpointing first); returns the step reached."""
     from difflab.data.loader import ShuffledBatches
     from difflab.losses import SimpleLoss
-    from difflab.training import ema_update, learning_rate, train_step
+    from difflab.training import ema_decay_at, ema_update, learning_rate, train_step
 
     tc = config.train
     torch.manual_seed(tc.seed)
@@ -138,7 +157,7 @@ def train_on_device(run_dir: Path, config: ckpt.RunConfig, images: torch.Tensor,
                 group["lr"] = learning_rate(step, tc.lr, tc.warmup)
             with cast:
                 loss, grad_norm = train_step(denoiser, loss_fn, opt, next(batches), gen, tc, False)
-            ema_update(ema, denoiser, tc.ema_decay)
+            ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
             step += 1
             bar.update(1)
             out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
@@ -196,19 +215,21 @@ def sweep_points(args) -> list[tuple[str, str, int]]:
     budgets = sorted(args.nfe, key=lambda n: (n not in TARGETS, n))
     points = [(args.ref_sampler, "uniform", args.ref_steps)]
     for nfe in budgets:
-        points += [(s, sp, steps_for(s, nfe)) for s in args.samplers for sp in args.spacings]
+        points += [(s, sp, steps_for(s, nfe)) for s in args.samplers for sp in sweep_spacings(args)]
     return points
 
 
 @torch.no_grad()
 def features_of_samples(denoiser, feature_net, sampler, spacing, steps, args) -> torch.Tensor:
     g = torch.Generator(args.device).manual_seed(args.seed)
+    spacing, cap = parse_spacing(spacing)
     feats = []
     cast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     for start in range(0, args.n_samples, args.sample_batch):
         b = min(args.sample_batch, args.n_samples - start)
         with cast:
-            x = sample(denoiser, (b, 1, 28, 28), steps, sampler=sampler, spacing=spacing, generator=g, device=args.device)
+            x = sample(denoiser, (b, 1, 28, 28), steps, sampler=sampler, spacing=spacing, generator=g, device=args.device,
+                       sigma_tilde_cap=cap)
         feats.append(embed(feature_net, to_uint8(x.float()), batch=2000)[0].to(F64).cpu())
     return torch.cat(feats)
 
@@ -225,7 +246,8 @@ def run_sweep(args, denoiser, info, feature_net, ref_stats, jsonl: Path, deadlin
     points = sweep_points(args)
     bar = tqdm(points, desc="FD sweep", dynamic_ncols=True)
     for sampler, spacing, steps in bar:
-        grid = timesteps(process, steps, spacing).tolist()
+        spacing_name, cap = parse_spacing(spacing)
+        grid = timesteps(process, steps, spacing_name, sigma_tilde_cap=cap).tolist()
         k = key(sampler, grid)
         label = (sampler, spacing, steps)
         if any(r["key"] == k and (r["sampler"], r["spacing"], r["steps"]) == label for r in rows):
@@ -260,6 +282,7 @@ def report(args, jsonl: Path, meta: dict) -> None:
             == (meta["model_step"], meta["n"], meta["fingerprint"], args.precision)]
     refs = [r for r in rows if (r["sampler"], r["spacing"], r["steps"]) == (args.ref_sampler, "uniform", args.ref_steps)]
     ref = refs[-1] if refs else None
+    spacings = list(args.spacings) + sorted({r["spacing"] for r in rows if parse_spacing(r["spacing"])[1] is not None})
     table: dict[tuple[str, str], dict[int, dict]] = {}
     for r in rows:
         if r is ref:
@@ -288,6 +311,8 @@ def report(args, jsonl: Path, meta: dict) -> None:
         + (f"{ref['fd']:.3f}" if ref else "not yet measured"),
         "- NFE = network evaluations; heun runs N steps for 2N - 1 evaluations, so its column '10' is 9 evaluations "
         "(5 steps), '20' is 19, '50' is 49, '5' is 5 (3 steps). uniform and trailing are the same grid for DiscreteDDPM.",
+        "- spacing 'karras+cap80' / 'logsnr+cap80': the same grids built by timesteps(..., sigma_tilde_cap=80) (`difflab sample "
+        "--sigma-cap 80`): the first step still starts at t = T, the rest are spread below sigma/alpha = 80.",
         "",
         "## FD by sampler, spacing and NFE (lower is better; in brackets: relative gap to the 1000-step reference)",
         "",
@@ -301,7 +326,8 @@ def report(args, jsonl: Path, meta: dict) -> None:
         nfe = f" [{r['nfe']}]" if r["nfe"] != next(n for n in budgets if steps_for(r["sampler"], n) == r["steps"]) else ""
         return f"{r['fd']:.3f}{gap}{nfe}"
 
-    trs = [[s, sp, *(cell(table.get((s, sp), {}).get(n)) for n in budgets)] for s in args.samplers for sp in args.spacings]
+    trs = [[s, sp, *(cell(table.get((s, sp), {}).get(n)) for n in budgets)] for s in args.samplers for sp in spacings
+           if sp in args.spacings or (s, sp) in table]
     lines += md_table(["sampler", "spacing", *(f"NFE {n}" for n in budgets)], trs, "ll" + "r" * len(budgets))
 
     lines += ["", "## Targets", ""]
@@ -321,7 +347,7 @@ def report(args, jsonl: Path, meta: dict) -> None:
     lines += ["", "Raw rows (one per point, with seconds per point): `benchmarks/results/quality_vs_nfe.jsonl`."]
     out = Path(args.results)
     (out / f"{NAME}.md").write_text("\n".join(lines) + "\n")
-    plot(out / f"{NAME}.png", args, table, ref, meta)
+    plot(out / f"{NAME}.png", args, spacings, table, ref, meta)
     print("\n".join(lines))
 
 
@@ -333,7 +359,7 @@ def _shown(path) -> str:
         return str(path)
 
 
-def plot(path: Path, args, table, ref, meta) -> None:
+def plot(path: Path, args, spacings, table, ref, meta) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -344,10 +370,11 @@ def plot(path: Path, args, table, ref, meta) -> None:
     cols = min(3, n)
     fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False, sharey=True)
     for ax, s in zip(axes.flat, args.samplers):
-        for sp in args.spacings:
+        for sp in spacings:
             pts = sorted(table.get((s, sp), {}).values(), key=lambda r: r["nfe"])
+            style = "x:" if sp == "trailing" else ("s--" if "+cap" in sp else "o-")
             if pts:
-                ax.plot([r["nfe"] for r in pts], [r["fd"] for r in pts], "o-" if sp != "trailing" else "x:", ms=3,
+                ax.plot([r["nfe"] for r in pts], [r["fd"] for r in pts], style, ms=3,
                         label=sp + (" (= uniform grid)" if sp == "trailing" else ""))
         if ref:
             ax.axhline(ref["fd"], c="k", ls="--", lw=1, label=f"DDPM {args.ref_steps} steps")
@@ -386,6 +413,7 @@ def main(argv=None) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--spacings", nargs="+", default=list(SPACINGS), choices=SPACINGS)
+    p.add_argument("--sigma-cap", type=float, help="also sweep the karras and logsnr grids capped at this sigma/alpha (e.g. 80)")
     p.add_argument("--ref-sampler", default="ddpm", choices=SAMPLERS)
     p.add_argument("--ref-steps", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="sampling precision (autocast)")
