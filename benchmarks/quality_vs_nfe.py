@@ -388,6 +388,9 @@ def plot(path: Path, args, spacings, table, ref, meta) -> None:
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].set_ylabel("FD (fashion-mnist features)")
     axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[1:n]:  # panels with capped grids get their own legend (the first one has none of them)
+        if any("+cap" in line.get_label() for line in ax.get_lines()):
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(f"Fashion-MNIST, default recipe, step {meta.get('model_step')}, {meta.get('n')} samples per point "
