@@ -82,11 +82,18 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def build_contenders() -> list[Contender]:
+def our_layout(name: str):
+    """The U-Net config measured as ours: the 'fashion-mnist' preset, or the cheaper layout of preset_ab.py."""
+    from preset_ab import NETS
+
+    return PRESETS["fashion-mnist"] if name == "preset" else NETS[name]
+
+
+def build_contenders(layout: str = "preset") -> list[Contender]:
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    ours = UNet(PRESETS["fashion-mnist"])
+    ours = UNet(our_layout(layout))
     theirs = UNet2DModel(**diffusers_config())
     for net in (ours, theirs):
         # zero-initialised output layers make every gradient but the last layer's exactly zero on step 1;
@@ -224,12 +231,14 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default=str(RESULTS), help="folder for throughput.md and throughput.png")
+    parser.add_argument("--layout", choices=("preset", "cheaper"), default="preset",
+                        help="our U-Net: the fashion-mnist preset, or preset_ab.py's cheaper layout (writes throughput_cheaper.md/.png)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before, others_before = load_average(), busy_processes()
     t_start = time.perf_counter()
 
-    contenders = build_contenders()
+    contenders = build_contenders(args.layout)
     names = [c.name for c in contenders]
     params = {c.name: num_parameters(c.net) for c in contenders}
     g = torch.Generator().manual_seed(0)
@@ -272,7 +281,8 @@ def main(argv=None) -> None:
         f"- load average (uptime) before: {load_before}; after: {load_after}",
         f"- other busy processes before: {'; '.join(others_before) or 'none'}",
         f"- other busy processes after: {'; '.join(others_after) or 'none'}",
-        f"- difflab UNet: `PRESETS['fashion-mnist']` = `{PRESETS['fashion-mnist']}`",
+        f"- difflab UNet: `{'PRESETS[' + repr('fashion-mnist') + ']' if args.layout == 'preset' else 'preset_ab.NETS[' + repr(args.layout) + ']'}`"
+        f" = `{our_layout(args.layout)}`",
         f"- diffusers UNet2DModel: `{diffusers_config()}`",
         f"- parameters: {ours} {params[ours]:,}; {theirs} {params[theirs]:,} "
         f"(ratio {params[ours] / params[theirs]:.3f})",
@@ -332,10 +342,11 @@ def main(argv=None) -> None:
 
     args_out = Path(args.out)
     args_out.mkdir(parents=True, exist_ok=True)
-    (args_out / "throughput.md").write_text("\n".join(lines) + "\n")
-    plot(args_out / "throughput.png", med, names)
+    stem = "throughput" if args.layout == "preset" else f"throughput_{args.layout}"
+    (args_out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(args_out / f"{stem}.png", med, names)
     print("\n".join(lines))
-    print(f"\nwrote {args_out / 'throughput.md'} and {args_out / 'throughput.png'}")
+    print(f"\nwrote {args_out / stem}.md and .png")
 
 
 if __name__ == "__main__":
