@@ -62,6 +62,8 @@ SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m")
 SPACINGS = ("uniform", "leading", "trailing", "karras", "logsnr")
 NFES = (5, 10, 20, 50)
 TARGETS = {10: 0.10, 20: 0.02}  # NFE budget -> allowed relative FD gap to the 1000-step reference
+REFERENCE = ("ddpm", "uniform", 1000)
+NAME = "quality_vs_nfe"
 CAPPABLE = ("karras", "logsnr")  # grids that --sigma-cap also sweeps with timesteps(..., sigma_tilde_cap=cap)
 
 
@@ -80,8 +82,6 @@ def sweep_spacings(args) -> list[str]:
     """The spacings of the sweep: --spacings, then the capped karras / log-SNR grids when --sigma-cap is set."""
     extra = [capped(sp, args.sigma_cap) for sp in args.spacings if sp in CAPPABLE] if args.sigma_cap else []
     return list(args.spacings) + extra
-REFERENCE = ("ddpm", "uniform", 1000)
-NAME = "quality_vs_nfe"
 
 
 # --------------------------------------------------------------------------- the model
@@ -282,7 +282,8 @@ def report(args, jsonl: Path, meta: dict) -> None:
             == (meta["model_step"], meta["n"], meta["fingerprint"], args.precision)]
     refs = [r for r in rows if (r["sampler"], r["spacing"], r["steps"]) == (args.ref_sampler, "uniform", args.ref_steps)]
     ref = refs[-1] if refs else None
-    spacings = list(args.spacings) + sorted({r["spacing"] for r in rows if parse_spacing(r["spacing"])[1] is not None})
+    capped_spacings = sorted({r["spacing"] for r in rows if parse_spacing(r["spacing"])[1] is not None})
+    spacings = list(args.spacings) + capped_spacings
     table: dict[tuple[str, str], dict[int, dict]] = {}
     for r in rows:
         if r is ref:
@@ -311,8 +312,9 @@ def report(args, jsonl: Path, meta: dict) -> None:
         + (f"{ref['fd']:.3f}" if ref else "not yet measured"),
         "- NFE = network evaluations; heun runs N steps for 2N - 1 evaluations, so its column '10' is 9 evaluations "
         "(5 steps), '20' is 19, '50' is 49, '5' is 5 (3 steps). uniform and trailing are the same grid for DiscreteDDPM.",
-        "- spacing 'karras+cap80' / 'logsnr+cap80': the same grids built by timesteps(..., sigma_tilde_cap=80) (`difflab sample "
-        "--sigma-cap 80`): the first step still starts at t = T, the rest are spread below sigma/alpha = 80.",
+        *(f"- spacing '{label}': the {sp} grid built by timesteps(..., sigma_tilde_cap={cap:g}) (`difflab sample --sigma-cap "
+          f"{cap:g}`): the first step still starts at t = T, the rest are spread below sigma/alpha = {cap:g}."
+          for label in capped_spacings for sp, cap in [parse_spacing(label)]),
         "",
         "## FD by sampler, spacing and NFE (lower is better; in brackets: relative gap to the 1000-step reference)",
         "",
@@ -372,7 +374,7 @@ def plot(path: Path, args, spacings, table, ref, meta) -> None:
     for ax, s in zip(axes.flat, args.samplers):
         for sp in spacings:
             pts = sorted(table.get((s, sp), {}).values(), key=lambda r: r["nfe"])
-            style = "x:" if sp == "trailing" else ("s--" if "+cap" in sp else "o-")
+            style = "x:" if sp == "trailing" else ("s--" if parse_spacing(sp)[1] is not None else "o-")
             if pts:
                 ax.plot([r["nfe"] for r in pts], [r["fd"] for r in pts], style, ms=3,
                         label=sp + (" (= uniform grid)" if sp == "trailing" else ""))
@@ -389,7 +391,7 @@ def plot(path: Path, args, spacings, table, ref, meta) -> None:
     axes.flat[0].set_ylabel("FD (fashion-mnist features)")
     axes.flat[0].legend(fontsize=7)
     for ax in list(axes.flat)[1:n]:  # panels with capped grids get their own legend (the first one has none of them)
-        if any("+cap" in line.get_label() for line in ax.get_lines()):
+        if any(parse_spacing(line.get_label())[1] is not None for line in ax.get_lines()):
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")

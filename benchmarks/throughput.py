@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import RESULTS, busy_processes, header, load_average, md_table
+from preset_ab import NETS as LAYOUTS
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from difflab.nets.unet import PRESETS, UNet, num_parameters
+from difflab.nets.unet import UNet, num_parameters
 
 TRAIN_BATCH, SAMPLE_BATCH = 64, 256
 PRECISIONS = ("fp32", "bf16")
@@ -82,18 +83,12 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def our_layout(name: str):
-    """The U-Net config measured as ours: the 'fashion-mnist' preset, or the cheaper layout of preset_ab.py."""
-    from preset_ab import NETS
-
-    return PRESETS["fashion-mnist"] if name == "preset" else NETS[name]
-
-
-def build_contenders(layout: str = "preset") -> list[Contender]:
+def build_contenders(layout: str = "current") -> list[Contender]:
+    """Our U-Net (preset_ab.NETS[layout]: 'current' is the fashion-mnist preset) and diffusers' matched one."""
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    ours = UNet(our_layout(layout))
+    ours = UNet(LAYOUTS[layout])
     theirs = UNet2DModel(**diffusers_config())
     for net in (ours, theirs):
         # zero-initialised output layers make every gradient but the last layer's exactly zero on step 1;
@@ -231,8 +226,8 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default=str(RESULTS), help="folder for throughput.md and throughput.png")
-    parser.add_argument("--layout", choices=("preset", "cheaper"), default="preset",
-                        help="our U-Net: the fashion-mnist preset, or preset_ab.py's cheaper layout (writes throughput_cheaper.md/.png)")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default="current",
+                        help="our U-Net: the fashion-mnist preset (current), or preset_ab.py's cheaper layout (writes throughput_cheaper.md/.png)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before, others_before = load_average(), busy_processes()
@@ -281,8 +276,7 @@ def main(argv=None) -> None:
         f"- load average (uptime) before: {load_before}; after: {load_after}",
         f"- other busy processes before: {'; '.join(others_before) or 'none'}",
         f"- other busy processes after: {'; '.join(others_after) or 'none'}",
-        f"- difflab UNet: `{'PRESETS[' + repr('fashion-mnist') + ']' if args.layout == 'preset' else 'preset_ab.NETS[' + repr(args.layout) + ']'}`"
-        f" = `{our_layout(args.layout)}`",
+        f"- difflab UNet: `preset_ab.NETS[{args.layout!r}]` = `{LAYOUTS[args.layout]}`",
         f"- diffusers UNet2DModel: `{diffusers_config()}`",
         f"- parameters: {ours} {params[ours]:,}; {theirs} {params[theirs]:,} "
         f"(ratio {params[ours] / params[theirs]:.3f})",
@@ -342,7 +336,7 @@ def main(argv=None) -> None:
 
     args_out = Path(args.out)
     args_out.mkdir(parents=True, exist_ok=True)
-    stem = "throughput" if args.layout == "preset" else f"throughput_{args.layout}"
+    stem = "throughput" if args.layout == "current" else f"throughput_{args.layout}"
     (args_out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(args_out / f"{stem}.png", med, names)
     print("\n".join(lines))
