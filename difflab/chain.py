@@ -11,7 +11,7 @@ from . import plots
 from .io import atomic_path
 from .checkpoint import RunConfig
 from .data.toy2d import make_toy
-from .samplers import sample
+from .generate import generate
 
 COLUMNS = 6  # moments of the chain shown side by side
 FRACTIONS = (1.0, 0.6, 0.4, 0.25, 0.1, 0.0)  # of t_max: the structure appears late in the reverse chain
@@ -36,7 +36,7 @@ def toy_trajectories(denoiser, cfg: RunConfig, out, n: int = 2000, steps: int = 
     """The classic swiss-roll figure: forward noising of the data (top) and reverse denoising of noise (bottom)."""
     process = denoiser.process
     x0 = make_toy(cfg.dataset, n, seed=seed + 7)
-    _, traj = sample(denoiser, (n, 2), steps, sampler=sampler, generator=torch.Generator().manual_seed(seed), return_trajectory=True)
+    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True)
     idx = [int(torch.argmin((traj.t - f * process.t_max).abs())) for f in FRACTIONS]
     rev_t = [float(traj.t[i]) for i in idx]
     fwd_t = sorted(rev_t)
@@ -54,9 +54,7 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
     GIF, and an optional forward-noising strip of real images."""
     from .data.images import load_images, to_model, to_uint8
 
-    c = denoiser.net.config
-    shape = (n, c.in_channels, c.image_size, c.image_size)
-    _, traj = sample(denoiser, shape, steps, sampler=sampler, generator=torch.Generator().manual_seed(seed), return_trajectory=True)
+    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True)
     idx = _pick(len(traj.x0), COLUMNS)
     rows = [[to_uint8(img[i][k]) for i in idx for img in (traj.x_t, traj.x0)] for k in range(n)]
     with atomic_path(out) as tmp:

@@ -3,8 +3,8 @@
     result = evaluate("runs/digits", n=1000, sampler="dpmpp-2m", steps=20)
     print(format_report(result))
 
-Image runs (digits, fashion-mnist, folders, npz). ``n`` samples are drawn in batches from one
-``torch.Generator`` seeded with ``seed``, rounded to 8 bits like the data, and read by a feature network
+Image runs (digits, fashion-mnist, folders, npz). ``n`` samples are drawn in batches through
+``generate`` (sample i has seed ``seed + i``), rounded to 8 bits like the data, and read by a feature network
 (features.py; the shipped classifier for digits and Fashion-MNIST, fixed random features otherwise).
 Against the reference split (``split``, default the test split) the report gives
 
@@ -53,11 +53,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .checkpoint import RunConfig, load_denoiser, weights_step
 from .data.images import ImageSet, load_images, to_model, to_uint8
-from .data.toy2d import TOY_DATASETS, make_toy
+from .data.toy2d import make_toy
 from .features import FeatureNet, embed, resolve_feature_net
 from .io import atomic_path
 from .likelihood import bits_per_dim
@@ -71,7 +70,8 @@ from .metrics import (
     sliced_wasserstein,
 )
 from .processes import DiscreteDDPM
-from .samplers import SAMPLERS, SPACINGS, default_spacing, sample
+from .generate import generate
+from .samplers import SAMPLERS, SPACINGS, default_spacing
 
 DEFAULT_N = 1000
 DEFAULT_BPD_N = 32
@@ -228,15 +228,11 @@ def _check(n, sampler, steps, spacing, seed, batch, bpd_n) -> None:
         raise EvalError(f"unknown spacing {spacing!r}; choose one of: {', '.join(SPACINGS)}")
 
 
-def _draw(denoiser, shape: tuple, n: int, batch: int, steps: int, sampler: str, spacing: str, seed: int, progress: bool) -> Tensor:
-    """n samples in batches, all from one generator seeded with ``seed``."""
-    g = torch.Generator().manual_seed(seed)
-    sizes = [min(batch, n - i) for i in range(0, n, batch)]
-    chunks = [
-        sample(denoiser, (b, *shape), steps, sampler=sampler, spacing=spacing, generator=g)
-        for b in tqdm(sizes, desc=f"sample ({sampler}, {steps} steps)", disable=not progress)
-    ]
-    return torch.cat(chunks)
+def _draw(denoiser, cfg: RunConfig, n: int, batch: int, steps: int, sampler: str, spacing: str, options: dict, seed: int,
+          progress: bool, device) -> Tensor:
+    """n samples through the one generation path (sample i has seed ``seed + i``)."""
+    return generate(denoiser, cfg, n, sampler=sampler, steps=steps, spacing=spacing, options=options, seed=seed, batch=batch,
+                    device=device, progress=progress)
 
 
 def evaluate(
@@ -253,10 +249,13 @@ def evaluate(
     split: str = "test",
     progress: bool = True,
     cache: str | Path | None = None,
+    options: dict | None = None,
+    device=None,
 ) -> dict:
     """Sample ``n`` images from the run and score them (see the module doc); returns a JSON-ready dict,
     with the wall time of each phase under 'seconds'."""
     _check(n, sampler, steps, spacing, seed, batch, bpd_n)
+    options = dict(options or {})
     if split not in ("train", "test"):
         raise EvalError(f"split must be 'train' or 'test', got {split!r}")
     t_start = time.perf_counter()
@@ -275,8 +274,11 @@ def evaluate(
         "n": n,
         "batch": batch,
     }
-    if cfg.dataset in TOY_DATASETS:
-        return head | _evaluate_toy(denoiser, cfg, n, batch, steps, sampler, spacing, seed, progress, t_start)
+    if options:
+        head["options"] = options
+    draw = dict(n=n, batch=batch, steps=steps, sampler=sampler, spacing=spacing, options=options, seed=seed, progress=progress, device=device)
+    if cfg.kind == "points":
+        return head | _evaluate_toy(denoiser, cfg, draw, t_start)
     seconds = {}
 
     # real data: the reference split, and the training split for the real-vs-real floor
@@ -286,9 +288,8 @@ def evaluate(
     other = "train" if split == "test" else "test"
     ref_data, other_data = load(split), load(other)
     C, H, W = ref_data.images.shape[1:]
-    net_cfg = getattr(denoiser.net, "config", None)
-    if getattr(net_cfg, "image_size", H) != H or getattr(net_cfg, "in_channels", C) != C:
-        raise EvalError(f"the run's network makes {net_cfg.in_channels}x{net_cfg.image_size}x{net_cfg.image_size} images but {cfg.dataset} is {C}x{H}x{W}")
+    if list(cfg.shape) != [C, H, W]:
+        raise EvalError(f"the run makes {'x'.join(map(str, cfg.shape))} images but {cfg.dataset} is {C}x{H}x{W}")
     net = resolve_feature_net(features, cfg.dataset, C, H)
     t0 = time.perf_counter()
     ref = reference_stats(ref_data, net, folder=cache, progress=progress)
@@ -296,7 +297,7 @@ def evaluate(
     seconds["reference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    images = to_uint8(_draw(denoiser, (C, H, W), n, batch, steps, sampler, spacing, seed, progress))  # (n, C, H, W)
+    images = to_uint8(_draw(denoiser, cfg, **draw))  # (n, C, H, W)
     seconds["sampling"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -334,9 +335,10 @@ def evaluate(
     }
 
 
-def _evaluate_toy(denoiser, cfg: RunConfig, n, batch, steps, sampler, spacing, seed, progress, t_start) -> dict:
+def _evaluate_toy(denoiser, cfg: RunConfig, draw: dict, t_start) -> dict:
+    n, seed = draw["n"], draw["seed"]
     t0 = time.perf_counter()
-    x = _draw(denoiser, (cfg.net.get("dim", 2),), n, batch, steps, sampler, spacing, seed, progress)
+    x = _draw(denoiser, cfg, **draw)
     sampling = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = make_toy(cfg.dataset, n, seed=TOY_REF_SEED)

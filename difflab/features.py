@@ -19,8 +19,8 @@ Where the features come from (``resolve_feature_net``):
 
 * the shipped classifiers ``digits`` and ``fashion-mnist``: difflab/weights/{name}-classifier.safetensors
   with a JSON beside it (the config, seed, training command and measured test accuracy), trained by
-  ``python -m difflab.features train digits`` (about 20 s) / ``... train fashion-mnist`` (a few minutes);
-* your own classifier for your own labelled data set: ``python -m difflab.features train DATA --out DIR``
+  ``difflab features train digits`` (about 20 s) / ``... train fashion-mnist`` (a few minutes);
+* your own classifier for your own labelled data set: ``difflab features train DATA --out DIR``
   writes DIR/{stem}-classifier.safetensors; pass that path to ``difflab eval --features``;
 * ``random``: the same architecture with fixed random weights (Kaiming init from a seeded generator, no
   head). It needs no training or download and takes any size and channel count; it is the default for
@@ -37,11 +37,9 @@ every weight, and reference statistics are cached under that hash.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -215,12 +213,12 @@ def _load_file(weights: Path) -> FeatureNet:
 
 def load_feature_net(name: str) -> FeatureNet:
     """A shipped classifier by name ('digits', 'fashion-mnist'), or a classifier's .safetensors path
-    (with its .json beside it, as ``python -m difflab.features train`` writes them)."""
+    (with its .json beside it, as ``difflab features train`` writes them)."""
     if name in SHIPPED:
         weights, _ = weight_paths(name)
         if not weights.is_file():
             raise FeatureNetError(
-                f"the shipped {name} feature net is missing ({weights}); rebuild it with `python -m difflab.features train {name}`"
+                f"the shipped {name} feature net is missing ({weights}); rebuild it with `difflab features train {name}`"
             )
         return _load_file(weights)
     path = Path(name).expanduser()
@@ -228,7 +226,7 @@ def load_feature_net(name: str) -> FeatureNet:
         return _load_file(path)
     raise FeatureNetError(
         f"unknown feature net {name!r}: choose one of {', '.join(SHIPPED)}, '{RANDOM}', or a .safetensors file "
-        "written by `python -m difflab.features train DATA --out DIR`"
+        "written by `difflab features train DATA --out DIR`"
     )
 
 
@@ -249,7 +247,7 @@ def resolve_feature_net(spec: str | FeatureNet | None, dataset: str, channels: i
     if c.image_size is not None and c.image_size != size:
         raise FeatureNetError(
             f"the feature net was trained on {c.image_size}x{c.image_size} images but {dataset} is {size}x{size}; "
-            f"train one on this data (`python -m difflab.features train ...`) or use --features {RANDOM}"
+            f"train one on this data (`difflab features train ...`) or use --features {RANDOM}"
         )
     return net
 
@@ -404,7 +402,7 @@ def train_and_save(source: str, out: str | Path | None = None, recipe: FeatureTr
         "dataset": source,
         "classes": list(train.class_names) if train.class_names else None,
         "seed": recipe.seed,
-        "command": command or f"python -m difflab.features train {source}",
+        "command": command or f"difflab features train {source}",
         "recipe": asdict(recipe),
         "test_accuracy": acc,
         "test_n": len(test),
@@ -416,40 +414,3 @@ def train_and_save(source: str, out: str | Path | None = None, recipe: FeatureTr
     weights, _ = weight_paths(name, out if out is not None else WEIGHTS_DIR)
     save_feature_net(net, weights, meta)
     return weights, meta
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m difflab.features", description="Train the classifiers behind difflab's sample-quality metrics.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a classifier and write {name}-classifier.safetensors + .json")
-    t.add_argument("name", help=f"{' or '.join(SHIPPED)} (written to difflab/weights/), or a labelled folder / .npz (needs --out)")
-    t.add_argument("--out", help="output folder (default for built-in sets: difflab/weights/)")
-    t.add_argument("--epochs", type=int, help="override the recipe's epochs")
-    t.add_argument("--seed", type=int, help="override the recipe's seed (0)")
-    t.add_argument("--data", help="folder holding the dataset's files (e.g. Fashion-MNIST IDX files)")
-    t.add_argument("--size", type=int)
-    t.add_argument("--channels", type=int, choices=[1, 3])
-    t.add_argument("--quiet", action="store_true")
-    args = p.parse_args(argv)
-    recipe = RECIPES.get(args.name, FeatureTraining())
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
-    if overrides.get("epochs", 1) <= 0:
-        p.error("--epochs must be positive")
-    recipe = FeatureTraining(**{**asdict(recipe), **overrides})
-    command = "python -m difflab.features " + " ".join(sys.argv[1:] if argv is None else argv)
-    try:
-        weights, meta = train_and_save(args.name, args.out, recipe, args.data, args.size, args.channels, progress=not args.quiet, command=command)
-    except (ValueError, OSError) as e:
-        print(f"difflab.features: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 1
-    kb = weights.stat().st_size / 1024
-    print(f"test accuracy {100 * meta['test_accuracy']:.2f}% on {meta['test_n']} images; trained in {meta['train_seconds']:.0f} s")
-    print(f"wrote {weights} ({kb:.0f} KiB) and {weights.with_suffix('.json').name}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

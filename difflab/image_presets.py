@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .checkpoint import RunConfig, TrainConfig, process_to_dict
 from .nets.unet import PRESETS as UNET_PRESETS
-from .nets.unet import UNetConfig
+from .nets.unet import preset_for_size
 from .processes import DiscreteDDPM
 
 RECIPE_PROCESS = process_to_dict(DiscreteDDPM(T=1000, schedule="cosine"))
@@ -17,6 +17,8 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
         process=RECIPE_PROCESS,
         net_kind="unet",
         net=UNET_PRESETS["digits"].to_dict(),
+        shape=[1, 8, 8],
+        kind="images",
         target="v",
         loss=dict(RECIPE_LOSS),
         train=TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=500, sample_every=500, log_every=25),
@@ -26,6 +28,8 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
         process=RECIPE_PROCESS,
         net_kind="unet",
         net=UNET_PRESETS["fashion-mnist"].to_dict(),
+        shape=[1, 28, 28],
+        kind="images",
         target="v",
         loss=dict(RECIPE_LOSS),
         train=TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, ema_warmup=True, precision="bf16", checkpoint_every=250, sample_every=1000, log_every=25),
@@ -34,20 +38,23 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
 
 
 def image_preset(source: str) -> RunConfig:
-    """A run for a user's own folder or .npz: the shape is read from the data, the net is sized like fashion-mnist."""
+    """A run for a user's own folder or .npz: the shape is read from the data and the U-Net is sized like the
+    built-in preset for that resolution (nets.unet.preset_for_size); the training recipe is the one of the
+    preset of the nearest size (digits up to 16 pixels, fashion-mnist above)."""
     from .data.images import load_images
 
     data = load_images(source, split="train")  # raises DataError for unknown names and bad files
     _, c, h, _ = data.images.shape
-    mults = (1, 2, 2) if h % 4 == 0 else ((1, 2) if h % 2 == 0 else (1,))
-    net = UNetConfig(image_size=h, in_channels=c, base_channels=64, channel_mults=mults, attention_resolutions=(h // 2 ** (len(mults) - 1),))
+    recipe = IMAGE_PRESETS["digits" if h <= 16 else "fashion-mnist"]
     return RunConfig(
         dataset=source,
         process=RECIPE_PROCESS,
         net_kind="unet",
-        net=net.to_dict(),
+        net=preset_for_size(h, c).to_dict(),
+        shape=[c, h, h],
+        kind="images",
         target="v",
         loss=dict(RECIPE_LOSS),
-        train=IMAGE_PRESETS["fashion-mnist"].train,
+        train=recipe.train,
         data={"size": h, "channels": c},
     )

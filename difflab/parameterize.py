@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
+from .conditions import check_accepted
 from .processes import Process, broadcast
 
 TARGETS = ("x0", "eps", "v", "score")
@@ -162,8 +163,15 @@ class Denoiser(nn.Module):
         if target not in TARGETS:
             raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
         self.net, self.process, self.target = net, process, target
+        inner = getattr(net, "module", net)  # DistributedDataParallel keeps the network in .module
+        accepts = getattr(inner, "accepts", None)  # difflab's networks declare it; a foreign one is not checked
+        self.accepts: frozenset[str] | None = None if accepts is None else frozenset(accepts)
+        self._name = type(inner).__name__
 
     def forward(self, x_t: Tensor, t, **cond) -> Prediction:
+        cond = {k: v for k, v in cond.items() if v is not None}  # None means "not given"
+        if self.accepts is not None:
+            check_accepted(cond, self.accepts, f"this {self._name}")
         t = expand_t(t, x_t)
         alpha, sigma = broadcast(self.process.alpha(t), x_t), broadcast(self.process.sigma(t), x_t)
         c_in = torch.rsqrt(alpha**2 + sigma**2)

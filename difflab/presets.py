@@ -17,6 +17,8 @@ def _toy(name: str) -> RunConfig:
         process=process_to_dict(DiscreteDDPM(T=1000, schedule="cosine")),
         net_kind="mlp",
         net=MLPConfig(dim=2, hidden=128, depth=4, time_dim=64).to_dict(),
+        shape=[2],
+        kind="points",
         target="v",
         loss=asdict(SimpleLoss(weighting="min_snr", gamma=5.0)),
         train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=1000, log_every=50),
@@ -35,4 +37,5 @@ def preset_for(dataset: str) -> RunConfig:
         from .image_presets import IMAGE_PRESETS, image_preset  # images: the U-Net presets
 
         base = IMAGE_PRESETS[dataset] if dataset in IMAGE_PRESETS else image_preset(dataset)
-    return replace(base, train=replace(base.train), process=dict(base.process), net=dict(base.net), loss=dict(base.loss), data=dict(base.data))
+    return replace(base, train=replace(base.train), process=dict(base.process), net=dict(base.net), loss=dict(base.loss),
+                   data=dict(base.data), shape=list(base.shape), conditions=[dict(c) for c in base.conditions])

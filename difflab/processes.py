@@ -82,8 +82,8 @@ class Process:
         raise NotImplementedError
 
     def sample_t(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Training times, drawn from the process's own distribution over noise levels."""
-        return torch.rand(n, generator=generator, dtype=F64) * self.t_max
+        """Training times, drawn from the process's own distribution over noise levels (on the generator's device)."""
+        return torch.rand(n, generator=generator, dtype=F64, device=_device(generator)) * self.t_max
 
     def prior_sample(self, shape, generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
         """x_T ~ N(0, sigma(t_max)^2 I) (alpha(t_max) x_0 is neglected, as in every sampler)."""
@@ -98,6 +98,10 @@ class Process:
     def noise_condition(self, t: Tensor) -> Tensor:
         """The scalar a network sees for time t: 1000 t / t_max, the same range for every process."""
         return 1000.0 * torch.as_tensor(t, dtype=F64) / self.t_max
+
+
+def _device(generator: torch.Generator | None):
+    return generator.device if generator is not None else None
 
 
 def broadcast(coef: Tensor, x: Tensor) -> Tensor:
@@ -172,7 +176,7 @@ class DiscreteDDPM(Process):
 
     def sample_t(self, n, generator=None):
         """Uniform integer t in 1..T (Ho et al. Algorithm 1)."""
-        return torch.randint(1, self.T + 1, (n,), generator=generator).to(F64)
+        return torch.randint(1, self.T + 1, (n,), generator=generator, device=_device(generator)).to(F64)
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,7 @@ class VarianceExploding(Process):
         return torch.exp(-torch.as_tensor(lam, dtype=F64) / 2)
 
     def sample_t(self, n, generator=None):
-        u = torch.rand(n, generator=generator, dtype=F64)
+        u = torch.rand(n, generator=generator, dtype=F64, device=_device(generator))
         if self.schedule == "geometric":
             return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
         r = 1 / self.rho

@@ -1,8 +1,21 @@
-"""The training loop: one short function a reader can take in at a glance.
+"""The training loop: one short function, on any device, alone or as one rank of a torchrun job.
 
-AdamW with linear warm-up, gradient clipping and accumulation, an EMA of the parameters,
-bf16 autocast on the CPU when asked, checkpoints every N steps written atomically, and
---resume that continues exactly (optimizer, EMA, RNG states, step, data order)."""
+AdamW with linear warm-up, gradient clipping and accumulation, an EMA of the parameters, autocast
+that follows the device (bf16 on CPU and CUDA; fp16 with a gradient scaler on CUDA), condition dropout
+for classifier-free guidance, checkpoints every N steps (checkpoint.py: atomic, no pickle), and
+``resume`` that continues exactly.
+
+Randomness. Step k draws its times t, noise and condition-dropout masks from a generator on the
+training device seeded with (seed, k), for the whole *global* batch; each rank keeps its own shard of
+them. So the run's random state is its step number: a resumed run, or a run on 1 or N processes with
+the same global batch, sees exactly the same data, noise and dropout.
+
+Data parallelism (PyTorch DDP under torchrun, see distributed.py). The global batch is
+batch_size x world size x accumulation; every rank draws the same global batch of indices and takes
+its part; gradients are averaged by DDP (``no_sync`` on all but the last micro-batch); rank 0 alone
+writes checkpoints, metrics and pictures; the EMA follows the unwrapped network, whose weights are
+saved (no ``module.`` prefix). Ctrl-C and SIGTERM finish the step, checkpoint and raise
+``Interrupted``; every rank stops at the same step."""
 
 from __future__ import annotations
 
@@ -11,22 +24,32 @@ import copy
 import json
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .data.images import to_model
-from .data.loader import ShuffledBatches
+from .conditions import drop_conditions, drop_mask, select
+from .data.loader import ShuffledBatches, TensorDataset
+from .distributed import World, any_rank, mean_over_ranks, resolve_device, setup
 from .io import atomic_path
 from .losses import SimpleLoss
 from .parameterize import Denoiser
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SEED_STRIDE = 1_000_003  # step k of a run with seed s draws from a generator seeded s * SEED_STRIDE + k
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C or SIGTERM after checkpointing; ``signum`` says which."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 @torch.no_grad()
@@ -52,152 +75,203 @@ def learning_rate(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min(1.0, (step + 1) / max(warmup, 1))
 
 
-def _autocast(precision: str):
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a precision on a device: bf16 anywhere, fp16 on CUDA only, fp32 = none."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (it trains with a gradient scaler); use bf16 on the CPU")
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of step ``step``: the same draws on every rank and after any resume."""
+    return torch.Generator(device).manual_seed(seed * SEED_STRIDE + step)
 
 
 def train(
     run_dir: str | Path,
     config: ckpt.RunConfig,
-    data: Tensor,
-    labels: Tensor | None = None,
+    data: TensorDataset,
     *,
+    device: str | torch.device = "auto",
     resume: bool = False,
     progress: bool = True,
     preview: Callable[[Denoiser, int, Path], None] | None = None,
     stop_after: int | None = None,
+    max_minutes: float | None = None,
+    loss_fn: Callable | None = None,
+    trainable: Callable[[str, nn.Parameter], bool] | None = None,
+    init_from: str | Path | None = None,
 ) -> Denoiser:
-    """Train ``config``'s denoiser on ``data`` (uint8 images, or floats already in model space) and write the run to ``run_dir``.
+    """Train ``config``'s denoiser on ``data`` and write the run to ``run_dir``; returns the EMA denoiser.
 
-    Returns the EMA denoiser. ``preview(ema_denoiser, step, run_dir)`` draws pictures at sample_every
-    steps and at the end; ``stop_after`` ends early after that many steps (tests use it)."""
+    preview(ema_denoiser, step, run_dir)  pictures at sample_every steps and at the end (rank 0)
+    stop_after, max_minutes               end early after that many steps / minutes, with a checkpoint
+    loss_fn(denoiser, x0, t=, noise=, cond=) -> scalar   replaces the config's SimpleLoss
+    trainable(name, parameter) -> bool    which parameters train (the rest stay frozen)
+    init_from                             a run whose EMA weights initialise the network (not on resume)
+    """
     run_dir, tc = Path(run_dir), config.train
+    device = resolve_device(device) if isinstance(device, str) else device
+    world = setup(device)
+    if isinstance(data, Tensor):
+        data = TensorDataset(data)
+    specs = config.condition_specs()
+    with autocast(tc.precision, device):  # validates the precision for this device before any work
+        pass
+
     torch.manual_seed(tc.seed)
-    denoiser = config.build_denoiser()
+    denoiser = config.build_denoiser().to(device)
+    if init_from is not None and not resume:
+        ckpt.load_into(denoiser.net, ckpt.load_weights(init_from, "ema"), init_from)
     ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
-    loss_fn = SimpleLoss(**config.loss)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
-    transform = to_model if data.dtype == torch.uint8 else None  # images stay uint8 until a batch is drawn
-    batches = ShuffledBatches(data, tc.batch_size * tc.accumulation, seed=tc.seed, labels=labels, transform=transform)
-    gen = torch.Generator().manual_seed(tc.seed + 1)  # draws t and eps
+    params = [p for name, p in denoiser.net.named_parameters() if trainable is None or trainable(name, p)]
+    if trainable is not None:
+        keep = {id(p) for p in params}
+        for p in denoiser.net.parameters():
+            p.requires_grad_(id(p) in keep)
+    if not params:
+        raise ValueError("no parameter is trainable (the trainable filter kept none)")
+    model = _wrap(denoiser, device, world)
+    loss_fn = loss_fn or SimpleLoss(**config.loss)
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
+    per_rank = tc.batch_size
+    batches = ShuffledBatches(len(data), per_rank * world.size * tc.accumulation, seed=tc.seed)
     step = 0
 
     if resume:
-        step = _load_state(run_dir, denoiser, ema, opt, batches, gen)
-    else:
+        step, opt_state, state = ckpt.load_training_state(run_dir)
+        ckpt.load_into(denoiser.net, ckpt.load_weights(run_dir, "net"), run_dir)
+        ckpt.load_into(ema.net, ckpt.load_weights(run_dir, "ema"), run_dir)
+        opt.load_state_dict(opt_state)
+        batches.load_state_dict(state["batches"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if world.is_main:
+            _truncate_log(run_dir / "metrics.jsonl", step)
+    elif world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    ckpt.save_config(run_dir, config)
+    if world.is_main:
+        ckpt.save_config(run_dir, config)
 
-    first = step
+    def save():
+        if world.is_main:
+            state = {"batches": batches.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None, "world_size": world.size}
+            ckpt.save_checkpoint(run_dir, step, denoiser.net, ema.net, opt.state_dict(), state)
+
+    first, t0 = step, time.perf_counter()
     last = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc=f"train {config.dataset}", dynamic_ncols=True)
-    log = open(run_dir / "metrics.jsonl", "a")
-    t0 = time.perf_counter()
-    with _finish_step_on_ctrl_c() as interrupted:
-        while step < last and not interrupted:
+    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and world.is_main), dynamic_ncols=True,
+               desc=f"train {config.dataset}" + (f" ({world.size} processes)" if world.distributed else ""))
+    log = open(run_dir / "metrics.jsonl", "a") if world.is_main else None
+    stopped = False
+    with _finish_step_on_signals() as interrupted:
+        while step < last:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, tc.lr, tc.warmup)
-            loss, grad_norm = train_step(denoiser, loss_fn, opt, next(batches), gen, tc, _uses_labels(config))
+            loss, grad_norm = train_step(model, loss_fn, opt, scaler, data, next(batches), specs, tc, world, device,
+                                         step_generator(tc.seed, step, device))
             ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
             step += 1
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if step % tc.log_every == 0 or step == last:
-                rate = (step - first) / (time.perf_counter() - t0)
-                log.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "it_s": rate}) + "\n")
-                log.flush()
-            if step % tc.checkpoint_every == 0 or step == last:
-                _save_state(run_dir, denoiser, ema, opt, batches, gen, step)
-            if preview is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
+            out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
+            stopped = any_rank(bool(interrupted) or out_of_time, world, device)
+            if step % tc.log_every == 0 or step == last or stopped:
+                loss = mean_over_ranks(loss, world, device)
+                if log is not None:
+                    rate = (step - first) / (time.perf_counter() - t0)
+                    log.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "it_s": rate}) + "\n")
+                    log.flush()
+            if step % tc.checkpoint_every == 0 or step == last or stopped:
+                save()
+            if world.is_main and preview is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
                 preview(ema, step, run_dir)
+            if stopped:
+                break
     bar.close()
-    log.close()
-    if interrupted:
-        _save_state(run_dir, denoiser, ema, opt, batches, gen, step)
-        raise KeyboardInterrupt(f"interrupted at step {step}; checkpoint saved, continue with --resume")
+    if log is not None:
+        log.close()
+    if stopped and interrupted:
+        name = signal.Signals(interrupted.signum).name
+        raise Interrupted(f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab train --out {run_dir} --resume", interrupted.signum)
     return ema
 
 
-@contextlib.contextmanager
-def _finish_step_on_ctrl_c():
-    """Ctrl-C (SIGINT) sets a flag instead of raising mid-step, so the loop can finish the step and checkpoint."""
-    flag: list[int] = []
+def _wrap(denoiser: Denoiser, device: torch.device, world: World) -> Denoiser:
+    """The denoiser the loss calls: itself, or one whose network is wrapped in DistributedDataParallel."""
+    if not world.distributed:
+        return denoiser
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
-    class Flag:
-        def __bool__(self):
-            return bool(flag)
-
-    def handler(signum, frame):
-        flag.append(signum)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield Flag()
-        return
-    try:
-        yield Flag()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    ddp = DDP(denoiser.net, device_ids=[device.index] if device.type == "cuda" else None)
+    return Denoiser(ddp, denoiser.process, denoiser.target)
 
 
-def train_step(denoiser, loss_fn, opt, batch, gen, tc: ckpt.TrainConfig, use_labels: bool) -> tuple[float, float]:
-    """One optimizer step over ``tc.accumulation`` micro-batches; returns (loss, gradient norm before clipping)."""
-    x, y = batch
+def train_step(model: Denoiser, loss_fn, opt, scaler, data: TensorDataset, idx: Tensor, specs, tc: ckpt.TrainConfig,
+               world: World, device: torch.device, gen: torch.Generator) -> tuple[float, float]:
+    """One optimizer step on the global batch ``idx`` (this rank's shards of its ``tc.accumulation``
+    micro-batches); returns (this rank's loss, gradient norm before clipping)."""
+    G, b = len(idx), tc.batch_size
+    process = model.process
+    x_shape = data.x.shape[1:]
+    # draws for the whole global batch, identical on every rank (see the module doc)
+    t_all = process.sample_t(G, gen)  # (G,)
+    noise_all = torch.randn((G, *x_shape), generator=gen, device=device)  # (G, ...)
+    masks_all = {s.name: drop_mask(s.p_drop, G, gen) for s in specs}
     opt.zero_grad(set_to_none=True)
     total = 0.0
-    labels = y.chunk(tc.accumulation) if (y is not None and use_labels) else [None] * tc.accumulation
-    for xm, ym in zip(x.chunk(tc.accumulation), labels):
-        cond = {"class_labels": ym} if ym is not None else None
-        with _autocast(tc.precision):
-            loss = loss_fn(denoiser, xm, generator=gen, cond=cond) / tc.accumulation
-        loss.backward()
+    for m in range(tc.accumulation):
+        lo = (m * world.size + world.rank) * b  # this rank's shard of micro-batch m
+        part = slice(lo, lo + b)
+        x, cond = data.take(idx[part])
+        x, cond = x.to(device, non_blocking=True), {k: v.to(device) for k, v in select(cond, specs).items()}
+        cond = drop_conditions(cond, specs, masks={k: v[part] for k, v in masks_all.items()})
+        sync = m == tc.accumulation - 1 or not world.distributed
+        with (nullcontext() if sync else model.net.no_sync()), autocast(tc.precision, device):
+            loss = loss_fn(model, x, t=t_all[part], noise=noise_all[part].to(x.dtype), cond=cond) / tc.accumulation
+        scaler.scale(loss).backward()
         total += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(denoiser.parameters(), tc.grad_clip)
-    opt.step()
+    scaler.unscale_(opt)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
+    scaler.step(opt)
+    scaler.update()
     return total, float(grad_norm)
 
 
-def _uses_labels(config: ckpt.RunConfig) -> bool:
-    return bool(config.net.get("num_classes"))
+@contextlib.contextmanager
+def _finish_step_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM set a flag instead of raising mid-step, so the loop can finish the
+    step and checkpoint. The flag is truthy once a signal came; ``.signum`` says which."""
 
+    class Flag:
+        signum = 0
 
-def _save_state(run_dir, denoiser, ema, opt, batches, gen, step) -> None:
-    """train_state.pt first, then the weights, each atomically; both carry the step so a mismatch is caught."""
-    state = {
-        "step": step,
-        "optimizer": opt.state_dict(),
-        "generator": gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "batches": batches.state_dict(),
-    }
-    with atomic_path(run_dir / ckpt.STATE) as tmp:
-        torch.save(state, tmp)
-    ckpt.save_weights(run_dir, denoiser.net, ema.net, step)
+        def __bool__(self):
+            return self.signum != 0
 
+    flag = Flag()
 
-def _load_state(run_dir, denoiser, ema, opt, batches, gen) -> int:
-    path = run_dir / ckpt.STATE
-    if not path.exists():
-        raise ckpt.CheckpointError(f"cannot resume: {path} is missing (was the run started?)")
+    def handler(signum, frame):
+        flag.signum = signum
+
+    previous = {}
     try:
-        state = torch.load(path, weights_only=False)
-    except Exception as e:  # torch raises several types for a damaged file
-        raise ckpt.CheckpointError(f"cannot resume: {path} is corrupt ({type(e).__name__})") from None
-    if ckpt.weights_step(run_dir) != state["step"]:
-        raise ckpt.CheckpointError(f"cannot resume: {run_dir} holds weights and training state of different steps")
-    denoiser.net.load_state_dict(ckpt.load_weights(run_dir, "net"))
-    ema.net.load_state_dict(ckpt.load_weights(run_dir, "ema"))
-    opt.load_state_dict(state["optimizer"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    batches.load_state_dict(state["batches"])
-    _truncate_log(run_dir / "metrics.jsonl", state["step"])
-    return state["step"]
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _truncate_log(path: Path, step: int) -> None:

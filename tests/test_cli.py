@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from difflab.checkpoint import latest_checkpoint
 from difflab.cli import main
 
 
@@ -33,7 +34,7 @@ def test_data_export_roundtrip(tmp_path, capsys):
 
 def test_unknown_dataset(capsys, tmp_path):
     code, err = run_cli(capsys, "data", "swissrol", "--save", str(tmp_path / "x.npz"))
-    assert code == 1
+    assert code == 2
     assert err.count("\n") == 0 and "swissrol" in err and "swissroll" in err
     assert not list(tmp_path.iterdir())
 
@@ -60,7 +61,7 @@ def test_bad_options(capsys, tmp_path, argv, needle):
 
 def test_missing_run(capsys, tmp_path):
     code, err = run_cli(capsys, "sample", str(tmp_path / "nothing"), "--out", str(tmp_path / "s.png"))
-    assert code == 1 and err == f"difflab: error: run directory {tmp_path / 'nothing'} does not exist"
+    assert code == 2 and err == f"difflab: error: run directory {tmp_path / 'nothing'} does not exist"
     assert not (tmp_path / "s.png").exists()
 
 
@@ -69,15 +70,15 @@ def test_corrupt_checkpoint(capsys, tiny_toy_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_toy_run, run)
-    w = run / "model.safetensors"
+    w = latest_checkpoint(run) / "model.safetensors"
     w.write_bytes(w.read_bytes()[: len(w.read_bytes()) // 2])
     code, err = run_cli(capsys, "sample", str(run), "--out", str(tmp_path / "s.png"), "--save", str(tmp_path / "s.npz"))
-    assert code == 1 and "model.safetensors is corrupt" in err and len(err.splitlines()) == 1
+    assert code == 2 and "model.safetensors is corrupt" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "s.npz").exists()
 
     (run / "config.json").write_text("{not json")
     code, err = run_cli(capsys, "sample", str(run))
-    assert code == 1 and "config.json is corrupt" in err
+    assert code == 2 and "config.json is corrupt" in err
 
 
 def test_missing_weights(capsys, tiny_toy_run, tmp_path):
@@ -85,23 +86,23 @@ def test_missing_weights(capsys, tiny_toy_run, tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(tiny_toy_run, run)
-    (run / "model.safetensors").unlink()
+    (latest_checkpoint(run) / "model.safetensors").unlink()
     code, err = run_cli(capsys, "sample", str(run))
-    assert code == 1 and "model.safetensors is missing" in err
+    assert code == 2 and "model.safetensors is missing" in err
 
 
 def test_exit_status_from_shell(tmp_path):
     """The installed entry point exits non-zero with one line on stderr."""
-    p = subprocess.run([sys.executable, "-m", "difflab.cli", "sample", str(tmp_path / "x"), "--steps", "5"], capture_output=True, text=True)
-    assert p.returncode == 1
+    p = subprocess.run([sys.executable, "-m", "difflab", "sample", str(tmp_path / "x"), "--steps", "5"], capture_output=True, text=True)
+    assert p.returncode == 2
     assert p.stderr.strip().splitlines() == [f"difflab: error: run directory {tmp_path / 'x'} does not exist"]
 
 
 def test_wrong_suffix(capsys, tiny_toy_run, tmp_path):
     code, err = run_cli(capsys, "sample", str(tiny_toy_run), "--save", str(tmp_path / "s.txt"))
-    assert code == 1 and "expected a file ending in .npz" in err
+    assert code == 2 and "expected a file ending in .npz" in err
 
 
 def test_refuses_to_overwrite_a_run(capsys, tiny_toy_run):
     code, err = run_cli(capsys, "train", "swissroll", "--out", str(tiny_toy_run), "--steps", "5", "--quiet")
-    assert code == 1 and "--resume" in err
+    assert code == 2 and "--resume" in err

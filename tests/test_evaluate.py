@@ -9,9 +9,10 @@ from dataclasses import replace
 import pytest
 
 from difflab import evaluate as ev
-from difflab.checkpoint import RunConfig, TrainConfig, process_to_dict, save_config, save_weights
+from difflab.checkpoint import RunConfig, TrainConfig, process_to_dict, save_checkpoint, save_config
+from difflab.data.loader import TensorDataset
 from difflab.cli import main
-from difflab.data.images import load_images, to_model
+from difflab.data.images import load_images
 from difflab.image_presets import IMAGE_PRESETS
 from difflab.nets.unet import UNetConfig
 from difflab.processes import ContinuousVP
@@ -35,7 +36,7 @@ def tiny_digits_run(tmp_path_factory):
     preset = IMAGE_PRESETS["digits"]
     cfg = replace(preset, net=TINY_UNET.to_dict(), train=TrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=5, checkpoint_every=30))
     data = load_images("digits", "train")
-    train(run, cfg, to_model(data.images), data.labels, progress=False)
+    train(run, cfg, TensorDataset(data.images), device="cpu", progress=False)
     return run
 
 
@@ -100,11 +101,12 @@ def test_python_api_matches_the_cli_numbers(tiny_digits_run, tmp_path, capsys):
 def test_continuous_process_and_random_features(tmp_path):
     """A ContinuousVP run (untrained, built by hand): no bits/dim, with the reason; random features: no classes."""
     run = tmp_path / "vp"
-    cfg = RunConfig(dataset="digits", process=process_to_dict(ContinuousVP()), net_kind="unet", net=TINY_UNET.to_dict(), target="v")
+    cfg = RunConfig(dataset="digits", process=process_to_dict(ContinuousVP()), net_kind="unet", net=TINY_UNET.to_dict(),
+                    shape=[1, 8, 8], kind="images", target="v")
     denoiser = cfg.build_denoiser()
     assert isinstance(denoiser.process, ContinuousVP)
     save_config(run, cfg)
-    save_weights(run, denoiser.net, copy.deepcopy(denoiser.net), step=0)
+    save_checkpoint(run, 0, denoiser.net, copy.deepcopy(denoiser.net))
     r = ev.evaluate(run, n=20, steps=2, sampler="ddim", features="random", progress=False)
     assert r["bits_per_dim"]["total"] is None and "DiscreteDDPM" in r["bits_per_dim"]["reason"]
     assert r["features"]["kind"] == "random" and r["classes"]["samples"] is None
@@ -124,16 +126,16 @@ def test_toy_run_reports_distances(tiny_toy_run):
 @pytest.mark.parametrize(
     "argv, code, needle",
     [
-        (["eval", "{missing}"], 1, "does not exist"),
+        (["eval", "{missing}"], 2, "does not exist"),
         (["eval", "{run}", "--n", "0"], 2, "must be a positive integer"),
-        (["eval", "{run}", "--n", "5"], 1, "n must be an integer >= 10"),
+        (["eval", "{run}", "--n", "5"], 2, "n must be an integer >= 10"),
         (["eval", "{run}", "--steps", "-2"], 2, "must be a positive integer"),
         (["eval", "{run}", "--batch", "x"], 2, "invalid positive_int value"),
-        (["eval", "{run}", "--sampler", "nope"], 1, "unknown sampler 'nope'"),
+        (["eval", "{run}", "--sampler", "nope"], 2, "unknown sampler 'nope'"),
         (["eval", "{run}", "--spacing", "nope"], 2, "invalid choice"),
-        (["eval", "{run}", "--bpd-n", "-1"], 1, "--bpd-n must be 0"),
-        (["eval", "{run}", "--features", "nope"], 1, "unknown feature net 'nope'"),
-        (["eval", "{run}", "--json", "{tmp}/out.txt"], 1, "expected a file ending in .json"),
+        (["eval", "{run}", "--bpd-n", "-1"], 2, "--bpd-n must be 0"),
+        (["eval", "{run}", "--features", "nope"], 2, "unknown feature net 'nope'"),
+        (["eval", "{run}", "--json", "{tmp}/out.txt"], 2, "expected a file ending in .json"),
     ],
 )
 def test_bad_options_give_one_line(capsys, tmp_path, tiny_digits_run, argv, code, needle):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from difflab.data import images as images_module
-from difflab.data.loader import ShuffledBatches
+from difflab.data.loader import ShuffledBatches, TensorDataset
 from difflab.data.images import (
     DataError,
     ImageSet,
@@ -337,9 +337,19 @@ def numbered_set(n: int) -> ImageSet:
     return ImageSet(images, torch.arange(n) % 3, 3, "numbered")
 
 
-def batches(data: ImageSet, batch_size: int, seed: int) -> ShuffledBatches:
-    """The trainer's batches of an image set: uint8 in memory, [-1, 1] floats per batch."""
-    return ShuffledBatches(data.images, batch_size, seed=seed, labels=data.labels, transform=to_model)
+def batches(data: ImageSet, batch_size: int, seed: int):
+    """The trainer's batches of an image set: uint8 in memory, [-1, 1] floats per batch, labels as a condition."""
+    dataset = TensorDataset(data.images, {"class_labels": data.labels})
+    order = ShuffledBatches(len(dataset), batch_size, seed=seed)
+
+    class Batches:
+        def __next__(self):
+            x, cond = dataset.take(next(order))
+            return x, cond["class_labels"]
+
+        state_dict, load_state_dict = order.state_dict, order.load_state_dict
+
+    return Batches()
 
 
 def ids(x: torch.Tensor) -> list[int]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.checkpoint import load_weights, weights_step
+from difflab.checkpoint import load_training_state, load_weights, weights_step
 from difflab.presets import preset_for
 from difflab.training import ema_decay_at, ema_update, learning_rate
 
@@ -103,9 +103,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"{which}.{k} differs after resume"
-    opt_a = torch.load(straight / "train_state.pt", weights_only=False)["optimizer"]["state"]
-    opt_b = torch.load(broken / "train_state.pt", weights_only=False)["optimizer"]["state"]
-    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
+    opt_a, opt_b = load_training_state(straight)[1]["state"], load_training_state(broken)[1]["state"]
+    assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in (broken / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == list(range(10, 121, 10))  # the killed run's rows after step 80 were dropped, none twice
 
@@ -127,7 +126,7 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
 
 
 def test_resume_refuses_mismatched_files(tmp_path):
-    from difflab.checkpoint import CheckpointError
+    from difflab.checkpoint import CheckpointError, latest_checkpoint
     from difflab.data.toy2d import make_toy
     from difflab.training import train
 
@@ -135,8 +134,7 @@ def test_resume_refuses_mismatched_files(tmp_path):
     cfg = preset_for("swissroll")
     cfg = replace(cfg, train=replace(cfg.train, steps=10, batch_size=16, checkpoint_every=5))
     train(tmp_path / "r", cfg, data, progress=False)
-    state = torch.load(tmp_path / "r" / "train_state.pt", weights_only=False)
-    state["step"] = 5
-    torch.save(state, tmp_path / "r" / "train_state.pt")
+    state_json = latest_checkpoint(tmp_path / "r") / "state.json"
+    state_json.write_text(state_json.read_text().replace('"step": 10', '"step": 5'))
     with pytest.raises(CheckpointError, match="different steps"):
         train(tmp_path / "r", replace(cfg, train=replace(cfg.train, steps=20)), data, resume=True, progress=False)

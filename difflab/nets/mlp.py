@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
 
+from ..conditions import check_accepted
 from .embeddings import TimeEmbedding
 
 
@@ -32,7 +33,11 @@ class ResidualLayer(nn.Module):
 
 
 class MLP(nn.Module):
-    """net(x_in, c_noise) -> prediction of the same shape (B, dim); the time enters every layer additively."""
+    """net(x_in, c_noise) -> prediction of the same shape (B, dim); the time enters every layer additively.
+
+    It takes no conditions: passing any raises (rather than silently ignoring it)."""
+
+    accepts: frozenset[str] = frozenset()
 
     def __init__(self, config: MLPConfig):
         super().__init__()
@@ -43,6 +48,7 @@ class MLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.dim))
 
     def forward(self, x: Tensor, c_noise: Tensor, **cond) -> Tensor:
+        check_accepted(cond, self.accepts, "the MLP")
         emb = self.time(c_noise)  # (B, hidden)
         h = self.inp(x)
         for layer in self.layers:

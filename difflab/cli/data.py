@@ -1,0 +1,61 @@
+"""`difflab data NAME`: export points or images of a data set, and a preview picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import plots
+from ..data.images import DATASETS, load_images
+from ..data.toy2d import TOY_DATASETS, make_toy
+from .options import UsageError, check_suffix, positive_int, save_npz
+
+
+def check_dataset(name: str) -> None:
+    """A dataset is a built-in name or an existing folder / .npz file."""
+    if name not in TOY_DATASETS and name not in DATASETS and not Path(name).exists():
+        raise UsageError(
+            f"unknown dataset {name!r}: choose one of {', '.join([*TOY_DATASETS, *DATASETS])}, or give a folder of images or an .npz file"
+        )
+
+
+def run(args) -> None:
+    check_suffix(args.save, (".npz",), "--save")
+    check_suffix(args.out, (".png",), "--out")
+    check_dataset(args.name)
+    if args.name in TOY_DATASETS:
+        items, what = make_toy(args.name, args.n or 5000, args.seed), "points"
+        if args.save:
+            save_npz(args.save, points=items.numpy())
+        if args.out:
+            plots.scatter(items, args.out, title=f"{args.name} (n={len(items)})")
+    else:
+        data = load_images(args.name, split=args.split, size=args.size, channels=args.channels, data_dir=args.data)
+        idx = torch.randperm(len(data.images), generator=torch.Generator().manual_seed(args.seed))[: args.n or 64]
+        items, what = data.images[idx], "images"
+        if args.save:
+            arrays = {"images": items.numpy()}
+            if data.labels is not None:
+                arrays["labels"] = data.labels[idx].numpy()
+            save_npz(args.save, **arrays)
+        if args.out:
+            plots.save_grid(items, args.out)
+    if args.save:
+        print(f"wrote {len(items)} {what} to {args.save}")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def register(sub) -> None:
+    d = sub.add_parser("data", help="export points or images of a dataset (and a preview picture)")
+    d.add_argument("name", help=f"a 2-D set ({', '.join(TOY_DATASETS)}), an image set (digits, fashion-mnist), a folder or an .npz")
+    d.add_argument("--n", type=positive_int, help="how many (default 5000 points / 64 images)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--split", default="train", choices=["train", "test"])
+    d.add_argument("--size", type=positive_int, help="image size for folders of images")
+    d.add_argument("--channels", type=int, choices=[1, 3])
+    d.add_argument("--data", help="folder holding the dataset's files (e.g. Fashion-MNIST IDX files)")
+    d.add_argument("--save", help="write the raw data to this .npz")
+    d.add_argument("--out", help="write a preview picture to this .png")
+    d.set_defaults(func=run)

@@ -1,0 +1,53 @@
+"""`difflab eval RUN`: sample quality (FD, KID, precision/recall, classes) and bits/dim; see evaluate.py."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..checkpoint import load_config
+from ..distributed import resolve_device
+from .options import UsageError, add_device, add_sampler, check_suffix, positive_int, sampler_choice, single_thread_for_points
+
+
+def run(args) -> None:
+    from ..evaluate import evaluate, format_report, write_json
+
+    check_suffix(args.json, (".json",), "--json")
+    sampler_choice(args, None)  # fail before loading anything
+    if args.bpd_n < 0:
+        raise UsageError(f"--bpd-n must be 0 (skip) or a positive integer, got {args.bpd_n}")
+    cfg = load_config(args.run)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    else:
+        single_thread_for_points(cfg.kind)
+    sampler, spacing, options = sampler_choice(args, cfg.build_process())
+    result = evaluate(
+        args.run, n=args.n, sampler=sampler, steps=args.steps, spacing=spacing, options=options, seed=args.seed,
+        batch=args.batch, ema=args.ema, bpd_n=args.bpd_n, features=args.features, split=args.split, progress=not args.quiet,
+        device=resolve_device(args.device),
+    )  # fmt: skip
+    print(format_report(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+
+
+def register(sub) -> None:
+    e = sub.add_parser("eval", help="sample quality (FD, KID, precision/recall, classes) and bits/dim of a run")
+    e.add_argument("run", help="run directory")
+    add_sampler(e, "dpmpp-2m", 20)
+    e.add_argument("--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch", type=positive_int, default=250, help="samples per sampler call")
+    e.add_argument("--bpd-n", type=int, default=32, help="test images for bits/dim (default 32; 0 skips; ~0.6 s each for 8x8 digits, ~7 s for 28x28)")
+    e.add_argument("--features", help="feature net: digits, fashion-mnist, random, or a classifier .safetensors (default: the dataset's, else random)")
+    e.add_argument("--split", choices=["test", "train"], default="test", help="reference split (default test)")
+    e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
+    e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's; 1 for 2-D runs)")
+    add_device(e)
+    e.add_argument("--json", help="write the numbers to this .json")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=run)

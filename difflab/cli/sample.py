@@ -1,0 +1,91 @@
+"""`difflab sample RUN`: draw samples from a trained run (one process, or sharded under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .. import plots
+from ..checkpoint import load_denoiser
+from ..data.toy2d import TOY_DATASETS, make_toy
+from ..distributed import resolve_device, setup
+from ..generate import generate
+from .options import (
+    UsageError,
+    add_conditions,
+    add_device,
+    add_sampler,
+    check_suffix,
+    conditions_from,
+    positive_int,
+    sampler_choice,
+    save_npz,
+    single_thread_for_points,
+)
+
+
+def run(args) -> None:
+    check_suffix(args.out, (".png",), "--out")
+    check_suffix(args.save, (".npz",), "--save")
+    check_suffix(args.gif, (".gif",), "--gif")
+    sampler_choice(args, None)  # unknown sampler: fail before loading anything
+    denoiser, cfg = load_denoiser(args.run, ema=args.ema)
+    if args.gif and cfg.kind != "images":
+        raise UsageError(f"--gif draws the chain of an image run; {args.run} makes {cfg.kind} (use `difflab trajectories`)")
+    sampler, spacing, options = sampler_choice(args, denoiser.process)
+    single_thread_for_points(cfg.kind)
+    device = resolve_device(args.device)
+    world = setup(device)
+    cond = conditions_from(args, args.n)
+    common = dict(sampler=sampler, steps=args.steps, spacing=spacing, options=options, device=device, batch=args.batch)
+    x, traj = None, None
+    if args.gif:  # the first batch with its chain, then the rest: per-sample seeds make this the same samples
+        first = min(args.n, args.batch, 16)
+        x, traj = generate(denoiser, cfg, first, cond={k: v[:first] for k, v in cond.items()}, seed=args.seed, return_trajectory=True, **common)
+        if args.n > first:
+            rest = generate(denoiser, cfg, args.n - first, cond={k: v[first:] for k, v in cond.items()}, seed=args.seed + first,
+                            world=world, progress=not args.quiet, **common)
+            x = torch.cat([x, rest]) if rest is not None else None
+    else:
+        x = generate(denoiser, cfg, args.n, cond=cond, seed=args.seed, world=world, progress=not args.quiet, **common)
+    if not world.is_main:
+        return
+    if cfg.kind == "points":
+        if args.save:
+            save_npz(args.save, points=x.numpy())
+        if args.out:
+            ref = make_toy(cfg.dataset, len(x), seed=12345) if cfg.dataset in TOY_DATASETS else None
+            plots.scatter(x, args.out, title=f"{sampler}, {args.steps} steps", reference=ref)
+    else:
+        from ..data.images import to_uint8
+
+        imgs = to_uint8(x)
+        if args.save:
+            save_npz(args.save, images=imgs.numpy(), **({"labels": cond["class_labels"].numpy()} if "class_labels" in cond else {}))
+        if args.out:
+            plots.save_grid(imgs, args.out)
+        if traj is not None:
+            from ..chain import chain_gif
+
+            chain_gif(traj, args.gif)
+    for path in (args.out, args.save, args.gif):
+        if path:
+            print(f"wrote {path}")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("sample", help="draw samples from a trained run")
+    s.add_argument("run", help="run directory")
+    add_sampler(s, "ddim", 50)
+    add_conditions(s)
+    s.add_argument("--n", type=positive_int, default=64)
+    s.add_argument("--batch", type=positive_int, default=1000, help="samples per sampler call (does not change the samples)")
+    s.add_argument("--seed", type=int, default=0, help="sample i has seed SEED + i")
+    s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
+    add_device(s)
+    s.add_argument("--out", help="picture (.png)")
+    s.add_argument("--save", help="raw samples (.npz; uint8 images)")
+    s.add_argument("--gif", help="images: a GIF of the reverse chain of the first 16 samples (.gif)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=run)

@@ -1,0 +1,200 @@
+"""`difflab train NAME --out RUN`: train a denoiser on one process or, under torchrun, on several.
+
+    difflab train digits --out runs/digits
+    difflab train --out runs/digits --resume                       # continue exactly where it stopped
+    torchrun --nproc-per-node 2 -m difflab train digits --out runs/digits-ddp
+
+``--resume`` takes the run as it was saved: a NAME or an option that contradicts the saved config is
+refused (``--steps`` may extend a run; ``--device``, ``--max-minutes`` and ``--quiet`` are not part of a
+run). A worker that torchrun restarted (``--max-restarts``) resumes from the last checkpoint by itself."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import plots
+from ..conditions import class_labels
+from ..data.loader import TensorDataset
+from ..data.toy2d import make_toy
+from ..distributed import launched_rank, resolve_device, restarted
+from ..generate import generate
+from ..nets.unet import num_parameters
+from ..presets import preset_for
+from ..processes import PROCESSES_BY_NAME
+from ..training import PRECISIONS, train
+from .data import check_dataset
+from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
+
+# options that set a field of TrainConfig, by argparse name
+TRAIN_FIELDS = ("batch_size", "accumulation", "lr", "seed", "ema_decay", "ema_warmup", "precision", "checkpoint_every", "sample_every")
+
+
+def apply_options(cfg: ckpt.RunConfig, args) -> ckpt.RunConfig:
+    """``cfg`` overridden by whatever the command line says (options left out keep cfg's values)."""
+    t = replace(cfg.train, **{f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None})
+    process = dict(cfg.process)
+    if args.process or args.schedule or args.T:
+        kind = args.process or process["kind"]
+        if args.T and kind != "ddpm":
+            raise UsageError("--T applies to the discrete DDPM process only")
+        kw = {k: v for k, v in (("schedule", args.schedule), ("T", args.T)) if v}
+        if kind == process["kind"]:
+            kw = {**{k: v for k, v in process.items() if k != "kind"}, **kw}
+        try:
+            process = ckpt.process_to_dict(PROCESSES_BY_NAME[kind](**kw))
+        except (TypeError, ValueError) as e:
+            raise UsageError(str(e)) from None
+    loss = dict(cfg.loss, **({"weighting": args.weighting} if args.weighting else {}))
+    data = dict(cfg.data)
+    if args.data:
+        data["data_dir"] = args.data
+    if args.n:
+        if cfg.kind != "points":
+            raise UsageError("--n (the number of training points) applies to 2-D sets only")
+        data["n"] = args.n
+    cfg = replace(cfg, process=process, target=args.target or cfg.target, loss=loss, train=t, data=data)
+    if args.cond_dropout is not None and not (args.class_cond or cfg.conditions):
+        raise UsageError("--cond-dropout needs a conditional model (--class-cond)")
+    if cfg.conditions and args.cond_dropout is not None:
+        cfg = replace(cfg, conditions=[dict(c, p_drop=args.cond_dropout) for c in cfg.conditions])
+    return cfg
+
+
+def with_class_labels(cfg: ckpt.RunConfig, num_classes: int | None, p_drop: float | None) -> ckpt.RunConfig:
+    """The run conditioned on class labels: the U-Net gets a class embedding (plus its null row)."""
+    if cfg.net_kind != "unet":
+        raise UsageError(f"--class-cond needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
+    if not num_classes:
+        raise UsageError(f"--class-cond needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' array)")
+    spec = class_labels(num_classes, 0.1 if p_drop is None else p_drop)
+    return replace(cfg, net=dict(cfg.net, num_classes=num_classes), conditions=[spec.to_dict()])
+
+
+def load_training_data(cfg: ckpt.RunConfig) -> tuple[TensorDataset, int | None]:
+    """The training split as a TensorDataset (images stay uint8; labels as the 'class_labels' condition),
+    and the number of classes (None when unlabelled)."""
+    if cfg.kind == "points":
+        return TensorDataset(make_toy(cfg.dataset, cfg.data.get("n", 20000), cfg.data.get("seed", 1))), None
+    from ..data.images import load_images
+
+    ds = load_images(cfg.dataset, split="train", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+    if list(ds.images.shape[1:]) != cfg.shape:
+        raise UsageError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.shape)}")
+    return TensorDataset(ds.images, {"class_labels": ds.labels} if ds.labels is not None else {}), ds.num_classes
+
+
+def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
+    """What the command line asks for that differs from the saved run (steps aside)."""
+    wanted = apply_options(saved, args)
+    wanted = replace(wanted, train=replace(wanted.train, steps=saved.train.steps))
+    out = []
+    if args.name is not None and args.name != saved.dataset:
+        out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
+    if args.class_cond and not saved.conditions:
+        out.append("--class-cond (the run is unconditional)")
+    a, b = asdict(saved), asdict(wanted)
+    for section in ("train", "loss", "data"):
+        out += [f"{section}.{k}={b[section][k]!r} (saved: {a[section].get(k)!r})" for k in b[section] if a[section].get(k) != b[section][k]]
+    for key in ("process", "target", "conditions"):
+        if a[key] != b[key]:
+            out.append(f"{key} {b[key]!r} (saved: {a[key]!r})")
+    return out
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
+    if resume:
+        cfg = ckpt.load_config(out)
+        bad = _contradictions(cfg, args)
+        if bad:
+            raise UsageError(f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)")
+        if args.steps:  # extend a finished run
+            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+        data, _ = load_training_data(cfg)
+    else:
+        if args.name is None:
+            raise UsageError("give the dataset NAME to train on (or --resume to continue the run in --out)")
+        if (out / ckpt.CONFIG).exists() and not args.force:
+            raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
+        check_dataset(args.name)
+        cfg = apply_options(preset_for(args.name), args)
+        if args.steps:
+            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+        data, num_classes = load_training_data(cfg)
+        if args.class_cond:
+            cfg = with_class_labels(cfg, num_classes, args.cond_dropout)
+        cfg.validate()
+        if args.force and launched_rank() == 0:
+            shutil.rmtree(out / ckpt.CHECKPOINTS, ignore_errors=True)
+    single_thread_for_points(cfg.kind)
+    if not args.quiet and launched_rank() == 0:
+        n_params = num_parameters(cfg.build_net())
+        t = cfg.train
+        print(f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with {n_params:,} parameters, "
+              f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on {device}")
+    preview = _points_preview if cfg.kind == "points" else _images_preview
+    train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, preview=preview, max_minutes=args.max_minutes,
+          init_from=args.init_from)
+    if launched_rank() == 0:
+        print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png)")
+
+
+def _points_preview(denoiser, step: int, run: Path) -> None:
+    cfg = ckpt.load_config(run)
+    x = generate(denoiser, cfg, 2000, sampler="ddim", steps=50, batch=2000)
+    plots.scatter(x, run / "samples.png", title=f"DDIM, 50 steps, step {step}")
+    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
+
+
+def _images_preview(denoiser, step: int, run: Path) -> None:
+    from ..data.images import to_uint8
+
+    cfg = ckpt.load_config(run)
+    cond = {}
+    for spec in cfg.condition_specs():  # a class-conditional run shows its classes in turn
+        if spec.name == "class_labels":
+            cond["class_labels"] = torch.arange(64) % spec.null_label
+    x = generate(denoiser, cfg, 64, sampler="dpmpp-2m", steps=20, cond=cond, batch=64)
+    plots.save_grid(to_uint8(x), run / "samples.png")
+    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train", help="train a denoiser; a progress bar shows loss, it/s and ETA")
+    t.add_argument("name", nargs="?", help="dataset name (its preset sets the defaults); not needed with --resume")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    t.add_argument("--force", action="store_true", help="start over even if --out holds a run")
+    t.add_argument("--steps", type=positive_int, help="total optimizer steps (with --resume: extend the run)")
+    t.add_argument("--batch-size", type=positive_int, help="per process and micro-batch; the global batch is this x processes x accumulation")
+    t.add_argument("--accumulation", type=positive_int, help="gradient accumulation micro-batches")
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--ema-decay", type=unit_float)
+    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="ramp the EMA decay up as min(decay, (1+step)/(10+step)) (default: the preset's choice)")
+    t.add_argument("--precision", choices=PRECISIONS, help="bf16 autocast (CPU, CUDA) or fp16 with a gradient scaler (CUDA)")
+    t.add_argument("--process", choices=sorted(PROCESSES_BY_NAME))
+    t.add_argument("--schedule", help="beta schedule (linear, cosine, sigmoid) or VP/VE schedule")
+    t.add_argument("--T", type=positive_int, help="number of DDPM steps")
+    t.add_argument("--target", choices=["eps", "x0", "v", "score"])
+    t.add_argument("--weighting", choices=["none", "snr", "min_snr"])
+    t.add_argument("--n", type=positive_int, help="2-D sets: number of training points")
+    t.add_argument("--data", help="folder holding the dataset's files")
+    t.add_argument("--class-cond", action="store_true", help="learn p(x | class) from the data's labels (with a null class for guidance)")
+    t.add_argument("--cond-dropout", type=unit_float, help="probability of training on the null condition (default 0.1; 0: never)")
+    t.add_argument("--init-from", help="a run whose EMA weights initialise the network")
+    t.add_argument("--checkpoint-every", type=positive_int)
+    t.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: at the end only)")
+    t.add_argument("--max-minutes", type=positive_float, help="stop (with a checkpoint) after this much wall-clock time")
+    add_device(t)
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=run)

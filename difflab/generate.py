@@ -1,0 +1,102 @@
+"""One generation path: every command, the evaluation, the chain pictures and the benchmarks draw here.
+
+    x = generate(denoiser, config, n=64, sampler="dpmpp-2m", steps=20, seed=0)   # (64, *config.shape)
+
+* Sample i has its own seed, ``seed + i`` (a ``PerSampleGenerator``): the same seed gives the same
+  sample whatever the batch size, the device's batch split or the number of processes.
+* The samples come in batches of ``batch`` with a progress bar; under torchrun (``world``) each rank
+  draws a consecutive block of the n samples and rank 0 gathers them (the others get None).
+* The shape comes from the run's config (``config.shape``), never from the network.
+* ``decode`` maps the denoiser's space to the data space: the identity for the models of today (pixels
+  and points); a latent model plugs its decoder in here.
+* Conditions: ``cond`` holds tensors with one row per sample (n rows), sliced with the batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .checkpoint import RunConfig
+from .distributed import World, gather_rows, shard
+from .samplers import PerSampleGenerator, check_options, get_sampler, sample
+
+
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
+def check_cond(cond: Mapping[str, Tensor] | None, n: int) -> dict[str, Tensor]:
+    """Conditions for n samples: each tensor must have n rows."""
+    cond = {k: v for k, v in (cond or {}).items() if v is not None}
+    for name, value in cond.items():
+        if not isinstance(value, Tensor) or value.ndim == 0 or len(value) != n:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"condition {name!r} needs one row per sample ({n}), got {got}")
+    return cond
+
+
+def generate(
+    denoiser,
+    config: RunConfig,
+    n: int,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    spacing: str | None = None,
+    options: dict | None = None,
+    cond: Mapping[str, Tensor] | None = None,
+    seed: int = 0,
+    batch: int = 250,
+    device: torch.device | str | None = None,
+    world: World | None = None,
+    progress: bool = False,
+    return_trajectory: bool = False,
+    decode: Callable[[Tensor], Tensor] = identity,
+):
+    """``n`` samples of the run in the data space, on the CPU (rank 0; None on other ranks).
+
+    options  the sampler's own options (ddim: eta; ddpm: variance; ...) and the grid's sigma_tilde_cap
+    return_trajectory  also return the chain of the samples (one batch, one process: n <= batch)"""
+    options = dict(options or {})
+    grid = {k: options.pop(k) for k in ("sigma_tilde_cap",) if k in options}
+    get_sampler(sampler)
+    check_options(sampler, options)
+    for name, value in (("n", n), ("steps", steps), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    world = world or World()
+    cond = check_cond(cond, n)
+    if return_trajectory and (n > batch or world.distributed):
+        raise ValueError("a trajectory is recorded for one batch in one process: use n <= batch")
+    device = torch.device(device) if device is not None else _device_of(denoiser)
+    if isinstance(denoiser, nn.Module):
+        denoiser = denoiser.to(device)
+
+    lo, hi = shard(n, world.rank, world.size)
+    starts = list(range(lo, hi, batch))
+    chunks, traj = [], None
+    for start in tqdm(starts, desc=f"sample ({sampler}, {steps} steps)", disable=not progress or len(starts) < 2 or not world.is_main):
+        stop = min(start + batch, hi)
+        gen = PerSampleGenerator(range(seed + start, seed + stop))
+        part = {k: v[start:stop].to(device) for k, v in cond.items()}
+        out = sample(denoiser, (stop - start, *config.shape), steps, sampler=sampler, spacing=spacing, generator=gen,
+                     cond=part or None, device=device, return_trajectory=return_trajectory, **grid, **options)
+        if return_trajectory:
+            out, traj = out
+        chunks.append(decode(out).cpu())
+    x = torch.cat(chunks) if chunks else torch.empty((0, *config.shape))
+    if world.distributed:  # NCCL gathers CUDA tensors, gloo CPU ones
+        x = gather_rows(x.to(device), n, world)
+        x = x.cpu() if x is not None else None
+    return (x, traj) if return_trajectory else x
+
+
+def _device_of(denoiser) -> torch.device:
+    if isinstance(denoiser, nn.Module):
+        for t in (*denoiser.parameters(), *denoiser.buffers()):
+            return t.device
+    return torch.device("cpu")
