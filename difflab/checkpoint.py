@@ -211,7 +211,7 @@ def _type_ok(value, hint) -> bool:
 
 
 def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "").replace("difflab.checkpoint.", "")
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def save_config(run_dir: Path, config: RunConfig) -> None:
@@ -259,6 +259,8 @@ def has_checkpoint(run_dir: str | Path) -> bool:
 def _require_checkpoint(run_dir: str | Path) -> Path:
     folder = latest_checkpoint(run_dir)
     if folder is None:
+        if (Path(run_dir) / "train_state.pt").exists():
+            raise CheckpointError(f"{run_dir} is a run of an older difflab (train_state.pt, a pickle, which is never loaded); train it again")
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINTS} holds no checkpoint yet (was the run started?)")
     return folder
 

@@ -59,6 +59,13 @@ def setup(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def teardown() -> None:
+    """Leave the process group (all ranks together), so no rank exits while another still talks to it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def launched_rank() -> int:
     """This process's rank as torchrun announced it (0 when not launched by torchrun), before ``setup``."""
     return int(os.environ.get("RANK", "0"))

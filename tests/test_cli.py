@@ -106,3 +106,65 @@ def test_wrong_suffix(capsys, tiny_toy_run, tmp_path):
 def test_refuses_to_overwrite_a_run(capsys, tiny_toy_run):
     code, err = run_cli(capsys, "train", "swissroll", "--out", str(tiny_toy_run), "--steps", "5", "--quiet")
     assert code == 2 and "--resume" in err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "swissroll", "--out", "{run}", "--resume", "--lr", "5"], "drop train.lr=5.0 (saved: 0.002)"),
+        (["train", "moons", "--out", "{run}", "--resume"], "drop NAME 'moons' (the run trains 'swissroll')"),
+        (["train", "--out", "{run}", "--resume", "--target", "eps"], "drop target 'eps' (saved: 'v')"),
+        (["train", "--out", "{run}", "--resume", "--class-cond"], "--class-cond (the run is unconditional)"),
+        (["train", "swissroll", "--out", "{tmp}/new", "--class-cond"], "--class-cond needs an image run"),
+        (["train", "swissroll", "--out", "{tmp}/new", "--cond-dropout", "0.2"], "--cond-dropout needs a conditional model"),
+        (["train", "swissroll", "--out", "{tmp}/new", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+        (["train", "--out", "{tmp}/new"], "give the dataset NAME"),
+        (["sample", "{run}", "--gif", "{tmp}/c.gif"], "--gif draws the chain of an image run"),
+        (["sample", "{run}", "--sampler", "euler", "--eta", "0.5"], "--eta is an option of the ddim sampler; 'euler' does not take it"),
+        (["sample", "{run}", "--sampler", "ddim", "--variance", "beta_tilde"], "--variance is an option of the ddpm sampler"),
+        (["sample", "{run}", "--sigma-cap", "0"], "--sigma-cap: must be a positive number or 'none', got 0"),
+        (["sample", "{run}", "--sampler", "ddim", "--sigma-cap", "80"], "--sigma-cap applies to the karras and logsnr spacings"),
+        (["sample", "{run}", "--sampler", "heun", "--sigma-cap", "1e-9"], "the sigma cap must exceed sigma/alpha"),
+        (["sample", "{run}", "--class-label", "3"], "MLP takes no conditions; got 'class_labels'"),
+        (["trajectories", "{run}", "--out", "{tmp}/t.png", "--gif", "{tmp}/t.gif"], "--gif and --forward are for image runs"),
+        (["features", "train", "swissroll", "--out", "{tmp}"], "swissroll"),
+    ],
+)
+def test_cli_cases_give_one_line_and_exit_2(capsys, tmp_path, tiny_toy_run, argv, needle):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_toy_run, run)
+    before = sorted(p.name for p in run.rglob("*"))
+    argv = [a.format(run=run, tmp=tmp_path) for a in argv]
+    code, err = run_cli(capsys, *argv, *(["--out", str(tmp_path / "s.png")] if argv[0] == "sample" else []))
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in run.rglob("*")) == before  # the run is untouched
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "new").exists()
+
+
+def test_sample_options_reach_the_sampler(capsys, tiny_toy_run, tmp_path):
+    """DDIM's eta, DDPM's variance and the sigma cap change the samples (they are not dropped)."""
+    def draw(*extra):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.npz"
+        code, err = run_cli(capsys, "sample", str(tiny_toy_run), "--n", "50", "--steps", "10", "--save", str(path), "--quiet", *extra)
+        assert code == 0, err
+        return np.load(path)["points"]
+
+    assert np.abs(draw("--sampler", "ddim") - draw("--sampler", "ddim", "--eta", "1")).max() > 1e-3
+    assert np.abs(draw("--sampler", "ddpm") - draw("--sampler", "ddpm", "--variance", "beta_tilde")).max() > 1e-3
+    assert np.abs(draw("--sampler", "euler") - draw("--sampler", "euler", "--sigma-cap", "none")).max() > 1e-3
+    np.testing.assert_array_equal(draw("--sampler", "euler"), draw("--sampler", "euler", "--sigma-cap", "80"))  # 80 is the default
+
+
+def test_folder_presets_are_sized_like_the_built_in_ones(tmp_path):
+    from difflab.data.images import save_npz
+    from difflab.image_presets import IMAGE_PRESETS
+    from difflab.presets import preset_for
+
+    for size, like in ((28, "fashion-mnist"), (8, "digits")):
+        path = tmp_path / f"set{size}.npz"
+        save_npz(path, np.zeros((20, size, size), dtype=np.uint8))
+        cfg = preset_for(str(path))
+        assert cfg.net == IMAGE_PRESETS[like].net and cfg.shape == [1, size, size] and cfg.train == IMAGE_PRESETS[like].train

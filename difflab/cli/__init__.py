@@ -14,6 +14,7 @@ import argparse
 import signal
 import sys
 
+from ..distributed import teardown
 from ..training import Interrupted
 from . import data, eval, features, sample, train, trajectories
 from .options import Parser
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        teardown()
     except Interrupted as e:
         print(f"difflab: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -50,7 +50,7 @@ def run(args) -> None:
 def register(sub) -> None:
     d = sub.add_parser("data", help="export points or images of a dataset (and a preview picture)")
     d.add_argument("name", help=f"a 2-D set ({', '.join(TOY_DATASETS)}), an image set (digits, fashion-mnist), a folder or an .npz")
-    d.add_argument("--n", type=positive_int, help="how many (default 5000 points / 64 images)")
+    d.add_argument("-n", "--n", type=positive_int, help="how many (default 5000 points / 64 images)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--split", default="train", choices=["train", "test"])
     d.add_argument("--size", type=positive_int, help="image size for folders of images")

@@ -39,7 +39,7 @@ def register(sub) -> None:
     e = sub.add_parser("eval", help="sample quality (FD, KID, precision/recall, classes) and bits/dim of a run")
     e.add_argument("run", help="run directory")
     add_sampler(e, "dpmpp-2m", 20)
-    e.add_argument("--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")
+    e.add_argument("-n", "--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch", type=positive_int, default=250, help="samples per sampler call")
     e.add_argument("--bpd-n", type=int, default=32, help="test images for bits/dim (default 32; 0 skips; ~0.6 s each for 8x8 digits, ~7 s for 28x28)")

@@ -79,7 +79,7 @@ def register(sub) -> None:
     s.add_argument("run", help="run directory")
     add_sampler(s, "ddim", 50)
     add_conditions(s)
-    s.add_argument("--n", type=positive_int, default=64)
+    s.add_argument("-n", "--n", type=positive_int, default=64)
     s.add_argument("--batch", type=positive_int, default=1000, help="samples per sampler call (does not change the samples)")
     s.add_argument("--seed", type=int, default=0, help="sample i has seed SEED + i")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")

@@ -187,7 +187,7 @@ def register(sub) -> None:
     t.add_argument("--T", type=positive_int, help="number of DDPM steps")
     t.add_argument("--target", choices=["eps", "x0", "v", "score"])
     t.add_argument("--weighting", choices=["none", "snr", "min_snr"])
-    t.add_argument("--n", type=positive_int, help="2-D sets: number of training points")
+    t.add_argument("-n", "--n", type=positive_int, help="2-D sets: number of training points")
     t.add_argument("--data", help="folder holding the dataset's files")
     t.add_argument("--class-cond", action="store_true", help="learn p(x | class) from the data's labels (with a null class for guidance)")
     t.add_argument("--cond-dropout", type=unit_float, help="probability of training on the null condition (default 0.1; 0: never)")

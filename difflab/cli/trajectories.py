@@ -35,7 +35,7 @@ def register(sub) -> None:
     r.add_argument("--gif", help="images: also a GIF of the chain")
     r.add_argument("--forward", help="images: also a forward-noising strip of real test images (.png)")
     r.add_argument("--steps", type=positive_int, default=100)
-    r.add_argument("--n", type=positive_int)
+    r.add_argument("-n", "--n", type=positive_int)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--sampler", default="ddpm")
     r.set_defaults(func=run)
