@@ -1,21 +1,25 @@
 """Sample quality against the number of network evaluations (NFE), for every sampler and step spacing.
 
 One Fashion-MNIST model with our default recipe (image_presets: DiscreteDDPM cosine T=1000, v-prediction,
-min-SNR-5, EMA; the 'fashion-mnist' U-Net) is trained by this command, or reused when its run folder
-already holds a checkpoint of at least --steps steps (an unfinished run resumes). Its EMA denoiser then
-draws --n-samples images at every (sampler, spacing, NFE):
+min-SNR-5, EMA; the 'fashion-mnist' U-Net) is trained by this command with difflab's own loop
+(training.train, on --device, stopping with a checkpoint after --train-minutes), or reused when its run
+folder already holds a checkpoint of at least --steps steps (an unfinished run resumes exactly). Its EMA
+denoiser then draws --n-samples images by generate at every (sampler, spacing, NFE):
 
     samplers  ddpm (ancestral, variance beta), ddim (eta 0), euler, heun, dpmpp-2m: those of SAMPLERS that
               apply to a DiscreteDDPM process (langevin and pc need a variance-exploding one)
-    spacings  uniform, leading, trailing, karras, logsnr; with --sigma-cap C also karras and logsnr built by
-              timesteps(..., sigma_tilde_cap=C) (shown as 'karras+capC', 'logsnr+capC')
+    spacings  uniform, leading, trailing, karras, logsnr, each label meaning one grid whatever the library's
+              default: 'karras' and 'logsnr' are the uncapped grids (sigma_tilde_cap=None); 'karras+capC' and
+              'logsnr+capC' are built by timesteps(..., sigma_tilde_cap=C), C = --sigma-cap, by default 80,
+              which is difflab's default grid for these spacings ('--sigma-cap none' leaves those rows out)
     NFE       5, 10, 20, 50 network evaluations: N steps for every sampler but heun, which evaluates
               2N - 1 times (none extra into t = 0), so heun runs N = (NFE + 1) // 2 steps and the table
               shows its true count (9 at a budget of 10)
 
 and each set is scored by the Frechet distance (FD) of the shipped 'fashion-mnist' classifier's 128-d
 penultimate features against the real test split (10000 images), next to DDPM ancestral sampling at
-1000 steps, the reference. Every point starts from the same seed. Grids that coincide (uniform and
+1000 steps, the reference. Every point draws sample i from seed --seed + i (generate's per-sample
+seeds), so all points start from the same noises. Grids that coincide (uniform and
 trailing are one grid for DiscreteDDPM) are sampled once. Targets: at 10 evaluations the best sampler's
 FD within 10% of the 1000-step FD, at 20 within 2%.
 
@@ -30,7 +34,6 @@ stopped (a point is reused when its sampler, grid, sample count, seed, model ste
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -51,11 +54,15 @@ from common import (
 from tqdm.auto import tqdm
 
 from difflab import checkpoint as ckpt
-from difflab.data.images import load_images, to_model, to_uint8
+from difflab.checkpoint import has_checkpoint, weights_step
+from difflab.data.images import load_images, to_uint8
+from difflab.data.loader import TensorDataset
 from difflab.features import embed, load_feature_net
+from difflab.generate import generate
 from difflab.image_presets import IMAGE_PRESETS
 from difflab.metrics import frechet_from_stats, gaussian_stats
-from difflab.samplers import sample, timesteps
+from difflab.samplers import DEFAULT_SIGMA_CAP, timesteps
+from difflab.training import train
 
 F64 = torch.float64
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m")
@@ -65,6 +72,8 @@ TARGETS = {10: 0.10, 20: 0.02}  # NFE budget -> allowed relative FD gap to the 1
 REFERENCE = ("ddpm", "uniform", 1000)
 NAME = "quality_vs_nfe"
 CAPPABLE = ("karras", "logsnr")  # grids that --sigma-cap also sweeps with timesteps(..., sigma_tilde_cap=cap)
+SEEDING = "seed+i"  # generate's per-sample seeds; part of a point's key (older rows drew from one generator)
+CHECKPOINT_EVERY = 2000
 
 
 def capped(spacing: str, cap: float) -> str:
@@ -73,7 +82,7 @@ def capped(spacing: str, cap: float) -> str:
 
 
 def parse_spacing(label: str) -> tuple[str, float | None]:
-    """'karras+cap80' -> ('karras', 80.0); 'karras' -> ('karras', None)."""
+    """'karras+cap80' -> ('karras', 80.0); 'karras' -> ('karras', None): the uncapped grid, not the library default."""
     spacing, _, cap = label.partition("+cap")
     return spacing, (float(cap) if cap else None)
 
@@ -84,118 +93,48 @@ def sweep_spacings(args) -> list[str]:
     return list(args.spacings) + extra
 
 
+def sigma_cap(text: str) -> float | None:
+    """--sigma-cap: a positive number, or 'none' (no capped rows)."""
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'none', got {text}")
+    return value
+
+
 # --------------------------------------------------------------------------- the model
-
-
-def on_device(denoiser, device: str):
-    return denoiser.to(device)
 
 
 def recipe(steps: int, batch: int | None) -> ckpt.RunConfig:
     """Our default recipe for Fashion-MNIST, with the step count (and batch size) of this benchmark."""
     preset = IMAGE_PRESETS["fashion-mnist"]
-    tc = replace(preset.train, steps=steps, batch_size=batch or preset.train.batch_size, sample_every=0)
+    tc = replace(preset.train, steps=steps, batch_size=batch or preset.train.batch_size, sample_every=0,
+                 checkpoint_every=CHECKPOINT_EVERY)
     return replace(preset, train=tc)
 
 
-def _cpu(obj):
-    """A copy of a (nested) state dict with every tensor on the CPU, so a GPU run resumes on a CPU machine."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu(v) for v in obj)
-    return obj
-
-
-def train_on_device(run_dir: Path, config: ckpt.RunConfig, images: torch.Tensor, device: str, max_minutes: float | None) -> int:
-    """The difflab training step (training.train_step, ema_update, learning_rate) on a CUDA device, with bf16
-    autocast there when the recipe asks for bf16, writing the same run folder as training.train (resumable
-    by either). Stops after ``max_minutes`` (checkpointing first); returns the step reached."""
-    from difflab.data.loader import ShuffledBatches
-    from difflab.losses import SimpleLoss
-    from difflab.training import ema_decay_at, ema_update, learning_rate, train_step
-
-    tc = config.train
-    torch.manual_seed(tc.seed)
-    denoiser = on_device(config.build_denoiser(), device)
-    ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
-    loss_fn = SimpleLoss(**config.loss)
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    batches = ShuffledBatches(to_model(images).to(device), tc.batch_size, seed=tc.seed)
-    gen = torch.Generator().manual_seed(tc.seed + 1)
-    step = 0
-    state_path = run_dir / ckpt.STATE
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False, map_location="cpu")
-        if ckpt.weights_step(run_dir) != state["step"]:
-            raise ckpt.CheckpointError(f"{run_dir}: weights and training state of different steps")
-        denoiser.net.load_state_dict(ckpt.load_weights(run_dir, "net"))
-        ema.net.load_state_dict(ckpt.load_weights(run_dir, "ema"))
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        batches.load_state_dict(state["batches"])
-        step = state["step"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.save_config(run_dir, config)
-
-    def save():
-        state = {"step": step, "optimizer": _cpu(opt.state_dict()), "generator": gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), "batches": batches.state_dict()}
-        tmp = state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(state_path)
-        ckpt.save_weights(run_dir, copy.deepcopy(denoiser.net).cpu(), copy.deepcopy(ema.net).cpu(), step)
-
-    cast = torch.autocast("cuda", dtype=torch.bfloat16) if tc.precision == "bf16" else torch.autocast("cuda", enabled=False)
-    t0 = time.perf_counter()
-    bar = tqdm(total=tc.steps, initial=step, desc=f"train on {device}", dynamic_ncols=True, mininterval=5)
-    with open(run_dir / "metrics.jsonl", "a") as log:
-        while step < tc.steps:
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, tc.lr, tc.warmup)
-            with cast:
-                loss, grad_norm = train_step(denoiser, loss_fn, opt, next(batches), gen, tc, False)
-            ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-            step += 1
-            bar.update(1)
-            out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
-            if step % tc.log_every == 0 or step == tc.steps or out_of_time:
-                log.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"]}) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}")
-            if step % 5000 == 0 or step == tc.steps or out_of_time:
-                save()
-            if out_of_time:
-                break
-    bar.close()
-    return step
-
-
-def trained_model(args, images) -> tuple[torch.nn.Module, dict]:
-    """The EMA denoiser of args.run, trained (or resumed) to args.steps first if needed; and where it was trained."""
+def trained_model(args, images) -> tuple[torch.nn.Module, ckpt.RunConfig, dict]:
+    """The EMA denoiser of args.run, trained (or resumed) to args.steps first if needed; its config; and where it was trained."""
     run = Path(args.run)
-    done = ckpt.weights_step(run) if (run / ckpt.WEIGHTS).exists() else 0
+    resume = has_checkpoint(run)
+    done = weights_step(run) if resume else 0
     info_path = run / "trained_on.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {"sessions": []}
+    # the sessions that trained the checkpoint there; none when there is none (a fresh run, or one of an older layout)
+    info = json.loads(info_path.read_text()) if resume and info_path.exists() else {"sessions": []}
     if done < args.steps:
-        config = ckpt.load_config(run) if (run / ckpt.CONFIG).exists() else recipe(args.steps, args.batch)
+        config = ckpt.load_config(run) if resume else recipe(args.steps, args.batch)
         config = replace(config, train=replace(config.train, steps=args.steps))
         t0 = time.perf_counter()
-        if args.device == "cpu":
-            from difflab.training import train
-
-            train(run, config, to_model(images), resume=(run / ckpt.STATE).exists())
-            reached = args.steps
-        else:
-            reached = train_on_device(run, config, images, args.device, args.train_minutes)
+        train(run, config, TensorDataset(images), device=args.device, resume=resume, max_minutes=args.train_minutes)
+        reached = weights_step(run)
         info["sessions"].append({"from_step": done, "to_step": reached, "minutes": round((time.perf_counter() - t0) / 60, 2),
                                  "device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                                  "command": command_line()})
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     denoiser, config = ckpt.load_denoiser(run)
-    info["step"], info["config"] = ckpt.weights_step(run), json.loads(config.to_json())
-    return on_device(denoiser, args.device), info
+    info["step"], info["config"] = weights_step(run), json.loads(config.to_json())
+    return denoiser.to(args.device), config, info
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -220,27 +159,25 @@ def sweep_points(args) -> list[tuple[str, str, int]]:
 
 
 @torch.no_grad()
-def features_of_samples(denoiser, feature_net, sampler, spacing, steps, args) -> torch.Tensor:
-    g = torch.Generator(args.device).manual_seed(args.seed)
+def features_of_samples(denoiser, config, feature_net, sampler, spacing, steps, args) -> torch.Tensor:
+    """Features (n, 128) of args.n_samples images drawn by generate on the grid the label ``spacing`` names."""
     spacing, cap = parse_spacing(spacing)
-    feats = []
     cast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    for start in range(0, args.n_samples, args.sample_batch):
-        b = min(args.sample_batch, args.n_samples - start)
-        with cast:
-            x = sample(denoiser, (b, 1, 28, 28), steps, sampler=sampler, spacing=spacing, generator=g, device=args.device,
-                       sigma_tilde_cap=cap)
-        feats.append(embed(feature_net, to_uint8(x.float()), batch=2000)[0].to(F64).cpu())
-    return torch.cat(feats)
+    with cast:
+        x = generate(denoiser, config, args.n_samples, sampler=sampler, steps=steps, spacing=spacing,
+                     options={"sigma_tilde_cap": cap}, seed=args.seed, batch=args.sample_batch, device=args.device)
+    images = to_uint8(x.float()).to(args.device)  # (n, 1, 28, 28)
+    return embed(feature_net, images, batch=2000)[0].to(F64).cpu()
 
 
-def run_sweep(args, denoiser, info, feature_net, ref_stats, jsonl: Path, deadline: float) -> None:
+def run_sweep(args, denoiser, config, info, feature_net, ref_stats, jsonl: Path, deadline: float) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()] if jsonl.exists() else []
     fingerprint = feature_net.fingerprint()[:16]
     process = denoiser.process
 
     def key(sampler, grid):
-        return json.dumps([sampler, [round(t, 6) for t in grid], args.n_samples, args.seed, info["step"], fingerprint, args.precision])
+        return json.dumps([sampler, [round(t, 6) for t in grid], args.n_samples, args.seed, info["step"], fingerprint, args.precision,
+                           SEEDING])
 
     done = {r["key"]: r for r in rows}
     points = sweep_points(args)
@@ -260,10 +197,10 @@ def run_sweep(args, denoiser, info, feature_net, ref_stats, jsonl: Path, deadlin
                 return
             bar.set_postfix_str(f"{sampler} {spacing} {steps} steps")
             t0 = time.perf_counter()
-            feats = features_of_samples(denoiser, feature_net, sampler, spacing, steps, args)
+            feats = features_of_samples(denoiser, config, feature_net, sampler, spacing, steps, args)
             fd = frechet_from_stats(*gaussian_stats(feats), *ref_stats)
             row = {"key": k, "sampler": sampler, "spacing": spacing, "steps": steps, "nfe": nfe_of(sampler, steps),
-                   "fd": fd, "n": args.n_samples, "seed": args.seed, "model_step": info["step"],
+                   "fd": fd, "n": args.n_samples, "seed": args.seed, "seeding": SEEDING, "model_step": info["step"],
                    "feature_net": fingerprint, "precision": args.precision,
                    "seconds": round(time.perf_counter() - t0, 2), "device": args.device}
             done[k] = row
@@ -312,8 +249,12 @@ def report(args, jsonl: Path, meta: dict) -> None:
         + (f"{ref['fd']:.3f}" if ref else "not yet measured"),
         "- NFE = network evaluations; heun runs N steps for 2N - 1 evaluations, so its column '10' is 9 evaluations "
         "(5 steps), '20' is 19, '50' is 49, '5' is 5 (3 steps). uniform and trailing are the same grid for DiscreteDDPM.",
-        *(f"- spacing '{label}': the {sp} grid built by timesteps(..., sigma_tilde_cap={cap:g}) (`difflab sample --sigma-cap "
-          f"{cap:g}`): the first step still starts at t = T, the rest are spread below sigma/alpha = {cap:g}."
+        *(f"- spacing '{sp}': the uncapped {sp} grid (timesteps(..., sigma_tilde_cap=None), `difflab sample --sigma-cap none`), "
+          f"not difflab's default for it, which is capped at {DEFAULT_SIGMA_CAP:g}."
+          for sp in CAPPABLE if sp in spacings),
+        *(f"- spacing '{label}': the {sp} grid built by timesteps(..., sigma_tilde_cap={cap:g}) ("
+          + ("difflab's default grid" if cap == DEFAULT_SIGMA_CAP else f"`difflab sample --sigma-cap {cap:g}`")
+          + f"): the first step still starts at t = T, the rest are spread below sigma/alpha = {cap:g}."
           for label in capped_spacings for sp, cap in [parse_spacing(label)]),
         "",
         "## FD by sampler, spacing and NFE (lower is better; in brackets: relative gap to the 1000-step reference)",
@@ -410,7 +351,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--steps", type=int, help="training steps (default 2000 on cpu, 30000 on cuda)")
     p.add_argument("--batch", type=int, help="training batch (default: the recipe's 64)")
-    p.add_argument("--train-minutes", type=float, help="cuda: stop training after this long (checkpointed; rerun to go on)")
+    p.add_argument("--train-minutes", type=float, help="stop training after this long (checkpointed; rerun to go on)")
     p.add_argument("--run", default=str(RUNS / "quality_vs_nfe"), help="run folder (reused / resumed if present)")
     p.add_argument("--out", "--results", dest="results", default=str(RESULTS), help="folder for the .md, .png and .jsonl")
     p.add_argument("--n-samples", type=int, help="samples per point (default 256 on cpu, 10000 on cuda)")
@@ -418,7 +359,9 @@ def main(argv=None) -> None:
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--spacings", nargs="+", default=list(SPACINGS), choices=SPACINGS)
-    p.add_argument("--sigma-cap", type=float, help="also sweep the karras and logsnr grids capped at this sigma/alpha (e.g. 80)")
+    p.add_argument("--sigma-cap", type=sigma_cap, default=DEFAULT_SIGMA_CAP,
+                   help=f"also sweep the karras and logsnr grids capped at this sigma/alpha (default {DEFAULT_SIGMA_CAP:g}, "
+                        "difflab's default grid; 'none': only the uncapped ones)")
     p.add_argument("--ref-sampler", default="ddpm", choices=SAMPLERS)
     p.add_argument("--ref-steps", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="sampling precision (autocast)")
@@ -450,7 +393,7 @@ def main(argv=None) -> None:
 
     train_images = load_images("fashion-mnist", "train", data_dir=args.data_dir).images
     test_images = load_images("fashion-mnist", "test", data_dir=args.data_dir).images
-    denoiser, info = trained_model(args, train_images)
+    denoiser, config, info = trained_model(args, train_images)
     feature_net = load_feature_net("fashion-mnist").to(args.device)
     ref_feats = embed(feature_net, test_images.to(args.device), batch=2000)[0].to(F64).cpu()
     ref_stats = gaussian_stats(ref_feats)
@@ -465,7 +408,7 @@ def main(argv=None) -> None:
         "ref_n": len(test_images), "floor": frechet_from_stats(*gaussian_stats(floor_feats), *ref_stats),
         "command": command_line(),
     }
-    run_sweep(args, denoiser, info, feature_net, ref_stats, jsonl, deadline)
+    run_sweep(args, denoiser, config, info, feature_net, ref_stats, jsonl, deadline)
     meta["load"] = load_average()
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     report(args, jsonl, meta)

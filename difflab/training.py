@@ -75,12 +75,17 @@ def learning_rate(step: int, base_lr: float, warmup: int) -> float:
     return base_lr * min(1.0, (step + 1) / max(warmup, 1))
 
 
-def autocast(precision: str, device: torch.device):
-    """The autocast context of a precision on a device: bf16 anywhere, fp16 on CUDA only, fp32 = none."""
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 runs anywhere, fp16 on CUDA only (it trains with a gradient scaler), fp32 everywhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device (it trains with a gradient scaler); use bf16 on the CPU")
+
+
+def autocast(precision: str, device: torch.device):
+    """The autocast context of a precision on a device (fp32: none)."""
+    check_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -120,8 +125,7 @@ def train(
     if isinstance(data, Tensor):
         data = TensorDataset(data)
     specs = config.condition_specs()
-    with autocast(tc.precision, device):  # validates the precision for this device before any work
-        pass
+    check_precision(tc.precision, device)
 
     torch.manual_seed(tc.seed)
     denoiser = config.build_denoiser().to(device)

@@ -138,3 +138,31 @@ def test_resume_refuses_mismatched_files(tmp_path):
     state_json.write_text(state_json.read_text().replace('"step": 10', '"step": 5'))
     with pytest.raises(CheckpointError, match="different steps"):
         train(tmp_path / "r", replace(cfg, train=replace(cfg.train, steps=20)), data, resume=True, progress=False)
+
+
+def test_injected_loss_trainable_filter_and_init_from(tmp_path):
+    """The loop's hooks: a custom loss is what is minimised, frozen parameters do not move, and a run can
+    start from another run's EMA weights."""
+    from difflab.data.toy2d import make_toy
+    from difflab.training import train
+
+    data = make_toy("swissroll", 300, seed=1)
+    cfg = preset_for("swissroll")
+    cfg = replace(cfg, train=replace(cfg.train, steps=8, batch_size=32, checkpoint_every=8, warmup=1))
+    train(tmp_path / "base", cfg, data, progress=False)
+    base = load_weights(tmp_path / "base", "ema")
+
+    calls = []
+
+    def loss(denoiser, x0, *, t, noise, cond):
+        calls.append((x0.shape, t.shape, noise.shape, dict(cond)))
+        return (denoiser(x0, t).value ** 2).mean()  # drive the output to zero
+
+    frozen = lambda name, p: not name.startswith("out.")  # noqa: E731  (train everything but the output head)
+    train(tmp_path / "tuned", cfg, data, progress=False, loss_fn=loss, trainable=frozen, init_from=tmp_path / "base")
+    tuned = load_weights(tmp_path / "tuned", "net")
+    assert len(calls) == 8 and calls[0][:3] == ((32, 2), (32,), (32, 2)) and calls[0][3] == {}
+    assert all(torch.equal(tuned[k], base[k]) for k in base if k.startswith("out."))  # frozen: still the base EMA
+    assert any(not torch.equal(tuned[k], base[k]) for k in base if not k.startswith("out."))
+    opt = load_training_state(tmp_path / "tuned")[1]
+    assert len(opt["state"]) == len([k for k in base if not k.startswith("out.")])  # AdamW holds only what trains
