@@ -178,6 +178,7 @@ def train(
         while step < last:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, tc.lr, tc.warmup)
+            torch.manual_seed((tc.seed * SEED_STRIDE + step) * 64 + world.rank)  # the network's own randomness (dropout)
             loss, grad_norm = train_step(model, loss_fn, opt, scaler, data, next(batches), specs, tc, world, device,
                                          step_generator(tc.seed, step, device))
             ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
