@@ -149,6 +149,9 @@ def train(
 
     if resume:
         step, opt_state, state = ckpt.load_training_state(run_dir)
+        if state.get("world_size", 1) != world.size:
+            raise ckpt.CheckpointError(f"{run_dir} was trained by {state.get('world_size')} processes; resume it with as many "
+                                       f"(the global batch is batch_size x processes x accumulation), not {world.size}")
         ckpt.load_into(denoiser.net, ckpt.load_weights(run_dir, "net"), run_dir)
         ckpt.load_into(ema.net, ckpt.load_weights(run_dir, "ema"), run_dir)
         opt.load_state_dict(opt_state)
