@@ -3,28 +3,32 @@
 Two contenders train on Fashion-MNIST (60000 training images, [-1, 1]) on this CPU with
 torch.set_num_threads(2), each for --minutes of wall-clock time:
 
-    ours     difflab's trainer (training.train) with the default recipe of image_presets: DiscreteDDPM cosine
-             T=1000, v-prediction, min-SNR-5 loss, AdamW lr 1e-3 with 500 warm-up steps, grad clip 1, EMA 0.999 with
-             warm-up (training.ema_decay_at),
-             batch 64, bf16 autocast; the 'fashion-mnist' U-Net preset (1.19M parameters).
-    classic  diffusers' examples/unconditional_image_generation/train_unconditional.py, as its defaults set it up:
-             UNet2DModel (sized to match ours, as in benchmarks/throughput.py: 1.11M parameters), DDPMScheduler
+    ours     difflab's trainer (training.train, each slice a resumed run with max_minutes) with the default recipe
+             of image_presets: DiscreteDDPM cosine T=1000, v-prediction, min-SNR-5 loss, AdamW lr 1e-3 with 500
+             warm-up steps, grad clip 1, EMA 0.999 with warm-up (training.ema_decay_at), batch 64, bf16 autocast;
+             the 'fashion-mnist' U-Net preset (1.15M parameters).
+    classic  diffusers' examples/unconditional_image_generation/train_unconditional.py, as its defaults set it up
+             (its own loop, below; only its checkpoints use difflab's safetensors/JSON format):
+             UNet2DModel (benchmarks/throughput.py's diffusers_config: 1.11M parameters), DDPMScheduler
              (1000 steps, linear betas 1e-4..0.02), eps-prediction MSE, uniform t in 0..999, AdamW lr 1e-4,
              betas (0.95, 0.999), weight decay 1e-6, eps 1e-8, cosine LR schedule with 500 warm-up steps
              (its horizon: the number of steps the budget affords, estimated from the first slice), grad clip 1,
              EMAModel(decay 0.9999, use_ema_warmup, inv_gamma 1, power 3/4), fp32 ("mixed_precision no"),
              batch 64 (the example's train.sh; its argparse default is 16: --classic-batch). No random flips
-             (ours has none either).
+             (ours has none either). Its noise and times of step k come from a generator seeded (1, k)
+             (training.step_generator), so a resumed run draws what an uninterrupted one would.
 
 The two take turns in slices of --slice-seconds (A B, then B A, ...) until each has used its budget, so
 background load on a shared machine hits both alike; each slice ends with a checkpoint, so a killed run
 resumes where it stopped (run it again with the same arguments). Then each EMA model draws --n-samples
 images with 50 network evaluations:
 
-    ours     dpmpp-2m, log-SNR spacing (its recommended sampler; the best at small NFE in quality_vs_nfe)
+    ours     generate: dpmpp-2m on its default grid, log-SNR capped at sigma/alpha 80 (its recommended
+             sampler; the best at small NFE in quality_vs_nfe); sample i from seed --seed + i
     classic  diffusers DDIMScheduler (eta 0, its defaults from the training scheduler's config), its
-             recommended fast sampler; diffusers DDPMScheduler at 50 steps (the example's pipeline sampler);
-             and difflab's dpmpp-2m/logsnr on the classic network (same sampler as ours: the recipe alone)
+             recommended fast sampler; diffusers DDPMScheduler at 50 steps (the example's pipeline sampler),
+             both in the pipeline's loop; and generate's dpmpp-2m / logsnr+cap80 on the classic network
+             wrapped as a difflab Denoiser (same sampler and seeds as ours: the recipe alone differs)
 
 and the FD of the shipped 'fashion-mnist' classifier's features against the real test split scores them.
 Target: our FD <= half the classic's (ours at its sampler against the classic at DDIM 50).
@@ -43,6 +47,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -51,65 +56,64 @@ from throughput import diffusers_config
 from torch import nn
 from tqdm.auto import tqdm
 
+from safetensors.torch import load_file, save_file
+
 from difflab import checkpoint as ckpt
+from difflab.checkpoint import has_checkpoint
 from difflab.data.images import load_images, to_model, to_uint8
-from difflab.data.loader import ShuffledBatches
+from difflab.data.loader import ShuffledBatches, TensorDataset
 from difflab.features import embed, load_feature_net
+from difflab.generate import generate
 from difflab.image_presets import IMAGE_PRESETS
 from difflab.metrics import frechet_from_stats, gaussian_stats
 from difflab.parameterize import Denoiser
 from difflab.processes import DiscreteDDPM
-from difflab.samplers import sample
+from difflab.training import step_generator, train
 
 NAME = "quality_per_minute"
 F64 = torch.float64
 NFE = 50
+DIFFLAB_SAMPLER = "dpmpp-2m / logsnr+cap80, 50 (difflab)"  # generate's defaults for dpmpp-2m: log-SNR grid, sigma cap 80
+IMAGE = SimpleNamespace(shape=(1, 28, 28))  # all generate reads of a run's config, for the classic's wrapped network
+CLASSIC_SEED = 1
 
 
 # --------------------------------------------------------------------------- contenders
 
 
 class Ours:
-    """difflab's own trainer on the default recipe, run in chunks of steps (train(..., resume=True, stop_after=k))."""
+    """difflab's own trainer on the default recipe, one resumed run per slice (train(..., max_minutes=slice))."""
 
     name = "ours (difflab recipe)"
 
-    def __init__(self, run: Path, data: torch.Tensor):
+    def __init__(self, run: Path, data: TensorDataset):
         self.run, self.data = run, data
         preset = IMAGE_PRESETS["fashion-mnist"]
-        # steps: a horizon the budget never reaches (the recipe's LR is constant after warm-up)
+        # steps: a horizon the budget never reaches (the recipe's LR is constant after warm-up); one checkpoint per slice
         self.config = replace(preset, train=replace(preset.train, steps=10**7, sample_every=0, checkpoint_every=10**7))
         self.progress_path = run / "budget.json"
-        p = json.loads(self.progress_path.read_text()) if self.progress_path.exists() else {}
-        self.seconds, self.rate = p.get("seconds", 0.0), p.get("rate")
+        p = json.loads(self.progress_path.read_text()) if self.progress_path.exists() and has_checkpoint(run) else {}
+        self.seconds = p.get("seconds", 0.0)
 
     @property
     def steps(self) -> int:
-        return ckpt.weights_step(self.run) if (self.run / ckpt.WEIGHTS).exists() else 0
+        return ckpt.weights_step(self.run) if has_checkpoint(self.run) else 0
 
     def train_for(self, seconds: float) -> None:
-        from difflab.training import train
-
-        k = 5 if self.rate is None else max(1, int(seconds * self.rate))
-        before, t0 = self.steps, time.perf_counter()
-        train(self.run, self.config, self.data, resume=before > 0, progress=False, stop_after=k)
-        spent = time.perf_counter() - t0
-        self.seconds += spent
-        self.rate = (self.steps - before) / spent
-        self.progress_path.write_text(json.dumps({"seconds": self.seconds, "rate": self.rate}))
+        t0 = time.perf_counter()
+        train(self.run, self.config, self.data, resume=has_checkpoint(self.run), progress=False, max_minutes=seconds / 60)
+        self.seconds += time.perf_counter() - t0
+        self.progress_path.write_text(json.dumps({"seconds": self.seconds}))
 
     def denoiser(self) -> Denoiser:
         return ckpt.load_denoiser(self.run)[0]
 
     def samplers(self) -> dict:
-        denoiser = []
+        def draw(n: int, seed: int, batch: int) -> torch.Tensor:
+            denoiser, config = ckpt.load_denoiser(self.run)
+            return to_uint8(generate(denoiser, config, n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
 
-        def draw(n, g):
-            if not denoiser:
-                denoiser.append(self.denoiser())
-            return sample(denoiser[0], (n, 1, 28, 28), NFE, sampler="dpmpp-2m", generator=g)
-
-        return {"dpmpp-2m / logsnr, 50 (difflab)": draw}
+        return {DIFFLAB_SAMPLER: draw}
 
 
 class ClassicNet(nn.Module):
@@ -128,29 +132,31 @@ class Classic:
 
     name = "classic (diffusers example)"
 
-    def __init__(self, run: Path, data: torch.Tensor, batch: int, budget_seconds: float):
+    def __init__(self, run: Path, images: torch.Tensor, batch: int, budget_seconds: float):
         from diffusers import DDPMScheduler, UNet2DModel
         from diffusers.training_utils import EMAModel
 
-        self.run, self.budget = run, budget_seconds
+        self.run, self.images, self.budget = run, images, budget_seconds  # images: uint8 (N, 1, 28, 28)
         torch.manual_seed(0)
         self.unet = UNet2DModel(**diffusers_config())
         self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
         self.ema = EMAModel(self.unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-        self.batches = ShuffledBatches(data, batch, seed=0)
-        self.gen = torch.Generator().manual_seed(1)
+        self.batches = ShuffledBatches(len(images), batch, seed=0)
         self.steps, self.seconds, self.horizon, self.warmup = 0, 0.0, None, 500
         self.log: list[dict] = []
-        path = run / "state.pt"
-        if path.exists():
-            s = torch.load(path, weights_only=False)
-            self.unet.load_state_dict(s["unet"])
-            self.opt.load_state_dict(s["optimizer"])
-            self.ema.load_state_dict(s["ema"])
-            self.batches.load_state_dict(s["batches"])
-            self.gen.set_state(s["generator"])
-            self.steps, self.seconds, self.horizon, self.log = s["steps"], s["seconds"], s["horizon"], s["log"]
+        if has_checkpoint(run):
+            self.load()
+
+    def load(self) -> None:
+        """Resume from the newest checkpoint: safetensors weights and optimizer, JSON for the rest (nothing unpickled)."""
+        self.steps, opt_state, state = ckpt.load_training_state(self.run)
+        self.unet.load_state_dict(ckpt.load_weights(self.run, "net"))
+        ema = ckpt.load_weights(self.run, "ema")  # the EMA's shadow parameters, by the network's parameter names
+        self.ema.load_state_dict({**state["ema"], "shadow_params": [ema[name] for name, _ in self.unet.named_parameters()]})
+        self.opt.load_state_dict(opt_state)
+        self.batches.load_state_dict(state["batches"])
+        self.seconds, self.horizon, self.log = state["seconds"], state["horizon"], state["log"]
 
     def lr_factor(self) -> float:
         """diffusers' get_cosine_schedule_with_warmup (num_cycles 0.5) over ``horizon`` steps."""
@@ -161,10 +167,10 @@ class Classic:
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     def step(self) -> float:
-        x0, _ = next(self.batches)
-        x0 = to_model(x0) if x0.dtype == torch.uint8 else x0
-        noise = torch.randn(x0.shape, generator=self.gen)
-        t = torch.randint(0, 1000, (len(x0),), generator=self.gen)
+        x0 = to_model(self.images[next(self.batches)])  # (B, 1, 28, 28) in [-1, 1]
+        gen = step_generator(CLASSIC_SEED, self.steps, torch.device("cpu"))
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(x0),), generator=gen)
         x_t = self.scheduler.add_noise(x0, noise, t)
         for group in self.opt.param_groups:
             group["lr"] = 1e-4 * self.lr_factor()
@@ -190,13 +196,11 @@ class Classic:
         self.save()
 
     def save(self) -> None:
-        self.run.mkdir(parents=True, exist_ok=True)
-        state = {"unet": self.unet.state_dict(), "optimizer": self.opt.state_dict(), "ema": self.ema.state_dict(),
-                 "batches": self.batches.state_dict(), "generator": self.gen.get_state(), "steps": self.steps,
-                 "seconds": self.seconds, "horizon": self.horizon, "log": self.log}
-        tmp = self.run / "state.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(self.run / "state.pt")
+        """One atomic difflab checkpoint (checkpoint.save_checkpoint): the network, its EMA as a network, the optimizer,
+        and in state.json the EMA's counters, the data position, the seconds spent, the LR horizon and the log."""
+        ema = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
+        state = {"ema": ema, "batches": self.batches.state_dict(), "seconds": self.seconds, "horizon": self.horizon, "log": self.log}
+        ckpt.save_checkpoint(self.run, self.steps, self.unet, self.ema_unet(), self.opt.state_dict(), state)
 
     def ema_unet(self):
         unet = copy.deepcopy(self.unet).eval()
@@ -207,37 +211,33 @@ class Classic:
         from diffusers import DDIMScheduler, DDPMScheduler
 
         def diffusers_loop(scheduler_cls, **step_kwargs):
-            def draw(n, g):
-                unet = self.ema_unet()
+            """The pipeline's own loop (diffusers' DDPMPipeline / DDIMPipeline): batches drawn from one generator."""
+
+            @torch.no_grad()
+            def draw(n: int, seed: int, batch: int) -> torch.Tensor:
+                unet, g, out = self.ema_unet(), torch.Generator().manual_seed(seed), []
                 sched = scheduler_cls.from_config(self.scheduler.config)
                 sched.set_timesteps(NFE)
-                x = torch.randn(n, 1, 28, 28, generator=g) * sched.init_noise_sigma
-                for t in sched.timesteps:
-                    x = sched.step(unet(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
-                return x
+                for start in tqdm(range(0, n, batch), desc=scheduler_cls.__name__, leave=False):
+                    x = torch.randn(min(batch, n - start), 1, 28, 28, generator=g) * sched.init_noise_sigma
+                    for t in sched.timesteps:
+                        x = sched.step(unet(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
+                    out.append(to_uint8(x))
+                return torch.cat(out)  # (n, 1, 28, 28) uint8
             return draw
 
-        def difflab_dpmpp(n, g):
+        def difflab_dpmpp(n: int, seed: int, batch: int) -> torch.Tensor:
             denoiser = Denoiser(ClassicNet(self.ema_unet()), DiscreteDDPM(1000, "linear"), "eps").eval()
-            return sample(denoiser, (n, 1, 28, 28), NFE, sampler="dpmpp-2m", generator=g)
+            return to_uint8(generate(denoiser, IMAGE, n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
 
         return {
             "DDIM 50 (diffusers DDIMScheduler, eta 0)": diffusers_loop(DDIMScheduler, eta=0.0),
             "DDPM 50 (diffusers DDPMScheduler)": diffusers_loop(DDPMScheduler),
-            "dpmpp-2m / logsnr, 50 (difflab)": difflab_dpmpp,
+            DIFFLAB_SAMPLER: difflab_dpmpp,
         }
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-@torch.no_grad()
-def draw(sampler, n: int, batch: int, seed: int, desc: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for start in tqdm(range(0, n, batch), desc=desc, leave=False):
-        out.append(to_uint8(sampler(min(batch, n - start), g).float()))
-    return torch.cat(out)
 
 
 def plot(path: Path, rows: list[dict], grids: dict[str, torch.Tensor]) -> None:
@@ -288,10 +288,9 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     load_start, busy_start = load_average(), busy_processes()
 
-    train_images = load_images("fashion-mnist", "train", data_dir=args.data_dir).images
-    data = to_model(train_images)
+    train_images = load_images("fashion-mnist", "train", data_dir=args.data_dir).images  # uint8 (60000, 1, 28, 28)
     budget = 60 * args.minutes
-    contenders = [Ours(runs / "ours", data), Classic(runs / "classic", data, args.classic_batch, budget)]
+    contenders = [Ours(runs / "ours", TensorDataset(train_images)), Classic(runs / "classic", train_images, args.classic_batch, budget)]
 
     # ------------------------------------------------------------------ training, in alternating slices
     bar = tqdm(total=round(2 * budget), initial=round(sum(min(c.seconds, budget) for c in contenders)),
@@ -322,17 +321,18 @@ def main(argv=None) -> None:
     for c in contenders:
         for label, sampler in c.samplers().items():
             key = f"{c.name}|{label}|{c.steps}|{args.n_samples}|{args.seed}|{fingerprint}"
-            grid_path = runs / f"grid-{len(rows)}.pt"
+            grid_path = runs / f"grid-{len(rows)}.safetensors"
             if key not in cache:
                 t0 = time.perf_counter()
-                imgs = draw(sampler, args.n_samples, args.sample_batch, args.seed, f"{c.name.split()[0]} {label.split(' (')[0]}")
+                print(f"sampling {c.name.split()[0]}: {label}", flush=True)
+                imgs = sampler(args.n_samples, args.seed, args.sample_batch)  # uint8 (n, 1, 28, 28)
                 fd = frechet_from_stats(*gaussian_stats(embed(net, imgs)[0].to(F64)), *ref)
                 cache[key] = {"fd": fd, "seconds": round(time.perf_counter() - t0, 1)}
                 cache_path.write_text(json.dumps(cache, indent=1))
-                torch.save(imgs[:64].clone(), grid_path)
+                save_file({"images": imgs[:64].contiguous()}, str(grid_path))
             rows.append({"contender": c.name, "sampler": label, "fd": cache[key]["fd"], "seconds": cache[key]["seconds"]})
             if len(grids) < 2 and label.startswith(("dpmpp", "DDIM")) and grid_path.exists() and not any(k.startswith(c.name.split()[0]) for k in grids):
-                grids[f"{c.name.split()[0]}: {label.split(' (')[0]}"] = torch.load(grid_path)
+                grids[f"{c.name.split()[0]}: {label.split(' (')[0]}"] = load_file(str(grid_path))["images"]
 
     # ------------------------------------------------------------------ report
     ours, classic = contenders
@@ -345,7 +345,8 @@ def main(argv=None) -> None:
         f"slices of {args.slice_seconds:g} s; checkpoints written at the end of every slice (their time counts)",
         f"- load average (uptime) at the start: {load_start}; after training: {load_trained}; at the end: {load_average()}",
         f"- other busy processes at the start: {'; '.join(busy_start) or 'none'}; at the end: {'; '.join(busy_processes()) or 'none'}",
-        f"- samples: {args.n_samples} per row, seed {args.seed}, fp32, {NFE} network evaluations each; FD of the shipped "
+        f"- samples: {args.n_samples} per row, fp32, {NFE} network evaluations each; seeds: difflab rows (generate) draw sample i "
+        f"from seed {args.seed} + i, diffusers rows draw from one generator seeded {args.seed}, as its pipeline does; FD of the shipped "
         f"'fashion-mnist' classifier (fingerprint {fingerprint}) against the real test split (10000 images); "
         f"floor (FD of {args.n_samples} real training images) = {floor:.3f}",
         "",
