@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from difflab.checkpoint import checkpoints, load_weights, weights_step
