@@ -122,7 +122,7 @@ def run(args) -> None:
     else:
         if args.name is None:
             raise UsageError("give the dataset NAME to train on (or --resume to continue the run in --out)")
-        if (out / ckpt.CONFIG).exists() and not args.force:
+        if (out / ckpt.CONFIG).exists() and not args.force and not restarted():  # a restart before any checkpoint starts over
             raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
         check_dataset(args.name)
         cfg = apply_options(preset_for(args.name), args)
