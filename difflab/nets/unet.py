@@ -147,6 +147,16 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors. On the CPU the product runs in float32 even
+    inside bf16 autocast: there PyTorch's bf16 attention backward is 8x slower than float32 (measured with
+    benchmarks/throughput.py on the fashion-mnist U-Net: 94.7 ms against 11.3 ms per training step of 64)."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def _heads(t: Tensor, heads: int) -> Tensor:
     """(B, N, C) -> (B, heads, N, C/heads)."""
     B, N, C = t.shape
@@ -167,7 +177,7 @@ class SelfAttention(nn.Module):
         B, C, H, W = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         q, k, v = (_heads(t, self.heads) for t in self.qkv(tokens).chunk(3, dim=-1))  # (B, heads, HW, d) each
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, d)
+        h = attention(q, k, v)  # (B, heads, HW, d)
         h = h.transpose(1, 2).reshape(B, H * W, C)  # (B, HW, C)
         return x + self.out(h).transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 
@@ -193,7 +203,7 @@ class CrossAttention(nn.Module):
             # (softmax over an empty set is undefined, so it attends to everything and is then zeroed)
             any_valid = mask.any(dim=1)  # (B,)
             attn_mask = (mask | ~any_valid[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, HW, d)
+        h = attention(q, k, v, attn_mask)  # (B, heads, HW, d)
         h = self.out(h.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
         if any_valid is not None:
             h = h * any_valid[:, None, None].to(h.dtype)
