@@ -314,7 +314,7 @@ def evaluate(
 
     t0 = time.perf_counter()
     test_data = ref_data if split == "test" else other_data
-    bpd = _bits_per_dim(denoiser, test_data, bpd_n, seed, progress)
+    bpd = _bits_per_dim(denoiser.cpu(), test_data, bpd_n, seed, progress)  # the bound runs on the CPU (likelihood.py)
     seconds["bits_per_dim"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 

@@ -122,6 +122,8 @@ def test_refuses_to_overwrite_a_run(capsys, tiny_toy_run):
         (["sample", "{run}", "--gif", "{tmp}/c.gif"], "--gif draws the chain of an image run"),
         (["sample", "{run}", "--sampler", "euler", "--eta", "0.5"], "--eta is an option of the ddim sampler; 'euler' does not take it"),
         (["sample", "{run}", "--sampler", "ddim", "--variance", "beta_tilde"], "--variance is an option of the ddpm sampler"),
+        (["sample", "{run}", "--sampler", "ddim", "--snr", "0.1"], "--snr is an option of the pc sampler; 'ddim' does not take it"),
+        (["sample", "{run}", "--sampler", "heun", "--n-steps-each", "3"], "--n-steps-each is an option of the langevin sampler"),
         (["sample", "{run}", "--sigma-cap", "0"], "--sigma-cap: must be a positive number or 'none', got 0"),
         (["sample", "{run}", "--sampler", "ddim", "--sigma-cap", "80"], "--sigma-cap applies to the karras and logsnr spacings"),
         (["sample", "{run}", "--sampler", "heun", "--sigma-cap", "1e-9"], "the sigma cap must exceed sigma/alpha"),

@@ -228,3 +228,21 @@ def test_presets_build_and_run():
         assert 1e5 < num_parameters(net) < 1e7
         x, c_noise, _ = inputs(cfg, batch=2)
         assert net(x, c_noise).shape == x.shape
+
+
+def test_attention_runs_in_float32_inside_cpu_bf16_autocast():
+    """nets.unet.attention: bf16 inputs on the CPU are attended in float32 (faster backward there) and
+    come back in bf16, equal to float32 attention of the same bf16 inputs; gradients flow."""
+    import torch.nn.functional as F
+
+    from difflab.nets.unet import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 49, 8, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v)
+    assert out.dtype == torch.bfloat16
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=0, atol=0)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16 and torch.isfinite(q.grad.float()).all()

@@ -95,8 +95,15 @@ def add_sampler(p, sampler: str, steps: int) -> None:
     g.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the sampler's usual grid")
     g.add_argument("--eta", type=unit_float, default=None, help="ddim: eta in [0, 1] (default 0)")
     g.add_argument("--variance", choices=["beta", "beta_tilde"], default=None, help="ddpm: the reverse variance (default beta)")
+    g.add_argument("--n-steps-each", type=positive_int, default=None, help="langevin: Langevin steps per noise level (default 100)")
+    g.add_argument("--step-lr", type=positive_float, default=None, help="langevin: the step size at the smallest level")
+    g.add_argument("--snr", type=positive_float, default=None, help="pc: the corrector's signal-to-noise ratio (default 0.16)")
+    g.add_argument("--n-corrector", type=int, default=None, help="pc: corrector steps per level (default 1)")
     g.add_argument("--sigma-cap", type=sigma_cap, default=None, metavar="CAP",
                    help="karras/logsnr grids on VP processes: spread the levels below sigma/alpha = CAP (default 80; 'none': off)")
+
+
+SAMPLER_FLAGS = ("eta", "variance", "n_steps_each", "step_lr", "snr", "n_corrector")  # each a sampler's own keyword
 
 
 def sampler_choice(args, process) -> tuple[str, str, dict]:
@@ -106,13 +113,13 @@ def sampler_choice(args, process) -> tuple[str, str, dict]:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     takes = sampler_options(args.sampler)
     options = {}
-    for flag, name in (("--eta", "eta"), ("--variance", "variance")):
+    for name in SAMPLER_FLAGS:
         value = getattr(args, name)
         if value is None:
             continue
         if name not in takes:
-            owner = {"eta": "ddim", "variance": "ddpm"}[name]
-            raise UsageError(f"{flag} is an option of the {owner} sampler; {args.sampler!r} does not take it")
+            owners = " and ".join(k for k in SAMPLERS if name in sampler_options(k))
+            raise UsageError(f"--{name.replace('_', '-')} is an option of the {owners} sampler; {args.sampler!r} does not take it")
         options[name] = value
     spacing = args.spacing or (default_spacing(args.sampler, process) if process is not None else None)
     if args.sigma_cap is not None and process is not None:
