@@ -55,7 +55,13 @@ def setup(device: torch.device) -> World:
     if not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # torchrun's store outlives a restart (--max-restarts), and so do the addresses the killed
+        # attempt's ranks wrote to it: a restarted rank could read a dead peer's address and fail to
+        # connect. Keys under a per-attempt prefix are always the live attempt's.
+        store, rank, size = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(f"difflab/attempt-{attempt}/", store),
+                                rank=rank, world_size=size)
     return World(dist.get_rank(), dist.get_world_size())
 
 
