@@ -116,7 +116,9 @@ class RunConfig:
     conditions: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
-        self.shape = [int(s) for s in self.shape]
+        if not isinstance(self.shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.shape):
+            raise CheckpointError(f"config: shape must be a list of integers, got {self.shape!r}")
+        self.shape = list(self.shape)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -139,12 +141,21 @@ class RunConfig:
             raise CheckpointError(f"config: unknown target {self.target!r}; choose one of {TARGETS}")
         if self.net_kind not in NETS:
             raise CheckpointError(f"config: unknown net_kind {self.net_kind!r}; choose one of {', '.join(NETS)}")
+        t = self.train
+        for name in ("steps", "batch_size", "accumulation", "checkpoint_every", "log_every"):
+            if getattr(t, name) <= 0:
+                raise CheckpointError(f"config: train.{name} must be positive, got {getattr(t, name)}")
+        if t.sample_every < 0:
+            raise CheckpointError(f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}")
         self.build_process()
         try:
             SimpleLoss(**self.loss)
             specs = self.condition_specs()
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: {e}") from None
+        for spec in specs:  # the U-Net's null class is its extra embedding row, index num_classes
+            if spec.name == "class_labels" and self.net_kind == "unet" and spec.null_label != self.net.get("num_classes"):
+                raise CheckpointError(f"config: class_labels' null_label {spec.null_label} must be the network's num_classes ({self.net.get('num_classes')})")
         net = self.build_net()
         try:
             check_accepted(condition_names(specs), getattr(net, "accepts", frozenset()), f"the {self.net_kind} of this config")
@@ -294,23 +305,24 @@ def save_checkpoint(run_dir: str | Path, step: int, net: nn.Module, ema: nn.Modu
         (tmp / STATE).write_text(json.dumps({"step": step, "optimizer": opt_meta, **(state or {})}, indent=1))
         for name in (WEIGHTS, OPTIMIZER, STATE):
             _fsync(tmp / name)
-        if final.exists():  # the same step saved again (e.g. interrupted right after a periodic checkpoint)
-            old = root / f".step-{step:08d}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        _fsync(tmp)  # the folder's entries too, so a renamed folder is never empty after a power loss
+        if final.exists():  # only a leftover of a run that was not cleared (training starts a run afresh)
+            shutil.rmtree(final)
+        tmp.rename(final)
         _fsync(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # leftovers of a process killed mid-write
-        if not stale.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # leftovers of a writer killed mid-write (ours was just renamed)
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def clear_checkpoints(run_dir: str | Path) -> None:
+    """Remove a run's checkpoints: a run started afresh in a used folder must not resume the old one."""
+    shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:
@@ -352,6 +364,7 @@ def load_training_state(run_dir: str | Path) -> tuple[int, dict, dict]:
         state = json.loads((folder / STATE).read_text())
         step = int(state.pop("step"))
         opt_meta = state.pop("optimizer")
+        int(state["batches"]["epoch"]), int(state["batches"]["index"]), int(state["batches"]["seed"])
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / STATE} is missing or corrupt ({type(e).__name__})") from None
     if weights_step(run_dir) != step:

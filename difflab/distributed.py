@@ -82,13 +82,14 @@ def restarted() -> bool:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """True when ``flag`` is True on any rank (one tiny all-reduce), so every rank stops at the same step."""
+def max_over_ranks(values: tuple[int, ...], world: World, device: torch.device) -> tuple[int, ...]:
+    """The element-wise maximum of small integers over all ranks (one tiny all-reduce), so that every rank
+    takes the same decision (stop, and why) at the same step."""
     if not world.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return tuple(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return tuple(int(v) for v in t.tolist())
 
 
 def mean_over_ranks(value: float, world: World, device: torch.device) -> float:

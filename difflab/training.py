@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .conditions import drop_conditions, drop_mask, select
 from .data.loader import ShuffledBatches, TensorDataset
-from .distributed import World, any_rank, mean_over_ranks, resolve_device, setup
+from .distributed import World, max_over_ranks, mean_over_ranks, resolve_device, setup
 from .io import atomic_path
 from .losses import SimpleLoss
 from .parameterize import Denoiser
@@ -139,7 +139,6 @@ def train(
             p.requires_grad_(id(p) in keep)
     if not params:
         raise ValueError("no parameter is trainable (the trainable filter kept none)")
-    model = _wrap(denoiser, device, world)
     loss_fn = loss_fn or SimpleLoss(**config.loss)
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
@@ -160,11 +159,13 @@ def train(
             scaler.load_state_dict(state["scaler"])
         if world.is_main:
             _truncate_log(run_dir / "metrics.jsonl", step)
-    elif world.is_main:
+    elif world.is_main:  # a fresh run: nothing of an earlier run in this folder may survive
         run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clear_checkpoints(run_dir)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if world.is_main:
         ckpt.save_config(run_dir, config)
+    model = _wrap(denoiser, device, world)  # after loading: DDP starts every rank from rank 0's weights
 
     def save():
         if world.is_main:
@@ -176,12 +177,12 @@ def train(
     bar = tqdm(total=tc.steps, initial=step, disable=not (progress and world.is_main), dynamic_ncols=True,
                desc=f"train {config.dataset}" + (f" ({world.size} processes)" if world.distributed else ""))
     log = open(run_dir / "metrics.jsonl", "a") if world.is_main else None
-    stopped = False
+    stopped, signum = False, 0
     with _finish_step_on_signals() as interrupted:
         while step < last:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, tc.lr, tc.warmup)
-            torch.manual_seed((tc.seed * SEED_STRIDE + step) * 64 + world.rank)  # the network's own randomness (dropout)
+            torch.manual_seed(((tc.seed * SEED_STRIDE + step) << 16) + world.rank)  # the network's own randomness (dropout)
             loss, grad_norm = train_step(model, loss_fn, opt, scaler, data, next(batches), specs, tc, world, device,
                                          step_generator(tc.seed, step, device))
             ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
@@ -190,7 +191,8 @@ def train(
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
-            stopped = any_rank(bool(interrupted) or out_of_time, world, device)
+            signum, out_of_time = max_over_ranks((interrupted.signum, int(out_of_time)), world, device)  # every rank alike
+            stopped = bool(signum or out_of_time)
             if step % tc.log_every == 0 or step == last or stopped:
                 loss = mean_over_ranks(loss, world, device)
                 if log is not None:
@@ -206,9 +208,9 @@ def train(
     bar.close()
     if log is not None:
         log.close()
-    if stopped and interrupted:
-        name = signal.Signals(interrupted.signum).name
-        raise Interrupted(f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab train --out {run_dir} --resume", interrupted.signum)
+    if stopped and signum:
+        name = signal.Signals(signum).name
+        raise Interrupted(f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab train --out {run_dir} --resume", signum)
     return ema
 
 
@@ -268,8 +270,9 @@ def _finish_step_on_signals():
 
     def handler(signum, frame):
         flag.signum = signum
+        signal.signal(signum, previous[signum])  # a second signal acts at once (e.g. a step stuck on a dead peer)
 
-    previous = {}
+    previous: dict = {}
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
@@ -286,6 +289,12 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop metric rows written after the checkpoint we resume from (the killed run's lost steps)."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                rows.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a row torn by the kill
     with atomic_path(path) as tmp:
         tmp.write_text("".join(r + "\n" for r in rows))

@@ -143,6 +143,9 @@ def test_sigterm_checkpoints_and_exits_with_the_resume_command(tmp_path):
     (lambda d: d["net"].update(width=3), "net:"),
     (lambda d: d.update(conditions=[{"name": "class_labels", "null_label": 10}]), "the mlp of this config takes no conditions"),
     (lambda d: d.pop("shape"), "config lacks 'shape'"),
+    (lambda d: d.update(shape=[[2]]), "shape must be a list of integers"),
+    (lambda d: d["train"].update(checkpoint_every=0), "train.checkpoint_every must be positive, got 0"),
+    (lambda d: d["train"].update(sample_every=-1), "train.sample_every must be 0"),
 ])
 def test_a_bad_config_gives_one_line_and_exit_2(tiny_toy_run, tmp_path, capsys, edit, needle):
     import shutil
@@ -159,3 +162,30 @@ def test_a_bad_config_gives_one_line_and_exit_2(tiny_toy_run, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("difflab: error: ") and "config.json" in err[0] and needle in err[0]
     assert not out.exists()
+
+
+def test_a_fresh_run_in_a_used_folder_does_not_resume_the_old_one(tmp_path):
+    data = make_toy("swissroll", 200, seed=1)
+    train(tmp_path / "r", small(20, 5), data, progress=False)
+    train(tmp_path / "r", small(6, 3), data, progress=False)
+    assert [s for s, _ in checkpoints(tmp_path / "r")] == [3, 6] and weights_step(tmp_path / "r") == 6
+
+
+def test_a_torn_metrics_row_does_not_stop_a_resume(tmp_path):
+    data = make_toy("swissroll", 200, seed=1)
+    cfg = replace(small(10, 5), train=replace(small(10, 5).train, log_every=1))
+    train(tmp_path / "r", cfg, data, progress=False)
+    log = tmp_path / "r" / "metrics.jsonl"
+    log.write_text(log.read_text() + '{"step": 11, "lo')  # a kill in the middle of a row
+    train(tmp_path / "r", replace(cfg, train=replace(cfg.train, steps=12)), data, resume=True, progress=False)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, 13))
+
+
+def test_a_label_condition_must_use_the_networks_null_class():
+    from difflab.conditions import class_labels
+    from difflab.image_presets import IMAGE_PRESETS
+
+    cfg = replace(IMAGE_PRESETS["digits"], net=dict(IMAGE_PRESETS["digits"].net, num_classes=10))
+    replace(cfg, conditions=[class_labels(10).to_dict()]).validate()
+    with pytest.raises(CheckpointError, match="null_label 3 must be the network's num_classes"):
+        replace(cfg, conditions=[class_labels(3).to_dict()]).validate()

@@ -115,6 +115,7 @@ def test_refuses_to_overwrite_a_run(capsys, tiny_toy_run):
         (["train", "moons", "--out", "{run}", "--resume"], "drop NAME 'moons' (the run trains 'swissroll')"),
         (["train", "--out", "{run}", "--resume", "--target", "eps"], "drop target 'eps' (saved: 'v')"),
         (["train", "--out", "{run}", "--resume", "--class-cond"], "--class-cond (the run is unconditional)"),
+        (["train", "--out", "{run}", "--resume", "--init-from", "{run}"], "--init-from (a resumed run keeps its weights)"),
         (["train", "swissroll", "--out", "{tmp}/new", "--class-cond"], "--class-cond needs an image run"),
         (["train", "swissroll", "--out", "{tmp}/new", "--cond-dropout", "0.2"], "--cond-dropout needs a conditional model"),
         (["train", "swissroll", "--out", "{tmp}/new", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
         teardown()
-    except Interrupted as e:
+    except Interrupted as e:  # every rank stopped at the same step for the same signal
+        teardown()
         print(f"difflab: {e}", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:

@@ -123,6 +123,8 @@ def sampler_choice(args, process) -> tuple[str, str, dict]:
         options[name] = value
     spacing = args.spacing or (default_spacing(args.sampler, process) if process is not None else None)
     if args.sigma_cap is not None and process is not None:
+        if not process.variance_preserving:
+            raise UsageError("--sigma-cap applies to variance-preserving processes; a variance-exploding run's grid starts at its sigma_max")
         if spacing not in ("karras", "logsnr"):
             raise UsageError(f"--sigma-cap applies to the karras and logsnr spacings; this run samples on {spacing!r}")
         options["sigma_tilde_cap"] = None if args.sigma_cap == CAP_OFF else args.sigma_cap

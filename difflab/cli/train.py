@@ -11,7 +11,6 @@ run). A worker that torchrun restarted (``--max-restarts``) resumes from the las
 from __future__ import annotations
 
 import argparse
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -98,6 +97,7 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
         out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
     if args.class_cond and not saved.conditions:
         out.append("--class-cond (the run is unconditional)")
+    out += [f"{flag} (a resumed run keeps its weights)" for flag, given in (("--init-from", args.init_from), ("--force", args.force)) if given]
     a, b = asdict(saved), asdict(wanted)
     for section in ("train", "loss", "data"):
         out += [f"{section}.{k}={b[section][k]!r} (saved: {a[section].get(k)!r})" for k in b[section] if a[section].get(k) != b[section][k]]
@@ -132,8 +132,6 @@ def run(args) -> None:
         if args.class_cond:
             cfg = with_class_labels(cfg, num_classes, args.cond_dropout)
         cfg.validate()
-        if args.force and launched_rank() == 0:
-            shutil.rmtree(out / ckpt.CHECKPOINTS, ignore_errors=True)
     single_thread_for_points(cfg.kind)
     if not args.quiet and launched_rank() == 0:
         n_params = num_parameters(cfg.build_net())

@@ -151,7 +151,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     """softmax(q k^T / sqrt(d)) v over (B, heads, N, d) tensors. On the CPU the product runs in float32 even
     inside bf16 autocast: there PyTorch's bf16 attention backward is 8x slower than float32 (measured with
     benchmarks/throughput.py on the fashion-mnist U-Net: 94.7 ms against 11.3 ms per training step of 64)."""
-    if q.device.type == "cpu" and q.dtype != torch.float32:
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
