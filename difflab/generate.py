@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import RunConfig
 from .distributed import World, gather_rows, shard
-from .samplers import PerSampleGenerator, check_options, get_sampler, sample
+from .samplers import PerSampleGenerator, check_options, device_of, sample
 
 
 def identity(x: Tensor) -> Tensor:
@@ -63,8 +63,7 @@ def generate(
     return_trajectory  also return the chain of the samples (one batch, one process: n <= batch)"""
     options = dict(options or {})
     grid = {k: options.pop(k) for k in ("sigma_tilde_cap",) if k in options}
-    get_sampler(sampler)
-    check_options(sampler, options)
+    check_options(sampler, options)  # unknown sampler or option: fail before any work
     for name, value in (("n", n), ("steps", steps), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -72,7 +71,7 @@ def generate(
     cond = check_cond(cond, n)
     if return_trajectory and (n > batch or world.distributed):
         raise ValueError("a trajectory is recorded for one batch in one process: use n <= batch")
-    device = torch.device(device) if device is not None else _device_of(denoiser)
+    device = torch.device(device) if device is not None else device_of(denoiser)
     if isinstance(denoiser, nn.Module):
         denoiser = denoiser.to(device)
 
@@ -94,9 +93,3 @@ def generate(
         x = x.cpu() if x is not None else None
     return (x, traj) if return_trajectory else x
 
-
-def _device_of(denoiser) -> torch.device:
-    if isinstance(denoiser, nn.Module):
-        for t in (*denoiser.parameters(), *denoiser.buffers()):
-            return t.device
-    return torch.device("cpu")

@@ -63,6 +63,7 @@ __all__ = [
     "ddpm",
     "ddpm_step",
     "default_spacing",
+    "device_of",
     "dpmpp_2m",
     "dpmpp_2m_step",
     "euler",
@@ -617,6 +618,14 @@ def default_spacing(sampler: str, process: Process) -> str:
     return "uniform"
 
 
+def device_of(denoiser) -> torch.device:
+    """Where a denoiser's weights live (the CPU for one without any, e.g. the exact Gaussian denoiser)."""
+    if isinstance(denoiser, torch.nn.Module):
+        for t in (*denoiser.parameters(), *denoiser.buffers()):
+            return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def sample(denoiser, shape, steps: int, sampler: str = "ddim", spacing: str | None = None,
            generator: torch.Generator | None = None, cond: dict | None = None, return_trajectory: bool = False,
@@ -629,7 +638,6 @@ def sample(denoiser, shape, steps: int, sampler: str = "ddim", spacing: str | No
     process = denoiser.process
     ts = timesteps(process, steps, spacing or default_spacing(sampler, process), sigma_tilde_cap=sigma_tilde_cap)
     if device is None:
-        tensors = [*denoiser.parameters(), *denoiser.buffers()] if isinstance(denoiser, torch.nn.Module) else []
-        device = tensors[0].device if tensors else torch.device("cpu")
+        device = device_of(denoiser)
     x = randn(shape, generator, dtype, device) * float(process.sigma(ts[0]))
     return fn(denoiser, x, ts, cond=cond, generator=generator, return_trajectory=return_trajectory, **options)

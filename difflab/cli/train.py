@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -138,24 +139,22 @@ def run(args) -> None:
         t = cfg.train
         print(f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with {n_params:,} parameters, "
               f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on {device}")
-    preview = _points_preview if cfg.kind == "points" else _images_preview
+    preview = partial(_points_preview if cfg.kind == "points" else _images_preview, cfg)
     train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, preview=preview, max_minutes=args.max_minutes,
           init_from=args.init_from)
     if launched_rank() == 0:
         print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png)")
 
 
-def _points_preview(denoiser, step: int, run: Path) -> None:
-    cfg = ckpt.load_config(run)
+def _points_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None:
     x = generate(denoiser, cfg, 2000, sampler="ddim", steps=50, batch=2000)
     plots.scatter(x, run / "samples.png", title=f"DDIM, 50 steps, step {step}")
     plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
 
 
-def _images_preview(denoiser, step: int, run: Path) -> None:
+def _images_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None:
     from ..data.images import to_uint8
 
-    cfg = ckpt.load_config(run)
     cond = {}
     for spec in cfg.condition_specs():  # a class-conditional run shows its classes in turn
         if spec.name == "class_labels":

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .images import to_model
+
 
 @dataclass
 class TensorDataset:
@@ -35,8 +37,6 @@ class TensorDataset:
         return len(self.x)
 
     def take(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        from .images import to_model
-
         x = self.x[idx]
         return (to_model(x) if x.dtype == torch.uint8 else x), {k: v[idx] for k, v in self.cond.items()}
 
