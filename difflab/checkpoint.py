@@ -32,7 +32,8 @@ from torch import nn
 
 from .conditions import ConditionError, ConditionSpec, check_accepted, condition_names
 from .io import atomic_path
-from .losses import SimpleLoss
+from .losses import ClassifierLoss, SimpleLoss
+from .nets.classifier import ClassifierConfig, NoisyClassifier
 from .nets.mlp import MLP, MLPConfig
 from .nets.unet import UNet, UNetConfig
 from .parameterize import TARGETS, Denoiser
@@ -45,7 +46,8 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 KEEP = 2  # complete checkpoints kept per run
 DATA_KINDS = ("points", "images")
 
-NETS: dict[str, tuple[type, type[nn.Module]]] = {"mlp": (MLPConfig, MLP), "unet": (UNetConfig, UNet)}
+NETS: dict[str, tuple[type, type[nn.Module]]] = {"mlp": (MLPConfig, MLP), "unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier)}
+CLASSIFIERS = ("classifier",)  # nets that predict their data's labels: the label condition is their target, not an input
 
 
 class CheckpointError(ValueError):
@@ -157,6 +159,12 @@ class RunConfig:
             if spec.name == "class_labels" and self.net_kind == "unet" and spec.null_label != self.net.get("num_classes"):
                 raise CheckpointError(f"config: class_labels' null_label {spec.null_label} must be the network's num_classes ({self.net.get('num_classes')})")
         net = self.build_net()
+        if self.net_kind in CLASSIFIERS:
+            if [s.name for s in specs] != ["class_labels"] or specs[0].p_drop != 0:
+                raise CheckpointError("config: a classifier's conditions must be its labels: class_labels with p_drop 0")
+            if specs[0].null_label != net.config.num_classes:
+                raise CheckpointError(f"config: class_labels' null_label {specs[0].null_label} must be the classifier's num_classes ({net.config.num_classes})")
+            return
         try:
             check_accepted(condition_names(specs), getattr(net, "accepts", frozenset()), f"the {self.net_kind} of this config")
         except ConditionError as e:
@@ -178,6 +186,10 @@ class RunConfig:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
         return net_cls(cfg)
+
+    def build_loss(self):
+        """The run's loss: the denoising loss, or the cross-entropy for a classifier."""
+        return ClassifierLoss() if self.net_kind in CLASSIFIERS else SimpleLoss(**self.loss)
 
     def build_denoiser(self) -> Denoiser:
         return Denoiser(self.build_net(), self.build_process(), self.target)
@@ -389,9 +401,13 @@ def weights_step(run_dir: str | Path) -> int:
         raise CheckpointError(f"{path} is missing or corrupt ({e})") from None
 
 
-def load_denoiser(run_dir: str | Path, ema: bool = True) -> tuple[Denoiser, RunConfig]:
-    """Rebuild a trained denoiser from a run directory alone (no training arguments needed)."""
+def load_denoiser(run_dir: str | Path, ema: bool = True, classifier: bool = False) -> tuple[Denoiser, RunConfig]:
+    """Rebuild a trained denoiser from a run directory alone (no training arguments needed); a classifier
+    run (behind the same wrapper) only when ``classifier``."""
     config = load_config(run_dir)
+    if (config.net_kind in CLASSIFIERS) != classifier:
+        raise CheckpointError(f"{run_dir} is a noise-aware classifier run, not a denoiser (use it with --classifier)" if not classifier else
+                              f"{run_dir} is a denoiser run, not a classifier (train one with `difflab train-classifier`)")
     denoiser = config.build_denoiser()
     load_into(denoiser.net, load_weights(run_dir, "ema" if ema else "net"), run_dir)
     return denoiser.eval(), config

@@ -54,7 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .checkpoint import RunConfig, load_denoiser, weights_step
+from .checkpoint import RunConfig, load_config, load_denoiser, weights_step
 from .data.images import ImageSet, load_images, to_model, to_uint8
 from .data.toy2d import make_toy
 from .features import FeatureNet, embed, resolve_feature_net
@@ -71,6 +71,7 @@ from .metrics import (
 )
 from .processes import DiscreteDDPM
 from .generate import generate
+from .guide import GuidanceConfig, guided, labels_for, num_classes_of
 from .samplers import SAMPLERS, SPACINGS, default_spacing
 
 DEFAULT_N = 1000
@@ -229,10 +230,19 @@ def _check(n, sampler, steps, spacing, seed, batch, bpd_n) -> None:
 
 
 def _draw(denoiser, cfg: RunConfig, n: int, batch: int, steps: int, sampler: str, spacing: str, options: dict, seed: int,
-          progress: bool, device) -> Tensor:
+          progress: bool, device, cond: dict | None = None) -> Tensor:
     """n samples through the one generation path (sample i has seed ``seed + i``)."""
     return generate(denoiser, cfg, n, sampler=sampler, steps=steps, spacing=spacing, options=options, seed=seed, batch=batch,
-                    device=device, progress=progress)
+                    device=device, progress=progress, cond=cond)
+
+
+def _requested_classes(cfg: RunConfig, guidance: GuidanceConfig | None, n: int, run) -> Tensor | None:
+    """Balanced class labels (sample i asks for class i mod K) for a class-conditional or classifier-guided
+    run; None for an unconditional one."""
+    K = num_classes_of(cfg)
+    if K is None and guidance is not None and guidance.classifier:
+        K = num_classes_of(load_config(guidance.classifier))
+    return None if K is None else labels_for(cfg, guidance, list(range(K)), n, str(run))
 
 
 def evaluate(
@@ -251,15 +261,23 @@ def evaluate(
     cache: str | Path | None = None,
     options: dict | None = None,
     device=None,
+    guidance: GuidanceConfig | None = None,
 ) -> dict:
     """Sample ``n`` images from the run and score them (see the module doc); returns a JSON-ready dict,
-    with the wall time of each phase under 'seconds'."""
+    with the wall time of each phase under 'seconds'.
+
+    A class-conditional (or classifier-guided) run draws balanced classes, sample i of class i mod K, under
+    ``guidance`` (guide.GuidanceConfig), and the report adds the class accuracy: how often the feature
+    network's class is the one asked for."""
     _check(n, sampler, steps, spacing, seed, batch, bpd_n)
     options = dict(options or {})
     if split not in ("train", "test"):
         raise EvalError(f"split must be 'train' or 'test', got {split!r}")
     t_start = time.perf_counter()
     denoiser, cfg = load_denoiser(run_dir, ema=ema)
+    plain = denoiser
+    denoiser = guided(denoiser, cfg, guidance, str(run_dir))
+    requested = _requested_classes(cfg, guidance, n, run_dir)
     spacing = spacing or default_spacing(sampler, denoiser.process)
     head = {
         "run": str(run_dir),
@@ -276,7 +294,10 @@ def evaluate(
     }
     if options:
         head["options"] = options
-    draw = dict(n=n, batch=batch, steps=steps, sampler=sampler, spacing=spacing, options=options, seed=seed, progress=progress, device=device)
+    if guidance is not None:
+        head["guidance"] = guidance.to_dict()
+    draw = dict(n=n, batch=batch, steps=steps, sampler=sampler, spacing=spacing, options=options, seed=seed, progress=progress, device=device,
+                cond={"class_labels": requested} if requested is not None else None)
     if cfg.kind == "points":
         return head | _evaluate_toy(denoiser, cfg, draw, t_start)
     seconds = {}
@@ -310,11 +331,13 @@ def evaluate(
     if len(other_ref["features"]) >= MIN_N:
         floor = {"split": other, "n": min(n, len(other_ref["features"]))} | _scores(ref, other_ref["features"][:n], seed)
     classes = _class_report(net, logits, ref, ref_data)
+    if requested is not None and logits is not None:
+        classes["accuracy"] = (logits.argmax(1) == requested).float().mean().item()  # the class asked for, as the feature net sees it
     seconds["metrics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     test_data = ref_data if split == "test" else other_data
-    bpd = _bits_per_dim(denoiser.cpu(), test_data, bpd_n, seed, progress)  # the bound runs on the CPU (likelihood.py)
+    bpd = _bits_per_dim(plain.cpu(), test_data, bpd_n, seed, progress)  # of the model itself (guidance is not a likelihood)  # the bound runs on the CPU (likelihood.py)
     seconds["bits_per_dim"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 
@@ -420,6 +443,8 @@ def format_report(result: dict) -> str:
         if c.get("samples") is None:
             lines.append(f"classes: - ({c['reason']})")
         else:
+            if c.get("accuracy") is not None:
+                lines.append(f"class accuracy (the class asked for, as the classifier sees it): {100 * c['accuracy']:.1f}%")
             lines.append(f"classes as the classifier sees them (total variation {c['total_variation']:.3f}):")
             lines.append(f"  {'class':16}{'samples':>9}{'real':>9}{'labels':>9}")
             labels = c["real_labels"] or [None] * len(c["names"])

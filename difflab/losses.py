@@ -113,3 +113,19 @@ class SimpleLoss:
         mse = ((pred.as_(target) - true) ** 2).flatten(1).mean(1)  # (B,)
         per_example = loss_weight(target, self.weighting, alpha, sigma, self.gamma).to(mse) * mse
         return per_example.mean() if reduction == "mean" else per_example
+
+
+@dataclass
+class ClassifierLoss:
+    """Cross-entropy of a noise-aware classifier on x_t ~ q(x_t | x_0) (Dhariwal & Nichol 2021, section 4):
+    the same draws of t and eps as the denoising loss, so it learns p(y | x_t, t) on the denoiser's process.
+
+    ``model(x_t, t)`` is the classifier network behind the Denoiser wrapper (the same input scaling as the
+    denoiser it guides); its Prediction's value holds the logits. The labels come in cond['class_labels']
+    and are the target, never an input."""
+
+    def __call__(self, model, x0: Tensor, *, t: Tensor, noise: Tensor, cond: Mapping, reduction: str = "mean") -> Tensor:
+        labels = cond["class_labels"]
+        x_t = model.process.q_sample(x0, t, noise)
+        logits = model(x_t, t).value.float()  # (B, K)
+        return torch.nn.functional.cross_entropy(logits, labels.long(), reduction=reduction)

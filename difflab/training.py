@@ -37,7 +37,6 @@ from .conditions import drop_conditions, drop_mask, select
 from .data.loader import ShuffledBatches, TensorDataset
 from .distributed import World, max_over_ranks, mean_over_ranks, resolve_device, setup
 from .io import atomic_path
-from .losses import SimpleLoss
 from .parameterize import Denoiser
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -115,7 +114,7 @@ def train(
 
     preview(ema_denoiser, step, run_dir)  pictures at sample_every steps and at the end (rank 0)
     stop_after, max_minutes               end early after that many steps / minutes, with a checkpoint
-    loss_fn(denoiser, x0, t=, noise=, cond=) -> scalar   replaces the config's SimpleLoss
+    loss_fn(denoiser, x0, t=, noise=, cond=) -> scalar   replaces the config's loss (config.build_loss())
     trainable(name, parameter) -> bool    which parameters train (the rest stay frozen)
     init_from                             a run whose EMA weights initialise the network (not on resume)
     """
@@ -139,7 +138,7 @@ def train(
             p.requires_grad_(id(p) in keep)
     if not params:
         raise ValueError("no parameter is trainable (the trainable filter kept none)")
-    loss_fn = loss_fn or SimpleLoss(**config.loss)
+    loss_fn = loss_fn or config.build_loss()
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
     per_rank = tc.batch_size

@@ -8,7 +8,17 @@ import torch
 
 from ..checkpoint import load_config
 from ..distributed import resolve_device
-from .options import UsageError, add_device, add_sampler, check_suffix, positive_int, sampler_choice, single_thread_for_points
+from .options import (
+    UsageError,
+    add_device,
+    add_guidance,
+    add_sampler,
+    check_suffix,
+    guidance_from,
+    positive_int,
+    sampler_choice,
+    single_thread_for_points,
+)
 
 
 def run(args) -> None:
@@ -27,7 +37,7 @@ def run(args) -> None:
     result = evaluate(
         args.run, n=args.n, sampler=sampler, steps=args.steps, spacing=spacing, options=options, seed=args.seed,
         batch=args.batch, ema=args.ema, bpd_n=args.bpd_n, features=args.features, split=args.split, progress=not args.quiet,
-        device=resolve_device(args.device),
+        device=resolve_device(args.device), guidance=guidance_from(args),
     )  # fmt: skip
     print(format_report(result))
     if args.json:
@@ -39,6 +49,7 @@ def register(sub) -> None:
     e = sub.add_parser("eval", help="sample quality (FD, KID, precision/recall, classes) and bits/dim of a run")
     e.add_argument("run", help="run directory")
     add_sampler(e, "dpmpp-2m", 20)
+    add_guidance(e.add_argument_group("guidance: a class-conditional run samples class i mod K for sample i (see docs/guidance.md)"))
     e.add_argument("-n", "--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch", type=positive_int, default=250, help="samples per sampler call")

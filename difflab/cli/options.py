@@ -131,16 +131,97 @@ def sampler_choice(args, process) -> tuple[str, str, dict]:
     return args.sampler, spacing, options
 
 
+def compose_terms(s: str) -> tuple[tuple[int, float], ...]:
+    """'3:+1,5:-0.5' -> ((3, 1.0), (5, -0.5))."""
+    terms = []
+    for part in s.split(","):
+        k, sep, w = part.partition(":")
+        try:
+            terms.append((int(k), float(w)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected CLASS:WEIGHT pairs separated by commas (e.g. 3:+1,5:-0.5), got {s!r}") from None
+        if not sep:
+            raise argparse.ArgumentTypeError(f"expected CLASS:WEIGHT pairs separated by commas (e.g. 3:+1,5:-0.5), got {s!r}")
+    return tuple(terms)
+
+
+def interval(s: str) -> tuple[float, float]:
+    """'0.2,0.8' -> (0.2, 0.8), fractions of t_max with 0 <= lo < hi <= 1."""
+    try:
+        lo, hi = (float(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (fractions of t_max, e.g. 0.2,0.8), got {s!r}") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise argparse.ArgumentTypeError(f"needs 0 <= LO < HI <= 1 (fractions of t_max), got {s!r}")
+    return lo, hi
+
+
+def class_choice(s: str) -> int | str:
+    if s == "all":
+        return s
+    try:
+        return int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a class number or 'all', got {s!r}") from None
+
+
 def add_conditions(p) -> None:
-    g = p.add_argument_group("conditions")
-    g.add_argument("--class-label", type=int, nargs="+", metavar="K",
-                   help="class-conditional runs: the class of each sample (one value for all, or several, cycled)")
+    g = p.add_argument_group("conditions and guidance (see docs/guidance.md)")
+    g.add_argument("--class", "--class-label", dest="class_label", type=class_choice, nargs="+", metavar="K",
+                   help="the class of each sample (one value for all, or several, cycled); 'all': one row per class, -n // classes each")
+    add_guidance(g)
 
 
-def conditions_from(args, n: int) -> dict:
-    """The condition tensors for n samples from the conditioning flags."""
-    cond = {}
-    if args.class_label:
-        labels = torch.tensor(args.class_label, dtype=torch.long)
-        cond["class_labels"] = labels.repeat(-(-n // len(labels)))[:n]  # cycled: (n,)
-    return cond
+def add_guidance(g) -> None:
+    from ..guidance import SCHEDULES
+
+    g.add_argument("--guidance", type=float, default=1.0, metavar="S",
+                   help="classifier-free guidance scale: pred_null + S (pred_class - pred_null); 1 (default) plain conditional, 0 unconditional")
+    g.add_argument("--guidance-schedule", choices=sorted(SCHEDULES), default="constant", help="how the scale varies with t (each has mean S)")
+    g.add_argument("--negative-class", type=int, metavar="K", help="a class to steer away from: its prediction replaces the null one")
+    g.add_argument("--compose", type=compose_terms, default=(), metavar="K:W,...",
+                   help="composed classes, e.g. '3:+1,5:-0.5': pred_base + sum W (pred_K - pred_base)")
+    g.add_argument("--guidance-interval", type=interval, metavar="LO,HI",
+                   help="guide only for t/t_max in [LO, HI] (plain conditional prediction, one pass, elsewhere)")
+    g.add_argument("--guidance-rescale", type=unit_float, default=0.0, metavar="PHI", help="Lin et al. (2024) rescale of the guided x_0's std")
+    g.add_argument("--classifier", metavar="RUN", help="classifier guidance with a `difflab train-classifier` run")
+    g.add_argument("--classifier-scale", type=float, default=None, metavar="S", help="classifier guidance scale (default 1)")
+
+
+def guidance_from(args):
+    """The GuidanceConfig the flags ask for (None when they ask for nothing)."""
+    from ..guide import GuidanceConfig
+
+    if args.classifier_scale is not None and args.classifier is None:
+        raise UsageError("--classifier-scale needs --classifier RUN")
+    g = GuidanceConfig(scale=args.guidance, schedule=args.guidance_schedule, negative=args.negative_class, compose=args.compose,
+                       interval=args.guidance_interval, rescale=args.guidance_rescale, classifier=args.classifier,
+                       classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale)
+    return g if g.classifier_free or g.classifier else None
+
+
+def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, int | None]:
+    """(condition tensors, number of samples, grid row length) from the flags: ``--class all`` draws
+    n // classes samples of every class, one grid row each."""
+    from ..guide import labels_for, num_classes_of
+
+    requested = args.class_label
+    if requested and "all" in requested:
+        if len(requested) > 1:
+            raise UsageError("--class all stands alone (it means every class)")
+        K = num_classes_of(cfg)
+        if K is None and guidance is not None and guidance.classifier:
+            K = num_classes_of(ckpt_config(guidance.classifier))
+        if K is None:
+            raise UsageError(f"--class all: {run} is not class-conditional (and no --classifier was given)")
+        per = max(1, n // K)
+        labels = labels_for(cfg, guidance, list(range(K)), K, run).repeat_interleave(per)
+        return {"class_labels": labels}, len(labels), per
+    labels = labels_for(cfg, guidance, requested, n, run)
+    return ({"class_labels": labels} if labels is not None else {}), n, None
+
+
+def ckpt_config(run):
+    from ..checkpoint import load_config
+
+    return load_config(run)

@@ -11,6 +11,7 @@ from ..checkpoint import load_denoiser
 from ..data.toy2d import TOY_DATASETS, make_toy
 from ..distributed import resolve_device, setup
 from ..generate import generate
+from ..guide import guided
 from .options import (
     UsageError,
     add_conditions,
@@ -18,6 +19,7 @@ from .options import (
     add_sampler,
     check_suffix,
     conditions_from,
+    guidance_from,
     positive_int,
     sampler_choice,
     save_npz,
@@ -31,24 +33,26 @@ def run(args) -> None:
     check_suffix(args.gif, (".gif",), "--gif")
     sampler_choice(args, None)  # unknown sampler: fail before loading anything
     denoiser, cfg = load_denoiser(args.run, ema=args.ema)
+    guidance = guidance_from(args)
+    cond, n, nrow = conditions_from(args, cfg, guidance, args.n, args.run)
+    denoiser = guided(denoiser, cfg, guidance, args.run)
     if args.gif and cfg.kind != "images":
         raise UsageError(f"--gif draws the chain of an image run; {args.run} makes {cfg.kind} (use `difflab trajectories`)")
     sampler, spacing, options = sampler_choice(args, denoiser.process)
     single_thread_for_points(cfg.kind)
     device = resolve_device(args.device)
     world = setup(device)
-    cond = conditions_from(args, args.n)
     common = dict(sampler=sampler, steps=args.steps, spacing=spacing, options=options, device=device, batch=args.batch)
     x, traj = None, None
     if args.gif:  # the first batch with its chain, then the rest: per-sample seeds make this the same samples
-        first = min(args.n, args.batch, 16)
+        first = min(n, args.batch, 16)
         x, traj = generate(denoiser, cfg, first, cond={k: v[:first] for k, v in cond.items()}, seed=args.seed, return_trajectory=True, **common)
-        if args.n > first:
-            rest = generate(denoiser, cfg, args.n - first, cond={k: v[first:] for k, v in cond.items()}, seed=args.seed + first,
+        if n > first:
+            rest = generate(denoiser, cfg, n - first, cond={k: v[first:] for k, v in cond.items()}, seed=args.seed + first,
                             world=world, progress=not args.quiet, **common)
             x = torch.cat([x, rest]) if rest is not None else None
     else:
-        x = generate(denoiser, cfg, args.n, cond=cond, seed=args.seed, world=world, progress=not args.quiet, **common)
+        x = generate(denoiser, cfg, n, cond=cond, seed=args.seed, world=world, progress=not args.quiet, **common)
     if not world.is_main:
         return
     if cfg.kind == "points":
@@ -64,7 +68,7 @@ def run(args) -> None:
         if args.save:
             save_npz(args.save, images=imgs.numpy(), **({"labels": cond["class_labels"].numpy()} if "class_labels" in cond else {}))
         if args.out:
-            plots.save_grid(imgs, args.out)
+            plots.save_grid(imgs, args.out, nrow=nrow)
         if traj is not None:
             from ..chain import chain_gif
 

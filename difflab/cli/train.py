@@ -60,7 +60,7 @@ def apply_options(cfg: ckpt.RunConfig, args) -> ckpt.RunConfig:
         data["n"] = args.n
     cfg = replace(cfg, process=process, target=args.target or cfg.target, loss=loss, train=t, data=data)
     if args.cond_dropout is not None and not (args.class_cond or cfg.conditions):
-        raise UsageError("--cond-dropout needs a conditional model (--class-cond)")
+        raise UsageError("--p-uncond needs a conditional model (--cond class)")
     if cfg.conditions and args.cond_dropout is not None:
         cfg = replace(cfg, conditions=[dict(c, p_drop=args.cond_dropout) for c in cfg.conditions])
     return cfg
@@ -69,9 +69,9 @@ def apply_options(cfg: ckpt.RunConfig, args) -> ckpt.RunConfig:
 def with_class_labels(cfg: ckpt.RunConfig, num_classes: int | None, p_drop: float | None) -> ckpt.RunConfig:
     """The run conditioned on class labels: the U-Net gets a class embedding (plus its null row)."""
     if cfg.net_kind != "unet":
-        raise UsageError(f"--class-cond needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
+        raise UsageError(f"--cond class needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
     if not num_classes:
-        raise UsageError(f"--class-cond needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' array)")
+        raise UsageError(f"--cond class needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' array)")
     spec = class_labels(num_classes, 0.1 if p_drop is None else p_drop)
     return replace(cfg, net=dict(cfg.net, num_classes=num_classes), conditions=[spec.to_dict()])
 
@@ -109,6 +109,7 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
 
 
 def run(args) -> None:
+    args.class_cond = args.class_cond or args.cond == "class"
     out = Path(args.out)
     device = resolve_device(args.device)
     resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
@@ -155,12 +156,14 @@ def _points_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None
 def _images_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None:
     from ..data.images import to_uint8
 
-    cond = {}
-    for spec in cfg.condition_specs():  # a class-conditional run shows its classes in turn
+    cond, nrow = {}, None
+    for spec in cfg.condition_specs():  # a class-conditional run: one row of 8 per class
         if spec.name == "class_labels":
-            cond["class_labels"] = torch.arange(64) % spec.null_label
-    x = generate(denoiser, cfg, 64, sampler="dpmpp-2m", steps=20, cond=cond, batch=64)
-    plots.save_grid(to_uint8(x), run / "samples.png")
+            cond["class_labels"] = torch.arange(spec.null_label).repeat_interleave(8)
+            nrow = 8
+    n = len(cond["class_labels"]) if cond else 64
+    x = generate(denoiser, cfg, n, sampler="dpmpp-2m", steps=20, cond=cond, batch=n)
+    plots.save_grid(to_uint8(x), run / "samples.png", nrow=nrow)
     plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
 
 
@@ -186,8 +189,10 @@ def register(sub) -> None:
     t.add_argument("--weighting", choices=["none", "snr", "min_snr"])
     t.add_argument("-n", "--n", type=positive_int, help="2-D sets: number of training points")
     t.add_argument("--data", help="folder holding the dataset's files")
-    t.add_argument("--class-cond", action="store_true", help="learn p(x | class) from the data's labels (with a null class for guidance)")
-    t.add_argument("--cond-dropout", type=unit_float, help="probability of training on the null condition (default 0.1; 0: never)")
+    t.add_argument("--cond", choices=["class"], help="class: learn p(x | class) from the data's labels, with a null class for guidance")
+    t.add_argument("--class-cond", action="store_true", help="the same as --cond class")
+    t.add_argument("--p-uncond", "--cond-dropout", dest="cond_dropout", type=unit_float,
+                   help="probability of training on the null condition (default 0.1; 0: never, and no classifier-free guidance)")
     t.add_argument("--init-from", help="a run whose EMA weights initialise the network")
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: at the end only)")

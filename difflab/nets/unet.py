@@ -240,6 +240,41 @@ class Upsample(nn.Sequential):
         super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, ch, 3, padding=1))  # (B, C, 2H, 2W)
 
 
+def build_encoder(cfg: UNetConfig, emb_dim: int) -> tuple[nn.Conv2d, nn.ModuleList, nn.ModuleList, list[int]]:
+    """The encoder half: conv_in, the blocks of every level, the downsamplers, and the channel count of
+    every output saved for a skip connection (the last is the encoder's output width)."""
+    chans = [cfg.base_channels * m for m in cfg.channel_mults]
+    ch = chans[0]
+    conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
+    skip_chs = [ch]  # every output (including conv_in's) is saved for a skip connection
+    down, downsample = nn.ModuleList(), nn.ModuleList()
+    for level, (out_ch, size) in enumerate(zip(chans, cfg.resolutions())):
+        blocks = nn.ModuleList()
+        for _ in range(cfg.num_res_blocks):
+            blocks.append(Block(ch, out_ch, cfg, emb_dim, size in cfg.attention_resolutions))
+            ch = out_ch
+            skip_chs.append(ch)
+        down.append(blocks)
+        if level < len(chans) - 1:
+            downsample.append(Downsample(ch))
+            skip_chs.append(ch)
+    return conv_in, down, downsample, skip_chs
+
+
+def encode(net: nn.Module, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+    """Run ``net``'s encoder half (its conv_in, down and downsample): (lowest-resolution features, skips)."""
+    h = net.conv_in(x)
+    skips = [h]
+    for level, blocks in enumerate(net.down):
+        for block in blocks:
+            h = block(h, emb, context, mask)
+            skips.append(h)
+        if level < len(net.downsample):
+            h = net.downsample[level](h)
+            skips.append(h)
+    return h, skips
+
+
 class UNet(nn.Module):
     """net(x, c_noise, *, class_labels=None, low_res=None, context=None, context_mask=None) -> (B, out_channels, H, W)."""
 
@@ -252,22 +287,8 @@ class UNet(nn.Module):
 
         chans = [cfg.base_channels * m for m in cfg.channel_mults]
         sizes = cfg.resolutions()
-        ch = chans[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
-
-        # encoder: every output (including conv_in's) is saved for a skip connection
-        skip_chs = [ch]
-        self.down, self.downsample = nn.ModuleList(), nn.ModuleList()
-        for level, (out_ch, size) in enumerate(zip(chans, sizes)):
-            blocks = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(Block(ch, out_ch, cfg, emb_dim, size in cfg.attention_resolutions))
-                ch = out_ch
-                skip_chs.append(ch)
-            self.down.append(blocks)
-            if level < len(chans) - 1:
-                self.downsample.append(Downsample(ch))
-                skip_chs.append(ch)
+        self.conv_in, self.down, self.downsample, skip_chs = build_encoder(cfg, emb_dim)
+        ch = skip_chs[-1]
 
         # middle, at the lowest resolution: attention there iff that size is an attention resolution
         self.mid = Block(ch, ch, cfg, emb_dim, sizes[-1] in cfg.attention_resolutions)
@@ -362,16 +383,7 @@ class UNet(nn.Module):
         emb = self.embedding(c_noise, class_labels, x.shape[0])
         cond = (emb, context, context_mask)
 
-        h = self.conv_in(h)
-        skips = [h]
-        for level, blocks in enumerate(self.down):
-            for block in blocks:
-                h = block(h, *cond)
-                skips.append(h)
-            if level < len(self.downsample):
-                h = self.downsample[level](h)
-                skips.append(h)
-
+        h, skips = encode(self, h, *cond)
         h = self.mid_res(self.mid(h, *cond), emb)
 
         for level, blocks in enumerate(self.up):

@@ -1,0 +1,112 @@
+"""`difflab train-classifier NAME --out RUN`: a noise-aware classifier p(y | x_t, t) for classifier guidance.
+
+    difflab train-classifier fashion-mnist --out runs/fm-clf                 # the dataset preset's process
+    difflab train-classifier --for runs/fm --out runs/fm-clf                 # the process of the run it will guide
+    difflab train-classifier --out runs/fm-clf --resume
+
+It trains through the one training loop (checkpoints, resume, torchrun, progress) and writes
+``accuracy.json``: test accuracy at noise levels t / t_max in classifier.NOISE_LEVELS."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from .. import checkpoint as ckpt
+from ..classifier import NoiseAwareClassifier, accuracy_by_noise, classifier_config
+from ..data.images import load_images, to_model
+from ..distributed import launched_rank, resolve_device, restarted
+from ..io import atomic_path
+from ..presets import preset_for
+from ..training import train
+from .data import check_dataset
+from .options import UsageError, add_device, positive_float, positive_int
+from .train import load_training_data
+
+FIELDS = ("batch_size", "lr", "seed")
+
+
+def run(args) -> None:
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
+    if resume:
+        cfg = ckpt.load_config(out)
+        if cfg.net_kind not in ckpt.CLASSIFIERS:
+            raise UsageError(f"{out} holds a {cfg.net_kind} denoiser run, not a classifier")
+        given = [f"--{f.replace('_', '-')}" for f in ("name", "for_run", *FIELDS) if getattr(args, f) is not None]
+        if given:
+            raise UsageError(f"--resume continues {out} as it was saved; drop {', '.join(given)}")
+        if args.steps:
+            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+        data, _ = load_training_data(cfg)
+    else:
+        if (out / ckpt.CONFIG).exists() and not args.force and not restarted():
+            raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
+        if args.for_run:
+            base = ckpt.load_config(args.for_run)
+            if base.net_kind in ckpt.CLASSIFIERS:
+                raise UsageError(f"--for {args.for_run} is itself a classifier; give the diffusion run to be guided")
+            if args.name is not None and args.name != base.dataset:
+                raise UsageError(f"NAME {args.name!r} differs from the dataset of --for {args.for_run} ({base.dataset!r})")
+            base = replace(base, conditions=[], net=dict(base.net, num_classes=None))
+        else:
+            if args.name is None:
+                raise UsageError("give the dataset NAME (or --for RUN, or --resume)")
+            check_dataset(args.name)
+            base = preset_for(args.name)
+            if args.data:
+                base = replace(base, data=dict(base.data, data_dir=args.data))
+        if base.kind != "images":
+            raise UsageError(f"a noise-aware classifier needs images; {base.dataset} is a set of {base.kind}")
+        data, num_classes = load_training_data(base)
+        if not num_classes:
+            raise UsageError(f"{base.dataset} has no class labels to learn (use class subfolders or an npz 'labels' array)")
+        cfg = classifier_config(base, num_classes)
+        cfg = replace(cfg, train=replace(cfg.train, **{f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None},
+                                         **({"steps": args.steps} if args.steps else {})))
+        cfg.validate()
+    if not args.quiet and launched_rank() == 0:
+        print(f"{'resuming' if resume else 'training'} a noise-aware classifier for {cfg.dataset}: "
+              f"{cfg.train.steps} steps x batch {cfg.train.batch_size}, on {device}")
+    ema = train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, max_minutes=args.max_minutes,
+                preview=_accuracy_preview)
+    if launched_rank() == 0:
+        acc = json.loads((out / "accuracy.json").read_text()) if (out / "accuracy.json").exists() else None
+        if acc is None:  # stopped early (--max-minutes): report where it stands
+            acc = _write_accuracy(ema, cfg, out)
+        print("test accuracy by noise level t/t_max: " + ", ".join(f"{k}: {v:.3f}" for k, v in acc.items()))
+        print(f"classifier written to {out}/ (use it with `difflab sample RUN --classifier {out} --classifier-scale S`)")
+
+
+def _write_accuracy(ema, cfg: ckpt.RunConfig, run: Path) -> dict:
+    test = load_images(cfg.dataset, split="test", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+    n = min(len(test), 2000)
+    acc = accuracy_by_noise(NoiseAwareClassifier(ema), to_model(test.images[:n]), test.labels[:n])
+    acc = {str(k): v for k, v in acc.items()}
+    with atomic_path(run / "accuracy.json") as tmp:
+        Path(tmp).write_text(json.dumps(acc, indent=1))
+    return acc
+
+
+def _accuracy_preview(ema, step: int, run: Path) -> None:
+    _write_accuracy(ema, ckpt.load_config(run), run)
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train-classifier", help="train a noise-aware classifier p(y | x_t, t) for classifier guidance")
+    t.add_argument("name", nargs="?", help="dataset name (its preset's process); not needed with --for or --resume")
+    t.add_argument("--out", required=True, help="classifier run directory")
+    t.add_argument("--for", dest="for_run", metavar="RUN", help="the diffusion run it will guide (its dataset, shape and process)")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--force", action="store_true", help="start over even if --out holds a run")
+    t.add_argument("--steps", type=positive_int, help="optimizer steps (default: a quarter of the dataset preset's)")
+    t.add_argument("--batch-size", type=positive_int)
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--data", help="folder holding the dataset's files")
+    t.add_argument("--max-minutes", type=positive_float)
+    add_device(t)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=run)

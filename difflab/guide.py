@@ -1,0 +1,108 @@
+"""The guidance a user asks for over a trained run, as one dataclass, and the denoiser it builds.
+
+    g = GuidanceConfig(scale=3.0, negative=5, interval=(0.2, 0.8))
+    denoiser = guided(denoiser, run_config, g)           # guidance.Guided / ClassifierGuided wrappers
+
+``difflab sample``, ``difflab eval`` and the benchmarks build their guided denoisers here, so every
+combination is checked in one place: a class outside the run's classes, guidance on an unconditional run
+without a classifier, a classifier trained for another dataset, resolution or process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoint import RunConfig
+from .conditions import ConditionError
+from .guidance import SCHEDULES, ClassifierGuided, Guided, check_interval
+
+
+@dataclass
+class GuidanceConfig:
+    """scale       classifier-free guidance scale s (1: plain conditional, 0: unconditional; CFG paper's w = s - 1)
+    schedule    how s varies with t: constant, linear or cosine (guidance.SCHEDULES)
+    negative    a class whose prediction replaces the null one
+    compose     (class, weight) terms added as w (pred_class - pred_base); negative weights steer away
+    interval    (lo, hi) fractions of t_max where guidance acts (the plain conditional prediction elsewhere)
+    rescale     Lin et al. (2024) guidance rescale phi in [0, 1]
+    classifier  a `difflab train-classifier` run; classifier_scale its scale (score + s grad log p(y | x_t))"""
+
+    scale: float = 1.0
+    schedule: str = "constant"
+    negative: int | None = None
+    compose: tuple[tuple[int, float], ...] = field(default=())
+    interval: tuple[float, float] | None = None
+    rescale: float = 0.0
+    classifier: str | None = None
+    classifier_scale: float = 1.0
+
+    @property
+    def classifier_free(self) -> bool:
+        """Whether it asks for anything of the classifier-free kind (plain conditional sampling does not)."""
+        return (self.scale != 1.0 or self.schedule != "constant" or self.negative is not None or bool(self.compose)
+                or self.interval is not None or self.rescale != 0.0)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v != GuidanceConfig.__dataclass_fields__[k].default or k == "scale"}
+
+
+def num_classes_of(cfg: RunConfig) -> int | None:
+    """The number of classes a class-conditional run takes (None when it takes none)."""
+    return next((s.null_label for s in cfg.condition_specs() if s.name == "class_labels"), None)
+
+
+def check_class(k: int, num_classes: int | None, what: str, run: str) -> None:
+    if num_classes is None:
+        raise ConditionError(f"{what} {k}: {run} is not class-conditional")
+    if not 0 <= k < num_classes:
+        raise ConditionError(f"{what} {k} is outside the run's classes 0..{num_classes - 1}")
+
+
+def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the run"):
+    """``denoiser`` of run ``cfg`` wrapped as ``g`` asks (itself when g is None or asks for nothing)."""
+    if g is None:
+        return denoiser
+    if g.schedule not in SCHEDULES:
+        raise ValueError(f"unknown guidance schedule {g.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    check_interval(g.interval)
+    K = num_classes_of(cfg)
+    out = denoiser
+    if g.classifier_free:
+        if K is None:
+            raise ConditionError(f"{run} is unconditional: classifier-free guidance, negative and composed classes need a class-conditional "
+                                 f"run (`difflab train NAME --cond class`); an unconditional run takes classifier guidance (--classifier)")
+        for k in [c for c, _ in g.compose] + ([g.negative] if g.negative is not None else []):
+            check_class(k, K, "class", run)
+        out = Guided(out, cfg.condition_specs(), g.scale, schedule=g.schedule, interval=g.interval, rescale=g.rescale,
+                     negative={"class_labels": g.negative} if g.negative is not None else None,
+                     terms=[({"class_labels": c}, w) for c, w in g.compose])
+    if g.classifier is not None:
+        from .classifier import check_guides, load_classifier
+
+        clf, clf_cfg = load_classifier(g.classifier)
+        check_guides(clf_cfg, cfg, g.classifier)
+        out = ClassifierGuided(out, clf, g.classifier_scale, schedule=g.schedule)
+    return out
+
+
+def labels_for(cfg: RunConfig, g: GuidanceConfig | None, requested: list[int] | None, n: int, run: str = "the run"):
+    """The class of each of n samples: ``requested`` (cycled) checked against the run's (or classifier's)
+    classes; None when no class is asked for."""
+    if not requested:
+        if g is not None and g.classifier is not None:
+            raise ConditionError("classifier guidance needs the class to guide toward (--class)")
+        if g is not None and g.classifier_free and not g.compose:
+            raise ConditionError("classifier-free guidance needs the class to guide toward (--class; or --compose)")
+        return None
+    K = num_classes_of(cfg)
+    if K is None and (g is None or g.classifier is None):
+        raise ConditionError(f"--class: {run} is unconditional; train with --cond class, or guide it with --classifier")
+    if K is None:
+        from .checkpoint import load_config
+
+        K = num_classes_of(load_config(g.classifier))
+    for k in requested:
+        check_class(k, K, "class", run)
+    labels = torch.tensor(requested, dtype=torch.long)
+    return labels.repeat(-(-n // len(labels)))[:n]
