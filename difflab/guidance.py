@@ -157,11 +157,13 @@ class Guided(nn.Module):
     negative  the base condition instead of the null one (1 row or B rows)
     interval  (lo, hi) fractions of t_max: guide there, plain conditional prediction elsewhere
     rescale   phi of Lin et al. (2024), 0 (off) to 1
+    batched   all conditions in one forward pass of k*B rows (default); False: k passes of B rows (less
+              memory; benchmarks/guidance_cost.py measures both)
     """
 
     def __init__(self, denoiser, specs: Sequence[ConditionSpec], scale=1.0, *, schedule: str = "constant",
                  terms: Sequence[tuple[Mapping[str, Tensor], float]] = (), negative: Mapping[str, Tensor] | None = None,
-                 interval: tuple[float, float] | None = None, rescale: float = 0.0):
+                 interval: tuple[float, float] | None = None, rescale: float = 0.0, batched: bool = True):
         super().__init__()
         if not specs:
             raise ConditionError("guidance needs a conditional model; this one takes no conditions (use a classifier)")
@@ -175,7 +177,8 @@ class Guided(nn.Module):
         self.negative = dict(negative) if negative is not None else None
         self.interval = check_interval(interval)
         self.rescale = float(rescale)
-        self.evaluations = 0  # network forward passes, counted in samples' batches (one call = one pass)
+        self.batched = batched
+        self.evaluations = 0  # calls of the wrapped denoiser (a batched call of k*B rows counts once)
 
     def _inside(self, t: Tensor) -> Tensor:
         u = t / self.process.t_max
@@ -207,10 +210,13 @@ class Guided(nn.Module):
         nulls = _nulls(self.specs, {k: v for b in (*branches, negative) for k, v in b.items()})
         base = negative or nulls
         k = len(branches) + 1
-        big = _stack([base, *branches], nulls, x_t.device)
-        self.evaluations += 1
-        pred = self.denoiser(x_t.repeat(k, *([1] * (x_t.ndim - 1))), t.repeat(k), **big)
-        eps = pred.eps.chunk(k)
+        if self.batched:
+            big = _stack([base, *branches], nulls, x_t.device)
+            self.evaluations += 1
+            eps = self.denoiser(x_t.repeat(k, *([1] * (x_t.ndim - 1))), t.repeat(k), **big).eps.chunk(k)
+        else:
+            self.evaluations += k
+            eps = [self.denoiser(x_t, t, **_stack([c], nulls, x_t.device)).eps for c in (base, *branches)]
         guided = combine(eps[0], eps[1:], weights)
         alpha, sigma = broadcast(self.process.alpha(t), x_t), broadcast(self.process.sigma(t), x_t)
         out = Prediction(x_t, alpha, sigma, "eps", guided)

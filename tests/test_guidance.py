@@ -165,6 +165,10 @@ def test_one_batched_pass_equals_separate_passes_and_the_mix_space_does_not_matt
     for space in ("eps", "x0", "v", "score"):  # an affine mix: the same whichever space it is done in
         want = null.as_(space) + 2.5 * (cond.as_(space) - null.as_(space))
         assert torch.allclose(guided.as_(space), want, atol=2e-5, rtol=1e-4), space
+    den.calls = 0
+    with torch.no_grad():
+        separate = Guided(den, SPECS, scale=2.5, batched=False)(x_t, t, class_labels=y)
+    assert den.calls == 2 and torch.allclose(separate.eps, guided.eps, atol=2e-5, rtol=1e-4)
 
 
 def test_guidance_interval_costs_one_pass_outside_and_is_conditional_there(mixture, process):
