@@ -35,7 +35,8 @@ def run(args) -> None:
         cfg = ckpt.load_config(out)
         if cfg.net_kind not in ckpt.CLASSIFIERS:
             raise UsageError(f"{out} holds a {cfg.net_kind} denoiser run, not a classifier")
-        given = [f"--{f.replace('_', '-')}" for f in ("name", "for_run", *FIELDS) if getattr(args, f) is not None]
+        flags = {"name": "NAME", "for_run": "--for", **{f: f"--{f.replace('_', '-')}" for f in FIELDS}}
+        given = [flag for f, flag in flags.items() if getattr(args, f) is not None]
         if given:
             raise UsageError(f"--resume continues {out} as it was saved; drop {', '.join(given)}")
         if args.steps:

@@ -34,8 +34,8 @@ def run(args) -> None:
     sampler_choice(args, None)  # unknown sampler: fail before loading anything
     denoiser, cfg = load_denoiser(args.run, ema=args.ema)
     guidance = guidance_from(args)
-    cond, n, nrow = conditions_from(args, cfg, guidance, args.n, args.run)
     denoiser = guided(denoiser, cfg, guidance, args.run)
+    cond, n, nrow = conditions_from(args, cfg, guidance, args.n, args.run)
     if args.gif and cfg.kind != "images":
         raise UsageError(f"--gif draws the chain of an image run; {args.run} makes {cfg.kind} (use `difflab trajectories`)")
     sampler, spacing, options = sampler_choice(args, denoiser.process)
