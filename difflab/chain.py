@@ -36,7 +36,7 @@ def toy_trajectories(denoiser, cfg: RunConfig, out, n: int = 2000, steps: int = 
     """The classic swiss-roll figure: forward noising of the data (top) and reverse denoising of noise (bottom)."""
     process = denoiser.process
     x0 = make_toy(cfg.dataset, n, seed=seed + 7)
-    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True)
+    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True, cond=cond)
     idx = [int(torch.argmin((traj.t - f * process.t_max).abs())) for f in FRACTIONS]
     rev_t = [float(traj.t[i]) for i in idx]
     fwd_t = sorted(rev_t)
@@ -49,12 +49,13 @@ def _strip(rows: list[list[torch.Tensor]]) -> Image.Image:
     return plots.image_grid(flat, nrow=len(rows[0]))
 
 
-def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm") -> None:
+def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm",
+                cond: dict | None = None) -> None:
     """Reverse chain strip (per sample, at six moments of the chain: x_t beside its predicted x_0), an optional
     GIF, and an optional forward-noising strip of real images."""
     from .data.images import load_images, to_model, to_uint8
 
-    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True)
+    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True, cond=cond)
     idx = _pick(len(traj.x0), COLUMNS)
     rows = [[to_uint8(img[i][k]) for i in idx for img in (traj.x_t, traj.x0)] for k in range(n)]
     with atomic_path(out) as tmp:

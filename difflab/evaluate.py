@@ -417,6 +417,8 @@ def format_report(result: dict) -> str:
         f"{r['run']}: {r['dataset']}, step {r['step']}, {r['weights']} weights, {r['process']} process",
         f"samples: {r['n']} x {r['sampler']}, {r['steps']} steps, {r['spacing']} spacing, seed {r['seed']}",
     ]
+    if r.get("guidance"):
+        lines.append("guidance: " + ", ".join(f"{k} {v}" for k, v in r["guidance"].items()))
     if r["kind"] == "points":
         lines += [
             f"{'':22}{'samples':>12}{'fresh data':>12}   (against {r['reference']['fresh_points']} fresh points)",

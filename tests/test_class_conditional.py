@@ -82,6 +82,9 @@ def test_sample_every_class_one_row_each_and_the_same_seed_gives_the_same_grid(r
         if extra[0] != "--compose":
             argv += ["--class", "3", "--guidance", "2"]
         assert run_cli(capsys, *argv, *extra)[0] == 0, extra
+    chain = tmp_path / "chain.png"
+    argv = ["trajectories", runs / "dc", "--class", "3", "--guidance", "2", "-n", "2", "--steps", "5", "--sampler", "dpmpp-2m", "--out", chain]
+    assert run_cli(capsys, *argv)[0] == 0 and chain.exists()
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..checkpoint import load_denoiser
 from ..samplers import SAMPLERS
-from .options import UsageError, check_suffix, positive_int, single_thread_for_points
+from .options import UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, single_thread_for_points
 
 
 def run(args) -> None:
@@ -15,6 +15,11 @@ def run(args) -> None:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     denoiser, cfg = load_denoiser(args.run, ema=True)
     from ..chain import image_chain, toy_trajectories
+    from ..guide import guided
+
+    guidance = guidance_from(args)
+    denoiser = guided(denoiser, cfg, guidance, args.run)
+    cond, n, _ = conditions_from(args, cfg, guidance, args.n or (2000 if cfg.kind == "points" else 8), args.run)
 
     single_thread_for_points(cfg.kind)
     if cfg.kind == "points":
@@ -22,7 +27,8 @@ def run(args) -> None:
             raise UsageError("--gif and --forward are for image runs; a 2-D run's picture shows both directions")
         toy_trajectories(denoiser, cfg, args.out, n=args.n or 2000, steps=args.steps, seed=args.seed, sampler=args.sampler)
     else:
-        image_chain(denoiser, cfg, args.out, gif=args.gif, forward=args.forward, n=args.n or 8, steps=args.steps, seed=args.seed, sampler=args.sampler)
+        image_chain(denoiser, cfg, args.out, gif=args.gif, forward=args.forward, n=n, steps=args.steps, seed=args.seed, sampler=args.sampler,
+                    cond=cond or None)
     for path in (args.out, args.gif, args.forward):
         if path:
             print(f"wrote {path}")
@@ -38,4 +44,5 @@ def register(sub) -> None:
     r.add_argument("-n", "--n", type=positive_int)
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--sampler", default="ddpm")
+    add_conditions(r)
     r.set_defaults(func=run)
