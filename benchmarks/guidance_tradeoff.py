@@ -43,7 +43,7 @@ from difflab.checkpoint import has_checkpoint, weights_step  # noqa: E402
 from difflab.classifier import classifier_config  # noqa: E402
 from difflab.cli.train import load_training_data, with_class_labels  # noqa: E402
 from difflab.evaluate import evaluate  # noqa: E402
-from difflab.guide import GuidanceConfig  # noqa: E402
+from difflab.guidance_config import GuidanceConfig  # noqa: E402
 from difflab.presets import preset_for  # noqa: E402
 from difflab.training import train  # noqa: E402
 

@@ -113,6 +113,8 @@ class GaussianMixtureDenoiser(nn.Module):
         post = self.mixture.log_posterior(self.process, x_t, t).exp()  # (B, K)
         x0 = (post[:, :, None] * per_class).sum(1)
         if class_labels is not None:
+            if class_labels.shape != (len(x_t),):
+                raise ValueError(f"class_labels must have shape ({len(x_t)},), got {tuple(class_labels.shape)}")
             y = class_labels.long().to(x_t.device)
             known = y < self.mixture.num_classes
             picked = per_class[torch.arange(len(y)), y.clamp(max=self.mixture.num_classes - 1)]

@@ -36,7 +36,7 @@ def toy_trajectories(denoiser, cfg: RunConfig, out, n: int = 2000, steps: int = 
     """The classic swiss-roll figure: forward noising of the data (top) and reverse denoising of noise (bottom)."""
     process = denoiser.process
     x0 = make_toy(cfg.dataset, n, seed=seed + 7)
-    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True, cond=cond)
+    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True)
     idx = [int(torch.argmin((traj.t - f * process.t_max).abs())) for f in FRACTIONS]
     rev_t = [float(traj.t[i]) for i in idx]
     fwd_t = sorted(rev_t)

@@ -50,7 +50,7 @@ class NoiseAwareClassifier(nn.Module):
 def load_classifier(run_dir: str | Path) -> tuple[NoiseAwareClassifier, RunConfig]:
     """A classifier run's EMA network, ready for guidance."""
     wrapped, cfg = load_denoiser(run_dir, classifier=True)
-    return NoiseAwareClassifier(wrapped), cfg
+    return NoiseAwareClassifier(wrapped.requires_grad_(False)), cfg  # guidance differentiates in x only
 
 
 def check_guides(classifier_cfg: RunConfig, run_cfg: RunConfig, where: str) -> None:

@@ -54,7 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .checkpoint import RunConfig, load_config, load_denoiser, weights_step
+from .checkpoint import RunConfig, load_denoiser, weights_step
 from .data.images import ImageSet, load_images, to_model, to_uint8
 from .data.toy2d import make_toy
 from .features import FeatureNet, embed, resolve_feature_net
@@ -71,7 +71,7 @@ from .metrics import (
 )
 from .processes import DiscreteDDPM
 from .generate import generate
-from .guide import GuidanceConfig, guided, labels_for, num_classes_of
+from .guidance_config import GuidanceConfig, classes_for, guided, labels_for
 from .samplers import SAMPLERS, SPACINGS, default_spacing
 
 DEFAULT_N = 1000
@@ -239,9 +239,9 @@ def _draw(denoiser, cfg: RunConfig, n: int, batch: int, steps: int, sampler: str
 def _requested_classes(cfg: RunConfig, guidance: GuidanceConfig | None, n: int, run) -> Tensor | None:
     """Balanced class labels (sample i asks for class i mod K) for a class-conditional or classifier-guided
     run; None for an unconditional one."""
-    K = num_classes_of(cfg)
-    if K is None and guidance is not None and guidance.classifier:
-        K = num_classes_of(load_config(guidance.classifier))
+    if guidance is not None and guidance.compose:
+        raise EvalError("eval asks sample i for class i mod K and scores that class; composed classes are for `difflab sample`")
+    K = classes_for(cfg, guidance)
     return None if K is None else labels_for(cfg, guidance, list(range(K)), n, str(run))
 
 
@@ -267,7 +267,7 @@ def evaluate(
     with the wall time of each phase under 'seconds'.
 
     A class-conditional (or classifier-guided) run draws balanced classes, sample i of class i mod K, under
-    ``guidance`` (guide.GuidanceConfig), and the report adds the class accuracy: how often the feature
+    ``guidance`` (guidance_config.GuidanceConfig), and the report adds the class accuracy: how often the feature
     network's class is the one asked for."""
     _check(n, sampler, steps, spacing, seed, batch, bpd_n)
     options = dict(options or {})
@@ -331,13 +331,13 @@ def evaluate(
     if len(other_ref["features"]) >= MIN_N:
         floor = {"split": other, "n": min(n, len(other_ref["features"]))} | _scores(ref, other_ref["features"][:n], seed)
     classes = _class_report(net, logits, ref, ref_data)
-    if requested is not None and logits is not None:
+    if requested is not None and logits is not None and net.meta.get("name") == cfg.dataset and net.config.num_classes == classes_for(cfg, guidance):
         classes["accuracy"] = (logits.argmax(1) == requested).float().mean().item()  # the class asked for, as the feature net sees it
     seconds["metrics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     test_data = ref_data if split == "test" else other_data
-    bpd = _bits_per_dim(plain.cpu(), test_data, bpd_n, seed, progress)  # of the model itself (guidance is not a likelihood)  # the bound runs on the CPU (likelihood.py)
+    bpd = _bits_per_dim(plain.cpu(), test_data, bpd_n, seed, progress)  # the model itself (guidance is no likelihood), on the CPU
     seconds["bits_per_dim"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 

@@ -78,7 +78,7 @@ def generate(
     lo, hi = shard(n, world.rank, world.size)
     starts = list(range(lo, hi, batch))
     chunks, traj = [], None
-    for start in tqdm(starts, desc=f"sample ({sampler}, {steps} steps)", disable=not progress or len(starts) < 2 or not world.is_main):
+    for start in tqdm(starts, desc=f"sample ({getattr(sampler, '__name__', sampler)}, {steps} steps)", disable=not progress or len(starts) < 2 or not world.is_main):
         stop = min(start + batch, hi)
         gen = PerSampleGenerator(range(seed + start, seed + stop))
         part = {k: v[start:stop].to(device) for k, v in cond.items()}

@@ -19,7 +19,7 @@ Classifier-free guidance (Ho & Salimans 2022) and its generalisation to a bag of
   batched forward pass**.
 * A guidance interval (Kynkäänniemi et al. 2024) guides only for t/t_max in [lo, hi]; outside it the
   prediction is the plain conditional one, at the cost of one forward pass instead of k + 1.
-* ``rescale`` (Lin et al. 2024, Common diffusion noise schedules are flawed, section 3.4) pulls the
+* ``rescale`` (Lin et al. 2024, Common Diffusion Noise Schedules and Sample Steps are Flawed, section 3.4) pulls the
   guided x_0's standard deviation back toward the conditional one's: x_0 <- phi x_0 std_c/std_cfg +
   (1 - phi) x_0, computed per sample on the predicted x_0 (the image whose over-exposure it corrects).
 
@@ -188,18 +188,18 @@ class Guided(nn.Module):
         return (u >= lo) & (u <= hi)
 
     def forward(self, x_t: Tensor, t, **cond) -> Prediction:
-        cond = {k: v for k, v in cond.items() if v is not None}
         t = expand_t(t, x_t)
         B, u = len(x_t), t / self.process.t_max
-        if self.interval is not None and not cond:
-            raise ConditionError("a guidance interval needs the conditional prediction outside it: give a condition at call time")
+        cond = _rows(cond, B, "the condition")
+        if (self.interval is not None or self.rescale) and not cond:
+            raise ConditionError("a guidance interval and rescale need the plain conditional prediction: give a condition at call time")
         inside = self._inside(t)
         if not inside.any():  # outside the interval: the plain conditional prediction, one pass
             self.evaluations += 1
             return self.denoiser(x_t, t, **cond)
         branches, weights = [], []
         if cond:
-            branches.append(_rows(cond, B, "the condition"))
+            branches.append(cond)
             weights.append(self.scale(u))
         for c, w in self.terms:
             branches.append(_rows(c, B, "a composed condition"))
@@ -221,7 +221,7 @@ class Guided(nn.Module):
         alpha, sigma = broadcast(self.process.alpha(t), x_t), broadcast(self.process.sigma(t), x_t)
         out = Prediction(x_t, alpha, sigma, "eps", guided)
         if self.rescale:
-            ref = Prediction(x_t, alpha, sigma, "eps", eps[1]).x0  # the first condition's own x_0
+            ref = Prediction(x_t, alpha, sigma, "eps", eps[1]).x0  # the call-time condition's own x_0
             out = Prediction(x_t, alpha, sigma, "x0", rescale_std(out.x0, ref, self.rescale))
         if not inside.all():  # some samples outside the interval (mixed times): their conditional prediction
             plain = Prediction(x_t, alpha, sigma, "eps", eps[1])
@@ -235,9 +235,12 @@ class ClassifierGuided(nn.Module):
         guided = ClassifierGuided(denoiser, classifier, scale=2.0)     # guided(x, t, class_labels=y)
 
     classifier(x_t, t) -> logits (B, K), trained on the same forward process. The labels y come in the call's
-    ``label`` condition; they reach the wrapped denoiser only when it takes them (a conditional model)."""
+    ``label`` condition (1 row or B rows); they reach the wrapped denoiser only when it takes them (a
+    conditional model). A label >= K (the null class, as a CFG wrapper above it sends) gets no gradient.
+    ``interval`` (lo, hi): the gradient only for t/t_max in [lo, hi]."""
 
-    def __init__(self, denoiser, classifier, scale=1.0, *, schedule: str = "constant", label: str = "class_labels"):
+    def __init__(self, denoiser, classifier, scale=1.0, *, schedule: str = "constant", label: str = "class_labels",
+                 interval: tuple[float, float] | None = None):
         super().__init__()
         self.denoiser, self.classifier, self.label = denoiser, classifier, label
         self.process = denoiser.process
@@ -245,24 +248,34 @@ class ClassifierGuided(nn.Module):
         self.accepts = None if inner is None else frozenset(inner) | {label}
         self._passes_label = inner is None or label in inner
         self.scale = scale_fn(scale, schedule)
+        self.interval = check_interval(interval)
 
     def grad_log_prob(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """grad_x log p(y | x_t, t), per sample."""
+        """grad_x log p(y | x_t, t) per sample; zero for labels outside the classifier's classes (null)."""
         with torch.enable_grad():
             x = x_t.detach().requires_grad_(True)
             logits = self.classifier(x, t)
             logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
-            picked = logp.gather(1, y.long().reshape(-1, 1).to(logp.device)).sum()
+            y = y.long().reshape(-1, 1).to(logp.device)
+            known = y < logp.shape[1]
+            picked = (logp.gather(1, y.clamp(max=logp.shape[1] - 1)) * known).sum()
             (grad,) = torch.autograd.grad(picked, x)
         return grad
 
     def forward(self, x_t: Tensor, t, **cond) -> Prediction:
+        t = expand_t(t, x_t)
+        cond = _rows(cond, len(x_t), "the condition")
         y = cond.get(self.label)
         if y is None:
             raise ConditionError(f"classifier guidance needs {self.label!r}: the class to guide toward")
-        t = expand_t(t, x_t)
         inner = cond if self._passes_label else {k: v for k, v in cond.items() if k != self.label}
         pred = self.denoiser(x_t, t, **inner)
-        s = broadcast(self.scale(t / self.process.t_max), x_t)
-        eps = pred.eps - pred.sigma * s * self.grad_log_prob(x_t, t, y).to(x_t.dtype)
+        u = t / self.process.t_max
+        s = self.scale(u)
+        if self.interval is not None:
+            lo, hi = self.interval
+            s = torch.where((u >= lo) & (u <= hi), s, torch.zeros_like(s))
+            if not bool((s != 0).any()):
+                return pred
+        eps = pred.eps - pred.sigma * broadcast(s, x_t) * self.grad_log_prob(x_t, t, y).to(x_t.dtype)
         return Prediction(x_t, pred.alpha, pred.sigma, "eps", eps)

@@ -500,8 +500,11 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
-def get_sampler(name: str) -> Callable:
-    """The sampler function registered under ``name``."""
+def get_sampler(name: str | Callable) -> Callable:
+    """The sampler function registered under ``name`` (a function with the samplers' signature passes through,
+    e.g. the restoration methods of inverse.py)."""
+    if callable(name):
+        return name
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
@@ -510,19 +513,19 @@ def get_sampler(name: str) -> Callable:
 _SHARED = ("cond", "generator", "callback", "return_trajectory")
 
 
-def sampler_options(name: str) -> dict:
+def sampler_options(name: str | Callable) -> dict:
     """The options a sampler takes beyond the shared signature, with their defaults (e.g. ddim: {'eta': 0.0})."""
     params = inspect.signature(get_sampler(name)).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _SHARED}
 
 
-def check_options(name: str, options: dict) -> None:
+def check_options(name: str | Callable, options: dict) -> None:
     """Raise one line for an option the sampler does not take (rather than dropping it)."""
     known = sampler_options(name)
     unknown = sorted(set(options) - set(known) - set(_SHARED))
     if unknown:
         takes = ", ".join(known) or "no options"
-        raise ValueError(f"sampler {name!r} takes {takes}; it has no option {', '.join(map(repr, unknown))}")
+        raise ValueError(f"sampler {getattr(name, '__name__', name)!r} takes {takes}; it has no option {', '.join(map(repr, unknown))}")
 
 
 # --------------------------------------------------------------------------- step spacings

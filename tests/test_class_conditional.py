@@ -15,7 +15,7 @@ from difflab.checkpoint import CheckpointError, load_config
 from difflab.classifier import check_guides
 from difflab.cli import main
 from difflab.evaluate import evaluate
-from difflab.guide import GuidanceConfig
+from difflab.guidance_config import GuidanceConfig
 
 STEPS = 300
 
@@ -56,7 +56,9 @@ def test_conditional_digits_follow_their_class_and_guidance_sharpens_it(runs):
 
 
 def test_noise_aware_classifier_accuracy_falls_as_t_grows(runs):
-    acc = json.loads((runs / "clf" / "accuracy.json").read_text())
+    saved = json.loads((runs / "clf" / "accuracy.json").read_text())
+    assert saved["step"] == STEPS
+    acc = saved["accuracy"]
     levels = sorted(acc, key=float)
     values = [acc[k] for k in levels]
     # measured: 0.97, 0.94, 0.70, 0.31, 0.10 at t/t_max 0.05 .. 0.95
@@ -76,12 +78,18 @@ def test_sample_every_class_one_row_each_and_the_same_seed_gives_the_same_grid(r
     assert labels.tolist() == [k for k in range(10) for _ in range(4)]  # 40 // 10 per class
     w, h = Image.open(out).size
     assert h > 2 * w  # 10 rows of 4
-    for extra in (["--negative-class", "5"], ["--compose", "3:+1,5:-0.5"], ["--classifier", runs / "clf", "--classifier-scale", "2"],
+    def draw(*extra):
+        npz = tmp_path / "x.npz"
+        assert run_cli(capsys, "sample", runs / "dc", "-n", "4", "--steps", "5", "--quiet", "--save", npz, *extra)[0] == 0, extra
+        return np.load(npz)["images"]
+
+    plain = draw("--class", "3")
+    assert np.array_equal(draw("--compose", "3:+1"), plain)  # null + 1 (pred_3 - null) is pred_3
+    guided = draw("--class", "3", "--guidance", "2")
+    for extra in (["--negative-class", "5"], ["--classifier", runs / "clf", "--classifier-scale", "2"],
                   ["--guidance-schedule", "linear", "--guidance-rescale", "0.7"]):
-        argv = ["sample", runs / "dc", "-n", "4", "--steps", "5", "--quiet", "--out", tmp_path / "x.png"]
-        if extra[0] != "--compose":
-            argv += ["--class", "3", "--guidance", "2"]
-        assert run_cli(capsys, *argv, *extra)[0] == 0, extra
+        assert not np.array_equal(draw("--class", "3", "--guidance", "2", *extra), guided), extra
+    assert not np.array_equal(draw("--compose", "3:+1,5:-0.5"), plain)
     chain = tmp_path / "chain.png"
     argv = ["trajectories", runs / "dc", "--class", "3", "--guidance", "2", "-n", "2", "--steps", "5", "--sampler", "dpmpp-2m", "--out", chain]
     assert run_cli(capsys, *argv)[0] == 0 and chain.exists()
@@ -93,7 +101,7 @@ def test_sample_every_class_one_row_each_and_the_same_seed_gives_the_same_grid(r
         (["sample", "{dc}", "--class", "12"], "class 12 is outside the run's classes 0..9"),
         (["sample", "{dc}", "--class", "3", "--guidance", "2", "--negative-class", "10"], "class 10 is outside the run's classes 0..9"),
         (["sample", "{dc}", "--compose", "3:1,5"], "expected CLASS:WEIGHT pairs"),
-        (["sample", "{dc}", "--class", "3", "--guidance-interval", "0.8,0.2"], "needs 0 <= LO < HI <= 1"),
+        (["sample", "{dc}", "--class", "3", "--guidance-interval", "0.8,0.2"], "needs 0 <= lo < hi <= 1"),
         (["sample", "{dc}", "--guidance", "2"], "classifier-free guidance needs the class to guide toward"),
         (["sample", "{dc}", "--class", "3", "--classifier-scale", "2"], "--classifier-scale needs --classifier RUN"),
         (["sample", "{dc}", "--class", "all", "3"], "--class all stands alone"),
@@ -102,13 +110,18 @@ def test_sample_every_class_one_row_each_and_the_same_seed_gives_the_same_grid(r
         (["sample", "{toy}", "--class", "1", "--guidance", "3"], "is unconditional: classifier-free guidance"),
         (["sample", "{toy}", "--class", "1"], "is unconditional; train with --cond class, or guide it with --classifier"),
         (["sample", "{toy}", "--class", "1", "--classifier", "{clf}"], "trained for dataset 'digits', the run for 'swissroll'"),
+        (["sample", "{dc}", "--class", "3", "--negative-class", "5"], "at --guidance 1 it cancels"),
+        (["sample", "{dc}", "--class", "3", "--guidance-interval", "0.2,0.5"], "needs guidance to act on"),
+        (["sample", "{dc}", "--compose", "3:1", "--guidance-rescale", "0.5"], "only --compose alone needs none"),
+        (["eval", "{dc}", "--compose", "3:1", "--bpd-n", "0", "-n", "10"], "composed classes are for `difflab sample`"),
+        (["train", "--out", "{clf}", "--resume"], "holds a noise-aware classifier"),
         (["train-classifier", "swissroll", "--out", "{tmp}/new"], "needs images"),
         (["train-classifier", "--for", "{clf}", "--out", "{tmp}/new"], "is itself a classifier"),
     ],
 )
 def test_bad_guidance_gives_one_line_and_no_output(runs, tiny_toy_run, tmp_path, capsys, argv, needle):
     argv = [a.format(dc=runs / "dc", clf=runs / "clf", toy=tiny_toy_run, tmp=tmp_path) for a in argv]
-    code, err = run_cli(capsys, *argv, *(["--out", tmp_path / "s.png"] if argv[0] == "sample" else ["--quiet"]))
+    code, err = run_cli(capsys, *argv, *(["--out", tmp_path / "s.png"] if argv[0] == "sample" else ["--quiet"] if argv[0] != "eval" else []))
     assert code == 2 and needle in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "s.png").exists() and not (tmp_path / "new").exists()
 
@@ -135,3 +148,15 @@ def test_classifier_training_resumes_and_extends(runs, tmp_path, capsys):
     assert weights_step(run) == STEPS + 10
     code, err = run_cli(capsys, "train-classifier", "digits", "--out", run, "--resume", "--quiet")
     assert code == 2 and "drop NAME" in err
+
+
+def test_guidance_needs_a_trained_null_class(runs):
+    from difflab.checkpoint import load_denoiser
+    from difflab.conditions import ConditionError
+    from difflab.guidance_config import guided
+
+    den, cfg = load_denoiser(runs / "dc")
+    no_null = replace(cfg, conditions=[dict(cfg.conditions[0], p_drop=0.0)])
+    with pytest.raises(ConditionError, match="without label dropout"):
+        guided(den, no_null, GuidanceConfig(scale=3.0))
+    assert guided(den, no_null, GuidanceConfig(scale=3.0, negative=5)) is not den  # a negative class replaces the null one

@@ -12,7 +12,7 @@ from difflab.metrics import energy_distance
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.parameterize import Denoiser
 from difflab.processes import ContinuousVP, DiscreteDDPM
-from difflab.samplers import sample
+from difflab.samplers import sample, timesteps
 
 F64 = torch.float64
 K = 3
@@ -50,10 +50,11 @@ class Counting(nn.Module):
 
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.process, self.accepts, self.calls = inner, inner.process, inner.accepts, 0
+        self.inner, self.process, self.accepts, self.calls, self.rows = inner, inner.process, inner.accepts, 0, 0
 
     def forward(self, x_t, t, **cond):
         self.calls += 1
+        self.rows += len(x_t)
         return self.inner(x_t, t, **cond)
 
 
@@ -183,10 +184,19 @@ def test_guidance_interval_costs_one_pass_outside_and_is_conditional_there(mixtu
         assert den.calls == 1
         plain = den.inner(x_t, t, class_labels=y)
         assert torch.equal(got.x0, plain.x0) != inside
-    # a whole chain: steps whose time is outside the interval cost one pass each, inside ones one batched pass
-    den.calls = 0
+    # a whole chain: one call per step, of 2B rows inside the interval and B rows outside
+    den.calls, den.rows = 0, 0
     draw(guided, 16, label=1, steps=50)
-    assert den.calls == 50
+    ts = timesteps(process, 50, "uniform")[:-1] / process.t_max
+    inside = int(((ts >= 0.2) & (ts <= 0.6)).sum())
+    assert 0 < inside < 50 and den.calls == 50 and den.rows == 16 * (50 + inside)
+    # a batch with samples on both sides: each gets its own rule
+    t = torch.tensor([0.1, 0.4, 0.9, 0.5, 0.1, 0.3, 0.7, 0.2], dtype=F64)
+    got = guided(x_t, t, class_labels=y).eps
+    full = Guided(den.inner, SPECS, scale=4.0)(x_t, t, class_labels=y).eps
+    plain = den.inner(x_t, t, class_labels=y).eps
+    on = (t >= 0.2) & (t <= 0.6)
+    assert torch.equal(got[on], full[on]) and torch.equal(got[~on], plain[~on])
 
 
 def test_scales_vary_with_time_and_rescale_matches_the_conditional_std(mixture, process):
@@ -226,3 +236,43 @@ def test_bad_guidance_is_one_clear_error(mixture, process):
         Guided(exact, SPECS, scale=0.0, terms=[({"class_labels": torch.tensor([0, 1, 2])}, 1.0)])(x_t, t)
     with pytest.raises(ConditionError, match="needs 'class_labels'"):
         ClassifierGuided(Unconditional(exact), GaussianMixtureClassifier(process, mixture))(x_t, t)
+
+
+def test_one_row_conditions_rescale_and_nesting_either_way(mixture, process):
+    exact = GaussianMixtureDenoiser(process, mixture)
+    clf = GaussianMixtureClassifier(process, mixture)
+    x_t, t = noisy_points(mixture, process, n=6)
+    full = torch.full((6,), 2)
+    one = torch.tensor([2])
+    # one row stands for every sample, for CFG and for the classifier's labels
+    assert torch.equal(Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=one).eps, Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=full).eps)
+    cg = ClassifierGuided(Unconditional(exact), clf, scale=1.5)
+    assert torch.equal(cg(x_t, t, class_labels=one).eps, cg(x_t, t, class_labels=full).eps)
+    # a CFG wrapper above classifier guidance sends the null class: it gets no gradient, so at s = 1 the
+    # composition is classifier guidance alone
+    outer = Guided(ClassifierGuided(exact, clf, scale=1.5), SPECS, scale=1.0)(x_t, t, class_labels=full)
+    assert torch.allclose(outer.eps, ClassifierGuided(exact, clf, scale=1.5)(x_t, t, class_labels=full).eps, atol=1e-12)
+    null_grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, torch.full((6,), NULL))
+    assert torch.equal(null_grad, torch.zeros_like(null_grad))
+    # classifier guidance with a schedule and an interval
+    sched = ClassifierGuided(Unconditional(exact), clf, scale=2.0, schedule="linear", interval=(0.0, 0.5))(x_t, t, class_labels=full).eps
+    grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, full)
+    w = torch.where(t <= 0.5, 2 * 2.0 * (1 - t), torch.zeros_like(t))[:, None]
+    assert torch.allclose(sched, exact(x_t, t).eps - process.sigma(t)[:, None] * w * grad, atol=1e-10)
+    # rescale phi = 1: the guided x_0 has the conditional x_0's standard deviation, per sample
+    img = small_unet_denoiser("v")
+    xi = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    ti = torch.full((3,), 300.0, dtype=F64)
+    yi = torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        res = Guided(img, SPECS, scale=4.0, rescale=1.0)(xi, ti, class_labels=yi).x0
+        cond_x0 = img(xi, ti, class_labels=yi).x0
+        plain_cfg = Guided(img, SPECS, scale=4.0)(xi, ti, class_labels=yi).x0
+    assert torch.allclose(res.flatten(1).std(1), cond_x0.flatten(1).std(1), rtol=1e-4)
+    assert not torch.allclose(plain_cfg.flatten(1).std(1), cond_x0.flatten(1).std(1), rtol=1e-2)
+    # separate passes with a negative and composed terms equal the batched pass
+    kw = dict(scale=2.0, negative={"class_labels": 0}, terms=[({"class_labels": 1}, 0.5)])
+    with torch.no_grad():
+        a = Guided(img, SPECS, **kw)(xi, ti, class_labels=yi).eps
+        b = Guided(img, SPECS, batched=False, **kw)(xi, ti, class_labels=yi).eps
+    assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)

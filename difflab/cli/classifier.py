@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from .. import checkpoint as ckpt
@@ -25,6 +26,7 @@ from .options import UsageError, add_device, positive_float, positive_int
 from .train import load_training_data
 
 FIELDS = ("batch_size", "lr", "seed")
+ACCURACY = "accuracy.json"
 
 
 def run(args) -> None:
@@ -71,28 +73,27 @@ def run(args) -> None:
     if not args.quiet and launched_rank() == 0:
         print(f"{'resuming' if resume else 'training'} a noise-aware classifier for {cfg.dataset}: "
               f"{cfg.train.steps} steps x batch {cfg.train.batch_size}, on {device}")
+    if not resume and launched_rank() == 0:
+        (out / ACCURACY).unlink(missing_ok=True)  # an earlier run's figures must not pass for this one's
     ema = train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, max_minutes=args.max_minutes,
-                preview=_accuracy_preview)
+                preview=partial(_write_accuracy, cfg=cfg))
     if launched_rank() == 0:
-        acc = json.loads((out / "accuracy.json").read_text()) if (out / "accuracy.json").exists() else None
-        if acc is None:  # stopped early (--max-minutes): report where it stands
-            acc = _write_accuracy(ema, cfg, out)
-        print("test accuracy by noise level t/t_max: " + ", ".join(f"{k}: {v:.3f}" for k, v in acc.items()))
+        step = ckpt.weights_step(out)
+        saved = json.loads((out / ACCURACY).read_text()) if (out / ACCURACY).exists() else {}
+        acc = saved if saved.get("step") == step else _write_accuracy(ema, step, out, cfg)  # e.g. stopped by --max-minutes
+        print(f"test accuracy at step {step} by noise level t/t_max: " + ", ".join(f"{k}: {v:.3f}" for k, v in acc["accuracy"].items()))
         print(f"classifier written to {out}/ (use it with `difflab sample RUN --classifier {out} --classifier-scale S`)")
 
 
-def _write_accuracy(ema, cfg: ckpt.RunConfig, run: Path) -> dict:
+def _write_accuracy(ema, step: int, run: Path, cfg: ckpt.RunConfig) -> dict:
+    """Test accuracy by noise level (at most 2000 test images), saved with its step in accuracy.json."""
     test = load_images(cfg.dataset, split="test", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
     n = min(len(test), 2000)
     acc = accuracy_by_noise(NoiseAwareClassifier(ema), to_model(test.images[:n]), test.labels[:n])
-    acc = {str(k): v for k, v in acc.items()}
-    with atomic_path(run / "accuracy.json") as tmp:
-        Path(tmp).write_text(json.dumps(acc, indent=1))
-    return acc
-
-
-def _accuracy_preview(ema, step: int, run: Path) -> None:
-    _write_accuracy(ema, ckpt.load_config(run), run)
+    result = {"step": step, "test_images": n, "accuracy": {str(k): v for k, v in acc.items()}}
+    with atomic_path(run / ACCURACY) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=1))
+    return result
 
 
 def register(sub) -> None:

@@ -147,13 +147,13 @@ def compose_terms(s: str) -> tuple[tuple[int, float], ...]:
 
 def interval(s: str) -> tuple[float, float]:
     """'0.2,0.8' -> (0.2, 0.8), fractions of t_max with 0 <= lo < hi <= 1."""
+    from ..guidance import check_interval
+
     try:
-        lo, hi = (float(v) for v in s.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected LO,HI (fractions of t_max, e.g. 0.2,0.8), got {s!r}") from None
-    if not 0.0 <= lo < hi <= 1.0:
-        raise argparse.ArgumentTypeError(f"needs 0 <= LO < HI <= 1 (fractions of t_max), got {s!r}")
-    return lo, hi
+        return check_interval(float(v) for v in s.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 <= LO < HI <= 1 (fractions of t_max, e.g. 0.2,0.8), got {s!r}"
+                                         if "lo < hi" not in str(e) else str(e)) from None
 
 
 def class_choice(s: str) -> int | str:
@@ -190,28 +190,26 @@ def add_guidance(g) -> None:
 
 def guidance_from(args):
     """The GuidanceConfig the flags ask for (None when they ask for nothing)."""
-    from ..guide import GuidanceConfig
+    from ..guidance_config import GuidanceConfig
 
     if args.classifier_scale is not None and args.classifier is None:
         raise UsageError("--classifier-scale needs --classifier RUN")
     g = GuidanceConfig(scale=args.guidance, schedule=args.guidance_schedule, negative=args.negative_class, compose=args.compose,
                        interval=args.guidance_interval, rescale=args.guidance_rescale, classifier=args.classifier,
                        classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale)
-    return g if g.classifier_free or g.classifier else None
+    return g if g.active or g.schedule != "constant" or g.interval is not None else None
 
 
 def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, int | None]:
     """(condition tensors, number of samples, grid row length) from the flags: ``--class all`` draws
     n // classes samples of every class, one grid row each."""
-    from ..guide import labels_for, num_classes_of
+    from ..guidance_config import classes_for, labels_for
 
     requested = args.class_label
     if requested and "all" in requested:
         if len(requested) > 1:
             raise UsageError("--class all stands alone (it means every class)")
-        K = num_classes_of(cfg)
-        if K is None and guidance is not None and guidance.classifier:
-            K = num_classes_of(ckpt_config(guidance.classifier))
+        K = classes_for(cfg, guidance)
         if K is None:
             raise UsageError(f"--class all: {run} is not class-conditional (and no --classifier was given)")
         per = max(1, n // K)
@@ -220,8 +218,3 @@ def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, i
     labels = labels_for(cfg, guidance, requested, n, run)
     return ({"class_labels": labels} if labels is not None else {}), n, None
 
-
-def ckpt_config(run):
-    from ..checkpoint import load_config
-
-    return load_config(run)

@@ -11,7 +11,7 @@ from ..checkpoint import load_denoiser
 from ..data.toy2d import TOY_DATASETS, make_toy
 from ..distributed import resolve_device, setup
 from ..generate import generate
-from ..guide import guided
+from ..guidance_config import guided
 from .options import (
     UsageError,
     add_conditions,

@@ -97,7 +97,7 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
     if args.name is not None and args.name != saved.dataset:
         out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
     if args.class_cond and not saved.conditions:
-        out.append("--class-cond (the run is unconditional)")
+        out.append("--cond class (the run is unconditional)")
     out += [f"{flag} (a resumed run keeps its weights)" for flag, given in (("--init-from", args.init_from), ("--force", args.force)) if given]
     a, b = asdict(saved), asdict(wanted)
     for section in ("train", "loss", "data"):
@@ -115,6 +115,8 @@ def run(args) -> None:
     resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
     if resume:
         cfg = ckpt.load_config(out)
+        if cfg.net_kind in ckpt.CLASSIFIERS:
+            raise UsageError(f"{out} holds a noise-aware classifier: continue it with `difflab train-classifier --out {out} --resume`")
         bad = _contradictions(cfg, args)
         if bad:
             raise UsageError(f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)")

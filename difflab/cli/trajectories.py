@@ -15,7 +15,7 @@ def run(args) -> None:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     denoiser, cfg = load_denoiser(args.run, ema=True)
     from ..chain import image_chain, toy_trajectories
-    from ..guide import guided
+    from ..guidance_config import guided
 
     guidance = guidance_from(args)
     denoiser = guided(denoiser, cfg, guidance, args.run)

@@ -13,18 +13,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import RunConfig
+from .checkpoint import RunConfig, load_config
 from .conditions import ConditionError
-from .guidance import SCHEDULES, ClassifierGuided, Guided, check_interval
+from .guidance import ClassifierGuided, Guided
 
 
 @dataclass
 class GuidanceConfig:
     """scale       classifier-free guidance scale s (1: plain conditional, 0: unconditional; CFG paper's w = s - 1)
-    schedule    how s varies with t: constant, linear or cosine (guidance.SCHEDULES)
+    schedule    how the scales (classifier-free and classifier) vary with t: constant, linear or cosine (guidance.SCHEDULES)
     negative    a class whose prediction replaces the null one
     compose     (class, weight) terms added as w (pred_class - pred_base); negative weights steer away
-    interval    (lo, hi) fractions of t_max where guidance acts (the plain conditional prediction elsewhere)
+    interval    (lo, hi) fractions of t_max where guidance (of either kind) acts; the plain prediction elsewhere
     rescale     Lin et al. (2024) guidance rescale phi in [0, 1]
     classifier  a `difflab train-classifier` run; classifier_scale its scale (score + s grad log p(y | x_t))"""
 
@@ -39,9 +39,12 @@ class GuidanceConfig:
 
     @property
     def classifier_free(self) -> bool:
-        """Whether it asks for anything of the classifier-free kind (plain conditional sampling does not)."""
-        return (self.scale != 1.0 or self.schedule != "constant" or self.negative is not None or bool(self.compose)
-                or self.interval is not None or self.rescale != 0.0)
+        """Whether it asks for classifier-free guidance (plain conditional sampling, s = 1, does not)."""
+        return self.scale != 1.0 or self.negative is not None or bool(self.compose) or self.rescale != 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.classifier_free or self.classifier is not None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v != GuidanceConfig.__dataclass_fields__[k].default or k == "scale"}
@@ -52,6 +55,14 @@ def num_classes_of(cfg: RunConfig) -> int | None:
     return next((s.null_label for s in cfg.condition_specs() if s.name == "class_labels"), None)
 
 
+def classes_for(cfg: RunConfig, g: GuidanceConfig | None) -> int | None:
+    """The classes one may ask for: the run's, or for an unconditional run its classifier's."""
+    K = num_classes_of(cfg)
+    if K is None and g is not None and g.classifier is not None:
+        K = num_classes_of(load_config(g.classifier))
+    return K
+
+
 def check_class(k: int, num_classes: int | None, what: str, run: str) -> None:
     if num_classes is None:
         raise ConditionError(f"{what} {k}: {run} is not class-conditional")
@@ -60,18 +71,28 @@ def check_class(k: int, num_classes: int | None, what: str, run: str) -> None:
 
 
 def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the run"):
-    """``denoiser`` of run ``cfg`` wrapped as ``g`` asks (itself when g is None or asks for nothing)."""
+    """``denoiser`` of run ``cfg`` wrapped as ``g`` asks (itself when g is None or asks for nothing).
+
+    The schedule and the interval apply to whichever guidance is on (classifier-free, classifier, or both)."""
     if g is None:
         return denoiser
-    if g.schedule not in SCHEDULES:
-        raise ValueError(f"unknown guidance schedule {g.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    check_interval(g.interval)
+    if not g.active:
+        if g.schedule != "constant" or g.interval is not None:
+            raise ConditionError("a guidance schedule or interval needs guidance to act on: --guidance S (S != 1) or --classifier RUN")
+        return denoiser
     K = num_classes_of(cfg)
     out = denoiser
     if g.classifier_free:
         if K is None:
             raise ConditionError(f"{run} is unconditional: classifier-free guidance, negative and composed classes need a class-conditional "
                                  f"run (`difflab train NAME --cond class`); an unconditional run takes classifier guidance (--classifier)")
+        spec = next(s for s in cfg.condition_specs() if s.name == "class_labels")
+        if spec.p_drop == 0 and g.negative is None:
+            raise ConditionError(f"{run} was trained without label dropout (--p-uncond 0), so it has no null prediction to guide "
+                                 f"against; give --negative-class, or retrain with --p-uncond > 0")
+        if g.negative is not None and g.scale == 1.0 and not g.compose:
+            raise ConditionError("--negative-class acts through the scale: at --guidance 1 it cancels (pred_neg + 1 (pred_c - pred_neg) = "
+                                 "pred_c); give --guidance S > 1")
         for k in [c for c, _ in g.compose] + ([g.negative] if g.negative is not None else []):
             check_class(k, K, "class", run)
         out = Guided(out, cfg.condition_specs(), g.scale, schedule=g.schedule, interval=g.interval, rescale=g.rescale,
@@ -82,7 +103,7 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the r
 
         clf, clf_cfg = load_classifier(g.classifier)
         check_guides(clf_cfg, cfg, g.classifier)
-        out = ClassifierGuided(out, clf, g.classifier_scale, schedule=g.schedule)
+        out = ClassifierGuided(out, clf, g.classifier_scale, schedule=g.schedule, interval=g.interval)
     return out
 
 
@@ -92,16 +113,12 @@ def labels_for(cfg: RunConfig, g: GuidanceConfig | None, requested: list[int] | 
     if not requested:
         if g is not None and g.classifier is not None:
             raise ConditionError("classifier guidance needs the class to guide toward (--class)")
-        if g is not None and g.classifier_free and not g.compose:
-            raise ConditionError("classifier-free guidance needs the class to guide toward (--class; or --compose)")
+        if g is not None and g.classifier_free and (not g.compose or g.interval is not None or g.rescale):
+            raise ConditionError("classifier-free guidance needs the class to guide toward (--class); only --compose alone needs none")
         return None
-    K = num_classes_of(cfg)
-    if K is None and (g is None or g.classifier is None):
-        raise ConditionError(f"--class: {run} is unconditional; train with --cond class, or guide it with --classifier")
+    K = classes_for(cfg, g)
     if K is None:
-        from .checkpoint import load_config
-
-        K = num_classes_of(load_config(g.classifier))
+        raise ConditionError(f"--class: {run} is unconditional; train with --cond class, or guide it with --classifier")
     for k in requested:
         check_class(k, K, "class", run)
     labels = torch.tensor(requested, dtype=torch.long)
