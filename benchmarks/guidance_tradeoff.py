@@ -44,6 +44,7 @@ from difflab.classifier import classifier_config  # noqa: E402
 from difflab.cli.train import load_training_data, with_class_labels  # noqa: E402
 from difflab.evaluate import evaluate  # noqa: E402
 from difflab.guidance_config import GuidanceConfig  # noqa: E402
+from difflab.io import atomic_path  # noqa: E402
 from difflab.presets import preset_for  # noqa: E402
 from difflab.training import train  # noqa: E402
 
@@ -73,8 +74,23 @@ def train_all(root: Path, data, cfgs: dict) -> dict:
         t0 = time.perf_counter()
         train(run, cfg, data, resume=has_checkpoint(run), progress=True)
         seconds[name] = time.perf_counter() - t0
-        (run / "seconds.json").write_text(json.dumps({"seconds": seconds[name]}))
+        write_text(run / "seconds.json", json.dumps({"seconds": seconds[name]}))
     return seconds
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def classifier_accuracy(run: Path) -> dict:
+    """The classifier's test accuracy by noise level (2000 test images), as `difflab train-classifier` reports it."""
+    from difflab.classifier import accuracy_by_noise, load_classifier
+    from difflab.data.images import load_images, to_model
+
+    clf, _ = load_classifier(run)
+    test = load_images("fashion-mnist", split="test")
+    return {str(k): v for k, v in accuracy_by_noise(clf, to_model(test.images[:2000]), test.labels[:2000]).items()}
 
 
 def rows_to_run(root: Path, interval: tuple[float, float]) -> list[tuple[str, float, str, GuidanceConfig]]:
@@ -99,22 +115,26 @@ def main(argv=None) -> None:
     load_start = load_average()
     data, cfgs = configs(args.steps, args.classifier_steps)
     seconds = train_all(root, data, cfgs)
-    clf_acc = json.loads((root / "clf" / "accuracy.json").read_text()) if (root / "clf" / "accuracy.json").exists() else None
+    clf_acc = classifier_accuracy(root / "clf")
 
     results = []
     cache = RESULTS / "guidance_tradeoff.json"
     done = {(r["method"], r["scale"]): r for r in json.loads(cache.read_text())["rows"]} if cache.exists() else {}
+    setting = {"n": args.n, "sample_steps": args.sample_steps, "interval": list(args.interval)}
     for method, s, run, g in rows_to_run(root, tuple(args.interval)):
         key = (method, s)
-        if key in done and done[key].get("n") == args.n and done[key].get("step") == weights_step(run):
-            results.append(done[key])
+        old = done.get(key, {})
+        # rows written before these fields were stored used 20 steps and the interval (0.1, 0.7)
+        old_setting = {"n": old.get("n"), "sample_steps": old.get("sample_steps", 20), "interval": old.get("interval", [0.1, 0.7])}
+        if old and old_setting == setting and old.get("step") == weights_step(run):
+            results.append(old)
             continue
         print(f"{method}, s = {s}")
         t0 = time.perf_counter()
         r = evaluate(run, n=args.n, sampler="dpmpp-2m", steps=args.sample_steps, bpd_n=0, progress=False, guidance=g)
-        results.append({"method": method, "scale": s, "fd": r["fd"], "accuracy": r["classes"].get("accuracy"), "n": args.n,
+        results.append({"method": method, "scale": s, "fd": r["fd"], "accuracy": r["classes"].get("accuracy"), **setting,
                         "step": r["step"], "sampling_seconds": r["seconds"]["sampling"], "seconds": time.perf_counter() - t0})
-        cache.write_text(json.dumps({"rows": results}, indent=1))  # each row kept as it comes: a killed run resumes
+        write_text(cache, json.dumps({"rows": results}, indent=1))  # each row kept as it comes: a killed run resumes
     write_report(args, results, seconds, clf_acc, load_start)
 
 
@@ -146,8 +166,7 @@ def write_report(args, results: list[dict], seconds: dict, clf_acc: dict | None,
         verdict = f"met at s = {met}" if ok else "missed"
         lines.append(f"- {method}: {verdict}; best row s = {best['scale']:g}: accuracy {100 * best['accuracy']:.1f}%, FD {best['fd']:.3f} "
                      f"(unconditional FD {uncond['fd']:.3f})")
-    out = RESULTS / "guidance_tradeoff.md"
-    out.write_text("\n".join(lines) + "\n")
+    write_text(RESULTS / "guidance_tradeoff.md", "\n".join(lines) + "\n")
     plot(results, RESULTS / "guidance_tradeoff.png")
     print("\n".join(lines))
 
