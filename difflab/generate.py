@@ -56,11 +56,17 @@ def generate(
     progress: bool = False,
     return_trajectory: bool = False,
     decode: Callable[[Tensor], Tensor] = identity,
+    x_start: Tensor | None = None,
+    init: Tensor | None = None,
+    strength: float | None = None,
 ):
     """``n`` samples of the run in the data space, on the CPU (rank 0; None on other ranks).
 
     options  the sampler's own options (ddim: eta; ddpm: variance; ...) and the grid's sigma_tilde_cap
-    return_trajectory  also return the chain of the samples (one batch, one process: n <= batch)"""
+    return_trajectory  also return the chain of the samples (one batch, one process: n <= batch)
+    x_start  n starting states at t_max instead of the prior draw (e.g. DDIM-inverted images)
+    init, strength  SDEdit: n images in the model space, noised to t = strength * t_max with the sample's own
+                    seed, then denoised from there"""
     options = dict(options or {})
     grid = {k: options.pop(k) for k in ("sigma_tilde_cap",) if k in options}
     check_options(sampler, options)  # unknown sampler or option: fail before any work
@@ -69,6 +75,14 @@ def generate(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     world = world or World()
     cond = check_cond(cond, n)
+    begins = check_cond({k: v for k, v in (("x_start", x_start), ("init", init)) if v is not None}, n)
+    t_start = None
+    if init is not None:
+        if strength is None or not 0.0 < strength <= 1.0:
+            raise ValueError(f"init needs a strength in (0, 1], got {strength!r}")
+        t_max = denoiser.process.t_max
+        t_start = float(round(strength * t_max)) if denoiser.process.discrete else strength * t_max
+        t_start = max(t_start, 1.0 if denoiser.process.discrete else 1e-3 * t_max)
     if return_trajectory and (n > batch or world.distributed):
         raise ValueError("a trajectory is recorded for one batch in one process: use n <= batch")
     device = torch.device(device) if device is not None else device_of(denoiser)
@@ -82,8 +96,10 @@ def generate(
         stop = min(start + batch, hi)
         gen = PerSampleGenerator(range(seed + start, seed + stop))
         part = {k: v[start:stop].to(device) for k, v in cond.items()}
+        begin = {k: v[start:stop] for k, v in begins.items()}
         out = sample(denoiser, (stop - start, *config.shape), steps, sampler=sampler, spacing=spacing, generator=gen,
-                     cond=part or None, device=device, return_trajectory=return_trajectory, **grid, **options)
+                     cond=part or None, device=device, return_trajectory=return_trajectory, t_start=t_start, **begin, **grid,
+                     **options)
         if return_trajectory:
             out, traj = out
         chunks.append(decode(out).cpu())

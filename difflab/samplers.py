@@ -632,15 +632,31 @@ def device_of(denoiser) -> torch.device:
 @torch.no_grad()
 def sample(denoiser, shape, steps: int, sampler: str = "ddim", spacing: str | None = None,
            generator: torch.Generator | None = None, cond: dict | None = None, return_trajectory: bool = False,
-           device=None, dtype: torch.dtype = torch.float32, sigma_tilde_cap: float | None = DEFAULT_SIGMA_CAP, **options):
+           device=None, dtype: torch.dtype = torch.float32, sigma_tilde_cap: float | None = DEFAULT_SIGMA_CAP,
+           x_start: Tensor | None = None, init: Tensor | None = None, t_start: float | None = None, **options):
     """Draw samples of ``shape`` (B, ...): build the grid, draw x ~ N(0, sigma(t_0)^2 I), run the sampler.
 
-    The prior neglects alpha(t_0) x_0, as every sampler does. ``device`` defaults to the denoiser's."""
+    The prior neglects alpha(t_0) x_0, as every sampler does. ``device`` defaults to the denoiser's.
+    x_start  the state at the first grid time instead of the prior draw (e.g. DDIM-inverted noise)
+    t_start  start the chain at this time: the grid's times below it, after it (SDEdit; Meng et al. 2022)
+    init     clean x_0 (B, ...) noised to t_start with q(x_t | x_0), the noise drawn where the prior draw would be"""
     fn = get_sampler(sampler)
     check_options(sampler, options)
     process = denoiser.process
     ts = timesteps(process, steps, spacing or default_spacing(sampler, process), sigma_tilde_cap=sigma_tilde_cap)
+    if t_start is not None:
+        if not 0 < t_start <= process.t_max:
+            raise ValueError(f"t_start must lie in (0, t_max = {process.t_max}], got {t_start}")
+        ts = torch.cat([torch.tensor([float(t_start)], dtype=F64), ts[ts < t_start]])
     if device is None:
         device = device_of(denoiser)
-    x = randn(shape, generator, dtype, device) * float(process.sigma(ts[0]))
+    noise = randn(shape, generator, dtype, device)
+    if init is not None:
+        if t_start is None:
+            raise ValueError("init (images to start from) needs t_start, the time they are noised to")
+        x = process.q_sample(init.to(device=device, dtype=dtype), ts[:1].expand(shape[0]).to(device), noise)
+    elif x_start is not None:
+        x = x_start.to(device=device, dtype=dtype)
+    else:
+        x = noise * float(process.sigma(ts[0]))
     return fn(denoiser, x, ts, cond=cond, generator=generator, return_trajectory=return_trajectory, **options)
