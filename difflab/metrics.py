@@ -271,3 +271,10 @@ def class_histogram(logits_or_labels, num_classes: int, normalize: bool = False)
     if normalize:
         return counts.to(F64) / max(len(labels), 1)
     return counts
+
+
+def psnr(images, reference, peak: float = 255.0) -> Tensor:
+    """Peak signal-to-noise ratio per image, in dB: 10 log10(peak^2 / MSE) (uint8 images: peak 255)."""
+    a, b = torch.as_tensor(images).double(), torch.as_tensor(reference).double()
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(peak**2 / mse.clamp_min(1e-12))

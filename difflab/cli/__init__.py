@@ -1,6 +1,6 @@
 """The `difflab` command: a thin layer over the library, one small module per command.
 
-    difflab data | train | train-classifier | sample | trajectories | eval | features train
+    difflab data | train | train-classifier | sample | trajectories | restore | interpolate | img2img | eval | features train
 
 Each module parses and validates its options (shared groups in ``options.py``) and calls the library.
 Bad input (unknown names, out-of-range numbers, missing or corrupt files, options a sampler or a model
@@ -16,10 +16,10 @@ import sys
 
 from ..distributed import teardown
 from ..training import Interrupted
-from . import classifier, data, eval, features, sample, train, trajectories
+from . import classifier, data, edit, eval, features, restore, sample, train, trajectories
 from .options import Parser
 
-COMMANDS = (data, train, classifier, sample, trajectories, eval, features)
+COMMANDS = (data, train, classifier, sample, trajectories, restore, edit, eval, features)
 EXIT_BAD_INPUT = 2
 
 

@@ -397,3 +397,50 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         raw = gzip.compress(raw, mtime=0)
     with atomic_path(path) as tmp:
         tmp.write_bytes(raw)
+
+
+# --------------------------------------------------------------------------- a user's input images
+
+
+def read_inputs(paths, shape: tuple[int, int, int], what: str = "input") -> Tensor:
+    """Images given on the command line (image files and/or .npz files with 'images') as uint8 (N, C, H, W),
+    each exactly C x H x W: a wrong size or channel count is refused, never resized."""
+    C, H, W = shape
+    out = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"{what} {path} does not exist")
+        if path.suffix.lower() == ".npz":
+            images = _load_npz(path).images
+        elif path.suffix.lower() in IMAGE_EXTENSIONS:
+            array, _ = _read_image(path, None)
+            if array.ndim == 2:
+                array = array[None] if C == 1 else np.repeat(array[None], 3, axis=0)
+            else:
+                array = array.transpose(2, 0, 1)
+            images = torch.from_numpy(np.ascontiguousarray(array))[None]
+        else:
+            raise DataError(f"{what} {path}: expected an image ({', '.join(IMAGE_EXTENSIONS)}) or an .npz with 'images'")
+        if images.shape[1] != C:
+            raise DataError(f"{what} {path} has {images.shape[1]} channel(s); this needs {C}")
+        if tuple(images.shape[2:]) != (H, W):
+            raise DataError(f"{what} {path} is {images.shape[3]}x{images.shape[2]}; this needs {W}x{H} images")
+        out.append(images)
+    return torch.cat(out)
+
+
+def read_mask(path, size: tuple[int, int]) -> Tensor:
+    """A mask image as bool (H, W), True where a pixel is kept: white (>= 128) marks the pixels to fill in,
+    black the known ones (the convention of diffusers' inpainting pipelines)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"mask {path} does not exist")
+    array, _ = _read_image(path, None)
+    if array.ndim == 3:
+        array = array.mean(axis=2)
+    if array.shape != tuple(size):
+        raise DataError(f"mask {path} is {array.shape[1]}x{array.shape[0]}; the images are {size[1]}x{size[0]}")
+    keep = torch.from_numpy(np.asarray(array) < 128)
+    if keep.all():
+        raise DataError(f"mask {path} marks no pixel to fill in (white = fill in, black = keep)")
+    return keep

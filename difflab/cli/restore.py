@@ -1,0 +1,147 @@
+"""`difflab restore RUN --task ... --method ...`: inverse problems with a trained (unconditional or
+conditional) model, writing a strip per image: the measurement, each method's restoration, the truth.
+
+    difflab restore runs/fm --task inpaint --clean x.png --method repaint ddrm --out strip.png
+    difflab restore runs/fm --task sr4 --input small.png --method ddrm --out up.png        # a 7x7 input
+    difflab restore runs/fm --task inpaint --input photo.png --mask mask.png --method dps  # white = fill in
+
+--clean gives clean images that the command degrades (the truth is then known and shown, with PSNR);
+--input gives observations: for inpainting the image (its masked pixels are ignored), for srK the
+low-resolution image, for deblur the blurred image, for grey the grey image."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .. import plots
+from ..checkpoint import load_denoiser
+from ..data.images import read_inputs, read_mask, to_model, to_uint8
+from ..distributed import resolve_device
+from ..generate import generate
+from ..guidance_config import guided
+from ..inverse import METHODS, MEASUREMENT, Counted
+from ..metrics import psnr
+from ..operators import Blur, Downsample, Grey, Mask, box_mask, random_mask
+from .options import UsageError, add_conditions, add_device, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
+
+TASKS = "inpaint, random, srK (e.g. sr4), deblur, grey"
+
+
+def build_operator(args, shape):
+    C, H, W = shape
+    task = args.task
+    if task == "inpaint":
+        keep = read_mask(args.mask, (H, W)) if args.mask else box_mask(shape, args.box)
+        return Mask(keep, shape, args.sigma_y)
+    if args.mask or args.box:
+        raise UsageError("--mask and --box are for --task inpaint")
+    if task == "random":
+        return Mask(random_mask(shape, args.missing, args.seed), shape, args.sigma_y)
+    if m := re.fullmatch(r"sr(\d+)", task):
+        return Downsample(int(m.group(1)), shape, args.sigma_y)
+    if task == "deblur":
+        return Blur(args.blur, shape, args.sigma_y)
+    if task == "grey":
+        return Grey(shape, args.sigma_y)
+    raise UsageError(f"unknown task {task!r}; choose one of: {TASKS}")
+
+
+def observation_shape(op, shape):
+    """The shape of an observed image for this operator (what --input must be)."""
+    return tuple(op.y_shape) if isinstance(op, (Downsample, Grey)) else tuple(shape)
+
+
+def run(args) -> None:
+    check_suffix(args.out, (".png",), "--out")
+    check_suffix(args.save, (".npz",), "--save")
+    if (args.input is None) == (args.clean is None):
+        raise UsageError("give the observations (--input) or clean images to degrade (--clean), one of the two")
+    for m in args.method:
+        if m not in METHODS:
+            raise UsageError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
+    denoiser, cfg = load_denoiser(args.run)
+    if cfg.kind != "images":
+        raise UsageError(f"{args.run} makes {cfg.kind}; restoration works on image runs")
+    shape = tuple(cfg.shape)
+    if args.sigma_y < 0:
+        raise UsageError(f"--sigma-y must be >= 0, got {args.sigma_y}")
+    op = build_operator(args, shape)
+    if "ddrm" in args.method:
+        if op.svd is None:
+            raise UsageError(f"DDRM needs an operator with an SVD; {op.name} has none")
+    truth = None
+    if args.clean:
+        truth = read_inputs(args.clean, shape, "--clean")
+        y = op.measure(to_model(truth).double(), torch.Generator().manual_seed(args.seed)).float()
+    else:
+        observed = to_model(read_inputs(args.input, observation_shape(op, shape), "--input"))
+        y = op(observed) if isinstance(op, Mask) else observed
+    n = len(y)
+    guidance = guidance_from(args)
+    denoiser = Counted(guided(denoiser, cfg, guidance, args.run))
+    cond, _, _ = conditions_from(args, cfg, guidance, n, args.run)
+    options = {"ddrm": {"eta": args.ddrm_eta, "eta_b": args.ddrm_eta_b}, "dps": {"scale": args.dps_scale},
+               "repaint": {"jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}}
+    columns, rows = [to_uint8(op.show(y).clamp(-1, 1))], {}
+    for m in args.method:
+        denoiser.calls = 0
+        x = generate(denoiser, cfg, n, sampler=METHODS[m], steps=args.steps, options={"operator": op, **options.get(m, {})},
+                     cond={**cond, MEASUREMENT: y}, seed=args.seed, batch=args.batch, progress=not args.quiet,
+                     device=resolve_device(args.device))
+        batches = -(-n // args.batch)
+        rows[m] = x
+        images = to_uint8(x)
+        columns.append(images)
+        line = f"{m}: {denoiser.calls // batches} network evaluations per image, consistency {float(op.consistency(x.double(), y.double()).mean()):.4f}"
+        if truth is not None:
+            line += f", PSNR {float(psnr(images, truth).mean()):.2f} dB"
+        print(line)
+    if truth is not None:
+        columns.append(truth)
+    strip = torch.stack(columns, dim=1).reshape(-1, *shape)  # per image: measurement, methods..., truth
+    if args.out:
+        plots.save_grid(strip, args.out, nrow=len(columns))
+        print(f"wrote {args.out} (per row: measurement, {', '.join(args.method)}{', truth' if truth is not None else ''})")
+    if args.save:
+        save_npz(args.save, **{m: to_uint8(x).numpy() for m, x in rows.items()})
+        print(f"wrote {args.save}")
+
+
+def box(s: str) -> tuple[int, int, int, int]:
+    import argparse
+
+    try:
+        top, left, h, w = (int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TOP,LEFT,HEIGHT,WIDTH in pixels, got {s!r}") from None
+    return top, left, h, w
+
+
+def register(sub) -> None:
+    r = sub.add_parser("restore", help="inpainting, super-resolution, deblurring, colour from grey with a trained model")
+    r.add_argument("run")
+    r.add_argument("--task", required=True, help=TASKS)
+    r.add_argument("--method", nargs="+", default=["ddrm"], help=f"one or more of: {', '.join(METHODS)} (default ddrm)")
+    r.add_argument("--input", nargs="+", help="observed images (.png/.jpg or .npz with 'images')")
+    r.add_argument("--clean", nargs="+", help="clean images to degrade (the truth is shown and PSNR reported)")
+    r.add_argument("--mask", help="inpaint: a mask image, white = fill in, black = keep (default: --box)")
+    r.add_argument("--box", type=box, help="inpaint: the missing box TOP,LEFT,HEIGHT,WIDTH (default: the right half)")
+    r.add_argument("--missing", type=unit_float, default=0.7, help="random: the fraction of missing pixels (default 0.7)")
+    r.add_argument("--blur", type=float, default=1.0, help="deblur: the Gaussian blur's sigma in pixels (default 1)")
+    r.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise std in [-1, 1] units (default 0)")
+    r.add_argument("--steps", type=positive_int, default=100)
+    r.add_argument("--jump-length", type=positive_int, default=10, help="repaint: levels per jump back (default 10)")
+    r.add_argument("--jump-n-sample", type=positive_int, default=10, help="repaint: passes over each stretch (default 10)")
+    r.add_argument("--ddrm-eta", type=unit_float, default=0.85)
+    r.add_argument("--ddrm-eta-b", type=unit_float, default=1.0)
+    r.add_argument("--dps-scale", type=float, default=1.0, help="dps: the gradient step size (default 1)")
+    add_conditions(r)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--batch", type=positive_int, default=250)
+    add_device(r)
+    r.add_argument("--out", help="the strip (.png)")
+    r.add_argument("--save", help="the restorations (.npz, one array per method)")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=run)
