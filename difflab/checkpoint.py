@@ -32,7 +32,7 @@ from torch import nn
 
 from .conditions import ConditionError, ConditionSpec, check_accepted, condition_names
 from .io import atomic_path
-from .losses import ClassifierLoss, SimpleLoss
+from .losses import ClassifierLoss, NoiseAugmented, SimpleLoss
 from .nets.classifier import ClassifierConfig, NoisyClassifier
 from .nets.mlp import MLP, MLPConfig
 from .nets.unet import UNet, UNetConfig
@@ -47,6 +47,7 @@ KEEP = 2  # complete checkpoints kept per run
 DATA_KINDS = ("points", "images")
 
 NETS: dict[str, tuple[type, type[nn.Module]]] = {"mlp": (MLPConfig, MLP), "unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier)}
+AUG_MAX = 0.2  # super-resolution runs: the largest std of the noise added to low_res in training
 CLASSIFIERS = ("classifier",)  # nets that predict their data's labels: the label condition is their target, not an input
 
 
@@ -188,8 +189,14 @@ class RunConfig:
         return net_cls(cfg)
 
     def build_loss(self):
-        """The run's loss: the denoising loss, or the cross-entropy for a classifier."""
-        return ClassifierLoss() if self.net_kind in CLASSIFIERS else SimpleLoss(**self.loss)
+        """The run's loss: the denoising loss (with noise augmentation of low_res for super-resolution runs),
+        or the cross-entropy for a classifier."""
+        if self.net_kind in CLASSIFIERS:
+            return ClassifierLoss()
+        loss = SimpleLoss(**self.loss)
+        if "factor" in self.data:
+            return NoiseAugmented(loss, self.data.get("aug_max", AUG_MAX))
+        return loss
 
     def build_denoiser(self) -> Denoiser:
         return Denoiser(self.build_net(), self.build_process(), self.target)

@@ -129,3 +129,21 @@ class ClassifierLoss:
         x_t = model.process.q_sample(x0, t, noise)
         logits = model(x_t, t).value.float()  # (B, K)
         return torch.nn.functional.cross_entropy(logits, labels.long(), reduction=reduction)
+
+
+@dataclass
+class NoiseAugmented:
+    """Noise conditioning augmentation (Ho et al. 2021, cascaded diffusion, section 4.3): the low-resolution
+    input is itself corrupted, low_res + a eps' with a ~ U(0, a_max) per sample, and the network is told a
+    (cond['low_res_noise']), so at sampling time it copes with imperfect low-resolution inputs (a cascade's
+    own samples) and a may be chosen. The draws come from torch's generator, which the training loop seeds
+    per step (and rank), so a resumed run draws the same."""
+
+    base: SimpleLoss
+    a_max: float = 0.2
+
+    def __call__(self, model, x0: Tensor, *, t: Tensor, noise: Tensor, cond: Mapping, reduction: str = "mean", generator=None) -> Tensor:
+        low = cond["low_res"]
+        a = torch.rand(len(low), device=low.device) * self.a_max
+        cond = {**cond, "low_res": low + broadcast(a, low) * torch.randn_like(low), "low_res_noise": a}
+        return self.base(model, x0, t=t, noise=noise, cond=cond, reduction=reduction)

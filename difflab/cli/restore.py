@@ -109,6 +109,56 @@ def run(args) -> None:
         print(f"wrote {args.save}")
 
 
+def load_upscaler(run):
+    """A super-resolution run (trained with --cond low-res): its denoiser, config and factor."""
+    denoiser, cfg = load_denoiser(run)
+    if "factor" not in cfg.data:
+        raise UsageError(f"{run} is not a super-resolution run (train one with `difflab train NAME --cond low-res --factor K`)")
+    return denoiser, cfg, cfg.data["factor"]
+
+
+def upscale(denoiser, cfg, low, *, noise_level: float = 0.0, steps: int = 20, sampler: str = "dpmpp-2m", seed: int = 0,
+            batch: int = 250, progress: bool = False, device=None):
+    """Samples of p(x | low_res) for low-resolution images ``low`` (model space, (N, C, H/k, W/k))."""
+    cond = {"low_res": low}
+    if noise_level:  # the conditioning augmentation's level: the input is noised as in training and the network told so
+        g = torch.Generator().manual_seed(seed)
+        cond = {"low_res": low + noise_level * torch.randn(low.shape, generator=g), "low_res_noise": torch.full((len(low),), float(noise_level))}
+    return generate(denoiser, cfg, len(low), sampler=sampler, steps=steps, cond=cond, seed=seed, batch=batch, progress=progress, device=device)
+
+
+def run_upscale(args) -> None:
+    check_suffix(args.out, (".png",), "--out")
+    check_suffix(args.save, (".npz",), "--save")
+    if (args.input is None) == (args.clean is None):
+        raise UsageError("give low-resolution images (--input) or clean images to downsample (--clean), one of the two")
+    if not 0 <= args.noise_level <= 1:
+        raise UsageError(f"--noise-level must lie in [0, 1], got {args.noise_level}")
+    denoiser, cfg, k = load_upscaler(args.run)
+    C, H, W = cfg.shape
+    op = Downsample(k, (C, H, W))
+    truth = None
+    if args.clean:
+        truth = read_inputs(args.clean, (C, H, W), "--clean")
+        low = op(to_model(truth))
+    else:
+        low = to_model(read_inputs(args.input, op.y_shape, "--input"))
+    x = upscale(denoiser, cfg, low, noise_level=args.noise_level, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                batch=args.batch, progress=not args.quiet, device=resolve_device(args.device))
+    bilinear = torch.nn.functional.interpolate(low, scale_factor=k, mode="bilinear", align_corners=False).clamp(-1, 1)
+    images = to_uint8(x)
+    columns = [to_uint8(op.show(low)), to_uint8(bilinear), images] + ([truth] if truth is not None else [])
+    print(f"consistency (RMS of downsampled output minus input): {float(op.consistency(x, low).mean()):.4f}")
+    if truth is not None:
+        print(f"PSNR: upscaled {float(psnr(images, truth).mean()):.2f} dB, bilinear {float(psnr(to_uint8(bilinear), truth).mean()):.2f} dB")
+    if args.out:
+        plots.save_grid(torch.stack(columns, dim=1).reshape(-1, C, H, W), args.out, nrow=len(columns))
+        print(f"wrote {args.out} (per row: input, bilinear, upscaled{', truth' if truth is not None else ''})")
+    if args.save:
+        save_npz(args.save, images=images.numpy())
+        print(f"wrote {args.save}")
+
+
 def box(s: str) -> tuple[int, int, int, int]:
     import argparse
 
@@ -145,3 +195,18 @@ def register(sub) -> None:
     r.add_argument("--save", help="the restorations (.npz, one array per method)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=run)
+
+    u = sub.add_parser("upscale", help="super-resolution with a run trained with --cond low-res (SR3)")
+    u.add_argument("run")
+    u.add_argument("--input", nargs="+", help="low-resolution images (.png/.jpg or .npz), the run's size / factor")
+    u.add_argument("--clean", nargs="+", help="full-size images to downsample first (PSNR against bilinear is reported)")
+    u.add_argument("--noise-level", type=float, default=0.0, help="augmentation noise std given to the input (default 0)")
+    u.add_argument("--steps", type=positive_int, default=20)
+    u.add_argument("--sampler", default="dpmpp-2m")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--batch", type=positive_int, default=250)
+    add_device(u)
+    u.add_argument("--out", help="per image: input, bilinear, upscaled, truth (.png)")
+    u.add_argument("--save", help="the upscaled images (.npz)")
+    u.add_argument("--quiet", action="store_true")
+    u.set_defaults(func=run_upscale)

@@ -33,6 +33,15 @@ def run(args) -> None:
     check_suffix(args.gif, (".gif",), "--gif")
     sampler_choice(args, None)  # unknown sampler: fail before loading anything
     denoiser, cfg = load_denoiser(args.run, ema=args.ema)
+    cascade = None
+    if args.then:  # a cascade: check the super-resolution run before drawing anything
+        from .restore import load_upscaler
+
+        cascade = load_upscaler(args.then)
+        sr_shape, k = cascade[1].shape, cascade[2]
+        low_shape = [sr_shape[0], sr_shape[1] // k, sr_shape[2] // k]
+        if list(cfg.shape) != low_shape:
+            raise UsageError(f"--then {args.then} upscales {'x'.join(map(str, low_shape))} images; {args.run} makes {'x'.join(map(str, cfg.shape))}")
     guidance = guidance_from(args)
     denoiser = guided(denoiser, cfg, guidance, args.run)
     cond, n, nrow = conditions_from(args, cfg, guidance, args.n, args.run)
@@ -55,6 +64,12 @@ def run(args) -> None:
         x = generate(denoiser, cfg, n, cond=cond, seed=args.seed, world=world, progress=not args.quiet, **common)
     if not world.is_main:
         return
+    if cascade:  # the samples are the low-resolution inputs of the super-resolution run
+        from .restore import upscale
+
+        sr, sr_cfg, _ = cascade
+        x = upscale(sr, sr_cfg, x.clamp(-1, 1), steps=args.steps, seed=args.seed, batch=args.batch, progress=not args.quiet, device=device)
+        cfg = sr_cfg
     if cfg.kind == "points":
         if args.save:
             save_npz(args.save, points=x.numpy())
@@ -91,5 +106,6 @@ def register(sub) -> None:
     s.add_argument("--out", help="picture (.png)")
     s.add_argument("--save", help="raw samples (.npz; uint8 images)")
     s.add_argument("--gif", help="images: a GIF of the reverse chain of the first 16 samples (.gif)")
+    s.add_argument("--then", metavar="SR_RUN", help="a cascade: upscale the samples with a super-resolution run (--cond low-res)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=run)

@@ -19,7 +19,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import plots
-from ..conditions import class_labels
+from ..conditions import ConditionSpec, class_labels
 from ..data.loader import TensorDataset
 from ..data.toy2d import make_toy
 from ..distributed import launched_rank, resolve_device, restarted
@@ -76,9 +76,32 @@ def with_class_labels(cfg: ckpt.RunConfig, num_classes: int | None, p_drop: floa
     return replace(cfg, net=dict(cfg.net, num_classes=num_classes), conditions=[spec.to_dict()])
 
 
+def with_low_res(cfg: ckpt.RunConfig, factor: int, aug_max: float | None) -> ckpt.RunConfig:
+    """The run conditioned on its images downsampled by ``factor`` (SR3, Saharia et al. 2022): the U-Net takes
+    the bilinearly upsampled low-resolution image as extra input channels and its augmentation noise level."""
+    if cfg.net_kind != "unet":
+        raise UsageError(f"--cond low-res needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
+    C, H, W = cfg.shape
+    if factor < 2 or H % factor or W % factor:
+        raise UsageError(f"--factor {factor} must be at least 2 and divide the image size {H}x{W}")
+    aug = ckpt.AUG_MAX if aug_max is None else aug_max
+    spec = ConditionSpec("low_res", "tensor", p_drop=0.0)
+    return replace(cfg, net=dict(cfg.net, cond_channels=C, low_res_noise=True), conditions=[spec.to_dict()],
+                   data=dict(cfg.data, factor=factor, aug_max=aug))
+
+
+def low_res_of(images, factor: int):
+    """uint8 images (N, C, H, W) -> their average-pooled low-resolution versions in the model space (operators.Downsample)."""
+    from ..data.images import to_model
+    from ..operators import Downsample
+
+    op = Downsample(factor, tuple(images.shape[1:]))
+    return torch.cat([op(to_model(chunk)) for chunk in images.split(4096)])
+
+
 def load_training_data(cfg: ckpt.RunConfig) -> tuple[TensorDataset, int | None]:
-    """The training split as a TensorDataset (images stay uint8; labels as the 'class_labels' condition),
-    and the number of classes (None when unlabelled)."""
+    """The training split as a TensorDataset (images stay uint8; labels as the 'class_labels' condition; for a
+    super-resolution run the low-resolution images as 'low_res'), and the number of classes (None when unlabelled)."""
     if cfg.kind == "points":
         return TensorDataset(make_toy(cfg.dataset, cfg.data.get("n", 20000), cfg.data.get("seed", 1))), None
     from ..data.images import load_images
@@ -86,7 +109,10 @@ def load_training_data(cfg: ckpt.RunConfig) -> tuple[TensorDataset, int | None]:
     ds = load_images(cfg.dataset, split="train", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
     if list(ds.images.shape[1:]) != cfg.shape:
         raise UsageError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.shape)}")
-    return TensorDataset(ds.images, {"class_labels": ds.labels} if ds.labels is not None else {}), ds.num_classes
+    cond = {"class_labels": ds.labels} if ds.labels is not None else {}
+    if "factor" in cfg.data:
+        cond["low_res"] = low_res_of(ds.images, cfg.data["factor"])
+    return TensorDataset(ds.images, cond), ds.num_classes
 
 
 def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
@@ -96,8 +122,10 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
     out = []
     if args.name is not None and args.name != saved.dataset:
         out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
-    if args.class_cond and not saved.conditions:
-        out.append("--cond class (the run is unconditional)")
+    if args.class_cond and not any(c["name"] == "class_labels" for c in saved.conditions):
+        out.append("--cond class (the run is not class-conditional)")
+    if (args.cond == "low-res" or args.factor) and saved.data.get("factor") != args.factor:
+        out.append(f"--cond low-res --factor {args.factor} (the run's factor: {saved.data.get('factor')})")
     out += [f"{flag} (a resumed run keeps its weights)" for flag, given in (("--init-from", args.init_from), ("--force", args.force)) if given]
     a, b = asdict(saved), asdict(wanted)
     for section in ("train", "loss", "data"):
@@ -110,6 +138,8 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
 
 def run(args) -> None:
     args.class_cond = args.class_cond or args.cond == "class"
+    if args.resume and args.cond == "low-res" and args.factor is None:
+        args.factor = 4
     out = Path(args.out)
     device = resolve_device(args.device)
     resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
@@ -132,6 +162,10 @@ def run(args) -> None:
         cfg = apply_options(preset_for(args.name), args)
         if args.steps:
             cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+        if args.cond == "low-res":
+            cfg = with_low_res(cfg, args.factor or 4, args.aug_max)
+        elif args.factor or args.aug_max is not None:
+            raise UsageError("--factor and --aug-max are for --cond low-res")
         data, num_classes = load_training_data(cfg)
         if args.class_cond:
             cfg = with_class_labels(cfg, num_classes, args.cond_dropout)
@@ -158,6 +192,17 @@ def _points_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None
 def _images_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None:
     from ..data.images import to_uint8
 
+    if "factor" in cfg.data:  # super-resolution: per test image, its low-resolution input, the model's upscaling, the truth
+        from ..data.images import load_images
+
+        test = load_images(cfg.dataset, split="test", size=cfg.data.get("size"), channels=cfg.data.get("channels"),
+                           data_dir=cfg.data.get("data_dir")).images[:16]
+        low = low_res_of(test, cfg.data["factor"])
+        x = generate(denoiser, cfg, len(test), sampler="dpmpp-2m", steps=20, cond={"low_res": low}, batch=len(test))
+        shown = torch.nn.functional.interpolate(low, scale_factor=cfg.data["factor"], mode="nearest")
+        plots.save_grid(torch.stack([to_uint8(shown), to_uint8(x), test], dim=1).reshape(-1, *test.shape[1:]), run / "samples.png", nrow=6)
+        plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
+        return
     cond, nrow = {}, None
     for spec in cfg.condition_specs():  # a class-conditional run: one row of 8 per class
         if spec.name == "class_labels":
@@ -191,7 +236,11 @@ def register(sub) -> None:
     t.add_argument("--weighting", choices=["none", "snr", "min_snr"])
     t.add_argument("-n", "--n", type=positive_int, help="2-D sets: number of training points")
     t.add_argument("--data", help="folder holding the dataset's files")
-    t.add_argument("--cond", choices=["class"], help="class: learn p(x | class) from the data's labels, with a null class for guidance")
+    t.add_argument("--cond", choices=["class", "low-res"],
+                   help="class: learn p(x | class) from the data's labels, with a null class for guidance; "
+                        "low-res: p(x | its downsampled image), super-resolution (SR3)")
+    t.add_argument("--factor", type=positive_int, help="--cond low-res: the downsampling factor (default 4)")
+    t.add_argument("--aug-max", type=unit_float, help="--cond low-res: the largest std of the noise added to low_res in training (default 0.2)")
     t.add_argument("--class-cond", action="store_true", help="the same as --cond class")
     t.add_argument("--p-uncond", "--cond-dropout", dest="cond_dropout", type=unit_float,
                    help="probability of training on the null condition (default 0.1; 0: never, and no classifier-free guidance)")

@@ -20,7 +20,9 @@ Conditioning:
 * ``class_labels`` (B,) in 0..num_classes, where the extra index ``num_classes`` is the "null" class
   used for classifier-free guidance; ``class_labels=None`` means null for the whole batch.
 * ``low_res`` (B, cond_channels, h, w): concatenated to the input channels (super-resolution); when
-  (h, w) differs from x's size it is first upsampled bilinearly.
+  (h, w) differs from x's size it is first upsampled bilinearly. With ``low_res_noise`` in the config the
+  network also takes the std a of the Gaussian noise added to low_res (B,) (noise conditioning
+  augmentation, Ho et al. 2021), embedded like the time and added to the time embedding.
 * ``context`` (B, L, context_dim) with optional ``context_mask`` (B, L), True = attend; ``context=None``
   skips the cross-attention blocks (their contribution is zero).
 """
@@ -49,6 +51,7 @@ class UNetConfig:
     dropout: float = 0.0
     num_classes: int | None = None  # class embedding with num_classes + 1 rows (the last is "null")
     cond_channels: int = 0  # extra input channels (low_res), e.g. an upsampled low-resolution image
+    low_res_noise: bool = False  # take the noise level of an augmented low_res (cascaded diffusion), embedded like time
     context_dim: int | None = None  # cross-attention to a (B, L, context_dim) sequence
     norm_groups: int = 32  # GroupNorm groups, capped to the largest divisor of the channel count
 
@@ -284,6 +287,8 @@ class UNet(nn.Module):
         emb_dim = 4 * cfg.base_channels
         self.time = TimeEmbedding(cfg.base_channels, emb_dim)
         self.classes = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+        if cfg.low_res_noise:  # only then: the parameters (and the seeded initialisation) of other configs stay as they were
+            self.augmentation = TimeEmbedding(cfg.base_channels, emb_dim)
 
         chans = [cfg.base_channels * m for m in cfg.channel_mults]
         sizes = cfg.resolutions()
@@ -317,6 +322,8 @@ class UNet(nn.Module):
             names.add("class_labels")
         if cfg.cond_channels:
             names.add("low_res")
+        if cfg.low_res_noise:
+            names.add("low_res_noise")
         if cfg.context_dim is not None:
             names |= {"context", "context_mask"}
         return frozenset(names)
@@ -378,9 +385,15 @@ class UNet(nn.Module):
         low_res: Tensor | None = None,
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
+        low_res_noise: Tensor | None = None,
     ) -> Tensor:
         h = self._check_inputs(x, low_res, context, context_mask)
         emb = self.embedding(c_noise, class_labels, x.shape[0])
+        if self.config.low_res_noise:  # the augmentation level a of low_res (0 when not given), scaled like c_noise
+            a = torch.zeros(x.shape[0], device=x.device) if low_res_noise is None else torch.as_tensor(low_res_noise, device=x.device).float()
+            emb = emb + self.augmentation(1000.0 * a.expand(x.shape[0]))
+        elif low_res_noise is not None:
+            raise ValueError("low_res_noise given but this UNet has low_res_noise=False")
         cond = (emb, context, context_mask)
 
         h, skips = encode(self, h, *cond)
