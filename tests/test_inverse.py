@@ -68,12 +68,17 @@ def errors(samples, mean, cov):
     return float((f.mean(0) - mean).abs().max()), float((torch.cov(f.T) - cov).abs().max()), float(torch.cov(f.T).trace() / cov.trace())
 
 
-@pytest.mark.parametrize("kind", ["mask", "downsample"])
-def test_replacement_is_biased_and_repaint_resampling_removes_most_of_it(problem, kind):
+def measured(problem, kind):
+    """The denoiser, a mask or a 2x downsampling, the measurement of the true image, and the exact posterior."""
     den, mu, cov, x_true = problem
     op = Mask(torch.tensor([[True, False], [False, True]]), SHAPE) if kind == "mask" else Downsample(2, SHAPE)
     y = op(x_true)
-    mean, post = posterior(mu, cov, matrix(op), y.flatten())
+    return (den, op, y, *posterior(mu, cov, matrix(op), y.flatten()))
+
+
+@pytest.mark.parametrize("kind", ["mask", "downsample"])
+def test_replacement_is_biased_and_repaint_resampling_removes_most_of_it(problem, kind):
+    den, op, y, mean, post = measured(problem, kind)
     se = float((post.diag().clamp(min=1e-12) / N).sqrt().max())
     rep = errors(restore(replace, den, op, y), mean, post)
     rp = errors(out := restore(repaint, den, op, y), mean, post)
@@ -86,10 +91,8 @@ def test_replacement_is_biased_and_repaint_resampling_removes_most_of_it(problem
 
 @pytest.mark.parametrize("kind", ["mask", "downsample"])
 def test_ddrm_meets_the_measurement_and_its_mean_and_spread_are_as_measured(problem, kind):
-    den, mu, cov, x_true = problem
-    op = Mask(torch.tensor([[True, False], [False, True]]), SHAPE) if kind == "mask" else Downsample(2, SHAPE)
-    y = op(x_true)
-    mean, post = posterior(mu, cov, matrix(op), y.flatten())
+    den, op, y, mean, post = measured(problem, kind)
+    _, mu, cov, x_true = problem
     out = restore(ddrm, den, op, y)
     mean_err, _, spread = errors(out, mean, post)
     # measured at the paper's eta = 0.85, eta_b = 1: mean error 0.07 (mask) and 0.09 (downsample); DDRM is not an
