@@ -237,10 +237,17 @@ class ClassifierGuided(nn.Module):
     classifier(x_t, t) -> logits (B, K), trained on the same forward process. The labels y come in the call's
     ``label`` condition (1 row or B rows); they reach the wrapped denoiser only when it takes them (a
     conditional model). A label >= K (the null class, as a CFG wrapper above it sends) gets no gradient.
-    ``interval`` (lo, hi): the gradient only for t/t_max in [lo, hi]."""
+    ``interval`` (lo, hi): the gradient only for t/t_max in [lo, hi].
+
+    ``max_sigma_tilde``: no gradient where sigma/alpha exceeds it (default 80, the samplers' grid cap). The
+    x_0 the guided score implies moves by s sigma^2 grad / alpha, i.e. the eps-shift times sigma/alpha. An
+    exact classifier's gradient vanishes like alpha there; a trained one keeps a small residual gradient on
+    pure noise, and at the top of the cosine schedule (sigma/alpha = 2e4) that residual became a shift of
+    hundreds in x_0: on a digits run, guidance at s = 3 gave FD 74 and 49 % class accuracy with it and FD 12.4
+    and 77 % without the levels above sigma/alpha = 64. None applies the gradient everywhere."""
 
     def __init__(self, denoiser, classifier, scale=1.0, *, schedule: str = "constant", label: str = "class_labels",
-                 interval: tuple[float, float] | None = None):
+                 interval: tuple[float, float] | None = None, max_sigma_tilde: float | None = 80.0):
         super().__init__()
         self.denoiser, self.classifier, self.label = denoiser, classifier, label
         self.process = denoiser.process
@@ -249,6 +256,7 @@ class ClassifierGuided(nn.Module):
         self._passes_label = inner is None or label in inner
         self.scale = scale_fn(scale, schedule)
         self.interval = check_interval(interval)
+        self.max_sigma_tilde = max_sigma_tilde
 
     def grad_log_prob(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
         """grad_x log p(y | x_t, t) per sample; zero for labels outside the classifier's classes (null)."""
@@ -275,7 +283,10 @@ class ClassifierGuided(nn.Module):
         if self.interval is not None:
             lo, hi = self.interval
             s = torch.where((u >= lo) & (u <= hi), s, torch.zeros_like(s))
-            if not bool((s != 0).any()):
-                return pred
+        if self.max_sigma_tilde is not None:
+            sigma_tilde = self.process.sigma(t) / self.process.alpha(t)
+            s = torch.where(sigma_tilde.to(s.device) <= self.max_sigma_tilde, s, torch.zeros_like(s))
+        if not bool((s != 0).any()):
+            return pred
         eps = pred.eps - pred.sigma * broadcast(s, x_t) * self.grad_log_prob(x_t, t, y).to(x_t.dtype)
         return Prediction(x_t, pred.alpha, pred.sigma, "eps", eps)

@@ -92,7 +92,7 @@ def test_cfg_at_one_is_the_conditional_law_and_at_zero_the_mixture(mixture, proc
 
 def test_exact_classifier_guidance_at_one_is_bayes_rule(mixture, process):
     exact = GaussianMixtureDenoiser(process, mixture)
-    guided = ClassifierGuided(Unconditional(exact), GaussianMixtureClassifier(process, mixture), scale=1.0)
+    guided = ClassifierGuided(Unconditional(exact), GaussianMixtureClassifier(process, mixture), scale=1.0, max_sigma_tilde=None)
     x_t, t = noisy_points(mixture, process)
     y = torch.arange(len(x_t)) % K
     # grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t): the guided x_0 is the conditional one
@@ -111,7 +111,7 @@ def test_classifier_guidance_nests_on_cfg(mixture, process):
     clf = GaussianMixtureClassifier(process, mixture)
     x_t, t = noisy_points(mixture, process)
     y = torch.arange(len(x_t)) % K
-    nested = ClassifierGuided(Guided(exact, SPECS, scale=2.0), clf, scale=0.5)(x_t, t, class_labels=y)
+    nested = ClassifierGuided(Guided(exact, SPECS, scale=2.0), clf, scale=0.5, max_sigma_tilde=None)(x_t, t, class_labels=y)
     a = exact(x_t, t, class_labels=y).eps
     null = exact(x_t, t, class_labels=torch.full_like(y, NULL)).eps
     grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, y)
@@ -246,16 +246,17 @@ def test_one_row_conditions_rescale_and_nesting_either_way(mixture, process):
     one = torch.tensor([2])
     # one row stands for every sample, for CFG and for the classifier's labels
     assert torch.equal(Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=one).eps, Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=full).eps)
-    cg = ClassifierGuided(Unconditional(exact), clf, scale=1.5)
+    cg = ClassifierGuided(Unconditional(exact), clf, scale=1.5, max_sigma_tilde=None)
     assert torch.equal(cg(x_t, t, class_labels=one).eps, cg(x_t, t, class_labels=full).eps)
     # a CFG wrapper above classifier guidance sends the null class: it gets no gradient, so at s = 1 the
     # composition is classifier guidance alone
-    outer = Guided(ClassifierGuided(exact, clf, scale=1.5), SPECS, scale=1.0)(x_t, t, class_labels=full)
-    assert torch.allclose(outer.eps, ClassifierGuided(exact, clf, scale=1.5)(x_t, t, class_labels=full).eps, atol=1e-12)
+    outer = Guided(ClassifierGuided(exact, clf, scale=1.5, max_sigma_tilde=None), SPECS, scale=1.0)(x_t, t, class_labels=full)
+    assert torch.allclose(outer.eps, ClassifierGuided(exact, clf, scale=1.5, max_sigma_tilde=None)(x_t, t, class_labels=full).eps, atol=1e-12)
     null_grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, torch.full((6,), NULL))
     assert torch.equal(null_grad, torch.zeros_like(null_grad))
     # classifier guidance with a schedule and an interval
-    sched = ClassifierGuided(Unconditional(exact), clf, scale=2.0, schedule="linear", interval=(0.0, 0.5))(x_t, t, class_labels=full).eps
+    sched = ClassifierGuided(Unconditional(exact), clf, scale=2.0, schedule="linear", interval=(0.0, 0.5), max_sigma_tilde=None)(
+        x_t, t, class_labels=full).eps
     grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, full)
     w = torch.where(t <= 0.5, 2 * 2.0 * (1 - t), torch.zeros_like(t))[:, None]
     assert torch.allclose(sched, exact(x_t, t).eps - process.sigma(t)[:, None] * w * grad, atol=1e-10)
@@ -276,3 +277,15 @@ def test_one_row_conditions_rescale_and_nesting_either_way(mixture, process):
         a = Guided(img, SPECS, **kw)(xi, ti, class_labels=yi).eps
         b = Guided(img, SPECS, batched=False, **kw)(xi, ti, class_labels=yi).eps
     assert torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_classifier_guidance_skips_the_levels_above_its_sigma_cap(mixture, process):
+    exact = GaussianMixtureDenoiser(process, mixture)
+    clf = GaussianMixtureClassifier(process, mixture)
+    x_t, _ = noisy_points(mixture, process, n=4)
+    y = torch.zeros(4, dtype=torch.long)
+    high = torch.full((4,), 0.999, dtype=F64)  # sigma/alpha far above 80 on this schedule
+    assert float(process.sigma(high[0]) / process.alpha(high[0])) > 80
+    assert torch.equal(ClassifierGuided(exact, clf, 2.0)(x_t, high, class_labels=y).eps, exact(x_t, high, class_labels=y).eps)
+    assert not torch.equal(ClassifierGuided(exact, clf, 2.0, max_sigma_tilde=None)(x_t, high, class_labels=y).eps,
+                           exact(x_t, high, class_labels=y).eps)
