@@ -68,9 +68,8 @@ def run(args) -> None:
     if args.sigma_y < 0:
         raise UsageError(f"--sigma-y must be >= 0, got {args.sigma_y}")
     op = build_operator(args, shape)
-    if "ddrm" in args.method:
-        if op.svd is None:
-            raise UsageError(f"DDRM needs an operator with an SVD; {op.name} has none")
+    if "ddrm" in args.method and op.svd is None:  # fail before any method has run
+        raise UsageError(f"DDRM needs an operator with an SVD; {op.name} has none")
     truth = None
     if args.clean:
         truth = read_inputs(args.clean, shape, "--clean")
