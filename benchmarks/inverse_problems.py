@@ -14,6 +14,10 @@ and restored through ``generate`` with each method of difflab.inverse (sample i 
     ddrm      --steps-ddrm steps (default 20, the paper's), eta 0.85, eta_b 1
     dps       --steps-dps steps (default 100), step size --dps-scale
 
+and, for sr4 only, a trained super-resolution model (SR3: ``difflab train fashion-mnist --cond low-res --factor 4``,
+the same preset recipe and --steps as the unconditional model, trained here through the one loop when missing,
+benchmarks/runs/sr4) sampling p(x | low_res) with dpmpp-2m in --steps-sr3 steps (default 20).
+
 Scores: FD of the restorations against the real test set (the shipped fashion-mnist features; with n in the
 hundreds FD is biased upwards, so compare rows, not papers), PSNR against the ground truth, consistency
 (RMS of A x_hat - y), network evaluations per image and wall-clock seconds per image (2 threads, alone).
@@ -22,7 +26,8 @@ fewer evaluations.
 
     .venv/bin/python benchmarks/inverse_problems.py [--n 200]
 
-Writes benchmarks/results/inverse_problems.md, .json and .png; a killed run resumes from the rows it saved.
+Writes benchmarks/results/inverse_problems.md, .json and .png; a killed run resumes from the rows it saved (the
+picture's rows are kept in benchmarks/runs/inverse_grids.npz, so a resumed run draws the rows it did not redo).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,6 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import configs, train_all, write_text  # noqa: E402
 from difflab.checkpoint import has_checkpoint, load_denoiser  # noqa: E402
+from difflab.cli.restore import upscale  # noqa: E402
+from difflab.cli.train import load_training_data, with_low_res  # noqa: E402
 from difflab.data.images import load_images, to_model, to_uint8  # noqa: E402
 from difflab.evaluate import reference_stats  # noqa: E402
 from difflab.features import embed, load_feature_net  # noqa: E402
@@ -66,15 +74,19 @@ def main(argv=None) -> None:
     p.add_argument("--steps-ddrm", type=int, default=20)
     p.add_argument("--steps-dps", type=int, default=100)
     p.add_argument("--dps-scale", type=float, default=1.0)
+    p.add_argument("--steps-sr3", type=int, default=20)
+    p.add_argument("--train-steps", type=int, default=5000, help="training steps of a model this script has to train")
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     args = p.parse_args(argv)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     run = RUNS / "guidance" / "uncond"
     if not has_checkpoint(run):
-        data, cfgs = configs(5000, 2000)
+        data, cfgs = configs(args.train_steps, 2000)
         train_all(RUNS / "guidance", data, {"uncond": cfgs["uncond"]})
+    if "sr4" in args.tasks:
+        sr_cfg = with_low_res(configs(args.train_steps, 2000)[1]["uncond"], 4, None)
+        train_all(RUNS, load_training_data(sr_cfg)[0], {"sr4": sr_cfg})
     denoiser, cfg = load_denoiser(run)
-    counted = Counted(denoiser)
     test = load_images("fashion-mnist", split="test")
     index = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.n]
     truth = test.images[index]
@@ -85,28 +97,35 @@ def main(argv=None) -> None:
     cache = RESULTS / "inverse_problems.json"
     rows = json.loads(cache.read_text())["rows"] if cache.exists() else []
     setting = {"n": args.n, "steps": steps, "dps_scale": args.dps_scale}
-    rows = [r for r in rows if r["setting"] == setting]
-    grids = {}
+    rows = [r for r in rows if r["setting"] == setting and r.get("steps_sr3", args.steps_sr3) == args.steps_sr3]
+    grid_file = RUNS / "inverse_grids.npz"
+    grids = {tuple(k.split("/")): torch.from_numpy(v) for k, v in np.load(grid_file).items()} if grid_file.exists() else {}
     load_start = load_average()
     for task in args.tasks:
         op = TASKS[task]()
         y = op(to_model(truth))
-        for method in METHODS:
+        for method in [*METHODS, "sr3"] if task == "sr4" else METHODS:
             if any(r["task"] == task and r["method"] == method for r in rows):
                 continue
-            counted.calls = 0
             t0 = time.perf_counter()
-            x = generate(counted, cfg, args.n, sampler=METHODS[method], steps=steps[method], options={"operator": op, **options.get(method, {})},
-                         cond={MEASUREMENT: y}, seed=0, batch=args.n, progress=True)
+            if method == "sr3":
+                sr, sr_cfg = load_denoiser(RUNS / "sr4")
+                counted = Counted(sr)
+                x = upscale(counted, sr_cfg, y, steps=args.steps_sr3, batch=args.n, progress=True)
+            else:
+                            x = generate(counted, cfg, args.n, sampler=METHODS[method], steps=steps[method], options={"operator": op, **options.get(method, {})},
+                             cond={MEASUREMENT: y}, seed=0, batch=args.n, progress=True)
             seconds = time.perf_counter() - t0
             images = to_uint8(x)
             feats, _ = embed(net, images)
             mu, cov = gaussian_stats(feats)
             rows.append({"task": task, "method": method, "setting": setting, "fd": frechet_from_stats(mu, cov, ref["mu"], ref["cov"]),
                          "psnr": float(psnr(images, truth).mean()), "consistency": float(op.consistency(x, y).mean()),
-                         "evaluations": counted.calls, "seconds_per_image": seconds / args.n})
+                         "evaluations": counted.calls, "seconds_per_image": seconds / args.n,
+                         **({"steps_sr3": args.steps_sr3} if method == "sr3" else {})})
             grids[(task, method)] = images[:8]
             write_text(cache, json.dumps({"rows": rows}, indent=1))
+            np.savez(grid_file, **{"/".join(k): v.numpy() for k, v in grids.items()})
             print(rows[-1])
         grids[(task, "measurement")] = to_uint8(op.show(y[:8]).clamp(-1, 1))
     report(args, rows, load_start)
@@ -116,7 +135,8 @@ def main(argv=None) -> None:
 def report(args, rows, load_start) -> None:
     lines = header("Inverse problems on held-out Fashion-MNIST: FD, PSNR, consistency and cost per method")
     lines += [
-        f"- model: benchmarks/runs/guidance/uncond (the unconditional fashion-mnist preset recipe, 5000 steps)",
+        f"- model: benchmarks/runs/guidance/uncond (the unconditional fashion-mnist preset recipe, {args.train_steps} steps); sr3: "
+        f"benchmarks/runs/sr4 (the same recipe conditioned on the 4x low-res image, SR3 with noise-conditioning augmentation)",
         f"- {args.n} held-out test images per task; FD against the 10000 test images (shipped fashion-mnist features; biased "
         f"upwards at this n), PSNR against the truth, consistency = RMS of A x_hat - y in [-1, 1] units",
         f"- load average at the start: {load_start}; at the end: {load_average()}",
@@ -147,7 +167,7 @@ def picture(grids: dict, truth: torch.Tensor, tasks) -> None:
 
     blocks = []
     for task in tasks:
-        for key in ["measurement", *METHODS]:
+        for key in ["measurement", *METHODS, "sr3"]:
             if (task, key) in grids:
                 blocks.append(grids[(task, key)])
         blocks.append(truth)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from . import plots
 from .io import atomic_path
+from .autoencoder import latent_space
 from .checkpoint import RunConfig
 from .data.toy2d import make_toy
 from .generate import generate
@@ -64,9 +65,13 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
         chain_gif(traj, gif)
     if forward:
         real = load_images(cfg.dataset, split="test", data_dir=cfg.data.get("data_dir"), size=cfg.data.get("size"), channels=cfg.data.get("channels"))
+        space = latent_space(cfg)
         x0 = to_model(real.images[:n])
         ts = [float(t) for t in torch.linspace(0, denoiser.process.t_max, COLUMNS + 2)]
-        noisy = forward_noising(denoiser.process, x0, ts, seed)
+        noisy = forward_noising(denoiser.process, x0 if space is None else space.encode(x0), ts, seed)
+        if space is not None:  # a latent run noises latents: shown decoded
+            with torch.no_grad():
+                noisy = [space.decode(z) for z in noisy]
         rows = [[to_uint8(noisy[j][k]) for j in range(len(ts))] for k in range(n)]
         with atomic_path(forward) as tmp:
             _strip(rows).save(tmp)

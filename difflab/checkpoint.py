@@ -32,7 +32,8 @@ from torch import nn
 
 from .conditions import ConditionError, ConditionSpec, check_accepted, condition_names
 from .io import atomic_path
-from .losses import ClassifierLoss, NoiseAugmented, SimpleLoss
+from .losses import AutoencoderLoss, ClassifierLoss, NoiseAugmented, SimpleLoss
+from .nets.autoencoder import Autoencoder, AutoencoderConfig
 from .nets.classifier import ClassifierConfig, NoisyClassifier
 from .nets.mlp import MLP, MLPConfig
 from .nets.unet import UNet, UNetConfig
@@ -46,9 +47,13 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 KEEP = 2  # complete checkpoints kept per run
 DATA_KINDS = ("points", "images")
 
-NETS: dict[str, tuple[type, type[nn.Module]]] = {"mlp": (MLPConfig, MLP), "unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier)}
+NETS: dict[str, tuple[type, type[nn.Module]]] = {
+    "mlp": (MLPConfig, MLP), "unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier),
+    "autoencoder": (AutoencoderConfig, Autoencoder),
+}
 AUG_MAX = 0.2  # super-resolution runs: the largest std of the noise added to low_res in training
 CLASSIFIERS = ("classifier",)  # nets that predict their data's labels: the label condition is their target, not an input
+AUTOENCODERS = ("autoencoder",)  # nets trained by the same loop that are not denoisers (autoencoder.py)
 
 
 class CheckpointError(ValueError):
@@ -152,7 +157,7 @@ class RunConfig:
             raise CheckpointError(f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}")
         self.build_process()
         try:
-            SimpleLoss(**self.loss)
+            (AutoencoderLoss if self.net_kind in AUTOENCODERS else SimpleLoss)(**self.loss)
             specs = self.condition_specs()
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: {e}") from None
@@ -193,6 +198,8 @@ class RunConfig:
         or the cross-entropy for a classifier."""
         if self.net_kind in CLASSIFIERS:
             return ClassifierLoss()
+        if self.net_kind in AUTOENCODERS:
+            return AutoencoderLoss(**self.loss)
         loss = SimpleLoss(**self.loss)
         if "factor" in self.data:
             return NoiseAugmented(loss, self.data.get("aug_max", AUG_MAX))
@@ -412,6 +419,8 @@ def load_denoiser(run_dir: str | Path, ema: bool = True, classifier: bool = Fals
     """Rebuild a trained denoiser from a run directory alone (no training arguments needed); a classifier
     run (behind the same wrapper) only when ``classifier``."""
     config = load_config(run_dir)
+    if config.net_kind in AUTOENCODERS:
+        raise CheckpointError(f"{run_dir} is an autoencoder run, not a denoiser (train a latent model on it with `difflab train DATASET --latent {run_dir}`)")
     if (config.net_kind in CLASSIFIERS) != classifier:
         raise CheckpointError(f"{run_dir} is a noise-aware classifier run, not a denoiser (use it with --classifier)" if not classifier else
                               f"{run_dir} is a denoiser run, not a classifier (train one with `difflab train-classifier`)")

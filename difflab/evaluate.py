@@ -54,6 +54,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .autoencoder import data_shape
 from .checkpoint import RunConfig, load_denoiser, weights_step
 from .data.images import ImageSet, load_images, to_model, to_uint8
 from .data.toy2d import make_toy
@@ -309,8 +310,8 @@ def evaluate(
     other = "train" if split == "test" else "test"
     ref_data, other_data = load(split), load(other)
     C, H, W = ref_data.images.shape[1:]
-    if list(cfg.shape) != [C, H, W]:
-        raise EvalError(f"the run makes {'x'.join(map(str, cfg.shape))} images but {cfg.dataset} is {C}x{H}x{W}")
+    if data_shape(cfg) != [C, H, W]:
+        raise EvalError(f"the run makes {'x'.join(map(str, data_shape(cfg)))} images but {cfg.dataset} is {C}x{H}x{W}")
     net = resolve_feature_net(features, cfg.dataset, C, H)
     t0 = time.perf_counter()
     ref = reference_stats(ref_data, net, folder=cache, progress=progress)
@@ -337,7 +338,10 @@ def evaluate(
 
     t0 = time.perf_counter()
     test_data = ref_data if split == "test" else other_data
-    bpd = _bits_per_dim(plain.cpu(), test_data, bpd_n, seed, progress)  # the model itself (guidance is no likelihood), on the CPU
+    if "latent" in cfg.data:  # the bound is on the latents; the decoder adds no likelihood of the pixels
+        bpd = {"total": None, "reason": "not defined for a latent run (its bound is on latents; the decoder has no likelihood)"}
+    else:
+        bpd = _bits_per_dim(plain.cpu(), test_data, bpd_n, seed, progress)  # the model itself (guidance is no likelihood), on the CPU
     seconds["bits_per_dim"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 

@@ -7,26 +7,41 @@
 * The samples come in batches of ``batch`` with a progress bar; under torchrun (``world``) each rank
   draws a consecutive block of the n samples and rank 0 gathers them (the others get None).
 * The shape comes from the run's config (``config.shape``), never from the network.
-* ``decode`` maps the denoiser's space to the data space: the identity for the models of today (pixels
-  and points); a latent model plugs its decoder in here.
+* ``decode`` maps the denoiser's space to the data space: by default the identity for pixels and points,
+  and for a latent run (``config.data['latent']``) its autoencoder's decoder (difflab/autoencoder.py), checked
+  against the fingerprint the run recorded; a recorded trajectory is decoded too (x_t and the x_0 predictions).
 * Conditions: ``cond`` holds tensors with one row per sample (n rows), sliced with the batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .autoencoder import LatentSpace, data_shape, latent_space
 from .checkpoint import RunConfig
 from .distributed import World, gather_rows, shard
-from .samplers import PerSampleGenerator, check_options, device_of, sample
+from .samplers import PerSampleGenerator, Trajectory, check_options, device_of, sample
 
 
 def identity(x: Tensor) -> Tensor:
     return x
+
+
+@torch.no_grad()
+def _decode(space: LatentSpace, z: Tensor) -> Tensor:
+    return space.decode(z)
+
+
+def _frames(decode, frames: Tensor) -> Tensor:
+    """Decode a (K, B, ...) stack of states."""
+    K, B = frames.shape[:2]
+    x = decode(frames.reshape(K * B, *frames.shape[2:]))
+    return x.reshape(K, B, *x.shape[1:])
 
 
 def check_cond(cond: Mapping[str, Tensor] | None, n: int) -> dict[str, Tensor]:
@@ -55,7 +70,7 @@ def generate(
     world: World | None = None,
     progress: bool = False,
     return_trajectory: bool = False,
-    decode: Callable[[Tensor], Tensor] = identity,
+    decode: Callable[[Tensor], Tensor] | None = None,
     x_start: Tensor | None = None,
     init: Tensor | None = None,
     strength: float | None = None,
@@ -64,6 +79,7 @@ def generate(
 
     options  the sampler's own options (ddim: eta; ddpm: variance; ...) and the grid's sigma_tilde_cap
     return_trajectory  also return the chain of the samples (one batch, one process: n <= batch)
+    decode   the denoiser's space -> the data space (default: the run's autoencoder for a latent run, else identity)
     x_start  n starting states at t_max instead of the prior draw (e.g. DDIM-inverted images)
     init, strength  SDEdit: n images in the model space, noised to t = strength * t_max with the sample's own
                     seed, then denoised from there"""
@@ -85,6 +101,9 @@ def generate(
         t_start = max(t_start, 1.0 if denoiser.process.discrete else 1e-3 * t_max)
     if return_trajectory and (n > batch or world.distributed):
         raise ValueError("a trajectory is recorded for one batch in one process: use n <= batch")
+    if decode is None:
+        space = latent_space(config)
+        decode = identity if space is None else partial(_decode, space)
     device = torch.device(device) if device is not None else device_of(denoiser)
     if isinstance(denoiser, nn.Module):
         denoiser = denoiser.to(device)
@@ -102,8 +121,10 @@ def generate(
                      **options)
         if return_trajectory:
             out, traj = out
+            if decode is not identity:
+                traj = Trajectory(traj.t, _frames(decode, traj.x_t), _frames(decode, traj.x0))
         chunks.append(decode(out).cpu())
-    x = torch.cat(chunks) if chunks else torch.empty((0, *config.shape))
+    x = torch.cat(chunks) if chunks else torch.empty((0, *data_shape(config)))
     if world.distributed:  # NCCL gathers CUDA tensors, gloo CPU ones
         x = gather_rows(x.to(device), n, world)
         x = x.cpu() if x is not None else None

@@ -34,6 +34,17 @@ IMAGE_PRESETS: dict[str, RunConfig] = {
         loss=dict(RECIPE_LOSS),
         train=TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, ema_warmup=True, precision="bf16", checkpoint_every=250, sample_every=1000, log_every=25),
     ),
+    "fashion-pairs": RunConfig(
+        dataset="fashion-pairs",
+        process=RECIPE_PROCESS,
+        net_kind="unet",
+        net=preset_for_size(32, 3, 64).to_dict(),
+        shape=[3, 32, 64],
+        kind="images",
+        target="v",
+        loss=dict(RECIPE_LOSS),
+        train=TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, ema_warmup=True, precision="bf16", checkpoint_every=250, sample_every=1000, log_every=25),
+    ),
 }
 
 

@@ -147,3 +147,38 @@ class NoiseAugmented:
         a = torch.rand(len(low), device=low.device) * self.a_max
         cond = {**cond, "low_res": low + broadcast(a, low) * torch.randn_like(low), "low_res_noise": a}
         return self.base(model, x0, t=t, noise=noise, cond=cond, reduction=reduction)
+
+
+def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per sample, summed over every other dimension:
+    1/2 sum(mean^2 + exp(logvar) - 1 - logvar)  (Kingma & Welling 2014, appendix B)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)  # (B,)
+
+
+RECONSTRUCTIONS = ("l1", "l2")
+
+
+@dataclass
+class AutoencoderLoss:
+    """The KL autoencoder's loss (Rombach et al. 2022, appendix G): per image, the reconstruction error summed
+    over pixels (|x - x_hat| for l1, (x - x_hat)^2 for l2) plus kl_weight times the KL of q(z | x) to N(0, I)
+    summed over the latent; averaged over the batch and divided by the number of pixel values, which rescales
+    the loss for the learning rate and leaves the trade-off alone. A small kl_weight (the paper's 1e-6 regime)
+    keeps the latent nearly deterministic and only loosely tied to unit scale: the latent scale fixes that
+    afterwards (autoencoder.py). ``model.net(x)`` returns (x_hat, mean, logvar); t, noise and cond are unused
+    (the loop draws them for every loss)."""
+
+    recon: str = "l1"
+    kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        if self.recon not in RECONSTRUCTIONS:
+            raise ValueError(f"unknown reconstruction loss {self.recon!r}; choose one of {RECONSTRUCTIONS}")
+        if not self.kl_weight >= 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+
+    def __call__(self, model, x0: Tensor, *, t=None, noise=None, cond=None) -> Tensor:
+        x_hat, mean, logvar = model.net(x0)
+        err = (x0 - x_hat.float()).abs() if self.recon == "l1" else (x0 - x_hat.float()).pow(2)
+        per_image = err.flatten(1).sum(1) + self.kl_weight * kl_to_standard_normal(mean.float(), logvar.float())  # (B,)
+        return per_image.mean() / x0[0].numel()

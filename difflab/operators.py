@@ -341,3 +341,23 @@ class Compose(Operator):
 
     def show(self, y):
         return self.first.show(self.second.show(y))
+
+
+class Decoded(Operator):
+    """A data-space operator seen from a latent space: A(D(z)) for a decoder D (latent diffusion). It is
+    differentiable but nonlinear, with no transpose or SVD, so of the zero-shot methods only DPS takes it:
+    its gradient step runs through the decoder. ``show`` is the data-space operator's."""
+
+    def __init__(self, op: Operator, decode, latent_shape):
+        self.op, self.decode = op, decode
+        self.shape, self.sigma_y = tuple(latent_shape), op.sigma_y
+        self.name = f"{op.name} after decoding"
+
+    def forward(self, z):
+        return self.op(self.decode(z))
+
+    def T(self, y):
+        raise OperatorError(f"{self.name} is nonlinear: it has no transpose (use DPS)")
+
+    def show(self, y):
+        return self.op.show(y)

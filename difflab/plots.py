@@ -74,6 +74,23 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
         image_grid(images, nrow).save(tmp)
 
 
+def captioned_grid(images: torch.Tensor, captions: list[str], path, ncol: int = 4) -> None:
+    """uint8 (N, C, H, W) images with their captions beneath, ``ncol`` per row (e.g. fashion-pairs)."""
+    import textwrap
+
+    n, c, h, w = images.shape
+    rows = math.ceil(n / ncol)
+    fig, axes = plt.subplots(rows, ncol, figsize=(2.4 * ncol, rows * (2.4 * h / w + 0.45)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            picture = images[i].permute(1, 2, 0).numpy()
+            ax.imshow(picture[..., 0] if c == 1 else picture, cmap="gray" if c == 1 else None, vmin=0, vmax=255, interpolation="nearest")
+            ax.text(0.5, -0.04, textwrap.fill(captions[i], 36), fontsize=6.5, ha="center", va="top", transform=ax.transAxes)
+    fig.subplots_adjust(hspace=0.45, wspace=0.05)
+    _save_fig(fig, path)
+
+
 def save_gif(frames: list[Image.Image], path, duration_ms: int = 80, hold_last_ms: int = 1200) -> None:
     """An animated GIF of PIL frames; the last frame is held so the result can be seen."""
     durations = [duration_ms] * (len(frames) - 1) + [hold_last_ms]

@@ -51,6 +51,8 @@ def run(args) -> None:
             base = ckpt.load_config(args.for_run)
             if base.net_kind in ckpt.CLASSIFIERS:
                 raise UsageError(f"--for {args.for_run} is itself a classifier; give the diffusion run to be guided")
+            if "latent" in base.data:
+                raise UsageError(f"--for {args.for_run} is a latent run: a noise-aware classifier on latents is not built; use classifier-free guidance")
             if args.name is not None and args.name != base.dataset:
                 raise UsageError(f"NAME {args.name!r} differs from the dataset of --for {args.for_run} ({base.dataset!r})")
             base = replace(base, conditions=[], net=dict(base.net, num_classes=None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import plots
@@ -38,8 +39,14 @@ def run(args) -> None:
             arrays = {"images": items.numpy()}
             if data.labels is not None:
                 arrays["labels"] = data.labels[idx].numpy()
+            if data.captions is not None:  # a fixed-width unicode array: np.load reads it without pickle
+                arrays["captions"] = np.array([data.captions[i] for i in idx.tolist()], dtype=str)
+            if data.attributes is not None:
+                arrays["attributes"], arrays["held_out"] = data.attributes[idx].numpy(), data.held_out[idx].numpy()
             save_npz(args.save, **arrays)
-        if args.out:
+        if args.out and data.captions is not None:
+            plots.captioned_grid(items, [data.captions[i] for i in idx.tolist()], args.out)
+        elif args.out:
             plots.save_grid(items, args.out)
     if args.save:
         print(f"wrote {len(items)} {what} to {args.save}")
@@ -49,7 +56,7 @@ def run(args) -> None:
 
 def register(sub) -> None:
     d = sub.add_parser("data", help="export points or images of a dataset (and a preview picture)")
-    d.add_argument("name", help=f"a 2-D set ({', '.join(TOY_DATASETS)}), an image set (digits, fashion-mnist), a folder or an .npz")
+    d.add_argument("name", help=f"a 2-D set ({', '.join(TOY_DATASETS)}), an image set (digits, fashion-mnist, fashion-pairs), a folder (captions from its metadata.jsonl) or an .npz")
     d.add_argument("-n", "--n", type=positive_int, help="how many (default 5000 points / 64 images)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--split", default="train", choices=["train", "test"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..autoencoder import data_shape, to_model_space
 from .. import plots
 from ..checkpoint import load_denoiser
 from ..data.images import read_inputs, to_model, to_uint8
@@ -31,7 +32,7 @@ def run_interpolate(args) -> None:
     if not 0 < args.t <= 1:
         raise UsageError(f"--t must lie in (0, 1] (a fraction of t_max), got {args.t}")
     denoiser, cfg, guidance = _load(args)
-    a, b = (to_model(read_inputs([p], tuple(cfg.shape))) for p in (args.a, args.b))
+    a, b = (to_model_space(cfg, to_model(read_inputs([p], tuple(data_shape(cfg))))) for p in (args.a, args.b))
     cond, _, _ = conditions_from(args, cfg, guidance, 2, args.run)  # --class K (both) or K1 K2
     ends = [{k: v[i:i + 1] for k, v in cond.items()} for i in (0, 1)]
     frames = interpolate(denoiser, cfg, a, b, args.frames, method=args.method, t=args.t, steps=args.steps, seed=args.seed,
@@ -52,13 +53,13 @@ def run_img2img(args) -> None:
     check_suffix(args.out, (".png",), "--out")
     check_suffix(args.save, (".npz",), "--save")
     denoiser, cfg, guidance = _load(args)
-    x = to_model(read_inputs(args.input, tuple(cfg.shape)))
-    x = x.repeat_interleave(args.n, dim=0)  # n variations of each input, seeds seed + i
+    shown = read_inputs(args.input, tuple(data_shape(cfg)))
+    x = to_model_space(cfg, to_model(shown)).repeat_interleave(args.n, dim=0)  # n variations of each input, seeds seed + i
     cond, _, _ = conditions_from(args, cfg, guidance, len(x), args.run)
     out = to_uint8(img2img(denoiser, cfg, x, args.strength, steps=args.steps, sampler=args.sampler, seed=args.seed, cond=cond or None,
                            progress=not args.quiet))
     if args.out:  # per row: the input, then its variations
-        rows = torch.cat([to_uint8(x[:: args.n])[:, None], out.reshape(-1, args.n, *out.shape[1:])], dim=1)
+        rows = torch.cat([shown[:, None], out.reshape(-1, args.n, *out.shape[1:])], dim=1)
         plots.save_grid(rows.reshape(-1, *out.shape[1:]), args.out, nrow=args.n + 1)
     if args.save:
         save_npz(args.save, images=out.numpy())

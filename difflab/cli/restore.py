@@ -16,6 +16,7 @@ import re
 import torch
 
 from .. import plots
+from ..autoencoder import data_shape, latent_space
 from ..checkpoint import load_denoiser
 from ..data.images import read_inputs, read_mask, to_model, to_uint8
 from ..distributed import resolve_device
@@ -23,7 +24,7 @@ from ..generate import generate
 from ..guidance_config import guided
 from ..inverse import METHODS, MEASUREMENT, Counted
 from ..metrics import psnr
-from ..operators import Blur, Downsample, Grey, Mask, box_mask, random_mask
+from ..operators import Blur, Decoded, Downsample, Grey, Mask, box_mask, random_mask
 from .options import UsageError, add_conditions, add_device, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
 
 TASKS = "inpaint, random, srK (e.g. sr4), deblur, grey"
@@ -64,12 +65,17 @@ def run(args) -> None:
     denoiser, cfg = load_denoiser(args.run)
     if cfg.kind != "images":
         raise UsageError(f"{args.run} makes {cfg.kind}; restoration works on image runs")
-    shape = tuple(cfg.shape)
+    shape = tuple(data_shape(cfg))
     if args.sigma_y < 0:
         raise UsageError(f"--sigma-y must be >= 0, got {args.sigma_y}")
     op = build_operator(args, shape)
     if "ddrm" in args.method and op.svd is None:  # fail before any method has run
         raise UsageError(f"DDRM needs an operator with an SVD; {op.name} has none")
+    space = latent_space(cfg)
+    model_op = op if space is None else Decoded(op, space.decode, cfg.shape)  # a latent run: the operator after the decoder
+    if space is not None and set(args.method) - {"dps"}:
+        raise UsageError(f"{args.run} is a latent run: {', '.join(sorted(set(args.method) - {'dps'}))} need the pixels at every "
+                         "step; use --method dps (its gradient runs through the decoder)")
     truth = None
     if args.clean:
         truth = read_inputs(args.clean, shape, "--clean")
@@ -86,7 +92,7 @@ def run(args) -> None:
     columns, rows = [to_uint8(op.show(y).clamp(-1, 1))], {}
     for m in args.method:
         denoiser.calls = 0
-        x = generate(denoiser, cfg, n, sampler=METHODS[m], steps=args.steps, options={"operator": op, **options.get(m, {})},
+        x = generate(denoiser, cfg, n, sampler=METHODS[m], steps=args.steps, options={"operator": model_op, **options.get(m, {})},
                      cond={**cond, MEASUREMENT: y}, seed=args.seed, batch=args.batch, progress=not args.quiet,
                      device=resolve_device(args.device))
         batches = -(-n // args.batch)

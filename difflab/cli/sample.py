@@ -6,6 +6,7 @@ import argparse
 
 import torch
 
+from ..autoencoder import data_shape
 from .. import plots
 from ..checkpoint import load_denoiser
 from ..data.toy2d import TOY_DATASETS, make_toy
@@ -40,8 +41,8 @@ def run(args) -> None:
         cascade = load_upscaler(args.then)
         sr_shape, k = cascade[1].shape, cascade[2]
         low_shape = [sr_shape[0], sr_shape[1] // k, sr_shape[2] // k]
-        if list(cfg.shape) != low_shape:
-            raise UsageError(f"--then {args.then} upscales {'x'.join(map(str, low_shape))} images; {args.run} makes {'x'.join(map(str, cfg.shape))}")
+        if data_shape(cfg) != low_shape:
+            raise UsageError(f"--then {args.then} upscales {'x'.join(map(str, low_shape))} images; {args.run} makes {'x'.join(map(str, data_shape(cfg)))}")
     guidance = guidance_from(args)
     denoiser = guided(denoiser, cfg, guidance, args.run)
     cond, n, nrow = conditions_from(args, cfg, guidance, args.n, args.run)

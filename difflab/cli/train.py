@@ -19,6 +19,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import plots
+from ..autoencoder import LATENTS, cached_latents, data_shape, latent_space, load_autoencoder, with_latent
 from ..conditions import ConditionSpec, class_labels
 from ..data.loader import TensorDataset
 from ..data.toy2d import make_toy
@@ -99,19 +100,23 @@ def low_res_of(images, factor: int):
     return torch.cat([op(to_model(chunk)) for chunk in images.split(4096)])
 
 
-def load_training_data(cfg: ckpt.RunConfig) -> tuple[TensorDataset, int | None]:
+def load_training_data(cfg: ckpt.RunConfig, run: Path | None = None, progress: bool = False) -> tuple[TensorDataset, int | None]:
     """The training split as a TensorDataset (images stay uint8; labels as the 'class_labels' condition; for a
-    super-resolution run the low-resolution images as 'low_res'), and the number of classes (None when unlabelled)."""
+    super-resolution run the low-resolution images as 'low_res'; for a latent run the scaled latents, encoded
+    once and cached in ``run``), and the number of classes (None when unlabelled)."""
     if cfg.kind == "points":
         return TensorDataset(make_toy(cfg.dataset, cfg.data.get("n", 20000), cfg.data.get("seed", 1))), None
     from ..data.images import load_images
 
     ds = load_images(cfg.dataset, split="train", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
-    if list(ds.images.shape[1:]) != cfg.shape:
-        raise UsageError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.shape)}")
+    if list(ds.images.shape[1:]) != data_shape(cfg):
+        raise UsageError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(data_shape(cfg))}")
     cond = {"class_labels": ds.labels} if ds.labels is not None else {}
     if "factor" in cfg.data:
         cond["low_res"] = low_res_of(ds.images, cfg.data["factor"])
+    space = latent_space(cfg)
+    if space is not None:
+        return TensorDataset(cached_latents(space, ds.images, run / LATENTS if run else None, progress), cond), ds.num_classes
     return TensorDataset(ds.images, cond), ds.num_classes
 
 
@@ -124,6 +129,8 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
         out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
     if args.class_cond and not any(c["name"] == "class_labels" for c in saved.conditions):
         out.append("--cond class (the run is not class-conditional)")
+    if args.latent and saved.data.get("latent", {}).get("autoencoder") != str(Path(args.latent).resolve()):
+        out.append(f"--latent {args.latent} (the run's autoencoder: {saved.data.get('latent', {}).get('autoencoder')})")
     if (args.cond == "low-res" or args.factor) and saved.data.get("factor") != args.factor:
         out.append(f"--cond low-res --factor {args.factor} (the run's factor: {saved.data.get('factor')})")
     out += [f"{flag} (a resumed run keeps its weights)" for flag, given in (("--init-from", args.init_from), ("--force", args.force)) if given]
@@ -152,7 +159,7 @@ def run(args) -> None:
             raise UsageError(f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)")
         if args.steps:  # extend a finished run
             cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
-        data, _ = load_training_data(cfg)
+        data, _ = load_training_data(cfg, out, not args.quiet)
     else:
         if args.name is None:
             raise UsageError("give the dataset NAME to train on (or --resume to continue the run in --out)")
@@ -163,10 +170,17 @@ def run(args) -> None:
         if args.steps:
             cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
         if args.cond == "low-res":
+            if args.latent:
+                raise UsageError("--cond low-res trains in pixel space; drop --latent (super-resolution in latent space is not built)")
             cfg = with_low_res(cfg, args.factor or 4, args.aug_max)
         elif args.factor or args.aug_max is not None:
             raise UsageError("--factor and --aug-max are for --cond low-res")
-        data, num_classes = load_training_data(cfg)
+        if args.latent:
+            try:
+                cfg = with_latent(cfg, load_autoencoder(args.latent))
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+        data, num_classes = load_training_data(cfg, out, not args.quiet)
         if args.class_cond:
             cfg = with_class_labels(cfg, num_classes, args.cond_dropout)
         cfg.validate()
@@ -240,6 +254,7 @@ def register(sub) -> None:
                    help="class: learn p(x | class) from the data's labels, with a null class for guidance; "
                         "low-res: p(x | its downsampled image), super-resolution (SR3)")
     t.add_argument("--factor", type=positive_int, help="--cond low-res: the downsampling factor (default 4)")
+    t.add_argument("--latent", metavar="AE_RUN", help="train in the latent space of this autoencoder run (difflab train-autoencoder)")
     t.add_argument("--aug-max", type=unit_float, help="--cond low-res: the largest std of the noise added to low_res in training (default 0.2)")
     t.add_argument("--class-cond", action="store_true", help="the same as --cond class")
     t.add_argument("--p-uncond", "--cond-dropout", dest="cond_dropout", type=unit_float,

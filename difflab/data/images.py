@@ -6,12 +6,16 @@ Sources for ``load_images(source, split, size, channels, data_dir)``:
   0..16 mapped to uint8 by round(v * 255 / 16).
 * ``"fashion-mnist"``: the four IDX files (optionally gzipped) in ``data_dir`` or
   /usr/share/datasets/fashion-mnist; 28x28 grey, 10 classes.
+* ``"fashion-pairs"``: 32x64 RGB captioned pairs of tinted Fashion-MNIST items (data/pairs.py), unlabelled,
+  with ``captions``, ``attributes`` and ``held_out``; the only non-square set, never cropped.
 * a folder of PNG/JPEG images, searched recursively (hidden files and folders skipped). Each image is
   resized so its shorter side is ``size`` and center-cropped to size x size; without ``size`` all
   images must have one size and are center-cropped to a square. Images are read as grey ('L') when
   ``channels=1``, RGB when ``channels=3``, and by default grey if every image is grey (a grey mode, or
   RGB with equal channels), else RGB. When every image lies inside a first-level subfolder the
-  subfolder names are the classes (sorted, indices 0..K-1); otherwise the set is unlabelled.
+  subfolder names are the classes (sorted, indices 0..K-1); otherwise the set is unlabelled. A
+  ``metadata.jsonl`` in the folder (rows ``{"file_name": "a/b.png", "text": "a caption"}``, the image-folder
+  convention) gives every image its caption; an image without a row, or a row without its image, is an error.
 * an ``.npz`` file with a uint8 array ``images`` of shape (N, H, W), (N, H, W, C) or (N, C, H, W)
   (C in {1, 3}) and optionally integer ``labels`` (N,). ``save_npz`` writes this format.
 
@@ -22,6 +26,8 @@ Splits (deterministic, disjoint, stratified by class when there are labels):
 * ``"digits"``: within each class, in dataset order, every 5th image (positions 4, 9, 14, ...) is
   ``"test"`` (355 images), the rest ``"train"`` (1442).
 * ``"fashion-mnist"``: the official files, ``"train"`` (60000) and ``"test"`` (t10k, 10000).
+* ``"fashion-pairs"``: ``"train"`` (20000 images of train items, no held-out combination) and ``"test"``
+  (4000 images of test items, every combination); ``"all"`` is the two.
 * folders and npz files: within each class (or over the whole set when unlabelled), in sorted file
   order / array order, every 10th image (positions 9, 19, ...) is ``"test"``, the rest ``"train"``.
 * ``"all"``: every image of the source (train then test for fashion-mnist).
@@ -45,7 +51,7 @@ from torch import Tensor
 
 from ..io import atomic_path
 
-DATASETS = ("digits", "fashion-mnist")
+DATASETS = ("digits", "fashion-mnist", "fashion-pairs")
 SPLITS = ("train", "test", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -66,12 +72,25 @@ class ImageSet:
     name: str
     class_names: tuple[str, ...] | None = None
     split: str = "all"
+    captions: list[str] | None = None  # one caption per image
+    attributes: Tensor | None = None  # long (N, A): fashion-pairs' left class, left colour, right class, right colour
+    held_out: Tensor | None = None  # bool (N,): fashion-pairs' combinations absent from its train split
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
         if self.labels is not None and self.labels.shape != (len(self.images),):
             raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}")
+        if self.captions is not None and len(self.captions) != len(self.images):
+            raise DataError(f"{self.name}: {len(self.images)} images but {len(self.captions)} captions")
+
+    def subset(self, keep: Tensor) -> ImageSet:
+        """The images where ``keep`` (a bool mask or indices) holds, with their labels, captions and attributes."""
+        idx = keep.nonzero().squeeze(1) if keep.dtype == torch.bool else keep
+        pick = lambda v: None if v is None else v[idx]  # noqa: E731
+        captions = None if self.captions is None else [self.captions[i] for i in idx.tolist()]
+        return ImageSet(self.images[idx], pick(self.labels), self.num_classes, self.name, self.class_names, self.split, captions,
+                        pick(self.attributes), pick(self.held_out))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -118,6 +137,8 @@ def load_images(
         data = _split(_load_digits(), split, every=5)
     elif source == "fashion-mnist":
         data = _load_fashion_mnist(Path(data_dir or FASHION_MNIST_DIR), split)
+    elif source == "fashion-pairs":
+        return _load_pairs(split, data_dir)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -148,9 +169,15 @@ def _split(data: ImageSet, split: str, every: int) -> ImageSet:
     keep = (rank % every == every - 1) if split == "test" else (rank % every != every - 1)
     if not keep.any():
         raise DataError(f"{data.name}: the {split!r} split is empty (fewer than {every} images per class); use split='all'")
-    data.images = data.images[keep]
-    data.labels = data.labels[keep] if data.labels is not None else None
-    return data
+    return data.subset(keep)
+
+
+def _load_pairs(split: str, data_dir: str | None) -> ImageSet:
+    from .pairs import make_pairs
+
+    parts = [make_pairs(s, data_dir=data_dir) for s in (["train", "test"] if split == "all" else [split])]
+    return ImageSet(torch.cat([p.images for p in parts]), None, None, "fashion-pairs", None, split, [c for p in parts for c in p.captions],
+                    torch.cat([p.attributes for p in parts]), torch.cat([p.held_out for p in parts]))
 
 
 def _conform(images: Tensor, size: int | None, channels: int | None, name: str) -> Tensor:
@@ -225,9 +252,9 @@ def _load_fashion_mnist(folder: Path, split: str) -> ImageSet:
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+def _read_image(path: Path, size: int | None, square: bool = True) -> tuple[np.ndarray, tuple[int, int]]:
     """One image as uint8 (H, W) when grey or (H, W, 3), resized (shorter side = size) and center-cropped
-    square; and its original (width, height)."""
+    square (unless not ``square``); and its original (width, height)."""
     from PIL import Image
 
     try:
@@ -241,9 +268,11 @@ def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, tuple[int, in
                 scale = size / min(w, h)
                 w, h = max(size, round(w * scale)), max(size, round(h * scale))
                 im = im.resize((w, h), Image.Resampling.BICUBIC)
-            s = min(w, h)
-            left, top = (w - s) // 2, (h - s) // 2
-            array = np.array(im.crop((left, top, left + s, top + s)))  # a writable copy
+            if square:
+                s = min(w, h)
+                left, top = (w - s) // 2, (h - s) // 2
+                im = im.crop((left, top, left + s, top + s))
+            array = np.array(im)  # a writable copy
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
     if array.ndim == 3 and (array[..., 0] == array[..., 1]).all() and (array[..., 0] == array[..., 2]).all():
@@ -282,7 +311,35 @@ def _load_folder(root: Path, size: int | None, channels: int | None) -> ImageSet
         class_names = tuple(sorted({r.parts[0] for r in relative}))
         index = {name: k for k, name in enumerate(class_names)}
         labels = torch.tensor([index[r.parts[0]] for r in relative], dtype=torch.long)
-    return ImageSet(images, labels, len(class_names) if class_names else None, root.name, class_names)
+    captions = _read_metadata(root, relative) if (root / METADATA).exists() else None
+    return ImageSet(images, labels, len(class_names) if class_names else None, root.name, class_names, captions=captions)
+
+
+METADATA = "metadata.jsonl"
+
+
+def _read_metadata(root: Path, relative: list[Path]) -> list[str]:
+    """The caption of every image from ``root/metadata.jsonl`` (rows {"file_name": ..., "text": ...})."""
+    import json
+
+    path, texts = root / METADATA, {}
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(f"{path}:{number}: expected a JSON object with \"file_name\" and \"text\"") from None
+        if not isinstance(name, str) or not isinstance(text, str):
+            raise DataError(f"{path}:{number}: \"file_name\" and \"text\" must be strings")
+        if not (root / name).is_file():
+            raise DataError(f"{path}:{number}: no image {name!r} in {root}")
+        texts[Path(name).as_posix()] = text
+    missing = [r.as_posix() for r in relative if r.as_posix() not in texts]
+    if missing:
+        raise DataError(f"{path}: no caption for {len(missing)} image(s), e.g. {missing[0]!r}")
+    return [texts[r.as_posix()] for r in relative]
 
 
 def _as_channels(array: np.ndarray, channels: int) -> np.ndarray:
@@ -413,7 +470,7 @@ def read_inputs(paths, shape: tuple[int, int, int], what: str = "input") -> Tens
         if path.suffix.lower() == ".npz":
             images = _load_npz(path).images
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            array, _ = _read_image(path, None)
+            array, _ = _read_image(path, None, square=False)
             if array.ndim == 2:
                 array = array[None] if C == 1 else np.repeat(array[None], 3, axis=0)
             else:

@@ -59,8 +59,8 @@ class NoisyClassifier(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         cfg = self.config
-        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(f"the classifier expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}")
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.width):
+            raise ValueError(f"the classifier expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.width}), got {tuple(x.shape)}")
         c_noise = torch.as_tensor(c_noise, device=x.device)
         emb = self.time(c_noise.expand(x.shape[0]) if c_noise.ndim == 0 else c_noise)
         h, _ = encode(self, x, emb, None, None)

@@ -40,7 +40,7 @@ from .embeddings import TimeEmbedding
 
 @dataclass
 class UNetConfig:
-    image_size: int = 28
+    image_size: int = 28  # the height (feature-map sizes and attention_resolutions count heights)
     in_channels: int = 1
     out_channels: int | None = None  # None: same as in_channels
     base_channels: int = 64
@@ -54,12 +54,17 @@ class UNetConfig:
     low_res_noise: bool = False  # take the noise level of an augmented low_res (cascaded diffusion), embedded like time
     context_dim: int | None = None  # cross-attention to a (B, L, context_dim) sequence
     norm_groups: int = 32  # GroupNorm groups, capped to the largest divisor of the channel count
+    image_width: int | None = None  # None: square images (image_size x image_size)
 
     def __post_init__(self):
         # JSON turns tuples into lists; store tuples so equal configs compare equal
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
         self.attention_resolutions = tuple(int(r) for r in self.attention_resolutions)
         self.validate()
+
+    @property
+    def width(self) -> int:
+        return self.image_size if self.image_width is None else self.image_width
 
     @property
     def out_ch(self) -> int:
@@ -77,7 +82,7 @@ class UNetConfig:
 
         for name in ("image_size", "in_channels", "base_channels", "num_res_blocks", "num_heads", "norm_groups"):
             positive(name)
-        for name in ("out_channels", "num_classes", "context_dim"):
+        for name in ("out_channels", "num_classes", "context_dim", "image_width"):
             if getattr(self, name) is not None:
                 positive(name)
         if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
@@ -87,11 +92,12 @@ class UNetConfig:
         if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
             raise ValueError(f"UNetConfig.channel_mults must be non-empty positive integers, got {self.channel_mults}")
         factor = 2 ** (len(self.channel_mults) - 1)
-        if self.image_size % factor:
-            raise ValueError(
-                f"UNetConfig.image_size={self.image_size} must be divisible by 2**(len(channel_mults)-1) = {factor} "
-                f"to downsample {len(self.channel_mults) - 1} times; use fewer channel_mults or another size"
-            )
+        for name in ("image_size", "width"):
+            if getattr(self, name) % factor:
+                raise ValueError(
+                    f"UNetConfig.{'image_width' if name == 'width' else name}={getattr(self, name)} must be divisible by "
+                    f"2**(len(channel_mults)-1) = {factor} to downsample {len(self.channel_mults) - 1} times; use fewer channel_mults or another size"
+                )
         sizes = self.resolutions()
         unused = [r for r in self.attention_resolutions if r not in sizes]
         if unused:
@@ -352,10 +358,8 @@ class UNet(nn.Module):
 
     def _check_inputs(self, x: Tensor, low_res: Tensor | None, context: Tensor | None, mask: Tensor | None) -> Tensor:
         cfg = self.config
-        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
-            raise ValueError(
-                f"UNet expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), got {tuple(x.shape)}"
-            )
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.width):
+            raise ValueError(f"UNet expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.width}), got {tuple(x.shape)}")
         if cfg.cond_channels:
             if low_res is None or low_res.ndim != 4 or low_res.shape[:2] != (x.shape[0], cfg.cond_channels):
                 got = None if low_res is None else tuple(low_res.shape)
@@ -433,18 +437,20 @@ PRESETS: dict[str, UNetConfig] = {
 MULTS_BY_DEPTH = {0: (1,), 1: (1, 2), 2: (1, 3, 5), 3: (1, 2, 3, 5)}
 
 
-def preset_for_size(size: int, channels: int) -> UNetConfig:
-    """A U-Net for size x size images sized like the built-in presets: halve while the feature map stays
-    even and above 8 (at most 3 times), attention at the smallest map; the digits layout (base 32, two
-    blocks) for a single halving or none, the fashion-mnist layout (base 16, one block) beyond."""
+def preset_for_size(size: int, channels: int, width: int | None = None) -> UNetConfig:
+    """A U-Net for size x size (or size x width) images sized like the built-in presets: halve while the
+    feature map stays even and above 8 (at most 3 times), attention at the smallest map; the digits layout
+    (base 32, two blocks) for a single halving or none, the fashion-mnist layout (base 16, one block) beyond."""
+    width = width or size
     depth = 0
-    while depth < 3 and size % 2 ** (depth + 1) == 0 and size // 2**depth > 8:
+    while depth < 3 and size % 2 ** (depth + 1) == 0 and width % 2 ** (depth + 1) == 0 and size // 2**depth > 8:
         depth += 1
-    if depth == 0 and size % 2 == 0 and size >= 4:
+    if depth == 0 and size % 2 == 0 and width % 2 == 0 and size >= 4:
         depth = 1  # small images (e.g. 8x8): one halving, as digits
     small = depth <= 1
     lowest = size // 2**depth
     return UNetConfig(
         image_size=size, in_channels=channels, base_channels=32 if small else 16, channel_mults=MULTS_BY_DEPTH[depth],
         num_res_blocks=2 if small else 1, attention_resolutions=(lowest,) if lowest <= 16 else (),
+        image_width=width if width != size else None,
     )

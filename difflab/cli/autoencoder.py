@@ -1,0 +1,156 @@
+"""`difflab train-autoencoder DATASET --out RUN` and `difflab autoencode AE_RUN images --out recon.png`.
+
+    difflab train-autoencoder fashion-pairs --out runs/ae --factor 4 --latent-channels 4
+    difflab train-autoencoder --out runs/ae --resume
+    difflab autoencode runs/ae a.png b.png --out recon.png
+
+Training goes through the one training loop (checkpoints, resume, torchrun, progress). At the end it measures
+the latent scale on the training split (RUN/latent.json, see difflab/autoencoder.py) and the reconstruction
+PSNR on the test split against the dataset-mean-image baseline (RUN/reconstruction.json), and draws
+originals beside reconstructions (RUN/reconstructions.png)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import plots
+from ..autoencoder import LATENT, RECONSTRUCTION, autoencoder_config, encode_means, load_autoencoder, measure_scale
+from ..data.images import load_images, read_inputs, to_model, to_uint8
+from ..distributed import launched_rank, resolve_device, restarted
+from ..io import atomic_path
+from ..metrics import psnr
+from ..presets import preset_for
+from ..training import train
+from .data import check_dataset
+from .options import UsageError, add_device, check_suffix, positive_float, positive_int
+
+FIELDS = ("batch_size", "lr", "seed")
+
+
+def _load(cfg: ckpt.RunConfig, split: str):
+    return load_images(cfg.dataset, split=split, size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+
+
+def run_train(args) -> None:
+    out = Path(args.out)
+    device = resolve_device(args.device)
+    resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
+    if resume:
+        cfg = ckpt.load_config(out)
+        if cfg.net_kind not in ckpt.AUTOENCODERS:
+            raise UsageError(f"{out} holds a {cfg.net_kind} run, not an autoencoder")
+        given = [f"--{f.replace('_', '-')}" for f in ("name", *FIELDS, "factor", "latent_channels", "kl_weight", "recon") if getattr(args, f) is not None]
+        if given or args.attention:
+            raise UsageError(f"--resume continues {out} as it was saved; drop {', '.join(given + ['--attention'] * args.attention)}")
+        if args.steps:
+            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+    else:
+        if args.name is None:
+            raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
+        if (out / ckpt.CONFIG).exists() and not args.force and not restarted():
+            raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
+        check_dataset(args.name)
+        base = preset_for(args.name)
+        if args.data:
+            base = replace(base, data=dict(base.data, data_dir=args.data))
+        if args.kl_weight is not None and args.kl_weight < 0:
+            raise UsageError(f"--kl-weight must be >= 0, got {args.kl_weight}")
+        try:
+            cfg = autoencoder_config(base, factor=args.factor or 4, latent_channels=args.latent_channels or 4,
+                                     kl_weight=1e-6 if args.kl_weight is None else args.kl_weight, recon=args.recon or "l1",
+                                     attention=args.attention)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        cfg = replace(cfg, train=replace(cfg.train, **{f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None},
+                                         **({"steps": args.steps} if args.steps else {})))
+        cfg.validate()
+    data = _load(cfg, "train")
+    if not args.quiet and launched_rank() == 0:
+        net = cfg.build_net()
+        print(f"{'resuming' if resume else 'training'} a KL autoencoder for {cfg.dataset}: factor {net.config.factor}, latent "
+              f"{'x'.join(map(str, net.config.latent_shape))}, {sum(p.numel() for p in net.parameters()):,} parameters, "
+              f"{cfg.train.steps} steps x batch {cfg.train.batch_size}, on {device}")
+    if not resume and launched_rank() == 0:
+        for name in (LATENT, RECONSTRUCTION):  # an earlier run's figures must not pass for this one's
+            (out / name).unlink(missing_ok=True)
+    test = _load(cfg, "test")
+    train(out, cfg, data.images, device=device, resume=resume, progress=not args.quiet, max_minutes=args.max_minutes,
+          preview=partial(_picture, test=test.images[:16]))
+    if launched_rank() != 0:
+        return
+    info = measure_scale(out, data.images, progress=not args.quiet)
+    report = reconstruction_report(out, test.images, data.images)
+    print(f"latent scale {info['scale']:.4f} (1 / std of {info['images']} training latents; posterior std {info['posterior_std']:.4f})")
+    print(f"test reconstruction PSNR {report['psnr']:.2f} dB on {report['test_images']} images "
+          f"(the dataset-mean image: {report['baseline_psnr']:.2f} dB)")
+    print(f"autoencoder written to {out}/ (train a latent model with `difflab train {cfg.dataset} --latent {out} --out RUN`)")
+
+
+def _picture(ema, step: int, run: Path, test: torch.Tensor) -> None:
+    """Originals (odd rows) above their reconstructions (even rows)."""
+    with torch.no_grad():
+        mean, _ = ema.net.encode(to_model(test))
+        recon = to_uint8(ema.net.decode(mean).float())
+    rows = torch.stack([test.reshape(2, 8, *test.shape[1:]), recon.reshape(2, 8, *test.shape[1:])], dim=1)  # (2, 2, 8, C, H, W)
+    plots.save_grid(rows.reshape(-1, *test.shape[1:]), run / "reconstructions.png", nrow=8)
+    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
+
+
+def reconstruction_report(run: Path, test: torch.Tensor, train_images: torch.Tensor, n: int = 2000) -> dict:
+    """PSNR of the EMA autoencoder's reconstructions (posterior mean decoded) of the first ``n`` test images,
+    and of the training set's mean image as the reconstruction (a baseline that ignores its input)."""
+    space = load_autoencoder(run)
+    x = test[:n]
+    recon = to_uint8(space.decode(encode_means(space.net, to_model(x))[0] * space.scale))
+    baseline = train_images.double().mean(0).round().to(torch.uint8).expand_as(x)
+    report = {"step": ckpt.weights_step(run), "test_images": len(x), "psnr": float(psnr(recon, x).mean()),
+              "baseline_psnr": float(psnr(baseline, x).mean())}
+    with atomic_path(run / RECONSTRUCTION) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1))
+    return report
+
+
+def run_autoencode(args) -> None:
+    check_suffix(args.out, (".png",), "--out")
+    space = load_autoencoder(args.run)
+    images = read_inputs(args.images, tuple(space.image_shape), "images")
+    with torch.no_grad():
+        recon = to_uint8(space.decode(space.encode(to_model(images))))
+    value = psnr(recon, images)
+    plots.save_grid(torch.stack([images, recon], dim=1).reshape(-1, *images.shape[1:]), args.out, nrow=2)
+    print(f"PSNR per image: {', '.join(f'{v:.2f}' for v in value.tolist())} dB (mean {float(value.mean()):.2f})")
+    print(f"wrote {args.out} (each row: the image, its reconstruction)")
+
+
+def register(sub) -> None:
+    t = sub.add_parser("train-autoencoder", help="train a KL-regularised autoencoder for latent diffusion")
+    t.add_argument("name", nargs="?", help="dataset (a name, a folder or an .npz); not needed with --resume")
+    t.add_argument("--out", required=True, help="autoencoder run directory")
+    t.add_argument("--factor", type=positive_int, help="downsampling factor, a power of two (default 4)")
+    t.add_argument("--latent-channels", type=positive_int, help="latent channels (default 4)")
+    t.add_argument("--kl-weight", type=float, help="weight of the KL term (default 1e-6)")
+    t.add_argument("--recon", choices=["l1", "l2"], help="reconstruction loss (default l1)")
+    t.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--force", action="store_true", help="start over even if --out holds a run")
+    t.add_argument("--steps", type=positive_int, help="optimizer steps (default 3000)")
+    t.add_argument("--batch-size", type=positive_int)
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--data", help="folder holding the dataset's files")
+    t.add_argument("--max-minutes", type=positive_float)
+    add_device(t)
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=run_train)
+
+    a = sub.add_parser("autoencode", help="round-trip images through a trained autoencoder")
+    a.add_argument("run", help="autoencoder run directory")
+    a.add_argument("images", nargs="+", help="PNG/JPEG files or an .npz of the autoencoder's image size")
+    a.add_argument("--out", required=True, help="picture: each image beside its reconstruction (.png)")
+    a.set_defaults(func=run_autoencode)
