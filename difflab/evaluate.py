@@ -169,6 +169,8 @@ def _scores(ref: dict, feats: Tensor, seed: int) -> dict:
 def _class_report(net: FeatureNet, logits: Tensor | None, ref: dict, data: ImageSet) -> dict:
     if logits is None or ref["logits"] is None:
         return {"samples": None, "reason": "the feature net has no classifier head (random features)"}
+    if net.config.groups is not None:
+        return {"samples": None, "reason": "the feature net has attribute heads, not classes"}
     K = net.config.num_classes
     names = net.meta.get("classes") or (list(data.class_names) if data.class_names else [str(k) for k in range(K)])
     samples = class_histogram(logits, K, normalize=True)
@@ -312,7 +314,7 @@ def evaluate(
     C, H, W = ref_data.images.shape[1:]
     if data_shape(cfg) != [C, H, W]:
         raise EvalError(f"the run makes {'x'.join(map(str, data_shape(cfg)))} images but {cfg.dataset} is {C}x{H}x{W}")
-    net = resolve_feature_net(features, cfg.dataset, C, H)
+    net = resolve_feature_net(features, cfg.dataset, C, H, W)
     t0 = time.perf_counter()
     ref = reference_stats(ref_data, net, folder=cache, progress=progress)
     other_ref = reference_stats(other_data, net, folder=cache, progress=progress)

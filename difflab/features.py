@@ -1,5 +1,5 @@
 """Feature networks for sample-quality metrics: what FID's Inception network is for ImageNet, sized for
-digits and Fashion-MNIST.
+digits, Fashion-MNIST and fashion-pairs.
 
 A ``FeatureNet`` is a small CNN classifier on model-space images x in [-1, 1], shape (N, C, H, W):
 
@@ -17,9 +17,12 @@ depend on the rest of its batch, and on CPU it trains 2.5x faster than GroupNorm
 
 Where the features come from (``resolve_feature_net``):
 
-* the shipped classifiers ``digits`` and ``fashion-mnist``: difflab/weights/{name}-classifier.safetensors
+* the shipped classifiers ``digits``, ``fashion-mnist`` and ``fashion-pairs``: difflab/weights/{name}-classifier.safetensors
   with a JSON beside it (the config, seed, training command and measured test accuracy), trained by
-  ``difflab features train digits`` (about 20 s) / ``... train fashion-mnist`` (a few minutes);
+  ``difflab features train digits`` (about 20 s) / ``... train fashion-mnist`` (a few minutes) /
+  ``... train fashion-pairs`` (a few minutes). The fashion-pairs net has four attribute heads (left class,
+  left colour, right class, right colour: ``groups``), trained on the sum of their cross-entropies; its
+  recorded accuracy is all four right, with each head's beside it;
 * your own classifier for your own labelled data set: ``difflab features train DATA --out DIR``
   writes DIR/{stem}-classifier.safetensors; pass that path to ``difflab eval --features``;
 * ``random``: the same architecture with fixed random weights (Kaiming init from a seeded generator, no
@@ -55,7 +58,7 @@ from .data.images import load_images, to_model
 from .io import atomic_path
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-SHIPPED = ("digits", "fashion-mnist")
+SHIPPED = ("digits", "fashion-mnist", "fashion-pairs")
 RANDOM = "random"
 SUBSET_N = 2000  # the JSON also records the accuracy on the first SUBSET_N test images (a quick check for tests)
 
@@ -76,7 +79,9 @@ class FeatureNetConfig:
     pool: int = 2  # adaptive average pooling to pool x pool before the feature layer (2: coarse layout survives)
     feature_dim: int = 128
     num_classes: int | None = 10  # None: no classifier head (random features)
-    image_size: int | None = None  # the size it was trained on (checked against the images); None: any
+    image_size: int | None = None  # the size (height) it was trained on (checked against the images); None: any
+    image_width: int | None = None  # the width when not square
+    groups: tuple[int, ...] | None = None  # attribute heads: the logits split into groups of these sizes (sum = num_classes)
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)  # JSON gives lists
@@ -86,10 +91,16 @@ class FeatureNetConfig:
                 raise FeatureNetError(f"FeatureNetConfig.{name} must be a positive integer, got {value!r}")
         if not self.widths or min(self.widths) <= 0:
             raise FeatureNetError(f"FeatureNetConfig.widths must be positive integers, got {self.widths}")
+        if self.groups is not None:
+            self.groups = tuple(int(g) for g in self.groups)
+            if sum(self.groups) != self.num_classes:
+                raise FeatureNetError(f"FeatureNetConfig.groups {self.groups} must add up to num_classes ({self.num_classes})")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["widths"] = list(self.widths)
+        if self.groups is not None:
+            d["groups"] = list(self.groups)
         return d
 
     @classmethod
@@ -134,6 +145,12 @@ class FeatureNet(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         return self.classify(self.features(x))
+
+    def attributes(self, logits: Tensor) -> Tensor:
+        """Logits (N, num_classes) -> the predicted value of each attribute head (N, len(groups))."""
+        if self.config.groups is None:
+            return logits.argmax(1, keepdim=True)
+        return torch.stack([part.argmax(1) for part in logits.split(list(self.config.groups), dim=1)], dim=1)
 
     forward = logits
 
@@ -230,8 +247,8 @@ def load_feature_net(name: str) -> FeatureNet:
     )
 
 
-def resolve_feature_net(spec: str | FeatureNet | None, dataset: str, channels: int, size: int) -> FeatureNet:
-    """The feature net for images of ``dataset`` (C = channels, H = W = size).
+def resolve_feature_net(spec: str | FeatureNet | None, dataset: str, channels: int, size: int, width: int | None = None) -> FeatureNet:
+    """The feature net for images of ``dataset`` (C = channels, H = size, W = width or size).
 
     spec None: the shipped classifier when ``dataset`` has one, else random features; 'random'; a shipped
     name; a .safetensors path; or a FeatureNet. Raises FeatureNetError when it cannot read such images."""
@@ -244,9 +261,10 @@ def resolve_feature_net(spec: str | FeatureNet | None, dataset: str, channels: i
     c = net.config
     if c.in_channels != channels:
         raise FeatureNetError(f"the feature net reads {c.in_channels}-channel images but {dataset} has {channels} channels")
-    if c.image_size is not None and c.image_size != size:
+    width = width or size
+    if c.image_size is not None and (c.image_size, c.image_width or c.image_size) != (size, width):
         raise FeatureNetError(
-            f"the feature net was trained on {c.image_size}x{c.image_size} images but {dataset} is {size}x{size}; "
+            f"the feature net was trained on {c.image_size}x{c.image_width or c.image_size} images but {dataset} is {size}x{width}; "
             f"train one on this data (`difflab features train ...`) or use --features {RANDOM}"
         )
     return net
@@ -269,9 +287,16 @@ def embed(net: FeatureNet, images: Tensor, batch: int = 500, progress: bool = Fa
 
 
 def accuracy(net: FeatureNet, images: Tensor, labels: Tensor) -> float:
-    """Fraction of images whose argmax logit is their label."""
+    """Fraction of images whose argmax logit is their label (attribute heads: whose every attribute is right)."""
     _, logits = embed(net, images)
-    return (logits.argmax(1) == labels).double().mean().item()
+    right = net.attributes(logits) == labels.reshape(len(labels), -1)  # (N, A)
+    return right.all(1).double().mean().item()
+
+
+def attribute_accuracy(net: FeatureNet, images: Tensor, attributes: Tensor) -> list[float]:
+    """Per attribute head, the fraction of images for which it is right."""
+    _, logits = embed(net, images)
+    return (net.attributes(logits) == attributes).double().mean(0).tolist()
 
 
 # --------------------------------------------------------------------------- training
@@ -298,6 +323,7 @@ class FeatureTraining:
 RECIPES: dict[str, FeatureTraining] = {
     "digits": FeatureTraining(epochs=40, batch_size=64, lr=3e-3, shift=1),
     "fashion-mnist": FeatureTraining(epochs=4, batch_size=128, lr=3e-3, shift=0),
+    "fashion-pairs": FeatureTraining(epochs=3, batch_size=128, lr=3e-3, shift=0),
 }
 
 
@@ -323,13 +349,17 @@ def _lr(step: int, total: int, base: float, warmup: float) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - w) / max(1, total - w)))
 
 
-def train_classifier(train_images: Tensor, train_labels: Tensor, num_classes: int, recipe: FeatureTraining, progress: bool = True) -> FeatureNet:
-    """Train a FeatureNet on uint8 images (N, C, H, W) with integer labels; deterministic given the recipe."""
+def train_classifier(train_images: Tensor, train_labels: Tensor, num_classes: int, recipe: FeatureTraining, progress: bool = True,
+                     groups: tuple[int, ...] | None = None) -> FeatureNet:
+    """Train a FeatureNet on uint8 images (N, C, H, W) with integer labels (N,), or with attributes (N, A) and
+    one head per attribute (``groups``: their numbers of values; the loss sums their cross-entropies);
+    deterministic given the recipe."""
     torch.set_num_threads(recipe.threads)
     torch.manual_seed(recipe.seed)  # the initial weights
     g = torch.Generator().manual_seed(recipe.seed + 1)  # data order and augmentation
-    _, C, H, _ = train_images.shape
-    net = FeatureNet(FeatureNetConfig(in_channels=C, num_classes=num_classes, image_size=H))
+    _, C, H, W = train_images.shape
+    net = FeatureNet(FeatureNetConfig(in_channels=C, num_classes=num_classes, image_size=H, image_width=W if W != H else None, groups=groups))
+    sizes = list(groups) if groups else [num_classes]
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     N = len(train_images)
     per_epoch = math.ceil(N / recipe.batch_size)
@@ -341,16 +371,16 @@ def train_classifier(train_images: Tensor, train_labels: Tensor, num_classes: in
         order = torch.randperm(N, generator=g)
         for idx in order.split(recipe.batch_size):
             x = augment(to_model(train_images[idx]), recipe.shift, recipe.flip, g)
-            y = train_labels[idx]
+            y = train_labels[idx].reshape(len(idx), -1)  # (B, A)
             for group in opt.param_groups:
                 group["lr"] = _lr(step, total, recipe.lr, recipe.warmup)
             logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            loss = sum(F.cross_entropy(part, y[:, a]) for a, part in enumerate(logits.split(sizes, dim=1)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            hits += (logits.argmax(1) == y).sum().item()
+            hits += (net.attributes(logits) == y).all(1).sum().item()
             seen += len(y)
             bar.update(1)
             if step % 20 == 0 or step == total:
@@ -389,18 +419,29 @@ def train_and_save(source: str, out: str | Path | None = None, recipe: FeatureTr
     recipe = recipe or RECIPES.get(source, FeatureTraining())
     train = load_images(source, "train", size=size, channels=channels, data_dir=data_dir)
     test = load_images(source, "test", size=size, channels=channels, data_dir=data_dir)
+    groups = names = None
+    if train.attributes is not None:  # fashion-pairs: one head per attribute
+        from .data.pairs import ATTRIBUTES, COLOURS, NOUNS
+
+        groups, names = (len(NOUNS), len(COLOURS), len(NOUNS), len(COLOURS)), list(ATTRIBUTES)
+        train.labels, test.labels, train.num_classes = train.attributes, test.attributes, sum(groups)
     if train.labels is None or train.num_classes is None:
         raise FeatureNetError(f"{source}: a classifier needs labels (class subfolders or an npz 'labels' array); use --features {RANDOM}")
     t0 = time.perf_counter()
-    net = train_classifier(train.images, train.labels, train.num_classes, recipe, progress=progress)
+    net = train_classifier(train.images, train.labels, train.num_classes, recipe, progress=progress, groups=groups)
     seconds = time.perf_counter() - t0
     acc = accuracy(net, test.images, test.labels)
     k = min(SUBSET_N, len(test))
     acc_subset = accuracy(net, test.images[:k], test.labels[:k])
+    extra = {}
+    if groups:
+        extra = {"attributes": names, "test_attribute_accuracy": attribute_accuracy(net, test.images, test.labels),
+                 "test_subset_attribute_accuracy": attribute_accuracy(net, test.images[:k], test.labels[:k])}
     meta = {
         "name": name,
         "dataset": source,
         "classes": list(train.class_names) if train.class_names else None,
+        **extra,
         "seed": recipe.seed,
         "command": command or f"difflab features train {source}",
         "recipe": asdict(recipe),

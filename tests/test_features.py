@@ -42,10 +42,10 @@ def test_shipped_weights_are_small_and_documented(name):
     weights, meta_path = weight_paths(name)
     assert weights.stat().st_size <= MAX_BYTES
     meta = json.loads(meta_path.read_text())
-    assert meta["seed"] == 0 and meta["command"].startswith("python -m difflab.features train")
-    assert meta["config"]["image_size"] == {"digits": 8, "fashion-mnist": 28}[name]
+    assert meta["seed"] == 0 and meta["command"].startswith(("python -m difflab.features train", "difflab features train"))
+    assert meta["config"]["image_size"] == {"digits": 8, "fashion-mnist": 28, "fashion-pairs": 32}[name]
     net = load_feature_net(name)
-    assert net.config.feature_dim == 128 and net.config.num_classes == 10
+    assert net.config.feature_dim == 128 and net.config.num_classes == {"fashion-pairs": 32}.get(name, 10)
 
 
 def test_digits_classifier_reaches_recorded_accuracy():
@@ -66,6 +66,32 @@ def test_fashion_classifier_reaches_recorded_accuracy():
     assert abs(acc - net.meta["test_subset"]["accuracy"]) <= 0.005
     assert net.meta["test_accuracy"] >= 0.90 and net.meta["test_n"] == 10000
     assert abs(acc - net.meta["test_accuracy"]) <= 0.02  # a 2000-image subset of the full test split
+
+
+def test_fashion_pairs_attribute_net_reaches_its_recorded_accuracies():
+    from difflab.features import accuracy as all_right
+    from difflab.features import attribute_accuracy
+
+    net = load_feature_net("fashion-pairs")
+    assert net.config.groups == (10, 6, 10, 6) and (net.config.image_size, net.config.image_width) == (32, 64)
+    try:
+        test = load_images("fashion-pairs", "test")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
+    k = net.meta["test_subset"]["n"]
+    assert k == 2000 and net.meta["test_n"] == 4000
+    assert abs(all_right(net, test.images[:k], test.attributes[:k]) - net.meta["test_subset"]["accuracy"]) <= 0.005
+    per = attribute_accuracy(net, test.images[:k], test.attributes[:k])
+    assert per == pytest.approx(net.meta["test_subset_attribute_accuracy"], abs=0.005)
+    # recorded (3 epochs): all four right 70.3 %; left class 83.4 %, left colour 100 %, right class 84.6 %, right colour 100 %
+    assert net.meta["test_accuracy"] >= 0.65 and min(net.meta["test_attribute_accuracy"][1::2]) >= 0.99
+    assert min(net.meta["test_attribute_accuracy"][0::2]) >= 0.8
+    # the heads read their own half: swapping the halves swaps the predicted attributes
+    swapped = torch.cat([test.images[:200, ..., 32:], test.images[:200, ..., :32]], dim=-1)
+    _, a = embed(net, test.images[:200])
+    _, b = embed(net, swapped)
+    pa, pb = net.attributes(a), net.attributes(b)
+    assert (pa[:, [2, 3, 0, 1]] == pb).double().mean() > 0.85
 
 
 def test_features_are_deterministic():
