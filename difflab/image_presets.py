@@ -55,14 +55,14 @@ def image_preset(source: str) -> RunConfig:
     from .data.images import load_images
 
     data = load_images(source, split="train")  # raises DataError for unknown names and bad files
-    _, c, h, _ = data.images.shape
+    _, c, h, w = data.images.shape
     recipe = IMAGE_PRESETS["digits" if h <= 16 else "fashion-mnist"]
     return RunConfig(
         dataset=source,
         process=RECIPE_PROCESS,
         net_kind="unet",
-        net=preset_for_size(h, c).to_dict(),
-        shape=[c, h, h],
+        net=preset_for_size(h, c, w).to_dict(),
+        shape=[c, h, w],
         kind="images",
         target="v",
         loss=dict(RECIPE_LOSS),

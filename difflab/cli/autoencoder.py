@@ -5,8 +5,8 @@
     difflab autoencode runs/ae a.png b.png --out recon.png
 
 Training goes through the one training loop (checkpoints, resume, torchrun, progress). At the end it measures
-the latent scale on the training split (RUN/latent.json, see difflab/autoencoder.py) and the reconstruction
-PSNR on the test split against the dataset-mean-image baseline (RUN/reconstruction.json), and draws
+the latent scale on the training split (RUN/latent.json, see difflab/autoencoder.py), the reconstruction
+PSNR on the test split against the dataset-mean-image baseline and the rFD (RUN/reconstruction.json), and draws
 originals beside reconstructions (RUN/reconstructions.png)."""
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ..autoencoder import LATENT, RECONSTRUCTION, autoencoder_config, encode_mea
 from ..data.images import load_images, read_inputs, to_model, to_uint8
 from ..distributed import launched_rank, resolve_device, restarted
 from ..io import atomic_path
-from ..metrics import psnr
+from ..features import embed, resolve_feature_net
+from ..metrics import frechet_from_stats, gaussian_stats, psnr
 from ..presets import preset_for
 from ..training import train
 from .data import check_dataset
@@ -84,33 +85,47 @@ def run_train(args) -> None:
           preview=partial(_picture, test=test.images[:16]))
     if launched_rank() != 0:
         return
+    step = ckpt.weights_step(out)
+    if step < cfg.train.steps:  # stopped by --max-minutes: a half-trained autoencoder gets no scale, so --latent refuses it
+        print(f"stopped at step {step} of {cfg.train.steps}; finish with `difflab train-autoencoder --out {out} --resume` "
+              "(the latent scale is measured at the end)")
+        return
     info = measure_scale(out, data.images, progress=not args.quiet)
-    report = reconstruction_report(out, test.images, data.images)
+    report = reconstruction_report(out, test.images, data.images, cfg.dataset)
     print(f"latent scale {info['scale']:.4f} (1 / std of {info['images']} training latents; posterior std {info['posterior_std']:.4f})")
     print(f"test reconstruction PSNR {report['psnr']:.2f} dB on {report['test_images']} images "
-          f"(the dataset-mean image: {report['baseline_psnr']:.2f} dB)")
+          f"(the dataset-mean image: {report['baseline_psnr']:.2f} dB); rFD {report['rfd']:.3f} ({report['features']} features)")
     print(f"autoencoder written to {out}/ (train a latent model with `difflab train {cfg.dataset} --latent {out} --out RUN`)")
 
 
 def _picture(ema, step: int, run: Path, test: torch.Tensor) -> None:
-    """Originals (odd rows) above their reconstructions (even rows)."""
+    """Rows of 8 test originals, each above their reconstructions."""
+    k = min(len(test), 16) // 8 * 8 or len(test)
+    test, width = test[:k], min(k, 8)
+    device = next(ema.net.parameters()).device
     with torch.no_grad():
-        mean, _ = ema.net.encode(to_model(test))
-        recon = to_uint8(ema.net.decode(mean).float())
-    rows = torch.stack([test.reshape(2, 8, *test.shape[1:]), recon.reshape(2, 8, *test.shape[1:])], dim=1)  # (2, 2, 8, C, H, W)
-    plots.save_grid(rows.reshape(-1, *test.shape[1:]), run / "reconstructions.png", nrow=8)
+        mean, _ = ema.net.encode(to_model(test).to(device))
+        recon = to_uint8(ema.net.decode(mean).float().cpu())
+    rows = torch.stack([test.reshape(-1, width, *test.shape[1:]), recon.reshape(-1, width, *test.shape[1:])], dim=1)  # (k/w, 2, w, C, H, W)
+    plots.save_grid(rows.reshape(-1, *test.shape[1:]), run / "reconstructions.png", nrow=width)
     plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
 
 
-def reconstruction_report(run: Path, test: torch.Tensor, train_images: torch.Tensor, n: int = 2000) -> dict:
+def reconstruction_report(run: Path, test: torch.Tensor, train_images: torch.Tensor, dataset: str, n: int = 2000) -> dict:
     """PSNR of the EMA autoencoder's reconstructions (posterior mean decoded) of the first ``n`` test images,
-    and of the training set's mean image as the reconstruction (a baseline that ignores its input)."""
+    and of the training set's mean image as the reconstruction (a baseline that ignores its input); and the
+    rFD, the FD between those reconstructions and the images, in the dataset's feature net (eval's default)."""
     space = load_autoencoder(run)
     x = test[:n]
-    recon = to_uint8(space.decode(encode_means(space.net, to_model(x))[0] * space.scale))
+    with torch.no_grad():
+        recon = to_uint8(space.decode(encode_means(space.net, to_model(x))[0] * space.scale))
     baseline = train_images.double().mean(0).round().to(torch.uint8).expand_as(x)
+    C, H, W = x.shape[1:]
+    net = resolve_feature_net(None, dataset, C, H, W)
+    stats = [gaussian_stats(embed(net, images)[0].double()) for images in (recon, x)]
     report = {"step": ckpt.weights_step(run), "test_images": len(x), "psnr": float(psnr(recon, x).mean()),
-              "baseline_psnr": float(psnr(baseline, x).mean())}
+              "baseline_psnr": float(psnr(baseline, x).mean()), "rfd": frechet_from_stats(*stats[0], *stats[1]),
+              "features": net.meta.get("name", "random")}
     with atomic_path(run / RECONSTRUCTION) as tmp:
         Path(tmp).write_text(json.dumps(report, indent=1))
     return report

@@ -152,6 +152,8 @@ def run(args) -> None:
     resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
     if resume:
         cfg = ckpt.load_config(out)
+        if cfg.net_kind in ckpt.AUTOENCODERS:
+            raise UsageError(f"{out} holds an autoencoder: continue it with `difflab train-autoencoder --out {out} --resume`")
         if cfg.net_kind in ckpt.CLASSIFIERS:
             raise UsageError(f"{out} holds a noise-aware classifier: continue it with `difflab train-classifier --out {out} --resume`")
         bad = _contradictions(cfg, args)

@@ -17,7 +17,8 @@ Sources for ``load_images(source, split, size, channels, data_dir)``:
   ``metadata.jsonl`` in the folder (rows ``{"file_name": "a/b.png", "text": "a caption"}``, the image-folder
   convention) gives every image its caption; an image without a row, or a row without its image, is an error.
 * an ``.npz`` file with a uint8 array ``images`` of shape (N, H, W), (N, H, W, C) or (N, C, H, W)
-  (C in {1, 3}) and optionally integer ``labels`` (N,). ``save_npz`` writes this format.
+  (C in {1, 3}) and optionally integer ``labels`` (N,). ``save_npz`` writes this format. Non-square
+  images keep their shape unless a ``size`` is given (then they are center-cropped and resized).
 
 Known dataset names win over paths: write ``./digits`` for a folder called digits.
 
@@ -138,6 +139,8 @@ def load_images(
     elif source == "fashion-mnist":
         data = _load_fashion_mnist(Path(data_dir or FASHION_MNIST_DIR), split)
     elif source == "fashion-pairs":
+        if size is not None or channels not in (None, 3):
+            raise DataError("fashion-pairs is 3x32x64 RGB: it takes no size or channels")
         return _load_pairs(split, data_dir)
     else:
         path = Path(source).expanduser()
@@ -181,9 +184,10 @@ def _load_pairs(split: str, data_dir: str | None) -> ImageSet:
 
 
 def _conform(images: Tensor, size: int | None, channels: int | None, name: str) -> Tensor:
-    """Center-crop to a square, resize to ``size`` (antialiased bilinear) and convert to ``channels``."""
+    """With ``size``: center-crop to a square and resize to size x size (antialiased bilinear); convert to
+    ``channels``. Without ``size`` a non-square set (e.g. fashion-pairs saved to .npz) keeps its shape."""
     H, W = images.shape[-2:]
-    if H != W:
+    if H != W and size is not None:
         s = min(H, W)
         top, left = (H - s) // 2, (W - s) // 2
         images = images[..., top : top + s, left : left + s]
@@ -492,7 +496,7 @@ def read_mask(path, size: tuple[int, int]) -> Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"mask {path} does not exist")
-    array, _ = _read_image(path, None)
+    array, _ = _read_image(path, None, square=False)
     if array.ndim == 3:
         array = array.mean(axis=2)
     if array.shape != tuple(size):
