@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import AUTOENCODERS, CheckpointError, RunConfig, TrainConfig, latest_checkpoint, load_config, load_into, load_weights, WEIGHTS
+from .checkpoint import (
+    AUTOENCODERS, WEIGHTS, CheckpointError, RunConfig, TrainConfig, latest_checkpoint, load_config, load_into, load_weights, weights_step,
+)  # fmt: skip
 from .io import atomic_path
 from .nets.autoencoder import Autoencoder, AutoencoderConfig
 
@@ -77,16 +79,10 @@ def measure_scale(run: str | Path, images: Tensor, progress: bool = False) -> di
     z, post = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
     std = float(z.double().std())
     info = {"scale": 1.0 / std, "std": std, "mean": float(z.double().mean()), "posterior_std": float(post.double().mean()),
-            "images": len(images), "step": _step_of(run)}
+            "images": len(images), "step": weights_step(run)}
     with atomic_path(run / LATENT) as tmp:
         Path(tmp).write_text(json.dumps(info, indent=1))
     return info
-
-
-def _step_of(run: Path) -> int:
-    from .checkpoint import weights_step
-
-    return weights_step(run)
 
 
 def _load_net(run: Path) -> Autoencoder:

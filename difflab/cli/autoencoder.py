@@ -29,7 +29,7 @@ from ..metrics import frechet_from_stats, gaussian_stats, psnr
 from ..presets import preset_for
 from ..training import train
 from .data import check_dataset
-from .options import UsageError, add_device, check_suffix, positive_float, positive_int
+from .options import UsageError, add_auxiliary_training, check_suffix, positive_int
 
 FIELDS = ("batch_size", "lr", "seed")
 
@@ -152,16 +152,7 @@ def register(sub) -> None:
     t.add_argument("--kl-weight", type=float, help="weight of the KL term (default 1e-6)")
     t.add_argument("--recon", choices=["l1", "l2"], help="reconstruction loss (default l1)")
     t.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--force", action="store_true", help="start over even if --out holds a run")
-    t.add_argument("--steps", type=positive_int, help="optimizer steps (default 3000)")
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=positive_float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--data", help="folder holding the dataset's files")
-    t.add_argument("--max-minutes", type=positive_float)
-    add_device(t)
-    t.add_argument("--quiet", action="store_true")
+    add_auxiliary_training(t, "optimizer steps (default 3000)")
     t.set_defaults(func=run_train)
 
     a = sub.add_parser("autoencode", help="round-trip images through a trained autoencoder")

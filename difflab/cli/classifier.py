@@ -22,7 +22,7 @@ from ..io import atomic_path
 from ..presets import preset_for
 from ..training import train
 from .data import check_dataset
-from .options import UsageError, add_device, positive_float, positive_int
+from .options import UsageError, add_auxiliary_training
 from .train import load_training_data
 
 FIELDS = ("batch_size", "lr", "seed")
@@ -103,14 +103,5 @@ def register(sub) -> None:
     t.add_argument("name", nargs="?", help="dataset name (its preset's process); not needed with --for or --resume")
     t.add_argument("--out", required=True, help="classifier run directory")
     t.add_argument("--for", dest="for_run", metavar="RUN", help="the diffusion run it will guide (its dataset, shape and process)")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--force", action="store_true", help="start over even if --out holds a run")
-    t.add_argument("--steps", type=positive_int, help="optimizer steps (default: a quarter of the dataset preset's)")
-    t.add_argument("--batch-size", type=positive_int)
-    t.add_argument("--lr", type=positive_float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--data", help="folder holding the dataset's files")
-    t.add_argument("--max-minutes", type=positive_float)
-    add_device(t)
-    t.add_argument("--quiet", action="store_true")
+    add_auxiliary_training(t, "optimizer steps (default: a quarter of the dataset preset's)")
     t.set_defaults(func=run)

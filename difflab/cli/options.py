@@ -88,6 +88,20 @@ def add_device(p) -> None:
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto (CUDA when present), cpu or cuda")
 
 
+def add_auxiliary_training(p, steps_help: str) -> None:
+    """The options of a run trained beside the denoisers (a classifier, an autoencoder) by the one loop."""
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--force", action="store_true", help="start over even if --out holds a run")
+    p.add_argument("--steps", type=positive_int, help=steps_help)
+    p.add_argument("--batch-size", type=positive_int)
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data", help="folder holding the dataset's files")
+    p.add_argument("--max-minutes", type=positive_float)
+    add_device(p)
+    p.add_argument("--quiet", action="store_true")
+
+
 def add_sampler(p, sampler: str, steps: int) -> None:
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", default=sampler, help=f"one of: {', '.join(SAMPLERS)}")

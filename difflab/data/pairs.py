@@ -41,7 +41,6 @@ PHRASINGS = (
     "on the left {L}, on the right {R}",
 )
 ATTRIBUTES = ("left class", "left colour", "right class", "right colour")
-SHAPE = (3, 32, 64)
 DEFAULT_N = {"train": 20000, "test": 4000}
 PAD = 2  # 28 + 2 * 2 = 32
 
