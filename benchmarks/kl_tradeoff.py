@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from benchmarks.latent_vs_pixel import DATASET, Scorer, timed_train  # noqa: E402
-from difflab.autoencoder import autoencoder_config, encode_means, load_autoencoder, measure_scale  # noqa: E402
-from difflab.data.images import load_images, to_model, to_uint8  # noqa: E402
+from difflab.autoencoder import autoencoder_config, load_autoencoder, measure_scale  # noqa: E402
+from difflab.data.images import load_images  # noqa: E402
 from difflab.metrics import psnr  # noqa: E402
 from difflab.presets import preset_for  # noqa: E402
 
@@ -53,8 +53,7 @@ def main(argv=None) -> None:
             measure_scale(run, train_images, progress=True)
         info = json.loads((run / "latent.json").read_text())
         space = load_autoencoder(run)
-        with torch.no_grad():
-            recon = to_uint8(space.decode(encode_means(space.net, to_model(scorer.test))[0] * space.scale))
+        recon = space.reconstruct(scorer.test)
         rows.append({"kl_weight": w, "psnr": float(psnr(recon, scorer.test).mean()), "rfd": scorer.fd(recon), "latent_std": info["std"],
                      "scale": info["scale"], "posterior_std": info["posterior_std"], "noise_fraction": info["posterior_std"] / info["std"]})
         print(rows[-1], flush=True)

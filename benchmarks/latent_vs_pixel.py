@@ -50,9 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from difflab import checkpoint as ckpt  # noqa: E402
-from difflab.autoencoder import autoencoder_config, encode_means, load_autoencoder, measure_scale, with_latent  # noqa: E402
+from difflab.autoencoder import autoencoder_config, load_autoencoder, measure_scale, with_latent  # noqa: E402
 from difflab.cli.train import load_training_data  # noqa: E402
-from difflab.data.images import load_images, to_model, to_uint8  # noqa: E402
+from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.features import embed, load_feature_net  # noqa: E402
 from difflab.generate import generate  # noqa: E402
 from difflab.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
@@ -140,8 +140,7 @@ def main(argv=None) -> None:
         charge(ae_run, time.perf_counter() - t0)  # part of the latent model's cost
     ae_seconds = json.loads((ae_run / "seconds.json").read_text())["seconds"]
     space = load_autoencoder(ae_run)
-    with torch.no_grad():
-        recon = to_uint8(space.decode(encode_means(space.net, to_model(scorer.test))[0] * space.scale))
+    recon = space.reconstruct(scorer.test)
     ae = {"seconds": ae_seconds, "rfd": scorer.fd(recon), "psnr": float(psnr(recon, scorer.test).mean()), "scale": space.scale,
           "parameters": sum(p.numel() for p in space.net.parameters())}
     print(f"autoencoder: {ae}")

@@ -141,6 +141,13 @@ class LatentSpace:
                                                                             disable=not progress or len(z) <= batch)]
         return torch.cat(parts) if parts else z.new_empty((0, *self.image_shape))
 
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """uint8 images -> uint8 reconstructions D(E(x)) (posterior means), in batches."""
+        from .data.images import to_model, to_uint8
+
+        return to_uint8(self.decode(self.encode(to_model(images))))
+
     def record(self) -> dict:
         """What a latent run's config keeps of its autoencoder (data['latent'])."""
         return {"autoencoder": self.run, "hash": self.hash, "scale": self.scale, "factor": self.factor, "image_shape": self.image_shape}

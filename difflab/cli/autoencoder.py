@@ -20,7 +20,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import plots
-from ..autoencoder import LATENT, RECONSTRUCTION, autoencoder_config, encode_means, load_autoencoder, measure_scale
+from ..autoencoder import LATENT, RECONSTRUCTION, autoencoder_config, load_autoencoder, measure_scale
 from ..data.images import load_images, read_inputs, to_model, to_uint8
 from ..distributed import launched_rank, resolve_device, restarted
 from ..io import atomic_path
@@ -117,8 +117,7 @@ def reconstruction_report(run: Path, test: torch.Tensor, train_images: torch.Ten
     rFD, the FD between those reconstructions and the images, in the dataset's feature net (eval's default)."""
     space = load_autoencoder(run)
     x = test[:n]
-    with torch.no_grad():
-        recon = to_uint8(space.decode(encode_means(space.net, to_model(x))[0] * space.scale))
+    recon = space.reconstruct(x)
     baseline = train_images.double().mean(0).round().to(torch.uint8).expand_as(x)
     C, H, W = x.shape[1:]
     net = resolve_feature_net(None, dataset, C, H, W)
@@ -135,8 +134,7 @@ def run_autoencode(args) -> None:
     check_suffix(args.out, (".png",), "--out")
     space = load_autoencoder(args.run)
     images = read_inputs(args.images, tuple(space.image_shape), "images")
-    with torch.no_grad():
-        recon = to_uint8(space.decode(space.encode(to_model(images))))
+    recon = space.reconstruct(images)
     value = psnr(recon, images)
     plots.save_grid(torch.stack([images, recon], dim=1).reshape(-1, *images.shape[1:]), args.out, nrow=2)
     print(f"PSNR per image: {', '.join(f'{v:.2f}' for v in value.tolist())} dB (mean {float(value.mean()):.2f})")
