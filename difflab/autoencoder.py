@@ -40,20 +40,25 @@ RECONSTRUCTION = "reconstruction.json"
 
 
 def autoencoder_config(base: RunConfig, factor: int = 4, latent_channels: int = 4, kl_weight: float = 1e-6, recon: str = "l1",
-                       attention: bool = False, base_channels: int = 16) -> RunConfig:
+                       attention: bool = False, base_channels: int = 16, disc_weight: float = 0.0, disc_start: int = 1000) -> RunConfig:
     """An autoencoder run for the data of ``base`` (a dataset preset): factor ``factor`` (a power of two),
-    ``latent_channels`` channels, 3000 steps of batch 32 by default."""
+    ``latent_channels`` channels, 3000 steps of batch 32 by default; with ``disc_weight`` > 0 a 3-layer patch
+    discriminator whose hinge term starts after ``disc_start`` batches (losses.AutoencoderLoss)."""
     if base.kind != "images":
         raise ValueError(f"an autoencoder needs images; {base.dataset} is a set of {base.kind}")
     C, H, W = base.shape
     try:
         net = AutoencoderConfig.for_factor(factor, in_channels=C, image_size=H, image_width=W if W != H else None,
-                                           latent_channels=latent_channels, attention=attention, base_channels=base_channels)
+                                           latent_channels=latent_channels, attention=attention, base_channels=base_channels,
+                                           discriminator=3 if disc_weight > 0 else 0)
     except ValueError as e:
         raise ValueError(f"{base.dataset} ({C}x{H}x{W}): {e}") from None
     train = TrainConfig(steps=3000, batch_size=32, lr=1e-3, warmup=100, ema_decay=0.999, ema_warmup=True, precision=base.train.precision,
                         checkpoint_every=250, sample_every=500, log_every=25)
-    return replace(base, net_kind="autoencoder", net=net.to_dict(), loss={"recon": recon, "kl_weight": kl_weight}, conditions=[], train=train)
+    loss = {"recon": recon, "kl_weight": kl_weight}
+    if disc_weight > 0:
+        loss |= {"disc_weight": disc_weight, "disc_start": disc_start}
+    return replace(base, net_kind="autoencoder", net=net.to_dict(), loss=loss, conditions=[], train=train)
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .parameterize import TARGETS, expand_t, score_from_eps, v_from_x0_eps
 from .processes import broadcast
@@ -166,19 +167,52 @@ class AutoencoderLoss:
     the loss for the learning rate and leaves the trade-off alone. A small kl_weight (the paper's 1e-6 regime)
     keeps the latent nearly deterministic and only loosely tied to unit scale: the latent scale fixes that
     afterwards (autoencoder.py). ``model.net(x)`` returns (x_hat, mean, logvar); t, noise and cond are unused
-    (the loop draws them for every loss)."""
+    (the loop draws them for every loss).
+
+    With disc_weight > 0 (the network needs a discriminator) an adversarial term joins once the discriminator
+    has seen disc_start batches (the warm-up; its clock is a buffer saved with the weights, so a resumed run
+    keeps it): disc_weight * (generator + discriminator) with the hinge losses
+
+        generator      -mean D(x_hat)                                  gradient to the autoencoder only
+        discriminator  mean relu(1 - D(x)) + mean relu(1 + D(x_hat))   gradient to D only
+
+    (D's weights are detached in the first, x_hat in the second), so one optimizer step of the sum is the
+    simultaneous update of both players."""
 
     recon: str = "l1"
     kl_weight: float = 1e-6
+    disc_weight: float = 0.0
+    disc_start: int = 0
 
     def __post_init__(self):
         if self.recon not in RECONSTRUCTIONS:
             raise ValueError(f"unknown reconstruction loss {self.recon!r}; choose one of {RECONSTRUCTIONS}")
         if not self.kl_weight >= 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
+        if not self.disc_weight >= 0 or not (isinstance(self.disc_start, int) and self.disc_start >= 0):
+            raise ValueError(f"disc_weight and disc_start must be >= 0, got {self.disc_weight}, {self.disc_start}")
 
     def __call__(self, model, x0: Tensor, *, t=None, noise=None, cond=None) -> Tensor:
         x_hat, mean, logvar = model.net(x0)
         err = (x0 - x_hat.float()).abs() if self.recon == "l1" else (x0 - x_hat.float()).pow(2)
         per_image = err.flatten(1).sum(1) + self.kl_weight * kl_to_standard_normal(mean.float(), logvar.float())  # (B,)
-        return per_image.mean() / x0[0].numel()
+        loss = per_image.mean() / x0[0].numel()
+        if self.disc_weight > 0:
+            net = getattr(model.net, "module", model.net)  # DistributedDataParallel keeps the network in .module
+            loss = loss + self.disc_weight * self.adversarial(net.discriminator, x0, x_hat)
+        return loss
+
+    def adversarial(self, disc, x0: Tensor, x_hat: Tensor) -> Tensor:
+        """The two hinge terms (zero during the warm-up); advances the discriminator's batch clock in training."""
+        if disc is None:
+            raise ValueError("disc_weight > 0 needs an autoencoder with a discriminator (AutoencoderConfig.discriminator > 0)")
+        on = int(disc.batches) >= self.disc_start
+        if torch.is_grad_enabled():
+            disc.batches += 1
+        if not on:
+            return x_hat.new_zeros(()).float()
+        frozen = {name: p.detach() for name, p in disc.named_parameters()}
+        generator = -torch.func.functional_call(disc, frozen, (x_hat,)).float().mean()
+        real, fake = disc(x0).float(), disc(x_hat.detach()).float()
+        return generator + F.relu(1 - real).mean() + F.relu(1 + fake).mean()
+

@@ -75,6 +75,57 @@ def test_the_autoencoder_loss_is_reconstruction_plus_weighted_kl_per_value():
         AutoencoderLoss("l3")
 
 
+def test_the_discriminator_terms_train_each_player_only_and_wait_for_the_warm_up():
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(in_channels=1, image_size=8, channel_mults=(1, 2), base_channels=8, latent_channels=2, norm_groups=4,
+                            discriminator=2, discriminator_channels=8)
+    net = Autoencoder(cfg)
+    disc = net.discriminator
+    assert disc(torch.randn(3, 1, 8, 8)).shape == (3, 1, 2, 2)  # one logit per patch
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    loss = AutoencoderLoss(disc_weight=1.0, disc_start=2)
+    x_hat = net(x)[0]
+    for batch in range(2):  # the warm-up: no term, the clock advances
+        assert loss.adversarial(disc, x, x_hat).item() == 0.0 and int(disc.batches) == batch + 1
+    with torch.no_grad():  # evaluation does not advance it
+        loss.adversarial(disc, x, x_hat)
+    assert int(disc.batches) == 2
+    d_params = list(disc.parameters())
+    ae_params = [p for name, p in net.named_parameters() if not name.startswith("discriminator.")]
+    got = torch.autograd.grad(loss.adversarial(disc, x, x_hat), d_params + ae_params, retain_graph=True)
+    # by hand: D's gradient comes from the hinge terms alone, the autoencoder's from -mean D(x_hat) alone
+    d_only = torch.relu(1 - disc(x)).mean() + torch.relu(1 + disc(x_hat.detach())).mean()
+    want_d = torch.autograd.grad(d_only, d_params, retain_graph=True)
+    want_ae = torch.autograd.grad(-disc(x_hat).mean(), ae_params)
+    for g, w in zip(got, want_d + want_ae):
+        assert torch.allclose(g, w, atol=1e-7)
+    assert any(w.abs().sum() > 0 for w in want_ae) and any(w.abs().sum() > 0 for w in want_d)
+    with pytest.raises(ValueError, match="needs an autoencoder with a discriminator"):
+        loss.adversarial(None, x, x_hat)
+    with pytest.raises(ValueError, match="4 layers"):
+        AutoencoderConfig(discriminator=5)
+
+
+def test_a_discriminator_run_trains_resumes_its_clock_and_is_refused_when_misused(tmp_path, capsys):
+    ae = tmp_path / "ae"
+    code, err = run_cli(capsys, "train-autoencoder", "digits", "--out", ae, "--factor", "2", "--steps", "6", "--disc-weight", "0.1",
+                        "--disc-start", "3", "--max-minutes", "0.0001", "--quiet")
+    assert code == 0, err
+    code, err = run_cli(capsys, "train-autoencoder", "--out", ae, "--resume", "--quiet")
+    assert code == 0, err
+    cfg = load_config(ae)
+    assert cfg.loss == {"recon": "l1", "kl_weight": 1e-6, "disc_weight": 0.1, "disc_start": 3} and cfg.net["discriminator"] == 3
+    from difflab.checkpoint import load_weights
+
+    assert int(load_weights(ae, "net")["discriminator.batches"]) == 6  # the clock survived the resume
+    space = load_autoencoder(ae)  # the latent space ignores the discriminator
+    assert space.decode(space.encode(torch.zeros(2, 1, 8, 8))).shape == (2, 1, 8, 8)
+    code, err = run_cli(capsys, "train-autoencoder", "digits", "--out", tmp_path / "b", "--disc-start", "3")
+    assert code != 0 and "--disc-start needs --disc-weight" in err, err
+    code, err = run_cli(capsys, "train-autoencoder", "digits", "--out", tmp_path / "b", "--disc-weight", "-1")
+    assert code != 0 and "--disc-weight must be >= 0" in err, err
+
+
 @pytest.mark.parametrize("factor", [2, 4, 8])
 @pytest.mark.parametrize("size", [(32, 32), (32, 64), (16, 48)])
 def test_encoder_and_decoder_shapes_for_each_factor_and_non_square_images(factor, size):

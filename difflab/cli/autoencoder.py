@@ -46,7 +46,7 @@ def run_train(args) -> None:
         cfg = ckpt.load_config(out)
         if cfg.net_kind not in ckpt.AUTOENCODERS:
             raise UsageError(f"{out} holds a {cfg.net_kind} run, not an autoencoder")
-        given = [f"--{f.replace('_', '-')}" for f in ("name", *FIELDS, "factor", "latent_channels", "kl_weight", "recon") if getattr(args, f) is not None]
+        given = [f"--{f.replace('_', '-')}" for f in ("name", *FIELDS, "factor", "latent_channels", "kl_weight", "recon", "disc_weight", "disc_start") if getattr(args, f) is not None]
         if given or args.attention:
             raise UsageError(f"--resume continues {out} as it was saved; drop {', '.join(given + ['--attention'] * args.attention)}")
         if args.steps:
@@ -60,12 +60,16 @@ def run_train(args) -> None:
         base = preset_for(args.name)
         if args.data:
             base = replace(base, data=dict(base.data, data_dir=args.data))
-        if args.kl_weight is not None and args.kl_weight < 0:
-            raise UsageError(f"--kl-weight must be >= 0, got {args.kl_weight}")
+        for flag in ("kl_weight", "disc_weight", "disc_start"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 0:
+                raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+        if args.disc_start is not None and not args.disc_weight:
+            raise UsageError("--disc-start needs --disc-weight > 0 (the discriminator is off without it)")
         try:
             cfg = autoencoder_config(base, factor=args.factor or 4, latent_channels=args.latent_channels or 4,
                                      kl_weight=1e-6 if args.kl_weight is None else args.kl_weight, recon=args.recon or "l1",
-                                     attention=args.attention)
+                                     attention=args.attention, disc_weight=args.disc_weight or 0.0,
+                                     disc_start=1000 if args.disc_start is None else args.disc_start)
         except ValueError as e:
             raise UsageError(str(e)) from None
         cfg = replace(cfg, train=replace(cfg.train, **{f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None},
@@ -150,6 +154,8 @@ def register(sub) -> None:
     t.add_argument("--kl-weight", type=float, help="weight of the KL term (default 1e-6)")
     t.add_argument("--recon", choices=["l1", "l2"], help="reconstruction loss (default l1)")
     t.add_argument("--attention", action="store_true", help="self-attention at the lowest resolution")
+    t.add_argument("--disc-weight", type=float, help="weight of a patch discriminator's hinge term (default 0: no discriminator)")
+    t.add_argument("--disc-start", type=int, help="batches before the discriminator term switches on (default 1000)")
     add_auxiliary_training(t, "optimizer steps (default 3000)")
     t.set_defaults(func=run_train)
 

@@ -8,7 +8,10 @@
 * the Decoder mirrors it: conv_in from z, the middle block, per level residual blocks and a nearest x2
   upsample with a conv, GroupNorm-SiLU and conv_out;
 * ``net(x)`` returns (x_hat, mean, logvar) with z drawn by reparameterisation from torch's global generator
-  (the training loop seeds it per step); ``encode``/``decode`` are the two halves.
+  (the training loop seeds it per step); ``encode``/``decode`` are the two halves;
+* with ``discriminator`` > 0 the network also holds a PatchGAN discriminator (Isola et al. 2017, as LDM's
+  autoencoders use): that many stride-2 4x4 convs, then a conv to one logit per patch. It trains with the
+  autoencoder in the one loop (losses.AutoencoderLoss's adversarial term) and is never used after training.
 
 The network knows nothing about the latent scale: autoencoder.py measures it after training.
 """
@@ -36,6 +39,8 @@ class AutoencoderConfig:
     attention: bool = False  # self-attention in the middle block (the lowest resolution)
     norm_groups: int = 8
     logvar_min: float = -30.0  # the posterior's log-variance is clamped to [logvar_min, 20] (as LDM does)
+    discriminator: int = 0  # stride-2 layers of a patch discriminator trained alongside; 0: none
+    discriminator_channels: int = 32
 
     def __post_init__(self):
         self.channel_mults = tuple(int(m) for m in self.channel_mults)
@@ -43,6 +48,10 @@ class AutoencoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"AutoencoderConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.discriminator, int) or isinstance(self.discriminator, bool) or not 0 <= self.discriminator <= 4:
+            raise ValueError(f"AutoencoderConfig.discriminator must be 0 (none) to 4 layers, got {self.discriminator!r}")
+        if self.discriminator and 2**self.discriminator > min(self.image_size, self.width):
+            raise ValueError(f"a {self.discriminator}-layer patch discriminator needs images of at least {2**self.discriminator} pixels a side")
         if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
             raise ValueError(f"AutoencoderConfig.channel_mults must be non-empty positive integers, got {self.channel_mults}")
         f = self.factor
@@ -160,8 +169,30 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+class PatchDiscriminator(nn.Module):
+    """x (B, C, H, W) -> logits (B, 1, H / 2**layers, W / 2**layers), one per overlapping patch: real (> 0) or
+    reconstructed (< 0). GroupNorm rather than BatchNorm, so that a rank's batch never changes another's logits."""
+
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch, out = cfg.in_channels, cfg.discriminator_channels
+        for i in range(cfg.discriminator):
+            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1)]
+            if i:
+                layers.append(group_norm(out, cfg.norm_groups))
+            layers.append(nn.LeakyReLU(0.2))
+            ch, out = out, min(2 * out, 8 * cfg.discriminator_channels)
+        self.net = nn.Sequential(*layers, nn.Conv2d(ch, 1, 3, padding=1))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.long))  # batches trained on: the warm-up clock
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
 class Autoencoder(nn.Module):
-    """net(x) -> (x_hat, mean, logvar); ``encode(x)`` -> (mean, logvar); ``decode(z)`` -> x_hat."""
+    """net(x) -> (x_hat, mean, logvar); ``encode(x)`` -> (mean, logvar); ``decode(z)`` -> x_hat;
+    ``discriminator``: the patch discriminator, or None."""
 
     accepts: frozenset[str] = frozenset()  # unconditional
 
@@ -169,6 +200,7 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.config = config
         self.encoder, self.decoder = Encoder(config), Decoder(config)
+        self.discriminator = PatchDiscriminator(config) if config.discriminator else None
 
     def _check(self, x: Tensor) -> None:
         c = self.config
