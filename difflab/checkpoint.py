@@ -38,6 +38,8 @@ from .nets.classifier import ClassifierConfig, NoisyClassifier
 from .nets.mlp import MLP, MLPConfig
 from .nets.unet import UNet, UNetConfig
 from .parameterize import TARGETS, Denoiser
+from .nets.text import Clip, ClipConfig
+from .text import ContrastiveLoss
 from .processes import PROCESSES_BY_NAME as PROCESSES
 from .processes import Process
 
@@ -49,11 +51,12 @@ DATA_KINDS = ("points", "images")
 
 NETS: dict[str, tuple[type, type[nn.Module]]] = {
     "mlp": (MLPConfig, MLP), "unet": (UNetConfig, UNet), "classifier": (ClassifierConfig, NoisyClassifier),
-    "autoencoder": (AutoencoderConfig, Autoencoder),
+    "autoencoder": (AutoencoderConfig, Autoencoder), "clip": (ClipConfig, Clip),
 }
 AUG_MAX = 0.2  # super-resolution runs: the largest std of the noise added to low_res in training
 CLASSIFIERS = ("classifier",)  # nets that predict their data's labels: the label condition is their target, not an input
 AUTOENCODERS = ("autoencoder",)  # nets trained by the same loop that are not denoisers (autoencoder.py)
+AUXILIARY = {"autoencoder": AutoencoderLoss, "clip": ContrastiveLoss}  # every such net, with its loss
 
 
 class CheckpointError(ValueError):
@@ -157,7 +160,7 @@ class RunConfig:
             raise CheckpointError(f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}")
         self.build_process()
         try:
-            (AutoencoderLoss if self.net_kind in AUTOENCODERS else SimpleLoss)(**self.loss)
+            AUXILIARY.get(self.net_kind, SimpleLoss)(**self.loss)
             specs = self.condition_specs()
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: {e}") from None
@@ -198,8 +201,8 @@ class RunConfig:
         or the cross-entropy for a classifier."""
         if self.net_kind in CLASSIFIERS:
             return ClassifierLoss()
-        if self.net_kind in AUTOENCODERS:
-            return AutoencoderLoss(**self.loss)
+        if self.net_kind in AUXILIARY:
+            return AUXILIARY[self.net_kind](**self.loss)
         loss = SimpleLoss(**self.loss)
         if "factor" in self.data:
             return NoiseAugmented(loss, self.data.get("aug_max", AUG_MAX))
@@ -421,6 +424,8 @@ def load_denoiser(run_dir: str | Path, ema: bool = True, classifier: bool = Fals
     config = load_config(run_dir)
     if config.net_kind in AUTOENCODERS:
         raise CheckpointError(f"{run_dir} is an autoencoder run, not a denoiser (train a latent model on it with `difflab train DATASET --latent {run_dir}`)")
+    if config.net_kind == "clip":
+        raise CheckpointError(f"{run_dir} is a CLIP run, not a denoiser (condition a model on it with `difflab train DATASET --text clip:{run_dir}`)")
     if (config.net_kind in CLASSIFIERS) != classifier:
         raise CheckpointError(f"{run_dir} is a noise-aware classifier run, not a denoiser (use it with --classifier)" if not classifier else
                               f"{run_dir} is a denoiser run, not a classifier (train one with `difflab train-classifier`)")

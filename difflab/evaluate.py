@@ -73,6 +73,9 @@ from .metrics import (
 from .processes import DiscreteDDPM
 from .generate import generate
 from .guidance_config import GuidanceConfig, classes_for, guided, labels_for
+from .data.pairs import ATTRIBUTES
+from .prompts import TEST_CAPTIONS, PromptSet, accuracies, follows, load_prompts
+from .text import text_condition, text_spec
 from .samplers import SAMPLERS, SPACINGS, default_spacing
 
 DEFAULT_N = 1000
@@ -265,13 +268,21 @@ def evaluate(
     options: dict | None = None,
     device=None,
     guidance: GuidanceConfig | None = None,
+    prompts: str | None = None,
+    caption_swap: bool = False,
+    clip: str | None = None,
 ) -> dict:
     """Sample ``n`` images from the run and score them (see the module doc); returns a JSON-ready dict,
     with the wall time of each phase under 'seconds'.
 
     A class-conditional (or classifier-guided) run draws balanced classes, sample i of class i mod K, under
     ``guidance`` (guidance_config.GuidanceConfig), and the report adds the class accuracy: how often the feature
-    network's class is the one asked for."""
+    network's class is the one asked for.
+
+    A text run samples for ``prompts`` ('test-captions' by default, or a file; prompts.py) and the report
+    adds, with an attribute network, how often the samples follow them (seen and held-out combinations,
+    against caption-shuffled guessing), with ``caption_swap`` the swapped prompts' accuracy (n more samples),
+    and with ``clip`` (a train-clip run) the mean CLIP-score of samples and of the real test images."""
     _check(n, sampler, steps, spacing, seed, batch, bpd_n)
     options = dict(options or {})
     if split not in ("train", "test"):
@@ -280,7 +291,12 @@ def evaluate(
     denoiser, cfg = load_denoiser(run_dir, ema=ema)
     plain = denoiser
     denoiser = guided(denoiser, cfg, guidance, str(run_dir))
-    requested = _requested_classes(cfg, guidance, n, run_dir)
+    prompt_set = None
+    if text_spec(cfg) is not None:
+        prompt_set = load_prompts(prompts or TEST_CAPTIONS, cfg, n)
+    elif prompts or caption_swap or clip:
+        raise EvalError(f"{run_dir} takes no text: --prompts, --caption-swap and --clip are for text-to-image runs")
+    requested = None if prompt_set is not None else _requested_classes(cfg, guidance, n, run_dir)
     spacing = spacing or default_spacing(sampler, denoiser.process)
     head = {
         "run": str(run_dir),
@@ -299,8 +315,12 @@ def evaluate(
         head["options"] = options
     if guidance is not None:
         head["guidance"] = guidance.to_dict()
+    cond = {"class_labels": requested} if requested is not None else None
+    if prompt_set is not None:
+        head["prompts"] = prompts or TEST_CAPTIONS
+        cond = text_condition(cfg, prompt_set.captions)
     draw = dict(n=n, batch=batch, steps=steps, sampler=sampler, spacing=spacing, options=options, seed=seed, progress=progress, device=device,
-                cond={"class_labels": requested} if requested is not None else None)
+                cond=cond)
     if cfg.kind == "points":
         return head | _evaluate_toy(denoiser, cfg, draw, t_start)
     seconds = {}
@@ -336,6 +356,9 @@ def evaluate(
     classes = _class_report(net, logits, ref, ref_data)
     if requested is not None and logits is not None and net.meta.get("name") == cfg.dataset and net.config.num_classes == classes_for(cfg, guidance):
         classes["accuracy"] = (logits.argmax(1) == requested).float().mean().item()  # the class asked for, as the feature net sees it
+    text = None
+    if prompt_set is not None:
+        text = _text_report(net, logits, prompt_set, images, ref_data, denoiser, cfg, draw, caption_swap, clip, seed)
     seconds["metrics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -359,6 +382,7 @@ def evaluate(
         **scores,
         "classes": classes,
         "real_vs_real": floor,
+        **({"text": text} if text is not None else {}),
         "bits_per_dim": bpd,
         "seconds": seconds,
     }
@@ -412,8 +436,56 @@ def write_json(result: dict, path: str | Path) -> None:
         tmp.write_text(to_json(result))
 
 
+def _format_text(t: dict) -> list[str]:
+    lines = [f"prompts: {t['prompts']}"]
+    f = t.get("follows")
+    if f is None:
+        lines.append(f"follows the caption: - ({t['reason']})")
+    else:
+        lines.append(f"  {'attribute accuracy':22}" + "".join(f"{a:>14}" for a in (*ATTRIBUTES, "all four")))
+        rows = [("all prompts", f["all"]), ("seen combinations", f["seen"]), ("held-out combinations", f["held_out"]),
+                ("caption-shuffled", f["shuffled"]), ("caption swap", t.get("caption_swap"))]
+        for name, acc in rows:
+            if acc is not None:
+                values = [*acc["per_attribute"].values(), acc["all_four"]]
+                label = f"{name} (n={acc['n']})"
+                lines.append(f"  {label:22}" + "".join(f"{100 * v:13.1f}%" for v in values))
+    c = t.get("clip_score")
+    if c:
+        real = f", real test images {c['real']:.3f}" if c["real"] is not None else ""
+        lines.append(f"CLIP-score (cosine, {c['run']}): samples {c['samples']:.3f}{real}")
+    return lines
+
+
 def _num(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _text_report(net: FeatureNet, logits, prompts: PromptSet, images: Tensor, ref_data: ImageSet, denoiser, cfg: RunConfig, draw: dict,
+                 caption_swap: bool, clip: str | None, seed: int) -> dict:
+    """How the samples of a text run follow their prompts (prompts.py), the caption swap and the CLIP-score."""
+    out: dict = {"prompts": len(prompts.captions)}
+    attribute_net = logits is not None and net.config.groups is not None and len(net.config.groups) == 4
+    if prompts.attributes is None or not attribute_net:
+        out["follows"] = None
+        out["reason"] = ("the prompts are not all in the dataset's caption language" if prompts.attributes is None
+                         else f"the feature net {net.meta.get('name')} has no attribute heads")
+    else:
+        out["follows"] = follows(net.attributes(logits), prompts, seed)
+        if caption_swap:
+            swap = prompts.swapped()
+            x = to_uint8(_draw(denoiser, cfg, **{**draw, "cond": text_condition(cfg, swap.captions)}))
+            out["caption_swap"] = accuracies(net.attributes(embed(net, x, batch=FEATURE_BATCH)[1]), swap.attributes)
+    if clip is not None:
+        from .text import clip_scores, load_clip
+
+        model, fingerprint = load_clip(clip)
+        real = ref_data.captions is not None
+        k = min(len(prompts.captions), len(ref_data)) if real else 0
+        out["clip_score"] = {"run": clip, "fingerprint": fingerprint,
+                             "samples": clip_scores(model, to_model(images), prompts.captions).mean().item(),
+                             "real": clip_scores(model, to_model(ref_data.images[:k]), ref_data.captions[:k]).mean().item() if real else None}
+    return out
 
 
 def format_report(result: dict) -> str:
@@ -458,6 +530,8 @@ def format_report(result: dict) -> str:
             labels = c["real_labels"] or [None] * len(c["names"])
             for name, s, q, lab in zip(c["names"], c["samples"], c["real"], labels):
                 lines.append(f"  {name[:16]:16}{100 * s:8.1f}%{100 * q:8.1f}%{_num(None if lab is None else 100 * lab, '8.1f')}{'%' if lab is not None else ''}")
+    if r.get("text"):
+        lines += _format_text(r["text"])
     b = r["bits_per_dim"]
     if b["total"] is None:
         lines.append(f"bits/dim: - ({b['reason']})")

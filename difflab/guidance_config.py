@@ -16,6 +16,7 @@ import torch
 from .checkpoint import RunConfig, load_config
 from .conditions import ConditionError
 from .guidance import ClassifierGuided, Guided
+from .text import text_condition, text_spec
 
 
 @dataclass
@@ -24,6 +25,7 @@ class GuidanceConfig:
     schedule    how the scales (classifier-free and classifier) vary with t: constant, linear or cosine (guidance.SCHEDULES)
     negative    a class whose prediction replaces the null one
     compose     (class, weight) terms added as w (pred_class - pred_base); negative weights steer away
+    negative_prompt, compose_prompts   the same two for a text run (prompts instead of classes)
     interval    (lo, hi) fractions of t_max where guidance (of either kind) acts; the plain prediction elsewhere
     rescale     Lin et al. (2024) guidance rescale phi in [0, 1]
     classifier  a `difflab train-classifier` run; classifier_scale its scale (score + s grad log p(y | x_t))"""
@@ -32,6 +34,8 @@ class GuidanceConfig:
     schedule: str = "constant"
     negative: int | None = None
     compose: tuple[tuple[int, float], ...] = field(default=())
+    negative_prompt: str | None = None
+    compose_prompts: tuple[tuple[str, float], ...] = field(default=())
     interval: tuple[float, float] | None = None
     rescale: float = 0.0
     classifier: str | None = None
@@ -40,7 +44,8 @@ class GuidanceConfig:
     @property
     def classifier_free(self) -> bool:
         """Whether it asks for classifier-free guidance (plain conditional sampling, s = 1, does not)."""
-        return self.scale != 1.0 or self.negative is not None or bool(self.compose) or self.rescale != 0.0
+        return (self.scale != 1.0 or self.negative is not None or bool(self.compose) or self.rescale != 0.0
+                or self.negative_prompt is not None or bool(self.compose_prompts))
 
     @property
     def active(self) -> bool:
@@ -82,7 +87,11 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the r
         return denoiser
     K = num_classes_of(cfg)
     out = denoiser
-    if g.classifier_free:
+    if g.classifier_free and text_spec(cfg) is not None:
+        out = _text_guided(out, cfg, g, run)
+    elif g.classifier_free:
+        if g.negative_prompt is not None or g.compose_prompts:
+            raise ConditionError(f"{run} takes no text: --negative-prompt and --compose-prompt need a text-to-image run (--text)")
         if K is None:
             raise ConditionError(f"{run} is unconditional: classifier-free guidance, negative and composed classes need a class-conditional "
                                  f"run (`difflab train NAME --cond class`); an unconditional run takes classifier guidance (--classifier)")
@@ -105,6 +114,22 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the r
         check_guides(clf_cfg, cfg, g.classifier)
         out = ClassifierGuided(out, clf, g.classifier_scale, schedule=g.schedule, interval=g.interval)
     return out
+
+
+def _text_guided(denoiser, cfg: RunConfig, g: GuidanceConfig, run: str):
+    """Classifier-free guidance of a text run: the negative prompt's prediction replaces the null (empty
+    caption) one; composed prompts are terms w (pred_prompt - pred_base)."""
+    if g.negative is not None or g.compose:
+        raise ConditionError(f"{run} reads text: steer it with --negative-prompt and --compose-prompt, not classes")
+    if text_spec(cfg).p_drop == 0 and g.negative_prompt is None:
+        raise ConditionError(f"{run} was trained without caption dropout (--p-uncond 0), so it has no null prediction to guide "
+                             "against; give --negative-prompt, or retrain with --p-uncond > 0")
+    if g.negative_prompt is not None and g.scale == 1.0 and not g.compose_prompts:
+        raise ConditionError("--negative-prompt acts through the scale: at --guidance 1 it cancels; give --guidance S > 1")
+    negative = text_condition(cfg, [g.negative_prompt]) if g.negative_prompt is not None else None
+    terms = [(text_condition(cfg, [p]), w) for p, w in g.compose_prompts]
+    return Guided(denoiser, cfg.condition_specs(), g.scale, schedule=g.schedule, interval=g.interval, rescale=g.rescale,
+                  negative=negative, terms=terms)
 
 
 def labels_for(cfg: RunConfig, g: GuidanceConfig | None, requested: list[int] | None, n: int, run: str = "the run"):

@@ -37,7 +37,8 @@ def run(args) -> None:
     result = evaluate(
         args.run, n=args.n, sampler=sampler, steps=args.steps, spacing=spacing, options=options, seed=args.seed,
         batch=args.batch, ema=args.ema, bpd_n=args.bpd_n, features=args.features, split=args.split, progress=not args.quiet,
-        device=resolve_device(args.device), guidance=guidance_from(args),
+        device=resolve_device(args.device), guidance=guidance_from(args), prompts=args.prompts, caption_swap=args.caption_swap,
+        clip=args.clip,
     )  # fmt: skip
     print(format_report(result))
     if args.json:
@@ -50,6 +51,10 @@ def register(sub) -> None:
     e.add_argument("run", help="run directory")
     add_sampler(e, "dpmpp-2m", 20)
     add_guidance(e.add_argument_group("guidance: a class-conditional run samples class i mod K for sample i (see docs/guidance.md)"))
+    t = e.add_argument_group("text-to-image runs (see docs/text.md)")
+    t.add_argument("--prompts", metavar="FILE", help="prompts, one per line, cycled to -n; default test-captions (the test split's captions)")
+    t.add_argument("--caption-swap", action="store_true", help="also sample every prompt with left and right exchanged and score those")
+    t.add_argument("--clip", metavar="RUN", help="a `difflab train-clip` run: the CLIP-score of samples and of real test images")
     e.add_argument("-n", "--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch", type=positive_int, default=250, help="samples per sampler call")

@@ -183,6 +183,8 @@ def add_conditions(p) -> None:
     g = p.add_argument_group("conditions and guidance (see docs/guidance.md)")
     g.add_argument("--class", "--class-label", dest="class_label", type=class_choice, nargs="+", metavar="K",
                    help="the class of each sample (one value for all, or several, cycled); 'all': one row per class, -n // classes each")
+    g.add_argument("--prompt", action="append", metavar="TEXT", help="a text run's caption (repeatable: -n // prompts samples each)")
+    g.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line (blank lines skipped)")
     add_guidance(g)
 
 
@@ -195,6 +197,9 @@ def add_guidance(g) -> None:
     g.add_argument("--negative-class", type=int, metavar="K", help="a class to steer away from: its prediction replaces the null one")
     g.add_argument("--compose", type=compose_terms, default=(), metavar="K:W,...",
                    help="composed classes, e.g. '3:+1,5:-0.5': pred_base + sum W (pred_K - pred_base)")
+    g.add_argument("--negative-prompt", metavar="TEXT", help="a text run: a caption to steer away from (its prediction replaces the empty caption's)")
+    g.add_argument("--compose-prompt", nargs=2, action="append", default=[], metavar=("WEIGHT", "TEXT"),
+                   help="a text run: add WEIGHT (pred_TEXT - pred_base) (repeatable; a negative weight steers away)")
     g.add_argument("--guidance-interval", type=interval, metavar="LO,HI",
                    help="guide only for t/t_max in [LO, HI] (plain conditional prediction, one pass, elsewhere)")
     g.add_argument("--guidance-rescale", type=unit_float, default=0.0, metavar="PHI", help="Lin et al. (2024) rescale of the guided x_0's std")
@@ -208,10 +213,39 @@ def guidance_from(args):
 
     if args.classifier_scale is not None and args.classifier is None:
         raise UsageError("--classifier-scale needs --classifier RUN")
+    compose_prompts = []
+    for w, text in args.compose_prompt:
+        try:
+            compose_prompts.append((text, float(w)))
+        except ValueError:
+            raise UsageError(f"--compose-prompt takes WEIGHT TEXT, e.g. --compose-prompt 0.5 \"a red bag on the left\"; got {w!r}") from None
     g = GuidanceConfig(scale=args.guidance, schedule=args.guidance_schedule, negative=args.negative_class, compose=args.compose,
-                       interval=args.guidance_interval, rescale=args.guidance_rescale, classifier=args.classifier,
+                       negative_prompt=args.negative_prompt, compose_prompts=tuple(compose_prompts), interval=args.guidance_interval,
+                       rescale=args.guidance_rescale, classifier=args.classifier,
                        classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale)
     return g if g.active or g.schedule != "constant" or g.interval is not None else None
+
+
+def prompts_from(args) -> list[str] | None:
+    """The prompts of --prompt and --prompt-file (None when neither is given)."""
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UsageError(f"--prompt-file {path}: no such file")
+        try:
+            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {path}: not a UTF-8 text file") from None
+        if not prompts:
+            raise UsageError(f"--prompt-file {path} holds no prompt")
+    return prompts or None
+
+
+def _reads_text(cfg) -> bool:
+    from ..text import text_spec
+
+    return text_spec(cfg) is not None
 
 
 def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, int | None]:
@@ -219,6 +253,19 @@ def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, i
     n // classes samples of every class, one grid row each."""
     from ..guidance_config import classes_for, labels_for
 
+    prompts = prompts_from(args)
+    if prompts is not None:
+        from ..text import text_condition, text_spec
+
+        if text_spec(cfg) is None:
+            raise UsageError(f"--prompt: {run} takes no text (train a text-to-image run with --text)")
+        if args.class_label:
+            raise UsageError("give --prompt or --class, not both")
+        per = max(1, n // len(prompts))
+        captions = [p for p in prompts for _ in range(per)]
+        return text_condition(cfg, captions), len(captions), None
+    if guidance is not None and guidance.classifier_free and not guidance.compose_prompts and _reads_text(cfg):
+        raise UsageError("classifier-free guidance of a text run needs the caption to guide toward (--prompt or --prompt-file)")
     requested = args.class_label
     if requested and "all" in requested:
         if len(requested) > 1:

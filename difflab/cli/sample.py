@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
 from ..autoencoder import data_shape
@@ -22,6 +23,7 @@ from .options import (
     conditions_from,
     guidance_from,
     positive_int,
+    prompts_from,
     sampler_choice,
     save_npz,
     single_thread_for_points,
@@ -46,6 +48,8 @@ def run(args) -> None:
     guidance = guidance_from(args)
     denoiser = guided(denoiser, cfg, guidance, args.run)
     cond, n, nrow = conditions_from(args, cfg, guidance, args.n, args.run)
+    prompts = prompts_from(args)
+    captions = [p for p in prompts for _ in range(n // len(prompts))] if prompts else None
     if args.gif and cfg.kind != "images":
         raise UsageError(f"--gif draws the chain of an image run; {args.run} makes {cfg.kind} (use `difflab trajectories`)")
     sampler, spacing, options = sampler_choice(args, denoiser.process)
@@ -82,8 +86,13 @@ def run(args) -> None:
 
         imgs = to_uint8(x)
         if args.save:
-            save_npz(args.save, images=imgs.numpy(), **({"labels": cond["class_labels"].numpy()} if "class_labels" in cond else {}))
-        if args.out:
+            extra = {"labels": cond["class_labels"].numpy()} if "class_labels" in cond else {}
+            if captions:
+                extra["captions"] = np.array(captions)
+            save_npz(args.save, images=imgs.numpy(), **extra)
+        if args.out and captions:
+            plots.captioned_grid(imgs, captions, args.out, ncol=min(8, max(4, n // len(prompts))))
+        elif args.out:
             plots.save_grid(imgs, args.out, nrow=nrow)
         if traj is not None:
             from ..chain import chain_gif

@@ -28,6 +28,7 @@ from ..generate import generate
 from ..nets.unet import num_parameters
 from ..presets import preset_for
 from ..processes import PROCESSES_BY_NAME
+from ..text import text_condition, with_text
 from ..training import PRECISIONS, train
 from .data import check_dataset
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
@@ -60,8 +61,8 @@ def apply_options(cfg: ckpt.RunConfig, args) -> ckpt.RunConfig:
             raise UsageError("--n (the number of training points) applies to 2-D sets only")
         data["n"] = args.n
     cfg = replace(cfg, process=process, target=args.target or cfg.target, loss=loss, train=t, data=data)
-    if args.cond_dropout is not None and not (args.class_cond or cfg.conditions):
-        raise UsageError("--p-uncond needs a conditional model (--cond class)")
+    if args.cond_dropout is not None and not (args.class_cond or args.text or cfg.conditions):
+        raise UsageError("--p-uncond needs a conditional model (--cond class or --text)")
     if cfg.conditions and args.cond_dropout is not None:
         cfg = replace(cfg, conditions=[dict(c, p_drop=args.cond_dropout) for c in cfg.conditions])
     return cfg
@@ -112,12 +113,23 @@ def load_training_data(cfg: ckpt.RunConfig, run: Path | None = None, progress: b
     if list(ds.images.shape[1:]) != data_shape(cfg):
         raise UsageError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(data_shape(cfg))}")
     cond = {"class_labels": ds.labels} if ds.labels is not None else {}
+    if "text" in cfg.data:
+        if ds.captions is None:
+            raise UsageError(f"the run reads captions, and {cfg.dataset} has none")
+        cond |= text_condition(cfg, ds.captions)
     if "factor" in cfg.data:
         cond["low_res"] = low_res_of(ds.images, cfg.data["factor"])
     space = latent_space(cfg)
     if space is not None:
         return TensorDataset(cached_latents(space, ds.images, run / LATENTS if run else None, progress), cond), ds.num_classes
     return TensorDataset(ds.images, cond), ds.num_classes
+
+
+def training_captions(cfg: ckpt.RunConfig) -> list[str] | None:
+    from ..data.images import load_images
+
+    return load_images(cfg.dataset, split="train", size=cfg.data.get("size"), channels=cfg.data.get("channels"),
+                       data_dir=cfg.data.get("data_dir")).captions
 
 
 def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
@@ -129,6 +141,8 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
         out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
     if args.class_cond and not any(c["name"] == "class_labels" for c in saved.conditions):
         out.append("--cond class (the run is not class-conditional)")
+    if args.text and saved.data.get("text", {}).get("kind") != args.text.split(":")[0]:
+        out.append(f"--text {args.text} (the run's encoder: {saved.data.get('text', {}).get('kind')})")
     if args.latent and saved.data.get("latent", {}).get("autoencoder") != str(Path(args.latent).resolve()):
         out.append(f"--latent {args.latent} (the run's autoencoder: {saved.data.get('latent', {}).get('autoencoder')})")
     if (args.cond == "low-res" or args.factor) and saved.data.get("factor") != args.factor:
@@ -182,6 +196,11 @@ def run(args) -> None:
                 cfg = with_latent(cfg, load_autoencoder(args.latent))
             except ValueError as e:
                 raise UsageError(str(e)) from None
+        if args.text:
+            try:
+                cfg = with_text(cfg, args.text, training_captions(cfg), args.cond_dropout)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         data, num_classes = load_training_data(cfg, out, not args.quiet)
         if args.class_cond:
             cfg = with_class_labels(cfg, num_classes, args.cond_dropout)
@@ -217,6 +236,12 @@ def _images_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None
         x = generate(denoiser, cfg, len(test), sampler="dpmpp-2m", steps=20, cond={"low_res": low}, batch=len(test))
         shown = torch.nn.functional.interpolate(low, scale_factor=cfg.data["factor"], mode="nearest")
         plots.save_grid(torch.stack([to_uint8(shown), to_uint8(x), test], dim=1).reshape(-1, *test.shape[1:]), run / "samples.png", nrow=6)
+        plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
+        return
+    if "text" in cfg.data:  # a text-to-image run: the first 16 training captions, each under its sample
+        captions = training_captions(cfg)[:16]
+        x = generate(denoiser, cfg, len(captions), sampler="dpmpp-2m", steps=20, cond=text_condition(cfg, captions), batch=16)
+        plots.captioned_grid(to_uint8(x), captions, run / "samples.png")
         plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
         return
     cond, nrow = {}, None
@@ -257,6 +282,8 @@ def register(sub) -> None:
                         "low-res: p(x | its downsampled image), super-resolution (SR3)")
     t.add_argument("--factor", type=positive_int, help="--cond low-res: the downsampling factor (default 4)")
     t.add_argument("--latent", metavar="AE_RUN", help="train in the latent space of this autoencoder run (difflab train-autoencoder)")
+    t.add_argument("--text", metavar="ENCODER", help="condition on the captions through minilm (pretrained, frozen), clip:RUN (a "
+                   "`difflab train-clip` run, frozen) or joint (a text transformer trained with the U-Net); --p-uncond drops captions")
     t.add_argument("--aug-max", type=unit_float, help="--cond low-res: the largest std of the noise added to low_res in training (default 0.2)")
     t.add_argument("--class-cond", action="store_true", help="the same as --cond class")
     t.add_argument("--p-uncond", "--cond-dropout", dest="cond_dropout", type=unit_float,

@@ -17,6 +17,7 @@ generator seeded with (seed, split): the same arguments give the same bytes on a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +64,26 @@ def caption(attributes, phrasing: int = 0) -> str:
     names = list(COLOURS)
     left, right = article(f"{names[lc]} {NOUNS[lk]}"), article(f"{names[rc]} {NOUNS[rk]}")
     return PHRASINGS[phrasing].format(L=left, R=right)
+
+
+def parse_caption(text: str) -> tuple[tuple[int, int, int, int], int] | None:
+    """(attributes, phrasing) of a caption in one of the PHRASINGS (case and surrounding blanks aside), or
+    None for any other text: the inverse of ``caption``."""
+    items = {article(f"{c} {noun}"): (k, i) for i, c in enumerate(COLOURS) for k, noun in enumerate(NOUNS)}
+    text = " ".join(text.lower().split())
+    for index, phrasing in enumerate(PHRASINGS):
+        pattern = re.escape(phrasing).replace(r"\{L\}", "(?P<L>.+?)").replace(r"\{R\}", "(?P<R>.+?)")
+        m = re.fullmatch(pattern, text)
+        if m and m["L"] in items and m["R"] in items:
+            (lk, lc), (rk, rc) = items[m["L"]], items[m["R"]]
+            return (lk, lc, rk, rc), index
+    return None
+
+
+def swapped(attributes) -> tuple[int, int, int, int]:
+    """The attributes with the two halves exchanged (the caption-swap check of attribute binding)."""
+    lk, lc, rk, rc = (int(a) for a in attributes)
+    return rk, rc, lk, lc
 
 
 def tint(grey: np.ndarray, colour) -> np.ndarray:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .embeddings import TimeEmbedding
+from .text import TextConfig, TextTransformer
 
 
 @dataclass
@@ -55,6 +56,7 @@ class UNetConfig:
     context_dim: int | None = None  # cross-attention to a (B, L, context_dim) sequence
     norm_groups: int = 32  # GroupNorm groups, capped to the largest divisor of the channel count
     image_width: int | None = None  # None: square images (image_size x image_size)
+    text: dict | None = None  # a TextConfig: a text transformer inside the network reads ``tokens`` (the joint encoder)
 
     def __post_init__(self):
         # JSON turns tuples into lists; store tuples so equal configs compare equal
@@ -108,6 +110,10 @@ class UNetConfig:
             ch = self.base_channels * mult
             if size in self.attention_resolutions and ch % self.num_heads:
                 raise ValueError(f"UNetConfig.num_heads={self.num_heads} must divide the {ch} channels at size {size}")
+        if self.text is not None:
+            width = TextConfig.from_dict(self.text).width
+            if self.context_dim != width:
+                raise ValueError(f"UNetConfig.context_dim must be the text transformer's width {width}, got {self.context_dim}")
         if self.context_dim is not None and not self.attention_resolutions:
             raise ValueError("UNetConfig.context_dim is set but attention_resolutions is empty: cross-attention would never run")
 
@@ -115,6 +121,8 @@ class UNetConfig:
         """JSON-ready: tuples become lists."""
         d = asdict(self)
         d["channel_mults"], d["attention_resolutions"] = list(self.channel_mults), list(self.attention_resolutions)
+        if self.text is not None:
+            d["text"] = TextConfig.from_dict(self.text).to_dict()
         return d
 
     @classmethod
@@ -319,6 +327,8 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(ch, cfg.norm_groups)
         self.conv_out = zero_(nn.Conv2d(ch, cfg.out_ch, 3, padding=1))
+        if cfg.text is not None:  # last: the other parameters' seeded initialisation stays as without it
+            self.text = TextTransformer(TextConfig.from_dict(cfg.text))
 
     @property
     def accepts(self) -> frozenset[str]:
@@ -330,7 +340,9 @@ class UNet(nn.Module):
             names.add("low_res")
         if cfg.low_res_noise:
             names.add("low_res_noise")
-        if cfg.context_dim is not None:
+        if cfg.text is not None:
+            names |= {"tokens", "token_mask"}
+        elif cfg.context_dim is not None:
             names |= {"context", "context_mask"}
         return frozenset(names)
 
@@ -390,7 +402,15 @@ class UNet(nn.Module):
         context: Tensor | None = None,
         context_mask: Tensor | None = None,
         low_res_noise: Tensor | None = None,
+        tokens: Tensor | None = None,
+        token_mask: Tensor | None = None,
     ) -> Tensor:
+        if tokens is not None:  # the joint encoder: word ids -> the context sequence
+            if self.config.text is None:
+                raise ValueError("tokens given but this UNet has no text transformer (UNetConfig.text=None)")
+            if context is not None or token_mask is None or token_mask.shape != tokens.shape:
+                raise ValueError("tokens need a token_mask of their shape, and no context")
+            context, context_mask = self.text(tokens, token_mask), token_mask
         h = self._check_inputs(x, low_res, context, context_mask)
         emb = self.embedding(c_noise, class_labels, x.shape[0])
         if self.config.low_res_noise:  # the augmentation level a of low_res (0 when not given), scaled like c_noise

@@ -1,0 +1,94 @@
+"""Prompts for evaluation, and whether samples follow them.
+
+``load_prompts('test-captions' | FILE, cfg, n)`` gives n prompts (cycled): the test split's captions, or
+a file's lines. Captions in the caption language of fashion-pairs (data/pairs.py) are parsed back into their
+attributes (left class, left colour, right class, right colour) and marked held-out when their class
+combination never occurs in the training split; then ``follows(...)`` scores samples with the shipped
+attribute network:
+
+* per-attribute accuracy and all-four-correct accuracy, over all prompts and apart on seen and held-out
+  combinations;
+* the same against the prompts' attributes shuffled among the samples (caption-shuffled guessing: what an
+  image that ignores its caption scores, the floor a text model must beat);
+* the caption swap (attribute binding): prompts with left and right exchanged must give images whose
+  attributes are exchanged too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .data.pairs import ATTRIBUTES, HELD_OUT, caption, parse_caption, swapped
+
+TEST_CAPTIONS = "test-captions"
+
+
+class PromptError(ValueError):
+    """A prompt file that is missing or empty, or a dataset without captions."""
+
+
+@dataclass
+class PromptSet:
+    captions: list[str]
+    attributes: Tensor | None = None  # long (N, 4) when every caption parses
+    held_out: Tensor | None = None  # bool (N,)
+    phrasings: list[int] | None = None
+
+    def swapped(self) -> PromptSet:
+        """The prompts with left and right exchanged, in the same phrasing."""
+        if self.attributes is None:
+            raise PromptError("the caption swap needs prompts in the dataset's caption language (their attributes)")
+        attrs = [swapped(a) for a in self.attributes.tolist()]
+        return PromptSet([caption(a, p) for a, p in zip(attrs, self.phrasings)], torch.tensor(attrs), self.held_out, self.phrasings)
+
+
+def parsed(captions: list[str]) -> PromptSet:
+    """The prompts, with their attributes when every one parses as a fashion-pairs caption."""
+    found = [parse_caption(c) for c in captions]
+    if not captions or any(f is None for f in found):
+        return PromptSet(list(captions))
+    attrs = torch.tensor([a for a, _ in found])
+    held = torch.tensor([(int(a[0]), int(a[2])) in HELD_OUT for a in attrs])
+    return PromptSet(list(captions), attrs, held, [p for _, p in found])
+
+
+def load_prompts(spec: str, cfg, n: int) -> PromptSet:
+    """n prompts: the run's test split captions ('test-captions', the first n) or a file's lines, cycled."""
+    if spec == TEST_CAPTIONS:
+        from .data.images import load_images
+
+        test = load_images(cfg.dataset, "test", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+        if test.captions is None:
+            raise PromptError(f"{cfg.dataset}'s test split has no captions; give a prompt file")
+        lines = test.captions
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise PromptError(f"prompt file {path}: no such file (or give {TEST_CAPTIONS})")
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+        if not lines:
+            raise PromptError(f"prompt file {path} holds no prompt")
+    return parsed([lines[i % len(lines)] for i in range(n)])
+
+
+def accuracies(predicted: Tensor, wanted: Tensor) -> dict:
+    """Per-attribute and all-four-correct accuracy of predicted (N, 4) against wanted (N, 4)."""
+    right = predicted == wanted
+    return {"n": len(right), "per_attribute": dict(zip(ATTRIBUTES, right.double().mean(0).tolist())), "all_four": right.all(1).double().mean().item()}
+
+
+def follows(predicted: Tensor, prompts: PromptSet, seed: int = 0) -> dict:
+    """How often the samples' attributes (predicted (N, 4), by the attribute network) are the prompts': on
+    all prompts, on seen and on held-out combinations, and for the prompts shuffled among the samples."""
+    if prompts.attributes is None:
+        raise PromptError("attribute accuracy needs prompts in the dataset's caption language")
+    out = {"all": accuracies(predicted, prompts.attributes)}
+    for name, keep in (("seen", ~prompts.held_out), ("held_out", prompts.held_out)):
+        out[name] = accuracies(predicted[keep], prompts.attributes[keep]) if keep.any() else None
+    perm = torch.randperm(len(predicted), generator=torch.Generator().manual_seed(seed))
+    out["shuffled"] = accuracies(predicted, prompts.attributes[perm])
+    return out

