@@ -54,7 +54,7 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
                 cond: dict | None = None) -> None:
     """Reverse chain strip (per sample, at six moments of the chain: x_t beside its predicted x_0), an optional
     GIF, and an optional forward-noising strip of real images."""
-    from .data.images import load_images, to_model, to_uint8
+    from .data.images import load_split, to_model, to_uint8
 
     _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True, cond=cond)
     idx = _pick(len(traj.x0), COLUMNS)
@@ -64,7 +64,7 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
     if gif:
         chain_gif(traj, gif)
     if forward:
-        real = load_images(cfg.dataset, split="test", data_dir=cfg.data.get("data_dir"), size=cfg.data.get("size"), channels=cfg.data.get("channels"))
+        real = load_split(cfg, "test")
         space = latent_space(cfg)
         x0 = to_model(real.images[:n])
         ts = [float(t) for t in torch.linspace(0, denoiser.process.t_max, COLUMNS + 2)]

@@ -56,7 +56,7 @@ from torch import Tensor
 
 from .autoencoder import data_shape
 from .checkpoint import RunConfig, load_denoiser, weights_step
-from .data.images import ImageSet, load_images, to_model, to_uint8
+from .data.images import ImageSet, load_split, to_model, to_uint8
 from .data.toy2d import make_toy
 from .features import FeatureNet, embed, resolve_feature_net
 from .io import atomic_path
@@ -294,6 +294,10 @@ def evaluate(
     prompt_set = None
     if text_spec(cfg) is not None:
         prompt_set = load_prompts(prompts or TEST_CAPTIONS, cfg, n)
+        if clip is not None:  # a prompt the CLIP cannot read fails now, not after the sampling
+            from .text import load_clip
+
+            load_clip(clip)[0].config.text_config.tokenize(prompt_set.captions)
     elif prompts or caption_swap or clip:
         raise EvalError(f"{run_dir} takes no text: --prompts, --caption-swap and --clip are for text-to-image runs")
     requested = None if prompt_set is not None else _requested_classes(cfg, guidance, n, run_dir)
@@ -327,7 +331,7 @@ def evaluate(
 
     # real data: the reference split, and the training split for the real-vs-real floor
     def load(which):
-        return load_images(cfg.dataset, which, size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+        return load_split(cfg, which)
 
     other = "train" if split == "test" else "test"
     ref_data, other_data = load(split), load(other)
@@ -365,6 +369,8 @@ def evaluate(
     test_data = ref_data if split == "test" else other_data
     if "latent" in cfg.data:  # the bound is on the latents; the decoder adds no likelihood of the pixels
         bpd = {"total": None, "reason": "not defined for a latent run (its bound is on latents; the decoder has no likelihood)"}
+    elif prompt_set is not None:
+        bpd = {"total": None, "reason": "not computed for a text run (its likelihood depends on the caption)"}
     else:
         bpd = _bits_per_dim(plain.cpu(), test_data, bpd_n, seed, progress)  # the model itself (guidance is no likelihood), on the CPU
     seconds["bits_per_dim"] = time.perf_counter() - t0
@@ -442,12 +448,12 @@ def _format_text(t: dict) -> list[str]:
     if f is None:
         lines.append(f"follows the caption: - ({t['reason']})")
     else:
-        lines.append(f"  {'attribute accuracy':22}" + "".join(f"{a:>14}" for a in (*ATTRIBUTES, "all four")))
+        lines.append(f"  {'attribute accuracy':22}" + "".join(f"{a:>14}" for a in (*ATTRIBUTES, "all four", "either side")))
         rows = [("all prompts", f["all"]), ("seen combinations", f["seen"]), ("held-out combinations", f["held_out"]),
                 ("caption-shuffled", f["shuffled"]), ("caption swap", t.get("caption_swap"))]
         for name, acc in rows:
             if acc is not None:
-                values = [*acc["per_attribute"].values(), acc["all_four"]]
+                values = [*acc["per_attribute"].values(), acc["all_four"], acc["either_side"]]
                 label = f"{name} (n={acc['n']})"
                 lines.append(f"  {label:22}" + "".join(f"{100 * v:13.1f}%" for v in values))
     c = t.get("clip_score")

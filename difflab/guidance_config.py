@@ -108,6 +108,9 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the r
                      negative={"class_labels": g.negative} if g.negative is not None else None,
                      terms=[({"class_labels": c}, w) for c, w in g.compose])
     if g.classifier is not None:
+        if text_spec(cfg) is not None:
+            raise ConditionError(f"{run} reads text: classifier guidance (--classifier) needs class labels, which a text run's "
+                                 "samples do not carry; guide it with --guidance and prompts")
         from .classifier import check_guides, load_classifier
 
         clf, clf_cfg = load_classifier(g.classifier)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data.pairs import ATTRIBUTES, HELD_OUT, caption, parse_caption, swapped
+from .data.pairs import ATTRIBUTES, caption, is_held_out, parse_caption, swapped
 
 TEST_CAPTIONS = "test-captions"
 
@@ -42,8 +42,7 @@ class PromptSet:
         """The prompts with left and right exchanged, in the same phrasing."""
         if self.attributes is None:
             raise PromptError("the caption swap needs prompts in the dataset's caption language (their attributes)")
-        attrs = [swapped(a) for a in self.attributes.tolist()]
-        return PromptSet([caption(a, p) for a, p in zip(attrs, self.phrasings)], torch.tensor(attrs), self.held_out, self.phrasings)
+        return parsed([caption(swapped(a), p) for a, p in zip(self.attributes.tolist(), self.phrasings)])  # held-out anew: (k, k+7) swaps to a seen pair
 
 
 def parsed(captions: list[str]) -> PromptSet:
@@ -52,33 +51,45 @@ def parsed(captions: list[str]) -> PromptSet:
     if not captions or any(f is None for f in found):
         return PromptSet(list(captions))
     attrs = torch.tensor([a for a, _ in found])
-    held = torch.tensor([(int(a[0]), int(a[2])) in HELD_OUT for a in attrs])
+    held = torch.tensor([is_held_out(a[0], a[2]) for a in attrs])
     return PromptSet(list(captions), attrs, held, [p for _, p in found])
+
+
+def read_prompt_file(path) -> list[str]:
+    """A prompt file's prompts: its non-blank lines, stripped (UTF-8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file {path}: no such file")
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise PromptError(f"prompt file {path}: not a UTF-8 text file") from None
+    if not lines:
+        raise PromptError(f"prompt file {path} holds no prompt")
+    return lines
 
 
 def load_prompts(spec: str, cfg, n: int) -> PromptSet:
     """n prompts: the run's test split captions ('test-captions', the first n) or a file's lines, cycled."""
     if spec == TEST_CAPTIONS:
-        from .data.images import load_images
+        from .data.images import load_split
 
-        test = load_images(cfg.dataset, "test", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+        test = load_split(cfg, "test")
         if test.captions is None:
             raise PromptError(f"{cfg.dataset}'s test split has no captions; give a prompt file")
         lines = test.captions
     else:
-        path = Path(spec)
-        if not path.is_file():
-            raise PromptError(f"prompt file {path}: no such file (or give {TEST_CAPTIONS})")
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-        if not lines:
-            raise PromptError(f"prompt file {path} holds no prompt")
+        lines = read_prompt_file(spec)
     return parsed([lines[i % len(lines)] for i in range(n)])
 
 
 def accuracies(predicted: Tensor, wanted: Tensor) -> dict:
-    """Per-attribute and all-four-correct accuracy of predicted (N, 4) against wanted (N, 4)."""
+    """Per-attribute and all-four-correct accuracy of predicted (N, 4) against wanted (N, 4), and
+    ``either_side``: all four right up to exchanging the halves (the right items, maybe on the wrong sides)."""
     right = predicted == wanted
-    return {"n": len(right), "per_attribute": dict(zip(ATTRIBUTES, right.double().mean(0).tolist())), "all_four": right.all(1).double().mean().item()}
+    mirrored = (predicted == wanted[:, [2, 3, 0, 1]]).all(1) if len(wanted) else right.all(1)
+    return {"n": len(right), "per_attribute": dict(zip(ATTRIBUTES, right.double().mean(0).tolist())), "all_four": right.all(1).double().mean().item(),
+            "either_side": (right.all(1) | mirrored).double().mean().item()}
 
 
 def follows(predicted: Tensor, prompts: PromptSet, seed: int = 0) -> dict:

@@ -24,6 +24,7 @@ The CLIP-style and joint encoders use the word tokenizer and text transformer of
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -150,6 +151,13 @@ def _minilm():
 
 
 def _sha256(path: Path) -> str:
+    """SHA-256 of a file, computed once per (path, size, modification time)."""
+    st = Path(path).stat()
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -161,7 +169,7 @@ class ClipText:
     """The text tower of a `difflab train-clip` run: token states (B, L, width) after its final layer norm."""
 
     def __init__(self, run: str | Path):
-        self.run = str(run)
+        self.run = str(Path(run).resolve())  # the record works from any directory
         self.clip, self.fingerprint = load_clip(run)
         self.dim = self.clip.config.text_config.width
 
@@ -172,9 +180,12 @@ class ClipText:
         return self.clip.config.text_config.max_len
 
     @torch.no_grad()
-    def encode(self, captions: Sequence[str], length: int | None = None) -> tuple[Tensor, Tensor]:
+    def encode(self, captions: Sequence[str], length: int | None = None, batch: int = 1000) -> tuple[Tensor, Tensor]:
+        """(B, max_len, width) states and (B, max_len) mask (``length`` is the tokenizer's max_len, fixed)."""
         ids, mask = self.clip.config.text_config.tokenize(list(captions))
-        return self.clip.text(ids, mask) * mask.unsqueeze(-1), mask
+        states = torch.cat([self.clip.text(i, m) for i, m in zip(ids.split(batch), mask.split(batch))]) if len(ids) else \
+            torch.zeros(0, ids.shape[1], self.dim)
+        return states * mask.unsqueeze(-1), mask
 
 
 def load_clip(run: str | Path) -> tuple[Clip, str]:
@@ -209,7 +220,6 @@ def frozen_encoder(record_or_name: dict | str):
 
 # --------------------------------------------------------------------------- a run's text condition
 
-JOINT = {"width": 128, "layers": 2, "heads": 4}  # the joint encoder's text transformer (with the fitted vocabulary)
 
 
 def text_spec(cfg) -> ConditionSpec | None:
@@ -228,12 +238,12 @@ def with_text(cfg, encoder: str, captions: Sequence[str], p_drop: float | None =
         raise TextError(f"--text needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
     if not captions:
         raise TextError(f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)")
-    p = 0.1 if p_drop is None else p_drop
+    p = ConditionSpec.p_drop if p_drop is None else p_drop  # the dataclass default, 0.1
     net = dict(cfg.net)
     if not net.get("attention_resolutions"):
         raise TextError("--text needs a U-Net with attention resolutions (cross-attention runs there)")
     if encoder == "joint":
-        text = TextConfig.fitted(captions, **JOINT)
+        text = TextConfig.fitted(captions)  # TextConfig's defaults: 2 layers, 128 wide, 4 heads
         net |= {"text": text.to_dict(), "context_dim": text.width}
         spec, record = ConditionSpec("tokens", "tensor", p, companions=("token_mask",)), {"kind": "joint"}
     else:
@@ -301,3 +311,36 @@ def attribute_probe(clip: Clip, images: Tensor, attributes: Tensor, caption_of, 
         sim = (txt.reshape(len(images), k, -1) * img[:, None]).sum(-1)  # (N, k)
         out[name] = float((sim.argmax(1) == attributes[:, a]).float().mean())
     return out
+
+
+CLIP_REPORT = "clip.json"
+
+
+def clip_data(cfg, images: Tensor, captions: Sequence[str]):
+    """The training data of a CLIP run: the images, with their captions' word ids as 'tokens' / 'token_mask'."""
+    from .data.loader import TensorDataset
+
+    tokens, mask = cfg.build_net().config.text_config.tokenize(list(captions))
+    return TensorDataset(images, {"tokens": tokens, "token_mask": mask})
+
+
+def clip_report(run: Path, test, n: int = 2000, group: int = 100) -> dict:
+    """Retrieval accuracies (and, with attributes, the attribute probe) of the run's EMA model on the first
+    ``n`` test images; written to RUN/clip.json."""
+    from .checkpoint import weights_step
+    from .data.images import to_model
+    from .data.pairs import ATTRIBUTES, COLOURS, NOUNS, caption
+    from .io import atomic_path
+
+    clip, fingerprint = load_clip(run)
+    x = to_model(test.images[:n])
+    i2c, c2i = retrieval_accuracy(clip, x, test.captions[:n], group)
+    report = {"step": weights_step(run), "fingerprint": fingerprint, "images": len(x), "group": group,
+              "image_to_caption": i2c, "caption_to_image": c2i, "logit_scale": float(clip.logit_scale.exp())}
+    if test.attributes is not None:
+        k = min(1000, len(x))
+        sizes = [len(NOUNS), len(COLOURS), len(NOUNS), len(COLOURS)]
+        report["attribute_probe"] = attribute_probe(clip, x[:k], test.attributes[:k], caption, ATTRIBUTES, sizes)
+    with atomic_path(run / CLIP_REPORT) as tmp:
+        Path(tmp).write_text(json.dumps(report, indent=1))
+    return report

@@ -12,7 +12,6 @@ originals beside reconstructions (RUN/reconstructions.png)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -21,61 +20,37 @@ import torch
 from .. import checkpoint as ckpt
 from .. import plots
 from ..autoencoder import LATENT, RECONSTRUCTION, autoencoder_config, load_autoencoder, measure_scale
-from ..data.images import load_images, read_inputs, to_model, to_uint8
-from ..distributed import launched_rank, resolve_device, restarted
+from ..data.images import load_split, read_inputs, to_model, to_uint8
+from ..distributed import launched_rank, resolve_device
 from ..io import atomic_path
 from ..features import embed, resolve_feature_net
 from ..metrics import frechet_from_stats, gaussian_stats, psnr
-from ..presets import preset_for
 from ..training import train
-from .data import check_dataset
-from .options import UsageError, add_auxiliary_training, check_suffix, positive_int
+from .options import UsageError, add_auxiliary_training, check_suffix, positive_int, start_auxiliary, with_training_options
 
-FIELDS = ("batch_size", "lr", "seed")
-
-
-def _load(cfg: ckpt.RunConfig, split: str):
-    return load_images(cfg.dataset, split=split, size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
 
 
 def run_train(args) -> None:
     out = Path(args.out)
     device = resolve_device(args.device)
-    resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
-    if resume:
-        cfg = ckpt.load_config(out)
-        if cfg.net_kind not in ckpt.AUTOENCODERS:
-            raise UsageError(f"{out} holds a {cfg.net_kind} run, not an autoencoder")
-        given = [f"--{f.replace('_', '-')}" for f in ("name", *FIELDS, "factor", "latent_channels", "kl_weight", "recon", "disc_weight", "disc_start") if getattr(args, f) is not None]
-        if given or args.attention:
-            raise UsageError(f"--resume continues {out} as it was saved; drop {', '.join(given + ['--attention'] * args.attention)}")
-        if args.steps:
-            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
-    else:
-        if args.name is None:
-            raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
-        if (out / ckpt.CONFIG).exists() and not args.force and not restarted():
-            raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
-        check_dataset(args.name)
-        base = preset_for(args.name)
-        if args.data:
-            base = replace(base, data=dict(base.data, data_dir=args.data))
+    cfg, resume = start_auxiliary(args, ckpt.AUTOENCODERS, "an autoencoder", ("factor", "latent_channels", "kl_weight", "recon", "disc_weight", "disc_start"),
+                                  ["--attention"] * args.attention)
+    if not resume:
         for flag in ("kl_weight", "disc_weight", "disc_start"):
             if getattr(args, flag) is not None and getattr(args, flag) < 0:
                 raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
         if args.disc_start is not None and not args.disc_weight:
             raise UsageError("--disc-start needs --disc-weight > 0 (the discriminator is off without it)")
         try:
-            cfg = autoencoder_config(base, factor=args.factor or 4, latent_channels=args.latent_channels or 4,
+            cfg = autoencoder_config(cfg, factor=args.factor or 4, latent_channels=args.latent_channels or 4,
                                      kl_weight=1e-6 if args.kl_weight is None else args.kl_weight, recon=args.recon or "l1",
                                      attention=args.attention, disc_weight=args.disc_weight or 0.0,
                                      disc_start=1000 if args.disc_start is None else args.disc_start)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        cfg = replace(cfg, train=replace(cfg.train, **{f: getattr(args, f) for f in FIELDS if getattr(args, f) is not None},
-                                         **({"steps": args.steps} if args.steps else {})))
+        cfg = with_training_options(cfg, args)
         cfg.validate()
-    data = _load(cfg, "train")
+    data = load_split(cfg, "train")
     if not args.quiet and launched_rank() == 0:
         net = cfg.build_net()
         print(f"{'resuming' if resume else 'training'} a KL autoencoder for {cfg.dataset}: factor {net.config.factor}, latent "
@@ -84,7 +59,7 @@ def run_train(args) -> None:
     if not resume and launched_rank() == 0:
         for name in (LATENT, RECONSTRUCTION):  # an earlier run's figures must not pass for this one's
             (out / name).unlink(missing_ok=True)
-    test = _load(cfg, "test")
+    test = load_split(cfg, "test")
     train(out, cfg, data.images, device=device, resume=resume, progress=not args.quiet, max_minutes=args.max_minutes,
           preview=partial(_picture, test=test.images[:16]))
     if launched_rank() != 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt
 from ..classifier import NoiseAwareClassifier, accuracy_by_noise, classifier_config
-from ..data.images import load_images, to_model
+from ..data.images import load_split, to_model
 from ..distributed import launched_rank, resolve_device, restarted
 from ..io import atomic_path
 from ..presets import preset_for
@@ -89,7 +89,7 @@ def run(args) -> None:
 
 def _write_accuracy(ema, step: int, run: Path, cfg: ckpt.RunConfig) -> dict:
     """Test accuracy by noise level (at most 2000 test images), saved with its step in accuracy.json."""
-    test = load_images(cfg.dataset, split="test", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+    test = load_split(cfg, "test")
     n = min(len(test), 2000)
     acc = accuracy_by_noise(NoiseAwareClassifier(ema), to_model(test.images[:n]), test.labels[:n])
     result = {"step": step, "test_images": n, "accuracy": {str(k): v for k, v in acc.items()}}

@@ -102,6 +102,45 @@ def add_auxiliary_training(p, steps_help: str) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
+def start_auxiliary(args, kinds: tuple[str, ...], what: str, flags: tuple[str, ...], given: list[str] = ()):
+    """The run an auxiliary trainer (autoencoder, CLIP) starts from: (saved config, True) on --resume, after
+    refusing another kind of run and any of ``flags`` (argparse names) given; else (the dataset's preset,
+    with --data, False), after refusing a missing NAME or an existing run without --force."""
+    from dataclasses import replace
+
+    from .. import checkpoint as ckpt
+    from ..distributed import restarted
+    from ..presets import preset_for
+    from .data import check_dataset
+
+    out = Path(args.out)
+    if args.resume or (restarted() and ckpt.has_checkpoint(out)):
+        cfg = ckpt.load_config(out)
+        if cfg.net_kind not in kinds:
+            raise UsageError(f"{out} holds a {cfg.net_kind} run, not {what}")
+        given = [f"--{f.replace('_', '-')}" for f in ("name", "batch_size", "lr", "seed", *flags) if getattr(args, f) is not None] + list(given)
+        if given:
+            raise UsageError(f"--resume continues {out} as it was saved; drop {', '.join(given)}")
+        if args.steps:
+            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
+        return cfg, True
+    if args.name is None:
+        raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
+    if (out / ckpt.CONFIG).exists() and not args.force and not restarted():
+        raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
+    check_dataset(args.name)
+    base = preset_for(args.name)
+    return (replace(base, data=dict(base.data, data_dir=args.data)) if args.data else base), False
+
+
+def with_training_options(cfg, args):
+    """``cfg`` with the auxiliary trainers' --batch-size, --lr, --seed and --steps."""
+    from dataclasses import replace
+
+    fields = {f: getattr(args, f) for f in ("batch_size", "lr", "seed") if getattr(args, f) is not None}
+    return replace(cfg, train=replace(cfg.train, **fields, **({"steps": args.steps} if args.steps else {})))
+
+
 def add_sampler(p, sampler: str, steps: int) -> None:
     g = p.add_argument_group("sampler")
     g.add_argument("--sampler", default=sampler, help=f"one of: {', '.join(SAMPLERS)}")
@@ -228,17 +267,11 @@ def guidance_from(args):
 
 def prompts_from(args) -> list[str] | None:
     """The prompts of --prompt and --prompt-file (None when neither is given)."""
+    from ..prompts import read_prompt_file
+
     prompts = list(args.prompt or [])
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UsageError(f"--prompt-file {path}: no such file")
-        try:
-            prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except UnicodeDecodeError:
-            raise UsageError(f"--prompt-file {path}: not a UTF-8 text file") from None
-        if not prompts:
-            raise UsageError(f"--prompt-file {path} holds no prompt")
+        prompts += read_prompt_file(args.prompt_file)
     return prompts or None
 
 
@@ -261,7 +294,9 @@ def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, i
             raise UsageError(f"--prompt: {run} takes no text (train a text-to-image run with --text)")
         if args.class_label:
             raise UsageError("give --prompt or --class, not both")
-        per = max(1, n // len(prompts))
+        if n < len(prompts):
+            raise UsageError(f"-n {n} is fewer than the {len(prompts)} prompts (n // prompts samples are drawn for each)")
+        per = n // len(prompts)
         captions = [p for p in prompts for _ in range(per)]
         return text_condition(cfg, captions), len(captions), None
     if guidance is not None and guidance.classifier_free and not guidance.compose_prompts and _reads_text(cfg):

@@ -74,8 +74,9 @@ def with_class_labels(cfg: ckpt.RunConfig, num_classes: int | None, p_drop: floa
         raise UsageError(f"--cond class needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
     if not num_classes:
         raise UsageError(f"--cond class needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' array)")
-    spec = class_labels(num_classes, 0.1 if p_drop is None else p_drop)
-    return replace(cfg, net=dict(cfg.net, num_classes=num_classes), conditions=[spec.to_dict()])
+    spec = class_labels(num_classes, ConditionSpec.p_drop if p_drop is None else p_drop)
+    others = [c for c in cfg.conditions if c["name"] != "class_labels"]  # a text condition stays
+    return replace(cfg, net=dict(cfg.net, num_classes=num_classes), conditions=[*others, spec.to_dict()])
 
 
 def with_low_res(cfg: ckpt.RunConfig, factor: int, aug_max: float | None) -> ckpt.RunConfig:
@@ -107,9 +108,9 @@ def load_training_data(cfg: ckpt.RunConfig, run: Path | None = None, progress: b
     once and cached in ``run``), and the number of classes (None when unlabelled)."""
     if cfg.kind == "points":
         return TensorDataset(make_toy(cfg.dataset, cfg.data.get("n", 20000), cfg.data.get("seed", 1))), None
-    from ..data.images import load_images
+    from ..data.images import load_split
 
-    ds = load_images(cfg.dataset, split="train", size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+    ds = load_split(cfg, "train")
     if list(ds.images.shape[1:]) != data_shape(cfg):
         raise UsageError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(data_shape(cfg))}")
     cond = {"class_labels": ds.labels} if ds.labels is not None else {}
@@ -126,10 +127,18 @@ def load_training_data(cfg: ckpt.RunConfig, run: Path | None = None, progress: b
 
 
 def training_captions(cfg: ckpt.RunConfig) -> list[str] | None:
-    from ..data.images import load_images
+    from ..data.images import load_split
 
-    return load_images(cfg.dataset, split="train", size=cfg.data.get("size"), channels=cfg.data.get("channels"),
-                       data_dir=cfg.data.get("data_dir")).captions
+    return load_split(cfg, "train").captions
+
+
+def _encoder_name(text: dict | str | None) -> str | None:
+    """'minilm', 'joint' or 'clip:/absolute/run' for a --text value or a run's text record."""
+    if isinstance(text, str):
+        return f"clip:{Path(text[5:]).resolve()}" if text.startswith("clip:") else text
+    if text is None:
+        return None
+    return f"clip:{text['run']}" if text["kind"] == "clip" else text["kind"]
 
 
 def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
@@ -141,8 +150,8 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
         out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
     if args.class_cond and not any(c["name"] == "class_labels" for c in saved.conditions):
         out.append("--cond class (the run is not class-conditional)")
-    if args.text and saved.data.get("text", {}).get("kind") != args.text.split(":")[0]:
-        out.append(f"--text {args.text} (the run's encoder: {saved.data.get('text', {}).get('kind')})")
+    if args.text and _encoder_name(saved.data.get("text")) != _encoder_name(args.text):
+        out.append(f"--text {args.text} (the run's encoder: {_encoder_name(saved.data.get('text'))})")
     if args.latent and saved.data.get("latent", {}).get("autoencoder") != str(Path(args.latent).resolve()):
         out.append(f"--latent {args.latent} (the run's autoencoder: {saved.data.get('latent', {}).get('autoencoder')})")
     if (args.cond == "low-res" or args.factor) and saved.data.get("factor") != args.factor:
@@ -170,6 +179,8 @@ def run(args) -> None:
             raise UsageError(f"{out} holds an autoencoder: continue it with `difflab train-autoencoder --out {out} --resume`")
         if cfg.net_kind in ckpt.CLASSIFIERS:
             raise UsageError(f"{out} holds a noise-aware classifier: continue it with `difflab train-classifier --out {out} --resume`")
+        if cfg.net_kind == "clip":
+            raise UsageError(f"{out} holds a CLIP model: continue it with `difflab train-clip --out {out} --resume`")
         bad = _contradictions(cfg, args)
         if bad:
             raise UsageError(f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)")
@@ -228,10 +239,9 @@ def _images_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None
     from ..data.images import to_uint8
 
     if "factor" in cfg.data:  # super-resolution: per test image, its low-resolution input, the model's upscaling, the truth
-        from ..data.images import load_images
+        from ..data.images import load_split
 
-        test = load_images(cfg.dataset, split="test", size=cfg.data.get("size"), channels=cfg.data.get("channels"),
-                           data_dir=cfg.data.get("data_dir")).images[:16]
+        test = load_split(cfg, "test").images[:16]
         low = low_res_of(test, cfg.data["factor"])
         x = generate(denoiser, cfg, len(test), sampler="dpmpp-2m", steps=20, cond={"low_res": low}, batch=len(test))
         shown = torch.nn.functional.interpolate(low, scale_factor=cfg.data["factor"], mode="nearest")

@@ -123,6 +123,11 @@ def to_uint8(x: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- loading
 
 
+def load_split(cfg, split: str) -> ImageSet:
+    """A run's data set (``cfg``: a RunConfig; its dataset with the size, channels and folder it records), one split."""
+    return load_images(cfg.dataset, split=split, size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+
+
 def load_images(
     source: str, split: str = "train", size: int | None = None, channels: int | None = None, data_dir: str | None = None
 ) -> ImageSet:

@@ -66,6 +66,11 @@ def caption(attributes, phrasing: int = 0) -> str:
     return PHRASINGS[phrasing].format(L=left, R=right)
 
 
+def is_held_out(left_class, right_class) -> bool:
+    """Whether the left/right class combination is one of HELD_OUT (never in the train split)."""
+    return (int(left_class), int(right_class)) in HELD_OUT
+
+
 def parse_caption(text: str) -> tuple[tuple[int, int, int, int], int] | None:
     """(attributes, phrasing) of a caption in one of the PHRASINGS (case and surrounding blanks aside), or
     None for any other text: the inverse of ``caption``."""
@@ -120,5 +125,5 @@ def make_pairs(split: str, n: int | None = None, seed: int = 0, data_dir: str | 
     phrasing = rng.integers(len(PHRASINGS), size=n)
     images = np.concatenate([tint(grey[left_i], colours[left_c]), tint(grey[right_i], colours[right_c])], axis=3)  # (n, 3, 32, 64)
     attributes = torch.from_numpy(np.stack([left_k, left_c, right_k, right_c], axis=1).astype(np.int64))
-    held = torch.tensor([(int(a), int(b)) in HELD_OUT for a, b in zip(left_k, right_k)])
+    held = torch.tensor([is_held_out(a, b) for a, b in zip(left_k, right_k)])
     return Pairs(torch.from_numpy(images), attributes, [caption(a, p) for a, p in zip(attributes, phrasing)], held)

@@ -110,21 +110,21 @@ class TextTransformer(nn.Module):
         L = ids.shape[1]
         if L > self.config.max_len:
             raise TextError(f"{L} tokens given; this encoder reads at most {self.config.max_len}")
-        h = self.embed(ids) + self.position[:L]
+        h = self.embed(ids) + self.position[:L]  # (B, L, width)
         # a row with no valid token (the empty caption) attends to everything; the caller's mask discards it
-        pad = ~(mask | ~mask.any(dim=1, keepdim=True))
-        return self.norm(self.layers(h, src_key_padding_mask=pad))
+        pad = ~(mask | ~mask.any(dim=1, keepdim=True))  # (B, L), True = ignore
+        return self.norm(self.layers(h, src_key_padding_mask=pad))  # (B, L, width)
 
     def pooled(self, ids: Tensor, mask: Tensor) -> Tensor:
-        h = self(ids, mask)
-        m = mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1)
+        h = self(ids, mask)  # (B, L, width)
+        m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, width)
 
 
 # --------------------------------------------------------------------------- CLIP (Radford et al. 2021)
 
 
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature's inverse at 100
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the inverse temperature at 100
 
 
 @dataclass
@@ -137,7 +137,7 @@ class ClipConfig:
     text: dict | None = None  # TextConfig
 
     def __post_init__(self):
-        self.text_config  # validates
+        TextConfig.from_dict(self.text or {})  # raises on a bad text config
 
     @property
     def text_config(self) -> TextConfig:
@@ -156,8 +156,9 @@ class ClipConfig:
 
 class Clip(nn.Module):
     """An image tower (strided convs, global average pool) and a text tower (TextTransformer, mean-pooled),
-    each projected to ``embed_dim``; a learned logit scale initialised at log(1/0.07) and clamped to
-    log(100) whenever it is read. ``net(x, tokens=, token_mask=)`` -> (image_emb, text_emb, logit_scale)."""
+    each projected to ``embed_dim``; a learned logit scale initialised at log(1/0.07) and read clipped to
+    [0, log 100] (CLIP clips it at 100): the clip is straight-through, so a parameter that overshoots still
+    gets the gradient that brings it back (a plain clamp would cut it off above the bound for good). ``net(x, tokens=, token_mask=)`` -> (image_emb, text_emb, logit_scale)."""
 
     accepts = frozenset({"tokens", "token_mask"})
 
@@ -177,7 +178,8 @@ class Clip(nn.Module):
 
     @property
     def logit_scale(self) -> Tensor:
-        return self.raw_logit_scale.clamp(max=MAX_LOGIT_SCALE)
+        raw = self.raw_logit_scale
+        return raw + (raw.clamp(0.0, MAX_LOGIT_SCALE) - raw).detach()  # the clipped value, the identity's gradient
 
     def embed_text(self, ids: Tensor, mask: Tensor) -> Tensor:
         return self.text_projection(self.text.pooled(ids, mask))

@@ -1,4 +1,4 @@
-"""A U-Net for images: net(x_in, c_noise, *, class_labels, low_res, context) -> same shape as x_in.
+"""A U-Net for images: net(x_in, c_noise, *, class_labels, low_res, context | tokens) -> same shape as x_in.
 
 The layout follows DDPM (Ho et al. 2020) with the refinements of Nichol & Dhariwal (2021):
 
@@ -25,6 +25,8 @@ Conditioning:
   augmentation, Ho et al. 2021), embedded like the time and added to the time embedding.
 * ``context`` (B, L, context_dim) with optional ``context_mask`` (B, L), True = attend; ``context=None``
   skips the cross-attention blocks (their contribution is zero).
+* ``tokens`` (B, L) word ids with ``token_mask`` (B, L), instead of ``context``, when the config has a
+  ``text`` transformer (the joint encoder, trained with the U-Net): it turns them into the context.
 """
 
 from __future__ import annotations
@@ -405,6 +407,8 @@ class UNet(nn.Module):
         tokens: Tensor | None = None,
         token_mask: Tensor | None = None,
     ) -> Tensor:
+        if tokens is None and token_mask is not None:
+            raise ValueError("token_mask given without tokens")
         if tokens is not None:  # the joint encoder: word ids -> the context sequence
             if self.config.text is None:
                 raise ValueError("tokens given but this UNet has no text transformer (UNetConfig.text=None)")
