@@ -145,6 +145,8 @@ def labels_for(cfg: RunConfig, g: GuidanceConfig | None, requested: list[int] | 
             raise ConditionError("classifier-free guidance needs the class to guide toward (--class); only --compose alone needs none")
         return None
     K = classes_for(cfg, g)
+    if K is None and text_spec(cfg) is not None:
+        raise ConditionError(f"--class: {run} reads text, not class labels; give --prompt")
     if K is None:
         raise ConditionError(f"--class: {run} is unconditional; train with --cond class, or guide it with --classifier")
     for k in requested:

@@ -310,7 +310,7 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
     code, err = run_cli(capsys, "sample", tmp_path / "t2", "--prompt", prompt, "--n", "1", "--steps", "1", "--out", tmp_path / "x.png")
     assert code != 0 and "changed since this model was trained" in err, err
     code, err = run_cli(capsys, "sample", run, "--class", "3")
-    assert code != 0 and "not class-conditional" in err, err
+    assert code != 0 and "reads text, not class labels; give --prompt" in err, err
     code, err = run_cli(capsys, "train", "--out", clip_run, "--resume")
     assert code != 0 and "continue it with `difflab train-clip" in err, err
     # resuming a text run recomputes its condition; text and class labels together keep both
