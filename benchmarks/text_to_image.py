@@ -10,7 +10,8 @@ the same wall-clock budget (--minutes) through training.train (difflab train --l
 The autoencoder is latent_vs_pixel's (benchmarks/runs/latent_vs_pixel/ae, trained there if missing). Each
 model is evaluated by difflab's evaluate (the `difflab eval RUN --guidance S --caption-swap` path) on the
 first --n test captions, at every guidance scale of --scales: all-four-correct and per-attribute accuracy in
-the shipped attribute network on seen and held-out left/right class combinations, the caption-swap accuracy
+the shipped attribute network on seen and held-out left/right class combinations, all four right up to
+exchanging the halves ("either side": the right items, maybe on the wrong sides), the caption-swap accuracy
 (prompts with left and right exchanged; binding), FD against the 4000 test images, and CLIP-score. Two
 yardsticks: the attribute network on the real test images with their own captions (what a perfect model
 scores: the network is not perfect) and the unconditional latent model of latent_vs_pixel (its FD).
@@ -150,17 +151,19 @@ def report(args, rows, real, unconditional_fd, clip_info, load_start, busy_start
         f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the end: {load_average()}",
         "",
     ]
-    head = ["encoder", "s", "steps", "all four, seen", "all four, held-out", "caption swap", *[f"{a}" for a in ATTRIBUTES], "FD", "CLIP-score"]
+    head = ["encoder", "s", "steps", "all four, seen", "all four, held-out", "either side", "caption swap", *[f"{a}" for a in ATTRIBUTES], "FD",
+            "CLIP-score"]
     table = []
     for r in rows:
         f, t = r["text"]["follows"], r["text"]
         table.append([r["encoder"], f"{r['scale']:g}", str(r["step"]), f"{f['seen']['all_four']:.1%}", f"{f['held_out']['all_four']:.1%}",
-                      f"{t['caption_swap']['all_four']:.1%}", *[f"{v:.1%}" for v in f["all"]["per_attribute"].values()], f"{r['fd']:.2f}",
+                      f"{f['all']['either_side']:.1%}", f"{t['caption_swap']['all_four']:.1%}", *[f"{v:.1%}" for v in f["all"]["per_attribute"].values()], f"{r['fd']:.2f}",
                       f"{t['clip_score']['samples']:.3f}"])
     clip_real = rows[0]["text"]["clip_score"]["real"] if rows else float("nan")
-    table.append(["real test images", "-", "-", f"{real['seen']['all_four']:.1%}", f"{real['held_out']['all_four']:.1%}", "-",
+    table.append(["real test images", "-", "-", f"{real['seen']['all_four']:.1%}", f"{real['held_out']['all_four']:.1%}",
+                  f"{real['all']['either_side']:.1%}", "-",
                   *[f"{v:.1%}" for v in real["all"]["per_attribute"].values()], "-", f"{clip_real:.3f}"])
-    table.append(["caption-shuffled", "-", "-", f"{real['shuffled']['all_four']:.1%}", "-", "-",
+    table.append(["caption-shuffled", "-", "-", f"{real['shuffled']['all_four']:.1%}", "-", f"{real['shuffled']['either_side']:.1%}", "-",
                   *[f"{v:.1%}" for v in real["shuffled"]["per_attribute"].values()], "-", "-"])
     lines += md_table(head, table)
     lines += ["", f"Unconditional latent model (latent_vs_pixel): FD {unconditional_fd:.2f} at the same n; 1.5x is {1.5 * unconditional_fd:.2f}.", "",
