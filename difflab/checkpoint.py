@@ -194,7 +194,12 @@ class RunConfig:
             cfg = config_cls.from_dict(self.net) if hasattr(config_cls, "from_dict") else config_cls(**_checked(config_cls, self.net, "net"))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
-        return net_cls(cfg)
+        net = net_cls(cfg)
+        if "lora" in self.data:  # a LoRA run (difflab personalize --method lora): the base network with adapters
+            from .personalize import LoraSpec, with_lora
+
+            net = with_lora(net, LoraSpec.from_dict(self.data["lora"]))
+        return net
 
     def build_loss(self):
         """The run's loss: the denoising loss (with noise augmentation of low_res for super-resolution runs),
@@ -406,6 +411,17 @@ def load_weights(run_dir: str | Path, which: str = "ema") -> dict[str, torch.Ten
     tensors = _load_tensors(_require_checkpoint(run_dir) / WEIGHTS)
     prefix = f"{which}."
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def weights_fingerprint(run_dir: str | Path) -> str:
+    """SHA-256 of the newest checkpoint's weights file (16 hex digits): which weights a derived run was made from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(_require_checkpoint(run_dir) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def weights_step(run_dir: str | Path) -> int:

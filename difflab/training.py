@@ -107,16 +107,19 @@ def train(
     stop_after: int | None = None,
     max_minutes: float | None = None,
     loss_fn: Callable | None = None,
-    trainable: Callable[[str, nn.Parameter], bool] | None = None,
-    init_from: str | Path | None = None,
+    trainable: Callable[[str, nn.Parameter], bool | Tensor] | None = None,
+    init_from: str | Path | dict[str, Tensor] | None = None,
 ) -> Denoiser:
     """Train ``config``'s denoiser on ``data`` and write the run to ``run_dir``; returns the EMA denoiser.
 
     preview(ema_denoiser, step, run_dir)  pictures at sample_every steps and at the end (rank 0)
     stop_after, max_minutes               end early after that many steps / minutes, with a checkpoint
     loss_fn(denoiser, x0, t=, noise=, cond=) -> scalar   replaces the config's loss (config.build_loss())
-    trainable(name, parameter) -> bool    which parameters train (the rest stay frozen)
-    init_from                             a run whose EMA weights initialise the network (not on resume)
+    trainable(name, parameter) -> bool    which parameters train (the rest stay frozen); a bool tensor of the
+                                          parameter's shape trains only the elements it marks (their gradient
+                                          is masked, so with weight_decay 0 the others never move)
+    init_from                             a run whose EMA weights initialise the network, or the state dict
+                                          itself (not on resume)
     """
     run_dir, tc = Path(run_dir), config.train
     device = resolve_device(device) if isinstance(device, str) else device
@@ -129,13 +132,22 @@ def train(
     torch.manual_seed(tc.seed)
     denoiser = config.build_denoiser().to(device)
     if init_from is not None and not resume:
-        ckpt.load_into(denoiser.net, ckpt.load_weights(init_from, "ema"), init_from)
+        state = init_from if isinstance(init_from, dict) else ckpt.load_weights(init_from, "ema")
+        ckpt.load_into(denoiser.net, state, "the initial weights" if isinstance(init_from, dict) else init_from)
     ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
-    params = [p for name, p in denoiser.net.named_parameters() if trainable is None or trainable(name, p)]
-    if trainable is not None:
-        keep = {id(p) for p in params}
-        for p in denoiser.net.parameters():
-            p.requires_grad_(id(p) in keep)
+    params = []
+    for name, p in denoiser.net.named_parameters():
+        keep = True if trainable is None else trainable(name, p)
+        if isinstance(keep, Tensor):  # train some elements only: mask the gradient of the others
+            if keep.shape != p.shape or keep.dtype != torch.bool:
+                raise ValueError(f"trainable({name!r}) gave a mask of shape {tuple(keep.shape)}; the parameter is {tuple(p.shape)} (bool)")
+            if tc.weight_decay:
+                raise ValueError("a trainable mask needs weight_decay 0 (AdamW's decay would move the masked elements)")
+            p.requires_grad_(True).register_hook(lambda g, m=keep.to(p.device): g * m)
+        elif not keep:
+            p.requires_grad_(False)
+            continue
+        params.append(p.requires_grad_(True))
     if not params:
         raise ValueError("no parameter is trainable (the trainable filter kept none)")
     loss_fn = loss_fn or config.build_loss()

@@ -16,10 +16,10 @@ import sys
 
 from ..distributed import teardown
 from ..training import Interrupted
-from . import autoencoder, classifier, clip, data, edit, eval, features, restore, sample, train, trajectories
+from . import autoencoder, classifier, clip, data, edit, eval, features, personalize, restore, sample, train, trajectories
 from .options import Parser
 
-COMMANDS = (data, train, classifier, autoencoder, clip, sample, trajectories, restore, edit, eval, features)
+COMMANDS = (data, train, classifier, autoencoder, clip, personalize, sample, trajectories, restore, edit, eval, features)
 EXIT_BAD_INPUT = 2
 
 

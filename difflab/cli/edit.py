@@ -9,15 +9,14 @@ import torch
 
 from ..autoencoder import data_shape, to_model_space
 from .. import plots
-from ..checkpoint import load_denoiser
 from ..data.images import read_inputs, to_model, to_uint8
 from ..edit import METHODS, img2img, interpolate
 from ..guidance_config import guided
-from .options import UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
+from .options import load_model, UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
 
 
 def _load(args):
-    denoiser, cfg = load_denoiser(args.run)
+    denoiser, cfg = load_model(args, args.run)
     if cfg.kind != "images":
         raise UsageError(f"{args.run} makes {cfg.kind}; editing works on image runs")
     guidance = guidance_from(args)

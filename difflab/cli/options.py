@@ -224,7 +224,29 @@ def add_conditions(p) -> None:
                    help="the class of each sample (one value for all, or several, cycled); 'all': one row per class, -n // classes each")
     g.add_argument("--prompt", action="append", metavar="TEXT", help="a text run's caption (repeatable: -n // prompts samples each)")
     g.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line (blank lines skipped)")
+    g.add_argument("--lora", action="append", metavar="RUN", help="add the LoRA adapter of a `difflab personalize --method lora` run "
+                   "(trained over this RUN; repeatable: their updates add up)")
+    g.add_argument("--lora-scale", action="append", type=float, metavar="S",
+                   help="each adapter's strength (one for all, or one per --lora; default 1; 0 is the base model)")
     add_guidance(g)
+
+
+def load_model(args, run, ema: bool = True):
+    """(denoiser, config) of ``run``, with the adapters of --lora at the strengths of --lora-scale."""
+    from ..checkpoint import load_denoiser
+
+    denoiser, cfg = load_denoiser(run, ema=ema)
+    loras, scales = getattr(args, "lora", None) or [], getattr(args, "lora_scale", None) or []
+    if not loras:
+        if scales:
+            raise UsageError("--lora-scale sets the strength of a --lora adapter; give --lora RUN")
+        return denoiser, cfg
+    if len(scales) not in (0, 1, len(loras)):
+        raise UsageError(f"give one --lora-scale for all adapters or one per --lora ({len(loras)}), not {len(scales)}")
+    scales = scales * len(loras) if len(scales) == 1 else scales or [1.0] * len(loras)
+    from ..personalize import with_adapters
+
+    return with_adapters(denoiser, cfg, run, list(zip(loras, scales)))
 
 
 def add_guidance(g) -> None:

@@ -25,7 +25,7 @@ from ..guidance_config import guided
 from ..inverse import METHODS, MEASUREMENT, Counted
 from ..metrics import psnr
 from ..operators import Blur, Decoded, Downsample, Grey, Mask, box_mask, random_mask
-from .options import UsageError, add_conditions, add_device, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
+from .options import load_model, UsageError, add_conditions, add_device, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
 
 TASKS = "inpaint, random, srK (e.g. sr4), deblur, grey"
 
@@ -62,7 +62,7 @@ def run(args) -> None:
     for m in args.method:
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
-    denoiser, cfg = load_denoiser(args.run)
+    denoiser, cfg = load_model(args, args.run)
     if cfg.kind != "images":
         raise UsageError(f"{args.run} makes {cfg.kind}; restoration works on image runs")
     shape = tuple(data_shape(cfg))

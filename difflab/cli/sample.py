@@ -9,12 +9,12 @@ import torch
 
 from ..autoencoder import data_shape
 from .. import plots
-from ..checkpoint import load_denoiser
 from ..data.toy2d import TOY_DATASETS, make_toy
 from ..distributed import resolve_device, setup
 from ..generate import generate
 from ..guidance_config import guided
 from .options import (
+    load_model,
     UsageError,
     add_conditions,
     add_device,
@@ -35,7 +35,7 @@ def run(args) -> None:
     check_suffix(args.save, (".npz",), "--save")
     check_suffix(args.gif, (".gif",), "--gif")
     sampler_choice(args, None)  # unknown sampler: fail before loading anything
-    denoiser, cfg = load_denoiser(args.run, ema=args.ema)
+    denoiser, cfg = load_model(args, args.run, ema=args.ema)
     cascade = None
     if args.then:  # a cascade: check the super-resolution run before drawing anything
         from .restore import load_upscaler

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from ..checkpoint import load_denoiser
 from ..samplers import SAMPLERS
-from .options import UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, single_thread_for_points
+from .options import load_model, UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, single_thread_for_points
 
 
 def run(args) -> None:
@@ -13,7 +12,7 @@ def run(args) -> None:
     check_suffix(args.forward, (".png",), "--forward")
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    denoiser, cfg = load_denoiser(args.run, ema=True)
+    denoiser, cfg = load_model(args, args.run)
     from ..chain import image_chain, toy_trajectories
     from ..guidance_config import guided
 

@@ -495,6 +495,20 @@ def read_inputs(paths, shape: tuple[int, int, int], what: str = "input") -> Tens
     return torch.cat(out)
 
 
+def read_captioned_folder(folder, shape: tuple[int, int, int], what: str = "image") -> tuple[Tensor, list[str] | None]:
+    """Every image in ``folder`` (sorted by path; each exactly C x H x W, never resized) and their captions
+    from its metadata.jsonl (None without one)."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not any(s.startswith(".") for s in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")
+    captions = _read_metadata(root, [p.relative_to(root) for p in files]) if (root / METADATA).exists() else None
+    return read_inputs(files, shape, what), captions
+
+
 def read_mask(path, size: tuple[int, int]) -> Tensor:
     """A mask image as bool (H, W), True where a pixel is kept: white (>= 128) marks the pixels to fill in,
     black the known ones (the convention of diffusers' inpainting pipelines)."""

@@ -127,3 +127,99 @@ def make_pairs(split: str, n: int | None = None, seed: int = 0, data_dir: str | 
     attributes = torch.from_numpy(np.stack([left_k, left_c, right_k, right_c], axis=1).astype(np.int64))
     held = torch.tensor([is_held_out(a, b) for a, b in zip(left_k, right_k)])
     return Pairs(torch.from_numpy(images), attributes, [caption(a, p) for a, p in zip(attributes, phrasing)], held)
+
+
+# --------------------------------------------------------------------------- a personalisation subject
+
+
+@dataclass
+class Subject:
+    """One Fashion-MNIST item (the subject) shown in a few fashion-pairs images, captioned with an identifier."""
+
+    images: Tensor  # uint8 (n, 3, 32, 64): the subject in one half (tinted), another item in the other
+    captions: list[str]  # "a red sks sneaker on the left and a blue bag on the right"
+    attributes: Tensor  # long (n, 4), as Pairs
+    sides: Tensor  # long (n,): 0 the subject is on the left, 1 on the right
+    grey: Tensor  # uint8 (28, 28): the subject item itself
+    item: int  # its index among the split's Fashion-MNIST items
+
+
+def subject_caption(attributes, side: int, token: str, phrasing: int = 0) -> str:
+    """The caption of a pair whose ``side`` half (0 left, 1 right) is the subject, named by ``token``."""
+    lk, lc, rk, rc = (int(a) for a in attributes)
+    names = list(COLOURS)
+    left, right = f"a {names[lc]} {NOUNS[lk]}", f"a {names[rc]} {NOUNS[rk]}"  # every colour name starts with a consonant
+    if side == 0:
+        left = f"a {names[lc]} {token} {NOUNS[lk]}"
+    else:
+        right = f"a {names[rc]} {token} {NOUNS[rk]}"
+    return PHRASINGS[phrasing].format(L=left, R=right)
+
+
+def place(halves: Tensor, sides: Tensor, other: Tensor | None = None) -> Tensor:
+    """uint8 (n, 3, 32, 32) halves put on their side of a 32x64 canvas, the other half ``other`` (black by default)."""
+    canvas = torch.zeros(len(halves), 3, 32, 64, dtype=torch.uint8)
+    for i, (h, s) in enumerate(zip(halves, sides.tolist())):
+        canvas[i, :, :, 32 * s : 32 * s + 32] = h
+        if other is not None:
+            canvas[i, :, :, 32 * (1 - s) : 32 * (1 - s) + 32] = other[i]
+    return canvas
+
+
+def half(images: Tensor, sides: Tensor) -> Tensor:
+    """The ``sides`` half (0 left, 1 right) of each (n, 3, 32, 64) image: (n, 3, 32, 32)."""
+    return torch.stack([im[:, :, 32 * s : 32 * s + 32] for im, s in zip(images, sides.tolist())])
+
+
+def tinted(grey: Tensor, colours) -> Tensor:
+    """One grey item (28, 28) in each colour index of ``colours``: uint8 (n, 3, 32, 32)."""
+    rgb = np.array(list(COLOURS.values()))[np.asarray(colours)]
+    return torch.from_numpy(tint(np.repeat(grey.numpy()[None], len(rgb), axis=0), rgb))
+
+
+def make_subject(class_word: str, n: int = 4, token: str = "sks", seed: int = 0, split: str = "test", data_dir: str | None = None) -> Subject:
+    """A subject for personalisation: one item of class ``class_word`` drawn from ``split`` (the test split's
+    items are never seen in training), in n different tints, alternately on the left and on the right of
+    another random item of another class; deterministic in the arguments."""
+    from .images import DataError, load_images
+
+    if class_word not in NOUNS:
+        raise DataError(f"unknown class word {class_word!r}; fashion-pairs has {', '.join(NOUNS)}")
+    if not 1 <= n <= len(COLOURS):
+        raise DataError(f"a subject has 1 to {len(COLOURS)} images (one per tint), got {n}")
+    k = NOUNS.index(class_word)
+    items = load_images("fashion-mnist", split=split, data_dir=data_dir)
+    grey, labels = items.images[:, 0], items.labels.numpy()
+    rng = np.random.default_rng([seed, 2])
+    item = int(rng.choice(np.flatnonzero(labels == k)))
+    colours = rng.permutation(len(COLOURS))[:n]
+    sides = torch.arange(n) % 2
+    others = [int(c) for c in rng.choice([c for c in range(10) if c != k], size=n)]
+    other_items = [int(rng.choice(np.flatnonzero(labels == c))) for c in others]
+    other_colours = rng.integers(len(COLOURS), size=n)
+    other = torch.from_numpy(tint(grey[other_items].numpy(), np.array(list(COLOURS.values()))[other_colours]))
+    images = place(tinted(grey[item], colours), sides, other)
+    attributes = torch.tensor([[k, c, o, oc] if s == 0 else [o, oc, k, c] for c, s, o, oc in zip(colours, sides.tolist(), others, other_colours)])
+    captions = [subject_caption(a, int(s), token) for a, s in zip(attributes, sides)]
+    return Subject(images, captions, attributes, sides, grey[item], item)
+
+
+def write_subject(subject: Subject, folder) -> None:
+    """The subject's images as PNGs and their captions in metadata.jsonl (the `difflab personalize --images` folder)."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from ..io import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (im, c) in enumerate(zip(subject.images, subject.captions)):
+        name = f"{i:02d}.png"
+        with atomic_path(folder / name) as tmp:
+            Image.fromarray(im.permute(1, 2, 0).numpy()).save(tmp)
+        rows.append(json.dumps({"file_name": name, "text": c}))
+    with atomic_path(folder / "metadata.jsonl") as tmp:
+        tmp.write_text("".join(r + "\n" for r in rows))
