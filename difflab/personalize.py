@@ -249,8 +249,9 @@ class Personalization:
         return [class_prompt(c, self.token) for c in self.captions]
 
 
-def check_base(cfg: ckpt.RunConfig, run, method: str) -> str:
-    """The base run's text encoder kind, after checking that ``method`` can personalise it."""
+def check_base(cfg: ckpt.RunConfig, run, method: str, token: str | None = None) -> str:
+    """The base run's text encoder kind, after checking that ``method`` can personalise it (and that a joint
+    encoder does not know ``token`` already)."""
     if "personalize" in cfg.data or "lora" in cfg.data:
         raise PersonalizeError(f"{run} is itself personalised; personalise its base run {cfg.data.get('personalize', {}).get('base')}")
     rec = cfg.data.get("text")
@@ -263,6 +264,8 @@ def check_base(cfg: ckpt.RunConfig, run, method: str) -> str:
     if method == "textual-inversion" and kind != "joint":
         raise PersonalizeError(f"textual inversion learns a new word embedding, and {run}'s encoder (MiniLM) is a frozen pretrained "
                                "one computed outside the model; use --method dreambooth or lora, or a joint run")
+    if kind == "joint" and token is not None:
+        with_tokens(cfg, [token])
     return kind
 
 
@@ -385,7 +388,7 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
         images = load_file(str(out / SUBJECT))["images"]
     else:
         base = ckpt.load_config(base_run)
-        check_base(base, base_run, p.method)
+        check_base(base, base_run, p.method, p.token)
         images, captions = read_subject(folder, data_shape_of(base), p.token, p.class_word)
         p = replace(p, captions=captions, base=str(Path(base_run).resolve()), base_fingerprint=ckpt.weights_fingerprint(base_run))
         s, l = DEFAULTS[p.method]
@@ -514,3 +517,42 @@ def with_adapters(denoiser, cfg: ckpt.RunConfig, base_run, adapters: Sequence[tu
     for layer in lora_layers(net):
         layer.set_adapter(names)
     return Denoiser(net, denoiser.process, denoiser.target).eval().requires_grad_(False), cfg
+
+
+# --------------------------------------------------------------------------- measuring it (fashion-pairs subjects)
+
+
+@torch.no_grad()
+def subject_similarity(net, images: Tensor, sides: Tensor, references: Tensor, center: Tensor | None = None) -> Tensor:
+    """cos(f(subject half of image i) - center, f(reference i) - center) in the feature network ``net``'s
+    features (N,), where f reads a half placed on its side of a black 32x64 canvas (so the other half does
+    not count); ``images`` uint8 (N, 3, 32, 64), ``references`` uint8 (N, 3, 32, 32) halves, ``sides`` (N,)
+    0 left / 1 right. ``center`` (feature_center) removes what every item shares: the attribute network's
+    features are non-negative, and uncentred any two sneakers of one tint sit at cosine 0.99."""
+    import torch.nn.functional as F
+
+    from .data.pairs import half, place
+    from .features import embed
+
+    a, _ = embed(net, place(half(images, sides), sides))
+    b, _ = embed(net, place(references, sides))
+    if center is not None:
+        a, b = a - center, b - center
+    return F.cosine_similarity(a, b, dim=1)
+
+
+@torch.no_grad()
+def feature_center(net, n: int = 2000, seed: int = 0) -> Tensor:
+    """The mean feature of n real test-split Fashion-MNIST items, each in a random tint on a random side."""
+    import numpy as np
+
+    from .data.images import load_images
+    from .data.pairs import COLOURS, place, tint
+    from .features import embed
+
+    items = load_images("fashion-mnist", split="test")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(items.images), generator=g)[:n]
+    colours = np.array(list(COLOURS.values()))[torch.randint(len(COLOURS), (len(idx),), generator=g).numpy()]
+    halves = torch.from_numpy(tint(items.images[idx, 0].numpy(), colours))
+    return embed(net, place(halves, torch.randint(2, (len(idx),), generator=g)))[0].mean(0)

@@ -223,3 +223,16 @@ def write_subject(subject: Subject, folder) -> None:
         rows.append(json.dumps({"file_name": name, "text": c}))
     with atomic_path(folder / "metadata.jsonl") as tmp:
         tmp.write_text("".join(r + "\n" for r in rows))
+
+
+def subject_prompts(class_word: str, n: int, token: str = "sks", seed: int = 0) -> tuple[Tensor, Tensor, list[str]]:
+    """n compositions of a subject for measuring: a random tint and side for it, another class in a random
+    colour in the other half. Returns (attributes (n, 4), sides (n,), captions with the identifier)."""
+    k = NOUNS.index(class_word)
+    rng = np.random.default_rng([seed, 3])
+    colours, sides = rng.integers(len(COLOURS), size=n), rng.integers(2, size=n)
+    others = rng.choice([c for c in range(10) if c != k], size=n)
+    other_colours = rng.integers(len(COLOURS), size=n)
+    attributes = torch.tensor([[k, c, o, oc] if s == 0 else [o, oc, k, c] for c, s, o, oc in zip(colours, sides, others, other_colours)])
+    sides = torch.from_numpy(sides).long()
+    return attributes, sides, [subject_caption(a, int(s), token) for a, s in zip(attributes, sides)]

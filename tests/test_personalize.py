@@ -1,0 +1,354 @@
+"""Personalisation (difflab/personalize.py): LoRA adapters against the base model, the prior-preservation loss
+by hand, textual inversion's single row, and a tiny DreamBooth run that must raise subject fidelity."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difflab import checkpoint as ckpt
+from difflab.cli import main
+from difflab.data.images import load_images, to_model, to_uint8
+from difflab.data.pairs import COLOURS, make_subject, place, subject_prompts, tint, tinted, write_subject
+from difflab.losses import SimpleLoss
+from difflab.nets.unet import UNet, UNetConfig
+from difflab.parameterize import Denoiser
+from difflab.personalize import (
+    EMBEDDING,
+    LoraSpec,
+    Personalization,
+    PersonalizeError,
+    PriorPreservationLoss,
+    check_base,
+    class_prompt,
+    is_lora,
+    merge_lora,
+    personalize,
+    set_lora_scale,
+    feature_center,
+    subject_similarity,
+    with_adapters,
+    with_lora,
+)
+from difflab.processes import DiscreteDDPM
+
+try:
+    load_images("fashion-mnist", split="test")
+    HAVE_FASHION = True
+except Exception:  # noqa: BLE001 - any failure to read the Debian package's files
+    HAVE_FASHION = False
+needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+
+
+def _unet() -> UNet:
+    cfg = UNetConfig(image_size=8, image_width=16, in_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                     attention_resolutions=(4,), num_heads=2, norm_groups=8, context_dim=12)
+    torch.manual_seed(0)
+    net = UNet(cfg).eval()
+    for p in net.parameters():  # the zero-initialised output layers would hide every difference
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.1)
+    return net
+
+
+def _inputs(n=3):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(n, 3, 8, 16, generator=g), torch.rand(n, generator=g) * 100,
+            {"context": torch.randn(n, 5, 12, generator=g), "context_mask": torch.ones(n, 5, dtype=torch.bool)})
+
+
+def _lora_net(rank=2):
+    base = _unet()
+    net = with_lora(_unet(), LoraSpec(rank=rank, alpha=3.0))
+    torch.manual_seed(2)
+    for name, p in net.named_parameters():
+        if is_lora(name):
+            torch.nn.init.normal_(p, std=0.2)  # B starts at zero (the identity); give the adapter something to do
+    return base, net
+
+
+def test_lora_at_strength_zero_is_the_base_model_exactly_and_alpha_over_r_is_the_scale():
+    base, net = _lora_net()
+    x, t, cond = _inputs()
+    with torch.no_grad():
+        want = base(x, t, **cond)
+        assert not torch.allclose(net(x, t, **cond), want, atol=1e-3)
+        set_lora_scale(net, 0.0)
+        assert torch.equal(net(x, t, **cond), want)
+    layer = net.mid.cross.kv
+    set_lora_scale(net, 0.5)
+    assert layer.scaling["default"] == pytest.approx(0.5 * 3.0 / 2)  # strength * alpha / r
+
+
+def test_merged_and_unmerged_adapters_give_the_same_output():
+    _, net = _lora_net()
+    x, t, cond = _inputs()
+    set_lora_scale(net, 0.7)
+    with torch.no_grad():
+        unmerged = net(x, t, **cond)
+        merged = merge_lora(net)(x, t, **cond)
+    assert torch.allclose(merged, unmerged, atol=1e-5), (merged - unmerged).abs().max()
+    assert not torch.equal(net.mid.cross.kv.base_layer.weight, _unet().mid.cross.kv.weight)  # really folded in
+
+
+def test_the_prior_preservation_loss_is_the_sum_of_its_two_terms_and_lambda_zero_is_plain_fine_tuning():
+    process = DiscreteDDPM(T=100)
+    denoiser = Denoiser(_unet(), process, "eps")
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 3, 8, 16, generator=g), torch.randn(2, 3, 8, 16, generator=g)
+    t = torch.tensor([10.0, 70.0], dtype=torch.float64)
+    cond = {"context": torch.randn(2, 5, 12, generator=g), "context_mask": torch.ones(2, 5, dtype=torch.bool)}
+    xc = torch.randn(6, 3, 8, 16, generator=g)
+    cc = {"context": torch.randn(6, 5, 12, generator=g), "context_mask": torch.ones(6, 5, dtype=torch.bool)}
+
+    def by_hand(x, t, noise, c):  # eps target, no weighting: the mean of ||eps_hat(alpha x + sigma eps) - eps||^2
+        a, s = process.alpha(t).float()[:, None, None, None], process.sigma(t).float()[:, None, None, None]  # a^2 + s^2 = 1: c_in = 1
+        return ((denoiser.net(a * x + s * noise, process.noise_condition(t).float(), **c) - noise) ** 2).mean()
+
+    loss = PriorPreservationLoss(SimpleLoss(), xc, cc, weight=0.3)
+    torch.manual_seed(7)
+    got = loss(denoiser, x0, t=t, noise=noise, cond=cond)
+    torch.manual_seed(7)  # the class batch's draws, in the documented order: rows, times, noise
+    rows = torch.randint(6, (2,))
+    t2 = process.sample_t(2)
+    n2 = torch.randn(2, 3, 8, 16)
+    want = by_hand(x0, t, noise, cond) + 0.3 * by_hand(xc[rows], t2, n2, {k: v[rows] for k, v in cc.items()})
+    assert torch.allclose(got, want, rtol=1e-5), (got, want)
+
+    plain = SimpleLoss()(denoiser, x0, t=t, noise=noise, cond=cond)
+    zero = PriorPreservationLoss(SimpleLoss(), xc, cc, weight=0.0)(denoiser, x0, t=t, noise=noise, cond=cond)
+    assert torch.equal(zero, plain)
+
+
+def test_class_prompts_drop_the_identifier_only():
+    assert class_prompt("a red sks sneaker on the left and a blue bag on the right", "sks") == "a red sneaker on the left and a blue bag on the right"
+    assert class_prompt("a sks ankle boot next to a sksbag", "sks") == "a ankle boot next to a sksbag"
+
+
+# --------------------------------------------------------------------------- runs: a tiny joint-encoder base model
+
+
+SIZE = (8, 16)  # fashion-pairs average-pooled 4x: the attribute network reads it upsampled back
+
+
+def rgb(colours):
+    import numpy as np
+
+    return np.array(list(COLOURS.values()))[colours.numpy()]
+
+
+def pooled(images: torch.Tensor) -> torch.Tensor:
+    return to_uint8(F.avg_pool2d(to_model(images), 4))
+
+
+def upsampled(images: torch.Tensor) -> torch.Tensor:
+    return to_uint8(F.interpolate(to_model(images), scale_factor=4, mode="nearest"))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """A joint-encoder text run on 8x16 pooled fashion-pairs, 300 steps."""
+    from difflab.data.loader import TensorDataset
+    from difflab.presets import preset_for
+    from difflab.text import text_condition, with_text
+    from difflab.training import train
+
+    if not HAVE_FASHION:
+        pytest.skip("Fashion-MNIST is not installed")
+    data = load_images("fashion-pairs", split="train")
+    n = 4000
+    cfg = preset_for("fashion-pairs")
+    cfg = replace(cfg, shape=[3, *SIZE], net=dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2],
+                                                  attention_resolutions=[4], num_heads=4, num_res_blocks=1),
+                  train=replace(cfg.train, steps=300, batch_size=32, warmup=50, sample_every=0, checkpoint_every=10**6))
+    cfg = with_text(cfg, "joint", data.captions[:n])
+    run = tmp_path_factory.mktemp("personalize") / "base"
+    train(run, cfg, TensorDataset(pooled(data.images[:n]), text_condition(cfg, data.captions[:n])), progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def subject_dir(base_run):
+    subject = make_subject("sneaker", n=4)
+    folder = base_run.parent / "subject"
+    write_subject(replace(subject, images=pooled(subject.images)), folder)
+    return folder, subject
+
+
+def _weights(run, which="ema"):
+    return ckpt.load_weights(run, which)
+
+
+@needs_fashion
+def test_textual_inversion_changes_only_the_new_embedding_row(base_run, subject_dir, tmp_path):
+    folder, _ = subject_dir
+    out = tmp_path / "ti"
+    personalize(base_run, folder, out, Personalization("textual-inversion", "sneaker"), steps=5, progress=False)
+    base, new = _weights(base_run), _weights(out, "net")
+    assert set(new) == set(base)
+    for k, v in base.items():
+        if k == EMBEDDING:
+            assert new[k].shape[0] == v.shape[0] + 1  # the identifier's row, appended
+            assert torch.equal(new[k][:-1], v)
+            vocabulary = ckpt.load_config(out).net["text"]["vocabulary"]
+            start = v[vocabulary.index("sneaker")]  # initialised from the class word, then trained
+            assert vocabulary[-1] == "sks" and not torch.equal(new[k][-1], start)
+        else:
+            assert torch.equal(new[k], v), k
+
+
+@needs_fashion
+def test_lora_training_changes_only_the_adapters_and_loads_over_the_base(base_run, subject_dir, tmp_path):
+    folder, _ = subject_dir
+    out = tmp_path / "lora"
+    personalize(base_run, folder, out, Personalization("lora", "sneaker", class_images=8), steps=5, progress=False)
+    base, new = _weights(base_run), _weights(out, "net")
+    lora = {k for k in new if is_lora(k)}
+    assert lora and any(not torch.equal(new[k], torch.zeros_like(new[k])) for k in lora if "lora_B" in k)  # B left zero
+    for k in set(new) - lora:
+        b = base[k.replace(".base_layer", "")]
+        assert torch.equal(new[k][: len(b)] if k == EMBEDDING else new[k], b), k
+    # the exported adapter over the base run is the LoRA run itself; at strength 0 it is the base exactly
+    denoiser, cfg = ckpt.load_denoiser(base_run)
+    for strength in (1.0, 0.0):
+        adapted, acfg = with_adapters(*ckpt.load_denoiser(base_run), base_run, [(str(out), strength)])
+        own, ocfg = ckpt.load_denoiser(out)
+        assert acfg.net["text"]["vocabulary"] == ocfg.net["text"]["vocabulary"]
+        from difflab.text import text_condition
+
+        caption = ["a red sks sneaker on the left and a blue bag on the right"]
+        x, t = torch.randn(1, 3, *SIZE), torch.tensor([300.0], dtype=torch.float64)
+        with torch.no_grad():
+            got = adapted(x, t, **text_condition(acfg, caption)).value
+            if strength:
+                assert torch.allclose(got, own(x, t, **text_condition(ocfg, caption)).value, atol=1e-5)
+            else:
+                plain = ["a red sneaker on the left and a blue bag on the right"]
+                got = adapted(x, t, **text_condition(acfg, plain)).value
+                assert torch.equal(got, denoiser(x, t, **text_condition(cfg, plain)).value)
+    size = (out / "adapter.safetensors").stat().st_size
+    assert size < 0.05 * (sum(v.numel() for v in base.values()) * 4)
+
+
+@needs_fashion
+def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run, subject_dir, tmp_path):
+    """Subject fidelity: cosine, in the attribute network's features, between the generated subject half and
+    the subject item in the requested tint, on new compositions, the images seen at 8x16 (upsampled)."""
+    from difflab.features import load_feature_net
+    from difflab.generate import generate
+    from difflab.guidance_config import GuidanceConfig, guided
+    from difflab.text import text_condition
+
+    folder, subject = subject_dir
+    out = tmp_path / "db"
+    personalize(base_run, folder, out, Personalization("dreambooth", "sneaker", class_images=32), steps=150, lr=3e-4, progress=False)
+    attributes, sides, captions = subject_prompts("sneaker", 48, seed=1)
+    colours = torch.where(sides == 0, attributes[:, 1], attributes[:, 3])
+    references = upsampled(pooled(tinted(subject.grey, colours.numpy())))  # the subject as the model can see it
+    net = load_feature_net("fashion-pairs")
+
+    center = feature_center(net)
+
+    def fidelity(run, prompts):
+        denoiser, cfg = ckpt.load_denoiser(run)
+        x = upsampled(to_uint8(generate(guided(denoiser, cfg, GuidanceConfig(scale=3.0)), cfg, len(prompts), sampler="dpmpp-2m", steps=20,
+                                        cond=text_condition(cfg, prompts))))
+        return subject_similarity(net, x, sides, references, center).mean().item()
+
+    # the base model asked for the class (it has no identifier), the personalised one for the subject
+    before, after = fidelity(base_run, [class_prompt(c, "sks") for c in captions]), fidelity(out, captions)
+    # measured (centred cosine, 48 new compositions): base 0.448, personalised 0.547
+    assert after > before + 0.05, (before, after)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@needs_fashion
+def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_run, subject_dir, tmp_path, capsys):
+    folder, _ = subject_dir
+    prompt = "a red sks sneaker on the left and a blue bag on the right"
+    for method in ("dreambooth", "lora", "textual-inversion"):
+        out = tmp_path / method
+        code, err = run_cli(capsys, "personalize", base_run, "--images", folder, "--class-word", "sneaker", "--method", method,
+                            "--steps", "2", "--class-images", "4", "--out", out, "--quiet")
+        assert code == 0, err
+        assert (out / "samples.png").is_file() and ckpt.weights_step(out) == 2
+        code, err = run_cli(capsys, "sample", out, "--prompt", prompt, "--guidance", "2", "--negative-prompt", class_prompt(prompt, "sks"),
+                            "-n", "2", "--steps", "2", "--out", tmp_path / f"{method}.png")
+        assert code == 0 and (tmp_path / f"{method}.png").is_file(), err
+    code, err = run_cli(capsys, "personalize", "--out", tmp_path / "lora", "--resume", "--quiet")  # a finished run: nothing to do
+    assert code == 0, err
+    cfg = ckpt.load_config(tmp_path / "lora")
+    assert cfg.data["personalize"]["captions"][0].count("sks") == 1 and cfg.data["lora"]["rank"] == 4
+    code, err = run_cli(capsys, "sample", base_run, "--lora", tmp_path / "lora", "--lora-scale", "0.5", "--prompt", prompt,
+                        "-n", "2", "--steps", "2", "--save", tmp_path / "l.npz")
+    assert code == 0, err
+
+    # a run killed after its first checkpoint resumes from it
+    out = tmp_path / "killed"
+    personalize(base_run, folder, out, Personalization("dreambooth", "sneaker", class_images=4), steps=4, progress=False, stop_after=2)
+    assert ckpt.weights_step(out) == 2
+    code, err = run_cli(capsys, "personalize", "--out", out, "--resume", "--quiet")
+    assert code == 0 and ckpt.weights_step(out) == 4, err
+
+
+@needs_fashion
+def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_path, capsys):
+    folder, subject = subject_dir
+    bad_caption = tmp_path / "bad"
+    write_subject(replace(subject, images=pooled(subject.images), captions=[c.replace("sks ", "") for c in subject.captions]), bad_caption)
+    big = tmp_path / "big"
+    write_subject(subject, big)  # 32x64 images for an 8x16 run
+    common = ["--class-word", "sneaker", "--out", tmp_path / "x", "--quiet"]
+    cases = [
+        (["personalize", base_run, "--images", bad_caption, "--method", "lora", *common], "does not name the subject by its identifier"),
+        (["personalize", base_run, "--images", big, "--method", "lora", *common], "this needs 16x8 images"),
+        (["personalize", base_run, "--images", tmp_path / "none", "--method", "lora", *common], "no such folder"),
+        (["personalize", base_run, "--images", folder, "--method", "lora", "--token", "red", *common], "already knows"),
+        (["personalize", base_run, "--images", folder, "--method", "lora", "--token", "two words", *common], "one lower-case word"),
+        (["personalize", base_run, "--images", folder, "--method", "lora", "--prior-weight", "-1", *common], "must be >= 0"),
+        (["personalize", base_run, "--images", folder, "--method", "dreambooth", "--rank", "2", *common], "--rank and --alpha are for --method lora"),
+        (["personalize", base_run, "--images", folder, *common], "give --method"),
+        (["personalize", "--out", tmp_path / "nothing", "--resume"], "does not exist"),
+        (["sample", base_run, "--lora-scale", "0.5", "--prompt", "a red bag on the left and a red bag on the right", "-n", "1"], "give --lora RUN"),
+        (["sample", base_run, "--lora", tmp_path / "nothing", "-n", "1"], "holds no adapter.safetensors"),
+    ]
+    for argv, message in cases:
+        code, err = run_cli(capsys, *argv)
+        lines = [line for line in err.strip().splitlines() if line]
+        assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err)
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_only_runs_that_can_take_an_identifier_are_personalised():
+    cfg = ckpt.RunConfig(dataset="d", process={"kind": "ddpm", "T": 10}, net_kind="mlp", net={}, shape=[2], kind="points")
+    with pytest.raises(PersonalizeError, match="takes no text"):
+        check_base(cfg, "R", "lora")
+    for kind, method, message in (("clip", "lora", "would read as <unk>"), ("minilm", "textual-inversion", "frozen pretrained")):
+        c = replace(cfg, data={"text": {"kind": kind, "run": "C"}})
+        with pytest.raises(PersonalizeError, match=message):
+            check_base(c, "R", method)
+    assert check_base(replace(cfg, data={"text": {"kind": "minilm"}}), "R", "dreambooth") == "minilm"
+
+
+def test_an_adapter_over_other_weights_or_a_corrupt_adapter_is_refused(tmp_path):
+    from difflab.personalize import read_adapter
+
+    (tmp_path / "adapter.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PersonalizeError, match="missing or corrupt"):
+        read_adapter(tmp_path)
+    assert json.dumps(LoraSpec().to_dict())  # the spec round-trips through the file's metadata
+    assert LoraSpec.from_dict(json.loads(json.dumps(LoraSpec(rank=3, alpha=6.0).to_dict()))).scaling == 2.0
+    with pytest.raises(PersonalizeError, match="rank"):
+        LoraSpec(rank=0)
+
