@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .conditions import ConditionError, ConditionSpec, check_accepted, condition_names
-from .io import atomic_path
+from .io import atomic_path, file_sha256
 from .losses import AutoencoderLoss, ClassifierLoss, NoiseAugmented, SimpleLoss
 from .nets.autoencoder import Autoencoder, AutoencoderConfig
 from .nets.classifier import ClassifierConfig, NoisyClassifier
@@ -414,14 +414,9 @@ def load_weights(run_dir: str | Path, which: str = "ema") -> dict[str, torch.Ten
 
 
 def weights_fingerprint(run_dir: str | Path) -> str:
-    """SHA-256 of the newest checkpoint's weights file (16 hex digits): which weights a derived run was made from."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(_require_checkpoint(run_dir) / WEIGHTS, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+    """SHA-256 of the newest checkpoint's weights file (16 hex digits): which weights a derived run (a CLIP
+    encoder's user, a personalised run, an adapter) was made from."""
+    return file_sha256(_require_checkpoint(run_dir) / WEIGHTS)[:16]
 
 
 def weights_step(run_dir: str | Path) -> int:

@@ -57,6 +57,7 @@ ADAPTER = "adapter.safetensors"
 CLASS_IMAGES = "class_images.safetensors"
 SUBJECT = "subject.safetensors"  # the subject images, kept in the run
 EMBEDDING = "text.embed.weight"  # the joint encoder's word embeddings
+PREVIEW_GUIDANCE = 3.0
 DEFAULTS = {"dreambooth": (400, 1e-4), "lora": (400, 1e-3), "textual-inversion": (400, 5e-3)}  # steps, learning rate
 
 
@@ -95,7 +96,10 @@ class LoraSpec:
 
 def with_lora(net: nn.Module, spec: LoraSpec, name: str = "default") -> nn.Module:
     """``net`` with LoRA adapter ``name`` on the modules ``spec.targets`` names (peft; in place)."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise PersonalizeError("LoRA needs the peft package: pip install torch==2.13.0 'difflab[personalize]' (or peft)") from None
 
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.targets, lora_dropout=0.0)
     try:
@@ -224,8 +228,8 @@ class Personalization:
     token: str = "sks"
     prior_weight: float = 1.0  # lambda; 0: no prior preservation
     class_images: int = 64  # class samples drawn once by the base model
-    class_guidance: float = 3.0  # their classifier-free guidance scale
-    lora: dict = field(default_factory=lambda: LoraSpec().to_dict())
+    class_guidance: float = 1.0  # their guidance scale: 1, the model's own conditional law, which is what the term preserves
+    lora: dict | None = None  # the LoRA spec (lora only; LoraSpec's defaults when None)
     captions: list[str] = field(default_factory=list)  # the subject images' captions
     base: str = ""  # the base run (resolved) and its weights' fingerprint
     base_fingerprint: str = ""
@@ -242,7 +246,10 @@ class Personalization:
             self.prior_weight = 0.0  # the class word's rows never change: there is no drift to preserve against
         if self.class_images <= 0:
             raise PersonalizeError(f"--class-images must be positive, got {self.class_images}")
-        LoraSpec.from_dict(self.lora)
+        if self.method == "lora":
+            self.lora = LoraSpec.from_dict(self.lora or {}).to_dict()
+        elif self.lora is not None:
+            raise PersonalizeError("a LoRA spec is for --method lora")
 
     @property
     def class_prompts(self) -> list[str]:
@@ -279,12 +286,14 @@ def personalized_config(base: ckpt.RunConfig, p: Personalization, steps: int, lr
     else:
         from .text import frozen_encoder
 
-        length = frozen_encoder({k: v for k, v in rec.items() if k != "max_tokens"}).length(p.captions)
-        cfg = replace(cfg, data={**cfg.data, "text": {**rec, "max_tokens": max(rec["max_tokens"], length)}})
+        encoder = frozen_encoder({k: v for k, v in rec.items() if k != "max_tokens"})
+        extra = encoder.length([p.token]) - encoder.length([""])  # the identifier's tokens: any training caption with it fits
+        length = max(rec["max_tokens"] + extra, encoder.length(p.captions))
+        cfg = replace(cfg, data={**cfg.data, "text": {**rec, "max_tokens": length}})
     data = {**cfg.data, "personalize": asdict(p)}
     if p.method == "lora":
         data["lora"] = dict(p.lora)
-    train = replace(cfg.train, steps=steps, lr=lr, batch_size=batch_size, warmup=max(1, min(50, steps // 10)), weight_decay=0.0,
+    train = replace(cfg.train, steps=steps, lr=lr, batch_size=batch_size, accumulation=1, warmup=max(1, min(50, steps // 10)), weight_decay=0.0,
                     ema_decay=0.99, checkpoint_every=max(1, min(100, steps)), sample_every=0, log_every=10)
     return replace(cfg, data=data, train=train)
 
@@ -300,6 +309,7 @@ def initial_state(cfg: ckpt.RunConfig, base_run) -> dict[str, Tensor]:
     if "lora" in cfg.data:
         net = replace(cfg, data={k: v for k, v in cfg.data.items() if k != "lora"}).build_net()
         ckpt.load_into(net, state, base_run)
+        torch.manual_seed(cfg.train.seed)  # A's random start, the same on every rank and every run
         state = with_lora(net, LoraSpec.from_dict(cfg.data["lora"])).state_dict()
     return {k: v.detach().clone() for k, v in state.items()}
 
@@ -366,16 +376,21 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
                 stop_after: int | None = None):
     """Personalise ``base_run`` on the subject images in ``folder`` into the run ``out``, or continue the run
     ``out`` (``resume``: its base, images and settings are in it); returns the EMA denoiser. A LoRA run's
-    adapters are exported when it finishes."""
+    adapters are exported when it finishes. Under torchrun every rank draws the same class images (they are
+    deterministic) and rank 0 alone writes files."""
+    import os
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from .autoencoder import to_model_space
+    from .autoencoder import data_shape, to_model_space
     from .data.images import to_model
     from .data.loader import TensorDataset
+    from .distributed import launched_rank
     from .text import text_condition
     from .training import train
 
-    out = Path(out)
+    out, main = Path(out), launched_rank() == 0
     if resume:
         cfg = ckpt.load_config(out)
         if "personalize" not in cfg.data:
@@ -385,42 +400,44 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
         if ckpt.weights_fingerprint(base_run) != p.base_fingerprint:
             raise PersonalizeError(f"the base run {base_run} changed since {out} started (fingerprint differs); start over")
         base = ckpt.load_config(base_run)
-        images = load_file(str(out / SUBJECT))["images"]
+        try:
+            images = load_file(str(out / SUBJECT))["images"]
+        except (SafetensorError, OSError, KeyError) as e:
+            raise PersonalizeError(f"{out / SUBJECT} is missing or corrupt ({type(e).__name__}); start the run over") from None
     else:
         base = ckpt.load_config(base_run)
         check_base(base, base_run, p.method, p.token)
-        images, captions = read_subject(folder, data_shape_of(base), p.token, p.class_word)
+        images, captions = read_subject(folder, tuple(data_shape(base)), p.token, p.class_word)
         p = replace(p, captions=captions, base=str(Path(base_run).resolve()), base_fingerprint=ckpt.weights_fingerprint(base_run))
         s, l = DEFAULTS[p.method]
         cfg = personalized_config(base, p, steps or s, lr or l, batch_size)
-        with atomic_path(out / SUBJECT) as tmp:  # the run keeps its subject: resume needs nothing else
-            save_file({"images": images.contiguous()}, str(tmp))
+        if main:
+            if (out / ckpt.CONFIG).exists():  # --force: nothing of the old run may meet the new subject
+                ckpt.clear_checkpoints(out)
+                (out / ckpt.CONFIG).unlink()
+            with atomic_path(out / SUBJECT) as tmp:  # the run keeps its subject: resume needs nothing else
+                save_file({"images": images.contiguous()}, str(tmp))
     with torch.no_grad():
         x = to_model_space(cfg, to_model(images))
-    repeat = -(-cfg.train.batch_size // len(x))  # tile the few images to at least one batch
+    rows = cfg.train.batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # one global batch (accumulation is 1)
+    repeat = -(-rows // len(x))  # tile the few images to fill it
     cond = text_condition(cfg, p.captions)
     data = TensorDataset(x.repeat(repeat, *[1] * (x.ndim - 1)), {k: v.repeat(repeat, *[1] * (v.ndim - 1)) for k, v in cond.items()})
     loss = cfg.build_loss()
     if p.prior_weight:
-        xc = class_samples(base_run, base, p.class_prompts, p.class_images, p.class_guidance, out / CLASS_IMAGES, progress)
+        xc = class_samples(base_run, base, p.class_prompts, p.class_images, p.class_guidance, out / CLASS_IMAGES, progress and main)
         prompts = [p.class_prompts[i % len(p.captions)] for i in range(len(xc))]
         loss = PriorPreservationLoss(loss, xc, text_condition(cfg, prompts), p.prior_weight)
     ema = train(out, cfg, data, device=device, resume=resume, progress=progress, loss_fn=loss, trainable=trainable_filter(cfg),
                 init_from=None if resume else initial_state(cfg, base_run), max_minutes=max_minutes, stop_after=stop_after,
-                preview=_preview)
-    if "lora" in cfg.data and ckpt.weights_step(out) >= cfg.train.steps:
+                preview=_preview, command="personalize")
+    if main and "lora" in cfg.data and ckpt.weights_step(out) >= cfg.train.steps:
         export_adapter(out)
     return ema
 
 
-def data_shape_of(cfg: ckpt.RunConfig) -> tuple[int, ...]:
-    from .autoencoder import data_shape
-
-    return tuple(data_shape(cfg))
-
-
 def _preview(denoiser, step: int, run: Path) -> None:
-    """samples.png: each subject caption and its class prompt, four samples each, guided at the class scale."""
+    """samples.png: each subject caption and its class prompt, two samples each, guided at PREVIEW_GUIDANCE."""
     from . import plots
     from .data.images import to_uint8
     from .generate import generate
@@ -430,7 +447,7 @@ def _preview(denoiser, step: int, run: Path) -> None:
     cfg = ckpt.load_config(run)
     p = Personalization(**cfg.data["personalize"])
     captions = [c for pair in zip(p.captions, p.class_prompts) for c in pair for _ in range(2)][:16]
-    g = guided(denoiser, cfg, GuidanceConfig(scale=p.class_guidance), str(run))
+    g = guided(denoiser, cfg, GuidanceConfig(scale=PREVIEW_GUIDANCE), str(run))
     x = generate(g, cfg, len(captions), sampler="dpmpp-2m", steps=20, cond=text_condition(cfg, captions), batch=16)
     plots.captioned_grid(to_uint8(x), captions, run / "samples.png")
     plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
@@ -452,7 +469,8 @@ def export_adapter(run) -> Path:
     tokens = [p["token"]] if cfg.net.get("text") else []
     if tokens:
         tensors["token_rows"] = state[EMBEDDING][-len(tokens):].contiguous()
-    meta = {"lora": json.dumps(cfg.data["lora"]), "tokens": json.dumps(tokens), "base": p["base"], "base_fingerprint": p["base_fingerprint"]}
+    meta = {"lora": json.dumps(cfg.data["lora"]), "tokens": json.dumps(tokens), "base": p["base"], "base_fingerprint": p["base_fingerprint"],
+            "max_tokens": str(cfg.data["text"].get("max_tokens", 0))}
     with atomic_path(run / ADAPTER) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return run / ADAPTER
@@ -470,7 +488,9 @@ def read_adapter(run) -> tuple[dict[str, Tensor], dict]:
             meta = dict(f.metadata() or {})
         tensors = load_file(str(path))
         meta = {"lora": LoraSpec.from_dict(json.loads(meta["lora"])), "tokens": json.loads(meta["tokens"]),
-                "base": meta["base"], "base_fingerprint": meta["base_fingerprint"]}
+                "base": meta["base"], "base_fingerprint": meta["base_fingerprint"], "max_tokens": int(meta["max_tokens"])}
+        if len(meta["tokens"]) != (len(tensors["token_rows"]) if "token_rows" in tensors else 0):
+            raise ValueError("its identifiers and embedding rows do not match")
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
         raise PersonalizeError(f"{path} is missing or corrupt ({type(e).__name__}: {e})") from None
     return tensors, meta
@@ -493,6 +513,9 @@ def with_adapters(denoiser, cfg: ckpt.RunConfig, base_run, adapters: Sequence[tu
                                    f"{base_run} has other weights ({fingerprint})")
         loaded.append((run, strength, tensors, meta))
     net = denoiser.net
+    if "max_tokens" in cfg.data.get("text", {}):  # a frozen encoder: room for the identifiers' tokens
+        longest = max([cfg.data["text"]["max_tokens"], *(meta["max_tokens"] for *_, meta in loaded)])
+        cfg = replace(cfg, data={**cfg.data, "text": {**cfg.data["text"], "max_tokens": longest}})
     tokens = [t for *_, meta in loaded for t in meta["tokens"]]
     if tokens:
         if not cfg.net.get("text"):
@@ -511,7 +534,10 @@ def with_adapters(denoiser, cfg: ckpt.RunConfig, base_run, adapters: Sequence[tu
         missing = [k for k, v in net.state_dict().items() if f".{name}." in k and k not in state]
         if missing:
             raise PersonalizeError(f"the adapter {run} does not fit this network (no weights for {missing[0]})")
-        net.load_state_dict(state, strict=False)
+        try:
+            net.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            raise PersonalizeError(f"the adapter {run} does not fit this network ({str(e).strip().splitlines()[-1].strip()})") from None
         set_lora_scale(net, strength, name)
         names.append(name)
     for layer in lora_layers(net):
@@ -556,3 +582,19 @@ def feature_center(net, n: int = 2000, seed: int = 0) -> Tensor:
     colours = np.array(list(COLOURS.values()))[torch.randint(len(COLOURS), (len(idx),), generator=g).numpy()]
     halves = torch.from_numpy(tint(items.images[idx, 0].numpy(), colours))
     return embed(net, place(halves, torch.randint(2, (len(idx),), generator=g)))[0].mean(0)
+
+
+def shape_similarity(images: Tensor, sides: Tensor, references: Tensor) -> Tensor:
+    """The Pearson correlation, over the 32x32 pixels, between the luminance of each image's ``sides`` half
+    and of its reference (N,): the item's shape, blind to its tint (a tint scales the luminance) and to the
+    other half. uint8 ``images`` (N, 3, 32, 64), ``references`` (N, 3, 32, 32)."""
+    from .data.pairs import half
+
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    def centred(x):
+        lum = (x.double() * weights).sum(1).flatten(1)  # (N, 1024)
+        lum = lum - lum.mean(1, keepdim=True)
+        return lum / lum.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    return (centred(half(images, sides)) * centred(references)).sum(1).float()

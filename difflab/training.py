@@ -109,6 +109,7 @@ def train(
     loss_fn: Callable | None = None,
     trainable: Callable[[str, nn.Parameter], bool | Tensor] | None = None,
     init_from: str | Path | dict[str, Tensor] | None = None,
+    command: str = "train",
 ) -> Denoiser:
     """Train ``config``'s denoiser on ``data`` and write the run to ``run_dir``; returns the EMA denoiser.
 
@@ -120,6 +121,7 @@ def train(
                                           is masked, so with weight_decay 0 the others never move)
     init_from                             a run whose EMA weights initialise the network, or the state dict
                                           itself (not on resume)
+    command                               the difflab command that continues the run (named when interrupted)
     """
     run_dir, tc = Path(run_dir), config.train
     device = resolve_device(device) if isinstance(device, str) else device
@@ -221,7 +223,7 @@ def train(
         log.close()
     if stopped and signum:
         name = signal.Signals(signum).name
-        raise Interrupted(f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab train --out {run_dir} --resume", signum)
+        raise Interrupted(f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab {command} --out {run_dir} --resume", signum)
     return ema
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from difflab import checkpoint as ckpt
 from difflab.cli import main
 from difflab.data.images import load_images, to_model, to_uint8
-from difflab.data.pairs import COLOURS, make_subject, place, subject_prompts, tint, tinted, write_subject
+from difflab.data.pairs import make_subject, subject_prompts, tinted, write_subject
 from difflab.losses import SimpleLoss
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.parameterize import Denoiser
@@ -135,12 +135,6 @@ def test_class_prompts_drop_the_identifier_only():
 SIZE = (8, 16)  # fashion-pairs average-pooled 4x: the attribute network reads it upsampled back
 
 
-def rgb(colours):
-    import numpy as np
-
-    return np.array(list(COLOURS.values()))[colours.numpy()]
-
-
 def pooled(images: torch.Tensor) -> torch.Tensor:
     return to_uint8(F.avg_pool2d(to_model(images), 4))
 
@@ -223,8 +217,8 @@ def test_lora_training_changes_only_the_adapters_and_loads_over_the_base(base_ru
         caption = ["a red sks sneaker on the left and a blue bag on the right"]
         x, t = torch.randn(1, 3, *SIZE), torch.tensor([300.0], dtype=torch.float64)
         with torch.no_grad():
-            got = adapted(x, t, **text_condition(acfg, caption)).value
             if strength:
+                got = adapted(x, t, **text_condition(acfg, caption)).value
                 assert torch.allclose(got, own(x, t, **text_condition(ocfg, caption)).value, atol=1e-5)
             else:
                 plain = ["a red sneaker on the left and a blue bag on the right"]
@@ -310,6 +304,9 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
     big = tmp_path / "big"
     write_subject(subject, big)  # 32x64 images for an 8x16 run
     common = ["--class-word", "sneaker", "--out", tmp_path / "x", "--quiet"]
+    lora, other = tmp_path / "lora", tmp_path / "other"
+    personalize(base_run, folder, lora, Personalization("lora", "sneaker", prior_weight=0), steps=1, progress=False)
+    personalize(base_run, folder, other, Personalization("dreambooth", "sneaker", prior_weight=0), steps=1, progress=False)
     cases = [
         (["personalize", base_run, "--images", bad_caption, "--method", "lora", *common], "does not name the subject by its identifier"),
         (["personalize", base_run, "--images", big, "--method", "lora", *common], "this needs 16x8 images"),
@@ -322,12 +319,20 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
         (["personalize", "--out", tmp_path / "nothing", "--resume"], "does not exist"),
         (["sample", base_run, "--lora-scale", "0.5", "--prompt", "a red bag on the left and a red bag on the right", "-n", "1"], "give --lora RUN"),
         (["sample", base_run, "--lora", tmp_path / "nothing", "-n", "1"], "holds no adapter.safetensors"),
+        (["sample", base_run, "--lora", lora, "--lora", lora, "--lora-scale", "1", "--lora-scale", "2", "--lora-scale", "3", "-n", "1"],
+         "one --lora-scale for all adapters or one per --lora (2), not 3"),
+        (["sample", base_run, "--lora", lora, "--lora", lora, "-n", "1"], "share an identifier"),
+        (["sample", other, "--lora", lora, "-n", "1"], "has other weights"),  # an adapter over weights it was not trained on
+        (["train", "--out", lora, "--resume"], "is a personalised run: continue it with `difflab personalize"),
     ]
     for argv, message in cases:
         code, err = run_cli(capsys, *argv)
         lines = [line for line in err.strip().splitlines() if line]
         assert code == 2 and len(lines) == 1 and message in lines[0], (argv, err)
     assert not (tmp_path / "x").exists()  # nothing half-written
+    (other / "subject.safetensors").write_bytes(b"torn")
+    code, err = run_cli(capsys, "personalize", "--out", other, "--resume")
+    assert code == 2 and "subject.safetensors is missing or corrupt" in err, err
 
 
 def test_only_runs_that_can_take_an_identifier_are_personalised():
@@ -341,14 +346,21 @@ def test_only_runs_that_can_take_an_identifier_are_personalised():
     assert check_base(replace(cfg, data={"text": {"kind": "minilm"}}), "R", "dreambooth") == "minilm"
 
 
-def test_an_adapter_over_other_weights_or_a_corrupt_adapter_is_refused(tmp_path):
+def test_a_corrupt_adapter_is_refused_and_the_lora_spec_round_trips(tmp_path):
     from difflab.personalize import read_adapter
 
     (tmp_path / "adapter.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PersonalizeError, match="missing or corrupt"):
         read_adapter(tmp_path)
-    assert json.dumps(LoraSpec().to_dict())  # the spec round-trips through the file's metadata
     assert LoraSpec.from_dict(json.loads(json.dumps(LoraSpec(rank=3, alpha=6.0).to_dict()))).scaling == 2.0
     with pytest.raises(PersonalizeError, match="rank"):
         LoraSpec(rank=0)
 
+
+
+def test_lora_without_peft_says_how_to_install_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    with pytest.raises(PersonalizeError, match="pip install"):
+        with_lora(_unet(), LoraSpec())

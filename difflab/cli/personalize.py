@@ -24,9 +24,9 @@ def run(args) -> None:
     resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
     device = resolve_device(args.device)
     if resume:
-        given = [f"--{k.replace('_', '-')}" for k in ("run", "images", "method", "class_word", "token", "prior_weight", "class_images",
-                                                      "class_guidance", "rank", "alpha", "steps", "lr", "batch_size") if getattr(args, k) is not None]
-        if given:
+        given = [("RUN" if k == "run" else f"--{k.replace('_', '-')}") for k in ("run", "images", "method", "class_word", "token", "prior_weight",
+                 "class_images", "class_guidance", "rank", "alpha", "steps", "lr", "batch_size") if getattr(args, k) is not None]
+        if given and args.resume:  # a worker torchrun restarted keeps its first command line: it resumes as saved
             raise UsageError(f"--resume continues {out} as it was saved (its base, images and settings are in it); drop {', '.join(given)}")
         p = None
     else:
@@ -35,11 +35,11 @@ def run(args) -> None:
             raise UsageError(f"give {', '.join(missing)} (or --resume to continue the run in --out)")
         if (out / ckpt.CONFIG).exists() and not args.force and not restarted():
             raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
-        lora = LoraSpec(**{k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None})
         if args.method != "lora" and (args.rank or args.alpha):
             raise UsageError("--rank and --alpha are for --method lora")
+        lora = LoraSpec(**{k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None}).to_dict() if args.method == "lora" else None
         p = Personalization(args.method, args.class_word, **{k: getattr(args, k) for k in ("token", "prior_weight", "class_images", "class_guidance")
-                                                               if getattr(args, k) is not None}, lora=lora.to_dict())
+                                                               if getattr(args, k) is not None}, lora=lora)
         if args.method == "textual-inversion" and args.prior_weight:
             raise UsageError("textual inversion trains only the identifier's embedding: the class word cannot drift, so it takes no --prior-weight")
     personalize(args.run, args.images, out, p, steps=args.steps, lr=args.lr, batch_size=args.batch_size or 8, resume=resume,
@@ -87,7 +87,7 @@ def register(sub) -> None:
     g = p.add_argument_group("prior preservation (dreambooth, lora)")
     g.add_argument("--prior-weight", type=float, help="lambda, the weight of the class images' loss (default 1; 0: plain fine-tuning)")
     g.add_argument("--class-images", type=positive_int, help="class images the base model draws once, cached in the run (default 64)")
-    g.add_argument("--class-guidance", type=positive_float, help="their classifier-free guidance scale (default 3; also the preview's)")
+    g.add_argument("--class-guidance", type=positive_float, help="their guidance scale (default 1: the base's own conditional law, which the term preserves)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=positive_int, help="adapter rank r (default 4)")
     g.add_argument("--alpha", type=positive_float, help="adapter alpha: the update is (alpha / r) B A (default 4)")

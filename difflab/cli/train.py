@@ -181,6 +181,8 @@ def run(args) -> None:
             raise UsageError(f"{out} holds a noise-aware classifier: continue it with `difflab train-classifier --out {out} --resume`")
         if cfg.net_kind == "clip":
             raise UsageError(f"{out} holds a CLIP model: continue it with `difflab train-clip --out {out} --resume`")
+        if "personalize" in cfg.data:
+            raise UsageError(f"{out} is a personalised run: continue it with `difflab personalize --out {out} --resume`")
         bad = _contradictions(cfg, args)
         if bad:
             raise UsageError(f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)")
