@@ -7,7 +7,8 @@ another item (`difflab subject --class-word sneaker`). The base models are text_
 
     dreambooth and lora over the MiniLM run, with (lambda = 1) and without (lambda = 0) prior preservation;
     textual-inversion over the joint run (MiniLM's embeddings cannot be extended);
-    LoRA of rank 1, and DreamBooth at 800 steps of 4e-4 (a stronger fit: the fidelity / drift trade-off).
+    LoRA of rank 1; DreamBooth at 800 steps of 4e-4 (a stronger fit: the fidelity / drift trade-off); and
+    DreamBooth with class images drawn with guidance (s = 3) instead of the default unguided ones.
 
 Measured on --n new compositions of the subject (a random tint and side, another class in a random colour
 in the other half), sampled at the base run's best guidance scale (text_to_image: MiniLM 5, joint 3):
@@ -43,6 +44,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,28 +71,43 @@ NAME = "personalization"
 ROOT = RUNS / NAME
 BASES = {"minilm": RUNS / "text_to_image" / "minilm", "joint": RUNS / "text_to_image" / "joint"}
 SCALES = {"minilm": 5.0, "joint": 3.0}  # each base's best guidance scale in text_to_image
-# (method, base, lambda, LoRA rank, steps and learning rate: None for the method's defaults)
-VARIANTS = [("dreambooth", "minilm", 1.0, 4, None), ("dreambooth", "minilm", 0.0, 4, None), ("lora", "minilm", 1.0, 4, None),
-            ("lora", "minilm", 0.0, 4, None), ("lora", "minilm", 1.0, 1, None), ("textual-inversion", "joint", 0.0, 4, None),
-            ("dreambooth", "minilm", 1.0, 4, (800, 4e-4))]
-CLASS = "sneaker"
+@dataclass(frozen=True)
+class Variant:
+    method: str
+    encoder: str  # the base run (BASES)
+    prior_weight: float = 1.0
+    rank: int = 4  # LoRA
+    steps: int | None = None  # None: the method's defaults
+    lr: float | None = None
+    class_guidance: float = 1.0
+
+    @property
+    def name(self) -> str:
+        out = f"{self.method}-{self.encoder}" + ("" if self.method == "textual-inversion" else f"-prior{self.prior_weight:g}")
+        out += f"-r{self.rank}" if self.rank != 4 else ""
+        out += f"-{self.steps}x{self.lr:g}" if self.steps else ""
+        return out + (f"-class-s{self.class_guidance:g}" if self.class_guidance != 1 else "")
 
 
-def variant_name(method: str, encoder: str, weight: float, rank: int = 4, schedule: tuple | None = None) -> str:
-    return (f"{method}-{encoder}" + ("" if method == "textual-inversion" else f"-prior{weight:g}") + (f"-r{rank}" if rank != 4 else "")
-            + (f"-{schedule[0]}x{schedule[1]:g}" if schedule else ""))
+VARIANTS = [Variant("dreambooth", "minilm"), Variant("dreambooth", "minilm", 0.0), Variant("lora", "minilm"), Variant("lora", "minilm", 0.0),
+            Variant("lora", "minilm", rank=1), Variant("textual-inversion", "joint", 0.0),
+            Variant("dreambooth", "minilm", steps=800, lr=4e-4), Variant("dreambooth", "minilm", class_guidance=3.0)]
 
 
-def trained(run: Path, folder: Path, method: str, encoder: str, weight: float, rank: int, schedule: tuple | None) -> Path:
+def variant_name(method: str, encoder: str, weight: float) -> str:
+    return Variant(method, encoder, weight).name
+
+
+def trained(run: Path, folder: Path, v: Variant) -> Path:
     """The personalised run, trained (or resumed) if not finished; CPU seconds recorded in seconds.json."""
     done = ckpt.has_checkpoint(run) and ckpt.weights_step(run) >= ckpt.load_config(run).train.steps
     if not done:
         spent = json.loads((run / "seconds.json").read_text()) if (run / "seconds.json").exists() else {"cpu": 0.0, "wall": 0.0}
         cpu, wall = time.process_time(), time.perf_counter()
         resume = ckpt.has_checkpoint(run)
-        p = Personalization(method, CLASS, prior_weight=weight, lora=LoraSpec(rank=rank, alpha=float(rank)).to_dict() if method == "lora" else None)
-        steps, lr = schedule or (None, None)
-        personalize(BASES[encoder], folder, run, None if resume else p, resume=resume, steps=steps, lr=lr)
+        p = Personalization(v.method, CLASS, prior_weight=v.prior_weight, class_guidance=v.class_guidance,
+                            lora=LoraSpec(rank=v.rank, alpha=float(v.rank)).to_dict() if v.method == "lora" else None)
+        personalize(BASES[v.encoder], folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr)
         spent = {"cpu": spent["cpu"] + time.process_time() - cpu, "wall": spent["wall"] + time.perf_counter() - wall}
         write_text(run / "seconds.json", json.dumps(spent))
     return run
@@ -205,13 +222,13 @@ def main(argv=None) -> None:
     book_path = ROOT / "evals.json"
     book = json.loads(book_path.read_text()) if book_path.exists() else {}
     rows = {}
-    for encoder in sorted({v[1] for v in VARIANTS}):
+    for encoder in sorted({v.encoder for v in VARIANTS}):
         key = f"base-{encoder} v2 n={args.n}/{args.n_plain} step={ckpt.weights_step(BASES[encoder])}"
         rows[f"base-{encoder}"] = evaluate_run(BASES[encoder], encoder, sticks, book, key, base=True)
         write_text(book_path, json.dumps(book, indent=1))
-    for method, encoder, weight, rank, schedule in VARIANTS:
-        name = variant_name(method, encoder, weight, rank, schedule)
-        run = trained(ROOT / name, folder, method, encoder, weight, rank, schedule)
+    for v in VARIANTS:
+        name, encoder, method, weight = v.name, v.encoder, v.method, v.prior_weight
+        run = trained(ROOT / name, folder, v)
         key = f"{name} v2 n={args.n}/{args.n_plain} step={ckpt.weights_step(run)}"
         rows[name] = evaluate_run(run, encoder, sticks, book, key) | {"cost": cost(run), "encoder": encoder, "method": method, "weight": weight}
         write_text(book_path, json.dumps(book, indent=1))
