@@ -71,6 +71,7 @@ NAME = "personalization"
 ROOT = RUNS / NAME
 BASES = {"minilm": RUNS / "text_to_image" / "minilm", "joint": RUNS / "text_to_image" / "joint"}
 SCALES = {"minilm": 5.0, "joint": 3.0}  # each base's best guidance scale in text_to_image
+CLASS = "sneaker"
 @dataclass(frozen=True)
 class Variant:
     method: str
