@@ -57,8 +57,8 @@ from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from difflab import checkpoint as ckpt  # noqa: E402
 from difflab import plots  # noqa: E402
 from difflab.autoencoder import latent_space  # noqa: E402
-from difflab.data.images import load_images, to_model, to_uint8  # noqa: E402
-from difflab.data.pairs import COLOURS, NOUNS, make_subject, place, subject_prompts, tint, tinted, write_subject  # noqa: E402
+from difflab.data.images import load_images, to_uint8  # noqa: E402
+from difflab.data.pairs import NOUNS, RGB, make_subject, place, subject_prompts, tint, tinted, write_subject  # noqa: E402
 from difflab.features import embed, load_feature_net  # noqa: E402
 from difflab.generate import generate  # noqa: E402
 from difflab.guidance_config import GuidanceConfig, guided  # noqa: E402
@@ -134,7 +134,7 @@ class Yardsticks:
         items = load_images("fashion-mnist", split="test")
         sneakers = items.images[items.labels == NOUNS.index(CLASS), 0]
         sneakers = sneakers[torch.from_numpy(np.random.default_rng(0).permutation(len(sneakers))[:n])]
-        rgb = np.array(list(COLOURS.values()))[self.colours(self.attributes, self.sides)]
+        rgb = RGB[self.colours(self.attributes, self.sides)]
         lookalikes = place(torch.from_numpy(tint(sneakers.numpy(), rgb)), self.sides)
         self.floor = subject_similarity(self.net, lookalikes, self.sides, self.references, self.center).mean().item()
         shapes = shape_similarity(lookalikes, self.sides, self.references)
@@ -177,9 +177,8 @@ def matched_real(attributes: torch.Tensor, items, repeat: int, seed: int = 0) ->
     by_class = [np.flatnonzero(items.labels.numpy() == k) for k in range(10)]
     rows = attributes.repeat(repeat, 1).numpy()
     grey = items.images[:, 0].numpy()
-    rgb = np.array(list(COLOURS.values()))
-    left = tint(grey[[rng.choice(by_class[k]) for k in rows[:, 0]]], rgb[rows[:, 1]])
-    right = tint(grey[[rng.choice(by_class[k]) for k in rows[:, 2]]], rgb[rows[:, 3]])
+    left = tint(grey[[rng.choice(by_class[k]) for k in rows[:, 0]]], RGB[rows[:, 1]])
+    right = tint(grey[[rng.choice(by_class[k]) for k in rows[:, 2]]], RGB[rows[:, 3]])
     return torch.from_numpy(np.concatenate([left, right], axis=3))
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (
     AUTOENCODERS, WEIGHTS, CheckpointError, RunConfig, TrainConfig, latest_checkpoint, load_config, load_into, load_weights, weights_step,
 )  # fmt: skip
-from .io import atomic_path
+from .io import atomic_path, cached_tensor
 from .nets.autoencoder import Autoencoder, AutoencoderConfig
 
 LATENT = "latent.json"
@@ -206,26 +206,14 @@ def cached_latents(space: LatentSpace, images: Tensor, cache: Path | None, progr
     this autoencoder (fingerprint) for these images (their count and SHA-256), else encoded with a progress bar and written there
     atomically. The training split of the sets here fits in memory as latents (fashion-pairs: 20000 x
     4 x 8 x 16 floats, 41 MB), so latent runs train on the cache rather than encoding every batch."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-
     from .data.images import to_model
 
     tag = {"hash": space.hash, "images": str(len(images)), "data": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]}
-    if cache is not None and cache.exists():
-        try:
-            with safe_open(str(cache), "pt") as f:
-                meta = f.metadata() or {}
-                if all(meta.get(k) == v for k, v in tag.items()):
-                    return f.get_tensor("z")
-        except (SafetensorError, OSError):
-            pass  # a torn or foreign file: encode again
-    z = torch.cat([space.encode(to_model(part)) for part in tqdm(images.split(1024), desc="encode training set", disable=not progress)])
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
-            save_file({"z": z.contiguous()}, str(tmp), metadata=tag)
-    return z
+
+    def encode() -> Tensor:
+        return torch.cat([space.encode(to_model(part)) for part in tqdm(images.split(1024), desc="encode training set", disable=not progress)])
+
+    return cached_tensor(cache, tag, encode, name="z")
 
 
 def with_latent(cfg: RunConfig, space: LatentSpace) -> RunConfig:

@@ -48,3 +48,24 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def cached_tensor(path: str | os.PathLike | None, tag: dict[str, str], make, name: str = "x"):
+    """The tensor ``name`` of the safetensors file ``path`` when its metadata holds ``tag``; else ``make()``,
+    written there atomically with ``tag`` (a torn or foreign file is made again; no path: no cache)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import save_file
+
+    if path is not None and Path(path).exists():
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if all(meta.get(k) == v for k, v in tag.items()):
+                    return f.get_tensor(name)
+        except (SafetensorError, OSError):
+            pass
+    value = make()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            save_file({name: value.contiguous()}, str(tmp), metadata=tag)
+    return value

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt
-from .io import atomic_path
+from .io import atomic_path, cached_tensor
 from .nets.text import TextConfig, words
 
 METHODS = ("dreambooth", "lora", "textual-inversion")
@@ -335,29 +335,20 @@ def class_samples(base_run, base: ckpt.RunConfig, prompts: Sequence[str], n: int
                   progress: bool = True, seed: int = 0) -> Tensor:
     """n samples of the frozen base model in its own space for ``prompts`` (cycled), guided at ``scale``;
     drawn once and cached in ``cache`` (keyed by the base weights, the prompts, n, scale and seed)."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import save_file
-
     from .generate import generate, identity
     from .guidance_config import GuidanceConfig, guided
     from .text import text_condition
 
     captions = [prompts[i % len(prompts)] for i in range(n)]
     key = hashlib.sha256(json.dumps([ckpt.weights_fingerprint(base_run), captions, scale, seed]).encode()).hexdigest()[:16]
-    if cache.exists():
-        try:
-            with safe_open(str(cache), "pt") as f:
-                if (f.metadata() or {}).get("key") == key:
-                    return f.get_tensor("x")
-        except (SafetensorError, OSError):
-            pass  # torn or foreign: draw again
-    denoiser, _ = ckpt.load_denoiser(base_run)
-    denoiser = guided(denoiser, base, GuidanceConfig(scale=scale), str(base_run))
-    x = generate(denoiser, base, n, sampler="dpmpp-2m", steps=20, cond=text_condition(base, captions), seed=seed, batch=64,
-                 progress=progress, decode=identity)
-    with atomic_path(cache) as tmp:
-        save_file({"x": x.contiguous()}, str(tmp), metadata={"key": key})
-    return x
+
+    def draw() -> Tensor:
+        denoiser, _ = ckpt.load_denoiser(base_run)
+        denoiser = guided(denoiser, base, GuidanceConfig(scale=scale), str(base_run))
+        return generate(denoiser, base, n, sampler="dpmpp-2m", steps=20, cond=text_condition(base, captions), seed=seed, batch=64,
+                        progress=progress, decode=identity)
+
+    return cached_tensor(cache, {"key": key}, draw)
 
 
 def read_subject(folder, shape, token: str, class_word: str) -> tuple[Tensor, list[str]]:
@@ -570,16 +561,14 @@ def subject_similarity(net, images: Tensor, sides: Tensor, references: Tensor, c
 @torch.no_grad()
 def feature_center(net, n: int = 2000, seed: int = 0) -> Tensor:
     """The mean feature of n real test-split Fashion-MNIST items, each in a random tint on a random side."""
-    import numpy as np
-
     from .data.images import load_images
-    from .data.pairs import COLOURS, place, tint
+    from .data.pairs import RGB, place, tint
     from .features import embed
 
     items = load_images("fashion-mnist", split="test")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(items.images), generator=g)[:n]
-    colours = np.array(list(COLOURS.values()))[torch.randint(len(COLOURS), (len(idx),), generator=g).numpy()]
+    colours = RGB[torch.randint(len(RGB), (len(idx),), generator=g).numpy()]
     halves = torch.from_numpy(tint(items.images[idx, 0].numpy(), colours))
     return embed(net, place(halves, torch.randint(2, (len(idx),), generator=g)))[0].mean(0)
 

@@ -26,7 +26,7 @@ from ..io import atomic_path
 from ..features import embed, resolve_feature_net
 from ..metrics import frechet_from_stats, gaussian_stats, psnr
 from ..training import train
-from .options import UsageError, add_auxiliary_training, check_suffix, positive_int, start_auxiliary, with_training_options
+from .options import UsageError, add_auxiliary_training, check_suffix, positive_int, start_auxiliary, unfinished, with_training_options
 
 
 
@@ -64,11 +64,8 @@ def run_train(args) -> None:
           preview=partial(_picture, test=test.images[:16]))
     if launched_rank() != 0:
         return
-    step = ckpt.weights_step(out)
-    if step < cfg.train.steps:  # stopped by --max-minutes: a half-trained autoencoder gets no scale, so --latent refuses it
-        print(f"stopped at step {step} of {cfg.train.steps}; finish with `difflab train-autoencoder --out {out} --resume` "
-              "(the latent scale is measured at the end)")
-        return
+    if unfinished(out, cfg, "train-autoencoder", " (the latent scale is measured at the end)"):
+        return  # a half-trained autoencoder gets no scale, so --latent refuses it
     info = measure_scale(out, data.images, progress=not args.quiet)
     report = reconstruction_report(out, test.images, data.images, cfg.dataset)
     print(f"latent scale {info['scale']:.4f} (1 / std of {info['images']} training latents; posterior std {info['posterior_std']:.4f})")

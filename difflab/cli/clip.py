@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint as ckpt
 from ..data.images import load_split
 from ..distributed import launched_rank, resolve_device
 from ..text import CLIP_REPORT, clip_config, clip_data, clip_report
 from ..training import train
-from .options import UsageError, add_auxiliary_training, positive_int, start_auxiliary, with_training_options
+from .options import UsageError, add_auxiliary_training, positive_int, start_auxiliary, unfinished, with_training_options
 
 
 def run_train(args) -> None:
@@ -46,9 +45,7 @@ def run_train(args) -> None:
           progress=not args.quiet, max_minutes=args.max_minutes)
     if launched_rank() != 0:
         return
-    step = ckpt.weights_step(out)
-    if step < cfg.train.steps:
-        print(f"stopped at step {step} of {cfg.train.steps}; finish with `difflab train-clip --out {out} --resume`")
+    if unfinished(out, cfg, "train-clip"):
         return
     report = clip_report(out, load_split(cfg, "test"))
     print(f"zero-shot retrieval on {report['images']} test images in groups of {report['group']} (chance {1 / report['group']:.0%}): "

@@ -133,6 +133,16 @@ def start_auxiliary(args, kinds: tuple[str, ...], what: str, flags: tuple[str, .
     return (replace(base, data=dict(base.data, data_dir=args.data)) if args.data else base), False
 
 
+def unfinished(out, cfg, command: str, why: str = "") -> bool:
+    """Whether the run ``out`` stopped before its last step (--max-minutes); if so, say how to finish it."""
+    from .. import checkpoint as ckpt
+
+    step = ckpt.weights_step(out)
+    if step < cfg.train.steps:
+        print(f"stopped at step {step} of {cfg.train.steps}; finish with `difflab {command} --out {out} --resume`{why}")
+    return step < cfg.train.steps
+
+
 def with_training_options(cfg, args):
     """``cfg`` with the auxiliary trainers' --batch-size, --lr, --seed and --steps."""
     from dataclasses import replace

@@ -16,7 +16,7 @@ from pathlib import Path
 from .. import checkpoint as ckpt
 from ..distributed import launched_rank, resolve_device, restarted
 from ..personalize import METHODS, LoraSpec, Personalization, personalize
-from .options import UsageError, add_device, positive_float, positive_int
+from .options import UsageError, add_device, positive_float, positive_int, unfinished
 
 
 def run(args) -> None:
@@ -47,9 +47,8 @@ def run(args) -> None:
     if launched_rank() != 0:
         return
     cfg = ckpt.load_config(out)
-    step, p = ckpt.weights_step(out), cfg.data["personalize"]
-    if step < cfg.train.steps:
-        print(f"stopped at step {step} of {cfg.train.steps}; finish with `difflab personalize --out {out} --resume`")
+    p = cfg.data["personalize"]
+    if unfinished(out, cfg, "personalize"):
         return
     example = p["captions"][0]
     if p["method"] == "lora":

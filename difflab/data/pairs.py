@@ -33,6 +33,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (235, 235, 235),
 }
 NOUNS = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+RGB = np.array(list(COLOURS.values()))  # (colours, 3): row i is the i-th named colour
 HELD_OUT: tuple[tuple[int, int], ...] = tuple((k, (k + 7) % 10) for k in range(10))  # (left class, right class)
 PHRASINGS = (
     "{L} on the left and {R} on the right",
@@ -58,11 +59,12 @@ def article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def caption(attributes, phrasing: int = 0) -> str:
-    """The caption of one image's attributes (left class, left colour, right class, right colour)."""
+def caption(attributes, phrasing: int = 0, subject: int | None = None, token: str = "sks") -> str:
+    """The caption of one image's attributes (left class, left colour, right class, right colour); the
+    ``subject`` half (0 left, 1 right), if any, named by the identifier ``token`` ("a red sks sneaker")."""
     lk, lc, rk, rc = (int(a) for a in attributes)
     names = list(COLOURS)
-    left, right = article(f"{names[lc]} {NOUNS[lk]}"), article(f"{names[rc]} {NOUNS[rk]}")
+    left, right = (article(f"{names[c]} {token + ' ' if subject == side else ''}{NOUNS[k]}") for side, (k, c) in enumerate(((lk, lc), (rk, rc))))
     return PHRASINGS[phrasing].format(L=left, R=right)
 
 
@@ -120,7 +122,7 @@ def make_pairs(split: str, n: int | None = None, seed: int = 0, data_dir: str | 
         return np.array([by_class[k][int(v * len(by_class[k]))] for k, v in zip(classes, u)])
 
     left_i, right_i = items_of(left_k), items_of(right_k)
-    colours = np.array(list(COLOURS.values()))
+    colours = RGB
     left_c, right_c = rng.integers(len(COLOURS), size=n), rng.integers(len(COLOURS), size=n)
     phrasing = rng.integers(len(PHRASINGS), size=n)
     images = np.concatenate([tint(grey[left_i], colours[left_c]), tint(grey[right_i], colours[right_c])], axis=3)  # (n, 3, 32, 64)
@@ -144,18 +146,6 @@ class Subject:
     item: int  # its index among the split's Fashion-MNIST items
 
 
-def subject_caption(attributes, side: int, token: str, phrasing: int = 0) -> str:
-    """The caption of a pair whose ``side`` half (0 left, 1 right) is the subject, named by ``token``."""
-    lk, lc, rk, rc = (int(a) for a in attributes)
-    names = list(COLOURS)
-    left, right = f"a {names[lc]} {NOUNS[lk]}", f"a {names[rc]} {NOUNS[rk]}"  # every colour name starts with a consonant
-    if side == 0:
-        left = f"a {names[lc]} {token} {NOUNS[lk]}"
-    else:
-        right = f"a {names[rc]} {token} {NOUNS[rk]}"
-    return PHRASINGS[phrasing].format(L=left, R=right)
-
-
 def place(halves: Tensor, sides: Tensor, other: Tensor | None = None) -> Tensor:
     """uint8 (n, 3, 32, 32) halves put on their side of a 32x64 canvas, the other half ``other`` (black by default)."""
     canvas = torch.zeros(len(halves), 3, 32, 64, dtype=torch.uint8)
@@ -173,7 +163,7 @@ def half(images: Tensor, sides: Tensor) -> Tensor:
 
 def tinted(grey: Tensor, colours) -> Tensor:
     """One grey item (28, 28) in each colour index of ``colours``: uint8 (n, 3, 32, 32)."""
-    rgb = np.array(list(COLOURS.values()))[np.asarray(colours)]
+    rgb = RGB[np.asarray(colours)]
     return torch.from_numpy(tint(np.repeat(grey.numpy()[None], len(rgb), axis=0), rgb))
 
 
@@ -197,10 +187,10 @@ def make_subject(class_word: str, n: int = 4, token: str = "sks", seed: int = 0,
     others = [int(c) for c in rng.choice([c for c in range(10) if c != k], size=n)]
     other_items = [int(rng.choice(np.flatnonzero(labels == c))) for c in others]
     other_colours = rng.integers(len(COLOURS), size=n)
-    other = torch.from_numpy(tint(grey[other_items].numpy(), np.array(list(COLOURS.values()))[other_colours]))
+    other = torch.from_numpy(tint(grey[other_items].numpy(), RGB[other_colours]))
     images = place(tinted(grey[item], colours), sides, other)
     attributes = torch.tensor([[k, c, o, oc] if s == 0 else [o, oc, k, c] for c, s, o, oc in zip(colours, sides.tolist(), others, other_colours)])
-    captions = [subject_caption(a, int(s), token) for a, s in zip(attributes, sides)]
+    captions = [caption(a, subject=int(s), token=token) for a, s in zip(attributes, sides)]
     return Subject(images, captions, attributes, sides, grey[item], item)
 
 
@@ -235,4 +225,4 @@ def subject_prompts(class_word: str, n: int, token: str = "sks", seed: int = 0) 
     other_colours = rng.integers(len(COLOURS), size=n)
     attributes = torch.tensor([[k, c, o, oc] if s == 0 else [o, oc, k, c] for c, s, o, oc in zip(colours, sides, others, other_colours)])
     sides = torch.from_numpy(sides).long()
-    return attributes, sides, [subject_caption(a, int(s), token) for a, s in zip(attributes, sides)]
+    return attributes, sides, [caption(a, subject=int(s), token=token) for a, s in zip(attributes, sides)]
