@@ -34,13 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
-from difflab.checkpoint import has_checkpoint, load_denoiser  # noqa: E402
-from difflab.classifier import load_classifier  # noqa: E402
+from difflab.runs.store import has_checkpoint, load_denoiser  # noqa: E402
+from difflab.guidance.classifier import load_classifier  # noqa: E402
 from difflab.cli.train import with_class_labels  # noqa: E402
-from difflab.generate import generate  # noqa: E402
-from difflab.guidance import ClassifierGuided, Guided  # noqa: E402
-from difflab.presets import preset_for  # noqa: E402
-from difflab.samplers import default_spacing, timesteps  # noqa: E402
+from difflab.sampling.generate import generate  # noqa: E402
+from difflab.guidance.wrappers import ClassifierGuided, Guided  # noqa: E402
+from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.sampling.samplers import default_spacing, timesteps  # noqa: E402
 
 
 def contenders(interval: tuple[float, float]):

@@ -39,14 +39,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
-from difflab.checkpoint import has_checkpoint, weights_step  # noqa: E402
-from difflab.classifier import classifier_config  # noqa: E402
+from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
+from difflab.guidance.classifier import classifier_config  # noqa: E402
 from difflab.cli.train import load_training_data, with_class_labels  # noqa: E402
-from difflab.evaluate import evaluate  # noqa: E402
-from difflab.guidance_config import GuidanceConfig  # noqa: E402
+from difflab.evaluation.evaluate import evaluate  # noqa: E402
+from difflab.guidance.config import GuidanceConfig  # noqa: E402
 from difflab.io import atomic_path  # noqa: E402
-from difflab.presets import preset_for  # noqa: E402
-from difflab.training import train  # noqa: E402
+from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.training.loop import train  # noqa: E402
 
 SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
 INTERVAL_SCALES = (2.0, 3.0, 5.0)
@@ -85,7 +85,7 @@ def write_text(path: Path, text: str) -> None:
 
 def classifier_accuracy(run: Path) -> dict:
     """The classifier's test accuracy by noise level (2000 test images), as `difflab train-classifier` reports it."""
-    from difflab.classifier import accuracy_by_noise, load_classifier
+    from difflab.guidance.classifier import accuracy_by_noise, load_classifier
     from difflab.data.images import load_images, to_model
 
     clf, _ = load_classifier(run)

@@ -46,16 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import configs, train_all, write_text  # noqa: E402
-from difflab.checkpoint import has_checkpoint, load_denoiser  # noqa: E402
+from difflab.runs.store import has_checkpoint, load_denoiser  # noqa: E402
 from difflab.cli.restore import upscale  # noqa: E402
 from difflab.cli.train import load_training_data, with_low_res  # noqa: E402
 from difflab.data.images import load_images, to_model, to_uint8  # noqa: E402
-from difflab.evaluate import reference_stats  # noqa: E402
-from difflab.features import embed, load_feature_net  # noqa: E402
-from difflab.generate import generate  # noqa: E402
-from difflab.inverse import METHODS, MEASUREMENT, Counted  # noqa: E402
-from difflab.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
-from difflab.operators import Blur, Downsample, Mask, box_mask, random_mask  # noqa: E402
+from difflab.evaluation.evaluate import reference_stats  # noqa: E402
+from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.sampling.generate import generate  # noqa: E402
+from difflab.sampling.inverse import METHODS, MEASUREMENT, Counted  # noqa: E402
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
+from difflab.core.operators import Blur, Downsample, Mask, box_mask, random_mask  # noqa: E402
 
 SHAPE = (1, 28, 28)
 TASKS = {
@@ -163,7 +163,7 @@ def report(args, rows, load_start) -> None:
 
 def picture(grids: dict, truth: torch.Tensor, tasks) -> None:
     """Per task a block: rows measurement, each method, truth; 8 images each."""
-    from difflab import plots
+    from difflab.viz import plots
 
     blocks = []
     for task in tasks:

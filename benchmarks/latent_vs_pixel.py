@@ -49,16 +49,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
-from difflab import checkpoint as ckpt  # noqa: E402
-from difflab.autoencoder import autoencoder_config, load_autoencoder, measure_scale, with_latent  # noqa: E402
+from difflab.runs import store as ckpt  # noqa: E402
+from difflab.latent.space import autoencoder_config, load_autoencoder, measure_scale, with_latent  # noqa: E402
 from difflab.cli.train import load_training_data  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
-from difflab.features import embed, load_feature_net  # noqa: E402
-from difflab.generate import generate  # noqa: E402
-from difflab.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
+from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.sampling.generate import generate  # noqa: E402
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
 from difflab.nets.unet import num_parameters  # noqa: E402
-from difflab.presets import preset_for  # noqa: E402
-from difflab.training import train  # noqa: E402
+from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.training.loop import train  # noqa: E402
 
 NAME = "latent_vs_pixel"
 DATASET = "fashion-pairs"
@@ -241,7 +241,7 @@ def picture(grids, state, ae, truth) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflab import plots
+    from difflab.viz import plots
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6), gridspec_kw={"width_ratios": [1.2, 1, 1]})
     for name, curve in state["curves"].items():

@@ -54,18 +54,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
-from difflab import checkpoint as ckpt  # noqa: E402
-from difflab import plots  # noqa: E402
-from difflab.autoencoder import latent_space  # noqa: E402
+from difflab.runs import store as ckpt  # noqa: E402
+from difflab.viz import plots  # noqa: E402
+from difflab.latent.space import latent_space  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.data.pairs import NOUNS, RGB, make_subject, place, subject_prompts, tint, tinted, write_subject  # noqa: E402
-from difflab.features import embed, load_feature_net  # noqa: E402
-from difflab.generate import generate  # noqa: E402
-from difflab.guidance_config import GuidanceConfig, guided  # noqa: E402
-from difflab.metrics import frechet_distance  # noqa: E402
-from difflab.personalize import (  # noqa: E402
-    ADAPTER, LoraSpec, Personalization, class_prompt, feature_center, personalize, shape_similarity, subject_similarity, trainable_filter)
-from difflab.text import text_condition  # noqa: E402
+from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.sampling.generate import generate  # noqa: E402
+from difflab.guidance.config import GuidanceConfig, guided  # noqa: E402
+from difflab.evaluation.metrics import frechet_distance  # noqa: E402
+from difflab.personalize.method import ADAPTER, LoraSpec, Personalization, class_prompt, feature_center, personalize, shape_similarity, subject_similarity, trainable_filter
+from difflab.text.encoders import text_condition  # noqa: E402
 
 NAME = "personalization"
 ROOT = RUNS / NAME

@@ -31,15 +31,15 @@ from pathlib import Path
 import torch
 from common import RESULTS, RUNS, busy_processes, header, load_average, md_table
 
-from difflab import checkpoint as ckpt
+from difflab.runs import store as ckpt
 from difflab.data.images import load_images, to_uint8
 from difflab.data.loader import TensorDataset
-from difflab.features import embed, load_feature_net
-from difflab.generate import generate
-from difflab.image_presets import IMAGE_PRESETS
-from difflab.metrics import frechet_from_stats, gaussian_stats
+from difflab.evaluation.features import embed, load_feature_net
+from difflab.sampling.generate import generate
+from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
 from difflab.nets.unet import PRESETS, UNetConfig, num_parameters
-from difflab.training import train
+from difflab.training.loop import train
 
 NAME = "preset_ab"
 NETS = {

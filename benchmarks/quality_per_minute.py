@@ -58,17 +58,17 @@ from tqdm.auto import tqdm
 
 from safetensors.torch import load_file, save_file
 
-from difflab import checkpoint as ckpt
-from difflab.checkpoint import has_checkpoint
+from difflab.runs import store as ckpt
+from difflab.runs.store import has_checkpoint
 from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.loader import ShuffledBatches, TensorDataset
-from difflab.features import embed, load_feature_net
-from difflab.generate import generate
-from difflab.image_presets import IMAGE_PRESETS
-from difflab.metrics import frechet_from_stats, gaussian_stats
-from difflab.parameterize import Denoiser
-from difflab.processes import DiscreteDDPM
-from difflab.training import step_generator, train
+from difflab.evaluation.features import embed, load_feature_net
+from difflab.sampling.generate import generate
+from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
+from difflab.core.parameterize import Denoiser
+from difflab.core.processes import DiscreteDDPM
+from difflab.training.loop import step_generator, train
 
 NAME = "quality_per_minute"
 F64 = torch.float64

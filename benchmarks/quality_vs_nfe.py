@@ -53,16 +53,16 @@ from common import (
 )
 from tqdm.auto import tqdm
 
-from difflab import checkpoint as ckpt
-from difflab.checkpoint import has_checkpoint, weights_step
+from difflab.runs import store as ckpt
+from difflab.runs.store import has_checkpoint, weights_step
 from difflab.data.images import load_images, to_uint8
 from difflab.data.loader import TensorDataset
-from difflab.features import embed, load_feature_net
-from difflab.generate import generate
-from difflab.image_presets import IMAGE_PRESETS
-from difflab.metrics import frechet_from_stats, gaussian_stats
-from difflab.samplers import DEFAULT_SIGMA_CAP, timesteps
-from difflab.training import train
+from difflab.evaluation.features import embed, load_feature_net
+from difflab.sampling.generate import generate
+from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
+from difflab.sampling.samplers import DEFAULT_SIGMA_CAP, timesteps
+from difflab.training.loop import train
 
 F64 = torch.float64
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m")

@@ -41,18 +41,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from benchmarks.latent_vs_pixel import DATASET, timed_train  # noqa: E402
-from difflab import checkpoint as ckpt  # noqa: E402
-from difflab.autoencoder import autoencoder_config, load_autoencoder, measure_scale, with_latent  # noqa: E402
+from difflab.runs import store as ckpt  # noqa: E402
+from difflab.latent.space import autoencoder_config, load_autoencoder, measure_scale, with_latent  # noqa: E402
 from difflab.cli.train import load_training_data  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.data.pairs import ATTRIBUTES  # noqa: E402
-from difflab.evaluate import evaluate  # noqa: E402
-from difflab.features import embed, load_feature_net  # noqa: E402
-from difflab.generate import generate  # noqa: E402
-from difflab.guidance_config import GuidanceConfig, guided  # noqa: E402
-from difflab.presets import preset_for  # noqa: E402
-from difflab.prompts import follows, parsed  # noqa: E402
-from difflab.text import clip_config, clip_data, clip_report, text_condition, with_text  # noqa: E402
+from difflab.evaluation.evaluate import evaluate  # noqa: E402
+from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.sampling.generate import generate  # noqa: E402
+from difflab.guidance.config import GuidanceConfig, guided  # noqa: E402
+from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.evaluation.prompts import follows, parsed  # noqa: E402
+from difflab.text.encoders import clip_config, clip_data, clip_report, text_condition, with_text  # noqa: E402
 
 NAME = "text_to_image"
 ROOT = RUNS / NAME
@@ -191,7 +191,7 @@ def picture(args, rows, real) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflab import plots
+    from difflab.viz import plots
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     for name in args.encoders:
@@ -217,7 +217,7 @@ def samples(args, rows, root: Path) -> None:
     captions = [c for pair in zip(prompts.captions, prompts.swapped().captions) for c in pair]
     x = generate(guided(denoiser, cfg, GuidanceConfig(scale=best["scale"])), cfg, len(captions), sampler="dpmpp-2m", steps=20,
                  cond=text_condition(cfg, captions))
-    from difflab import plots
+    from difflab.viz import plots
 
     plots.captioned_grid(to_uint8(x), [f"{c} [{best['encoder']}, s={best['scale']:g}]" for c in captions], RESULTS / f"{NAME}_samples.png")
 

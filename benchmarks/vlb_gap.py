@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from difflab.analytic import GaussianDenoiser, gaussian_nll
-from difflab.likelihood import VARIANCES, vlb_terms
-from difflab.processes import BETA_SCHEDULES, DiscreteDDPM, posterior_coefficients
+from difflab.core.analytic import GaussianDenoiser, gaussian_nll
+from difflab.core.likelihood import VARIANCES, vlb_terms
+from difflab.core.processes import BETA_SCHEDULES, DiscreteDDPM, posterior_coefficients
 
 F64 = torch.float64
 

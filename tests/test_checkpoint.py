@@ -15,11 +15,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.checkpoint import CheckpointError, checkpoints, latest_checkpoint, load_config, load_weights, weights_step
+from difflab.runs.store import CheckpointError, checkpoints, latest_checkpoint, load_config, load_weights, weights_step
 from difflab.cli import main
 from difflab.data.toy2d import make_toy
-from difflab.presets import preset_for
-from difflab.training import train
+from difflab.runs.presets import preset_for
+from difflab.training.loop import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -61,10 +61,10 @@ CRASH = textwrap.dedent(
     torch.set_num_threads(1)
     from pathlib import Path
     from dataclasses import replace
-    import difflab.checkpoint as ckpt
-    from difflab.presets import preset_for
+    import difflab.runs.store as ckpt
+    from difflab.runs.presets import preset_for
     from difflab.data.toy2d import make_toy
-    from difflab.training import train
+    from difflab.training.loop import train
     run, crash_at = sys.argv[1], int(sys.argv[2])
     cfg = preset_for("swissroll")
     cfg = replace(cfg, train=replace(cfg.train, steps=30, batch_size=16, checkpoint_every=5, warmup=2))
@@ -182,8 +182,8 @@ def test_a_torn_metrics_row_does_not_stop_a_resume(tmp_path):
 
 
 def test_a_label_condition_must_use_the_networks_null_class():
-    from difflab.conditions import class_labels
-    from difflab.image_presets import IMAGE_PRESETS
+    from difflab.core.conditions import class_labels
+    from difflab.runs.image_presets import IMAGE_PRESETS
 
     cfg = replace(IMAGE_PRESETS["digits"], net=dict(IMAGE_PRESETS["digits"].net, num_classes=10))
     replace(cfg, conditions=[class_labels(10).to_dict()]).validate()

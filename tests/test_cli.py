@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from difflab.checkpoint import latest_checkpoint
+from difflab.runs.store import latest_checkpoint
 from difflab.cli import main
 
 
@@ -163,8 +163,8 @@ def test_sample_options_reach_the_sampler(capsys, tiny_toy_run, tmp_path):
 
 def test_folder_presets_are_sized_like_the_built_in_ones(tmp_path):
     from difflab.data.images import save_npz
-    from difflab.image_presets import IMAGE_PRESETS
-    from difflab.presets import preset_for
+    from difflab.runs.image_presets import IMAGE_PRESETS
+    from difflab.runs.presets import preset_for
 
     for size, like in ((28, "fashion-mnist"), (8, "digits")):
         path = tmp_path / f"set{size}.npz"

@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.conditions import ConditionError, ConditionSpec, class_labels, drop_conditions, drop_mask, select
+from difflab.core.conditions import ConditionError, ConditionSpec, class_labels, drop_conditions, drop_mask, select
 from difflab.nets.mlp import MLP, MLPConfig
 from difflab.nets.unet import UNet, UNetConfig
-from difflab.parameterize import Denoiser
-from difflab.processes import DiscreteDDPM
+from difflab.core.parameterize import Denoiser
+from difflab.core.processes import DiscreteDDPM
 
 TINY = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=4)
 

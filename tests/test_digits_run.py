@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difflab.checkpoint import CheckpointError, load_config
-from difflab.classifier import check_guides
+from difflab.runs.store import CheckpointError, load_config
+from difflab.guidance.classifier import check_guides
 from difflab.cli import main
-from difflab.evaluate import evaluate
-from difflab.guidance_config import GuidanceConfig
+from difflab.evaluation.evaluate import evaluate
+from difflab.guidance.config import GuidanceConfig
 
 STEPS = 300
 
@@ -146,7 +146,7 @@ def test_classifier_training_resumes_and_extends(runs, tmp_path, capsys):
     run = tmp_path / "clf"
     shutil.copytree(runs / "clf", run)
     assert run_cli(capsys, "train-classifier", "--out", run, "--resume", "--steps", STEPS + 10, "--quiet")[0] == 0
-    from difflab.checkpoint import weights_step
+    from difflab.runs.store import weights_step
 
     assert weights_step(run) == STEPS + 10
     code, err = run_cli(capsys, "train-classifier", "digits", "--out", run, "--resume", "--quiet")
@@ -154,9 +154,9 @@ def test_classifier_training_resumes_and_extends(runs, tmp_path, capsys):
 
 
 def test_guidance_needs_a_trained_null_class(runs):
-    from difflab.checkpoint import load_denoiser
-    from difflab.conditions import ConditionError
-    from difflab.guidance_config import guided
+    from difflab.runs.store import load_denoiser
+    from difflab.core.conditions import ConditionError
+    from difflab.guidance.config import guided
 
     den, cfg = load_denoiser(runs / "dc")
     no_null = replace(cfg, conditions=[dict(cfg.conditions[0], p_drop=0.0)])
@@ -186,9 +186,9 @@ def digits(tmp_path_factory):
 def test_ddim_inversion_round_trips_on_the_trained_model(runs):
     import torch
 
-    from difflab.checkpoint import load_denoiser
+    from difflab.runs.store import load_denoiser
     from difflab.data.images import load_images, to_model
-    from difflab.samplers import ddim, ddim_invert, timesteps
+    from difflab.sampling.samplers import ddim, ddim_invert, timesteps
 
     den, _ = load_denoiser(runs / "dc")
     x = to_model(load_images("digits", split="test").images[:32])
@@ -266,8 +266,8 @@ def test_trained_super_resolution_beats_bilinear_and_follows_its_input(runs):
     from difflab.cli.restore import load_upscaler, upscale
     from difflab.cli.train import low_res_of
     from difflab.data.images import load_images, to_uint8
-    from difflab.metrics import psnr
-    from difflab.operators import Downsample
+    from difflab.evaluation.metrics import psnr
+    from difflab.core.operators import Downsample
 
     den, cfg, k = load_upscaler(runs / "sr")
     assert k == 2 and cfg.net["low_res_noise"] and cfg.data["aug_max"] == 0.2

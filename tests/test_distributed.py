@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from difflab.checkpoint import checkpoints, load_weights, weights_step
+from difflab.runs.store import checkpoints, load_weights, weights_step
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

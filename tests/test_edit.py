@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from difflab.checkpoint import RunConfig
-from difflab.edit import img2img, interpolate, slerp
-from difflab.samplers import ddim, ddim_invert, timesteps
+from difflab.runs.store import RunConfig
+from difflab.sampling.edit import img2img, interpolate, slerp
+from difflab.sampling.samplers import ddim, ddim_invert, timesteps
 
 from test_inverse import ImageGaussian, problem  # noqa: F401  (the fixture)
 

@@ -8,15 +8,15 @@ from dataclasses import replace
 
 import pytest
 
-from difflab import evaluate as ev
-from difflab.checkpoint import RunConfig, TrainConfig, process_to_dict, save_checkpoint, save_config
+from difflab.evaluation import evaluate as ev
+from difflab.runs.store import RunConfig, TrainConfig, process_to_dict, save_checkpoint, save_config
 from difflab.data.loader import TensorDataset
 from difflab.cli import main
 from difflab.data.images import load_images
-from difflab.image_presets import IMAGE_PRESETS
+from difflab.runs.image_presets import IMAGE_PRESETS
 from difflab.nets.unet import UNetConfig
-from difflab.processes import ContinuousVP
-from difflab.training import train
+from difflab.core.processes import ContinuousVP
+from difflab.training.loop import train
 
 TINY_UNET = UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=8)
 

@@ -9,18 +9,8 @@ import pytest
 import torch
 
 from difflab.data.images import DataError, load_images, save_npz
-from difflab.features import (
-    SHIPPED,
-    FeatureNetError,
-    FeatureTraining,
-    embed,
-    load_feature_net,
-    random_feature_net,
-    resolve_feature_net,
-    train_and_save,
-    weight_paths,
-)
-from difflab.metrics import frechet_distance
+from difflab.evaluation.features import SHIPPED, FeatureNetError, FeatureTraining, embed, load_feature_net, random_feature_net, resolve_feature_net, train_and_save, weight_paths
+from difflab.evaluation.metrics import frechet_distance
 
 MAX_BYTES = 2 * 1024 * 1024
 
@@ -69,8 +59,8 @@ def test_fashion_classifier_reaches_recorded_accuracy():
 
 
 def test_fashion_pairs_attribute_net_reaches_its_recorded_accuracies():
-    from difflab.features import accuracy as all_right
-    from difflab.features import attribute_accuracy
+    from difflab.evaluation.features import accuracy as all_right
+    from difflab.evaluation.features import attribute_accuracy
 
     net = load_feature_net("fashion-pairs")
     assert net.config.groups == (10, 6, 10, 6) and (net.config.image_size, net.config.image_width) == (32, 64)

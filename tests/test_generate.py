@@ -7,10 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.checkpoint import load_denoiser
-from difflab.conditions import class_labels
-from difflab.generate import generate
-from difflab.image_presets import IMAGE_PRESETS
+from difflab.runs.store import load_denoiser
+from difflab.core.conditions import class_labels
+from difflab.sampling.generate import generate
+from difflab.runs.image_presets import IMAGE_PRESETS
 from difflab.nets.unet import UNetConfig
 
 TINY = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), norm_groups=4, num_heads=2)

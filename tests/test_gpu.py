@@ -7,11 +7,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.checkpoint import load_training_state, load_weights
+from difflab.runs.store import load_training_state, load_weights
 from difflab.data.loader import TensorDataset
 from difflab.data.images import load_images
-from difflab.image_presets import IMAGE_PRESETS
-from difflab.training import train
+from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.training.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA training path is not exercised here")
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.analytic import GaussianMixture, GaussianMixtureClassifier, GaussianMixtureDenoiser
-from difflab.conditions import ConditionError, class_labels
-from difflab.guidance import ClassifierGuided, Guided, combine, rescale_std, scale_fn
-from difflab.metrics import energy_distance
+from difflab.core.analytic import GaussianMixture, GaussianMixtureClassifier, GaussianMixtureDenoiser
+from difflab.core.conditions import ConditionError, class_labels
+from difflab.guidance.wrappers import ClassifierGuided, Guided, combine, rescale_std, scale_fn
+from difflab.evaluation.metrics import energy_distance
 from difflab.nets.unet import UNet, UNetConfig
-from difflab.parameterize import Denoiser
-from difflab.processes import ContinuousVP, DiscreteDDPM
-from difflab.samplers import sample, timesteps
+from difflab.core.parameterize import Denoiser
+from difflab.core.processes import ContinuousVP, DiscreteDDPM
+from difflab.sampling.samplers import sample, timesteps
 
 F64 = torch.float64
 K = 3

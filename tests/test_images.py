@@ -13,16 +13,7 @@ from PIL import Image
 
 from difflab.data import images as images_module
 from difflab.data.loader import ShuffledBatches, TensorDataset
-from difflab.data.images import (
-    DataError,
-    ImageSet,
-    load_images,
-    read_idx,
-    save_npz,
-    to_model,
-    to_uint8,
-    write_idx,
-)
+from difflab.data.images import DataError, ImageSet, load_images, read_idx, save_npz, to_model, to_uint8, write_idx
 
 
 def save_png(path: Path, array: np.ndarray, fmt: str = "PNG") -> None:

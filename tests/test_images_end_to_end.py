@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.checkpoint import load_denoiser
+from difflab.runs.store import load_denoiser
 from difflab.cli import main
 from difflab.data.images import load_images, to_model
-from difflab.metrics import energy_distance
-from difflab.samplers import sample
+from difflab.evaluation.metrics import energy_distance
+from difflab.sampling.samplers import sample
 
 
 @pytest.fixture(scope="module")

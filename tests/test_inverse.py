@@ -5,14 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.analytic import GaussianDenoiser
-from difflab.checkpoint import RunConfig
-from difflab.generate import generate
-from difflab.inverse import Counted, ddrm, dps, evaluations, repaint, repaint_schedule, replace
-from difflab.operators import Blur, Compose, Downsample, Mask, OperatorError
-from difflab.parameterize import Prediction
-from difflab.processes import DiscreteDDPM
-from difflab.samplers import timesteps
+from difflab.core.analytic import GaussianDenoiser
+from difflab.runs.store import RunConfig
+from difflab.sampling.generate import generate
+from difflab.sampling.inverse import Counted, ddrm, dps, evaluations, repaint, repaint_schedule, replace
+from difflab.core.operators import Blur, Compose, Downsample, Mask, OperatorError
+from difflab.core.parameterize import Prediction
+from difflab.core.processes import DiscreteDDPM
+from difflab.sampling.samplers import timesteps
 
 F64 = torch.float64
 SHAPE = (1, 2, 2)

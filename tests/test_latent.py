@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.autoencoder import LATENT, cached_latents, fingerprint, latent_space, load_autoencoder
-from difflab.checkpoint import CheckpointError, load_config, load_denoiser
+from difflab.latent.space import LATENT, cached_latents, fingerprint, latent_space, load_autoencoder
+from difflab.runs.store import CheckpointError, load_config, load_denoiser
 from difflab.cli import main
 from difflab.data.images import DataError, load_images, save_npz, to_model
 from difflab.data.pairs import COLOURS, HELD_OUT, PHRASINGS, caption, make_pairs
-from difflab.evaluate import evaluate
-from difflab.generate import generate
-from difflab.losses import AutoencoderLoss, kl_to_standard_normal
+from difflab.evaluation.evaluate import evaluate
+from difflab.sampling.generate import generate
+from difflab.core.losses import AutoencoderLoss, kl_to_standard_normal
 from difflab.nets.autoencoder import Autoencoder, AutoencoderConfig, reparameterize
 
 STEPS = 300
@@ -115,7 +115,7 @@ def test_a_discriminator_run_trains_resumes_its_clock_and_is_refused_when_misuse
     assert code == 0, err
     cfg = load_config(ae)
     assert cfg.loss == {"recon": "l1", "kl_weight": 1e-6, "disc_weight": 0.1, "disc_start": 3} and cfg.net["discriminator"] == 3
-    from difflab.checkpoint import load_weights
+    from difflab.runs.store import load_weights
 
     assert int(load_weights(ae, "net")["discriminator.batches"]) == 6  # the clock survived the resume
     space = load_autoencoder(ae)  # the latent space ignores the discriminator
@@ -210,7 +210,7 @@ def test_a_captioned_folder_reads_metadata_jsonl(tmp_path):
 
 
 def test_a_non_square_npz_keeps_its_shape_and_gets_a_non_square_preset(tmp_path):
-    from difflab.image_presets import image_preset
+    from difflab.runs.image_presets import image_preset
 
     images = make_pairs("test", 30).images
     save_npz(tmp_path / "pairs.npz", images)

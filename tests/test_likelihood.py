@@ -8,17 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.analytic import GaussianDenoiser, gaussian_nll
-from difflab.likelihood import (
-    VLBTerms,
-    bits_per_dim,
-    discretized_gaussian_log_likelihood,
-    gaussian_log_likelihood,
-    normal_kl,
-    vlb_terms,
-)
-from difflab.parameterize import Denoiser, make_prediction
-from difflab.processes import ContinuousVP, DiscreteDDPM, posterior_coefficients
+from difflab.core.analytic import GaussianDenoiser, gaussian_nll
+from difflab.core.likelihood import VLBTerms, bits_per_dim, discretized_gaussian_log_likelihood, gaussian_log_likelihood, normal_kl, vlb_terms
+from difflab.core.parameterize import Denoiser, make_prediction
+from difflab.core.processes import ContinuousVP, DiscreteDDPM, posterior_coefficients
 
 F64 = torch.float64
 MU = torch.tensor([0.3, -0.2], dtype=F64)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.analytic import GaussianDenoiser
-from difflab.losses import SimpleLoss, loss_weight
-from difflab.parameterize import TARGETS, Denoiser
-from difflab.processes import ContinuousVP, DiscreteDDPM, VarianceExploding
+from difflab.core.analytic import GaussianDenoiser
+from difflab.core.losses import SimpleLoss, loss_weight
+from difflab.core.parameterize import TARGETS, Denoiser
+from difflab.core.processes import ContinuousVP, DiscreteDDPM, VarianceExploding
 
 F64 = torch.float64
 PROCESSES = [DiscreteDDPM(1000, "linear"), DiscreteDDPM(1000, "cosine"), ContinuousVP("cosine"), VarianceExploding()]

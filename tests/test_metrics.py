@@ -6,17 +6,8 @@ import math
 import pytest
 import torch
 
-from difflab import metrics
-from difflab.metrics import (
-    class_histogram,
-    energy_distance,
-    frechet_distance,
-    frechet_from_stats,
-    gaussian_stats,
-    kid,
-    precision_recall,
-    sliced_wasserstein,
-)
+from difflab.evaluation import metrics
+from difflab.evaluation.metrics import class_histogram, energy_distance, frechet_distance, frechet_from_stats, gaussian_stats, kid, precision_recall, sliced_wasserstein
 
 F64 = torch.float64
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from difflab.operators import Blur, Compose, Downsample, Grey, Mask, OperatorError, box_mask, random_mask
+from difflab.core.operators import Blur, Compose, Downsample, Grey, Mask, OperatorError, box_mask, random_mask
 
 F64 = torch.float64
 

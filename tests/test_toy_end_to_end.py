@@ -8,7 +8,7 @@ import torch
 
 from difflab.cli import main
 from difflab.data.toy2d import make_toy
-from difflab.metrics import energy_distance
+from difflab.evaluation.metrics import energy_distance
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ def test_default_swissroll_samples_match_heldout_data(swissroll_run, tmp_path, s
 
 
 def _energy(run, sampler, steps, spacing=None):
-    from difflab.checkpoint import load_denoiser
-    from difflab.generate import generate
+    from difflab.runs.store import load_denoiser
+    from difflab.sampling.generate import generate
 
     denoiser, cfg = load_denoiser(run)
     return energy_distance(generate(denoiser, cfg, 5000, sampler=sampler, steps=steps, spacing=spacing, batch=5000), make_toy("swissroll", 5000, seed=100))

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.checkpoint import load_training_state, load_weights, weights_step
-from difflab.presets import preset_for
-from difflab.training import ema_decay_at, ema_update, learning_rate
+from difflab.runs.store import load_training_state, load_weights, weights_step
+from difflab.runs.presets import preset_for
+from difflab.training.loop import ema_decay_at, ema_update, learning_rate
 
 
 def test_ema_matches_hand_computation():
@@ -72,9 +72,9 @@ SCRIPT = textwrap.dedent(
     import os, signal, sys, torch
     torch.set_num_threads(1)
     from dataclasses import replace
-    from difflab.presets import preset_for
+    from difflab.runs.presets import preset_for
     from difflab.data.toy2d import make_toy
-    from difflab.training import train
+    from difflab.training.loop import train
     run, steps, kill_at, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     cfg = preset_for("swissroll")
     cfg = replace(cfg, train=replace(cfg.train, steps=steps, checkpoint_every=40, sample_every=kill_at or 0, log_every=10, batch_size=64, warmup=20, ema_warmup=True))
@@ -111,7 +111,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
 
 def test_same_seed_same_run_and_other_seed_differs(tmp_path):
     from difflab.data.toy2d import make_toy
-    from difflab.training import train
+    from difflab.training.loop import train
 
     data = make_toy("swissroll", 500, seed=1)
     cfg = preset_for("swissroll")
@@ -126,9 +126,9 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
 
 
 def test_resume_refuses_mismatched_files(tmp_path):
-    from difflab.checkpoint import CheckpointError, latest_checkpoint
+    from difflab.runs.store import CheckpointError, latest_checkpoint
     from difflab.data.toy2d import make_toy
-    from difflab.training import train
+    from difflab.training.loop import train
 
     data = make_toy("swissroll", 200, seed=1)
     cfg = preset_for("swissroll")
@@ -144,7 +144,7 @@ def test_injected_loss_trainable_filter_and_init_from(tmp_path):
     """The loop's hooks: a custom loss is what is minimised, frozen parameters do not move, and a run can
     start from another run's EMA weights."""
     from difflab.data.toy2d import make_toy
-    from difflab.training import train
+    from difflab.training.loop import train
 
     data = make_toy("swissroll", 300, seed=1)
     cfg = preset_for("swissroll")

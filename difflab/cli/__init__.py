@@ -14,8 +14,8 @@ import argparse
 import signal
 import sys
 
-from ..distributed import teardown
-from ..training import Interrupted
+from ..training.distributed import teardown
+from ..training.loop import Interrupted
 from . import autoencoder, classifier, clip, data, edit, eval, features, personalize, restore, sample, train, trajectories
 from .options import Parser
 

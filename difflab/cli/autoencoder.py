@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import plots
-from ..autoencoder import LATENT, RECONSTRUCTION, autoencoder_config, load_autoencoder, measure_scale
+from ..runs import store as ckpt
+from ..viz import plots
+from ..latent.space import LATENT, RECONSTRUCTION, autoencoder_config, load_autoencoder, measure_scale
 from ..data.images import load_split, read_inputs, to_model, to_uint8
-from ..distributed import launched_rank, resolve_device
+from ..training.distributed import launched_rank, resolve_device
 from ..io import atomic_path
-from ..features import embed, resolve_feature_net
-from ..metrics import frechet_from_stats, gaussian_stats, psnr
-from ..training import train
+from ..evaluation.features import embed, resolve_feature_net
+from ..evaluation.metrics import frechet_from_stats, gaussian_stats, psnr
+from ..training.loop import train
 from .options import UsageError, add_auxiliary_training, check_suffix, positive_int, start_auxiliary, unfinished, with_training_options
 
 

@@ -14,13 +14,13 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from .. import checkpoint as ckpt
-from ..classifier import NoiseAwareClassifier, accuracy_by_noise, classifier_config
+from ..runs import store as ckpt
+from ..guidance.classifier import NoiseAwareClassifier, accuracy_by_noise, classifier_config
 from ..data.images import load_split, to_model
-from ..distributed import launched_rank, resolve_device, restarted
+from ..training.distributed import launched_rank, resolve_device, restarted
 from ..io import atomic_path
-from ..presets import preset_for
-from ..training import train
+from ..runs.presets import preset_for
+from ..training.loop import train
 from .data import check_dataset
 from .options import UsageError, add_auxiliary_training
 from .train import load_training_data

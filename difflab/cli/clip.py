@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.images import load_split
-from ..distributed import launched_rank, resolve_device
-from ..text import CLIP_REPORT, clip_config, clip_data, clip_report
-from ..training import train
+from ..training.distributed import launched_rank, resolve_device
+from ..text.encoders import CLIP_REPORT, clip_config, clip_data, clip_report
+from ..training.loop import train
 from .options import UsageError, add_auxiliary_training, positive_int, start_auxiliary, unfinished, with_training_options
 
 

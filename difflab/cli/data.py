@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import plots
+from ..viz import plots
 from ..data.images import DATASETS, load_images
 from ..data.toy2d import TOY_DATASETS, make_toy
 from .options import UsageError, check_suffix, positive_int, save_npz

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from ..autoencoder import data_shape, to_model_space
-from .. import plots
+from ..latent.space import data_shape, to_model_space
+from ..viz import plots
 from ..data.images import read_inputs, to_model, to_uint8
-from ..edit import METHODS, img2img, interpolate
-from ..guidance_config import guided
+from ..sampling.edit import METHODS, img2img, interpolate
+from ..guidance.config import guided
 from .options import load_model, UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
 
 

@@ -6,23 +6,13 @@ import argparse
 
 import torch
 
-from ..checkpoint import load_config
-from ..distributed import resolve_device
-from .options import (
-    UsageError,
-    add_device,
-    add_guidance,
-    add_sampler,
-    check_suffix,
-    guidance_from,
-    positive_int,
-    sampler_choice,
-    single_thread_for_points,
-)
+from ..runs.store import load_config
+from ..training.distributed import resolve_device
+from .options import UsageError, add_device, add_guidance, add_sampler, check_suffix, guidance_from, positive_int, sampler_choice, single_thread_for_points
 
 
 def run(args) -> None:
-    from ..evaluate import evaluate, format_report, write_json
+    from ..evaluation.evaluate import evaluate, format_report, write_json
 
     check_suffix(args.json, (".json",), "--json")
     sampler_choice(args, None)  # fail before loading anything

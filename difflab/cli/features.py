@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict
 
-from ..features import RECIPES, SHIPPED, FeatureTraining, train_and_save
+from ..evaluation.features import RECIPES, SHIPPED, FeatureTraining, train_and_save
 from .options import Parser, positive_int
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..distributed import DEVICES
+from ..training.distributed import DEVICES
 from ..io import atomic_path
-from ..samplers import SAMPLERS, SPACINGS, default_spacing, sampler_options
+from ..sampling.samplers import SAMPLERS, SPACINGS, default_spacing, sampler_options
 
 
 class UsageError(ValueError):
@@ -108,9 +108,9 @@ def start_auxiliary(args, kinds: tuple[str, ...], what: str, flags: tuple[str, .
     with --data, False), after refusing a missing NAME or an existing run without --force."""
     from dataclasses import replace
 
-    from .. import checkpoint as ckpt
-    from ..distributed import restarted
-    from ..presets import preset_for
+    from ..runs import store as ckpt
+    from ..training.distributed import restarted
+    from ..runs.presets import preset_for
     from .data import check_dataset
 
     out = Path(args.out)
@@ -135,7 +135,7 @@ def start_auxiliary(args, kinds: tuple[str, ...], what: str, flags: tuple[str, .
 
 def unfinished(out, cfg, command: str, why: str = "") -> bool:
     """Whether the run ``out`` stopped before its last step (--max-minutes); if so, say how to finish it."""
-    from .. import checkpoint as ckpt
+    from ..runs import store as ckpt
 
     step = ckpt.weights_step(out)
     if step < cfg.train.steps:
@@ -210,7 +210,7 @@ def compose_terms(s: str) -> tuple[tuple[int, float], ...]:
 
 def interval(s: str) -> tuple[float, float]:
     """'0.2,0.8' -> (0.2, 0.8), fractions of t_max with 0 <= lo < hi <= 1."""
-    from ..guidance import check_interval
+    from ..guidance.wrappers import check_interval
 
     try:
         return check_interval(float(v) for v in s.split(","))
@@ -243,7 +243,7 @@ def add_conditions(p) -> None:
 
 def load_model(args, run, ema: bool = True):
     """(denoiser, config) of ``run``, with the adapters of --lora at the strengths of --lora-scale."""
-    from ..checkpoint import load_denoiser
+    from ..runs.store import load_denoiser
 
     denoiser, cfg = load_denoiser(run, ema=ema)
     loras, scales = getattr(args, "lora", None) or [], getattr(args, "lora_scale", None) or []
@@ -254,13 +254,13 @@ def load_model(args, run, ema: bool = True):
     if len(scales) not in (0, 1, len(loras)):
         raise UsageError(f"give one --lora-scale for all adapters or one per --lora ({len(loras)}), not {len(scales)}")
     scales = scales * len(loras) if len(scales) == 1 else scales or [1.0] * len(loras)
-    from ..personalize import with_adapters
+    from ..personalize.method import with_adapters
 
     return with_adapters(denoiser, cfg, run, list(zip(loras, scales)))
 
 
 def add_guidance(g) -> None:
-    from ..guidance import SCHEDULES
+    from ..guidance.wrappers import SCHEDULES
 
     g.add_argument("--guidance", type=float, default=1.0, metavar="S",
                    help="classifier-free guidance scale: pred_null + S (pred_class - pred_null); 1 (default) plain conditional, 0 unconditional")
@@ -280,7 +280,7 @@ def add_guidance(g) -> None:
 
 def guidance_from(args):
     """The GuidanceConfig the flags ask for (None when they ask for nothing)."""
-    from ..guidance_config import GuidanceConfig
+    from ..guidance.config import GuidanceConfig
 
     if args.classifier_scale is not None and args.classifier is None:
         raise UsageError("--classifier-scale needs --classifier RUN")
@@ -299,7 +299,7 @@ def guidance_from(args):
 
 def prompts_from(args) -> list[str] | None:
     """The prompts of --prompt and --prompt-file (None when neither is given)."""
-    from ..prompts import read_prompt_file
+    from ..evaluation.prompts import read_prompt_file
 
     prompts = list(args.prompt or [])
     if args.prompt_file:
@@ -308,7 +308,7 @@ def prompts_from(args) -> list[str] | None:
 
 
 def _reads_text(cfg) -> bool:
-    from ..text import text_spec
+    from ..text.encoders import text_spec
 
     return text_spec(cfg) is not None
 
@@ -316,11 +316,11 @@ def _reads_text(cfg) -> bool:
 def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, int | None]:
     """(condition tensors, number of samples, grid row length) from the flags: ``--class all`` draws
     n // classes samples of every class, one grid row each."""
-    from ..guidance_config import classes_for, labels_for
+    from ..guidance.config import classes_for, labels_for
 
     prompts = prompts_from(args)
     if prompts is not None:
-        from ..text import text_condition, text_spec
+        from ..text.encoders import text_condition, text_spec
 
         if text_spec(cfg) is None:
             raise UsageError(f"--prompt: {run} takes no text (train a text-to-image run with --text)")

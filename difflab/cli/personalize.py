@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import checkpoint as ckpt
-from ..distributed import launched_rank, resolve_device, restarted
-from ..personalize import METHODS, LoraSpec, Personalization, personalize
+from ..runs import store as ckpt
+from ..training.distributed import launched_rank, resolve_device, restarted
+from ..personalize.method import METHODS, LoraSpec, Personalization, personalize
 from .options import UsageError, add_device, positive_float, positive_int, unfinished
 
 

@@ -15,16 +15,16 @@ import re
 
 import torch
 
-from .. import plots
-from ..autoencoder import data_shape, latent_space
-from ..checkpoint import load_denoiser
+from ..viz import plots
+from ..latent.space import data_shape, latent_space
+from ..runs.store import load_denoiser
 from ..data.images import read_inputs, read_mask, to_model, to_uint8
-from ..distributed import resolve_device
-from ..generate import generate
-from ..guidance_config import guided
-from ..inverse import METHODS, MEASUREMENT, Counted
-from ..metrics import psnr
-from ..operators import Blur, Decoded, Downsample, Grey, Mask, box_mask, random_mask
+from ..training.distributed import resolve_device
+from ..sampling.generate import generate
+from ..guidance.config import guided
+from ..sampling.inverse import METHODS, MEASUREMENT, Counted
+from ..evaluation.metrics import psnr
+from ..core.operators import Blur, Decoded, Downsample, Grey, Mask, box_mask, random_mask
 from .options import load_model, UsageError, add_conditions, add_device, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
 
 TASKS = "inpaint, random, srK (e.g. sr4), deblur, grey"

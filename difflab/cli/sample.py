@@ -7,27 +7,13 @@ import argparse
 import numpy as np
 import torch
 
-from ..autoencoder import data_shape
-from .. import plots
+from ..latent.space import data_shape
+from ..viz import plots
 from ..data.toy2d import TOY_DATASETS, make_toy
-from ..distributed import resolve_device, setup
-from ..generate import generate
-from ..guidance_config import guided
-from .options import (
-    load_model,
-    UsageError,
-    add_conditions,
-    add_device,
-    add_sampler,
-    check_suffix,
-    conditions_from,
-    guidance_from,
-    positive_int,
-    prompts_from,
-    sampler_choice,
-    save_npz,
-    single_thread_for_points,
-)
+from ..training.distributed import resolve_device, setup
+from ..sampling.generate import generate
+from ..guidance.config import guided
+from .options import load_model, UsageError, add_conditions, add_device, add_sampler, check_suffix, conditions_from, guidance_from, positive_int, prompts_from, sampler_choice, save_npz, single_thread_for_points
 
 
 def run(args) -> None:
@@ -95,7 +81,7 @@ def run(args) -> None:
         elif args.out:
             plots.save_grid(imgs, args.out, nrow=nrow)
         if traj is not None:
-            from ..chain import chain_gif
+            from ..viz.chain import chain_gif
 
             chain_gif(traj, args.gif)
     for path in (args.out, args.save, args.gif):

@@ -17,19 +17,19 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint as ckpt
-from .. import plots
-from ..autoencoder import LATENTS, cached_latents, data_shape, latent_space, load_autoencoder, with_latent
-from ..conditions import ConditionSpec, class_labels
+from ..runs import store as ckpt
+from ..viz import plots
+from ..latent.space import LATENTS, cached_latents, data_shape, latent_space, load_autoencoder, with_latent
+from ..core.conditions import ConditionSpec, class_labels
 from ..data.loader import TensorDataset
 from ..data.toy2d import make_toy
-from ..distributed import launched_rank, resolve_device, restarted
-from ..generate import generate
+from ..training.distributed import launched_rank, resolve_device, restarted
+from ..sampling.generate import generate
 from ..nets.unet import num_parameters
-from ..presets import preset_for
-from ..processes import PROCESSES_BY_NAME
-from ..text import text_condition, with_text
-from ..training import PRECISIONS, train
+from ..runs.presets import preset_for
+from ..core.processes import PROCESSES_BY_NAME
+from ..text.encoders import text_condition, with_text
+from ..training.loop import PRECISIONS, train
 from .data import check_dataset
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
 
@@ -96,7 +96,7 @@ def with_low_res(cfg: ckpt.RunConfig, factor: int, aug_max: float | None) -> ckp
 def low_res_of(images, factor: int):
     """uint8 images (N, C, H, W) -> their average-pooled low-resolution versions in the model space (operators.Downsample)."""
     from ..data.images import to_model
-    from ..operators import Downsample
+    from ..core.operators import Downsample
 
     op = Downsample(factor, tuple(images.shape[1:]))
     return torch.cat([op(to_model(chunk)) for chunk in images.split(4096)])

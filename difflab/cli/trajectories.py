@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..samplers import SAMPLERS
+from ..sampling.samplers import SAMPLERS
 from .options import load_model, UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, single_thread_for_points
 
 
@@ -13,8 +13,8 @@ def run(args) -> None:
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     denoiser, cfg = load_model(args, args.run)
-    from ..chain import image_chain, toy_trajectories
-    from ..guidance_config import guided
+    from ..viz.chain import image_chain, toy_trajectories
+    from ..guidance.config import guided
 
     guidance = guidance_from(args)
     denoiser = guided(denoiser, cfg, guidance, args.run)

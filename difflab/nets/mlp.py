@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor, nn
 
-from ..conditions import check_accepted
+from ..core.conditions import check_accepted
 from .embeddings import TimeEmbedding
 
 

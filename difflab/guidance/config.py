@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .checkpoint import RunConfig, load_config
-from .conditions import ConditionError
-from .guidance import ClassifierGuided, Guided
-from .text import text_condition, text_spec
+from ..runs.store import RunConfig, load_config
+from ..core.conditions import ConditionError
+from .wrappers import ClassifierGuided, Guided
+from ..text.encoders import text_condition, text_spec
 
 
 @dataclass

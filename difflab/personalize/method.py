@@ -47,9 +47,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint as ckpt
-from .io import atomic_path, cached_tensor
-from .nets.text import TextConfig, words
+from ..runs import store as ckpt
+from ..io import atomic_path, cached_tensor
+from ..nets.text import TextConfig, words
 
 METHODS = ("dreambooth", "lora", "textual-inversion")
 LORA_TARGETS = r".*\.(attn|cross)\.(qkv|q|kv|out)"  # the attention projections of the U-Net's blocks
@@ -284,7 +284,7 @@ def personalized_config(base: ckpt.RunConfig, p: Personalization, steps: int, lr
     if rec["kind"] == "joint":
         cfg = with_tokens(cfg, [p.token])
     else:
-        from .text import frozen_encoder
+        from ..text.encoders import frozen_encoder
 
         encoder = frozen_encoder({k: v for k, v in rec.items() if k != "max_tokens"})
         extra = encoder.length([p.token]) - encoder.length([""])  # the identifier's tokens: any training caption with it fits
@@ -335,9 +335,9 @@ def class_samples(base_run, base: ckpt.RunConfig, prompts: Sequence[str], n: int
                   progress: bool = True, seed: int = 0) -> Tensor:
     """n samples of the frozen base model in its own space for ``prompts`` (cycled), guided at ``scale``;
     drawn once and cached in ``cache`` (keyed by the base weights, the prompts, n, scale and seed)."""
-    from .generate import generate, identity
-    from .guidance_config import GuidanceConfig, guided
-    from .text import text_condition
+    from ..sampling.generate import generate, identity
+    from ..guidance.config import GuidanceConfig, guided
+    from ..text.encoders import text_condition
 
     captions = [prompts[i % len(prompts)] for i in range(n)]
     key = hashlib.sha256(json.dumps([ckpt.weights_fingerprint(base_run), captions, scale, seed]).encode()).hexdigest()[:16]
@@ -354,7 +354,7 @@ def class_samples(base_run, base: ckpt.RunConfig, prompts: Sequence[str], n: int
 def read_subject(folder, shape, token: str, class_word: str) -> tuple[Tensor, list[str]]:
     """The subject's images (uint8, each exactly ``shape``) and captions from ``folder`` (metadata.jsonl;
     without one, every image is captioned "a TOKEN CLASS")."""
-    from .data.images import read_captioned_folder
+    from ..data.images import read_captioned_folder
 
     images, captions = read_captioned_folder(folder, shape, "subject image")
     captions = captions or [f"a {token} {class_word}"] * len(images)
@@ -374,12 +374,12 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from .autoencoder import data_shape, to_model_space
-    from .data.images import to_model
-    from .data.loader import TensorDataset
-    from .distributed import launched_rank
-    from .text import text_condition
-    from .training import train
+    from ..latent.space import data_shape, to_model_space
+    from ..data.images import to_model
+    from ..data.loader import TensorDataset
+    from ..training.distributed import launched_rank
+    from ..text.encoders import text_condition
+    from ..training.loop import train
 
     out, main = Path(out), launched_rank() == 0
     if resume:
@@ -429,11 +429,11 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
 
 def _preview(denoiser, step: int, run: Path) -> None:
     """samples.png: each subject caption and its class prompt, two samples each, guided at PREVIEW_GUIDANCE."""
-    from . import plots
-    from .data.images import to_uint8
-    from .generate import generate
-    from .guidance_config import GuidanceConfig, guided
-    from .text import text_condition
+    from ..viz import plots
+    from ..data.images import to_uint8
+    from ..sampling.generate import generate
+    from ..guidance.config import GuidanceConfig, guided
+    from ..text.encoders import text_condition
 
     cfg = ckpt.load_config(run)
     p = Personalization(**cfg.data["personalize"])
@@ -491,7 +491,7 @@ def with_adapters(denoiser, cfg: ckpt.RunConfig, base_run, adapters: Sequence[tu
     """The base run's denoiser with the LoRA adapters of ``adapters`` ((run, strength), ...) added and all
     active (their updates add up); each is checked to have been trained over these very weights. Returns
     (denoiser, config): a joint run's config gains the adapters' identifiers."""
-    from .parameterize import Denoiser
+    from ..core.parameterize import Denoiser
 
     if "lora" in cfg.data:
         raise PersonalizeError(f"{base_run} is itself a LoRA run; load its adapters over its base run {cfg.data['personalize']['base']}")
@@ -548,8 +548,8 @@ def subject_similarity(net, images: Tensor, sides: Tensor, references: Tensor, c
     features are non-negative, and uncentred any two sneakers of one tint sit at cosine 0.99."""
     import torch.nn.functional as F
 
-    from .data.pairs import half, place
-    from .features import embed
+    from ..data.pairs import half, place
+    from ..evaluation.features import embed
 
     a, _ = embed(net, place(half(images, sides), sides))
     b, _ = embed(net, place(references, sides))
@@ -561,9 +561,9 @@ def subject_similarity(net, images: Tensor, sides: Tensor, references: Tensor, c
 @torch.no_grad()
 def feature_center(net, n: int = 2000, seed: int = 0) -> Tensor:
     """The mean feature of n real test-split Fashion-MNIST items, each in a random tint on a random side."""
-    from .data.images import load_images
-    from .data.pairs import RGB, place, tint
-    from .features import embed
+    from ..data.images import load_images
+    from ..data.pairs import RGB, place, tint
+    from ..evaluation.features import embed
 
     items = load_images("fashion-mnist", split="test")
     g = torch.Generator().manual_seed(seed)
@@ -577,7 +577,7 @@ def shape_similarity(images: Tensor, sides: Tensor, references: Tensor) -> Tenso
     """The Pearson correlation, over the 32x32 pixels, between the luminance of each image's ``sides`` half
     and of its reference (N,): the item's shape, blind to its tint (a tint scales the luminance) and to the
     other half. uint8 ``images`` (N, 3, 32, 64), ``references`` (N, 3, 32, 32)."""
-    from .data.pairs import half
+    from ..data.pairs import half
 
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, RunConfig, load_denoiser
-from .conditions import class_labels
-from .nets.classifier import ClassifierConfig
-from .nets.unet import UNetConfig
-from .parameterize import Denoiser
+from ..runs.store import CheckpointError, RunConfig, load_denoiser
+from ..core.conditions import class_labels
+from ..nets.classifier import ClassifierConfig
+from ..nets.unet import UNetConfig
+from ..core.parameterize import Denoiser
 
 NOISE_LEVELS = (0.05, 0.25, 0.5, 0.75, 0.95)  # fractions of t_max at which a classifier's accuracy is reported
 

@@ -28,9 +28,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .operators import Operator, OperatorError
-from .parameterize import Prediction, expand_t
-from .processes import broadcast
+from ..core.operators import Operator, OperatorError
+from ..core.parameterize import Prediction, expand_t
+from ..core.processes import broadcast
 from .samplers import _alpha_sigma, _check_grid, _Recorder, ddim_step, randn
 
 MEASUREMENT = "measurement"

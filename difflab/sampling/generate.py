@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .autoencoder import LatentSpace, data_shape, latent_space
-from .checkpoint import RunConfig
-from .distributed import World, gather_rows, shard
+from ..latent.space import LatentSpace, data_shape, latent_space
+from ..runs.store import RunConfig
+from ..training.distributed import World, gather_rows, shard
 from .samplers import PerSampleGenerator, Trajectory, check_options, device_of, sample
 
 

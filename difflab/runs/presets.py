@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 
-from .checkpoint import RunConfig, TrainConfig, process_to_dict
-from .data.toy2d import TOY_DATASETS
-from .losses import SimpleLoss
-from .nets.mlp import MLPConfig
-from .processes import DiscreteDDPM
+from .store import RunConfig, TrainConfig, process_to_dict
+from ..data.toy2d import TOY_DATASETS
+from ..core.losses import SimpleLoss
+from ..nets.mlp import MLPConfig
+from ..core.processes import DiscreteDDPM
 
 
 def _toy(name: str) -> RunConfig:

@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 
 from . import plots
-from .io import atomic_path
-from .autoencoder import latent_space
-from .checkpoint import RunConfig
-from .data.toy2d import make_toy
-from .generate import generate
+from ..io import atomic_path
+from ..latent.space import latent_space
+from ..runs.store import RunConfig
+from ..data.toy2d import make_toy
+from ..sampling.generate import generate
 
 COLUMNS = 6  # moments of the chain shown side by side
 FRACTIONS = (1.0, 0.6, 0.4, 0.25, 0.1, 0.0)  # of t_max: the structure appears late in the reverse chain
@@ -54,7 +54,7 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
                 cond: dict | None = None) -> None:
     """Reverse chain strip (per sample, at six moments of the chain: x_t beside its predicted x_0), an optional
     GIF, and an optional forward-noising strip of real images."""
-    from .data.images import load_split, to_model, to_uint8
+    from ..data.images import load_split, to_model, to_uint8
 
     _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True, cond=cond)
     idx = _pick(len(traj.x0), COLUMNS)
@@ -79,7 +79,7 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
 
 def chain_gif(traj, path, n: int = 16) -> None:
     """One frame per step: a grid of x_t beside a grid of the predicted x_0."""
-    from .data.images import to_uint8
+    from ..data.images import to_uint8
 
     frames = []
     for i in range(len(traj.x0)):

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .data.pairs import ATTRIBUTES, caption, is_held_out, parse_caption, swapped
+from ..data.pairs import ATTRIBUTES, caption, is_held_out, parse_caption, swapped
 
 TEST_CAPTIONS = "test-captions"
 
@@ -72,7 +72,7 @@ def read_prompt_file(path) -> list[str]:
 def load_prompts(spec: str, cfg, n: int) -> PromptSet:
     """n prompts: the run's test split captions ('test-captions', the first n) or a file's lines, cycled."""
     if spec == TEST_CAPTIONS:
-        from .data.images import load_split
+        from ..data.images import load_split
 
         test = load_split(cfg, "test")
         if test.captions is None:

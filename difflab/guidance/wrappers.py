@@ -43,9 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conditions import ConditionError, ConditionSpec
-from .parameterize import Prediction, expand_t
-from .processes import broadcast
+from ..core.conditions import ConditionError, ConditionSpec
+from ..core.parameterize import Prediction, expand_t
+from ..core.processes import broadcast
 
 # --------------------------------------------------------------------------- time-varying scales (pure)
 

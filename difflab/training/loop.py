@@ -32,12 +32,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from .conditions import drop_conditions, drop_mask, select
-from .data.loader import ShuffledBatches, TensorDataset
+from ..runs import store as ckpt
+from ..core.conditions import drop_conditions, drop_mask, select
+from ..data.loader import ShuffledBatches, TensorDataset
 from .distributed import World, max_over_ranks, mean_over_ranks, resolve_device, setup
-from .io import atomic_path
-from .parameterize import Denoiser
+from ..io import atomic_path
+from ..core.parameterize import Denoiser
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SEED_STRIDE = 1_000_003  # step k of a run with seed s draws from a generator seeded s * SEED_STRIDE + k

@@ -30,18 +30,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .conditions import ConditionError, ConditionSpec, check_accepted, condition_names
-from .io import atomic_path, file_sha256
-from .losses import AutoencoderLoss, ClassifierLoss, NoiseAugmented, SimpleLoss
-from .nets.autoencoder import Autoencoder, AutoencoderConfig
-from .nets.classifier import ClassifierConfig, NoisyClassifier
-from .nets.mlp import MLP, MLPConfig
-from .nets.unet import UNet, UNetConfig
-from .parameterize import TARGETS, Denoiser
-from .nets.text import Clip, ClipConfig
-from .text import ContrastiveLoss
-from .processes import PROCESSES_BY_NAME as PROCESSES
-from .processes import Process
+from ..core.conditions import ConditionError, ConditionSpec, check_accepted, condition_names
+from ..io import atomic_path, file_sha256
+from ..core.losses import AutoencoderLoss, ClassifierLoss, NoiseAugmented, SimpleLoss
+from ..nets.autoencoder import Autoencoder, AutoencoderConfig
+from ..nets.classifier import ClassifierConfig, NoisyClassifier
+from ..nets.mlp import MLP, MLPConfig
+from ..nets.unet import UNet, UNetConfig
+from ..core.parameterize import TARGETS, Denoiser
+from ..nets.text import Clip, ClipConfig
+from ..text.encoders import ContrastiveLoss
+from ..core.processes import PROCESSES_BY_NAME as PROCESSES
+from ..core.processes import Process
 
 CONFIG, CHECKPOINTS = "config.json", "checkpoints"
 WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
@@ -196,7 +196,7 @@ class RunConfig:
             raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
         net = net_cls(cfg)
         if "lora" in self.data:  # a LoRA run (difflab personalize --method lora): the base network with adapters
-            from .personalize import LoraSpec, with_lora
+            from ..personalize.method import LoraSpec, with_lora
 
             net = with_lora(net, LoraSpec.from_dict(self.data["lora"]))
         return net

@@ -54,10 +54,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .data.images import load_images, to_model
-from .io import atomic_path
+from ..data.images import load_images, to_model
+from ..io import atomic_path
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent.parent / "weights"
 SHIPPED = ("digits", "fashion-mnist", "fashion-pairs")
 RANDOM = "random"
 SUBSET_N = 2000  # the JSON also records the accuracy on the first SUBSET_N test images (a quick check for tests)
@@ -421,7 +421,7 @@ def train_and_save(source: str, out: str | Path | None = None, recipe: FeatureTr
     test = load_images(source, "test", size=size, channels=channels, data_dir=data_dir)
     groups = names = None
     if train.attributes is not None:  # fashion-pairs: one head per attribute
-        from .data.pairs import ATTRIBUTES, COLOURS, NOUNS
+        from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS
 
         groups, names = (len(NOUNS), len(COLOURS), len(NOUNS), len(COLOURS)), list(ATTRIBUTES)
         train.labels, test.labels, train.num_classes = train.attributes, test.attributes, sum(groups)

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from .checkpoint import RunConfig, TrainConfig, process_to_dict
-from .nets.unet import PRESETS as UNET_PRESETS
-from .nets.unet import preset_for_size
-from .processes import DiscreteDDPM
+from .store import RunConfig, TrainConfig, process_to_dict
+from ..nets.unet import PRESETS as UNET_PRESETS
+from ..nets.unet import preset_for_size
+from ..core.processes import DiscreteDDPM
 
 RECIPE_PROCESS = process_to_dict(DiscreteDDPM(T=1000, schedule="cosine"))
 RECIPE_LOSS = {"target": None, "weighting": "min_snr", "gamma": 5.0}
@@ -52,7 +52,7 @@ def image_preset(source: str) -> RunConfig:
     """A run for a user's own folder or .npz: the shape is read from the data and the U-Net is sized like the
     built-in preset for that resolution (nets.unet.preset_for_size); the training recipe is the one of the
     preset of the nearest size (digits up to 16 pixels, fashion-mnist above)."""
-    from .data.images import load_images
+    from ..data.images import load_images
 
     data = load_images(source, split="train")  # raises DataError for unknown names and bad files
     _, c, h, w = data.images.shape

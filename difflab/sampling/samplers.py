@@ -37,16 +37,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .parameterize import Prediction, expand_t
-from .processes import (
-    ContinuousVP,
-    DiscreteDDPM,
-    Process,
-    VarianceExploding,
-    broadcast,
-    posterior_coefficients,
-    transition_variance,
-)
+from ..core.parameterize import Prediction, expand_t
+from ..core.processes import ContinuousVP, DiscreteDDPM, Process, VarianceExploding, broadcast, posterior_coefficients, transition_variance
 
 F64 = torch.float64
 DEFAULT_SIGMA_CAP = 80.0  # EDM's sigma_max: karras/logsnr grids on VP processes start their spread here

@@ -54,29 +54,21 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .autoencoder import data_shape
-from .checkpoint import RunConfig, load_denoiser, weights_step
-from .data.images import ImageSet, load_split, to_model, to_uint8
-from .data.toy2d import make_toy
+from ..latent.space import data_shape
+from ..runs.store import RunConfig, load_denoiser, weights_step
+from ..data.images import ImageSet, load_split, to_model, to_uint8
+from ..data.toy2d import make_toy
 from .features import FeatureNet, embed, resolve_feature_net
-from .io import atomic_path
-from .likelihood import bits_per_dim
-from .metrics import (
-    class_histogram,
-    energy_distance,
-    frechet_from_stats,
-    gaussian_stats,
-    kid,
-    precision_recall,
-    sliced_wasserstein,
-)
-from .processes import DiscreteDDPM
-from .generate import generate
-from .guidance_config import GuidanceConfig, classes_for, guided, labels_for
-from .data.pairs import ATTRIBUTES
+from ..io import atomic_path
+from ..core.likelihood import bits_per_dim
+from .metrics import class_histogram, energy_distance, frechet_from_stats, gaussian_stats, kid, precision_recall, sliced_wasserstein
+from ..core.processes import DiscreteDDPM
+from ..sampling.generate import generate
+from ..guidance.config import GuidanceConfig, classes_for, guided, labels_for
+from ..data.pairs import ATTRIBUTES
 from .prompts import TEST_CAPTIONS, PromptSet, accuracies, follows, load_prompts
-from .text import text_condition, text_spec
-from .samplers import SAMPLERS, SPACINGS, default_spacing
+from ..text.encoders import text_condition, text_spec
+from ..sampling.samplers import SAMPLERS, SPACINGS, default_spacing
 
 DEFAULT_N = 1000
 DEFAULT_BPD_N = 32
@@ -295,7 +287,7 @@ def evaluate(
     if text_spec(cfg) is not None:
         prompt_set = load_prompts(prompts or TEST_CAPTIONS, cfg, n)
         if clip is not None:  # a prompt the CLIP cannot read fails now, not after the sampling
-            from .text import load_clip
+            from ..text.encoders import load_clip
 
             load_clip(clip)[0].config.text_config.tokenize(prompt_set.captions)
     elif prompts or caption_swap or clip:
@@ -483,7 +475,7 @@ def _text_report(net: FeatureNet, logits, prompts: PromptSet, images: Tensor, re
             x = to_uint8(_draw(denoiser, cfg, **{**draw, "cond": text_condition(cfg, swap.captions)}))
             out["caption_swap"] = accuracies(net.attributes(embed(net, x, batch=FEATURE_BATCH)[1]), swap.attributes)
     if clip is not None:
-        from .text import clip_scores, load_clip
+        from ..text.encoders import clip_scores, load_clip
 
         model, fingerprint = load_clip(clip)
         real = ref_data.captions is not None

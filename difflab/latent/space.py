@@ -29,11 +29,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .checkpoint import (
-    AUTOENCODERS, WEIGHTS, CheckpointError, RunConfig, TrainConfig, latest_checkpoint, load_config, load_into, load_weights, weights_step,
-)  # fmt: skip
-from .io import atomic_path, cached_tensor
-from .nets.autoencoder import Autoencoder, AutoencoderConfig
+from ..runs.store import AUTOENCODERS, WEIGHTS, CheckpointError, RunConfig, TrainConfig, latest_checkpoint, load_config, load_into, load_weights, weights_step  # fmt: skip
+from ..io import atomic_path, cached_tensor
+from ..nets.autoencoder import Autoencoder, AutoencoderConfig
 
 LATENT = "latent.json"
 RECONSTRUCTION = "reconstruction.json"
@@ -76,7 +74,7 @@ def encode_means(net: Autoencoder, x: Tensor, batch: int = 256, progress: bool =
 def measure_scale(run: str | Path, images: Tensor, progress: bool = False) -> dict:
     """Encode uint8 ``images`` (the training split) with the run's EMA weights and write RUN/latent.json:
     scale = 1 / std of the latents (all elements), their mean, the posterior's mean std, and the step."""
-    from .data.images import to_model
+    from ..data.images import to_model
 
     run = Path(run)
     net = _load_net(run)
@@ -149,7 +147,7 @@ class LatentSpace:
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> Tensor:
         """uint8 images -> uint8 reconstructions D(E(x)) (posterior means), in batches."""
-        from .data.images import to_model, to_uint8
+        from ..data.images import to_model, to_uint8
 
         return to_uint8(self.decode(self.encode(to_model(images))))
 
@@ -206,7 +204,7 @@ def cached_latents(space: LatentSpace, images: Tensor, cache: Path | None, progr
     this autoencoder (fingerprint) for these images (their count and SHA-256), else encoded with a progress bar and written there
     atomically. The training split of the sets here fits in memory as latents (fashion-pairs: 20000 x
     4 x 8 x 16 floats, 41 MB), so latent runs train on the cache rather than encoding every batch."""
-    from .data.images import to_model
+    from ..data.images import to_model
 
     tag = {"hash": space.hash, "images": str(len(images)), "data": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]}
 
@@ -219,7 +217,7 @@ def cached_latents(space: LatentSpace, images: Tensor, cache: Path | None, progr
 def with_latent(cfg: RunConfig, space: LatentSpace) -> RunConfig:
     """A run of ``cfg``'s data in the autoencoder's latent space: the U-Net sized to the latent (its class
     embedding kept), the autoencoder recorded in data['latent']."""
-    from .nets.unet import UNetConfig, preset_for_size
+    from ..nets.unet import UNetConfig, preset_for_size
 
     if cfg.kind != "images" or cfg.net_kind != "unet":
         raise ValueError(f"latent diffusion needs an image run; {cfg.dataset} trains an {cfg.net_kind.upper()}")

