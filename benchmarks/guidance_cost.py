@@ -34,19 +34,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
-from difflab.runs.store import has_checkpoint, load_denoiser  # noqa: E402
 from difflab.guidance.classifier import load_classifier  # noqa: E402
-from difflab.cli.train import with_class_labels  # noqa: E402
-from difflab.sampling.generate import generate  # noqa: E402
 from difflab.guidance.wrappers import ClassifierGuided, Guided  # noqa: E402
-from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.runs.diffusion import DiffusionRun  # noqa: E402
+from difflab.runs.presets import preset_for, with_class_labels  # noqa: E402
+from difflab.runs.store import has_checkpoint  # noqa: E402
+from difflab.sampling.generate import generate  # noqa: E402
 from difflab.sampling.samplers import default_spacing, timesteps  # noqa: E402
 
 
 def contenders(interval: tuple[float, float]):
     run, clf_run = RUNS / "guidance" / "cond", RUNS / "guidance" / "clf"
     if has_checkpoint(run):
-        denoiser, cfg = load_denoiser(run)
+        loaded = DiffusionRun.load(run)
+        denoiser, cfg = loaded.denoiser, loaded.config
         source = f"the trained run {run.relative_to(RUNS.parent.parent)}"
     else:
         cfg = with_class_labels(preset_for("fashion-mnist"), 10, 0.1)
@@ -82,7 +83,7 @@ def main(argv=None) -> None:
             if isinstance(den, Guided):
                 den.evaluations = 0
             t0 = time.perf_counter()
-            generate(den, cfg, args.n, sampler="dpmpp-2m", steps=args.steps, cond={"class_labels": labels}, batch=args.n)
+            generate(den, cfg.shape, args.n, sampler="dpmpp-2m", steps=args.steps, cond={"class_labels": labels}, batch=args.n)
             times[name].append(time.perf_counter() - t0)
             passes[name] = den.evaluations if isinstance(den, Guided) else args.steps
     base = statistics.median(times["unguided (s = 1)"])

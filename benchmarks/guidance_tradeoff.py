@@ -39,13 +39,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
-from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
-from difflab.guidance.classifier import classifier_config  # noqa: E402
-from difflab.cli.train import load_training_data, with_class_labels  # noqa: E402
-from difflab.evaluation.evaluate import evaluate  # noqa: E402
+from difflab.data.images import load_images, to_model  # noqa: E402
+from difflab.evaluation.evaluate import Sampling, evaluate  # noqa: E402
+from difflab.guidance.classifier import accuracy_by_noise, classifier_config, load_classifier  # noqa: E402
 from difflab.guidance.config import GuidanceConfig  # noqa: E402
 from difflab.io import atomic_path  # noqa: E402
-from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.runs.data import load_split, training_data  # noqa: E402
+from difflab.runs.presets import preset_for, with_class_labels  # noqa: E402
+from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
 from difflab.training.loop import train  # noqa: E402
 
 SCALES = (0.0, 1.0, 1.5, 2.0, 3.0, 5.0)
@@ -55,7 +56,7 @@ INTERVAL_SCALES = (2.0, 3.0, 5.0)
 def configs(steps: int, classifier_steps: int):
     base = preset_for("fashion-mnist")
     base = replace(base, train=replace(base.train, steps=steps, sample_every=0))
-    data, num_classes = load_training_data(base)
+    data, num_classes = training_data(base), load_split(base, "train").num_classes
     cond = with_class_labels(base, num_classes, 0.1)
     clf = classifier_config(base, num_classes)
     clf = replace(clf, train=replace(clf.train, steps=classifier_steps))
@@ -85,9 +86,6 @@ def write_text(path: Path, text: str) -> None:
 
 def classifier_accuracy(run: Path) -> dict:
     """The classifier's test accuracy by noise level (2000 test images), as `difflab train-classifier` reports it."""
-    from difflab.guidance.classifier import accuracy_by_noise, load_classifier
-    from difflab.data.images import load_images, to_model
-
     clf, _ = load_classifier(run)
     test = load_images("fashion-mnist", split="test")
     return {str(k): v for k, v in accuracy_by_noise(clf, to_model(test.images[:2000]), test.labels[:2000]).items()}
@@ -131,7 +129,7 @@ def main(argv=None) -> None:
             continue
         print(f"{method}, s = {s}")
         t0 = time.perf_counter()
-        r = evaluate(run, n=args.n, sampler="dpmpp-2m", steps=args.sample_steps, bpd_n=0, progress=False, guidance=g)
+        r = evaluate(run, n=args.n, sampling=Sampling("dpmpp-2m", args.sample_steps), bpd_n=0, progress=False, guidance=g)
         results.append({"method": method, "scale": s, "fd": r["fd"], "accuracy": r["classes"].get("accuracy"), **setting,
                         "step": r["step"], "sampling_seconds": r["seconds"]["sampling"], "seconds": time.perf_counter() - t0})
         write_text(cache, json.dumps({"rows": results}, indent=1))  # each row kept as it comes: a killed run resumes

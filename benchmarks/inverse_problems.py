@@ -46,14 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import configs, train_all, write_text  # noqa: E402
-from difflab.runs.store import has_checkpoint, load_denoiser  # noqa: E402
-from difflab.cli.restore import upscale  # noqa: E402
-from difflab.cli.train import load_training_data, with_low_res  # noqa: E402
 from difflab.data.images import load_images, to_model, to_uint8  # noqa: E402
-from difflab.evaluation.evaluate import reference_stats  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
-from difflab.sampling.generate import generate  # noqa: E402
-from difflab.sampling.inverse import METHODS, MEASUREMENT, Counted  # noqa: E402
+from difflab.evaluation.reference import reference_stats  # noqa: E402
+from difflab.runs.data import training_data  # noqa: E402
+from difflab.runs.diffusion import DiffusionRun, load_upscaler  # noqa: E402
+from difflab.runs.presets import with_low_res  # noqa: E402
+from difflab.runs.store import has_checkpoint  # noqa: E402
+from difflab.sampling.inverse import METHODS, evaluations  # noqa: E402
 from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
 from difflab.core.operators import Blur, Downsample, Mask, box_mask, random_mask  # noqa: E402
 
@@ -85,8 +85,8 @@ def main(argv=None) -> None:
         train_all(RUNS / "guidance", data, {"uncond": cfgs["uncond"]})
     if "sr4" in args.tasks:
         sr_cfg = with_low_res(configs(args.train_steps, 2000)[1]["uncond"], 4, None)
-        train_all(RUNS, load_training_data(sr_cfg)[0], {"sr4": sr_cfg})
-    denoiser, cfg = load_denoiser(run)
+        train_all(RUNS, training_data(sr_cfg), {"sr4": sr_cfg})
+    model = DiffusionRun.load(run)
     test = load_images("fashion-mnist", split="test")
     index = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[: args.n]
     truth = test.images[index]
@@ -109,19 +109,18 @@ def main(argv=None) -> None:
                 continue
             t0 = time.perf_counter()
             if method == "sr3":
-                sr, sr_cfg = load_denoiser(RUNS / "sr4")
-                counted = Counted(sr)
-                x = upscale(counted, sr_cfg, y, steps=args.steps_sr3, batch=args.n, progress=True)
+                x = load_upscaler(RUNS / "sr4").upscale(y, steps=args.steps_sr3, batch=args.n, progress=True)
+                calls = args.steps_sr3
             else:
-                            x = generate(counted, cfg, args.n, sampler=METHODS[method], steps=steps[method], options={"operator": op, **options.get(method, {})},
-                             cond={MEASUREMENT: y}, seed=0, batch=args.n, progress=True)
+                x = model.restore(y, op, method=method, steps=steps[method], options=options.get(method), seed=0, batch=args.n, progress=True)
+                calls = evaluations(method, steps[method], options.get(method))
             seconds = time.perf_counter() - t0
             images = to_uint8(x)
             feats, _ = embed(net, images)
             mu, cov = gaussian_stats(feats)
             rows.append({"task": task, "method": method, "setting": setting, "fd": frechet_from_stats(mu, cov, ref["mu"], ref["cov"]),
                          "psnr": float(psnr(images, truth).mean()), "consistency": float(op.consistency(x, y).mean()),
-                         "evaluations": counted.calls, "seconds_per_image": seconds / args.n,
+                         "evaluations": calls, "seconds_per_image": seconds / args.n,
                          **({"steps_sr3": args.steps_sr3} if method == "sr3" else {})})
             grids[(task, method)] = images[:8]
             write_text(cache, json.dumps({"rows": rows}, indent=1))

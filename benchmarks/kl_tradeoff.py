@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from benchmarks.latent_vs_pixel import DATASET, Scorer, timed_train  # noqa: E402
-from difflab.latent.space import autoencoder_config, load_autoencoder, measure_scale  # noqa: E402
+from difflab.latent.autoencoder import autoencoder_config, load_autoencoder, measure_scale  # noqa: E402
 from difflab.data.images import load_images  # noqa: E402
 from difflab.evaluation.metrics import psnr  # noqa: E402
 from difflab.runs.presets import preset_for  # noqa: E402

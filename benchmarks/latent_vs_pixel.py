@@ -49,12 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
-from difflab.runs import store as ckpt  # noqa: E402
-from difflab.latent.space import autoencoder_config, load_autoencoder, measure_scale, with_latent  # noqa: E402
-from difflab.cli.train import load_training_data  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
-from difflab.sampling.generate import generate  # noqa: E402
+from difflab.latent.autoencoder import autoencoder_config, latent_record, load_autoencoder, measure_scale  # noqa: E402
+from difflab.runs import store as ckpt  # noqa: E402
+from difflab.runs.data import training_data  # noqa: E402
+from difflab.runs.diffusion import DiffusionRun  # noqa: E402
+from difflab.runs.presets import with_latent  # noqa: E402
 from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
 from difflab.nets.unet import num_parameters  # noqa: E402
 from difflab.runs.presets import preset_for  # noqa: E402
@@ -99,9 +100,9 @@ class Scorer:
 
 def draw(run: Path, n: int) -> tuple[torch.Tensor, float]:
     """n samples of the run's EMA model (uint8) and the seconds they took."""
-    denoiser, cfg = ckpt.load_denoiser(run)
+    model = DiffusionRun.load(run)
     t0 = time.perf_counter()
-    x = generate(denoiser, cfg, n, sampler="dpmpp-2m", steps=20, seed=0, batch=250, progress=True, device="cpu")
+    x = model.sample(n, sampler="dpmpp-2m", steps=20, seed=0, batch=250, progress=True, device="cpu")
     return to_uint8(x), time.perf_counter() - t0
 
 
@@ -148,12 +149,12 @@ def main(argv=None) -> None:
     # ------------------------------------------------------------------ the two diffusion models, in alternating slices
     long = 10**7  # steps: the budget decides
     cfgs = {"pixel": replace(base, train=replace(base.train, steps=long, sample_every=0))}
-    cfgs["latent"] = with_latent(cfgs["pixel"], space)
+    cfgs["latent"] = with_latent(cfgs["pixel"], latent_record(space), space.latent_shape)
     data = {}
     for name, cfg in cfgs.items():
         fresh = not (root / name / "latents.safetensors").exists()
         t0 = time.perf_counter()
-        data[name] = load_training_data(cfg, root / name, progress=True)[0]
+        data[name] = training_data(cfg, root / name, progress=True)
         if name == "latent" and fresh:  # encoding the training set is part of the latent model's cost
             charge(root / name, time.perf_counter() - t0)
     budgets = {"pixel": 60 * args.minutes, "latent": 60 * args.minutes - ae_seconds}

@@ -54,17 +54,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
-from difflab.runs import store as ckpt  # noqa: E402
-from difflab.viz import plots  # noqa: E402
-from difflab.latent.space import latent_space  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
-from difflab.data.pairs import NOUNS, RGB, make_subject, place, subject_prompts, tint, tinted, write_subject  # noqa: E402
+from difflab.data.pairs import NOUNS, RGB, half, make_subject, place, subject_prompts, tint, tinted, write_subject  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
-from difflab.sampling.generate import generate  # noqa: E402
-from difflab.guidance.config import GuidanceConfig, guided  # noqa: E402
 from difflab.evaluation.metrics import frechet_distance  # noqa: E402
-from difflab.personalize.method import ADAPTER, LoraSpec, Personalization, class_prompt, feature_center, personalize, shape_similarity, subject_similarity, trainable_filter
-from difflab.text.encoders import text_condition  # noqa: E402
+from difflab.evaluation.subject import feature_center, shape_similarity, subject_similarity  # noqa: E402
+from difflab.nets.lora import LoraSpec  # noqa: E402
+from difflab.personalize.adapters import ADAPTER  # noqa: E402
+from difflab.personalize.identifier import class_prompt  # noqa: E402
+from difflab.personalize.method import personalize, trainable_filter  # noqa: E402
+from difflab.runs import store as ckpt  # noqa: E402
+from difflab.runs.config import Personalization, load_config  # noqa: E402
+from difflab.runs.diffusion import DiffusionRun  # noqa: E402
+from difflab.viz import plots  # noqa: E402
 
 NAME = "personalization"
 ROOT = RUNS / NAME
@@ -100,23 +102,21 @@ def variant_name(method: str, encoder: str, weight: float) -> str:
 
 def trained(run: Path, folder: Path, v: Variant) -> Path:
     """The personalised run, trained (or resumed) if not finished; CPU seconds recorded in seconds.json."""
-    done = ckpt.has_checkpoint(run) and ckpt.weights_step(run) >= ckpt.load_config(run).train.steps
+    done = ckpt.has_checkpoint(run) and ckpt.weights_step(run) >= load_config(run).train.steps
     if not done:
         spent = json.loads((run / "seconds.json").read_text()) if (run / "seconds.json").exists() else {"cpu": 0.0, "wall": 0.0}
         cpu, wall = time.process_time(), time.perf_counter()
         resume = ckpt.has_checkpoint(run)
-        p = Personalization(v.method, CLASS, prior_weight=v.prior_weight, class_guidance=v.class_guidance,
-                            lora=LoraSpec(rank=v.rank, alpha=float(v.rank)).to_dict() if v.method == "lora" else None)
-        personalize(BASES[v.encoder], folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr)
+        p = Personalization(v.method, CLASS, prior_weight=v.prior_weight, class_guidance=v.class_guidance)
+        lora = LoraSpec(rank=v.rank, alpha=float(v.rank)) if v.method == "lora" else None
+        personalize(BASES[v.encoder], folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr, lora=lora)
         spent = {"cpu": spent["cpu"] + time.process_time() - cpu, "wall": spent["wall"] + time.perf_counter() - wall}
         write_text(run / "seconds.json", json.dumps(spent))
     return run
 
 
 def draw(run: Path, captions: list[str], scale: float, seed: int = 0) -> torch.Tensor:
-    denoiser, cfg = ckpt.load_denoiser(run)
-    g = guided(denoiser, cfg, GuidanceConfig(scale=scale), str(run))
-    return to_uint8(generate(g, cfg, len(captions), sampler="dpmpp-2m", steps=20, cond=text_condition(cfg, captions), seed=seed, batch=250))
+    return to_uint8(DiffusionRun.load(run).sample(len(captions), prompt=captions, guidance=scale, sampler="dpmpp-2m", steps=20, seed=seed, batch=250))
 
 
 class Yardsticks:
@@ -139,7 +139,7 @@ class Yardsticks:
         shapes = shape_similarity(lookalikes, self.sides, self.references)
         self.shape_floor = shapes.mean().item()
         self.threshold = torch.quantile(shapes, 0.95).item()  # "more like the subject than 95 % of real sneakers"
-        space = latent_space(ckpt.load_config(BASES["minilm"]))
+        space = DiffusionRun.load(BASES["minilm"]).latent
         with torch.no_grad():
             round_trip = space.reconstruct(place(self.references, self.sides))
         self.ceiling = subject_similarity(self.net, round_trip, self.sides, self.references, self.center).mean().item()
@@ -160,8 +160,6 @@ class Yardsticks:
                 "per_attribute": (predicted == self.attributes).double().mean(0).tolist()}
 
     def plain_word(self, x: torch.Tensor) -> dict:
-        from difflab.data.pairs import half
-
         feats = embed(self.net, x)[0]
         halves = embed(self.net, place(half(x, self.plain_sides), self.plain_sides))[0]
         leak = shape_similarity(x, self.plain_sides, self.plain_references) > self.threshold
@@ -190,14 +188,14 @@ def evaluate_run(run: Path, encoder: str, sticks: Yardsticks, book: dict, key: s
 
 
 def cost(run: Path) -> dict:
-    cfg = ckpt.load_config(run)
+    cfg = load_config(run)
     net = cfg.build_net()
     keep = trainable_filter(cfg)
     trainable = 0
     for name, p in net.named_parameters():
         k = True if keep is None else keep(name, p)
         trainable += int(k.sum()) if isinstance(k, torch.Tensor) else (p.numel() if k else 0)
-    method = cfg.data["personalize"]["method"]
+    method = cfg.personalize.method
     kept = (run / ADAPTER).stat().st_size if method == "lora" else 4 * trainable  # fp32 bytes
     seconds = json.loads((run / "seconds.json").read_text())
     return {"trainable": trainable, "bytes": kept, "cpu_minutes": seconds["cpu"] / 60, "wall_minutes": seconds["wall"] / 60}

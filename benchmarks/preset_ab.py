@@ -35,8 +35,9 @@ from difflab.runs import store as ckpt
 from difflab.data.images import load_images, to_uint8
 from difflab.data.loader import TensorDataset
 from difflab.evaluation.features import embed, load_feature_net
-from difflab.sampling.generate import generate
-from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.runs.config import RunConfig, load_config
+from difflab.runs.diffusion import DiffusionRun
+from difflab.runs.presets import PRESETS as RUN_PRESETS
 from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
 from difflab.nets.unet import PRESETS, UNetConfig, num_parameters
 from difflab.training.loop import train
@@ -49,9 +50,9 @@ NETS = {
 SAMPLER, STEPS = "dpmpp-2m", 50
 
 
-def config_for(net: UNetConfig) -> ckpt.RunConfig:
+def config_for(net: UNetConfig) -> RunConfig:
     """The recipe with ``net``, a step horizon no budget reaches, no previews and no checkpoint but the last."""
-    preset = IMAGE_PRESETS["fashion-mnist"]
+    preset = RUN_PRESETS["fashion-mnist"]
     tc = replace(preset.train, steps=10**9, sample_every=0, checkpoint_every=10**9)
     return replace(preset, net=net.to_dict(), train=tc)
 
@@ -83,8 +84,8 @@ def main(argv=None) -> None:
     for name, net in NETS.items():
         print(f"training {name} for {args.minutes:g} min ...", flush=True)
         denoiser, steps, last = train_for(Path(args.runs) / name, net, data, args.minutes)
-        config = ckpt.load_config(Path(args.runs) / name)
-        imgs = to_uint8(generate(denoiser, config, args.n_samples, sampler=SAMPLER, steps=STEPS, seed=0))  # (n, 1, 28, 28)
+        model = DiffusionRun(Path(args.runs) / name, load_config(Path(args.runs) / name), denoiser.net)
+        imgs = to_uint8(model.sample(args.n_samples, sampler=SAMPLER, steps=STEPS, seed=0))  # (n, 1, 28, 28)
         fd = frechet_from_stats(*gaussian_stats(embed(feature_net, imgs)[0].double()), *ref)
         rows.append([name, f"base {net.base_channels}, mults {net.channel_mults}", f"{num_parameters(denoiser.net):,}",
                      f"{steps}", f"{last['it_s']:.2f}", f"{last['loss']:.4f}", f"{fd:.2f}"])

@@ -47,7 +47,6 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +63,8 @@ from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.loader import ShuffledBatches, TensorDataset
 from difflab.evaluation.features import embed, load_feature_net
 from difflab.sampling.generate import generate
-from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.runs.diffusion import DiffusionRun
+from difflab.runs.presets import PRESETS
 from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
 from difflab.core.parameterize import Denoiser
 from difflab.core.processes import DiscreteDDPM
@@ -74,7 +74,7 @@ NAME = "quality_per_minute"
 F64 = torch.float64
 NFE = 50
 DIFFLAB_SAMPLER = "dpmpp-2m / logsnr+cap80, 50 (difflab)"  # generate's defaults for dpmpp-2m: log-SNR grid, sigma cap 80
-IMAGE = SimpleNamespace(shape=(1, 28, 28))  # all generate reads of a run's config, for the classic's wrapped network
+IMAGE_SHAPE = (1, 28, 28)  # the classic's samples
 CLASSIC_SEED = 1
 
 
@@ -88,7 +88,7 @@ class Ours:
 
     def __init__(self, run: Path, data: TensorDataset):
         self.run, self.data = run, data
-        preset = IMAGE_PRESETS["fashion-mnist"]
+        preset = PRESETS["fashion-mnist"]
         # steps: a horizon the budget never reaches (the recipe's LR is constant after warm-up); one checkpoint per slice
         self.config = replace(preset, train=replace(preset.train, steps=10**7, sample_every=0, checkpoint_every=10**7))
         self.progress_path = run / "budget.json"
@@ -106,12 +106,11 @@ class Ours:
         self.progress_path.write_text(json.dumps({"seconds": self.seconds}))
 
     def denoiser(self) -> Denoiser:
-        return ckpt.load_denoiser(self.run)[0]
+        return DiffusionRun.load(self.run).denoiser
 
     def samplers(self) -> dict:
         def draw(n: int, seed: int, batch: int) -> torch.Tensor:
-            denoiser, config = ckpt.load_denoiser(self.run)
-            return to_uint8(generate(denoiser, config, n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
+            return to_uint8(DiffusionRun.load(self.run).sample(n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
 
         return {DIFFLAB_SAMPLER: draw}
 
@@ -228,7 +227,7 @@ class Classic:
 
         def difflab_dpmpp(n: int, seed: int, batch: int) -> torch.Tensor:
             denoiser = Denoiser(ClassicNet(self.ema_unet()), DiscreteDDPM(1000, "linear"), "eps").eval()
-            return to_uint8(generate(denoiser, IMAGE, n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
+            return to_uint8(generate(denoiser, IMAGE_SHAPE, n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
 
         return {
             "DDIM 50 (diffusers DDIMScheduler, eta 0)": diffusers_loop(DDIMScheduler, eta=0.0),

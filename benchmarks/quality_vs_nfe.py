@@ -53,13 +53,13 @@ from common import (
 )
 from tqdm.auto import tqdm
 
-from difflab.runs import store as ckpt
 from difflab.runs.store import has_checkpoint, weights_step
 from difflab.data.images import load_images, to_uint8
 from difflab.data.loader import TensorDataset
 from difflab.evaluation.features import embed, load_feature_net
-from difflab.sampling.generate import generate
-from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.runs.config import RunConfig, load_config
+from difflab.runs.diffusion import DiffusionRun
+from difflab.runs.presets import PRESETS
 from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
 from difflab.sampling.samplers import DEFAULT_SIGMA_CAP, timesteps
 from difflab.training.loop import train
@@ -106,15 +106,15 @@ def sigma_cap(text: str) -> float | None:
 # --------------------------------------------------------------------------- the model
 
 
-def recipe(steps: int, batch: int | None) -> ckpt.RunConfig:
+def recipe(steps: int, batch: int | None) -> RunConfig:
     """Our default recipe for Fashion-MNIST, with the step count (and batch size) of this benchmark."""
-    preset = IMAGE_PRESETS["fashion-mnist"]
+    preset = PRESETS["fashion-mnist"]
     tc = replace(preset.train, steps=steps, batch_size=batch or preset.train.batch_size, sample_every=0,
                  checkpoint_every=CHECKPOINT_EVERY)
     return replace(preset, train=tc)
 
 
-def trained_model(args, images) -> tuple[torch.nn.Module, ckpt.RunConfig, dict]:
+def trained_model(args, images) -> tuple[torch.nn.Module, RunConfig, dict]:
     """The EMA denoiser of args.run, trained (or resumed) to args.steps first if needed; its config; and where it was trained."""
     run = Path(args.run)
     resume = has_checkpoint(run)
@@ -123,7 +123,7 @@ def trained_model(args, images) -> tuple[torch.nn.Module, ckpt.RunConfig, dict]:
     # the sessions that trained the checkpoint there; none when there is none (a fresh run, or one of an older layout)
     info = json.loads(info_path.read_text()) if resume and info_path.exists() else {"sessions": []}
     if done < args.steps:
-        config = ckpt.load_config(run) if resume else recipe(args.steps, args.batch)
+        config = load_config(run) if resume else recipe(args.steps, args.batch)
         config = replace(config, train=replace(config.train, steps=args.steps))
         t0 = time.perf_counter()
         train(run, config, TensorDataset(images), device=args.device, resume=resume, max_minutes=args.train_minutes)
@@ -132,9 +132,9 @@ def trained_model(args, images) -> tuple[torch.nn.Module, ckpt.RunConfig, dict]:
                                  "device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                                  "command": command_line()})
         info_path.write_text(json.dumps(info, indent=2) + "\n")
-    denoiser, config = ckpt.load_denoiser(run)
-    info["step"], info["config"] = weights_step(run), json.loads(config.to_json())
-    return denoiser.to(args.device), config, info
+    model = DiffusionRun.load(run, device=args.device)
+    info["step"], info["config"] = weights_step(run), json.loads(model.config.to_json())
+    return model, model.config, info
 
 
 # --------------------------------------------------------------------------- the sweep
@@ -164,8 +164,8 @@ def features_of_samples(denoiser, config, feature_net, sampler, spacing, steps, 
     spacing, cap = parse_spacing(spacing)
     cast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with cast:
-        x = generate(denoiser, config, args.n_samples, sampler=sampler, steps=steps, spacing=spacing,
-                     options={"sigma_tilde_cap": cap}, seed=args.seed, batch=args.sample_batch, device=args.device)
+        x = denoiser.sample(args.n_samples, sampler=sampler, steps=steps, spacing=spacing, options={"sigma_tilde_cap": cap}, seed=args.seed,
+                            batch=args.sample_batch, device=args.device)
     images = to_uint8(x.float()).to(args.device)  # (n, 1, 28, 28)
     return embed(feature_net, images, batch=2000)[0].to(F64).cpu()
 

@@ -41,18 +41,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from benchmarks.latent_vs_pixel import DATASET, timed_train  # noqa: E402
-from difflab.runs import store as ckpt  # noqa: E402
-from difflab.latent.space import autoencoder_config, load_autoencoder, measure_scale, with_latent  # noqa: E402
-from difflab.cli.train import load_training_data  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.data.pairs import ATTRIBUTES  # noqa: E402
 from difflab.evaluation.evaluate import evaluate  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
-from difflab.sampling.generate import generate  # noqa: E402
-from difflab.guidance.config import GuidanceConfig, guided  # noqa: E402
-from difflab.runs.presets import preset_for  # noqa: E402
 from difflab.evaluation.prompts import follows, parsed  # noqa: E402
-from difflab.text.encoders import clip_config, clip_data, clip_report, text_condition, with_text  # noqa: E402
+from difflab.guidance.config import GuidanceConfig  # noqa: E402
+from difflab.latent.autoencoder import autoencoder_config, latent_record, load_autoencoder, measure_scale  # noqa: E402
+from difflab.runs import store as ckpt  # noqa: E402
+from difflab.runs.config import load_config  # noqa: E402
+from difflab.runs.data import training_data  # noqa: E402
+from difflab.runs.diffusion import DiffusionRun  # noqa: E402
+from difflab.runs.presets import preset_for, with_latent, with_text  # noqa: E402
+from difflab.text.clip import clip_config, clip_data, clip_report  # noqa: E402
+from difflab.text.encoders import text_record  # noqa: E402
+from difflab.viz import plots  # noqa: E402
 
 NAME = "text_to_image"
 ROOT = RUNS / NAME
@@ -67,6 +70,12 @@ def autoencoder(train_images) -> Path:
         timed_train(AE, cfg, train_images, 10**6)
         measure_scale(AE, train_images, progress=True)
     return AE
+
+
+def text_config(base, encoder: str, captions):
+    """``base`` conditioned on the captions through ``encoder`` (as `difflab train --text ENCODER` makes it)."""
+    record, width, joint = text_record(encoder, captions)
+    return with_text(base, record, width, joint.to_dict() if joint else None)
 
 
 def clip_model(root: Path, data, steps: int) -> Path:
@@ -96,16 +105,17 @@ def main(argv=None) -> None:
     space = load_autoencoder(autoencoder(data.images))
     clip = clip_model(root, data, args.clip_steps)
     clip_info = json.loads((clip / "clip.json").read_text())
-    base = with_latent(replace(preset_for(DATASET), train=replace(preset_for(DATASET).train, steps=10**7, sample_every=0)), space)
+    base = with_latent(replace(preset_for(DATASET), train=replace(preset_for(DATASET).train, steps=10**7, sample_every=0)), latent_record(space),
+                       space.latent_shape)
 
     book = root / "evals.json"
     evals = json.loads(book.read_text()) if book.exists() else {}
     for name in args.encoders:
         run = root / name
-        cfg = ckpt.load_config(run) if ckpt.has_checkpoint(run) else with_text(base, f"clip:{clip}" if name == "clip" else name, data.captions)
+        cfg = load_config(run) if ckpt.has_checkpoint(run) else text_config(base, f"clip:{clip}" if name == "clip" else name, data.captions)
         spent = json.loads((run / "seconds.json").read_text())["seconds"] if (run / "seconds.json").exists() else 0.0
         if spent < 60 * args.minutes - 1:
-            timed_train(run, cfg, load_training_data(cfg, run, progress=True)[0], args.minutes - spent / 60)
+            timed_train(run, cfg, training_data(cfg, run, progress=True), args.minutes - spent / 60)
         for s in args.scales:
             key = f"{name} s={s:g} n={args.n} step={ckpt.weights_step(run)}"
             if key not in evals:
@@ -191,8 +201,6 @@ def picture(args, rows, real) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflab.viz import plots
-
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
     for name in args.encoders:
         mine = sorted((r for r in rows if r["encoder"] == name), key=lambda r: r["scale"])
@@ -212,12 +220,9 @@ def picture(args, rows, real) -> None:
 def samples(args, rows, root: Path) -> None:
     """The best encoder at its best scale, for eight test prompts and their caption swaps."""
     best = max(rows, key=lambda r: r["text"]["follows"]["seen"]["all_four"])
-    denoiser, cfg = ckpt.load_denoiser(root / best["encoder"])
     prompts = parsed(load_images(DATASET, "test").captions[:8])
     captions = [c for pair in zip(prompts.captions, prompts.swapped().captions) for c in pair]
-    x = generate(guided(denoiser, cfg, GuidanceConfig(scale=best["scale"])), cfg, len(captions), sampler="dpmpp-2m", steps=20,
-                 cond=text_condition(cfg, captions))
-    from difflab.viz import plots
+    x = DiffusionRun.load(root / best["encoder"]).sample(len(captions), prompt=captions, guidance=best["scale"], sampler="dpmpp-2m", steps=20)
 
     plots.captioned_grid(to_uint8(x), [f"{c} [{best['encoder']}, s={best['scale']:g}]" for c in captions], RESULTS / f"{NAME}_samples.png")
 

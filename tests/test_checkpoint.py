@@ -15,7 +15,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.runs.store import CheckpointError, checkpoints, latest_checkpoint, load_config, load_weights, weights_step
+from difflab.runs.config import CheckpointError, load_config
+from difflab.runs.store import checkpoints, latest_checkpoint, load_weights, weights_step
 from difflab.cli import main
 from difflab.data.toy2d import make_toy
 from difflab.runs.presets import preset_for
@@ -140,7 +141,7 @@ def test_sigterm_checkpoints_and_exits_with_the_resume_command(tmp_path):
     (lambda d: d["train"].update(lr=True), "train.lr must be float, got True"),
     (lambda d: d["process"].update(kind="vpx"), "unknown process kind 'vpx'"),
     (lambda d: d.update(net_kind="transformer"), "unknown net_kind 'transformer'"),
-    (lambda d: d["net"].update(width=3), "net:"),
+    (lambda d: d["net"].update(width=3), "unknown field 'width' in net"),
     (lambda d: d.update(conditions=[{"name": "class_labels", "null_label": 10}]), "the mlp of this config takes no conditions"),
     (lambda d: d.pop("shape"), "config lacks 'shape'"),
     (lambda d: d.update(shape=[[2]]), "shape must be a list of integers"),
@@ -183,7 +184,7 @@ def test_a_torn_metrics_row_does_not_stop_a_resume(tmp_path):
 
 def test_a_label_condition_must_use_the_networks_null_class():
     from difflab.core.conditions import class_labels
-    from difflab.runs.image_presets import IMAGE_PRESETS
+    from difflab.runs.presets import PRESETS as IMAGE_PRESETS
 
     cfg = replace(IMAGE_PRESETS["digits"], net=dict(IMAGE_PRESETS["digits"].net, num_classes=10))
     replace(cfg, conditions=[class_labels(10).to_dict()]).validate()

@@ -157,13 +157,13 @@ def test_sample_options_reach_the_sampler(capsys, tiny_toy_run, tmp_path):
 
     assert np.abs(draw("--sampler", "ddim") - draw("--sampler", "ddim", "--eta", "1")).max() > 1e-3
     assert np.abs(draw("--sampler", "ddpm") - draw("--sampler", "ddpm", "--variance", "beta_tilde")).max() > 1e-3
-    assert np.abs(draw("--sampler", "euler") - draw("--sampler", "euler", "--sigma-cap", "none")).max() > 1e-3
-    np.testing.assert_array_equal(draw("--sampler", "euler"), draw("--sampler", "euler", "--sigma-cap", "80"))  # 80 is the default
+    assert np.abs(draw("--sampler", "dpmpp-2m") - draw("--sampler", "dpmpp-2m", "--sigma-cap", "none")).max() > 1e-3
+    np.testing.assert_array_equal(draw("--sampler", "dpmpp-2m"), draw("--sampler", "dpmpp-2m", "--sigma-cap", "80"))  # 80 is the default
 
 
 def test_folder_presets_are_sized_like_the_built_in_ones(tmp_path):
     from difflab.data.images import save_npz
-    from difflab.runs.image_presets import IMAGE_PRESETS
+    from difflab.runs.presets import PRESETS as IMAGE_PRESETS
     from difflab.runs.presets import preset_for
 
     for size, like in ((28, "fashion-mnist"), (8, "digits")):

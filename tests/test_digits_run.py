@@ -12,22 +12,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difflab.runs.store import CheckpointError, load_config
+from difflab.runs.config import CheckpointError, load_config
+from difflab.runs.diffusion import DiffusionRun
 from difflab.guidance.classifier import check_guides
 from difflab.cli import main
-from difflab.evaluation.evaluate import evaluate
+
+from conftest import DIGITS_STEPS
+from difflab.evaluation.evaluate import Sampling, evaluate
 from difflab.guidance.config import GuidanceConfig
 
-STEPS = 300
+STEPS = DIGITS_STEPS
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cond")
-    assert main(["train", "digits", "--cond", "class", "--out", str(root / "dc"), "--steps", str(STEPS), "--quiet"]) == 0
-    assert main(["train-classifier", "digits", "--out", str(root / "clf"), "--steps", str(STEPS), "--quiet"]) == 0
-    assert main(["train", "digits", "--cond", "low-res", "--factor", "2", "--out", str(root / "sr"), "--steps", str(STEPS), "--quiet"]) == 0
-    return root
+def runs(digits_runs):
+    """The shared digits runs (conftest.py): dc (class-conditional), clf (a noise-aware classifier), sr (2x super-resolution)."""
+    return digits_runs
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -39,7 +39,7 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 def accuracy(run, guidance=None) -> float:
-    r = evaluate(run, n=300, sampler="dpmpp-2m", steps=20, bpd_n=0, progress=False, guidance=guidance)
+    r = evaluate(run, n=300, sampling=Sampling("dpmpp-2m", 20), bpd_n=0, progress=False, guidance=guidance)
     return r["classes"]["accuracy"]
 
 
@@ -154,11 +154,11 @@ def test_classifier_training_resumes_and_extends(runs, tmp_path, capsys):
 
 
 def test_guidance_needs_a_trained_null_class(runs):
-    from difflab.runs.store import load_denoiser
     from difflab.core.conditions import ConditionError
     from difflab.guidance.config import guided
 
-    den, cfg = load_denoiser(runs / "dc")
+    run = DiffusionRun.load(runs / "dc")
+    den, cfg = run.denoiser, run.config
     no_null = replace(cfg, conditions=[dict(cfg.conditions[0], p_drop=0.0)])
     with pytest.raises(ConditionError, match="without label dropout"):
         guided(den, no_null, GuidanceConfig(scale=3.0))
@@ -184,13 +184,10 @@ def digits(tmp_path_factory):
 
 
 def test_ddim_inversion_round_trips_on_the_trained_model(runs):
-    import torch
-
-    from difflab.runs.store import load_denoiser
     from difflab.data.images import load_images, to_model
     from difflab.sampling.samplers import ddim, ddim_invert, timesteps
 
-    den, _ = load_denoiser(runs / "dc")
+    den = DiffusionRun.load(runs / "dc").denoiser
     x = to_model(load_images("digits", split="test").images[:32])
     ts = timesteps(den.process, 50, "uniform")
     errors = [float((ddim(den, ddim_invert(den, x, ts, fixed_point_iters=k), ts) - x).abs().max()) for k in (0, 3)]
@@ -263,17 +260,18 @@ def test_bad_editing_input_gives_one_line_and_no_output(runs, digits, tmp_path, 
 def test_trained_super_resolution_beats_bilinear_and_follows_its_input(runs):
     import torch
 
-    from difflab.cli.restore import load_upscaler, upscale
-    from difflab.cli.train import low_res_of
+    from difflab.core.operators import Downsample
     from difflab.data.images import load_images, to_uint8
     from difflab.evaluation.metrics import psnr
-    from difflab.core.operators import Downsample
+    from difflab.runs.data import low_res_of
+    from difflab.runs.diffusion import load_upscaler
 
-    den, cfg, k = load_upscaler(runs / "sr")
-    assert k == 2 and cfg.net["low_res_noise"] and cfg.data["aug_max"] == 0.2
+    sr = load_upscaler(runs / "sr")
+    cfg, k = sr.config, sr.config.super_resolution.factor
+    assert k == 2 and cfg.net["low_res_noise"] and cfg.super_resolution.aug_max == 0.2
     test = load_images("digits", split="test").images[:300]  # never seen in training
     low = low_res_of(test, k)
-    x = upscale(den, cfg, low)
+    x = sr.upscale(low)
     bilinear = torch.nn.functional.interpolate(low, scale_factor=k, mode="bilinear", align_corners=False).clamp(-1, 1)
     ours, theirs = float(psnr(to_uint8(x), test).mean()), float(psnr(to_uint8(bilinear), test).mean())
     # measured (300 steps, 300 held-out digits, dpmpp-2m 20 steps): 13.65 dB against bilinear's 12.78 dB
@@ -287,7 +285,7 @@ def test_trained_super_resolution_beats_bilinear_and_follows_its_input(runs):
 def test_upscale_and_cascade_from_the_command_line(runs, digits, tmp_path, capsys):
     import torch
 
-    from difflab.cli.train import low_res_of
+    from difflab.runs.data import low_res_of
 
     assert main(["upscale", str(runs / "sr"), "--clean", str(digits / "x.npz"), "--out", str(tmp_path / "u.png"), "--quiet"]) == 0
     assert "PSNR: upscaled" in capsys.readouterr().out

@@ -9,11 +9,14 @@ from dataclasses import replace
 import pytest
 
 from difflab.evaluation import evaluate as ev
-from difflab.runs.store import RunConfig, TrainConfig, process_to_dict, save_checkpoint, save_config
+from difflab.evaluation import reference, report
+from difflab.evaluation.evaluate import Sampling
+from difflab.runs.config import RunConfig, TrainConfig, process_to_dict, save_config
+from difflab.runs.store import save_checkpoint
 from difflab.data.loader import TensorDataset
 from difflab.cli import main
 from difflab.data.images import load_images
-from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.runs.presets import PRESETS as IMAGE_PRESETS
 from difflab.nets.unet import UNetConfig
 from difflab.core.processes import ContinuousVP
 from difflab.training.loop import train
@@ -51,10 +54,10 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, capsys):
     args = ["eval", tiny_digits_run, "--n", "60", "--steps", "4", "--bpd-n", "2", "--batch", "25", "--quiet"]
-    before = ev.reference_computations
+    before = reference.reference_computations
     code, out, err = run_cli(capsys, *args, "--json", tmp_path / "a.json")
     assert code == 0, err
-    assert ev.reference_computations == before + 2  # the test split (reference) and the train split (floor)
+    assert reference.reference_computations == before + 2  # the test split (reference) and the train split (floor)
     files = sorted(cache.glob("ref-digits-*.safetensors"))
     assert len(files) == 2
     mtimes = [f.stat().st_mtime_ns for f in files]
@@ -62,7 +65,7 @@ def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, 
 
     code, _, _ = run_cli(capsys, *args, "--json", tmp_path / "b.json")
     assert code == 0
-    assert ev.reference_computations == before + 2  # second call: loaded from the cache
+    assert reference.reference_computations == before + 2  # second call: loaded from the cache
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     a, b = (tmp_path / "a.json").read_text(), (tmp_path / "b.json").read_text()
     assert a == b
@@ -91,36 +94,36 @@ def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, 
 
 
 def test_python_api_matches_the_cli_numbers(tiny_digits_run, tmp_path, capsys):
-    result = ev.evaluate(tiny_digits_run, n=60, steps=4, bpd_n=2, batch=25, progress=False)
+    result = ev.evaluate(tiny_digits_run, n=60, sampling=Sampling(steps=4, batch=25), bpd_n=2, progress=False)
     assert set(result["seconds"]) >= {"sampling", "features", "reference", "bits_per_dim", "total"}
     code, _, _ = run_cli(capsys, "eval", tiny_digits_run, "--n", "60", "--steps", "4", "--bpd-n", "2", "--batch", "25", "--quiet", "--json", tmp_path / "a.json")
     assert code == 0
-    assert ev.to_json(result) == (tmp_path / "a.json").read_text()
+    assert report.to_json(result) == (tmp_path / "a.json").read_text()
 
 
 def test_continuous_process_and_random_features(tmp_path):
     """A ContinuousVP run (untrained, built by hand): no bits/dim, with the reason; random features: no classes."""
     run = tmp_path / "vp"
     cfg = RunConfig(dataset="digits", process=process_to_dict(ContinuousVP()), net_kind="unet", net=TINY_UNET.to_dict(),
-                    shape=[1, 8, 8], kind="images", target="v")
+                    shape=[1, 8, 8], data_kind="images", target="v")
     denoiser = cfg.build_denoiser()
     assert isinstance(denoiser.process, ContinuousVP)
     save_config(run, cfg)
     save_checkpoint(run, 0, denoiser.net, copy.deepcopy(denoiser.net))
-    r = ev.evaluate(run, n=20, steps=2, sampler="ddim", features="random", progress=False)
+    r = ev.evaluate(run, n=20, sampling=Sampling("ddim", 2), features="random", progress=False)
     assert r["bits_per_dim"]["total"] is None and "DiscreteDDPM" in r["bits_per_dim"]["reason"]
     assert r["features"]["kind"] == "random" and r["classes"]["samples"] is None
     assert r["fd"] > r["real_vs_real"]["fd"] > 0
-    text = ev.format_report(r)
+    text = report.format_report(r)
     assert "bits/dim: - (" in text and "no classifier head" in text
 
 
 def test_toy_run_reports_distances(tiny_toy_run):
-    r = ev.evaluate(tiny_toy_run, n=300, steps=5, sampler="ddim", progress=False)
+    r = ev.evaluate(tiny_toy_run, n=300, sampling=Sampling("ddim", 5), progress=False)
     assert r["kind"] == "points" and r["bits_per_dim"]["total"] is None
     assert r["energy_distance"] > r["real_fresh"]["energy_distance"] > 0  # 30 steps of training
     assert r["sliced_wasserstein"] > r["real_fresh"]["sliced_wasserstein"] > 0
-    assert ev.evaluate(tiny_toy_run, n=300, steps=5, sampler="ddim", progress=False)["energy_distance"] == r["energy_distance"]
+    assert ev.evaluate(tiny_toy_run, n=300, sampling=Sampling("ddim", 5), progress=False)["energy_distance"] == r["energy_distance"]
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from difflab.data.images import DataError, load_images, save_npz
-from difflab.evaluation.features import SHIPPED, FeatureNetError, FeatureTraining, embed, load_feature_net, random_feature_net, resolve_feature_net, train_and_save, weight_paths
+from difflab.evaluation.feature_training import FeatureTraining, train_features
+from difflab.evaluation.features import SHIPPED, embed, load_feature_net, resolve_feature_net, weight_paths
+from difflab.nets.features import FeatureNetError, random_feature_net
 from difflab.evaluation.metrics import frechet_distance
 
 MAX_BYTES = 2 * 1024 * 1024
@@ -32,7 +34,7 @@ def test_shipped_weights_are_small_and_documented(name):
     weights, meta_path = weight_paths(name)
     assert weights.stat().st_size <= MAX_BYTES
     meta = json.loads(meta_path.read_text())
-    assert meta["seed"] == 0 and meta["command"].startswith(("python -m difflab.features train", "difflab features train"))
+    assert meta["seed"] == 0 and meta["command"].startswith("difflab features train")
     assert meta["config"]["image_size"] == {"digits": 8, "fashion-mnist": 28, "fashion-pairs": 32}[name]
     net = load_feature_net(name)
     assert net.config.feature_dim == 128 and net.config.num_classes == {"fashion-pairs": 32}.get(name, 10)
@@ -132,13 +134,14 @@ def test_errors_name_the_problem(tmp_path):
 
 
 def test_train_own_classifier(tmp_path):
-    """The generic path for a user's labelled data: train, write weights + JSON, load by path; deterministic."""
+    """The generic path for a user's labelled data: train through the one loop, write weights + JSON, load by
+    path; deterministic; resumable."""
     digits = load_images("digits", "all")
     data = tmp_path / "mine.npz"
     save_npz(data, digits.images, digits.labels)
-    recipe = FeatureTraining(epochs=2, batch_size=64, shift=0)
-    weights, meta = train_and_save(str(data), tmp_path / "a", recipe, progress=False)
-    again, _ = train_and_save(str(data), tmp_path / "b", recipe, progress=False)
+    recipe = FeatureTraining(epochs=2, batch_size=64, shift=1)
+    weights, meta = train_features(str(data), tmp_path / "run-a", out=tmp_path / "a", recipe=recipe, progress=False)
+    again, _ = train_features(str(data), tmp_path / "run-b", out=tmp_path / "b", recipe=recipe, progress=False)
     assert weights.name == "mine-classifier.safetensors" and weights.with_suffix(".json").is_file()
     net = load_feature_net(str(weights))
     assert net.fingerprint() == load_feature_net(str(again)).fingerprint()
@@ -146,4 +149,4 @@ def test_train_own_classifier(tmp_path):
     assert meta["test_n"] == len(test) and meta["test_accuracy"] == pytest.approx(accuracy(net, test.images, test.labels))
     assert meta["test_accuracy"] > 0.5  # two epochs: well above chance (0.1)
     with pytest.raises(FeatureNetError, match="--out"):
-        train_and_save(str(data), None, recipe, progress=False)
+        train_features(str(data), tmp_path / "run-c", recipe=recipe, progress=False)

@@ -10,7 +10,7 @@ import torch
 from difflab.runs.store import load_training_state, load_weights
 from difflab.data.loader import TensorDataset
 from difflab.data.images import load_images
-from difflab.runs.image_presets import IMAGE_PRESETS
+from difflab.runs.presets import PRESETS as IMAGE_PRESETS
 from difflab.training.loop import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA training path is not exercised here")

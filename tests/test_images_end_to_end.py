@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.runs.store import load_denoiser
+from difflab.runs.diffusion import DiffusionRun
 from difflab.cli import main
 from difflab.data.images import load_images, to_model
 from difflab.evaluation.metrics import energy_distance
@@ -15,10 +15,9 @@ from difflab.sampling.samplers import sample
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    run = tmp_path_factory.mktemp("img") / "digits"
-    assert main(["train", "digits", "--out", str(run), "--steps", "400", "--checkpoint-every", "200", "--quiet"]) == 0
-    return run
+def digits_run(digits_runs):
+    """The shared unconditional digits run (conftest.py), 400 steps."""
+    return digits_runs / "pixel"
 
 
 def test_trained_digits_beat_an_untrained_network(digits_run, tmp_path):
@@ -29,7 +28,7 @@ def test_trained_digits_beat_an_untrained_network(digits_run, tmp_path):
     heldout = to_model(load_images("digits", split="test").images).flatten(1)
     trained = energy_distance(to_model(torch.from_numpy(samples)).flatten(1), heldout)
 
-    untrained_denoiser, _ = load_denoiser(digits_run)
+    untrained_denoiser = DiffusionRun.load(digits_run).denoiser
     for p in untrained_denoiser.net.parameters():  # the same architecture at its initialisation
         torch.nn.init.normal_(p, std=0.02)
     x = sample(untrained_denoiser, (400, 1, 8, 8), 20, sampler="dpmpp-2m", generator=torch.Generator().manual_seed(0)).clamp(-1, 1)

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from difflab.core.analytic import GaussianDenoiser
-from difflab.runs.store import RunConfig
 from difflab.sampling.generate import generate
 from difflab.sampling.inverse import Counted, ddrm, dps, evaluations, repaint, repaint_schedule, replace
 from difflab.core.operators import Blur, Compose, Downsample, Mask, OperatorError
@@ -135,9 +134,8 @@ def test_restorations_go_through_generate_with_per_sample_seeds(problem):
     den, _, _, x_true = problem
     op = Downsample(2, SHAPE)
     y = op(x_true).expand(12, 1, 1, 1).contiguous() + torch.linspace(-1, 1, 12, dtype=F64).reshape(12, 1, 1, 1)
-    cfg = RunConfig(dataset="gauss", process={"kind": "ddpm", "T": 1000, "schedule": "cosine"}, net_kind="mlp", net={}, shape=list(SHAPE), kind="images")
-    a = generate(den, cfg, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=12)
-    b = generate(den, cfg, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=5)
+    a = generate(den, SHAPE, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=12)
+    b = generate(den, SHAPE, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=5)
     assert torch.allclose(a, b, atol=1e-6)
     assert float(op.consistency(a.double(), y).max()) < 1e-4
 

@@ -12,18 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.latent.space import LATENT, cached_latents, fingerprint, latent_space, load_autoencoder
-from difflab.runs.store import CheckpointError, load_config, load_denoiser
+from difflab.latent.autoencoder import LATENT, fingerprint, latent_space, load_autoencoder
+from difflab.runs.config import load_config
+from difflab.runs.data import cached_latents
+from difflab.runs.diffusion import DiffusionRun
 from difflab.cli import main
-from difflab.data.images import DataError, load_images, save_npz, to_model
+from difflab.data.images import DataError, load_images, save_npz
 from difflab.data.pairs import COLOURS, HELD_OUT, PHRASINGS, caption, make_pairs
-from difflab.evaluation.evaluate import evaluate
-from difflab.sampling.generate import generate
+from difflab.evaluation.evaluate import Sampling, evaluate
 from difflab.core.losses import AutoencoderLoss, kl_to_standard_normal
 from difflab.nets.autoencoder import Autoencoder, AutoencoderConfig, reparameterize
-
-STEPS = 300
-
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
     try:
@@ -210,7 +208,7 @@ def test_a_captioned_folder_reads_metadata_jsonl(tmp_path):
 
 
 def test_a_non_square_npz_keeps_its_shape_and_gets_a_non_square_preset(tmp_path):
-    from difflab.runs.image_presets import image_preset
+    from difflab.runs.presets import image_preset
 
     images = make_pairs("test", 30).images
     save_npz(tmp_path / "pairs.npz", images)
@@ -234,13 +232,12 @@ def test_data_command_writes_captions_beside_the_images(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A factor-2 digits autoencoder, a class-conditional latent run on it and a pixel run, 300 steps each."""
+def runs(tmp_path_factory, latent_runs, digits_runs):
+    """The shared runs (conftest.py) side by side: ae (a factor-2 digits autoencoder), ldm (a class-conditional latent
+    run on it) and pixel (an unconditional pixel run), 300 steps each."""
     root = tmp_path_factory.mktemp("latent")
-    assert main(["train-autoencoder", "digits", "--out", str(root / "ae"), "--factor", "2", "--latent-channels", "2",
-                 "--steps", str(STEPS), "--quiet"]) == 0
-    assert main(["train", "digits", "--latent", str(root / "ae"), "--cond", "class", "--out", str(root / "ldm"), "--steps", str(STEPS), "--quiet"]) == 0
-    assert main(["train", "digits", "--out", str(root / "pixel"), "--steps", str(STEPS), "--quiet"]) == 0
+    for name, run in (("ae", latent_runs / "ae"), ("ldm", latent_runs / "ldm"), ("pixel", digits_runs / "pixel")):
+        (root / name).symlink_to(run)
     return root
 
 
@@ -263,23 +260,23 @@ def test_the_trained_autoencoder_reconstructs_held_out_digits_and_its_scale_whit
 def test_a_latent_run_samples_decodes_and_evaluates_through_the_same_path_as_a_pixel_run(runs):
     shapes = {}
     for name in ("pixel", "ldm"):
-        denoiser, cfg = load_denoiser(runs / name)
-        cond = {"class_labels": torch.arange(10)} if name == "ldm" else None
-        x = generate(denoiser, cfg, 10, sampler="dpmpp-2m", steps=20, seed=4, cond=cond)
-        again = generate(denoiser, cfg, 10, sampler="dpmpp-2m", steps=20, seed=4, cond=cond, batch=3)
+        run = DiffusionRun.load(runs / name)
+        labels = list(range(10)) if name == "ldm" else None
+        x = run.sample(10, class_label=labels, sampler="dpmpp-2m", steps=20, seed=4)
+        again = run.sample(10, class_label=labels, sampler="dpmpp-2m", steps=20, seed=4, batch=3)
         assert torch.allclose(x, again, atol=1e-5)  # the same seed, whatever the batch: decoding included
-        shapes[name] = (tuple(cfg.shape), tuple(x.shape))
-        _, traj = generate(denoiser, cfg, 4, sampler="ddim", steps=10, cond={k: v[:4] for k, v in (cond or {}).items()}, return_trajectory=True)
+        shapes[name] = (tuple(run.config.shape), tuple(x.shape))
+        _, traj = run.trajectory(4, class_label=labels[:4] if labels else None, sampler="ddim", steps=10)
         assert traj.x0.shape == (10, 4, 1, 8, 8)  # the chain decoded too
     assert shapes == {"pixel": ((1, 8, 8), (10, 1, 8, 8)), "ldm": ((2, 4, 4), (10, 1, 8, 8))}
-    results = {name: evaluate(runs / name, n=300, sampler="dpmpp-2m", steps=20, bpd_n=0, progress=False) for name in ("pixel", "ldm")}
+    results = {name: evaluate(runs / name, n=300, sampling=Sampling("dpmpp-2m", 20), bpd_n=0, progress=False) for name in ("pixel", "ldm")}
     # measured (300 steps each, unguided): FD pixel 15.2, latent 14.4 (real test vs train: 0.76); latent class accuracy 0.61
     # (chance 0.10). With 4 latent channels and --guidance 3 the latent run reached FD 1.57 and 99.0 %.
     for r in results.values():
         assert r["fd"] < 25, r["fd"]
     assert results["ldm"]["fd"] < 1.5 * results["pixel"]["fd"]
     assert results["ldm"]["classes"]["accuracy"] > 0.4
-    assert load_config(runs / "ldm").data["latent"]["factor"] == 2
+    assert load_config(runs / "ldm").latent.factor == 2
 
 
 def test_a_latent_run_refuses_a_missing_or_changed_autoencoder(runs, tmp_path, capsys):
@@ -288,7 +285,7 @@ def test_a_latent_run_refuses_a_missing_or_changed_autoencoder(runs, tmp_path, c
     code, err = run_cli(capsys, "train", "digits", "--latent", moved, "--out", tmp_path / "ldm", "--steps", "2", "--quiet")
     assert code == 0, err
     cfg = load_config(tmp_path / "ldm")
-    assert latent_space(cfg).hash == fingerprint(moved)
+    assert latent_space(cfg.latent).hash == fingerprint(moved)
     info = json.loads((moved / LATENT).read_text())
     (moved / LATENT).write_text(json.dumps(dict(info, scale=1.0)))  # the autoencoder changed since
     code, err = run_cli(capsys, "sample", tmp_path / "ldm", "--n", "4", "--out", tmp_path / "s.png")
@@ -301,9 +298,9 @@ def test_a_latent_run_refuses_a_missing_or_changed_autoencoder(runs, tmp_path, c
     code, err = run_cli(capsys, "sample", runs / "ae", "--n", "4", "--out", tmp_path / "s.png")
     assert code != 0 and "is an autoencoder run, not a denoiser" in err, err
     code, err = run_cli(capsys, "train", "--out", runs / "ae", "--resume")
-    assert code != 0 and "holds an autoencoder: continue it with `difflab train-autoencoder" in err, err
+    assert code != 0 and "holds an autoencoder run: continue it with `difflab train-autoencoder" in err, err
     code, err = run_cli(capsys, "train", "digits", "--latent", runs / "pixel", "--out", tmp_path / "x", "--steps", "2")
-    assert code != 0 and "is not an autoencoder run" in err, err
+    assert code != 0 and "is a denoiser run, not an autoencoder" in err, err
     code, err = run_cli(capsys, "train", "fashion-mnist", "--latent", runs / "ae", "--out", tmp_path / "x", "--steps", "2")
     assert code != 0 and "encodes 1x8x8 images; fashion-mnist holds 1x28x28" in err, err
 

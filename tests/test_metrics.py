@@ -310,3 +310,14 @@ def test_class_histogram_labels_and_logits():
         class_histogram(torch.tensor([0, 5]), 5)
     with pytest.raises(ValueError):
         class_histogram(logits, 4)
+
+
+def test_energy_to_one_reference_is_the_energy_distance():
+    from difflab.evaluation.metrics import EnergyTo
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(700, 3, generator=g, dtype=torch.float64) + 5.0
+    to_ref = EnergyTo(ref)
+    for shift in (0.0, 0.3, 2.0):
+        a = torch.randn(400, 3, generator=g, dtype=torch.float64) + 5.0 + shift
+        assert to_ref(a) == pytest.approx(energy_distance(a, ref), rel=1e-9, abs=1e-12)

@@ -11,14 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from difflab.runs import store as ckpt
+from difflab.runs.config import RunConfig, TextRecord, load_config
+from difflab.runs.diffusion import DiffusionRun
 from difflab.cli import main
 from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.pairs import make_subject, subject_prompts, tinted, write_subject
 from difflab.core.losses import SimpleLoss
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.core.parameterize import Denoiser
-from difflab.personalize.method import EMBEDDING, LoraSpec, Personalization, PersonalizeError, PriorPreservationLoss, check_base, class_prompt, is_lora, merge_lora, personalize, set_lora_scale, feature_center, subject_similarity, with_adapters, with_lora
+from difflab.evaluation.subject import feature_center, subject_similarity
+from difflab.nets.lora import LoraError, LoraSpec, is_lora, merge_lora, set_lora_scale, with_lora
+from difflab.personalize.identifier import EMBEDDING, PersonalizeError, class_prompt
+from difflab.personalize.method import check_base, personalize
+from difflab.personalize.prior import PriorPreservationLoss
+from difflab.runs.config import Personalization
 from difflab.core.processes import DiscreteDDPM
+
+from conftest import POOLED, pooled
 
 try:
     load_images("fashion-mnist", split="test")
@@ -116,11 +125,7 @@ def test_class_prompts_drop_the_identifier_only():
 # --------------------------------------------------------------------------- runs: a tiny joint-encoder base model
 
 
-SIZE = (8, 16)  # fashion-pairs average-pooled 4x: the attribute network reads it upsampled back
-
-
-def pooled(images: torch.Tensor) -> torch.Tensor:
-    return to_uint8(F.avg_pool2d(to_model(images), 4))
+SIZE = POOLED
 
 
 def upsampled(images: torch.Tensor) -> torch.Tensor:
@@ -128,31 +133,15 @@ def upsampled(images: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """A joint-encoder text run on 8x16 pooled fashion-pairs, 300 steps."""
-    from difflab.data.loader import TensorDataset
-    from difflab.runs.presets import preset_for
-    from difflab.text.encoders import text_condition, with_text
-    from difflab.training.loop import train
-
-    if not HAVE_FASHION:
-        pytest.skip("Fashion-MNIST is not installed")
-    data = load_images("fashion-pairs", split="train")
-    n = 4000
-    cfg = preset_for("fashion-pairs")
-    cfg = replace(cfg, shape=[3, *SIZE], net=dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2],
-                                                  attention_resolutions=[4], num_heads=4, num_res_blocks=1),
-                  train=replace(cfg.train, steps=300, batch_size=32, warmup=50, sample_every=0, checkpoint_every=10**6))
-    cfg = with_text(cfg, "joint", data.captions[:n])
-    run = tmp_path_factory.mktemp("personalize") / "base"
-    train(run, cfg, TensorDataset(pooled(data.images[:n]), text_condition(cfg, data.captions[:n])), progress=False)
-    return run
+def base_run(joint_base):
+    """The shared joint-encoder text run on 8x16 pooled fashion-pairs, 300 steps (conftest.py)."""
+    return joint_base
 
 
 @pytest.fixture(scope="module")
-def subject_dir(base_run):
+def subject_dir(base_run, tmp_path_factory):
     subject = make_subject("sneaker", n=4)
-    folder = base_run.parent / "subject"
+    folder = tmp_path_factory.mktemp("subject") / "subject"
     write_subject(replace(subject, images=pooled(subject.images)), folder)
     return folder, subject
 
@@ -172,7 +161,7 @@ def test_textual_inversion_changes_only_the_new_embedding_row(base_run, subject_
         if k == EMBEDDING:
             assert new[k].shape[0] == v.shape[0] + 1  # the identifier's row, appended
             assert torch.equal(new[k][:-1], v)
-            vocabulary = ckpt.load_config(out).net["text"]["vocabulary"]
+            vocabulary = load_config(out).net["text"]["vocabulary"]
             start = v[vocabulary.index("sneaker")]  # initialised from the class word, then trained
             assert vocabulary[-1] == "sks" and not torch.equal(new[k][-1], start)
         else:
@@ -191,10 +180,13 @@ def test_lora_training_changes_only_the_adapters_and_loads_over_the_base(base_ru
         b = base[k.replace(".base_layer", "")]
         assert torch.equal(new[k][: len(b)] if k == EMBEDDING else new[k], b), k
     # the exported adapter over the base run is the LoRA run itself; at strength 0 it is the base exactly
-    denoiser, cfg = ckpt.load_denoiser(base_run)
+    base_model = DiffusionRun.load(base_run)
+    denoiser, cfg = base_model.denoiser, base_model.config
     for strength in (1.0, 0.0):
-        adapted, acfg = with_adapters(*ckpt.load_denoiser(base_run), base_run, [(str(out), strength)])
-        own, ocfg = ckpt.load_denoiser(out)
+        adapted_run = DiffusionRun.load(base_run, lora=[(out, strength)])
+        adapted, acfg = adapted_run.denoiser, adapted_run.config
+        own_run = DiffusionRun.load(out)
+        own, ocfg = own_run.denoiser, own_run.config
         assert acfg.net["text"]["vocabulary"] == ocfg.net["text"]["vocabulary"]
         from difflab.text.encoders import text_condition
 
@@ -217,9 +209,6 @@ def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run,
     """Subject fidelity: cosine, in the attribute network's features, between the generated subject half and
     the subject item in the requested tint, on new compositions, the images seen at 8x16 (upsampled)."""
     from difflab.evaluation.features import load_feature_net
-    from difflab.sampling.generate import generate
-    from difflab.guidance.config import GuidanceConfig, guided
-    from difflab.text.encoders import text_condition
 
     folder, subject = subject_dir
     out = tmp_path / "db"
@@ -235,9 +224,7 @@ def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run,
     center = feature_center(net)
 
     def fidelity(run, prompts):
-        denoiser, cfg = ckpt.load_denoiser(run)
-        x = upsampled(to_uint8(generate(guided(denoiser, cfg, GuidanceConfig(scale=3.0)), cfg, len(prompts), sampler="dpmpp-2m", steps=20,
-                                        cond=text_condition(cfg, prompts))))
+        x = upsampled(to_uint8(DiffusionRun.load(run).sample(len(prompts), prompt=prompts, guidance=3.0, sampler="dpmpp-2m", steps=20)))
         return subject_similarity(net, x, sides, references, center).mean().item()
 
     # the base model asked for the class (it has no identifier), the personalised one for the subject
@@ -269,8 +256,8 @@ def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_
         assert code == 0 and (tmp_path / f"{method}.png").is_file(), err
     code, err = run_cli(capsys, "personalize", "--out", tmp_path / "lora", "--resume", "--quiet")  # a finished run: nothing to do
     assert code == 0, err
-    cfg = ckpt.load_config(tmp_path / "lora")
-    assert cfg.data["personalize"]["captions"][0].count("sks") == 1 and cfg.data["lora"]["rank"] == 4
+    cfg = load_config(tmp_path / "lora")
+    assert cfg.personalize.captions[0].count("sks") == 1 and cfg.lora.rank == 4
     code, err = run_cli(capsys, "sample", base_run, "--lora", tmp_path / "lora", "--lora-scale", "0.5", "--prompt", prompt,
                         "-n", "2", "--steps", "2", "--save", tmp_path / "l.npz")
     assert code == 0, err
@@ -310,7 +297,7 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
          "one --lora-scale for all adapters or one per --lora (2), not 3"),
         (["sample", base_run, "--lora", lora, "--lora", lora, "-n", "1"], "share an identifier"),
         (["sample", other, "--lora", lora, "-n", "1"], "has other weights"),  # an adapter over weights it was not trained on
-        (["train", "--out", lora, "--resume"], "is a personalised run: continue it with `difflab personalize"),
+        (["train", "--out", lora, "--resume"], "holds a personalised run: continue it with `difflab personalize"),
     ]
     for argv, message in cases:
         code, err = run_cli(capsys, *argv)
@@ -323,24 +310,24 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
 
 
 def test_only_runs_that_can_take_an_identifier_are_personalised():
-    cfg = ckpt.RunConfig(dataset="d", process={"kind": "ddpm", "T": 10}, net_kind="mlp", net={}, shape=[2], kind="points")
+    cfg = RunConfig(dataset="d", process={"kind": "ddpm", "T": 10}, net_kind="mlp", net={}, shape=[2], data_kind="points")
     with pytest.raises(PersonalizeError, match="takes no text"):
         check_base(cfg, "R", "lora")
     for kind, method, message in (("clip", "lora", "would read as <unk>"), ("minilm", "textual-inversion", "frozen pretrained")):
-        c = replace(cfg, data={"text": {"kind": kind, "run": "C"}})
+        c = replace(cfg, text=TextRecord(kind, run="C"))
         with pytest.raises(PersonalizeError, match=message):
             check_base(c, "R", method)
-    assert check_base(replace(cfg, data={"text": {"kind": "minilm"}}), "R", "dreambooth") == "minilm"
+    assert check_base(replace(cfg, text=TextRecord("minilm")), "R", "dreambooth") == "minilm"
 
 
 def test_a_corrupt_adapter_is_refused_and_the_lora_spec_round_trips(tmp_path):
-    from difflab.personalize.method import read_adapter
+    from difflab.personalize.adapters import read_adapter
 
     (tmp_path / "adapter.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(PersonalizeError, match="missing or corrupt"):
         read_adapter(tmp_path)
     assert LoraSpec.from_dict(json.loads(json.dumps(LoraSpec(rank=3, alpha=6.0).to_dict()))).scaling == 2.0
-    with pytest.raises(PersonalizeError, match="rank"):
+    with pytest.raises(LoraError, match="rank"):
         LoraSpec(rank=0)
 
 
@@ -349,5 +336,5 @@ def test_lora_without_peft_says_how_to_install_it(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
-    with pytest.raises(PersonalizeError, match="pip install"):
+    with pytest.raises(LoraError, match="pip install"):
         with_lora(_unet(), LoraSpec())

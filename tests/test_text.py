@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from difflab.runs.store import load_config
+from difflab.runs.config import load_config
 from difflab.cli import main
 from difflab.core.conditions import drop_conditions
 from difflab.data.images import DataError, load_images
@@ -22,7 +22,9 @@ from difflab.data.pairs import caption, parse_caption
 from difflab.nets.text import MAX_LOGIT_SCALE, Clip, ClipConfig, TextConfig, TextError, TextTransformer, fit_vocabulary, tokenize
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.evaluation.prompts import parsed
-from difflab.text.encoders import contrastive_loss
+from difflab.core.losses import contrastive_loss
+
+from conftest import CLIP_STEPS
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -171,15 +173,16 @@ def test_minilm_loads_with_networking_disabled_and_is_deterministic(monkeypatch)
     monkeypatch.setattr(socket.socket, "connect", no_network)
     text_mod._minilm.cache_clear()
     enc = text_mod.MiniLM()
-    a, mask = enc.encode(["a red sneaker on the left and a blue bag on the right", ""], 20)
-    b, _ = text_mod.MiniLM().encode(["a red sneaker on the left and a blue bag on the right", ""], 20)
+    c = enc.condition(["a red sneaker on the left and a blue bag on the right", ""], 20)
+    a, mask = c["context"], c["context_mask"]
+    b = text_mod.MiniLM().condition(["a red sneaker on the left and a blue bag on the right", ""], 20)["context"]
     assert a.shape == (2, 20, 384) and torch.equal(a, b)
     assert mask[0].sum() == 16 and not mask[1].any() and a[1].abs().sum() == 0  # the empty caption: the null condition
     import hashlib
 
     assert enc.record()["sha256"] == hashlib.sha256(text_mod._minilm()[2].read_bytes()).hexdigest()
     with pytest.raises(TextError, match="has 16 tokens; this model reads at most 8"):
-        enc.encode(["a red sneaker on the left and a blue bag on the right"], 8)
+        enc.condition(["a red sneaker on the left and a blue bag on the right"], 8)
 
 
 def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch):
@@ -195,17 +198,6 @@ def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch):
 
 
 # --------------------------------------------------------------------------- trained in CI
-
-
-@pytest.fixture(scope="module")
-def clip_run(tmp_path_factory):
-    fashion_pairs()
-    run = tmp_path_factory.mktemp("clip") / "clip"
-    assert main(["train-clip", "fashion-pairs", "--out", str(run), "--steps", str(CLIP_STEPS), "--quiet"]) == 0
-    return run
-
-
-CLIP_STEPS = 150
 
 
 def test_a_tiny_clip_retrieves_captions_well_above_chance(clip_run):
@@ -235,11 +227,10 @@ def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(clip
     from difflab.data.images import to_model, to_uint8
     from difflab.data.loader import TensorDataset
     from difflab.evaluation.features import embed, load_feature_net
-    from difflab.sampling.generate import generate
-    from difflab.guidance.config import GuidanceConfig, guided
-    from difflab.runs.presets import preset_for
     from difflab.evaluation.prompts import follows
-    from difflab.text.encoders import text_condition, with_text
+    from difflab.runs.diffusion import DiffusionRun
+    from difflab.runs.presets import preset_for, with_text
+    from difflab.text.encoders import text_condition, text_record
     from difflab.training.loop import train
 
     data, test = fashion_pairs("train"), fashion_pairs("test")
@@ -248,12 +239,13 @@ def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(clip
     cfg = replace(cfg, shape=[3, 8, 16], net=dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4],
                                                    num_heads=4, num_res_blocks=1),
                   train=replace(cfg.train, steps=500, batch_size=32, warmup=50, sample_every=0, checkpoint_every=10**6))
-    cfg = with_text(cfg, f"clip:{clip_run}", data.captions[:n])
-    assert cfg.data["text"]["kind"] == "clip" and [c["name"] for c in cfg.conditions] == ["context"] and cfg.conditions[0]["p_drop"] == 0.1
+    record, width, _ = text_record(f"clip:{clip_run}", data.captions[:n])
+    cfg = with_text(cfg, record, width)
+    assert cfg.text.kind == "clip" and [c["name"] for c in cfg.conditions] == ["context"] and cfg.conditions[0]["p_drop"] == 0.1
     small = F.avg_pool2d(to_model(data.images[:n]), 4)
     denoiser = train(tmp_path / "t2i", cfg, TensorDataset(small, text_condition(cfg, data.captions[:n])), progress=False)
     prompts = parsed(test.captions[:300])
-    x = generate(guided(denoiser, cfg, GuidanceConfig(scale=3.0)), cfg, 300, sampler="dpmpp-2m", steps=20, cond=text_condition(cfg, prompts.captions))
+    x = DiffusionRun(tmp_path / "t2i", cfg, denoiser.net).sample(300, prompt=prompts.captions, guidance=3.0, sampler="dpmpp-2m", steps=20)
     net = load_feature_net("fashion-pairs")
     report = follows(net.attributes(embed(net, to_uint8(F.interpolate(x, scale_factor=4, mode="nearest")))[1]), prompts)
     got, shuffled = report["all"]["per_attribute"], report["shuffled"]["per_attribute"]
@@ -268,7 +260,7 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
     code, err = run_cli(capsys, "train", "fashion-pairs", "--text", f"clip:{clip_run}", "--out", run, "--steps", "2", "--batch-size", "4", "--quiet")
     assert code == 0, err
     cfg = load_config(run)
-    assert cfg.data["text"]["fingerprint"] == json.loads((clip_run / "clip.json").read_text())["fingerprint"]
+    assert cfg.text.fingerprint == json.loads((clip_run / "clip.json").read_text())["fingerprint"]
     prompt = caption((7, 0, 8, 2))
     code, err = run_cli(capsys, "sample", run, "--prompt", prompt, "--negative-prompt", caption((7, 2, 8, 0)), "--guidance", "3",
                         "--n", "2", "--steps", "2", "--out", tmp_path / "g.png", "--save", tmp_path / "g.npz")
@@ -283,7 +275,7 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
     code, err = run_cli(capsys, "eval", run, "--n", "10", "--steps", "2", "--bpd-n", "0", "--caption-swap", "--clip", clip_run,
                         "--json", tmp_path / "e.json", "--quiet")
     assert code == 0, err
-    from difflab.evaluation.evaluate import format_report
+    from difflab.evaluation.report import format_report
 
     result = json.loads((tmp_path / "e.json").read_text())
     text = result["text"]
@@ -323,10 +315,10 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
 
 
 def test_text_and_class_labels_together_keep_both_conditions():
-    from difflab.cli.train import with_class_labels
-    from difflab.runs.presets import preset_for
-    from difflab.text.encoders import with_text
+    from difflab.runs.presets import preset_for, with_class_labels, with_text
+    from difflab.text.encoders import text_record
 
-    cfg = with_class_labels(with_text(preset_for("fashion-pairs"), "joint", [caption((1, 2, 3, 4))]), 10, None)
+    record, width, joint = text_record("joint", [caption((1, 2, 3, 4))])
+    cfg = with_class_labels(with_text(preset_for("fashion-pairs"), record, width, joint.to_dict()), 10, None)
     cfg.validate()
     assert [c["name"] for c in cfg.conditions] == ["tokens", "class_labels"] and cfg.net["text"] is not None

@@ -14,6 +14,7 @@ from torch import nn
 
 from difflab.runs.store import load_training_state, load_weights, weights_step
 from difflab.runs.presets import preset_for
+from difflab.runs.config import TrainConfig
 from difflab.training.loop import ema_decay_at, ema_update, learning_rate
 
 
@@ -61,10 +62,15 @@ def test_ema_warmup_forgets_the_initialisation(n):
     assert 1 - cold.weight.item() == pytest.approx(0.999**n, rel=1e-9)
 
 
-def test_warmup_is_linear_then_constant():
-    assert learning_rate(0, 1.0, 10) == pytest.approx(0.1)
-    assert learning_rate(4, 1.0, 10) == pytest.approx(0.5)
-    assert learning_rate(9, 1.0, 10) == learning_rate(500, 1.0, 10) == 1.0
+def test_warmup_is_linear_then_constant_or_a_cosine_to_zero():
+    tc = TrainConfig(steps=1000, lr=1.0, warmup=10)
+    assert learning_rate(0, tc) == pytest.approx(0.1)
+    assert learning_rate(4, tc) == pytest.approx(0.5)
+    assert learning_rate(9, tc) == learning_rate(500, tc) == 1.0
+    cos = replace(tc, lr_schedule="cosine")
+    assert learning_rate(4, cos) == pytest.approx(0.5)  # the same warm-up
+    assert learning_rate(10, cos) == pytest.approx(1.0) and learning_rate(505, cos) == pytest.approx(0.5)  # half-way down
+    assert learning_rate(999, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 989 / 990)))
 
 
 SCRIPT = textwrap.dedent(

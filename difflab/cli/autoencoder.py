@@ -11,45 +11,56 @@ originals beside reconstructions (RUN/reconstructions.png)."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..runs import store as ckpt
-from ..viz import plots
-from ..latent.space import LATENT, RECONSTRUCTION, autoencoder_config, load_autoencoder, measure_scale
-from ..data.images import load_split, read_inputs, to_model, to_uint8
+from ..data.images import read_inputs
+from ..evaluation.metrics import psnr
+from ..latent.autoencoder import AUTOENCODER, LATENT, RECONSTRUCTION, autoencoder_config, load_autoencoder, measure_scale, preview, reconstruction_report
+from ..runs.data import load_split
+from ..runs.lifecycle import begin
+from ..runs.presets import preset_for
 from ..training.distributed import launched_rank, resolve_device
-from ..io import atomic_path
-from ..evaluation.features import embed, resolve_feature_net
-from ..evaluation.metrics import frechet_from_stats, gaussian_stats, psnr
 from ..training.loop import train
-from .options import UsageError, add_auxiliary_training, check_suffix, positive_int, start_auxiliary, unfinished, with_training_options
+from ..viz import plots
+from .data import check_dataset
+from .options import UsageError, add_auxiliary_training, check_suffix, given_flags, positive_int, say_unfinished, training_options
 
+FLAGS = ("factor", "latent_channels", "kl_weight", "recon", "disc_weight", "disc_start")
+
+
+def new_config(args):
+    if args.name is None:
+        raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
+    check_dataset(args.name)
+    base = preset_for(args.name)
+    if args.data:
+        base = replace(base, data=replace(base.data, data_dir=args.data))
+    for flag in ("kl_weight", "disc_weight", "disc_start"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
+    if args.disc_start is not None and not args.disc_weight:
+        raise UsageError("--disc-start needs --disc-weight > 0 (the discriminator is off without it)")
+    try:
+        cfg = autoencoder_config(base, factor=args.factor or 4, latent_channels=args.latent_channels or 4,
+                                 kl_weight=1e-6 if args.kl_weight is None else args.kl_weight, recon=args.recon or "l1",
+                                 attention=args.attention, disc_weight=args.disc_weight or 0.0,
+                                 disc_start=1000 if args.disc_start is None else args.disc_start)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    cfg = training_options(cfg, args)
+    cfg.validate()
+    return cfg
 
 
 def run_train(args) -> None:
     out = Path(args.out)
     device = resolve_device(args.device)
-    cfg, resume = start_auxiliary(args, ckpt.AUTOENCODERS, "an autoencoder", ("factor", "latent_channels", "kl_weight", "recon", "disc_weight", "disc_start"),
-                                  ["--attention"] * args.attention)
-    if not resume:
-        for flag in ("kl_weight", "disc_weight", "disc_start"):
-            if getattr(args, flag) is not None and getattr(args, flag) < 0:
-                raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
-        if args.disc_start is not None and not args.disc_weight:
-            raise UsageError("--disc-start needs --disc-weight > 0 (the discriminator is off without it)")
-        try:
-            cfg = autoencoder_config(cfg, factor=args.factor or 4, latent_channels=args.latent_channels or 4,
-                                     kl_weight=1e-6 if args.kl_weight is None else args.kl_weight, recon=args.recon or "l1",
-                                     attention=args.attention, disc_weight=args.disc_weight or 0.0,
-                                     disc_start=1000 if args.disc_start is None else args.disc_start)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        cfg = with_training_options(cfg, args)
-        cfg.validate()
+    fixed = given_flags(args, FLAGS) + ["--attention"] * args.attention
+    cfg, resume = begin(out, AUTOENCODER, resume=args.resume, force=args.force, fresh=lambda: new_config(args), fixed=fixed, steps=args.steps)
     data = load_split(cfg, "train")
     if not args.quiet and launched_rank() == 0:
         net = cfg.build_net()
@@ -61,10 +72,10 @@ def run_train(args) -> None:
             (out / name).unlink(missing_ok=True)
     test = load_split(cfg, "test")
     train(out, cfg, data.images, device=device, resume=resume, progress=not args.quiet, max_minutes=args.max_minutes,
-          preview=partial(_picture, test=test.images[:16]))
+          preview=partial(preview, test=test.images[:16]), command="train-autoencoder")
     if launched_rank() != 0:
         return
-    if unfinished(out, cfg, "train-autoencoder", " (the latent scale is measured at the end)"):
+    if say_unfinished(out, cfg, "train-autoencoder", " (the latent scale is measured at the end)"):
         return  # a half-trained autoencoder gets no scale, so --latent refuses it
     info = measure_scale(out, data.images, progress=not args.quiet)
     report = reconstruction_report(out, test.images, data.images, cfg.dataset)
@@ -72,38 +83,6 @@ def run_train(args) -> None:
     print(f"test reconstruction PSNR {report['psnr']:.2f} dB on {report['test_images']} images "
           f"(the dataset-mean image: {report['baseline_psnr']:.2f} dB); rFD {report['rfd']:.3f} ({report['features']} features)")
     print(f"autoencoder written to {out}/ (train a latent model with `difflab train {cfg.dataset} --latent {out} --out RUN`)")
-
-
-def _picture(ema, step: int, run: Path, test: torch.Tensor) -> None:
-    """Rows of 8 test originals, each above their reconstructions."""
-    k = min(len(test), 16) // 8 * 8 or len(test)
-    test, width = test[:k], min(k, 8)
-    device = next(ema.net.parameters()).device
-    with torch.no_grad():
-        mean, _ = ema.net.encode(to_model(test).to(device))
-        recon = to_uint8(ema.net.decode(mean).float().cpu())
-    rows = torch.stack([test.reshape(-1, width, *test.shape[1:]), recon.reshape(-1, width, *test.shape[1:])], dim=1)  # (k/w, 2, w, C, H, W)
-    plots.save_grid(rows.reshape(-1, *test.shape[1:]), run / "reconstructions.png", nrow=width)
-    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
-
-
-def reconstruction_report(run: Path, test: torch.Tensor, train_images: torch.Tensor, dataset: str, n: int = 2000) -> dict:
-    """PSNR of the EMA autoencoder's reconstructions (posterior mean decoded) of the first ``n`` test images,
-    and of the training set's mean image as the reconstruction (a baseline that ignores its input); and the
-    rFD, the FD between those reconstructions and the images, in the dataset's feature net (eval's default)."""
-    space = load_autoencoder(run)
-    x = test[:n]
-    recon = space.reconstruct(x)
-    baseline = train_images.double().mean(0).round().to(torch.uint8).expand_as(x)
-    C, H, W = x.shape[1:]
-    net = resolve_feature_net(None, dataset, C, H, W)
-    stats = [gaussian_stats(embed(net, images)[0].double()) for images in (recon, x)]
-    report = {"step": ckpt.weights_step(run), "test_images": len(x), "psnr": float(psnr(recon, x).mean()),
-              "baseline_psnr": float(psnr(baseline, x).mean()), "rfd": frechet_from_stats(*stats[0], *stats[1]),
-              "features": net.meta.get("name", "random")}
-    with atomic_path(run / RECONSTRUCTION) as tmp:
-        Path(tmp).write_text(json.dumps(report, indent=1))
-    return report
 
 
 def run_autoencode(args) -> None:
@@ -133,6 +112,6 @@ def register(sub) -> None:
 
     a = sub.add_parser("autoencode", help="round-trip images through a trained autoencoder")
     a.add_argument("run", help="autoencoder run directory")
-    a.add_argument("images", nargs="+", help="PNG/JPEG files or an .npz of the autoencoder's image size")
+    a.add_argument("images", nargs="+", help="PNG/JPEG files, folders of them, or an .npz, of the autoencoder's image size")
     a.add_argument("--out", required=True, help="picture: each image beside its reconstruction (.png)")
     a.set_defaults(func=run_autoencode)

@@ -11,41 +11,51 @@ probe. Its text tower then conditions a model: `difflab train DATASET --text cli
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from ..data.images import load_split
+from ..runs.data import load_split
+from ..runs.lifecycle import begin
+from ..runs.presets import preset_for
+from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report
 from ..training.distributed import launched_rank, resolve_device
-from ..text.encoders import CLIP_REPORT, clip_config, clip_data, clip_report
 from ..training.loop import train
-from .options import UsageError, add_auxiliary_training, positive_int, start_auxiliary, unfinished, with_training_options
+from .data import check_dataset
+from .options import UsageError, add_auxiliary_training, given_flags, positive_int, say_unfinished, training_options
+
+
+def new_config(args):
+    if args.name is None:
+        raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
+    check_dataset(args.name)
+    base = preset_for(args.name)
+    if args.data:
+        base = replace(base, data=replace(base.data, data_dir=args.data))
+    captions = load_split(base, "train").captions
+    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64), args)
+    cfg.validate()
+    return cfg
 
 
 def run_train(args) -> None:
     out = Path(args.out)
     device = resolve_device(args.device)
-    cfg, resume = start_auxiliary(args, ("clip",), "a CLIP model", ("embed_dim",))
+    cfg, resume = begin(out, CLIP, resume=args.resume, force=args.force, fresh=lambda: new_config(args), fixed=given_flags(args, ("embed_dim",)),
+                        steps=args.steps)
     data = load_split(cfg, "train")
-    if not resume:
-        try:
-            cfg = clip_config(cfg, data.captions, embed_dim=args.embed_dim or 64)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        cfg = with_training_options(cfg, args)
-        cfg.validate()
     if data.captions is None:
         raise UsageError(f"{cfg.dataset} has no captions to train a CLIP model on")
-    text = cfg.build_net().config.text_config
+    net = cfg.build_net()
     if not args.quiet and launched_rank() == 0:
-        n = sum(p.numel() for p in cfg.build_net().parameters())
-        print(f"{'resuming' if resume else 'training'} a CLIP model on {cfg.dataset}: {n:,} parameters, {len(text.vocabulary)} words, "
-              f"{cfg.train.steps} steps x batch {cfg.train.batch_size}, on {device}")
+        print(f"{'resuming' if resume else 'training'} a CLIP model on {cfg.dataset}: {sum(p.numel() for p in net.parameters()):,} parameters, "
+              f"{len(net.config.text_config.vocabulary)} words, {cfg.train.steps} steps x batch {cfg.train.batch_size}, on {device}")
     if not resume and launched_rank() == 0:
         (out / CLIP_REPORT).unlink(missing_ok=True)
-    train(out, cfg, clip_data(cfg, data.images, data.captions), device=device, resume=resume,
-          progress=not args.quiet, max_minutes=args.max_minutes)
+    train(out, cfg, clip_data(cfg, data.images, data.captions), device=device, resume=resume, progress=not args.quiet, max_minutes=args.max_minutes,
+          command="train-clip")
     if launched_rank() != 0:
         return
-    if unfinished(out, cfg, "train-clip"):
+    if say_unfinished(out, cfg, "train-clip"):
         return
     report = clip_report(out, load_split(cfg, "test"))
     print(f"zero-shot retrieval on {report['images']} test images in groups of {report['group']} (chance {1 / report['group']:.0%}): "

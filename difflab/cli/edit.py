@@ -7,20 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ..latent.space import data_shape, to_model_space
-from ..viz import plots
 from ..data.images import read_inputs, to_model, to_uint8
-from ..sampling.edit import METHODS, img2img, interpolate
-from ..guidance.config import guided
-from .options import load_model, UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
-
-
-def _load(args):
-    denoiser, cfg = load_model(args, args.run)
-    if cfg.kind != "images":
-        raise UsageError(f"{args.run} makes {cfg.kind}; editing works on image runs")
-    guidance = guidance_from(args)
-    return guided(denoiser, cfg, guidance, args.run), cfg, guidance
+from ..sampling.edit import METHODS
+from ..viz import plots
+from .options import UsageError, add_conditions, asked_for, check_suffix, guidance_from, load_run, positive_int, save_npz, unit_float
 
 
 def run_interpolate(args) -> None:
@@ -30,12 +20,13 @@ def run_interpolate(args) -> None:
         raise UsageError(f"--frames must be at least 2, got {args.frames}")
     if not 0 < args.t <= 1:
         raise UsageError(f"--t must lie in (0, 1] (a fraction of t_max), got {args.t}")
-    denoiser, cfg, guidance = _load(args)
-    a, b = (to_model_space(cfg, to_model(read_inputs([p], tuple(data_shape(cfg))))) for p in (args.a, args.b))
-    cond, _, _ = conditions_from(args, cfg, guidance, 2, args.run)  # --class K (both) or K1 K2
-    ends = [{k: v[i:i + 1] for k, v in cond.items()} for i in (0, 1)]
-    frames = interpolate(denoiser, cfg, a, b, args.frames, method=args.method, t=args.t, steps=args.steps, seed=args.seed,
-                         cond_a=ends[0] or None, cond_b=ends[1] or None)
+    model = load_run(args, args.run)
+    if model.config.data_kind != "images":
+        raise UsageError(f"{args.run} makes {model.config.data_kind}; editing works on image runs")
+    a, b = (to_model(read_inputs([p], tuple(model.config.data_shape))) for p in (args.a, args.b))
+    guidance = guidance_from(args)
+    asked, _, _ = asked_for(args, model, guidance, 2)  # --class K (both) or K1 K2
+    frames = model.interpolate(a, b, args.frames, method=args.method, t=args.t, steps=args.steps, seed=args.seed, guidance=guidance, **asked)
     images = to_uint8(frames)
     if args.out:
         plots.save_grid(images, args.out, nrow=len(images))
@@ -51,12 +42,14 @@ def run_interpolate(args) -> None:
 def run_img2img(args) -> None:
     check_suffix(args.out, (".png",), "--out")
     check_suffix(args.save, (".npz",), "--save")
-    denoiser, cfg, guidance = _load(args)
-    shown = read_inputs(args.input, tuple(data_shape(cfg)))
-    x = to_model_space(cfg, to_model(shown)).repeat_interleave(args.n, dim=0)  # n variations of each input, seeds seed + i
-    cond, _, _ = conditions_from(args, cfg, guidance, len(x), args.run)
-    out = to_uint8(img2img(denoiser, cfg, x, args.strength, steps=args.steps, sampler=args.sampler, seed=args.seed, cond=cond or None,
-                           progress=not args.quiet))
+    model = load_run(args, args.run)
+    if model.config.data_kind != "images":
+        raise UsageError(f"{args.run} makes {model.config.data_kind}; editing works on image runs")
+    shown = read_inputs(args.input, tuple(model.config.data_shape))
+    guidance = guidance_from(args)
+    asked, _, _ = asked_for(args, model, guidance, len(shown) * args.n)
+    out = to_uint8(model.img2img(to_model(shown), args.strength, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                                 guidance=guidance, progress=not args.quiet, **asked))
     if args.out:  # per row: the input, then its variations
         rows = torch.cat([shown[:, None], out.reshape(-1, args.n, *out.shape[1:])], dim=1)
         plots.save_grid(rows.reshape(-1, *out.shape[1:]), args.out, nrow=args.n + 1)
@@ -85,7 +78,7 @@ def register(sub) -> None:
 
     e = sub.add_parser("img2img", help="SDEdit: noise an image to a strength and denoise it back")
     e.add_argument("run")
-    e.add_argument("input", nargs="+", help="images (.png/.jpg or .npz, the run's size and channels)")
+    e.add_argument("input", nargs="+", help="images (.png/.jpg files, folders of them, or .npz; the run's size and channels)")
     e.add_argument("--strength", type=unit_float, default=0.6, help="how deep to noise, a fraction of t_max (default 0.6)")
     e.add_argument("-n", "--n", type=positive_int, default=1, help="variations per input (seeds SEED + i)")
     e.add_argument("--steps", type=positive_int, default=50, help="steps of the full grid (the edit runs those below the strength)")

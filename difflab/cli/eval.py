@@ -6,14 +6,26 @@ import argparse
 
 import torch
 
-from ..runs.store import load_config
+from ..evaluation.evaluate import Sampling, evaluate
+from ..evaluation.report import format_report, write_json
+from ..runs.config import load_config
 from ..training.distributed import resolve_device
-from .options import UsageError, add_device, add_guidance, add_sampler, check_suffix, guidance_from, positive_int, sampler_choice, single_thread_for_points
+from .options import (
+    UsageError,
+    add_device,
+    add_guidance,
+    add_lora,
+    add_sampler,
+    check_suffix,
+    guidance_from,
+    lora_pairs,
+    positive_int,
+    sampler_choice,
+    single_thread_for_points,
+)
 
 
 def run(args) -> None:
-    from ..evaluation.evaluate import evaluate, format_report, write_json
-
     check_suffix(args.json, (".json",), "--json")
     sampler_choice(args, None)  # fail before loading anything
     if args.bpd_n < 0:
@@ -22,14 +34,12 @@ def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     else:
-        single_thread_for_points(cfg.kind)
+        single_thread_for_points(cfg.data_kind)
     sampler, spacing, options = sampler_choice(args, cfg.build_process())
-    result = evaluate(
-        args.run, n=args.n, sampler=sampler, steps=args.steps, spacing=spacing, options=options, seed=args.seed,
-        batch=args.batch, ema=args.ema, bpd_n=args.bpd_n, features=args.features, split=args.split, progress=not args.quiet,
-        device=resolve_device(args.device), guidance=guidance_from(args), prompts=args.prompts, caption_swap=args.caption_swap,
-        clip=args.clip,
-    )  # fmt: skip
+    sampling = Sampling(sampler, args.steps, spacing, options, args.batch, resolve_device(args.device))
+    result = evaluate(args.run, n=args.n, seed=args.seed, sampling=sampling, guidance=guidance_from(args), ema=args.ema, lora=lora_pairs(args),
+                      bpd_n=args.bpd_n, features=args.features, split=args.split, prompts=args.prompts, caption_swap=args.caption_swap,
+                      clip=args.clip, progress=not args.quiet)
     print(format_report(result))
     if args.json:
         write_json(result, args.json)
@@ -40,6 +50,7 @@ def register(sub) -> None:
     e = sub.add_parser("eval", help="sample quality (FD, KID, precision/recall, classes) and bits/dim of a run")
     e.add_argument("run", help="run directory")
     add_sampler(e, "dpmpp-2m", 20)
+    add_lora(e)
     add_guidance(e.add_argument_group("guidance: a class-conditional run samples class i mod K for sample i (see docs/guidance.md)"))
     t = e.add_argument_group("text-to-image runs (see docs/text.md)")
     t.add_argument("--prompts", metavar="FILE", help="prompts, one per line, cycled to -n; default test-captions (the test split's captions)")

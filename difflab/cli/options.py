@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..training.distributed import DEVICES
+from ..evaluation.prompts import read_prompt_file
+from ..guidance.config import GuidanceConfig, classes_for
+from ..guidance.wrappers import SCHEDULES, check_interval
 from ..io import atomic_path
+from ..runs.config import RunConfig
+from ..runs.diffusion import DiffusionRun
+from ..runs.lifecycle import unfinished
 from ..sampling.samplers import SAMPLERS, SPACINGS, default_spacing, sampler_options
+from ..training.distributed import DEVICES
 
 
 class UsageError(ValueError):
@@ -102,53 +109,17 @@ def add_auxiliary_training(p, steps_help: str) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def start_auxiliary(args, kinds: tuple[str, ...], what: str, flags: tuple[str, ...], given: list[str] = ()):
-    """The run an auxiliary trainer (autoencoder, CLIP) starts from: (saved config, True) on --resume, after
-    refusing another kind of run and any of ``flags`` (argparse names) given; else (the dataset's preset,
-    with --data, False), after refusing a missing NAME or an existing run without --force."""
-    from dataclasses import replace
-
-    from ..runs import store as ckpt
-    from ..training.distributed import restarted
-    from ..runs.presets import preset_for
-    from .data import check_dataset
-
-    out = Path(args.out)
-    if args.resume or (restarted() and ckpt.has_checkpoint(out)):
-        cfg = ckpt.load_config(out)
-        if cfg.net_kind not in kinds:
-            raise UsageError(f"{out} holds a {cfg.net_kind} run, not {what}")
-        given = [f"--{f.replace('_', '-')}" for f in ("name", "batch_size", "lr", "seed", *flags) if getattr(args, f) is not None] + list(given)
-        if given:
-            raise UsageError(f"--resume continues {out} as it was saved; drop {', '.join(given)}")
-        if args.steps:
-            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
-        return cfg, True
-    if args.name is None:
-        raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
-    if (out / ckpt.CONFIG).exists() and not args.force and not restarted():
-        raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
-    check_dataset(args.name)
-    base = preset_for(args.name)
-    return (replace(base, data=dict(base.data, data_dir=args.data)) if args.data else base), False
+def given_flags(args, names) -> list[str]:
+    """The flags among the auxiliary trainers' NAME, --batch-size, --lr, --seed and ``names`` that were given
+    (what a resumed run refuses: they are saved in it)."""
+    return [("NAME" if f == "name" else f"--{f.replace('_', '-')}") for f in ("name", "batch_size", "lr", "seed", *names)
+            if getattr(args, f) is not None]
 
 
-def unfinished(out, cfg, command: str, why: str = "") -> bool:
-    """Whether the run ``out`` stopped before its last step (--max-minutes); if so, say how to finish it."""
-    from ..runs import store as ckpt
-
-    step = ckpt.weights_step(out)
-    if step < cfg.train.steps:
-        print(f"stopped at step {step} of {cfg.train.steps}; finish with `difflab {command} --out {out} --resume`{why}")
-    return step < cfg.train.steps
-
-
-def with_training_options(cfg, args):
-    """``cfg`` with the auxiliary trainers' --batch-size, --lr, --seed and --steps."""
-    from dataclasses import replace
-
+def training_options(cfg: RunConfig, args) -> RunConfig:
+    """``cfg`` with the auxiliary trainers' --batch-size, --lr and --seed."""
     fields = {f: getattr(args, f) for f in ("batch_size", "lr", "seed") if getattr(args, f) is not None}
-    return replace(cfg, train=replace(cfg.train, **fields, **({"steps": args.steps} if args.steps else {})))
+    return replace(cfg, train=replace(cfg.train, **fields))
 
 
 def add_sampler(p, sampler: str, steps: int) -> None:
@@ -210,8 +181,6 @@ def compose_terms(s: str) -> tuple[tuple[int, float], ...]:
 
 def interval(s: str) -> tuple[float, float]:
     """'0.2,0.8' -> (0.2, 0.8), fractions of t_max with 0 <= lo < hi <= 1."""
-    from ..guidance.wrappers import check_interval
-
     try:
         return check_interval(float(v) for v in s.split(","))
     except ValueError as e:
@@ -234,34 +203,18 @@ def add_conditions(p) -> None:
                    help="the class of each sample (one value for all, or several, cycled); 'all': one row per class, -n // classes each")
     g.add_argument("--prompt", action="append", metavar="TEXT", help="a text run's caption (repeatable: -n // prompts samples each)")
     g.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line (blank lines skipped)")
+    add_lora(g)
+    add_guidance(g)
+
+
+def add_lora(g) -> None:
     g.add_argument("--lora", action="append", metavar="RUN", help="add the LoRA adapter of a `difflab personalize --method lora` run "
                    "(trained over this RUN; repeatable: their updates add up)")
     g.add_argument("--lora-scale", action="append", type=float, metavar="S",
                    help="each adapter's strength (one for all, or one per --lora; default 1; 0 is the base model)")
-    add_guidance(g)
-
-
-def load_model(args, run, ema: bool = True):
-    """(denoiser, config) of ``run``, with the adapters of --lora at the strengths of --lora-scale."""
-    from ..runs.store import load_denoiser
-
-    denoiser, cfg = load_denoiser(run, ema=ema)
-    loras, scales = getattr(args, "lora", None) or [], getattr(args, "lora_scale", None) or []
-    if not loras:
-        if scales:
-            raise UsageError("--lora-scale sets the strength of a --lora adapter; give --lora RUN")
-        return denoiser, cfg
-    if len(scales) not in (0, 1, len(loras)):
-        raise UsageError(f"give one --lora-scale for all adapters or one per --lora ({len(loras)}), not {len(scales)}")
-    scales = scales * len(loras) if len(scales) == 1 else scales or [1.0] * len(loras)
-    from ..personalize.method import with_adapters
-
-    return with_adapters(denoiser, cfg, run, list(zip(loras, scales)))
 
 
 def add_guidance(g) -> None:
-    from ..guidance.wrappers import SCHEDULES
-
     g.add_argument("--guidance", type=float, default=1.0, metavar="S",
                    help="classifier-free guidance scale: pred_null + S (pred_class - pred_null); 1 (default) plain conditional, 0 unconditional")
     g.add_argument("--guidance-schedule", choices=sorted(SCHEDULES), default="constant", help="how the scale varies with t (each has mean S)")
@@ -280,8 +233,6 @@ def add_guidance(g) -> None:
 
 def guidance_from(args):
     """The GuidanceConfig the flags ask for (None when they ask for nothing)."""
-    from ..guidance.config import GuidanceConfig
-
     if args.classifier_scale is not None and args.classifier is None:
         raise UsageError("--classifier-scale needs --classifier RUN")
     compose_prompts = []
@@ -299,50 +250,59 @@ def guidance_from(args):
 
 def prompts_from(args) -> list[str] | None:
     """The prompts of --prompt and --prompt-file (None when neither is given)."""
-    from ..evaluation.prompts import read_prompt_file
-
     prompts = list(args.prompt or [])
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
     return prompts or None
 
 
-def _reads_text(cfg) -> bool:
-    from ..text.encoders import text_spec
-
-    return text_spec(cfg) is not None
 
 
-def conditions_from(args, cfg, guidance, n: int, run: str) -> tuple[dict, int, int | None]:
-    """(condition tensors, number of samples, grid row length) from the flags: ``--class all`` draws
-    n // classes samples of every class, one grid row each."""
-    from ..guidance.config import classes_for, labels_for
+def lora_pairs(args) -> list[tuple[str, float]]:
+    """(adapter run, strength) pairs of --lora and --lora-scale."""
+    loras, scales = getattr(args, "lora", None) or [], getattr(args, "lora_scale", None) or []
+    if scales and not loras:
+        raise UsageError("--lora-scale sets the strength of a --lora adapter; give --lora RUN")
+    if len(scales) not in (0, 1, len(loras)):
+        raise UsageError(f"give one --lora-scale for all adapters or one per --lora ({len(loras)}), not {len(scales)}")
+    scales = scales * len(loras) if len(scales) == 1 else scales or [1.0] * len(loras)
+    return list(zip(loras, scales))
 
+
+def load_run(args, path, ema: bool = True) -> DiffusionRun:
+    """The diffusion run ``path`` with the adapters of --lora at the strengths of --lora-scale."""
+    return DiffusionRun.load(path, ema=ema, lora=lora_pairs(args))
+
+
+def asked_for(args, run: DiffusionRun, guidance: GuidanceConfig | None, n: int) -> tuple[dict, int, int | None]:
+    """What the flags ask each sample for, as keyword arguments of the run's methods (prompt, class_label), the
+    number of samples and the grid's row length: ``--prompt`` repeated n // prompts times each, ``--class all``
+    n // classes samples of every class (a row each), ``--class K ...`` cycled over n."""
     prompts = prompts_from(args)
     if prompts is not None:
-        from ..text.encoders import text_condition, text_spec
-
-        if text_spec(cfg) is None:
-            raise UsageError(f"--prompt: {run} takes no text (train a text-to-image run with --text)")
         if args.class_label:
             raise UsageError("give --prompt or --class, not both")
         if n < len(prompts):
             raise UsageError(f"-n {n} is fewer than the {len(prompts)} prompts (n // prompts samples are drawn for each)")
         per = n // len(prompts)
-        captions = [p for p in prompts for _ in range(per)]
-        return text_condition(cfg, captions), len(captions), None
-    if guidance is not None and guidance.classifier_free and not guidance.compose_prompts and _reads_text(cfg):
-        raise UsageError("classifier-free guidance of a text run needs the caption to guide toward (--prompt or --prompt-file)")
+        return {"prompt": [p for p in prompts for _ in range(per)]}, per * len(prompts), None
     requested = args.class_label
-    if requested and "all" in requested:
+    if not requested:
+        return {}, n, None
+    if "all" in requested:
         if len(requested) > 1:
             raise UsageError("--class all stands alone (it means every class)")
-        K = classes_for(cfg, guidance)
+        K = classes_for(run.config, guidance)
         if K is None:
-            raise UsageError(f"--class all: {run} is not class-conditional (and no --classifier was given)")
+            raise UsageError(f"--class all: {run.path} is not class-conditional (and no --classifier was given)")
         per = max(1, n // K)
-        labels = labels_for(cfg, guidance, list(range(K)), K, run).repeat_interleave(per)
-        return {"class_labels": labels}, len(labels), per
-    labels = labels_for(cfg, guidance, requested, n, run)
-    return ({"class_labels": labels} if labels is not None else {}), n, None
+        return {"class_label": [k for k in range(K) for _ in range(per)]}, per * K, per
+    return {"class_label": [requested[i % len(requested)] for i in range(n)]}, n, None
 
+
+def say_unfinished(out, cfg: RunConfig, command: str, why: str = "") -> bool:
+    """Whether the run ``out`` stopped before its last step (--max-minutes); if so, print how to finish it."""
+    step = unfinished(out, cfg)
+    if step is not None:
+        print(f"stopped at step {step} of {cfg.train.steps}; finish with `difflab {command} --out {out} --resume`{why}")
+    return step is not None

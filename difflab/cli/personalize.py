@@ -13,55 +13,59 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runs import store as ckpt
-from ..training.distributed import launched_rank, resolve_device, restarted
-from ..personalize.method import METHODS, LoraSpec, Personalization, personalize
-from .options import UsageError, add_device, positive_float, positive_int, unfinished
+from ..data.pairs import make_subject, write_subject
+from ..nets.lora import LoraSpec
+from ..personalize.adapters import ADAPTER
+from ..personalize.method import METHODS, PERSONALIZED, personalize
+from ..runs.config import Personalization, load_config
+from ..runs.lifecycle import begin
+from ..training.distributed import launched_rank, resolve_device
+from .options import UsageError, add_device, positive_float, positive_int, say_unfinished, unit_float
+
+
+SETTINGS = ("run", "images", "method", "class_word", "token", "prior_weight", "class_images", "class_guidance", "caption_dropout", "vectors",
+            "rank", "alpha", "steps", "lr", "batch_size")
+
+
+def new_personalization(args) -> Personalization:
+    missing = [f for f, v in (("RUN", args.run), ("--images", args.images), ("--method", args.method), ("--class-word", args.class_word)) if v is None]
+    if missing:
+        raise UsageError(f"give {', '.join(missing)} (or --resume to continue the run in --out)")
+    if args.method != "lora" and (args.rank or args.alpha):
+        raise UsageError("--rank and --alpha are for --method lora")
+    if args.method == "textual-inversion" and args.prior_weight:
+        raise UsageError("textual inversion trains only the identifier's embedding: the class word cannot drift, so it takes no --prior-weight")
+    return Personalization(args.method, args.class_word, **{k: getattr(args, k) for k in ("token", "prior_weight", "class_images", "class_guidance",
+                                                                                         "caption_dropout", "vectors") if getattr(args, k) is not None})
 
 
 def run(args) -> None:
     out = Path(args.out)
-    resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
     device = resolve_device(args.device)
-    if resume:
-        given = [("RUN" if k == "run" else f"--{k.replace('_', '-')}") for k in ("run", "images", "method", "class_word", "token", "prior_weight",
-                 "class_images", "class_guidance", "rank", "alpha", "steps", "lr", "batch_size") if getattr(args, k) is not None]
-        if given and args.resume:  # a worker torchrun restarted keeps its first command line: it resumes as saved
-            raise UsageError(f"--resume continues {out} as it was saved (its base, images and settings are in it); drop {', '.join(given)}")
-        p = None
-    else:
-        missing = [f for f, v in (("RUN", args.run), ("--images", args.images), ("--method", args.method), ("--class-word", args.class_word)) if v is None]
-        if missing:
-            raise UsageError(f"give {', '.join(missing)} (or --resume to continue the run in --out)")
-        if (out / ckpt.CONFIG).exists() and not args.force and not restarted():
-            raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
-        if args.method != "lora" and (args.rank or args.alpha):
-            raise UsageError("--rank and --alpha are for --method lora")
-        lora = LoraSpec(**{k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None}).to_dict() if args.method == "lora" else None
-        p = Personalization(args.method, args.class_word, **{k: getattr(args, k) for k in ("token", "prior_weight", "class_images", "class_guidance")
-                                                               if getattr(args, k) is not None}, lora=lora)
-        if args.method == "textual-inversion" and args.prior_weight:
-            raise UsageError("textual inversion trains only the identifier's embedding: the class word cannot drift, so it takes no --prior-weight")
-    personalize(args.run, args.images, out, p, steps=args.steps, lr=args.lr, batch_size=args.batch_size or 8, resume=resume,
+    fixed = [("RUN" if k == "run" else f"--{k.replace('_', '-')}") for k in SETTINGS if getattr(args, k) is not None]
+    p = None
+    _, resume = begin(out, PERSONALIZED, resume=args.resume, force=args.force, fresh=lambda: None, fixed=fixed)
+    if not resume:
+        p = new_personalization(args)
+    lora = LoraSpec(**{k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None}) if args.method == "lora" else None
+    personalize(args.run, args.images, out, p, steps=args.steps, lr=args.lr, batch_size=args.batch_size or 8, lora=lora, resume=resume,
                 device=device, progress=not args.quiet, max_minutes=args.max_minutes)
     if launched_rank() != 0:
         return
-    cfg = ckpt.load_config(out)
-    p = cfg.data["personalize"]
-    if unfinished(out, cfg, "personalize"):
+    cfg = load_config(out)
+    p = cfg.personalize
+    if say_unfinished(out, cfg, "personalize"):
         return
-    example = p["captions"][0]
-    if p["method"] == "lora":
-        size = (out / "adapter.safetensors").stat().st_size
-        print(f"adapter written to {out}/adapter.safetensors ({size / 1024:.0f} KiB); use it over the base run with "
-              f"`difflab sample {p['base']} --lora {out} --lora-scale 1 --prompt {example!r}`")
+    example = p.captions[0]
+    if p.method == "lora":
+        size = (out / ADAPTER).stat().st_size
+        print(f"adapter written to {out}/{ADAPTER} ({size / 1024:.0f} KiB); use it over the base run with "
+              f"`difflab sample {p.base} --lora {out} --lora-scale 1 --prompt {example!r}`")
     print(f"personalised run written to {out}/ (samples.png shows the subject's captions and their class prompts); "
           f"sample it with `difflab sample {out} --guidance 3 --prompt {example!r}`")
 
 
 def run_subject(args) -> None:
-    from ..data.pairs import make_subject, write_subject
-
     subject = make_subject(args.class_word, args.n, args.token, args.seed)
     write_subject(subject, args.out)
     print(f"wrote {len(subject.images)} images of test item {subject.item} (a {args.class_word}) and their captions to {args.out}/ "
@@ -87,6 +91,8 @@ def register(sub) -> None:
     g.add_argument("--prior-weight", type=float, help="lambda, the weight of the class images' loss (default 1; 0: plain fine-tuning)")
     g.add_argument("--class-images", type=positive_int, help="class images the base model draws once, cached in the run (default 64)")
     g.add_argument("--class-guidance", type=positive_float, help="their guidance scale (default 1: the base's own conditional law, which the term preserves)")
+    g.add_argument("--caption-dropout", type=unit_float, help="the captions' dropout while personalising (default: the base run's)")
+    g.add_argument("--vectors", type=positive_int, help="textual inversion: embedding vectors for the identifier (default 1)")
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=positive_int, help="adapter rank r (default 4)")
     g.add_argument("--alpha", type=positive_float, help="adapter alpha: the update is (alpha / r) B A (default 4)")

@@ -11,21 +11,21 @@ low-resolution image, for deblur the blurred image, for grey the grey image."""
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import torch
 
-from ..viz import plots
-from ..latent.space import data_shape, latent_space
-from ..runs.store import load_denoiser
+from ..core.operators import Blur, Downsample, Grey, Mask, box_mask, random_mask
 from ..data.images import read_inputs, read_mask, to_model, to_uint8
-from ..training.distributed import resolve_device
-from ..sampling.generate import generate
-from ..guidance.config import guided
-from ..sampling.inverse import METHODS, MEASUREMENT, Counted
 from ..evaluation.metrics import psnr
-from ..core.operators import Blur, Decoded, Downsample, Grey, Mask, box_mask, random_mask
-from .options import load_model, UsageError, add_conditions, add_device, check_suffix, conditions_from, guidance_from, positive_int, save_npz, unit_float
+from ..runs.diffusion import load_upscaler
+from ..sampling.inverse import METHODS, evaluations
+from ..training.distributed import resolve_device
+from ..viz import plots
+from .options import (
+    UsageError, add_conditions, add_device, asked_for, check_suffix, guidance_from, load_run, positive_int, save_npz, unit_float,
+)  # fmt: skip
 
 TASKS = "inpaint, random, srK (e.g. sr4), deblur, grey"
 
@@ -59,22 +59,22 @@ def run(args) -> None:
     check_suffix(args.save, (".npz",), "--save")
     if (args.input is None) == (args.clean is None):
         raise UsageError("give the observations (--input) or clean images to degrade (--clean), one of the two")
-    for m in args.method:
+    for m in args.method or ():
         if m not in METHODS:
             raise UsageError(f"unknown method {m!r}; choose from: {', '.join(METHODS)}")
-    denoiser, cfg = load_model(args, args.run)
-    if cfg.kind != "images":
-        raise UsageError(f"{args.run} makes {cfg.kind}; restoration works on image runs")
-    shape = tuple(data_shape(cfg))
+    model = load_run(args, args.run)
+    cfg = model.config
+    if cfg.data_kind != "images":
+        raise UsageError(f"{args.run} makes {cfg.data_kind}; restoration works on image runs")
+    shape = tuple(cfg.data_shape)
     if args.sigma_y < 0:
         raise UsageError(f"--sigma-y must be >= 0, got {args.sigma_y}")
     op = build_operator(args, shape)
-    if "ddrm" in args.method and op.svd is None:  # fail before any method has run
+    methods = args.method or [model.default_restoration(op)]
+    if "ddrm" in methods and op.svd is None:  # fail before any method has run
         raise UsageError(f"DDRM needs an operator with an SVD; {op.name} has none")
-    space = latent_space(cfg)
-    model_op = op if space is None else Decoded(op, space.decode, cfg.shape)  # a latent run: the operator after the decoder
-    if space is not None and set(args.method) - {"dps"}:
-        raise UsageError(f"{args.run} is a latent run: {', '.join(sorted(set(args.method) - {'dps'}))} need the pixels at every "
+    if model.latent is not None and set(methods) - {"dps"}:
+        raise UsageError(f"{args.run} is a latent run: {', '.join(sorted(set(methods) - {'dps'}))} need the pixels at every "
                          "step; use --method dps (its gradient runs through the decoder)")
     truth = None
     if args.clean:
@@ -83,23 +83,19 @@ def run(args) -> None:
     else:
         observed = to_model(read_inputs(args.input, observation_shape(op, shape), "--input"))
         y = op(observed) if isinstance(op, Mask) else observed
-    n = len(y)
     guidance = guidance_from(args)
-    denoiser = Counted(guided(denoiser, cfg, guidance, args.run))
-    cond, _, _ = conditions_from(args, cfg, guidance, n, args.run)
+    asked, _, _ = asked_for(args, model, guidance, len(y))
     options = {"ddrm": {"eta": args.ddrm_eta, "eta_b": args.ddrm_eta_b}, "dps": {"scale": args.dps_scale},
                "repaint": {"jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}}
     columns, rows = [to_uint8(op.show(y).clamp(-1, 1))], {}
-    for m in args.method:
-        denoiser.calls = 0
-        x = generate(denoiser, cfg, n, sampler=METHODS[m], steps=args.steps, options={"operator": model_op, **options.get(m, {})},
-                     cond={**cond, MEASUREMENT: y}, seed=args.seed, batch=args.batch, progress=not args.quiet,
-                     device=resolve_device(args.device))
-        batches = -(-n // args.batch)
+    for m in methods:
+        x = model.restore(y, op, method=m, steps=args.steps, options=options.get(m), seed=args.seed, batch=args.batch, guidance=guidance,
+                          device=resolve_device(args.device), progress=not args.quiet, **asked)
         rows[m] = x
         images = to_uint8(x)
         columns.append(images)
-        line = f"{m}: {denoiser.calls // batches} network evaluations per image, consistency {float(op.consistency(x.double(), y.double()).mean()):.4f}"
+        line = (f"{m}: {evaluations(m, args.steps, options.get(m))} network evaluations per image, "
+                f"consistency {float(op.consistency(x.double(), y.double()).mean()):.4f}")
         if truth is not None:
             line += f", PSNR {float(psnr(images, truth).mean()):.2f} dB"
         print(line)
@@ -108,28 +104,10 @@ def run(args) -> None:
     strip = torch.stack(columns, dim=1).reshape(-1, *shape)  # per image: measurement, methods..., truth
     if args.out:
         plots.save_grid(strip, args.out, nrow=len(columns))
-        print(f"wrote {args.out} (per row: measurement, {', '.join(args.method)}{', truth' if truth is not None else ''})")
+        print(f"wrote {args.out} (per row: measurement, {', '.join(methods)}{', truth' if truth is not None else ''})")
     if args.save:
         save_npz(args.save, **{m: to_uint8(x).numpy() for m, x in rows.items()})
         print(f"wrote {args.save}")
-
-
-def load_upscaler(run):
-    """A super-resolution run (trained with --cond low-res): its denoiser, config and factor."""
-    denoiser, cfg = load_denoiser(run)
-    if "factor" not in cfg.data:
-        raise UsageError(f"{run} is not a super-resolution run (train one with `difflab train NAME --cond low-res --factor K`)")
-    return denoiser, cfg, cfg.data["factor"]
-
-
-def upscale(denoiser, cfg, low, *, noise_level: float = 0.0, steps: int = 20, sampler: str = "dpmpp-2m", seed: int = 0,
-            batch: int = 250, progress: bool = False, device=None):
-    """Samples of p(x | low_res) for low-resolution images ``low`` (model space, (N, C, H/k, W/k))."""
-    cond = {"low_res": low}
-    if noise_level:  # the conditioning augmentation's level: the input is noised as in training and the network told so
-        g = torch.Generator().manual_seed(seed)
-        cond = {"low_res": low + noise_level * torch.randn(low.shape, generator=g), "low_res_noise": torch.full((len(low),), float(noise_level))}
-    return generate(denoiser, cfg, len(low), sampler=sampler, steps=steps, cond=cond, seed=seed, batch=batch, progress=progress, device=device)
 
 
 def run_upscale(args) -> None:
@@ -139,8 +117,9 @@ def run_upscale(args) -> None:
         raise UsageError("give low-resolution images (--input) or clean images to downsample (--clean), one of the two")
     if not 0 <= args.noise_level <= 1:
         raise UsageError(f"--noise-level must lie in [0, 1], got {args.noise_level}")
-    denoiser, cfg, k = load_upscaler(args.run)
-    C, H, W = cfg.shape
+    model = load_upscaler(args.run)
+    C, H, W = model.config.shape
+    k = model.config.super_resolution.factor
     op = Downsample(k, (C, H, W))
     truth = None
     if args.clean:
@@ -148,8 +127,8 @@ def run_upscale(args) -> None:
         low = op(to_model(truth))
     else:
         low = to_model(read_inputs(args.input, op.y_shape, "--input"))
-    x = upscale(denoiser, cfg, low, noise_level=args.noise_level, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                batch=args.batch, progress=not args.quiet, device=resolve_device(args.device))
+    x = model.upscale(low, noise_level=args.noise_level, steps=args.steps, sampler=args.sampler, seed=args.seed, batch=args.batch,
+                      progress=not args.quiet, device=resolve_device(args.device))
     bilinear = torch.nn.functional.interpolate(low, scale_factor=k, mode="bilinear", align_corners=False).clamp(-1, 1)
     images = to_uint8(x)
     columns = [to_uint8(op.show(low)), to_uint8(bilinear), images] + ([truth] if truth is not None else [])
@@ -165,8 +144,6 @@ def run_upscale(args) -> None:
 
 
 def box(s: str) -> tuple[int, int, int, int]:
-    import argparse
-
     try:
         top, left, h, w = (int(v) for v in s.split(","))
     except ValueError:
@@ -178,9 +155,10 @@ def register(sub) -> None:
     r = sub.add_parser("restore", help="inpainting, super-resolution, deblurring, colour from grey with a trained model")
     r.add_argument("run")
     r.add_argument("--task", required=True, help=TASKS)
-    r.add_argument("--method", nargs="+", default=["ddrm"], help=f"one or more of: {', '.join(METHODS)} (default ddrm)")
-    r.add_argument("--input", nargs="+", help="observed images (.png/.jpg or .npz with 'images')")
-    r.add_argument("--clean", nargs="+", help="clean images to degrade (the truth is shown and PSNR reported)")
+    r.add_argument("--method", nargs="+", help=f"one or more of: {', '.join(METHODS)} (default: ddrm where the degradation has an SVD, "
+                   "dps otherwise and on latent runs)")
+    r.add_argument("--input", nargs="+", help="observed images (.png/.jpg files, folders of them, or .npz with 'images')")
+    r.add_argument("--clean", nargs="+", help="clean images to degrade (files, folders or .npz; the truth is shown and PSNR reported)")
     r.add_argument("--mask", help="inpaint: a mask image, white = fill in, black = keep (default: --box)")
     r.add_argument("--box", type=box, help="inpaint: the missing box TOP,LEFT,HEIGHT,WIDTH (default: the right half)")
     r.add_argument("--missing", type=unit_float, default=0.7, help="random: the fraction of missing pixels (default 0.7)")

@@ -15,20 +15,16 @@ from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
-import torch
-
-from ..runs import store as ckpt
-from ..viz import plots
-from ..latent.space import LATENTS, cached_latents, data_shape, latent_space, load_autoencoder, with_latent
-from ..core.conditions import ConditionSpec, class_labels
-from ..data.loader import TensorDataset
-from ..data.toy2d import make_toy
-from ..training.distributed import launched_rank, resolve_device, restarted
-from ..sampling.generate import generate
-from ..nets.unet import num_parameters
-from ..runs.presets import preset_for
 from ..core.processes import PROCESSES_BY_NAME
-from ..text.encoders import text_condition, with_text
+from ..latent.autoencoder import latent_record, load_autoencoder
+from ..nets.unet import num_parameters
+from ..runs.config import RunConfig, process_to_dict
+from ..runs.data import load_split, training_data
+from ..runs.diffusion import DIFFUSION, preview
+from ..runs.lifecycle import begin
+from ..runs.presets import preset_for, with_class_labels, with_latent, with_low_res, with_text
+from ..text.encoders import text_record
+from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import PRECISIONS, train
 from .data import check_dataset
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
@@ -37,7 +33,7 @@ from .options import UsageError, add_device, positive_float, positive_int, singl
 TRAIN_FIELDS = ("batch_size", "accumulation", "lr", "seed", "ema_decay", "ema_warmup", "precision", "checkpoint_every", "sample_every")
 
 
-def apply_options(cfg: ckpt.RunConfig, args) -> ckpt.RunConfig:
+def apply_options(cfg: RunConfig, args) -> RunConfig:
     """``cfg`` overridden by whatever the command line says (options left out keep cfg's values)."""
     t = replace(cfg.train, **{f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None})
     process = dict(cfg.process)
@@ -49,17 +45,17 @@ def apply_options(cfg: ckpt.RunConfig, args) -> ckpt.RunConfig:
         if kind == process["kind"]:
             kw = {**{k: v for k, v in process.items() if k != "kind"}, **kw}
         try:
-            process = ckpt.process_to_dict(PROCESSES_BY_NAME[kind](**kw))
+            process = process_to_dict(PROCESSES_BY_NAME[kind](**kw))
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
     loss = dict(cfg.loss, **({"weighting": args.weighting} if args.weighting else {}))
-    data = dict(cfg.data)
+    data = cfg.data
     if args.data:
-        data["data_dir"] = args.data
+        data = replace(data, data_dir=args.data)
     if args.n:
-        if cfg.kind != "points":
+        if cfg.data_kind != "points":
             raise UsageError("--n (the number of training points) applies to 2-D sets only")
-        data["n"] = args.n
+        data = replace(data, n=args.n)
     cfg = replace(cfg, process=process, target=args.target or cfg.target, loss=loss, train=t, data=data)
     if args.cond_dropout is not None and not (args.class_cond or args.text or cfg.conditions):
         raise UsageError("--p-uncond needs a conditional model (--cond class or --text)")
@@ -68,94 +64,32 @@ def apply_options(cfg: ckpt.RunConfig, args) -> ckpt.RunConfig:
     return cfg
 
 
-def with_class_labels(cfg: ckpt.RunConfig, num_classes: int | None, p_drop: float | None) -> ckpt.RunConfig:
-    """The run conditioned on class labels: the U-Net gets a class embedding (plus its null row)."""
-    if cfg.net_kind != "unet":
-        raise UsageError(f"--cond class needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
-    if not num_classes:
-        raise UsageError(f"--cond class needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' array)")
-    spec = class_labels(num_classes, ConditionSpec.p_drop if p_drop is None else p_drop)
-    others = [c for c in cfg.conditions if c["name"] != "class_labels"]  # a text condition stays
-    return replace(cfg, net=dict(cfg.net, num_classes=num_classes), conditions=[*others, spec.to_dict()])
-
-
-def with_low_res(cfg: ckpt.RunConfig, factor: int, aug_max: float | None) -> ckpt.RunConfig:
-    """The run conditioned on its images downsampled by ``factor`` (SR3, Saharia et al. 2022): the U-Net takes
-    the bilinearly upsampled low-resolution image as extra input channels and its augmentation noise level."""
-    if cfg.net_kind != "unet":
-        raise UsageError(f"--cond low-res needs an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
-    C, H, W = cfg.shape
-    if factor < 2 or H % factor or W % factor:
-        raise UsageError(f"--factor {factor} must be at least 2 and divide the image size {H}x{W}")
-    aug = ckpt.AUG_MAX if aug_max is None else aug_max
-    spec = ConditionSpec("low_res", "tensor", p_drop=0.0)
-    return replace(cfg, net=dict(cfg.net, cond_channels=C, low_res_noise=True), conditions=[spec.to_dict()],
-                   data=dict(cfg.data, factor=factor, aug_max=aug))
-
-
-def low_res_of(images, factor: int):
-    """uint8 images (N, C, H, W) -> their average-pooled low-resolution versions in the model space (operators.Downsample)."""
-    from ..data.images import to_model
-    from ..core.operators import Downsample
-
-    op = Downsample(factor, tuple(images.shape[1:]))
-    return torch.cat([op(to_model(chunk)) for chunk in images.split(4096)])
-
-
-def load_training_data(cfg: ckpt.RunConfig, run: Path | None = None, progress: bool = False) -> tuple[TensorDataset, int | None]:
-    """The training split as a TensorDataset (images stay uint8; labels as the 'class_labels' condition; for a
-    super-resolution run the low-resolution images as 'low_res'; for a latent run the scaled latents, encoded
-    once and cached in ``run``), and the number of classes (None when unlabelled)."""
-    if cfg.kind == "points":
-        return TensorDataset(make_toy(cfg.dataset, cfg.data.get("n", 20000), cfg.data.get("seed", 1))), None
-    from ..data.images import load_split
-
-    ds = load_split(cfg, "train")
-    if list(ds.images.shape[1:]) != data_shape(cfg):
-        raise UsageError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(data_shape(cfg))}")
-    cond = {"class_labels": ds.labels} if ds.labels is not None else {}
-    if "text" in cfg.data:
-        if ds.captions is None:
-            raise UsageError(f"the run reads captions, and {cfg.dataset} has none")
-        cond |= text_condition(cfg, ds.captions)
-    if "factor" in cfg.data:
-        cond["low_res"] = low_res_of(ds.images, cfg.data["factor"])
-    space = latent_space(cfg)
-    if space is not None:
-        return TensorDataset(cached_latents(space, ds.images, run / LATENTS if run else None, progress), cond), ds.num_classes
-    return TensorDataset(ds.images, cond), ds.num_classes
-
-
-def training_captions(cfg: ckpt.RunConfig) -> list[str] | None:
-    from ..data.images import load_split
-
-    return load_split(cfg, "train").captions
-
-
-def _encoder_name(text: dict | str | None) -> str | None:
+def _encoder_name(text) -> str | None:
     """'minilm', 'joint' or 'clip:/absolute/run' for a --text value or a run's text record."""
     if isinstance(text, str):
         return f"clip:{Path(text[5:]).resolve()}" if text.startswith("clip:") else text
     if text is None:
         return None
-    return f"clip:{text['run']}" if text["kind"] == "clip" else text["kind"]
+    return f"clip:{text.run}" if text.kind == "clip" else text.kind
 
 
-def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
+def _contradictions(saved: RunConfig, args) -> list[str]:
     """What the command line asks for that differs from the saved run (steps aside)."""
     wanted = apply_options(saved, args)
     wanted = replace(wanted, train=replace(wanted.train, steps=saved.train.steps))
     out = []
     if args.name is not None and args.name != saved.dataset:
         out.append(f"NAME {args.name!r} (the run trains {saved.dataset!r})")
-    if args.class_cond and not any(c["name"] == "class_labels" for c in saved.conditions):
+    if args.class_cond and saved.num_classes is None:
         out.append("--cond class (the run is not class-conditional)")
-    if args.text and _encoder_name(saved.data.get("text")) != _encoder_name(args.text):
-        out.append(f"--text {args.text} (the run's encoder: {_encoder_name(saved.data.get('text'))})")
-    if args.latent and saved.data.get("latent", {}).get("autoencoder") != str(Path(args.latent).resolve()):
-        out.append(f"--latent {args.latent} (the run's autoencoder: {saved.data.get('latent', {}).get('autoencoder')})")
-    if (args.cond == "low-res" or args.factor) and saved.data.get("factor") != args.factor:
-        out.append(f"--cond low-res --factor {args.factor} (the run's factor: {saved.data.get('factor')})")
+    if args.text and _encoder_name(saved.text) != _encoder_name(args.text):
+        out.append(f"--text {args.text} (the run's encoder: {_encoder_name(saved.text)})")
+    saved_ae = saved.latent.autoencoder if saved.latent else None
+    if args.latent and saved_ae != str(Path(args.latent).resolve()):
+        out.append(f"--latent {args.latent} (the run's autoencoder: {saved_ae})")
+    saved_factor = saved.super_resolution.factor if saved.super_resolution else None
+    if (args.cond == "low-res" or args.factor) and saved_factor != (args.factor or 4):
+        out.append(f"--cond low-res --factor {args.factor} (the run's factor: {saved_factor})")
     out += [f"{flag} (a resumed run keeps its weights)" for flag, given in (("--init-from", args.init_from), ("--force", args.force)) if given]
     a, b = asdict(saved), asdict(wanted)
     for section in ("train", "loss", "data"):
@@ -166,105 +100,52 @@ def _contradictions(saved: ckpt.RunConfig, args) -> list[str]:
     return out
 
 
+def new_config(args) -> RunConfig:
+    """The run the command line describes: the dataset's preset with the options and the variants."""
+    if args.name is None:
+        raise UsageError("give the dataset NAME to train on (or --resume to continue the run in --out)")
+    check_dataset(args.name)
+    cfg = apply_options(preset_for(args.name), args)
+    if args.cond == "low-res":
+        if args.latent:
+            raise UsageError("--cond low-res trains in pixel space; drop --latent (super-resolution in latent space is not built)")
+        cfg = with_low_res(cfg, args.factor or 4, args.aug_max)
+    elif args.factor or args.aug_max is not None:
+        raise UsageError("--factor and --aug-max are for --cond low-res")
+    if args.latent:
+        space = load_autoencoder(args.latent)
+        cfg = with_latent(cfg, latent_record(space), space.latent_shape)
+    if args.text:
+        captions = load_split(cfg, "train").captions
+        if not captions:
+            raise UsageError(f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)")
+        record, width, joint = text_record(args.text, captions)
+        cfg = with_text(cfg, record, width, joint.to_dict() if joint else None, args.cond_dropout)
+    if args.class_cond:
+        cfg = with_class_labels(cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout)
+    cfg.validate()
+    return cfg
+
+
 def run(args) -> None:
     args.class_cond = args.class_cond or args.cond == "class"
-    if args.resume and args.cond == "low-res" and args.factor is None:
-        args.factor = 4
     out = Path(args.out)
     device = resolve_device(args.device)
-    resume = args.resume or (restarted() and ckpt.has_checkpoint(out))
-    if resume:
-        cfg = ckpt.load_config(out)
-        if cfg.net_kind in ckpt.AUTOENCODERS:
-            raise UsageError(f"{out} holds an autoencoder: continue it with `difflab train-autoencoder --out {out} --resume`")
-        if cfg.net_kind in ckpt.CLASSIFIERS:
-            raise UsageError(f"{out} holds a noise-aware classifier: continue it with `difflab train-classifier --out {out} --resume`")
-        if cfg.net_kind == "clip":
-            raise UsageError(f"{out} holds a CLIP model: continue it with `difflab train-clip --out {out} --resume`")
-        if "personalize" in cfg.data:
-            raise UsageError(f"{out} is a personalised run: continue it with `difflab personalize --out {out} --resume`")
+    cfg, resume = begin(out, DIFFUSION, resume=args.resume, force=args.force, fresh=lambda: new_config(args), steps=args.steps)
+    if resume and args.resume:
         bad = _contradictions(cfg, args)
         if bad:
             raise UsageError(f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)")
-        if args.steps:  # extend a finished run
-            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
-        data, _ = load_training_data(cfg, out, not args.quiet)
-    else:
-        if args.name is None:
-            raise UsageError("give the dataset NAME to train on (or --resume to continue the run in --out)")
-        if (out / ckpt.CONFIG).exists() and not args.force and not restarted():  # a restart before any checkpoint starts over
-            raise UsageError(f"{out} already holds a run: pass --resume to continue it or --force to start over")
-        check_dataset(args.name)
-        cfg = apply_options(preset_for(args.name), args)
-        if args.steps:
-            cfg = replace(cfg, train=replace(cfg.train, steps=args.steps))
-        if args.cond == "low-res":
-            if args.latent:
-                raise UsageError("--cond low-res trains in pixel space; drop --latent (super-resolution in latent space is not built)")
-            cfg = with_low_res(cfg, args.factor or 4, args.aug_max)
-        elif args.factor or args.aug_max is not None:
-            raise UsageError("--factor and --aug-max are for --cond low-res")
-        if args.latent:
-            try:
-                cfg = with_latent(cfg, load_autoencoder(args.latent))
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-        if args.text:
-            try:
-                cfg = with_text(cfg, args.text, training_captions(cfg), args.cond_dropout)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-        data, num_classes = load_training_data(cfg, out, not args.quiet)
-        if args.class_cond:
-            cfg = with_class_labels(cfg, num_classes, args.cond_dropout)
-        cfg.validate()
-    single_thread_for_points(cfg.kind)
+    data = training_data(cfg, out, not args.quiet)
+    single_thread_for_points(cfg.data_kind)
     if not args.quiet and launched_rank() == 0:
-        n_params = num_parameters(cfg.build_net())
         t = cfg.train
-        print(f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with {n_params:,} parameters, "
+        print(f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with {num_parameters(cfg.build_net()):,} parameters, "
               f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on {device}")
-    preview = partial(_points_preview if cfg.kind == "points" else _images_preview, cfg)
-    train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, preview=preview, max_minutes=args.max_minutes,
+    train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, preview=partial(preview, cfg=cfg), max_minutes=args.max_minutes,
           init_from=args.init_from)
     if launched_rank() == 0:
         print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png)")
-
-
-def _points_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None:
-    x = generate(denoiser, cfg, 2000, sampler="ddim", steps=50, batch=2000)
-    plots.scatter(x, run / "samples.png", title=f"DDIM, 50 steps, step {step}")
-    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
-
-
-def _images_preview(cfg: ckpt.RunConfig, denoiser, step: int, run: Path) -> None:
-    from ..data.images import to_uint8
-
-    if "factor" in cfg.data:  # super-resolution: per test image, its low-resolution input, the model's upscaling, the truth
-        from ..data.images import load_split
-
-        test = load_split(cfg, "test").images[:16]
-        low = low_res_of(test, cfg.data["factor"])
-        x = generate(denoiser, cfg, len(test), sampler="dpmpp-2m", steps=20, cond={"low_res": low}, batch=len(test))
-        shown = torch.nn.functional.interpolate(low, scale_factor=cfg.data["factor"], mode="nearest")
-        plots.save_grid(torch.stack([to_uint8(shown), to_uint8(x), test], dim=1).reshape(-1, *test.shape[1:]), run / "samples.png", nrow=6)
-        plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
-        return
-    if "text" in cfg.data:  # a text-to-image run: the first 16 training captions, each under its sample
-        captions = training_captions(cfg)[:16]
-        x = generate(denoiser, cfg, len(captions), sampler="dpmpp-2m", steps=20, cond=text_condition(cfg, captions), batch=16)
-        plots.captioned_grid(to_uint8(x), captions, run / "samples.png")
-        plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
-        return
-    cond, nrow = {}, None
-    for spec in cfg.condition_specs():  # a class-conditional run: one row of 8 per class
-        if spec.name == "class_labels":
-            cond["class_labels"] = torch.arange(spec.null_label).repeat_interleave(8)
-            nrow = 8
-    n = len(cond["class_labels"]) if cond else 64
-    x = generate(denoiser, cfg, n, sampler="dpmpp-2m", steps=20, cond=cond, batch=n)
-    plots.save_grid(to_uint8(x), run / "samples.png", nrow=nrow)
-    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
 
 
 def register(sub) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from ..sampling.samplers import SAMPLERS
-from .options import load_model, UsageError, add_conditions, check_suffix, conditions_from, guidance_from, positive_int, single_thread_for_points
+from ..viz.chain import image_chain, toy_trajectories
+from .options import UsageError, add_conditions, asked_for, check_suffix, guidance_from, load_run, positive_int, single_thread_for_points
 
 
 def run(args) -> None:
@@ -12,22 +13,18 @@ def run(args) -> None:
     check_suffix(args.forward, (".png",), "--forward")
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
-    denoiser, cfg = load_model(args, args.run)
-    from ..viz.chain import image_chain, toy_trajectories
-    from ..guidance.config import guided
-
+    model = load_run(args, args.run)
+    cfg = model.config
     guidance = guidance_from(args)
-    denoiser = guided(denoiser, cfg, guidance, args.run)
-    cond, n, _ = conditions_from(args, cfg, guidance, args.n or (2000 if cfg.kind == "points" else 8), args.run)
-
-    single_thread_for_points(cfg.kind)
-    if cfg.kind == "points":
+    asked, n, _ = asked_for(args, model, guidance, args.n or (2000 if cfg.data_kind == "points" else 8))
+    single_thread_for_points(cfg.data_kind)
+    if cfg.data_kind == "points":
         if args.gif or args.forward:
             raise UsageError("--gif and --forward are for image runs; a 2-D run's picture shows both directions")
-        toy_trajectories(denoiser, cfg, args.out, n=args.n or 2000, steps=args.steps, seed=args.seed, sampler=args.sampler)
+        toy_trajectories(model, args.out, n=n, steps=args.steps, seed=args.seed, sampler=args.sampler)
     else:
-        image_chain(denoiser, cfg, args.out, gif=args.gif, forward=args.forward, n=n, steps=args.steps, seed=args.seed, sampler=args.sampler,
-                    cond=cond or None)
+        image_chain(model, args.out, gif=args.gif, forward=args.forward, n=n, steps=args.steps, seed=args.seed, sampler=args.sampler,
+                    guidance=guidance, **asked)
     for path in (args.out, args.gif, args.forward):
         if path:
             print(f"wrote {path}")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .parameterize import TARGETS, expand_t, score_from_eps, v_from_x0_eps
 from .processes import broadcast
@@ -216,3 +216,22 @@ class AutoencoderLoss:
         real, fake = disc(x0).float(), disc(x_hat.detach()).float()
         return generator + F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
+
+
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+    """CLIP's symmetric cross-entropy (Radford et al. 2021): logits = exp(logit_scale) * cos(image_i, text_j)
+    (B, B); the mean of the cross-entropy over rows (image -> its caption) and over columns (caption -> its image)."""
+    image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
+    logits = logit_scale.exp() * image_emb @ text_emb.T
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+@dataclass
+class ContrastiveLoss:
+    """The training loop's loss for a CLIP network: contrastive_loss over the (per-process) batch; the captions
+    come as cond['tokens'] and cond['token_mask']."""
+
+    def __call__(self, model, x0: Tensor, *, t=None, noise=None, cond=None) -> Tensor:
+        image_emb, text_emb, scale = model.net(x0, tokens=cond["tokens"], token_mask=cond["token_mask"])
+        return contrastive_loss(image_emb.float(), text_emb.float(), scale.float())

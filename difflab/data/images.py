@@ -38,11 +38,8 @@ Every problem with the data raises ``DataError``, one line naming the file and w
 
 from __future__ import annotations
 
-import gzip
+import json
 import os
-import struct
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,73 +48,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..io import atomic_path
+from .base import DataError, ImageSet, to_model, to_uint8
+from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, read_idx, write_idx
+from .pairs import make_pairs
+
+__all__ = ["DATASETS", "DataError", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "ImageSet", "load_images", "read_captioned_folder", "read_idx",
+           "read_inputs", "read_mask", "save_npz", "to_model", "to_uint8", "write_idx"]
 
 DATASETS = ("digits", "fashion-mnist", "fashion-pairs")
 SPLITS = ("train", "test", "all")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-
-
-class DataError(ValueError):
-    """Anything wrong with a data source: missing, unreadable, corrupt, or of the wrong shape."""
-
-
-@dataclass
-class ImageSet:
-    images: Tensor  # uint8 (N, C, H, W)
-    labels: Tensor | None  # long (N,)
-    num_classes: int | None
-    name: str
-    class_names: tuple[str, ...] | None = None
-    split: str = "all"
-    captions: list[str] | None = None  # one caption per image
-    attributes: Tensor | None = None  # long (N, A): fashion-pairs' left class, left colour, right class, right colour
-    held_out: Tensor | None = None  # bool (N,): fashion-pairs' combinations absent from its train split
-
-    def __post_init__(self):
-        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels is not None and self.labels.shape != (len(self.images),):
-            raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}")
-        if self.captions is not None and len(self.captions) != len(self.images):
-            raise DataError(f"{self.name}: {len(self.images)} images but {len(self.captions)} captions")
-
-    def subset(self, keep: Tensor) -> ImageSet:
-        """The images where ``keep`` (a bool mask or indices) holds, with their labels, captions and attributes."""
-        idx = keep.nonzero().squeeze(1) if keep.dtype == torch.bool else keep
-        pick = lambda v: None if v is None else v[idx]  # noqa: E731
-        captions = None if self.captions is None else [self.captions[i] for i in idx.tolist()]
-        return ImageSet(self.images[idx], pick(self.labels), self.num_classes, self.name, self.class_names, self.split, captions,
-                        pick(self.attributes), pick(self.held_out))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def channels(self) -> int:
-        return self.images.shape[1]
-
-    @property
-    def size(self) -> int:
-        return self.images.shape[-1]
-
-
-# --------------------------------------------------------------------------- scaling
-
-
-def to_model(x: Tensor) -> Tensor:
-    """uint8 in 0..255 -> float32 in [-1, 1]."""
-    if x.dtype != torch.uint8:
-        raise TypeError(f"to_model expects uint8 images, got {x.dtype}")
-    return x.float() / 127.5 - 1.0
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """float in [-1, 1] -> uint8 (clamped, rounded to the nearest level)."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- loading
@@ -142,7 +82,7 @@ def load_images(
     if source == "digits":
         data = _split(_load_digits(), split, every=5)
     elif source == "fashion-mnist":
-        data = _load_fashion_mnist(Path(data_dir or FASHION_MNIST_DIR), split)
+        data = load_fashion_mnist(split, data_dir)
     elif source == "fashion-pairs":
         if size is not None or channels not in (None, 3):
             raise DataError("fashion-pairs is 3x32x64 RGB: it takes no size or channels")
@@ -181,8 +121,6 @@ def _split(data: ImageSet, split: str, every: int) -> ImageSet:
 
 
 def _load_pairs(split: str, data_dir: str | None) -> ImageSet:
-    from .pairs import make_pairs
-
     parts = [make_pairs(s, data_dir=data_dir) for s in (["train", "test"] if split == "all" else [split])]
     return ImageSet(torch.cat([p.images for p in parts]), None, None, "fashion-pairs", None, split, [c for p in parts for c in p.captions],
                     torch.cat([p.attributes for p in parts]), torch.cat([p.held_out for p in parts]))
@@ -227,37 +165,6 @@ def _load_digits() -> ImageSet:
     return ImageSet(torch.from_numpy(images), labels, 10, "digits", tuple(str(k) for k in range(10)))
 
 
-def _find_idx(folder: Path, name: str) -> Path:
-    for candidate in (folder / name, folder / f"{name}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise DataError(
-        f"fashion-mnist: {folder / name}[.gz] not found; install with `apt-get install dataset-fashion-mnist` "
-        "or point --data at a folder with the four IDX files "
-        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz)"
-    )
-
-
-def _load_fashion_mnist(folder: Path, split: str) -> ImageSet:
-    parts = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
-    images, labels = [], []
-    for prefix in parts:
-        image_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
-        label_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
-        x, y = read_idx(image_path), read_idx(label_path)
-        if x.dtype != np.uint8 or x.ndim != 3:
-            raise DataError(f"{image_path}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
-        if y.dtype != np.uint8 or y.shape != (len(x),):
-            raise DataError(f"{label_path}: expected {len(x)} uint8 labels to match {image_path.name}, got {y.dtype} {y.shape}")
-        if y.size and y.max() >= 10:
-            raise DataError(f"{label_path}: labels must be in 0..9, found {int(y.max())}")
-        images.append(torch.from_numpy(x)[:, None])  # (N, 1, H, W)
-        labels.append(torch.from_numpy(y.astype(np.int64)))
-    if len({tuple(x.shape[1:]) for x in images}) > 1:
-        raise DataError(f"fashion-mnist in {folder}: train and test images differ in size")
-    return ImageSet(torch.cat(images), torch.cat(labels), 10, "fashion-mnist", FASHION_MNIST_CLASSES, split)
-
-
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
@@ -290,14 +197,7 @@ def _read_image(path: Path, size: int | None, square: bool = True) -> tuple[np.n
 
 
 def _load_folder(root: Path, size: int | None, channels: int | None) -> ImageSet:
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
-    )
-    if not files:
-        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")
-
+    files = image_files(root)
     arrays, first = [], None
     for path in files:
         array, shape = _read_image(path, size)
@@ -329,8 +229,6 @@ METADATA = "metadata.jsonl"
 
 def _read_metadata(root: Path, relative: list[Path]) -> list[str]:
     """The caption of every image from ``root/metadata.jsonl`` (rows {"file_name": ..., "text": ...})."""
-    import json
-
     path, texts = root / METADATA, {}
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -418,64 +316,30 @@ def save_npz(path: str | os.PathLike, images: Tensor | np.ndarray, labels: Tenso
         np.savez_compressed(f, **arrays)
 
 
-# --------------------------------------------------------------------------- IDX (the MNIST file format)
-
-# IDX header: two zero bytes, a type code, the number of dimensions; then each size as a big-endian uint32
-IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (gzipped or raw, detected from its first bytes), checking the magic number and size."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from e
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt gzip data ({e})") from e
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
-        raise DataError(f"{path}: not an IDX file (magic number {raw[:4].hex() or 'missing'})")
-    ndim, header = raw[3], 4 + 4 * raw[3]
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header ({len(raw)} bytes, {ndim} dimensions)")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(IDX_TYPES[raw[2]]).newbyteorder(">")
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        raise DataError(f"{path}: {len(raw)} bytes but its header (shape {dims}, {dtype.name}) needs {expected}")
-    return np.frombuffer(raw, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Write ``array`` as an IDX file, gzipped when ``path`` ends in .gz; atomic."""
-    array = np.asarray(array)
-    codes = {np.dtype(t): code for code, t in IDX_TYPES.items()}
-    if array.dtype not in codes:
-        raise DataError(f"{path}: IDX cannot store {array.dtype}; use one of {[np.dtype(t).name for t in IDX_TYPES.values()]}")
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-    if str(path).endswith(".gz"):
-        raw = gzip.compress(raw, mtime=0)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(raw)
-
-
 # --------------------------------------------------------------------------- a user's input images
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files in ``folder`` and its subfolders, sorted by path (hidden ones skipped)."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                   and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    if not files:
+        raise DataError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")
+    return files
+
+
 def read_inputs(paths, shape: tuple[int, int, int], what: str = "input") -> Tensor:
-    """Images given on the command line (image files and/or .npz files with 'images') as uint8 (N, C, H, W),
-    each exactly C x H x W: a wrong size or channel count is refused, never resized."""
+    """A user's images for a command, as uint8 (N, C, H, W), each exactly C x H x W (a wrong size or channel count
+    is refused, never resized): every path may be an image file, an .npz with 'images', or a folder (its images,
+    sorted by path). The one reader of every command that takes images."""
     C, H, W = shape
     out = []
-    for path in map(Path, paths):
+    for path in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
+        if path.is_dir():
+            out.append(read_inputs(image_files(path), shape, what))
+            continue
         if not path.is_file():
-            raise DataError(f"{what} {path} does not exist")
+            raise DataError(f"{what} {path}: no such file or folder")
         if path.suffix.lower() == ".npz":
             images = _load_npz(path).images
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
@@ -486,12 +350,14 @@ def read_inputs(paths, shape: tuple[int, int, int], what: str = "input") -> Tens
                 array = array.transpose(2, 0, 1)
             images = torch.from_numpy(np.ascontiguousarray(array))[None]
         else:
-            raise DataError(f"{what} {path}: expected an image ({', '.join(IMAGE_EXTENSIONS)}) or an .npz with 'images'")
+            raise DataError(f"{what} {path}: expected an image ({', '.join(IMAGE_EXTENSIONS)}), an .npz with 'images' or a folder of images")
         if images.shape[1] != C:
             raise DataError(f"{what} {path} has {images.shape[1]} channel(s); this needs {C}")
         if tuple(images.shape[2:]) != (H, W):
             raise DataError(f"{what} {path} is {images.shape[3]}x{images.shape[2]}; this needs {W}x{H} images")
         out.append(images)
+    if not out:
+        raise DataError(f"no {what} images given")
     return torch.cat(out)
 
 
@@ -501,10 +367,7 @@ def read_captioned_folder(folder, shape: tuple[int, int, int], what: str = "imag
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(s.startswith(".") for s in p.relative_to(root).parts))
-    if not files:
-        raise DataError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")
+    files = image_files(root)
     captions = _read_metadata(root, [p.relative_to(root) for p in files]) if (root / METADATA).exists() else None
     return read_inputs(files, shape, what), captions
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .images import to_model
+from .base import to_model
 
 
 @dataclass

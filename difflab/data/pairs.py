@@ -17,12 +17,19 @@ generator seeded with (seed, split): the same arguments give the same bytes on a
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+
+from ..io import atomic_path
+from .base import DataError
+from .fashion_mnist import load_fashion_mnist
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -102,14 +109,12 @@ def tint(grey: np.ndarray, colour) -> np.ndarray:
 
 def make_pairs(split: str, n: int | None = None, seed: int = 0, data_dir: str | None = None) -> Pairs:
     """``n`` fashion-pairs images of ``split`` ("train" or "test"), deterministic in (split, n, seed)."""
-    from .images import DataError, load_images
-
     if split not in DEFAULT_N:
         raise DataError(f"fashion-pairs: unknown split {split!r}; choose train or test")
     n = DEFAULT_N[split] if n is None else n
     if n <= 0:
         raise DataError(f"fashion-pairs: n must be positive, got {n}")
-    items = load_images("fashion-mnist", split=split, data_dir=data_dir)
+    items = load_fashion_mnist(split, data_dir)
     grey, labels = items.images[:, 0].numpy(), items.labels.numpy()
     by_class = [np.flatnonzero(labels == k) for k in range(10)]
     combos = [(a, b) for a in range(10) for b in range(10) if split == "test" or (a, b) not in HELD_OUT]
@@ -171,14 +176,12 @@ def make_subject(class_word: str, n: int = 4, token: str = "sks", seed: int = 0,
     """A subject for personalisation: one item of class ``class_word`` drawn from ``split`` (the test split's
     items are never seen in training), in n different tints, alternately on the left and on the right of
     another random item of another class; deterministic in the arguments."""
-    from .images import DataError, load_images
-
     if class_word not in NOUNS:
         raise DataError(f"unknown class word {class_word!r}; fashion-pairs has {', '.join(NOUNS)}")
     if not 1 <= n <= len(COLOURS):
         raise DataError(f"a subject has 1 to {len(COLOURS)} images (one per tint), got {n}")
     k = NOUNS.index(class_word)
-    items = load_images("fashion-mnist", split=split, data_dir=data_dir)
+    items = load_fashion_mnist(split, data_dir)
     grey, labels = items.images[:, 0], items.labels.numpy()
     rng = np.random.default_rng([seed, 2])
     item = int(rng.choice(np.flatnonzero(labels == k)))
@@ -196,13 +199,6 @@ def make_subject(class_word: str, n: int = 4, token: str = "sks", seed: int = 0,
 
 def write_subject(subject: Subject, folder) -> None:
     """The subject's images as PNGs and their captions in metadata.jsonl (the `difflab personalize --images` folder)."""
-    import json
-    from pathlib import Path
-
-    from PIL import Image
-
-    from ..io import atomic_path
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []

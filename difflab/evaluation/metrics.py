@@ -82,6 +82,21 @@ def _mean_pairwise_distance(a: Tensor, b: Tensor, exclude_diagonal: bool = False
 # --------------------------------------------------------------------------- distances between sample sets
 
 
+class EnergyTo:
+    """Energy distances (the V-statistic of ``energy_distance``) of many sample sets to one reference b, its
+    within-set term E|Y-Y'| computed once: ``EnergyTo(b)(a) == energy_distance(a, b)`` to round-off."""
+
+    def __init__(self, b):
+        self.b = _features(b)
+        self.centre = self.b.mean(0)
+        self.e_bb = _mean_pairwise_distance(self.b - self.centre, self.b - self.centre)
+
+    def __call__(self, a) -> float:
+        a, b = _pair(a, self.b)
+        a, b = a - self.centre, b - self.centre
+        return 2.0 * _mean_pairwise_distance(a, b) - _mean_pairwise_distance(a, a) - self.e_bb
+
+
 def energy_distance(a, b, unbiased: bool = False) -> float:
     """Energy distance 2 E|X-Y| - E|X-X'| - E|Y-Y'| between the samples a (N, ...) and b (M, ...).
 

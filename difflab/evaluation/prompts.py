@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..runs.data import load_split
+
 from ..data.pairs import ATTRIBUTES, caption, is_held_out, parse_caption, swapped
 
 TEST_CAPTIONS = "test-captions"
@@ -72,8 +74,6 @@ def read_prompt_file(path) -> list[str]:
 def load_prompts(spec: str, cfg, n: int) -> PromptSet:
     """n prompts: the run's test split captions ('test-captions', the first n) or a file's lines, cycled."""
     if spec == TEST_CAPTIONS:
-        from ..data.images import load_split
-
         test = load_split(cfg, "test")
         if test.captions is None:
             raise PromptError(f"{cfg.dataset}'s test split has no captions; give a prompt file")

@@ -1,22 +1,27 @@
 """The guidance a user asks for over a trained run, as one dataclass, and the denoiser it builds.
 
     g = GuidanceConfig(scale=3.0, negative=5, interval=(0.2, 0.8))
-    denoiser = guided(denoiser, run_config, g)           # guidance.Guided / ClassifierGuided wrappers
+    denoiser = guided(denoiser, run_config, g, encode_text)    # guidance.wrappers' Guided / ClassifierGuided
 
-``difflab sample``, ``difflab eval`` and the benchmarks build their guided denoisers here, so every
-combination is checked in one place: a class outside the run's classes, guidance on an unconditional run
-without a classifier, a classifier trained for another dataset, resolution or process."""
+A run object (runs/diffusion.py) builds its guided denoiser here, for every command, the evaluation, the
+studio and the benchmarks, so every combination is checked in one place: a class outside the run's classes,
+guidance on an unconditional run without a classifier, a classifier trained for another dataset, resolution
+or process."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
+from torch import Tensor
 
-from ..runs.store import RunConfig, load_config
 from ..core.conditions import ConditionError
+from ..runs.config import RunConfig, load_config
+from .classifier import check_guides, load_classifier
 from .wrappers import ClassifierGuided, Guided
-from ..text.encoders import text_condition, text_spec
+
+TextEncode = Callable[[Sequence[str]], dict[str, Tensor]]  # prompts -> the run's text condition tensors
 
 
 @dataclass
@@ -54,17 +59,21 @@ class GuidanceConfig:
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v != GuidanceConfig.__dataclass_fields__[k].default or k == "scale"}
 
-
-def num_classes_of(cfg: RunConfig) -> int | None:
-    """The number of classes a class-conditional run takes (None when it takes none)."""
-    return next((s.null_label for s in cfg.condition_specs() if s.name == "class_labels"), None)
+    @classmethod
+    def of(cls, guidance: float | GuidanceConfig | None, **fields) -> GuidanceConfig | None:
+        """A scale or a GuidanceConfig, with ``fields`` (those not None) set: the guidance a call asks for."""
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if guidance is None and not fields:
+            return None
+        g = guidance if isinstance(guidance, GuidanceConfig) else cls(scale=1.0 if guidance is None else float(guidance))
+        return replace(g, **fields)
 
 
 def classes_for(cfg: RunConfig, g: GuidanceConfig | None) -> int | None:
     """The classes one may ask for: the run's, or for an unconditional run its classifier's."""
-    K = num_classes_of(cfg)
+    K = cfg.num_classes
     if K is None and g is not None and g.classifier is not None:
-        K = num_classes_of(load_config(g.classifier))
+        K = load_config(g.classifier).num_classes
     return K
 
 
@@ -75,8 +84,9 @@ def check_class(k: int, num_classes: int | None, what: str, run: str) -> None:
         raise ConditionError(f"{what} {k} is outside the run's classes 0..{num_classes - 1}")
 
 
-def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the run"):
-    """``denoiser`` of run ``cfg`` wrapped as ``g`` asks (itself when g is None or asks for nothing).
+def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, encode_text: TextEncode | None = None, run: str = "the run"):
+    """``denoiser`` of run ``cfg`` wrapped as ``g`` asks (itself when g is None or asks for nothing);
+    ``encode_text`` gives a text run's condition tensors of its negative and composed prompts.
 
     The schedule and the interval apply to whichever guidance is on (classifier-free, classifier, or both)."""
     if g is None:
@@ -85,17 +95,17 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the r
         if g.schedule != "constant" or g.interval is not None:
             raise ConditionError("a guidance schedule or interval needs guidance to act on: --guidance S (S != 1) or --classifier RUN")
         return denoiser
-    K = num_classes_of(cfg)
+    K = cfg.num_classes
     out = denoiser
-    if g.classifier_free and text_spec(cfg) is not None:
-        out = _text_guided(out, cfg, g, run)
+    if g.classifier_free and cfg.text_spec() is not None:
+        out = _text_guided(out, cfg, g, encode_text, run)
     elif g.classifier_free:
         if g.negative_prompt is not None or g.compose_prompts:
             raise ConditionError(f"{run} takes no text: --negative-prompt and --compose-prompt need a text-to-image run (--text)")
         if K is None:
             raise ConditionError(f"{run} is unconditional: classifier-free guidance, negative and composed classes need a class-conditional "
                                  f"run (`difflab train NAME --cond class`); an unconditional run takes classifier guidance (--classifier)")
-        spec = next(s for s in cfg.condition_specs() if s.name == "class_labels")
+        spec = cfg.condition("class_labels")
         if spec.p_drop == 0 and g.negative is None:
             raise ConditionError(f"{run} was trained without label dropout (--p-uncond 0), so it has no null prediction to guide "
                                  f"against; give --negative-class, or retrain with --p-uncond > 0")
@@ -108,29 +118,29 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, run: str = "the r
                      negative={"class_labels": g.negative} if g.negative is not None else None,
                      terms=[({"class_labels": c}, w) for c, w in g.compose])
     if g.classifier is not None:
-        if text_spec(cfg) is not None:
+        if cfg.text_spec() is not None:
             raise ConditionError(f"{run} reads text: classifier guidance (--classifier) needs class labels, which a text run's "
                                  "samples do not carry; guide it with --guidance and prompts")
-        from .classifier import check_guides, load_classifier
-
         clf, clf_cfg = load_classifier(g.classifier)
         check_guides(clf_cfg, cfg, g.classifier)
         out = ClassifierGuided(out, clf, g.classifier_scale, schedule=g.schedule, interval=g.interval)
     return out
 
 
-def _text_guided(denoiser, cfg: RunConfig, g: GuidanceConfig, run: str):
+def _text_guided(denoiser, cfg: RunConfig, g: GuidanceConfig, encode_text: TextEncode | None, run: str):
     """Classifier-free guidance of a text run: the negative prompt's prediction replaces the null (empty
     caption) one; composed prompts are terms w (pred_prompt - pred_base)."""
     if g.negative is not None or g.compose:
         raise ConditionError(f"{run} reads text: steer it with --negative-prompt and --compose-prompt, not classes")
-    if text_spec(cfg).p_drop == 0 and g.negative_prompt is None:
+    if cfg.text_spec().p_drop == 0 and g.negative_prompt is None:
         raise ConditionError(f"{run} was trained without caption dropout (--p-uncond 0), so it has no null prediction to guide "
                              "against; give --negative-prompt, or retrain with --p-uncond > 0")
     if g.negative_prompt is not None and g.scale == 1.0 and not g.compose_prompts:
         raise ConditionError("--negative-prompt acts through the scale: at --guidance 1 it cancels; give --guidance S > 1")
-    negative = text_condition(cfg, [g.negative_prompt]) if g.negative_prompt is not None else None
-    terms = [(text_condition(cfg, [p]), w) for p, w in g.compose_prompts]
+    if encode_text is None and (g.negative_prompt is not None or g.compose_prompts):
+        raise ConditionError("negative and composed prompts need the run's text encoder (encode_text)")
+    negative = encode_text([g.negative_prompt]) if g.negative_prompt is not None else None
+    terms = [(encode_text([p]), w) for p, w in g.compose_prompts]
     return Guided(denoiser, cfg.condition_specs(), g.scale, schedule=g.schedule, interval=g.interval, rescale=g.rescale,
                   negative=negative, terms=terms)
 
@@ -145,7 +155,7 @@ def labels_for(cfg: RunConfig, g: GuidanceConfig | None, requested: list[int] | 
             raise ConditionError("classifier-free guidance needs the class to guide toward (--class); only --compose alone needs none")
         return None
     K = classes_for(cfg, g)
-    if K is None and text_spec(cfg) is not None:
+    if K is None and cfg.text_spec() is not None:
         raise ConditionError(f"--class: {run} reads text, not class labels; give --prompt")
     if K is None:
         raise ConditionError(f"--class: {run} is unconditional; train with --cond class, or guide it with --classifier")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..runs.store import RunConfig
 from .generate import generate
 from .samplers import ddim_invert, default_spacing, timesteps
 
@@ -48,35 +47,35 @@ def _mix_cond(cond_a: dict | None, cond_b: dict | None, lam: float, specs) -> di
     return out
 
 
-def img2img(denoiser, cfg: RunConfig, x: Tensor, strength: float, *, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-            cond: dict | None = None, options: dict | None = None, batch: int = 250, progress: bool = False) -> Tensor:
+def img2img(denoiser, x: Tensor, strength: float, *, steps: int = 50, sampler: str = "ddim", seed: int = 0,
+            cond: dict | None = None, options: dict | None = None, batch: int = 250, progress: bool = False, decode=None) -> Tensor:
     """SDEdit: x (n, ...) in the model space noised to strength * t_max and denoised; strength 1 ignores x."""
-    return generate(denoiser, cfg, len(x), sampler=sampler, steps=steps, options=options, cond=cond, seed=seed, batch=batch,
-                    init=x, strength=strength, progress=progress)
+    return generate(denoiser, x.shape[1:], len(x), sampler=sampler, steps=steps, options=options, cond=cond, seed=seed, batch=batch,
+                    init=x, strength=strength, progress=progress, decode=decode)
 
 
-def interpolate(denoiser, cfg: RunConfig, a: Tensor, b: Tensor, frames: int = 9, *, method: str = "ddim", t: float = 0.5,
-                steps: int = 50, seed: int = 0, cond_a: dict | None = None, cond_b: dict | None = None,
-                invert_iters: int = INVERT_ITERS) -> Tensor:
-    """``frames`` images from a (1, ...) to b (1, ...): (frames, ...). ``t`` (fraction of t_max) is the DDPM way's depth;
-    ``invert_iters`` fixed-point refinements per DDIM inversion step (samplers.ddim_invert)."""
+def interpolate(denoiser, a: Tensor, b: Tensor, frames: int = 9, *, method: str = "ddim", t: float = 0.5,
+                steps: int = 50, seed: int = 0, cond_a: dict | None = None, cond_b: dict | None = None, specs=(),
+                invert_iters: int = INVERT_ITERS, decode=None) -> Tensor:
+    """``frames`` images from a (1, ...) to b (1, ...): (frames, ...), in the model space of ``denoiser`` (``decode``
+    maps them out). ``t`` (fraction of t_max) is the DDPM way's depth; ``specs`` the run's ConditionSpecs (which
+    conditions are labels); ``invert_iters`` fixed-point refinements per DDIM inversion step (samplers.ddim_invert)."""
     if method not in METHODS:
         raise ValueError(f"unknown interpolation method {method!r}; choose one of {', '.join(METHODS)}")
     if frames < 2:
         raise ValueError(f"frames must be at least 2, got {frames}")
-    if a.shape != b.shape or a.shape[1:] != tuple(cfg.shape) or len(a) != 1:
-        raise ValueError(f"interpolation needs two images of shape {tuple(cfg.shape)}, got {tuple(a.shape[1:])} and {tuple(b.shape[1:])}")
+    if a.shape != b.shape or len(a) != 1:
+        raise ValueError(f"interpolation needs two images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     lams = torch.linspace(0, 1, frames).tolist()
-    specs = cfg.condition_specs()
     conds = [_mix_cond(cond_a, cond_b, lam, specs) for lam in lams]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]} if conds[0] else None
     if method == "ddpm":  # every frame with the same seed: the same noise, so the frames differ only by the mix
-        out = [generate(denoiser, cfg, 1, sampler="ddpm", steps=steps, seed=seed, init=(1 - lam) * a + lam * b, strength=t,
-                        cond={k: v[i:i + 1] for k, v in (cond or {}).items()} or None) for i, lam in enumerate(lams)]
+        out = [generate(denoiser, a.shape[1:], 1, sampler="ddpm", steps=steps, seed=seed, init=(1 - lam) * a + lam * b, strength=t,
+                        cond={k: v[i:i + 1] for k, v in (cond or {}).items()} or None, decode=decode) for i, lam in enumerate(lams)]
         return torch.cat(out)
     ts = timesteps(denoiser.process, steps, default_spacing("ddim", denoiser.process))
     ends = torch.cat([a, b])
     end_cond = {k: torch.cat([v[:1], v[-1:]]) for k, v in (cond or {}).items()} or None
     z = ddim_invert(denoiser, ends.to(torch.float32), ts, cond=end_cond, fixed_point_iters=invert_iters)  # (2, ...) at t_max
     x_T = torch.cat([slerp(z[:1], z[1:], lam) for lam in lams])
-    return generate(denoiser, cfg, frames, sampler="ddim", steps=steps, seed=seed, x_start=x_T, cond=cond)
+    return generate(denoiser, a.shape[1:], frames, sampler="ddim", steps=steps, seed=seed, x_start=x_T, cond=cond, decode=decode)

@@ -1,40 +1,34 @@
-"""One generation path: every command, the evaluation, the chain pictures and the benchmarks draw here.
+"""One generation path: every run object, and through them every command, the evaluation, the chain pictures,
+the studio and the benchmarks, draw here.
 
-    x = generate(denoiser, config, n=64, sampler="dpmpp-2m", steps=20, seed=0)   # (64, *config.shape)
+    x = generate(denoiser, shape, n=64, sampler="dpmpp-2m", steps=20, seed=0)   # (64, *shape)
 
 * Sample i has its own seed, ``seed + i`` (a ``PerSampleGenerator``): the same seed gives the same
   sample whatever the batch size, the device's batch split or the number of processes.
 * The samples come in batches of ``batch`` with a progress bar; under torchrun (``world``) each rank
   draws a consecutive block of the n samples and rank 0 gathers them (the others get None).
-* The shape comes from the run's config (``config.shape``), never from the network.
-* ``decode`` maps the denoiser's space to the data space: by default the identity for pixels and points,
-  and for a latent run (``config.data['latent']``) its autoencoder's decoder (difflab/autoencoder.py), checked
-  against the fingerprint the run recorded; a recorded trajectory is decoded too (x_t and the x_0 predictions).
+* ``shape`` is one sample's shape in the space the denoiser works in (a run's ``config.shape``), never the
+  network's guess.
+* ``decode`` maps the denoiser's space to the data space: the identity by default; a latent run passes its
+  autoencoder's decoder (runs/diffusion.py); a recorded trajectory is decoded too (x_t and the x_0 predictions).
 * Conditions: ``cond`` holds tensors with one row per sample (n rows), sliced with the batches.
+* ``callback(i, t, x_t, prediction)`` is the samplers' per-step callback, called for every batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from functools import partial
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..latent.space import LatentSpace, data_shape, latent_space
-from ..runs.store import RunConfig
 from ..training.distributed import World, gather_rows, shard
 from .samplers import PerSampleGenerator, Trajectory, check_options, device_of, sample
 
 
 def identity(x: Tensor) -> Tensor:
     return x
-
-
-@torch.no_grad()
-def _decode(space: LatentSpace, z: Tensor) -> Tensor:
-    return space.decode(z)
 
 
 def _frames(decode, frames: Tensor) -> Tensor:
@@ -56,7 +50,7 @@ def check_cond(cond: Mapping[str, Tensor] | None, n: int) -> dict[str, Tensor]:
 
 def generate(
     denoiser,
-    config: RunConfig,
+    shape,
     n: int,
     *,
     sampler: str = "ddim",
@@ -74,12 +68,13 @@ def generate(
     x_start: Tensor | None = None,
     init: Tensor | None = None,
     strength: float | None = None,
+    callback: Callable | None = None,
 ):
     """``n`` samples of the run in the data space, on the CPU (rank 0; None on other ranks).
 
     options  the sampler's own options (ddim: eta; ddpm: variance; ...) and the grid's sigma_tilde_cap
     return_trajectory  also return the chain of the samples (one batch, one process: n <= batch)
-    decode   the denoiser's space -> the data space (default: the run's autoencoder for a latent run, else identity)
+    decode   the denoiser's space -> the data space (default: the identity)
     x_start  n starting states at t_max instead of the prior draw (e.g. DDIM-inverted images)
     init, strength  SDEdit: n images in the model space, noised to t = strength * t_max with the sample's own
                     seed, then denoised from there"""
@@ -101,9 +96,8 @@ def generate(
         t_start = max(t_start, 1.0 if denoiser.process.discrete else 1e-3 * t_max)
     if return_trajectory and (n > batch or world.distributed):
         raise ValueError("a trajectory is recorded for one batch in one process: use n <= batch")
-    if decode is None:
-        space = latent_space(config)
-        decode = identity if space is None else partial(_decode, space)
+    decode = decode or identity
+    shape = tuple(shape)
     device = torch.device(device) if device is not None else device_of(denoiser)
     if isinstance(denoiser, nn.Module):
         denoiser = denoiser.to(device)
@@ -116,15 +110,16 @@ def generate(
         gen = PerSampleGenerator(range(seed + start, seed + stop))
         part = {k: v[start:stop].to(device) for k, v in cond.items()}
         begin = {k: v[start:stop] for k, v in begins.items()}
-        out = sample(denoiser, (stop - start, *config.shape), steps, sampler=sampler, spacing=spacing, generator=gen,
-                     cond=part or None, device=device, return_trajectory=return_trajectory, t_start=t_start, **begin, **grid,
-                     **options)
+        out = sample(denoiser, (stop - start, *shape), steps, sampler=sampler, spacing=spacing, generator=gen,
+                     cond=part or None, device=device, return_trajectory=return_trajectory, t_start=t_start, callback=callback,
+                     **begin, **grid, **options)
         if return_trajectory:
             out, traj = out
             if decode is not identity:
                 traj = Trajectory(traj.t, _frames(decode, traj.x_t), _frames(decode, traj.x0))
-        chunks.append(decode(out).cpu())
-    x = torch.cat(chunks) if chunks else torch.empty((0, *data_shape(config)))
+        with torch.no_grad():
+            chunks.append(decode(out).cpu())
+    x = torch.cat(chunks) if chunks else decode(torch.empty((0, *shape), device=device)).cpu()
     if world.distributed:  # NCCL gathers CUDA tensors, gloo CPU ones
         x = gather_rows(x.to(device), n, world)
         x = x.cpu() if x is not None else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import signal
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..runs import store as ckpt
+from ..runs.config import RunConfig, TrainConfig, save_config
 from ..core.conditions import drop_conditions, drop_mask, select
 from ..data.loader import ShuffledBatches, TensorDataset
 from .distributed import World, max_over_ranks, mean_over_ranks, resolve_device, setup
@@ -69,9 +71,12 @@ def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
     return min(decay, (1 + step) / (10 + step)) if warmup else decay
 
 
-def learning_rate(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up from base_lr / warmup to base_lr over the first ``warmup`` steps, then constant."""
-    return base_lr * min(1.0, (step + 1) / max(warmup, 1))
+def learning_rate(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up from lr / warmup to lr over the first ``warmup`` steps, then constant, or with
+    ``lr_schedule`` 'cosine' half a cosine from lr down to 0 at the last step."""
+    if step < tc.warmup or tc.lr_schedule == "constant":
+        return tc.lr * min(1.0, (step + 1) / max(tc.warmup, 1))
+    return 0.5 * tc.lr * (1 + math.cos(math.pi * (step - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -97,7 +102,7 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 def train(
     run_dir: str | Path,
-    config: ckpt.RunConfig,
+    config: RunConfig,
     data: TensorDataset,
     *,
     device: str | torch.device = "auto",
@@ -177,7 +182,7 @@ def train(
         ckpt.clear_checkpoints(run_dir)
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if world.is_main:
-        ckpt.save_config(run_dir, config)
+        save_config(run_dir, config)
     model = _wrap(denoiser, device, world)  # after loading: DDP starts every rank from rank 0's weights
 
     def save():
@@ -194,7 +199,7 @@ def train(
     with _finish_step_on_signals() as interrupted:
         while step < last:
             for group in opt.param_groups:
-                group["lr"] = learning_rate(step, tc.lr, tc.warmup)
+                group["lr"] = learning_rate(step, tc)
             torch.manual_seed(((tc.seed * SEED_STRIDE + step) << 16) + world.rank)  # the network's own randomness (dropout)
             loss, grad_norm = train_step(model, loss_fn, opt, scaler, data, next(batches), specs, tc, world, device,
                                          step_generator(tc.seed, step, device))
@@ -237,7 +242,7 @@ def _wrap(denoiser: Denoiser, device: torch.device, world: World) -> Denoiser:
     return Denoiser(ddp, denoiser.process, denoiser.target)
 
 
-def train_step(model: Denoiser, loss_fn, opt, scaler, data: TensorDataset, idx: Tensor, specs, tc: ckpt.TrainConfig,
+def train_step(model: Denoiser, loss_fn, opt, scaler, data: TensorDataset, idx: Tensor, specs, tc: TrainConfig,
                world: World, device: torch.device, gen: torch.Generator) -> tuple[float, float]:
     """One optimizer step on the global batch ``idx`` (this rank's shards of its ``tc.accumulation``
     micro-batches); returns (this rank's loss, gradient norm before clipping)."""
@@ -262,7 +267,7 @@ def train_step(model: Denoiser, loss_fn, opt, scaler, data: TensorDataset, idx: 
         scaler.scale(loss).backward()
         total += loss.item()
     scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip or math.inf)
     scaler.step(opt)
     scaler.update()
     return total, float(grad_norm)

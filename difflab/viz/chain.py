@@ -1,4 +1,6 @@
-"""Pictures of the chain: forward noising q(x_t | x_0) and reverse denoising, for 2-D sets and images."""
+"""Pictures of the chain: forward noising q(x_t | x_0) and reverse denoising, for 2-D sets and images.
+
+Each takes a run object (runs/diffusion.py: its ``trajectory`` draws the chain, decoded for a latent run)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import plots
-from ..io import atomic_path
-from ..latent.space import latent_space
-from ..runs.store import RunConfig
+from ..data.images import to_model, to_uint8
 from ..data.toy2d import make_toy
-from ..sampling.generate import generate
+from ..io import atomic_path
+from ..runs.data import load_split
+from . import plots
 
 COLUMNS = 6  # moments of the chain shown side by side
 FRACTIONS = (1.0, 0.6, 0.4, 0.25, 0.1, 0.0)  # of t_max: the structure appears late in the reverse chain
@@ -33,11 +34,11 @@ def forward_noising(process, x0: torch.Tensor, ts: list[float], seed: int = 0) -
     return out
 
 
-def toy_trajectories(denoiser, cfg: RunConfig, out, n: int = 2000, steps: int = 100, seed: int = 0, sampler: str = "ddpm") -> None:
+def toy_trajectories(run, out, n: int = 2000, steps: int = 100, seed: int = 0, sampler: str = "ddpm") -> None:
     """The classic swiss-roll figure: forward noising of the data (top) and reverse denoising of noise (bottom)."""
-    process = denoiser.process
-    x0 = make_toy(cfg.dataset, n, seed=seed + 7)
-    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True)
+    process = run.process
+    x0 = make_toy(run.config.dataset, n, seed=seed + 7)
+    _, traj = run.trajectory(n, sampler=sampler, steps=steps, seed=seed)
     idx = [int(torch.argmin((traj.t - f * process.t_max).abs())) for f in FRACTIONS]
     rev_t = [float(traj.t[i]) for i in idx]
     fwd_t = sorted(rev_t)
@@ -50,13 +51,11 @@ def _strip(rows: list[list[torch.Tensor]]) -> Image.Image:
     return plots.image_grid(flat, nrow=len(rows[0]))
 
 
-def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm",
-                cond: dict | None = None) -> None:
+def image_chain(run, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm", **ask) -> None:
     """Reverse chain strip (per sample, at six moments of the chain: x_t beside its predicted x_0), an optional
-    GIF, and an optional forward-noising strip of real images."""
-    from ..data.images import load_split, to_model, to_uint8
-
-    _, traj = generate(denoiser, cfg, n, sampler=sampler, steps=steps, seed=seed, batch=n, return_trajectory=True, cond=cond)
+    GIF, and an optional forward-noising strip of real test images; ``ask``: the prompt, class_label, guidance
+    and negative_prompt of ``run.trajectory``."""
+    _, traj = run.trajectory(n, sampler=sampler, steps=steps, seed=seed, **ask)
     idx = _pick(len(traj.x0), COLUMNS)
     rows = [[to_uint8(img[i][k]) for i in idx for img in (traj.x_t, traj.x0)] for k in range(n)]
     with atomic_path(out) as tmp:
@@ -64,14 +63,11 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
     if gif:
         chain_gif(traj, gif)
     if forward:
-        real = load_split(cfg, "test")
-        space = latent_space(cfg)
-        x0 = to_model(real.images[:n])
-        ts = [float(t) for t in torch.linspace(0, denoiser.process.t_max, COLUMNS + 2)]
-        noisy = forward_noising(denoiser.process, x0 if space is None else space.encode(x0), ts, seed)
-        if space is not None:  # a latent run noises latents: shown decoded
-            with torch.no_grad():
-                noisy = [space.decode(z) for z in noisy]
+        real = load_split(run.config, "test")
+        ts = [float(t) for t in torch.linspace(0, run.process.t_max, COLUMNS + 2)]
+        noisy = forward_noising(run.process, run.encode(to_model(real.images[:n])), ts, seed)
+        with torch.no_grad():  # a latent run noises latents: shown decoded
+            noisy = [run.decode(z) for z in noisy]
         rows = [[to_uint8(noisy[j][k]) for j in range(len(ts))] for k in range(n)]
         with atomic_path(forward) as tmp:
             _strip(rows).save(tmp)
@@ -79,8 +75,6 @@ def image_chain(denoiser, cfg: RunConfig, out, gif=None, forward=None, n: int = 
 
 def chain_gif(traj, path, n: int = 16) -> None:
     """One frame per step: a grid of x_t beside a grid of the predicted x_0."""
-    from ..data.images import to_uint8
-
     frames = []
     for i in range(len(traj.x0)):
         xt = plots.image_grid(to_uint8(traj.x_t[i][:n]), nrow=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -76,8 +77,6 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None) -> None:
 
 def captioned_grid(images: torch.Tensor, captions: list[str], path, ncol: int = 4) -> None:
     """uint8 (N, C, H, W) images with their captions beneath, ``ncol`` per row (e.g. fashion-pairs)."""
-    import textwrap
-
     n, c, h, w = images.shape
     rows = math.ceil(n / ncol)
     fig, axes = plt.subplots(rows, ncol, figsize=(2.4 * ncol, rows * (2.4 * h / w + 0.45)), squeeze=False)

@@ -1,0 +1,155 @@
+"""The GPU check: the CUDA paths of the one training loop and the generation path, in one command that fits in
+10 minutes on one GPU. Run it whenever a CUDA machine is at hand (`make gpu-check`, or `bash benchmarks/gpu_check.sh`):
+
+  1. tests/test_gpu.py                       fp32 / bf16 / fp16 training on CUDA, each checkpoint resumed on the CPU
+  2. the fashion-mnist preset in bf16 and in fp16 for --steps steps on CUDA: finite losses, images/s
+  3. the bf16 CUDA run resumed on the CPU for a few more steps (its checkpoint holds no CUDA tensor)
+  4. a 2-rank NCCL run under torchrun, when the machine has two GPUs (said so and skipped otherwise)
+  5. benchmarks/quality_vs_nfe.py at its smallest useful size: FD at 10 and 20 evaluations for dpmpp-2m and ddim
+     against DDPM at 1000 steps, on the bf16 run
+
+Each part's outcome goes to --out/gpu_check.json (ok, seconds, figures) as it finishes; a failing part is recorded
+and the rest still run; the exit status is 1 when any part failed. On a machine without CUDA, ``--device cpu``
+runs the same parts at a tiny size (the suite does: tests/test_gpu_check.py), so the logic is tested everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from difflab.data.images import load_images  # noqa: E402
+from difflab.data.loader import TensorDataset  # noqa: E402
+from difflab.io import atomic_path  # noqa: E402
+from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.runs.store import load_training_state, load_weights  # noqa: E402
+from difflab.training.loop import train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Check:
+    """The parts' outcomes, written after each one."""
+
+    def __init__(self, out: Path):
+        self.out, self.parts = out, {}
+
+    def part(self, name: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            figures = fn() or {}
+            self.parts[name] = {"ok": True, **figures}
+        except Exception as e:  # noqa: BLE001 - one part's failure is recorded, the others still run
+            self.parts[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        self.parts[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"{name}: {'ok' if self.parts[name]['ok'] else 'FAILED ' + self.parts[name]['error']} ({self.parts[name]['seconds']} s)", flush=True)
+        with atomic_path(self.out / "gpu_check.json") as tmp:
+            Path(tmp).write_text(json.dumps({"device": self.device_name(), "parts": self.parts}, indent=1))
+
+    @staticmethod
+    def device_name() -> str:
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA"
+
+    @property
+    def ok(self) -> bool:
+        return all(p["ok"] for p in self.parts.values())
+
+
+def pytest_gpu(device: str) -> dict:
+    if device != "cuda":
+        return {"skipped": "no CUDA: tests/test_gpu.py skips itself"}
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT,
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stdout[-1500:])
+    return {"summary": p.stdout.strip().splitlines()[-1]}
+
+
+def preset_run(run: Path, precision: str, steps: int, device: str, data: TensorDataset) -> dict:
+    cfg = preset_for("fashion-mnist")
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, precision=precision, sample_every=0, checkpoint_every=steps, log_every=max(1, steps // 10)))
+    t0 = time.perf_counter()
+    train(run, cfg, data, device=device, progress=False)
+    seconds = time.perf_counter() - t0
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    if not losses or not all(torch.isfinite(torch.tensor(losses))):
+        raise RuntimeError(f"{precision}: losses {losses}")
+    return {"steps": steps, "images_per_s": round(steps * cfg.train.batch_size / seconds, 1), "last_loss": losses[-1]}
+
+
+def resume_on_cpu(run: Path, extra: int) -> dict:
+    if not all(v.device.type == "cpu" for v in load_weights(run, "net").values()):
+        raise RuntimeError("the checkpoint holds tensors of another device")
+    step, _, _ = load_training_state(run)
+    cfg = preset_for("fashion-mnist")
+    cfg = replace(cfg, train=replace(cfg.train, steps=step + extra, precision="bf16", sample_every=0, checkpoint_every=step + extra))
+    data = TensorDataset(load_images("fashion-mnist", "train").images[:2048])
+    train(run, cfg, data, device="cpu", resume=True, progress=False)
+    if load_training_state(run)[0] != step + extra:
+        raise RuntimeError("the resumed run did not reach its last step")
+    return {"from_step": step, "to_step": step + extra}
+
+
+def nccl(device: str, tmp: Path) -> dict:
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return {"skipped": f"{torch.cuda.device_count() if device == 'cuda' else 0} GPU(s): the 2-rank NCCL run needs two"}
+    p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "difflab", "train", "digits", "--out", str(tmp / "ddp"),
+                        "--steps", "50", "--device", "cuda", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-1500:])
+    return {"steps": 50}
+
+
+def quality(run: Path, device: str, out: Path, small: bool) -> dict:
+    argv = [sys.executable, str(ROOT / "benchmarks" / "quality_vs_nfe.py"), "--device", device, "--run", str(run), "--out", str(out),
+            "--nfe", "10", "20", "--samplers", "dpmpp-2m", "ddim", "--spacings", "uniform", "logsnr", "--n-samples", "64" if small else "2000",
+            "--sample-batch", "64" if small else "2000", "--ref-steps", "20" if small else "1000", "--steps", "1"]
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-1500:])
+    rows = [json.loads(line) for line in (out / "quality_vs_nfe.jsonl").read_text().splitlines() if line.strip()]
+    return {"points": [{k: r[k] for k in ("sampler", "spacing", "nfe", "fd") if k in r} for r in rows]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when present) or cpu (a tiny rehearsal)")
+    p.add_argument("--steps", type=int, help="training steps of the preset runs (default 300 on CUDA, 4 on the CPU)")
+    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "runs" / "gpu_check", help="where the runs go (cleared first)")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")), help="where gpu_check.json goes")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; run it with --device cpu for the rehearsal", file=sys.stderr)
+        return 2
+    small = args.device != "cuda"
+    steps = args.steps or (4 if small else 300)
+    import shutil
+
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    check = Check(args.out)
+    images = load_images("fashion-mnist", "train").images
+    data = TensorDataset(images[:2048] if small else images)
+    check.part("pytest tests/test_gpu.py", lambda: pytest_gpu(args.device))
+    check.part("fashion-mnist preset, bf16", lambda: preset_run(args.work / "bf16", "bf16", steps, args.device, data))
+    check.part("fashion-mnist preset, fp16", lambda: preset_run(args.work / "fp16", "fp16", steps, args.device, data) if args.device == "cuda"
+               else {"skipped": "fp16 trains on CUDA only"})
+    check.part("the bf16 run resumed on the CPU", lambda: resume_on_cpu(args.work / "bf16", 2))
+    check.part("2-rank NCCL", lambda: nccl(args.device, args.work))
+    check.part("quality_vs_nfe, smallest size", lambda: quality(args.work / "bf16", args.device, args.work / "quality", small))
+    return 0 if check.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Reference statistics of real data in a feature network, computed once and cached.
+
+The features of a fixed subset (at most REF_MAX images) of a data split, and their mean and covariance, are
+cached in $DIFFLAB_CACHE (default ~/.cache/difflab), keyed by the data set, the split, a hash of the images
+themselves and the feature network's fingerprint, so a changed data set or network never reuses stale
+statistics."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..data.images import ImageSet
+from ..io import atomic_path
+from ..nets.features import FeatureNet
+from .features import embed
+from .metrics import gaussian_stats
+
+REF_MAX = 10000  # reference features: at most this many images of a split (a fixed random subset)
+FEATURE_BATCH = 500
+SUBSET_SEED = 0  # fixed subsets of real data (reference features, bits/dim images)
+
+# counts reference statistics computed (not loaded from the cache): lets tests check that the cache is used
+reference_computations = 0
+
+
+def cache_dir() -> Path:
+    """$DIFFLAB_CACHE, or ~/.cache/difflab."""
+    return Path(os.environ.get("DIFFLAB_CACHE") or Path.home() / ".cache" / "difflab")
+
+
+# --------------------------------------------------------------------------- reference statistics
+
+
+def _fingerprint_data(images: Tensor, labels: Tensor | None) -> str:
+    h = hashlib.sha256(f"{tuple(images.shape)}".encode())
+    h.update(images.contiguous().numpy().tobytes())
+    if labels is not None:
+        h.update(labels.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fixed_subset(n_total: int, n: int) -> Tensor:
+    """The first n of a permutation drawn from a fixed seed: the same images every time."""
+    return torch.randperm(n_total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
+
+
+def reference_stats(data: ImageSet, net: FeatureNet, *, folder: Path | None = None, progress: bool = True) -> dict:
+    """Features (N, D) float32, logits (N, K) or None, mu (D,), cov (D, D) float64 of a fixed random subset
+    (at most REF_MAX images, in that random order) of ``data``; from the cache when it holds them."""
+    global reference_computations
+    folder = Path(folder) if folder is not None else cache_dir()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.name)[:40]
+    key = f"{slug}-{data.split}-{_fingerprint_data(data.images, data.labels)[:16]}-{net.fingerprint()[:16]}"
+    path = folder / f"ref-{key}.safetensors"
+    if path.is_file():
+        try:
+            t = load_file(str(path))
+            return {"features": t["features"], "logits": t.get("logits"), "mu": t["mu"], "cov": t["cov"], "path": path}
+        except (SafetensorError, OSError, ValueError, KeyError):
+            pass  # unreadable: recompute and overwrite
+    index = fixed_subset(len(data), min(len(data), REF_MAX))
+    feats, logits = embed(net, data.images[index], batch=FEATURE_BATCH, progress=progress, desc=f"features of {data.name} {data.split}")
+    mu, cov = gaussian_stats(feats)
+    tensors = {"features": feats.contiguous(), "mu": mu, "cov": cov, "index": index}
+    if logits is not None:
+        tensors["logits"] = logits.contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"dataset": data.name, "split": data.split, "n": str(len(index))})
+    reference_computations += 1
+    return {"features": feats, "logits": logits, "mu": mu, "cov": cov, "path": path}

@@ -1,0 +1,31 @@
+"""The GPU check script's logic, rehearsed on the CPU at a tiny size (on a CUDA machine it runs the real thing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from difflab.data.images import DataError, load_images
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
+    try:
+        load_images("fashion-mnist", "test")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--device", "cpu", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
+    parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
+    assert len(parts) == 6 and all(p["ok"] for p in parts.values()), parts
+    assert parts["the bf16 run resumed on the CPU"]["to_step"] == 6
+    assert "skipped" in parts["2-rank NCCL"] and "skipped" in parts["fashion-mnist preset, fp16"]
+    points = parts["quality_vs_nfe, smallest size"]["points"]
+    assert {(p["sampler"], p["nfe"]) for p in points} >= {("dpmpp-2m", 10), ("ddim", 20)} and all(p["fd"] > 0 for p in points)
