@@ -6,7 +6,7 @@
   3. the bf16 CUDA run resumed on the CPU for a few more steps (its checkpoint holds no CUDA tensor)
   4. a 2-rank NCCL run under torchrun, when the machine has two GPUs (said so and skipped otherwise)
   5. benchmarks/quality_vs_nfe.py at its smallest useful size: FD at 10 and 20 evaluations for dpmpp-2m and ddim
-     against DDPM at 1000 steps, on the bf16 run
+     (uniform and log-SNR grids, 2000 samples) against DDPM at 1000 steps, on the bf16 run
 
 Each part's outcome goes to --out/gpu_check.json (ok, seconds, figures) as it finishes; a failing part is recorded
 and the rest still run; the exit status is 1 when any part failed. On a machine without CUDA, ``--device cpu``
@@ -111,9 +111,10 @@ def nccl(device: str, tmp: Path) -> dict:
 
 
 def quality(run: Path, device: str, out: Path, small: bool) -> dict:
+    size = ["--nfe", "5", "--spacings", "uniform", "--n-samples", "16", "--sample-batch", "16", "--ref-steps", "10"] if small else \
+        ["--nfe", "10", "20", "--spacings", "uniform", "logsnr", "--n-samples", "2000", "--sample-batch", "2000", "--ref-steps", "1000"]
     argv = [sys.executable, str(ROOT / "benchmarks" / "quality_vs_nfe.py"), "--device", device, "--run", str(run), "--out", str(out),
-            "--nfe", "10", "20", "--samplers", "dpmpp-2m", "ddim", "--spacings", "uniform", "logsnr", "--n-samples", "64" if small else "2000",
-            "--sample-batch", "64" if small else "2000", "--ref-steps", "20" if small else "1000", "--steps", "1"]
+            "--samplers", "dpmpp-2m", "ddim", "--steps", "1", *size]
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-1500:])

@@ -27,10 +27,28 @@ torch.set_num_threads(1)
 SHARED = ("tiny_toy_run", "swissroll_run", "digits_runs", "latent_runs", "clip_run", "joint_base", "digit_captions", "text_runs")
 
 
+# Two xdist workers start with the two halves of the collected list (worksteal then moves tests from the end of
+# the longer queue). Each half begins with the tests that build one half of the shared runs, so neither worker
+# waits for a run the other is training; the tests that train nothing fill the ends, which are what is stolen.
+FIRST_HALF = ("digits_runs", "latent_runs", "digit_captions", "text_runs")
+SECOND_HALF = ("clip_run", "joint_base", "swissroll_run")
+
+
 def pytest_collection_modifyitems(config, items):
+    def uses(item, names):
+        return bool(set(getattr(item, "fixturenames", ())) & set(names))
+
     for item in items:
-        if set(getattr(item, "fixturenames", ())) & set(SHARED):
+        if uses(item, SHARED):
             item.add_marker(pytest.mark.slow)
+    first = [i for i in items if uses(i, FIRST_HALF)]
+    second = [i for i in items if uses(i, SECOND_HALF) and i not in first]
+    slow = [i for i in items if i.get_closest_marker("slow") and i not in first and i not in second]  # they train on their own
+    light = [i for i in items if not i.get_closest_marker("slow")]
+    half = len(items) // 2
+    head = first + slow
+    fill = max(0, half - len(head))
+    items[:] = head + light[:fill] + second + light[fill:]
 
 
 def shared(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
@@ -68,13 +86,12 @@ DIGITS_STEPS = 300
 @pytest.fixture(scope="session")
 def digits_runs(tmp_path_factory):
     """Digits, 300 steps each: dc (class-conditional, labels dropped 10 % of the time), clf (a noise-aware
-    classifier), sr (2x super-resolution); and pixel (unconditional, 400 steps)."""
+    classifier), sr (2x super-resolution)."""
 
     def build(root: Path) -> None:
         cli("train", "digits", "--cond", "class", "--out", root / "dc", "--steps", DIGITS_STEPS, "--quiet")
         cli("train-classifier", "digits", "--out", root / "clf", "--steps", DIGITS_STEPS, "--quiet")
         cli("train", "digits", "--cond", "low-res", "--factor", "2", "--out", root / "sr", "--steps", DIGITS_STEPS, "--quiet")
-        cli("train", "digits", "--out", root / "pixel", "--steps", 400, "--checkpoint-every", 200, "--quiet")
 
     return shared(tmp_path_factory, "digits", build)
 
@@ -137,14 +154,14 @@ def text_runs(tmp_path_factory, latent_runs, digit_captions):
 
 @pytest.fixture(scope="session")
 def clip_run(tmp_path_factory):
-    """A CLIP-style model on fashion-pairs, 150 steps."""
+    """A CLIP-style model on fashion-pairs, 150 steps of batch 64."""
     from difflab.data.images import DataError, load_images
 
     try:
         load_images("fashion-mnist", "test")
     except DataError as e:
         pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
-    return shared(tmp_path_factory, "clip", lambda p: cli("train-clip", "fashion-pairs", "--out", p, "--steps", CLIP_STEPS, "--quiet"))
+    return shared(tmp_path_factory, "clip", lambda p: cli("train-clip", "fashion-pairs", "--out", p, "--steps", CLIP_STEPS, "--batch-size", 64, "--quiet"))
 
 
 CLIP_STEPS = 150

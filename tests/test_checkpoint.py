@@ -8,7 +8,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 
@@ -56,56 +55,56 @@ def test_a_pickle_in_a_run_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 
-CRASH = textwrap.dedent(
-    """
-    import os, sys, torch
-    torch.set_num_threads(1)
-    from pathlib import Path
-    from dataclasses import replace
-    import difflab.runs.store as ckpt
-    from difflab.runs.presets import preset_for
-    from difflab.data.toy2d import make_toy
-    from difflab.training.loop import train
-    run, crash_at = sys.argv[1], int(sys.argv[2])
-    cfg = preset_for("swissroll")
-    cfg = replace(cfg, train=replace(cfg.train, steps=30, batch_size=16, checkpoint_every=5, warmup=2))
-    count, saving = [0], [False]
+def crash(run, crash_at: int, report) -> int:
+    """Train ``run`` in a forked child (the modules already imported, so each try costs its training alone) that
+    dies like SIGKILL (os._exit, no clean-up) at file operation ``crash_at`` of the step-15 checkpoint (0: never),
+    after writing the number of those operations to ``report``; returns the child's exit status."""
+    pid = os.fork()
+    if pid:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    try:
+        from pathlib import Path
 
-    def writes(fn):  # count the file operations of a checkpoint; die (no clean-up, like SIGKILL) at one of them
-        def wrapped(*a, **k):
-            if saving[0]:
-                count[0] += 1
-                if count[0] == crash_at:
-                    os._exit(9)
-            return fn(*a, **k)
-        return wrapped
+        import difflab.runs.store as ckpt
 
-    ckpt.save_file, ckpt._fsync = writes(ckpt.save_file), writes(ckpt._fsync)
-    Path.write_text, Path.rename = writes(Path.write_text), writes(Path.rename)
-    original = ckpt.save_checkpoint
+        count, saving = [0], [False]
 
-    def save(run_dir, step, *a, **k):
-        saving[0] = step == 15
-        return original(run_dir, step, *a, **k)
+        def writes(fn):  # count the file operations of a checkpoint; die (no clean-up, like SIGKILL) at one of them
+            def wrapped(*a, **k):
+                if saving[0]:
+                    count[0] += 1
+                    if count[0] == crash_at:
+                        os._exit(9)
+                return fn(*a, **k)
+            return wrapped
 
-    ckpt.save_checkpoint = save
-    train(run, cfg, make_toy("swissroll", 200, seed=1), progress=False)
-    print("finished", count[0])
-    """
-)
+        ckpt.save_file, ckpt._fsync = writes(ckpt.save_file), writes(ckpt._fsync)
+        Path.write_text, Path.rename = writes(Path.write_text), writes(Path.rename)
+        original = ckpt.save_checkpoint
+
+        def save(run_dir, step, *a, **k):
+            saving[0] = step == 15
+            return original(run_dir, step, *a, **k)
+
+        ckpt.save_checkpoint = save
+        train(run, small(30, 5), make_toy("swissroll", 200, seed=1), progress=False)
+        os.write(os.open(report, os.O_WRONLY | os.O_CREAT), str(count[0]).encode())
+        os._exit(0)
+    except BaseException:  # noqa: BLE001 - the child never returns into pytest
+        os._exit(1)
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_a_kill_at_any_file_write_of_a_checkpoint_leaves_a_resumable_run(tmp_path):
     data = make_toy("swissroll", 200, seed=1)
     straight = tmp_path / "straight"
     train(straight, small(30, 5), data, progress=False)
-    done = subprocess.run([sys.executable, "-c", CRASH, str(tmp_path / "count"), "0"], env=ENV, capture_output=True, text=True)
-    n_writes = int(done.stdout.split()[-1])
+    assert crash(tmp_path / "count", 0, tmp_path / "writes") == 0
+    n_writes = int((tmp_path / "writes").read_text())
     assert n_writes >= 6  # two safetensors, state.json, three fsyncs, the rename(s)
     for k in range(1, n_writes + 1):
         run = tmp_path / f"crash{k}"
-        p = subprocess.run([sys.executable, "-c", CRASH, str(run), str(k)], env=ENV, capture_output=True, text=True)
-        assert p.returncode == 9, p.stderr
+        assert crash(run, k, tmp_path / "unused") == 9, k
         step = weights_step(run)
         assert step in (10, 15), (k, step)  # the previous checkpoint, or the new one if it was already renamed
         train(run, small(30, 5), data, resume=True, progress=False)
@@ -114,6 +113,7 @@ def test_a_kill_at_any_file_write_of_a_checkpoint_leaves_a_resumable_run(tmp_pat
         assert not list((run / "checkpoints").glob(".step-*"))  # the dead writer's leftovers were cleared
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_sigterm_checkpoints_and_exits_with_the_resume_command(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "difflab", "train", "swissroll", "--out", str(run), "--steps", "1000000", "--checkpoint-every", "1000000", "--quiet"]

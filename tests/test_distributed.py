@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from difflab.runs.store import checkpoints, load_weights, weights_step
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TRAIN = ["-m", "difflab", "train", "swissroll", "-n", "2000", "--quiet", "--device", "cpu"]
+TRAIN = ["-m", "difflab", "train", "swissroll", "-n", "2000", "--quiet", "--device", "cpu", "--no-preview"]
 
 
 def torchrun(nproc: int, args: list[str], extra: list[str] = ()) -> subprocess.Popen:
@@ -35,6 +36,7 @@ def relative_gap(a: dict, b: dict) -> float:
     return (diff / sum(float(a[k].double().pow(2).sum()) for k in a)) ** 0.5
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     """K steps on 2 ranks with batch B/2 each end with the weights of 1 process with batch B: same data
     order, same noise (drawn for the global batch), gradients averaged by DDP."""
@@ -65,9 +67,10 @@ def _worker_pids(agent: int) -> dict[int, int]:
     return found
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    args = ["--steps", "400", "--batch-size", "32", "--checkpoint-every", "20"]
+    args = ["--steps", "200", "--batch-size", "32", "--checkpoint-every", "20"]
     ref = torchrun(2, [*TRAIN, "--out", str(straight), *args])
     assert ref.wait(timeout=300) == 0, ref.stdout.read()
 
@@ -82,9 +85,9 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
                 os.kill(pids[1], signal.SIGKILL)
         time.sleep(0.01)
     out, _ = job.communicate(timeout=300)
-    assert killed_at is not None and killed_at < 400, "the run ended before a rank could be killed"
+    assert killed_at is not None and killed_at < 200, "the run ended before a rank could be killed"
     assert job.returncode == 0, out
-    assert weights_step(broken) == 400
+    assert weights_step(broken) == 200
     for which in ("net", "ema"):
         a, b = load_weights(straight, which), load_weights(broken, which)
         assert all(torch.equal(a[k], b[k]) for k in a), which  # bit-identical to the uninterrupted run
@@ -103,12 +106,13 @@ def test_generate_gives_the_same_samples_on_one_and_two_processes(tiny_toy_run, 
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_accumulation_and_condition_dropout_shard_like_one_process(tmp_path):
     """2 ranks x batch 8 x 2 micro-batches on class-conditional digits with dropout 0.5 equal 1 process x
     batch 16 x 2 micro-batches: each rank's shard of each micro-batch, noise and null labels included."""
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["-m", "difflab", "train", "digits", "--class-cond", "--cond-dropout", "0.5", "--accumulation", "2", "--steps", "4",
-            "--quiet", "--device", "cpu", "--sample-every", "0", "--precision", "fp32"]
+            "--quiet", "--device", "cpu", "--no-preview", "--precision", "fp32"]
     p = difflab([*args, "--out", str(one), "--batch-size", "16"])
     assert p.returncode == 0, p.stderr
     q = torchrun(2, [*args, "--out", str(two), "--batch-size", "8"])

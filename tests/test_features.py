@@ -60,6 +60,7 @@ def test_fashion_classifier_reaches_recorded_accuracy():
     assert abs(acc - net.meta["test_accuracy"]) <= 0.02  # a 2000-image subset of the full test split
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_fashion_pairs_attribute_net_reaches_its_recorded_accuracies():
     from difflab.evaluation.features import accuracy as all_right
     from difflab.evaluation.features import attribute_accuracy

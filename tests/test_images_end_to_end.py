@@ -1,4 +1,4 @@
-"""Images end to end: a tiny digits run trained through the CLI beats an untrained network by a wide margin."""
+"""Images end to end: a small digits run trained through the CLI beats an untrained network by a wide margin."""
 
 from __future__ import annotations
 
@@ -15,14 +15,24 @@ from difflab.sampling.samplers import sample
 
 
 @pytest.fixture(scope="module")
-def digits_run(digits_runs):
-    """The shared unconditional digits run (conftest.py), 400 steps."""
-    return digits_runs / "pixel"
+def digits_run(digits_runs, tmp_path_factory):
+    """The shared class-conditional digits run (conftest.py, 300 steps) continued to 400 with --resume; asked for
+    every class in turn (measured: energy distance 0.24 at 300 steps, 0.11 at 400, against the 0.19 asserted)."""
+    import shutil
+
+    run = tmp_path_factory.mktemp("img") / "digits"
+    shutil.copytree(digits_runs / "dc", run)
+    assert main(["train", "--out", str(run), "--resume", "--steps", "400", "--quiet"]) == 0
+    return run
+
+
+CLASSES = [str(k) for k in range(10)]
 
 
 def test_trained_digits_beat_an_untrained_network(digits_run, tmp_path):
     out = tmp_path / "s.npz"
-    assert main(["sample", str(digits_run), "--n", "400", "--sampler", "dpmpp-2m", "--steps", "20", "--seed", "0", "--save", str(out), "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+    assert main(["sample", str(digits_run), "--n", "400", "--class", *CLASSES, "--sampler", "dpmpp-2m", "--steps", "20", "--seed", "0", "--save", str(out),
+                 "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
     samples = np.load(out)["images"]
     assert samples.dtype == np.uint8 and samples.shape == (400, 1, 8, 8)
     heldout = to_model(load_images("digits", split="test").images).flatten(1)
@@ -31,7 +41,9 @@ def test_trained_digits_beat_an_untrained_network(digits_run, tmp_path):
     untrained_denoiser = DiffusionRun.load(digits_run).denoiser
     for p in untrained_denoiser.net.parameters():  # the same architecture at its initialisation
         torch.nn.init.normal_(p, std=0.02)
-    x = sample(untrained_denoiser, (400, 1, 8, 8), 20, sampler="dpmpp-2m", generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    labels = torch.arange(400) % 10
+    x = sample(untrained_denoiser, (400, 1, 8, 8), 20, sampler="dpmpp-2m", generator=torch.Generator().manual_seed(0),
+               cond={"class_labels": labels}).clamp(-1, 1)
     untrained = energy_distance(x.flatten(1), heldout)
     train_split = to_model(load_images("digits", split="train").images[:400]).flatten(1)
     floor = energy_distance(train_split, heldout)
@@ -52,6 +64,6 @@ def test_sample_grid_and_chain_pictures(digits_run, tmp_path):
 
 def test_no_ema_differs_from_ema(digits_run, tmp_path):
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    assert main(["sample", str(digits_run), "--n", "8", "--steps", "5", "--save", str(a), "--quiet"]) == 0
-    assert main(["sample", str(digits_run), "--n", "8", "--steps", "5", "--save", str(b), "--no-ema", "--quiet"]) == 0
+    assert main(["sample", str(digits_run), "--n", "8", "--class", "3", "--steps", "5", "--save", str(a), "--quiet"]) == 0
+    assert main(["sample", str(digits_run), "--n", "8", "--class", "3", "--steps", "5", "--save", str(b), "--no-ema", "--quiet"]) == 0
     assert not np.array_equal(np.load(a)["images"], np.load(b)["images"])

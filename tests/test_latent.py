@@ -234,9 +234,9 @@ def test_data_command_writes_captions_beside_the_images(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, latent_runs, digits_runs):
     """The shared runs (conftest.py) side by side: ae (a factor-2 digits autoencoder), ldm (a class-conditional latent
-    run on it) and pixel (an unconditional pixel run), 300 steps each."""
+    run on it) and pixel (the class-conditional pixel run), 300 steps each."""
     root = tmp_path_factory.mktemp("latent")
-    for name, run in (("ae", latent_runs / "ae"), ("ldm", latent_runs / "ldm"), ("pixel", digits_runs / "pixel")):
+    for name, run in (("ae", latent_runs / "ae"), ("ldm", latent_runs / "ldm"), ("pixel", digits_runs / "dc")):
         (root / name).symlink_to(run)
     return root
 
@@ -261,12 +261,12 @@ def test_a_latent_run_samples_decodes_and_evaluates_through_the_same_path_as_a_p
     shapes = {}
     for name in ("pixel", "ldm"):
         run = DiffusionRun.load(runs / name)
-        labels = list(range(10)) if name == "ldm" else None
+        labels = list(range(10))
         x = run.sample(10, class_label=labels, sampler="dpmpp-2m", steps=20, seed=4)
         again = run.sample(10, class_label=labels, sampler="dpmpp-2m", steps=20, seed=4, batch=3)
         assert torch.allclose(x, again, atol=1e-5)  # the same seed, whatever the batch: decoding included
         shapes[name] = (tuple(run.config.shape), tuple(x.shape))
-        _, traj = run.trajectory(4, class_label=labels[:4] if labels else None, sampler="ddim", steps=10)
+        _, traj = run.trajectory(4, class_label=labels[:4], sampler="ddim", steps=10)
         assert traj.x0.shape == (10, 4, 1, 8, 8)  # the chain decoded too
     assert shapes == {"pixel": ((1, 8, 8), (10, 1, 8, 8)), "ldm": ((2, 4, 4), (10, 1, 8, 8))}
     results = {name: evaluate(runs / name, n=300, sampling=Sampling("dpmpp-2m", 20), bpd_n=0, progress=False) for name in ("pixel", "ldm")}

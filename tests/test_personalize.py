@@ -64,6 +64,7 @@ def _lora_net(rank=2):
     return base, net
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_lora_at_strength_zero_is_the_base_model_exactly_and_alpha_over_r_is_the_scale():
     base, net = _lora_net()
     x, t, cond = _inputs()

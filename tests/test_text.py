@@ -203,8 +203,8 @@ def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch):
 def test_a_tiny_clip_retrieves_captions_well_above_chance(clip_run):
     report = json.loads((clip_run / "clip.json").read_text())
     assert report["group"] == 100 and report["images"] == 2000
-    # measured at 150 steps (2 threads): caption -> image 0.809, image -> caption 0.793 (chance 0.01); probe: colours
-    # 0.997 and 0.998 (chance 1/6), classes 0.557 and 0.599 (chance 0.1)
+    # measured at 150 steps of batch 64: caption -> image 0.751, image -> caption 0.744 (chance 0.01); probe: colours
+    # 0.992 and 0.984 (chance 1/6), classes 0.516 and 0.544 (chance 0.1)
     assert report["caption_to_image"] > 0.5 and report["image_to_caption"] > 0.5
     probe = report["attribute_probe"]
     assert probe["left colour"] > 0.9 and probe["right colour"] > 0.9 and probe["left class"] > 0.3 and probe["right class"] > 0.3
@@ -219,37 +219,21 @@ def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, cap
     assert code != 0 and "is a CLIP run, not a denoiser" in err, err
 
 
-def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(clip_run, tmp_path):
-    """Colour is what a tiny model learns first: an 8x16 average-pooled fashion-pairs (the attribute network
-    reads it upsampled), conditioned on the CI CLIP's text tower, 500 steps, CFG at 3."""
-    from dataclasses import replace
-
-    from difflab.data.images import to_model, to_uint8
-    from difflab.data.loader import TensorDataset
+def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(joint_base):
+    """Colour is what a tiny model learns first: the shared joint-encoder text run (conftest.py: 8x16 average-pooled
+    fashion-pairs, 300 steps; the attribute network reads it upsampled), CFG at 3, 300 test captions."""
+    from difflab.data.images import to_uint8
     from difflab.evaluation.features import embed, load_feature_net
     from difflab.evaluation.prompts import follows
     from difflab.runs.diffusion import DiffusionRun
-    from difflab.runs.presets import preset_for, with_text
-    from difflab.text.encoders import text_condition, text_record
-    from difflab.training.loop import train
 
-    data, test = fashion_pairs("train"), fashion_pairs("test")
-    n = 8000
-    cfg = preset_for("fashion-pairs")
-    cfg = replace(cfg, shape=[3, 8, 16], net=dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4],
-                                                   num_heads=4, num_res_blocks=1),
-                  train=replace(cfg.train, steps=500, batch_size=32, warmup=50, sample_every=0, checkpoint_every=10**6))
-    record, width, _ = text_record(f"clip:{clip_run}", data.captions[:n])
-    cfg = with_text(cfg, record, width)
-    assert cfg.text.kind == "clip" and [c["name"] for c in cfg.conditions] == ["context"] and cfg.conditions[0]["p_drop"] == 0.1
-    small = F.avg_pool2d(to_model(data.images[:n]), 4)
-    denoiser = train(tmp_path / "t2i", cfg, TensorDataset(small, text_condition(cfg, data.captions[:n])), progress=False)
-    prompts = parsed(test.captions[:300])
-    x = DiffusionRun(tmp_path / "t2i", cfg, denoiser.net).sample(300, prompt=prompts.captions, guidance=3.0, sampler="dpmpp-2m", steps=20)
+    prompts = parsed(fashion_pairs("test").captions[:300])
+    x = DiffusionRun.load(joint_base).sample(300, prompt=prompts.captions, guidance=3.0, sampler="dpmpp-2m", steps=20)
     net = load_feature_net("fashion-pairs")
     report = follows(net.attributes(embed(net, to_uint8(F.interpolate(x, scale_factor=4, mode="nearest")))[1]), prompts)
     got, shuffled = report["all"]["per_attribute"], report["shuffled"]["per_attribute"]
-    # measured: left colour 0.533, right colour 0.543 against shuffled 0.153, 0.160 (chance 1/6); classes 0.17, 0.16 against 0.09, 0.07
+    # measured: left colour 0.500, right colour 0.487 against shuffled 0.167, 0.157 (chance 1/6); classes 0.13, 0.13 against 0.11, 0.08.
+    # (A CLIP-conditioned run of the same size, trained 300 steps on the CI CLIP's text tower: colours 0.52, 0.50.)
     for a in ("left colour", "right colour"):
         assert got[a] > shuffled[a] + 0.2, report
     assert report["held_out"]["n"] + report["seen"]["n"] == 300
@@ -299,8 +283,13 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
     code, err = run_cli(capsys, "train", "fashion-pairs", "--text", f"clip:{tmp_path / 'clip2'}", "--out", tmp_path / "t2", "--steps", "1",
                         "--batch-size", "2", "--quiet")
     assert code == 0, err
-    code, err = run_cli(capsys, "train-clip", "--out", tmp_path / "clip2", "--resume", "--steps", str(CLIP_STEPS + 1), "--quiet")
-    assert code == 0, err
+    from safetensors.torch import load_file, save_file
+
+    from difflab.runs.store import latest_checkpoint
+
+    weights = latest_checkpoint(tmp_path / "clip2") / "model.safetensors"  # the CLIP model changes after the text run was trained
+    tensors = load_file(str(weights))
+    save_file({k: v + 1e-3 if k == "ema.text_projection.weight" else v for k, v in tensors.items()}, str(weights), metadata={"step": str(CLIP_STEPS)})
     code, err = run_cli(capsys, "sample", tmp_path / "t2", "--prompt", prompt, "--n", "1", "--steps", "1", "--out", tmp_path / "x.png")
     assert code != 0 and "changed since this model was trained" in err, err
     code, err = run_cli(capsys, "sample", run, "--class", "3")

@@ -96,6 +96,7 @@ def _train(run, steps, kill_at=0, resume=False):
     return subprocess.run([sys.executable, "-c", SCRIPT, str(run), str(steps), str(kill_at), "1" if resume else "0"], capture_output=True, text=True)
 
 
+@pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_resume_after_sigkill_is_exact(tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     assert _train(straight, 120).returncode == 0

@@ -142,8 +142,8 @@ def run(args) -> None:
         t = cfg.train
         print(f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with {num_parameters(cfg.build_net()):,} parameters, "
               f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on {device}")
-    train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, preview=partial(preview, cfg=cfg), max_minutes=args.max_minutes,
-          init_from=args.init_from)
+    train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, preview=partial(preview, cfg=cfg) if args.preview else None,
+          max_minutes=args.max_minutes, init_from=args.init_from)
     if launched_rank() == 0:
         print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png)")
 
@@ -184,6 +184,7 @@ def register(sub) -> None:
     t.add_argument("--init-from", help="a run whose EMA weights initialise the network")
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: at the end only)")
+    t.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True, help="samples.png and loss.png while training (default)")
     t.add_argument("--max-minutes", type=positive_float, help="stop (with a checkpoint) after this much wall-clock time")
     add_device(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")

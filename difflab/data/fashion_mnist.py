@@ -7,6 +7,7 @@ import gzip
 import os
 import struct
 import zlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -35,23 +36,31 @@ def _find_idx(folder: Path, name: str) -> Path:
 def load_fashion_mnist(split: str, data_dir: str | None = None) -> ImageSet:
     """The train (60000), test (t10k, 10000) or all images, 28x28 grey, 10 classes."""
     folder = Path(data_dir or FASHION_MNIST_DIR)
-    parts = {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
-    images, labels = [], []
-    for prefix in parts:
-        image_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
-        label_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
-        x, y = read_idx(image_path), read_idx(label_path)
-        if x.dtype != np.uint8 or x.ndim != 3:
-            raise DataError(f"{image_path}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
-        if y.dtype != np.uint8 or y.shape != (len(x),):
-            raise DataError(f"{label_path}: expected {len(x)} uint8 labels to match {image_path.name}, got {y.dtype} {y.shape}")
-        if y.size and y.max() >= 10:
-            raise DataError(f"{label_path}: labels must be in 0..9, found {int(y.max())}")
-        images.append(torch.from_numpy(x)[:, None])  # (N, 1, H, W)
-        labels.append(torch.from_numpy(y.astype(np.int64)))
-    if len({tuple(x.shape[1:]) for x in images}) > 1:
+    parts = [_read_part(folder, prefix) for prefix in {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]]
+    if len({tuple(x.shape[1:]) for x, _ in parts}) > 1:
         raise DataError(f"fashion-mnist in {folder}: train and test images differ in size")
-    return ImageSet(torch.cat(images), torch.cat(labels), 10, "fashion-mnist", FASHION_MNIST_CLASSES, split)
+    images, labels = (torch.cat([p[i] for p in parts]) for i in (0, 1))  # new tensors: the cached ones are never handed out
+    return ImageSet(images, labels, 10, "fashion-mnist", FASHION_MNIST_CLASSES, split)
+
+
+def _read_part(folder: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part's images (N, 1, H, W) and labels (N,), read once per file (its path, size and modification time)."""
+    image_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+    label_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    stamp = tuple((p.stat().st_size, p.stat().st_mtime_ns) for p in (image_path, label_path))
+    return _read_files(image_path, label_path, stamp)
+
+
+@lru_cache(maxsize=4)
+def _read_files(image_path: Path, label_path: Path, stamp) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = read_idx(image_path), read_idx(label_path)
+    if x.dtype != np.uint8 or x.ndim != 3:
+        raise DataError(f"{image_path}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
+    if y.dtype != np.uint8 or y.shape != (len(x),):
+        raise DataError(f"{label_path}: expected {len(x)} uint8 labels to match {image_path.name}, got {y.dtype} {y.shape}")
+    if y.size and y.max() >= 10:
+        raise DataError(f"{label_path}: labels must be in 0..9, found {int(y.max())}")
+    return torch.from_numpy(x)[:, None], torch.from_numpy(y.astype(np.int64))  # (N, 1, H, W), (N,)
 
 
 # --------------------------------------------------------------------------- IDX (the MNIST file format)
