@@ -142,21 +142,7 @@ def train(
         state = init_from if isinstance(init_from, dict) else ckpt.load_weights(init_from, "ema")
         ckpt.load_into(denoiser.net, state, "the initial weights" if isinstance(init_from, dict) else init_from)
     ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
-    params = []
-    for name, p in denoiser.net.named_parameters():
-        keep = True if trainable is None else trainable(name, p)
-        if isinstance(keep, Tensor):  # train some elements only: mask the gradient of the others
-            if keep.shape != p.shape or keep.dtype != torch.bool:
-                raise ValueError(f"trainable({name!r}) gave a mask of shape {tuple(keep.shape)}; the parameter is {tuple(p.shape)} (bool)")
-            if tc.weight_decay:
-                raise ValueError("a trainable mask needs weight_decay 0 (AdamW's decay would move the masked elements)")
-            p.requires_grad_(True).register_hook(lambda g, m=keep.to(p.device): g * m)
-        elif not keep:
-            p.requires_grad_(False)
-            continue
-        params.append(p.requires_grad_(True))
-    if not params:
-        raise ValueError("no parameter is trainable (the trainable filter kept none)")
+    params = trainable_parameters(denoiser.net, trainable, tc.weight_decay)
     loss_fn = loss_fn or config.build_loss()
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
@@ -165,18 +151,7 @@ def train(
     step = 0
 
     if resume:
-        step, opt_state, state = ckpt.load_training_state(run_dir)
-        if state.get("world_size", 1) != world.size:
-            raise ckpt.CheckpointError(f"{run_dir} was trained by {state.get('world_size')} processes; resume it with as many "
-                                       f"(the global batch is batch_size x processes x accumulation), not {world.size}")
-        ckpt.load_into(denoiser.net, ckpt.load_weights(run_dir, "net"), run_dir)
-        ckpt.load_into(ema.net, ckpt.load_weights(run_dir, "ema"), run_dir)
-        opt.load_state_dict(opt_state)
-        batches.load_state_dict(state["batches"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if world.is_main:
-            _truncate_log(run_dir / "metrics.jsonl", step)
+        step = _restore(run_dir, denoiser, ema, opt, batches, scaler, world)
     elif world.is_main:  # a fresh run: nothing of an earlier run in this folder may survive
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clear_checkpoints(run_dir)
@@ -230,6 +205,45 @@ def train(
         name = signal.Signals(signum).name
         raise Interrupted(f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab {command} --out {run_dir} --resume", signum)
     return ema
+
+
+def trainable_parameters(net: nn.Module, trainable, weight_decay: float) -> list[nn.Parameter]:
+    """The parameters ``trainable(name, p)`` keeps (all when None), the others frozen; a bool mask trains only the
+    elements it marks (the others' gradient is masked)."""
+    params = []
+    for name, p in net.named_parameters():
+        keep = True if trainable is None else trainable(name, p)
+        if isinstance(keep, Tensor):  # train some elements only: mask the gradient of the others
+            if keep.shape != p.shape or keep.dtype != torch.bool:
+                raise ValueError(f"trainable({name!r}) gave a mask of shape {tuple(keep.shape)}; the parameter is {tuple(p.shape)} (bool)")
+            if weight_decay:
+                raise ValueError("a trainable mask needs weight_decay 0 (AdamW's decay would move the masked elements)")
+            p.requires_grad_(True).register_hook(lambda g, m=keep.to(p.device): g * m)
+        elif not keep:
+            p.requires_grad_(False)
+            continue
+        params.append(p.requires_grad_(True))
+    if not params:
+        raise ValueError("no parameter is trainable (the trainable filter kept none)")
+    return params
+
+
+def _restore(run_dir: Path, denoiser: Denoiser, ema: Denoiser, opt, batches: ShuffledBatches, scaler, world: World) -> int:
+    """Load the newest checkpoint into the network, its EMA, the optimizer, the data position and the scaler;
+    the step it was saved at."""
+    step, opt_state, state = ckpt.load_training_state(run_dir)
+    if state.get("world_size", 1) != world.size:
+        raise ckpt.CheckpointError(f"{run_dir} was trained by {state.get('world_size')} processes; resume it with as many "
+                                   f"(the global batch is batch_size x processes x accumulation), not {world.size}")
+    ckpt.load_into(denoiser.net, ckpt.load_weights(run_dir, "net"), run_dir)
+    ckpt.load_into(ema.net, ckpt.load_weights(run_dir, "ema"), run_dir)
+    opt.load_state_dict(opt_state)
+    batches.load_state_dict(state["batches"])
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if world.is_main:
+        _truncate_log(run_dir / "metrics.jsonl", step)
+    return step
 
 
 def _wrap(denoiser: Denoiser, device: torch.device, world: World) -> Denoiser:
