@@ -11,7 +11,6 @@ originals beside reconstructions (RUN/reconstructions.png)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -22,23 +21,16 @@ from ..evaluation.metrics import psnr
 from ..latent.autoencoder import AUTOENCODER, LATENT, RECONSTRUCTION, autoencoder_config, load_autoencoder, measure_scale, preview, reconstruction_report
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
-from ..runs.presets import preset_for
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
 from ..viz import plots
-from .data import check_dataset
-from .options import UsageError, add_auxiliary_training, check_suffix, given_flags, positive_int, say_unfinished, training_options
+from .options import UsageError, add_auxiliary_training, dataset_preset, check_suffix, given_flags, positive_int, say_unfinished, training_options
 
 FLAGS = ("factor", "latent_channels", "kl_weight", "recon", "disc_weight", "disc_start")
 
 
 def new_config(args):
-    if args.name is None:
-        raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
-    check_dataset(args.name)
-    base = preset_for(args.name)
-    if args.data:
-        base = replace(base, data=replace(base.data, data_dir=args.data))
+    base = dataset_preset(args)
     for flag in ("kl_weight", "disc_weight", "disc_start"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")

@@ -17,11 +17,9 @@ from ..guidance.classifier import ACCURACY, CLASSIFIER, ClassifierRun, NoiseAwar
 from ..runs.config import load_config
 from ..runs.data import load_split, training_data
 from ..runs.lifecycle import begin
-from ..runs.presets import preset_for
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
-from .data import check_dataset
-from .options import UsageError, add_auxiliary_training, training_options
+from .options import UsageError, add_auxiliary_training, dataset_preset, training_options
 
 FIELDS = ("batch_size", "lr", "seed")
 
@@ -38,12 +36,7 @@ def new_config(args):
             raise UsageError(f"NAME {args.name!r} differs from the dataset of --for {args.for_run} ({base.dataset!r})")
         base = replace(base, conditions=[], net=dict(base.net, num_classes=None), text=None, super_resolution=None)
     else:
-        if args.name is None:
-            raise UsageError("give the dataset NAME (or --for RUN, or --resume)")
-        check_dataset(args.name)
-        base = preset_for(args.name)
-        if args.data:
-            base = replace(base, data=replace(base.data, data_dir=args.data))
+        base = dataset_preset(args, "give the dataset NAME (or --for RUN, or --resume)")
     if base.data_kind != "images":
         raise UsageError(f"a noise-aware classifier needs images; {base.dataset} is a set of {base.data_kind}")
     num_classes = load_split(base, "train").num_classes

@@ -11,26 +11,18 @@ probe. Its text tower then conditions a model: `difflab train DATASET --text cli
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
-from ..runs.presets import preset_for
 from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
-from .data import check_dataset
-from .options import UsageError, add_auxiliary_training, given_flags, positive_int, say_unfinished, training_options
+from .options import UsageError, add_auxiliary_training, dataset_preset, given_flags, positive_int, say_unfinished, training_options
 
 
 def new_config(args):
-    if args.name is None:
-        raise UsageError("give the DATASET to train on (or --resume to continue the run in --out)")
-    check_dataset(args.name)
-    base = preset_for(args.name)
-    if args.data:
-        base = replace(base, data=replace(base.data, data_dir=args.data))
+    base = dataset_preset(args)
     captions = load_split(base, "train").captions
     cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64), args)
     cfg.validate()

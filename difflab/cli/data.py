@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..viz import plots
-from ..data.images import DATASETS, load_images
+from ..data.images import load_images
+from ..runs.presets import check_dataset
 from ..data.toy2d import TOY_DATASETS, make_toy
-from .options import UsageError, check_suffix, positive_int, save_npz
-
-
-def check_dataset(name: str) -> None:
-    """A dataset is a built-in name or an existing folder / .npz file."""
-    if name not in TOY_DATASETS and name not in DATASETS and not Path(name).exists():
-        raise UsageError(
-            f"unknown dataset {name!r}: choose one of {', '.join([*TOY_DATASETS, *DATASETS])}, or give a folder of images or an .npz file"
-        )
+from .options import check_suffix, positive_int, save_npz
 
 
 def run(args) -> None:

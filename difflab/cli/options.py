@@ -16,6 +16,7 @@ from ..io import atomic_path
 from ..runs.config import RunConfig
 from ..runs.diffusion import DiffusionRun
 from ..runs.lifecycle import unfinished
+from ..runs.presets import check_dataset, preset_for
 from ..sampling.samplers import SAMPLERS, SPACINGS, default_spacing, sampler_options
 from ..training.distributed import DEVICES
 
@@ -107,6 +108,15 @@ def add_auxiliary_training(p, steps_help: str) -> None:
     p.add_argument("--max-minutes", type=positive_float)
     add_device(p)
     p.add_argument("--quiet", action="store_true")
+
+
+def dataset_preset(args, missing: str = "give the DATASET to train on (or --resume to continue the run in --out)") -> RunConfig:
+    """The preset of the auxiliary trainers' NAME (checked), with --data; ``missing`` when no NAME is given."""
+    if args.name is None:
+        raise UsageError(missing)
+    check_dataset(args.name)
+    base = preset_for(args.name)
+    return replace(base, data=replace(base.data, data_dir=args.data)) if args.data else base
 
 
 def given_flags(args, names) -> list[str]:

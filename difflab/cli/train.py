@@ -22,11 +22,10 @@ from ..runs.config import RunConfig, process_to_dict
 from ..runs.data import load_split, training_data
 from ..runs.diffusion import DIFFUSION, preview
 from ..runs.lifecycle import begin
-from ..runs.presets import preset_for, with_class_labels, with_latent, with_low_res, with_text
+from ..runs.presets import check_dataset, preset_for, with_class_labels, with_latent, with_low_res, with_text
 from ..text.encoders import text_record
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import PRECISIONS, train
-from .data import check_dataset
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
 
 # options that set a field of TrainConfig, by argparse name

@@ -17,11 +17,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 
 from ..core.conditions import ConditionSpec, class_labels
 from ..core.losses import SimpleLoss
 from ..core.processes import DiscreteDDPM
-from ..data.images import load_images
+from ..data.images import DATASETS, load_images
 from ..data.toy2d import TOY_DATASETS
 from ..nets.mlp import MLPConfig
 from ..nets.unet import PRESETS as UNET_PRESETS
@@ -77,6 +78,14 @@ def image_preset(source: str) -> RunConfig:
     recipe = PRESETS["digits" if h <= 16 else "fashion-mnist"]
     cfg = _image(source, preset_for_size(h, c, w), [c, h, w], recipe.train)
     return replace(cfg, data=DataSpec(size=h, channels=c))
+
+
+def check_dataset(name: str) -> None:
+    """A dataset is a built-in name or an existing folder / .npz file."""
+    if name not in TOY_DATASETS and name not in DATASETS and not Path(name).exists():
+        raise PresetError(
+            f"unknown dataset {name!r}: choose one of {', '.join([*TOY_DATASETS, *DATASETS])}, or give a folder of images or an .npz file"
+        )
 
 
 def preset_for(dataset: str) -> RunConfig:
