@@ -33,6 +33,7 @@ from ..evaluation.features import embed, resolve_feature_net
 from ..runs.config import CheckpointError, LatentRecord, RunConfig, TrainConfig
 from ..runs.kinds import RunKind
 from ..runs.run import Run
+from ..runs.shipped import locate, recorded_path
 from ..runs.store import WEIGHTS, latest_checkpoint
 from ..viz import plots
 from .space import LatentSpace, encode_means
@@ -53,7 +54,7 @@ class AutoencoderRun(Run):
             raise CheckpointError(f"{self.path} has no finished autoencoder (no {LATENT}); finish it with "
                                   f"`difflab train-autoencoder --out {self.path} --resume`")
         info = json.loads((self.path / LATENT).read_text())
-        return LatentSpace(self.net, float(info["scale"]), str(self.path.resolve()), fingerprint(self.path))
+        return LatentSpace(self.net, float(info["scale"]), recorded_path(self.path), fingerprint(self.path))
 
 
 def autoencoder_config(base: RunConfig, factor: int = 4, latent_channels: int = 4, kl_weight: float = 1e-6, recon: str = "l1",
@@ -95,7 +96,7 @@ def measure_scale(run: str | Path, images: torch.Tensor, progress: bool = False)
 
 def fingerprint(run: str | Path) -> str:
     """SHA-256 of the run's newest weights file and its latent.json (first 16 hex digits)."""
-    run = Path(run)
+    run = locate(run)
     ckpt = latest_checkpoint(run)
     if ckpt is None or not (run / LATENT).exists():
         raise CheckpointError(f"{run} has no finished autoencoder (no checkpoint or no {LATENT}); train it with `difflab train-autoencoder`")
@@ -109,7 +110,7 @@ def fingerprint(run: str | Path) -> str:
 
 def load_autoencoder(run: str | Path) -> LatentSpace:
     """A finished autoencoder run (weights and latent.json) as a LatentSpace."""
-    run = Path(run)
+    run = locate(run)
     if not (run / "config.json").exists():
         raise CheckpointError(f"no autoencoder run at {run} (train one with `difflab train-autoencoder DATASET --out {run}`)")
     return AutoencoderRun.load(run).space
@@ -126,8 +127,8 @@ def latent_record(space: LatentSpace) -> LatentRecord:
 
 
 def latent_space(rec: LatentRecord) -> LatentSpace:
-    """The autoencoder a latent run recorded, checked against the record."""
-    run = Path(rec.autoencoder)
+    """The autoencoder a latent run recorded (a folder or a shipped model's name), checked against the record."""
+    run = locate(rec.autoencoder)
     if not (run / "config.json").exists():
         raise CheckpointError(f"the autoencoder of this latent run is missing: {run} (restore it, or retrain the latent run)")
     digest = fingerprint(run)

@@ -47,6 +47,7 @@ from ..nets.text import TextConfig
 from ..runs.config import CONFIG, Personalization, RunConfig, load_config
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
 from ..runs.kinds import RunKind
+from ..runs.shipped import recorded_path, refuse_writes
 from ..text.encoders import text_condition
 from ..runs.store import clear_checkpoints, load_into, load_weights, weights_fingerprint, weights_step
 from ..training.distributed import launched_rank
@@ -151,6 +152,7 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
     ``out`` (``resume``: its base, images and settings are in it); returns the EMA denoiser. A LoRA run's
     adapters are exported when it finishes. Under torchrun every rank draws the same class images (they are
     deterministic) and rank 0 alone writes files."""
+    refuse_writes(out, "personalise a shipped model")
     out, main = Path(out), launched_rank() == 0
     if resume:
         cfg = load_config(out)
@@ -168,7 +170,7 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
         base_cfg = load_config(base_run)
         check_base(base_cfg, base_run, p.method, p.tokens)
         images, captions = read_subject(folder, tuple(base_cfg.data_shape), p.token, p.class_word)
-        p = replace(p, captions=captions, base=str(Path(base_run).resolve()), base_fingerprint=weights_fingerprint(base_run))
+        p = replace(p, captions=captions, base=recorded_path(base_run), base_fingerprint=weights_fingerprint(base_run))
         s, l = DEFAULTS[p.method]
         cfg = personalized_config(base_cfg, p, steps or s, lr or l, batch_size, lora)
         if main:

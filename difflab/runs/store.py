@@ -28,6 +28,7 @@ from torch import nn
 
 from ..io import file_sha256
 from .config import CONFIG, CheckpointError
+from .shipped import locate
 
 CHECKPOINTS = "checkpoints"
 WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
@@ -39,8 +40,8 @@ KEEP = 2  # complete checkpoints kept per run
 
 
 def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a run, oldest first, as (step, folder)."""
-    folder = Path(run_dir) / CHECKPOINTS
+    """The complete checkpoints of a run (or shipped model), oldest first, as (step, folder)."""
+    folder = locate(run_dir) / CHECKPOINTS
     if not folder.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
@@ -165,7 +166,10 @@ def load_weights(run_dir: str | Path, which: str = "ema") -> dict[str, torch.Ten
     """The state_dict of 'net' or 'ema' from the newest checkpoint, with a clear error when missing or corrupt."""
     tensors = _load_tensors(_require_checkpoint(run_dir) / WEIGHTS)
     prefix = f"{which}."
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    if not state and which == "net" and any(k.startswith("ema.") for k in tensors):
+        raise CheckpointError(f"{run_dir} holds its EMA weights only (a shipped model): load it with its EMA weights")
+    return state
 
 
 def weights_fingerprint(run_dir: str | Path) -> str:

@@ -1,0 +1,441 @@
+"""A run's config: every dataclass needed to rebuild its network, sample from it and continue its training,
+saved as ``RUN/config.json`` and validated field by field when read.
+
+    RunConfig
+      dataset, data (DataSpec)              what it trains on
+      run_kind                              which entry of the kinds table (runs/kinds.py) it is
+      process, net_kind, net, shape         the forward process, the network and the shape it works in
+      data_kind                             what a sample is: 'points' or 'images'
+      target, loss, train (TrainConfig)     how it trains
+      conditions                            the conditions its network takes (ConditionSpec fields)
+      super_resolution, latent, text, lora, personalize    typed records of the variants, None when absent
+
+Every problem is a one-line ``CheckpointError`` naming the field: an unknown field, a wrong type, an unknown
+process, network or run kind. Configs written before the typed records existed (the variants as keys of a
+``data`` dict, ``kind`` for the data kind) are read and converted (``_upgraded``)."""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..core.conditions import ConditionError, ConditionSpec, check_accepted, condition_names
+from ..core.losses import SimpleLoss
+from ..core.parameterize import TARGETS, Denoiser
+from ..core.processes import PROCESSES_BY_NAME as PROCESSES
+from ..core.processes import Process
+from ..io import atomic_path
+from ..nets.lora import LoraSpec, with_lora
+from ..nets.text import words
+from .kinds import RunKind, RunKindError, kind_named
+from .shipped import locate
+
+CONFIG = "config.json"
+DATA_KINDS = ("points", "images")
+AUG_MAX = 0.2  # super-resolution runs: the largest std of the noise added to low_res in training
+TEXT_ENCODERS = ("minilm", "clip", "joint")
+PERSONALIZATION_METHODS = ("dreambooth", "lora", "textual-inversion")
+
+
+class CheckpointError(ValueError):
+    """A run directory or config that is missing, incomplete, corrupt or invalid."""
+
+
+def process_to_dict(process: Process) -> dict:
+    kind = next(k for k, cls in PROCESSES.items() if type(process) is cls)
+    return {"kind": kind, **{f.name: getattr(process, f.name) for f in fields(process) if f.init}}
+
+
+def process_from_dict(d: dict) -> Process:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind not in PROCESSES:
+        raise CheckpointError(f"unknown process kind {kind!r}; choose one of {', '.join(PROCESSES)}")
+    try:
+        return PROCESSES[kind](**d)
+    except TypeError as e:
+        raise CheckpointError(f"process {kind!r}: {e}") from None
+
+
+# --------------------------------------------------------------------------- the records
+
+
+@dataclass
+class TrainConfig:
+    """How a run trains. The global batch is batch_size x world size x accumulation: batch_size is per
+    process and per micro-batch."""
+
+    steps: int = 4000
+    batch_size: int = 256
+    lr: float = 2e-3
+    warmup: int = 100
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" decay to 0 at the last step
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0: no clipping
+    accumulation: int = 1
+    ema_decay: float = 0.995  # 0: the EMA is the network itself
+    ema_warmup: bool = False  # True: decay min(ema_decay, (1 + step) / (10 + step)), see training.loop.ema_decay_at
+    precision: str = "fp32"  # "bf16" (autocast on CPU and CUDA) or "fp16" (CUDA, with a gradient scaler)
+    seed: int = 0
+    checkpoint_every: int = 1000
+    sample_every: int = 0  # 0: only at the end
+    log_every: int = 50
+
+
+@dataclass
+class DataSpec:
+    """Where the examples come from, beyond the dataset's name."""
+
+    n: int | None = None  # 2-D sets: training points
+    seed: int | None = None  # 2-D sets: their draw
+    data_dir: str | None = None  # the folder holding a named dataset's files (Fashion-MNIST's IDX files)
+    size: int | None = None  # a folder of images: resized to size x size
+    channels: int | None = None  # a folder of images: 1 grey or 3 RGB
+
+
+@dataclass
+class SuperResolution:
+    """p(x | its images downsampled ``factor`` times) (SR3), with noise conditioning augmentation up to aug_max."""
+
+    factor: int
+    aug_max: float = AUG_MAX
+
+
+@dataclass
+class LatentRecord:
+    """The autoencoder a latent run works in: its path, fingerprint (weights and latent.json), scale and shapes."""
+
+    autoencoder: str
+    hash: str
+    scale: float
+    factor: int
+    image_shape: list[int]
+
+
+@dataclass
+class TextRecord:
+    """The text encoder a text run reads captions through.
+
+    kind        'minilm' (pretrained, frozen), 'clip' (a train-clip run's text tower, frozen) or 'joint'
+                (a text transformer inside the network, UNetConfig.text)
+    package, sha256         minilm: the package and the SHA-256 of its weights
+    run, fingerprint        clip: the CLIP run and its weights' fingerprint
+    max_tokens              frozen encoders: the longest training caption, in tokens (what captions were
+                            padded to in training; a longer prompt is encoded to its own length)"""
+
+    kind: str
+    package: str | None = None
+    sha256: str | None = None
+    run: str | None = None
+    fingerprint: str | None = None
+    max_tokens: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in TEXT_ENCODERS:
+            raise CheckpointError(f"config: text.kind must be one of {TEXT_ENCODERS}, got {self.kind!r}")
+
+    def encoder_record(self) -> dict:
+        """The encoder's identity (what a frozen encoder's ``record()`` gives), without the run's lengths."""
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "max_tokens"}
+
+
+@dataclass
+class Personalization:
+    """What ``difflab personalize`` was asked for (the personalised run's record)."""
+
+    method: str
+    class_word: str
+    token: str = "sks"
+    prior_weight: float = 1.0  # lambda; 0: no prior preservation
+    class_images: int = 64  # class samples drawn once by the base model
+    class_guidance: float = 1.0  # their guidance scale: 1, the model's own conditional law, which is what the term preserves
+    caption_dropout: float | None = None  # the captions' dropout while personalising (None: the base's)
+    vectors: int = 1  # textual inversion: new embedding rows for the identifier ("sks" reads as that many tokens)
+    captions: list[str] = field(default_factory=list)  # the subject images' captions
+    base: str = ""  # the base run (resolved) and its weights' fingerprint
+    base_fingerprint: str = ""
+
+    def __post_init__(self):
+        if self.method not in PERSONALIZATION_METHODS:
+            raise CheckpointError(f"unknown method {self.method!r}; choose one of {', '.join(PERSONALIZATION_METHODS)}")
+        if words(self.token) != [self.token]:
+            raise CheckpointError(f"the identifier must be one lower-case word of letters and digits (e.g. sks), got {self.token!r}")
+        if not words(self.class_word):
+            raise CheckpointError("give the subject's class word (--class-word, e.g. sneaker)")
+        if not self.prior_weight >= 0:
+            raise CheckpointError(f"the prior-preservation weight must be >= 0, got {self.prior_weight}")
+        if self.class_images <= 0:
+            raise CheckpointError(f"--class-images must be positive, got {self.class_images}")
+        if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
+            raise CheckpointError(f"the caption dropout must lie in [0, 1], got {self.caption_dropout}")
+        if not isinstance(self.vectors, int) or self.vectors < 1 or (self.vectors > 1 and self.method != "textual-inversion"):
+            raise CheckpointError(f"several vectors (--vectors) are for textual inversion; got {self.vectors} for {self.method}")
+
+    @property
+    def tokens(self) -> list[str]:
+        """The identifier's words in the joint vocabulary: 'sks', or 'sks', 'sks1', ... for several vectors."""
+        return [self.token] + [f"{self.token}{i}" for i in range(1, self.vectors)]
+
+
+# --------------------------------------------------------------------------- the run config
+
+
+@dataclass
+class RunConfig:
+    """Everything needed to rebuild a trained run, use it and continue its training (see the module doc).
+
+    shape       the shape of one sample in the space the network works in, e.g. [2], [1, 28, 28] or a latent's
+    data_kind   what a sample is: 'points' or 'images' (how it is shown and saved)
+    conditions  the conditions the network takes (ConditionSpec fields), [] for an unconditional model"""
+
+    dataset: str
+    process: dict
+    net_kind: str
+    net: dict
+    shape: list[int]
+    data_kind: str
+    run_kind: str = "diffusion"
+    target: str = "eps"
+    loss: dict = field(default_factory=lambda: asdict(SimpleLoss()))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataSpec = field(default_factory=DataSpec)
+    conditions: list[dict] = field(default_factory=list)
+    super_resolution: SuperResolution | None = None
+    latent: LatentRecord | None = None
+    text: TextRecord | None = None
+    lora: LoraSpec | None = None
+    personalize: Personalization | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.shape):
+            raise CheckpointError(f"config: shape must be a list of integers, got {self.shape!r}")
+        self.shape = list(self.shape)
+
+    # ------------------------------------------------------------------ reading and writing
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        """Validate and build; every problem is a one-line CheckpointError naming the field."""
+        cfg = _build(cls, _upgraded(d), "config")
+        cfg.validate()
+        return cfg
+
+    # ------------------------------------------------------------------ what it is
+
+    @property
+    def kind(self) -> RunKind:
+        try:
+            return kind_named(self.run_kind)
+        except RunKindError as e:
+            raise CheckpointError(f"config: {e}") from None
+
+    @property
+    def data_shape(self) -> list[int]:
+        """The shape of the run's data: its images for a latent run, else the shape it samples."""
+        return list(self.latent.image_shape) if self.latent is not None else list(self.shape)
+
+    def condition_specs(self) -> list[ConditionSpec]:
+        return [ConditionSpec(**c) for c in self.conditions]
+
+    def condition(self, name: str) -> ConditionSpec | None:
+        return next((s for s in self.condition_specs() if s.name == name), None)
+
+    @property
+    def num_classes(self) -> int | None:
+        """The classes a class-conditional run takes (None when it takes none)."""
+        spec = self.condition("class_labels")
+        return None if spec is None else spec.null_label
+
+    def text_spec(self) -> ConditionSpec | None:
+        """The run's text condition (``context`` or ``tokens``), or None when it reads no text."""
+        return next((s for s in self.condition_specs() if s.name in ("context", "tokens")), None)
+
+    # ------------------------------------------------------------------ building
+
+    def build_process(self) -> Process:
+        try:
+            return process_from_dict(self.process)
+        except ValueError as e:
+            raise CheckpointError(f"config: {e}") from None
+
+    def build_net(self) -> nn.Module:
+        """The network (with its LoRA adapters for a LoRA run)."""
+        kind = self.kind
+        if self.net_kind not in kind.nets:
+            raise CheckpointError(f"config: unknown net_kind {self.net_kind!r} for a {kind.name} run; choose one of {', '.join(kind.nets)}")
+        config_cls, net_cls = kind.nets[self.net_kind]
+        try:
+            net_config = config_cls.from_dict(self.net) if hasattr(config_cls, "from_dict") else _build(config_cls, self.net, "net")
+            net = net_cls(net_config)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
+        return with_lora(net, self.lora) if self.lora is not None else net
+
+    def build_loss(self):
+        return self.kind.loss(self)
+
+    def build_denoiser(self) -> Denoiser:
+        return Denoiser(self.build_net(), self.build_process(), self.target)
+
+    # ------------------------------------------------------------------ validation
+
+    def validate(self) -> None:
+        if self.data_kind not in DATA_KINDS:
+            raise CheckpointError(f"config: data_kind must be one of {DATA_KINDS}, got {self.data_kind!r}")
+        if not self.shape or any(s <= 0 for s in self.shape):
+            raise CheckpointError(f"config: shape must be positive sizes, got {self.shape}")
+        if self.target not in TARGETS:
+            raise CheckpointError(f"config: unknown target {self.target!r}; choose one of {TARGETS}")
+        kind = self.kind
+        t = self.train
+        for name in ("steps", "batch_size", "accumulation", "checkpoint_every", "log_every"):
+            if getattr(t, name) <= 0:
+                raise CheckpointError(f"config: train.{name} must be positive, got {getattr(t, name)}")
+        if t.sample_every < 0:
+            raise CheckpointError(f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}")
+        if t.lr_schedule not in ("constant", "cosine"):
+            raise CheckpointError(f"config: train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
+        if t.grad_clip < 0 or not 0 <= t.ema_decay <= 1:
+            raise CheckpointError(f"config: train.grad_clip must be >= 0 and train.ema_decay in [0, 1], got {t.grad_clip}, {t.ema_decay}")
+        self.build_process()
+        try:
+            self.build_loss()
+            specs = self.condition_specs()
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"config: {str(e).splitlines()[0]}") from None
+        net = self.build_net()
+        if kind.check is not None:
+            kind.check(self, net, specs)
+            return
+        try:
+            check_accepted(condition_names(specs), getattr(net, "accepts", frozenset()), f"the {self.net_kind} of this config")
+        except ConditionError as e:
+            raise CheckpointError(f"config: {e}") from None
+
+
+# --------------------------------------------------------------------------- field-by-field checks
+
+
+def _build(cls, d, where: str):
+    """The dataclass ``cls`` from the dict ``d``: unknown fields, missing ones and plainly wrong types raise;
+    fields whose type is a dataclass (or one or None) are built the same way."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config: {where} must be an object, got {type(d).__name__}")
+    known = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise CheckpointError(f"config: unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} in {where} (known: {', '.join(known)})")
+    missing = [n for n, f in known.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
+    if missing:
+        raise CheckpointError(f"config: {where} lacks {', '.join(map(repr, missing))}")
+    hints = typing.get_type_hints(cls)
+    kw = {}
+    for name, value in d.items():
+        hint = hints[name]
+        record = _record_type(hint)
+        if record is not None and isinstance(value, dict):
+            kw[name] = _build(record, value, f"{where}.{name}" if where != "config" else name)
+        elif not _type_ok(value, hint):
+            raise CheckpointError(f"config: {where}.{name} must be {_type_name(hint)}, got {value!r}")
+        else:
+            kw[name] = value
+    try:
+        return cls(**kw)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config: {where}: {str(e).splitlines()[0]}") from None
+
+
+def _record_type(hint):
+    """The dataclass of a field typed ``Record`` or ``Record | None``, else None."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    found = [h for h in options if isinstance(h, type) and is_dataclass(h)]
+    return found[0] if found else None
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    base = origin or hint
+    if hint is type(None):
+        return value is None
+    if base is bool:
+        return isinstance(value, bool)
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if base in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if isinstance(base, type) and base is not typing.Any:
+        return isinstance(value, base)
+    return True
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _upgraded(d) -> dict:
+    """A config.json of an earlier difflab in today's layout: ``kind`` -> ``data_kind``; the variants kept as
+    keys of ``data`` ('factor'/'aug_max', 'latent', 'text', 'lora', 'personalize') -> their typed records;
+    ``run_kind`` from the network and the records."""
+    if not isinstance(d, dict) or "data_kind" in d:
+        return d
+    d = dict(d)
+    if "kind" in d:
+        d["data_kind"] = d.pop("kind")
+    data = dict(d.get("data") or {})
+    if "factor" in data:
+        d["super_resolution"] = {"factor": data.pop("factor"), "aug_max": data.pop("aug_max", AUG_MAX)}
+    for key in ("latent", "text", "lora", "personalize"):
+        if key in data:
+            d[key] = data.pop(key)
+    if isinstance(d.get("personalize"), dict):
+        d["personalize"] = {k: v for k, v in d["personalize"].items() if k != "lora"}
+    d["data"] = data
+    net_kind = d.get("net_kind")
+    d.setdefault("run_kind", "personalized" if "personalize" in d else {"classifier": "classifier", "autoencoder": "autoencoder",
+                                                                          "clip": "clip"}.get(net_kind, "diffusion"))
+    return d
+
+
+# --------------------------------------------------------------------------- the file
+
+
+def save_config(run_dir: str | Path, config: RunConfig) -> None:
+    with atomic_path(Path(run_dir) / CONFIG) as tmp:
+        tmp.write_text(config.to_json())
+
+
+def load_config(run_dir: str | Path) -> RunConfig:
+    """The RunConfig of the run folder (or shipped model) ``run_dir``, checked, upgraded from older layouts."""
+    run_dir = locate(run_dir)
+    path = run_dir / CONFIG
+    if not Path(run_dir).is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: {run_dir} is not a difflab run (train one with `difflab train`)")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({type(e).__name__}: {e})") from None
+    try:
+        return RunConfig.from_dict(d)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {str(e).removeprefix('config: ')}") from None

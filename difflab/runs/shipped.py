@@ -1,0 +1,121 @@
+"""Models that ship ready: finished runs inside the package, loadable by name wherever a run folder is taken.
+
+    difflab.load("fashion-pairs-t2i").sample(4, prompt="a red sneaker on the left and a blue bag on the right")
+    difflab sample fashion-pairs-t2i --prompt "..."      difflab models      (the list, with recipes and figures)
+
+A shipped model is a run folder under difflab/shipped/NAME/ in the usual layout (config.json, one checkpoint)
+holding its EMA weights only, plus recipe.json: the commands that trained it, its steps and training time,
+the fingerprint of the run it was copied from and of its shipped weights file, and the figures measured on it.
+A run that depends on another (a latent model on its autoencoder) records the other by its shipped name, so
+the package can live anywhere. Names resolve only when no folder of that name exists (a user's ``./NAME``
+wins). Shipped folders are read-only: training, personalising or evaluating one writes elsewhere
+(``--out``), never into the package.
+
+``ship`` makes a shipped folder from a finished run (benchmarks/ship_models.py calls it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..io import atomic_path, file_sha256
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped"
+RECIPE = "recipe.json"
+
+
+class ShippedError(ValueError):
+    """A shipped model asked for something it cannot do (be written, give raw weights)."""
+
+
+def names() -> list[str]:
+    """The shipped models' names, sorted."""
+    if not SHIPPED_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / RECIPE).is_file())
+
+
+def locate(path: str | Path) -> Path:
+    """``path`` itself when it is a folder or not a shipped model's name; the shipped folder otherwise."""
+    p = Path(path)
+    if p.is_dir() or os.sep in str(path) or str(path) not in names():
+        return p
+    return SHIPPED_DIR / str(path)
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Whether ``path`` (a name or a folder) is a shipped model's folder."""
+    try:
+        return locate(path).resolve().parent == SHIPPED_DIR
+    except OSError:
+        return False
+
+
+def recorded_path(path: str | Path) -> str:
+    """How a derived run records the run it depends on: a shipped model by its name, anything else absolute."""
+    p = locate(path)
+    return p.name if is_shipped(p) else str(p.resolve())
+
+
+def refuse_writes(path: str | Path, what: str) -> None:
+    """A clear error when ``path`` is a shipped model (its files are never written)."""
+    if is_shipped(path):
+        raise ShippedError(f"{path} is a shipped model and is never written; {what} with --out DIR (e.g. --init-from {locate(path).name})")
+
+
+def recipe(name: str) -> dict:
+    """The recipe.json of the shipped model ``name``."""
+    if name not in names():
+        raise ShippedError(f"no shipped model {name!r}; shipped: {', '.join(names()) or 'none'}")
+    return json.loads((SHIPPED_DIR / name / RECIPE).read_text())
+
+
+def catalogue() -> list[dict]:
+    """Every shipped model's recipe, with its folder's size in bytes."""
+    out = []
+    for name in names():
+        folder = SHIPPED_DIR / name
+        out.append(recipe(name) | {"bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())})
+    return out
+
+
+def ship(run: str | Path, name: str, recipe: dict, *, config: dict | None = None, extra_files: tuple[str, ...] = (),
+         root: Path | None = None) -> Path:
+    """Copy the finished ``run`` into root/NAME (default difflab/shipped/NAME) as a shipped model: ``config`` (the
+    run's config as a dict, rewritten by the caller where it names other runs), the EMA weights of its newest
+    checkpoint, ``extra_files`` of the run folder, and ``recipe`` with the fingerprints added. Written to a
+    temporary folder and renamed, so a kill leaves the old shipped model or the new one."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from .config import CONFIG, load_config
+    from .store import STEP_DIR, WEIGHTS, _require_checkpoint, load_weights, weights_fingerprint, weights_step
+
+    run = Path(run)
+    root = SHIPPED_DIR if root is None else Path(root)
+    cfg = config if config is not None else json.loads((run / CONFIG).read_text())
+    load_config(run)  # a readable run
+    step = weights_step(run)
+    with safe_open(str(_require_checkpoint(run) / WEIGHTS), "pt") as f:
+        meta = dict(f.metadata() or {})
+    ema = {f"ema.{k}": v.contiguous() for k, v in load_weights(run, "ema").items()}
+    final = root / name
+    tmp = root / f".{name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt = tmp / "checkpoints" / f"step-{step:08d}"
+    assert STEP_DIR.match(ckpt.name)
+    ckpt.mkdir(parents=True)
+    save_file(ema, str(ckpt / WEIGHTS), metadata=meta | {"shipped_from": weights_fingerprint(run)})
+    (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    for extra in extra_files:
+        shutil.copy2(run / extra, tmp / extra)
+    info = {"name": name, **recipe, "steps": step, "source_fingerprint": weights_fingerprint(run),
+            "weights_sha256": file_sha256(ckpt / WEIGHTS)}
+    with atomic_path(tmp / RECIPE) as t:
+        Path(t).write_text(json.dumps(info, indent=2) + "\n")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    return final
