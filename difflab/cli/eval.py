@@ -53,7 +53,7 @@ def register(sub) -> None:
     add_lora(e)
     add_guidance(e.add_argument_group("guidance: a class-conditional run samples class i mod K for sample i (see docs/guidance.md)"))
     t = e.add_argument_group("text-to-image runs (see docs/text.md)")
-    t.add_argument("--prompts", metavar="FILE", help="prompts, one per line, cycled to -n; default test-captions (the test split's captions)")
+    t.add_argument("--prompts", metavar="FILE", help="prompts, one per line, cycled to -n; default test-captions (the test split's captions); new-phrasings: the same images' attributes in phrasings never used in training")
     t.add_argument("--caption-swap", action="store_true", help="also sample every prompt with left and right exchanged and score those")
     t.add_argument("--clip", metavar="RUN", help="a `difflab train-clip` run: the CLIP-score of samples and of real test images")
     e.add_argument("-n", "--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")

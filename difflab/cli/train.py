@@ -63,6 +63,20 @@ def apply_options(cfg: RunConfig, args) -> RunConfig:
     return cfg
 
 
+def with_network_options(cfg: RunConfig, args) -> RunConfig:
+    """``cfg``'s U-Net with --position and --attention-at (after the variants, which size the U-Net)."""
+    if not (args.position or args.attention_at):
+        return cfg
+    if cfg.net_kind != "unet":
+        raise UsageError(f"--position and --attention-at need an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
+    net = dict(cfg.net)
+    if args.position:
+        net |= {"coord_channels": args.position in ("coords", "both"), "query_positions": args.position in ("queries", "both")}
+    if args.attention_at:
+        net["attention_resolutions"] = list(args.attention_at)
+    return replace(cfg, net=net)
+
+
 def _encoder_name(text) -> str | None:
     """'minilm', 'joint' or 'clip:/absolute/run' for a --text value or a run's text record."""
     if isinstance(text, str):
@@ -90,6 +104,7 @@ def _contradictions(saved: RunConfig, args) -> list[str]:
     if (args.cond == "low-res" or args.factor) and saved_factor != (args.factor or 4):
         out.append(f"--cond low-res --factor {args.factor} (the run's factor: {saved_factor})")
     out += [f"{flag} (a resumed run keeps its weights)" for flag, given in (("--init-from", args.init_from), ("--force", args.force)) if given]
+    out += [f"{flag} (a resumed run keeps its network)" for flag, given in (("--position", args.position), ("--attention-at", args.attention_at)) if given]
     a, b = asdict(saved), asdict(wanted)
     for section in ("train", "loss", "data"):
         out += [f"{section}.{k}={b[section][k]!r} (saved: {a[section].get(k)!r})" for k in b[section] if a[section].get(k) != b[section][k]]
@@ -122,7 +137,11 @@ def new_config(args) -> RunConfig:
         cfg = with_text(cfg, record, width, joint.to_dict() if joint else None, args.cond_dropout)
     if args.class_cond:
         cfg = with_class_labels(cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout)
-    cfg.validate()
+    cfg = with_network_options(cfg, args)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise UsageError(str(e).removeprefix("config: ")) from None
     return cfg
 
 
@@ -180,6 +199,10 @@ def register(sub) -> None:
     t.add_argument("--class-cond", action="store_true", help="the same as --cond class")
     t.add_argument("--p-uncond", "--cond-dropout", dest="cond_dropout", type=unit_float,
                    help="probability of training on the null condition (default 0.1; 0: never, and no classifier-free guidance)")
+    t.add_argument("--position", choices=["none", "coords", "queries", "both"],
+                   help="where the U-Net knows it is: coordinate channels at its input, a 2-D encoding added to the cross-attention queries, both")
+    t.add_argument("--attention-at", type=positive_int, nargs="+", metavar="SIZE",
+                   help="the feature-map heights where (self- and cross-) attention runs (default: the preset's)")
     t.add_argument("--init-from", help="a run whose EMA weights initialise the network")
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: at the end only)")

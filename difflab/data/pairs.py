@@ -50,6 +50,13 @@ PHRASINGS = (
     "{L} to the left of {R}",
     "on the left {L}, on the right {R}",
 )
+NEW_PHRASINGS = (  # never in a training caption: does a model read the sentence, or memorise the template?
+    "{L} at the left, {R} at the right",
+    "left: {L}; right: {R}",
+    "to the right {R}, to the left {L}",
+    "{L} placed left of {R}",
+)
+ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS  # a phrasing's index is its place here
 ATTRIBUTES = ("left class", "left colour", "right class", "right colour")
 DEFAULT_N = {"train": 20000, "test": 4000}
 PAD = 2  # 28 + 2 * 2 = 32
@@ -73,7 +80,7 @@ def caption(attributes, phrasing: int = 0, subject: int | None = None, token: st
     lk, lc, rk, rc = (int(a) for a in attributes)
     names = list(COLOURS)
     left, right = (article(f"{names[c]} {token + ' ' if subject == side else ''}{NOUNS[k]}") for side, (k, c) in enumerate(((lk, lc), (rk, rc))))
-    return PHRASINGS[phrasing].format(L=left, R=right)
+    return ALL_PHRASINGS[phrasing].format(L=left, R=right)
 
 
 def is_held_out(left_class, right_class) -> bool:
@@ -82,11 +89,11 @@ def is_held_out(left_class, right_class) -> bool:
 
 
 def parse_caption(text: str) -> tuple[tuple[int, int, int, int], int] | None:
-    """(attributes, phrasing) of a caption in one of the PHRASINGS (case and surrounding blanks aside), or
+    """(attributes, phrasing) of a caption in one of the ALL_PHRASINGS (case and surrounding blanks aside), or
     None for any other text: the inverse of ``caption``."""
     items = {article(f"{c} {noun}"): (k, i) for i, c in enumerate(COLOURS) for k, noun in enumerate(NOUNS)}
     text = " ".join(text.lower().split())
-    for index, phrasing in enumerate(PHRASINGS):
+    for index, phrasing in enumerate(ALL_PHRASINGS):
         pattern = re.escape(phrasing).replace(r"\{L\}", "(?P<L>.+?)").replace(r"\{R\}", "(?P<R>.+?)")
         m = re.fullmatch(pattern, text)
         if m and m["L"] in items and m["R"] in items:

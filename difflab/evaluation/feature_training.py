@@ -58,7 +58,7 @@ class FeatureTraining:
 RECIPES: dict[str, FeatureTraining] = {
     "digits": FeatureTraining(epochs=40, batch_size=64, lr=3e-3, shift=1),
     "fashion-mnist": FeatureTraining(epochs=4, batch_size=128, lr=3e-3, shift=0),
-    "fashion-pairs": FeatureTraining(epochs=3, batch_size=128, lr=3e-3, shift=0),
+    "fashion-pairs": FeatureTraining(epochs=10, batch_size=128, lr=3e-3, shift=1),
 }
 
 
@@ -107,7 +107,8 @@ def features_config(source: str, data: ImageSet, recipe: FeatureTraining, data_d
     _, C, H, W = data.images.shape
     groups = _groups(data)
     num_classes = sum(groups) if groups else data.num_classes
-    net = FeatureNetConfig(in_channels=C, num_classes=num_classes, image_size=H, image_width=W if W != H else None, groups=groups)
+    net = FeatureNetConfig(in_channels=C, num_classes=num_classes, image_size=H, image_width=W if W != H else None, groups=groups,
+                           tiles=2 if groups else 1)  # fashion-pairs: each half read alone, as an item of its own
     steps = recipe.epochs * (len(data) // recipe.batch_size)
     if steps <= 0:
         raise FeatureNetError(f"{data.name}: {len(data)} training images make no batch of {recipe.batch_size}")

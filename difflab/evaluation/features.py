@@ -139,7 +139,7 @@ def embed(net: FeatureNet, images: Tensor, batch: int = 500, progress: bool = Fa
         feats.append(f)
         if net.head is not None:
             logits.append(net.classify(f))
-    feats_all = torch.cat(feats) if feats else torch.empty(0, net.config.feature_dim)
+    feats_all = torch.cat(feats) if feats else torch.empty(0, net.config.tiles * net.config.feature_dim)
     return feats_all, (torch.cat(logits) if logits else None)
 
 

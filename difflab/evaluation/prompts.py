@@ -24,9 +24,10 @@ from torch import Tensor
 
 from ..runs.data import load_split
 
-from ..data.pairs import ATTRIBUTES, caption, is_held_out, parse_caption, swapped
+from ..data.pairs import ATTRIBUTES, NEW_PHRASINGS as NEW, PHRASINGS, caption, is_held_out, parse_caption, swapped
 
 TEST_CAPTIONS = "test-captions"
+NEW_PHRASINGS = "new-phrasings"  # the test captions' attributes said in phrasings never used in training
 
 
 class PromptError(ValueError):
@@ -72,12 +73,18 @@ def read_prompt_file(path) -> list[str]:
 
 
 def load_prompts(spec: str, cfg, n: int) -> PromptSet:
-    """n prompts: the run's test split captions ('test-captions', the first n) or a file's lines, cycled."""
-    if spec == TEST_CAPTIONS:
+    """n prompts: the run's test split captions ('test-captions', the first n), the same images' attributes in
+    the phrasings never used in training ('new-phrasings', fashion-pairs only), or a file's lines; cycled."""
+    if spec in (TEST_CAPTIONS, NEW_PHRASINGS):
         test = load_split(cfg, "test")
         if test.captions is None:
             raise PromptError(f"{cfg.dataset}'s test split has no captions; give a prompt file")
         lines = test.captions
+        if spec == NEW_PHRASINGS:
+            found = [parse_caption(c) for c in lines[:n]]
+            if any(f is None for f in found):
+                raise PromptError(f"{NEW_PHRASINGS}: {cfg.dataset}'s captions are not in the fashion-pairs caption language")
+            lines = [caption(a, len(PHRASINGS) + i % len(NEW)) for i, (a, _) in enumerate(found)]
     else:
         lines = read_prompt_file(spec)
     return parsed([lines[i % len(lines)] for i in range(n)])

@@ -48,10 +48,11 @@ class FeatureNetConfig:
     image_size: int | None = None  # the size (height) it was trained on (checked against the images); None: any
     image_width: int | None = None  # the width when not square
     groups: tuple[int, ...] | None = None  # attribute heads: the logits split into groups of these sizes (sum = num_classes)
+    tiles: int = 1  # the image read as this many side-by-side tiles through the same layers, their features concatenated
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)  # JSON gives lists
-        for name in ("in_channels", "pool", "feature_dim"):
+        for name in ("in_channels", "pool", "feature_dim", "tiles"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise FeatureNetError(f"FeatureNetConfig.{name} must be a positive integer, got {value!r}")
@@ -92,16 +93,21 @@ class FeatureNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(config.pool)
         self.embed = nn.Linear(c_in * config.pool**2, config.feature_dim)
-        self.head = nn.Linear(config.feature_dim, config.num_classes) if config.num_classes else None
+        self.head = nn.Linear(config.tiles * config.feature_dim, config.num_classes) if config.num_classes else None
         self.meta: dict = {}  # name, kind ('classifier' / 'random'), accuracy...: filled in by the loaders
 
     def features(self, x: Tensor) -> Tensor:
-        """Model-space images (N, C, H, W) in [-1, 1] -> penultimate features (N, feature_dim)."""
+        """Model-space images (N, C, H, W) in [-1, 1] -> penultimate features (N, tiles * feature_dim)."""
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
             raise FeatureNetError(f"expected images (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        h = self.stages(x)  # (N, widths[-1], H / 2^(stages-1), ...)
-        h = self.pool(h).flatten(1)  # (N, widths[-1] * pool^2)
-        return F.relu(self.embed(h))  # (N, feature_dim)
+        N, C, H, W = x.shape
+        k = self.config.tiles
+        if W % k:
+            raise FeatureNetError(f"a feature net of {k} tiles needs a width divisible by {k}, got {W}")
+        x = x.reshape(N, C, H, k, W // k).permute(0, 3, 1, 2, 4).reshape(N * k, C, H, W // k)  # (N k, C, H, W/k): tile by tile
+        h = self.stages(x)  # (N k, widths[-1], H / 2^(stages-1), ...)
+        h = self.pool(h).flatten(1)  # (N k, widths[-1] * pool^2)
+        return F.relu(self.embed(h)).reshape(N, k * self.config.feature_dim)  # (N, tiles * feature_dim)
 
     def classify(self, feats: Tensor) -> Tensor:
         """Features (N, feature_dim) -> logits (N, num_classes)."""

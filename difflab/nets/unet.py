@@ -59,6 +59,8 @@ class UNetConfig:
     norm_groups: int = 32  # GroupNorm groups, capped to the largest divisor of the channel count
     image_width: int | None = None  # None: square images (image_size x image_size)
     text: dict | None = None  # a TextConfig: a text transformer inside the network reads ``tokens`` (the joint encoder)
+    coord_channels: bool = False  # two more input channels holding each pixel's row and column in [-1, 1]
+    query_positions: bool = False  # a fixed 2-D sinusoidal encoding of each position added to the cross-attention queries
 
     def __post_init__(self):
         # JSON turns tuples into lists; store tuples so equal configs compare equal
@@ -176,6 +178,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def positions_2d(h: int, w: int, channels: int, device=None, dtype=torch.float32) -> Tensor:
+    """A fixed 2-D sinusoidal encoding of the h x w positions (h*w, channels), row-major: the first half of the
+    channels encode the row, the second half the column, each as sin and cos of the index at the frequencies
+    1 / 100^(2i / (channels / 2)) (Vaswani et al. 2017's encoding, one per axis; 100 is enough for maps of at most
+    a few dozen positions a side)."""
+    quarter = channels // 4
+    freq = 100.0 ** (-torch.arange(quarter, dtype=torch.float64) / max(1, quarter))  # (channels/4,)
+
+    def axis(n: int) -> Tensor:
+        angle = torch.arange(n, dtype=torch.float64)[:, None] * freq  # (n, channels/4)
+        return torch.cat([angle.sin(), angle.cos()], dim=1)  # (n, channels/2)
+
+    rows, cols = axis(h), axis(w)
+    pe = torch.cat([rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)], dim=-1).reshape(h * w, -1)  # (hw, 4 quarter)
+    pe = torch.nn.functional.pad(pe, (0, channels - pe.shape[1]))  # channels not divisible by 4: zeros
+    return pe.to(device=device, dtype=dtype)
+
+
 def _heads(t: Tensor, heads: int) -> Tensor:
     """(B, N, C) -> (B, heads, N, C/heads)."""
     B, N, C = t.shape
@@ -204,9 +224,9 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Queries from the feature map, keys and values from a context sequence (B, L, context_dim)."""
 
-    def __init__(self, channels: int, context_dim: int, heads: int, groups: int):
+    def __init__(self, channels: int, context_dim: int, heads: int, groups: int, positions: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.positions = heads, positions
         self.norm, self.norm_context = group_norm(channels, groups), nn.LayerNorm(context_dim)
         self.q = nn.Linear(channels, channels)
         self.kv = nn.Linear(context_dim, 2 * channels)
@@ -214,7 +234,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
         B, C, H, W = x.shape
-        q = _heads(self.q(self.norm(x).flatten(2).transpose(1, 2)), self.heads)  # (B, heads, HW, d)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        if self.positions:  # where each query is: "on the left" can then be read where the image is left
+            tokens = tokens + positions_2d(H, W, C, x.device, tokens.dtype)
+        q = _heads(self.q(tokens), self.heads)  # (B, heads, HW, d)
         k, v = (_heads(t, self.heads) for t in self.kv(self.norm_context(context)).chunk(2, dim=-1))  # (B, heads, L, d)
         attn_mask, any_valid = None, None
         if mask is not None:
@@ -238,7 +261,7 @@ class Block(nn.Module):
         self.attn = SelfAttention(out_ch, cfg.num_heads, cfg.norm_groups) if attention else None
         self.cross = None
         if attention and cfg.context_dim is not None:
-            self.cross = CrossAttention(out_ch, cfg.context_dim, cfg.num_heads, cfg.norm_groups)
+            self.cross = CrossAttention(out_ch, cfg.context_dim, cfg.num_heads, cfg.norm_groups, cfg.query_positions)
 
     def forward(self, h: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         h = self.res(h, emb)
@@ -264,7 +287,7 @@ def build_encoder(cfg: UNetConfig, emb_dim: int) -> tuple[nn.Conv2d, nn.ModuleLi
     every output saved for a skip connection (the last is the encoder's output width)."""
     chans = [cfg.base_channels * m for m in cfg.channel_mults]
     ch = chans[0]
-    conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, ch, 3, padding=1)
+    conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels + 2 * cfg.coord_channels, ch, 3, padding=1)
     skip_chs = [ch]  # every output (including conv_in's) is saved for a skip connection
     down, downsample = nn.ModuleList(), nn.ModuleList()
     for level, (out_ch, size) in enumerate(zip(chans, cfg.resolutions())):
@@ -282,6 +305,11 @@ def build_encoder(cfg: UNetConfig, emb_dim: int) -> tuple[nn.Conv2d, nn.ModuleLi
 
 def encode(net: nn.Module, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
     """Run ``net``'s encoder half (its conv_in, down and downsample): (lowest-resolution features, skips)."""
+    if net.config.coord_channels:  # each pixel's row and column in [-1, 1], as two more channels
+        B, _, H, W = x.shape
+        rows = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)[:, None].expand(H, W)
+        cols = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)[None, :].expand(H, W)
+        x = torch.cat([x, torch.stack([rows, cols]).expand(B, 2, H, W)], dim=1)  # (B, C + 2, H, W)
     h = net.conv_in(x)
     skips = [h]
     for level, blocks in enumerate(net.down):
