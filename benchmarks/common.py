@@ -14,7 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-RUNS = ROOT / "benchmarks" / "runs"  # git-ignored (the repo's .gitignore ignores every runs/ folder)
+RUNS = ROOT / "benchmarks" / "runs"  # git-ignored
 
 
 def command_line() -> str:

@@ -1,7 +1,8 @@
 """`make demo`: the main job. Trains a class-conditional digits model on the embedded data (scikit-learn's
 8x8 digits, labels dropped to the null class 10 % of the time) and a noise-aware classifier, samples p(x)
 with a fast sampler, p(x | class) with classifier-free and with classifier guidance, and writes the
-grids, the chain GIF and the loss curve."""
+grids, the chain GIF and the loss curve. When the package ships the text-to-image model, a grid of captions
+drawn by it (seconds, no training) comes first."""
 
 from __future__ import annotations
 
@@ -9,10 +10,14 @@ import sys
 import time
 
 from .cli import main as cli
+from .runs.shipped import names as shipped_models
 
 OUT = "out/demo"
 RUN = "runs/digits"
 CLF = "runs/digits-clf"
+T2I = "fashion-pairs-t2i"
+PROMPTS = ("a red sneaker on the left and a blue bag on the right", "a blue bag on the left and a red sneaker on the right",
+           "a green dress on the left and a yellow sandal on the right", "a yellow trouser on the left and a green coat on the right")
 
 
 def run(steps: list[list[str]]) -> None:
@@ -24,6 +29,11 @@ def run(steps: list[list[str]]) -> None:
 
 def main() -> None:
     t0 = time.perf_counter()
+    pictures = []
+    if T2I in shipped_models():
+        prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+        run([["sample", T2I, *prompts, "-n", "32", "--guidance", "3", "--seed", "0", "--out", f"{OUT}/text-to-image.png"]])
+        pictures.append("text-to-image.png")
     run(
         [
             ["data", "digits", "--split", "test", "--n", "64", "--out", f"{OUT}/digits-real.png"],
@@ -37,7 +47,7 @@ def main() -> None:
         ]
     )
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s. Pictures:")
-    for name in ("digits-real.png", "digits-samples.png", "digits-classes.png", "digits-classifier.png", "digits-chain.gif", "digits-chain.png",
+    for name in (*pictures, "digits-real.png", "digits-samples.png", "digits-classes.png", "digits-classifier.png", "digits-chain.gif", "digits-chain.png",
                  "digits-forward.png"):
         print(f"  {OUT}/{name}")
     print(f"  {RUN}/loss.png (loss curve), {RUN}/samples.png (grid written during training)")

@@ -11,7 +11,7 @@ import torch
 from difflab.data.images import DataError, load_images, save_npz
 from difflab.evaluation.feature_training import FeatureTraining, train_features
 from difflab.evaluation.features import SHIPPED, embed, load_feature_net, resolve_feature_net, weight_paths
-from difflab.nets.features import FeatureNetError, random_feature_net
+from difflab.nets.features import FeatureNet, FeatureNetConfig, FeatureNetError, random_feature_net
 from difflab.evaluation.metrics import frechet_distance
 
 MAX_BYTES = 2 * 1024 * 1024
@@ -107,6 +107,20 @@ def test_random_features_are_fixed_and_take_any_images():
     assert fa.shape == (6, 128) and logits is None
     assert torch.equal(fa, embed(b, x)[0])
     assert fa.std() > 0
+
+
+def test_a_tiled_net_reads_each_tile_as_the_untiled_net_reads_it_alone():
+    torch.manual_seed(0)
+    tiled = FeatureNet(FeatureNetConfig(in_channels=3, num_classes=4, tiles=2)).eval()
+    single = FeatureNet(FeatureNetConfig(in_channels=3, num_classes=4)).eval()
+    single.load_state_dict({k: v for k, v in tiled.state_dict().items() if not k.startswith("head")}, strict=False)
+    x = torch.rand(5, 3, 16, 32) * 2 - 1
+    feats = tiled.features(x)
+    assert feats.shape == (5, 2 * 128)
+    torch.testing.assert_close(feats[:, :128], single.features(x[..., :16]))
+    torch.testing.assert_close(feats[:, 128:], single.features(x[..., 16:]))
+    with pytest.raises(FeatureNetError, match="width divisible by 2"):
+        tiled.features(x[..., :31])
 
 
 @pytest.mark.parametrize("which", ["digits", "random"])

@@ -18,7 +18,7 @@ from difflab.runs.config import load_config
 from difflab.cli import main
 from difflab.core.conditions import drop_conditions
 from difflab.data.images import DataError, load_images
-from difflab.data.pairs import caption, parse_caption
+from difflab.data.pairs import ALL_PHRASINGS, NEW_PHRASINGS, PHRASINGS, caption, parse_caption
 from difflab.nets.text import MAX_LOGIT_SCALE, Clip, ClipConfig, TextConfig, TextError, TextTransformer, fit_vocabulary, tokenize
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.evaluation.prompts import parsed
@@ -149,8 +149,9 @@ def test_the_text_transformer_ignores_padding():
 
 
 def test_captions_parse_back_to_their_attributes_in_every_phrasing():
-    for k in range(5):
+    for k in range(len(ALL_PHRASINGS)):  # the training phrasings and the new ones (--prompts new-phrasings)
         assert parse_caption(caption((9, 3, 0, 5), k)) == ((9, 3, 0, 5), k)
+    assert not set(NEW_PHRASINGS) & set(PHRASINGS)
     assert parse_caption("a red spaceship on the left and a blue bag on the right") is None
     p = parsed([caption((0, 1, 7, 2), 2), caption((1, 1, 1, 1), 0)])
     assert p.attributes.tolist() == [[0, 1, 7, 2], [1, 1, 1, 1]] and p.held_out.tolist() == [True, False]

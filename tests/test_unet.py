@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from difflab.nets.unet import PRESETS, UNet, UNetConfig, num_parameters
+from difflab.nets.unet import PRESETS, CrossAttention, UNet, UNetConfig, num_parameters, positions_2d
 
 
 
@@ -99,6 +99,33 @@ def test_time_and_conditions_change_the_output():
     assert not torch.allclose(out, net(x, c_noise, **{**cond, "context": cond["context"] * 2}))
     # batch elements are independent
     assert torch.allclose(out[:1], net(x[:1], c_noise[:1], **{k: v[:1] for k, v in cond.items()}), atol=1e-5)
+
+
+def test_positions_tell_the_network_where_it_is():
+    """Cross-attention over a constant feature map answers the same at every position unless its queries carry
+    positions_2d (the sinusoidal code: row and column halves, distinct for every position); coordinate channels
+    reach the first convolution as each pixel's row and column in [-1, 1]."""
+    pe = positions_2d(4, 6, 16)
+    assert pe.shape == (24, 16) and torch.unique(pe, dim=0).shape[0] == 24
+    assert torch.equal(pe[0, :8], pe[5, :8]) and torch.equal(pe[0, 8:], pe[6, 8:])  # (0, 0), (0, 5) share a row; (0, 0), (1, 0) a column
+    torch.testing.assert_close(pe[1, 8:12], (100.0 ** -(torch.arange(4) / 4)).sin())  # column 1: sin(1 / 100^(2i / 8))
+    x = torch.ones(2, 8, 4, 6)
+    context = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
+    for positions in (False, True):
+        attn = randomize_(CrossAttention(8, 6, 2, 4, positions)).eval()
+        out = attn(x, context, None)
+        spread = (out - out[..., :1, :1]).abs().max().item()
+        assert (spread > 1e-3) if positions else (spread < 1e-5), (positions, spread)
+
+    cfg = small(coord_channels=True)
+    net = UNet(cfg).eval()
+    seen = {}
+    net.conv_in.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    x, c_noise, cond = inputs(cfg)
+    net(x, c_noise, **cond)
+    assert seen["x"].shape[1] == cfg.in_channels + 2 and torch.equal(seen["x"][:, :cfg.in_channels], x)
+    torch.testing.assert_close(seen["x"][0, -1, 3], torch.linspace(-1, 1, 8))  # the column channel along a row
+    torch.testing.assert_close(seen["x"][0, -2, :, 3], torch.linspace(-1, 1, 8))  # the row channel along a column
 
 
 def test_missing_class_labels_mean_the_null_class():

@@ -142,6 +142,18 @@ def latent_space(rec: LatentRecord) -> LatentSpace:
     return space
 
 
+def rebased(config: dict, autoencoder: str | Path) -> dict:
+    """A latent run's config (as saved) moved onto ``autoencoder``, a copy of its own autoencoder (a shipped one):
+    the record names the copy (a shipped model by name) and its fingerprint. Refuses a copy of another scale,
+    factor or shape, so only the weights' container, never their meaning, may differ."""
+    old = LatentRecord(**config["latent"])
+    space = load_autoencoder(autoencoder)
+    if (space.factor, list(space.image_shape)) != (old.factor, list(old.image_shape)) or abs(space.scale - old.scale) > 1e-6 * old.scale:
+        raise CheckpointError(f"{autoencoder} is not the autoencoder this latent run was trained on (scale {space.scale:g}, "
+                              f"factor {space.factor}; recorded {old.scale:g}, {old.factor})")
+    return config | {"latent": {**config["latent"], "autoencoder": recorded_path(autoencoder), "hash": space.hash}}
+
+
 def reconstruction_report(run: str | Path, test: torch.Tensor, train_images: torch.Tensor, dataset: str, n: int = 2000) -> dict:
     """PSNR of the EMA autoencoder's reconstructions (posterior mean decoded) of the first ``n`` test images,
     and of the training set's mean image as the reconstruction (a baseline that ignores its input); and the

@@ -8,8 +8,8 @@ holding its EMA weights only, plus recipe.json: the commands that trained it, it
 the fingerprint of the run it was copied from and of its shipped weights file, and the figures measured on it.
 A run that depends on another (a latent model on its autoencoder) records the other by its shipped name, so
 the package can live anywhere. Names resolve only when no folder of that name exists (a user's ``./NAME``
-wins). Shipped folders are read-only: training, personalising or evaluating one writes elsewhere
-(``--out``), never into the package.
+wins). Shipped folders are read-only: a run to be written (``--out``) is always a folder, never a name, and
+training, personalising or evaluating a shipped model writes elsewhere, never into the package.
 
 ``ship`` makes a shipped folder from a finished run (benchmarks/ship_models.py calls it)."""
 
@@ -60,9 +60,11 @@ def recorded_path(path: str | Path) -> str:
 
 
 def refuse_writes(path: str | Path, what: str) -> None:
-    """A clear error when ``path`` is a shipped model (its files are never written)."""
-    if is_shipped(path):
-        raise ShippedError(f"{path} is a shipped model and is never written; {what} with --out DIR (e.g. --init-from {locate(path).name})")
+    """A clear error when the folder ``path`` is inside the package's shipped models. A run to be written is
+    always a folder: ``--out NAME`` writes ./NAME, never the shipped model of that name."""
+    p = Path(path).resolve()
+    if p.parent == SHIPPED_DIR.resolve() or SHIPPED_DIR.resolve() in p.parents:
+        raise ShippedError(f"{path} is a shipped model and is never written; {what} with --out DIR (e.g. --init-from {p.name})")
 
 
 def recipe(name: str) -> dict:

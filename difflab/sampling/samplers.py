@@ -626,7 +626,7 @@ def timesteps(process: Process, n: int, spacing: str = "uniform", rho: float = 7
 
 
 def default_spacing(sampler: str, process: Process) -> str:
-    """The grid each sampler runs on unless told otherwise, chosen by measurement (benchmarks/sampler_defaults.py):
+    """The grid each sampler runs on unless told otherwise, chosen by measurement (benchmarks/README.md, "Default grids"):
     on a variance-preserving process uniform for ddpm, ddim and euler (Euler in DDIM's form is DDIM: on Karras it
     was 6.4x DDIM's energy distance at 10 steps on the swiss roll), Karras (capped at sigma/alpha = 80) for heun,
     log-SNR (capped) for dpmpp-2m; on a variance-exploding process geometric levels (logsnr) for langevin, pc and

@@ -1,0 +1,142 @@
+"""Train, measure and ship the models that come ready in the package (issue 23; runs/shipped.py).
+
+Each model is trained by the project's own commands (recorded in its recipe), resumed where a run stopped,
+measured with `difflab eval`'s evaluate, and copied into difflab/shipped/NAME by runs.shipped.ship (EMA
+weights only; the latent model records its autoencoder by shipped name and fingerprint):
+
+    fashion-pairs-ae        the KL autoencoder of fashion-pairs (factor 4, 4 latent channels)
+    fashion-pairs-t2i       latent text-to-image on it, MiniLM captions, positions at the cross-attention
+    fashion-mnist-classes   class-conditional Fashion-MNIST (pixel space)
+
+    .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300]
+
+Runs live in benchmarks/runs/ship/; the figures go into each recipe and benchmarks/results/shipped.json. A
+model whose run is not finished is trained first (hours on 2 CPU cores: give fewer steps to try it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, RUNS  # noqa: E402
+from difflab.cli import main as difflab  # noqa: E402
+from difflab.data.images import load_images  # noqa: E402
+from difflab.evaluation.evaluate import evaluate  # noqa: E402
+from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.evaluation.prompts import follows, parsed  # noqa: E402
+from difflab.guidance.config import GuidanceConfig  # noqa: E402
+from difflab.latent.autoencoder import LATENT, RECONSTRUCTION, rebased  # noqa: E402
+from difflab.runs import shipped  # noqa: E402
+from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
+
+ROOT = RUNS / "ship"
+MODELS = ("fashion-pairs-ae", "fashion-pairs-t2i", "fashion-mnist-classes")
+
+
+def commands(args) -> dict[str, list[str]]:
+    """Each model's training command (difflab's argv), with the run folder relative to the repository."""
+    r = str(ROOT.relative_to(ROOT.parent.parent.parent))
+    return {
+        "fashion-pairs-ae": ["train-autoencoder", "fashion-pairs", "--out", f"{r}/ae", "--steps", str(args.ae_steps)],
+        "fashion-pairs-t2i": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", "minilm", "--position", "both",
+                              "--out", f"{r}/t2i", "--steps", str(args.t2i_steps)],
+        "fashion-mnist-classes": ["train", "fashion-mnist", "--cond", "class", "--out", f"{r}/classes", "--steps", str(args.classes_steps)],
+    }
+
+
+def trained(name: str, argv: list[str]) -> tuple[Path, float]:
+    """The model's run, trained (or resumed) to its steps; the training seconds (run/seconds.json, summed over sessions)."""
+    run = Path(argv[argv.index("--out") + 1])
+    book = run / "seconds.json"
+    spent = json.loads(book.read_text())["seconds"] if book.exists() else 0.0
+    steps = int(argv[argv.index("--steps") + 1])
+    if not has_checkpoint(run) or weights_step(run) < steps:
+        print(f"$ difflab {' '.join(argv)}", flush=True)
+        t0 = time.perf_counter()
+        rc = difflab([*argv, "--resume"] if has_checkpoint(run) else argv)
+        spent += time.perf_counter() - t0
+        book.write_text(json.dumps({"seconds": spent}))
+        if rc != 0:
+            sys.exit(f"{name}: training failed")
+    return run, spent
+
+
+def ceiling(n: int) -> dict:
+    """The attribute network on the first n real test pairs against their own captions."""
+    test = load_images("fashion-pairs", "test")
+    net = load_feature_net("fashion-pairs")
+    return follows(net.attributes(embed(net, test.images[:n])[1]), parsed(test.captions[:n]))
+
+
+def text_figures(run: Path, n: int, scales: list[float]) -> dict:
+    """All-four accuracy (seen, held-out, swapped captions, new phrasings) and FD at the best of ``scales``."""
+    best = None
+    for s in scales:
+        r = evaluate(run, n=n, guidance=GuidanceConfig(scale=s), caption_swap=True, bpd_n=0, progress=False)
+        f = r["text"]["follows"]
+        row = {"scale": s, "seen": f["seen"]["all_four"], "held_out": f["held_out"]["all_four"], "either_side": f["seen"]["either_side"],
+               "swap": r["text"]["caption_swap"]["all_four"], "fd": r["fd"]}
+        print(json.dumps(row), flush=True)
+        if best is None or row["seen"] > best["seen"]:
+            best = row
+    new = evaluate(run, n=n, guidance=GuidanceConfig(scale=best["scale"]), prompts="new-phrasings", bpd_n=0, progress=False)
+    real = ceiling(n)
+    return {k: round(v, 4) for k, v in best.items()} | {"new_phrasings": round(new["text"]["follows"]["all"]["all_four"], 4),
+                                                       "ceiling_seen": round(real["seen"]["all_four"], 4),
+                                                       "ceiling_held_out": round(real["held_out"]["all_four"], 4), "n": n}
+
+
+def class_figures(run: Path, n: int, scale: float) -> dict:
+    r = evaluate(run, n=n, guidance=GuidanceConfig(scale=scale), bpd_n=0, progress=False)
+    return {"scale": scale, "class_accuracy": round(r["classes"]["accuracy"], 4), "fd": round(r["fd"], 4), "n": n}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    p.add_argument("--ae-steps", type=int, default=1000)
+    p.add_argument("--t2i-steps", type=int, default=8000)
+    p.add_argument("--classes-steps", type=int, default=5000)
+    p.add_argument("--n", type=int, default=300, help="samples per evaluation")
+    p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 5.0])
+    p.add_argument("--class-scale", type=float, default=1.5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    cmds = commands(args)
+    book = RESULTS / "shipped.json"
+    results = json.loads(book.read_text()) if book.exists() else {}
+    for name in args.models:
+        if name == "fashion-pairs-t2i" and "fashion-pairs-ae" not in shipped.names():
+            sys.exit("ship fashion-pairs-ae first (its autoencoder)")
+        run, seconds = trained(name, cmds[name])
+        recipe = {"commands": ["difflab " + " ".join(cmds[name])], "train_seconds": round(seconds)}
+        if name == "fashion-pairs-ae":
+            if not (run / RECONSTRUCTION).exists():
+                sys.exit(f"{run} has no {RECONSTRUCTION}")
+            rec = json.loads((run / RECONSTRUCTION).read_text())
+            recipe |= {"what": "KL autoencoder of fashion-pairs (3x32x64 -> 4x8x16 latents)",
+                       "figures": {k: rec[k] for k in ("psnr", "rfd") if k in rec}}
+            shipped.ship(run, name, recipe, extra_files=(LATENT, RECONSTRUCTION))
+        elif name == "fashion-pairs-t2i":
+            recipe |= {"what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), MiniLM captions, positions",
+                       "figures": text_figures(run, args.n, args.scales)}
+            shipped.ship(run, name, recipe, config=rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae"))
+        else:
+            recipe |= {"what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",
+                       "figures": class_figures(run, args.n, args.class_scale)}
+            shipped.ship(run, name, recipe)
+        results[name] = shipped.recipe(name)
+        print(json.dumps(results[name], indent=1), flush=True)
+        RESULTS.mkdir(exist_ok=True)
+        book.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

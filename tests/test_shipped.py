@@ -1,0 +1,93 @@
+"""Shipped models: a finished run copied into the package loads by name, is never written, and says what it is.
+
+The tests ship the shared runs into a temporary package folder (``SHIPPED_DIR`` patched), so they check the
+mechanism whatever models this checkout carries; ``test_the_package_models`` checks the ones it does carry."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import difflab
+from difflab.cli import main
+from difflab.io import file_sha256
+from difflab.latent.autoencoder import LATENT, fingerprint, rebased
+from difflab.runs import shipped
+from difflab.runs.config import CheckpointError
+from difflab.runs.store import WEIGHTS, latest_checkpoint, load_weights, weights_fingerprint
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    root = tmp_path / "shipped"
+    root.mkdir()
+    monkeypatch.setattr(shipped, "SHIPPED_DIR", root)
+    monkeypatch.chdir(tmp_path)  # a name resolves only where no folder of that name exists
+    return root
+
+
+def test_a_shipped_run_loads_by_name_and_samples_like_its_source(tiny_toy_run, package):
+    folder = shipped.ship(tiny_toy_run, "toy", {"what": "a swiss roll", "commands": ["difflab train swissroll"]})
+    assert shipped.names() == ["toy"] and shipped.locate("toy") == folder
+    r = shipped.recipe("toy")
+    assert r["weights_sha256"] == file_sha256(latest_checkpoint(folder) / WEIGHTS)
+    assert r["source_fingerprint"] == weights_fingerprint(tiny_toy_run)
+    assert r["steps"] == 30
+    a = difflab.load(tiny_toy_run).sample(16, sampler="ddim", steps=10, seed=3)
+    b = difflab.load("toy").sample(16, sampler="ddim", steps=10, seed=3)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # EMA weights only: a resumable checkpoint is not what ships
+    with pytest.raises(CheckpointError, match="EMA weights only"):
+        load_weights(folder, "net")
+
+
+def test_a_shipped_run_is_never_written(tiny_toy_run, package, capsys):
+    shipped.ship(tiny_toy_run, "toy", {"what": "a swiss roll"})
+    before = {p: p.read_bytes() for p in (package / "toy").rglob("*") if p.is_file()}
+    assert main(["train", "swissroll", "--out", str(package / "toy"), "--steps", "2", "--resume", "--quiet"]) == 2
+    assert "shipped model and is never written" in capsys.readouterr().err
+    # --out is a folder, never a name: a copy goes to ./toy, starting from the shipped weights
+    assert main(["train", "swissroll", "--out", "toy", "--init-from", "toy", "--steps", "2", "--n", "500", "--quiet"]) == 0
+    assert shipped.locate("toy").resolve() == (package.parent / "toy").resolve()
+    assert {p: p.read_bytes() for p in (package / "toy").rglob("*") if p.is_file()} == before
+
+
+def test_a_latent_model_ships_with_its_autoencoder_by_name(latent_runs, package):
+    shipped.ship(latent_runs / "ae", "t-ae", {"what": "autoencoder"}, extra_files=(LATENT,))
+    cfg = json.loads((latent_runs / "ldm" / "config.json").read_text())
+    shipped.ship(latent_runs / "ldm", "t-ldm", {"what": "latent"}, config=rebased(cfg, "t-ae"))
+    saved = json.loads((package / "t-ldm" / "config.json").read_text())["latent"]
+    assert saved["autoencoder"] == "t-ae" and saved["hash"] == fingerprint("t-ae") != cfg["latent"]["hash"]
+    a = difflab.load(latent_runs / "ldm").sample(4, class_label=3, sampler="ddim", steps=5, seed=1)
+    b = difflab.load("t-ldm").sample(4, class_label=3, sampler="ddim", steps=5, seed=1)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # an autoencoder of another scale is refused, in one line
+    with pytest.raises(CheckpointError, match="not the autoencoder"):
+        rebased(cfg | {"latent": {**cfg["latent"], "scale": cfg["latent"]["scale"] * 2}}, "t-ae")
+
+
+def test_difflab_models_lists_and_explains(tiny_toy_run, package, capsys):
+    assert main(["models"]) == 0
+    assert "no shipped models" in capsys.readouterr().out
+    shipped.ship(tiny_toy_run, "toy", {"what": "a swiss roll", "train_seconds": 60, "commands": ["difflab train swissroll"],
+                                       "figures": {"energy": 0.01}})
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "toy: a swiss roll" in out and "30 steps, trained 1 min" in out and "$ difflab train swissroll" in out
+    assert main(["models", "toy"]) == 0
+    assert json.loads(capsys.readouterr().out)["figures"] == {"energy": 0.01}
+    assert main(["models", "nope"]) == 2
+    assert "no shipped model 'nope'; shipped: toy" in capsys.readouterr().err
+
+
+def test_the_package_models():
+    """Whatever ships in this checkout: its weights are the ones its recipe names, and all of them fit in 25 MB."""
+    total = 0
+    for r in shipped.catalogue():
+        folder = shipped.SHIPPED_DIR / r["name"]
+        assert file_sha256(latest_checkpoint(folder) / WEIGHTS) == r["weights_sha256"], r["name"]
+        assert r["commands"], r["name"]
+        total += r["bytes"]
+    assert total <= 25 * 10**6
