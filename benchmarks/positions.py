@@ -63,7 +63,7 @@ def train_variant(run: Path, position: str, steps: int) -> float:
     net = dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4],
                num_heads=4, num_res_blocks=1, coord_channels=position in ("coords", "both"),
                query_positions=position in ("queries", "both"))
-    cfg = replace(cfg, shape=[1, 8, 16], net=net, seed=0,
+    cfg = replace(cfg, shape=[1, 8, 16], net=net,
                   train=replace(cfg.train, steps=steps, batch_size=64, warmup=50, sample_every=0, checkpoint_every=10**6))
     record, width, _ = text_record("minilm", captions)
     cfg = with_text(cfg, record, width, None)

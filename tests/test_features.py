@@ -76,9 +76,10 @@ def test_fashion_pairs_attribute_net_reaches_its_recorded_accuracies():
     assert abs(all_right(net, test.images[:k], test.attributes[:k]) - net.meta["test_subset"]["accuracy"]) <= 0.005
     per = attribute_accuracy(net, test.images[:k], test.attributes[:k])
     assert per == pytest.approx(net.meta["test_subset_attribute_accuracy"], abs=0.005)
-    # recorded (3 epochs): all four right 70.3 %; left class 83.4 %, left colour 100 %, right class 84.6 %, right colour 100 %
-    assert net.meta["test_accuracy"] >= 0.65 and min(net.meta["test_attribute_accuracy"][1::2]) >= 0.99
-    assert min(net.meta["test_attribute_accuracy"][0::2]) >= 0.8
+    # recorded (10 epochs, halves read as tiles): all four right 79.6 %; left class 89.9 %, left colour 100 %, right class
+    # 88.5 %, right colour 100 % (the 3-epoch net before it: 70.3 %, 83.4 %, 84.6 %; issue 23 asked for 91 % per class)
+    assert net.meta["test_accuracy"] >= 0.79 and min(net.meta["test_attribute_accuracy"][1::2]) >= 0.99
+    assert min(net.meta["test_attribute_accuracy"][0::2]) >= 0.88
     # the heads read their own half: swapping the halves swaps the predicted attributes
     swapped = torch.cat([test.images[:200, ..., 32:], test.images[:200, ..., :32]], dim=-1)
     _, a = embed(net, test.images[:200])
