@@ -34,6 +34,7 @@ from difflab.evaluation.prompts import follows, parsed  # noqa: E402
 from difflab.guidance.config import GuidanceConfig  # noqa: E402
 from difflab.latent.autoencoder import LATENT, RECONSTRUCTION, rebased  # noqa: E402
 from difflab.runs import shipped  # noqa: E402
+from difflab.runs.ship import ship  # noqa: E402
 from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
 
 ROOT = RUNS / "ship"
@@ -123,15 +124,15 @@ def main(argv=None) -> None:
             rec = json.loads((run / RECONSTRUCTION).read_text())
             recipe |= {"what": "KL autoencoder of fashion-pairs (3x32x64 -> 4x8x16 latents)",
                        "figures": {k: rec[k] for k in ("psnr", "rfd") if k in rec}}
-            shipped.ship(run, name, recipe, extra_files=(LATENT, RECONSTRUCTION))
+            ship(run, name, recipe, extra_files=(LATENT, RECONSTRUCTION))
         elif name == "fashion-pairs-t2i":
             recipe |= {"what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), MiniLM captions, positions",
                        "figures": text_figures(run, args.n, args.scales)}
-            shipped.ship(run, name, recipe, config=rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae"))
+            ship(run, name, recipe, config=rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae"))
         else:
             recipe |= {"what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",
                        "figures": class_figures(run, args.n, args.class_scale)}
-            shipped.ship(run, name, recipe)
+            ship(run, name, recipe)
         results[name] = shipped.recipe(name)
         print(json.dumps(results[name], indent=1), flush=True)
         RESULTS.mkdir(exist_ok=True)

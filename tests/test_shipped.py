@@ -15,6 +15,7 @@ from difflab.cli import main
 from difflab.io import file_sha256
 from difflab.latent.autoencoder import LATENT, fingerprint, rebased
 from difflab.runs import shipped
+from difflab.runs.ship import ship
 from difflab.runs.config import CheckpointError
 from difflab.runs.store import WEIGHTS, latest_checkpoint, load_weights, weights_fingerprint
 
@@ -29,7 +30,7 @@ def package(tmp_path, monkeypatch):
 
 
 def test_a_shipped_run_loads_by_name_and_samples_like_its_source(tiny_toy_run, package):
-    folder = shipped.ship(tiny_toy_run, "toy", {"what": "a swiss roll", "commands": ["difflab train swissroll"]})
+    folder = ship(tiny_toy_run, "toy", {"what": "a swiss roll", "commands": ["difflab train swissroll"]})
     assert shipped.names() == ["toy"] and shipped.locate("toy") == folder
     r = shipped.recipe("toy")
     assert r["weights_sha256"] == file_sha256(latest_checkpoint(folder) / WEIGHTS)
@@ -44,7 +45,7 @@ def test_a_shipped_run_loads_by_name_and_samples_like_its_source(tiny_toy_run, p
 
 
 def test_a_shipped_run_is_never_written(tiny_toy_run, package, capsys):
-    shipped.ship(tiny_toy_run, "toy", {"what": "a swiss roll"})
+    ship(tiny_toy_run, "toy", {"what": "a swiss roll"})
     before = {p: p.read_bytes() for p in (package / "toy").rglob("*") if p.is_file()}
     assert main(["train", "swissroll", "--out", str(package / "toy"), "--steps", "2", "--resume", "--quiet"]) == 2
     assert "shipped model and is never written" in capsys.readouterr().err
@@ -55,9 +56,9 @@ def test_a_shipped_run_is_never_written(tiny_toy_run, package, capsys):
 
 
 def test_a_latent_model_ships_with_its_autoencoder_by_name(latent_runs, package):
-    shipped.ship(latent_runs / "ae", "t-ae", {"what": "autoencoder"}, extra_files=(LATENT,))
+    ship(latent_runs / "ae", "t-ae", {"what": "autoencoder"}, extra_files=(LATENT,))
     cfg = json.loads((latent_runs / "ldm" / "config.json").read_text())
-    shipped.ship(latent_runs / "ldm", "t-ldm", {"what": "latent"}, config=rebased(cfg, "t-ae"))
+    ship(latent_runs / "ldm", "t-ldm", {"what": "latent"}, config=rebased(cfg, "t-ae"))
     saved = json.loads((package / "t-ldm" / "config.json").read_text())["latent"]
     assert saved["autoencoder"] == "t-ae" and saved["hash"] == fingerprint("t-ae") != cfg["latent"]["hash"]
     a = difflab.load(latent_runs / "ldm").sample(4, class_label=3, sampler="ddim", steps=5, seed=1)
@@ -71,7 +72,7 @@ def test_a_latent_model_ships_with_its_autoencoder_by_name(latent_runs, package)
 def test_difflab_models_lists_and_explains(tiny_toy_run, package, capsys):
     assert main(["models"]) == 0
     assert "no shipped models" in capsys.readouterr().out
-    shipped.ship(tiny_toy_run, "toy", {"what": "a swiss roll", "train_seconds": 60, "commands": ["difflab train swissroll"],
+    ship(tiny_toy_run, "toy", {"what": "a swiss roll", "train_seconds": 60, "commands": ["difflab train swissroll"],
                                        "figures": {"energy": 0.01}})
     assert main(["models"]) == 0
     out = capsys.readouterr().out
