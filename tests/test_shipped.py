@@ -92,3 +92,31 @@ def test_the_package_models():
         assert r["commands"], r["name"]
         total += r["bytes"]
     assert total <= 25 * 10**6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fashion-pairs-t2i", "fashion-mnist-classes", "fashion-pairs-ae"])
+def test_a_package_model_reproduces_its_recorded_figures(name):
+    """`difflab eval NAME` (here its function) with the recipe's settings gives the recipe's figures: the same
+    seeds and samples, so only float summation order may move them (tolerance: 1 point of accuracy, 2 % of FD)."""
+    if name not in shipped.names():
+        pytest.skip(f"{name} does not ship in this checkout")
+    from difflab.evaluation.evaluate import evaluate
+    from difflab.guidance.config import GuidanceConfig
+
+    fig = shipped.recipe(name)["figures"]
+    if name == "fashion-pairs-ae":
+        from difflab.data.images import load_images
+        from difflab.latent.autoencoder import load_autoencoder
+        from difflab.evaluation.metrics import psnr
+
+        test = load_images("fashion-pairs", "test").images[:2000]
+        assert float(psnr(load_autoencoder(name).reconstruct(test), test).mean()) == pytest.approx(fig["psnr"], abs=0.05)
+        return
+    r = evaluate(name, n=fig["n"], guidance=GuidanceConfig(scale=fig["scale"]), bpd_n=0, progress=False)
+    if name == "fashion-pairs-t2i":
+        assert r["text"]["follows"]["seen"]["all_four"] == pytest.approx(fig["seen"], abs=0.01)
+        assert r["text"]["follows"]["held_out"]["all_four"] == pytest.approx(fig["held_out"], abs=0.01)
+    else:
+        assert r["classes"]["accuracy"] == pytest.approx(fig["class_accuracy"], abs=0.01)
+    assert r["fd"] == pytest.approx(fig["fd"], rel=0.02)
