@@ -16,10 +16,10 @@ import sys
 
 from ..training.distributed import teardown
 from ..training.loop import Interrupted
-from . import autoencoder, classifier, clip, data, edit, eval, features, models, personalize, restore, sample, train, trajectories
+from . import autoencoder, classifier, clip, data, edit, eval, features, models, personalize, restore, sample, studio, train, trajectories
 from .options import Parser
 
-COMMANDS = (data, train, classifier, autoencoder, clip, personalize, sample, trajectories, restore, edit, eval, features, models)
+COMMANDS = (data, train, classifier, autoencoder, clip, personalize, sample, trajectories, restore, edit, eval, features, models, studio)
 EXIT_BAD_INPUT = 2
 
 

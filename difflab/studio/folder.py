@@ -1,0 +1,128 @@
+"""The runs a studio serves: every run folder directly under the runs folder, and the shipped models.
+
+A run is named by its folder's name alone: ``check_name`` refuses path components, hidden names and anything
+that resolves outside the runs folder (a symbolic link pointing elsewhere), so a request can never make the
+studio read or write outside it. Shipped models (runs/shipped.py) are listed by name when no folder shadows them."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from safetensors import safe_open
+
+from ..runs import shipped
+from ..runs.config import load_config
+from ..runs.store import WEIGHTS, latest_checkpoint, weights_step
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+STUDIO_DIR = ".studio"  # the studio's own files inside the runs folder: history.sqlite, images/
+GENERATES = ("diffusion", "personalized")  # the run kinds that make images
+MAX_METRICS = 400  # points of a loss curve sent to the page
+
+
+class NotFound(ValueError):
+    """A run name that is not a run of this studio (unknown, or not a plain name)."""
+
+
+def check_name(name: str) -> str:
+    """``name`` when it is a plain folder name (letters, digits, '.', '_', '-'; no '/', no leading dot), else NotFound."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise NotFound(f"no run named {str(name)[:80]!r} (a run is named by its folder's name, without any path)")
+    return name
+
+
+class RunsFolder:
+    """The runs folder of a studio: resolves names to run folders inside it, lists and describes them."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+
+    def path(self, name: str) -> Path:
+        """The folder of run ``name``: inside the runs folder (symbolic links may not leave it), or a shipped model."""
+        check_name(name)
+        p = self.root / name
+        if p.is_dir():
+            if p.resolve().parent != self.root or not (p / "config.json").is_file():
+                raise NotFound(f"no run named {name!r} in {self.root}")
+            return p
+        if name in shipped.names():
+            return shipped.SHIPPED_DIR / name
+        raise NotFound(f"no run named {name!r} in {self.root}")
+
+    def names(self) -> list[str]:
+        """Every run folder directly under the runs folder, then the shipped models no folder shadows."""
+        found = sorted(p.name for p in self.root.iterdir() if NAME.match(p.name) and (p / "config.json").is_file()
+                       and p.resolve().parent == self.root) if self.root.is_dir() else []
+        return found + [n for n in shipped.names() if n not in found]
+
+    def summary(self, name: str) -> dict:
+        """What the Runs panel shows of a run: kind, data, conditions, shapes, steps, parameter count, pictures."""
+        path = self.path(name)
+        try:
+            cfg = load_config(path)
+        except (ValueError, OSError) as e:
+            return {"name": name, "error": _line(e), "generates": False}
+        checkpoint = latest_checkpoint(path)
+        text = cfg.text_spec() is not None
+        return {
+            "name": name,
+            "shipped": shipped.is_shipped(path),
+            "kind": cfg.run_kind,
+            "generates": cfg.run_kind in GENERATES and cfg.data_kind == "images" and cfg.super_resolution is None,
+            "dataset": Path(cfg.dataset).name if "/" in cfg.dataset else cfg.dataset,
+            "data_kind": cfg.data_kind,
+            "conditions": [c["name"] for c in cfg.conditions],
+            "text": text,
+            "classes": cfg.num_classes,
+            "latent": cfg.latent is not None,
+            "super_resolution": cfg.super_resolution is not None,
+            "shape": cfg.data_shape,
+            "steps_trained": weights_step(path) if checkpoint else 0,
+            "steps_planned": cfg.train.steps,
+            "parameters": _parameter_count(checkpoint / WEIGHTS) if checkpoint else 0,
+            "pictures": [f for f in ("samples.png", "loss.png") if (path / f).is_file()],
+        }
+
+    def metrics(self, name: str) -> list[dict]:
+        """The training curve of a run from its metrics.jsonl: (step, loss) rows, thinned to MAX_METRICS points."""
+        rows = []
+        f = self.path(name) / "metrics.jsonl"
+        if f.is_file():
+            for line in f.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line being written right now
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float)):
+                    rows.append({"step": r["step"], "loss": float(r["loss"])})
+        every = max(1, -(-len(rows) // MAX_METRICS))
+        return rows[::every] + (rows[-1:] if rows and (len(rows) - 1) % every else [])
+
+    def picture(self, name: str, file: str) -> Path:
+        """One of a run's pictures (samples.png, loss.png), nothing else."""
+        if file not in ("samples.png", "loss.png"):
+            raise NotFound(f"a run's pictures are samples.png and loss.png, not {file[:80]!r}")
+        p = self.path(name) / file
+        if not p.is_file():
+            raise NotFound(f"{name} has no {file} yet")
+        return p
+
+
+def _parameter_count(weights: Path) -> int:
+    """The EMA network's parameter count, from the safetensors header alone (no tensor is read)."""
+    with safe_open(str(weights), framework="pt") as f:
+        keys = [k for k in f.keys() if k.startswith("ema.")]
+        total = 0
+        for k in keys:
+            n = 1
+            for d in f.get_slice(k).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def _line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
