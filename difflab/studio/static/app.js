@@ -1,0 +1,363 @@
+// difflab studio's page: plain JavaScript over the JSON API (see /docs). No build step.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { runs: {}, job: null, chainJob: null, log: [] };
+window.studioLog = state.log;  // what the page showed, in order (the browser tests read it)
+
+function showError(message) {
+  const e = $("error");
+  e.textContent = message ? String(message).split("\n")[0] : "";
+  e.hidden = !message;
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, options);
+  const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
+  if (!response.ok) {
+    const message = body?.error || `${response.status} ${response.statusText}`;
+    showError(message);
+    throw new Error(message);
+  }
+  showError("");
+  return body;
+}
+
+const post = (path, data) => api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(data) });
+
+// ------------------------------------------------------------------ panels
+
+function showPanel(name) {
+  for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.panel === name);
+  for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== `panel-${name}`;
+  if (name === "history") loadHistory();
+  if (name === "runs") loadRunDetail();
+}
+for (const b of document.querySelectorAll("nav button")) b.onclick = () => showPanel(b.dataset.panel);
+
+// ------------------------------------------------------------------ runs
+
+async function loadRuns() {
+  const data = await api("/api/runs");
+  const select = $("run-select"), body = $("runs-table").querySelector("tbody");
+  select.innerHTML = "";
+  body.innerHTML = "";
+  for (const r of data.runs) {
+    state.runs[r.name] = r;
+    const row = body.insertRow();
+    row.dataset.run = r.name;
+    for (const v of [r.name, r.kind || "", r.dataset || "", (r.conditions || []).join(", "), (r.parameters || 0).toLocaleString(),
+                     `${r.steps_trained ?? ""} / ${r.steps_planned ?? ""}`]) row.insertCell().textContent = v;
+    row.onclick = () => { select.value = r.name; onRunChange(); loadRunDetail(); };
+    if (r.generates) select.add(new Option(r.name + (r.shipped ? " (shipped)" : ""), r.name));
+  }
+  $("sampler").innerHTML = "";
+  for (const s of data.samplers) $("sampler").add(new Option(s, s));
+  $("sampler").value = "dpmpp-2m";
+  for (const s of data.spacings) $("spacing").add(new Option(s, s));
+  onRunChange();
+}
+
+function onRunChange() {
+  const r = state.runs[$("run-select").value];
+  if (!r) return;
+  for (const e of document.querySelectorAll(".text-only")) e.hidden = !r.text;
+  for (const e of document.querySelectorAll(".class-only")) e.hidden = !r.classes;
+  const cls = $("class_label");
+  cls.innerHTML = '<option value="">(none)</option>';
+  for (let k = 0; k < (r.classes || 0); k++) cls.add(new Option(String(k), String(k)));
+  const methods = r.latent ? ["dps"] : ["replace", "repaint", "ddrm", "dps"];
+  $("method").innerHTML = "";
+  for (const m of methods) $("method").add(new Option(m, m));
+  for (const row of $("runs-table").querySelectorAll("tbody tr")) row.classList.toggle("selected", row.dataset.run === r.name);
+}
+$("run-select").onchange = onRunChange;
+
+let detailTimer = null;
+async function loadRunDetail() {
+  clearTimeout(detailTimer);
+  const name = $("run-select").value;
+  if (!name || $("panel-runs").hidden) return;
+  const d = await api(`/api/runs/${encodeURIComponent(name)}`);
+  $("run-title").textContent = `${d.name}: ${d.kind}, ${d.dataset}, ${d.steps_trained} of ${d.steps_planned} steps`;
+  drawCurve($("loss-chart"), d.metrics);
+  if (d.pictures.includes("samples.png")) $("run-samples").src = `/api/runs/${encodeURIComponent(name)}/pictures/samples.png?s=${d.steps_trained}`;
+  if (d.steps_trained < d.steps_planned) detailTimer = setTimeout(loadRunDetail, 5000);  // still training: a live chart
+}
+
+function drawCurve(canvas, rows) {
+  const g = canvas.getContext("2d"), W = canvas.width, H = canvas.height, pad = 30;
+  g.clearRect(0, 0, W, H);
+  g.strokeStyle = "#999"; g.strokeRect(pad, 5, W - pad - 5, H - pad - 5);
+  if (!rows.length) { g.fillText("no metrics yet", pad + 10, 20); return; }
+  const logs = rows.map((r) => Math.log10(Math.max(r.loss, 1e-8)));
+  const lo = Math.min(...logs), hi = Math.max(...logs), s0 = rows[0].step, s1 = rows[rows.length - 1].step;
+  const x = (s) => pad + (W - pad - 5) * (s1 > s0 ? (s - s0) / (s1 - s0) : 0);
+  const y = (v) => 5 + (H - pad - 10) * (hi > lo ? (hi - v) / (hi - lo) : 0.5);
+  g.strokeStyle = "#335"; g.beginPath();
+  rows.forEach((r, i) => (i ? g.lineTo : g.moveTo).call(g, x(r.step), y(logs[i])));
+  g.stroke();
+  g.fillStyle = "#333";
+  g.fillText(`loss ${rows[rows.length - 1].loss.toPrecision(3)} at step ${s1} (log scale)`, pad + 5, H - 8);
+}
+
+// ------------------------------------------------------------------ generate, the queue
+
+function settings() {
+  const num = (id) => ($(id).value === "" ? null : Number($(id).value));
+  const r = state.runs[$("run-select").value] || {};
+  const lo = num("interval_lo"), hi = num("interval_hi");
+  return {
+    run: $("run-select").value,
+    prompt: r.text ? $("prompt").value || null : null,
+    negative_prompt: r.text ? $("negative_prompt").value || null : null,
+    class_label: r.classes ? num("class_label") : null,
+    guidance: num("guidance") ?? 1,
+    interval: lo !== null && hi !== null ? [lo, hi] : null,
+    rescale: num("rescale") || null,
+    sampler: $("sampler").value,
+    spacing: $("spacing").value || null,
+    steps: num("steps"),
+    eta: num("eta"),
+    seed: $("random-seed").checked ? null : num("seed"),
+    batch: num("batch") ?? 1,
+  };
+}
+
+function useSettings(s) {
+  if (s.run && state.runs[s.run]) { $("run-select").value = s.run; onRunChange(); }
+  const set = (id, v) => { if ($(id)) $(id).value = v ?? ""; };
+  set("prompt", s.prompt); set("negative_prompt", s.negative_prompt); set("class_label", s.class_label);
+  set("guidance", s.guidance ?? 1); set("rescale", s.rescale ?? 0); set("steps", s.steps); set("eta", s.eta);
+  set("interval_lo", s.interval?.[0]); set("interval_hi", s.interval?.[1]);
+  if (s.sampler) set("sampler", s.sampler);
+  set("spacing", s.spacing); set("seed", s.seed); set("batch", s.batch ?? 1);
+  $("random-seed").checked = false;
+  showPanel("generate");
+}
+
+function follow(job, onUpdate) {
+  // Server-Sent Events: the job's status whenever it changes, until it ends.
+  return new Promise((resolve) => {
+    const source = new EventSource(`/api/jobs/${job.id}/events`);
+    source.onmessage = (e) => {
+      const j = JSON.parse(e.data);
+      onUpdate(j);
+      if (["done", "cancelled", "failed", "interrupted"].includes(j.status)) { source.close(); resolve(j); }
+    };
+    source.onerror = () => { source.close(); resolve(null); };
+  });
+}
+
+async function generate() {
+  const job = await post("/api/generate", settings());
+  if (!$("random-seed").checked) $("seed").value = job.settings.seed;
+  refreshQueue();
+  if (state.job && !["done", "cancelled", "failed"].includes(state.job.status)) return;  // queued behind the one shown
+  watch(job);
+}
+
+async function watch(job) {
+  state.job = job;
+  $("cancel").disabled = false;
+  $("progress").value = 0;
+  let previews = 0;
+  const end = await follow(job, (j) => {
+    state.job = j;
+    $("progress").value = j.steps ? j.step / j.steps : 0;
+    $("job-status").textContent = `${j.status} ${j.step}/${j.steps}`;
+    if (j.previews > previews && j.status === "running") {
+      previews = j.previews;
+      $("preview").src = `/api/jobs/${j.id}/preview.png?n=${previews}`;
+      state.log.push(`preview ${j.id} ${previews}`);
+    }
+    refreshQueue();
+  });
+  $("cancel").disabled = true;
+  if (end?.status === "done") {
+    $("progress").value = 1;
+    $("result").src = `/api/jobs/${end.id}/images/grid.png`;
+    $("results").innerHTML = "";
+    for (let i = 0; i < end.images; i++) {
+      const img = document.createElement("img");
+      img.src = `/api/jobs/${end.id}/images/${i}.png`;
+      $("results").append(img);
+    }
+    state.log.push(`final ${end.id}`);
+  } else if (end?.status === "failed") {
+    showError(end.error);
+  }
+  refreshQueue();
+  const next = (await api("/api/jobs")).jobs.find((j) => j.kind === "generate" && ["queued", "running"].includes(j.status));
+  if (next) watch(next);
+}
+
+async function refreshQueue() {
+  const { jobs } = await api("/api/jobs");
+  const list = $("queue");
+  list.innerHTML = "";
+  for (const j of jobs.slice(-20)) {
+    const li = document.createElement("li");
+    li.dataset.id = j.id;
+    li.className = j.status;
+    li.textContent = `${j.kind} ${j.run} seed ${j.settings.seed}: ${j.status} `;
+    if (["queued", "running"].includes(j.status)) {
+      const b = document.createElement("button");
+      b.textContent = "cancel"; b.className = "cancel";
+      b.onclick = () => post(`/api/jobs/${j.id}/cancel`, {}).then(refreshQueue);
+      li.append(b);
+    }
+    list.append(li);
+  }
+}
+
+$("generate").onclick = () => generate().catch(() => {});
+$("cancel").onclick = () => state.job && post(`/api/jobs/${state.job.id}/cancel`, {}).catch(() => {});
+
+// ------------------------------------------------------------------ edit: upload, paint a mask, inpaint
+
+const edit = { image: null, data: null, painting: false };
+const maskCanvas = $("edit-mask"), imageCanvas = $("edit-image");
+
+$("edit-file").onchange = () => {
+  const file = $("edit-file").files[0];
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    edit.data = reader.result;
+    const img = new Image();
+    img.onload = () => {
+      edit.image = img;
+      const g = imageCanvas.getContext("2d");
+      g.imageSmoothingEnabled = false;
+      g.clearRect(0, 0, 256, 256);
+      g.drawImage(img, 0, 0, 256, 256);
+      clearMask();
+    };
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+};
+
+function clearMask() { maskCanvas.getContext("2d").clearRect(0, 0, maskCanvas.width, maskCanvas.height); }
+$("clear-mask").onclick = clearMask;
+
+function paint(e) {
+  const rect = maskCanvas.getBoundingClientRect();
+  const x = (e.clientX - rect.left) * maskCanvas.width / rect.width, y = (e.clientY - rect.top) * maskCanvas.height / rect.height;
+  const g = maskCanvas.getContext("2d");
+  g.globalCompositeOperation = $("eraser").checked ? "destination-out" : "source-over";
+  g.fillStyle = "#f00";
+  g.beginPath(); g.arc(x, y, Number($("brush").value) / 2, 0, 2 * Math.PI); g.fill();
+}
+maskCanvas.onpointerdown = (e) => { edit.painting = true; maskCanvas.setPointerCapture(e.pointerId); paint(e); };
+maskCanvas.onpointermove = (e) => { if (edit.painting) paint(e); };
+maskCanvas.onpointerup = () => { edit.painting = false; };
+
+function maskPng() {
+  // The painted canvas -> a mask of the image's own size: a pixel is filled in when any of its cell is painted.
+  const W = edit.image.naturalWidth, H = edit.image.naturalHeight;
+  const painted = maskCanvas.getContext("2d").getImageData(0, 0, maskCanvas.width, maskCanvas.height).data;
+  const out = document.createElement("canvas");
+  out.width = W; out.height = H;
+  const g = out.getContext("2d"), pixels = g.createImageData(W, H);
+  for (let py = 0; py < maskCanvas.height; py++) {
+    for (let px = 0; px < maskCanvas.width; px++) {
+      if (painted[4 * (py * maskCanvas.width + px) + 3] === 0) continue;
+      const i = Math.floor(py * H / maskCanvas.height) * W + Math.floor(px * W / maskCanvas.width);
+      pixels.data.fill(255, 4 * i, 4 * i + 3);
+    }
+  }
+  for (let i = 3; i < pixels.data.length; i += 4) pixels.data[i] = 255;
+  g.putImageData(pixels, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+$("inpaint").onclick = async () => {
+  if (!edit.image) { showError("upload an image first"); return; }
+  const s = settings();
+  const body = { run: s.run, prompt: s.prompt, class_label: s.class_label, guidance: s.guidance, seed: s.seed,
+                 steps: Number($("edit-steps").value), method: $("method").value, image: edit.data, mask: maskPng() };
+  const job = await post("/api/inpaint", body).catch(() => null);
+  if (!job) return;
+  const end = await follow(job, () => {});
+  if (end?.status === "done") {
+    $("edit-result").src = `/api/jobs/${end.id}/images/0.png`;
+    state.log.push(`inpainted ${end.id}`);
+  } else if (end) showError(end.error || end.status);
+};
+
+// ------------------------------------------------------------------ chain explorer
+
+$("chain-run").onclick = async () => {
+  const s = settings();
+  delete s.batch;
+  const job = await post("/api/chain", s).catch(() => null);
+  if (!job) return;
+  const end = await follow(job, () => {});
+  if (end?.status !== "done") { if (end) showError(end.error || end.status); return; }
+  state.chainJob = end;
+  const slider = $("chain-slider");
+  slider.max = end.chain.positions - 1;
+  slider.value = 0;
+  slider.disabled = false;
+  showChain();
+};
+
+function showChain() {
+  const j = state.chainJob, k = Number($("chain-slider").value);
+  $("chain-xt").src = `/api/jobs/${j.id}/chain/${k}/x_t.png`;
+  $("chain-x0").src = `/api/jobs/${j.id}/chain/${k}/x0.png`;
+  $("chain-t").textContent = `step ${k} of ${j.chain.positions - 1}, t = ${j.chain.t[k].toFixed(1)}`;
+}
+$("chain-slider").oninput = showChain;
+
+// ------------------------------------------------------------------ history, PNG settings
+
+async function loadHistory() {
+  const q = encodeURIComponent($("history-search").value);
+  const { jobs } = await api(`/api/history?q=${q}&limit=60`);
+  const list = $("history-list");
+  list.innerHTML = "";
+  for (const j of jobs.filter((j) => j.kind !== "chain")) {
+    const item = document.createElement("div");
+    item.className = "history-item";
+    item.dataset.id = j.id;
+    const img = document.createElement("img");
+    img.src = `/api/jobs/${j.id}/images/grid.png`;
+    img.className = "thumb";
+    const s = j.settings;
+    const text = document.createElement("div");
+    text.textContent = `${j.kind} ${j.run}: ${s.prompt ? JSON.stringify(s.prompt) : s.class_label !== undefined ? "class " + s.class_label : ""} seed ${s.seed}, ${s.sampler || s.method} ${s.steps}`;
+    item.append(img, text);
+    if (j.kind === "generate") {
+      const use = document.createElement("button");
+      use.textContent = "use these settings"; use.className = "use";
+      use.onclick = () => useSettings(s);
+      item.append(use);
+    }
+    list.append(item);
+  }
+}
+$("history-search").oninput = () => loadHistory().catch(() => {});
+
+async function dropped(file) {
+  const form = new FormData();
+  form.append("file", file);
+  const data = await api("/api/parameters", { method: "POST", body: form });
+  if (!data.same_weights) showError("these settings were made with other weights than the run's current ones");
+  useSettings(data.settings);
+  state.log.push("parameters restored");
+}
+$("param-file").onchange = () => $("param-file").files[0] && dropped($("param-file").files[0]).catch(() => {});
+document.addEventListener("dragover", (e) => e.preventDefault());
+document.addEventListener("drop", (e) => {
+  if (e.target === maskCanvas || !e.dataTransfer.files.length) return;
+  e.preventDefault();
+  dropped(e.dataTransfer.files[0]).catch(() => {});
+});
+
+loadRuns().then(refreshQueue).then(async () => {
+  const running = (await api("/api/jobs")).jobs.find((j) => j.kind === "generate" && ["queued", "running"].includes(j.status));
+  if (running) watch(running);  // the queue survives a page reload
+}).catch(() => {});
