@@ -1,7 +1,9 @@
 """Do sides follow words? Positional information where the image meets the text, on a small task (issue 23).
 
-Data: two different digits side by side (8 x 16), captioned "a three on the left and a seven on the right",
-read by MiniLM (frozen). One small latent-free U-Net per variant, the same seed, batches and steps; only where
+Data: two different digits side by side (8 x 16), captioned in either order, "a three on the left and a seven
+on the right" or "a seven on the right and a three on the left" (a fair coin per pair), read by MiniLM (frozen):
+the side is in the words "left" and "right", not in which digit is named first (with the left one always named
+first, even the U-Net without positions put 100 % of the named left digits on the left at s = 3, 600 steps). One small latent-free U-Net per variant, the same seed, batches and steps; only where
 positions enter differs (``--position`` of `difflab train --text`):
 
     none     the U-Net as it was: position only through the zero padding
@@ -16,7 +18,13 @@ measure for none and both at 600 steps.
 
     .venv/bin/python benchmarks/positions.py [--steps 600] [--variants none coords queries both]
 
-Writes benchmarks/results/positions.md and .json."""
+``--fashion-pairs`` runs the same comparison where it matters, on the text-to-image task itself: `difflab train
+fashion-pairs --latent AE --text minilm --position none|both` for --steps each, on the shipped model's autoencoder
+(benchmarks/ship_models.py), scored by `difflab eval --caption-swap` (all four right on seen and held-out
+compositions, "either side", the swapped captions) at s = 3 on --n test captions. The `both` run is the shipped
+text model's run, which ship_models.py then trains on.
+
+Writes benchmarks/results/positions.md and .json (positions_fashion.* with --fashion-pairs)."""
 
 from __future__ import annotations
 
@@ -44,21 +52,24 @@ WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 VARIANTS = ("none", "coords", "queries", "both")
 
 
-def digit_pairs(split: str, n: int, seed: int):
-    """Up to n pairs of different digits side by side (n', 1, 8, 16), the left and right labels, captions."""
+def digit_pairs(split: str, n: int, seed: int, either_order: bool = True):
+    """Up to n pairs of different digits side by side (n', 1, 8, 16), the left and right labels, captions (in either
+    order, or the left digit always named first)."""
     d = load_images("digits", split=split)
     g = torch.Generator().manual_seed(seed)
     i, j = torch.randint(len(d.images), (2, n), generator=g)
     keep = d.labels[i] != d.labels[j]
     i, j = i[keep], j[keep]
     a, b = d.labels[i], d.labels[j]
-    captions = [f"a {WORDS[p]} on the left and a {WORDS[q]} on the right" for p, q in zip(a.tolist(), b.tolist())]
+    flip = (torch.rand(len(a), generator=g) < 0.5) & either_order
+    captions = [f"a {WORDS[q]} on the right and a {WORDS[p]} on the left" if f else f"a {WORDS[p]} on the left and a {WORDS[q]} on the right"
+                for p, q, f in zip(a.tolist(), b.tolist(), flip.tolist())]
     return torch.cat([d.images[i], d.images[j]], dim=3), a, b, captions
 
 
-def train_variant(run: Path, position: str, steps: int) -> float:
+def train_variant(run: Path, position: str, steps: int, either_order: bool = True) -> float:
     """Train the small text run with positions entering as ``position``; its seconds."""
-    x, _, _, captions = digit_pairs("train", 6000, 0)
+    x, _, _, captions = digit_pairs("train", 6000, 0, either_order)
     cfg = preset_for("digits")
     net = dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4],
                num_heads=4, num_res_blocks=1, coord_channels=position in ("coords", "both"),
@@ -72,9 +83,9 @@ def train_variant(run: Path, position: str, steps: int) -> float:
     return time.perf_counter() - t0
 
 
-def side_scores(run: Path, scale: float, n: int = 300) -> dict:
+def side_scores(run: Path, scale: float, n: int = 300, either_order: bool = True) -> dict:
     """left_on_left, both and swapped on n test captions at guidance ``scale``."""
-    _, a, b, test = digit_pairs("test", n, 1)
+    _, a, b, test = digit_pairs("test", n, 1, either_order)
     images = to_uint8(DiffusionRun.load(run).sample(len(test), prompt=test, guidance=scale, sampler="dpmpp-2m", steps=20, seed=0))
     judge = load_feature_net("digits")
     left, right = (embed(judge, half)[1].argmax(1) for half in (images[..., :8], images[..., 8:]))
@@ -82,12 +93,45 @@ def side_scores(run: Path, scale: float, n: int = 300) -> dict:
             "swapped": ((left == b) & (right == a)).float().mean().item()}
 
 
+def fashion_pairs(args) -> None:
+    from benchmarks.ship_models import ROOT, trained
+    from difflab.evaluation.evaluate import evaluate
+    from difflab.guidance.config import GuidanceConfig
+
+    rows = []
+    for v in args.variants:
+        run = ROOT / "t2i" if v == "both" else RUNS / "positions" / f"fashion-{v}"
+        argv = ["train", "fashion-pairs", "--latent", str(ROOT / "ae"), "--text", "minilm", "--position", v, "--out", str(run),
+                "--steps", str(args.steps)]
+        run, seconds = trained(v, argv)
+        r = evaluate(run, n=args.n, guidance=GuidanceConfig(scale=3.0), caption_swap=True, bpd_n=0, progress=False)
+        f = r["text"]["follows"]
+        row = {"variant": v, "steps": r["step"], "seconds": round(seconds), "seen": f["seen"]["all_four"], "held_out": f["held_out"]["all_four"],
+               "either_side": f["seen"]["either_side"], "swap": r["text"]["caption_swap"]["all_four"], "fd": r["fd"]}
+        row = {k: round(100 * x, 1) if k in ("seen", "held_out", "either_side", "swap") else x for k, x in row.items()}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    write(rows, "positions_fashion", f"Positions on fashion-pairs (MiniLM, latent), s = 3, {args.n} test captions")
+
+
+def write(rows: list[dict], name: str, title: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
+    cols = list(rows[0])
+    lines = header(title) + md_table(cols, [[r[c] for c in cols] for r in rows])
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--fashion-pairs", action="store_true", help="the comparison on fashion-pairs text-to-image")
+    p.add_argument("--n", type=int, default=200, help="--fashion-pairs: test captions per evaluation")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
+    if args.fashion_pairs:
+        return fashion_pairs(args)
     rows = []
     for v in args.variants:
         run = RUNS / "positions" / f"{v}-{args.steps}"
@@ -97,11 +141,7 @@ def main(argv=None) -> None:
             row |= {f"{k} s={s:g}": round(100 * val, 1) for k, val in side_scores(run, s).items()}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "positions.json").write_text(json.dumps(rows, indent=1) + "\n")
-    cols = list(rows[0])
-    lines = header("Positions: do sides follow words? (digit pairs, MiniLM)") + md_table(cols, [[r[c] for c in cols] for r in rows])
-    (RESULTS / "positions.md").write_text("\n".join(lines) + "\n")
+    write(rows, "positions", "Positions: do sides follow words? (digit pairs, MiniLM)")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ measured with `difflab eval`'s evaluate, and copied into difflab/shipped/NAME by
 weights only; the latent model records its autoencoder by shipped name and fingerprint):
 
     fashion-pairs-ae        the KL autoencoder of fashion-pairs (factor 4, 4 latent channels)
-    fashion-pairs-t2i       latent text-to-image on it, MiniLM captions, positions at the cross-attention
+    fashion-pairs-t2i       latent text-to-image on it, MiniLM captions
     fashion-mnist-classes   class-conditional Fashion-MNIST (pixel space)
 
     .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300]
@@ -46,8 +46,7 @@ def commands(args) -> dict[str, list[str]]:
     r = str(ROOT.relative_to(ROOT.parent.parent.parent))
     return {
         "fashion-pairs-ae": ["train-autoencoder", "fashion-pairs", "--out", f"{r}/ae", "--steps", str(args.ae_steps)],
-        "fashion-pairs-t2i": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", "minilm", "--position", "both",
-                              "--out", f"{r}/t2i", "--steps", str(args.t2i_steps)],
+        "fashion-pairs-t2i": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", "minilm", "--out", f"{r}/t2i", "--steps", str(args.t2i_steps)],
         "fashion-mnist-classes": ["train", "fashion-mnist", "--cond", "class", "--out", f"{r}/classes", "--steps", str(args.classes_steps)],
     }
 
@@ -103,7 +102,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--ae-steps", type=int, default=1000)
-    p.add_argument("--t2i-steps", type=int, default=8000)
+    p.add_argument("--t2i-steps", type=int, default=10000)
     p.add_argument("--classes-steps", type=int, default=5000)
     p.add_argument("--n", type=int, default=300, help="samples per evaluation")
     p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 5.0])
@@ -126,7 +125,7 @@ def main(argv=None) -> None:
                        "figures": {k: rec[k] for k in ("psnr", "rfd") if k in rec}}
             ship(run, name, recipe, extra_files=(LATENT, RECONSTRUCTION))
         elif name == "fashion-pairs-t2i":
-            recipe |= {"what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), MiniLM captions, positions",
+            recipe |= {"what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), MiniLM captions",
                        "figures": text_figures(run, args.n, args.scales)}
             ship(run, name, recipe, config=rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae"))
         else:
