@@ -14,7 +14,7 @@ from .options import UsageError
 
 
 def _figures(r: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in r.get("figures", {}).items())
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.get("figures", {}).items())
 
 
 def run(args) -> None:
