@@ -1,0 +1,203 @@
+"""difflab studio's page in a real browser: Debian's chromium driven by Playwright for Python, against a real
+server on a free port (tests/test_studio.py's ``served``).
+
+Skipped, saying so, where playwright or chromium is missing (`make test` installs both). With
+``STUDIO_SCREENSHOTS=docs/img`` the tests save a screenshot of each panel there (docs/img/studio-*.png)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'difflab[test]')")
+
+from difflab.data.images import load_images  # noqa: E402
+from difflab.studio import pngs  # noqa: E402
+
+from test_studio import api, png_array, runs_folder, served  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 760})
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    yield page
+    context.close()
+    assert not errors, errors  # no uncaught exception in the page
+
+
+def screenshot(page, name: str) -> None:
+    folder = os.environ.get("STUDIO_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"studio-{name}.png"), full_page=True)
+
+
+def open_studio(page, base: str, run: str) -> None:
+    page.goto(base + "/")
+    page.wait_for_function("document.querySelectorAll('#run-select option').length > 0")
+    page.select_option("#run-select", run)
+
+
+def log(page) -> list[str]:
+    return page.evaluate("window.studioLog")
+
+
+def wait_log(page, prefix: str, count: int = 1, timeout: float = 60_000) -> str:
+    page.wait_for_function(f"window.studioLog.filter(s => s.startsWith({json.dumps(prefix)})).length >= {count}", timeout=timeout)
+    return [s for s in log(page) if s.startswith(prefix)][count - 1]
+
+
+def images_loaded(page, selector: str) -> None:
+    page.wait_for_function(f"[...document.querySelectorAll({json.dumps(selector)})].every(i => i.complete && i.naturalWidth > 0)")
+
+
+def test_generate_preview_history_and_png_round_trip(page, tmp_path, text_runs):
+    root = runs_folder(tmp_path, minilm=text_runs / "minilm")
+    with served(root) as base:
+        open_studio(page, base, "minilm")
+        page.fill("#prompt", "a handwritten three")
+        page.fill("#steps", "150")
+        page.fill("#batch", "8")
+        page.click("#generate")
+        final = wait_log(page, "final ")
+        job = final.split()[1]
+        shown = log(page)
+        first_preview = next(i for i, s in enumerate(shown) if s.startswith(f"preview {job}"))
+        assert first_preview < shown.index(final)  # the live preview came before the final image
+        images_loaded(page, "#result, #results img")
+        screenshot(page, "generate")
+
+        page.click("nav button[data-panel=history]")
+        page.wait_for_selector(f".history-item[data-id='{job}'] img.thumb")
+        images_loaded(page, ".history-item img")
+        page.fill("#history-search", "three")
+        page.wait_for_selector(f".history-item[data-id='{job}']")
+        screenshot(page, "history")
+
+        # drop image 2 back in: its settings (seed + 2, batch 1) make the same pixels
+        png = api(f"{base}/api/jobs/{job}/images/2.png")
+        page.set_input_files("#param-file", files=[{"name": "dropped.png", "mimeType": "image/png", "buffer": png}])
+        wait_log(page, "parameters restored")
+        assert page.input_value("#batch") == "1" and page.input_value("#prompt") == "a handwritten three"
+        assert int(page.input_value("#seed")) == api(f"{base}/api/jobs/{job}")["settings"]["seed"] + 2
+        page.click("#generate")
+        again = wait_log(page, "final ", 2).split()[1]
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{again}/images/0.png")), png_array(png))
+
+
+def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    digit = load_images("digits", split="test").images[3]  # uint8 (1, 8, 8)
+    (tmp_path / "digit.png").write_bytes(pngs.encode(digit))
+    with served(root) as base:
+        open_studio(page, base, "dc")
+        page.click("nav button[data-panel=edit]")
+        page.set_input_files("#edit-file", str(tmp_path / "digit.png"))
+        page.wait_for_function("document.getElementById('edit-image').getContext('2d').getImageData(0, 0, 256, 256).data.some(v => v > 0)")
+        box = page.locator("#edit-mask").bounding_box()
+        page.mouse.move(box["x"] + 140, box["y"] + 40)
+        page.mouse.down()
+        for k in range(1, 11):  # a stroke down the right half
+            page.mouse.move(box["x"] + 150 + 4 * k, box["y"] + 40 + 17 * k)
+        page.mouse.up()
+        page.select_option("#method", "replace")
+        page.fill("#edit-steps", "20")
+        page.click("#inpaint")
+        job = wait_log(page, "inpainted ").split()[1]
+        images_loaded(page, "#edit-result")
+        screenshot(page, "edit")
+        mask = pngs.decode(base64.b64decode(page.evaluate("maskPng()").partition(",")[2]), 1)[0][0].numpy() >= 128  # True: filled in
+        assert 0 < mask.sum() < mask.size
+        result = png_array(api(f"{base}/api/jobs/{job}/images/0.png"))
+        assert np.array_equal(result[0][~mask], digit[0].numpy()[~mask])  # outside the mask, exactly the input
+        assert api(f"{base}/api/jobs/{job}")["settings"]["mask_pixels"] == int(mask.sum())
+
+
+def test_queue_five_cancel_the_third(page, tmp_path, digits_runs):
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    with served(root) as base:
+        open_studio(page, base, "dc")
+        page.select_option("#class_label", "5")
+        page.fill("#steps", "100")
+        page.fill("#batch", "16")
+        for seed in range(5):
+            page.fill("#seed", str(seed))
+            page.click("#generate")
+            page.wait_for_function(f"document.querySelectorAll('#queue li').length >= {seed + 1}")
+        page.click("#queue li:nth-child(3) button.cancel")
+        page.wait_for_selector("#queue li:nth-child(3).cancelled")
+        screenshot(page, "queue")
+        ids = [j["id"] for j in api(f"{base}/api/jobs")["jobs"]]
+        assert len(ids) == 5
+        end = time.time() + 60
+        while time.time() < end and any(api(f"{base}/api/jobs/{i}")["status"] in ("queued", "running") for i in ids):
+            time.sleep(0.1)
+        jobs = [api(f"{base}/api/jobs/{i}") for i in ids]
+        assert [j["status"] for j in jobs] == ["done", "done", "cancelled", "done", "done"]
+        assert [j["settings"]["seed"] for j in jobs] == [0, 1, 2, 3, 4]  # none lost, in order
+        done = [j for j in jobs if j["status"] == "done"]
+        assert [j["finished"] for j in done] == sorted(j["finished"] for j in done)
+
+
+def test_chain_explorer_slider(page, tmp_path, digits_runs):
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    with served(root) as base:
+        open_studio(page, base, "dc")
+        page.select_option("#class_label", "2")
+        page.fill("#steps", "10")
+        page.click("nav button[data-panel=chain]")
+        page.click("#chain-run")
+        page.wait_for_function("!document.getElementById('chain-slider').disabled")
+        assert page.get_attribute("#chain-slider", "max") == "10"
+        seen = []
+        for k in (0, 5, 10):
+            page.fill("#chain-slider", str(k))
+            page.wait_for_function(f"document.getElementById('chain-xt').src.includes('/chain/{k}/')")
+            images_loaded(page, "#chain-xt, #chain-x0")
+            assert page.text_content("#chain-t").startswith(f"step {k} of 10")
+            seen.append(page.evaluate("""() => { const c = document.createElement('canvas'), i = document.getElementById('chain-xt');
+                c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0);
+                return Array.from(g.getImageData(0, 0, c.width, c.height).data); }"""))
+            if k == 5:
+                screenshot(page, "chain")
+        assert seen[0] != seen[2]  # noise at the start, the sample at the end
+
+
+def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    with served(root) as base:
+        job = api(f"{base}/api/generate", "POST", {"run": "dc", "class_label": 8, "steps": 10, "seed": 3, "batch": 4})["id"]
+        while api(f"{base}/api/jobs/{job}")["status"] != "done":
+            time.sleep(0.05)
+    with served(root) as base:
+        open_studio(page, base, "dc")
+        page.click("nav button[data-panel=runs]")
+        page.click("#runs-table tr[data-run=dc]")
+        images_loaded(page, "#run-samples")
+        screenshot(page, "runs")
+        page.click("nav button[data-panel=history]")
+        page.wait_for_selector(f".history-item[data-id='{job}'] img.thumb")
+        page.click(f".history-item[data-id='{job}'] button.use")
+        assert page.input_value("#seed") == "3" and page.input_value("#class_label") == "8" and page.input_value("#batch") == "4"
