@@ -19,6 +19,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q torch==2.13.0 -e '.[test]'
 	$(MAKE) --no-print-directory fashion-mnist
+	@# Debian's chromium for the studio's browser tests (Playwright's own download does not work here); skipped, saying so, without it
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium: the studio's browser tests will be skipped"; \
+	  else echo "chromium missing: the studio's browser tests will be skipped (sudo apt-get install chromium)"; fi; \
+	fi
 	touch $@
 
 # Fashion-MNIST comes from Debian's package (IDX files in /usr/share/datasets/fashion-mnist); tests that
