@@ -387,3 +387,14 @@ def test_overhead_and_preview_cost(digits_studio):
     print(f"\noverhead: studio {s * 1000:.0f} ms, run.sample {d * 1000:.0f} ms, ratio {s / d:.2f}; "
           f"previews every 5 steps {p * 1000:.0f} ms, ratio {p / d:.2f}")
     assert s / d < 2.0 and p / d < 1.5  # loose bounds on a shared 2-core machine; docs/studio.md gives the figures
+
+
+def test_cli_refuses_bad_options(tmp_path, capsys):
+    from difflab.cli import main
+
+    assert main(["studio", "--runs", str(tmp_path / "missing")]) == 2
+    assert main(["studio", "--runs", str(tmp_path), "--port", "70000"]) == 2
+    assert main(["studio", "--runs", str(tmp_path), "--preview-every", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "no such folder" in err and "--port" in err and "--preview-every" in err
+    assert not (tmp_path / ".studio").exists()

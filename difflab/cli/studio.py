@@ -35,13 +35,15 @@ def run(args) -> None:
         from ..studio.jobs import Limits
     except ImportError as e:
         raise UsageError(f"the studio needs its extra: pip install 'difflab[studio]' ({e.name} is missing)") from None
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be within 1..65535, got {args.port}")
+    if args.preview_every < 0:
+        raise UsageError(f"--preview-every must be 0 (no previews) or more, got {args.preview_every}")
     runs = Path(args.runs)
     if not runs.is_dir():
         if args.runs != "runs":
             raise UsageError(f"--runs {runs}: no such folder")
         runs.mkdir()  # the default folder, where `make demo` writes: created empty, the shipped models beside it
-    if not 0 < args.port < 65536:
-        raise UsageError(f"--port must be within 1..65535, got {args.port}")
     token = args.token
     if token is None and needs_token(args.host):
         token = secrets.token_urlsafe(18)
