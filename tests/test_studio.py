@@ -30,7 +30,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import difflab  # noqa: E402
 from difflab.cli.studio import needs_token  # noqa: E402
-from difflab.data.images import to_uint8  # noqa: E402
+from difflab.data.images import to_model, to_uint8  # noqa: E402
 from difflab.studio import pngs  # noqa: E402
 from difflab.studio.app import create_app  # noqa: E402
 from difflab.studio.folder import NotFound, check_name  # noqa: E402
@@ -398,3 +398,34 @@ def test_cli_refuses_bad_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no such folder" in err and "--port" in err and "--preview-every" in err
     assert not (tmp_path / ".studio").exists()
+
+
+def test_img2img_interpolate_sweep_forward(digits_studio):
+    from difflab.data.images import load_images
+
+    digits = load_images("digits", split="test").images
+    b64 = [base64.b64encode(pngs.encode(d)).decode() for d in digits[:2]]
+    run = difflab.load(digits_studio / "dc")
+    with served(digits_studio) as base:
+        def done(path, body):
+            job = wait(base, api(f"{base}{path}", "POST", body)["id"])
+            assert job["status"] == "done", job
+            return job
+
+        job = done("/api/img2img", {"run": "dc", "image": b64[0], "strength": 0.5, "steps": 10, "seed": 2, "class_label": 0})
+        direct = to_uint8(run.img2img(to_model(digits[:1]), 0.5, steps=10, seed=2, class_label=0))[0].numpy()
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/0.png")), direct)
+        job = done("/api/interpolate", {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 4, "steps": 10, "seed": 0})
+        assert job["images"] == 4
+        job = done("/api/sweep", {"run": "dc", "scales": [1, 3], "class_label": 3, "steps": 10, "seed": 4})
+        for i, scale in enumerate((1, 3)):  # each the same seed at its own scale
+            direct = to_uint8(run.sample(1, class_label=3, guidance=scale, steps=10, seed=4))[0].numpy()
+            assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/{i}.png")), direct)
+        job = done("/api/forward", {"run": "dc", "image": b64[0], "steps": 10, "seed": 0})
+        assert job["chain"]["positions"] == 11 and job["chain"]["t"][-1] == 0
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/chain/10/x_t.png")), digits[0].numpy())  # t = 0: the image
+        assert api(f"{base}/api/img2img", "POST", {"run": "dc", "image": b64[0], "strength": 0}, expect=422)
+        cut = base64.b64encode(pngs.encode(digits[0])[:50]).decode()  # a PNG cut inside its pixel data
+        assert "image" in api(f"{base}/api/forward", "POST", {"run": "dc", "image": cut}, expect=400)["error"]
+        small = base64.b64encode(pngs.encode(digits[0][:, :4, :4])).decode()
+        assert "takes 8x8" in api(f"{base}/api/interpolate", "POST", {"run": "dc", "image": b64[0], "image_b": small}, expect=400)["error"]

@@ -81,6 +81,30 @@ class InpaintRequest(Conditions):
     method: str | None = Field(None, max_length=40, description=", ".join(METHODS))
 
 
+class Img2ImgRequest(ChainRequest):
+    image: str = Field(max_length=8 * 2**20, description="the image: a PNG, base64")
+    strength: float = Field(0.6, gt=0, le=1, description="noised to strength * t_max, then denoised (1 ignores the image)")
+
+
+class InterpolateRequest(Conditions):
+    image: str = Field(max_length=8 * 2**20, description="the first end: a PNG, base64")
+    image_b: str = Field(max_length=8 * 2**20, description="the second end")
+    frames: int = Field(9, ge=2, le=100000)
+    method: str | None = Field(None, max_length=40, description="ddim (inversion + slerp) or ddpm")
+
+
+class SweepRequest(ChainRequest):
+    scales: list[float] = Field(min_length=2, max_length=8, description="guidance scales, one sample each, same seed")
+
+
+class ForwardRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run: str = Field(max_length=100)
+    image: str = Field(max_length=8 * 2**20, description="the image: a PNG, base64")
+    steps: int | None = Field(None, ge=1, le=100000, description="levels between t_max and 0")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
 def create_app(runs: str | Path, *, token: str | None = None, limits: Limits = Limits(), device: str = "cpu") -> FastAPI:
     """The studio over the runs folder ``runs`` (its .studio/ folder is created on first start)."""
     folder = RunsFolder(runs)
@@ -192,19 +216,28 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits = L
     def chain(request: Request, body: ChainRequest):
         return submit(request, "chain", body.model_dump())
 
-    @app.post("/api/inpaint", summary="Queue an inpainting job (run.restore with a mask operator)")
-    def inpaint(request: Request, body: InpaintRequest):
+    def loaded(request: Request, name: str):
         try:
-            run = queue(request).runs.get(body.run)
+            return queue(request).runs.get(name)
         except NotFound as e:
             raise ApiError(404, str(e)) from None
         except ValueError as e:  # another kind of run, or one that does not load
             raise ApiError(400, _line(e)) from None
+
+    def run_image(run, name: str, data: str, what: str = "image"):
+        """An uploaded image that must have the run's data shape exactly (never resized)."""
         C, H, W = run.config.data_shape
-        image = _image(body.image, C, limits, "image")
-        mask = _image(body.mask, 1, limits, "mask")[0]
+        image = _image(data, C, limits, what)
         if tuple(image.shape[1:]) != (H, W):
-            raise ApiError(400, f"the image is {image.shape[2]}x{image.shape[1]}; {body.run} takes {W}x{H}")
+            raise ApiError(400, f"the {what} is {image.shape[2]}x{image.shape[1]}; {name} takes {W}x{H}")
+        return image
+
+    @app.post("/api/inpaint", summary="Queue an inpainting job (run.restore with a mask operator)")
+    def inpaint(request: Request, body: InpaintRequest):
+        run = loaded(request, body.run)
+        C, H, W = run.config.data_shape
+        image = run_image(run, body.run, body.image)
+        mask = _image(body.mask, 1, limits, "mask")[0]
         if tuple(mask.shape) != (H, W):
             raise ApiError(400, f"the mask is {mask.shape[1]}x{mask.shape[0]}; the image is {W}x{H}")
         keep = mask < 128
@@ -215,6 +248,26 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits = L
         settings = body.model_dump(exclude={"image", "mask"})
         settings["mask_pixels"] = int((~keep).sum())
         return submit(request, "inpaint", settings, {"image": image, "keep": keep})
+
+    @app.post("/api/img2img", summary="Queue an image-to-image job (SDEdit: run.img2img with a strength)")
+    def img2img(request: Request, body: Img2ImgRequest):
+        image = run_image(loaded(request, body.run), body.run, body.image)
+        return submit(request, "img2img", body.model_dump(exclude={"image"}), {"image": image})
+
+    @app.post("/api/interpolate", summary="Queue an interpolation between two images (run.interpolate)")
+    def interpolate(request: Request, body: InterpolateRequest):
+        run = loaded(request, body.run)
+        inputs = {"image": run_image(run, body.run, body.image), "image_b": run_image(run, body.run, body.image_b, "second image")}
+        return submit(request, "interpolate", body.model_dump(exclude={"image", "image_b"}), inputs)
+
+    @app.post("/api/sweep", summary="Queue one seed at several guidance scales, side by side")
+    def sweep(request: Request, body: SweepRequest):
+        return submit(request, "sweep", body.model_dump())
+
+    @app.post("/api/forward", summary="Queue the forward process q(x_t | x_0) of an image (a chain from t_max to 0, no network)")
+    def forward(request: Request, body: ForwardRequest):
+        image = run_image(loaded(request, body.run), body.run, body.image)
+        return submit(request, "forward", body.model_dump(exclude={"image"}), {"image": image})
 
     @app.get("/api/jobs", summary="The jobs in memory: queued, running and recent finished ones, oldest first")
     def jobs(request: Request):

@@ -10,8 +10,11 @@ the server stopped under it). A running job's predicted x_0 (the x0_hat the samp
 a latent run) is kept as a PNG every ``preview_every`` steps, for the page's live preview. Loaded runs are kept
 in a small LRU, keyed by run and checkpoint (a run still training is reloaded when a newer checkpoint lands).
 
-Kinds: ``generate`` (run.sample), ``inpaint`` (run.restore with a Mask operator) and ``chain`` (run.trajectory:
-x_t and x0_hat at every step, for the chain explorer). Every image written is a PNG whose ``parameters`` chunk
+Kinds: ``generate`` (run.sample), ``inpaint`` (run.restore with a Mask operator), ``chain`` (run.trajectory:
+x_t and x0_hat at every step, for the chain explorer), ``img2img`` (SDEdit, run.img2img), ``interpolate``
+(run.interpolate between two images), ``sweep`` (one seed at several guidance scales, side by side) and
+``forward`` (the forward process q(x_t | x_0) of an image, no network). img2img and interpolate take no callback
+in the library: they show no preview and are cancelled only while queued. Every image written is a PNG whose ``parameters`` chunk
 holds the settings that reproduce it: its own seed and batch 1 (sample i of a call has seed ``seed + i``)."""
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from . import pngs
 from .folder import RunsFolder, _line
 from .history import History
 
-KINDS = ("generate", "inpaint", "chain")
+KINDS = ("generate", "inpaint", "chain", "img2img", "interpolate", "sweep", "forward")
+SAMPLED = ("generate", "chain", "img2img", "sweep")  # the kinds that take a sampler (inpaint: a method; interpolate: ddim or ddpm)
+MAX_SCALES = 8  # guidance scales side by side
 FINISHED = ("done", "cancelled", "failed", "interrupted")
 MAX_SEED = 2**31 - 1
 KEPT = 64  # finished jobs kept in memory (their previews and chains); older ones live in the history alone
@@ -148,8 +153,8 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
     s = {k: v for k, v in s.items() if v is not None and v != ""}
     if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r}")
-    s.setdefault("sampler", "ddim" if kind == "inpaint" else DEFAULT_SAMPLER)
-    s.setdefault("steps", 50 if kind == "inpaint" else 20)
+    s.setdefault("sampler", "ddim" if kind in ("inpaint", "img2img") else DEFAULT_SAMPLER)
+    s.setdefault("steps", 50 if kind in ("inpaint", "img2img", "interpolate") else 20)
     s.setdefault("batch", 1)
     if s.get("seed") is None:
         s["seed"] = random.randint(0, MAX_SEED)
@@ -169,12 +174,30 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
         if run.latent is not None and s["method"] != "dps":
             raise JobError(f"{s['run']} is a latent run: inpaint it with dps")
         s.pop("sampler", None)
-    else:
+    elif kind == "interpolate":
+        s.setdefault("method", "ddim")
+        s.setdefault("frames", 9)
+        if s["method"] not in ("ddim", "ddpm"):
+            raise JobError(f"unknown interpolation method {s['method']!r}; choose ddim or ddpm")
+        if not 2 <= s["frames"] <= max(2, limits.max_batch):
+            raise JobError(f"frames must be within 2..{max(2, limits.max_batch)}, got {s['frames']}")
+        s.pop("sampler", None)
+    elif kind == "forward":
+        s.pop("sampler", None)
+    if kind in SAMPLED:
         if s["sampler"] not in SAMPLERS:
             raise JobError(f"unknown sampler {s['sampler']!r}; choose from: {', '.join(SAMPLERS)}")
         if s.get("spacing") is not None and s["spacing"] not in SPACINGS:
             raise JobError(f"unknown spacing {s['spacing']!r}; choose from: {', '.join(SPACINGS)}")
         sampler_options(s)
+    if kind == "img2img" and not 0 < s.get("strength", -1) <= 1:
+        raise JobError(f"strength must be within (0, 1], got {s.get('strength')}")
+    if kind == "sweep":
+        scales = s.get("scales") or []
+        if not 2 <= len(scales) <= MAX_SCALES or not all(0 <= float(x) <= 100 for x in scales):
+            raise JobError(f"give 2..{MAX_SCALES} guidance scales within 0..100")
+        for x in scales:
+            run.guided(guidance_of({**s, "guidance": float(x)}))
     if s.get("prompt") and run.text is None:
         raise JobError(f"{s['run']} takes no prompt (it is not a text-to-image run)")
     K = run.config.num_classes
@@ -212,7 +235,7 @@ class JobQueue:
                 raise QueueFull(f"the queue is full ({self.limits.max_queue} jobs); try again when some have run")
         run = self.runs.get(settings["run"])
         s = check(run, kind, settings, self.limits)
-        job = Job(uuid.uuid4().hex[:16], kind, s["run"], s, inputs or {}, steps=s["steps"])
+        job = Job(uuid.uuid4().hex[:16], kind, s["run"], s, inputs or {}, steps=s["steps"] * len(s.get("scales", [0])))
         with self.cv:
             if len(self.queue) >= self.limits.max_queue:  # checked again: others may have been queued meanwhile
                 raise QueueFull(f"the queue is full ({self.limits.max_queue} jobs); try again when some have run")
@@ -296,13 +319,14 @@ class JobQueue:
         for i in done[:max(0, len(done) - KEPT)]:
             del self.jobs[i]
 
-    def _callback(self, job: Job, run: DiffusionRun):
-        every = self.limits.preview_every
+    def _callback(self, job: Job, run: DiffusionRun, offset: list[int] | None = None):
+        """The sampler's callback: cancels, counts steps (after ``offset[0]`` done by earlier calls), makes previews."""
+        every, offset = self.limits.preview_every, offset or [0]
 
         def callback(step: int, x_t, x0_hat) -> None:
             if job.cancel.is_set():
                 raise Cancelled
-            job.step = step + 1
+            job.step = offset[0] + step + 1
             if every and (step + 1) % every == 0 and job.step < job.steps:
                 job.preview = _grid_png(to_uint8(run.decode(x0_hat).cpu()))
                 job.previews += 1
@@ -324,14 +348,49 @@ class JobQueue:
             y = op(to_model(image)[None].to(run.device))
             x = run.restore(y, op, method=s["method"], steps=s["steps"], seed=s["seed"], **cond, callback=callback)
             self.image_path(job.id, "input").write_bytes(pngs.encode(image))
-        else:
+        elif job.kind == "chain":
             x, traj = run.trajectory(1, **cond, sampler=s["sampler"], steps=s["steps"], spacing=s.get("spacing"),
                                      options=sampler_options(s), seed=s["seed"], callback=callback)
             N = len(traj.x0)
             job.chain = {"t": [float(t) for t in traj.t],
                          "x_t": [pngs.encode(to_uint8(traj.x_t[k, 0].cpu())) for k in range(N + 1)],
                          "x0": [pngs.encode(to_uint8(traj.x0[min(k, N - 1), 0].cpu())) for k in range(N + 1)]}
+        elif job.kind == "img2img":
+            image = to_model(job.inputs["image"])[None].to(run.device)
+            x = run.img2img(image, s["strength"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], options=sampler_options(s), **cond)
+        elif job.kind == "interpolate":
+            a, b = (to_model(job.inputs[k])[None].to(run.device) for k in ("image", "image_b"))
+            x = run.interpolate(a, b, s["frames"], method=s["method"], steps=s["steps"], seed=s["seed"], **cond)
+        elif job.kind == "sweep":  # one seed at each guidance scale: what the scale does, side by side
+            done, out = [0], []
+            callback = self._callback(job, run, done)
+            for scale in s["scales"]:
+                out.append(run.sample(1, prompt=s.get("prompt"), class_label=s.get("class_label"), guidance=guidance_of({**s, "guidance": float(scale)}),
+                                      sampler=s["sampler"], steps=s["steps"], spacing=s.get("spacing"), options=sampler_options(s), seed=s["seed"],
+                                      batch=1, callback=callback))
+                done[0] += s["steps"]
+            x = torch.cat(out)
+        else:
+            x = self._forward(job, run)
         return to_uint8(x.cpu())
+
+    def _forward(self, job: Job, run: DiffusionRun) -> torch.Tensor:
+        """The forward process of the job's image at steps + 1 levels from t_max to 0 (x_t = alpha x_0 + sigma eps,
+        one eps from the seed; a latent run's in its latent space, decoded to be seen); returns 8 of them."""
+        s, process = job.settings, run.process
+        z0 = run.encode(to_model(job.inputs["image"])[None].to(run.device))
+        eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(s["seed"])).to(z0.device)
+        ts = torch.linspace(float(process.t_max), 0.0, s["steps"] + 1, dtype=torch.float64)
+        frames = []
+        for k, t in enumerate(ts):
+            if job.cancel.is_set():
+                raise Cancelled
+            frames.append(run.decode(process.q_sample(z0, t[None], eps).float()) if t > 0 else run.decode(z0))
+            job.step = k
+        original = pngs.encode(to_uint8(frames[-1][0].cpu()))
+        job.chain = {"t": ts.tolist(), "x_t": [pngs.encode(to_uint8(f[0].cpu())) for f in frames], "x0": [original] * len(frames)}
+        picks = torch.linspace(0, s["steps"], min(8, s["steps"] + 1)).round().long().tolist()
+        return torch.cat([frames[k] for k in picks])
 
     def _write(self, job: Job, images: torch.Tensor) -> None:
         """Each image as a PNG with the settings that reproduce it (seed + i, batch 1), then a grid of all."""

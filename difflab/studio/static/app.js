@@ -287,22 +287,77 @@ $("inpaint").onclick = async () => {
   } else if (end) showError(end.error || end.status);
 };
 
+async function runJob(path, body) {
+  // Queue a job and wait for its end; null (and the error shown) unless it is done.
+  const job = await post(path, body).catch(() => null);
+  if (!job) return null;
+  const end = await follow(job, () => {});
+  if (end?.status !== "done") { if (end) showError(end.error || end.status); return null; }
+  return end;
+}
+
+function readFile(input) {
+  return new Promise((resolve) => {
+    const file = input.files[0];
+    if (!file) { showError("choose an image first"); resolve(null); return; }
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.readAsDataURL(file);
+  });
+}
+
+$("img2img").onclick = async () => {
+  if (!edit.image) { showError("upload an image first"); return; }
+  const s = settings();
+  delete s.batch;
+  const end = await runJob("/api/img2img", { ...s, sampler: "ddim", steps: Number($("edit-steps").value), image: edit.data,
+                                              strength: Number($("strength").value) });
+  if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/0.png`; state.log.push(`img2img ${end.id}`); }
+};
+
+$("interpolate").onclick = async () => {
+  const b = await readFile($("edit-file-b"));
+  if (!edit.image || !b) { showError("upload two images (image and second image)"); return; }
+  const s = settings();
+  const end = await runJob("/api/interpolate", { run: s.run, prompt: s.prompt, class_label: s.class_label, seed: s.seed,
+    steps: Number($("edit-steps").value), frames: Number($("frames").value), method: $("interp-method").value, image: edit.data, image_b: b });
+  if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/grid.png`; state.log.push(`interpolated ${end.id}`); }
+};
+
 // ------------------------------------------------------------------ chain explorer
+
+$("sweep-run").onclick = async () => {
+  const s = settings();
+  delete s.batch; delete s.guidance;
+  const scales = $("sweep-scales").value.split(/[ ,]+/).filter((v) => v !== "").map(Number);
+  const end = await runJob("/api/sweep", { ...s, scales });
+  if (end) { $("sweep-result").src = `/api/jobs/${end.id}/images/grid.png`; state.log.push(`sweep ${end.id}`); }
+};
+
+$("forward-run").onclick = async () => {
+  const image = await readFile($("forward-file"));
+  if (!image) return;
+  const s = settings();
+  const end = await runJob("/api/forward", { run: s.run, image, steps: s.steps, seed: s.seed });
+  if (end) showChainJob(end, "the image x<sub>0</sub>");
+};
 
 $("chain-run").onclick = async () => {
   const s = settings();
   delete s.batch;
-  const job = await post("/api/chain", s).catch(() => null);
-  if (!job) return;
-  const end = await follow(job, () => {});
-  if (end?.status !== "done") { if (end) showError(end.error || end.status); return; }
+  const end = await runJob("/api/chain", s);
+  if (end) showChainJob(end, "predicted x<sub>0</sub>");
+};
+
+function showChainJob(end, caption) {
+  $("chain-x0-caption").innerHTML = caption;
   state.chainJob = end;
   const slider = $("chain-slider");
   slider.max = end.chain.positions - 1;
   slider.value = 0;
   slider.disabled = false;
   showChain();
-};
+}
 
 function showChain() {
   const j = state.chainJob, k = Number($("chain-slider").value);
