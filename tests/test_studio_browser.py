@@ -133,6 +133,15 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         result = png_array(api(f"{base}/api/jobs/{job}/images/0.png"))
         assert np.array_equal(result[0][~mask], digit[0].numpy()[~mask])  # outside the mask, exactly the input
         assert api(f"{base}/api/jobs/{job}")["settings"]["mask_pixels"] == int(mask.sum())
+        page.fill("#strength", "0.5")
+        page.click("#img2img")
+        job = wait_log(page, "img2img ").split()[1]
+        assert api(f"{base}/api/jobs/{job}")["settings"]["strength"] == 0.5
+        page.set_input_files("#edit-file-b", str(tmp_path / "digit.png"))
+        page.fill("#frames", "3")
+        page.click("#interpolate")
+        job = wait_log(page, "interpolated ").split()[1]
+        assert api(f"{base}/api/jobs/{job}")["images"] == 3
 
 
 def test_queue_five_cancel_the_third(page, tmp_path, digits_runs):
@@ -180,9 +189,23 @@ def test_chain_explorer_slider(page, tmp_path, digits_runs):
             seen.append(page.evaluate("""() => { const c = document.createElement('canvas'), i = document.getElementById('chain-xt');
                 c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0);
                 return Array.from(g.getImageData(0, 0, c.width, c.height).data); }"""))
-            if k == 5:
-                screenshot(page, "chain")
         assert seen[0] != seen[2]  # noise at the start, the sample at the end
+
+        page.fill("#sweep-scales", "1, 3")
+        page.click("#sweep-run")
+        job = wait_log(page, "sweep ").split()[1]
+        images_loaded(page, "#sweep-result")
+        assert api(f"{base}/api/jobs/{job}")["settings"]["scales"] == [1, 3]
+        screenshot(page, "chain")
+
+        digit = load_images("digits", split="test").images[0]
+        (tmp_path / "digit.png").write_bytes(pngs.encode(digit))
+        page.set_input_files("#forward-file", str(tmp_path / "digit.png"))
+        page.click("#forward-run")
+        page.wait_for_function("document.getElementById('chain-x0-caption').textContent.startsWith('the image')")
+        page.fill("#chain-slider", "10")
+        page.wait_for_function("document.getElementById('chain-xt').src.includes('/chain/10/')")
+        images_loaded(page, "#chain-xt")
 
 
 def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):
