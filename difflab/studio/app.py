@@ -60,6 +60,7 @@ class Conditions(BaseModel):
     rescale: float | None = Field(None, ge=0, le=1)
     steps: int | None = Field(None, ge=1, le=100000)
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="none: a random seed, recorded")
+    lora: list[tuple[str, float]] | None = Field(None, max_length=4, description="LoRA adapters: [[adapter run, strength], ...]")
 
 
 class GenerateRequest(Conditions):

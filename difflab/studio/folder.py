@@ -78,6 +78,7 @@ class RunsFolder:
             "classes": cfg.num_classes,
             "latent": cfg.latent is not None,
             "super_resolution": cfg.super_resolution is not None,
+            "adapter": cfg.lora is not None,  # a LoRA run: its adapters load over its base run (``lora`` of a job)
             "shape": cfg.data_shape,
             "steps_trained": weights_step(path) if checkpoint else 0,
             "steps_planned": cfg.train.steps,

@@ -45,6 +45,7 @@ from .history import History
 KINDS = ("generate", "inpaint", "chain", "img2img", "interpolate", "sweep", "forward")
 SAMPLED = ("generate", "chain", "img2img", "sweep")  # the kinds that take a sampler (inpaint: a method; interpolate: ddim or ddpm)
 MAX_SCALES = 8  # guidance scales side by side
+MAX_ADAPTERS, MAX_STRENGTH = 4, 4.0  # LoRA adapters of a job, and their strengths' range
 FINISHED = ("done", "cancelled", "failed", "interrupted")
 MAX_SEED = 2**31 - 1
 KEPT = 64  # finished jobs kept in memory (their previews and chains); older ones live in the history alone
@@ -103,22 +104,26 @@ class Job:
 
 
 class LoadedRuns:
-    """A small LRU of loaded runs, keyed by (name, newest checkpoint)."""
+    """A small LRU of loaded runs, keyed by (name, newest checkpoint, LoRA adapters): a run with adapters is loaded
+    afresh (the adapters are injected into its network, so the plain run is never changed under another job)."""
 
     def __init__(self, folder: RunsFolder, size: int, device: str | torch.device = "cpu"):
         self.folder, self.size, self.device = folder, max(1, size), device
         self.cache: OrderedDict[tuple, DiffusionRun] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, name: str) -> DiffusionRun:
+    def get(self, name: str, lora=()) -> DiffusionRun:
         path = self.folder.path(name)
+        for adapter, _ in lora:
+            self.folder.path(adapter)  # each adapter is a run of this folder too (NotFound otherwise)
+        adapters = tuple((a, float(s)) for a, s in lora)
         checkpoint = latest_checkpoint(path)
-        key = (name, None if checkpoint is None else checkpoint.name)
+        key = (name, None if checkpoint is None else checkpoint.name, adapters)
         with self.lock:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key]
-            run = DiffusionRun.load(path, device=self.device)  # another kind is refused in one line (a ValueError)
+            run = DiffusionRun.load(path, device=self.device, lora=[(self.folder.path(a), s) for a, s in adapters])  # another kind: a ValueError
             if run.config.data_kind != "images" or run.config.super_resolution is not None:
                 raise JobError(f"{name} makes {'upscalings' if run.config.super_resolution else run.config.data_kind}; the studio samples image runs")
             run.fingerprint  # read once, outside the worker's timing
@@ -158,6 +163,8 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
     s.setdefault("batch", 1)
     if s.get("seed") is None:
         s["seed"] = random.randint(0, MAX_SEED)
+    if len(s.get("lora", [])) > MAX_ADAPTERS or not all(-MAX_STRENGTH <= st <= MAX_STRENGTH for _, st in s.get("lora", [])):
+        raise JobError(f"give at most {MAX_ADAPTERS} LoRA adapters, strengths within -{MAX_STRENGTH}..{MAX_STRENGTH}")
     if not 1 <= s["steps"] <= limits.max_steps:
         raise JobError(f"steps must be within 1..{limits.max_steps}, got {s['steps']}")
     if not 1 <= s["batch"] <= (1 if kind != "generate" else limits.max_batch):
@@ -233,7 +240,10 @@ class JobQueue:
         with self.cv:
             if len(self.queue) >= self.limits.max_queue:
                 raise QueueFull(f"the queue is full ({self.limits.max_queue} jobs); try again when some have run")
-        run = self.runs.get(settings["run"])
+        lora = settings.get("lora") or ()
+        if len(lora) > MAX_ADAPTERS:
+            raise JobError(f"give at most {MAX_ADAPTERS} LoRA adapters")
+        run = self.runs.get(settings["run"], lora)
         s = check(run, kind, settings, self.limits)
         job = Job(uuid.uuid4().hex[:16], kind, s["run"], s, inputs or {}, steps=s["steps"] * len(s.get("scales", [0])))
         with self.cv:
@@ -335,7 +345,7 @@ class JobQueue:
 
     def _run(self, job: Job) -> torch.Tensor:
         """The job's images, uint8 (N, C, H, W)."""
-        run, s = self.runs.get(job.run), job.settings
+        run, s = self.runs.get(job.run, job.settings.get("lora") or ()), job.settings
         g = guidance_of(s)
         cond = {"prompt": s.get("prompt"), "class_label": s.get("class_label"), "guidance": g}
         callback = self._callback(job, run)

@@ -50,6 +50,7 @@ async function loadRuns() {
                      `${r.steps_trained ?? ""} / ${r.steps_planned ?? ""}`]) row.insertCell().textContent = v;
     row.onclick = () => { select.value = r.name; onRunChange(); loadRunDetail(); };
     if (r.generates) select.add(new Option(r.name + (r.shipped ? " (shipped)" : ""), r.name));
+    if (r.adapter) $("lora").add(new Option(r.name, r.name));
   }
   $("sampler").innerHTML = "";
   for (const s of data.samplers) $("sampler").add(new Option(s, s));
@@ -121,6 +122,7 @@ function settings() {
     eta: num("eta"),
     seed: $("random-seed").checked ? null : num("seed"),
     batch: num("batch") ?? 1,
+    lora: $("lora").value ? [[$("lora").value, num("lora-strength") ?? 1]] : null,
   };
 }
 
@@ -132,6 +134,7 @@ function useSettings(s) {
   set("interval_lo", s.interval?.[0]); set("interval_hi", s.interval?.[1]);
   if (s.sampler) set("sampler", s.sampler);
   set("spacing", s.spacing); set("seed", s.seed); set("batch", s.batch ?? 1);
+  set("lora", s.lora?.[0]?.[0]); set("lora-strength", s.lora?.[0]?.[1] ?? 1);
   $("random-seed").checked = false;
   showPanel("generate");
 }
@@ -276,7 +279,7 @@ function maskPng() {
 $("inpaint").onclick = async () => {
   if (!edit.image) { showError("upload an image first"); return; }
   const s = settings();
-  const body = { run: s.run, prompt: s.prompt, class_label: s.class_label, guidance: s.guidance, seed: s.seed,
+  const body = { run: s.run, prompt: s.prompt, class_label: s.class_label, guidance: s.guidance, seed: s.seed, lora: s.lora,
                  steps: Number($("edit-steps").value), method: $("method").value, image: edit.data, mask: maskPng() };
   const job = await post("/api/inpaint", body).catch(() => null);
   if (!job) return;
@@ -319,7 +322,7 @@ $("interpolate").onclick = async () => {
   const b = await readFile($("edit-file-b"));
   if (!edit.image || !b) { showError("upload two images (image and second image)"); return; }
   const s = settings();
-  const end = await runJob("/api/interpolate", { run: s.run, prompt: s.prompt, class_label: s.class_label, seed: s.seed,
+  const end = await runJob("/api/interpolate", { run: s.run, prompt: s.prompt, class_label: s.class_label, seed: s.seed, lora: s.lora,
     steps: Number($("edit-steps").value), frames: Number($("frames").value), method: $("interp-method").value, image: edit.data, image_b: b });
   if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/grid.png`; state.log.push(`interpolated ${end.id}`); }
 };
