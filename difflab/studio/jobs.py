@@ -20,6 +20,7 @@ holds the settings that reproduce it: its own seed and batch 1 (sample i of a ca
 from __future__ import annotations
 
 import inspect
+import io
 import random
 import threading
 import time
@@ -338,7 +339,7 @@ class JobQueue:
                 raise Cancelled
             job.step = offset[0] + step + 1
             if every and (step + 1) % every == 0 and job.step < job.steps:
-                job.preview = _grid_png(to_uint8(run.decode(x0_hat).cpu()))
+                job.preview = grid_png(to_uint8(run.decode(x0_hat).cpu()))
                 job.previews += 1
 
         return callback
@@ -408,13 +409,12 @@ class JobQueue:
         for i, image in enumerate(images):
             own = {**s, "kind": job.kind, "seed": s["seed"] + i, "batch": 1, "job": job.id, "index": i}
             _atomic_write(self.image_path(job.id, i), pngs.encode(image, own))
-        _atomic_write(self.image_path(job.id, "grid"), _grid_png(images))
+        _atomic_write(self.image_path(job.id, "grid"), grid_png(images))
         job.images = len(images)
 
 
-def _grid_png(images: torch.Tensor) -> bytes:
-    import io
-
+def grid_png(images: torch.Tensor) -> bytes:
+    """uint8 (N, C, H, W) -> one PNG of them in a grid (a preview, a job's overview)."""
     out = io.BytesIO()
     image_grid(images).save(out, format="PNG")
     return out.getvalue()
