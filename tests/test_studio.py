@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import random
 import shutil
@@ -28,14 +27,14 @@ import torch
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-import difflab  # noqa: E402
-from difflab.cli.studio import needs_token  # noqa: E402
-from difflab.data.images import to_model, to_uint8  # noqa: E402
-from difflab.studio import pngs  # noqa: E402
-from difflab.studio.app import create_app  # noqa: E402
-from difflab.studio.folder import NotFound, check_name  # noqa: E402
-from difflab.studio.history import History  # noqa: E402
-from difflab.studio.jobs import Limits, grid_png  # noqa: E402
+import difflab
+from difflab.cli.studio import needs_token
+from difflab.data.images import to_model, to_uint8
+from difflab.studio import pngs
+from difflab.studio.app import create_app
+from difflab.studio.folder import NotFound, check_name
+from difflab.studio.history import History
+from difflab.studio.jobs import Limits, grid_png
 
 FINISHED = ("done", "cancelled", "failed", "interrupted")
 

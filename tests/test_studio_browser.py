@@ -19,10 +19,10 @@ import pytest
 pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'difflab[test]')")
 
-from difflab.data.images import load_images  # noqa: E402
-from difflab.studio import pngs  # noqa: E402
+from test_studio import api, png_array, runs_folder, served
 
-from test_studio import api, png_array, runs_folder, served  # noqa: E402
+from difflab.data.images import load_images
+from difflab.studio import pngs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")]

@@ -20,9 +20,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, File, Path as PathParam, Query, Request, UploadFile
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +40,7 @@ from ..sampling.samplers import SAMPLERS, SPACINGS
 from . import pngs
 from .folder import STUDIO_DIR, NotFound, RunsFolder, _line
 from .history import History
-from .jobs import FINISHED, JobError, JobQueue, Limits, QueueFull
+from .jobs import FINISHED, JobQueue, Limits, QueueFull
 
 COOKIE = "difflab_studio_token"
 STATIC = resources.files("difflab.studio") / "static"
@@ -106,8 +113,9 @@ class ForwardRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
-def create_app(runs: str | Path, *, token: str | None = None, limits: Limits = Limits(), device: str = "cpu") -> FastAPI:
+def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | None = None, device: str = "cpu") -> FastAPI:
     """The studio over the runs folder ``runs`` (its .studio/ folder is created on first start)."""
+    limits = limits or Limits()
     folder = RunsFolder(runs)
     if not folder.root.is_dir():
         raise ValueError(f"--runs {runs}: no such folder")
@@ -152,7 +160,7 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits = L
                 return JSONResponse({"error": "this studio needs its token (?token=..., or Authorization: Bearer ...)"}, status_code=401)
         try:
             response = await call_next(request)
-        except Exception as e:  # the last guard: a bug answers one line, never a traceback
+        except Exception as e:  # noqa: BLE001 -- the last guard: a bug answers one line, never a traceback
             return JSONResponse({"error": f"internal error: {_line(e)}"}, status_code=500)
         if token is not None and request.query_params.get("token") and request.url.path == "/":
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
@@ -236,7 +244,7 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits = L
     @app.post("/api/inpaint", summary="Queue an inpainting job (run.restore with a mask operator)")
     def inpaint(request: Request, body: InpaintRequest):
         run = loaded(request, body.run)
-        C, H, W = run.config.data_shape
+        _, H, W = run.config.data_shape
         image = run_image(run, body.run, body.image)
         mask = _image(body.mask, 1, limits, "mask")[0]
         if tuple(mask.shape) != (H, W):

@@ -7,6 +7,7 @@ studio read or write outside it. Shipped models (runs/shipped.py) are listed by 
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -114,14 +115,7 @@ class RunsFolder:
 def _parameter_count(weights: Path) -> int:
     """The EMA network's parameter count, from the safetensors header alone (no tensor is read)."""
     with safe_open(str(weights), framework="pt") as f:
-        keys = [k for k in f.keys() if k.startswith("ema.")]
-        total = 0
-        for k in keys:
-            n = 1
-            for d in f.get_slice(k).get_shape():
-                n *= d
-            total += n
-    return total
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith("ema."))  # noqa: SIM118 (a safetensors handle)
 
 
 def _line(e: BaseException) -> str:

@@ -127,7 +127,7 @@ class LoadedRuns:
             run = DiffusionRun.load(path, device=self.device, lora=[(self.folder.path(a), s) for a, s in adapters])  # another kind: a ValueError
             if run.config.data_kind != "images" or run.config.super_resolution is not None:
                 raise JobError(f"{name} makes {'upscalings' if run.config.super_resolution else run.config.data_kind}; the studio samples image runs")
-            run.fingerprint  # read once, outside the worker's timing
+            _ = run.fingerprint  # read once here, not inside a job's timing
             self.cache[key] = run
             while len(self.cache) > self.size:
                 self.cache.popitem(last=False)
@@ -224,8 +224,8 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
 class JobQueue:
     """FIFO jobs, one worker thread (see the module doc)."""
 
-    def __init__(self, folder: RunsFolder, history: History, images: Path, limits: Limits = Limits(), device="cpu"):
-        self.folder, self.history, self.images, self.limits = folder, history, Path(images), limits
+    def __init__(self, folder: RunsFolder, history: History, images: Path, limits: Limits | None = None, device="cpu"):
+        self.folder, self.history, self.images, self.limits = folder, history, Path(images), limits or Limits()
         self.runs = LoadedRuns(folder, limits.loaded_runs, device)
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self.queue: deque[Job] = deque()
@@ -317,7 +317,7 @@ class JobQueue:
                 status, error = "done", None
             except Cancelled:
                 status, error = ("interrupted" if self.stopping else "cancelled"), None
-            except Exception as e:  # the library's ValueError, or anything else: the job fails, the server stays up
+            except Exception as e:  # noqa: BLE001 -- the library's ValueError or anything else: the job fails, the server stays up
                 status, error = "failed", _line(e)
             with self.cv:
                 self._finish(job, status, error)
