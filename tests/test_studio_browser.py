@@ -39,6 +39,7 @@ def browser():
 @pytest.fixture
 def page(browser):
     context = browser.new_context(viewport={"width": 1200, "height": 760})
+    context.set_default_timeout(90_000)  # the machine may be busy with trainings: slow is not wrong
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -196,6 +197,9 @@ def test_chain_explorer_slider(page, tmp_path, digits_runs):
         job = wait_log(page, "sweep ").split()[1]
         images_loaded(page, "#sweep-result")
         assert api(f"{base}/api/jobs/{job}")["settings"]["scales"] == [1, 3]
+        page.fill("#chain-slider", "4")  # half way: x_t still noisy, the prediction already a digit
+        page.wait_for_function("document.getElementById('chain-xt').src.includes('/chain/4/')")
+        images_loaded(page, "#chain-xt, #chain-x0")
         screenshot(page, "chain")
 
         digit = load_images("digits", split="test").images[0]

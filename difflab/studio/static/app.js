@@ -12,7 +12,13 @@ function showError(message) {
 }
 
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  let response;
+  try {
+    response = await fetch(path, options);
+  } catch (e) {
+    showError("the studio server is not reachable");
+    throw e;
+  }
   const body = response.headers.get("content-type")?.includes("json") ? await response.json() : null;
   if (!response.ok) {
     const message = body?.error || `${response.status} ${response.statusText}`;
@@ -23,6 +29,9 @@ async function api(path, options = {}) {
   return body;
 }
 
+// The last guard: a failure nobody caught is shown in the error line, never left to the console.
+window.addEventListener("unhandledrejection", (e) => { showError(e.reason?.message || String(e.reason)); e.preventDefault(); });
+
 const post = (path, data) => api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(data) });
 
 // ------------------------------------------------------------------ panels
@@ -30,8 +39,8 @@ const post = (path, data) => api(path, { method: "POST", headers: { "Content-Typ
 function showPanel(name) {
   for (const b of document.querySelectorAll("nav button")) b.classList.toggle("active", b.dataset.panel === name);
   for (const p of document.querySelectorAll(".panel")) p.hidden = p.id !== `panel-${name}`;
-  if (name === "history") loadHistory();
-  if (name === "runs") loadRunDetail();
+  if (name === "history") loadHistory().catch(() => {});
+  if (name === "runs") loadRunDetail().catch(() => {});
 }
 for (const b of document.querySelectorAll("nav button")) b.onclick = () => showPanel(b.dataset.panel);
 
@@ -48,7 +57,7 @@ async function loadRuns() {
     row.dataset.run = r.name;
     for (const v of [r.name, r.kind || "", r.dataset || "", (r.conditions || []).join(", "), (r.parameters || 0).toLocaleString(),
                      `${r.steps_trained ?? ""} / ${r.steps_planned ?? ""}`]) row.insertCell().textContent = v;
-    row.onclick = () => { select.value = r.name; onRunChange(); loadRunDetail(); };
+    row.onclick = () => { select.value = r.name; onRunChange(); loadRunDetail().catch(() => {}); };
     if (r.generates) select.add(new Option(r.name + (r.shipped ? " (shipped)" : ""), r.name));
     if (r.adapter) $("lora").add(new Option(r.name, r.name));
   }
@@ -83,7 +92,7 @@ async function loadRunDetail() {
   $("run-title").textContent = `${d.name}: ${d.kind}, ${d.dataset}, ${d.steps_trained} of ${d.steps_planned} steps`;
   drawCurve($("loss-chart"), d.metrics);
   if (d.pictures.includes("samples.png")) $("run-samples").src = `/api/runs/${encodeURIComponent(name)}/pictures/samples.png?s=${d.steps_trained}`;
-  if (d.steps_trained < d.steps_planned) detailTimer = setTimeout(loadRunDetail, 5000);  // still training: a live chart
+  if (d.steps_trained < d.steps_planned) detailTimer = setTimeout(() => loadRunDetail().catch(() => {}), 5000);  // still training: a live chart
 }
 
 function drawCurve(canvas, rows) {
@@ -155,9 +164,9 @@ function follow(job, onUpdate) {
 async function generate() {
   const job = await post("/api/generate", settings());
   if (!$("random-seed").checked) $("seed").value = job.settings.seed;
-  refreshQueue();
+  refreshQueue().catch(() => {});
   if (state.job && !["done", "cancelled", "failed"].includes(state.job.status)) return;  // queued behind the one shown
-  watch(job);
+  watch(job).catch(() => {});
 }
 
 async function watch(job) {
@@ -174,7 +183,7 @@ async function watch(job) {
       $("preview").src = `/api/jobs/${j.id}/preview.png?n=${previews}`;
       state.log.push(`preview ${j.id} ${previews}`);
     }
-    refreshQueue();
+    refreshQueue().catch(() => {});
   });
   $("cancel").disabled = true;
   if (end?.status === "done") {
@@ -190,9 +199,11 @@ async function watch(job) {
   } else if (end?.status === "failed") {
     showError(end.error);
   }
-  refreshQueue();
-  const next = (await api("/api/jobs")).jobs.find((j) => j.kind === "generate" && ["queued", "running"].includes(j.status));
-  if (next) watch(next);
+  try {
+    await refreshQueue();
+    const next = (await api("/api/jobs")).jobs.find((j) => j.kind === "generate" && ["queued", "running"].includes(j.status));
+    if (next) watch(next).catch(() => {});
+  } catch (e) { /* shown in the error line */ }
 }
 
 async function refreshQueue() {
@@ -207,7 +218,7 @@ async function refreshQueue() {
     if (["queued", "running"].includes(j.status)) {
       const b = document.createElement("button");
       b.textContent = "cancel"; b.className = "cancel";
-      b.onclick = () => post(`/api/jobs/${j.id}/cancel`, {}).then(refreshQueue);
+      b.onclick = () => post(`/api/jobs/${j.id}/cancel`, {}).then(refreshQueue).catch(() => {});
       li.append(b);
     }
     list.append(li);
@@ -417,5 +428,5 @@ document.addEventListener("drop", (e) => {
 
 loadRuns().then(refreshQueue).then(async () => {
   const running = (await api("/api/jobs")).jobs.find((j) => j.kind === "generate" && ["queued", "running"].includes(j.status));
-  if (running) watch(running);  // the queue survives a page reload
+  if (running) watch(running).catch(() => {});  // the queue survives a page reload
 }).catch(() => {});
