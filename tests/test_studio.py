@@ -123,6 +123,14 @@ def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def resident_mib() -> float:
+    """This process's resident memory now (Linux /proc), in MiB (the server runs in this process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def png_array(data: bytes) -> np.ndarray:
     x, _ = pngs.decode(data)
     return x.numpy()
@@ -331,6 +339,8 @@ def test_load_50_concurrent_requests(digits_studio):
     body = {"run": "dc", "class_label": 1, "steps": 20, "seed": 0, "batch": 4}
     with served(digits_studio, limits=limits) as base:
         api(f"{base}/api/runs")
+        wait(base, api(f"{base}/api/generate", "POST", body)["id"])  # the run loaded and one job run: memory at rest
+        rss = resident_mib()
         with ThreadPoolExecutor(50) as pool:
             answers = list(pool.map(lambda i: call(f"{base}/api/generate", "POST", {**body, "seed": i}), range(50)))
         statuses = [a[0] for a in answers]
@@ -338,9 +348,12 @@ def test_load_50_concurrent_requests(digits_studio):
         assert set(statuses) <= {200, 429} and statuses.count(429) > 0
         assert 10 <= len(accepted) <= 11  # the queue's 10, and one more when the worker took a job meanwhile
         assert all(wait(base, i)["status"] == "done" for i in accepted)  # none lost
-        assert len(api(f"{base}/api/history?limit=100")["jobs"]) == len(accepted)
+        assert len(api(f"{base}/api/history?limit=100")["jobs"]) == len(accepted) + 1
         assert len(api(f"{base}/api/jobs")["jobs"]) <= 64  # memory: a bounded number of jobs is kept
-    print(f"\nload: 50 concurrent requests, {len(accepted)} accepted, {statuses.count(429)} refused with 429, all accepted done")
+        grown = resident_mib() - rss
+        assert grown < 200
+    print(f"\nload: 50 concurrent requests, {len(accepted)} accepted, {statuses.count(429)} refused with 429, all accepted done; "
+          f"resident memory {rss:.0f} MiB before, {grown:+.0f} MiB after")
 
 
 def test_restart_keeps_history_and_interrupts(digits_studio):
