@@ -32,7 +32,7 @@ def main() -> None:
     pictures = []
     if T2I in shipped_models():
         prompts = [a for p in PROMPTS for a in ("--prompt", p)]
-        run([["sample", T2I, *prompts, "-n", "32", "--guidance", "3", "--seed", "0", "--out", f"{OUT}/text-to-image.png"]])
+        run([["sample", T2I, *prompts, "-n", "32", "--guidance", "5", "--seed", "0", "--out", f"{OUT}/text-to-image.png"]])
         pictures.append("text-to-image.png")
     run(
         [
