@@ -1,6 +1,6 @@
 """The `difflab` command: a thin layer over the library, one small module per command.
 
-    difflab data | train | train-classifier | sample | trajectories | restore | upscale | interpolate | img2img | eval | features train | models
+    difflab data | train | train-classifier | sample | trajectories | restore | upscale | interpolate | img2img | eval | features train | models | studio
 
 Each module parses and validates its options (shared groups in ``options.py``) and calls the library.
 Bad input (unknown names, out-of-range numbers, missing or corrupt files, options a sampler or a model
