@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS  # noqa: E402
-from difflab.cli import main as difflab  # noqa: E402
 from difflab.data.images import load_images  # noqa: E402
 from difflab.evaluation.evaluate import evaluate  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
@@ -60,7 +60,7 @@ def trained(name: str, argv: list[str]) -> tuple[Path, float]:
     if not has_checkpoint(run) or weights_step(run) < steps:
         print(f"$ difflab {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
-        rc = difflab([*argv, "--resume"] if has_checkpoint(run) else argv)
+        rc = subprocess.run([sys.executable, "-m", "difflab", *([*argv, "--resume"] if has_checkpoint(run) else argv)]).returncode
         spent += time.perf_counter() - t0
         book.write_text(json.dumps({"seconds": spent}))
         if rc != 0:
