@@ -81,6 +81,11 @@ def test_the_callback_sees_every_step_of_the_chain(digits_runs, latent_runs):
         assert all(x_t.shape == (4, *model.config.shape) == x0.shape for _, x_t, x0 in seen)
         # the last prediction is the sample (dpmpp-2m's step into t = 0 returns x0_hat), decoded for a latent run
         assert torch.allclose(model.decode(seen[-1][2]), x, atol=1e-5)
+        # img2img: every step of the shortened chain (strength 0.5 of 20 DDIM steps), and the callback changes nothing
+        seen.clear()
+        edited = model.img2img(x[:2], 0.5, steps=20, class_label=[1, 2], callback=lambda i, x_t, x0: seen.append(i))
+        assert seen == list(range(len(seen))) and 8 <= len(seen) <= 11
+        torch.testing.assert_close(edited, model.img2img(x[:2], 0.5, steps=20, class_label=[1, 2]), rtol=0, atol=0)
 
 
 def test_load_gives_each_kind_its_object_and_refuses_the_wrong_one(digits_runs, latent_runs, tiny_toy_run):

@@ -201,14 +201,15 @@ class DiffusionRun(Run):
 
     def img2img(self, images: Tensor, strength: float, *, n: int = 1, steps: int = 50, sampler: str = "ddim", seed: int = 0,
                 options: dict | None = None, prompt=None, negative_prompt=None, class_label=None, guidance=None, batch: int = 250,
-                progress: bool = False) -> Tensor:
+                progress: bool = False, callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
         """SDEdit: n variations of each data-space image (seeds seed + i, inputs in order), noised to
-        strength * t_max and denoised back; strength 1 ignores the image."""
+        strength * t_max and denoised back; strength 1 ignores the image. ``callback(step, x_t, x0_hat)`` as for
+        ``sample``, at every step of the shortened chain."""
         self._images_only("image-to-image")
         x = self.encode(images).repeat_interleave(n, dim=0)
         denoiser, cond = self._setup(len(x), prompt, class_label, guidance, negative_prompt)
         return sdedit(denoiser, x, strength, steps=steps, sampler=sampler, seed=seed, cond=cond or None, options=options, batch=batch,
-                      progress=progress, decode=self.decode)
+                      progress=progress, decode=self.decode, callback=_step_callback(callback))
 
     def interpolate(self, a: Tensor, b: Tensor, frames: int = 9, *, method: str = "ddim", t: float = 0.5, steps: int = 50,
                     seed: int = 0, prompt=None, negative_prompt=None, class_label=None, guidance=None) -> Tensor:

@@ -48,10 +48,12 @@ def _mix_cond(cond_a: dict | None, cond_b: dict | None, lam: float, specs) -> di
 
 
 def img2img(denoiser, x: Tensor, strength: float, *, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-            cond: dict | None = None, options: dict | None = None, batch: int = 250, progress: bool = False, decode=None) -> Tensor:
-    """SDEdit: x (n, ...) in the model space noised to strength * t_max and denoised; strength 1 ignores x."""
+            cond: dict | None = None, options: dict | None = None, batch: int = 250, progress: bool = False, decode=None,
+            callback=None) -> Tensor:
+    """SDEdit: x (n, ...) in the model space noised to strength * t_max and denoised; strength 1 ignores x.
+    ``callback`` is the samplers' callback(i, t, x_t, prediction), at every step of the shortened chain."""
     return generate(denoiser, x.shape[1:], len(x), sampler=sampler, steps=steps, options=options, cond=cond, seed=seed, batch=batch,
-                    init=x, strength=strength, progress=progress, decode=decode)
+                    init=x, strength=strength, progress=progress, decode=decode, callback=callback)
 
 
 def interpolate(denoiser, a: Tensor, b: Tensor, frames: int = 9, *, method: str = "ddim", t: float = 0.5,

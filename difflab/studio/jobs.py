@@ -13,8 +13,8 @@ in a small LRU, keyed by run and checkpoint (a run still training is reloaded wh
 Kinds: ``generate`` (run.sample), ``inpaint`` (run.restore with a Mask operator), ``chain`` (run.trajectory:
 x_t and x0_hat at every step, for the chain explorer), ``img2img`` (SDEdit, run.img2img), ``interpolate``
 (run.interpolate between two images), ``sweep`` (one seed at several guidance scales, side by side) and
-``forward`` (the forward process q(x_t | x_0) of an image, no network). img2img and interpolate take no callback
-in the library: they show no preview and are cancelled only while queued. Every image written is a PNG whose ``parameters`` chunk
+``forward`` (the forward process q(x_t | x_0) of an image, no network). interpolate takes no callback in the
+library: it shows no preview and is cancelled only while queued. Every image written is a PNG whose ``parameters`` chunk
 holds the settings that reproduce it: its own seed and batch 1 (sample i of a call has seed ``seed + i``)."""
 
 from __future__ import annotations
@@ -368,7 +368,8 @@ class JobQueue:
                          "x0": [pngs.encode(to_uint8(traj.x0[min(k, N - 1), 0].cpu())) for k in range(N + 1)]}
         elif job.kind == "img2img":
             image = to_model(job.inputs["image"])[None].to(run.device)
-            x = run.img2img(image, s["strength"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], options=sampler_options(s), **cond)
+            x = run.img2img(image, s["strength"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], options=sampler_options(s), **cond,
+                            callback=callback)
         elif job.kind == "interpolate":
             a, b = (to_model(job.inputs[k])[None].to(run.device) for k in ("image", "image_b"))
             x = run.interpolate(a, b, s["frames"], method=s["method"], steps=s["steps"], seed=s["seed"], **cond)
