@@ -3,8 +3,8 @@
 Data: two different digits side by side (8 x 16), captioned in either order, "a three on the left and a seven
 on the right" or "a seven on the right and a three on the left" (a fair coin per pair), read by MiniLM (frozen):
 the side is in the words "left" and "right", not in which digit is named first (with the left one always named
-first, even the U-Net without positions put 100 % of the named left digits on the left at s = 3, 600 steps). One small latent-free U-Net per variant, the same seed, batches and steps; only where
-positions enter differs (``--position`` of `difflab train --text`):
+first, even the U-Net without positions put 100 % of the named left digits on the left at s = 3, 600 steps).
+One small latent-free U-Net per variant, the same seed, batches and steps; only where positions enter differs (``--position`` of `difflab train --text`):
 
     none     the U-Net as it was: position only through the zero padding
     coords   two input channels holding each pixel's row and column
@@ -13,18 +13,12 @@ positions enter differs (``--position`` of `difflab train --text`):
 
 Judge: the shipped digits feature net on each 8 x 8 half (99.7 % on single test digits). Scores on 300 test
 captions at guidance s = 1 and 3 (dpmpp-2m, 20 steps): left_on_left (the named left digit is on the left),
-both (both halves right), swapped (both halves right but exchanged). tests/test_positions.py runs the same
-measure for none and both at 600 steps.
+both (both halves right), swapped (both halves right but exchanged). tests/test_positions.py trains ``both``
+for 600 steps with the left digit named first and checks it puts that digit on the left.
 
     .venv/bin/python benchmarks/positions.py [--steps 600] [--variants none coords queries both]
 
-``--fashion-pairs`` runs the same comparison where it matters, on the text-to-image task itself: `difflab train
-fashion-pairs --latent AE --text minilm --position none|both` for --steps each, on the shipped model's autoencoder
-(benchmarks/ship_models.py), scored by `difflab eval --caption-swap` (all four right on seen and held-out
-compositions, "either side", the swapped captions) at s = 3 on --n test captions. The `both` run is the shipped
-text model's run, which ship_models.py then trains on.
-
-Writes benchmarks/results/positions.md and .json (positions_fashion.* with --fashion-pairs)."""
+Writes benchmarks/results/positions.md and .json."""
 
 from __future__ import annotations
 
@@ -93,27 +87,6 @@ def side_scores(run: Path, scale: float, n: int = 300, either_order: bool = True
             "swapped": ((left == b) & (right == a)).float().mean().item()}
 
 
-def fashion_pairs(args) -> None:
-    from benchmarks.ship_models import ROOT, trained
-    from difflab.evaluation.evaluate import evaluate
-    from difflab.guidance.config import GuidanceConfig
-
-    rows = []
-    for v in args.variants:
-        run = ROOT / "t2i" if v == "both" else RUNS / "positions" / f"fashion-{v}"
-        argv = ["train", "fashion-pairs", "--latent", str(ROOT / "ae"), "--text", "minilm", "--position", v, "--out", str(run),
-                "--steps", str(args.steps)]
-        run, seconds = trained(v, argv)
-        r = evaluate(run, n=args.n, guidance=GuidanceConfig(scale=3.0), caption_swap=True, bpd_n=0, progress=False)
-        f = r["text"]["follows"]
-        row = {"variant": v, "steps": r["step"], "seconds": round(seconds), "seen": f["seen"]["all_four"], "held_out": f["held_out"]["all_four"],
-               "either_side": f["seen"]["either_side"], "swap": r["text"]["caption_swap"]["all_four"], "fd": r["fd"]}
-        row = {k: round(100 * x, 1) if k in ("seen", "held_out", "either_side", "swap") else x for k, x in row.items()}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    write(rows, "positions_fashion", f"Positions on fashion-pairs (MiniLM, latent), s = 3, {args.n} test captions")
-
-
 def write(rows: list[dict], name: str, title: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -126,12 +99,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--fashion-pairs", action="store_true", help="the comparison on fashion-pairs text-to-image")
-    p.add_argument("--n", type=int, default=200, help="--fashion-pairs: test captions per evaluation")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
-    if args.fashion_pairs:
-        return fashion_pairs(args)
     rows = []
     for v in args.variants:
         run = RUNS / "positions" / f"{v}-{args.steps}"
