@@ -18,6 +18,7 @@ from .options import (
     add_sampler,
     check_suffix,
     guidance_from,
+    load_run,
     lora_pairs,
     positive_int,
     sampler_choice,
@@ -35,9 +36,10 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
     else:
         single_thread_for_points(cfg.data_kind)
-    sampler, spacing, options = sampler_choice(args, cfg.build_process())
+    student = load_run(args, args.run, ema=args.ema) if cfg.distill is not None else None  # it says what it samples with
+    sampler, spacing, options = sampler_choice(args, cfg.build_process(), student)
     sampling = Sampling(sampler, args.steps, spacing, options, args.batch, resolve_device(args.device))
-    result = evaluate(args.run, n=args.n, seed=args.seed, sampling=sampling, guidance=guidance_from(args), ema=args.ema, lora=lora_pairs(args),
+    result = evaluate(student or args.run, n=args.n, seed=args.seed, sampling=sampling, guidance=guidance_from(args), ema=args.ema, lora=lora_pairs(args),
                       bpd_n=args.bpd_n, features=args.features, split=args.split, prompts=args.prompts, caption_swap=args.caption_swap,
                       clip=args.clip, progress=not args.quiet)
     print(format_report(result))

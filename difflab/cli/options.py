@@ -133,9 +133,12 @@ def training_options(cfg: RunConfig, args) -> RunConfig:
 
 
 def add_sampler(p, sampler: str, steps: int) -> None:
+    """The sampler group; ``sampler`` and ``steps`` are the command's defaults, used unless the run has its own
+    (a distilled student samples with its own sampler and steps: ``sampler_choice`` with the run)."""
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", default=sampler, help=f"one of: {', '.join(SAMPLERS)}")
-    g.add_argument("--steps", type=positive_int, default=steps)
+    g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default {sampler}; a distilled student: its own)")
+    g.add_argument("--steps", type=positive_int, default=None, help=f"default {steps} (a distilled student: its own)")
+    p.set_defaults(sampler_default=(sampler, steps))
     g.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the sampler's usual grid")
     g.add_argument("--eta", type=unit_float, default=None, help="ddim: eta in [0, 1] (default 0)")
     g.add_argument("--variance", choices=["beta", "beta_tilde"], default=None, help="ddpm: the reverse variance (default beta)")
@@ -150,9 +153,18 @@ def add_sampler(p, sampler: str, steps: int) -> None:
 SAMPLER_FLAGS = ("eta", "variance", "n_steps_each", "step_lr", "snr", "n_corrector")  # each a sampler's own keyword
 
 
-def sampler_choice(args, process) -> tuple[str, str, dict]:
+def sampler_choice(args, process, run=None) -> tuple[str, str, dict]:
     """(sampler, spacing, options) from the sampler group, each option checked against what the sampler and
-    the grid take: an option the chosen sampler or spacing does not use is an error, not dropped."""
+    the grid take: an option the chosen sampler or spacing does not use is an error, not dropped. With ``process``
+    None it checks the flags alone (before loading anything). An unnamed sampler and steps are filled in
+    ``args``: the run's own for a distilled student (which checks what it is asked for), else the command's."""
+    if process is None and args.sampler is None:
+        return None, args.spacing, {}
+    if run is not None and hasattr(run, "check_sampling"):
+        args.sampler, args.steps = run.check_sampling(args.sampler, args.steps, args.spacing)
+        args.spacing = args.spacing or "uniform"
+    args.sampler = args.sampler or args.sampler_default[0]
+    args.steps = args.steps or args.sampler_default[1]
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     takes = sampler_options(args.sampler)

@@ -49,7 +49,7 @@ def run(args) -> None:
     asked, n, nrow = asked_for(args, model, guidance, args.n)
     if args.gif and cfg.data_kind != "images":
         raise UsageError(f"--gif draws the chain of an image run; {args.run} makes {cfg.data_kind} (use `difflab trajectories`)")
-    sampler, spacing, options = sampler_choice(args, model.process)
+    sampler, spacing, options = sampler_choice(args, model.process, model)
     single_thread_for_points(cfg.data_kind)
     device = resolve_device(args.device)
     world = setup(device)

@@ -41,7 +41,7 @@ Same arguments and seed give the same numbers: every random choice comes from a 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -85,8 +85,8 @@ class Sampling:
     """How the samples are drawn: the sampler, its steps and grid (None: the sampler's usual one), the sampler's
     own options (ddim: eta; ...; the grid's sigma_tilde_cap), samples per call, and the device (None: the run's)."""
 
-    sampler: str = "dpmpp-2m"
-    steps: int = 20
+    sampler: str | None = None  # None: the run's own (DiffusionRun.default_sampling: dpmpp-2m, 20 steps; a student's)
+    steps: int | None = None
     spacing: str | None = None
     options: dict | None = None
     batch: int = 250
@@ -163,6 +163,8 @@ def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, prog
         return {"total": None, "reason": f"the variational bound is defined here for DiscreteDDPM runs; this run uses {type(run.process).__name__}"}
     if bpd_n == 0:
         return {"total": None, "reason": "skipped (bpd_n = 0)"}
+    if run.config.distill is not None:
+        return {"total": None, "reason": "a distilled student is a few-step sampler, not a denoiser at every noise level: the bound is its teacher's"}
     x = to_model(test.images[fixed_subset(len(test), min(bpd_n, len(test)))])  # (n, C, H, W)
     D = x[0].numel()
     t_batch = max(1, BPD_CALL_NUMBERS // (BPD_BATCH * D))
@@ -207,7 +209,6 @@ def evaluate(run: str | Path | DiffusionRun, n: int = DEFAULT_N, *, seed: int = 
     against caption-shuffled guessing), with ``caption_swap`` the swapped prompts' accuracy (n more samples),
     and with ``clip`` (a train-clip run) the mean CLIP-score of samples and of the real test images."""
     sampling = sampling or Sampling()
-    sampling.check()
     for name, value, least in (("n", n, MIN_N), ("bpd_n", bpd_n, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise EvalError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -217,6 +218,10 @@ def evaluate(run: str | Path | DiffusionRun, n: int = DEFAULT_N, *, seed: int = 
         raise EvalError(f"split must be 'train' or 'test', got {split!r}")
     t_start = time.perf_counter()
     run = run if isinstance(run, DiffusionRun) else DiffusionRun.load(run, ema=ema, lora=lora)
+    if sampling.sampler is None or sampling.steps is None:  # the run's own (a distilled student's few steps)
+        own = run.default_sampling()
+        sampling = replace(sampling, sampler=sampling.sampler or own[0], steps=sampling.steps or own[1])
+    sampling.check()
     cfg = run.config
     asked = _asked(run, guidance, n, prompts, caption_swap, clip)
     head = {"run": str(run.path), "dataset": cfg.dataset, "step": run.step, "weights": "ema" if ema else "net", "process": cfg.process["kind"],

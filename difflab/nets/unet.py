@@ -61,6 +61,7 @@ class UNetConfig:
     text: dict | None = None  # a TextConfig: a text transformer inside the network reads ``tokens`` (the joint encoder)
     coord_channels: bool = False  # two more input channels holding each pixel's row and column in [-1, 1]
     query_positions: bool = False  # a fixed 2-D sinusoidal encoding of each position added to the cross-attention queries
+    guidance_input: bool = False  # a guided student (distill/): the guidance scale w, embedded like time and added to it
 
     def __post_init__(self):
         # JSON turns tuples into lists; store tuples so equal configs compare equal
@@ -359,6 +360,9 @@ class UNet(nn.Module):
         self.conv_out = zero_(nn.Conv2d(ch, cfg.out_ch, 3, padding=1))
         if cfg.text is not None:  # last: the other parameters' seeded initialisation stays as without it
             self.text = TextTransformer(TextConfig.from_dict(cfg.text))
+        if cfg.guidance_input:  # after everything: its last layer starts at zero, so a student starts as its teacher
+            self.guidance = TimeEmbedding(cfg.base_channels, emb_dim)
+            zero_(self.guidance.mlp[-1])
 
     @property
     def accepts(self) -> frozenset[str]:
@@ -370,6 +374,8 @@ class UNet(nn.Module):
             names.add("low_res")
         if cfg.low_res_noise:
             names.add("low_res_noise")
+        if cfg.guidance_input:
+            names.add("guidance_scale")
         if cfg.text is not None:
             names |= {"tokens", "token_mask"}
         elif cfg.context_dim is not None:
@@ -434,6 +440,7 @@ class UNet(nn.Module):
         low_res_noise: Tensor | None = None,
         tokens: Tensor | None = None,
         token_mask: Tensor | None = None,
+        guidance_scale: Tensor | None = None,
     ) -> Tensor:
         if tokens is None and token_mask is not None:
             raise ValueError("token_mask given without tokens")
@@ -450,6 +457,11 @@ class UNet(nn.Module):
             emb = emb + self.augmentation(1000.0 * a.expand(x.shape[0]))
         elif low_res_noise is not None:
             raise ValueError("low_res_noise given but this UNet has low_res_noise=False")
+        if self.config.guidance_input:  # the scale w (1 when not given: the plain conditional), scaled like c_noise
+            w = torch.ones(x.shape[0], device=x.device) if guidance_scale is None else torch.as_tensor(guidance_scale, device=x.device).float()
+            emb = emb + self.guidance(100.0 * w.expand(x.shape[0]))
+        elif guidance_scale is not None:
+            raise ValueError("guidance_scale given but this UNet has guidance_input=False (only a guided student takes it)")
         cond = (emb, context, context_mask)
 
         h, skips = encode(self, h, *cond)

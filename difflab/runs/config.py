@@ -8,7 +8,7 @@ saved as ``RUN/config.json`` and validated field by field when read.
       data_kind                             what a sample is: 'points' or 'images'
       target, loss, train (TrainConfig)     how it trains
       conditions                            the conditions its network takes (ConditionSpec fields)
-      super_resolution, latent, text, lora, personalize    typed records of the variants, None when absent
+      super_resolution, latent, text, lora, personalize, distill    typed records of the variants, None when absent
 
 Every problem is a one-line ``CheckpointError`` naming the field: an unknown field, a wrong type, an unknown
 process, network or run kind. Configs written before the typed records existed (the variants as keys of a
@@ -40,6 +40,7 @@ DATA_KINDS = ("points", "images")
 AUG_MAX = 0.2  # super-resolution runs: the largest std of the noise added to low_res in training
 TEXT_ENCODERS = ("minilm", "clip", "joint")
 PERSONALIZATION_METHODS = ("dreambooth", "lora", "textual-inversion")
+DISTILLATION_METHODS = ("progressive", "consistency")
 
 
 class CheckpointError(ValueError):
@@ -182,6 +183,48 @@ class Personalization:
         return [self.token] + [f"{self.token}{i}" for i in range(1, self.vectors)]
 
 
+@dataclass
+class Distillation:
+    """What ``difflab distill`` made a student of, and how (the student run's record; distill/student.py).
+
+    teacher, teacher_fingerprint   the run distilled (resolved) and its weights' SHA-256 (a changed teacher is refused)
+    method          'progressive' (Salimans & Ho 2022) or 'consistency' (Song et al. 2023)
+    teacher_steps   N: progressive, the teacher's DDIM steps the first stage halves; consistency, the levels of
+                    the teacher's ODE grid (Karras, capped) the student is made consistent across
+    steps_to        K: the steps the student samples in (progressive: N / 2^stages; consistency: its default)
+    stages          progressive: [from, to] per stage, [N, N] first for a guided student (Meng et al. 2023's stage one)
+    stage           which stage this folder holds (the final student is the last; earlier ones live in stages/)
+    guidance_range  [lo, hi]: a guided student takes the scale w as an input, trained for w drawn uniformly there
+    solver          consistency: the teacher's ODE step, 'heun' or 'ddim'
+    sigma_data      consistency: sigma_data of the boundary parameterisation c_skip"""
+
+    method: str
+    teacher: str
+    teacher_fingerprint: str
+    teacher_steps: int
+    steps_to: int
+    stages: list[list[int]] = field(default_factory=list)
+    stage: int = 0
+    guidance_range: list[float] | None = None
+    solver: str = "heun"
+    sigma_data: float = 0.5
+
+    def __post_init__(self):
+        if self.method not in DISTILLATION_METHODS:
+            raise CheckpointError(f"unknown distillation method {self.method!r}; choose one of {', '.join(DISTILLATION_METHODS)}")
+        if self.solver not in ("heun", "ddim"):
+            raise CheckpointError(f"the consistency teacher's ODE step must be 'heun' or 'ddim', got {self.solver!r}")
+        if self.guidance_range is not None:
+            lo, hi = (list(self.guidance_range) + [None, None])[:2]
+            if len(self.guidance_range) != 2 or not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)) or not 0 <= lo <= hi:
+                raise CheckpointError(f"the guidance range must be LO,HI with 0 <= LO <= HI, got {self.guidance_range!r}")
+            self.guidance_range = [float(lo), float(hi)]
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_range is not None
+
+
 # --------------------------------------------------------------------------- the run config
 
 
@@ -210,6 +253,7 @@ class RunConfig:
     text: TextRecord | None = None
     lora: LoraSpec | None = None
     personalize: Personalization | None = None
+    distill: Distillation | None = None
 
     def __post_init__(self):
         if not isinstance(self.shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.shape):

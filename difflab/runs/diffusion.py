@@ -148,6 +148,10 @@ class DiffusionRun(Run):
 
     # ------------------------------------------------------------------ making images
 
+    def default_sampling(self) -> tuple[str, int]:
+        """The sampler and steps a call that names neither uses (a distilled student: its own)."""
+        return DEFAULT_SAMPLER, DEFAULT_STEPS
+
     def sample(self, n: int = 1, *, prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None,
                class_label: int | Sequence[int] | None = None, guidance: float | GuidanceConfig | None = None,
                sampler: str | None = None, steps: int | None = None, spacing: str | None = None, options: dict | None = None,

@@ -18,12 +18,13 @@ from ..guidance.classifier import CLASSIFIER
 from ..latent.autoencoder import AUTOENCODER
 from ..personalize.method import PERSONALIZED
 from ..text.clip import CLIP
+from ..distill.student import DISTILLED
 from .config import load_config
 from .diffusion import DIFFUSION, DiffusionRun
 from .kinds import register
 from .run import Run
 
-BUILT_IN = (DIFFUSION, PERSONALIZED, CLASSIFIER, AUTOENCODER, CLIP, FEATURES)
+BUILT_IN = (DIFFUSION, PERSONALIZED, DISTILLED, CLASSIFIER, AUTOENCODER, CLIP, FEATURES)
 register(*BUILT_IN)
 
 

@@ -4,8 +4,9 @@
     run.config, run.path, run.net, run.step, run.fingerprint
 
 A ``Run`` holds its config and its network with the EMA weights of the newest checkpoint (``ema=False``:
-the raw weights), in eval mode and frozen. ``Kind.load(path)`` loads a run of that kind and refuses another
-kind in one line that says what the run is and how it is used."""
+the raw weights), in eval mode and frozen. ``Kind.load(path)`` loads a run of that kind, or of a kind whose class
+specialises it (``DiffusionRun.load`` of a distilled student gives a StudentRun), and refuses another kind in
+one line that says what the run is and how it is used."""
 
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class Run:
         check_kind(config, path, cls)
         net = config.build_net()
         load_into(net, load_weights(path, "ema" if ema else "net"), path)
-        run = cls(path, config, net)
+        own = config.kind.run  # a kind whose class specialises this one loads as its own (a student as a StudentRun)
+        run = (own if isinstance(own, type) and issubclass(own, cls) else cls)(path, config, net)
         return run.to(device) if device is not None else run
 
     def to(self, device: str | torch.device) -> Run:
@@ -65,7 +67,8 @@ class Run:
 
 def check_kind(config: RunConfig, path, cls: type[Run]) -> None:
     """Refuse a run of a kind ``cls`` does not load, saying what it is and how it is used."""
-    if config.run_kind in cls.kinds:
+    own = config.kind.run
+    if config.run_kind in cls.kinds or (isinstance(own, type) and issubclass(own, cls)):
         return
     kind = config.kind
     use = f" ({kind.use.format(run=path)})" if kind.use else ""

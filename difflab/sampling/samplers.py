@@ -61,6 +61,7 @@ __all__ = [
     "euler",
     "euler_step",
     "check_options",
+    "consistency",
     "get_sampler",
     "heun",
     "langevin",
@@ -503,6 +504,30 @@ def pc(denoiser, x: Tensor, ts, *, snr: float = 0.16, n_corrector: int = 1, cond
     return rec.finish(ts[-1], x)
 
 
+@torch.no_grad()
+def consistency(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
+                callback: Callable | None = None, return_trajectory: bool = False):
+    """Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each time x0_hat = f(x_t, t), then noise
+    it afresh to the next time, x_s = alpha_s x0_hat + sigma_s z; into t = 0 the sample is x0_hat. One step (ts =
+    [t_max, 0]) is the one-evaluation sample. Made for a consistency student (distill/), whose prediction is f;
+    any denoiser runs it (its x_0 reading in place of f)."""
+    ts = _check_grid(ts)
+    process, rec = denoiser.process, _Recorder(return_trajectory)
+    for i in range(len(ts) - 1):
+        t, s = ts[i], ts[i + 1]
+        pred = _call(denoiser, x, t, cond)
+        if callback is not None:
+            callback(i, t, x, pred)
+        x0_hat = pred.x0
+        rec.step(t, x, x0_hat)
+        if float(s) > 0:
+            alpha_s, sigma_s = _alpha_sigma(process, s)
+            x = broadcast(alpha_s, x) * x0_hat + broadcast(sigma_s, x) * _randn_like(x, generator)
+        else:
+            x = x0_hat
+    return rec.finish(ts[-1], x)
+
+
 SAMPLERS: dict[str, Callable] = {
     "ddpm": ddpm,
     "ddim": ddim,
@@ -511,6 +536,7 @@ SAMPLERS: dict[str, Callable] = {
     "dpmpp-2m": dpmpp_2m,
     "langevin": langevin,
     "pc": pc,
+    "consistency": consistency,
 }
 
 
