@@ -7,15 +7,17 @@ recorded beside the teacher's training seconds:
     pd   progressive, guided (--guidance-range 1,3), 32 DDIM steps halved to 1: stage one (the guided prediction in
          one pass), then 32 -> 16 -> 8 -> 4 -> 2 -> 1; every stage's folder is a student of its own step count
     cd   consistency, unguided, the teacher's 18-level capped Karras grid, Heun steps
+    text progressive, guided (--guidance-range 2,6), of the shipped text model fashion-pairs-t2i, 32 -> 4 steps: its
+         all-four caption accuracy at s = 5 in 4 evaluations against the teacher's 20 steps x 2 passes
 
 Then FD (the fashion-mnist feature net, n samples of balanced classes, test split) against network evaluations
 per sample: the teacher with ddim and dpmpp-2m at 1, 2, 4, 8, 16, 20 steps (s = 1: one pass per step), the
 progressive students at their own steps, the consistency student at 1, 2, 4; and class accuracy at guidance 1.5
 (the teacher: two passes per step; the guided student: one).
 
-    .venv/bin/python benchmarks/distillation.py [--n 500] [--pd-steps 250] [--cd-steps 1000] [--measure-only]
+    .venv/bin/python benchmarks/distillation.py [--n 500] [--pd-steps 250] [--cd-steps 1000] [--students pd cd text] [--measure-only]
 
-Writes benchmarks/results/distillation.json and benchmarks/results/distillation.png (FD against evaluations)."""
+Writes benchmarks/results/distillation.json, distillation.png (FD against evaluations) and distillation-text.json."""
 
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, RUNS  # noqa: E402
 import difflab  # noqa: E402
+from benchmarks.common import RESULTS, RUNS  # noqa: E402
 from difflab.distill.student import unfinished_stage  # noqa: E402
 from difflab.evaluation.evaluate import Sampling, evaluate  # noqa: E402
 from difflab.guidance.config import GuidanceConfig  # noqa: E402
@@ -41,6 +43,8 @@ from difflab.runs.config import CONFIG, load_config  # noqa: E402
 
 ROOT = RUNS / "distill"
 TEACHER = "fashion-mnist-classes"
+TEXT_TEACHER = "fashion-pairs-t2i"
+TEXT_SCALE = 5.0  # the shipped text model's best scale (its recipe)
 COUNTS = (1, 2, 4, 8, 16, 20)
 GUIDANCE = 1.5
 
@@ -51,6 +55,8 @@ def students(args) -> dict[str, list[str]]:
         "pd": ["distill", TEACHER, "--method", "progressive", "--guidance-range", "1,3", "--teacher-steps", "32", "--steps-to", "1",
                "--steps", str(args.pd_steps), "--out", f"{r}/pd"],
         "cd": ["distill", TEACHER, "--method", "consistency", "--steps", str(args.cd_steps), "--out", f"{r}/cd"],
+        "text": ["distill", TEXT_TEACHER, "--method", "progressive", "--guidance-range", "2,6", "--teacher-steps", "32", "--steps-to", "4",
+                 "--steps", str(args.pd_steps), "--out", f"{r}/text"],
     }
 
 
@@ -84,9 +90,14 @@ def main() -> None:
     p.add_argument("--pd-steps", type=int, default=250, help="optimizer steps per progressive stage")
     p.add_argument("--cd-steps", type=int, default=1000)
     p.add_argument("--measure-only", action="store_true", help="measure the students as they are (no distillation)")
+    p.add_argument("--students", nargs="+", choices=("pd", "cd", "text"), default=["pd", "cd", "text"])
     args = p.parse_args()
     torch.set_num_threads(2)
-    runs = {name: distilled(name, argv, args.measure_only) for name, argv in students(args).items()}
+    runs = {name: distilled(name, argv, args.measure_only) for name, argv in students(args).items() if name in args.students}
+    if "text" in runs:
+        text_part(runs["text"], args)
+    if "pd" not in runs or "cd" not in runs:
+        return
     recipe = shipped.recipe(TEACHER)
     rows = []
     teacher = difflab.load(TEACHER)
@@ -125,6 +136,32 @@ def main() -> None:
     (RESULTS / "distillation.json").write_text(json.dumps(result, indent=2))
     plot(rows, RESULTS / "distillation.png")
     print(f"wrote {RESULTS / 'distillation.json'} and {RESULTS / 'distillation.png'}")
+
+
+def caption_accuracy(run, n: int, sampler=None, steps=None) -> dict:
+    r = evaluate(run, n=n, seed=0, sampling=Sampling(sampler, steps, batch=100), guidance=GuidanceConfig(scale=TEXT_SCALE), bpd_n=0, progress=False)
+    f = r["text"]["follows"]
+    return {"seen": f["seen"]["all_four"], "held_out": f["held_out"]["all_four"], "either_side": f["seen"]["either_side"], "fd": r["fd"]}
+
+
+def text_part(student: tuple[Path, float], args) -> None:
+    """The guided text student (4 DDIM steps, one pass each) against its teacher (dpmpp-2m, 20 steps x 2 passes)
+    at the shipped scale: all-four caption accuracy on the test captions; benchmarks/results/distillation-text.json."""
+    path, seconds = student
+    rows = [{"model": "teacher", "sampler": "dpmpp-2m", "steps": 20, "evaluations": 40, **caption_accuracy(TEXT_TEACHER, args.n, "dpmpp-2m", 20)},
+            {"model": "teacher", "sampler": "dpmpp-2m", "steps": 4, "evaluations": 8, **caption_accuracy(TEXT_TEACHER, args.n, "dpmpp-2m", 4)},
+            {"model": "teacher", "sampler": "ddim", "steps": 4, "evaluations": 8, **caption_accuracy(TEXT_TEACHER, args.n, "ddim", 4)},
+            {"model": "student", "sampler": "ddim", "steps": 4, "evaluations": 4, **caption_accuracy(path, args.n)}]
+    for r in rows:
+        print(r, flush=True)
+    recipe = shipped.recipe(TEXT_TEACHER)
+    result = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "command": "python benchmarks/distillation.py " + " ".join(sys.argv[1:]), "n": args.n, "scale": TEXT_SCALE,
+              "teacher": TEXT_TEACHER, "teacher_training_seconds": recipe.get("train_seconds"), "distillation_seconds": seconds,
+              "student": load_config(path).distill.__dict__, "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "distillation-text.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULTS / 'distillation-text.json'}")
 
 
 def plot(rows: list[dict], path: Path) -> None:
