@@ -322,6 +322,7 @@ def test_latent_text_student_samples_decoded_images(text_runs, tmp_path, capsys)
     assert x.shape == (3, *teacher.config.data_shape) and x.abs().max() <= 1.5  # decoded images, not latents
     z = student.sample(3, prompt="a handwritten three", guidance=2.5, steps=2, seed=0, decoded=False)
     assert z.shape == (3, *teacher.config.shape)
-    assert torch.equal(student.sample(1, prompt="a handwritten three", guidance=2.5, steps=2, seed=1), x[1:2])  # seed i is sample i
+    alone = student.sample(1, prompt="a handwritten three", guidance=2.5, steps=2, seed=1)
+    assert torch.allclose(alone, x[1:2], atol=1e-3)  # seed i is sample i, whatever the batch (to round-off)
     assert "scale alone" in _err(capsys, "sample", out, "--prompt", "a handwritten three", "--negative-prompt", "a handwritten eight",
                                  "--guidance", "2", "--n", "2")
