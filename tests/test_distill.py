@@ -268,6 +268,10 @@ def test_bad_input_is_one_line(digits_runs, tiny_toy_run, tmp_path, capsys):
     with pytest.raises(DistillError, match="LoRA"):
         difflab.load(student, lora=[(student, 1.0)])
     assert main(["sample", str(student), "--n", "8", "--save", str(tmp_path / "p.npz"), "--quiet"]) == 0  # its own sampler and steps
+    assert main(["trajectories", str(student), "--out", str(tmp_path / "t.png")]) == 0
+    assert main(["eval", str(student), "-n", "20", "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert (report["sampler"], report["steps"]) == ("ddim", 2) and report["bits_per_dim"]["total"] is None
 
     changed = tmp_path / "teacher"
     shutil.copytree(tiny_toy_run, changed)

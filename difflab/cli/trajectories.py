@@ -11,10 +11,13 @@ def run(args) -> None:
     check_suffix(args.out, (".png",), "--out")
     check_suffix(args.gif, (".gif",), "--gif")
     check_suffix(args.forward, (".png",), "--forward")
-    if args.sampler not in SAMPLERS:
+    if args.sampler is not None and args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     model = load_run(args, args.run)
     cfg = model.config
+    if hasattr(model, "check_sampling"):  # a distilled student: its own sampler and steps unless named (and checked)
+        args.sampler, args.steps = model.check_sampling(args.sampler, args.steps, None)
+    args.sampler, args.steps = args.sampler or "ddpm", args.steps or 100
     guidance = guidance_from(args)
     asked, n, _ = asked_for(args, model, guidance, args.n or (2000 if cfg.data_kind == "points" else 8))
     single_thread_for_points(cfg.data_kind)
@@ -36,9 +39,9 @@ def register(sub) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--gif", help="images: also a GIF of the chain")
     r.add_argument("--forward", help="images: also a forward-noising strip of real test images (.png)")
-    r.add_argument("--steps", type=positive_int, default=100)
+    r.add_argument("--steps", type=positive_int, default=None, help="default 100 (a distilled student: its own)")
     r.add_argument("-n", "--n", type=positive_int)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--sampler", default="ddpm")
+    r.add_argument("--sampler", default=None, help="default ddpm (a distilled student: its own)")
     add_conditions(r)
     r.set_defaults(func=run)
