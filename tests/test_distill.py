@@ -330,3 +330,25 @@ def test_latent_text_student_samples_decoded_images(text_runs, tmp_path, capsys)
     assert torch.allclose(alone, x[1:2], atol=1e-3)  # seed i is sample i, whatever the batch (to round-off)
     assert "scale alone" in _err(capsys, "sample", out, "--prompt", "a handwritten three", "--negative-prompt", "a handwritten eight",
                                  "--guidance", "2", "--n", "2")
+
+
+@pytest.mark.slow  # subprocesses under torchrun
+def test_two_ranks_distil_the_student_of_one_process(tiny_toy_run, tmp_path):
+    """torchrun, 2 ranks with batch B/2, through two progressive stages (the ranks wait for rank 0's checkpoint
+    between them): the same student as one process with batch B."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["-m", "difflab", "distill", str(tiny_toy_run), "--method", "progressive", "--teacher-steps", "4", "--steps-to", "1",
+            "--steps", "6", "--quiet", "--device", "cpu"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one"), "--batch-size", "64"], env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
+                          "--out", str(tmp_path / "two"), "--batch-size", "32"], env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = load_weights(tmp_path / "one", "ema"), load_weights(tmp_path / "two", "ema")
+    gap = (sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) / sum(float(a[k].double().pow(2).sum()) for k in a)) ** 0.5
+    print(f"relative gap between 1 process and 2 ranks: {gap:.2e}")
+    assert gap < 1e-5

@@ -58,7 +58,7 @@ from ..runs.store import (
     weights_step,
 )
 from ..sampling.samplers import _default_t_min, timesteps
-from ..training.distributed import launched_rank, resolve_device
+from ..training.distributed import launched_rank, resolve_device, setup, wait_for_all
 from ..training.loop import train
 from ..viz import plots
 from .losses import GUIDANCE, ConsistencyLoss, GuidedLoss, ProgressiveLoss, Teacher
@@ -308,6 +308,7 @@ def distill(teacher, out, method: str | None = None, *, teacher_steps: int | Non
     refuse_writes(out, "distil into a shipped model's folder")
     out, main = Path(out), launched_rank() == 0
     device = resolve_device(device) if isinstance(device, str) else device
+    setup(device)  # under torchrun: join the job now, so the ranks can wait for rank 0's files between stages
     if resume:
         cfg = load_config(out)
         if cfg.distill is None:
@@ -332,6 +333,7 @@ def distill(teacher, out, method: str | None = None, *, teacher_steps: int | Non
             out.mkdir(parents=True, exist_ok=True)
             clear_checkpoints(out)
             save_config(out, stage_config(cfg, record, len(record.stages) - 1))
+    wait_for_all()  # the other ranks read what rank 0 wrote (the config, a cleared folder)
     data = training_data(cfg, out, progress=progress and main)
     t0 = time.perf_counter()
     for k in range(len(record.stages)):
@@ -353,6 +355,7 @@ def distill(teacher, out, method: str | None = None, *, teacher_steps: int | Non
         train(folder, stage_cfg, data, device=device, resume=continuing, progress=progress, loss_fn=loss_of(record, k, teacher_k),
               init_from=None if continuing else initial_state(stage_cfg, source), max_minutes=left, stop_after=stop_after,
               preview=preview, command="distill")
+        wait_for_all()  # rank 0's last checkpoint is written: every rank sees where the stage stopped
         if weights_step(folder) < stage_cfg.train.steps:  # stopped early (--max-minutes, stop_after): resume continues here
             return out
     return out

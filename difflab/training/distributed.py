@@ -72,6 +72,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def wait_for_all() -> None:
+    """Every rank waits here for the others (a no-op in one process): e.g. until rank 0 has written a file they read."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def launched_rank() -> int:
     """This process's rank as torchrun announced it (0 when not launched by torchrun), before ``setup``."""
     return int(os.environ.get("RANK", "0"))
