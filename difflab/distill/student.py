@@ -146,8 +146,8 @@ class StudentRun(DiffusionRun):
 
     def guided(self, guidance: GuidanceConfig | None, length: int | None = None):
         d = self.config.distill
-        if guidance is None or not guidance.active:
-            return AtScale(self.denoiser, 1.0) if d.guided else self.denoiser
+        if guidance is None or not guidance.active:  # w = 1, the plain conditional, or the range's nearest end
+            return AtScale(self.denoiser, min(max(1.0, d.guidance_range[0]), d.guidance_range[1])) if d.guided else self.denoiser
         if not d.guided:
             raise DistillError(f"{self.path} was distilled without guidance: it samples the plain conditional law "
                                "(distil with --guidance-range LO,HI for a student that takes --guidance)")
