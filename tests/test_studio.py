@@ -6,6 +6,7 @@ The page itself is driven in a real browser in test_studio_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -31,10 +32,10 @@ import difflab
 from difflab.cli.studio import needs_token
 from difflab.data.images import to_model, to_uint8
 from difflab.studio import pngs
-from difflab.studio.app import create_app
+from difflab.studio.app import create_app, job_events
 from difflab.studio.folder import NotFound, check_name
 from difflab.studio.history import History
-from difflab.studio.jobs import Limits, grid_png
+from difflab.studio.jobs import Job, Limits, grid_png
 
 FINISHED = ("done", "cancelled", "failed", "interrupted")
 
@@ -193,6 +194,30 @@ def test_history_marks_unfinished_jobs_interrupted(tmp_path):
     assert [r["status"] for r in h.search(status=None)] == ["failed", "interrupted", "interrupted", "done"]
     assert [r["settings"]["seed"] for r in h.search("DONE 50%_", status=None)] == [0]  # LIKE's wildcards are literal
     assert h.search("50%x", status=None) == []
+
+
+def test_events_stream_ends_on_the_finished_state():
+    """The worker thread may finish a job between the events stream's snapshot of it and the stream's test for
+    the end. The stream once tested the job itself there: it ended after a "running" event, and the page, never
+    told the job ended, waited for ever (the chain explorer's flaky forward process). Its last event must be the
+    finished state."""
+
+    class FinishedRightAfterTheSnapshot(Job):
+        def public(self, position=None):
+            state = super().public(position)
+            if self.status == "running":  # the worker finishes the job just now
+                self.finished, self.status = time.time(), "done"
+            return state
+
+    async def connected() -> bool:
+        return False
+
+    async def stream(job) -> list[dict]:
+        return [json.loads(event.removeprefix("data: ")) async for event in job_events(job, connected, every=0)]
+
+    states = asyncio.run(stream(FinishedRightAfterTheSnapshot("0" * 16, "forward", "dc", {}, status="running")))
+    assert [s["status"] for s in states] == ["running", "done"] and states[-1]["finished"] is not None
+    assert [s["status"] for s in asyncio.run(stream(Job("1" * 16, "forward", "dc", {}, status="failed", error="x")))] == ["failed"]
 
 
 # --------------------------------------------------------------------------- on a trained digits run

@@ -66,8 +66,12 @@ def log(page) -> list[str]:
 
 
 def wait_log(page, prefix: str, count: int = 1, timeout: float = 60_000) -> str:
-    page.wait_for_function(f"window.studioLog.filter(s => s.startsWith({json.dumps(prefix)})).length >= {count}", timeout=timeout)
-    return [s for s in log(page) if s.startswith(prefix)][count - 1]
+    """The page's count-th log line starting with prefix (a job it showed), or a failure saying the page's error."""
+    page.wait_for_function(f"window.studioLog.filter(s => s.startsWith({json.dumps(prefix)})).length >= {count}"
+                           " || !document.getElementById('error').hidden", timeout=timeout)
+    shown = [s for s in log(page) if s.startswith(prefix)]
+    assert len(shown) >= count, f"the page says: {page.text_content('#error')}"
+    return shown[count - 1]
 
 
 def images_loaded(page, selector: str) -> None:
@@ -179,7 +183,8 @@ def test_chain_explorer_slider(page, tmp_path, digits_runs):
         page.fill("#steps", "10")
         page.click("nav button[data-panel=chain]")
         page.click("#chain-run")
-        page.wait_for_function("!document.getElementById('chain-slider').disabled")
+        wait_log(page, "chain ")
+        assert page.is_enabled("#chain-slider")
         assert page.get_attribute("#chain-slider", "max") == "10"
         seen = []
         for k in (0, 5, 10):
@@ -206,10 +211,38 @@ def test_chain_explorer_slider(page, tmp_path, digits_runs):
         (tmp_path / "digit.png").write_bytes(pngs.encode(digit))
         page.set_input_files("#forward-file", str(tmp_path / "digit.png"))
         page.click("#forward-run")
-        page.wait_for_function("document.getElementById('chain-x0-caption').textContent.startsWith('the image')")
+        job = wait_log(page, "forward ").split()[1]
+        assert page.text_content("#chain-x0-caption").startswith("the image")
         page.fill("#chain-slider", "10")
-        page.wait_for_function("document.getElementById('chain-xt').src.includes('/chain/10/')")
+        page.wait_for_function(f"document.getElementById('chain-xt').src.includes('/{job}/chain/10/')")
         images_loaded(page, "#chain-xt")
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job}/chain/10/x_t.png")), digit.numpy())  # t = 0: the image
+
+
+def test_a_cut_event_stream_still_shows_the_job(page, tmp_path, digits_runs):
+    """An events stream that stops before the job's end (here, the forward job's first one ends on a "running"
+    state, as the server's once could) does not lose the job: the page asks for it and shows it when done."""
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    (tmp_path / "digit.png").write_bytes(pngs.encode(load_images("digits", split="test").images[0]))
+    cut = []
+
+    def events(route):
+        if not cut:
+            cut.append(route.request.url)
+            route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body='data: {"status": "running"}\n\n')
+        else:
+            route.continue_()
+
+    with served(root) as base:
+        open_studio(page, base, "dc")
+        page.route("**/api/jobs/*/events", events)
+        page.fill("#steps", "10")
+        page.click("nav button[data-panel=chain]")
+        page.set_input_files("#forward-file", str(tmp_path / "digit.png"))
+        page.click("#forward-run")
+        job = wait_log(page, "forward ").split()[1]
+        assert cut == [f"{base}/api/jobs/{job}/events"]
+        assert page.text_content("#chain-x0-caption").startswith("the image") and page.is_enabled("#chain-slider")
 
 
 def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):

@@ -40,7 +40,7 @@ from ..sampling.samplers import SAMPLERS, SPACINGS
 from . import pngs
 from .folder import STUDIO_DIR, NotFound, RunsFolder, _line
 from .history import History
-from .jobs import FINISHED, JobQueue, Limits, QueueFull
+from .jobs import FINISHED, Job, JobQueue, Limits, QueueFull
 
 COOKIE = "difflab_studio_token"
 STATIC = resources.files("difflab.studio") / "static"
@@ -311,19 +311,8 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
     @app.get("/api/jobs/{id}/events", summary="Server-Sent Events: the job's status whenever it changes, until it ends")
     async def events(request: Request, id: JobId):
         job = job_of(request, id)
-
-        async def stream():
-            last = None
-            while True:
-                state = json.dumps(job.public())
-                if state != last:
-                    last = state
-                    yield f"data: {state}\n\n"
-                if job.status in FINISHED or await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.05)
-
-        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+        return StreamingResponse(job_events(job, request.is_disconnected), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
 
     @app.get("/api/jobs/{id}/images/{index}.png", summary="A finished job's image (index: 0.., or 'grid'); its parameters chunk holds its settings")
     def image(request: Request, id: JobId, index: Annotated[str, PathParam(pattern=r"^(\d{1,4}|grid|input)$")]):
@@ -372,6 +361,22 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
         return {"settings": settings, "same_weights": current is not None and current == settings.get("fingerprint")}
 
     return app
+
+
+async def job_events(job: Job, disconnected, every: float = 0.05):
+    """A job's Server-Sent Events: its state whenever it changes (checked every ``every`` s), until it ends or the
+    client leaves. One snapshot is both sent and tested for the end, so the last event of a stream is always the
+    job's finished state: the worker thread may finish the job at any moment, also between the two."""
+    last = None
+    while True:
+        state = job.public()
+        data = json.dumps(state)
+        if data != last:
+            last = data
+            yield f"data: {data}\n\n"
+        if state["status"] in FINISHED or await disconnected():
+            return
+        await asyncio.sleep(every)
 
 
 def _exists(folder: RunsFolder, name: str) -> bool:

@@ -309,7 +309,8 @@ class JobQueue:
                         self._finish(job, "interrupted")
                     return
                 job = self.queue.popleft()
-                job.status, job.started = "running", time.time()
+                job.started = time.time()
+                job.status = "running"
             self.history.set_status(job.id, "running")
             try:
                 images = self._run(job)
@@ -323,7 +324,8 @@ class JobQueue:
                 self._finish(job, status, error)
 
     def _finish(self, job: Job, status: str, error: str | None = None) -> None:
-        job.status, job.error, job.finished = status, error, time.time()
+        job.error, job.finished = error, time.time()
+        job.status = status  # last: a state read meanwhile (the events stream, unlocked) that says finished is whole
         job.inputs = {}
         self.history.finish(job.id, status, job.images, error)
         done = [i for i, j in self.jobs.items() if j.status in FINISHED]

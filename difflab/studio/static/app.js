@@ -148,16 +148,28 @@ function useSettings(s) {
   showPanel("generate");
 }
 
+const FINISHED = ["done", "cancelled", "failed", "interrupted"];
+
 function follow(job, onUpdate) {
-  // Server-Sent Events: the job's status whenever it changes, until it ends.
+  // Server-Sent Events: the job's status whenever it changes, until it ends. A stream that stops before the
+  // job's end (a dropped connection, a server that closed it) is not the end: the job is asked for once, and
+  // followed again while it still runs. Resolves to its finished state, or null when the server is gone.
   return new Promise((resolve) => {
-    const source = new EventSource(`/api/jobs/${job.id}/events`);
-    source.onmessage = (e) => {
-      const j = JSON.parse(e.data);
-      onUpdate(j);
-      if (["done", "cancelled", "failed", "interrupted"].includes(j.status)) { source.close(); resolve(j); }
+    const open = () => {
+      const source = new EventSource(`/api/jobs/${job.id}/events`);
+      source.onmessage = (e) => {
+        const j = JSON.parse(e.data);
+        onUpdate(j);
+        if (FINISHED.includes(j.status)) { source.close(); resolve(j); }
+      };
+      source.onerror = async () => {
+        source.close();
+        let j;
+        try { j = await api(`/api/jobs/${job.id}`); } catch (e) { resolve(null); return; }  // said in the error line
+        if (FINISHED.includes(j.status)) { onUpdate(j); resolve(j); } else setTimeout(open, 200);
+      };
     };
-    source.onerror = () => { source.close(); resolve(null); };
+    open();
   });
 }
 
@@ -165,7 +177,7 @@ async function generate() {
   const job = await post("/api/generate", settings());
   if (!$("random-seed").checked) $("seed").value = job.settings.seed;
   refreshQueue().catch(() => {});
-  if (state.job && !["done", "cancelled", "failed"].includes(state.job.status)) return;  // queued behind the one shown
+  if (state.job && !FINISHED.includes(state.job.status)) return;  // queued behind the one shown
   watch(job).catch(() => {});
 }
 
@@ -353,14 +365,14 @@ $("forward-run").onclick = async () => {
   if (!image) return;
   const s = settings();
   const end = await runJob("/api/forward", { run: s.run, image, steps: s.steps, seed: s.seed });
-  if (end) showChainJob(end, "the image x<sub>0</sub>");
+  if (end) { showChainJob(end, "the image x<sub>0</sub>"); state.log.push(`forward ${end.id}`); }
 };
 
 $("chain-run").onclick = async () => {
   const s = settings();
   delete s.batch;
   const end = await runJob("/api/chain", s);
-  if (end) showChainJob(end, "predicted x<sub>0</sub>");
+  if (end) { showChainJob(end, "predicted x<sub>0</sub>"); state.log.push(`chain ${end.id}`); }
 };
 
 function showChainJob(end, caption) {
