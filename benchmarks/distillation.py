@@ -40,6 +40,7 @@ from difflab.evaluation.evaluate import Sampling, evaluate  # noqa: E402
 from difflab.guidance.config import GuidanceConfig  # noqa: E402
 from difflab.runs import shipped  # noqa: E402
 from difflab.runs.config import CONFIG, load_config  # noqa: E402
+from difflab.runs.store import weights_fingerprint  # noqa: E402
 
 ROOT = RUNS / "distill"
 TEACHER = "fashion-mnist-classes"
@@ -78,10 +79,21 @@ def distilled(name: str, argv: list[str], measure_only: bool) -> tuple[Path, flo
     return out, spent
 
 
+ROWS = ROOT / "rows.jsonl"  # every measured row, keyed by the weights' fingerprint: a rerun measures only what changed
+
+
 def fd(run, n: int, sampler=None, steps=None, guidance=None) -> dict:
+    """FD and class accuracy of n samples (read from ROWS when these weights were measured so before)."""
+    key = json.dumps([weights_fingerprint(run), n, sampler, steps, guidance])
+    seen = {json.loads(line)["key"]: json.loads(line)["value"] for line in ROWS.read_text().splitlines()} if ROWS.exists() else {}
+    if key in seen:
+        return seen[key]
     r = evaluate(run, n=n, seed=0, sampling=Sampling(sampler, steps, batch=250), guidance=GuidanceConfig(scale=guidance) if guidance else None,
                  bpd_n=0, progress=False)
-    return {"fd": r["fd"], "accuracy": r["classes"].get("accuracy")}
+    value = {"fd": r["fd"], "accuracy": r["classes"].get("accuracy")}
+    with ROWS.open("a") as f:
+        f.write(json.dumps({"key": key, "value": value}) + "\n")
+    return value
 
 
 def main() -> None:
@@ -96,7 +108,7 @@ def main() -> None:
     runs = {name: distilled(name, argv, args.measure_only) for name, argv in students(args).items() if name in args.students}
     if "text" in runs:
         text_part(runs["text"], args)
-    if "pd" not in runs or "cd" not in runs:
+    if "pd" not in runs and "cd" not in runs:
         return
     recipe = shipped.recipe(TEACHER)
     rows = []
@@ -105,25 +117,26 @@ def main() -> None:
         for k in COUNTS:
             rows.append({"model": "teacher", "sampler": sampler, "evaluations": k, **fd(teacher, args.n, sampler, k)})
             print(rows[-1], flush=True)
-    pd, _ = runs["pd"]
-    record = load_config(pd).distill
-    for stage in range(1, len(record.stages)):
-        a, b = record.stages[stage]
-        folder = pd if stage == len(record.stages) - 1 else pd / "stages" / f"{stage + 1}-{a}to{b}"
-        rows.append({"model": "progressive", "sampler": "ddim", "evaluations": b, **fd(folder, args.n)})
-        print(rows[-1], flush=True)
-    cd, _ = runs["cd"]
-    for k in (1, 2, 4):
-        rows.append({"model": "consistency", "sampler": "consistency", "evaluations": k, **fd(cd, args.n, steps=k)})
-        print(rows[-1], flush=True)
     guided = [{"model": "teacher", "sampler": "dpmpp-2m", "steps": 20, "evaluations": 40, **fd(teacher, args.n, "dpmpp-2m", 20, GUIDANCE)}]
-    for stage in range(1, len(record.stages)):
-        a, b = record.stages[stage]
-        if b in (4, 2, 1):
+    if "pd" in runs:
+        pd, _ = runs["pd"]
+        record = load_config(pd).distill
+        for stage in range(1, len(record.stages)):
+            a, b = record.stages[stage]
             folder = pd if stage == len(record.stages) - 1 else pd / "stages" / f"{stage + 1}-{a}to{b}"
-            guided.append({"model": "progressive (guided)", "sampler": "ddim", "steps": b, "evaluations": b, **fd(folder, args.n, guidance=GUIDANCE)})
+            rows.append({"model": "progressive", "sampler": "ddim", "evaluations": b, **fd(folder, args.n)})
+            print(rows[-1], flush=True)
+            if b in (4, 2, 1):
+                guided.append({"model": "progressive (guided)", "sampler": "ddim", "steps": b, "evaluations": b, **fd(folder, args.n, guidance=GUIDANCE)})
+    if "cd" in runs:
+        cd, _ = runs["cd"]
+        for k in (1, 2, 4):
+            rows.append({"model": "consistency", "sampler": "consistency", "evaluations": k, **fd(cd, args.n, steps=k)})
+            print(rows[-1], flush=True)
     for g in guided:
         print(g, flush=True)
+    if "pd" not in runs or "cd" not in runs:
+        return  # the rows are cached (ROWS); the table is written when both students are measured
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "command": "python benchmarks/distillation.py " + " ".join(sys.argv[1:]),

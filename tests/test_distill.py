@@ -27,12 +27,7 @@ from difflab.data.loader import TensorDataset
 from difflab.data.toy2d import make_toy
 from difflab.distill.losses import ProgressiveLoss, Teacher
 from difflab.distill.student import DistillError, distill
-from difflab.distill.targets import (
-    consistency_x0,
-    ddim_x0_target,
-    ode_step,
-    pseudo_huber,
-)
+from difflab.distill.targets import consistency_coefficients, consistency_x0, ddim_x0_target, ode_step, pseudo_huber
 from difflab.evaluation.features import accuracy, load_feature_net
 from difflab.evaluation.metrics import EnergyTo
 from difflab.guidance.config import GuidanceConfig
@@ -71,16 +66,28 @@ def test_ddim_target_lands_on_the_teachers_two_steps():
 
 
 def test_consistency_boundary_is_exact_and_high_noise_is_the_denoiser():
-    """f(x, t_min) = x exactly whatever the network says; at t_max f is the network's x_0 reading."""
+    """f(x, t_min) = x / alpha(t_min) exactly whatever the network says (a = 1, b = 0); at t_max f is the network's
+    x_0 reading; and with a v-predicting network f is Song et al.'s c_skip y + c_out F with F = -v (sigma_data 1)."""
     torch.manual_seed(0)
-    x = torch.randn(16, 2)
-    junk = torch.randn(16, 2) * 10
+    x = torch.randn(16, 2, dtype=torch.float64)
+    junk = torch.randn(16, 2, dtype=torch.float64) * 10
     t_min = torch.ones(16, dtype=torch.float64)
-    pred = Prediction(x, PROCESS.alpha(t_min)[:, None].float(), PROCESS.sigma(t_min)[:, None].float(), "x0", junk)
-    assert torch.equal(consistency_x0(PROCESS, pred, t_min, 1.0), x)
+    a, b = consistency_coefficients(PROCESS, t_min, 1.0)
+    assert torch.equal(a, torch.ones(16, dtype=torch.float64)) and torch.equal(b, torch.zeros(16, dtype=torch.float64))
+    alpha = PROCESS.alpha(t_min)[:, None]
+    pred = Prediction(x, alpha, PROCESS.sigma(t_min)[:, None], "x0", junk)
+    assert torch.equal(consistency_x0(PROCESS, pred, t_min, 1.0), (1 / alpha) * x)
     t_max = torch.full((16,), 1000.0, dtype=torch.float64)
-    pred = Prediction(x, PROCESS.alpha(t_max)[:, None].float(), PROCESS.sigma(t_max)[:, None].float(), "x0", junk)
+    pred = Prediction(x, PROCESS.alpha(t_max)[:, None], PROCESS.sigma(t_max)[:, None], "x0", junk)
     assert torch.allclose(consistency_x0(PROCESS, pred, t_max, 1.0), junk, atol=1e-6)
+    t = torch.tensor([3.0, 40.0, 300.0, 700.0], dtype=torch.float64)
+    al, si = PROCESS.alpha(t)[:, None], PROCESS.sigma(t)[:, None]
+    v = torch.randn(4, 2, dtype=torch.float64)
+    xt = torch.randn(4, 2, dtype=torch.float64)
+    f = consistency_x0(PROCESS, Prediction(xt, al, si, "v", v), t, 1.0)
+    st, st_min = si / al, PROCESS.sigma(torch.tensor(1.0, dtype=torch.float64)) / PROCESS.alpha(torch.tensor(1.0, dtype=torch.float64))
+    c_skip, c_out = 1 / ((st - st_min) ** 2 + 1), (st - st_min) / torch.sqrt(1 + st**2)
+    assert torch.allclose(f, c_skip * xt / al + c_out * (-v), atol=1e-10)
 
 
 def test_pseudo_huber_is_quadratic_near_zero_and_linear_far():
@@ -179,13 +186,14 @@ def test_progressive_stage_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
 
 
 def test_consistency_student_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
-    """Consistency distillation: f(x, t_min) = x for the trained student, and its 1-step samples beat the teacher's
+    """Consistency distillation: f(x, t_min) = x / alpha(t_min) for the trained student, and its 1-step samples beat the teacher's
     1-step DDIM by far. Measured: student 1 step 0.0096, teacher DDIM 1 step 0.62 (64x); teacher 16 steps 0.0024."""
     out = tmp_path / "cd"
     assert main(["distill", str(swissroll_run), "--method", "consistency", "--steps", "1500", "--out", str(out), "--quiet"]) == 0
     student = difflab.load(out)
     x = torch.randn(32, 2)
-    assert torch.equal(student.denoiser(x, torch.ones(32, dtype=torch.float64)).x0, x)  # the boundary, exactly
+    one = torch.ones(32, dtype=torch.float64)
+    assert torch.equal(student.denoiser(x, one).x0, x * (1 / PROCESS.alpha(one))[:, None].float())  # the boundary, exactly
     s1 = heldout(student.sample(4000, batch=4000))
     d1 = heldout(difflab.load(swissroll_run).sample(4000, sampler="ddim", steps=1, batch=4000))
     print(f"consistency student 1 step {s1:.5f}; teacher ddim 1 step {d1:.5f} ({d1 / s1:.0f}x)")

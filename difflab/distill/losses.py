@@ -134,7 +134,7 @@ class ConsistencyLoss:
     x_lo = one teacher ODE step (``solver``) to l_{j+1}, loss d(f(x_hi, l_j), sg f(x_lo, l_{j+1})) with the
     pseudo-Huber d and f = consistency_x0 (boundary f(x, t_min) = x)."""
 
-    def __init__(self, teacher: Teacher, levels: Tensor, t_min: float, sigma_data: float = 0.5, solver: str = "heun", guidance_range=None):
+    def __init__(self, teacher: Teacher, levels: Tensor, t_min: float, sigma_data: float = 1.0, solver: str = "heun", guidance_range=None):
         self.teacher, self.levels, self.t_min, self.sigma_data = teacher, levels, float(t_min), sigma_data
         self.solver, self.guidance_range = solver, guidance_range
 

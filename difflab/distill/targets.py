@@ -5,7 +5,7 @@ Notation (x_t = alpha_t x_0 + sigma_t eps for every process; s < t the less nois
     paper symbol                                   here
     z_t, x~ (Salimans & Ho 2022, Algorithm 2)      x_t, ``ddim_x0_target``
     w(lambda) = max(exp(lambda), 1) ("truncated SNR")    ``truncated_snr``
-    f_theta, c_skip, c_out (Song et al. 2023, App. C)     ``consistency_x0``, ``consistency_skip``
+    f_theta, c_skip, c_out (Song et al. 2023, App. C)     ``consistency_x0``, ``consistency_coefficients``
     d(x, y) pseudo-Huber (Song & Dhariwal 2023)    ``pseudo_huber``
     w, the guidance strength (Meng et al. 2023)    w; the guided prediction x0_u + w (x0_c - x0_u)
 
@@ -52,20 +52,34 @@ def sigma_tilde(process: Process, t: Tensor) -> Tensor:
     return s / a
 
 
-def consistency_skip(process: Process, t: Tensor, t_min: float, sigma_data: float = 0.5) -> Tensor:
-    """c_skip(t) = sigma_data^2 / ((sigma~_t - sigma~_min)^2 + sigma_data^2) (Song et al. 2023, App. C, in EDM's
-    sigma~ = sigma / alpha): 1 at t_min, falling to 0 at high noise."""
+def consistency_coefficients(process: Process, t: Tensor, t_min: float, sigma_data: float = 1.0) -> tuple[Tensor, Tensor]:
+    """(a, b) of f(x_t, t) = a(t) y_t + b(t) x0_hat(x_t, t), y_t = x_t / alpha_t: Song et al. (2023)'s
+    f = c_skip y + c_out F, in EDM's sigma~ = sigma / alpha, with F the output of the teacher's own EDM
+    preconditioning x0_hat = c_skip^EDM y + c_out^EDM F (a v-predicting network on a VP process is exactly that with
+    sigma_data = 1). Eliminating F:
+
+        b = c_out / c_out^EDM = (sigma~ - sigma~_min) / sigma~,     a = c_skip - b c_skip^EDM,
+        c_skip = sigma_data^2 / ((sigma~ - sigma~_min)^2 + sigma_data^2),   c_skip^EDM = sigma_data^2 / (sigma~^2 + sigma_data^2)
+
+    At t_min a = 1, b = 0 (the boundary condition); above it f is the teacher's x_0 reading up to a correction that
+    fades like sigma~_min / sigma~, so a student initialised from its teacher starts as the teacher's one-step
+    denoiser. float64, shape of t."""
     st, st_min = sigma_tilde(process, t), sigma_tilde(process, torch.tensor(float(t_min), dtype=F64))
-    return sigma_data**2 / ((st - st_min) ** 2 + sigma_data**2)
+    d2 = sigma_data**2
+    b = (st - st_min) / st
+    a = d2 / ((st - st_min) ** 2 + d2) - b * d2 / (st**2 + d2)
+    return a, b
 
 
-def consistency_x0(process: Process, pred: Prediction, t: Tensor, t_min: float, sigma_data: float = 0.5) -> Tensor:
-    """A consistency model's output f(x_t, t) = c_skip(t) x_t + (1 - c_skip(t)) x0_hat(x_t, t): the boundary
-    condition f(x, t_min) = x holds exactly, whatever the network says, and at high noise f is the network's
-    x_0 reading (so a student initialised from its teacher starts as the teacher's one-step denoiser). Our
-    variant of Song et al.'s c_skip x + c_out F: c_out = 1 - c_skip, F read as x_0."""
-    c = broadcast(consistency_skip(process, expand_t(t, pred.x_t), t_min, sigma_data), pred.x_t).to(pred.x_t.dtype)
-    return c * pred.x_t + (1 - c) * pred.x0
+def consistency_x0(process: Process, pred: Prediction, t: Tensor, t_min: float, sigma_data: float = 1.0) -> Tensor:
+    """A consistency model's output f(x_t, t) = a y_t + b x0_hat (``consistency_coefficients``): the boundary
+    condition f(x, t_min) = x / alpha(t_min) (the data x is scaled from; x itself on a VE process) holds exactly
+    whatever the network says."""
+    t = expand_t(t, pred.x_t)
+    a, b = consistency_coefficients(process, t, t_min, sigma_data)
+    a_over_alpha = a / process.alpha(t).to(a.device)  # y = x / alpha: fold 1 / alpha into a (float64) before x_t
+    x = pred.x_t
+    return broadcast(a_over_alpha, x) * x + broadcast(b, x) * pred.x0
 
 
 def pseudo_huber(a: Tensor, b: Tensor) -> Tensor:

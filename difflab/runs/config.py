@@ -196,7 +196,7 @@ class Distillation:
     stage           which stage this folder holds (the final student is the last; earlier ones live in stages/)
     guidance_range  [lo, hi]: a guided student takes the scale w as an input, trained for w drawn uniformly there
     solver          consistency: the teacher's ODE step, 'heun' or 'ddim'
-    sigma_data      consistency: sigma_data of the boundary parameterisation c_skip"""
+    sigma_data      consistency: sigma_data of the boundary parameterisation (1: a v-predicting teacher's own)"""
 
     method: str
     teacher: str
@@ -207,7 +207,7 @@ class Distillation:
     stage: int = 0
     guidance_range: list[float] | None = None
     solver: str = "heun"
-    sigma_data: float = 0.5
+    sigma_data: float = 1.0
 
     def __post_init__(self):
         if self.method not in DISTILLATION_METHODS:
