@@ -475,6 +475,41 @@ def test_img2img_interpolate_sweep_forward(digits_studio):
         assert "takes 8x8" in api(f"{base}/api/interpolate", "POST", {"run": "dc", "image": b64[0], "image_b": small}, expect=400)["error"]
 
 
+def test_upscale_with_a_super_resolution_run(tmp_path, digits_runs):
+    from difflab.data.images import load_images
+    from difflab.runs.data import low_res_of
+    from difflab.runs.diffusion import load_upscaler
+
+    root = runs_folder(tmp_path, dc=digits_runs / "dc", sr=digits_runs / "sr")
+    digit = load_images("digits", split="test").images[:1]  # uint8 (1, 1, 8, 8)
+    low = to_uint8(low_res_of(digit, 2))  # (1, 1, 4, 4): what the user uploads
+    b64, full = (base64.b64encode(pngs.encode(x[0])).decode() for x in (low, digit))
+    sr = load_upscaler(root / "sr")
+    with served(root) as base:
+        runs = {r["name"]: r for r in api(f"{base}/api/runs")["runs"]}
+        assert runs["sr"]["super_resolution"] and runs["sr"]["factor"] == 2 and not runs["sr"]["generates"]
+        body = {"run": "sr", "image": b64, "noise_level": 0.1, "sampler": "ddim", "steps": 10, "seed": 3}
+        job = wait(base, api(f"{base}/api/upscale", "POST", body)["id"])
+        assert job["status"] == "done" and job["kind"] == "upscale" and job["images"] == 1
+        png = api(f"{base}/api/jobs/{job['id']}/images/0.png")
+        direct = to_uint8(sr.upscale(to_model(low), noise_level=0.1, sampler="ddim", steps=10, seed=3))[0].numpy()
+        assert png_array(png).shape == (1, 8, 8) and np.array_equal(png_array(png), direct)  # the library's upscaling
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/input.png")), low[0].numpy())
+        back = api(f"{base}/api/parameters", "POST", files={"file": png})  # its PNG holds its settings, like every job's
+        assert back["same_weights"] and {k: back["settings"][k] for k in body if k != "image"} == {k: v for k, v in body.items() if k != "image"}
+        assert back["settings"]["kind"] == "upscale"
+        assert [j["id"] for j in api(f"{base}/api/history?limit=1")["jobs"]] == [job["id"]]
+        # refused in one line: a run that is not an SR run, an image of the wrong size, an SR run for another job
+        assert "not a super-resolution run" in api(f"{base}/api/upscale", "POST", {"run": "dc", "image": b64}, expect=400)["error"]
+        assert "is 8x8; sr upscales 4x4 images (factor 2) to 8x8" in api(f"{base}/api/upscale", "POST", {"run": "sr", "image": full},
+                                                                            expect=400)["error"]
+        assert "super-resolution run" in api(f"{base}/api/generate", "POST", {"run": "sr", "steps": 4}, expect=400)["error"]
+        assert "super-resolution run" in api(f"{base}/api/img2img", "POST", {"run": "sr", "image": full}, expect=400)["error"]
+        assert "sampler" in api(f"{base}/api/upscale", "POST", {**body, "sampler": "magic"}, expect=400)["error"]
+        assert api(f"{base}/api/upscale", "POST", {**body, "noise_level": 2}, expect=422)
+        assert api(f"{base}/api/upscale", "POST", {**body, "class_label": 3}, expect=422)  # it takes no condition but the image
+
+
 def test_text_run_prompts_and_lora(tmp_path, text_runs):
     root = runs_folder(tmp_path, minilm=text_runs / "minilm", lora=text_runs / "lora")
     settings = {"run": "minilm", "prompt": "a handwritten sks three", "steps": 8, "seed": 1, "batch": 2}

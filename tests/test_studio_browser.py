@@ -21,7 +21,8 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from test_studio import api, png_array, runs_folder, served
 
-from difflab.data.images import load_images
+from difflab.data.images import load_images, to_uint8
+from difflab.runs.data import low_res_of
 from difflab.studio import pngs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -113,7 +114,7 @@ def test_generate_preview_history_and_png_round_trip(page, tmp_path, text_runs):
 
 
 def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
-    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    root = runs_folder(tmp_path, dc=digits_runs / "dc", sr=digits_runs / "sr")
     digit = load_images("digits", split="test").images[3]  # uint8 (1, 8, 8)
     (tmp_path / "digit.png").write_bytes(pngs.encode(digit))
     with served(root) as base:
@@ -147,6 +148,25 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         page.click("#interpolate")
         job = wait_log(page, "interpolated ").split()[1]
         assert api(f"{base}/api/jobs/{job}")["images"] == 3
+
+        # super-resolution: the digit at 4x4, upscaled by the sr run (factor 2) with the page's sampler and seed
+        (tmp_path / "low.png").write_bytes(pngs.encode(to_uint8(low_res_of(digit[None], 2))[0]))
+        page.set_input_files("#edit-file", str(tmp_path / "low.png"))
+        page.wait_for_function("edit.image && edit.image.naturalWidth === 4")
+        page.select_option("#sr-run", "sr")
+        page.fill("#noise-level", "0.1")
+        page.click("#upscale")
+        job = wait_log(page, "upscaled ").split()[1]
+        images_loaded(page, "#edit-result")
+        settings = api(f"{base}/api/jobs/{job}")["settings"]
+        assert {k: settings[k] for k in ("run", "noise_level", "steps", "sampler")} == {"run": "sr", "noise_level": 0.1, "steps": 20,
+                                                                                      "sampler": "dpmpp-2m"}
+        png = api(f"{base}/api/jobs/{job}/images/0.png")
+        assert png_array(png).shape == (1, 8, 8)
+        page.fill("#noise-level", "0")  # its PNG dropped back in restores the Edit panel's settings
+        page.set_input_files("#param-file", files=[{"name": "upscaled.png", "mimeType": "image/png", "buffer": png}])
+        wait_log(page, "parameters restored")
+        assert page.is_visible("#panel-edit") and page.input_value("#noise-level") == "0.1" and page.input_value("#sr-run") == "sr"
 
 
 def test_queue_five_cancel_the_third(page, tmp_path, digits_runs):

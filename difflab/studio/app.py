@@ -40,7 +40,7 @@ from ..sampling.samplers import SAMPLERS, SPACINGS
 from . import pngs
 from .folder import STUDIO_DIR, NotFound, RunsFolder, _line
 from .history import History
-from .jobs import FINISHED, Job, JobQueue, Limits, QueueFull
+from .jobs import FINISHED, Job, JobQueue, Limits, QueueFull, check_kind
 
 COOKIE = "difflab_studio_token"
 STATIC = resources.files("difflab.studio") / "static"
@@ -103,6 +103,16 @@ class InterpolateRequest(Conditions):
 
 class SweepRequest(ChainRequest):
     scales: list[float] = Field(min_length=2, max_length=8, description="guidance scales, one sample each, same seed")
+
+
+class UpscaleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run: str = Field(max_length=100, description="a super-resolution run (trained with --cond low-res --factor K)")
+    image: str = Field(max_length=8 * 2**20, description="the low-resolution image: a PNG, base64, of the run's size divided by K")
+    noise_level: float = Field(0.0, ge=0, le=1, description="conditioning augmentation: the input noised to this level, the network told so")
+    sampler: str | None = Field(None, max_length=40, description=", ".join(SAMPLERS))
+    steps: int | None = Field(None, ge=1, le=100000)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 class ForwardRequest(BaseModel):
@@ -225,9 +235,12 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
     def chain(request: Request, body: ChainRequest):
         return submit(request, "chain", body.model_dump())
 
-    def loaded(request: Request, name: str):
+    def loaded(request: Request, name: str, kind: str):
+        """The run ``name`` loaded, when it takes jobs of ``kind`` (else a 400 saying which it takes)."""
         try:
-            return queue(request).runs.get(name)
+            run = queue(request).runs.get(name)
+            check_kind(run, name, kind)
+            return run
         except NotFound as e:
             raise ApiError(404, str(e)) from None
         except ValueError as e:  # another kind of run, or one that does not load
@@ -243,7 +256,7 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
 
     @app.post("/api/inpaint", summary="Queue an inpainting job (run.restore with a mask operator)")
     def inpaint(request: Request, body: InpaintRequest):
-        run = loaded(request, body.run)
+        run = loaded(request, body.run, "inpaint")
         _, H, W = run.config.data_shape
         image = run_image(run, body.run, body.image)
         mask = _image(body.mask, 1, limits, "mask")[0]
@@ -260,12 +273,12 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
 
     @app.post("/api/img2img", summary="Queue an image-to-image job (SDEdit: run.img2img with a strength)")
     def img2img(request: Request, body: Img2ImgRequest):
-        image = run_image(loaded(request, body.run), body.run, body.image)
+        image = run_image(loaded(request, body.run, "img2img"), body.run, body.image)
         return submit(request, "img2img", body.model_dump(exclude={"image"}), {"image": image})
 
     @app.post("/api/interpolate", summary="Queue an interpolation between two images (run.interpolate)")
     def interpolate(request: Request, body: InterpolateRequest):
-        run = loaded(request, body.run)
+        run = loaded(request, body.run, "interpolate")
         inputs = {"image": run_image(run, body.run, body.image), "image_b": run_image(run, body.run, body.image_b, "second image")}
         return submit(request, "interpolate", body.model_dump(exclude={"image", "image_b"}), inputs)
 
@@ -275,8 +288,19 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
 
     @app.post("/api/forward", summary="Queue the forward process q(x_t | x_0) of an image (a chain from t_max to 0, no network)")
     def forward(request: Request, body: ForwardRequest):
-        image = run_image(loaded(request, body.run), body.run, body.image)
+        image = run_image(loaded(request, body.run, "forward"), body.run, body.image)
         return submit(request, "forward", body.model_dump(exclude={"image"}), {"image": image})
+
+    @app.post("/api/upscale", summary="Queue a super-resolution job (a super-resolution run's run.upscale of a low-resolution image)")
+    def upscale(request: Request, body: UpscaleRequest):
+        run = loaded(request, body.run, "upscale")
+        C, H, W = run.config.data_shape
+        k = run.config.super_resolution.factor
+        image = _image(body.image, C, limits, "image")
+        if tuple(image.shape[1:]) != (H // k, W // k):
+            raise ApiError(400, f"the image is {image.shape[2]}x{image.shape[1]}; {body.run} upscales {W // k}x{H // k} images "
+                                f"(factor {k}) to {W}x{H}")
+        return submit(request, "upscale", body.model_dump(exclude={"image"}), {"image": image})
 
     @app.get("/api/jobs", summary="The jobs in memory: queued, running and recent finished ones, oldest first")
     def jobs(request: Request):

@@ -78,7 +78,8 @@ class RunsFolder:
             "text": text,
             "classes": cfg.num_classes,
             "latent": cfg.latent is not None,
-            "super_resolution": cfg.super_resolution is not None,
+            "super_resolution": cfg.super_resolution is not None,  # it takes upscale jobs alone
+            "factor": None if cfg.super_resolution is None else cfg.super_resolution.factor,
             "adapter": cfg.lora is not None,  # a LoRA run: its adapters load over its base run (``lora`` of a job)
             "shape": cfg.data_shape,
             "steps_trained": weights_step(path) if checkpoint else 0,

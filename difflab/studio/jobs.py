@@ -12,9 +12,10 @@ in a small LRU, keyed by run and checkpoint (a run still training is reloaded wh
 
 Kinds: ``generate`` (run.sample), ``inpaint`` (run.restore with a Mask operator), ``chain`` (run.trajectory:
 x_t and x0_hat at every step, for the chain explorer), ``img2img`` (SDEdit, run.img2img), ``interpolate``
-(run.interpolate between two images), ``sweep`` (one seed at several guidance scales, side by side) and
-``forward`` (the forward process q(x_t | x_0) of an image, no network). interpolate takes no callback in the
-library: it shows no preview and is cancelled only while queued. Every image written is a PNG whose ``parameters`` chunk
+(run.interpolate between two images), ``sweep`` (one seed at several guidance scales, side by side),
+``forward`` (the forward process q(x_t | x_0) of an image, no network) and ``upscale`` (a super-resolution run's
+run.upscale of a low-resolution image; the only kind such a run takes). interpolate and upscale take no callback
+in the library: they show no preview and are cancelled only while queued. Every image written is a PNG whose ``parameters`` chunk
 holds the settings that reproduce it: its own seed and batch 1 (sample i of a call has seed ``seed + i``)."""
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ from . import pngs
 from .folder import RunsFolder, _line
 from .history import History
 
-KINDS = ("generate", "inpaint", "chain", "img2img", "interpolate", "sweep", "forward")
-SAMPLED = ("generate", "chain", "img2img", "sweep")  # the kinds that take a sampler (inpaint: a method; interpolate: ddim or ddpm)
+KINDS = ("generate", "inpaint", "chain", "img2img", "interpolate", "sweep", "forward", "upscale")
+SAMPLED = ("generate", "chain", "img2img", "sweep", "upscale")  # the kinds that take a sampler (inpaint: a method; interpolate: ddim or ddpm)
 MAX_SCALES = 8  # guidance scales side by side
 MAX_ADAPTERS, MAX_STRENGTH = 4, 4.0  # LoRA adapters of a job, and their strengths' range
 FINISHED = ("done", "cancelled", "failed", "interrupted")
@@ -125,8 +126,8 @@ class LoadedRuns:
                 self.cache.move_to_end(key)
                 return self.cache[key]
             run = DiffusionRun.load(path, device=self.device, lora=[(self.folder.path(a), s) for a, s in adapters])  # another kind: a ValueError
-            if run.config.data_kind != "images" or run.config.super_resolution is not None:
-                raise JobError(f"{name} makes {'upscalings' if run.config.super_resolution else run.config.data_kind}; the studio samples image runs")
+            if run.config.data_kind != "images":
+                raise JobError(f"{name} makes {run.config.data_kind}; the studio samples image runs")
             _ = run.fingerprint  # read once here, not inside a job's timing
             self.cache[key] = run
             while len(self.cache) > self.size:
@@ -135,6 +136,15 @@ class LoadedRuns:
 
 
 # --------------------------------------------------------------------------- settings
+
+
+def check_kind(run: DiffusionRun, name: str, kind: str) -> None:
+    """A super-resolution run takes upscale jobs alone, and upscale jobs take nothing else (JobError in one line)."""
+    if kind == "upscale" and run.config.super_resolution is None:
+        raise JobError(f"{name} is not a super-resolution run (its config has no super_resolution): upscale with a run "
+                       "trained with --cond low-res")
+    if kind != "upscale" and run.config.super_resolution is not None:
+        raise JobError(f"{name} is a super-resolution run: it upscales low-resolution images (POST /api/upscale), nothing else")
 
 
 def guidance_of(s: dict) -> GuidanceConfig | None:
@@ -159,6 +169,7 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
     s = {k: v for k, v in s.items() if v is not None and v != ""}
     if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r}")
+    check_kind(run, s["run"], kind)
     s.setdefault("sampler", "ddim" if kind in ("inpaint", "img2img") else DEFAULT_SAMPLER)
     s.setdefault("steps", 50 if kind in ("inpaint", "img2img", "interpolate") else 20)
     s.setdefault("batch", 1)
@@ -198,6 +209,12 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
         if s.get("spacing") is not None and s["spacing"] not in SPACINGS:
             raise JobError(f"unknown spacing {s['spacing']!r}; choose from: {', '.join(SPACINGS)}")
         sampler_options(s)
+    if kind == "upscale":  # no guidance, no condition but the image
+        s.setdefault("noise_level", 0.0)
+        if not 0 <= s["noise_level"] <= 1:
+            raise JobError(f"noise_level must be within 0..1, got {s['noise_level']}")
+        s["fingerprint"] = run.fingerprint
+        return s
     if kind == "img2img" and not 0 < s.get("strength", -1) <= 1:
         raise JobError(f"strength must be within (0, 1], got {s.get('strength')}")
     if kind == "sweep":
@@ -372,6 +389,10 @@ class JobQueue:
             image = to_model(job.inputs["image"])[None].to(run.device)
             x = run.img2img(image, s["strength"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], options=sampler_options(s), **cond,
                             callback=callback)
+        elif job.kind == "upscale":
+            low = to_model(job.inputs["image"])[None]  # (1, C, H/k, W/k), on the CPU: upscale draws its noise there
+            x = run.upscale(low, noise_level=s["noise_level"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], device=run.device)
+            self.image_path(job.id, "input").write_bytes(pngs.encode(job.inputs["image"]))
         elif job.kind == "interpolate":
             a, b = (to_model(job.inputs[k])[None].to(run.device) for k in ("image", "image_b"))
             x = run.interpolate(a, b, s["frames"], method=s["method"], steps=s["steps"], seed=s["seed"], **cond)

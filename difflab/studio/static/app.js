@@ -51,6 +51,7 @@ async function loadRuns() {
   const select = $("run-select"), body = $("runs-table").querySelector("tbody");
   select.innerHTML = "";
   body.innerHTML = "";
+  $("sr-run").innerHTML = "";
   for (const r of data.runs) {
     state.runs[r.name] = r;
     const row = body.insertRow();
@@ -60,6 +61,10 @@ async function loadRuns() {
     row.onclick = () => { select.value = r.name; onRunChange(); loadRunDetail().catch(() => {}); };
     if (r.generates) select.add(new Option(r.name + (r.shipped ? " (shipped)" : ""), r.name));
     if (r.adapter) $("lora").add(new Option(r.name, r.name));
+    if (r.super_resolution) {
+      const [, H, W] = r.shape;
+      $("sr-run").add(new Option(`${r.name}: ${W / r.factor}x${H / r.factor} to ${W}x${H}`, r.name));
+    }
   }
   $("sampler").innerHTML = "";
   for (const s of data.samplers) $("sampler").add(new Option(s, s));
@@ -136,8 +141,15 @@ function settings() {
 }
 
 function useSettings(s) {
-  if (s.run && state.runs[s.run]) { $("run-select").value = s.run; onRunChange(); }
   const set = (id, v) => { if ($(id)) $(id).value = v ?? ""; };
+  if (s.kind === "upscale") {  // a super-resolution run's settings: the Edit panel's
+    if (state.runs[s.run]?.super_resolution) set("sr-run", s.run);
+    set("noise-level", s.noise_level ?? 0); set("edit-steps", s.steps); set("seed", s.seed); set("sampler", s.sampler);
+    $("random-seed").checked = false;
+    showPanel("edit");
+    return;
+  }
+  if (s.run && state.runs[s.run]?.generates) { $("run-select").value = s.run; onRunChange(); }
   set("prompt", s.prompt); set("negative_prompt", s.negative_prompt); set("class_label", s.class_label);
   set("guidance", s.guidance ?? 1); set("rescale", s.rescale ?? 0); set("steps", s.steps); set("eta", s.eta);
   set("interval_lo", s.interval?.[0]); set("interval_hi", s.interval?.[1]);
@@ -250,10 +262,10 @@ $("edit-file").onchange = () => {
   if (!file) return;
   const reader = new FileReader();
   reader.onload = () => {
-    edit.data = reader.result;
     const img = new Image();
     img.onload = () => {
-      edit.image = img;
+      edit.image = img;  // the image and its data change together, once it is decoded
+      edit.data = reader.result;
       const g = imageCanvas.getContext("2d");
       g.imageSmoothingEnabled = false;
       g.clearRect(0, 0, 256, 256);
@@ -348,6 +360,16 @@ $("interpolate").onclick = async () => {
   const end = await runJob("/api/interpolate", { run: s.run, prompt: s.prompt, class_label: s.class_label, seed: s.seed, lora: s.lora,
     steps: Number($("edit-steps").value), frames: Number($("frames").value), method: $("interp-method").value, image: edit.data, image_b: b });
   if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/grid.png`; state.log.push(`interpolated ${end.id}`); }
+};
+
+$("upscale").onclick = async () => {
+  // The uploaded image is the low-resolution input: the SR run's size divided by its factor.
+  if (!edit.image) { showError("upload a low-resolution image first"); return; }
+  if (!$("sr-run").value) { showError("no super-resolution run in this folder (train one with --cond low-res --factor K)"); return; }
+  const s = settings();
+  const end = await runJob("/api/upscale", { run: $("sr-run").value, image: edit.data, noise_level: Number($("noise-level").value),
+                                              sampler: s.sampler, steps: Number($("edit-steps").value), seed: s.seed });
+  if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/0.png`; state.log.push(`upscaled ${end.id}`); }
 };
 
 // ------------------------------------------------------------------ chain explorer
