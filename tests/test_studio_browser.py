@@ -21,6 +21,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from test_studio import api, png_array, runs_folder, served
 
+import difflab
 from difflab.data.images import load_images, to_uint8
 from difflab.runs.data import low_res_of
 from difflab.studio import pngs
@@ -263,6 +264,42 @@ def test_a_cut_event_stream_still_shows_the_job(page, tmp_path, digits_runs):
         job = wait_log(page, "forward ").split()[1]
         assert cut == [f"{base}/api/jobs/{job}/events"]
         assert page.text_content("#chain-x0-caption").startswith("the image") and page.is_enabled("#chain-slider")
+
+
+def test_lora_rows_up_to_four(page, tmp_path, text_runs):
+    """The Generate panel takes up to 4 LoRA adapters (the API's limit), each with its strength; rows left at
+    "(none)" are not sent, and "use these settings" brings the rows back."""
+    root = runs_folder(tmp_path, minilm=text_runs / "minilm", lora=text_runs / "lora", lora2=text_runs / "lora")  # two adapter runs
+    with served(root) as base:
+        open_studio(page, base, "minilm")
+        rows = page.locator(".lora-row")
+        assert rows.count() == 1
+        for _ in range(3):
+            page.click("#lora-add")
+        assert rows.count() == 4 and page.is_disabled("#lora-add")
+        rows.nth(3).locator(".lora-remove").click()
+        assert rows.count() == 3 and page.is_enabled("#lora-add")
+        rows.nth(0).locator(".lora").select_option("lora")
+        rows.nth(0).locator(".lora-strength").fill("0.5")
+        rows.nth(2).locator(".lora").select_option("lora2")
+        rows.nth(2).locator(".lora-strength").fill("-1.5")
+        page.fill("#prompt", "a handwritten sks three")
+        page.fill("#steps", "8")
+        page.fill("#batch", "2")
+        page.fill("#seed", "1")
+        page.click("#generate")
+        job = wait_log(page, "final ").split()[1]
+        assert api(f"{base}/api/jobs/{job}")["settings"]["lora"] == [["lora", 0.5], ["lora2", -1.5]]  # the empty row left out
+        run = difflab.load(root / "minilm", lora=[(root / "lora", 0.5), (root / "lora2", -1.5)])
+        direct = run.sample(2, prompt="a handwritten sks three", guidance=1.0, sampler="dpmpp-2m", steps=8, seed=1)
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job}/images/1.png")), to_uint8(direct)[1].numpy())
+
+        page.evaluate("setAdapters([])")
+        page.click("nav button[data-panel=history]")
+        page.click(f".history-item[data-id='{job}'] button.use")
+        assert rows.count() == 2
+        assert [(rows.nth(i).locator(".lora").input_value(), rows.nth(i).locator(".lora-strength").input_value()) for i in range(2)] == [
+            ("lora", "0.5"), ("lora2", "-1.5")]
 
 
 def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):

@@ -40,7 +40,7 @@ from ..sampling.samplers import SAMPLERS, SPACINGS
 from . import pngs
 from .folder import STUDIO_DIR, NotFound, RunsFolder, _line
 from .history import History
-from .jobs import FINISHED, Job, JobQueue, Limits, QueueFull, check_kind
+from .jobs import FINISHED, MAX_ADAPTERS, Job, JobQueue, Limits, QueueFull, check_kind
 
 COOKIE = "difflab_studio_token"
 STATIC = resources.files("difflab.studio") / "static"
@@ -215,7 +215,8 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
     @app.get("/api/runs", summary="Every run of the runs folder and the shipped models")
     def list_runs():
         return {"runs": [folder.summary(n) for n in folder.names()], "shipped": shipped.names(),
-                "limits": limits.__dict__, "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "methods": list(METHODS)}
+                "limits": limits.__dict__, "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "methods": list(METHODS),
+                "max_adapters": MAX_ADAPTERS}
 
     @app.get("/api/runs/{name}", summary="One run: its summary and its training curve (metrics.jsonl)")
     def run_detail(name: Name):

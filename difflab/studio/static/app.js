@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { runs: {}, job: null, chainJob: null, log: [] };
+const state = { runs: {}, adapters: [], maxAdapters: 4, job: null, chainJob: null, log: [] };
 window.studioLog = state.log;  // what the page showed, in order (the browser tests read it)
 
 function showError(message) {
@@ -52,6 +52,8 @@ async function loadRuns() {
   select.innerHTML = "";
   body.innerHTML = "";
   $("sr-run").innerHTML = "";
+  state.adapters = data.runs.filter((r) => r.adapter).map((r) => r.name);
+  state.maxAdapters = data.max_adapters ?? state.maxAdapters;
   for (const r of data.runs) {
     state.runs[r.name] = r;
     const row = body.insertRow();
@@ -60,12 +62,13 @@ async function loadRuns() {
                      `${r.steps_trained ?? ""} / ${r.steps_planned ?? ""}`]) row.insertCell().textContent = v;
     row.onclick = () => { select.value = r.name; onRunChange(); loadRunDetail().catch(() => {}); };
     if (r.generates) select.add(new Option(r.name + (r.shipped ? " (shipped)" : ""), r.name));
-    if (r.adapter) $("lora").add(new Option(r.name, r.name));
     if (r.super_resolution) {
       const [, H, W] = r.shape;
       $("sr-run").add(new Option(`${r.name}: ${W / r.factor}x${H / r.factor} to ${W}x${H}`, r.name));
     }
   }
+  $("lora-rows").hidden = !state.adapters.length;
+  setAdapters([]);
   $("sampler").innerHTML = "";
   for (const s of data.samplers) $("sampler").add(new Option(s, s));
   $("sampler").value = "dpmpp-2m";
@@ -136,9 +139,49 @@ function settings() {
     eta: num("eta"),
     seed: $("random-seed").checked ? null : num("seed"),
     batch: num("batch") ?? 1,
-    lora: $("lora").value ? [[$("lora").value, num("lora-strength") ?? 1]] : null,
+    lora: adapters(),
   };
 }
+
+// ------------------------------------------------------------------ LoRA adapters: up to state.maxAdapters rows
+
+function adapters() {
+  // The rows with an adapter chosen -> [[adapter run, strength], ...], or null.
+  const rows = [...document.querySelectorAll(".lora-row")].filter((row) => row.querySelector(".lora").value);
+  const chosen = rows.map((row) => {
+    const v = row.querySelector(".lora-strength").value;
+    return [row.querySelector(".lora").value, v === "" ? 1 : Number(v)];
+  });
+  return chosen.length ? chosen : null;
+}
+
+function addAdapterRow(name = "", strength = 1) {
+  if (document.querySelectorAll(".lora-row").length >= state.maxAdapters) return;
+  const row = document.createElement("span");
+  row.className = "lora-row";
+  const select = document.createElement("select"), input = document.createElement("input"), remove = document.createElement("button");
+  select.className = "lora";
+  select.add(new Option("(none)", ""));
+  for (const a of state.adapters) select.add(new Option(a, a));
+  select.value = name;
+  input.className = "lora-strength"; input.type = "number"; input.step = "0.1"; input.min = "-4"; input.max = "4"; input.value = strength;
+  remove.className = "lora-remove"; remove.type = "button"; remove.textContent = "\u00d7"; remove.title = "remove this adapter";
+  remove.onclick = () => { row.remove(); if (!document.querySelector(".lora-row")) addAdapterRow(); updateAdapterRows(); };
+  row.append("LoRA ", select, " strength ", input, " ", remove);
+  $("lora-add").before(row);
+  updateAdapterRows();
+}
+
+function updateAdapterRows() {
+  $("lora-add").disabled = document.querySelectorAll(".lora-row").length >= state.maxAdapters;
+}
+
+function setAdapters(list) {
+  // Rows for [[adapter, strength], ...] (one empty row when none).
+  for (const row of document.querySelectorAll(".lora-row")) row.remove();
+  for (const [name, strength] of list.length ? list : [["", 1]]) addAdapterRow(name, strength);
+}
+$("lora-add").onclick = () => addAdapterRow();
 
 function useSettings(s) {
   const set = (id, v) => { if ($(id)) $(id).value = v ?? ""; };
@@ -155,7 +198,7 @@ function useSettings(s) {
   set("interval_lo", s.interval?.[0]); set("interval_hi", s.interval?.[1]);
   if (s.sampler) set("sampler", s.sampler);
   set("spacing", s.spacing); set("seed", s.seed); set("batch", s.batch ?? 1);
-  set("lora", s.lora?.[0]?.[0]); set("lora-strength", s.lora?.[0]?.[1] ?? 1);
+  setAdapters(s.lora || []);
   $("random-seed").checked = false;
   showPanel("generate");
 }
