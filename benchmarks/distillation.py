@@ -84,7 +84,7 @@ ROWS = ROOT / "rows.jsonl"  # every measured row, keyed by the weights' fingerpr
 
 def fd(run, n: int, sampler=None, steps=None, guidance=None) -> dict:
     """FD and class accuracy of n samples (read from ROWS when these weights were measured so before)."""
-    key = json.dumps([weights_fingerprint(run), n, sampler, steps, guidance])
+    key = json.dumps([weights_fingerprint(getattr(run, "path", run)), n, sampler, steps, guidance])
     seen = {json.loads(line)["key"]: json.loads(line)["value"] for line in ROWS.read_text().splitlines()} if ROWS.exists() else {}
     if key in seen:
         return seen[key]
