@@ -531,3 +531,24 @@ def test_text_run_prompts_and_lora(tmp_path, text_runs):
         assert api(f"{base}/api/generate", "POST", {**settings, "lora": [["lora", 9.0]]}, expect=400)
         assert api(f"{base}/api/generate", "POST", {**settings, "class_label": 3}, expect=400)
         assert [j["id"] for j in api(f"{base}/api/history?q=SKS")["jobs"]] == [adapted["id"], plain["id"]]
+
+
+def test_a_distilled_student_generates_with_its_own_sampler(digits_studio):
+    """A student in the runs folder: a job that names no sampler gets the student's own (consistency, 1 step) and
+    the library's pixels; a job that names another sampler is a 400 in one line (the student's own refusal)."""
+    from difflab.distill.student import distill
+
+    distill(digits_studio / "dc", digits_studio / "fast", "consistency", guidance_range=(1, 3), steps=3, progress=False)
+    student = difflab.load(digits_studio / "fast")
+    with served(digits_studio) as base:
+        job = wait(base, api(f"{base}/api/generate", "POST", {"run": "fast", "class_label": 4, "guidance": 2, "seed": 3})["id"])
+        assert job["status"] == "done", job
+        assert (job["settings"]["sampler"], job["settings"]["steps"]) == ("consistency", 1)
+        direct = to_uint8(student.sample(1, class_label=4, guidance=2, seed=3)).numpy()
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/0.png")), direct[0])
+        status, data, _ = call(f"{base}/api/generate", "POST", {"run": "fast", "class_label": 4, "sampler": "dpmpp-2m", "seed": 3})
+        if status == 200:  # refused when the job runs: the job records the one-line error
+            failed = wait(base, json.loads(data)["id"])
+            assert failed["status"] == "failed" and "samples with 'consistency', not 'dpmpp-2m'" in failed["error"], failed
+        else:
+            assert status == 400 and b"samples with 'consistency', not 'dpmpp-2m'" in data, data

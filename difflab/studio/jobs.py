@@ -35,7 +35,7 @@ import torch
 from ..core.operators import Mask
 from ..data.images import to_model, to_uint8
 from ..guidance.config import GuidanceConfig
-from ..runs.diffusion import DEFAULT_SAMPLER, DiffusionRun
+from ..runs.diffusion import DiffusionRun
 from ..runs.store import latest_checkpoint
 from ..sampling.inverse import METHODS
 from ..sampling.samplers import SAMPLERS, SPACINGS
@@ -170,8 +170,9 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
     if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r}")
     check_kind(run, s["run"], kind)
-    s.setdefault("sampler", "ddim" if kind in ("inpaint", "img2img") else DEFAULT_SAMPLER)
-    s.setdefault("steps", 50 if kind in ("inpaint", "img2img", "interpolate") else 20)
+    own_sampler, own_steps = run.default_sampling()  # a distilled student's own; else dpmpp-2m, 20
+    s.setdefault("sampler", "ddim" if kind in ("inpaint", "img2img") else own_sampler)
+    s.setdefault("steps", 50 if kind in ("inpaint", "img2img", "interpolate") else own_steps)
     s.setdefault("batch", 1)
     if s.get("seed") is None:
         s["seed"] = random.randint(0, MAX_SEED)
