@@ -36,8 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from ..core.parameterize import Prediction, expand_t
-from ..data.images import to_uint8
-from ..data.toy2d import make_toy
 from ..guidance.config import GuidanceConfig
 from ..runs.config import (
     CheckpointError,
@@ -46,8 +44,8 @@ from ..runs.config import (
     load_config,
     save_config,
 )
-from ..runs.data import load_split, training_data
-from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
+from ..runs.data import training_data
+from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss, sample_pictures
 from ..runs.kinds import RunKind
 from ..runs.shipped import recorded_path, refuse_writes
 from ..runs.store import (
@@ -378,17 +376,7 @@ def preview(ema, step: int, run: Path) -> None:
     cfg = load_config(run)
     model = StudentRun(run, cfg, ema.net)
     d = cfg.distill
-    title = f"{model.own_sampler}, {d.steps_to} step{'s' * (d.steps_to > 1)}"
-    if cfg.data_kind == "points":
-        plots.scatter(model.sample(2000, batch=2000), run / "samples.png", title=f"{title}, step {step}", reference=make_toy(cfg.dataset, 2000, seed=12345))
-    elif cfg.text is not None:
-        captions = load_split(cfg, "train").captions[:16]
-        plots.captioned_grid(to_uint8(model.sample(len(captions), prompt=captions, batch=16)), captions, run / "samples.png")
-    else:
-        K = cfg.num_classes
-        labels = None if K is None else [k for k in range(K) for _ in range(8)]
-        plots.save_grid(to_uint8(model.sample(len(labels) if labels else 64, class_label=labels, batch=80)), run / "samples.png",
-                        nrow=8 if labels else None)
+    sample_pictures(model, run / "samples.png", f"{model.own_sampler}, {d.steps_to} step{'s' * (d.steps_to > 1)}, step {step}")
     plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
 
 

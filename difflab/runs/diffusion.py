@@ -297,25 +297,32 @@ def preview(ema: Denoiser, step: int, run: Path, cfg: RunConfig) -> None:
     training captions each under its sample, or for super-resolution per test image its input, the upscaling and
     the truth."""
     model = DiffusionRun(run, cfg, ema.net)
-    if cfg.data_kind == "points":
-        x = model.sample(2000, sampler="ddim", steps=50, batch=2000)
-        plots.scatter(x, run / "samples.png", title=f"DDIM, 50 steps, step {step}", reference=make_toy(cfg.dataset, 2000, seed=12345))
-    elif cfg.super_resolution is not None:
+    if cfg.super_resolution is not None:
         test = load_split(cfg, "test").images[:16]
         k = cfg.super_resolution.factor
         low = low_res_of(test, k)
         x = generate(model.denoiser, cfg.shape, len(test), sampler="dpmpp-2m", steps=20, cond={"low_res": low}, batch=len(test))
         shown = torch.nn.functional.interpolate(low, scale_factor=k, mode="nearest")
         plots.save_grid(torch.stack([to_uint8(shown), to_uint8(x), test], dim=1).reshape(-1, *test.shape[1:]), run / "samples.png", nrow=6)
+    else:
+        sample_pictures(model, run / "samples.png", f"DDIM, 50 steps, step {step}", sampler="ddim", steps=50)
+    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
+
+
+def sample_pictures(model: DiffusionRun, out: Path, title: str, **points) -> None:
+    """``out``: 2000 points (sampled with ``points``, e.g. sampler and steps) over the data, or 64 images, or a row
+    of 8 per class, or the first 16 training captions each under its sample (the run's own sampler)."""
+    cfg = model.config
+    if cfg.data_kind == "points":
+        plots.scatter(model.sample(2000, batch=2000, **points), out, title=title, reference=make_toy(cfg.dataset, 2000, seed=12345))
     elif cfg.text is not None:
         captions = load_split(cfg, "train").captions[:16]
-        plots.captioned_grid(to_uint8(model.sample(len(captions), prompt=captions, batch=16)), captions, run / "samples.png")
+        plots.captioned_grid(to_uint8(model.sample(len(captions), prompt=captions, batch=16)), captions, out)
     else:
         K = cfg.num_classes
         labels = None if K is None else [k for k in range(K) for _ in range(8)]
         x = model.sample(len(labels) if labels else 64, class_label=labels, batch=len(labels) if labels else 64)
-        plots.save_grid(to_uint8(x), run / "samples.png", nrow=8 if labels else None)
-    plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
+        plots.save_grid(to_uint8(x), out, nrow=8 if labels else None)
 
 
 NETS = {"mlp": (MLPConfig, MLP), "unet": (UNetConfig, UNet)}
