@@ -541,6 +541,12 @@ def test_a_distilled_student_generates_with_its_own_sampler(digits_studio):
     distill(digits_studio / "dc", digits_studio / "fast", "consistency", guidance_range=(1, 3), steps=3, progress=False)
     student = difflab.load(digits_studio / "fast")
     with served(digits_studio) as base:
+        runs = {r["name"]: r for r in api(f"{base}/api/runs")["runs"]}
+        assert runs["fast"]["kind"] == "distilled" and runs["fast"]["generates"]  # on the page's run menu
+        # the run's info says the sampler and steps a job naming none gets (the page's menu shows them)
+        assert api(f"{base}/api/runs/fast")["sampling"] == {"sampler": "consistency", "steps": 1}
+        assert api(f"{base}/api/runs/dc")["sampling"] == {"sampler": "dpmpp-2m", "steps": 20}
+        assert api(f"{base}/api/runs/clf")["sampling"] is None
         job = wait(base, api(f"{base}/api/generate", "POST", {"run": "fast", "class_label": 4, "guidance": 2, "seed": 3})["id"])
         assert job["status"] == "done", job
         assert (job["settings"]["sampler"], job["settings"]["steps"]) == ("consistency", 1)

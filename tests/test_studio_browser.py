@@ -318,3 +318,36 @@ def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):
         page.wait_for_selector(f".history-item[data-id='{job}'] img.thumb")
         page.click(f".history-item[data-id='{job}'] button.use")
         assert page.input_value("#seed") == "3" and page.input_value("#class_label") == "8" and page.input_value("#batch") == "4"
+
+
+def test_a_student_samples_with_its_own_sampler(page, tmp_path, digits_runs):
+    """A distilled student chosen: the sampler menu shows its own sampler (from the run's info) and is fixed, the
+    steps are its own, and Generate makes the library's student samples; the teacher chosen again offers every
+    sampler from dpmpp-2m and 20 steps."""
+    from difflab.distill.student import distill
+
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    distill(root / "dc", root / "fast", "consistency", guidance_range=(1, 3), steps=3, progress=False)  # a few seconds
+    with served(root) as base:
+        open_studio(page, base, "fast")
+        assert wait_log(page, "own sampling fast") == "own sampling fast consistency 1"
+        assert page.is_disabled("#sampler") and page.is_disabled("#spacing")
+        assert page.locator("#sampler option").all_inner_texts() == ["consistency (the run's own)"]
+        assert page.input_value("#steps") == "" and page.get_attribute("#steps", "placeholder") == "1 (its own)"
+        page.select_option("#class_label", "4")
+        page.fill("#guidance", "2")
+        page.fill("#seed", "3")
+        page.fill("#batch", "2")
+        page.click("#generate")
+        job = api(f"{base}/api/jobs/{wait_log(page, 'final ').split()[1]}")
+        assert (job["status"], job["settings"]["sampler"], job["settings"]["steps"]) == ("done", "consistency", 1)
+        direct = to_uint8(difflab.load(root / "fast").sample(2, class_label=4, guidance=2, seed=3)).numpy()
+        assert all(np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/{i}.png")), direct[i]) for i in range(2))
+
+        page.select_option("#run-select", "dc")
+        assert page.is_enabled("#sampler") and page.input_value("#sampler") == "dpmpp-2m" and page.input_value("#steps") == "20"
+        page.select_option("#class_label", "4")  # the class menu is the chosen run's, built afresh
+        page.fill("#steps", "4")
+        page.click("#generate")
+        job = api(f"{base}/api/jobs/{wait_log(page, 'final ', 2).split()[1]}")
+        assert (job["status"], job["run"], job["settings"]["sampler"], job["settings"]["steps"]) == ("done", "dc", "dpmpp-2m", 4)

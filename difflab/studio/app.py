@@ -218,9 +218,20 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
                 "limits": limits.__dict__, "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "methods": list(METHODS),
                 "max_adapters": MAX_ADAPTERS}
 
-    @app.get("/api/runs/{name}", summary="One run: its summary and its training curve (metrics.jsonl)")
-    def run_detail(name: Name):
-        return {**found(folder.summary, name), "metrics": found(folder.metrics, name)}
+    @app.get("/api/runs/{name}", summary="One run: its summary, its training curve (metrics.jsonl) and the sampler and steps it "
+                                          "takes by default (a distilled student's own)")
+    def run_detail(request: Request, name: Name):
+        summary = found(folder.summary, name)
+        return {**summary, "metrics": found(folder.metrics, name), "sampling": sampling_of(request, name) if summary["generates"] else None}
+
+    def sampling_of(request: Request, name: str) -> dict | None:
+        """The sampler and steps a job that names neither gets (run.default_sampling), from the run loaded in the
+        LRU (the page samples it next); None when it does not load."""
+        try:
+            sampler, steps = queue(request).runs.get(name).default_sampling()
+        except (ValueError, OSError):  # a run being written, a broken one: said when a job asks for it
+            return None
+        return {"sampler": sampler, "steps": steps}
 
     @app.get("/api/runs/{name}/pictures/{file}", summary="A run's samples.png or loss.png", response_class=FileResponse)
     def run_picture(name: Name, file: Annotated[str, PathParam(max_length=40)]):

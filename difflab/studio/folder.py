@@ -19,7 +19,7 @@ from ..runs.store import WEIGHTS, latest_checkpoint, weights_step
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STUDIO_DIR = ".studio"  # the studio's own files inside the runs folder: history.sqlite, images/
-GENERATES = ("diffusion", "personalized")  # the run kinds that make images
+GENERATES = ("diffusion", "personalized", "distilled")  # the run kinds that make images (a student with its own sampler)
 MAX_METRICS = 400  # points of a loss curve sent to the page
 
 

@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { runs: {}, adapters: [], maxAdapters: 4, job: null, chainJob: null, log: [] };
+const state = { runs: {}, samplers: [], adapters: [], maxAdapters: 4, job: null, chainJob: null, log: [] };
+const DEFAULT_SAMPLER = "dpmpp-2m", DEFAULT_STEPS = "20";  // a teacher's defaults (runs/diffusion.py), the menus' first values
 window.studioLog = state.log;  // what the page showed, in order (the browser tests read it)
 
 function showError(message) {
@@ -54,6 +55,7 @@ async function loadRuns() {
   $("sr-run").innerHTML = "";
   state.adapters = data.runs.filter((r) => r.adapter).map((r) => r.name);
   state.maxAdapters = data.max_adapters ?? state.maxAdapters;
+  state.samplers = data.samplers;
   for (const r of data.runs) {
     state.runs[r.name] = r;
     const row = body.insertRow();
@@ -69,9 +71,6 @@ async function loadRuns() {
   }
   $("lora-rows").hidden = !state.adapters.length;
   setAdapters([]);
-  $("sampler").innerHTML = "";
-  for (const s of data.samplers) $("sampler").add(new Option(s, s));
-  $("sampler").value = "dpmpp-2m";
   for (const s of data.spacings) $("spacing").add(new Option(s, s));
   onRunChange();
 }
@@ -88,8 +87,35 @@ function onRunChange() {
   $("method").innerHTML = "";
   for (const m of methods) $("method").add(new Option(m, m));
   for (const row of $("runs-table").querySelectorAll("tbody tr")) row.classList.toggle("selected", row.dataset.run === r.name);
+  setSamplerMenu(r);
 }
 $("run-select").onchange = onRunChange;
+
+function setSamplerMenu(r) {
+  // A distilled student samples with its own sampler and steps: the menu shows them (from the run's info) and the
+  // page sends none, so the API gives the job the run's own (run.default_sampling); steps left empty mean its own.
+  // Any other run offers every sampler, starting from the teacher's defaults when it follows a student.
+  const own = r.kind === "distilled", menu = $("sampler");
+  if (own || menu.dataset.own !== "false") {
+    menu.innerHTML = "";
+    if (own) menu.add(new Option("(the run's own)", ""));
+    else for (const s of state.samplers) menu.add(new Option(s, s));
+    menu.value = own ? "" : DEFAULT_SAMPLER;
+    $("steps").value = own ? "" : DEFAULT_STEPS;
+    $("steps").placeholder = "";
+  }
+  menu.dataset.own = String(own);
+  menu.disabled = $("spacing").disabled = own;
+  if (own) {
+    $("spacing").value = "";
+    api(`/api/runs/${encodeURIComponent(r.name)}`).then((d) => {
+      if (!d.sampling || $("run-select").value !== r.name) return;
+      menu.options[0].text = `${d.sampling.sampler} (the run's own)`;
+      $("steps").placeholder = `${d.sampling.steps} (its own)`;
+      state.log.push(`own sampling ${r.name} ${d.sampling.sampler} ${d.sampling.steps}`);
+    }).catch(() => {});
+  }
+}
 
 let detailTimer = null;
 async function loadRunDetail() {
@@ -133,7 +159,7 @@ function settings() {
     guidance: num("guidance") ?? 1,
     interval: lo !== null && hi !== null ? [lo, hi] : null,
     rescale: num("rescale") || null,
-    sampler: $("sampler").value,
+    sampler: $("sampler").value || null,  // none: the run's own
     spacing: $("spacing").value || null,
     steps: num("steps"),
     eta: num("eta"),
@@ -187,7 +213,8 @@ function useSettings(s) {
   const set = (id, v) => { if ($(id)) $(id).value = v ?? ""; };
   if (s.kind === "upscale") {  // a super-resolution run's settings: the Edit panel's
     if (state.runs[s.run]?.super_resolution) set("sr-run", s.run);
-    set("noise-level", s.noise_level ?? 0); set("edit-steps", s.steps); set("seed", s.seed); set("sampler", s.sampler);
+    set("noise-level", s.noise_level ?? 0); set("edit-steps", s.steps); set("seed", s.seed);
+    if (!$("sampler").disabled) set("sampler", s.sampler);
     $("random-seed").checked = false;
     showPanel("edit");
     return;
@@ -196,7 +223,7 @@ function useSettings(s) {
   set("prompt", s.prompt); set("negative_prompt", s.negative_prompt); set("class_label", s.class_label);
   set("guidance", s.guidance ?? 1); set("rescale", s.rescale ?? 0); set("steps", s.steps); set("eta", s.eta);
   set("interval_lo", s.interval?.[0]); set("interval_hi", s.interval?.[1]);
-  if (s.sampler) set("sampler", s.sampler);
+  if (s.sampler && !$("sampler").disabled) set("sampler", s.sampler);  // a student's menu holds its own alone
   set("spacing", s.spacing); set("seed", s.seed); set("batch", s.batch ?? 1);
   setAdapters(s.lora || []);
   $("random-seed").checked = false;
