@@ -510,12 +510,16 @@ def test_upscale_with_a_super_resolution_run(tmp_path, digits_runs):
         assert api(f"{base}/api/upscale", "POST", {**body, "class_label": 3}, expect=422)  # it takes no condition but the image
 
 
-def test_text_run_prompts_and_lora(tmp_path, text_runs):
-    root = runs_folder(tmp_path, minilm=text_runs / "minilm", lora=text_runs / "lora")
+def test_text_run_prompts_and_lora(tmp_path, text_runs, digits_runs):
+    root = runs_folder(tmp_path, minilm=text_runs / "minilm", lora=text_runs / "lora", dc=digits_runs / "dc")
     settings = {"run": "minilm", "prompt": "a handwritten sks three", "steps": 8, "seed": 1, "batch": 2}
     with served(root) as base:
         runs = {r["name"]: r for r in api(f"{base}/api/runs")["runs"]}
         assert runs["minilm"]["text"] and runs["lora"]["adapter"] and not runs["minilm"]["adapter"]
+        # each run offers the adapters trained over its weights alone: the digits run none of the text run's
+        assert runs["lora"]["adapter_base"] == difflab.load(root / "minilm").fingerprint
+        assert runs["minilm"]["adapters"] == ["lora"] and runs["dc"]["adapters"] == []
+        assert "was trained over" in api(f"{base}/api/generate", "POST", {"run": "dc", "steps": 4, "lora": [["lora", 1.0]]}, expect=400)["error"]
         plain = wait(base, api(f"{base}/api/generate", "POST", settings)["id"])
         adapted = wait(base, api(f"{base}/api/generate", "POST", {**settings, "lora": [["lora", 1.0]]})["id"])
         assert plain["status"] == adapted["status"] == "done"

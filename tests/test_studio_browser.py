@@ -266,14 +266,20 @@ def test_a_cut_event_stream_still_shows_the_job(page, tmp_path, digits_runs):
         assert page.text_content("#chain-x0-caption").startswith("the image") and page.is_enabled("#chain-slider")
 
 
-def test_lora_rows_up_to_four(page, tmp_path, text_runs):
+def test_lora_rows_up_to_four(page, tmp_path, text_runs, digits_runs):
     """The Generate panel takes up to 4 LoRA adapters (the API's limit), each with its strength; rows left at
-    "(none)" are not sent, and "use these settings" brings the rows back."""
-    root = runs_folder(tmp_path, minilm=text_runs / "minilm", lora=text_runs / "lora", lora2=text_runs / "lora")  # two adapter runs
+    "(none)" are not sent, and "use these settings" brings the rows back. A run offers only the adapters trained
+    over its weights: none on the digits run, the text run's two on the text run."""
+    root = runs_folder(tmp_path, minilm=text_runs / "minilm", lora=text_runs / "lora", lora2=text_runs / "lora",  # two adapter runs
+                       dc=digits_runs / "dc")
     with served(root) as base:
-        open_studio(page, base, "minilm")
+        open_studio(page, base, "dc")
+        assert page.is_hidden("#lora-rows")
+        page.select_option("#run-select", "minilm")
+        assert page.is_visible("#lora-rows")
         rows = page.locator(".lora-row")
         assert rows.count() == 1
+        assert rows.nth(0).locator(".lora option").all_inner_texts() == ["(none)", "lora", "lora2"]
         for _ in range(3):
             page.click("#lora-add")
         assert rows.count() == 4 and page.is_disabled("#lora-add")

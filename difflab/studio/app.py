@@ -214,7 +214,7 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
 
     @app.get("/api/runs", summary="Every run of the runs folder and the shipped models")
     def list_runs():
-        return {"runs": [folder.summary(n) for n in folder.names()], "shipped": shipped.names(),
+        return {"runs": folder.listing(), "shipped": shipped.names(),
                 "limits": limits.__dict__, "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "methods": list(METHODS),
                 "max_adapters": MAX_ADAPTERS}
 

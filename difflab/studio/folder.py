@@ -2,7 +2,11 @@
 
 A run is named by its folder's name alone: ``check_name`` refuses path components, hidden names and anything
 that resolves outside the runs folder (a symbolic link pointing elsewhere), so a request can never make the
-studio read or write outside it. Shipped models (runs/shipped.py) are listed by name when no folder shadows them."""
+studio read or write outside it. Shipped models (runs/shipped.py) are listed by name when no folder shadows them.
+
+A run that makes images lists the LoRA runs of the folder trained over its very weights (``adapters``): an
+adapter's ``adapter.safetensors`` records its base's weights fingerprint, the one the library checks when it loads
+the adapter (personalize/adapters.py), and the run's own is that of its newest weights (runs.store.weights_fingerprint)."""
 
 from __future__ import annotations
 
@@ -11,11 +15,12 @@ import math
 import re
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
+from ..personalize.adapters import ADAPTER
 from ..runs import shipped
-from ..runs.config import load_config
-from ..runs.store import WEIGHTS, latest_checkpoint, weights_step
+from ..runs.config import CheckpointError, load_config
+from ..runs.store import WEIGHTS, latest_checkpoint, weights_fingerprint, weights_step
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STUDIO_DIR = ".studio"  # the studio's own files inside the runs folder: history.sqlite, images/
@@ -58,6 +63,23 @@ class RunsFolder:
                        and p.resolve().parent == self.root) if self.root.is_dir() else []
         return found + [n for n in shipped.names() if n not in found]
 
+    def listing(self) -> list[dict]:
+        """Every run's summary; a run that makes images with ``adapters``, the LoRA runs trained over its weights."""
+        runs = [self.summary(n) for n in self.names()]
+        bases = {r["name"]: r["adapter_base"] for r in runs if r.get("adapter_base")}
+        for r in runs:
+            if r.get("generates"):
+                own = self.fingerprint(r["name"]) if bases else None
+                r["adapters"] = [a for a, base in bases.items() if base == own]
+        return runs
+
+    def fingerprint(self, name: str) -> str | None:
+        """The fingerprint of a run's newest weights (hashed once per file version), None without readable weights."""
+        try:
+            return weights_fingerprint(self.path(name))
+        except (CheckpointError, OSError):
+            return None
+
     def summary(self, name: str) -> dict:
         """What the Runs panel shows of a run: kind, data, conditions, shapes, steps, parameter count, pictures."""
         path = self.path(name)
@@ -81,6 +103,7 @@ class RunsFolder:
             "super_resolution": cfg.super_resolution is not None,  # it takes upscale jobs alone
             "factor": None if cfg.super_resolution is None else cfg.super_resolution.factor,
             "adapter": cfg.lora is not None,  # a LoRA run: its adapters load over its base run (``lora`` of a job)
+            "adapter_base": _adapter_base(path) if cfg.lora is not None else None,  # its base's fingerprint, once exported
             "shape": cfg.data_shape,
             "steps_trained": weights_step(path) if checkpoint else 0,
             "steps_planned": cfg.train.steps,
@@ -111,6 +134,15 @@ class RunsFolder:
         if not p.is_file():
             raise NotFound(f"{name} has no {file} yet")
         return p
+
+
+def _adapter_base(run: Path) -> str | None:
+    """The base weights' fingerprint an exported adapter records (its file's header alone), None before it is exported."""
+    try:
+        with safe_open(str(run / ADAPTER), framework="pt") as f:
+            return (f.metadata() or {}).get("base_fingerprint")
+    except (SafetensorError, OSError):
+        return None
 
 
 def _parameter_count(weights: Path) -> int:

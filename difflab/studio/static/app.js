@@ -53,7 +53,6 @@ async function loadRuns() {
   select.innerHTML = "";
   body.innerHTML = "";
   $("sr-run").innerHTML = "";
-  state.adapters = data.runs.filter((r) => r.adapter).map((r) => r.name);
   state.maxAdapters = data.max_adapters ?? state.maxAdapters;
   state.samplers = data.samplers;
   for (const r of data.runs) {
@@ -69,8 +68,6 @@ async function loadRuns() {
       $("sr-run").add(new Option(`${r.name}: ${W / r.factor}x${H / r.factor} to ${W}x${H}`, r.name));
     }
   }
-  $("lora-rows").hidden = !state.adapters.length;
-  setAdapters([]);
   for (const s of data.spacings) $("spacing").add(new Option(s, s));
   onRunChange();
 }
@@ -87,6 +84,9 @@ function onRunChange() {
   $("method").innerHTML = "";
   for (const m of methods) $("method").add(new Option(m, m));
   for (const row of $("runs-table").querySelectorAll("tbody tr")) row.classList.toggle("selected", row.dataset.run === r.name);
+  state.adapters = r.adapters || [];  // the LoRA runs trained over this run's weights (the API matches fingerprints)
+  $("lora-rows").hidden = !state.adapters.length;
+  setAdapters([]);
   setSamplerMenu(r);
 }
 $("run-select").onchange = onRunChange;
@@ -203,9 +203,12 @@ function updateAdapterRows() {
 }
 
 function setAdapters(list) {
-  // Rows for [[adapter, strength], ...] (one empty row when none).
+  // Rows for [[adapter, strength], ...] (one empty row when none); an adapter not trained over the chosen run is said.
   for (const row of document.querySelectorAll(".lora-row")) row.remove();
-  for (const [name, strength] of list.length ? list : [["", 1]]) addAdapterRow(name, strength);
+  const fits = list.filter(([name]) => state.adapters.includes(name));
+  for (const [name, strength] of fits.length ? fits : [["", 1]]) addAdapterRow(name, strength);
+  const other = list.find(([name]) => !state.adapters.includes(name));
+  if (other) showError(`the LoRA adapter ${other[0]} was not trained over ${$("run-select").value}'s weights: left out`);
 }
 $("lora-add").onclick = () => addAdapterRow();
 
