@@ -110,6 +110,24 @@ def follow(base: str, id: str) -> dict:
         return job
 
 
+def events(base: str, id: str) -> list[dict]:
+    """Every state of a job its Server-Sent Events stream sent, in order, until its end."""
+    with urllib.request.urlopen(f"{base}/api/jobs/{id}/events", timeout=120) as r:
+        return [json.loads(line[6:]) for line in r if line.startswith(b"data: ")]
+
+
+def running(base: str, id: str, timeout: float = 60) -> dict:
+    """A job once it is running and has taken a step (a failure if it ends first)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        job = api(f"{base}/api/jobs/{id}")
+        assert job["status"] in ("queued", "running"), job
+        if job["status"] == "running" and job["step"] > 0:
+            return job
+        time.sleep(0.01)
+    raise AssertionError(f"job {id} did not start")
+
+
 def runs_folder(tmp_path: Path, **runs: Path) -> Path:
     """A runs folder of copies (the studio writes its .studio/ folder into it; the shared runs stay untouched)."""
     root = tmp_path / "runs"
@@ -562,3 +580,44 @@ def test_a_distilled_student_generates_with_its_own_sampler(digits_studio):
             assert failed["status"] == "failed" and "samples with 'consistency', not 'dpmpp-2m'" in failed["error"], failed
         else:
             assert status == 400 and b"samples with 'consistency', not 'dpmpp-2m'" in data, data
+
+
+def test_interpolate_and_upscale_preview_and_cancel(tmp_path, digits_runs):
+    """Interpolation and upscaling run through the library's callback: a preview arrives before the result (the
+    events stream shows a running state with one before the done state), the step count reaches the job's steps,
+    the pixels are the library's without a callback, and a running job cancelled stops before its last step."""
+    from difflab.data.images import load_images
+    from difflab.runs.data import low_res_of
+
+    root = runs_folder(tmp_path, dc=digits_runs / "dc", sr=digits_runs / "sr")
+    digits = load_images("digits", split="test").images[:2]
+    b64 = [base64.b64encode(pngs.encode(d)).decode() for d in digits]
+    low = to_uint8(low_res_of(digits[:1], 2))
+    run, sr = difflab.load(root / "dc"), difflab.load(root / "sr")
+    jobs = {
+        "ddim": ("/api/interpolate", {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 3, "steps": 10, "seed": 1, "class_label": 2},
+                 lambda: run.interpolate(to_model(digits[:1]), to_model(digits[1:]), 3, steps=10, seed=1, class_label=2)),
+        "ddpm": ("/api/interpolate", {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 2, "steps": 10, "seed": 1, "method": "ddpm"},
+                 lambda: run.interpolate(to_model(digits[:1]), to_model(digits[1:]), 2, method="ddpm", steps=10, seed=1)),
+        "upscale": ("/api/upscale", {"run": "sr", "image": base64.b64encode(pngs.encode(low[0])).decode(), "steps": 10, "seed": 2},
+                    lambda: sr.upscale(to_model(low), steps=10, seed=2)),
+    }
+    with served(root, limits=Limits(preview_every=2)) as base:
+        for name, (path, body, direct) in jobs.items():
+            id = api(base + path, "POST", body)["id"]
+            states = events(base, id)
+            assert states[-1]["status"] == "done", (name, states[-1])
+            assert any(s["status"] == "running" and s["previews"] > 0 for s in states[:-1]), name  # a preview before the result
+            assert states[-1]["step"] == states[-1]["steps"], (name, states[-1])  # 2 x 10 for ddim: inversion, then decoding
+            expected = to_uint8(direct()).numpy()
+            assert all(np.array_equal(png_array(api(f"{base}/api/jobs/{id}/images/{i}.png")), expected[i]) for i in range(len(expected))), name
+        assert api(f"{base}/api/jobs/{id}/preview.png")[:4] == b"\x89PNG"
+
+        long = {"/api/interpolate": {**jobs["ddim"][1], "frames": 16, "steps": 200}, "/api/upscale": {**jobs["upscale"][1], "steps": 200}}
+        for path, body in long.items():
+            id = api(base + path, "POST", body)["id"]
+            running(base, id)
+            api(f"{base}/api/jobs/{id}/cancel", "POST")
+            job = wait(base, id)
+            assert job["status"] == "cancelled" and job["step"] < job["steps"] and job["images"] == 0, (path, job)
+            assert api(f"{base}/api/jobs/{id}/images/0.png", expect=404)

@@ -149,6 +149,8 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         page.click("#interpolate")
         job = wait_log(page, "interpolated ").split()[1]
         assert api(f"{base}/api/jobs/{job}")["images"] == 3
+        shown = log(page)  # its live preview (every 5 of its 2 x 20 steps) came before its result
+        assert shown.index(next(s for s in shown if s.startswith(f"edit preview {job}"))) < shown.index(f"interpolated {job}")
 
         # super-resolution: the digit at 4x4, upscaled by the sr run (factor 2) with the page's sampler and seed
         (tmp_path / "low.png").write_bytes(pngs.encode(to_uint8(low_res_of(digit[None], 2))[0]))
@@ -168,6 +170,16 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         page.set_input_files("#param-file", files=[{"name": "upscaled.png", "mimeType": "image/png", "buffer": png}])
         wait_log(page, "parameters restored")
         assert page.is_visible("#panel-edit") and page.input_value("#noise-level") == "0.1" and page.input_value("#sr-run") == "sr"
+
+        page.fill("#edit-steps", "200")  # a long upscaling, cancelled with the Edit panel's button once it shows a preview
+        before = sum(s.startswith("edit preview ") for s in log(page))
+        page.click("#upscale")
+        job = wait_log(page, "edit preview ", before + 1).split()[2]
+        page.click("#edit-cancel")
+        assert wait_log(page, "cancelled ") == f"cancelled {job}"
+        job = api(f"{base}/api/jobs/{job}")
+        assert job["kind"] == "upscale" and job["status"] == "cancelled" and job["step"] < 200 and job["images"] == 0
+        assert page.is_disabled("#edit-cancel") and page.is_hidden("#error")
 
 
 def test_queue_five_cancel_the_third(page, tmp_path, digits_runs):

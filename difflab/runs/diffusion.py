@@ -216,20 +216,25 @@ class DiffusionRun(Run):
                       progress=progress, decode=self.decode, callback=_step_callback(callback))
 
     def interpolate(self, a: Tensor, b: Tensor, frames: int = 9, *, method: str = "ddim", t: float = 0.5, steps: int = 50,
-                    seed: int = 0, prompt=None, negative_prompt=None, class_label=None, guidance=None) -> Tensor:
+                    seed: int = 0, prompt=None, negative_prompt=None, class_label=None, guidance=None,
+                    callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
         """``frames`` images from the data-space image a (1, ...) to b: DDIM inversion + slerp ('ddim') or the DDPM mix
-        ('ddpm', noised to t * t_max). A prompt or class per end: one for both, or two (a's, b's)."""
+        ('ddpm', noised to t * t_max). A prompt or class per end: one for both, or two (a's, b's).
+        ``callback(step, x_t, x0_hat)`` as for ``sample``, at every step of each chain in turn, ``step`` counting over
+        all of them: 'ddim' inverts both ends (steps), then decodes the frames (steps); 'ddpm' runs each frame's chain."""
         self._images_only("interpolation")
         denoiser, cond = self._setup(2, prompt, class_label, guidance, negative_prompt)
         ends = [{k: v[i:i + 1] for k, v in cond.items()} for i in (0, 1)]
         return interpolation(denoiser, self.encode(a), self.encode(b), frames, method=method, t=t, steps=steps, seed=seed,
-                             cond_a=ends[0] or None, cond_b=ends[1] or None, specs=self.config.condition_specs(), decode=self.decode)
+                             cond_a=ends[0] or None, cond_b=ends[1] or None, specs=self.config.condition_specs(), decode=self.decode,
+                             callback=_step_callback(callback))
 
     def upscale(self, low: Tensor, *, noise_level: float = 0.0, steps: int = 20, sampler: str = "dpmpp-2m", seed: int = 0,
-                batch: int = 250, progress: bool = False, device=None) -> Tensor:
+                batch: int = 250, progress: bool = False, device=None,
+                callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
         """A super-resolution run's samples of p(x | low_res) for low-resolution images ``low`` (model space,
         (N, C, H/k, W/k)); ``noise_level``: the conditioning augmentation's level, the input noised as in training
-        and the network told so."""
+        and the network told so. ``callback(step, x_t, x0_hat)`` as for ``sample``."""
         if self.config.super_resolution is None:
             raise ValueError(f"{self.path} is not a super-resolution run (train one with `difflab train NAME --cond low-res --factor K`)")
         cond = {"low_res": low}
@@ -237,7 +242,7 @@ class DiffusionRun(Run):
             g = torch.Generator().manual_seed(seed)
             cond = {"low_res": low + noise_level * torch.randn(low.shape, generator=g), "low_res_noise": torch.full((len(low),), float(noise_level))}
         return generate(self.denoiser, self.config.shape, len(low), sampler=sampler, steps=steps, cond=cond, seed=seed, batch=batch,
-                        progress=progress, device=device)
+                        progress=progress, device=device, callback=_step_callback(callback))
 
     def _images_only(self, what: str) -> None:
         if self.config.data_kind != "images":

@@ -58,10 +58,13 @@ def img2img(denoiser, x: Tensor, strength: float, *, steps: int = 50, sampler: s
 
 def interpolate(denoiser, a: Tensor, b: Tensor, frames: int = 9, *, method: str = "ddim", t: float = 0.5,
                 steps: int = 50, seed: int = 0, cond_a: dict | None = None, cond_b: dict | None = None, specs=(),
-                invert_iters: int = INVERT_ITERS, decode=None) -> Tensor:
+                invert_iters: int = INVERT_ITERS, decode=None, callback=None) -> Tensor:
     """``frames`` images from a (1, ...) to b (1, ...): (frames, ...), in the model space of ``denoiser`` (``decode``
     maps them out). ``t`` (fraction of t_max) is the DDPM way's depth; ``specs`` the run's ConditionSpecs (which
-    conditions are labels); ``invert_iters`` fixed-point refinements per DDIM inversion step (samplers.ddim_invert)."""
+    conditions are labels); ``invert_iters`` fixed-point refinements per DDIM inversion step (samplers.ddim_invert).
+    ``callback(i, t, x_t, prediction)``: the samplers' callback at every step of every chain in turn, i counting
+    over all of them ('ddim': the inversion of both ends, then the decoding of the frames, 2 * steps in all;
+    'ddpm': each frame's shortened chain)."""
     if method not in METHODS:
         raise ValueError(f"unknown interpolation method {method!r}; choose one of {', '.join(METHODS)}")
     if frames < 2:
@@ -69,15 +72,31 @@ def interpolate(denoiser, a: Tensor, b: Tensor, frames: int = 9, *, method: str 
     if a.shape != b.shape or len(a) != 1:
         raise ValueError(f"interpolation needs two images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
     lams = torch.linspace(0, 1, frames).tolist()
+    callback = _counted(callback)
     conds = [_mix_cond(cond_a, cond_b, lam, specs) for lam in lams]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]} if conds[0] else None
     if method == "ddpm":  # every frame with the same seed: the same noise, so the frames differ only by the mix
         out = [generate(denoiser, a.shape[1:], 1, sampler="ddpm", steps=steps, seed=seed, init=(1 - lam) * a + lam * b, strength=t,
-                        cond={k: v[i:i + 1] for k, v in (cond or {}).items()} or None, decode=decode) for i, lam in enumerate(lams)]
+                        cond={k: v[i:i + 1] for k, v in (cond or {}).items()} or None, decode=decode, callback=callback)
+               for i, lam in enumerate(lams)]
         return torch.cat(out)
     ts = timesteps(denoiser.process, steps, default_spacing("ddim", denoiser.process))
     ends = torch.cat([a, b])
     end_cond = {k: torch.cat([v[:1], v[-1:]]) for k, v in (cond or {}).items()} or None
-    z = ddim_invert(denoiser, ends.to(torch.float32), ts, cond=end_cond, fixed_point_iters=invert_iters)  # (2, ...) at t_max
+    z = ddim_invert(denoiser, ends.to(torch.float32), ts, cond=end_cond, fixed_point_iters=invert_iters, callback=callback)  # (2, ...) at t_max
     x_T = torch.cat([slerp(z[:1], z[1:], lam) for lam in lams])
-    return generate(denoiser, a.shape[1:], frames, sampler="ddim", steps=steps, seed=seed, x_start=x_T, cond=cond, decode=decode)
+    return generate(denoiser, a.shape[1:], frames, sampler="ddim", steps=steps, seed=seed, x_start=x_T, cond=cond, decode=decode,
+                    callback=callback)
+
+
+def _counted(callback):
+    """The samplers' callback(i, t, x_t, prediction) over several chains in turn: i counts every step of all of them."""
+    if callback is None:
+        return None
+    count = [0]
+
+    def counted(i, t, x, pred):
+        callback(count[0], t, x, pred)
+        count[0] += 1
+
+    return counted

@@ -14,9 +14,10 @@ Kinds: ``generate`` (run.sample), ``inpaint`` (run.restore with a Mask operator)
 x_t and x0_hat at every step, for the chain explorer), ``img2img`` (SDEdit, run.img2img), ``interpolate``
 (run.interpolate between two images), ``sweep`` (one seed at several guidance scales, side by side),
 ``forward`` (the forward process q(x_t | x_0) of an image, no network) and ``upscale`` (a super-resolution run's
-run.upscale of a low-resolution image; the only kind such a run takes). interpolate and upscale take no callback
-in the library: they show no preview and are cancelled only while queued. Every image written is a PNG whose ``parameters`` chunk
-holds the settings that reproduce it: its own seed and batch 1 (sample i of a call has seed ``seed + i``)."""
+run.upscale of a low-resolution image; the only kind such a run takes). Every kind but ``forward`` (no network)
+runs through the library's callback: it shows previews and stops at its next step when cancelled. Every image
+written is a PNG whose ``parameters`` chunk holds the settings that reproduce it: its own seed and batch 1 (sample
+i of a call has seed ``seed + i``)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from ..guidance.config import GuidanceConfig
 from ..runs.diffusion import DiffusionRun
 from ..runs.store import latest_checkpoint
 from ..sampling.inverse import METHODS
-from ..sampling.samplers import SAMPLERS, SPACINGS
+from ..sampling.samplers import SAMPLERS, SPACINGS, default_spacing, timesteps
 from ..viz.plots import image_grid
 from . import pngs
 from .folder import RunsFolder, _line
@@ -51,6 +52,7 @@ MAX_ADAPTERS, MAX_STRENGTH = 4, 4.0  # LoRA adapters of a job, and their strengt
 FINISHED = ("done", "cancelled", "failed", "interrupted")
 MAX_SEED = 2**31 - 1
 KEPT = 64  # finished jobs kept in memory (their previews and chains); older ones live in the history alone
+INTERPOLATE_T = 0.5  # a 'ddpm' interpolation's depth: the frames are noised to this fraction of t_max
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,21 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
     return s
 
 
+def callback_steps(run: DiffusionRun, kind: str, s: dict) -> int:
+    """The steps a job's callback counts to (its progress bar's end): a sweep's chains one after another; an
+    interpolation's 'ddim' inversion then decoding, or its 'ddpm' chains from INTERPOLATE_T * t_max, one a frame."""
+    if kind == "sweep":
+        return s["steps"] * len(s["scales"])
+    if kind != "interpolate":
+        return s["steps"]
+    if s["method"] == "ddim":
+        return 2 * s["steps"]
+    process = run.process  # each frame's chain: its start (as sampling.generate rounds it), then the grid's times below
+    start = max(round(INTERPOLATE_T * process.t_max), 1) if process.discrete else INTERPOLATE_T * process.t_max
+    ts = timesteps(process, s["steps"], default_spacing("ddpm", process))
+    return s["frames"] * int((ts < start).sum())
+
+
 # --------------------------------------------------------------------------- the queue
 
 
@@ -264,7 +281,7 @@ class JobQueue:
             raise JobError(f"give at most {MAX_ADAPTERS} LoRA adapters")
         run = self.runs.get(settings["run"], lora)
         s = check(run, kind, settings, self.limits)
-        job = Job(uuid.uuid4().hex[:16], kind, s["run"], s, inputs or {}, steps=s["steps"] * len(s.get("scales", [0])))
+        job = Job(uuid.uuid4().hex[:16], kind, s["run"], s, inputs or {}, steps=callback_steps(run, kind, s))
         with self.cv:
             if len(self.queue) >= self.limits.max_queue:  # checked again: others may have been queued meanwhile
                 raise QueueFull(f"the queue is full ({self.limits.max_queue} jobs); try again when some have run")
@@ -392,11 +409,13 @@ class JobQueue:
                             callback=callback)
         elif job.kind == "upscale":
             low = to_model(job.inputs["image"])[None]  # (1, C, H/k, W/k), on the CPU: upscale draws its noise there
-            x = run.upscale(low, noise_level=s["noise_level"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], device=run.device)
+            x = run.upscale(low, noise_level=s["noise_level"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], device=run.device,
+                            callback=callback)
             self.image_path(job.id, "input").write_bytes(pngs.encode(job.inputs["image"]))
         elif job.kind == "interpolate":
             a, b = (to_model(job.inputs[k])[None].to(run.device) for k in ("image", "image_b"))
-            x = run.interpolate(a, b, s["frames"], method=s["method"], steps=s["steps"], seed=s["seed"], **cond)
+            x = run.interpolate(a, b, s["frames"], method=s["method"], t=INTERPOLATE_T, steps=s["steps"], seed=s["seed"], **cond,
+                                callback=callback)
         elif job.kind == "sweep":  # one seed at each guidance scale: what the scale does, side by side
             done, out = [0], []
             callback = self._callback(job, run, done)

@@ -327,7 +327,7 @@ $("cancel").onclick = () => state.job && post(`/api/jobs/${state.job.id}/cancel`
 
 // ------------------------------------------------------------------ edit: upload, paint a mask, inpaint
 
-const edit = { image: null, data: null, painting: false };
+const edit = { image: null, data: null, painting: false, job: null };
 const maskCanvas = $("edit-mask"), imageCanvas = $("edit-image");
 
 $("edit-file").onchange = () => {
@@ -389,23 +389,32 @@ $("inpaint").onclick = async () => {
   const s = settings();
   const body = { run: s.run, prompt: s.prompt, class_label: s.class_label, guidance: s.guidance, seed: s.seed, lora: s.lora,
                  steps: Number($("edit-steps").value), method: $("method").value, image: edit.data, mask: maskPng() };
-  const job = await post("/api/inpaint", body).catch(() => null);
-  if (!job) return;
-  const end = await follow(job, () => {});
-  if (end?.status === "done") {
-    $("edit-result").src = `/api/jobs/${end.id}/images/0.png`;
-    state.log.push(`inpainted ${end.id}`);
-  } else if (end) showError(end.error || end.status);
+  const end = await runJob("/api/inpaint", body, true);
+  if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/0.png`; state.log.push(`inpainted ${end.id}`); }
 };
 
-async function runJob(path, body) {
-  // Queue a job and wait for its end; null (and the error shown) unless it is done.
+async function runJob(path, body, editPanel = false) {
+  // Queue a job and wait for its end; null (and the error shown, unless it was cancelled) unless it is done.
+  // An Edit panel job shows its live previews in the panel's result, its progress, and its Cancel button stops it.
   const job = await post(path, body).catch(() => null);
   if (!job) return null;
-  const end = await follow(job, () => {});
+  let previews = 0;
+  if (editPanel) { edit.job = job; $("edit-cancel").disabled = false; }
+  const end = await follow(job, (j) => {
+    if (!editPanel) return;
+    $("edit-status").textContent = `${j.kind} ${j.status} ${j.step}/${j.steps}`;
+    if (j.previews > previews && j.status === "running") {
+      previews = j.previews;
+      $("edit-result").src = `/api/jobs/${j.id}/preview.png?n=${previews}`;
+      state.log.push(`edit preview ${j.id} ${previews}`);
+    }
+  });
+  if (editPanel) $("edit-cancel").disabled = true;
+  if (end?.status === "cancelled") { state.log.push(`cancelled ${end.id}`); return null; }
   if (end?.status !== "done") { if (end) showError(end.error || end.status); return null; }
   return end;
 }
+$("edit-cancel").onclick = () => edit.job && post(`/api/jobs/${edit.job.id}/cancel`, {}).catch(() => {});
 
 function readFile(input) {
   return new Promise((resolve) => {
@@ -422,7 +431,7 @@ $("img2img").onclick = async () => {
   const s = settings();
   delete s.batch;
   const end = await runJob("/api/img2img", { ...s, sampler: "ddim", steps: Number($("edit-steps").value), image: edit.data,
-                                              strength: Number($("strength").value) });
+                                              strength: Number($("strength").value) }, true);
   if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/0.png`; state.log.push(`img2img ${end.id}`); }
 };
 
@@ -431,7 +440,8 @@ $("interpolate").onclick = async () => {
   if (!edit.image || !b) { showError("upload two images (image and second image)"); return; }
   const s = settings();
   const end = await runJob("/api/interpolate", { run: s.run, prompt: s.prompt, class_label: s.class_label, seed: s.seed, lora: s.lora,
-    steps: Number($("edit-steps").value), frames: Number($("frames").value), method: $("interp-method").value, image: edit.data, image_b: b });
+    steps: Number($("edit-steps").value), frames: Number($("frames").value), method: $("interp-method").value, image: edit.data, image_b: b },
+    true);
   if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/grid.png`; state.log.push(`interpolated ${end.id}`); }
 };
 
@@ -441,7 +451,7 @@ $("upscale").onclick = async () => {
   if (!$("sr-run").value) { showError("no super-resolution run in this folder (train one with --cond low-res --factor K)"); return; }
   const s = settings();
   const end = await runJob("/api/upscale", { run: $("sr-run").value, image: edit.data, noise_level: Number($("noise-level").value),
-                                              sampler: s.sampler, steps: Number($("edit-steps").value), seed: s.seed });
+                                              sampler: s.sampler, steps: Number($("edit-steps").value), seed: s.seed }, true);
   if (end) { $("edit-result").src = `/api/jobs/${end.id}/images/0.png`; state.log.push(`upscaled ${end.id}`); }
 };
 
