@@ -113,6 +113,12 @@ def test_generate_preview_history_and_png_round_trip(page, tmp_path, text_runs):
         again = wait_log(page, "final ", 2).split()[1]
         assert np.array_equal(png_array(api(f"{base}/api/jobs/{again}/images/0.png")), png_array(png))
 
+        page.reload()  # the last result shown comes back
+        assert wait_log(page, "restored ") == f"restored {again}"
+        images_loaded(page, "#result, #results img")
+        assert f"/api/jobs/{again}/images/grid.png" in page.get_attribute("#result", "src")
+        assert page.locator("#results img").count() == 1
+
 
 def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
     root = runs_folder(tmp_path, dc=digits_runs / "dc", sr=digits_runs / "sr")

@@ -4,6 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const state = { runs: {}, samplers: [], adapters: [], maxAdapters: 4, job: null, chainJob: null, log: [] };
 const DEFAULT_SAMPLER = "dpmpp-2m", DEFAULT_STEPS = "20";  // a teacher's defaults (runs/diffusion.py), the menus' first values
+const LAST_RESULT = "difflab-studio-result";  // localStorage: the id of the last job whose result the page showed
 window.studioLog = state.log;  // what the page showed, in order (the browser tests read it)
 
 function showError(message) {
@@ -285,13 +286,7 @@ async function watch(job) {
   $("cancel").disabled = true;
   if (end?.status === "done") {
     $("progress").value = 1;
-    $("result").src = `/api/jobs/${end.id}/images/grid.png`;
-    $("results").innerHTML = "";
-    for (let i = 0; i < end.images; i++) {
-      const img = document.createElement("img");
-      img.src = `/api/jobs/${end.id}/images/${i}.png`;
-      $("results").append(img);
-    }
+    showResult(end);
     state.log.push(`final ${end.id}`);
   } else if (end?.status === "failed") {
     showError(end.error);
@@ -301,6 +296,33 @@ async function watch(job) {
     const next = (await api("/api/jobs")).jobs.find((j) => j.kind === "generate" && ["queued", "running"].includes(j.status));
     if (next) watch(next).catch(() => {});
   } catch (e) { /* shown in the error line */ }
+}
+
+function showResult(job) {
+  // A done generate job's grid and images; remembered, so a reload shows it again (restoreResult).
+  $("result").src = `/api/jobs/${job.id}/images/grid.png`;
+  $("results").innerHTML = "";
+  for (let i = 0; i < job.images; i++) {
+    const img = document.createElement("img");
+    img.src = `/api/jobs/${job.id}/images/${i}.png`;
+    $("results").append(img);
+  }
+  try { localStorage.setItem(LAST_RESULT, job.id); } catch (e) { /* storage off: nothing to restore later */ }
+}
+
+async function restoreResult() {
+  // The last result shown before a reload (or a restart: an old job is read from the history), if it still exists.
+  let id = null;
+  try { id = localStorage.getItem(LAST_RESULT); } catch (e) { return; }
+  if (!id || !/^[0-9a-f]{16}$/.test(id)) return;
+  let job = null;
+  try {
+    const response = await fetch(`/api/jobs/${id}`);
+    job = response.ok ? await response.json() : null;
+  } catch (e) { return; }  // the server is gone: the queue's request says so
+  if (job?.status !== "done" || !job.images || $("result").getAttribute("src")) return;  // a newer one is shown already
+  showResult(job);
+  state.log.push(`restored ${job.id}`);
 }
 
 async function refreshQueue() {
@@ -543,7 +565,7 @@ document.addEventListener("drop", (e) => {
   dropped(e.dataTransfer.files[0]).catch(() => {});
 });
 
-loadRuns().then(refreshQueue).then(async () => {
+loadRuns().then(restoreResult).then(refreshQueue).then(async () => {
   const running = (await api("/api/jobs")).jobs.find((j) => j.kind === "generate" && ["queued", "running"].includes(j.status));
   if (running) watch(running).catch(() => {});  // the queue survives a page reload
 }).catch(() => {});
