@@ -11,7 +11,8 @@ import torch
 
 from ..evaluation.feature_training import RECIPES, FeatureTraining, train_features
 from ..evaluation.features import SHIPPED
-from .options import Parser, positive_int
+from ..evaluation.identity import IdentityTraining, train_identity
+from .options import Parser, positive_float, positive_int
 
 
 def run_train(args) -> None:
@@ -30,6 +31,20 @@ def run_train(args) -> None:
     print(f"wrote {weights} ({kb:.0f} KiB) and {weights.with_suffix('.json').name}")
 
 
+def run_identity(args) -> None:
+    recipe = IdentityTraining(**{k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("seed", args.seed)) if v is not None})
+    torch.set_num_threads(args.threads)
+    command = "difflab " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["features"] else "difflab features identity"
+    done = train_identity(args.run, out=args.out, recipe=recipe, resume=args.resume, progress=not args.quiet, command=command,
+                          max_minutes=args.max_minutes)
+    if done is None:
+        print(f"stopped after --max-minutes; continue with `difflab features identity --run {args.run} --resume`")
+        return
+    weights, meta = done
+    print(f"retrieval top-1 {100 * meta['retrieval_top1']:.1f}% (a view of a test item among 100 other items of its class; run {args.run})")
+    print(f"wrote {weights} ({weights.stat().st_size / 1024:.0f} KiB) and {weights.with_suffix('.json').name}")
+
+
 def register(sub) -> None:
     f = sub.add_parser("features", help="the feature networks of `difflab eval`")
     fsub = f.add_subparsers(dest="features_command", required=True, parser_class=Parser)
@@ -46,3 +61,14 @@ def register(sub) -> None:
     t.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1: measured 5x faster than 2 when other work shares 2 cores)")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
+    i = fsub.add_parser("identity", help="train the identity encoder of personalisation's subject fidelity (fashion-identity.*)")
+    i.add_argument("--run", default="runs/features-identity", help="the training run's folder (default runs/features-identity)")
+    i.add_argument("--out", help="output folder (default difflab/weights/)")
+    i.add_argument("--resume", action="store_true", help="continue the run in --run")
+    i.add_argument("--steps", type=positive_int, help=f"training steps (default {IdentityTraining.steps})")
+    i.add_argument("--batch-size", type=positive_int, help=f"items per step, two views each (default {IdentityTraining.batch_size})")
+    i.add_argument("--seed", type=int)
+    i.add_argument("--max-minutes", type=positive_float, help="stop (with a checkpoint) after this many minutes")
+    i.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (default 2)")
+    i.add_argument("--quiet", action="store_true")
+    i.set_defaults(func=run_identity)

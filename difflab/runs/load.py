@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.feature_training import FEATURES
+from ..evaluation.identity import IDENTITY
 from ..guidance.classifier import CLASSIFIER
 from ..latent.autoencoder import AUTOENCODER
 from ..personalize.method import PERSONALIZED
@@ -24,7 +25,7 @@ from .diffusion import DIFFUSION, DiffusionRun
 from .kinds import register
 from .run import Run
 
-BUILT_IN = (DIFFUSION, PERSONALIZED, DISTILLED, CLASSIFIER, AUTOENCODER, CLIP, FEATURES)
+BUILT_IN = (DIFFUSION, PERSONALIZED, DISTILLED, CLASSIFIER, AUTOENCODER, CLIP, FEATURES, IDENTITY)
 register(*BUILT_IN)
 
 
