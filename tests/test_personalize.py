@@ -239,6 +239,18 @@ def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run,
     assert after > before + 0.02, (before, after)
 
 
+@needs_fashion
+def test_a_run_tuned_without_caption_dropout_keeps_its_bases_null_prediction(base_run, subject_dir, tmp_path):
+    """--caption-dropout 0 stops training the null prediction on the subject; the base's stays, so guidance works."""
+    folder, _ = subject_dir
+    out = tmp_path / "drop0"
+    personalize(base_run, folder, out, Personalization("lora", "sneaker", prior_weight=0.0, caption_dropout=0.0), steps=2, progress=False)
+    assert load_config(out).text_spec().p_drop == 0 and load_config(base_run).text_spec().p_drop > 0
+    run, prompt = DiffusionRun.load(out), ["a red sks sneaker on the left and a blue bag on the right"] * 2
+    guided, plain = (run.sample(2, prompt=prompt, guidance=s, steps=4, seed=0) for s in (3.0, 1.0))
+    assert not torch.allclose(guided, plain)
+
+
 # --------------------------------------------------------------------------- the command line
 
 

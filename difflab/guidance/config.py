@@ -127,12 +127,23 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, encode_text: Text
     return out
 
 
+def _base_knows_null(cfg: RunConfig) -> bool:
+    """A run personalised without caption dropout keeps the null prediction its base learned with it."""
+    p = cfg.personalize
+    if p is None or not p.base:
+        return False
+    try:
+        return load_config(p.base).text_spec().p_drop > 0
+    except (OSError, ValueError):  # the base moved or is unreadable: nothing says it has one
+        return False
+
+
 def _text_guided(denoiser, cfg: RunConfig, g: GuidanceConfig, encode_text: TextEncode | None, run: str):
     """Classifier-free guidance of a text run: the negative prompt's prediction replaces the null (empty
     caption) one; composed prompts are terms w (pred_prompt - pred_base)."""
     if g.negative is not None or g.compose:
         raise ConditionError(f"{run} reads text: steer it with --negative-prompt and --compose-prompt, not classes")
-    if cfg.text_spec().p_drop == 0 and g.negative_prompt is None:
+    if cfg.text_spec().p_drop == 0 and g.negative_prompt is None and not _base_knows_null(cfg):
         raise ConditionError(f"{run} was trained without caption dropout (--p-uncond 0), so it has no null prediction to guide "
                              "against; give --negative-prompt, or retrain with --p-uncond > 0")
     if g.negative_prompt is not None and g.scale == 1.0 and not g.compose_prompts:
