@@ -1,38 +1,33 @@
-"""Personalisation on fashion-pairs: fidelity to a new subject, to the rest of the prompt, and language drift (issue 13).
+"""Personalisation on fashion-pairs: subject fidelity in an identity measure, prompt fidelity and drift (issue 24).
 
 The subject is one Fashion-MNIST sneaker of the test split (never seen in training), in 4 tints, each beside
-another item (`difflab subject --class-word sneaker`). The base models are text_to_image's latent runs
-(benchmarks/runs/text_to_image/minilm and joint; run benchmarks/text_to_image.py first). Each variant is
-`difflab personalize` through personalize.personalize with its defaults (400 steps, 64 class images):
-
-    dreambooth and lora over the MiniLM run, with (lambda = 1) and without (lambda = 0) prior preservation;
-    textual-inversion over the joint run (MiniLM's embeddings cannot be extended);
-    LoRA of rank 1; DreamBooth at 800 steps of 4e-4 (a stronger fit: the fidelity / drift trade-off); and
-    DreamBooth with class images drawn with guidance (s = 3) instead of the default unguided ones.
+another item (`difflab subject --class-word sneaker`). The base is the shipped text-to-image model
+fashion-pairs-t2i (latent, MiniLM); textual inversion needs a joint encoder (MiniLM's is frozen outside the
+model), so it runs over a joint base trained here with `--joint-minutes` (0: not run). Each variant is
+`difflab personalize` through personalize.personalize.
 
 Measured on --n new compositions of the subject (a random tint and side, another class in a random colour
-in the other half), sampled at the base run's best guidance scale (text_to_image: MiniLM 5, joint 3):
+in the other half) sampled at the base's scale (s = 5, dpmpp-2m, 20 steps):
 
-* subject fidelity: the centred cosine, in the shipped attribute network's features, between each sample's
-  subject half and the subject in the requested tint (personalize.subject_similarity), against a floor (other
-  real test sneakers in the same tints: a generic sneaker) and a ceiling (the subject through the autoencoder
-  round trip: what a latent model can give at best); "relative" = (fidelity - floor) / (ceiling - floor); the
-  same in shape: the luminance correlation of the subject half with the subject (personalize.shape_similarity);
+* subject fidelity: the identity encoder's cosine (evaluation/identity.py: trained by instance
+  discrimination, 100-way same-class retrieval recorded beside its weights) between each sample's subject half
+  and the subject; against a floor (other real test sneakers in the same tints, through the autoencoder) and a
+  ceiling (the subject itself in those tints, through the autoencoder: what a latent model can give at best);
+  G = (tuned - untuned) / (ceiling - untuned), untuned = the base asked with the class word; "above floor" =
+  the share of samples more like the subject than 95 % of the other real sneakers are; shape = the luminance
+  correlation of the subject half with the subject (evaluation/subject.shape_similarity);
 * prompt fidelity: all four attributes right (the subject half's class at its side and its requested tint,
-  the other half's class and colour), against the base model asked the same without the identifier;
-* language drift, on --n-plain prompts with the plain class word ("a red sneaker on the left and ..."): FD
-  (attribute-network features) against real images of the same prompts (random test items of the prompts'
-  classes in their colours, 4 per prompt), before and after, the sneaker halves' feature
-  diversity (mean pairwise distance), and how often the subject appears uninvited (a sneaker half more like
-  the subject in shape than 95 % of real sneakers are);
-* cost: CPU-minutes of personalisation (process time, both threads), trainable parameters, the weights a
-  user keeps (dreambooth: the whole network; lora: adapter.safetensors; textual inversion: one row).
+  the other half's class and colour; the fashion-pairs attribute net), against the base with the class word;
+* drift, on --n-plain prompts with the plain class word ("a red sneaker on the left and ..."): PRES (the
+  DreamBooth paper's measure: the identity similarity of the plain word's sneaker halves to the subject),
+  their diversity (mean identity distance between two of them), and FD against real images of those prompts;
+* cost: CPU-minutes of personalisation (process time), trainable parameters, the weights a user keeps.
 
-Targets (issue 13): relative fidelity >= 0.5 with prompt fidelity within 5 points of the base; with prior
-preservation, drift (the plain class word's FD change) at most a third of that without; LoRA file < 1 % of
-the base model's weights.
+Targets (issue 24): LoRA G >= 0.6, DreamBooth G >= 0.7, textual inversion G >= 0.4; prompt fidelity within
+10 % of the base's; prior preservation cuts PRES by >= 25 % at <= 5 % loss of fidelity; LoRA file < 1 % of
+the base at the default rank.
 
-    .venv/bin/python benchmarks/personalization.py [--n 200] [--n-plain 500]
+    .venv/bin/python benchmarks/personalization.py [--n 200] [--n-plain 300] [--joint-minutes 8]
 
 Writes benchmarks/results/personalization.md, .json and .png; runs in benchmarks/runs/personalization/
 (finished variants are not retrained, killed ones resume, evaluations are cached in evals.json).
@@ -42,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -52,52 +48,77 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import difflab  # noqa: E402
 from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.data.pairs import NOUNS, RGB, half, make_subject, place, subject_prompts, tint, tinted, write_subject  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.evaluation.identity import best_half_similarity, diversity, gain, identity_similarity, load_identity_net, subject_vector  # noqa: E402
 from difflab.evaluation.metrics import frechet_distance  # noqa: E402
-from difflab.evaluation.subject import feature_center, shape_similarity, subject_similarity  # noqa: E402
+from difflab.evaluation.subject import shape_similarity  # noqa: E402
 from difflab.nets.lora import LoraSpec  # noqa: E402
 from difflab.personalize.adapters import ADAPTER  # noqa: E402
 from difflab.personalize.identifier import class_prompt  # noqa: E402
 from difflab.personalize.method import personalize, trainable_filter  # noqa: E402
 from difflab.runs import store as ckpt  # noqa: E402
 from difflab.runs.config import Personalization, load_config  # noqa: E402
-from difflab.runs.diffusion import DiffusionRun  # noqa: E402
 from difflab.viz import plots  # noqa: E402
 
 NAME = "personalization"
 ROOT = RUNS / NAME
-BASES = {"minilm": RUNS / "text_to_image" / "minilm", "joint": RUNS / "text_to_image" / "joint"}
-SCALES = {"minilm": 5.0, "joint": 3.0}  # each base's best guidance scale in text_to_image
+SHIPPED_BASE = "fashion-pairs-t2i"
+JOINT = ROOT / "joint-base"  # textual inversion's base (a joint encoder), trained by --joint-minutes
+JOINT_STEPS = 2500
+SCALE = 5.0  # the shipped base's recorded best scale; the joint base is sampled at the same
 CLASS = "sneaker"
+
+
 @dataclass(frozen=True)
 class Variant:
     method: str
-    encoder: str  # the base run (BASES)
     prior_weight: float = 1.0
-    rank: int = 4  # LoRA
+    rank: int | None = None  # LoRA; None: the library's default
     steps: int | None = None  # None: the method's defaults
     lr: float | None = None
-    class_guidance: float = 1.0
+    caption_dropout: float | None = None  # None: the base's
+    vectors: int = 1  # textual inversion
+
+    @property
+    def base(self) -> str:
+        return "joint" if self.method == "textual-inversion" else "shipped"
 
     @property
     def name(self) -> str:
-        out = f"{self.method}-{self.encoder}" + ("" if self.method == "textual-inversion" else f"-prior{self.prior_weight:g}")
-        out += f"-r{self.rank}" if self.rank != 4 else ""
+        out = self.method + ("" if self.method == "textual-inversion" else f"-prior{self.prior_weight:g}")
+        out += f"-r{self.rank}" if self.rank is not None else ""
         out += f"-{self.steps}x{self.lr:g}" if self.steps else ""
-        return out + (f"-class-s{self.class_guidance:g}" if self.class_guidance != 1 else "")
+        out += f"-drop{self.caption_dropout:g}" if self.caption_dropout is not None else ""
+        return out + (f"-v{self.vectors}" if self.vectors != 1 else "")
 
 
-VARIANTS = [Variant("dreambooth", "minilm"), Variant("dreambooth", "minilm", 0.0), Variant("lora", "minilm"), Variant("lora", "minilm", 0.0),
-            Variant("lora", "minilm", rank=1), Variant("textual-inversion", "joint", 0.0),
-            Variant("dreambooth", "minilm", steps=800, lr=4e-4), Variant("dreambooth", "minilm", class_guidance=3.0)]
+VARIANTS = [Variant("dreambooth"), Variant("dreambooth", 0.0), Variant("lora"), Variant("lora", 0.0),
+            Variant("lora", rank=1, steps=800, lr=2e-3), Variant("lora", steps=800, lr=1e-3), Variant("lora", caption_dropout=0.0),
+            Variant("dreambooth", steps=800, lr=2e-4), Variant("lora", steps=1600, lr=1e-3), Variant("dreambooth", 0.0, steps=800, lr=2e-4),
+            Variant("textual-inversion"), Variant("textual-inversion", steps=800, lr=1e-2)]
 
 
-def variant_name(method: str, encoder: str, weight: float) -> str:
-    return Variant(method, encoder, weight).name
+def base_path(which: str):
+    return SHIPPED_BASE if which == "shipped" else JOINT
+
+
+def joint_base(minutes: float) -> bool:
+    """Train (or continue) the joint-encoder base for textual inversion for up to ``minutes``; True when finished."""
+    if ckpt.has_checkpoint(JOINT) and ckpt.weights_step(JOINT) >= JOINT_STEPS:
+        return True
+    if minutes <= 0:
+        return False
+    args = ["train", "fashion-pairs", "--latent", "fashion-pairs-ae", "--text", "joint", "--out", str(JOINT), "--steps", str(JOINT_STEPS),
+            "--max-minutes", str(minutes), "--quiet"]
+    if ckpt.has_checkpoint(JOINT):
+        args = ["train", "--resume", "--out", str(JOINT), "--max-minutes", str(minutes), "--quiet"]
+    subprocess.run([sys.executable, "-m", "difflab", *args], check=True)
+    return ckpt.weights_step(JOINT) >= JOINT_STEPS
 
 
 def trained(run: Path, folder: Path, v: Variant) -> Path:
@@ -107,64 +128,64 @@ def trained(run: Path, folder: Path, v: Variant) -> Path:
         spent = json.loads((run / "seconds.json").read_text()) if (run / "seconds.json").exists() else {"cpu": 0.0, "wall": 0.0}
         cpu, wall = time.process_time(), time.perf_counter()
         resume = ckpt.has_checkpoint(run)
-        p = Personalization(v.method, CLASS, prior_weight=v.prior_weight, class_guidance=v.class_guidance)
-        lora = LoraSpec(rank=v.rank, alpha=float(v.rank)) if v.method == "lora" else None
-        personalize(BASES[v.encoder], folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr, lora=lora)
+        p = Personalization(v.method, CLASS, prior_weight=v.prior_weight, caption_dropout=v.caption_dropout, vectors=v.vectors)
+        lora = LoraSpec(rank=v.rank, alpha=float(v.rank)) if v.method == "lora" and v.rank is not None else None
+        personalize(base_path(v.base), folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr, lora=lora)
         spent = {"cpu": spent["cpu"] + time.process_time() - cpu, "wall": spent["wall"] + time.perf_counter() - wall}
         write_text(run / "seconds.json", json.dumps(spent))
     return run
 
 
-def draw(run: Path, captions: list[str], scale: float, seed: int = 0) -> torch.Tensor:
-    return to_uint8(DiffusionRun.load(run).sample(len(captions), prompt=captions, guidance=scale, sampler="dpmpp-2m", steps=20, seed=seed, batch=250))
+def draw(run, captions: list[str], seed: int = 0) -> torch.Tensor:
+    return to_uint8(difflab.load(run).sample(len(captions), prompt=captions, guidance=SCALE, sampler="dpmpp-2m", steps=20, seed=seed, batch=250))
+
+
+def colours_of(attributes, sides) -> np.ndarray:
+    return torch.where(sides == 0, attributes[:, 1], attributes[:, 3]).numpy()
 
 
 class Yardsticks:
-    """What every variant is measured against: the prompts, the subject's references, the real sneakers."""
+    """What every variant is measured against: the prompts, the subject, its floor and ceiling."""
 
     def __init__(self, subject, n: int, n_plain: int):
-        self.net = load_feature_net("fashion-pairs")
-        self.center = feature_center(self.net)
+        self.attr_net = load_feature_net("fashion-pairs")
+        self.id_net = load_identity_net()
+        self.vector = subject_vector(self.id_net, subject.grey)
         self.attributes, self.sides, self.captions = subject_prompts(CLASS, n, seed=1)
-        self.references = tinted(subject.grey, self.colours(self.attributes, self.sides))
+        self.references = tinted(subject.grey, colours_of(self.attributes, self.sides))
         plain_attributes, self.plain_sides, plain = subject_prompts(CLASS, n_plain, seed=2)
         self.plain = [class_prompt(c, "sks") for c in plain]
-        self.plain_references = tinted(subject.grey, self.colours(plain_attributes, self.plain_sides))
         items = load_images("fashion-mnist", split="test")
-        sneakers = items.images[items.labels == NOUNS.index(CLASS), 0]
-        sneakers = sneakers[torch.from_numpy(np.random.default_rng(0).permutation(len(sneakers))[:n])]
-        rgb = RGB[self.colours(self.attributes, self.sides)]
-        lookalikes = place(torch.from_numpy(tint(sneakers.numpy(), rgb)), self.sides)
-        self.floor = subject_similarity(self.net, lookalikes, self.sides, self.references, self.center).mean().item()
-        shapes = shape_similarity(lookalikes, self.sides, self.references)
-        self.shape_floor = shapes.mean().item()
-        self.threshold = torch.quantile(shapes, 0.95).item()  # "more like the subject than 95 % of real sneakers"
-        space = DiffusionRun.load(BASES["minilm"]).latent
+        sneakers = np.flatnonzero(items.labels.numpy() == NOUNS.index(CLASS))
+        sneakers = sneakers[sneakers != subject.item]
+        picked = items.images[torch.from_numpy(np.random.default_rng(0).permutation(sneakers)[:n]), 0]
+        lookalikes = place(torch.from_numpy(tint(picked.numpy(), RGB[colours_of(self.attributes, self.sides)])), self.sides)
+        space = difflab.load(SHIPPED_BASE).latent
         with torch.no_grad():
-            round_trip = space.reconstruct(place(self.references, self.sides))
-        self.ceiling = subject_similarity(self.net, round_trip, self.sides, self.references, self.center).mean().item()
-        self.shape_ceiling = shape_similarity(round_trip, self.sides, self.references).mean().item()
-        self.real_features = embed(self.net, matched_real(plain_attributes, items, 4))[0]
-
-    @staticmethod
-    def colours(attributes, sides) -> np.ndarray:
-        return torch.where(sides == 0, attributes[:, 1], attributes[:, 3]).numpy()
+            subject_trip, others_trip = space.reconstruct(place(self.references, self.sides)), space.reconstruct(lookalikes)
+        self.exact = identity_similarity(self.id_net, self.references, self.vector).mean().item()  # the subject itself, no autoencoder
+        self.ceiling = identity_similarity(self.id_net, half(subject_trip, self.sides), self.vector).mean().item()
+        self.floor_values = identity_similarity(self.id_net, half(others_trip, self.sides), self.vector)
+        self.floor = self.floor_values.mean().item()
+        self.threshold = torch.quantile(self.floor_values, 0.95).item()  # "more like the subject than 95 % of other real sneakers"
+        self.shape_floor = shape_similarity(others_trip, self.sides, self.references).mean().item()
+        self.shape_ceiling = shape_similarity(subject_trip, self.sides, self.references).mean().item()
+        self.real_features = embed(self.attr_net, matched_real(plain_attributes, items, 4))[0]
 
     def subject(self, x: torch.Tensor) -> dict:
-        sim = subject_similarity(self.net, x, self.sides, self.references, self.center).mean().item()
-        shape = shape_similarity(x, self.sides, self.references).mean().item()
-        predicted = self.net.attributes(embed(self.net, x)[1])
-        return {"fidelity": sim, "relative": (sim - self.floor) / (self.ceiling - self.floor),
-                "shape": shape, "shape_relative": (shape - self.shape_floor) / (self.shape_ceiling - self.shape_floor),
+        sims = best_half_similarity(self.id_net, x, self.vector)
+        predicted = self.attr_net.attributes(embed(self.attr_net, x)[1])
+        return {"identity": sims.mean().item(), "identity_se": (sims.std() / len(sims) ** 0.5).item(),
+                "above_floor": (sims > self.threshold).double().mean().item(),
+                "shape": shape_similarity(x, self.sides, self.references).mean().item(),
                 "all_four": (predicted == self.attributes).all(1).double().mean().item(),
                 "per_attribute": (predicted == self.attributes).double().mean(0).tolist()}
 
     def plain_word(self, x: torch.Tensor) -> dict:
-        feats = embed(self.net, x)[0]
-        halves = embed(self.net, place(half(x, self.plain_sides), self.plain_sides))[0]
-        leak = shape_similarity(x, self.plain_sides, self.plain_references) > self.threshold
-        return {"fd": frechet_distance(feats, self.real_features), "diversity": torch.pdist(halves).mean().item(),
-                "subject_rate": leak.double().mean().item()}
+        halves = half(x, self.plain_sides)  # diversity: the halves that should hold the sneaker
+        sims = best_half_similarity(self.id_net, x, self.vector)
+        return {"fd": frechet_distance(embed(self.attr_net, x)[0], self.real_features), "pres": sims.mean().item(),
+                "diversity": diversity(self.id_net, halves), "subject_rate": (sims > self.threshold).double().mean().item()}
 
 
 def matched_real(attributes: torch.Tensor, items, repeat: int, seed: int = 0) -> torch.Tensor:
@@ -179,11 +200,10 @@ def matched_real(attributes: torch.Tensor, items, repeat: int, seed: int = 0) ->
     return torch.from_numpy(np.concatenate([left, right], axis=3))
 
 
-def evaluate_run(run: Path, encoder: str, sticks: Yardsticks, book: dict, key: str, base: bool = False) -> dict:
+def evaluate_run(run, sticks: Yardsticks, book: dict, key: str, base: bool = False) -> dict:
     if key not in book:
-        subject_prompts_ = [class_prompt(c, "sks") for c in sticks.captions] if base else sticks.captions
-        x = draw(run, subject_prompts_, SCALES[encoder])
-        book[key] = {"subject": sticks.subject(x), "plain": sticks.plain_word(draw(run, sticks.plain, SCALES[encoder], seed=10**6))}
+        prompts = [class_prompt(c, "sks") for c in sticks.captions] if base else sticks.captions
+        book[key] = {"subject": sticks.subject(draw(run, prompts)), "plain": sticks.plain_word(draw(run, sticks.plain, seed=10**6))}
     return book[key]
 
 
@@ -204,12 +224,10 @@ def cost(run: Path) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="subject prompts (samples) per variant")
-    p.add_argument("--n-plain", type=int, default=500, help="plain class-word prompts (samples) per variant")
+    p.add_argument("--n-plain", type=int, default=300, help="plain class-word prompts (samples) per variant")
+    p.add_argument("--joint-minutes", type=float, default=0.0, help="train textual inversion's joint base for up to this long (0: skip it)")
+    p.add_argument("--only", nargs="*", help="only these variants (names as in the table)")
     args = p.parse_args(argv)
-    for encoder, run in BASES.items():
-        if not ckpt.has_checkpoint(run):
-            sys.exit(f"{run} is missing: train the base models first with "
-                     f"`.venv/bin/python benchmarks/text_to_image.py --encoders minilm joint`")
     torch.set_num_threads(2)
     load_start, busy_start = load_average(), busy_processes()
     subject = make_subject(CLASS, n=4)
@@ -218,93 +236,105 @@ def main(argv=None) -> None:
     sticks = Yardsticks(subject, args.n, args.n_plain)
     book_path = ROOT / "evals.json"
     book = json.loads(book_path.read_text()) if book_path.exists() else {}
+    has_joint = joint_base(args.joint_minutes)
+    version = f"v4 id={sticks.id_net.fingerprint()[:12]} n={args.n}/{args.n_plain}"
     rows = {}
-    for encoder in sorted({v.encoder for v in VARIANTS}):
-        key = f"base-{encoder} v2 n={args.n}/{args.n_plain} step={ckpt.weights_step(BASES[encoder])}"
-        rows[f"base-{encoder}"] = evaluate_run(BASES[encoder], encoder, sticks, book, key, base=True)
+    for which in ("shipped", "joint") if has_joint else ("shipped",):
+        key = f"base-{which} {version} step={ckpt.weights_step(base_path(which))}"
+        rows[f"base-{which}"] = evaluate_run(base_path(which), sticks, book, key, base=True) | {"base": which}
         write_text(book_path, json.dumps(book, indent=1))
     for v in VARIANTS:
-        name, encoder, method, weight = v.name, v.encoder, v.method, v.prior_weight
-        run = trained(ROOT / name, folder, v)
-        key = f"{name} v2 n={args.n}/{args.n_plain} step={ckpt.weights_step(run)}"
-        rows[name] = evaluate_run(run, encoder, sticks, book, key) | {"cost": cost(run), "encoder": encoder, "method": method, "weight": weight}
+        if (v.base == "joint" and not has_joint) or (args.only and v.name not in args.only):
+            continue
+        run = trained(ROOT / v.name, folder, v)
+        key = f"{v.name} {version} step={ckpt.weights_step(run)}"
+        rows[v.name] = evaluate_run(run, sticks, book, key) | {"cost": cost(run), "base": v.base, "method": v.method, "weight": v.prior_weight}
         write_text(book_path, json.dumps(book, indent=1))
-        print(name, json.dumps(rows[name]["subject"]), json.dumps(rows[name]["plain"]), flush=True)
-    base_bytes = {e: 4 * sum(v.numel() for v in ckpt.load_weights(BASES[e]).values()) for e in BASES}
+        print(v.name, json.dumps(rows[v.name]["subject"]), json.dumps(rows[v.name]["plain"]), flush=True)
+    base_bytes = {w: 4 * sum(t.numel() for t in difflab.load(base_path(w)).net.state_dict().values()) for w in {r["base"] for r in rows.values()}}
     report(args, rows, sticks, base_bytes, load_start, busy_start)
-    picture(rows, sticks, subject)
+    picture(rows, sticks)
+
+
+def gains(rows: dict, sticks: Yardsticks) -> dict:
+    return {name: gain(r["subject"]["identity"], rows[f"base-{r['base']}"]["subject"]["identity"], sticks.ceiling)
+            for name, r in rows.items() if "cost" in r}
 
 
 def report(args, rows, sticks: Yardsticks, base_bytes, load_start, busy_start) -> None:
-    lines = header("Personalisation: subject fidelity, prompt fidelity and language drift (issue 13)")
-    lines += [f"Subject: Fashion-MNIST test sneaker, 4 training images; {args.n} new compositions, {args.n_plain} plain class-word prompts.",
-              f"Subject fidelity in the attribute network's features (centred cosine): floor (other real sneakers, same tints and sides) "
-              f"{sticks.floor:.3f}, ceiling (the subject through the autoencoder) {sticks.ceiling:.3f}. "
-              f"In shape (luminance correlation of the subject half): floor {sticks.shape_floor:.3f}, ceiling {sticks.shape_ceiling:.3f}. "
-              "Relative = (value - floor) / (ceiling - floor).", ""]
+    lines = header("Personalisation: subject fidelity in the identity measure, prompt fidelity and drift (issue 24)")
+    meta = sticks.id_net.meta
+    lines += [f"Subject: a Fashion-MNIST test sneaker, 4 training images; {args.n} new compositions, {args.n_plain} plain class-word prompts; "
+              f"base {SHIPPED_BASE} (shipped), s = {SCALE:g}.",
+              f"Identity encoder: {meta.get('name')} (retrieval top-1 among 100 same-class test items {100 * meta.get('retrieval_top1', float('nan')):.1f} %). "
+              f"Similarity to the subject: the subject itself {sticks.exact:.3f}; through the autoencoder (ceiling) {sticks.ceiling:.3f}; "
+              f"other real sneakers through the autoencoder (floor) {sticks.floor:.3f} (95th percentile {sticks.threshold:.3f}). "
+              f"Shape: floor {sticks.shape_floor:.3f}, ceiling {sticks.shape_ceiling:.3f}.",
+              "G = (identity - untuned) / (ceiling - untuned), untuned = the base asked with the class word.", ""]
+    g = gains(rows, sticks)
     table = []
     for name, r in rows.items():
-        s, pl = r["subject"], r["plain"]
-        base = rows[f"base-{r.get('encoder', name.split('-')[1])}"]
-        c = r.get("cost")
-        table.append([name, f"{s['fidelity']:.3f} ({s['relative']:+.1f})", f"{s['shape']:.3f} ({s['shape_relative']:+.2f})", f"{100 * s['all_four']:.1f} %",
-                      f"{100 * (s['all_four'] - base['subject']['all_four']):+.1f}" if c else "",
-                      f"{pl['fd']:.2f}", f"{pl['fd'] - base['plain']['fd']:+.2f}" if c else "", f"{pl['diversity']:.3f}",
-                      f"{100 * pl['subject_rate']:.1f} %",
+        s, pl, c = r["subject"], r["plain"], r.get("cost")
+        base = rows[f"base-{r['base']}"]
+        table.append([name, f"{s['identity']:.3f} +- {s['identity_se']:.3f}", f"{g[name]:.2f}" if c else "", f"{100 * s['above_floor']:.1f} %",
+                      f"{s['shape']:.3f}", f"{100 * s['all_four']:.1f} %",
+                      f"{100 * (s['all_four'] / base['subject']['all_four'] - 1):+.0f} %" if c else "",
+                      f"{pl['pres']:.3f}", f"{pl['diversity']:.3f}", f"{pl['fd']:.2f}", f"{pl['fd'] - base['plain']['fd']:+.2f}" if c else "",
                       f"{c['cpu_minutes']:.1f}" if c else "", f"{c['trainable']:,}" if c else "",
-                      (f"{c['bytes'] / 1024:.1f} KiB ({100 * c['bytes'] / base_bytes[r['encoder']]:.2f} %)") if c else ""])
-    lines += md_table(["variant", "features (relative)", "shape (relative)", "prompt: all four", "vs base", "plain-word FD", "FD change",
-                       "diversity", "subject uninvited", "CPU-min", "trainable", "weights kept (of base)"], table)
-    lines += ["", "Base rows: the base model asked for the class word (it has no identifier). \"vs base\" and \"FD change\" are "
-              "against the base of the same encoder.", ""]
-    lines += targets(rows, base_bytes)
+                      f"{c['bytes'] / 1024:.1f} KiB ({100 * c['bytes'] / base_bytes[r['base']]:.2f} %)" if c else ""])
+    lines += md_table(["variant", "identity", "G", "above floor", "shape", "prompt: all four", "vs base", "PRES", "diversity", "plain FD",
+                       "FD change", "CPU-min", "trainable", "weights kept (of base)"], table)
+    lines += ["", "Base rows: the base asked with the class word (no identifier). \"vs base\" and \"FD change\": against the base "
+              "the variant was tuned from. PRES and diversity: the plain class word's sneaker halves.", ""]
+    lines += targets(rows, g, base_bytes)
     lines += ["", f"Load average at start: {load_start}; busy processes: {', '.join(busy_start) or 'none'}."]
     write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"rows": rows, "floor": sticks.floor, "ceiling": sticks.ceiling, "base_bytes": base_bytes}, indent=1))
+    write_text(RESULTS / f"{NAME}.json", json.dumps({"rows": rows, "gains": g, "exact": sticks.exact, "ceiling": sticks.ceiling, "floor": sticks.floor,
+                                                    "threshold": sticks.threshold, "base_bytes": base_bytes}, indent=1))
     print("\n".join(lines))
 
 
-def targets(rows, base_bytes) -> list[str]:
+def targets(rows, g, base_bytes) -> list[str]:
     out = ["Targets:"]
+    need = {"dreambooth": 0.7, "lora": 0.6, "textual-inversion": 0.4}
     for name, r in rows.items():
         if "cost" not in r:
             continue
-        base = rows[f"base-{r['encoder']}"]["subject"]["all_four"]
-        prompt_ok = r["subject"]["all_four"] >= base - 0.05
-        for what, key in (("features", "relative"), ("shape", "shape_relative")):
-            ok = r["subject"][key] >= 0.5 and prompt_ok
-            out.append(f"- {name}: relative fidelity in {what} {r['subject'][key]:.2f} (>= 0.5) with prompt fidelity "
-                       f"{100 * (r['subject']['all_four'] - base):+.1f} points (>= -5): {'met' if ok else 'missed'}")
+        base = rows[f"base-{r['base']}"]["subject"]["all_four"]
+        keep = r["subject"]["all_four"] / base - 1
+        out.append(f"- {name}: G {g[name]:.2f} (>= {need[r['method']]}): {'met' if g[name] >= need[r['method']] else 'missed'}; "
+                   f"prompt fidelity {100 * keep:+.0f} % of the base's (>= -10 %): {'met' if keep >= -0.10 else 'missed'}")
     for method in ("dreambooth", "lora"):
-        base_fd = rows["base-minilm"]["plain"]["fd"]
-        on, off = (rows.get(variant_name(method, "minilm", w)) for w in (1.0, 0.0))
+        on, off = rows.get(f"{method}-prior1"), rows.get(f"{method}-prior0")
         if on and off:
-            d_on, d_off = on["plain"]["fd"] - base_fd, off["plain"]["fd"] - base_fd
-            ok = d_on <= d_off / 3 if d_off > 0 else d_on <= 0
-            out.append(f"- {method}: drift with prior preservation {d_on:+.2f} against {d_off:+.2f} without (<= a third): {'met' if ok else 'missed'}")
+            cut = 1 - on["plain"]["pres"] / off["plain"]["pres"]
+            loss = 1 - on["subject"]["identity"] / off["subject"]["identity"]
+            ok = cut >= 0.25 and loss <= 0.05
+            out.append(f"- {method}: prior preservation cuts PRES by {100 * cut:.0f} % (>= 25 %) at {100 * loss:+.1f} % fidelity loss (<= 5 %): "
+                       f"{'met' if ok else 'missed'}")
     for name, r in rows.items():
         if r.get("method") == "lora":
-            share = r["cost"]["bytes"] / base_bytes[r["encoder"]]
+            share = r["cost"]["bytes"] / base_bytes[r["base"]]
             out.append(f"- {name}: adapter file {100 * share:.2f} % of the base weights (< 1 %): {'met' if share < 0.01 else 'missed'}")
     return out
 
 
-def picture(rows, sticks: Yardsticks, subject) -> None:
+def picture(rows, sticks: Yardsticks) -> None:
     """references | base (class word) | each variant on the same 4 subject prompts | plain word before and after."""
     k = 4
     images, captions = [place(sticks.references[:k], sticks.sides[:k])], ["reference"] * k
-    images.append(draw(BASES["minilm"], [class_prompt(c, "sks") for c in sticks.captions[:k]], SCALES["minilm"]))
+    images.append(draw(SHIPPED_BASE, [class_prompt(c, "sks") for c in sticks.captions[:k]]))
     captions += ["base (class word)"] * k
     for name, r in rows.items():
         if "cost" in r:
-            images.append(draw(ROOT / name, sticks.captions[:k], SCALES[r["encoder"]]))
+            images.append(draw(ROOT / name, sticks.captions[:k]))
             captions += [name] * k
-    images.append(draw(BASES["minilm"], sticks.plain[:k], SCALES["minilm"], seed=10**6))
+    images.append(draw(SHIPPED_BASE, sticks.plain[:k], seed=10**6))
     captions += ["plain word, base"] * k
-    for w in (0.0, 1.0):
-        name = variant_name("dreambooth", "minilm", w)
-        images.append(draw(ROOT / name, sticks.plain[:k], SCALES["minilm"], seed=10**6))
-        captions += [f"plain word, {name}"] * k
+    for name in ("dreambooth-prior0", "dreambooth-prior1"):
+        if name in rows:
+            images.append(draw(ROOT / name, sticks.plain[:k], seed=10**6))
+            captions += [f"plain word, {name}"] * k
     plots.captioned_grid(torch.cat(images), captions, RESULTS / f"{NAME}.png", ncol=k)
     print(f"wrote {RESULTS / NAME}.png; prompts: {sticks.captions[:k]}")
 

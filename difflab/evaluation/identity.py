@@ -251,6 +251,14 @@ def identity_similarity(net: FeatureNet, halves: Tensor, subject: Tensor) -> Ten
     return identity_embed(net, halves) @ subject
 
 
+def best_half_similarity(net: FeatureNet, images: Tensor, subject: Tensor) -> Tensor:
+    """The subject's identity in fashion-pairs images, uint8 (N, 3, 32, 64) -> (N,): the larger similarity of
+    the two halves. Identity is read wherever the model drew the item: a model that puts it on the wrong side
+    (a prompt-fidelity error, counted apart) still drew the subject or not."""
+    left = identity_similarity(net, images[..., :32], subject)
+    return torch.maximum(left, identity_similarity(net, images[..., 32:], subject))
+
+
 def diversity(net: FeatureNet, halves: Tensor) -> float:
     """The mean identity distance 1 - cos between two different halves (N >= 2): how varied a set of items is."""
     z = identity_embed(net, halves)
