@@ -16,7 +16,7 @@ from pathlib import Path
 from ..data.pairs import make_subject, write_subject
 from ..nets.lora import LoraSpec
 from ..personalize.adapters import ADAPTER
-from ..personalize.method import METHODS, PERSONALIZED, personalize
+from ..personalize.method import DEFAULTS, METHODS, PERSONALIZED, personalize
 from ..runs.config import Personalization, load_config
 from ..runs.lifecycle import begin
 from ..training.distributed import launched_rank, resolve_device
@@ -97,8 +97,8 @@ def register(sub) -> None:
     g.add_argument("--rank", type=positive_int, help="adapter rank r (default 4)")
     g.add_argument("--alpha", type=positive_float, help="adapter alpha: the update is (alpha / r) B A (default 4)")
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=positive_int, help="optimizer steps (default 400)")
-    g.add_argument("--lr", type=positive_float, help="learning rate (default: dreambooth 1e-4, lora 1e-3, textual-inversion 5e-3)")
+    g.add_argument("--steps", type=positive_int, help="optimizer steps (default: " + ", ".join(f"{m} {s}" for m, (s, _) in DEFAULTS.items()) + ")")
+    g.add_argument("--lr", type=positive_float, help="learning rate (default: " + ", ".join(f"{m} {lr:g}" for m, (_, lr) in DEFAULTS.items()) + ")")
     g.add_argument("--batch-size", type=positive_int, help="subject rows per step, the images repeated (default 8; as many class rows)")
     g.add_argument("--resume", action="store_true")
     g.add_argument("--force", action="store_true", help="start over even if --out holds a run")

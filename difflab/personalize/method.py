@@ -61,7 +61,7 @@ METHODS = ("dreambooth", "lora", "textual-inversion")
 CLASS_IMAGES = "class_images.safetensors"
 SUBJECT = "subject.safetensors"  # the subject images, kept in the run
 PREVIEW_GUIDANCE = 3.0
-DEFAULTS = {"dreambooth": (400, 1e-4), "lora": (400, 1e-3), "textual-inversion": (400, 5e-3)}  # steps, learning rate
+DEFAULTS = {"dreambooth": (600, 1.5e-4), "lora": (400, 1e-3), "textual-inversion": (400, 5e-3)}  # steps, learning rate (benchmarks/README.md, issue 24)
 
 
 def class_prompts(p: Personalization) -> list[str]:
