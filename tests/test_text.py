@@ -61,6 +61,48 @@ def test_the_contrastive_loss_is_the_symmetric_cross_entropy_by_hand():
     assert contrastive_loss(a, b, s).item() == pytest.approx((rows + cols) / 2, rel=1e-6)
 
 
+def test_hard_negatives_join_the_image_to_caption_side_only_and_a_missing_one_changes_nothing():
+    torch.manual_seed(0)
+    a, b, h, s = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4), torch.tensor(math.log(5.0))
+    none = torch.zeros(3, dtype=torch.bool)
+    assert contrastive_loss(a, b, s, h, none).item() == pytest.approx(contrastive_loss(a, b, s).item(), rel=1e-6)
+    an, bn, hn = (F.normalize(v, dim=-1) for v in (a, b, h))
+    logits = [[5.0 * float(an[i] @ c[j]) for c in (bn, hn) for j in range(3)] for i in range(3)]  # (3, 6): captions, then swaps
+    rows = sum(-logits[i][i] + math.log(sum(math.exp(v) for v in logits[i])) for i in range(3)) / 3
+    plain = [[5.0 * float(an[i] @ bn[j]) for j in range(3)] for i in range(3)]
+    cols = sum(-plain[j][j] + math.log(sum(math.exp(plain[i][j]) for i in range(3))) for j in range(3)) / 3
+    assert contrastive_loss(a, b, s, h).item() == pytest.approx((rows + cols) / 2, rel=1e-6)
+    # an image whose swapped caption is as close as its own caption costs more than one whose swap is far
+    assert contrastive_loss(a, a, s, a).item() > contrastive_loss(a, a, s, -a).item()
+
+
+def test_swap_sides_exchanges_left_and_right_as_words_and_keeps_their_case():
+    from difflab.text.clip import swap_sides
+
+    c = "a red sneaker on the left and a blue bag on the right"
+    assert swap_sides(c) == "a red sneaker on the right and a blue bag on the left"
+    assert swap_sides(swap_sides(c)) == c
+    assert swap_sides("Left: a bag; RIGHT: a coat") == "Right: a bag; LEFT: a coat"
+    assert swap_sides("a bag to the leftmost of a coat, copyright") == "a bag to the leftmost of a coat, copyright"  # words only
+    for index in range(4):  # these phrasings' swaps are phrasings too: the caption of the same items on the other sides
+        swapped = swap_sides(caption([7, 0, 8, 2], index))
+        assert parse_caption(swapped)[0] == (8, 2, 7, 0), swapped
+
+
+def test_attention_pooling_knows_where_a_feature_was_and_average_pooling_does_not():
+    torch.manual_seed(0)
+    text = TextConfig(fit_vocabulary(["a red bag"]), max_len=3, width=16, heads=2, layers=1).to_dict()
+    for pool, same in (("mean", True), ("attention", False)):
+        tower = Clip(ClipConfig(image_size=32, image_width=64, text=text, pool=pool)).image[-3:]  # the pooling and projection
+        f = torch.randn(2, 128, 4, 8)  # the last feature map of a 32x64 image
+        moved = torch.cat([f[..., 4:], f[..., :4]], -1)  # its halves exchanged
+        assert torch.allclose(tower(f), tower(moved), atol=1e-5) == same, pool
+    clip = Clip(ClipConfig(image_size=32, image_width=64, text=text, pool="attention"))
+    assert clip(torch.randn(2, 3, 32, 64), tokens=torch.ones(2, 3, dtype=torch.long), token_mask=torch.ones(2, 3, dtype=torch.bool))[0].shape == (2, 64)
+    with pytest.raises(ValueError, match="unknown image pooling 'max'"):
+        ClipConfig(pool="max")
+
+
 def test_the_temperature_starts_at_clips_value_and_is_clamped():
     clip = Clip(ClipConfig(text=TextConfig(fit_vocabulary(["a red bag"]), max_len=3, width=16, heads=2, layers=1).to_dict()))
     assert clip.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
@@ -204,9 +246,11 @@ def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch):
 def test_a_tiny_clip_retrieves_captions_well_above_chance(clip_run):
     report = json.loads((clip_run / "clip.json").read_text())
     assert report["group"] == 100 and report["images"] == 2000
-    # measured at 150 steps of batch 64: caption -> image 0.751, image -> caption 0.744 (chance 0.01); probe: colours
-    # 0.992 and 0.984 (chance 1/6), classes 0.516 and 0.544 (chance 0.1)
+    # measured at 150 steps of batch 64 (side hard negatives, the default on these captions; CLIP's initialisation):
+    # caption -> image 0.692, image -> caption 0.672 (chance 0.01); probe: colours 0.996 and 0.990 (chance 1/6), classes
+    # 0.454 and 0.462 (chance 0.1); side-swap discrimination 0.603 (a coin flip 0.5; 0.974 at 1000 steps of batch 128)
     assert report["caption_to_image"] > 0.5 and report["image_to_caption"] > 0.5
+    assert report["swap_discrimination"] > 0.55
     probe = report["attribute_probe"]
     assert probe["left colour"] > 0.9 and probe["right colour"] > 0.9 and probe["left class"] > 0.3 and probe["right class"] > 0.3
 

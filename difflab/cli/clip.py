@@ -4,7 +4,8 @@
     difflab train-clip --out runs/clip --resume
 
 Training goes through the one training loop (checkpoints, resume, torchrun, progress); the loss is CLIP's
-symmetric cross-entropy over each process's batch with a learned temperature (difflab/text.py). At the end
+symmetric cross-entropy over each process's batch with a learned temperature (text/clip.py), and, where the
+captions name sides, each caption with 'left' and 'right' exchanged as a hard negative for its image (--hard-negatives). At the end
 it measures on the test split (RUN/clip.json): zero-shot retrieval in groups of 100 (caption -> image and
 image -> caption; chance 1 %) and, where the data has attributes (fashion-pairs), a zero-shot attribute
 probe. Its text tower then conditions a model: `difflab train DATASET --text clip:RUN`."""
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.losses import HARD_NEGATIVES
+from ..nets.text import POOLS
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
-from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report
+from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report, swap_sides
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
 from .options import UsageError, add_auxiliary_training, dataset_preset, given_flags, positive_int, say_unfinished, training_options
@@ -24,7 +27,8 @@ from .options import UsageError, add_auxiliary_training, dataset_preset, given_f
 def new_config(args):
     base = dataset_preset(args)
     captions = load_split(base, "train").captions
-    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64), args)
+    hard = args.hard_negatives or ("sides" if any(swap_sides(c) != c for c in captions) else "none")  # sides where captions name them
+    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64, pool=args.pool or "mean", hard_negatives=hard), args)
     cfg.validate()
     return cfg
 
@@ -32,7 +36,7 @@ def new_config(args):
 def run_train(args) -> None:
     out = Path(args.out)
     device = resolve_device(args.device)
-    cfg, resume = begin(out, CLIP, resume=args.resume, force=args.force, fresh=lambda: new_config(args), fixed=given_flags(args, ("embed_dim",)),
+    cfg, resume = begin(out, CLIP, resume=args.resume, force=args.force, fresh=lambda: new_config(args), fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives")),
                         steps=args.steps)
     data = load_split(cfg, "train")
     if data.captions is None:
@@ -52,6 +56,9 @@ def run_train(args) -> None:
     report = clip_report(out, load_split(cfg, "test"))
     print(f"zero-shot retrieval on {report['images']} test images in groups of {report['group']} (chance {1 / report['group']:.0%}): "
           f"caption -> image {report['caption_to_image']:.1%}, image -> caption {report['image_to_caption']:.1%}")
+    if report.get("swap_discrimination") is not None:
+        print(f"side-swap discrimination: {report['swap_discrimination']:.1%} of test images closer to their caption than to "
+              "its sides-swapped twin (a coin flip is 50 %)")
     if report.get("attribute_probe"):
         print("zero-shot attribute probe: " + ", ".join(f"{k} {v:.1%}" for k, v in report["attribute_probe"].items()))
     print(f"CLIP model written to {out}/ (condition a model on its text tower with `difflab train {cfg.dataset} --text clip:{out}`)")
@@ -62,5 +69,10 @@ def register(sub) -> None:
     t.add_argument("name", nargs="?", help="a captioned dataset (fashion-pairs, or a folder with a metadata.jsonl); not needed with --resume")
     t.add_argument("--out", required=True, help="CLIP run directory")
     t.add_argument("--embed-dim", type=positive_int, help="joint embedding width (default 64)")
+    t.add_argument("--pool", choices=POOLS, help="the image tower's pooling: mean (global average, the default) or attention "
+                   "(CLIP's attention pool with learned positions: it knows where a feature was)")
+    t.add_argument("--hard-negatives", choices=HARD_NEGATIVES, help="sides: each caption with 'left'/'right' exchanged is a "
+                   "negative for its image, so the towers must tell the sides apart (default: sides when a training caption "
+                   "names a side, else none)")
     add_auxiliary_training(t, "optimizer steps (default 2000)")
     t.set_defaults(func=run_train)

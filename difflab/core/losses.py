@@ -218,20 +218,49 @@ class AutoencoderLoss:
 
 
 
-def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor) -> Tensor:
+def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, hard_emb: Tensor | None = None,
+                     hard_mask: Tensor | None = None) -> Tensor:
     """CLIP's symmetric cross-entropy (Radford et al. 2021): logits = exp(logit_scale) * cos(image_i, text_j)
-    (B, B); the mean of the cross-entropy over rows (image -> its caption) and over columns (caption -> its image)."""
+    (B, B); the mean of the cross-entropy over rows (image -> its caption) and over columns (caption -> its image).
+
+    ``hard_emb`` (B, E): one hard negative caption per image (e.g. its caption with the sides swapped), added
+    to every image's candidates in the image -> caption direction, (B, 2B) (Yuksekgonul et al. 2023, NegCLIP);
+    ``hard_mask`` (B,) bool: which of them exist (a caption without a side word has no swap)."""
     image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
-    logits = logit_scale.exp() * image_emb @ text_emb.T
+    scale = logit_scale.exp()
+    logits = scale * image_emb @ text_emb.T
     target = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    if hard_emb is None:
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    hard = scale * image_emb @ F.normalize(hard_emb, dim=-1).T  # (B, B): image i against every swapped caption j
+    if hard_mask is not None:
+        hard = hard.masked_fill(~hard_mask[None, :], float("-inf"))
+    return (F.cross_entropy(torch.cat([logits, hard], 1), target) + F.cross_entropy(logits.T, target)) / 2
+
+
+HARD_NEGATIVES = ("none", "sides")
 
 
 @dataclass
 class ContrastiveLoss:
     """The training loop's loss for a CLIP network: contrastive_loss over the (per-process) batch; the captions
-    come as cond['tokens'] and cond['token_mask']."""
+    come as cond['tokens'] and cond['token_mask']; with ``hard_negatives='sides'`` each caption's side-swapped
+    twin comes as cond['swap_tokens'] / cond['swap_token_mask'] and is a hard negative for its image."""
+
+    hard_negatives: str = "none"
+
+    def __post_init__(self):
+        if self.hard_negatives not in HARD_NEGATIVES:
+            raise ValueError(f"unknown hard negatives {self.hard_negatives!r}; choose one of {', '.join(HARD_NEGATIVES)}")
 
     def __call__(self, model, x0: Tensor, *, t=None, noise=None, cond=None) -> Tensor:
-        image_emb, text_emb, scale = model.net(x0, tokens=cond["tokens"], token_mask=cond["token_mask"])
-        return contrastive_loss(image_emb.float(), text_emb.float(), scale.float())
+        tokens, mask = cond["tokens"], cond["token_mask"]
+        if self.hard_negatives == "none":
+            image_emb, text_emb, scale = model.net(x0, tokens=tokens, token_mask=mask)
+            return contrastive_loss(image_emb.float(), text_emb.float(), scale.float())
+        swap_ids, swap_mask = cond["swap_tokens"], cond["swap_token_mask"]
+        # one forward over both caption sets (the towers are independent: B images, 2B captions)
+        image_emb, both, scale = model.net(x0, tokens=torch.cat([tokens, swap_ids]), token_mask=torch.cat([mask, swap_mask]))
+        text_emb, hard = both.split(len(tokens))
+        has_swap = (swap_ids != tokens).any(1)  # a caption with no side word is its own 'swap': no negative
+        return contrastive_loss(image_emb.float(), text_emb.float(), scale.float(), hard.float(), has_swap)

@@ -101,7 +101,13 @@ class TextTransformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(len(cfg.vocabulary), cfg.width, padding_idx=PAD)
-        self.position = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.02)
+        # CLIP's initialisation: words N(0, 0.02^2), positions N(0, 0.01^2), so that a word's place weighs as much
+        # as the word (with torch's default N(0, 1) words the positions were 50x weaker and never caught up: a
+        # caption and its sides-swapped twin came out at cosine 1.000, word order unread)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        with torch.no_grad():
+            self.embed.weight[PAD].zero_()
+        self.position = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.01)
         layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
@@ -125,6 +131,24 @@ class TextTransformer(nn.Module):
 
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the inverse temperature at 100
+POOLS = ("mean", "attention")
+
+
+class AttentionPool2d(nn.Module):
+    """CLIP's attention pooling (its ResNet image towers): the feature map's positions, with a learned
+    positional embedding each, are the keys and values of one attention whose query is their mean (plus its
+    own embedding). Unlike a global average it knows where a feature was: (B, C, h, w) -> (B, C)."""
+
+    def __init__(self, channels: int, h: int, w: int, heads: int = 4):
+        super().__init__()
+        self.positions = nn.Parameter(torch.randn(h * w + 1, channels) / channels**0.5)
+        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.flatten(2).transpose(1, 2)  # (B, hw, C)
+        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1) + self.positions.to(tokens.dtype)
+        out, _ = self.attention(tokens[:, :1], tokens, tokens, need_weights=False)
+        return out[:, 0]
 
 
 @dataclass
@@ -135,9 +159,12 @@ class ClipConfig:
     base_channels: int = 32
     embed_dim: int = 64
     text: dict | None = None  # TextConfig
+    pool: str = "mean"  # how the image tower pools its last feature map: "mean" (global average) or "attention"
 
     def __post_init__(self):
         TextConfig.from_dict(self.text or {})  # raises on a bad text config
+        if self.pool not in POOLS:
+            raise ValueError(f"unknown image pooling {self.pool!r}; choose one of {', '.join(POOLS)}")
 
     @property
     def text_config(self) -> TextConfig:
@@ -155,7 +182,7 @@ class ClipConfig:
 
 
 class Clip(nn.Module):
-    """An image tower (strided convs, global average pool) and a text tower (TextTransformer, mean-pooled),
+    """An image tower (strided convs, global average or attention pool) and a text tower (TextTransformer, mean-pooled),
     each projected to ``embed_dim``; a learned logit scale initialised at log(1/0.07) and read clipped to
     [0, log 100] (CLIP clips it at 100): the clip is straight-through, so a parameter that overshoots still
     gets the gradient that brings it back (a plain clamp would cut it off above the bound for good). ``net(x, tokens=, token_mask=)`` -> (image_emb, text_emb, logit_scale)."""
@@ -171,10 +198,18 @@ class Clip(nn.Module):
             nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU(),
             nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * c), nn.SiLU(),
             nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * c), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * c, cfg.embed_dim))
+            *self._pool(cfg, 4 * c), nn.Linear(4 * c, cfg.embed_dim))
         self.text = TextTransformer(cfg.text_config)
         self.text_projection = nn.Linear(cfg.text_config.width, cfg.embed_dim, bias=False)
         self.raw_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @staticmethod
+    def _pool(cfg: ClipConfig, channels: int) -> tuple[nn.Module, nn.Module]:
+        """Two modules (so that the projection keeps its place in the state dict whatever the pooling)."""
+        if cfg.pool == "mean":
+            return nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        h, w = -(-cfg.image_size // 8), -(-(cfg.image_width or cfg.image_size) // 8)  # three stride-2 convs
+        return AttentionPool2d(channels, h, w), nn.Identity()
 
     @property
     def logit_scale(self) -> Tensor:

@@ -7,12 +7,14 @@ images by the one loop (``difflab train-clip``); its frozen text tower can condi
     clip_scores(run.clip, images, captions)    # cos(image_i, caption_i)
 
 The loss is CLIP's symmetric cross-entropy (core/losses.py: ContrastiveLoss) over each process's batch with a
-learned temperature. At the end of training ``clip_report`` measures zero-shot retrieval in groups of 100 and,
+learned temperature. With ``hard_negatives='sides'`` each caption's sides-swapped twin (swap_sides) is one more
+negative for its image, so the towers must read which side a word names (NegCLIP's hard negatives for word order). At the end of training ``clip_report`` measures zero-shot retrieval in groups of 100 and,
 where the data has attributes (fashion-pairs), a zero-shot attribute probe (RUN/clip.json)."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.conditions import ConditionSpec
-from ..core.losses import ContrastiveLoss
+from ..core.losses import HARD_NEGATIVES, ContrastiveLoss
 from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
 from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS, caption
@@ -33,6 +35,18 @@ from ..runs.kinds import RunKind
 from ..runs.run import Run
 
 CLIP_REPORT = "clip.json"
+_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_sides(caption: str) -> str:
+    """The caption with the words 'left' and 'right' exchanged (case kept): "a red sneaker on the left and a
+    blue bag on the right" -> "... on the right and ... on the left", the same items on the other sides. A
+    caption without a side word comes back unchanged."""
+    def other(m: re.Match) -> str:
+        word = m.group(0)
+        new = "right" if word.lower() == "left" else "left"
+        return new.upper() if word.isupper() else new.capitalize() if word[0].isupper() else new
+    return _SIDE.sub(other, caption)
 
 
 class ClipRun(Run):
@@ -84,20 +98,27 @@ def retrieval_accuracy(clip: Clip, images: Tensor, captions: Sequence[str], grou
 
 
 
-def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int = 128, layers: int = 2):
+def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int = 128, layers: int = 2, pool: str = "mean",
+                hard_negatives: str = "none"):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
-    2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates)."""
+    2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
+    ``pool``: the image tower's pooling (nets/text.py); ``hard_negatives='sides'``: each caption's
+    side-swapped twin (swap_sides) is a negative for its image (core/losses.py: contrastive_loss)."""
+    if hard_negatives not in HARD_NEGATIVES:
+        raise TextError(f"unknown hard negatives {hard_negatives!r}; choose one of {', '.join(HARD_NEGATIVES)}")
     if base.data_kind != "images":
         raise TextError(f"a CLIP model needs images; {base.dataset} is a set of {base.data_kind}")
     if not captions:
         raise TextError(f"a CLIP model needs captions, and {base.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)")
     C, H, W = base.shape
     text = TextConfig.fitted(captions, width=width, layers=layers)
-    net = ClipConfig(in_channels=C, image_size=H, image_width=W if W != H else None, embed_dim=embed_dim, text=text.to_dict())
+    net = ClipConfig(in_channels=C, image_size=H, image_width=W if W != H else None, embed_dim=embed_dim, text=text.to_dict(), pool=pool)
     train = TrainConfig(steps=2000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, ema_warmup=True, precision=base.train.precision,
                         checkpoint_every=250, sample_every=0, log_every=25)
-    spec = ConditionSpec("tokens", "tensor", 0.0, companions=("token_mask",))
-    return replace(base, run_kind="clip", net_kind="clip", net=net.to_dict(), loss={}, conditions=[spec.to_dict()], train=train)
+    swaps = ("swap_tokens", "swap_token_mask") if hard_negatives != "none" else ()
+    spec = ConditionSpec("tokens", "tensor", 0.0, companions=("token_mask", *swaps))
+    loss = {"hard_negatives": hard_negatives} if hard_negatives != "none" else {}
+    return replace(base, run_kind="clip", net_kind="clip", net=net.to_dict(), loss=loss, conditions=[spec.to_dict()], train=train)
 
 
 @torch.no_grad()
@@ -121,9 +142,27 @@ def attribute_probe(clip: Clip, images: Tensor, attributes: Tensor, caption_of, 
 
 
 def clip_data(cfg, images: Tensor, captions: Sequence[str]):
-    """The training data of a CLIP run: the images, with their captions' word ids as 'tokens' / 'token_mask'."""
-    tokens, mask = cfg.build_net().config.text_config.tokenize(list(captions))
-    return TensorDataset(images, {"tokens": tokens, "token_mask": mask})
+    """The training data of a CLIP run: the images, with their captions' word ids as 'tokens' / 'token_mask'
+    (and, with side hard negatives, the swapped captions' as 'swap_tokens' / 'swap_token_mask')."""
+    tokenize = cfg.build_net().config.text_config.tokenize
+    tokens, mask = tokenize(list(captions))
+    cond = {"tokens": tokens, "token_mask": mask}
+    if cfg.loss.get("hard_negatives", "none") == "sides":
+        cond["swap_tokens"], cond["swap_token_mask"] = tokenize([swap_sides(c) for c in captions])
+    return TensorDataset(images, cond)
+
+
+@torch.no_grad()
+def swap_discrimination(clip: Clip, images: Tensor, captions: Sequence[str], batch: int = 500) -> float | None:
+    """The share of images that are closer to their own caption than to its side-swapped twin (swap_sides),
+    over the captions that name a side; 0.5 is a coin flip (an encoder that cannot tell the sides apart scores
+    it). None when no caption names a side."""
+    keep = [i for i, c in enumerate(captions) if swap_sides(c) != c]
+    if not keep:
+        return None
+    own = clip_scores(clip, images[keep], [captions[i] for i in keep], batch)
+    swapped = clip_scores(clip, images[keep], [swap_sides(captions[i]) for i in keep], batch)
+    return float((own > swapped).float().mean())
 
 
 def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = 100) -> dict:
@@ -134,7 +173,8 @@ def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = 100
     x = to_model(test.images[:n])
     i2c, c2i = retrieval_accuracy(clip, x, test.captions[:n], group)
     report = {"step": loaded.step, "fingerprint": loaded.fingerprint, "images": len(x), "group": group,
-              "image_to_caption": i2c, "caption_to_image": c2i, "logit_scale": float(clip.logit_scale.exp())}
+              "image_to_caption": i2c, "caption_to_image": c2i, "logit_scale": float(clip.logit_scale.exp()),
+              "swap_discrimination": swap_discrimination(clip, x, test.captions[:n])}
     if test.attributes is not None:
         k = min(500, len(x))  # the probe reads 32 captions per image: 500 images keep it to about 8 s on 2 CPU cores
         sizes = [len(NOUNS), len(COLOURS), len(NOUNS), len(COLOURS)]
@@ -147,6 +187,9 @@ def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = 100
 def _check(cfg: RunConfig, net, specs) -> None:
     if [s.name for s in specs] != ["tokens"]:
         raise CheckpointError("config: a CLIP run's condition is its captions' tokens")
+    hard = ContrastiveLoss(**cfg.loss).hard_negatives != "none"
+    if hard != ("swap_tokens" in specs[0].companions):
+        raise CheckpointError("config: a CLIP run with side hard negatives reads swap_tokens (and only then)")
 
 
 CLIP = RunKind("clip", "a CLIP run", {"clip": (ClipConfig, Clip)}, lambda cfg: ContrastiveLoss(**cfg.loss), ClipRun, "train-clip",
