@@ -27,7 +27,7 @@ from .options import UsageError, add_auxiliary_training, dataset_preset, given_f
 def new_config(args):
     base = dataset_preset(args)
     captions = load_split(base, "train").captions
-    hard = args.hard_negatives or ("sides" if any(swap_sides(c) != c for c in captions) else "none")  # sides where captions name them
+    hard = args.hard_negatives or ("sides" if any(swap_sides(c) != c for c in captions or ()) else "none")  # sides where captions name them
     cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64, pool=args.pool or "mean", hard_negatives=hard), args)
     cfg.validate()
     return cfg
