@@ -5,9 +5,9 @@ Four CLIP-style encoders on fashion-pairs, alike but for two switches (`difflab 
 
     mean               global average pooling in the image tower, plain contrastive loss
     attention          CLIP's attention pooling with learned positions (--pool attention)
-    mean+sides         (train-clip's default on captions that name sides) side hard negatives: each caption with 'left'/'right' exchanged is a negative for
+    mean+sides         side hard negatives: each caption with 'left'/'right' exchanged is a negative for
                        its image (--hard-negatives sides; NegCLIP's recipe for word order)
-    attention+sides    both
+    attention+sides    both (train-clip's defaults on captions that name sides)
 
 Each is scored on the 2000 first test pairs: retrieval in groups of 100, the zero-shot attribute probe, and
 side-swap discrimination (how often an image is closer to its own caption than to its sides-swapped twin;
@@ -40,9 +40,9 @@ from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
 NAME = "clip_sides"
 ROOT = RUNS / NAME
 VARIANTS = {
-    "mean": ["--hard-negatives", "none"],
+    "mean": ["--pool", "mean", "--hard-negatives", "none"],
     "attention": ["--pool", "attention", "--hard-negatives", "none"],
-    "mean+sides": ["--hard-negatives", "sides"],
+    "mean+sides": ["--pool", "mean", "--hard-negatives", "sides"],
     "attention+sides": ["--pool", "attention", "--hard-negatives", "sides"],
 }
 

@@ -28,7 +28,7 @@ def new_config(args):
     base = dataset_preset(args)
     captions = load_split(base, "train").captions
     hard = args.hard_negatives or ("sides" if any(swap_sides(c) != c for c in captions or ()) else "none")  # sides where captions name them
-    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64, pool=args.pool or "mean", hard_negatives=hard), args)
+    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64, pool=args.pool or "attention", hard_negatives=hard), args)
     cfg.validate()
     return cfg
 
@@ -69,8 +69,8 @@ def register(sub) -> None:
     t.add_argument("name", nargs="?", help="a captioned dataset (fashion-pairs, or a folder with a metadata.jsonl); not needed with --resume")
     t.add_argument("--out", required=True, help="CLIP run directory")
     t.add_argument("--embed-dim", type=positive_int, help="joint embedding width (default 64)")
-    t.add_argument("--pool", choices=POOLS, help="the image tower's pooling: mean (global average, the default) or attention "
-                   "(CLIP's attention pool with learned positions: it knows where a feature was)")
+    t.add_argument("--pool", choices=POOLS, help="the image tower's pooling: attention (CLIP's attention pool with learned "
+                   "positions: it knows where a feature was; the default) or mean (global average)")
     t.add_argument("--hard-negatives", choices=HARD_NEGATIVES, help="sides: each caption with 'left'/'right' exchanged is a "
                    "negative for its image, so the towers must tell the sides apart (default: sides when a training caption "
                    "names a side, else none)")

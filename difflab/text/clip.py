@@ -98,7 +98,7 @@ def retrieval_accuracy(clip: Clip, images: Tensor, captions: Sequence[str], grou
 
 
 
-def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int = 128, layers: int = 2, pool: str = "mean",
+def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int = 128, layers: int = 2, pool: str = "attention",
                 hard_negatives: str = "none"):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
