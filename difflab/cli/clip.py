@@ -18,7 +18,7 @@ from ..core.losses import HARD_NEGATIVES
 from ..nets.text import POOLS
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
-from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report, swap_sides
+from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
 from .options import UsageError, add_auxiliary_training, dataset_preset, given_flags, positive_int, say_unfinished, training_options
@@ -27,8 +27,8 @@ from .options import UsageError, add_auxiliary_training, dataset_preset, given_f
 def new_config(args):
     base = dataset_preset(args)
     captions = load_split(base, "train").captions
-    hard = args.hard_negatives or ("sides" if any(swap_sides(c) != c for c in captions or ()) else "none")  # sides where captions name them
-    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64, pool=args.pool or "attention", hard_negatives=hard), args)
+    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64, pool=args.pool or "attention",
+                                       hard_negatives=args.hard_negatives), args)
     cfg.validate()
     return cfg
 

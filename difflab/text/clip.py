@@ -99,11 +99,14 @@ def retrieval_accuracy(clip: Clip, images: Tensor, captions: Sequence[str], grou
 
 
 def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int = 128, layers: int = 2, pool: str = "attention",
-                hard_negatives: str = "none"):
+                hard_negatives: str | None = None):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
     ``pool``: the image tower's pooling (nets/text.py); ``hard_negatives='sides'``: each caption's
-    side-swapped twin (swap_sides) is a negative for its image (core/losses.py: contrastive_loss)."""
+    side-swapped twin (swap_sides) is a negative for its image (core/losses.py: contrastive_loss); None:
+    'sides' when a caption names a side, else 'none'."""
+    if hard_negatives is None:
+        hard_negatives = "sides" if any(swap_sides(c) != c for c in captions or ()) else "none"
     if hard_negatives not in HARD_NEGATIVES:
         raise TextError(f"unknown hard negatives {hard_negatives!r}; choose one of {', '.join(HARD_NEGATIVES)}")
     if base.data_kind != "images":
