@@ -115,7 +115,9 @@ def quality(run: Path, device: str, out: Path, small: bool) -> dict:
         ["--nfe", "10", "20", "--spacings", "uniform", "logsnr", "--n-samples", "2000", "--sample-batch", "2000", "--ref-steps", "1000"]
     argv = [sys.executable, str(ROOT / "benchmarks" / "quality_vs_nfe.py"), "--device", device, "--run", str(run), "--out", str(out),
             "--samplers", "dpmpp-2m", "ddim", "--steps", "1", *size]
-    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    # the script imports difflab from the checkout (a CUDA machine may have it uninstalled: measured, it failed there)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-1500:])
     rows = [json.loads(line) for line in (out / "quality_vs_nfe.jsonl").read_text().splitlines() if line.strip()]
