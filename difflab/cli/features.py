@@ -12,18 +12,19 @@ import torch
 from ..evaluation.feature_training import RECIPES, FeatureTraining, train_features
 from ..evaluation.features import SHIPPED
 from ..evaluation.identity import IdentityTraining, train_identity
-from .options import Parser, positive_float, positive_int
+from ..training.distributed import resolve_device
+from .options import Parser, add_device, positive_float, positive_int
 
 
 def run_train(args) -> None:
     recipe = RECIPES.get(args.name, FeatureTraining())
-    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("pairs", args.pairs), ("widths", args.widths)) if v is not None}
     recipe = FeatureTraining(**{**asdict(recipe), **overrides})
     command = "difflab " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["features"] else f"difflab features train {args.name}"
     torch.set_num_threads(args.threads)
     run = args.run or f"runs/features-{Path(args.name).stem}"
     weights, meta = train_features(args.name, run, out=args.out, recipe=recipe, data_dir=args.data, size=args.size, channels=args.channels,
-                                   resume=args.resume, progress=not args.quiet, command=command)
+                                   resume=args.resume, progress=not args.quiet, command=command, device=resolve_device(args.device))
     kb = weights.stat().st_size / 1024
     print(f"test accuracy {100 * meta['test_accuracy']:.2f}% on {meta['test_n']} images; trained in {meta['train_seconds']:.0f} s (run {run})")
     if meta.get("test_attribute_accuracy"):
@@ -55,10 +56,13 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --run")
     t.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
     t.add_argument("--seed", type=int, help="override the recipe's seed (0)")
+    t.add_argument("--pairs", type=positive_int, help="fashion-pairs: training images to make (default the train split's 20000)")
+    t.add_argument("--widths", type=positive_int, nargs="+", help="the network's conv stages (default 32 64 128)")
     t.add_argument("--data", help="folder holding the dataset's files (e.g. Fashion-MNIST IDX files)")
     t.add_argument("--size", type=positive_int)
     t.add_argument("--channels", type=int, choices=[1, 3])
     t.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1: measured 5x faster than 2 when other work shares 2 cores)")
+    add_device(t)
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=run_train)
     i = fsub.add_parser("identity", help="train the identity encoder of personalisation's subject fidelity (fashion-identity.*)")

@@ -69,15 +69,19 @@ def load_split(cfg, split: str) -> ImageSet:
 
 
 def load_images(
-    source: str, split: str = "train", size: int | None = None, channels: int | None = None, data_dir: str | None = None
+    source: str, split: str = "train", size: int | None = None, channels: int | None = None, data_dir: str | None = None,
+    n: int | None = None,
 ) -> ImageSet:
-    """Load ``source`` (a dataset name, a folder of images or an .npz file) as uint8 (N, C, H, W); see the module doc."""
+    """Load ``source`` (a dataset name, a folder of images or an .npz file) as uint8 (N, C, H, W); see the module doc.
+    ``n`` (fashion-pairs only): that many images of the split instead of its default count."""
     if split not in SPLITS:
         raise DataError(f"{source}: unknown split {split!r}; choose one of {SPLITS}")
     if size is not None and (not isinstance(size, int) or size <= 0):
         raise DataError(f"{source}: size must be a positive integer, got {size!r}")
     if channels not in (None, 1, 3):
         raise DataError(f"{source}: channels must be 1 or 3, got {channels!r}")
+    if n is not None and source != "fashion-pairs":
+        raise DataError(f"{source}: only fashion-pairs takes a number of images (it makes them)")
 
     if source == "digits":
         data = _split(_load_digits(), split, every=5)
@@ -86,7 +90,7 @@ def load_images(
     elif source == "fashion-pairs":
         if size is not None or channels not in (None, 3):
             raise DataError("fashion-pairs is 3x32x64 RGB: it takes no size or channels")
-        return _load_pairs(split, data_dir)
+        return _load_pairs(split, data_dir, n)
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -120,8 +124,10 @@ def _split(data: ImageSet, split: str, every: int) -> ImageSet:
     return data.subset(keep)
 
 
-def _load_pairs(split: str, data_dir: str | None) -> ImageSet:
-    parts = [make_pairs(s, data_dir=data_dir) for s in (["train", "test"] if split == "all" else [split])]
+def _load_pairs(split: str, data_dir: str | None, n: int | None = None) -> ImageSet:
+    if n is not None and split == "all":
+        raise DataError("fashion-pairs: a number of images is per split (train or test), not for 'all'")
+    parts = [make_pairs(s, n, data_dir=data_dir) for s in (["train", "test"] if split == "all" else [split])]
     return ImageSet(torch.cat([p.images for p in parts]), None, None, "fashion-pairs", None, split, [c for p in parts for c in p.captions],
                     torch.cat([p.attributes for p in parts]), torch.cat([p.held_out for p in parts]))
 

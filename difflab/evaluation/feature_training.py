@@ -50,6 +50,8 @@ class FeatureTraining:
     shift: int = 1  # random translation by up to `shift` pixels (edge-replicated)
     flip: bool = False  # random horizontal flips
     seed: int = 0
+    pairs: int | None = None  # fashion-pairs: training images made (default: the train split's 20000)
+    widths: tuple[int, ...] | None = None  # the network's conv stages (default FeatureNetConfig's)
 
 
 # Measured (4 epochs, Fashion-MNIST test accuracy): no augmentation 91.6%, 1-pixel shifts 91.2%, shifts and
@@ -58,7 +60,10 @@ class FeatureTraining:
 RECIPES: dict[str, FeatureTraining] = {
     "digits": FeatureTraining(epochs=40, batch_size=64, lr=3e-3, shift=1),
     "fashion-mnist": FeatureTraining(epochs=4, batch_size=128, lr=3e-3, shift=0),
-    "fashion-pairs": FeatureTraining(epochs=10, batch_size=128, lr=3e-3, shift=1),
+    # fashion-pairs (issue 23's judge, per-half class accuracy on the 4000 test pairs; trained on CUDA): 10 epochs of the
+    # 20000 train pairs 89.9 / 88.5 %; 30 epochs 90.8 / 90.4 %; 15 epochs of 60000 pairs 91.5 / 91.7 %, with widths
+    # 64-128-256 92.2 / 91.8 % (all four right 84.3 %)
+    "fashion-pairs": FeatureTraining(epochs=15, batch_size=128, lr=3e-3, shift=1, pairs=60000, widths=(64, 128, 256)),
 }
 
 
@@ -108,7 +113,7 @@ def features_config(source: str, data: ImageSet, recipe: FeatureTraining, data_d
     groups = _groups(data)
     num_classes = sum(groups) if groups else data.num_classes
     net = FeatureNetConfig(in_channels=C, num_classes=num_classes, image_size=H, image_width=W if W != H else None, groups=groups,
-                           tiles=2 if groups else 1)  # fashion-pairs: each half read alone, as an item of its own
+                           tiles=2 if groups else 1, **({"widths": tuple(recipe.widths)} if recipe.widths else {}))  # fashion-pairs: each half read alone, as an item of its own
     steps = recipe.epochs * (len(data) // recipe.batch_size)
     if steps <= 0:
         raise FeatureNetError(f"{data.name}: {len(data)} training images make no batch of {recipe.batch_size}")
@@ -118,7 +123,7 @@ def features_config(source: str, data: ImageSet, recipe: FeatureTraining, data_d
     return RunConfig(dataset=source, process=RECIPE_PROCESS, net_kind="features",
                      net=net.to_dict(), shape=[C, H, W], data_kind="images", run_kind="features", target="x0",
                      loss={"shift": recipe.shift, "flip": recipe.flip, "groups": list(groups) if groups else None}, train=train,
-                     data=DataSpec(data_dir=data_dir, size=size, channels=channels),
+                     data=DataSpec(n=recipe.pairs, data_dir=data_dir, size=size, channels=channels),
                      conditions=[ConditionSpec("labels", "tensor", 0.0).to_dict()])
 
 
@@ -165,7 +170,7 @@ def export(run: str | Path, name: str, out: str | Path | None = None, command: s
     loaded = FeatureRun.load(run)
     cfg = loaded.config
     d = cfg.data
-    train = load_images(cfg.dataset, "train", size=d.size, channels=d.channels, data_dir=d.data_dir)
+    train = load_images(cfg.dataset, "train", size=d.size, channels=d.channels, data_dir=d.data_dir, n=d.n)
     test = load_images(cfg.dataset, "test", size=d.size, channels=d.channels, data_dir=d.data_dir)
     net = normalize_features(loaded.net, train.images)
     labels = labels_of(test)
@@ -208,10 +213,11 @@ def train_features(source: str, run: str | Path, *, out: str | Path | None = Non
         if cfg.run_kind != "features":
             raise FeatureNetError(f"{run} is not a features run")
         d = cfg.data
-        data = load_images(cfg.dataset, "train", size=d.size, channels=d.channels, data_dir=d.data_dir)
+        data = load_images(cfg.dataset, "train", size=d.size, channels=d.channels, data_dir=d.data_dir, n=d.n)
     else:
-        data = load_images(source, "train", size=size, channels=channels, data_dir=data_dir)
-        cfg = features_config(source, data, recipe or RECIPES.get(source, FeatureTraining()), data_dir, size, channels)
+        recipe = recipe or RECIPES.get(source, FeatureTraining())
+        data = load_images(source, "train", size=size, channels=channels, data_dir=data_dir, n=recipe.pairs)
+        cfg = features_config(source, data, recipe, data_dir, size, channels)
     t0 = time.perf_counter()
     train(run, cfg, feature_data(data), device=device, resume=resume, progress=progress, command="features train")
     return export(run, name, out, command, time.perf_counter() - t0)
