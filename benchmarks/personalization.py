@@ -2,7 +2,7 @@
 
 The subject is one Fashion-MNIST sneaker of the test split (never seen in training), in 4 tints, each beside
 another item (`difflab subject --class-word sneaker`). The base is the shipped text-to-image model
-fashion-pairs-t2i (latent, MiniLM); textual inversion needs a joint encoder (MiniLM's is frozen outside the
+fashion-pairs-t2i-minilm (latent, MiniLM); textual inversion needs a joint encoder (MiniLM's is frozen outside the
 model), so it runs over a joint base trained here with `--joint-minutes` (0: not run). Each variant is
 `difflab personalize` through personalize.personalize.
 
@@ -67,7 +67,7 @@ from difflab.viz import plots  # noqa: E402
 
 NAME = "personalization"
 ROOT = RUNS / NAME
-SHIPPED_BASE = "fashion-pairs-t2i"
+SHIPPED_BASE = "fashion-pairs-t2i-minilm"  # measured when it shipped as fashion-pairs-t2i (renamed in issue 23)
 JOINT = ROOT / "joint-base"  # textual inversion's base (a joint encoder), trained by --joint-minutes
 JOINT_STEPS = 2500
 SCALE = 5.0  # the shipped base's recorded best scale; the joint base is sampled at the same

@@ -1,14 +1,16 @@
 """Train, measure and ship the models that come ready in the package (issue 23; runs/shipped.py).
 
 Each model is trained by the project's own commands (recorded in its recipe), resumed where a run stopped,
-measured with `difflab eval`'s evaluate, and copied into difflab/shipped/NAME by runs.shipped.ship (EMA
-weights only; the latent model records its autoencoder by shipped name and fingerprint):
+measured with `difflab eval`'s evaluate, and copied into difflab/shipped/NAME by runs.ship.ship (EMA
+weights only; a model on another records it by shipped name and fingerprint):
 
-    fashion-pairs-ae        the KL autoencoder of fashion-pairs (factor 4, 4 latent channels)
-    fashion-pairs-t2i       latent text-to-image on it, MiniLM captions
-    fashion-mnist-classes   class-conditional Fashion-MNIST (pixel space)
+    fashion-pairs-ae          the KL autoencoder of fashion-pairs (factor 4, 4 latent channels)
+    fashion-pairs-clip        a CLIP of fashion-pairs (attention pool, side hard negatives): a text encoder
+    fashion-pairs-t2i         latent text-to-image on the autoencoder, captions through fashion-pairs-clip's text tower
+    fashion-pairs-t2i-minilm  the same on MiniLM captions (reads new phrasings; personalisation's base)
+    fashion-mnist-classes     class-conditional Fashion-MNIST (pixel space)
 
-    .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300]
+    .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300] [--device cuda]
 
 Runs live in benchmarks/runs/ship/; the figures go into each recipe and benchmarks/results/shipped.json. A
 model whose run is not finished is trained first (hours on 2 CPU cores: give fewer steps to try it)."""
@@ -36,9 +38,12 @@ from difflab.latent.autoencoder import LATENT, RECONSTRUCTION, rebased  # noqa: 
 from difflab.runs import shipped  # noqa: E402
 from difflab.runs.ship import ship  # noqa: E402
 from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
+from difflab.text.clip import CLIP_REPORT, clip_report  # noqa: E402
+from difflab.text.encoders import rebased_text  # noqa: E402
 
 ROOT = RUNS / "ship"
-MODELS = ("fashion-pairs-ae", "fashion-pairs-t2i", "fashion-mnist-classes")
+MODELS = ("fashion-pairs-ae", "fashion-pairs-clip", "fashion-pairs-t2i", "fashion-pairs-t2i-minilm", "fashion-mnist-classes")
+NEEDS = {"fashion-pairs-t2i": ("fashion-pairs-ae", "fashion-pairs-clip"), "fashion-pairs-t2i-minilm": ("fashion-pairs-ae",)}
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -46,9 +51,17 @@ def commands(args) -> dict[str, list[str]]:
     r = str(ROOT.relative_to(ROOT.parent.parent.parent))
     return {
         "fashion-pairs-ae": ["train-autoencoder", "fashion-pairs", "--out", f"{r}/ae", "--steps", str(args.ae_steps)],
-        "fashion-pairs-t2i": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", "minilm", "--out", f"{r}/t2i", "--steps", str(args.t2i_steps)],
+        "fashion-pairs-clip": ["train-clip", "fashion-pairs", "--out", f"{r}/clip", "--steps", str(args.clip_steps), *device(args)],
+        "fashion-pairs-t2i": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", f"clip:{r}/clip", "--out", f"{r}/t2i-clip", "--batch-size",
+                              "256", "--steps", str(args.t2i_steps), *device(args)],
+        "fashion-pairs-t2i-minilm": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", "minilm", "--out", f"{r}/t2i", "--steps",
+                                     str(args.minilm_steps)],
         "fashion-mnist-classes": ["train", "fashion-mnist", "--cond", "class", "--out", f"{r}/classes", "--steps", str(args.classes_steps)],
     }
+
+
+def device(args) -> list[str]:
+    return ["--device", args.device] if args.device else []
 
 
 def trained(name: str, argv: list[str]) -> tuple[Path, float]:
@@ -93,6 +106,14 @@ def text_figures(run: Path, n: int, scales: list[float]) -> dict:
                                                        "ceiling_held_out": round(real["held_out"]["all_four"], 4), "n": n}
 
 
+def clip_figures_of(run: Path) -> dict:
+    """The CLIP's own figures on the first 2000 test pairs (its clip.json, rewritten when another step)."""
+    rec = json.loads((run / CLIP_REPORT).read_text()) if (run / CLIP_REPORT).exists() else {}
+    if rec.get("step") != weights_step(run):
+        rec = clip_report(run, load_images("fashion-pairs", "test"))
+    return {k: round(rec[k], 4) for k in ("swap_discrimination", "caption_to_image", "image_to_caption")} | {"n": rec["images"]}
+
+
 def class_figures(run: Path, n: int, scale: float) -> dict:
     r = evaluate(run, n=n, guidance=GuidanceConfig(scale=scale), bpd_n=0, progress=False)
     return {"scale": scale, "class_accuracy": round(r["classes"]["accuracy"], 4), "fd": round(r["fd"], 4), "n": n}
@@ -102,7 +123,11 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--ae-steps", type=int, default=1000)
-    p.add_argument("--t2i-steps", type=int, default=10000)
+    p.add_argument("--clip-steps", type=int, default=2000)
+    p.add_argument("--t2i-steps", type=int, default=4720, help="fashion-pairs-t2i's steps (batch 256)")
+    p.add_argument("--minilm-steps", type=int, default=5000)
+    p.add_argument("--device", choices=["cpu", "cuda"], help="train on this device (recorded in the command; default: the CLI's auto)")
+    p.add_argument("--note", help="a note for the recipes of the models trained in this call")
     p.add_argument("--classes-steps", type=int, default=5000)
     p.add_argument("--n", type=int, default=300, help="samples per evaluation")
     p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 5.0])
@@ -113,10 +138,11 @@ def main(argv=None) -> None:
     book = RESULTS / "shipped.json"
     results = json.loads(book.read_text()) if book.exists() else {}
     for name in args.models:
-        if name == "fashion-pairs-t2i" and "fashion-pairs-ae" not in shipped.names():
-            sys.exit("ship fashion-pairs-ae first (its autoencoder)")
+        missing = [m for m in NEEDS.get(name, ()) if m not in shipped.names()]
+        if missing:
+            sys.exit(f"ship {', '.join(missing)} first (what {name} is trained on)")
         run, seconds = trained(name, cmds[name])
-        recipe = {"commands": ["difflab " + " ".join(cmds[name])], "train_seconds": round(seconds)}
+        recipe = {"commands": ["difflab " + " ".join(cmds[name])], "train_seconds": round(seconds), **({"note": args.note} if args.note else {})}
         if name == "fashion-pairs-ae":
             if not (run / RECONSTRUCTION).exists():
                 sys.exit(f"{run} has no {RECONSTRUCTION}")
@@ -124,10 +150,17 @@ def main(argv=None) -> None:
             recipe |= {"what": "KL autoencoder of fashion-pairs (3x32x64 -> 4x8x16 latents)",
                        "figures": {k: rec[k] for k in ("psnr", "rfd") if k in rec}}
             ship(run, name, recipe, extra_files=(LATENT, RECONSTRUCTION))
-        elif name == "fashion-pairs-t2i":
-            recipe |= {"what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), MiniLM captions",
+        elif name == "fashion-pairs-clip":
+            recipe |= {"what": "CLIP of fashion-pairs (attention pool, side hard negatives): a text encoder, `--text clip:fashion-pairs-clip`",
+                       "figures": clip_figures_of(run)}
+            ship(run, name, recipe, extra_files=(CLIP_REPORT,))
+        elif name in ("fashion-pairs-t2i", "fashion-pairs-t2i-minilm"):
+            clip = name == "fashion-pairs-t2i"
+            recipe |= {"what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), " +
+                       ("captions through fashion-pairs-clip's text tower" if clip else "MiniLM captions (any phrasing; personalisation's base)"),
                        "figures": text_figures(run, args.n, args.scales)}
-            ship(run, name, recipe, config=rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae"))
+            config = rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae")
+            ship(run, name, recipe, config=rebased_text(config, "fashion-pairs-clip") if clip else config)
         else:
             recipe |= {"what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",
                        "figures": class_figures(run, args.n, args.class_scale)}

@@ -363,7 +363,7 @@ def test_lora_without_peft_says_how_to_install_it(monkeypatch):
 
 @needs_fashion
 def test_lora_on_the_shipped_model_raises_its_subjects_identity_and_not_another_subjects(tmp_path):
-    """G in the identity encoder (evaluation/identity.py): a short LoRA over the shipped fashion-pairs-t2i moves
+    """G in the identity encoder (evaluation/identity.py): a short LoRA over the shipped fashion-pairs-t2i-minilm moves
     its samples toward its own subject and not toward other sneakers of the same test split. Measured (48 new
     compositions, s = 5, identity read in the better half): G 0.775 on its subject; on four other sneakers
     -0.190, -0.026, +0.116, -0.154 (each +- about 0.03): a sneaker like the subject gains a little, one unlike
@@ -373,7 +373,7 @@ def test_lora_on_the_shipped_model_raises_its_subjects_identity_and_not_another_
     assert len({s.item for s in subjects}) == 5
     attributes, sides, captions = subject_prompts("sneaker", 48, seed=1)
     colours = torch.where(sides == 0, attributes[:, 1], attributes[:, 3]).numpy()
-    base = load("fashion-pairs-t2i")
+    base = load("fashion-pairs-t2i-minilm")
 
     def identity(x, subject):  # the better half: where the model drew the item (sides are prompt fidelity, not identity)
         return best_half_similarity(net, x, subject_vector(net, subject.grey)).mean().item()
@@ -384,7 +384,7 @@ def test_lora_on_the_shipped_model_raises_its_subjects_identity_and_not_another_
     untuned = draw(base, [class_prompt(c, "sks") for c in captions])  # the base asked for the class word
     ceilings = [identity(base.latent.reconstruct(place(tinted(s.grey, colours), sides)), s) for s in subjects]
     write_subject(subjects[0], tmp_path / "subject")
-    personalize("fashion-pairs-t2i", tmp_path / "subject", tmp_path / "lora", Personalization("lora", "sneaker", prior_weight=0.0),
+    personalize("fashion-pairs-t2i-minilm", tmp_path / "subject", tmp_path / "lora", Personalization("lora", "sneaker", prior_weight=0.0),
                 steps=G_STEPS, progress=False)
     tuned = draw(load(tmp_path / "lora"), captions)
     gains = [gain(identity(tuned, s), identity(untuned, s), c) for s, c in zip(subjects, ceilings)]

@@ -40,8 +40,9 @@ import torch
 from torch import Tensor
 
 from ..io import file_sha256
-from ..nets.text import TextConfig, TextError
-from ..runs.config import RunConfig, TextRecord
+from ..nets.text import SPECIALS, TextConfig, TextError
+from ..runs.config import CheckpointError, RunConfig, TextRecord
+from ..runs.shipped import locate, recorded_path
 from ..runs.store import weights_fingerprint
 from .clip import ClipRun
 
@@ -122,7 +123,7 @@ class ClipText:
     """The text tower of a `difflab train-clip` run: token states (B, max_len, width) after its final layer norm."""
 
     def __init__(self, run: str | Path):
-        self.run = str(Path(run).resolve())  # the record works from any directory
+        self.run = recorded_path(run)  # a shipped CLIP by its name, any other run absolute: the record works from anywhere
         loaded = ClipRun.load(run)
         self.clip, self.fingerprint = loaded.clip, loaded.fingerprint
         self.dim = self.clip.config.text_config.width
@@ -190,13 +191,29 @@ def encoder_of(cfg: RunConfig):
     if rec.kind == "minilm":
         enc = MiniLM()
     else:
-        if not (Path(rec.run) / "config.json").exists():
+        if not (locate(rec.run) / "config.json").exists():
             raise TextError(f"the CLIP run of this text run is missing: {rec.run} (restore it, or retrain the text run)")
         enc = _clip_text(rec.run, weights_fingerprint(rec.run))
     if enc.record() != rec.encoder_record():
         what = "the installed MiniLM weights" if rec.kind == "minilm" else f"the CLIP run {rec.run}"
         raise TextError(f"{what} changed since this model was trained (fingerprint differs); retrain the model on them")
     return enc
+
+
+def rebased_text(config: dict, clip: str | Path) -> dict:
+    """A CLIP-conditioned run's config (as saved) moved onto ``clip``, a copy of its own CLIP run (a shipped one):
+    the record names the copy (a shipped model by name) and its fingerprint. Refuses a copy whose text tower reads
+    captions differently (its states for the training captions' words must equal the recorded run's)."""
+    rec = TextRecord(**config["text"])
+    if rec.kind != "clip":
+        raise CheckpointError(f"only a CLIP-conditioned run moves onto another CLIP run (this one's encoder: {rec.kind})")
+    old, new = ClipText(rec.run), ClipText(clip)
+    vocabulary = old.clip.config.text_config.vocabulary[len(SPECIALS):]
+    words = [" ".join(vocabulary[i : i + old.limit]) for i in range(0, len(vocabulary), old.limit)]  # every word, in captions it can read
+    if old.clip.config.text_config != new.clip.config.text_config or \
+            not torch.equal(old.condition(words)["context"], new.condition(words)["context"]):
+        raise CheckpointError(f"{clip} is not a copy of the CLIP run this model was trained on ({rec.run})")
+    return config | {"text": {**config["text"], **new.record()}}
 
 
 def text_record(encoder: str, captions: Sequence[str]) -> tuple[TextRecord, int, TextConfig | None]:
