@@ -153,3 +153,14 @@ def test_a_package_model_reproduces_its_recorded_figures(name):
     else:
         assert r["classes"]["accuracy"] == pytest.approx(fig["class_accuracy"], abs=0.01)
     assert r["fd"] == pytest.approx(fig["fd"], rel=0.02)
+
+
+def test_the_shipped_clip_model_refuses_personalisation_and_names_the_one_that_takes_it(tmp_path, capsys):
+    if not {"fashion-pairs-t2i", "fashion-pairs-t2i-minilm"} <= set(shipped.names()):
+        pytest.skip("the shipped text models are not in this checkout")
+    out = tmp_path / "sks"
+    assert main(["personalize", "fashion-pairs-t2i", "--images", str(tmp_path), "--class-word", "sneaker", "--method", "lora",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "frozen CLIP run fashion-pairs-clip" in err and "(shipped: fashion-pairs-t2i-minilm)" in err and err.count("\n") == 1
+    assert not out.exists()

@@ -47,6 +47,7 @@ from ..nets.text import TextConfig
 from ..runs.config import CONFIG, Personalization, RunConfig, load_config
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
 from ..runs.kinds import RunKind
+from ..runs import shipped
 from ..runs.shipped import recorded_path, refuse_writes
 from ..text.encoders import text_condition
 from ..runs.store import clear_checkpoints, load_into, load_weights, weights_fingerprint, weights_step
@@ -81,7 +82,8 @@ def check_base(cfg: RunConfig, run, method: str, tokens: Sequence[str] = ()) -> 
     kind = cfg.text.kind
     if kind == "clip":
         raise PersonalizeError(f"{run} reads text through the frozen CLIP run {cfg.text.run}, whose vocabulary has no identifier "
-                               "(it would read as <unk>); personalise a minilm or joint run")
+                               "(it would read as <unk>); personalise a minilm or joint run" +
+                               (" (shipped: fashion-pairs-t2i-minilm)" if cfg.dataset == "fashion-pairs" and "fashion-pairs-t2i-minilm" in shipped.names() else ""))
     if method == "textual-inversion" and kind != "joint":
         raise PersonalizeError(f"textual inversion learns a new word embedding, and {run}'s encoder (MiniLM) is a frozen pretrained "
                                "one computed outside the model; use --method dreambooth or lora, or a joint run")

@@ -1,0 +1,83 @@
+"""Text-to-image models side by side in the current fashion-pairs judge (issue 23: what was tried, and how long
+it was trained). Each model, a run folder or a shipped name, is judged like the shipped model
+(benchmarks/ship_models.py's text_figures: all four attributes right on seen and held-out compositions, either
+side, caption swap, new phrasings, FD, at the best of --scales), beside the judge's ceiling (real test pairs).
+
+    .venv/bin/python benchmarks/text_models.py LABEL=RUN [LABEL=RUN ...] [--n 300] [--scales 3 5]
+
+Writes benchmarks/results/text_models.md and .json. Each row's training (steps, batch, device, seconds) is read
+from its run: config.json, its newest checkpoint, seconds.json or a shipped recipe."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, busy_processes, header, load_average, md_table  # noqa: E402
+from benchmarks.guidance_tradeoff import write_text  # noqa: E402
+from benchmarks.ship_models import text_figures  # noqa: E402
+from difflab.evaluation.features import load_feature_net  # noqa: E402
+from difflab.runs import shipped  # noqa: E402
+from difflab.runs.config import load_config  # noqa: E402
+from difflab.runs.store import weights_step  # noqa: E402
+
+NAME = "text_models"
+
+
+def training(run: str) -> dict:
+    """What the run's training was: encoder, steps, batch and seconds (None where not recorded)."""
+    cfg = load_config(run)
+    folder = shipped.locate(run)
+    seconds = None
+    if shipped.is_shipped(run):
+        seconds = shipped.recipe(folder.name).get("train_seconds")
+    elif (folder / "seconds.json").exists():
+        seconds = json.loads((folder / "seconds.json").read_text())["seconds"]
+    return {"encoder": cfg.text.kind if cfg.text else None, "steps": weights_step(run), "batch": cfg.train.batch_size, "seconds": seconds}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="LABEL=RUN (a run folder or a shipped model's name)")
+    p.add_argument("--n", type=int, default=300)
+    p.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0])
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+    pairs = [r.split("=", 1) for r in args.runs]
+    if any(len(x) != 2 for x in pairs):
+        p.error("each run is LABEL=RUN")
+    load_start, busy_start = load_average(), busy_processes()
+    rows = []
+    for label, run in pairs:
+        t0 = time.perf_counter()
+        rows.append({"label": label, "run": run, **training(run), **text_figures(run, args.n, args.scales),
+                     "eval_seconds": round(time.perf_counter() - t0)})
+        print(json.dumps(rows[-1]), flush=True)
+    judge = load_feature_net("fashion-pairs").meta
+    lines = header("Text-to-image models side by side in the fashion-pairs judge")
+    lines += [f"- judge: the shipped attribute net ({judge['command']}); per-half class accuracy on the 4000 real test pairs "
+              + " / ".join(f"{v:.1%}" for v in judge["test_attribute_accuracy"][0::2]),
+              f"- {args.n} test captions per row, dpmpp-2m 20 steps, the best of s = {', '.join(f'{s:g}' for s in args.scales)} by seen all-four",
+              f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the end: {load_average()}",
+              ""]
+    head = ["model", "encoder", "steps x batch", "train seconds", "s", "all four, seen", "all four, held-out", "either side", "caption swap",
+            "new phrasings", "FD"]
+    table = [[r["label"], r["encoder"], f"{r['steps']} x {r['batch']}", "-" if r["seconds"] is None else f"{r['seconds']:.0f}", f"{r['scale']:g}",
+              f"{r['seen']:.1%}", f"{r['held_out']:.1%}", f"{r['either_side']:.1%}", f"{r['swap']:.1%}", f"{r['new_phrasings']:.1%}",
+              f"{r['fd']:.2f}"] for r in rows]
+    table.append(["real test images (the judge's ceiling)", "-", "-", "-", "-", f"{rows[0]['ceiling_seen']:.1%}", f"{rows[0]['ceiling_held_out']:.1%}",
+                  "-", "-", "-", "-"])
+    lines += md_table(head, table)
+    write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
+    write_text(RESULTS / f"{NAME}.json", json.dumps({"setting": vars(args), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
