@@ -37,6 +37,7 @@ import difflab  # noqa: E402
 from benchmarks.common import RESULTS, RUNS  # noqa: E402
 from difflab.distill.student import unfinished_stage  # noqa: E402
 from difflab.evaluation.evaluate import Sampling, evaluate  # noqa: E402
+from difflab.evaluation.features import load_feature_net  # noqa: E402
 from difflab.guidance.config import GuidanceConfig  # noqa: E402
 from difflab.runs import shipped  # noqa: E402
 from difflab.runs.config import CONFIG, load_config  # noqa: E402
@@ -84,7 +85,8 @@ ROWS = ROOT / "rows.jsonl"  # every measured row, keyed by the weights' fingerpr
 
 def fd(run, n: int, sampler=None, steps=None, guidance=None) -> dict:
     """FD and class accuracy of n samples (read from ROWS when these weights were measured so before)."""
-    key = json.dumps([weights_fingerprint(getattr(run, "path", run)), n, sampler, steps, guidance])
+    judge = load_feature_net(load_config(getattr(run, "path", run)).dataset).fingerprint()  # a new judge measures anew
+    key = json.dumps([weights_fingerprint(getattr(run, "path", run)), n, sampler, steps, guidance, judge])
     seen = {json.loads(line)["key"]: json.loads(line)["value"] for line in ROWS.read_text().splitlines()} if ROWS.exists() else {}
     if key in seen:
         return seen[key]

@@ -238,7 +238,8 @@ def main(argv=None) -> None:
     book_path = ROOT / "evals.json"
     book = json.loads(book_path.read_text()) if book_path.exists() else {}
     has_joint = joint_base(args.joint_minutes)
-    version = f"v4 id={sticks.id_net.fingerprint()[:12]} n={args.n}/{args.n_plain}"
+    judge = load_feature_net("fashion-pairs").fingerprint()[:12]  # prompt fidelity's judge: a new one measures anew
+    version = f"v4 id={sticks.id_net.fingerprint()[:12]} judge={judge} n={args.n}/{args.n_plain}"
     rows = {}
     for which in ("shipped", "joint") if has_joint else ("shipped",):
         key = f"base-{which} {version} step={ckpt.weights_step(base_path(which))}"

@@ -127,12 +127,15 @@ def main(argv=None) -> None:
     p.add_argument("--t2i-steps", type=int, default=4720, help="fashion-pairs-t2i's steps (batch 256)")
     p.add_argument("--minilm-steps", type=int, default=5000)
     p.add_argument("--device", choices=["cpu", "cuda"], help="train on this device (recorded in the command; default: the CLI's auto)")
-    p.add_argument("--note", help="a note for the recipes of the models trained in this call")
+    p.add_argument("--note", action="append", default=[], metavar="NAME=TEXT", help="a note for one model's recipe (repeatable)")
     p.add_argument("--classes-steps", type=int, default=5000)
     p.add_argument("--n", type=int, default=300, help="samples per evaluation")
     p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 5.0])
     p.add_argument("--class-scale", type=float, default=1.5)
     args = p.parse_args(argv)
+    notes = dict(n.split("=", 1) for n in args.note if "=" in n)
+    if len(notes) != len(args.note) or not set(notes) <= set(MODELS):
+        p.error(f"--note is NAME=TEXT with NAME one of {', '.join(MODELS)}")
     torch.set_num_threads(2)
     cmds = commands(args)
     book = RESULTS / "shipped.json"
@@ -142,7 +145,7 @@ def main(argv=None) -> None:
         if missing:
             sys.exit(f"ship {', '.join(missing)} first (what {name} is trained on)")
         run, seconds = trained(name, cmds[name])
-        recipe = {"commands": ["difflab " + " ".join(cmds[name])], "train_seconds": round(seconds), **({"note": args.note} if args.note else {})}
+        recipe = {"commands": ["difflab " + " ".join(cmds[name])], "train_seconds": round(seconds), **({"note": notes[name]} if name in notes else {})}
         if name == "fashion-pairs-ae":
             if not (run / RECONSTRUCTION).exists():
                 sys.exit(f"{run} has no {RECONSTRUCTION}")

@@ -188,5 +188,11 @@ def test_the_judge_recipe_takes_more_pairs_and_wider_stages(tmp_path, capsys):
     assert load_config(tmp_path / "run").data.n == 300
     assert main(["features", "train", "fashion-pairs", "--out", str(tmp_path / "w"), "--run", str(tmp_path / "run"), "--resume", "--quiet"]) == 0
     assert json.loads((tmp_path / "w" / "fashion-pairs-classifier.json").read_text())["train_n"] == 300
+    capsys.readouterr()
+    assert main(["features", "train", "fashion-pairs", "--run", str(tmp_path / "run"), "--resume", "--pairs", "600", "--quiet"]) == 2
+    assert "--pairs: a resumed run keeps what it was started with" in capsys.readouterr().err
     with pytest.raises(DataError, match="only fashion-pairs takes a number of images"):
         load_images("digits", "train", n=10)
+    for bad in (0, 1.5, True, "5"):
+        with pytest.raises(DataError, match="positive integer"):
+            load_images("fashion-pairs", "train", n=bad)

@@ -13,10 +13,13 @@ from ..evaluation.feature_training import RECIPES, FeatureTraining, train_featur
 from ..evaluation.features import SHIPPED
 from ..evaluation.identity import IdentityTraining, train_identity
 from ..training.distributed import resolve_device
-from .options import Parser, add_device, positive_float, positive_int
+from .options import Parser, UsageError, add_device, positive_float, positive_int
 
 
 def run_train(args) -> None:
+    fixed = [f"--{f}" for f in ("epochs", "seed", "pairs", "widths", "size", "channels", "data") if getattr(args, f) is not None]
+    if args.resume and fixed:
+        raise UsageError(f"{', '.join(fixed)}: a resumed run keeps what it was started with (its config.json)")
     recipe = RECIPES.get(args.name, FeatureTraining())
     overrides = {k: v for k, v in (("epochs", args.epochs), ("seed", args.seed), ("pairs", args.pairs), ("widths", args.widths)) if v is not None}
     recipe = FeatureTraining(**{**asdict(recipe), **overrides})
@@ -49,15 +52,16 @@ def run_identity(args) -> None:
 def register(sub) -> None:
     f = sub.add_parser("features", help="the feature networks of `difflab eval`")
     fsub = f.add_subparsers(dest="features_command", required=True, parser_class=Parser)
-    t = fsub.add_parser("train", help="train a classifier and write {name}-classifier.safetensors + .json")
+    t = fsub.add_parser("train", help="train a classifier and write {name}-classifier.safetensors + .json (fashion-pairs' recipe "
+                        "is GPU-sized: 7020 steps of a 64-128-256 net, 95 s on one H200, not measured on a CPU)")
     t.add_argument("name", help=f"{' or '.join(SHIPPED)} (written to difflab/weights/), or a labelled folder / .npz (needs --out)")
     t.add_argument("--out", help="output folder (default for built-in sets: difflab/weights/)")
     t.add_argument("--run", help="the training run's folder (default runs/features-NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run")
     t.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
     t.add_argument("--seed", type=int, help="override the recipe's seed (0)")
-    t.add_argument("--pairs", type=positive_int, help="fashion-pairs: training images to make (default the train split's 20000)")
-    t.add_argument("--widths", type=positive_int, nargs="+", help="the network's conv stages (default 32 64 128)")
+    t.add_argument("--pairs", type=positive_int, help="fashion-pairs: training pairs to make (default the recipe's: 60000; the train split has 20000)")
+    t.add_argument("--widths", type=positive_int, nargs="+", help="the network's conv stages (default the recipe's: 64 128 256 for fashion-pairs, else 32 64 128)")
     t.add_argument("--data", help="folder holding the dataset's files (e.g. Fashion-MNIST IDX files)")
     t.add_argument("--size", type=positive_int)
     t.add_argument("--channels", type=int, choices=[1, 3])

@@ -82,6 +82,8 @@ def load_images(
         raise DataError(f"{source}: channels must be 1 or 3, got {channels!r}")
     if n is not None and source != "fashion-pairs":
         raise DataError(f"{source}: only fashion-pairs takes a number of images (it makes them)")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n <= 0):
+        raise DataError(f"{source}: the number of images must be a positive integer, got {n!r}")
 
     if source == "digits":
         data = _split(_load_digits(), split, every=5)

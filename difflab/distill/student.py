@@ -47,7 +47,7 @@ from ..runs.config import (
 from ..runs.data import training_data
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss, sample_pictures
 from ..runs.kinds import RunKind
-from ..runs.shipped import recorded_path, refuse_writes
+from ..runs.shipped import from_record, recorded_path, refuse_writes
 from ..runs.store import (
     clear_checkpoints,
     has_checkpoint,
@@ -276,7 +276,7 @@ def initial_state(student: RunConfig, source) -> dict[str, Tensor]:
 def teacher_of(record: Distillation, out: Path, k: int, device):
     """Stage k's teacher: the teacher run (classifier-free for a guided student), or the stage before (a student)."""
     if k == 0:
-        run = DiffusionRun.load(record.teacher, device=device)
+        run = DiffusionRun.load(from_record(record.teacher), device=device)
         return Teacher(run.denoiser, run.config.condition_specs(), "cfg" if record.guided else "plain"), record.teacher
     source = stage_folder(out, record, k - 1)
     run = StudentRun.load(source, device=device)
@@ -312,7 +312,7 @@ def distill(teacher, out, method: str | None = None, *, teacher_steps: int | Non
         if cfg.distill is None:
             raise DistillError(f"{out} is not a distilled student (start one with `difflab distill TEACHER --method M --out {out}`)")
         record = cfg.distill
-        if weights_fingerprint(record.teacher) != record.teacher_fingerprint:
+        if weights_fingerprint(from_record(record.teacher)) != record.teacher_fingerprint:
             raise DistillError(f"the teacher {record.teacher} changed since {out} was started (its weights' fingerprint differs); start over with --force")
     else:
         if method is None:

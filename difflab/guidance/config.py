@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..core.conditions import ConditionError
 from ..runs.config import RunConfig, load_config
+from ..runs.shipped import from_record
 from .classifier import check_guides, load_classifier
 from .wrappers import ClassifierGuided, Guided
 
@@ -133,7 +134,7 @@ def _base_knows_null(cfg: RunConfig) -> bool:
     if p is None or not p.base:
         return False
     try:
-        return load_config(p.base).text_spec().p_drop > 0
+        return load_config(from_record(p.base)).text_spec().p_drop > 0
     except (OSError, ValueError):  # the base moved or is unreadable: nothing says it has one
         return False
 

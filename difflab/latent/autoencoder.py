@@ -33,7 +33,7 @@ from ..evaluation.features import embed, resolve_feature_net
 from ..runs.config import CheckpointError, LatentRecord, RunConfig, TrainConfig
 from ..runs.kinds import RunKind
 from ..runs.run import Run
-from ..runs.shipped import locate, recorded_path
+from ..runs.shipped import from_record, locate, recorded_path
 from ..runs.store import WEIGHTS, latest_checkpoint
 from ..viz import plots
 from .space import LatentSpace, encode_means
@@ -128,7 +128,7 @@ def latent_record(space: LatentSpace) -> LatentRecord:
 
 def latent_space(rec: LatentRecord) -> LatentSpace:
     """The autoencoder a latent run recorded (a folder or a shipped model's name), checked against the record."""
-    run = locate(rec.autoencoder)
+    run = from_record(rec.autoencoder)
     if not (run / "config.json").exists():
         raise CheckpointError(f"the autoencoder of this latent run is missing: {run} (restore it, or retrain the latent run)")
     digest = fingerprint(run)

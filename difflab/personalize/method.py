@@ -47,8 +47,7 @@ from ..nets.text import TextConfig
 from ..runs.config import CONFIG, Personalization, RunConfig, load_config
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
 from ..runs.kinds import RunKind
-from ..runs import shipped
-from ..runs.shipped import recorded_path, refuse_writes
+from ..runs.shipped import SHIPPED_DIR, from_record, names as shipped_names, recorded_path, refuse_writes
 from ..text.encoders import text_condition
 from ..runs.store import clear_checkpoints, load_into, load_weights, weights_fingerprint, weights_step
 from ..training.distributed import launched_rank
@@ -82,8 +81,7 @@ def check_base(cfg: RunConfig, run, method: str, tokens: Sequence[str] = ()) -> 
     kind = cfg.text.kind
     if kind == "clip":
         raise PersonalizeError(f"{run} reads text through the frozen CLIP run {cfg.text.run}, whose vocabulary has no identifier "
-                               "(it would read as <unk>); personalise a minilm or joint run" +
-                               (" (shipped: fashion-pairs-t2i-minilm)" if cfg.dataset == "fashion-pairs" and "fashion-pairs-t2i-minilm" in shipped.names() else ""))
+                               "(it would read as <unk>); personalise a minilm or joint run" + _shipped_alternatives(cfg.dataset))
     if method == "textual-inversion" and kind != "joint":
         raise PersonalizeError(f"textual inversion learns a new word embedding, and {run}'s encoder (MiniLM) is a frozen pretrained "
                                "one computed outside the model; use --method dreambooth or lora, or a joint run")
@@ -147,6 +145,16 @@ def read_subject(folder, shape, token: str, class_word: str) -> tuple[Tensor, li
     return images, captions
 
 
+def _shipped_alternatives(dataset: str) -> str:
+    """' (shipped: NAME, ...)': the shipped text models of ``dataset`` that personalisation takes, or ''."""
+    found = []
+    for name in shipped_names():
+        cfg = load_config(SHIPPED_DIR / name)
+        if cfg.dataset == dataset and cfg.text is not None and cfg.text.kind in ("minilm", "joint"):
+            found.append(name)
+    return f" (shipped: {', '.join(found)})" if found else ""
+
+
 def personalize(base_run, folder, out, p: Personalization | None, *, steps: int | None = None, lr: float | None = None,
                 batch_size: int = 8, lora: LoraSpec | None = None, resume: bool = False, device="auto", progress: bool = True,
                 max_minutes: float | None = None, stop_after: int | None = None):
@@ -161,7 +169,7 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
         if cfg.personalize is None:
             raise PersonalizeError(f"{out} is not a personalised run (start one with `difflab personalize BASE --images DIR ...`)")
         p = cfg.personalize
-        base_run = p.base
+        base_run = from_record(p.base)
         if weights_fingerprint(base_run) != p.base_fingerprint:
             raise PersonalizeError(f"the base run {base_run} changed since {out} started (fingerprint differs); start over")
         try:

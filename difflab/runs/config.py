@@ -92,7 +92,7 @@ class TrainConfig:
 class DataSpec:
     """Where the examples come from, beyond the dataset's name."""
 
-    n: int | None = None  # 2-D sets: training points
+    n: int | None = None  # 2-D sets: training points; fashion-pairs (a features run): training pairs made
     seed: int | None = None  # 2-D sets: their draw
     data_dir: str | None = None  # the folder holding a named dataset's files (Fashion-MNIST's IDX files)
     size: int | None = None  # a folder of images: resized to size x size

@@ -18,7 +18,8 @@ from .store import STEP_DIR, WEIGHTS, _require_checkpoint, load_weights, weights
 def ship(run: str | Path, name: str, recipe: dict, *, config: dict | None = None, extra_files: tuple[str, ...] = (),
          root: Path | None = None) -> Path:
     """Copy the finished ``run`` into root/NAME (default difflab/shipped/NAME) as a shipped model: ``config`` (the
-    run's config as a dict, rewritten by the caller where it names other runs), the EMA weights of its newest
+    run's config as a dict, rewritten by the caller where it names other runs; its steps set to the shipped step),
+    the EMA weights of its newest
     checkpoint, ``extra_files`` of the run folder, and ``recipe`` with the fingerprints added. Written to a
     temporary folder and renamed, so a kill leaves the old shipped model or the new one."""
     run = Path(run)
@@ -28,6 +29,7 @@ def ship(run: str | Path, name: str, recipe: dict, *, config: dict | None = None
     step = weights_step(run)
     with safe_open(str(_require_checkpoint(run) / WEIGHTS), "pt") as f:
         meta = dict(f.metadata() or {})
+    cfg = cfg | {"train": {**cfg["train"], "steps": step}}  # finished at the step it ships (a run stopped by --max-minutes too)
     ema = {f"ema.{k}": v.contiguous() for k, v in load_weights(run, "ema").items()}
     final = root / name
     tmp = root / f".{name}.partial"

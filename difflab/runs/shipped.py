@@ -43,6 +43,16 @@ def locate(path: str | Path) -> Path:
     return SHIPPED_DIR / str(path)
 
 
+def from_record(record: str | Path) -> Path:
+    """Where a run that another run recorded (``recorded_path``: a shipped model by its bare name, anything else
+    absolute) lives. A bare name is always the shipped model: a folder of that name in the working directory,
+    which wins for a name a user types (``locate``), does not shadow what a run was trained on."""
+    r = str(record)
+    if not Path(r).is_absolute() and os.sep not in r and r in names():
+        return SHIPPED_DIR / r
+    return Path(r)
+
+
 def is_shipped(path: str | Path) -> bool:
     """Whether ``path`` (a name or a folder) is a shipped model's folder."""
     try:

@@ -42,7 +42,7 @@ from torch import Tensor
 from ..io import file_sha256
 from ..nets.text import SPECIALS, TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TextRecord
-from ..runs.shipped import locate, recorded_path
+from ..runs.shipped import from_record, recorded_path
 from ..runs.store import weights_fingerprint
 from .clip import ClipRun
 
@@ -191,9 +191,10 @@ def encoder_of(cfg: RunConfig):
     if rec.kind == "minilm":
         enc = MiniLM()
     else:
-        if not (locate(rec.run) / "config.json").exists():
+        run = from_record(rec.run)
+        if not (run / "config.json").exists():
             raise TextError(f"the CLIP run of this text run is missing: {rec.run} (restore it, or retrain the text run)")
-        enc = _clip_text(rec.run, weights_fingerprint(rec.run))
+        enc = _clip_text(str(run), weights_fingerprint(run))
     if enc.record() != rec.encoder_record():
         what = "the installed MiniLM weights" if rec.kind == "minilm" else f"the CLIP run {rec.run}"
         raise TextError(f"{what} changed since this model was trained (fingerprint differs); retrain the model on them")
@@ -207,7 +208,9 @@ def rebased_text(config: dict, clip: str | Path) -> dict:
     rec = TextRecord(**config["text"])
     if rec.kind != "clip":
         raise CheckpointError(f"only a CLIP-conditioned run moves onto another CLIP run (this one's encoder: {rec.kind})")
-    old, new = ClipText(rec.run), ClipText(clip)
+    old, new = ClipText(from_record(rec.run)), ClipText(clip)
+    if old.fingerprint != rec.fingerprint:
+        raise CheckpointError(f"the CLIP run {rec.run} changed since this model was trained (fingerprint differs): nothing to move")
     vocabulary = old.clip.config.text_config.vocabulary[len(SPECIALS):]
     words = [" ".join(vocabulary[i : i + old.limit]) for i in range(0, len(vocabulary), old.limit)]  # every word, in captions it can read
     if old.clip.config.text_config != new.clip.config.text_config or \
