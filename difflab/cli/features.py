@@ -61,7 +61,8 @@ def register(sub) -> None:
     t.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
     t.add_argument("--seed", type=int, help="override the recipe's seed (0)")
     t.add_argument("--pairs", type=positive_int, help="fashion-pairs: training pairs to make (default the recipe's: 60000; the train split has 20000)")
-    t.add_argument("--widths", type=positive_int, nargs="+", help="the network's conv stages (default the recipe's: 64 128 256 for fashion-pairs, else 32 64 128)")
+    t.add_argument("--widths", type=positive_int, nargs="+",
+                   help="the network's conv stages (default the recipe's: 64 128 256 for fashion-pairs, else 32 64 128)")
     t.add_argument("--data", help="folder holding the dataset's files (e.g. Fashion-MNIST IDX files)")
     t.add_argument("--size", type=positive_int)
     t.add_argument("--channels", type=int, choices=[1, 3])

@@ -112,8 +112,9 @@ def features_config(source: str, data: ImageSet, recipe: FeatureTraining, data_d
     _, C, H, W = data.images.shape
     groups = _groups(data)
     num_classes = sum(groups) if groups else data.num_classes
+    widths = {"widths": tuple(recipe.widths)} if recipe.widths else {}
     net = FeatureNetConfig(in_channels=C, num_classes=num_classes, image_size=H, image_width=W if W != H else None, groups=groups,
-                           tiles=2 if groups else 1, **({"widths": tuple(recipe.widths)} if recipe.widths else {}))  # fashion-pairs: each half read alone, as an item of its own
+                           tiles=2 if groups else 1, **widths)  # fashion-pairs: each half read alone, as an item of its own
     steps = recipe.epochs * (len(data) // recipe.batch_size)
     if steps <= 0:
         raise FeatureNetError(f"{data.name}: {len(data)} training images make no batch of {recipe.batch_size}")
