@@ -5,7 +5,7 @@ side, caption swap, new phrasings, FD, at the best of --scales), beside the judg
 
     .venv/bin/python benchmarks/text_models.py LABEL=RUN [LABEL=RUN ...] [--n 300] [--scales 3 5]
 
-Writes benchmarks/results/text_models.md and .json. Each row's training (steps, batch, device, seconds) is read
+Writes benchmarks/results/text_models.md and .json (``--name`` another name). Each row's training (steps, batch, device, seconds) is read
 from its run: config.json, its newest checkpoint, seconds.json or a shipped recipe."""
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main(argv=None) -> None:
     p.add_argument("runs", nargs="+", help="LABEL=RUN (a run folder or a shipped model's name)")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0])
+    p.add_argument("--name", default=NAME, help=f"the results' file name (default {NAME}: results/{NAME}.md and .json)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     pairs = [r.split("=", 1) for r in args.runs]
@@ -75,8 +76,8 @@ def main(argv=None) -> None:
     table.append(["real test images (the judge's ceiling)", "-", "-", "-", "-", f"{rows[0]['ceiling_seen']:.1%}", f"{rows[0]['ceiling_held_out']:.1%}",
                   "-", "-", "-", "-"])
     lines += md_table(head, table)
-    write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"setting": vars(args), "rows": rows}, indent=1) + "\n")
+    write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
+    write_text(RESULTS / f"{args.name}.json", json.dumps({"setting": vars(args), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
