@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table  # noqa: E402
+from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table, trained  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
-from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
+from difflab.runs.store import weights_step  # noqa: E402
 
 NAME = "clip_sides"
 ROOT = RUNS / NAME
@@ -47,37 +45,18 @@ VARIANTS = {
 }
 
 
-def difflab(argv: list[str], run: Path) -> float:
-    """Run a difflab command (resumed when the run has a checkpoint); the seconds it took, summed in run/seconds.json."""
-    book = run / "seconds.json"
-    spent = json.loads(book.read_text())["seconds"] if book.exists() else 0.0
-    resume = has_checkpoint(run)
-    cmd = [argv[0], "--out", str(run), "--resume", "--steps", argv[argv.index("--steps") + 1]] if resume else argv
-    print(f"$ difflab {' '.join(cmd)}", flush=True)
-    t0 = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-m", "difflab", *cmd]).returncode
-    if rc != 0:
-        sys.exit(f"{run}: failed ({rc})")
-    spent += time.perf_counter() - t0
-    book.write_text(json.dumps({"seconds": spent}))
-    return spent
-
-
 def clip_run(name: str, steps: int) -> tuple[Path, dict]:
     run = ROOT / f"clip-{name.replace('+', '-')}"
     report = run / "clip.json"
     if not report.exists() or json.loads(report.read_text())["step"] < steps:
-        difflab(["train-clip", "fashion-pairs", "--out", str(run), "--steps", str(steps), "--quiet", *VARIANTS[name]], run)
+        trained(["train-clip", "fashion-pairs", "--out", str(run), "--steps", str(steps), "--quiet", *VARIANTS[name]])
     seconds = json.loads((run / "seconds.json").read_text())["seconds"] if (run / "seconds.json").exists() else float("nan")
     return run, json.loads(report.read_text()) | {"seconds": seconds}
 
 
 def t2i_run(name: str, clip: Path, steps: int) -> tuple[Path, float]:
-    run = ROOT / f"t2i-{name.replace('+', '-')}"
-    if not has_checkpoint(run) or weights_step(run) < steps:
-        difflab(["train", "fashion-pairs", "--latent", "fashion-pairs-ae", "--text", f"clip:{clip}", "--out", str(run), "--steps", str(steps),
-                 "--quiet"], run)
-    return run, json.loads((run / "seconds.json").read_text())["seconds"]
+    return trained(["train", "fashion-pairs", "--latent", "fashion-pairs-ae", "--text", f"clip:{clip}", "--out",
+                    str(ROOT / f"t2i-{name.replace('+', '-')}"), "--steps", str(steps), "--quiet"])
 
 
 def main(argv=None) -> None:

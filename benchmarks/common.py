@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -59,9 +60,34 @@ def busy_processes(min_cpu: float = 20.0, exclude_pid: int | None = None) -> lis
         if len(parts) < 3:
             continue
         pid, pcpu, args = int(parts[0]), float(parts[1]), parts[2]
-        if pcpu >= min_cpu and pid != (exclude_pid or os.getpid()):
+        if pcpu >= min_cpu and pid != (exclude_pid or os.getpid()) and not args.startswith("ps -eo"):  # not this very query
             rows.append(f"{pcpu:.0f}% {args[:90]}")
     return rows
+
+
+def trained(argv: list[str]) -> tuple[Path, float]:
+    """The run of the difflab training command ``argv`` (with its --out and --steps), trained or resumed to its
+    steps in a subprocess, and its training seconds (summed over sittings in RUN/seconds.json). A resumed run is
+    given only --out, --resume, --steps and --device: the rest is in its config, and commands refuse it again
+    (train-clip refuses its NAME and recipe flags)."""
+    from difflab.runs.store import has_checkpoint, weights_step  # heavy: only the scripts that train import it
+
+    run, steps = Path(argv[argv.index("--out") + 1]), argv[argv.index("--steps") + 1]
+    book = run / "seconds.json"
+    spent = json.loads(book.read_text())["seconds"] if book.exists() else 0.0
+    if has_checkpoint(run) and weights_step(run) >= int(steps):
+        return run, spent
+    device = argv[argv.index("--device") : argv.index("--device") + 2] if "--device" in argv else []
+    cmd = [argv[0], "--out", str(run), "--resume", "--steps", steps, *device, *(["--quiet"] if "--quiet" in argv else [])] \
+        if has_checkpoint(run) else argv
+    print(f"$ difflab {' '.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    rc = subprocess.run([sys.executable, "-m", "difflab", *cmd]).returncode
+    spent += time.perf_counter() - t0
+    book.write_text(json.dumps({"seconds": spent}))
+    if rc != 0:
+        sys.exit(f"{run}: training failed ({rc})")
+    return run, spent
 
 
 def machine(device: str = "cpu") -> str:

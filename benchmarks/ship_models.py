@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import RESULTS, RUNS  # noqa: E402
+from benchmarks.common import RESULTS, RUNS, trained  # noqa: E402
 from difflab.data.images import load_images  # noqa: E402
 from difflab.evaluation.evaluate import evaluate  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
@@ -37,7 +35,7 @@ from difflab.guidance.config import GuidanceConfig  # noqa: E402
 from difflab.latent.autoencoder import LATENT, RECONSTRUCTION, rebased  # noqa: E402
 from difflab.runs import shipped  # noqa: E402
 from difflab.runs.ship import ship  # noqa: E402
-from difflab.runs.store import has_checkpoint, weights_step  # noqa: E402
+from difflab.runs.store import weights_step  # noqa: E402
 from difflab.text.clip import CLIP_REPORT, clip_report  # noqa: E402
 from difflab.text.encoders import rebased_text  # noqa: E402
 
@@ -62,23 +60,6 @@ def commands(args) -> dict[str, list[str]]:
 
 def device(args) -> list[str]:
     return ["--device", args.device] if args.device else []
-
-
-def trained(name: str, argv: list[str]) -> tuple[Path, float]:
-    """The model's run, trained (or resumed) to its steps; the training seconds (run/seconds.json, summed over sessions)."""
-    run = Path(argv[argv.index("--out") + 1])
-    book = run / "seconds.json"
-    spent = json.loads(book.read_text())["seconds"] if book.exists() else 0.0
-    steps = int(argv[argv.index("--steps") + 1])
-    if not has_checkpoint(run) or weights_step(run) < steps:
-        print(f"$ difflab {' '.join(argv)}", flush=True)
-        t0 = time.perf_counter()
-        rc = subprocess.run([sys.executable, "-m", "difflab", *([*argv, "--resume"] if has_checkpoint(run) else argv)]).returncode
-        spent += time.perf_counter() - t0
-        book.write_text(json.dumps({"seconds": spent}))
-        if rc != 0:
-            sys.exit(f"{name}: training failed")
-    return run, spent
 
 
 def ceiling(n: int) -> dict:
@@ -144,7 +125,7 @@ def main(argv=None) -> None:
         missing = [m for m in NEEDS.get(name, ()) if m not in shipped.names()]
         if missing:
             sys.exit(f"ship {', '.join(missing)} first (what {name} is trained on)")
-        run, seconds = trained(name, cmds[name])
+        run, seconds = trained(cmds[name])
         recipe = {"commands": ["difflab " + " ".join(cmds[name])], "train_seconds": round(seconds), **({"note": notes[name]} if name in notes else {})}
         if name == "fashion-pairs-ae":
             if not (run / RECONSTRUCTION).exists():

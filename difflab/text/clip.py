@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.conditions import ConditionSpec
-from ..core.losses import HARD_NEGATIVES, ContrastiveLoss
+from ..core.losses import ContrastiveLoss
 from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
 from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS, caption
@@ -107,8 +107,7 @@ def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int =
     'sides' when a caption names a side, else 'none'."""
     if hard_negatives is None:
         hard_negatives = "sides" if any(swap_sides(c) != c for c in captions or ()) else "none"
-    if hard_negatives not in HARD_NEGATIVES:
-        raise TextError(f"unknown hard negatives {hard_negatives!r}; choose one of {', '.join(HARD_NEGATIVES)}")
+    ContrastiveLoss(hard_negatives)  # the loss checks the name
     if base.data_kind != "images":
         raise TextError(f"a CLIP model needs images; {base.dataset} is a set of {base.data_kind}")
     if not captions:
