@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: demo demo-2d test test-fast install clean fashion-mnist gpu-check
+.PHONY: demo demo-2d test test-fast lint install clean fashion-mnist gpu-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,12 +44,17 @@ demo: $(STAMP)
 demo-2d: $(STAMP)
 	$(BIN)/python -m difflab.demo 2d
 
+# ruff's format and lint (line length 120, rules in pyproject.toml), first in both test targets.
+lint: $(TEST_STAMP)
+	$(BIN)/ruff format --check --quiet difflab tests benchmarks
+	$(BIN)/ruff check --quiet difflab tests benchmarks
+
 # The whole suite on two workers; the shared trained runs are made once (tests/conftest.py) and xdist balances the rest.
-test: $(TEST_STAMP)
+test: lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n 2 --dist worksteal --durations=15
 
 # The edit-test loop: everything that trains nothing (the `slow` marker left out), under a minute.
-test-fast: $(TEST_STAMP)
+test-fast: lint
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow" --durations=5
 
 # On a machine with CUDA: the GPU checks of benchmarks/gpu_check.sh (within 10 minutes).

@@ -50,13 +50,28 @@ def clip_run(name: str, steps: int) -> tuple[Path, dict]:
     report = run / "clip.json"
     if not report.exists() or json.loads(report.read_text())["step"] < steps:
         trained(["train-clip", "fashion-pairs", "--out", str(run), "--steps", str(steps), "--quiet", *VARIANTS[name]])
-    seconds = json.loads((run / "seconds.json").read_text())["seconds"] if (run / "seconds.json").exists() else float("nan")
+    seconds = (
+        json.loads((run / "seconds.json").read_text())["seconds"] if (run / "seconds.json").exists() else float("nan")
+    )
     return run, json.loads(report.read_text()) | {"seconds": seconds}
 
 
 def t2i_run(name: str, clip: Path, steps: int) -> tuple[Path, float]:
-    return trained(["train", "fashion-pairs", "--latent", "fashion-pairs-ae", "--text", f"clip:{clip}", "--out",
-                    str(ROOT / f"t2i-{name.replace('+', '-')}"), "--steps", str(steps), "--quiet"])
+    return trained(
+        [
+            "train",
+            "fashion-pairs",
+            "--latent",
+            "fashion-pairs-ae",
+            "--text",
+            f"clip:{clip}",
+            "--out",
+            str(ROOT / f"t2i-{name.replace('+', '-')}"),
+            "--steps",
+            str(steps),
+            "--quiet",
+        ]
+    )
 
 
 def main(argv=None) -> None:
@@ -83,41 +98,113 @@ def main(argv=None) -> None:
         run, seconds = t2i_run(name, clips[name][0], args.t2i_steps)
         key = f"{name} steps={weights_step(run)} n={args.n} scales={args.scales}"
         if key not in figures:
-            figures[key] = {"encoder": name, "seconds": seconds, "steps": weights_step(run), **text_figures(run, args.n, args.scales)}
+            figures[key] = {
+                "encoder": name,
+                "seconds": seconds,
+                "steps": weights_step(run),
+                **text_figures(run, args.n, args.scales),
+            }
             write_text(book, json.dumps(figures, indent=1))
-    report(args, clips, best, [f for k, f in figures.items() if f" n={args.n} " in k and f"steps={args.t2i_steps} " in k],
-           load_start, busy_start)
+    report(
+        args,
+        clips,
+        best,
+        [f for k, f in figures.items() if f" n={args.n} " in k and f"steps={args.t2i_steps} " in k],
+        load_start,
+        busy_start,
+    )
 
 
 def report(args, clips, best, rows, load_start, busy_start) -> None:
-    lines = header("Side hard negatives for the CLIP encoder: can it tell the sides, and does its text model follow them?")
+    lines = header(
+        "Side hard negatives for the CLIP encoder: can it tell the sides, and does its text model follow them?"
+    )
     lines += [
-        f"- CLIP encoders: {args.clip_steps} steps of batch 128 each (`difflab train-clip fashion-pairs`), scored on the first 2000 test pairs",
-        f"- text-to-image: latent on the shipped fashion-pairs-ae, {args.t2i_steps} steps, the frozen text tower of today's encoder (mean) and "
+        f"- CLIP encoders: {args.clip_steps} steps of batch 128 each (`difflab train-clip fashion-pairs`), scored on "
+        "the first 2000 test pairs",
+        f"- text-to-image: latent on the shipped fashion-pairs-ae, {args.t2i_steps} steps, the frozen text tower of "
+        "today's encoder (mean) and "
         f"of the best swap discriminator ({best}); {args.n} test captions per row, dpmpp-2m 20 steps, the best of s = "
-        + ", ".join(f"{s:g}" for s in args.scales) + " by seen all-four; judged by the shipped attribute net",
-        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the end: {load_average()}",
+        + ", ".join(f"{s:g}" for s in args.scales)
+        + " by seen all-four; judged by the shipped attribute net",
+        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the "
+        f"end: {load_average()}",
         "",
         "## The encoders",
         "",
     ]
-    head = ["encoder", "side-swap discrimination", "caption -> image", "image -> caption", "left class", "left colour", "right class",
-            "right colour", "seconds"]
-    table = [[name, f"{c['swap_discrimination']:.1%}", f"{c['caption_to_image']:.1%}", f"{c['image_to_caption']:.1%}",
-              *[f"{v:.1%}" for v in c["attribute_probe"].values()], f"{c['seconds']:.0f}"] for name, (_, c) in clips.items()]
+    head = [
+        "encoder",
+        "side-swap discrimination",
+        "caption -> image",
+        "image -> caption",
+        "left class",
+        "left colour",
+        "right class",
+        "right colour",
+        "seconds",
+    ]
+    table = [
+        [
+            name,
+            f"{c['swap_discrimination']:.1%}",
+            f"{c['caption_to_image']:.1%}",
+            f"{c['image_to_caption']:.1%}",
+            *[f"{v:.1%}" for v in c["attribute_probe"].values()],
+            f"{c['seconds']:.0f}",
+        ]
+        for name, (_, c) in clips.items()
+    ]
     lines += md_table(head, table)
-    lines += ["", "Side-swap discrimination: the share of test images closer to their own caption than to the same caption with "
-              "'left' and 'right' exchanged (50 % is a coin flip). Retrieval in groups of 100 (chance 1 %).", "",
-              "## Text-to-image on each encoder's text tower", ""]
-    head = ["encoder", "steps", "train seconds", "best s", "all four, seen", "all four, held-out", "either side", "caption swap", "FD",
-            "ceiling seen / held-out"]
-    table = [[r["encoder"], str(r["steps"]), f"{r['seconds']:.0f}", f"{r['scale']:g}", f"{r['seen']:.1%}", f"{r['held_out']:.1%}",
-              f"{r['either_side']:.1%}", f"{r['swap']:.1%}", f"{r['fd']:.2f}", f"{r['ceiling_seen']:.1%} / {r['ceiling_held_out']:.1%}"]
-             for r in rows]
+    lines += [
+        "",
+        "Side-swap discrimination: the share of test images closer to their own caption than to the same caption with "
+        "'left' and 'right' exchanged (50 % is a coin flip). Retrieval in groups of 100 (chance 1 %).",
+        "",
+        "## Text-to-image on each encoder's text tower",
+        "",
+    ]
+    head = [
+        "encoder",
+        "steps",
+        "train seconds",
+        "best s",
+        "all four, seen",
+        "all four, held-out",
+        "either side",
+        "caption swap",
+        "FD",
+        "ceiling seen / held-out",
+    ]
+    table = [
+        [
+            r["encoder"],
+            str(r["steps"]),
+            f"{r['seconds']:.0f}",
+            f"{r['scale']:g}",
+            f"{r['seen']:.1%}",
+            f"{r['held_out']:.1%}",
+            f"{r['either_side']:.1%}",
+            f"{r['swap']:.1%}",
+            f"{r['fd']:.2f}",
+            f"{r['ceiling_seen']:.1%} / {r['ceiling_held_out']:.1%}",
+        ]
+        for r in rows
+    ]
     lines += md_table(head, table)
     write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"setting": vars(args), "clips": {k: c for k, (_, c) in clips.items()}, "best": best,
-                                                     "text_to_image": rows}, indent=1))
+    write_text(
+        RESULTS / f"{NAME}.json",
+        json.dumps(
+            {
+                "setting": vars(args),
+                "clips": {k: c for k, (_, c) in clips.items()},
+                "best": best,
+                "text_to_image": rows,
+            },
+            indent=1,
+        ),
+    )
     print("\n".join(lines))
 
 

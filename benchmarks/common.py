@@ -51,7 +51,9 @@ def load_average() -> str:
 def busy_processes(min_cpu: float = 20.0, exclude_pid: int | None = None) -> list[str]:
     """Other processes using more than min_cpu % of a core right now (what else shared the machine)."""
     try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=5, check=False).stdout
+        out = subprocess.run(
+            ["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"], capture_output=True, text=True, timeout=5, check=False
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     rows = []
@@ -60,7 +62,9 @@ def busy_processes(min_cpu: float = 20.0, exclude_pid: int | None = None) -> lis
         if len(parts) < 3:
             continue
         pid, pcpu, args = int(parts[0]), float(parts[1]), parts[2]
-        if pcpu >= min_cpu and pid != (exclude_pid or os.getpid()) and not args.startswith("ps -eo"):  # not this very query
+        if (
+            pcpu >= min_cpu and pid != (exclude_pid or os.getpid()) and not args.startswith("ps -eo")
+        ):  # not this very query
             rows.append(f"{pcpu:.0f}% {args[:90]}")
     return rows
 
@@ -78,8 +82,11 @@ def trained(argv: list[str]) -> tuple[Path, float]:
     if has_checkpoint(run) and weights_step(run) >= int(steps):
         return run, spent
     device = argv[argv.index("--device") : argv.index("--device") + 2] if "--device" in argv else []
-    cmd = [argv[0], "--out", str(run), "--resume", "--steps", steps, *device, *(["--quiet"] if "--quiet" in argv else [])] \
-        if has_checkpoint(run) else argv
+    cmd = (
+        [argv[0], "--out", str(run), "--resume", "--steps", steps, *device, *(["--quiet"] if "--quiet" in argv else [])]
+        if has_checkpoint(run)
+        else argv
+    )
     print(f"$ difflab {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     rc = subprocess.run([sys.executable, "-m", "difflab", *cmd]).returncode
@@ -96,7 +103,9 @@ def machine(device: str = "cpu") -> str:
         hw = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}), host {cpu_model()}, {os.cpu_count()} CPUs"
     else:
         hw = f"{cpu_model()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
-    return f"{hw}; Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}"
+    return (
+        f"{hw}; Python {platform.python_version()}, torch {torch.__version__}, {platform.system()} {platform.release()}"
+    )
 
 
 def header(title: str, device: str = "cpu", command: str | None = None, machine_line: str | None = None) -> list[str]:

@@ -28,10 +28,29 @@ def run_once(nproc: int, dataset: str, steps: int, warmup: int, global_batch: in
     per_rank = global_batch // nproc
     threads = str(max(1, (os.cpu_count() or 2) // nproc))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": "PASSIVE"}
-    launch = [sys.executable, "-m", "difflab"] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "difflab"]
+    launch = (
+        [sys.executable, "-m", "difflab"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "difflab",
+        ]
+    )
     common = ["--out", str(folder), "--batch-size", str(per_rank), "--quiet", "--device", "cpu"]
     for stop, extra in ((warmup, [dataset]), (steps, ["--resume"])):  # the warm-up run, then the timed part
-        subprocess.run([*launch, "train", *extra, *common, "--steps", str(stop)], env=env, check=True, capture_output=True, text=True)
+        subprocess.run(
+            [*launch, "train", *extra, *common, "--steps", str(stop)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
     return last["it_s"] * global_batch
 
@@ -48,13 +67,26 @@ def main(argv=None) -> None:
     rates: dict[int, list[float]] = {1: [], 2: []}
     for r in range(args.rounds):
         for nproc in (1, 2):
-            rate = run_once(nproc, args.dataset, args.steps, args.warmup, args.global_batch, RUNS / "ddp_scaling" / f"n{nproc}")
+            rate = run_once(
+                nproc, args.dataset, args.steps, args.warmup, args.global_batch, RUNS / "ddp_scaling" / f"n{nproc}"
+            )
             rates[nproc].append(rate)
             print(f"round {r + 1}: {nproc} process(es): {rate:.1f} images/s", flush=True)
     med = {n: statistics.median(v) for n, v in rates.items()}
-    lines = header(f"Data-parallel training: {args.dataset}, global batch {args.global_batch}, steps {args.warmup}..{args.steps}")
+    lines = header(
+        f"Data-parallel training: {args.dataset}, global batch {args.global_batch}, steps {args.warmup}..{args.steps}"
+    )
     lines += [f"- load average at the end: {load_average()}", ""]
-    rows = [[f"{n}", f"{args.global_batch // n}", f"{med[n]:.1f}", " / ".join(f"{v:.1f}" for v in rates[n]), f"{med[n] / med[1]:.2f}x"] for n in (1, 2)]
+    rows = [
+        [
+            f"{n}",
+            f"{args.global_batch // n}",
+            f"{med[n]:.1f}",
+            " / ".join(f"{v:.1f}" for v in rates[n]),
+            f"{med[n] / med[1]:.2f}x",
+        ]
+        for n in (1, 2)
+    ]
     lines += md_table(["processes", "batch per rank", "images/s (median)", "rounds", "vs 1 process"], rows, "rrrrr")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,9 +50,17 @@ class Check:
             figures = fn() or {}
             self.parts[name] = {"ok": True, **figures}
         except Exception as e:  # noqa: BLE001 - one part's failure is recorded, the others still run
-            self.parts[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+            self.parts[name] = {
+                "ok": False,
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
         self.parts[name]["seconds"] = round(time.perf_counter() - t0, 1)
-        print(f"{name}: {'ok' if self.parts[name]['ok'] else 'FAILED ' + self.parts[name]['error']} ({self.parts[name]['seconds']} s)", flush=True)
+        print(
+            f"{name}: {'ok' if self.parts[name]['ok'] else 'FAILED ' + self.parts[name]['error']} "
+            f"({self.parts[name]['seconds']} s)",
+            flush=True,
+        )
         with atomic_path(self.out / "gpu_check.json") as tmp:
             Path(tmp).write_text(json.dumps({"device": self.device_name(), "parts": self.parts}, indent=1))
 
@@ -68,8 +76,12 @@ class Check:
 def pytest_gpu(device: str) -> dict:
     if device != "cuda":
         return {"skipped": "no CUDA: tests/test_gpu.py skips itself"}
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT,
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_gpu.py")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         raise RuntimeError(p.stdout[-1500:])
     return {"summary": p.stdout.strip().splitlines()[-1]}
@@ -77,7 +89,17 @@ def pytest_gpu(device: str) -> dict:
 
 def preset_run(run: Path, precision: str, steps: int, device: str, data: TensorDataset) -> dict:
     cfg = preset_for("fashion-mnist")
-    cfg = replace(cfg, train=replace(cfg.train, steps=steps, precision=precision, sample_every=0, checkpoint_every=steps, log_every=max(1, steps // 10)))
+    cfg = replace(
+        cfg,
+        train=replace(
+            cfg.train,
+            steps=steps,
+            precision=precision,
+            sample_every=0,
+            checkpoint_every=steps,
+            log_every=max(1, steps // 10),
+        ),
+    )
     t0 = time.perf_counter()
     train(run, cfg, data, device=device, progress=False)
     seconds = time.perf_counter() - t0
@@ -92,7 +114,10 @@ def resume_on_cpu(run: Path, extra: int) -> dict:
         raise RuntimeError("the checkpoint holds tensors of another device")
     step, _, _ = load_training_state(run)
     cfg = preset_for("fashion-mnist")
-    cfg = replace(cfg, train=replace(cfg.train, steps=step + extra, precision="bf16", sample_every=0, checkpoint_every=step + extra))
+    cfg = replace(
+        cfg,
+        train=replace(cfg.train, steps=step + extra, precision="bf16", sample_every=0, checkpoint_every=step + extra),
+    )
     data = TensorDataset(load_images("fashion-mnist", "train").images[:2048])
     train(run, cfg, data, device="cpu", resume=True, progress=False)
     if load_training_state(run)[0] != step + extra:
@@ -102,19 +127,71 @@ def resume_on_cpu(run: Path, extra: int) -> dict:
 
 def nccl(device: str, tmp: Path) -> dict:
     if device != "cuda" or torch.cuda.device_count() < 2:
-        return {"skipped": f"{torch.cuda.device_count() if device == 'cuda' else 0} GPU(s): the 2-rank NCCL run needs two"}
-    p = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", "-m", "difflab", "train", "digits", "--out", str(tmp / "ddp"),
-                        "--steps", "50", "--device", "cuda", "--quiet"], cwd=ROOT, capture_output=True, text=True)
+        return {
+            "skipped": f"{torch.cuda.device_count() if device == 'cuda' else 0} GPU(s): the 2-rank NCCL run needs two"
+        }
+    p = subprocess.run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "difflab",
+            "train",
+            "digits",
+            "--out",
+            str(tmp / "ddp"),
+            "--steps",
+            "50",
+            "--device",
+            "cuda",
+            "--quiet",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-1500:])
     return {"steps": 50}
 
 
 def quality(run: Path, device: str, out: Path, small: bool) -> dict:
-    size = ["--nfe", "5", "--spacings", "uniform", "--n-samples", "16", "--sample-batch", "16", "--ref-steps", "10"] if small else \
-        ["--nfe", "10", "20", "--spacings", "uniform", "logsnr", "--n-samples", "2000", "--sample-batch", "2000", "--ref-steps", "1000"]
-    argv = [sys.executable, str(ROOT / "benchmarks" / "quality_vs_nfe.py"), "--device", device, "--run", str(run), "--out", str(out),
-            "--samplers", "dpmpp-2m", "ddim", "--steps", "1", *size]
+    size = (
+        ["--nfe", "5", "--spacings", "uniform", "--n-samples", "16", "--sample-batch", "16", "--ref-steps", "10"]
+        if small
+        else [
+            "--nfe",
+            "10",
+            "20",
+            "--spacings",
+            "uniform",
+            "logsnr",
+            "--n-samples",
+            "2000",
+            "--sample-batch",
+            "2000",
+            "--ref-steps",
+            "1000",
+        ]
+    )
+    argv = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "quality_vs_nfe.py"),
+        "--device",
+        device,
+        "--run",
+        str(run),
+        "--out",
+        str(out),
+        "--samplers",
+        "dpmpp-2m",
+        "ddim",
+        "--steps",
+        "1",
+        *size,
+    ]
     # the script imports difflab from the checkout (a CUDA machine may have it uninstalled: measured, it failed there)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -126,10 +203,24 @@ def quality(run: Path, device: str, out: Path, small: bool) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when present) or cpu (a tiny rehearsal)")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda (default when present) or cpu (a tiny rehearsal)",
+    )
     p.add_argument("--steps", type=int, help="training steps of the preset runs (default 300 on CUDA, 4 on the CPU)")
-    p.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "runs" / "gpu_check", help="where the runs go (cleared first)")
-    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")), help="where gpu_check.json goes")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "benchmarks" / "runs" / "gpu_check",
+        help="where the runs go (cleared first)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")),
+        help="where gpu_check.json goes",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it with --device cpu for the rehearsal", file=sys.stderr)
@@ -146,11 +237,19 @@ def main(argv=None) -> int:
     data = TensorDataset(images[:2048] if small else images)
     check.part("pytest tests/test_gpu.py", lambda: pytest_gpu(args.device))
     check.part("fashion-mnist preset, bf16", lambda: preset_run(args.work / "bf16", "bf16", steps, args.device, data))
-    check.part("fashion-mnist preset, fp16", lambda: preset_run(args.work / "fp16", "fp16", steps, args.device, data) if args.device == "cuda"
-               else {"skipped": "fp16 trains on CUDA only"})
+    check.part(
+        "fashion-mnist preset, fp16",
+        lambda: (
+            preset_run(args.work / "fp16", "fp16", steps, args.device, data)
+            if args.device == "cuda"
+            else {"skipped": "fp16 trains on CUDA only"}
+        ),
+    )
     check.part("the bf16 run resumed on the CPU", lambda: resume_on_cpu(args.work / "bf16", 2))
     check.part("2-rank NCCL", lambda: nccl(args.device, args.work))
-    check.part("quality_vs_nfe, smallest size", lambda: quality(args.work / "bf16", args.device, args.work / "quality", small))
+    check.part(
+        "quality_vs_nfe, smallest size", lambda: quality(args.work / "bf16", args.device, args.work / "quality", small)
+    )
     return 0 if check.ok else 1
 
 

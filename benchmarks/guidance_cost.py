@@ -51,7 +51,10 @@ def contenders(interval: tuple[float, float]):
         source = f"the trained run {run.relative_to(RUNS.parent.parent)}"
     else:
         cfg = with_class_labels(preset_for("fashion-mnist"), 10, 0.1)
-        denoiser, source = cfg.build_denoiser().eval(), "an untrained network of the fashion-mnist preset (no trained run found)"
+        denoiser, source = (
+            cfg.build_denoiser().eval(),
+            "an untrained network of the fashion-mnist preset (no trained run found)",
+        )
     specs = cfg.condition_specs()
     rows = {
         "unguided (s = 1)": denoiser,
@@ -83,31 +86,49 @@ def main(argv=None) -> None:
             if isinstance(den, Guided):
                 den.evaluations = 0
             t0 = time.perf_counter()
-            generate(den, cfg.shape, args.n, sampler="dpmpp-2m", steps=args.steps, cond={"class_labels": labels}, batch=args.n)
+            generate(
+                den,
+                cfg.shape,
+                args.n,
+                sampler="dpmpp-2m",
+                steps=args.steps,
+                cond={"class_labels": labels},
+                batch=args.n,
+            )
             times[name].append(time.perf_counter() - t0)
             passes[name] = den.evaluations if isinstance(den, Guided) else args.steps
     base = statistics.median(times["unguided (s = 1)"])
     process = cfg.build_process()
-    u = timesteps(process, args.steps, default_spacing("dpmpp-2m", process))[:-1] / process.t_max  # the times of the calls
+    u = (
+        timesteps(process, args.steps, default_spacing("dpmpp-2m", process))[:-1] / process.t_max
+    )  # the times of the calls
     inside = int(((u >= args.interval[0]) & (u <= args.interval[1])).sum())
     table = []
     for name, seconds in times.items():
         med = statistics.median(seconds)
-        rows_per_step = {"CFG batched (s = 3)": "2B", "CFG two passes (s = 3)": "B each",
-                         "classifier guidance (s = 3)": "B, + the classifier's forward and backward"}.get(name, "B")
+        rows_per_step = {
+            "CFG batched (s = 3)": "2B",
+            "CFG two passes (s = 3)": "B each",
+            "classifier guidance (s = 3)": "B, + the classifier's forward and backward",
+        }.get(name, "B")
         if name.startswith("CFG interval"):
             rows_per_step = f"2B in {inside} calls, B in {args.steps - inside}"
         table.append([name, f"{passes[name]}", rows_per_step, f"{1000 * med / args.n:.1f}", f"{med / base:.2f}x"])
     lines = header("The cost of guidance: seconds per sample, guided against unguided (Fashion-MNIST U-Net)")
     lines += [
         f"- network: {source}",
-        f"- {args.n} samples in one batch, dpmpp-2m, {args.steps} steps, fp32, torch threads {torch.get_num_threads()}; "
+        f"- {args.n} samples in one batch, dpmpp-2m, {args.steps} steps, fp32, torch threads "
+        f"{torch.get_num_threads()}; "
         f"median of {args.rounds} interleaved rounds",
-        f"- load average at the start: {load_start}; at the end: {load_average()}; other busy processes at the start: {', '.join(busy_start) or 'none'}",
+        f"- load average at the start: {load_start}; at the end: {load_average()}; other busy processes at the start: "
+        f"{', '.join(busy_start) or 'none'}",
         "",
     ]
     lines += md_table(["sampling", "denoiser calls", "rows per call", "ms per sample", "vs unguided"], table)
-    lines += ["", "Denoiser calls count the U-Net's calls per batch (the classifier's own passes are not in that column)."]
+    lines += [
+        "",
+        "Denoiser calls count the U-Net's calls per batch (the classifier's own passes are not in that column).",
+    ]
     lines += ["", "Target: guided sampling at <= 1.3x the unguided time.", ""]
     for name in times:
         if name != "unguided (s = 1)":

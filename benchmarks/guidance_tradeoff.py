@@ -69,7 +69,9 @@ def train_all(root: Path, data, cfgs: dict) -> dict:
         run = root / name
         if has_checkpoint(run) and weights_step(run) >= cfg.train.steps:
             print(f"{name}: trained ({cfg.train.steps} steps)")
-            seconds[name] = json.loads((run / "seconds.json").read_text())["seconds"] if (run / "seconds.json").exists() else None
+            seconds[name] = (
+                json.loads((run / "seconds.json").read_text())["seconds"] if (run / "seconds.json").exists() else None
+            )
             continue
         print(f"training {name} ({cfg.train.steps} steps)")
         t0 = time.perf_counter()
@@ -96,7 +98,10 @@ def rows_to_run(root: Path, interval: tuple[float, float]) -> list[tuple[str, fl
     for s in SCALES:  # s = 0: the unconditional model itself (no classifier)
         g = GuidanceConfig(classifier=str(root / "clf"), classifier_scale=s) if s else None
         rows.append(("classifier", s, str(root / "uncond"), g))
-    rows += [("classifier-free + interval", s, str(root / "cond"), GuidanceConfig(scale=s, interval=interval)) for s in INTERVAL_SCALES]
+    rows += [
+        ("classifier-free + interval", s, str(root / "cond"), GuidanceConfig(scale=s, interval=interval))
+        for s in INTERVAL_SCALES
+    ]
     return rows
 
 
@@ -123,15 +128,31 @@ def main(argv=None) -> None:
         key = (method, s)
         old = done.get(key, {})
         # rows written before these fields were stored used 20 steps and the interval (0.1, 0.7)
-        old_setting = {"n": old.get("n"), "sample_steps": old.get("sample_steps", 20), "interval": old.get("interval", [0.1, 0.7])}
+        old_setting = {
+            "n": old.get("n"),
+            "sample_steps": old.get("sample_steps", 20),
+            "interval": old.get("interval", [0.1, 0.7]),
+        }
         if old and old_setting == setting and old.get("step") == weights_step(run):
             results.append(old)
             continue
         print(f"{method}, s = {s}")
         t0 = time.perf_counter()
-        r = evaluate(run, n=args.n, sampling=Sampling("dpmpp-2m", args.sample_steps), bpd_n=0, progress=False, guidance=g)
-        results.append({"method": method, "scale": s, "fd": r["fd"], "accuracy": r["classes"].get("accuracy"), **setting,
-                        "step": r["step"], "sampling_seconds": r["seconds"]["sampling"], "seconds": time.perf_counter() - t0})
+        r = evaluate(
+            run, n=args.n, sampling=Sampling("dpmpp-2m", args.sample_steps), bpd_n=0, progress=False, guidance=g
+        )
+        results.append(
+            {
+                "method": method,
+                "scale": s,
+                "fd": r["fd"],
+                "accuracy": r["classes"].get("accuracy"),
+                **setting,
+                "step": r["step"],
+                "sampling_seconds": r["seconds"]["sampling"],
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         write_text(cache, json.dumps({"rows": results}, indent=1))  # each row kept as it comes: a killed run resumes
     write_report(args, results, seconds, clf_acc, load_start)
 
@@ -139,16 +160,25 @@ def main(argv=None) -> None:
 def write_report(args, results: list[dict], seconds: dict, clf_acc: dict | None, load_start: str) -> None:
     lines = header("Guidance trade-off on Fashion-MNIST: FD and class accuracy against the scale")
     lines += [
-        f"- training: cond and uncond {args.steps} optimizer steps each (batch 64, the fashion-mnist preset recipe, bf16); "
-        f"the classifier {args.classifier_steps} steps; seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if v),
-        "- matched budgets: both methods use a denoiser trained for the same steps; classifier guidance adds the classifier's training"
-        + (f"; its test accuracy by t/t_max: {', '.join(f'{k}: {v:.3f}' for k, v in clf_acc.items())}" if clf_acc else ""),
-        f"- samples: {args.n} per row (sample i asks for class i mod 10), dpmpp-2m, {args.sample_steps} steps, seed 0; FD and class "
+        f"- training: cond and uncond {args.steps} optimizer steps each (batch 64, the fashion-mnist preset recipe, "
+        "bf16); "
+        f"the classifier {args.classifier_steps} steps; seconds: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items() if v),
+        "- matched budgets: both methods use a denoiser trained for the same steps; classifier guidance adds the "
+        "classifier's training"
+        + (
+            f"; its test accuracy by t/t_max: {', '.join(f'{k}: {v:.3f}' for k, v in clf_acc.items())}"
+            if clf_acc
+            else ""
+        ),
+        f"- samples: {args.n} per row (sample i asks for class i mod 10), dpmpp-2m, {args.sample_steps} steps, seed 0; "
+        "FD and class "
         "accuracy with the shipped fashion-mnist feature network against the test split",
         f"- guidance interval rows: t/t_max in [{args.interval[0]}, {args.interval[1]}]",
         f"- load average at the start: {load_start}; at the end: {load_average()}",
         "",
     ]
+
     def pct(a):
         return "- (no class asked)" if a is None else f"{100 * a:.1f}%"
 
@@ -162,8 +192,11 @@ def write_report(args, results: list[dict], seconds: dict, clf_acc: dict | None,
         best = max(mine, key=lambda r: (r["accuracy"] >= 0.95, -r["fd"] if r["accuracy"] >= 0.95 else r["accuracy"]))
         met = ", ".join(f"{r['scale']:g}" for r in ok)
         verdict = f"met at s = {met}" if ok else "missed"
-        lines.append(f"- {method}: {verdict}; best row s = {best['scale']:g}: accuracy {100 * best['accuracy']:.1f}%, FD {best['fd']:.3f} "
-                     f"(unconditional FD {uncond['fd']:.3f})")
+        lines.append(
+            f"- {method}: {verdict}; best row s = {best['scale']:g}: accuracy {100 * best['accuracy']:.1f}%, FD "
+            f"{best['fd']:.3f} "
+            f"(unconditional FD {uncond['fd']:.3f})"
+        )
     write_text(RESULTS / "guidance_tradeoff.md", "\n".join(lines) + "\n")
     plot(results, RESULTS / "guidance_tradeoff.png")
     print("\n".join(lines))

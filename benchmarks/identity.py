@@ -54,7 +54,9 @@ def main(argv=None) -> None:
     def identity(v):
         return identity_embed(ident, v)
 
-    def attributes(v):  # the half on the left of a black 32x64 canvas, as evaluation/subject.subject_similarity reads it
+    def attributes(
+        v,
+    ):  # the half on the left of a black 32x64 canvas, as evaluation/subject.subject_similarity reads it
         halves = to_uint8(v)
         return F.normalize(embed(attr, place(halves, torch.zeros(len(v), dtype=torch.long)))[0] - center, dim=1)
 
@@ -62,24 +64,38 @@ def main(argv=None) -> None:
         lum = (v * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).flatten(1)
         return F.normalize(lum - lum.mean(1, keepdim=True), dim=1)
 
-    def through_ae(v):  # each view decoded from its latent: the half on the left of a black canvas, round trip, half again
+    def through_ae(
+        v,
+    ):  # each view decoded from its latent: the half on the left of a black canvas, round trip, half again
         canvas = place(to_uint8(v), torch.zeros(len(v), dtype=torch.long))
         with torch.no_grad():
             trip = space.reconstruct(canvas)[:, :, :, :32]
         return identity_embed(ident, trip)
 
-    readings = {"identity encoder": identity, "attribute network (centred)": attributes, "pixels (luminance correlation)": pixels,
-                "identity encoder, views through fashion-pairs-ae": through_ae}
+    readings = {
+        "identity encoder": identity,
+        "attribute network (centred)": attributes,
+        "pixels (luminance correlation)": pixels,
+        "identity encoder, views through fashion-pairs-ae": through_ae,
+    }
     results = {}
     for name, fn in readings.items():
         results[name] = retrieval_accuracy(fn, items, test.labels, args.distractors, args.queries, seed=7)
         print(f"{name}: top-1 {100 * results[name]:.1f} %", flush=True)
     lines = header("Identity measure: same-class retrieval of held-out items (issue 24)")
-    lines += [f"{args.queries} test items, each among {args.distractors} other test items of its class; chance {100 / (args.distractors + 1):.1f} %.", ""]
+    lines += [
+        f"{args.queries} test items, each among {args.distractors} other test items of its class; chance "
+        f"{100 / (args.distractors + 1):.1f} %.",
+        "",
+    ]
     lines += md_table(["reading", "top-1"], [[k, f"{100 * v:.1f} %"] for k, v in results.items()])
     write_text(RESULTS / "identity.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / "identity.json", json.dumps({"queries": args.queries, "distractors": args.distractors, "top1": results,
-                                                      "encoder": ident.meta}, indent=1))
+    write_text(
+        RESULTS / "identity.json",
+        json.dumps(
+            {"queries": args.queries, "distractors": args.distractors, "top1": results, "encoder": ident.meta}, indent=1
+        ),
+    )
     print("\n".join(lines))
 
 

@@ -46,16 +46,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import configs, train_all, write_text  # noqa: E402
+from difflab.core.operators import Blur, Downsample, Mask, box_mask, random_mask  # noqa: E402
 from difflab.data.images import load_images, to_model, to_uint8  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
 from difflab.evaluation.reference import reference_stats  # noqa: E402
 from difflab.runs.data import training_data  # noqa: E402
 from difflab.runs.diffusion import DiffusionRun, load_upscaler  # noqa: E402
 from difflab.runs.presets import with_low_res  # noqa: E402
 from difflab.runs.store import has_checkpoint  # noqa: E402
 from difflab.sampling.inverse import METHODS, evaluations  # noqa: E402
-from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
-from difflab.core.operators import Blur, Downsample, Mask, box_mask, random_mask  # noqa: E402
 
 SHAPE = (1, 28, 28)
 TASKS = {
@@ -92,14 +92,21 @@ def main(argv=None) -> None:
     truth = test.images[index]
     net = load_feature_net("fashion-mnist")
     ref = reference_stats(test, net, progress=False)
-    steps = {"replace": args.steps_replace, "repaint": args.steps_repaint, "ddrm": args.steps_ddrm, "dps": args.steps_dps}
+    steps = {
+        "replace": args.steps_replace,
+        "repaint": args.steps_repaint,
+        "ddrm": args.steps_ddrm,
+        "dps": args.steps_dps,
+    }
     options = {"dps": {"scale": args.dps_scale}}
     cache = RESULTS / "inverse_problems.json"
     rows = json.loads(cache.read_text())["rows"] if cache.exists() else []
     setting = {"n": args.n, "steps": steps, "dps_scale": args.dps_scale}
     rows = [r for r in rows if r["setting"] == setting and r.get("steps_sr3", args.steps_sr3) == args.steps_sr3]
     grid_file = RUNS / "inverse_grids.npz"
-    grids = {tuple(k.split("/")): torch.from_numpy(v) for k, v in np.load(grid_file).items()} if grid_file.exists() else {}
+    grids = (
+        {tuple(k.split("/")): torch.from_numpy(v) for k, v in np.load(grid_file).items()} if grid_file.exists() else {}
+    )
     load_start = load_average()
     for task in args.tasks:
         op = TASKS[task]()
@@ -112,16 +119,34 @@ def main(argv=None) -> None:
                 x = load_upscaler(RUNS / "sr4").upscale(y, steps=args.steps_sr3, batch=args.n, progress=True)
                 calls = args.steps_sr3
             else:
-                x = model.restore(y, op, method=method, steps=steps[method], options=options.get(method), seed=0, batch=args.n, progress=True)
+                x = model.restore(
+                    y,
+                    op,
+                    method=method,
+                    steps=steps[method],
+                    options=options.get(method),
+                    seed=0,
+                    batch=args.n,
+                    progress=True,
+                )
                 calls = evaluations(method, steps[method], options.get(method))
             seconds = time.perf_counter() - t0
             images = to_uint8(x)
             feats, _ = embed(net, images)
             mu, cov = gaussian_stats(feats)
-            rows.append({"task": task, "method": method, "setting": setting, "fd": frechet_from_stats(mu, cov, ref["mu"], ref["cov"]),
-                         "psnr": float(psnr(images, truth).mean()), "consistency": float(op.consistency(x, y).mean()),
-                         "evaluations": calls, "seconds_per_image": seconds / args.n,
-                         **({"steps_sr3": args.steps_sr3} if method == "sr3" else {})})
+            rows.append(
+                {
+                    "task": task,
+                    "method": method,
+                    "setting": setting,
+                    "fd": frechet_from_stats(mu, cov, ref["mu"], ref["cov"]),
+                    "psnr": float(psnr(images, truth).mean()),
+                    "consistency": float(op.consistency(x, y).mean()),
+                    "evaluations": calls,
+                    "seconds_per_image": seconds / args.n,
+                    **({"steps_sr3": args.steps_sr3} if method == "sr3" else {}),
+                }
+            )
             grids[(task, method)] = images[:8]
             write_text(cache, json.dumps({"rows": rows}, indent=1))
             np.savez(grid_file, **{"/".join(k): v.numpy() for k, v in grids.items()})
@@ -134,28 +159,56 @@ def main(argv=None) -> None:
 def report(args, rows, load_start) -> None:
     lines = header("Inverse problems on held-out Fashion-MNIST: FD, PSNR, consistency and cost per method")
     lines += [
-        f"- model: benchmarks/runs/guidance/uncond (the unconditional fashion-mnist preset recipe, {args.train_steps} steps); sr3: "
-        f"benchmarks/runs/sr4 (the same recipe conditioned on the 4x low-res image, SR3 with noise-conditioning augmentation)",
-        f"- {args.n} held-out test images per task; FD against the 10000 test images (shipped fashion-mnist features; biased "
+        f"- model: benchmarks/runs/guidance/uncond (the unconditional fashion-mnist preset recipe, {args.train_steps} "
+        "steps); sr3: "
+        "benchmarks/runs/sr4 (the same recipe conditioned on the 4x low-res image, SR3 with noise-conditioning "
+        "augmentation)",
+        f"- {args.n} held-out test images per task; FD against the 10000 test images (shipped fashion-mnist features; "
+        "biased "
         f"upwards at this n), PSNR against the truth, consistency = RMS of A x_hat - y in [-1, 1] units",
         f"- load average at the start: {load_start}; at the end: {load_average()}",
         "",
     ]
-    table = [[r["task"], r["method"], r["evaluations"], f"{r['fd']:.2f}", f"{r['psnr']:.2f}", f"{r['consistency']:.4f}",
-              f"{r['seconds_per_image']:.2f}"] for r in rows]
-    lines += md_table(["task", "method", "network evaluations", "FD", "PSNR dB", "consistency", "seconds / image"], table)
-    lines += ["", "## Target: a method at <= 100 evaluations within 10 % of RePaint's FD at >= 10x fewer evaluations", ""]
+    table = [
+        [
+            r["task"],
+            r["method"],
+            r["evaluations"],
+            f"{r['fd']:.2f}",
+            f"{r['psnr']:.2f}",
+            f"{r['consistency']:.4f}",
+            f"{r['seconds_per_image']:.2f}",
+        ]
+        for r in rows
+    ]
+    lines += md_table(
+        ["task", "method", "network evaluations", "FD", "PSNR dB", "consistency", "seconds / image"], table
+    )
+    lines += [
+        "",
+        "## Target: a method at <= 100 evaluations within 10 % of RePaint's FD at >= 10x fewer evaluations",
+        "",
+    ]
     for task in dict.fromkeys(r["task"] for r in rows):
         mine = {r["method"]: r for r in rows if r["task"] == task}
         rp = mine.get("repaint")
         if rp is None:
             continue
-        ok = [m for m, r in mine.items() if m != "repaint" and r["evaluations"] <= 100 and r["evaluations"] * 10 <= rp["evaluations"]
-              and r["fd"] <= 1.1 * rp["fd"]]
+        ok = [
+            m
+            for m, r in mine.items()
+            if m != "repaint"
+            and r["evaluations"] <= 100
+            and r["evaluations"] * 10 <= rp["evaluations"]
+            and r["fd"] <= 1.1 * rp["fd"]
+        ]
         best = min((r for m, r in mine.items() if m != "repaint" and r["evaluations"] <= 100), key=lambda r: r["fd"])
-        lines.append(f"- {task}: {'met by ' + ', '.join(ok) if ok else 'missed'}; RePaint FD {rp['fd']:.2f} at {rp['evaluations']} "
-                     f"evaluations; best cheap method {best['method']} FD {best['fd']:.2f} at {best['evaluations']} "
-                     f"({best['fd'] / rp['fd']:.2f}x RePaint's FD)")
+        lines.append(
+            f"- {task}: {'met by ' + ', '.join(ok) if ok else 'missed'}; RePaint FD {rp['fd']:.2f} at "
+            f"{rp['evaluations']} "
+            f"evaluations; best cheap method {best['method']} FD {best['fd']:.2f} at {best['evaluations']} "
+            f"({best['fd'] / rp['fd']:.2f}x RePaint's FD)"
+        )
     write_text(RESULTS / "inverse_problems.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS, RUNS, header, load_average, md_table  # noqa: E402
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from benchmarks.latent_vs_pixel import DATASET, Scorer, timed_train  # noqa: E402
-from difflab.latent.autoencoder import autoencoder_config, load_autoencoder, measure_scale  # noqa: E402
 from difflab.data.images import load_images  # noqa: E402
 from difflab.evaluation.metrics import psnr  # noqa: E402
+from difflab.latent.autoencoder import autoencoder_config, load_autoencoder, measure_scale  # noqa: E402
 from difflab.runs.presets import preset_for  # noqa: E402
 
 
@@ -61,20 +61,61 @@ def main(argv=None) -> None:
         info = json.loads((run / "latent.json").read_text())
         space = load_autoencoder(run)
         recon = space.reconstruct(scorer.test)
-        rows.append({"kl_weight": w, "disc_weight": d, "psnr": float(psnr(recon, scorer.test).mean()), "rfd": scorer.fd(recon), "latent_std": info["std"],
-                     "scale": info["scale"], "posterior_std": info["posterior_std"], "noise_fraction": info["posterior_std"] / info["std"]})
+        rows.append(
+            {
+                "kl_weight": w,
+                "disc_weight": d,
+                "psnr": float(psnr(recon, scorer.test).mean()),
+                "rfd": scorer.fd(recon),
+                "latent_std": info["std"],
+                "scale": info["scale"],
+                "posterior_std": info["posterior_std"],
+                "noise_fraction": info["posterior_std"] / info["std"],
+            }
+        )
         print(rows[-1], flush=True)
     lines = header("The KL autoencoder's kl_weight trade-off on fashion-pairs")
-    lines += [f"- {args.steps} steps per autoencoder (factor 4, 4 latent channels, L1, batch 32); test PSNR and rFD on the 4000 test "
-              f"images (shipped fashion-pairs features); latent statistics on the 20000 training images",
-              f"- load average at the start: {load_start}; at the end: {load_average()}", ""]
+    lines += [
+        f"- {args.steps} steps per autoencoder (factor 4, 4 latent channels, L1, batch 32); test PSNR and rFD on the "
+        "4000 test "
+        f"images (shipped fashion-pairs features); latent statistics on the 20000 training images",
+        f"- load average at the start: {load_start}; at the end: {load_average()}",
+        "",
+    ]
     if args.disc_weights != [0.0]:
-        lines.insert(-2, f"- patch discriminator (3 layers, hinge) from batch {args.disc_start} at the disc_weight given")
-    lines += md_table(["kl_weight", "disc_weight", "PSNR dB", "rFD", "latent std", "latent scale", "posterior std", "posterior std / latent std"],
-                      [[f"{r['kl_weight']:g}", f"{r['disc_weight']:g}", f"{r['psnr']:.2f}", f"{r['rfd']:.3f}", f"{r['latent_std']:.3f}", f"{r['scale']:.4f}",
-                        f"{r['posterior_std']:.4f}", f"{r['noise_fraction']:.3f}"] for r in rows])
+        lines.insert(
+            -2, f"- patch discriminator (3 layers, hinge) from batch {args.disc_start} at the disc_weight given"
+        )
+    lines += md_table(
+        [
+            "kl_weight",
+            "disc_weight",
+            "PSNR dB",
+            "rFD",
+            "latent std",
+            "latent scale",
+            "posterior std",
+            "posterior std / latent std",
+        ],
+        [
+            [
+                f"{r['kl_weight']:g}",
+                f"{r['disc_weight']:g}",
+                f"{r['psnr']:.2f}",
+                f"{r['rfd']:.3f}",
+                f"{r['latent_std']:.3f}",
+                f"{r['scale']:.4f}",
+                f"{r['posterior_std']:.4f}",
+                f"{r['noise_fraction']:.3f}",
+            ]
+            for r in rows
+        ],
+    )
     write_text(RESULTS / f"{args.out}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{args.out}.json", json.dumps({"steps": args.steps, "disc_start": args.disc_start, "rows": rows}, indent=1))
+    write_text(
+        RESULTS / f"{args.out}.json",
+        json.dumps({"steps": args.steps, "disc_start": args.disc_start, "rows": rows}, indent=1),
+    )
     print("\n".join(lines))
 
 

@@ -51,14 +51,16 @@ from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_averag
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
 from difflab.latent.autoencoder import autoencoder_config, latent_record, load_autoencoder, measure_scale  # noqa: E402
+from difflab.nets.unet import num_parameters  # noqa: E402
 from difflab.runs import store as ckpt  # noqa: E402
 from difflab.runs.data import training_data  # noqa: E402
 from difflab.runs.diffusion import DiffusionRun  # noqa: E402
-from difflab.runs.presets import with_latent  # noqa: E402
-from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats, psnr  # noqa: E402
-from difflab.nets.unet import num_parameters  # noqa: E402
-from difflab.runs.presets import preset_for  # noqa: E402
+from difflab.runs.presets import (
+    preset_for,  # noqa: E402
+    with_latent,  # noqa: E402
+)
 from difflab.training.loop import train  # noqa: E402
 
 NAME = "latent_vs_pixel"
@@ -108,7 +110,9 @@ def draw(run: Path, n: int) -> tuple[torch.Tensor, float]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=12.0, help="training budget of each model, autoencoder included (wall clock)")
+    p.add_argument(
+        "--minutes", type=float, default=12.0, help="training budget of each model, autoencoder included (wall clock)"
+    )
     p.add_argument("--slice-minutes", type=float, default=3.0)
     p.add_argument("--ae-steps", type=int, default=1000)
     p.add_argument("--n-eval", type=int, default=500)
@@ -142,8 +146,13 @@ def main(argv=None) -> None:
     ae_seconds = json.loads((ae_run / "seconds.json").read_text())["seconds"]
     space = load_autoencoder(ae_run)
     recon = space.reconstruct(scorer.test)
-    ae = {"seconds": ae_seconds, "rfd": scorer.fd(recon), "psnr": float(psnr(recon, scorer.test).mean()), "scale": space.scale,
-          "parameters": sum(p.numel() for p in space.net.parameters())}
+    ae = {
+        "seconds": ae_seconds,
+        "rfd": scorer.fd(recon),
+        "psnr": float(psnr(recon, scorer.test).mean()),
+        "scale": space.scale,
+        "parameters": sum(p.numel() for p in space.net.parameters()),
+    }
     print(f"autoencoder: {ae}")
 
     # ------------------------------------------------------------------ the two diffusion models, in alternating slices
@@ -159,7 +168,9 @@ def main(argv=None) -> None:
             charge(root / name, time.perf_counter() - t0)
     budgets = {"pixel": 60 * args.minutes, "latent": 60 * args.minutes - ae_seconds}
     if budgets["latent"] <= 0:
-        raise SystemExit(f"the autoencoder alone took {ae_seconds / 60:.1f} minutes, more than --minutes {args.minutes}")
+        raise SystemExit(
+            f"the autoencoder alone took {ae_seconds / 60:.1f} minutes, more than --minutes {args.minutes}"
+        )
     offset = {"pixel": 0.0, "latent": ae_seconds}
     turn = 0
     while True:
@@ -168,10 +179,17 @@ def main(argv=None) -> None:
         if not todo:
             break
         for name in todo if turn % 2 == 0 else todo[::-1]:
-            seconds = timed_train(root / name, cfgs[name], data[name], min(args.slice_minutes, (budgets[name] - spent[name]) / 60))
+            seconds = timed_train(
+                root / name, cfgs[name], data[name], min(args.slice_minutes, (budgets[name] - spent[name]) / 60)
+            )
             images, _ = draw(root / name, args.n_eval)
-            state["curves"][name].append({"minutes": (seconds + offset[name]) / 60, "step": ckpt.weights_step(root / name),
-                                          "fd": scorer.fd(images)})
+            state["curves"][name].append(
+                {
+                    "minutes": (seconds + offset[name]) / 60,
+                    "step": ckpt.weights_step(root / name),
+                    "fd": scorer.fd(images),
+                }
+            )
             write_text(cache, json.dumps(state, indent=1))
             print(name, state["curves"][name][-1], flush=True)
         turn += 1
@@ -207,32 +225,67 @@ def report(args, state, ae, speed, cfgs, load_start, busy_start) -> None:
     reach = {name: minutes_to_reach(curves[name], target_fd) for name in curves}
     lines = header("Pixel against latent diffusion on fashion-pairs: FD per training minute and sampling throughput")
     lines += [
-        f"- budget: {args.minutes} minutes of training wall-clock per model, the autoencoder's {ae['seconds'] / 60:.1f} minutes "
+        f"- budget: {args.minutes} minutes of training wall-clock per model, the autoencoder's "
+        f"{ae['seconds'] / 60:.1f} minutes "
         f"({args.ae_steps} steps) counted in the latent model's; slices of {args.slice_minutes} minutes, taking turns",
-        f"- FD: {args.n_eval} samples (dpmpp-2m, 20 steps, seeds 0..{args.n_eval - 1}) against the 4000 test images in the shipped "
+        f"- FD: {args.n_eval} samples (dpmpp-2m, 20 steps, seeds 0..{args.n_eval - 1}) against the 4000 test images in "
+        "the shipped "
         "fashion-pairs attribute network's features (FD at this n is biased upwards: compare rows)",
-        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the end: {load_average()}",
+        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the "
+        f"end: {load_average()}",
         "",
     ]
-    rows = [[name, f"{params[name] / 1e6:.2f}M", f"{final[name]['step']}", f"{final[name]['minutes']:.1f}", f"{final[name]['fd']:.3f}",
-             "-" if reach[name] is None else f"{reach[name]:.1f}", f"{speed[name]:.1f}"] for name in curves]
-    lines += md_table(["model", "U-Net parameters", "steps", "training minutes (AE incl.)", "FD at the budget",
-                       f"minutes to FD {target_fd:.3f}", "samples / s"], rows)
-    lines += ["", f"Autoencoder: {ae['parameters'] / 1e6:.2f}M parameters, latent scale {ae['scale']:.4f}, test reconstruction "
-                  f"PSNR {ae['psnr']:.2f} dB, rFD {ae['rfd']:.3f} (the latent model's floor).", ""]
+    rows = [
+        [
+            name,
+            f"{params[name] / 1e6:.2f}M",
+            f"{final[name]['step']}",
+            f"{final[name]['minutes']:.1f}",
+            f"{final[name]['fd']:.3f}",
+            "-" if reach[name] is None else f"{reach[name]:.1f}",
+            f"{speed[name]:.1f}",
+        ]
+        for name in curves
+    ]
+    lines += md_table(
+        [
+            "model",
+            "U-Net parameters",
+            "steps",
+            "training minutes (AE incl.)",
+            "FD at the budget",
+            f"minutes to FD {target_fd:.3f}",
+            "samples / s",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        f"Autoencoder: {ae['parameters'] / 1e6:.2f}M parameters, latent scale {ae['scale']:.4f}, test reconstruction "
+        f"PSNR {ae['psnr']:.2f} dB, rFD {ae['rfd']:.3f} (the latent model's floor).",
+        "",
+    ]
     lines += ["FD along the way (minutes, FD):", ""]
     for name in curves:
         lines.append(f"- {name}: " + ", ".join(f"{c['minutes']:.1f} min {c['fd']:.3f}" for c in curves[name]))
     ratio = speed["latent"] / speed["pixel"]
     faster = reach["latent"] is not None and reach["latent"] < reach["pixel"]
-    lines += ["", "## Target: the pixel model's FD at >= 4x the sampling throughput and in less total training time", "",
-              f"- throughput: latent {ratio:.2f}x the pixel model's ({'met' if ratio >= 4 else 'missed'})",
-              f"- training time to the pixel model's final FD {target_fd:.3f}: latent "
-              + ("never reached in its budget" if reach["latent"] is None else f"{reach['latent']:.1f} minutes")
-              + f" against the pixel model's {reach['pixel']:.1f} ({'met' if faster else 'missed'})"]
+    lines += [
+        "",
+        "## Target: the pixel model's FD at >= 4x the sampling throughput and in less total training time",
+        "",
+        f"- throughput: latent {ratio:.2f}x the pixel model's ({'met' if ratio >= 4 else 'missed'})",
+        f"- training time to the pixel model's final FD {target_fd:.3f}: latent "
+        + ("never reached in its budget" if reach["latent"] is None else f"{reach['latent']:.1f} minutes")
+        + f" against the pixel model's {reach['pixel']:.1f} ({'met' if faster else 'missed'})",
+    ]
     write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"setting": state["setting"], "curves": curves, "autoencoder": ae,
-                                                     "samples_per_second": speed}, indent=1))
+    write_text(
+        RESULTS / f"{NAME}.json",
+        json.dumps(
+            {"setting": state["setting"], "curves": curves, "autoencoder": ae, "samples_per_second": speed}, indent=1
+        ),
+    )
     print("\n".join(lines))
 
 
@@ -248,7 +301,12 @@ def picture(grids, state, ae, truth) -> None:
     for name, curve in state["curves"].items():
         axes[0].plot([c["minutes"] for c in curve], [c["fd"] for c in curve], "o-", label=name)
     axes[0].axhline(ae["rfd"], color="grey", ls="--", label="autoencoder rFD (latent floor)")
-    axes[0].set_xlabel("training minutes (autoencoder included)"), axes[0].set_ylabel("FD"), axes[0].set_yscale("log"), axes[0].legend()
+    (
+        axes[0].set_xlabel("training minutes (autoencoder included)"),
+        axes[0].set_ylabel("FD"),
+        axes[0].set_yscale("log"),
+        axes[0].legend(),
+    )
     for ax, name in zip(axes[1:], ("pixel", "latent")):
         ax.imshow(plots.image_grid(grids[name], nrow=4, scale=2)), ax.set_title(f"{name} samples"), ax.axis("off")
     plots._save_fig(fig, RESULTS / f"{NAME}.png")

@@ -54,7 +54,14 @@ from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 from difflab.data.images import load_images, to_uint8  # noqa: E402
 from difflab.data.pairs import NOUNS, RGB, half, make_subject, place, subject_prompts, tint, tinted, write_subject  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
-from difflab.evaluation.identity import best_half_similarity, diversity, gain, identity_similarity, load_identity_net, subject_vector  # noqa: E402
+from difflab.evaluation.identity import (
+    best_half_similarity,
+    diversity,
+    gain,
+    identity_similarity,
+    load_identity_net,
+    subject_vector,
+)  # noqa: E402
 from difflab.evaluation.metrics import frechet_distance  # noqa: E402
 from difflab.evaluation.subject import shape_similarity  # noqa: E402
 from difflab.nets.lora import LoraSpec  # noqa: E402
@@ -97,11 +104,22 @@ class Variant:
         return out + (f"-v{self.vectors}" if self.vectors != 1 else "")
 
 
-VARIANTS = [Variant("dreambooth"), Variant("dreambooth", 0.0), Variant("lora"), Variant("lora", 0.0),
-            Variant("lora", rank=1, steps=800, lr=2e-3), Variant("lora", steps=800, lr=1e-3), Variant("lora", caption_dropout=0.0),
-            Variant("dreambooth", steps=800, lr=2e-4), Variant("lora", steps=1600, lr=1e-3), Variant("dreambooth", 0.0, steps=800, lr=2e-4),
-            Variant("lora", 0.0, steps=800, lr=1e-3), Variant("dreambooth", steps=600, lr=1.5e-4),
-            Variant("textual-inversion"), Variant("textual-inversion", steps=800, lr=1e-2)]
+VARIANTS = [
+    Variant("dreambooth"),
+    Variant("dreambooth", 0.0),
+    Variant("lora"),
+    Variant("lora", 0.0),
+    Variant("lora", rank=1, steps=800, lr=2e-3),
+    Variant("lora", steps=800, lr=1e-3),
+    Variant("lora", caption_dropout=0.0),
+    Variant("dreambooth", steps=800, lr=2e-4),
+    Variant("lora", steps=1600, lr=1e-3),
+    Variant("dreambooth", 0.0, steps=800, lr=2e-4),
+    Variant("lora", 0.0, steps=800, lr=1e-3),
+    Variant("dreambooth", steps=600, lr=1.5e-4),
+    Variant("textual-inversion"),
+    Variant("textual-inversion", steps=800, lr=1e-2),
+]
 
 
 def base_path(which: str):
@@ -114,8 +132,21 @@ def joint_base(minutes: float) -> bool:
         return True
     if minutes <= 0:
         return False
-    args = ["train", "fashion-pairs", "--latent", "fashion-pairs-ae", "--text", "joint", "--out", str(JOINT), "--steps", str(JOINT_STEPS),
-            "--max-minutes", str(minutes), "--quiet"]
+    args = [
+        "train",
+        "fashion-pairs",
+        "--latent",
+        "fashion-pairs-ae",
+        "--text",
+        "joint",
+        "--out",
+        str(JOINT),
+        "--steps",
+        str(JOINT_STEPS),
+        "--max-minutes",
+        str(minutes),
+        "--quiet",
+    ]
     if ckpt.has_checkpoint(JOINT):
         args = ["train", "--resume", "--out", str(JOINT), "--max-minutes", str(minutes), "--quiet"]
     subprocess.run([sys.executable, "-m", "difflab", *args], check=True)
@@ -126,19 +157,31 @@ def trained(run: Path, folder: Path, v: Variant) -> Path:
     """The personalised run, trained (or resumed) if not finished; CPU seconds recorded in seconds.json."""
     done = ckpt.has_checkpoint(run) and ckpt.weights_step(run) >= load_config(run).train.steps
     if not done:
-        spent = json.loads((run / "seconds.json").read_text()) if (run / "seconds.json").exists() else {"cpu": 0.0, "wall": 0.0}
+        spent = (
+            json.loads((run / "seconds.json").read_text())
+            if (run / "seconds.json").exists()
+            else {"cpu": 0.0, "wall": 0.0}
+        )
         cpu, wall = time.process_time(), time.perf_counter()
         resume = ckpt.has_checkpoint(run)
-        p = Personalization(v.method, CLASS, prior_weight=v.prior_weight, caption_dropout=v.caption_dropout, vectors=v.vectors)
+        p = Personalization(
+            v.method, CLASS, prior_weight=v.prior_weight, caption_dropout=v.caption_dropout, vectors=v.vectors
+        )
         lora = LoraSpec(rank=v.rank, alpha=float(v.rank)) if v.method == "lora" and v.rank is not None else None
-        personalize(base_path(v.base), folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr, lora=lora)
+        personalize(
+            base_path(v.base), folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr, lora=lora
+        )
         spent = {"cpu": spent["cpu"] + time.process_time() - cpu, "wall": spent["wall"] + time.perf_counter() - wall}
         write_text(run / "seconds.json", json.dumps(spent))
     return run
 
 
 def draw(run, captions: list[str], seed: int = 0) -> torch.Tensor:
-    return to_uint8(difflab.load(run).sample(len(captions), prompt=captions, guidance=SCALE, sampler="dpmpp-2m", steps=20, seed=seed, batch=250))
+    return to_uint8(
+        difflab.load(run).sample(
+            len(captions), prompt=captions, guidance=SCALE, sampler="dpmpp-2m", steps=20, seed=seed, batch=250
+        )
+    )
 
 
 def colours_of(attributes, sides) -> np.ndarray:
@@ -160,15 +203,24 @@ class Yardsticks:
         sneakers = np.flatnonzero(items.labels.numpy() == NOUNS.index(CLASS))
         sneakers = sneakers[sneakers != subject.item]
         picked = items.images[torch.from_numpy(np.random.default_rng(0).permutation(sneakers)[:n]), 0]
-        lookalikes = place(torch.from_numpy(tint(picked.numpy(), RGB[colours_of(self.attributes, self.sides)])), self.sides)
+        lookalikes = place(
+            torch.from_numpy(tint(picked.numpy(), RGB[colours_of(self.attributes, self.sides)])), self.sides
+        )
         space = difflab.load(SHIPPED_BASE).latent
         with torch.no_grad():
-            subject_trip, others_trip = space.reconstruct(place(self.references, self.sides)), space.reconstruct(lookalikes)
-        self.exact = identity_similarity(self.id_net, self.references, self.vector).mean().item()  # the subject itself, no autoencoder
+            subject_trip, others_trip = (
+                space.reconstruct(place(self.references, self.sides)),
+                space.reconstruct(lookalikes),
+            )
+        self.exact = (
+            identity_similarity(self.id_net, self.references, self.vector).mean().item()
+        )  # the subject itself, no autoencoder
         self.ceiling = identity_similarity(self.id_net, half(subject_trip, self.sides), self.vector).mean().item()
         self.floor_values = identity_similarity(self.id_net, half(others_trip, self.sides), self.vector)
         self.floor = self.floor_values.mean().item()
-        self.threshold = torch.quantile(self.floor_values, 0.95).item()  # "more like the subject than 95 % of other real sneakers"
+        self.threshold = torch.quantile(
+            self.floor_values, 0.95
+        ).item()  # "more like the subject than 95 % of other real sneakers"
         self.shape_floor = shape_similarity(others_trip, self.sides, self.references).mean().item()
         self.shape_ceiling = shape_similarity(subject_trip, self.sides, self.references).mean().item()
         self.real_features = embed(self.attr_net, matched_real(plain_attributes, items, 4))[0]
@@ -176,17 +228,24 @@ class Yardsticks:
     def subject(self, x: torch.Tensor) -> dict:
         sims = best_half_similarity(self.id_net, x, self.vector)
         predicted = self.attr_net.attributes(embed(self.attr_net, x)[1])
-        return {"identity": sims.mean().item(), "identity_se": (sims.std() / len(sims) ** 0.5).item(),
-                "above_floor": (sims > self.threshold).double().mean().item(),
-                "shape": shape_similarity(x, self.sides, self.references).mean().item(),
-                "all_four": (predicted == self.attributes).all(1).double().mean().item(),
-                "per_attribute": (predicted == self.attributes).double().mean(0).tolist()}
+        return {
+            "identity": sims.mean().item(),
+            "identity_se": (sims.std() / len(sims) ** 0.5).item(),
+            "above_floor": (sims > self.threshold).double().mean().item(),
+            "shape": shape_similarity(x, self.sides, self.references).mean().item(),
+            "all_four": (predicted == self.attributes).all(1).double().mean().item(),
+            "per_attribute": (predicted == self.attributes).double().mean(0).tolist(),
+        }
 
     def plain_word(self, x: torch.Tensor) -> dict:
         halves = half(x, self.plain_sides)  # diversity: the halves that should hold the sneaker
         sims = best_half_similarity(self.id_net, x, self.vector)
-        return {"fd": frechet_distance(embed(self.attr_net, x)[0], self.real_features), "pres": sims.mean().item(),
-                "diversity": diversity(self.id_net, halves), "subject_rate": (sims > self.threshold).double().mean().item()}
+        return {
+            "fd": frechet_distance(embed(self.attr_net, x)[0], self.real_features),
+            "pres": sims.mean().item(),
+            "diversity": diversity(self.id_net, halves),
+            "subject_rate": (sims > self.threshold).double().mean().item(),
+        }
 
 
 def matched_real(attributes: torch.Tensor, items, repeat: int, seed: int = 0) -> torch.Tensor:
@@ -204,7 +263,10 @@ def matched_real(attributes: torch.Tensor, items, repeat: int, seed: int = 0) ->
 def evaluate_run(run, sticks: Yardsticks, book: dict, key: str, base: bool = False) -> dict:
     if key not in book:
         prompts = [class_prompt(c, "sks") for c in sticks.captions] if base else sticks.captions
-        book[key] = {"subject": sticks.subject(draw(run, prompts)), "plain": sticks.plain_word(draw(run, sticks.plain, seed=10**6))}
+        book[key] = {
+            "subject": sticks.subject(draw(run, prompts)),
+            "plain": sticks.plain_word(draw(run, sticks.plain, seed=10**6)),
+        }
     return book[key]
 
 
@@ -219,14 +281,24 @@ def cost(run: Path) -> dict:
     method = cfg.personalize.method
     kept = (run / ADAPTER).stat().st_size if method == "lora" else 4 * trainable  # fp32 bytes
     seconds = json.loads((run / "seconds.json").read_text())
-    return {"trainable": trainable, "bytes": kept, "cpu_minutes": seconds["cpu"] / 60, "wall_minutes": seconds["wall"] / 60}
+    return {
+        "trainable": trainable,
+        "bytes": kept,
+        "cpu_minutes": seconds["cpu"] / 60,
+        "wall_minutes": seconds["wall"] / 60,
+    }
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=200, help="subject prompts (samples) per variant")
     p.add_argument("--n-plain", type=int, default=300, help="plain class-word prompts (samples) per variant")
-    p.add_argument("--joint-minutes", type=float, default=0.0, help="train textual inversion's joint base for up to this long (0: skip it)")
+    p.add_argument(
+        "--joint-minutes",
+        type=float,
+        default=0.0,
+        help="train textual inversion's joint base for up to this long (0: skip it)",
+    )
     p.add_argument("--only", nargs="*", help="only these variants (names as in the table)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -250,49 +322,113 @@ def main(argv=None) -> None:
             continue
         run = trained(ROOT / v.name, folder, v)
         key = f"{v.name} {version} step={ckpt.weights_step(run)}"
-        rows[v.name] = evaluate_run(run, sticks, book, key) | {"cost": cost(run), "base": v.base, "method": v.method, "weight": v.prior_weight}
+        rows[v.name] = evaluate_run(run, sticks, book, key) | {
+            "cost": cost(run),
+            "base": v.base,
+            "method": v.method,
+            "weight": v.prior_weight,
+        }
         write_text(book_path, json.dumps(book, indent=1))
         print(v.name, json.dumps(rows[v.name]["subject"]), json.dumps(rows[v.name]["plain"]), flush=True)
-    base_bytes = {w: 4 * sum(t.numel() for t in difflab.load(base_path(w)).net.state_dict().values()) for w in {r["base"] for r in rows.values()}}
+    base_bytes = {
+        w: 4 * sum(t.numel() for t in difflab.load(base_path(w)).net.state_dict().values())
+        for w in {r["base"] for r in rows.values()}
+    }
     report(args, rows, sticks, base_bytes, load_start, busy_start)
     picture(rows, sticks)
 
 
 def gains(rows: dict, sticks: Yardsticks) -> dict:
-    return {name: gain(r["subject"]["identity"], rows[f"base-{r['base']}"]["subject"]["identity"], sticks.ceiling)
-            for name, r in rows.items() if "cost" in r}
+    return {
+        name: gain(r["subject"]["identity"], rows[f"base-{r['base']}"]["subject"]["identity"], sticks.ceiling)
+        for name, r in rows.items()
+        if "cost" in r
+    }
 
 
 def report(args, rows, sticks: Yardsticks, base_bytes, load_start, busy_start) -> None:
     lines = header("Personalisation: subject fidelity in the identity measure, prompt fidelity and drift (issue 24)")
     meta = sticks.id_net.meta
-    lines += [f"Subject: a Fashion-MNIST test sneaker, 4 training images; {args.n} new compositions, {args.n_plain} plain class-word prompts; "
-              f"base {SHIPPED_BASE} (shipped), s = {SCALE:g}.",
-              f"Identity encoder: {meta.get('name')} (retrieval top-1 among 100 same-class test items {100 * meta.get('retrieval_top1', float('nan')):.1f} %). "
-              f"Similarity to the subject: the subject itself {sticks.exact:.3f}; through the autoencoder (ceiling) {sticks.ceiling:.3f}; "
-              f"other real sneakers through the autoencoder (floor) {sticks.floor:.3f} (95th percentile {sticks.threshold:.3f}). "
-              f"Shape: floor {sticks.shape_floor:.3f}, ceiling {sticks.shape_ceiling:.3f}.",
-              "G = (identity - untuned) / (ceiling - untuned), untuned = the base asked with the class word.", ""]
+    lines += [
+        f"Subject: a Fashion-MNIST test sneaker, 4 training images; {args.n} new compositions, {args.n_plain} plain "
+        "class-word prompts; "
+        f"base {SHIPPED_BASE} (shipped), s = {SCALE:g}.",
+        f"Identity encoder: {meta.get('name')} (retrieval top-1 among 100 same-class test items "
+        f"{100 * meta.get('retrieval_top1', float('nan')):.1f} %). "
+        f"Similarity to the subject: the subject itself {sticks.exact:.3f}; through the autoencoder (ceiling) "
+        f"{sticks.ceiling:.3f}; "
+        f"other real sneakers through the autoencoder (floor) {sticks.floor:.3f} (95th percentile "
+        f"{sticks.threshold:.3f}). "
+        f"Shape: floor {sticks.shape_floor:.3f}, ceiling {sticks.shape_ceiling:.3f}.",
+        "G = (identity - untuned) / (ceiling - untuned), untuned = the base asked with the class word.",
+        "",
+    ]
     g = gains(rows, sticks)
     table = []
     for name, r in rows.items():
         s, pl, c = r["subject"], r["plain"], r.get("cost")
         base = rows[f"base-{r['base']}"]
-        table.append([name, f"{s['identity']:.3f} +- {s['identity_se']:.3f}", f"{g[name]:.2f}" if c else "", f"{100 * s['above_floor']:.1f} %",
-                      f"{s['shape']:.3f}", f"{100 * s['all_four']:.1f} +- {100 * (s['all_four'] * (1 - s['all_four']) / args.n) ** 0.5:.1f} %",
-                      f"{100 * (s['all_four'] / base['subject']['all_four'] - 1):+.0f} %" if c else "",
-                      f"{pl['pres']:.3f}", f"{pl['diversity']:.3f}", f"{pl['fd']:.2f}", f"{pl['fd'] - base['plain']['fd']:+.2f}" if c else "",
-                      f"{c['cpu_minutes']:.1f}" if c else "", f"{c['trainable']:,}" if c else "",
-                      f"{c['bytes'] / 1024:.1f} KiB ({100 * c['bytes'] / base_bytes[r['base']]:.2f} %)" if c else ""])
-    lines += md_table(["variant", "identity", "G", "above floor", "shape", "prompt: all four", "vs base", "PRES", "diversity", "plain FD",
-                       "FD change", "CPU-min", "trainable", "weights kept (of base)"], table)
-    lines += ["", "Base rows: the base asked with the class word (no identifier). \"vs base\" and \"FD change\": against the base "
-              "the variant was tuned from. PRES and diversity: the plain class word's sneaker halves.", ""]
+        table.append(
+            [
+                name,
+                f"{s['identity']:.3f} +- {s['identity_se']:.3f}",
+                f"{g[name]:.2f}" if c else "",
+                f"{100 * s['above_floor']:.1f} %",
+                f"{s['shape']:.3f}",
+                f"{100 * s['all_four']:.1f} +- {100 * (s['all_four'] * (1 - s['all_four']) / args.n) ** 0.5:.1f} %",
+                f"{100 * (s['all_four'] / base['subject']['all_four'] - 1):+.0f} %" if c else "",
+                f"{pl['pres']:.3f}",
+                f"{pl['diversity']:.3f}",
+                f"{pl['fd']:.2f}",
+                f"{pl['fd'] - base['plain']['fd']:+.2f}" if c else "",
+                f"{c['cpu_minutes']:.1f}" if c else "",
+                f"{c['trainable']:,}" if c else "",
+                f"{c['bytes'] / 1024:.1f} KiB ({100 * c['bytes'] / base_bytes[r['base']]:.2f} %)" if c else "",
+            ]
+        )
+    lines += md_table(
+        [
+            "variant",
+            "identity",
+            "G",
+            "above floor",
+            "shape",
+            "prompt: all four",
+            "vs base",
+            "PRES",
+            "diversity",
+            "plain FD",
+            "FD change",
+            "CPU-min",
+            "trainable",
+            "weights kept (of base)",
+        ],
+        table,
+    )
+    lines += [
+        "",
+        'Base rows: the base asked with the class word (no identifier). "vs base" and "FD change": against the base '
+        "the variant was tuned from. PRES and diversity: the plain class word's sneaker halves.",
+        "",
+    ]
     lines += targets(rows, g, base_bytes)
     lines += ["", f"Load average at start: {load_start}; busy processes: {', '.join(busy_start) or 'none'}."]
     write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"rows": rows, "gains": g, "exact": sticks.exact, "ceiling": sticks.ceiling, "floor": sticks.floor,
-                                                    "threshold": sticks.threshold, "base_bytes": base_bytes}, indent=1))
+    write_text(
+        RESULTS / f"{NAME}.json",
+        json.dumps(
+            {
+                "rows": rows,
+                "gains": g,
+                "exact": sticks.exact,
+                "ceiling": sticks.ceiling,
+                "floor": sticks.floor,
+                "threshold": sticks.threshold,
+                "base_bytes": base_bytes,
+            },
+            indent=1,
+        ),
+    )
     print("\n".join(lines))
 
 
@@ -304,20 +440,29 @@ def targets(rows, g, base_bytes) -> list[str]:
             continue
         base = rows[f"base-{r['base']}"]["subject"]["all_four"]
         keep = r["subject"]["all_four"] / base - 1
-        out.append(f"- {name}: G {g[name]:.2f} (>= {need[r['method']]}): {'met' if g[name] >= need[r['method']] else 'missed'}; "
-                   f"prompt fidelity {100 * keep:+.0f} % of the base's (>= -10 %): {'met' if keep >= -0.10 else 'missed'}")
+        out.append(
+            f"- {name}: G {g[name]:.2f} (>= {need[r['method']]}): "
+            f"{'met' if g[name] >= need[r['method']] else 'missed'}; "
+            f"prompt fidelity {100 * keep:+.0f} % of the base's (>= -10 %): {'met' if keep >= -0.10 else 'missed'}"
+        )
     for name, on in rows.items():  # each lambda = 1 variant against its lambda = 0 twin (the same steps and rate)
         off = rows.get(name.replace("-prior1", "-prior0"))
         if "-prior1" in name and off:
             cut = 1 - on["plain"]["pres"] / off["plain"]["pres"]
             loss = 1 - on["subject"]["identity"] / off["subject"]["identity"]
             ok = cut >= 0.25 and loss <= 0.05
-            out.append(f"- {name} against {name.replace('-prior1', '-prior0')}: prior preservation cuts PRES by {100 * cut:.0f} % (>= 25 %) "
-                       f"at {100 * loss:+.1f} % fidelity loss (<= 5 %): {'met' if ok else 'missed'}")
+            out.append(
+                f"- {name} against {name.replace('-prior1', '-prior0')}: prior preservation cuts PRES by "
+                f"{100 * cut:.0f} % (>= 25 %) "
+                f"at {100 * loss:+.1f} % fidelity loss (<= 5 %): {'met' if ok else 'missed'}"
+            )
     for name, r in rows.items():
         if r.get("method") == "lora":
             share = r["cost"]["bytes"] / base_bytes[r["base"]]
-            out.append(f"- {name}: adapter file {100 * share:.2f} % of the base weights (< 1 %): {'met' if share < 0.01 else 'missed'}")
+            out.append(
+                f"- {name}: adapter file {100 * share:.2f} % of the base weights (< 1 %): "
+                f"{'met' if share < 0.01 else 'missed'}"
+            )
     return out
 
 

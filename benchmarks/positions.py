@@ -4,7 +4,8 @@ Data: two different digits side by side (8 x 16), captioned in either order, "a 
 on the right" or "a seven on the right and a three on the left" (a fair coin per pair), read by MiniLM (frozen):
 the side is in the words "left" and "right", not in which digit is named first (with the left one always named
 first, even the U-Net without positions put 100 % of the named left digits on the left at s = 3, 600 steps).
-One small latent-free U-Net per variant, the same seed, batches and steps; only where positions enter differs (``--position`` of `difflab train --text`):
+One small latent-free U-Net per variant, the same seed, batches and steps; only where positions enter differs
+(``--position`` of `difflab train --text`):
 
     none     the U-Net as it was: position only through the zero padding
     coords   two input channels holding each pixel's row and column
@@ -56,8 +57,12 @@ def digit_pairs(split: str, n: int, seed: int, either_order: bool = True):
     i, j = i[keep], j[keep]
     a, b = d.labels[i], d.labels[j]
     flip = (torch.rand(len(a), generator=g) < 0.5) & either_order
-    captions = [f"a {WORDS[q]} on the right and a {WORDS[p]} on the left" if f else f"a {WORDS[p]} on the left and a {WORDS[q]} on the right"
-                for p, q, f in zip(a.tolist(), b.tolist(), flip.tolist())]
+    captions = [
+        f"a {WORDS[q]} on the right and a {WORDS[p]} on the left"
+        if f
+        else f"a {WORDS[p]} on the left and a {WORDS[q]} on the right"
+        for p, q, f in zip(a.tolist(), b.tolist(), flip.tolist())
+    ]
     return torch.cat([d.images[i], d.images[j]], dim=3), a, b, captions
 
 
@@ -65,11 +70,24 @@ def train_variant(run: Path, position: str, steps: int, either_order: bool = Tru
     """Train the small text run with positions entering as ``position``; its seconds."""
     x, _, _, captions = digit_pairs("train", 6000, 0, either_order)
     cfg = preset_for("digits")
-    net = dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2], attention_resolutions=[4],
-               num_heads=4, num_res_blocks=1, coord_channels=position in ("coords", "both"),
-               query_positions=position in ("queries", "both"))
-    cfg = replace(cfg, shape=[1, 8, 16], net=net,
-                  train=replace(cfg.train, steps=steps, batch_size=64, warmup=50, sample_every=0, checkpoint_every=10**6))
+    net = dict(
+        cfg.net,
+        image_size=8,
+        image_width=16,
+        base_channels=32,
+        channel_mults=[1, 2],
+        attention_resolutions=[4],
+        num_heads=4,
+        num_res_blocks=1,
+        coord_channels=position in ("coords", "both"),
+        query_positions=position in ("queries", "both"),
+    )
+    cfg = replace(
+        cfg,
+        shape=[1, 8, 16],
+        net=net,
+        train=replace(cfg.train, steps=steps, batch_size=64, warmup=50, sample_every=0, checkpoint_every=10**6),
+    )
     record, width, _ = text_record("minilm", captions)
     cfg = with_text(cfg, record, width, None)
     t0 = time.perf_counter()
@@ -80,11 +98,16 @@ def train_variant(run: Path, position: str, steps: int, either_order: bool = Tru
 def side_scores(run: Path, scale: float, n: int = 300, either_order: bool = True) -> dict:
     """left_on_left, both and swapped on n test captions at guidance ``scale``."""
     _, a, b, test = digit_pairs("test", n, 1, either_order)
-    images = to_uint8(DiffusionRun.load(run).sample(len(test), prompt=test, guidance=scale, sampler="dpmpp-2m", steps=20, seed=0))
+    images = to_uint8(
+        DiffusionRun.load(run).sample(len(test), prompt=test, guidance=scale, sampler="dpmpp-2m", steps=20, seed=0)
+    )
     judge = load_feature_net("digits")
     left, right = (embed(judge, half)[1].argmax(1) for half in (images[..., :8], images[..., 8:]))
-    return {"left_on_left": (left == a).float().mean().item(), "both": ((left == a) & (right == b)).float().mean().item(),
-            "swapped": ((left == b) & (right == a)).float().mean().item()}
+    return {
+        "left_on_left": (left == a).float().mean().item(),
+        "both": ((left == a) & (right == b)).float().mean().item(),
+        "swapped": ((left == b) & (right == a)).float().mean().item(),
+    }
 
 
 def write(rows: list[dict], name: str, title: str) -> None:

@@ -31,20 +31,22 @@ from pathlib import Path
 import torch
 from common import RESULTS, RUNS, busy_processes, header, load_average, md_table
 
-from difflab.runs import store as ckpt
 from difflab.data.images import load_images, to_uint8
 from difflab.data.loader import TensorDataset
 from difflab.evaluation.features import embed, load_feature_net
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
+from difflab.nets.unet import PRESETS, UNetConfig, num_parameters
+from difflab.runs import store as ckpt
 from difflab.runs.config import RunConfig, load_config
 from difflab.runs.diffusion import DiffusionRun
 from difflab.runs.presets import PRESETS as RUN_PRESETS
-from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
-from difflab.nets.unet import PRESETS, UNetConfig, num_parameters
 from difflab.training.loop import train
 
 NAME = "preset_ab"
 NETS = {
-    "previous": UNetConfig(image_size=28, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,)),
+    "previous": UNetConfig(
+        image_size=28, base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(7,)
+    ),
     "cheaper": PRESETS["fashion-mnist"],
 }
 SAMPLER, STEPS = "dpmpp-2m", 50
@@ -76,7 +78,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start, busy_start = load_average(), busy_processes()
-    data = TensorDataset(load_images("fashion-mnist", "train", data_dir=args.data_dir).images)  # uint8 (60000, 1, 28, 28)
+    data = TensorDataset(
+        load_images("fashion-mnist", "train", data_dir=args.data_dir).images
+    )  # uint8 (60000, 1, 28, 28)
     feature_net = load_feature_net("fashion-mnist")
     test = load_images("fashion-mnist", "test", data_dir=args.data_dir).images
     ref = gaussian_stats(embed(feature_net, test)[0].double())
@@ -87,15 +91,30 @@ def main(argv=None) -> None:
         model = DiffusionRun(Path(args.runs) / name, load_config(Path(args.runs) / name), denoiser.net)
         imgs = to_uint8(model.sample(args.n_samples, sampler=SAMPLER, steps=STEPS, seed=0))  # (n, 1, 28, 28)
         fd = frechet_from_stats(*gaussian_stats(embed(feature_net, imgs)[0].double()), *ref)
-        rows.append([name, f"base {net.base_channels}, mults {net.channel_mults}", f"{num_parameters(denoiser.net):,}",
-                     f"{steps}", f"{last['it_s']:.2f}", f"{last['loss']:.4f}", f"{fd:.2f}"])
+        rows.append(
+            [
+                name,
+                f"base {net.base_channels}, mults {net.channel_mults}",
+                f"{num_parameters(denoiser.net):,}",
+                f"{steps}",
+                f"{last['it_s']:.2f}",
+                f"{last['loss']:.4f}",
+                f"{fd:.2f}",
+            ]
+        )
         print(rows[-1], flush=True)
-    lines = header("Equal CPU time for two Fashion-MNIST U-Nets: the previous preset and the cheaper layout (today's preset)")
+    lines = header(
+        "Equal CPU time for two Fashion-MNIST U-Nets: the previous preset and the cheaper layout (today's preset)"
+    )
     busy = "; ".join(busy_start) or "none"
-    lines += [f"- budget {args.minutes:g} min each (training.train(..., max_minutes)), sequential; EMA weights; "
-              f"{args.n_samples} samples by generate: {SAMPLER} {STEPS} steps, logsnr grid with the default sigma cap 80, seeds 0..{args.n_samples - 1}",
-              f"- load average at the start: {load_start}; at the end: {load_average()}; other busy processes at the start: {busy}",
-              ""]
+    lines += [
+        f"- budget {args.minutes:g} min each (training.train(..., max_minutes)), sequential; EMA weights; "
+        f"{args.n_samples} samples by generate: {SAMPLER} {STEPS} steps, logsnr grid with the default sigma cap 80, "
+        f"seeds 0..{args.n_samples - 1}",
+        f"- load average at the start: {load_start}; at the end: {load_average()}; other busy processes at the start: "
+        f"{busy}",
+        "",
+    ]
     lines += md_table(["network", "layout", "parameters", "steps", "steps / s", "last loss", "FD"], rows, "lllrrrr")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,29 +51,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import RESULTS, RUNS, busy_processes, header, load_average, md_table
+from safetensors.torch import load_file, save_file
 from throughput import diffusers_config
 from torch import nn
 from tqdm.auto import tqdm
 
-from safetensors.torch import load_file, save_file
-
-from difflab.runs import store as ckpt
-from difflab.runs.store import has_checkpoint
+from difflab.core.parameterize import Denoiser
+from difflab.core.processes import DiscreteDDPM
 from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.loader import ShuffledBatches, TensorDataset
 from difflab.evaluation.features import embed, load_feature_net
-from difflab.sampling.generate import generate
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
+from difflab.runs import store as ckpt
 from difflab.runs.diffusion import DiffusionRun
 from difflab.runs.presets import PRESETS
-from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
-from difflab.core.parameterize import Denoiser
-from difflab.core.processes import DiscreteDDPM
+from difflab.runs.store import has_checkpoint
+from difflab.sampling.generate import generate
 from difflab.training.loop import step_generator, train
 
 NAME = "quality_per_minute"
 F64 = torch.float64
 NFE = 50
-DIFFLAB_SAMPLER = "dpmpp-2m / logsnr+cap80, 50 (difflab)"  # generate's defaults for dpmpp-2m: log-SNR grid, sigma cap 80
+DIFFLAB_SAMPLER = (
+    "dpmpp-2m / logsnr+cap80, 50 (difflab)"  # generate's defaults for dpmpp-2m: log-SNR grid, sigma cap 80
+)
 IMAGE_SHAPE = (1, 28, 28)  # the classic's samples
 CLASSIC_SEED = 1
 
@@ -89,7 +90,8 @@ class Ours:
     def __init__(self, run: Path, data: TensorDataset):
         self.run, self.data = run, data
         preset = PRESETS["fashion-mnist"]
-        # steps: a horizon the budget never reaches (the recipe's LR is constant after warm-up); one checkpoint per slice
+        # steps: a horizon the budget never reaches (the recipe's LR is constant after warm-up); one checkpoint per
+        # slice
         self.config = replace(preset, train=replace(preset.train, steps=10**7, sample_every=0, checkpoint_every=10**7))
         self.progress_path = run / "budget.json"
         p = json.loads(self.progress_path.read_text()) if self.progress_path.exists() and has_checkpoint(run) else {}
@@ -101,7 +103,9 @@ class Ours:
 
     def train_for(self, seconds: float) -> None:
         t0 = time.perf_counter()
-        train(self.run, self.config, self.data, resume=has_checkpoint(self.run), progress=False, max_minutes=seconds / 60)
+        train(
+            self.run, self.config, self.data, resume=has_checkpoint(self.run), progress=False, max_minutes=seconds / 60
+        )
         self.seconds += time.perf_counter() - t0
         self.progress_path.write_text(json.dumps({"seconds": self.seconds}))
 
@@ -110,7 +114,11 @@ class Ours:
 
     def samplers(self) -> dict:
         def draw(n: int, seed: int, batch: int) -> torch.Tensor:
-            return to_uint8(DiffusionRun.load(self.run).sample(n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
+            return to_uint8(
+                DiffusionRun.load(self.run).sample(
+                    n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True
+                )
+            )
 
         return {DIFFLAB_SAMPLER: draw}
 
@@ -148,11 +156,13 @@ class Classic:
             self.load()
 
     def load(self) -> None:
-        """Resume from the newest checkpoint: safetensors weights and optimizer, JSON for the rest (nothing unpickled)."""
+        """Resume from the newest checkpoint: safetensors weights and optimizer, JSON for the rest (no pickle)."""
         self.steps, opt_state, state = ckpt.load_training_state(self.run)
         self.unet.load_state_dict(ckpt.load_weights(self.run, "net"))
         ema = ckpt.load_weights(self.run, "ema")  # the EMA's shadow parameters, by the network's parameter names
-        self.ema.load_state_dict({**state["ema"], "shadow_params": [ema[name] for name, _ in self.unet.named_parameters()]})
+        self.ema.load_state_dict(
+            {**state["ema"], "shadow_params": [ema[name] for name, _ in self.unet.named_parameters()]}
+        )
         self.opt.load_state_dict(opt_state)
         self.batches.load_state_dict(state["batches"])
         self.seconds, self.horizon, self.log = state["seconds"], state["horizon"], state["log"]
@@ -198,7 +208,13 @@ class Classic:
         """One atomic difflab checkpoint (checkpoint.save_checkpoint): the network, its EMA as a network, the optimizer,
         and in state.json the EMA's counters, the data position, the seconds spent, the LR horizon and the log."""
         ema = {k: v for k, v in self.ema.state_dict().items() if k != "shadow_params"}
-        state = {"ema": ema, "batches": self.batches.state_dict(), "seconds": self.seconds, "horizon": self.horizon, "log": self.log}
+        state = {
+            "ema": ema,
+            "batches": self.batches.state_dict(),
+            "seconds": self.seconds,
+            "horizon": self.horizon,
+            "log": self.log,
+        }
         ckpt.save_checkpoint(self.run, self.steps, self.unet, self.ema_unet(), self.opt.state_dict(), state)
 
     def ema_unet(self):
@@ -223,11 +239,14 @@ class Classic:
                         x = sched.step(unet(x, t).sample, t, x, generator=g, **step_kwargs).prev_sample
                     out.append(to_uint8(x))
                 return torch.cat(out)  # (n, 1, 28, 28) uint8
+
             return draw
 
         def difflab_dpmpp(n: int, seed: int, batch: int) -> torch.Tensor:
             denoiser = Denoiser(ClassicNet(self.ema_unet()), DiscreteDDPM(1000, "linear"), "eps").eval()
-            return to_uint8(generate(denoiser, IMAGE_SHAPE, n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True))
+            return to_uint8(
+                generate(denoiser, IMAGE_SHAPE, n, sampler="dpmpp-2m", steps=NFE, seed=seed, batch=batch, progress=True)
+            )
 
         return {
             "DDIM 50 (diffusers DDIMScheduler, eta 0)": diffusers_loop(DDIMScheduler, eta=0.0),
@@ -289,11 +308,19 @@ def main(argv=None) -> None:
 
     train_images = load_images("fashion-mnist", "train", data_dir=args.data_dir).images  # uint8 (60000, 1, 28, 28)
     budget = 60 * args.minutes
-    contenders = [Ours(runs / "ours", TensorDataset(train_images)), Classic(runs / "classic", train_images, args.classic_batch, budget)]
+    contenders = [
+        Ours(runs / "ours", TensorDataset(train_images)),
+        Classic(runs / "classic", train_images, args.classic_batch, budget),
+    ]
 
     # ------------------------------------------------------------------ training, in alternating slices
-    bar = tqdm(total=round(2 * budget), initial=round(sum(min(c.seconds, budget) for c in contenders)),
-               desc="training (s of budget)", unit="s", dynamic_ncols=True)
+    bar = tqdm(
+        total=round(2 * budget),
+        initial=round(sum(min(c.seconds, budget) for c in contenders)),
+        desc="training (s of budget)",
+        unit="s",
+        dynamic_ncols=True,
+    )
     turn = 0
     while any(c.seconds < budget for c in contenders):
         order = contenders if turn % 2 == 0 else contenders[::-1]
@@ -329,8 +356,15 @@ def main(argv=None) -> None:
                 cache[key] = {"fd": fd, "seconds": round(time.perf_counter() - t0, 1)}
                 cache_path.write_text(json.dumps(cache, indent=1))
                 save_file({"images": imgs[:64].contiguous()}, str(grid_path))
-            rows.append({"contender": c.name, "sampler": label, "fd": cache[key]["fd"], "seconds": cache[key]["seconds"]})
-            if len(grids) < 2 and label.startswith(("dpmpp", "DDIM")) and grid_path.exists() and not any(k.startswith(c.name.split()[0]) for k in grids):
+            rows.append(
+                {"contender": c.name, "sampler": label, "fd": cache[key]["fd"], "seconds": cache[key]["seconds"]}
+            )
+            if (
+                len(grids) < 2
+                and label.startswith(("dpmpp", "DDIM"))
+                and grid_path.exists()
+                and not any(k.startswith(c.name.split()[0]) for k in grids)
+            ):
                 grids[f"{c.name.split()[0]}: {label.split(' (')[0]}"] = load_file(str(grid_path))["images"]
 
     # ------------------------------------------------------------------ report
@@ -338,14 +372,21 @@ def main(argv=None) -> None:
     fd_ours = next(r["fd"] for r in rows if r["contender"] == ours.name)
     fd_classic = next(r["fd"] for r in rows if r["contender"] == classic.name and r["sampler"].startswith("DDIM"))
     fd_classic_best = min(r["fd"] for r in rows if r["contender"] == classic.name)
-    lines = header("FD after the same CPU training budget: our default recipe vs the classic DDPM recipe (Fashion-MNIST)")
+    lines = header(
+        "FD after the same CPU training budget: our default recipe vs the classic DDPM recipe (Fashion-MNIST)"
+    )
     lines += [
-        f"- budget: {args.minutes:g} min of wall-clock training each, torch.set_num_threads({args.threads}), in alternating "
+        f"- budget: {args.minutes:g} min of wall-clock training each, torch.set_num_threads({args.threads}), in "
+        "alternating "
         f"slices of {args.slice_seconds:g} s; checkpoints written at the end of every slice (their time counts)",
-        f"- load average (uptime) at the start: {load_start}; after training: {load_trained}; at the end: {load_average()}",
-        f"- other busy processes at the start: {'; '.join(busy_start) or 'none'}; at the end: {'; '.join(busy_processes()) or 'none'}",
-        f"- samples: {args.n_samples} per row, fp32, {NFE} network evaluations each; seeds: difflab rows (generate) draw sample i "
-        f"from seed {args.seed} + i, diffusers rows draw from one generator seeded {args.seed}, as its pipeline does; FD of the shipped "
+        f"- load average (uptime) at the start: {load_start}; after training: {load_trained}; at the end: "
+        f"{load_average()}",
+        f"- other busy processes at the start: {'; '.join(busy_start) or 'none'}; at the end: "
+        f"{'; '.join(busy_processes()) or 'none'}",
+        f"- samples: {args.n_samples} per row, fp32, {NFE} network evaluations each; seeds: difflab rows (generate) "
+        "draw sample i "
+        f"from seed {args.seed} + i, diffusers rows draw from one generator seeded {args.seed}, as its pipeline does; "
+        "FD of the shipped "
         f"'fashion-mnist' classifier (fingerprint {fingerprint}) against the real test split (10000 images); "
         f"floor (FD of {args.n_samples} real training images) = {floor:.3f}",
         "",
@@ -354,15 +395,30 @@ def main(argv=None) -> None:
     ]
     lines += md_table(
         ["contender", "parameters", "seconds trained", "optimizer steps", "images seen", "steps / s"],
-        [[c.name, f"{sum(q.numel() for q in (ours.denoiser().net if c is ours else classic.unet).parameters()):,}",
-          f"{c.seconds:.0f}", f"{c.steps}", f"{c.steps * (64 if c is ours else args.classic_batch):,}", f"{c.steps / c.seconds:.2f}"]
-         for c in contenders],
+        [
+            [
+                c.name,
+                f"{sum(q.numel() for q in (ours.denoiser().net if c is ours else classic.unet).parameters()):,}",
+                f"{c.seconds:.0f}",
+                f"{c.steps}",
+                f"{c.steps * (64 if c is ours else args.classic_batch):,}",
+                f"{c.steps / c.seconds:.2f}",
+            ]
+            for c in contenders
+        ],
     )
     if classic.horizon:
-        lines += ["", f"The classic's cosine LR schedule ran over a horizon of {classic.horizon} steps (estimated from its first slice)."]
+        lines += [
+            "",
+            f"The classic's cosine LR schedule ran over a horizon of {classic.horizon} steps (estimated from its first "
+            "slice).",
+        ]
     lines += ["", "## Sample quality", ""]
-    lines += md_table(["contender", "sampler (50 evaluations)", "FD", "sampling seconds"],
-                      [[r["contender"], r["sampler"], f"{r['fd']:.3f}", f"{r['seconds']:.0f}"] for r in rows], "llrr")
+    lines += md_table(
+        ["contender", "sampler (50 evaluations)", "FD", "sampling seconds"],
+        [[r["contender"], r["sampler"], f"{r['fd']:.3f}", f"{r['seconds']:.0f}"] for r in rows],
+        "llrr",
+    )
     met = fd_ours <= 0.5 * fd_classic
     lines += [
         "",

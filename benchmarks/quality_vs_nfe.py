@@ -53,14 +53,14 @@ from common import (
 )
 from tqdm.auto import tqdm
 
-from difflab.runs.store import has_checkpoint, weights_step
 from difflab.data.images import load_images, to_uint8
 from difflab.data.loader import TensorDataset
 from difflab.evaluation.features import embed, load_feature_net
+from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
 from difflab.runs.config import RunConfig, load_config
 from difflab.runs.diffusion import DiffusionRun
 from difflab.runs.presets import PRESETS
-from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
+from difflab.runs.store import has_checkpoint, weights_step
 from difflab.sampling.samplers import DEFAULT_SIGMA_CAP, timesteps
 from difflab.training.loop import train
 
@@ -109,13 +109,19 @@ def sigma_cap(text: str) -> float | None:
 def recipe(steps: int, batch: int | None) -> RunConfig:
     """Our default recipe for Fashion-MNIST, with the step count (and batch size) of this benchmark."""
     preset = PRESETS["fashion-mnist"]
-    tc = replace(preset.train, steps=steps, batch_size=batch or preset.train.batch_size, sample_every=0,
-                 checkpoint_every=CHECKPOINT_EVERY)
+    tc = replace(
+        preset.train,
+        steps=steps,
+        batch_size=batch or preset.train.batch_size,
+        sample_every=0,
+        checkpoint_every=CHECKPOINT_EVERY,
+    )
     return replace(preset, train=tc)
 
 
 def trained_model(args, images) -> tuple[torch.nn.Module, RunConfig, dict]:
-    """The EMA denoiser of args.run, trained (or resumed) to args.steps first if needed; its config; and where it was trained."""
+    """The EMA denoiser of args.run, trained (or resumed) to args.steps first if needed; its config; and where it was
+    trained."""
     run = Path(args.run)
     resume = has_checkpoint(run)
     done = weights_step(run) if resume else 0
@@ -128,9 +134,17 @@ def trained_model(args, images) -> tuple[torch.nn.Module, RunConfig, dict]:
         t0 = time.perf_counter()
         train(run, config, TensorDataset(images), device=args.device, resume=resume, max_minutes=args.train_minutes)
         reached = weights_step(run)
-        info["sessions"].append({"from_step": done, "to_step": reached, "minutes": round((time.perf_counter() - t0) / 60, 2),
-                                 "device": args.device, "machine": machine(args.device), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                                 "command": command_line()})
+        info["sessions"].append(
+            {
+                "from_step": done,
+                "to_step": reached,
+                "minutes": round((time.perf_counter() - t0) / 60, 2),
+                "device": args.device,
+                "machine": machine(args.device),
+                "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                "command": command_line(),
+            }
+        )
         info_path.write_text(json.dumps(info, indent=2) + "\n")
     model = DiffusionRun.load(run, device=args.device)
     info["step"], info["config"] = weights_step(run), json.loads(model.config.to_json())
@@ -164,8 +178,16 @@ def features_of_samples(denoiser, config, feature_net, sampler, spacing, steps, 
     spacing, cap = parse_spacing(spacing)
     cast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.precision == "bf16")
     with cast:
-        x = denoiser.sample(args.n_samples, sampler=sampler, steps=steps, spacing=spacing, options={"sigma_tilde_cap": cap}, seed=args.seed,
-                            batch=args.sample_batch, device=args.device)
+        x = denoiser.sample(
+            args.n_samples,
+            sampler=sampler,
+            steps=steps,
+            spacing=spacing,
+            options={"sigma_tilde_cap": cap},
+            seed=args.seed,
+            batch=args.sample_batch,
+            device=args.device,
+        )
     images = to_uint8(x.float()).to(args.device)  # (n, 1, 28, 28)
     return embed(feature_net, images, batch=2000)[0].to(F64).cpu()
 
@@ -176,8 +198,18 @@ def run_sweep(args, denoiser, config, info, feature_net, ref_stats, jsonl: Path,
     process = denoiser.process
 
     def key(sampler, grid):
-        return json.dumps([sampler, [round(t, 6) for t in grid], args.n_samples, args.seed, info["step"], fingerprint, args.precision,
-                           SEEDING])
+        return json.dumps(
+            [
+                sampler,
+                [round(t, 6) for t in grid],
+                args.n_samples,
+                args.seed,
+                info["step"],
+                fingerprint,
+                args.precision,
+                SEEDING,
+            ]
+        )
 
     done = {r["key"]: r for r in rows}
     points = sweep_points(args)
@@ -199,10 +231,22 @@ def run_sweep(args, denoiser, config, info, feature_net, ref_stats, jsonl: Path,
             t0 = time.perf_counter()
             feats = features_of_samples(denoiser, config, feature_net, sampler, spacing, steps, args)
             fd = frechet_from_stats(*gaussian_stats(feats), *ref_stats)
-            row = {"key": k, "sampler": sampler, "spacing": spacing, "steps": steps, "nfe": nfe_of(sampler, steps),
-                   "fd": fd, "n": args.n_samples, "seed": args.seed, "seeding": SEEDING, "model_step": info["step"],
-                   "feature_net": fingerprint, "precision": args.precision,
-                   "seconds": round(time.perf_counter() - t0, 2), "device": args.device}
+            row = {
+                "key": k,
+                "sampler": sampler,
+                "spacing": spacing,
+                "steps": steps,
+                "nfe": nfe_of(sampler, steps),
+                "fd": fd,
+                "n": args.n_samples,
+                "seed": args.seed,
+                "seeding": SEEDING,
+                "model_step": info["step"],
+                "feature_net": fingerprint,
+                "precision": args.precision,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "device": args.device,
+            }
             done[k] = row
         rows.append(row)
         with open(jsonl, "a") as f:
@@ -215,9 +259,15 @@ def run_sweep(args, denoiser, config, info, feature_net, ref_stats, jsonl: Path,
 def report(args, jsonl: Path, meta: dict) -> None:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     # only rows of this model, sample count, feature net and precision (the .jsonl may hold older sweeps)
-    rows = [r for r in rows if (r["model_step"], r["n"], r["feature_net"], r["precision"])
-            == (meta["model_step"], meta["n"], meta["fingerprint"], args.precision)]
-    refs = [r for r in rows if (r["sampler"], r["spacing"], r["steps"]) == (args.ref_sampler, "uniform", args.ref_steps)]
+    rows = [
+        r
+        for r in rows
+        if (r["model_step"], r["n"], r["feature_net"], r["precision"])
+        == (meta["model_step"], meta["n"], meta["fingerprint"], args.precision)
+    ]
+    refs = [
+        r for r in rows if (r["sampler"], r["spacing"], r["steps"]) == (args.ref_sampler, "uniform", args.ref_steps)
+    ]
     ref = refs[-1] if refs else None
     capped_spacings = sorted({r["spacing"] for r in rows if parse_spacing(r["spacing"])[1] is not None})
     spacings = list(args.spacings) + capped_spacings
@@ -229,33 +279,50 @@ def report(args, jsonl: Path, meta: dict) -> None:
         if budget is not None:
             table.setdefault((r["sampler"], r["spacing"]), {})[budget] = r
 
-    lines = header("Sample quality vs number of network evaluations (Fashion-MNIST, default recipe)",
-                   command=meta.get("command"), machine_line=f"{meta.get('machine')} (the FD sweep); load average at its end: {meta.get('load', '?')}")
+    lines = header(
+        "Sample quality vs number of network evaluations (Fashion-MNIST, default recipe)",
+        command=meta.get("command"),
+        machine_line=f"{meta.get('machine')} (the FD sweep); load average at its end: {meta.get('load', '?')}",
+    )
     lines += [
-        f"- model: `{_shown(args.run)}`, EMA weights at step {meta.get('model_step')}; recipe: DiscreteDDPM cosine T=1000, "
-        f"v-prediction, min-SNR-5, AdamW lr {meta.get('lr')}, warm-up {meta.get('warmup')}, EMA {meta.get('ema_decay')}, "
-        f"batch {meta.get('batch')}, precision {meta.get('train_precision')}, U-Net preset 'fashion-mnist' ({meta.get('params', '?'):,} parameters)",
+        f"- model: `{_shown(args.run)}`, EMA weights at step {meta.get('model_step')}; recipe: DiscreteDDPM cosine "
+        "T=1000, "
+        f"v-prediction, min-SNR-5, AdamW lr {meta.get('lr')}, warm-up {meta.get('warmup')}, EMA "
+        f"{meta.get('ema_decay')}, "
+        f"batch {meta.get('batch')}, precision {meta.get('train_precision')}, U-Net preset 'fashion-mnist' "
+        f"({meta.get('params', '?'):,} parameters)",
     ]
     for s in meta.get("sessions", []):
         by = f" by `{s['command']}`" if s.get("command") else ""
-        lines.append(f"- trained steps {s['from_step']}-{s['to_step']} in {s['minutes']} min on {s['machine']} ({s['date']}){by}")
+        lines.append(
+            f"- trained steps {s['from_step']}-{s['to_step']} in {s['minutes']} min on {s['machine']} ({s['date']}){by}"
+        )
     lines += [
         f"- samples: {meta.get('n')} per point, seed {args.seed}, sampling precision {args.precision}; "
         f"FD of the shipped 'fashion-mnist' classifier's 128-d features (fingerprint {meta.get('fingerprint')}, "
         f"test accuracy {meta.get('feature_acc')}) against the real test split ({meta.get('ref_n')} images)",
-        f"- floor: FD of {meta.get('n')} real training images against the test split = {meta.get('floor', float('nan')):.3f} "
+        f"- floor: FD of {meta.get('n')} real training images against the test split = "
+        f"{meta.get('floor', float('nan')):.3f} "
         "(what a perfect model scores at this sample count)",
         f"- reference: {args.ref_sampler} ancestral, {args.ref_steps} steps: FD = "
         + (f"{ref['fd']:.3f}" if ref else "not yet measured"),
         "- NFE = network evaluations; heun runs N steps for 2N - 1 evaluations, so its column '10' is 9 evaluations "
-        "(5 steps), '20' is 19, '50' is 49, '5' is 5 (3 steps). uniform and trailing are the same grid for DiscreteDDPM.",
-        *(f"- spacing '{sp}': the uncapped {sp} grid (timesteps(..., sigma_tilde_cap=None), `difflab sample --sigma-cap none`), "
-          f"not difflab's default for it, which is capped at {DEFAULT_SIGMA_CAP:g}."
-          for sp in CAPPABLE if sp in spacings),
-        *(f"- spacing '{label}': the {sp} grid built by timesteps(..., sigma_tilde_cap={cap:g}) ("
-          + ("difflab's default grid" if cap == DEFAULT_SIGMA_CAP else f"`difflab sample --sigma-cap {cap:g}`")
-          + f"): the first step still starts at t = T, the rest are spread below sigma/alpha = {cap:g}."
-          for label in capped_spacings for sp, cap in [parse_spacing(label)]),
+        "(5 steps), '20' is 19, '50' is 49, '5' is 5 (3 steps). uniform and trailing are the same grid for "
+        "DiscreteDDPM.",
+        *(
+            f"- spacing '{sp}': the uncapped {sp} grid (timesteps(..., sigma_tilde_cap=None), `difflab sample "
+            "--sigma-cap none`), "
+            f"not difflab's default for it, which is capped at {DEFAULT_SIGMA_CAP:g}."
+            for sp in CAPPABLE
+            if sp in spacings
+        ),
+        *(
+            f"- spacing '{label}': the {sp} grid built by timesteps(..., sigma_tilde_cap={cap:g}) ("
+            + ("difflab's default grid" if cap == DEFAULT_SIGMA_CAP else f"`difflab sample --sigma-cap {cap:g}`")
+            + f"): the first step still starts at t = T, the rest are spread below sigma/alpha = {cap:g}."
+            for label in capped_spacings
+            for sp, cap in [parse_spacing(label)]
+        ),
         "",
         "## FD by sampler, spacing and NFE (lower is better; in brackets: relative gap to the 1000-step reference)",
         "",
@@ -266,11 +333,17 @@ def report(args, jsonl: Path, meta: dict) -> None:
         if r is None:
             return "-"
         gap = f" ({100 * (r['fd'] / ref['fd'] - 1):+.0f}%)" if ref else ""
-        nfe = f" [{r['nfe']}]" if r["nfe"] != next(n for n in budgets if steps_for(r["sampler"], n) == r["steps"]) else ""
+        nfe = (
+            f" [{r['nfe']}]" if r["nfe"] != next(n for n in budgets if steps_for(r["sampler"], n) == r["steps"]) else ""
+        )
         return f"{r['fd']:.3f}{gap}{nfe}"
 
-    trs = [[s, sp, *(cell(table.get((s, sp), {}).get(n)) for n in budgets)] for s in args.samplers for sp in spacings
-           if sp in args.spacings or (s, sp) in table]
+    trs = [
+        [s, sp, *(cell(table.get((s, sp), {}).get(n)) for n in budgets)]
+        for s in args.samplers
+        for sp in spacings
+        if sp in args.spacings or (s, sp) in table
+    ]
     lines += md_table(["sampler", "spacing", *(f"NFE {n}" for n in budgets)], trs, "ll" + "r" * len(budgets))
 
     lines += ["", "## Targets", ""]
@@ -282,9 +355,19 @@ def report(args, jsonl: Path, meta: dict) -> None:
             continue
         best = min(cands, key=lambda r: r["fd"])
         gap = best["fd"] / ref["fd"] - 1
-        trows.append([f"{nfe}", f"within {100 * tol:.0f}%", f"{best['sampler']} / {best['spacing']} ({best['nfe']} evals)",
-                      f"{best['fd']:.3f}", f"{100 * gap:+.1f}%", "yes" if gap <= tol else "**no**"])
-    lines += md_table(["NFE budget", "target", "best sampler / spacing", "FD", "gap to 1000-step DDPM", "met"], trows, "lllrrl")
+        trows.append(
+            [
+                f"{nfe}",
+                f"within {100 * tol:.0f}%",
+                f"{best['sampler']} / {best['spacing']} ({best['nfe']} evals)",
+                f"{best['fd']:.3f}",
+                f"{100 * gap:+.1f}%",
+                "yes" if gap <= tol else "**no**",
+            ]
+        )
+    lines += md_table(
+        ["NFE budget", "target", "best sampler / spacing", "FD", "gap to 1000-step DDPM", "met"], trows, "lllrrl"
+    )
     if meta.get("notes"):
         lines += ["", "## Notes", "", *(f"- {note}" for note in meta["notes"])]
     lines += ["", "Raw rows (one per point, with seconds per point): `benchmarks/results/quality_vs_nfe.jsonl`."]
@@ -311,14 +394,21 @@ def plot(path: Path, args, spacings, table, ref, meta) -> None:
 
     n = len(args.samplers)
     cols = min(3, n)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        math.ceil(n / cols), cols, figsize=(4.2 * cols, 3.4 * math.ceil(n / cols)), squeeze=False, sharey=True
+    )
     for ax, s in zip(axes.flat, args.samplers):
         for sp in spacings:
             pts = sorted(table.get((s, sp), {}).values(), key=lambda r: r["nfe"])
             style = "x:" if sp == "trailing" else ("s--" if parse_spacing(sp)[1] is not None else "o-")
             if pts:
-                ax.plot([r["nfe"] for r in pts], [r["fd"] for r in pts], style, ms=3,
-                        label=sp + (" (= uniform grid)" if sp == "trailing" else ""))
+                ax.plot(
+                    [r["nfe"] for r in pts],
+                    [r["fd"] for r in pts],
+                    style,
+                    ms=3,
+                    label=sp + (" (= uniform grid)" if sp == "trailing" else ""),
+                )
         if ref:
             ax.axhline(ref["fd"], c="k", ls="--", lw=1, label=f"DDPM {args.ref_steps} steps")
             ax.axhspan(ref["fd"], ref["fd"] * 1.1, color="grey", alpha=0.15)
@@ -336,8 +426,11 @@ def plot(path: Path, args, spacings, table, ref, meta) -> None:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"Fashion-MNIST, default recipe, step {meta.get('model_step')}, {meta.get('n')} samples per point "
-                 "(grey band: within 10% of the reference)", fontsize=9)
+    fig.suptitle(
+        f"Fashion-MNIST, default recipe, step {meta.get('model_step')}, {meta.get('n')} samples per point "
+        "(grey band: within 10% of the reference)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -353,20 +446,28 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, help="training batch (default: the recipe's 64)")
     p.add_argument("--train-minutes", type=float, help="stop training after this long (checkpointed; rerun to go on)")
     p.add_argument("--run", default=str(RUNS / "quality_vs_nfe"), help="run folder (reused / resumed if present)")
-    p.add_argument("--out", "--results", dest="results", default=str(RESULTS), help="folder for the .md, .png and .jsonl")
+    p.add_argument(
+        "--out", "--results", dest="results", default=str(RESULTS), help="folder for the .md, .png and .jsonl"
+    )
     p.add_argument("--n-samples", type=int, help="samples per point (default 256 on cpu, 10000 on cuda)")
     p.add_argument("--sample-batch", type=int, help="samples per sampler call (default 256 on cpu, 10000 on cuda)")
     p.add_argument("--nfe", type=int, nargs="+", default=list(NFES))
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     p.add_argument("--spacings", nargs="+", default=list(SPACINGS), choices=SPACINGS)
-    p.add_argument("--sigma-cap", type=sigma_cap, default=DEFAULT_SIGMA_CAP,
-                   help=f"also sweep the karras and logsnr grids capped at this sigma/alpha (default {DEFAULT_SIGMA_CAP:g}, "
-                        "difflab's default grid; 'none': only the uncapped ones)")
+    p.add_argument(
+        "--sigma-cap",
+        type=sigma_cap,
+        default=DEFAULT_SIGMA_CAP,
+        help=f"also sweep the karras and logsnr grids capped at this sigma/alpha (default {DEFAULT_SIGMA_CAP:g}, "
+        "difflab's default grid; 'none': only the uncapped ones)",
+    )
     p.add_argument("--ref-sampler", default="ddpm", choices=SAMPLERS)
     p.add_argument("--ref-steps", type=int, default=1000)
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="sampling precision (autocast)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-dir", help="folder with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)")
+    p.add_argument(
+        "--data-dir", help="folder with the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads on cpu")
     p.add_argument("--deadline-minutes", type=float, help="stop starting new points after this long (whole command)")
     p.add_argument("--report-only", action="store_true", help="rewrite the .md and .png from the .jsonl")
@@ -400,12 +501,21 @@ def main(argv=None) -> None:
     floor_feats = embed(feature_net, train_images[: args.n_samples].to(args.device), batch=2000)[0].to(F64).cpu()
     tc = info["config"]["train"]
     meta = {
-        "device": args.device, "machine": machine(args.device), "model_step": info["step"], "n": args.n_samples,
-        "sessions": info["sessions"], "lr": tc["lr"], "warmup": tc["warmup"], "ema_decay": tc["ema_decay"],
-        "batch": tc["batch_size"], "train_precision": tc["precision"],
+        "device": args.device,
+        "machine": machine(args.device),
+        "model_step": info["step"],
+        "n": args.n_samples,
+        "sessions": info["sessions"],
+        "lr": tc["lr"],
+        "warmup": tc["warmup"],
+        "ema_decay": tc["ema_decay"],
+        "batch": tc["batch_size"],
+        "train_precision": tc["precision"],
         "params": sum(p.numel() for p in denoiser.net.parameters()),
-        "fingerprint": feature_net.fingerprint()[:16], "feature_acc": feature_net.meta.get("test_accuracy"),
-        "ref_n": len(test_images), "floor": frechet_from_stats(*gaussian_stats(floor_feats), *ref_stats),
+        "fingerprint": feature_net.fingerprint()[:16],
+        "feature_acc": feature_net.meta.get("test_accuracy"),
+        "ref_n": len(test_images),
+        "floor": frechet_from_stats(*gaussian_stats(floor_feats), *ref_stats),
         "command": command_line(),
     }
     run_sweep(args, denoiser, config, info, feature_net, ref_stats, jsonl, deadline)

@@ -10,7 +10,8 @@ weights only; a model on another records it by shipped name and fingerprint):
     fashion-pairs-t2i-minilm  the same on MiniLM captions (reads new phrasings; personalisation's base)
     fashion-mnist-classes     class-conditional Fashion-MNIST (pixel space)
 
-    .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300] [--device cuda]
+    .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300]
+    [--device cuda]
 
 Runs live in benchmarks/runs/ship/; the figures go into each recipe and benchmarks/results/shipped.json. A
 model whose run is not finished is trained first (hours on 2 CPU cores: give fewer steps to try it)."""
@@ -40,8 +41,17 @@ from difflab.text.clip import CLIP_REPORT, clip_report  # noqa: E402
 from difflab.text.encoders import rebased_text  # noqa: E402
 
 ROOT = RUNS / "ship"
-MODELS = ("fashion-pairs-ae", "fashion-pairs-clip", "fashion-pairs-t2i", "fashion-pairs-t2i-minilm", "fashion-mnist-classes")
-NEEDS = {"fashion-pairs-t2i": ("fashion-pairs-ae", "fashion-pairs-clip"), "fashion-pairs-t2i-minilm": ("fashion-pairs-ae",)}
+MODELS = (
+    "fashion-pairs-ae",
+    "fashion-pairs-clip",
+    "fashion-pairs-t2i",
+    "fashion-pairs-t2i-minilm",
+    "fashion-mnist-classes",
+)
+NEEDS = {
+    "fashion-pairs-t2i": ("fashion-pairs-ae", "fashion-pairs-clip"),
+    "fashion-pairs-t2i-minilm": ("fashion-pairs-ae",),
+}
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -49,12 +59,52 @@ def commands(args) -> dict[str, list[str]]:
     r = str(ROOT.relative_to(ROOT.parent.parent.parent))
     return {
         "fashion-pairs-ae": ["train-autoencoder", "fashion-pairs", "--out", f"{r}/ae", "--steps", str(args.ae_steps)],
-        "fashion-pairs-clip": ["train-clip", "fashion-pairs", "--out", f"{r}/clip", "--steps", str(args.clip_steps), *device(args)],
-        "fashion-pairs-t2i": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", f"clip:{r}/clip", "--out", f"{r}/t2i-clip", "--batch-size",
-                              "256", "--steps", str(args.t2i_steps), *device(args)],
-        "fashion-pairs-t2i-minilm": ["train", "fashion-pairs", "--latent", f"{r}/ae", "--text", "minilm", "--out", f"{r}/t2i", "--steps",
-                                     str(args.minilm_steps)],
-        "fashion-mnist-classes": ["train", "fashion-mnist", "--cond", "class", "--out", f"{r}/classes", "--steps", str(args.classes_steps)],
+        "fashion-pairs-clip": [
+            "train-clip",
+            "fashion-pairs",
+            "--out",
+            f"{r}/clip",
+            "--steps",
+            str(args.clip_steps),
+            *device(args),
+        ],
+        "fashion-pairs-t2i": [
+            "train",
+            "fashion-pairs",
+            "--latent",
+            f"{r}/ae",
+            "--text",
+            f"clip:{r}/clip",
+            "--out",
+            f"{r}/t2i-clip",
+            "--batch-size",
+            "256",
+            "--steps",
+            str(args.t2i_steps),
+            *device(args),
+        ],
+        "fashion-pairs-t2i-minilm": [
+            "train",
+            "fashion-pairs",
+            "--latent",
+            f"{r}/ae",
+            "--text",
+            "minilm",
+            "--out",
+            f"{r}/t2i",
+            "--steps",
+            str(args.minilm_steps),
+        ],
+        "fashion-mnist-classes": [
+            "train",
+            "fashion-mnist",
+            "--cond",
+            "class",
+            "--out",
+            f"{r}/classes",
+            "--steps",
+            str(args.classes_steps),
+        ],
     }
 
 
@@ -75,16 +125,27 @@ def text_figures(run: Path, n: int, scales: list[float]) -> dict:
     for s in scales:
         r = evaluate(run, n=n, guidance=GuidanceConfig(scale=s), caption_swap=True, bpd_n=0, progress=False)
         f = r["text"]["follows"]
-        row = {"scale": s, "seen": f["seen"]["all_four"], "held_out": f["held_out"]["all_four"], "either_side": f["seen"]["either_side"],
-               "swap": r["text"]["caption_swap"]["all_four"], "fd": r["fd"]}
+        row = {
+            "scale": s,
+            "seen": f["seen"]["all_four"],
+            "held_out": f["held_out"]["all_four"],
+            "either_side": f["seen"]["either_side"],
+            "swap": r["text"]["caption_swap"]["all_four"],
+            "fd": r["fd"],
+        }
         print(json.dumps(row), flush=True)
         if best is None or row["seen"] > best["seen"]:
             best = row
-    new = evaluate(run, n=n, guidance=GuidanceConfig(scale=best["scale"]), prompts="new-phrasings", bpd_n=0, progress=False)
+    new = evaluate(
+        run, n=n, guidance=GuidanceConfig(scale=best["scale"]), prompts="new-phrasings", bpd_n=0, progress=False
+    )
     real = ceiling(n)
-    return {k: round(v, 4) for k, v in best.items()} | {"new_phrasings": round(new["text"]["follows"]["all"]["all_four"], 4),
-                                                       "ceiling_seen": round(real["seen"]["all_four"], 4),
-                                                       "ceiling_held_out": round(real["held_out"]["all_four"], 4), "n": n}
+    return {k: round(v, 4) for k, v in best.items()} | {
+        "new_phrasings": round(new["text"]["follows"]["all"]["all_four"], 4),
+        "ceiling_seen": round(real["seen"]["all_four"], 4),
+        "ceiling_held_out": round(real["held_out"]["all_four"], 4),
+        "n": n,
+    }
 
 
 def clip_figures_of(run: Path) -> dict:
@@ -92,7 +153,9 @@ def clip_figures_of(run: Path) -> dict:
     rec = json.loads((run / CLIP_REPORT).read_text()) if (run / CLIP_REPORT).exists() else {}
     if rec.get("step") != weights_step(run):
         rec = clip_report(run, load_images("fashion-pairs", "test"))
-    return {k: round(rec[k], 4) for k in ("swap_discrimination", "caption_to_image", "image_to_caption")} | {"n": rec["images"]}
+    return {k: round(rec[k], 4) for k in ("swap_discrimination", "caption_to_image", "image_to_caption")} | {
+        "n": rec["images"]
+    }
 
 
 def class_figures(run: Path, n: int, scale: float) -> dict:
@@ -107,8 +170,14 @@ def main(argv=None) -> None:
     p.add_argument("--clip-steps", type=int, default=2000)
     p.add_argument("--t2i-steps", type=int, default=4720, help="fashion-pairs-t2i's steps (batch 256)")
     p.add_argument("--minilm-steps", type=int, default=5000)
-    p.add_argument("--device", choices=["cpu", "cuda"], help="train on this device (recorded in the command; default: the CLI's auto)")
-    p.add_argument("--note", action="append", default=[], metavar="NAME=TEXT", help="a note for one model's recipe (repeatable)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        help="train on this device (recorded in the command; default: the CLI's auto)",
+    )
+    p.add_argument(
+        "--note", action="append", default=[], metavar="NAME=TEXT", help="a note for one model's recipe (repeatable)"
+    )
     p.add_argument("--classes-steps", type=int, default=5000)
     p.add_argument("--n", type=int, default=300, help="samples per evaluation")
     p.add_argument("--scales", type=float, nargs="+", default=[2.0, 3.0, 5.0])
@@ -126,28 +195,45 @@ def main(argv=None) -> None:
         if missing:
             sys.exit(f"ship {', '.join(missing)} first (what {name} is trained on)")
         run, seconds = trained(cmds[name])
-        recipe = {"commands": ["difflab " + " ".join(cmds[name])], "train_seconds": round(seconds), **({"note": notes[name]} if name in notes else {})}
+        recipe = {
+            "commands": ["difflab " + " ".join(cmds[name])],
+            "train_seconds": round(seconds),
+            **({"note": notes[name]} if name in notes else {}),
+        }
         if name == "fashion-pairs-ae":
             if not (run / RECONSTRUCTION).exists():
                 sys.exit(f"{run} has no {RECONSTRUCTION}")
             rec = json.loads((run / RECONSTRUCTION).read_text())
-            recipe |= {"what": "KL autoencoder of fashion-pairs (3x32x64 -> 4x8x16 latents)",
-                       "figures": {k: rec[k] for k in ("psnr", "rfd") if k in rec}}
+            recipe |= {
+                "what": "KL autoencoder of fashion-pairs (3x32x64 -> 4x8x16 latents)",
+                "figures": {k: rec[k] for k in ("psnr", "rfd") if k in rec},
+            }
             ship(run, name, recipe, extra_files=(LATENT, RECONSTRUCTION))
         elif name == "fashion-pairs-clip":
-            recipe |= {"what": "CLIP of fashion-pairs (attention pool, side hard negatives): a text encoder, `--text clip:fashion-pairs-clip`",
-                       "figures": clip_figures_of(run)}
+            recipe |= {
+                "what": "CLIP of fashion-pairs (attention pool, side hard negatives): a text encoder, `--text "
+                "clip:fashion-pairs-clip`",
+                "figures": clip_figures_of(run),
+            }
             ship(run, name, recipe, extra_files=(CLIP_REPORT,))
         elif name in ("fashion-pairs-t2i", "fashion-pairs-t2i-minilm"):
             clip = name == "fashion-pairs-t2i"
-            recipe |= {"what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), " +
-                       ("captions through fashion-pairs-clip's text tower" if clip else "MiniLM captions (any phrasing; personalisation's base)"),
-                       "figures": text_figures(run, args.n, args.scales)}
+            recipe |= {
+                "what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), "
+                + (
+                    "captions through fashion-pairs-clip's text tower"
+                    if clip
+                    else "MiniLM captions (any phrasing; personalisation's base)"
+                ),
+                "figures": text_figures(run, args.n, args.scales),
+            }
             config = rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae")
             ship(run, name, recipe, config=rebased_text(config, "fashion-pairs-clip") if clip else config)
         else:
-            recipe |= {"what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",
-                       "figures": class_figures(run, args.n, args.class_scale)}
+            recipe |= {
+                "what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",
+                "figures": class_figures(run, args.n, args.class_scale),
+            }
             ship(run, name, recipe)
         results[name] = shipped.recipe(name)
         print(json.dumps(results[name], indent=1), flush=True)

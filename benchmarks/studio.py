@@ -66,7 +66,9 @@ def build_run() -> Path:
     if not has_checkpoint(path):
         print(f"training {path} ({TRAIN_STEPS} steps) ...", flush=True)
         argv = ["train", "digits", "--cond", "class", "--out", str(path), "--steps", str(TRAIN_STEPS), "--quiet"]
-        if subprocess.run([sys.executable, "-m", "difflab", *argv]).returncode != 0:  # the project's command, as a user runs it
+        if (
+            subprocess.run([sys.executable, "-m", "difflab", *argv]).returncode != 0
+        ):  # the project's command, as a user runs it
             raise SystemExit(f"difflab {' '.join(argv)} failed")
     return path
 
@@ -98,8 +100,12 @@ def serving(root: Path):
 def studio_job(base: str, settings: dict) -> tuple[float, dict, bytes]:
     """Request -> the job's last state over Server-Sent Events -> its grid PNG: (seconds, last state, grid PNG)."""
     t0 = time.perf_counter()
-    request = urllib.request.Request(f"{base}/api/generate", data=json.dumps(settings).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{base}/api/generate",
+        data=json.dumps(settings).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as r:
         job = json.loads(r.read())
     with urllib.request.urlopen(f"{base}/api/jobs/{job['id']}/events", timeout=600) as r:
@@ -117,7 +123,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7, help="counted rounds (after one warm-up round)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of every call")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own, as `difflab studio` runs)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's own, as `difflab studio` runs)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS, help="where studio.json and studio.md go")
     args = p.parse_args(argv)
     if args.reps < 1 or args.steps < 1:
@@ -135,8 +143,17 @@ def main(argv=None) -> None:
     preview_counts: list[int] = []  # and its number of previews
 
     def sample(s: dict, callback=None) -> torch.Tensor:
-        return run.sample(s["batch"], class_label=s["class_label"], guidance=s["guidance"], sampler=s["sampler"], steps=s["steps"],
-                          spacing=s.get("spacing"), seed=s["seed"], batch=s["batch"], callback=callback)
+        return run.sample(
+            s["batch"],
+            class_label=s["class_label"],
+            guidance=s["guidance"],
+            sampler=s["sampler"],
+            steps=s["steps"],
+            spacing=s.get("spacing"),
+            seed=s["seed"],
+            batch=s["batch"],
+            callback=callback,
+        )
 
     def previewing(s: dict, spent: list[float]):
         def callback(step: int, x_t, x0_hat) -> None:  # the studio worker's preview (jobs.JobQueue._callback), timed
@@ -144,6 +161,7 @@ def main(argv=None) -> None:
                 t0 = time.perf_counter()
                 grid_png(to_uint8(run.decode(x0_hat).cpu()))
                 spent.append(time.perf_counter() - t0)
+
         return callback
 
     times: dict[str, list[float]] = {"studio": [], "sample": [], "previews": []}
@@ -157,7 +175,11 @@ def main(argv=None) -> None:
         direct_first = to_uint8(sample(s))[0]
         same_pixels = bool(torch.equal(studio_first, direct_first))
         sample(s, previewing(s, []))
-        print(f"warm-up done; settings {s['sampler']}, {s['steps']} steps, batch {s['batch']}; same pixels: {same_pixels}", flush=True)
+        print(
+            f"warm-up done; settings {s['sampler']}, {s['steps']} steps, batch {s['batch']}; "
+            f"same pixels: {same_pixels}",
+            flush=True,
+        )
 
         def time_studio() -> float:
             seconds, job, grid = studio_job(base, ask)
@@ -182,7 +204,7 @@ def main(argv=None) -> None:
         calls = {"studio": time_studio, "sample": time_sample, "previews": time_previews}
         names = list(calls)
         for r in range(args.reps):
-            for name in names[r % 3:] + names[:r % 3]:  # the order rotates from round to round
+            for name in names[r % 3 :] + names[: r % 3]:  # the order rotates from round to round
                 times[name].append(calls[name]())
             print(f"round {r + 1}/{args.reps}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names), flush=True)
     load_end = load_average()
@@ -196,39 +218,83 @@ def main(argv=None) -> None:
     def spread(n: str) -> str:
         return f"{min(within[n]):.2f}-{max(within[n]):.2f}"
 
-    what = f"run.sample(16, class_label={CLASS}, guidance={GUIDANCE:g}, sampler='{s['sampler']}', steps={s['steps']}, seed={SEED}, batch=16)"
+    what = (
+        f"run.sample(16, class_label={CLASS}, guidance={GUIDANCE:g}, sampler='{s['sampler']}', steps={s['steps']}, "
+        f"seed={SEED}, batch=16)"
+    )
     table = [
         [f"`{what}`, no callback", f"{med['sample']:.3f}", "1.00x", "-"],
-        ["studio: request -> job done (over SSE) -> grid PNG fetched", f"{med['studio']:.3f}", f"**{ratio['studio']:.2f}x**", spread("studio")],
-        [f"of which the studio worker's job (sampling, a preview every {k} steps, {BATCH + 1} PNGs written)", f"{worker_med:.3f}",
-         f"{worker_med / med['sample']:.2f}x", "-"],
-        [f"run.sample with the studio's preview every {k} steps", f"{med['previews']:.3f}", f"**{ratio['previews']:.2f}x**", spread("previews")],
-        [f"of which the preview work alone ({preview_counts[0]} preview{'' if preview_counts[0] == 1 else 's'} a call: decode, 8-bit, PNG grid)", f"{preview_med:.3f}",
-         f"{100 * preview_med / med['sample']:.1f} %", "-"],
+        [
+            "studio: request -> job done (over SSE) -> grid PNG fetched",
+            f"{med['studio']:.3f}",
+            f"**{ratio['studio']:.2f}x**",
+            spread("studio"),
+        ],
+        [
+            f"of which the studio worker's job (sampling, a preview every {k} steps, {BATCH + 1} PNGs written)",
+            f"{worker_med:.3f}",
+            f"{worker_med / med['sample']:.2f}x",
+            "-",
+        ],
+        [
+            f"run.sample with the studio's preview every {k} steps",
+            f"{med['previews']:.3f}",
+            f"**{ratio['previews']:.2f}x**",
+            spread("previews"),
+        ],
+        [
+            f"of which the preview work alone ({preview_counts[0]} preview{'' if preview_counts[0] == 1 else 's'} a "
+            "call: decode, 8-bit, PNG grid)",
+            f"{preview_med:.3f}",
+            f"{100 * preview_med / med['sample']:.1f} %",
+            "-",
+        ],
     ]
     lines = header("The studio's cost: a studio job against the same run.sample call; previews against none (issue 21)")
     lines += [
         f"- run: {path.relative_to(RUNS.parent.parent)} (`difflab train digits --cond class --steps {TRAIN_STEPS}`), "
-        f"{sum(p.numel() for p in run.net.parameters()) / 1e6:.2f} M parameters, CPU, torch threads {torch.get_num_threads()}",
-        f"- {args.reps} interleaved rounds after a warm-up, medians; the studio with its default limits (a preview every {k} steps); "
-        f"the studio's first image and run.sample's first image {'are the same pixels' if same_pixels else 'DIFFER (the calls do not do the same work)'}",
-        f"- load average at the start: {load_start}; at the end: {load_end}; other busy processes at the start: {', '.join(busy_start) or 'none'}",
+        f"{sum(p.numel() for p in run.net.parameters()) / 1e6:.2f} M parameters, CPU, torch threads "
+        f"{torch.get_num_threads()}",
+        f"- {args.reps} interleaved rounds after a warm-up, medians; the studio with its default limits (a preview "
+        f"every {k} steps); "
+        "the studio's first image and run.sample's first image "
+        f"{'are the same pixels' if same_pixels else 'DIFFER (the calls do not do the same work)'}",
+        f"- load average at the start: {load_start}; at the end: {load_end}; other busy processes at the start: "
+        f"{', '.join(busy_start) or 'none'}",
         "",
     ]
     lines += md_table(["what", "median s", "vs run.sample", "ratio within a round (min-max)"], table)
     lines += [
         "",
-        f"- studio overhead: {ratio['studio']:.2f}x run.sample (target <= {TARGET:.2f}x): **{'met' if met['studio'] else 'missed'}**",
-        f"- preview cost at the default k = {k}: {ratio['previews']:.2f}x (target <= {TARGET:.2f}x): **{'met' if met['previews'] else 'missed'}**; "
+        f"- studio overhead: {ratio['studio']:.2f}x run.sample (target <= {TARGET:.2f}x): "
+        f"**{'met' if met['studio'] else 'missed'}**",
+        f"- preview cost at the default k = {k}: {ratio['previews']:.2f}x (target <= {TARGET:.2f}x): "
+        f"**{'met' if met['previews'] else 'missed'}**; "
         f"the preview work alone {1000 * preview_med:.1f} ms, {100 * preview_med / med['sample']:.1f} % of run.sample",
     ]
     result = {
-        "settings": s, "asked": ask, "reps": args.reps, "preview_every": k, "torch_threads": torch.get_num_threads(),
-        "run": str(path.relative_to(RUNS.parent.parent)), "train_steps": TRAIN_STEPS, "same_pixels": same_pixels,
-        "seconds": times, "median_seconds": med, "ratio": ratio, "ratio_within_round": within,
-        "worker_seconds": worker, "preview_work_seconds": preview_seconds, "previews_per_call": preview_counts[0],
-        "target": TARGET, "met": met, "load_average": {"start": load_start, "end": load_end}, "busy_at_start": busy_start,
-        "command": command_line(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "settings": s,
+        "asked": ask,
+        "reps": args.reps,
+        "preview_every": k,
+        "torch_threads": torch.get_num_threads(),
+        "run": str(path.relative_to(RUNS.parent.parent)),
+        "train_steps": TRAIN_STEPS,
+        "same_pixels": same_pixels,
+        "seconds": times,
+        "median_seconds": med,
+        "ratio": ratio,
+        "ratio_within_round": within,
+        "worker_seconds": worker,
+        "preview_work_seconds": preview_seconds,
+        "previews_per_call": preview_counts[0],
+        "target": TARGET,
+        "met": met,
+        "load_average": {"start": load_start, "end": load_end},
+        "busy_at_start": busy_start,
+        "command": command_line(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     write_text(args.out / "studio.json", json.dumps(result, indent=1))

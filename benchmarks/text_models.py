@@ -5,7 +5,8 @@ side, caption swap, new phrasings, FD, at the best of --scales), beside the judg
 
     .venv/bin/python benchmarks/text_models.py LABEL=RUN [LABEL=RUN ...] [--n 300] [--scales 3 5]
 
-Writes benchmarks/results/text_models.md and .json (``--name`` another name). Each row's training (steps, batch, device, seconds) is read
+Writes benchmarks/results/text_models.md and .json (``--name`` another name). Each row's training (steps, batch, device,
+seconds) is read
 from its run: config.json, its newest checkpoint, seconds.json or a shipped recipe."""
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def training(run: str) -> dict:
         seconds = shipped.recipe(folder.name).get("train_seconds")
     elif (folder / "seconds.json").exists():
         seconds = json.loads((folder / "seconds.json").read_text())["seconds"]
-    return {"encoder": cfg.text.kind if cfg.text else None, "steps": weights_step(run), "batch": cfg.train.batch_size, "seconds": seconds}
+    return {
+        "encoder": cfg.text.kind if cfg.text else None,
+        "steps": weights_step(run),
+        "batch": cfg.train.batch_size,
+        "seconds": seconds,
+    }
 
 
 def main(argv=None) -> None:
@@ -58,23 +64,71 @@ def main(argv=None) -> None:
     rows = []
     for label, run in pairs:
         t0 = time.perf_counter()
-        rows.append({"label": label, "run": run, **training(run), **text_figures(run, args.n, args.scales),
-                     "eval_seconds": round(time.perf_counter() - t0)})
+        rows.append(
+            {
+                "label": label,
+                "run": run,
+                **training(run),
+                **text_figures(run, args.n, args.scales),
+                "eval_seconds": round(time.perf_counter() - t0),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     judge = load_feature_net("fashion-pairs").meta
     lines = header("Text-to-image models side by side in the fashion-pairs judge")
-    lines += [f"- judge: the shipped attribute net ({judge['command']}); per-half class accuracy on the 4000 real test pairs "
-              + " / ".join(f"{v:.1%}" for v in judge["test_attribute_accuracy"][0::2]),
-              f"- {args.n} test captions per row, dpmpp-2m 20 steps, the best of s = {', '.join(f'{s:g}' for s in args.scales)} by seen all-four",
-              f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the end: {load_average()}",
-              ""]
-    head = ["model", "encoder", "steps x batch", "train seconds", "s", "all four, seen", "all four, held-out", "either side", "caption swap",
-            "new phrasings", "FD"]
-    table = [[r["label"], r["encoder"], f"{r['steps']} x {r['batch']}", "-" if r["seconds"] is None else f"{r['seconds']:.0f}", f"{r['scale']:g}",
-              f"{r['seen']:.1%}", f"{r['held_out']:.1%}", f"{r['either_side']:.1%}", f"{r['swap']:.1%}", f"{r['new_phrasings']:.1%}",
-              f"{r['fd']:.2f}"] for r in rows]
-    table.append(["real test images (the judge's ceiling)", "-", "-", "-", "-", f"{rows[0]['ceiling_seen']:.1%}", f"{rows[0]['ceiling_held_out']:.1%}",
-                  "-", "-", "-", "-"])
+    lines += [
+        f"- judge: the shipped attribute net ({judge['command']}); per-half class accuracy on the 4000 real test pairs "
+        + " / ".join(f"{v:.1%}" for v in judge["test_attribute_accuracy"][0::2]),
+        f"- {args.n} test captions per row, dpmpp-2m 20 steps, the best of s = "
+        f"{', '.join(f'{s:g}' for s in args.scales)} by seen all-four",
+        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the "
+        f"end: {load_average()}",
+        "",
+    ]
+    head = [
+        "model",
+        "encoder",
+        "steps x batch",
+        "train seconds",
+        "s",
+        "all four, seen",
+        "all four, held-out",
+        "either side",
+        "caption swap",
+        "new phrasings",
+        "FD",
+    ]
+    table = [
+        [
+            r["label"],
+            r["encoder"],
+            f"{r['steps']} x {r['batch']}",
+            "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
+            f"{r['scale']:g}",
+            f"{r['seen']:.1%}",
+            f"{r['held_out']:.1%}",
+            f"{r['either_side']:.1%}",
+            f"{r['swap']:.1%}",
+            f"{r['new_phrasings']:.1%}",
+            f"{r['fd']:.2f}",
+        ]
+        for r in rows
+    ]
+    table.append(
+        [
+            "real test images (the judge's ceiling)",
+            "-",
+            "-",
+            "-",
+            "-",
+            f"{rows[0]['ceiling_seen']:.1%}",
+            f"{rows[0]['ceiling_held_out']:.1%}",
+            "-",
+            "-",
+            "-",
+            "-",
+        ]
+    )
     lines += md_table(head, table)
     write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     write_text(RESULTS / f"{args.name}.json", json.dumps({"setting": vars(args), "rows": rows}, indent=1) + "\n")

@@ -105,24 +105,52 @@ def main(argv=None) -> None:
     space = load_autoencoder(autoencoder(data.images))
     clip = clip_model(root, data, args.clip_steps)
     clip_info = json.loads((clip / "clip.json").read_text())
-    base = with_latent(replace(preset_for(DATASET), train=replace(preset_for(DATASET).train, steps=10**7, sample_every=0)), latent_record(space),
-                       space.latent_shape)
+    base = with_latent(
+        replace(preset_for(DATASET), train=replace(preset_for(DATASET).train, steps=10**7, sample_every=0)),
+        latent_record(space),
+        space.latent_shape,
+    )
 
     book = root / "evals.json"
     evals = json.loads(book.read_text()) if book.exists() else {}
     for name in args.encoders:
         run = root / name
-        cfg = load_config(run) if ckpt.has_checkpoint(run) else text_config(base, f"clip:{clip}" if name == "clip" else name, data.captions)
+        cfg = (
+            load_config(run)
+            if ckpt.has_checkpoint(run)
+            else text_config(base, f"clip:{clip}" if name == "clip" else name, data.captions)
+        )
         spent = json.loads((run / "seconds.json").read_text())["seconds"] if (run / "seconds.json").exists() else 0.0
         if spent < 60 * args.minutes - 1:
             timed_train(run, cfg, training_data(cfg, run, progress=True), args.minutes - spent / 60)
         for s in args.scales:
             key = f"{name} s={s:g} n={args.n} step={ckpt.weights_step(run)}"
             if key not in evals:
-                r = evaluate(run, n=args.n, guidance=GuidanceConfig(scale=s), caption_swap=True, clip=str(clip), bpd_n=0, progress=False)
-                evals[key] = {"encoder": name, "scale": s, "fd": r["fd"], "text": r["text"], "step": r["step"], "seconds": r["seconds"]}
+                r = evaluate(
+                    run,
+                    n=args.n,
+                    guidance=GuidanceConfig(scale=s),
+                    caption_swap=True,
+                    clip=str(clip),
+                    bpd_n=0,
+                    progress=False,
+                )
+                evals[key] = {
+                    "encoder": name,
+                    "scale": s,
+                    "fd": r["fd"],
+                    "text": r["text"],
+                    "step": r["step"],
+                    "seconds": r["seconds"],
+                }
                 write_text(book, json.dumps(evals, indent=1))
-            print(name, s, {k: evals[key][k] for k in ("fd", "step")}, evals[key]["text"]["follows"]["seen"]["all_four"], flush=True)
+            print(
+                name,
+                s,
+                {k: evals[key][k] for k in ("fd", "step")},
+                evals[key]["text"]["follows"]["seen"]["all_four"],
+                flush=True,
+            )
 
     key = f"unconditional n={args.n} step={ckpt.weights_step(UNCONDITIONAL)}"
     if key not in evals:
@@ -130,8 +158,14 @@ def main(argv=None) -> None:
         write_text(book, json.dumps(evals, indent=1))
     unconditional_fd = evals[key]["fd"]
     real = real_images(args.n)
-    rows = [e | {"key": k} for k, e in evals.items() if "encoder" in e and k.split(" n=")[1].split()[0] == str(args.n)
-            and e["encoder"] in args.encoders and e["scale"] in args.scales]
+    rows = [
+        e | {"key": k}
+        for k, e in evals.items()
+        if "encoder" in e
+        and k.split(" n=")[1].split()[0] == str(args.n)
+        and e["encoder"] in args.encoders
+        and e["scale"] in args.scales
+    ]
     report(args, rows, real, unconditional_fd, clip_info, load_start, busy_start)
     picture(args, rows, real)
     samples(args, rows, root)
@@ -152,46 +186,120 @@ def best_of(rows: list[dict], encoder: str) -> dict:
 def report(args, rows, real, unconditional_fd, clip_info, load_start, busy_start) -> None:
     lines = header("Text-to-image on fashion-pairs: does the model follow the caption, per condition encoder")
     lines += [
-        f"- three latent U-Nets (latent_vs_pixel's autoencoder), {args.minutes} minutes of training wall-clock each, caption dropout 0.1",
-        f"- each row: the first {args.n} test captions (dpmpp-2m, 20 steps, seeds 0..{args.n - 1}), classifier-free guidance at scale s; "
-        "accuracies in the shipped attribute network; FD against the 4000 test images (biased upwards at this n: compare rows)",
-        f"- CLIP (its text tower is the clip encoder; it also scores): {args.clip_steps} steps, zero-shot retrieval in groups of 100 "
-        f"caption -> image {clip_info['caption_to_image']:.1%}, image -> caption {clip_info['image_to_caption']:.1%}; attribute probe "
-        + ", ".join(f"{k} {v:.1%}" for k, v in clip_info["attribute_probe"].items()),
-        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the end: {load_average()}",
+        f"- three latent U-Nets (latent_vs_pixel's autoencoder), {args.minutes} minutes of training wall-clock each, "
+        "caption dropout 0.1",
+        f"- each row: the first {args.n} test captions (dpmpp-2m, 20 steps, seeds 0..{args.n - 1}), classifier-free "
+        "guidance at scale s; "
+        "accuracies in the shipped attribute network; FD against the 4000 test images (biased upwards at this n: "
+        "compare rows)",
+        f"- CLIP (its text tower is the clip encoder; it also scores): {args.clip_steps} steps, zero-shot retrieval in "
+        "groups of 100 "
+        f"caption -> image {clip_info['caption_to_image']:.1%}, image -> caption {clip_info['image_to_caption']:.1%}; "
+        "attribute probe " + ", ".join(f"{k} {v:.1%}" for k, v in clip_info["attribute_probe"].items()),
+        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the "
+        f"end: {load_average()}",
         "",
     ]
-    head = ["encoder", "s", "steps", "all four, seen", "all four, held-out", "either side", "caption swap", *[f"{a}" for a in ATTRIBUTES], "FD",
-            "CLIP-score"]
+    head = [
+        "encoder",
+        "s",
+        "steps",
+        "all four, seen",
+        "all four, held-out",
+        "either side",
+        "caption swap",
+        *[f"{a}" for a in ATTRIBUTES],
+        "FD",
+        "CLIP-score",
+    ]
     table = []
     for r in rows:
         f, t = r["text"]["follows"], r["text"]
-        table.append([r["encoder"], f"{r['scale']:g}", str(r["step"]), f"{f['seen']['all_four']:.1%}", f"{f['held_out']['all_four']:.1%}",
-                      f"{f['all']['either_side']:.1%}", f"{t['caption_swap']['all_four']:.1%}", *[f"{v:.1%}" for v in f["all"]["per_attribute"].values()], f"{r['fd']:.2f}",
-                      f"{t['clip_score']['samples']:.3f}"])
+        table.append(
+            [
+                r["encoder"],
+                f"{r['scale']:g}",
+                str(r["step"]),
+                f"{f['seen']['all_four']:.1%}",
+                f"{f['held_out']['all_four']:.1%}",
+                f"{f['all']['either_side']:.1%}",
+                f"{t['caption_swap']['all_four']:.1%}",
+                *[f"{v:.1%}" for v in f["all"]["per_attribute"].values()],
+                f"{r['fd']:.2f}",
+                f"{t['clip_score']['samples']:.3f}",
+            ]
+        )
     clip_real = rows[0]["text"]["clip_score"]["real"] if rows else float("nan")
-    table.append(["real test images", "-", "-", f"{real['seen']['all_four']:.1%}", f"{real['held_out']['all_four']:.1%}",
-                  f"{real['all']['either_side']:.1%}", "-",
-                  *[f"{v:.1%}" for v in real["all"]["per_attribute"].values()], "-", f"{clip_real:.3f}"])
-    table.append(["caption-shuffled", "-", "-", f"{real['shuffled']['all_four']:.1%}", "-", f"{real['shuffled']['either_side']:.1%}", "-",
-                  *[f"{v:.1%}" for v in real["shuffled"]["per_attribute"].values()], "-", "-"])
+    table.append(
+        [
+            "real test images",
+            "-",
+            "-",
+            f"{real['seen']['all_four']:.1%}",
+            f"{real['held_out']['all_four']:.1%}",
+            f"{real['all']['either_side']:.1%}",
+            "-",
+            *[f"{v:.1%}" for v in real["all"]["per_attribute"].values()],
+            "-",
+            f"{clip_real:.3f}",
+        ]
+    )
+    table.append(
+        [
+            "caption-shuffled",
+            "-",
+            "-",
+            f"{real['shuffled']['all_four']:.1%}",
+            "-",
+            f"{real['shuffled']['either_side']:.1%}",
+            "-",
+            *[f"{v:.1%}" for v in real["shuffled"]["per_attribute"].values()],
+            "-",
+            "-",
+        ]
+    )
     lines += md_table(head, table)
-    lines += ["", f"Unconditional latent model (latent_vs_pixel): FD {unconditional_fd:.2f} at the same n; 1.5x is {1.5 * unconditional_fd:.2f}.", "",
-              "## Targets at each encoder's best scale (by seen all-four)", ""]
+    lines += [
+        "",
+        f"Unconditional latent model (latent_vs_pixel): FD {unconditional_fd:.2f} at the same n; 1.5x is "
+        f"{1.5 * unconditional_fd:.2f}.",
+        "",
+        "## Targets at each encoder's best scale (by seen all-four)",
+        "",
+    ]
     for name in args.encoders:
         if not any(r["encoder"] == name for r in rows):
             continue
         b = best_of(rows, name)
         f = b["text"]["follows"]
         seen, held, fd = f["seen"]["all_four"], f["held_out"]["all_four"], b["fd"]
-        lines.append(f"- {name} (s = {b['scale']:g}): seen {seen:.1%} ({'met' if seen >= 0.9 else 'missed'}, target 90 %), held-out "
-                     f"{held:.1%} ({'met' if held >= 0.75 else 'missed'}, target 75 %), FD {fd:.2f} = {fd / unconditional_fd:.2f}x the "
-                     f"unconditional model's ({'met' if fd <= 1.5 * unconditional_fd else 'missed'}, target 1.5x)")
-    lines += ["", f"The attribute network itself gets {real['seen']['all_four']:.1%} (seen) and {real['held_out']['all_four']:.1%} "
-                  "(held-out) all-four-correct on real test images: no model can score above that by this measure."]
+        lines.append(
+            f"- {name} (s = {b['scale']:g}): seen {seen:.1%} ({'met' if seen >= 0.9 else 'missed'}, target 90 %), "
+            "held-out "
+            f"{held:.1%} ({'met' if held >= 0.75 else 'missed'}, target 75 %), FD {fd:.2f} = "
+            f"{fd / unconditional_fd:.2f}x the "
+            f"unconditional model's ({'met' if fd <= 1.5 * unconditional_fd else 'missed'}, target 1.5x)"
+        )
+    lines += [
+        "",
+        f"The attribute network itself gets {real['seen']['all_four']:.1%} (seen) and "
+        f"{real['held_out']['all_four']:.1%} "
+        "(held-out) all-four-correct on real test images: no model can score above that by this measure.",
+    ]
     write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows, "real": real, "unconditional_fd": unconditional_fd,
-                                                     "clip": clip_info}, indent=1))
+    write_text(
+        RESULTS / f"{NAME}.json",
+        json.dumps(
+            {
+                "setting": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                "rows": rows,
+                "real": real,
+                "unconditional_fd": unconditional_fd,
+                "clip": clip_info,
+            },
+            indent=1,
+        ),
+    )
     print("\n".join(lines))
 
 
@@ -208,7 +316,13 @@ def picture(args, rows, real) -> None:
             continue
         s = [r["scale"] for r in mine]
         line = axes[0].plot(s, [r["text"]["follows"]["seen"]["all_four"] for r in mine], "o-", label=f"{name} seen")[0]
-        axes[0].plot(s, [r["text"]["follows"]["held_out"]["all_four"] for r in mine], "s--", color=line.get_color(), label=f"{name} held-out")
+        axes[0].plot(
+            s,
+            [r["text"]["follows"]["held_out"]["all_four"] for r in mine],
+            "s--",
+            color=line.get_color(),
+            label=f"{name} held-out",
+        )
         axes[1].plot(s, [r["text"]["caption_swap"]["all_four"] for r in mine], "o-", label=name)
         axes[2].plot(s, [r["fd"] for r in mine], "o-", label=name)
     axes[0].axhline(real["seen"]["all_four"], color="grey", ls=":", label="real images")
@@ -222,9 +336,15 @@ def samples(args, rows, root: Path) -> None:
     best = max(rows, key=lambda r: r["text"]["follows"]["seen"]["all_four"])
     prompts = parsed(load_images(DATASET, "test").captions[:8])
     captions = [c for pair in zip(prompts.captions, prompts.swapped().captions) for c in pair]
-    x = DiffusionRun.load(root / best["encoder"]).sample(len(captions), prompt=captions, guidance=best["scale"], sampler="dpmpp-2m", steps=20)
+    x = DiffusionRun.load(root / best["encoder"]).sample(
+        len(captions), prompt=captions, guidance=best["scale"], sampler="dpmpp-2m", steps=20
+    )
 
-    plots.captioned_grid(to_uint8(x), [f"{c} [{best['encoder']}, s={best['scale']:g}]" for c in captions], RESULTS / f"{NAME}_samples.png")
+    plots.captioned_grid(
+        to_uint8(x),
+        [f"{c} [{best['encoder']}, s={best['scale']:g}]" for c in captions],
+        RESULTS / f"{NAME}_samples.png",
+    )
 
 
 if __name__ == "__main__":

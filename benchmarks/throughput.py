@@ -114,7 +114,11 @@ def build_contenders(layout: str = DEFAULT_LAYOUT) -> list[Contender]:
 
 def batch(n: int, g: torch.Generator):
     """Inputs (n, 1, 28, 28), noise levels c in [0, 1000), targets."""
-    return torch.randn(n, 1, 28, 28, generator=g), torch.rand(n, generator=g) * 1000, torch.randn(n, 1, 28, 28, generator=g)
+    return (
+        torch.randn(n, 1, 28, 28, generator=g),
+        torch.rand(n, generator=g) * 1000,
+        torch.randn(n, 1, 28, 28, generator=g),
+    )
 
 
 def measure(contender: Contender, mode: str, precision: str, inputs, iters: int) -> float:
@@ -132,8 +136,11 @@ def measure(contender: Contender, mode: str, precision: str, inputs, iters: int)
 def matmul_operands(sizes) -> dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]:
     """Two (n, n) random matrices per (precision, n), made once (a 4096 pair is 128 MB in fp32)."""
     g = torch.Generator().manual_seed(0)
-    return {(p, n): (torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype))
-            for p, dtype in MATMUL_DTYPES.items() for n in sizes}
+    return {
+        (p, n): (torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype))
+        for p, dtype in MATMUL_DTYPES.items()
+        for n in sizes
+    }
 
 
 def matmul_gflops(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
@@ -183,7 +190,19 @@ OP_GROUPS = {
     "attention": ("scaled_dot_product", "_flash_attention", "bmm", "softmax", "baddbmm"),
     "linear / matmul": ("addmm", "aten::mm", "linear"),
     "AdamW": ("_fused_adamw", "_foreach", "adamw", "lerp", "addcdiv", "addcmul"),
-    "element-wise (SiLU, add, mul, cat, copies)": ("silu", "add", "mul", "cat", "copy_", "clone", "to_copy", "fill", "zero", "sub", "div"),
+    "element-wise (SiLU, add, mul, cat, copies)": (
+        "silu",
+        "add",
+        "mul",
+        "cat",
+        "copy_",
+        "clone",
+        "to_copy",
+        "fill",
+        "zero",
+        "sub",
+        "div",
+    ),
 }
 
 
@@ -220,7 +239,9 @@ def plot(path, medians, names) -> None:
     ax1.set_title("throughput, 28x28x1, matched parameter count")
     ax1.legend(fontsize=8)
     ratios = [medians[(names[0], m, p)] / medians[(names[1], m, p)] for m, p in keys]
-    bars = ax2.bar(range(len(keys)), ratios, 0.5, color=["tab:green" if r >= TARGET_SPEEDUP else "tab:red" for r in ratios])
+    bars = ax2.bar(
+        range(len(keys)), ratios, 0.5, color=["tab:green" if r >= TARGET_SPEEDUP else "tab:red" for r in ratios]
+    )
     ax2.bar_label(bars, fmt="%.2fx", fontsize=8)
     ax2.axhline(TARGET_SPEEDUP, ls="--", c="k", lw=1, label=f"target {TARGET_SPEEDUP}x (training)")
     ax2.axhline(1.0, c="grey", lw=0.8)
@@ -238,15 +259,24 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=12, help="interleaved measurement rounds (median reported)")
     parser.add_argument("--train-iters", type=int, default=2, help="training steps per measurement")
     parser.add_argument("--sample-iters", type=int, default=2, help="forward passes per measurement")
-    parser.add_argument("--matmul-sizes", type=int, nargs="+", default=list(MATMUL_SIZES),
-                        help="sizes n of the square matmuls whose best GFLOP/s is the peak")
+    parser.add_argument(
+        "--matmul-sizes",
+        type=int,
+        nargs="+",
+        default=list(MATMUL_SIZES),
+        help="sizes n of the square matmuls whose best GFLOP/s is the peak",
+    )
     parser.add_argument("--matmul-reps", type=int, default=2, help="timed repeats of each matmul per round (best kept)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", default=str(RESULTS), help="folder for throughput.md and throughput.png")
-    parser.add_argument("--layout", choices=tuple(LAYOUTS), default=DEFAULT_LAYOUT,
-                        help="our U-Net: the previous fashion-mnist layout, which diffusers' network mirrors (default), or "
-                             "'cheaper', today's fashion-mnist preset (writes throughput_cheaper.md/.png)")
+    parser.add_argument(
+        "--layout",
+        choices=tuple(LAYOUTS),
+        default=DEFAULT_LAYOUT,
+        help="our U-Net: the previous fashion-mnist layout, which diffusers' network mirrors (default), or "
+        "'cheaper', today's fashion-mnist preset (writes throughput_cheaper.md/.png)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before, others_before = load_average(), busy_processes()
@@ -304,8 +334,10 @@ def main(argv=None) -> None:
         f"- parameters: {ours} {params[ours]:,}; {theirs} {params[theirs]:,} "
         f"(ratio {params[ours] / params[theirs]:.3f})",
         f"- FLOPs per image (FlopCounterMode: convolutions, matmuls, attention): training step (fwd + bwd) "
-        f"{ours} {flops[(ours, 'train')] / TRAIN_BATCH / 1e6:.1f} M, {theirs} {flops[(theirs, 'train')] / TRAIN_BATCH / 1e6:.1f} M; "
-        f"forward {ours} {flops[(ours, 'sample')] / SAMPLE_BATCH / 1e6:.1f} M, {theirs} {flops[(theirs, 'sample')] / SAMPLE_BATCH / 1e6:.1f} M",
+        f"{ours} {flops[(ours, 'train')] / TRAIN_BATCH / 1e6:.1f} M, {theirs} "
+        f"{flops[(theirs, 'train')] / TRAIN_BATCH / 1e6:.1f} M; "
+        f"forward {ours} {flops[(ours, 'sample')] / SAMPLE_BATCH / 1e6:.1f} M, {theirs} "
+        f"{flops[(theirs, 'sample')] / SAMPLE_BATCH / 1e6:.1f} M",
         "",
         "## Throughput (images/s, median over rounds; min-max in brackets)",
         "",
@@ -322,14 +354,29 @@ def main(argv=None) -> None:
             best = max(samples[(ours, mode, p)]) / max(samples[(theirs, mode, p)])
             verdict = ("yes" if ratio >= TARGET_SPEEDUP else "**no**") if mode == "train" else "(no target)"
             rows.append([f"{mode} (batch {batch_size})", p, *cells, f"{ratio:.2f}x", f"{best:.2f}x", verdict])
-    lines += md_table(["mode", "precision", ours, theirs, "ours / theirs (medians)", "ours / theirs (best rounds)",
-                       f"target >= {TARGET_SPEEDUP}x met (medians)"], rows, "llrrrrl")
-    lines += ["", "Background load only ever slows a measurement down, so on a shared machine the best round (max) "
-              "is the cleaner estimate of each network's own speed; the median is what the issue asked for."]
+    lines += md_table(
+        [
+            "mode",
+            "precision",
+            ours,
+            theirs,
+            "ours / theirs (medians)",
+            "ours / theirs (best rounds)",
+            f"target >= {TARGET_SPEEDUP}x met (medians)",
+        ],
+        rows,
+        "llrrrrl",
+    )
+    lines += [
+        "",
+        "Background load only ever slows a measurement down, so on a shared machine the best round (max) "
+        "is the cleaner estimate of each network's own speed; the median is what the issue asked for.",
+    ]
 
     lines += ["", "## Fraction of the measured matmul peak", ""]
     lines += [
-        f"Peak: the best GFLOP/s of any timing of an n x n torch.matmul, n in {tuple(args.matmul_sizes)}, with fp32 and with "
+        f"Peak: the best GFLOP/s of any timing of an n x n torch.matmul, n in {tuple(args.matmul_sizes)}, with fp32 "
+        "and with "
         f"bf16 tensors ({args.matmul_reps} timed repeats after a warm-up call, in each of the {args.rounds} rounds): "
         f"**{peak:.0f} GFLOP/s** ({peak_at[0]}, n = {peak_at[1]}). One peak for both precisions, the best "
         "any matmul was seen to reach on this machine (measured, not a datasheet figure), so each fraction below is a "
@@ -337,8 +384,10 @@ def main(argv=None) -> None:
         "(FlopCounterMode) x median steps/s.",
         "",
     ]
-    lines += md_table(["matmul", *(f"n = {n}" for n in args.matmul_sizes)],
-                      [[f"best {p} GFLOP/s", *(f"{best_matmul[(p, n)]:.0f}" for n in args.matmul_sizes)] for p in MATMUL_DTYPES])
+    lines += md_table(
+        ["matmul", *(f"n = {n}" for n in args.matmul_sizes)],
+        [[f"best {p} GFLOP/s", *(f"{best_matmul[(p, n)]:.0f}" for n in args.matmul_sizes)] for p in MATMUL_DTYPES],
+    )
     lines += [""]
     rows, above = [], False
     for p in PRECISIONS:
@@ -348,11 +397,18 @@ def main(argv=None) -> None:
             rows.append([name, p, f"{gflops:.1f}", f"{100 * gflops / peak:.1f}%"])
     lines += md_table(["network", "training precision", "training GFLOP/s", "fraction of the peak"], rows, "llrr")
     if above:
-        lines += ["", "**A training rate above the measured peak: the peak is not an upper bound here (or the FLOP count "
-                  "is off); do not read these fractions.**"]
+        lines += [
+            "",
+            "**A training rate above the measured peak: the peak is not an upper bound here (or the FLOP count "
+            "is off); do not read these fractions.**",
+        ]
 
     if profiles:
-        lines += ["", "## Where a training step's time goes (torch.profiler, self CPU time, ms per step of batch 64)", ""]
+        lines += [
+            "",
+            "## Where a training step's time goes (torch.profiler, self CPU time, ms per step of batch 64)",
+            "",
+        ]
         headers, table = ["op group"], defaultdict(dict)
         for (name, p), totals in profiles.items():
             col = f"{'ours' if name == ours else 'diffusers'} {p}"
@@ -361,7 +417,9 @@ def main(argv=None) -> None:
                 table[group][col] = ms
             table["total"][col] = sum(totals.values())
         order = sorted(table, key=lambda gname: (gname == "total", -table[gname].get(headers[1], 0)))
-        lines += md_table(headers, [[gname, *(f"{table[gname].get(h, 0):.1f}" for h in headers[1:])] for gname in order])
+        lines += md_table(
+            headers, [[gname, *(f"{table[gname].get(h, 0):.1f}" for h in headers[1:])] for gname in order]
+        )
         for (name, p), totals in profiles.items():
             top = sorted(totals.items(), key=lambda kv: -kv[1])[:12]
             lines += ["", f"Top ops, {name}, {p} (ms per step):", ""]

@@ -58,8 +58,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="examples per row (default 20000)")
     parser.add_argument("--dims", type=int, default=2)
-    parser.add_argument("--schedule", choices=sorted(BETA_SCHEDULES), default="cosine",
-                        help="beta schedule (linear and sigmoid need T > 20)")
+    parser.add_argument(
+        "--schedule",
+        choices=sorted(BETA_SCHEDULES),
+        default="cosine",
+        help="beta schedule (linear and sigmoid need T > 20)",
+    )
     parser.add_argument("--T", type=int, nargs="+", default=[10, 50, 100, 500, 1000])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -70,8 +74,10 @@ def main(argv=None) -> None:
     nll = gaussian_nll(x0, mu, cov)  # (n,)
     entropy = float(0.5 * torch.logdet(2 * math.pi * math.e * cov))
 
-    print(f"x_0 ~ N(mu, Sigma), d = {args.dims}, n = {args.n} per row, {args.schedule} schedule, "
-          f"exact denoiser, Gaussian decoder (variance beta_1); nats per example.")
+    print(
+        f"x_0 ~ N(mu, Sigma), d = {args.dims}, n = {args.n} per row, {args.schedule} schedule, "
+        f"exact denoiser, Gaussian decoder (variance beta_1); nats per example."
+    )
     print(f"true NLL = entropy = {entropy:.4f} (MC mean over these x_0: {float(nll.mean()):.4f})\n")
     print("| T | variance | E[bound] (MC) | E[bound] (exact) | true NLL | gap (MC) ± s.e. | gap (exact) | seconds |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -80,14 +86,21 @@ def main(argv=None) -> None:
         denoiser = GaussianDenoiser(process, mu, cov)
         for variance in VARIANCES:
             start = time.perf_counter()
-            v = vlb_terms(denoiser, x0, variance=variance, decoder="gaussian",
-                          generator=torch.Generator().manual_seed(args.seed + T))
+            v = vlb_terms(
+                denoiser,
+                x0,
+                variance=variance,
+                decoder="gaussian",
+                generator=torch.Generator().manual_seed(args.seed + T),
+            )
             seconds = time.perf_counter() - start
             gap = v.total - nll
             se = float(gap.std()) / math.sqrt(args.n)
             exact = exact_expected_bound(process, mu, cov, variance)
-            print(f"| {T} | {variance} | {float(v.total.mean()):.4f} | {exact:.4f} | {entropy:.4f} "
-                  f"| {float(gap.mean()):.4f} ± {se:.4f} | {exact - entropy:.4f} | {seconds:.1f} |")
+            print(
+                f"| {T} | {variance} | {float(v.total.mean()):.4f} | {exact:.4f} | {entropy:.4f} "
+                f"| {float(gap.mean()):.4f} ± {se:.4f} | {exact - entropy:.4f} | {seconds:.1f} |"
+            )
 
 
 if __name__ == "__main__":

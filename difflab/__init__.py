@@ -1,8 +1,8 @@
 """difflab: diffusion models as the lecture notes describe them.
 
-    import difflab
-    run = difflab.load("runs/digits")            # a trained run, of whatever kind
-    x = run.sample(16, class_label=3, guidance=3)  # (16, 1, 8, 8) in [-1, 1]
+import difflab
+run = difflab.load("runs/digits")            # a trained run, of whatever kind
+x = run.sample(16, class_label=3, guidance=3)  # (16, 1, 8, 8) in [-1, 1]
 """
 
 import os

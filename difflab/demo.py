@@ -16,8 +16,12 @@ OUT = "out/demo"
 RUN = "runs/digits"
 CLF = "runs/digits-clf"
 T2I = "fashion-pairs-t2i"
-PROMPTS = ("a red sneaker on the left and a blue bag on the right", "a blue bag on the left and a red sneaker on the right",
-           "a green dress on the left and a yellow sandal on the right", "a yellow trouser on the left and a green coat on the right")
+PROMPTS = (
+    "a red sneaker on the left and a blue bag on the right",
+    "a blue bag on the left and a red sneaker on the right",
+    "a green dress on the left and a yellow sandal on the right",
+    "a yellow trouser on the left and a green coat on the right",
+)
 
 
 def run(steps: list[list[str]]) -> None:
@@ -32,23 +36,108 @@ def main() -> None:
     pictures = []
     if T2I in shipped_models():
         prompts = [a for p in PROMPTS for a in ("--prompt", p)]
-        run([["sample", T2I, *prompts, "-n", "32", "--guidance", "5", "--seed", "0", "--out", f"{OUT}/text-to-image.png"]])
+        run(
+            [
+                [
+                    "sample",
+                    T2I,
+                    *prompts,
+                    "-n",
+                    "32",
+                    "--guidance",
+                    "5",
+                    "--seed",
+                    "0",
+                    "--out",
+                    f"{OUT}/text-to-image.png",
+                ]
+            ]
+        )
         pictures.append("text-to-image.png")
     run(
         [
             ["data", "digits", "--split", "test", "--n", "64", "--out", f"{OUT}/digits-real.png"],
             ["train", "digits", "--cond", "class", "--out", RUN, "--force"],
             ["train-classifier", "digits", "--out", CLF, "--force"],
-            ["sample", RUN, "--n", "64", "--sampler", "dpmpp-2m", "--steps", "20", "--seed", "0", "--out", f"{OUT}/digits-samples.png", "--save", f"{OUT}/digits-samples.npz"],
-            ["sample", RUN, "--class", "all", "-n", "80", "--guidance", "3", "--sampler", "dpmpp-2m", "--steps", "20", "--out", f"{OUT}/digits-classes.png"],
-            ["sample", RUN, "--class", "all", "-n", "80", "--guidance", "0", "--classifier", CLF, "--classifier-scale", "3", "--sampler", "dpmpp-2m", "--steps", "20",
-             "--out", f"{OUT}/digits-classifier.png"],
-            ["trajectories", RUN, "--sampler", "dpmpp-2m", "--steps", "20", "--out", f"{OUT}/digits-chain.png", "--gif", f"{OUT}/digits-chain.gif", "--forward", f"{OUT}/digits-forward.png"],
+            [
+                "sample",
+                RUN,
+                "--n",
+                "64",
+                "--sampler",
+                "dpmpp-2m",
+                "--steps",
+                "20",
+                "--seed",
+                "0",
+                "--out",
+                f"{OUT}/digits-samples.png",
+                "--save",
+                f"{OUT}/digits-samples.npz",
+            ],
+            [
+                "sample",
+                RUN,
+                "--class",
+                "all",
+                "-n",
+                "80",
+                "--guidance",
+                "3",
+                "--sampler",
+                "dpmpp-2m",
+                "--steps",
+                "20",
+                "--out",
+                f"{OUT}/digits-classes.png",
+            ],
+            [
+                "sample",
+                RUN,
+                "--class",
+                "all",
+                "-n",
+                "80",
+                "--guidance",
+                "0",
+                "--classifier",
+                CLF,
+                "--classifier-scale",
+                "3",
+                "--sampler",
+                "dpmpp-2m",
+                "--steps",
+                "20",
+                "--out",
+                f"{OUT}/digits-classifier.png",
+            ],
+            [
+                "trajectories",
+                RUN,
+                "--sampler",
+                "dpmpp-2m",
+                "--steps",
+                "20",
+                "--out",
+                f"{OUT}/digits-chain.png",
+                "--gif",
+                f"{OUT}/digits-chain.gif",
+                "--forward",
+                f"{OUT}/digits-forward.png",
+            ],
         ]
     )
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s. Pictures:")
-    for name in (*pictures, "digits-real.png", "digits-samples.png", "digits-classes.png", "digits-classifier.png", "digits-chain.gif", "digits-chain.png",
-                 "digits-forward.png"):
+    for name in (
+        *pictures,
+        "digits-real.png",
+        "digits-samples.png",
+        "digits-classes.png",
+        "digits-classifier.png",
+        "digits-chain.gif",
+        "digits-chain.png",
+        "digits-forward.png",
+    ):
         print(f"  {OUT}/{name}")
     print(f"  {RUN}/loss.png (loss curve), {RUN}/samples.png (grid written during training)")
 
@@ -59,13 +148,51 @@ def main_2d() -> None:
     out = "out/demo-2d"
     run(
         [
-            ["data", "swissroll", "--n", "5000", "--seed", "1", "--save", f"{out}/data.npz", "--out", f"{out}/data.png"],
+            [
+                "data",
+                "swissroll",
+                "--n",
+                "5000",
+                "--seed",
+                "1",
+                "--save",
+                f"{out}/data.npz",
+                "--out",
+                f"{out}/data.png",
+            ],
             ["train", "swissroll", "--out", "runs/swissroll", "--force"],
-            ["sample", "runs/swissroll", "--sampler", "ddim", "--steps", "50", "--n", "5000", "--seed", "0", "--out", f"{out}/samples.png", "--save", f"{out}/samples.npz"],
-            ["trajectories", "runs/swissroll", "--out", f"{out}/trajectories.png", "--steps", "1000", "--sampler", "ddpm"],
+            [
+                "sample",
+                "runs/swissroll",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "50",
+                "--n",
+                "5000",
+                "--seed",
+                "0",
+                "--out",
+                f"{out}/samples.png",
+                "--save",
+                f"{out}/samples.npz",
+            ],
+            [
+                "trajectories",
+                "runs/swissroll",
+                "--out",
+                f"{out}/trajectories.png",
+                "--steps",
+                "1000",
+                "--sampler",
+                "ddpm",
+            ],
         ]
     )
-    print(f"\n2-D demo done in {time.perf_counter() - t0:.0f} s. Pictures: {out}/data.png, {out}/samples.png, {out}/trajectories.png, runs/swissroll/loss.png")
+    print(
+        f"\n2-D demo done in {time.perf_counter() - t0:.0f} s. Pictures: {out}/data.png, {out}/samples.png, "
+        f"{out}/trajectories.png, runs/swissroll/loss.png"
+    )
 
 
 if __name__ == "__main__":

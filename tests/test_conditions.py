@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from difflab.core.conditions import ConditionError, ConditionSpec, class_labels, drop_conditions, drop_mask, select
-from difflab.nets.mlp import MLP, MLPConfig
-from difflab.nets.unet import UNet, UNetConfig
 from difflab.core.parameterize import Denoiser
 from difflab.core.processes import DiscreteDDPM
+from difflab.nets.mlp import MLP, MLPConfig
+from difflab.nets.unet import UNet, UNetConfig
 
-TINY = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=4)
+TINY = UNetConfig(
+    image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=4
+)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
@@ -43,16 +45,22 @@ def test_shards_drop_as_the_whole_batch_does():
     spec, y = class_labels(5, 0.3), torch.arange(64) % 5
     whole = drop_conditions({"class_labels": y}, [spec], torch.Generator().manual_seed(7))["class_labels"]
     m = drop_mask(0.3, 64, torch.Generator().manual_seed(7))
-    halves = [drop_conditions({"class_labels": y[s]}, [spec], masks={"class_labels": m[s]})["class_labels"] for s in (slice(0, 32), slice(32, 64))]
+    halves = [
+        drop_conditions({"class_labels": y[s]}, [spec], masks={"class_labels": m[s]})["class_labels"]
+        for s in (slice(0, 32), slice(32, 64))
+    ]
     assert torch.equal(torch.cat(halves), whole)
 
 
-@pytest.mark.parametrize("bad, needle", [
-    (dict(name="class labels"), "identifier"),
-    (dict(name="y", kind="text"), "unknown kind"),
-    (dict(name="y", p_drop=1.5, null_label=3), "p_drop must be in [0, 1]"),
-    (dict(name="y", kind="label"), "null_label"),
-])
+@pytest.mark.parametrize(
+    "bad, needle",
+    [
+        (dict(name="class labels"), "identifier"),
+        (dict(name="y", kind="text"), "unknown kind"),
+        (dict(name="y", p_drop=1.5, null_label=3), "p_drop must be in [0, 1]"),
+        (dict(name="y", kind="label"), "null_label"),
+    ],
+)
 def test_condition_spec_validation(bad, needle):
     with pytest.raises(ConditionError, match=needle.replace("[", r"\[").replace("]", r"\]")):
         ConditionSpec(**bad)
@@ -78,7 +86,11 @@ def test_networks_refuse_undeclared_conditions():
     unet(xi, t, class_labels=torch.tensor([0, 3]))  # 3 is the null class
     with pytest.raises(ConditionError, match="takes class_labels; got 'context'"):
         unet(xi, t, context=torch.randn(2, 4, 8))
-    assert UNet(replace(TINY, cond_channels=1, context_dim=8, attention_resolutions=(4,))).accepts == {"low_res", "context", "context_mask"}
+    assert UNet(replace(TINY, cond_channels=1, context_dim=8, attention_resolutions=(4,))).accepts == {
+        "low_res",
+        "context",
+        "context_mask",
+    }
 
 
 def test_conditional_and_unconditional_predictions_differ_after_label_embedding():

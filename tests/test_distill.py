@@ -85,13 +85,16 @@ def test_consistency_boundary_is_exact_and_high_noise_is_the_denoiser():
     v = torch.randn(4, 2, dtype=torch.float64)
     xt = torch.randn(4, 2, dtype=torch.float64)
     f = consistency_x0(PROCESS, Prediction(xt, al, si, "v", v), t, 1.0)
-    st, st_min = si / al, PROCESS.sigma(torch.tensor(1.0, dtype=torch.float64)) / PROCESS.alpha(torch.tensor(1.0, dtype=torch.float64))
+    st, st_min = (
+        si / al,
+        PROCESS.sigma(torch.tensor(1.0, dtype=torch.float64)) / PROCESS.alpha(torch.tensor(1.0, dtype=torch.float64)),
+    )
     c_skip, c_out = 1 / ((st - st_min) ** 2 + 1), (st - st_min) / torch.sqrt(1 + st**2)
     assert torch.allclose(f, c_skip * xt / al + c_out * (-v), atol=1e-10)
 
 
 def test_pseudo_huber_is_quadratic_near_zero_and_linear_far():
-    c = 0.00054 * 2 ** 0.5
+    c = 0.00054 * 2**0.5
     a = torch.zeros(3, 2)
     b = torch.tensor([[1e-5, 0.0], [3.0, 4.0], [0.0, 0.0]])
     d = pseudo_huber(a, b)
@@ -108,13 +111,15 @@ def test_heun_ode_step_matches_the_heun_sampler_per_sample():
     t, s = levels[:-1], levels[1:]
     ours = ode_step(teacher, x, t, s, {}, "heun")
     for i in range(len(t)):
-        ref = heun(teacher, x[i:i + 1], torch.stack([t[i], s[i]]))
+        ref = heun(teacher, x[i : i + 1], torch.stack([t[i], s[i]]))
         assert torch.allclose(ours[i], ref[0], atol=1e-10), i
 
 
 def test_classifier_free_teacher_equals_the_guided_wrapper():
-    """The distillation teacher's per-sample guided prediction is the Guided wrapper's, scale by scale (exact mixture)."""
-    mixture = GaussianMixture([0.5, 0.5], torch.tensor([[1.0, 0.0], [-1.0, 0.5]]), torch.stack([torch.eye(2) * 0.1, torch.eye(2) * 0.2]))
+    """The distillation teacher's per-sample guided prediction is the Guided wrapper's, scale by scale (mixture)."""
+    mixture = GaussianMixture(
+        [0.5, 0.5], torch.tensor([[1.0, 0.0], [-1.0, 0.5]]), torch.stack([torch.eye(2) * 0.1, torch.eye(2) * 0.2])
+    )
     exact = GaussianMixtureDenoiser(PROCESS, mixture)
     specs = [class_labels(2)]
     teacher = Teacher(exact, specs, "cfg")
@@ -124,7 +129,7 @@ def test_classifier_free_teacher_equals_the_guided_wrapper():
     w = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.5, 7.0], dtype=torch.float64)
     ours = teacher.predict(x, t, {"class_labels": labels}, w).x0
     for i in range(6):
-        ref = Guided(exact, specs, scale=float(w[i]))(x[i:i + 1], t[i:i + 1], class_labels=labels[i:i + 1]).x0
+        ref = Guided(exact, specs, scale=float(w[i]))(x[i : i + 1], t[i : i + 1], class_labels=labels[i : i + 1]).x0
         assert torch.allclose(ours[i], ref[0], atol=1e-9), i
 
 
@@ -139,22 +144,38 @@ def test_gaussian_student_learns_the_teachers_four_step_map_in_one(tmp_path):
     mu, cov = gaussian()
     exact = GaussianDenoiser(PROCESS, mu, cov)
     g = torch.Generator().manual_seed(0)
-    data = TensorDataset((mu + torch.randn(20000, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T).float())
+    data = TensorDataset(
+        (mu + torch.randn(20000, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(cov).T).float()
+    )
     cfg = preset_for("swissroll")
-    cfg = replace(cfg, train=replace(cfg.train, steps=600, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=600, log_every=100))
+    cfg = replace(
+        cfg,
+        train=replace(cfg.train, steps=600, lr=2e-3, warmup=50, ema_decay=0.99, checkpoint_every=600, log_every=100),
+    )
     noise = torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
     teacher_map = ddim(exact, noise.double(), timesteps(PROCESS, 4, "uniform")).float()
 
     stage1 = train(tmp_path / "s1", cfg, data, loss_fn=ProgressiveLoss(Teacher(exact), 2), progress=False)
-    stage2 = train(tmp_path / "s2", cfg, data, loss_fn=ProgressiveLoss(Teacher(stage1), 1), init_from=tmp_path / "s1", progress=False)
+    stage2 = train(
+        tmp_path / "s2",
+        cfg,
+        data,
+        loss_fn=ProgressiveLoss(Teacher(stage1), 1),
+        init_from=tmp_path / "s1",
+        progress=False,
+    )
     student_map = ddim(stage2, noise, timesteps(PROCESS, 1, "uniform"))
     err = (student_map - teacher_map).pow(2).mean().sqrt().item()
     scale = teacher_map.pow(2).mean().sqrt().item()
     one_step = ddim(exact, noise.double(), timesteps(PROCESS, 1, "uniform")).float()
-    print(f"student 1-step vs teacher 4-step RMS {err:.4f} (scale {scale:.3f}); teacher 1-step vs 4-step "
-          f"{(one_step - teacher_map).pow(2).mean().sqrt().item():.4f}")
+    print(
+        f"student 1-step vs teacher 4-step RMS {err:.4f} (scale {scale:.3f}); teacher 1-step vs 4-step "
+        f"{(one_step - teacher_map).pow(2).mean().sqrt().item():.4f}"
+    )
     assert err < 0.05
-    assert (one_step - teacher_map).pow(2).mean().sqrt().item() > 5 * err  # the student did something the teacher's 1 step cannot
+    assert (one_step - teacher_map).pow(
+        2
+    ).mean().sqrt().item() > 5 * err  # the student did something the teacher's 1 step cannot
 
 
 # --------------------------------------------------------------------------- students of a trained run
@@ -170,8 +191,26 @@ def test_progressive_stage_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
     teacher's 8-step ones are to its 16. Measured (energy distance to held-out data): teacher 16 steps 0.0024,
     8 steps 0.0070, 4 steps 0.032; the student at 4 steps 0.0069 (0.99x the teacher's 8; bound 1.5x)."""
     out = tmp_path / "pd"
-    assert main(["distill", str(swissroll_run), "--method", "progressive", "--teacher-steps", "8", "--steps-to", "4", "--steps", "300",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(swissroll_run),
+                "--method",
+                "progressive",
+                "--teacher-steps",
+                "8",
+                "--steps-to",
+                "4",
+                "--steps",
+                "300",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     teacher, student = difflab.load(swissroll_run), difflab.load(out)
     assert type(student).__name__ == "StudentRun" and student.config.distill.stages == [[8, 4]]
 
@@ -186,14 +225,22 @@ def test_progressive_stage_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
 
 
 def test_consistency_student_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
-    """Consistency distillation: f(x, t_min) = x / alpha(t_min) for the trained student, and its 1-step samples beat the teacher's
+    """Consistency distillation: f(x, t_min) = x / alpha(t_min) for the trained student, and its 1-step samples beat
+    the teacher's
     1-step DDIM by far. Measured: student 1 step 0.0104, teacher DDIM 1 step 0.62 (59x); teacher 16 steps 0.0024."""
     out = tmp_path / "cd"
-    assert main(["distill", str(swissroll_run), "--method", "consistency", "--steps", "1500", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            ["distill", str(swissroll_run), "--method", "consistency", "--steps", "1500", "--out", str(out), "--quiet"]
+        )
+        == 0
+    )
     student = difflab.load(out)
     x = torch.randn(32, 2)
     one = torch.ones(32, dtype=torch.float64)
-    assert torch.equal(student.denoiser(x, one).x0, x * (1 / PROCESS.alpha(one))[:, None].float())  # the boundary, exactly
+    assert torch.equal(
+        student.denoiser(x, one).x0, x * (1 / PROCESS.alpha(one))[:, None].float()
+    )  # the boundary, exactly
     s1 = heldout(student.sample(4000, batch=4000))
     d1 = heldout(difflab.load(swissroll_run).sample(4000, sampler="ddim", steps=1, batch=4000))
     print(f"consistency student 1 step {s1:.5f}; teacher ddim 1 step {d1:.5f} ({d1 / s1:.0f}x)")
@@ -210,8 +257,30 @@ def test_guided_student_matches_the_two_pass_teacher(digits_runs, tmp_path):
     away); class accuracy at s = 3, student 2 steps 1.00 against the teacher's 0.99."""
     teacher = difflab.load(digits_runs / "dc")
     out = tmp_path / "gd"
-    assert main(["distill", str(digits_runs / "dc"), "--method", "progressive", "--guidance-range", "1,4", "--teacher-steps", "4",
-                 "--steps-to", "2", "--steps", "150", "--batch-size", "32", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(digits_runs / "dc"),
+                "--method",
+                "progressive",
+                "--guidance-range",
+                "1,4",
+                "--teacher-steps",
+                "4",
+                "--steps-to",
+                "2",
+                "--steps",
+                "150",
+                "--batch-size",
+                "32",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     stage_one = out / "stages" / "1-4to4"
     record = load_config(out).distill
     assert record.stages == [[4, 4], [4, 2]] and record.guidance_range == [1.0, 4.0]
@@ -222,7 +291,11 @@ def test_guided_student_matches_the_two_pass_teacher(digits_runs, tmp_path):
     x_t = PROCESS.q_sample(x0, t, torch.randn(x0.shape, generator=g))
     labels = torch.arange(64) % 10
     w = 3.0
-    guided = Teacher(teacher.denoiser, teacher.config.condition_specs(), "cfg").predict(x_t, t, {"class_labels": labels}, torch.full((64,), w)).x0
+    guided = (
+        Teacher(teacher.denoiser, teacher.config.condition_specs(), "cfg")
+        .predict(x_t, t, {"class_labels": labels}, torch.full((64,), w))
+        .x0
+    )
     with torch.no_grad():
         student = one.guided(GuidanceConfig(scale=w))(x_t, t, class_labels=labels).x0
         plain = teacher.denoiser(x_t, t, class_labels=labels).x0
@@ -233,8 +306,12 @@ def test_guided_student_matches_the_two_pass_teacher(digits_runs, tmp_path):
 
     net = load_feature_net("digits")
     labels = [k for k in range(10) for _ in range(20)]
-    acc = {name: accuracy(net, model.sample(200, class_label=labels, guidance=3.0, seed=0).clamp(-1, 1), torch.tensor(labels))
-           for name, model in (("teacher", teacher), ("student", difflab.load(out)))}
+    acc = {
+        name: accuracy(
+            net, model.sample(200, class_label=labels, guidance=3.0, seed=0).clamp(-1, 1), torch.tensor(labels)
+        )
+        for name, model in (("teacher", teacher), ("student", difflab.load(out)))
+    }
     print("class accuracy at s = 3:", acc)
     assert acc["student"] >= acc["teacher"] - 0.03
 
@@ -256,18 +333,66 @@ def _err(capsys, *argv) -> str:
 def test_bad_input_is_one_line(digits_runs, tiny_toy_run, tmp_path, capsys):
     out = tmp_path / "x"
     assert "classifier" in _err(capsys, "distill", digits_runs / "clf", "--method", "progressive", "--out", out)
-    assert "power of two below" in _err(capsys, "distill", tiny_toy_run, "--method", "progressive", "--teacher-steps", "8", "--steps-to", "3", "--out", out)
-    assert "power of two below" in _err(capsys, "distill", tiny_toy_run, "--method", "progressive", "--teacher-steps", "8", "--steps-to", "8", "--out", out)
-    assert "power of two" in _err(capsys, "distill", tiny_toy_run, "--method", "progressive", "--teacher-steps", "12", "--out", out)
+    assert "power of two below" in _err(
+        capsys,
+        "distill",
+        tiny_toy_run,
+        "--method",
+        "progressive",
+        "--teacher-steps",
+        "8",
+        "--steps-to",
+        "3",
+        "--out",
+        out,
+    )
+    assert "power of two below" in _err(
+        capsys,
+        "distill",
+        tiny_toy_run,
+        "--method",
+        "progressive",
+        "--teacher-steps",
+        "8",
+        "--steps-to",
+        "8",
+        "--out",
+        out,
+    )
+    assert "power of two" in _err(
+        capsys, "distill", tiny_toy_run, "--method", "progressive", "--teacher-steps", "12", "--out", out
+    )
     assert "super-resolution" in _err(capsys, "distill", digits_runs / "sr", "--method", "consistency", "--out", out)
-    assert "no class or text" in _err(capsys, "distill", tiny_toy_run, "--method", "consistency", "--guidance-range", "1,3", "--out", out)
-    assert "LO <= HI" in _err(capsys, "distill", tiny_toy_run, "--method", "consistency", "--guidance-range", "3,1", "--out", out)
+    assert "no class or text" in _err(
+        capsys, "distill", tiny_toy_run, "--method", "consistency", "--guidance-range", "1,3", "--out", out
+    )
+    assert "LO <= HI" in _err(
+        capsys, "distill", tiny_toy_run, "--method", "consistency", "--guidance-range", "3,1", "--out", out
+    )
     assert "give TEACHER" in _err(capsys, "distill", "--out", out)
     assert not out.exists()  # nothing half-written
 
     student = tmp_path / "s"
-    assert main(["distill", str(tiny_toy_run), "--method", "progressive", "--teacher-steps", "4", "--steps-to", "2", "--steps", "5",
-                 "--out", str(student), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(tiny_toy_run),
+                "--method",
+                "progressive",
+                "--teacher-steps",
+                "4",
+                "--steps-to",
+                "2",
+                "--steps",
+                "5",
+                "--out",
+                str(student),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "samples with 'ddim', not 'heun'" in _err(capsys, "sample", student, "--sampler", "heun", "--n", "4")
     assert "in 2 DDIM steps, not 8" in _err(capsys, "sample", student, "--steps", "8", "--n", "4")
     assert "uniform grid" in _err(capsys, "sample", student, "--spacing", "karras", "--n", "4")
@@ -275,7 +400,9 @@ def test_bad_input_is_one_line(digits_runs, tiny_toy_run, tmp_path, capsys):
     assert "drop" in _err(capsys, "distill", "--out", student, "--resume", "--steps", "9")
     with pytest.raises(DistillError, match="LoRA"):
         difflab.load(student, lora=[(student, 1.0)])
-    assert main(["sample", str(student), "--n", "8", "--save", str(tmp_path / "p.npz"), "--quiet"]) == 0  # its own sampler and steps
+    assert (
+        main(["sample", str(student), "--n", "8", "--save", str(tmp_path / "p.npz"), "--quiet"]) == 0
+    )  # its own sampler and steps
     assert main(["trajectories", str(student), "--out", str(tmp_path / "t.png")]) == 0
     assert main(["eval", str(student), "-n", "20", "--json", str(tmp_path / "e.json"), "--quiet"]) == 0
     report = json.loads((tmp_path / "e.json").read_text())
@@ -294,14 +421,67 @@ def test_bad_input_is_one_line(digits_runs, tiny_toy_run, tmp_path, capsys):
 
 def test_unguided_class_student_refuses_guidance(digits_runs, tmp_path, capsys):
     out = tmp_path / "u"
-    assert main(["distill", str(digits_runs / "dc"), "--method", "consistency", "--steps", "3", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(digits_runs / "dc"),
+                "--method",
+                "consistency",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "without guidance" in _err(capsys, "sample", out, "--class", "3", "--guidance", "3", "--n", "4")
     g = tmp_path / "g"
-    assert main(["distill", str(digits_runs / "dc"), "--method", "consistency", "--guidance-range", "1,2", "--steps", "3", "--out", str(g), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(digits_runs / "dc"),
+                "--method",
+                "consistency",
+                "--guidance-range",
+                "1,2",
+                "--steps",
+                "3",
+                "--out",
+                str(g),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert "scales in [1, 2], not 3" in _err(capsys, "sample", g, "--class", "3", "--guidance", "3", "--n", "4")
-    assert "scale alone" in _err(capsys, "sample", g, "--class", "3", "--guidance", "2", "--negative-class", "4", "--n", "4")
-    assert "teacher's full chain" in str(pytest.raises(DistillError, difflab.load(g).img2img, torch.zeros(1, 1, 8, 8), 0.5).value)
-    assert main(["sample", str(g), "--class", "3", "--guidance", "1.5", "--n", "4", "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+    assert "scale alone" in _err(
+        capsys, "sample", g, "--class", "3", "--guidance", "2", "--negative-class", "4", "--n", "4"
+    )
+    assert "teacher's full chain" in str(
+        pytest.raises(DistillError, difflab.load(g).img2img, torch.zeros(1, 1, 8, 8), 0.5).value
+    )
+    assert (
+        main(
+            [
+                "sample",
+                str(g),
+                "--class",
+                "3",
+                "--guidance",
+                "1.5",
+                "--n",
+                "4",
+                "--out",
+                str(tmp_path / "g.png"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 def test_a_stopped_distillation_resumes_exactly(tiny_toy_run, tmp_path):
@@ -325,8 +505,26 @@ def test_latent_text_student_samples_decoded_images(text_runs, tmp_path, capsys)
     """A guided consistency student of the latent MiniLM text run: it distils in the latent space (the latents
     cached in its folder), reads captions, and samples decoded images at a guidance scale in one pass per step."""
     out = tmp_path / "t"
-    assert main(["distill", str(text_runs / "minilm"), "--method", "consistency", "--guidance-range", "1,4", "--steps", "4",
-                 "--batch-size", "16", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                str(text_runs / "minilm"),
+                "--method",
+                "consistency",
+                "--guidance-range",
+                "1,4",
+                "--steps",
+                "4",
+                "--batch-size",
+                "16",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert (out / "latents.safetensors").exists()
     student = difflab.load(out)
     teacher = difflab.load(text_runs / "minilm")
@@ -336,8 +534,19 @@ def test_latent_text_student_samples_decoded_images(text_runs, tmp_path, capsys)
     assert z.shape == (3, *teacher.config.shape)
     alone = student.sample(1, prompt="a handwritten three", guidance=2.5, steps=2, seed=1)
     assert torch.allclose(alone, x[1:2], atol=1e-3)  # seed i is sample i, whatever the batch (to round-off)
-    assert "scale alone" in _err(capsys, "sample", out, "--prompt", "a handwritten three", "--negative-prompt", "a handwritten eight",
-                                 "--guidance", "2", "--n", "2")
+    assert "scale alone" in _err(
+        capsys,
+        "sample",
+        out,
+        "--prompt",
+        "a handwritten three",
+        "--negative-prompt",
+        "a handwritten eight",
+        "--guidance",
+        "2",
+        "--n",
+        "2",
+    )
 
 
 @pytest.mark.slow  # subprocesses under torchrun
@@ -349,14 +558,53 @@ def test_two_ranks_distil_the_student_of_one_process(tiny_toy_run, tmp_path):
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["-m", "difflab", "distill", str(tiny_toy_run), "--method", "progressive", "--teacher-steps", "4", "--steps-to", "1",
-            "--steps", "6", "--quiet", "--device", "cpu"]
-    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one"), "--batch-size", "64"], env=env, capture_output=True, text=True)
+    args = [
+        "-m",
+        "difflab",
+        "distill",
+        str(tiny_toy_run),
+        "--method",
+        "progressive",
+        "--teacher-steps",
+        "4",
+        "--steps-to",
+        "1",
+        "--steps",
+        "6",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "one"), "--batch-size", "64"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args,
-                          "--out", str(tmp_path / "two"), "--batch-size", "32"], env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+            "--batch-size",
+            "32",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stdout + two.stderr
     a, b = load_weights(tmp_path / "one", "ema"), load_weights(tmp_path / "two", "ema")
-    gap = (sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) / sum(float(a[k].double().pow(2).sum()) for k in a)) ** 0.5
+    gap = (
+        sum(float((a[k] - b[k]).double().pow(2).sum()) for k in a) / sum(float(a[k].double().pow(2).sum()) for k in a)
+    ) ** 0.5
     print(f"relative gap between 1 process and 2 ranks: {gap:.2e}")
     assert gap < 1e-5

@@ -21,7 +21,13 @@ TRAIN = ["-m", "difflab", "train", "swissroll", "-n", "2000", "--quiet", "--devi
 
 
 def torchrun(nproc: int, args: list[str], extra: list[str] = ()) -> subprocess.Popen:
-    return subprocess.Popen([*TORCHRUN, "--nproc-per-node", str(nproc), *extra, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [*TORCHRUN, "--nproc-per-node", str(nproc), *extra, *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def difflab(args: list[str]) -> subprocess.CompletedProcess:
@@ -95,7 +101,23 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(tmp_path):
 
 def test_generate_gives_the_same_samples_on_one_and_two_processes(tiny_toy_run, tmp_path):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    sample = ["-m", "difflab", "sample", str(tiny_toy_run), "-n", "11", "--steps", "8", "--sampler", "ddpm", "--seed", "5", "--device", "cpu", "--quiet"]
+    sample = [
+        "-m",
+        "difflab",
+        "sample",
+        str(tiny_toy_run),
+        "-n",
+        "11",
+        "--steps",
+        "8",
+        "--sampler",
+        "ddpm",
+        "--seed",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     p = difflab([*sample, "--save", str(one)])
     assert p.returncode == 0, p.stderr
     q = torchrun(2, [*sample, "--save", str(two), "--batch", "3"])
@@ -111,8 +133,25 @@ def test_accumulation_and_condition_dropout_shard_like_one_process(tmp_path):
     """2 ranks x batch 8 x 2 micro-batches on class-conditional digits with dropout 0.5 equal 1 process x
     batch 16 x 2 micro-batches: each rank's shard of each micro-batch, noise and null labels included."""
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["-m", "difflab", "train", "digits", "--class-cond", "--cond-dropout", "0.5", "--accumulation", "2", "--steps", "4",
-            "--quiet", "--device", "cpu", "--no-preview", "--precision", "fp32"]
+    args = [
+        "-m",
+        "difflab",
+        "train",
+        "digits",
+        "--class-cond",
+        "--cond-dropout",
+        "0.5",
+        "--accumulation",
+        "2",
+        "--steps",
+        "4",
+        "--quiet",
+        "--device",
+        "cpu",
+        "--no-preview",
+        "--precision",
+        "fp32",
+    ]
     p = difflab([*args, "--out", str(one), "--batch-size", "16"])
     assert p.returncode == 0, p.stderr
     q = torchrun(2, [*args, "--out", str(two), "--batch-size", "8"])
@@ -124,4 +163,6 @@ def test_accumulation_and_condition_dropout_shard_like_one_process(tmp_path):
     # and the shards do matter: another dropout rate trains other weights
     r = difflab([*args[:6], "0.0", *args[7:], "--out", str(tmp_path / "nodrop"), "--batch-size", "16"])
     assert r.returncode == 0, r.stderr
-    assert relative_gap(load_weights(one, "net"), load_weights(tmp_path / "nodrop", "net")) > 1000 * gap  # measured: 1.9e-4
+    assert (
+        relative_gap(load_weights(one, "net"), load_weights(tmp_path / "nodrop", "net")) > 1000 * gap
+    )  # measured: 1.9e-4

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from test_inverse import ImageGaussian, problem  # noqa: F401  (the fixture)
 
 from difflab.sampling.edit import img2img, interpolate, slerp
 from difflab.sampling.samplers import ddim, ddim_invert, timesteps
-
-from test_inverse import ImageGaussian, problem  # noqa: F401  (the fixture)
 
 F64 = torch.float64
 

@@ -8,20 +8,22 @@ from dataclasses import replace
 
 import pytest
 
+from difflab.cli import main
+from difflab.core.processes import ContinuousVP
+from difflab.data.images import load_images
+from difflab.data.loader import TensorDataset
 from difflab.evaluation import evaluate as ev
 from difflab.evaluation import reference, report
 from difflab.evaluation.evaluate import Sampling
-from difflab.runs.config import RunConfig, TrainConfig, process_to_dict, save_config
-from difflab.runs.store import save_checkpoint
-from difflab.data.loader import TensorDataset
-from difflab.cli import main
-from difflab.data.images import load_images
-from difflab.runs.presets import PRESETS as IMAGE_PRESETS
 from difflab.nets.unet import UNetConfig
-from difflab.core.processes import ContinuousVP
+from difflab.runs.config import RunConfig, TrainConfig, process_to_dict, save_config
+from difflab.runs.presets import PRESETS as IMAGE_PRESETS
+from difflab.runs.store import save_checkpoint
 from difflab.training.loop import train
 
-TINY_UNET = UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=8)
+TINY_UNET = UNetConfig(
+    image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), norm_groups=8
+)
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +39,11 @@ def tiny_digits_run(tmp_path_factory):
     """The digits recipe (DiscreteDDPM, cosine, v) with a small U-Net, trained for 30 steps."""
     run = tmp_path_factory.mktemp("runs") / "digits"
     preset = IMAGE_PRESETS["digits"]
-    cfg = replace(preset, net=TINY_UNET.to_dict(), train=TrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=5, checkpoint_every=30))
+    cfg = replace(
+        preset,
+        net=TINY_UNET.to_dict(),
+        train=TrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=5, checkpoint_every=30),
+    )
     data = load_images("digits", "train")
     train(run, cfg, TensorDataset(data.images), device="cpu", progress=False)
     return run
@@ -76,7 +82,9 @@ def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, 
     assert r["fd"] != c["fd"] and r["bits_per_dim"]["total"] != c["bits_per_dim"]["total"]
 
     # the numbers themselves
-    assert r["n"] == 60 and r["spacing"] == "logsnr" and r["features"]["name"] == "digits" and r["reference"]["n"] == 355
+    assert (
+        r["n"] == 60 and r["spacing"] == "logsnr" and r["features"]["name"] == "digits" and r["reference"]["n"] == 355
+    )
     assert r["fd"] > 0 and 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and r["pr_n"] == 60
     assert r["kid"]["subset_size"] == 60 and r["kid"]["stderr"] > 0
     floor = r["real_vs_real"]
@@ -96,7 +104,22 @@ def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, 
 def test_python_api_matches_the_cli_numbers(tiny_digits_run, tmp_path, capsys):
     result = ev.evaluate(tiny_digits_run, n=60, sampling=Sampling(steps=4, batch=25), bpd_n=2, progress=False)
     assert set(result["seconds"]) >= {"sampling", "features", "reference", "bits_per_dim", "total"}
-    code, _, _ = run_cli(capsys, "eval", tiny_digits_run, "--n", "60", "--steps", "4", "--bpd-n", "2", "--batch", "25", "--quiet", "--json", tmp_path / "a.json")
+    code, _, _ = run_cli(
+        capsys,
+        "eval",
+        tiny_digits_run,
+        "--n",
+        "60",
+        "--steps",
+        "4",
+        "--bpd-n",
+        "2",
+        "--batch",
+        "25",
+        "--quiet",
+        "--json",
+        tmp_path / "a.json",
+    )
     assert code == 0
     assert report.to_json(result) == (tmp_path / "a.json").read_text()
 
@@ -104,8 +127,15 @@ def test_python_api_matches_the_cli_numbers(tiny_digits_run, tmp_path, capsys):
 def test_continuous_process_and_random_features(tmp_path):
     """A ContinuousVP run (untrained, built by hand): no bits/dim, with the reason; random features: no classes."""
     run = tmp_path / "vp"
-    cfg = RunConfig(dataset="digits", process=process_to_dict(ContinuousVP()), net_kind="unet", net=TINY_UNET.to_dict(),
-                    shape=[1, 8, 8], data_kind="images", target="v")
+    cfg = RunConfig(
+        dataset="digits",
+        process=process_to_dict(ContinuousVP()),
+        net_kind="unet",
+        net=TINY_UNET.to_dict(),
+        shape=[1, 8, 8],
+        data_kind="images",
+        target="v",
+    )
     denoiser = cfg.build_denoiser()
     assert isinstance(denoiser.process, ContinuousVP)
     save_config(run, cfg)
@@ -123,7 +153,10 @@ def test_toy_run_reports_distances(tiny_toy_run):
     assert r["kind"] == "points" and r["bits_per_dim"]["total"] is None
     assert r["energy_distance"] > r["real_fresh"]["energy_distance"] > 0  # 30 steps of training
     assert r["sliced_wasserstein"] > r["real_fresh"]["sliced_wasserstein"] > 0
-    assert ev.evaluate(tiny_toy_run, n=300, sampling=Sampling("ddim", 5), progress=False)["energy_distance"] == r["energy_distance"]
+    assert (
+        ev.evaluate(tiny_toy_run, n=300, sampling=Sampling("ddim", 5), progress=False)["energy_distance"]
+        == r["energy_distance"]
+    )
 
 
 @pytest.mark.parametrize(
@@ -143,7 +176,11 @@ def test_toy_run_reports_distances(tiny_toy_run):
 )
 def test_bad_options_give_one_line(capsys, tmp_path, tiny_digits_run, argv, code, needle):
     argv = [a.format(missing=tmp_path / "nothing", run=tiny_digits_run, tmp=tmp_path) for a in argv]
-    got, _, err = run_cli(capsys, *argv, "--quiet", "--json", tmp_path / "r.json") if "--json" not in argv else run_cli(capsys, *argv, "--quiet")
+    got, _, err = (
+        run_cli(capsys, *argv, "--quiet", "--json", tmp_path / "r.json")
+        if "--json" not in argv
+        else run_cli(capsys, *argv, "--quiet")
+    )
     assert got == code
     assert needle in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.txt"))

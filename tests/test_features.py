@@ -11,8 +11,8 @@ import torch
 from difflab.data.images import DataError, load_images, save_npz
 from difflab.evaluation.feature_training import FeatureTraining, train_features
 from difflab.evaluation.features import SHIPPED, embed, load_feature_net, resolve_feature_net, weight_paths
-from difflab.nets.features import FeatureNet, FeatureNetConfig, FeatureNetError, random_feature_net
 from difflab.evaluation.metrics import frechet_distance
+from difflab.nets.features import FeatureNet, FeatureNetConfig, FeatureNetError, random_feature_net
 
 MAX_BYTES = 2 * 1024 * 1024
 
@@ -163,7 +163,9 @@ def test_train_own_classifier(tmp_path):
     net = load_feature_net(str(weights))
     assert net.fingerprint() == load_feature_net(str(again)).fingerprint()
     test = load_images(str(data), "test")
-    assert meta["test_n"] == len(test) and meta["test_accuracy"] == pytest.approx(accuracy(net, test.images, test.labels))
+    assert meta["test_n"] == len(test) and meta["test_accuracy"] == pytest.approx(
+        accuracy(net, test.images, test.labels)
+    )
     assert meta["test_accuracy"] > 0.5  # two epochs: well above chance (0.1)
     with pytest.raises(FeatureNetError, match="--out"):
         train_features(str(data), tmp_path / "run-c", recipe=recipe, progress=False)
@@ -180,16 +182,61 @@ def test_the_judge_recipe_takes_more_pairs_and_wider_stages(tmp_path, capsys):
         load_images("fashion-pairs", "train", n=300)
     except DataError as e:
         pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
-    argv = ["features", "train", "fashion-pairs", "--out", str(tmp_path / "w"), "--run", str(tmp_path / "run"), "--pairs", "300",
-            "--epochs", "1", "--widths", "8", "16", "--quiet"]
+    argv = [
+        "features",
+        "train",
+        "fashion-pairs",
+        "--out",
+        str(tmp_path / "w"),
+        "--run",
+        str(tmp_path / "run"),
+        "--pairs",
+        "300",
+        "--epochs",
+        "1",
+        "--widths",
+        "8",
+        "16",
+        "--quiet",
+    ]
     assert main(argv) == 0
     meta = json.loads((tmp_path / "w" / "fashion-pairs-classifier.json").read_text())
     assert meta["train_n"] == 300 and meta["config"]["widths"] == [8, 16]
     assert load_config(tmp_path / "run").data.n == 300
-    assert main(["features", "train", "fashion-pairs", "--out", str(tmp_path / "w"), "--run", str(tmp_path / "run"), "--resume", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                "train",
+                "fashion-pairs",
+                "--out",
+                str(tmp_path / "w"),
+                "--run",
+                str(tmp_path / "run"),
+                "--resume",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "w" / "fashion-pairs-classifier.json").read_text())["train_n"] == 300
     capsys.readouterr()
-    assert main(["features", "train", "fashion-pairs", "--run", str(tmp_path / "run"), "--resume", "--pairs", "600", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "features",
+                "train",
+                "fashion-pairs",
+                "--run",
+                str(tmp_path / "run"),
+                "--resume",
+                "--pairs",
+                "600",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "--pairs: a resumed run keeps what it was started with" in capsys.readouterr().err
     with pytest.raises(DataError, match="only fashion-pairs takes a number of images"):
         load_images("digits", "train", n=10)

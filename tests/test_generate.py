@@ -7,20 +7,30 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.runs.diffusion import DiffusionRun
 from difflab.core.conditions import class_labels
-from difflab.sampling.generate import generate
-from difflab.runs.presets import PRESETS as IMAGE_PRESETS
 from difflab.nets.unet import UNetConfig
+from difflab.runs.diffusion import DiffusionRun
+from difflab.runs.presets import PRESETS as IMAGE_PRESETS
+from difflab.sampling.generate import generate
 
-TINY = UNetConfig(image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), norm_groups=4, num_heads=2)
+TINY = UNetConfig(
+    image_size=8,
+    base_channels=8,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    norm_groups=4,
+    num_heads=2,
+)
 
 
 @pytest.fixture(scope="module")
 def image_model():
     """An untrained class-conditional U-Net with random (non-zero) weights: any sample it makes depends on
     its noise, its label and the network, so equal samples mean equal inputs."""
-    cfg = replace(IMAGE_PRESETS["digits"], net=replace(TINY, num_classes=10).to_dict(), conditions=[class_labels(10).to_dict()])
+    cfg = replace(
+        IMAGE_PRESETS["digits"], net=replace(TINY, num_classes=10).to_dict(), conditions=[class_labels(10).to_dict()]
+    )
     torch.manual_seed(0)
     denoiser = cfg.build_denoiser().eval()
     for p in denoiser.parameters():
@@ -32,15 +42,24 @@ def image_model():
 def test_same_seed_same_samples_for_any_batch_size(image_model, sampler, steps):
     denoiser, cfg = image_model
     labels = torch.arange(64) % 10
-    runs = {b: generate(denoiser, cfg.shape, 64, sampler=sampler, steps=steps, seed=3, batch=b, cond={"class_labels": labels}) for b in (1, 7, 64)}
+    runs = {
+        b: generate(
+            denoiser, cfg.shape, 64, sampler=sampler, steps=steps, seed=3, batch=b, cond={"class_labels": labels}
+        )
+        for b in (1, 7, 64)
+    }
     assert runs[64].shape == (64, 1, 8, 8)
     for b in (1, 7):
         gap = float((runs[b] - runs[64]).abs().max())
         assert gap < 1e-5, (b, gap)  # equal up to float32 rounding of the batched network
     # sample i has seed seed + i: samples 10.. of seed 3 are samples 0.. of seed 13
-    shifted = generate(denoiser, cfg.shape, 54, sampler=sampler, steps=steps, seed=13, batch=20, cond={"class_labels": labels[10:]})
+    shifted = generate(
+        denoiser, cfg.shape, 54, sampler=sampler, steps=steps, seed=13, batch=20, cond={"class_labels": labels[10:]}
+    )
     assert float((shifted - runs[64][10:]).abs().max()) < 1e-5
-    other = generate(denoiser, cfg.shape, 64, sampler=sampler, steps=steps, seed=4, batch=64, cond={"class_labels": labels})
+    other = generate(
+        denoiser, cfg.shape, 64, sampler=sampler, steps=steps, seed=4, batch=64, cond={"class_labels": labels}
+    )
     assert float((other - runs[64]).abs().max()) > 0.1
 
 

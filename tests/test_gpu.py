@@ -7,19 +7,23 @@ from dataclasses import replace
 import pytest
 import torch
 
-from difflab.runs.store import load_training_state, load_weights
-from difflab.data.loader import TensorDataset
 from difflab.data.images import load_images
+from difflab.data.loader import TensorDataset
 from difflab.runs.presets import PRESETS as IMAGE_PRESETS
+from difflab.runs.store import load_training_state, load_weights
 from difflab.training.loop import train
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA training path is not exercised here")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU on this machine: the CUDA training path is not exercised here"
+)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_cuda_training_gives_finite_losses_and_a_checkpoint_that_resumes_on_cpu(tmp_path, precision):
     cfg = IMAGE_PRESETS["digits"]
-    cfg = replace(cfg, train=replace(cfg.train, steps=6, batch_size=16, checkpoint_every=3, precision=precision, sample_every=0))
+    cfg = replace(
+        cfg, train=replace(cfg.train, steps=6, batch_size=16, checkpoint_every=3, precision=precision, sample_every=0)
+    )
     data = TensorDataset(load_images("digits", "train").images)
     train(tmp_path / "run", cfg, data, device="cuda", progress=False)
     import json

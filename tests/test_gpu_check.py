@@ -28,4 +28,6 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert parts["the bf16 run resumed on the CPU"]["to_step"] == 6
     assert "skipped" in parts["2-rank NCCL"] and "skipped" in parts["fashion-mnist preset, fp16"]
     points = parts["quality_vs_nfe, smallest size"]["points"]
-    assert {(p["sampler"], p["nfe"]) for p in points} >= {("dpmpp-2m", 5), ("ddim", 5)} and all(p["fd"] > 0 for p in points)
+    assert {(p["sampler"], p["nfe"]) for p in points} >= {("dpmpp-2m", 5), ("ddim", 5)} and all(
+        p["fd"] > 0 for p in points
+    )

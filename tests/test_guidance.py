@@ -7,11 +7,11 @@ from torch import nn
 
 from difflab.core.analytic import GaussianMixture, GaussianMixtureClassifier, GaussianMixtureDenoiser
 from difflab.core.conditions import ConditionError, class_labels
-from difflab.guidance.wrappers import ClassifierGuided, Guided, combine, rescale_std, scale_fn
-from difflab.evaluation.metrics import energy_distance
-from difflab.nets.unet import UNet, UNetConfig
 from difflab.core.parameterize import Denoiser
 from difflab.core.processes import ContinuousVP, DiscreteDDPM
+from difflab.evaluation.metrics import energy_distance
+from difflab.guidance.wrappers import ClassifierGuided, Guided, combine, rescale_std, scale_fn
+from difflab.nets.unet import UNet, UNetConfig
 from difflab.sampling.samplers import sample, timesteps
 
 F64 = torch.float64
@@ -92,7 +92,9 @@ def test_cfg_at_one_is_the_conditional_law_and_at_zero_the_mixture(mixture, proc
 
 def test_exact_classifier_guidance_at_one_is_bayes_rule(mixture, process):
     exact = GaussianMixtureDenoiser(process, mixture)
-    guided = ClassifierGuided(Unconditional(exact), GaussianMixtureClassifier(process, mixture), scale=1.0, max_sigma_tilde=None)
+    guided = ClassifierGuided(
+        Unconditional(exact), GaussianMixtureClassifier(process, mixture), scale=1.0, max_sigma_tilde=None
+    )
     x_t, t = noisy_points(mixture, process)
     y = torch.arange(len(x_t)) % K
     # grad log p(x_t | y) = grad log p(x_t) + grad log p(y | x_t): the guided x_0 is the conditional one
@@ -111,7 +113,9 @@ def test_classifier_guidance_nests_on_cfg(mixture, process):
     clf = GaussianMixtureClassifier(process, mixture)
     x_t, t = noisy_points(mixture, process)
     y = torch.arange(len(x_t)) % K
-    nested = ClassifierGuided(Guided(exact, SPECS, scale=2.0), clf, scale=0.5, max_sigma_tilde=None)(x_t, t, class_labels=y)
+    nested = ClassifierGuided(Guided(exact, SPECS, scale=2.0), clf, scale=0.5, max_sigma_tilde=None)(
+        x_t, t, class_labels=y
+    )
     a = exact(x_t, t, class_labels=y).eps
     null = exact(x_t, t, class_labels=torch.full_like(y, NULL)).eps
     grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, y)
@@ -139,13 +143,24 @@ def test_composition_and_negative_follow_their_formulas(mixture, process):
     e = {k: exact(x_t, t, class_labels=torch.full((n,), k)).eps for k in range(K + 1)}
     got = Guided(exact, SPECS, scale=0.0, terms=[({"class_labels": 0}, 1.0), ({"class_labels": 2}, -0.5)])(x_t, t).eps
     assert torch.allclose(got, e[NULL] + 1.0 * (e[0] - e[NULL]) - 0.5 * (e[2] - e[NULL]), atol=1e-12)
-    neg = Guided(exact, SPECS, scale=3.0, negative={"class_labels": 2})(x_t, t, class_labels=torch.ones(n, dtype=torch.long)).eps
+    neg = Guided(exact, SPECS, scale=3.0, negative={"class_labels": 2})(
+        x_t, t, class_labels=torch.ones(n, dtype=torch.long)
+    ).eps
     assert torch.allclose(neg, e[2] + 3.0 * (e[1] - e[2]), atol=1e-12)
 
 
 def small_unet_denoiser(target):
     torch.manual_seed(0)
-    net = UNet(UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_classes=K))
+    net = UNet(
+        UNetConfig(
+            image_size=8,
+            base_channels=16,
+            channel_mults=(1, 2),
+            num_res_blocks=1,
+            attention_resolutions=(4,),
+            num_classes=K,
+        )
+    )
     with torch.no_grad():
         for p in net.parameters():  # the zero-initialised output layers would make every prediction 0
             p.add_(0.05 * torch.randn_like(p))
@@ -245,18 +260,28 @@ def test_one_row_conditions_rescale_and_nesting_either_way(mixture, process):
     full = torch.full((6,), 2)
     one = torch.tensor([2])
     # one row stands for every sample, for CFG and for the classifier's labels
-    assert torch.equal(Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=one).eps, Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=full).eps)
+    assert torch.equal(
+        Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=one).eps,
+        Guided(exact, SPECS, scale=2.0)(x_t, t, class_labels=full).eps,
+    )
     cg = ClassifierGuided(Unconditional(exact), clf, scale=1.5, max_sigma_tilde=None)
     assert torch.equal(cg(x_t, t, class_labels=one).eps, cg(x_t, t, class_labels=full).eps)
     # a CFG wrapper above classifier guidance sends the null class: it gets no gradient, so at s = 1 the
     # composition is classifier guidance alone
-    outer = Guided(ClassifierGuided(exact, clf, scale=1.5, max_sigma_tilde=None), SPECS, scale=1.0)(x_t, t, class_labels=full)
-    assert torch.allclose(outer.eps, ClassifierGuided(exact, clf, scale=1.5, max_sigma_tilde=None)(x_t, t, class_labels=full).eps, atol=1e-12)
+    outer = Guided(ClassifierGuided(exact, clf, scale=1.5, max_sigma_tilde=None), SPECS, scale=1.0)(
+        x_t, t, class_labels=full
+    )
+    assert torch.allclose(
+        outer.eps,
+        ClassifierGuided(exact, clf, scale=1.5, max_sigma_tilde=None)(x_t, t, class_labels=full).eps,
+        atol=1e-12,
+    )
     null_grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, torch.full((6,), NULL))
     assert torch.equal(null_grad, torch.zeros_like(null_grad))
     # classifier guidance with a schedule and an interval
-    sched = ClassifierGuided(Unconditional(exact), clf, scale=2.0, schedule="linear", interval=(0.0, 0.5), max_sigma_tilde=None)(
-        x_t, t, class_labels=full).eps
+    sched = ClassifierGuided(
+        Unconditional(exact), clf, scale=2.0, schedule="linear", interval=(0.0, 0.5), max_sigma_tilde=None
+    )(x_t, t, class_labels=full).eps
     grad = ClassifierGuided(exact, clf).grad_log_prob(x_t, t, full)
     w = torch.where(t <= 0.5, 2 * 2.0 * (1 - t), torch.zeros_like(t))[:, None]
     assert torch.allclose(sched, exact(x_t, t).eps - process.sigma(t)[:, None] * w * grad, atol=1e-10)
@@ -286,6 +311,10 @@ def test_classifier_guidance_skips_the_levels_above_its_sigma_cap(mixture, proce
     y = torch.zeros(4, dtype=torch.long)
     high = torch.full((4,), 0.999, dtype=F64)  # sigma/alpha far above 80 on this schedule
     assert float(process.sigma(high[0]) / process.alpha(high[0])) > 80
-    assert torch.equal(ClassifierGuided(exact, clf, 2.0)(x_t, high, class_labels=y).eps, exact(x_t, high, class_labels=y).eps)
-    assert not torch.equal(ClassifierGuided(exact, clf, 2.0, max_sigma_tilde=None)(x_t, high, class_labels=y).eps,
-                           exact(x_t, high, class_labels=y).eps)
+    assert torch.equal(
+        ClassifierGuided(exact, clf, 2.0)(x_t, high, class_labels=y).eps, exact(x_t, high, class_labels=y).eps
+    )
+    assert not torch.equal(
+        ClassifierGuided(exact, clf, 2.0, max_sigma_tilde=None)(x_t, high, class_labels=y).eps,
+        exact(x_t, high, class_labels=y).eps,
+    )

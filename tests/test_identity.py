@@ -13,7 +13,16 @@ import torch.nn.functional as F
 from difflab.cli import main
 from difflab.data.images import DataError, load_images, to_model
 from difflab.data.pairs import RGB, tint
-from difflab.evaluation.identity import WEIGHTS, Views, gain, identity_embed, identity_views, load_identity_net, nt_xent, retrieval_accuracy
+from difflab.evaluation.identity import (
+    WEIGHTS,
+    Views,
+    gain,
+    identity_embed,
+    identity_views,
+    load_identity_net,
+    nt_xent,
+    retrieval_accuracy,
+)
 
 
 def fashion_test():
@@ -40,7 +49,9 @@ def test_a_view_without_changes_is_the_tinted_item_exactly():
     g = torch.Generator().manual_seed(3)
     colours = torch.randint(len(RGB), (5,), generator=torch.Generator().manual_seed(3))  # the views' first draw
     view = identity_views(to_model(grey), none, generator=g)
-    want = torch.from_numpy(tint(grey[:, 0].numpy(), RGB[colours.numpy()])).double() / 255 * 2 - 1  # uint8 rounding: <= 1/255
+    want = (
+        torch.from_numpy(tint(grey[:, 0].numpy(), RGB[colours.numpy()])).double() / 255 * 2 - 1
+    )  # uint8 rounding: <= 1/255
     assert (view.double() - want).abs().max() <= 1.01 / 255
 
 
@@ -69,7 +80,9 @@ def test_shipped_identity_encoder_retrieves_held_out_items_as_recorded():
     sub = meta["retrieval_subset"]
     assert meta["retrieval_top1"] >= 0.90  # the issue's bar: 1000 test items, each among 100 of its class
     items = to_model(test.images)
-    top1 = retrieval_accuracy(lambda v: identity_embed(net, v), items, test.labels, sub["distractors"], sub["queries"], sub["seed"])
+    top1 = retrieval_accuracy(
+        lambda v: identity_embed(net, v), items, test.labels, sub["distractors"], sub["queries"], sub["seed"]
+    )
     assert abs(top1 - sub["top1"]) <= 0.01
     assert WEIGHTS.stat().st_size <= 2 * 1024 * 1024
 

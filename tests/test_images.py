@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from difflab.data import images as images_module
-from difflab.data.loader import ShuffledBatches, TensorDataset
 from difflab.data.images import DataError, ImageSet, load_images, read_idx, save_npz, to_model, to_uint8, write_idx
+from difflab.data.loader import ShuffledBatches, TensorDataset
 
 
 def save_png(path: Path, array: np.ndarray, fmt: str = "PNG") -> None:
@@ -254,7 +254,9 @@ def test_fashion_mnist_problems_are_explained(tmp_path):
         load_images("fashion-mnist", split="test", data_dir=str(tmp_path))
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist not installed"
+)
 def test_installed_fashion_mnist_test_split():
     data = load_images("fashion-mnist", split="test")
     assert data.images.shape == (10000, 1, 28, 28)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from difflab.runs.diffusion import DiffusionRun
 from difflab.cli import main
 from difflab.data.images import load_images, to_model
 from difflab.evaluation.metrics import energy_distance
+from difflab.runs.diffusion import DiffusionRun
 from difflab.sampling.samplers import sample
 
 
@@ -31,8 +31,30 @@ CLASSES = [str(k) for k in range(10)]
 
 def test_trained_digits_beat_an_untrained_network(digits_run, tmp_path):
     out = tmp_path / "s.npz"
-    assert main(["sample", str(digits_run), "--n", "400", "--class", *CLASSES, "--sampler", "dpmpp-2m", "--steps", "20", "--seed", "0", "--save", str(out),
-                 "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(digits_run),
+                "--n",
+                "400",
+                "--class",
+                *CLASSES,
+                "--sampler",
+                "dpmpp-2m",
+                "--steps",
+                "20",
+                "--seed",
+                "0",
+                "--save",
+                str(out),
+                "--out",
+                str(tmp_path / "g.png"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     samples = np.load(out)["images"]
     assert samples.dtype == np.uint8 and samples.shape == (400, 1, 8, 8)
     heldout = to_model(load_images("digits", split="test").images).flatten(1)
@@ -42,19 +64,46 @@ def test_trained_digits_beat_an_untrained_network(digits_run, tmp_path):
     for p in untrained_denoiser.net.parameters():  # the same architecture at its initialisation
         torch.nn.init.normal_(p, std=0.02)
     labels = torch.arange(400) % 10
-    x = sample(untrained_denoiser, (400, 1, 8, 8), 20, sampler="dpmpp-2m", generator=torch.Generator().manual_seed(0),
-               cond={"class_labels": labels}).clamp(-1, 1)
+    x = sample(
+        untrained_denoiser,
+        (400, 1, 8, 8),
+        20,
+        sampler="dpmpp-2m",
+        generator=torch.Generator().manual_seed(0),
+        cond={"class_labels": labels},
+    ).clamp(-1, 1)
     untrained = energy_distance(x.flatten(1), heldout)
     train_split = to_model(load_images("digits", split="train").images[:400]).flatten(1)
     floor = energy_distance(train_split, heldout)
-    print(f"energy distance to held-out digits: trained {trained:.3f}, untrained {untrained:.3f}, real train images {floor:.3f}")
+    print(
+        f"energy distance to held-out digits: trained {trained:.3f}, untrained {untrained:.3f}, real train images "
+        f"{floor:.3f}"
+    )
     assert trained < 0.1 * untrained
     assert trained < 4 * floor
 
 
 def test_sample_grid_and_chain_pictures(digits_run, tmp_path):
     gif, strip, fwd = tmp_path / "c.gif", tmp_path / "c.png", tmp_path / "f.png"
-    assert main(["trajectories", str(digits_run), "--out", str(strip), "--gif", str(gif), "--forward", str(fwd), "--steps", "10", "--n", "4"]) == 0
+    assert (
+        main(
+            [
+                "trajectories",
+                str(digits_run),
+                "--out",
+                str(strip),
+                "--gif",
+                str(gif),
+                "--forward",
+                str(fwd),
+                "--steps",
+                "10",
+                "--n",
+                "4",
+            ]
+        )
+        == 0
+    )
     frames = Image.open(gif)
     assert frames.n_frames == 10  # one frame per reverse step
     assert Image.open(strip).size[0] > Image.open(strip).size[1]
@@ -64,6 +113,26 @@ def test_sample_grid_and_chain_pictures(digits_run, tmp_path):
 
 def test_no_ema_differs_from_ema(digits_run, tmp_path):
     a, b = tmp_path / "a.npz", tmp_path / "b.npz"
-    assert main(["sample", str(digits_run), "--n", "8", "--class", "3", "--steps", "5", "--save", str(a), "--quiet"]) == 0
-    assert main(["sample", str(digits_run), "--n", "8", "--class", "3", "--steps", "5", "--save", str(b), "--no-ema", "--quiet"]) == 0
+    assert (
+        main(["sample", str(digits_run), "--n", "8", "--class", "3", "--steps", "5", "--save", str(a), "--quiet"]) == 0
+    )
+    assert (
+        main(
+            [
+                "sample",
+                str(digits_run),
+                "--n",
+                "8",
+                "--class",
+                "3",
+                "--steps",
+                "5",
+                "--save",
+                str(b),
+                "--no-ema",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert not np.array_equal(np.load(a)["images"], np.load(b)["images"])

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 
 from difflab.core.analytic import GaussianDenoiser
-from difflab.sampling.generate import generate
-from difflab.sampling.inverse import Counted, ddrm, dps, evaluations, repaint, repaint_schedule, replace
 from difflab.core.operators import Blur, Compose, Downsample, Mask, OperatorError
 from difflab.core.parameterize import Prediction
 from difflab.core.processes import DiscreteDDPM
+from difflab.sampling.generate import generate
+from difflab.sampling.inverse import Counted, ddrm, dps, evaluations, repaint, repaint_schedule, replace
 from difflab.sampling.samplers import timesteps
 
 F64 = torch.float64
@@ -30,7 +30,9 @@ class ImageGaussian(nn.Module):
 
     def forward(self, x, t):
         p = self.inner(x.flatten(1), t)
-        return Prediction(x, p.alpha.reshape(-1, 1, 1, 1), p.sigma.reshape(-1, 1, 1, 1), p.target, p.value.reshape(x.shape))
+        return Prediction(
+            x, p.alpha.reshape(-1, 1, 1, 1), p.sigma.reshape(-1, 1, 1, 1), p.target, p.value.reshape(x.shape)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,11 @@ def restore(method, den, op, y, n=N, seed=1, **options):
 
 def errors(samples, mean, cov):
     f = samples.flatten(1)
-    return float((f.mean(0) - mean).abs().max()), float((torch.cov(f.T) - cov).abs().max()), float(torch.cov(f.T).trace() / cov.trace())
+    return (
+        float((f.mean(0) - mean).abs().max()),
+        float((torch.cov(f.T) - cov).abs().max()),
+        float(torch.cov(f.T).trace() / cov.trace()),
+    )
 
 
 def measured(problem, kind):
@@ -123,7 +129,7 @@ def test_repaint_schedule_and_evaluation_count(problem):
     assert repaint_schedule(6, 2, 1) == [6, 5, 4, 3, 2, 1, 0]
     assert repaint_schedule(6, 2, 2) == [6, 5, 4, 3, 2, 3, 4, 3, 2, 1, 0, 1, 2, 1, 0]
     assert evaluations("repaint", 6, {"jump_length": 2, "jump_n_sample": 2}) == 10
-    den, *_ , x_true = problem
+    den, *_, x_true = problem
     op = Mask(torch.tensor([[True, False], [False, True]]), SHAPE)
     counted = Counted(den)
     restore(repaint, counted, op, op(x_true), n=4)
@@ -134,8 +140,12 @@ def test_restorations_go_through_generate_with_per_sample_seeds(problem):
     den, _, _, x_true = problem
     op = Downsample(2, SHAPE)
     y = op(x_true).expand(12, 1, 1, 1).contiguous() + torch.linspace(-1, 1, 12, dtype=F64).reshape(12, 1, 1, 1)
-    a = generate(den, SHAPE, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=12)
-    b = generate(den, SHAPE, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=5)
+    a = generate(
+        den, SHAPE, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=12
+    )
+    b = generate(
+        den, SHAPE, 12, sampler=ddrm, steps=20, options={"operator": op}, cond={"measurement": y.float()}, batch=5
+    )
     assert torch.allclose(a, b, atol=1e-6)
     assert float(op.consistency(a.double(), y).max()) < 1e-4
 

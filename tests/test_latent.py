@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from difflab.latent.autoencoder import LATENT, fingerprint, latent_space, load_autoencoder
-from difflab.runs.config import load_config
-from difflab.runs.data import cached_latents
-from difflab.runs.diffusion import DiffusionRun
 from difflab.cli import main
+from difflab.core.losses import AutoencoderLoss, kl_to_standard_normal
 from difflab.data.images import DataError, load_images, save_npz
 from difflab.data.pairs import COLOURS, HELD_OUT, PHRASINGS, caption, make_pairs
 from difflab.evaluation.evaluate import Sampling, evaluate
-from difflab.core.losses import AutoencoderLoss, kl_to_standard_normal
+from difflab.latent.autoencoder import LATENT, fingerprint, latent_space, load_autoencoder
 from difflab.nets.autoencoder import Autoencoder, AutoencoderConfig, reparameterize
+from difflab.runs.config import load_config
+from difflab.runs.data import cached_latents
+from difflab.runs.diffusion import DiffusionRun
+
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
     try:
@@ -54,7 +55,9 @@ def test_the_reparameterised_sample_has_the_posteriors_mean_and_variance():
 
 
 def test_the_autoencoder_loss_is_reconstruction_plus_weighted_kl_per_value():
-    cfg = AutoencoderConfig(in_channels=1, image_size=8, channel_mults=(1, 2), base_channels=8, latent_channels=2, norm_groups=4)
+    cfg = AutoencoderConfig(
+        in_channels=1, image_size=8, channel_mults=(1, 2), base_channels=8, latent_channels=2, norm_groups=4
+    )
     net = Autoencoder(cfg)
 
     class Model:  # what the training loop hands a loss
@@ -75,8 +78,16 @@ def test_the_autoencoder_loss_is_reconstruction_plus_weighted_kl_per_value():
 
 def test_the_discriminator_terms_train_each_player_only_and_wait_for_the_warm_up():
     torch.manual_seed(0)
-    cfg = AutoencoderConfig(in_channels=1, image_size=8, channel_mults=(1, 2), base_channels=8, latent_channels=2, norm_groups=4,
-                            discriminator=2, discriminator_channels=8)
+    cfg = AutoencoderConfig(
+        in_channels=1,
+        image_size=8,
+        channel_mults=(1, 2),
+        base_channels=8,
+        latent_channels=2,
+        norm_groups=4,
+        discriminator=2,
+        discriminator_channels=8,
+    )
     net = Autoencoder(cfg)
     disc = net.discriminator
     assert disc(torch.randn(3, 1, 8, 8)).shape == (3, 1, 2, 2)  # one logit per patch
@@ -106,13 +117,32 @@ def test_the_discriminator_terms_train_each_player_only_and_wait_for_the_warm_up
 
 def test_a_discriminator_run_trains_resumes_its_clock_and_is_refused_when_misused(tmp_path, capsys):
     ae = tmp_path / "ae"
-    code, err = run_cli(capsys, "train-autoencoder", "digits", "--out", ae, "--factor", "2", "--steps", "6", "--disc-weight", "0.1",
-                        "--disc-start", "3", "--max-minutes", "0.0001", "--quiet")
+    code, err = run_cli(
+        capsys,
+        "train-autoencoder",
+        "digits",
+        "--out",
+        ae,
+        "--factor",
+        "2",
+        "--steps",
+        "6",
+        "--disc-weight",
+        "0.1",
+        "--disc-start",
+        "3",
+        "--max-minutes",
+        "0.0001",
+        "--quiet",
+    )
     assert code == 0, err
     code, err = run_cli(capsys, "train-autoencoder", "--out", ae, "--resume", "--quiet")
     assert code == 0, err
     cfg = load_config(ae)
-    assert cfg.loss == {"recon": "l1", "kl_weight": 1e-6, "disc_weight": 0.1, "disc_start": 3} and cfg.net["discriminator"] == 3
+    assert (
+        cfg.loss == {"recon": "l1", "kl_weight": 1e-6, "disc_weight": 0.1, "disc_start": 3}
+        and cfg.net["discriminator"] == 3
+    )
     from difflab.runs.store import load_weights
 
     assert int(load_weights(ae, "net")["discriminator.batches"]) == 6  # the clock survived the resume
@@ -155,14 +185,16 @@ def test_fashion_pairs_is_deterministic_captioned_and_holds_out_its_combinations
     a, b = make_pairs("train", 500, seed=3), make_pairs("train", 500, seed=3)
     assert torch.equal(a.images, b.images) and a.captions == b.captions
     assert a.images.shape == (500, 3, 32, 64) and a.images.dtype == torch.uint8
-    combos = {(int(l), int(r)) for l, _, r, _ in a.attributes}
+    combos = {(int(left), int(r)) for left, _, r, _ in a.attributes}
     assert not combos & set(HELD_OUT) and not a.held_out.any()
     test = make_pairs("test", 2000)
-    held = {(int(l), int(r)) for (l, _, r, _), h in zip(test.attributes, test.held_out) if h}
+    held = {(int(left), int(r)) for (left, _, r, _), h in zip(test.attributes, test.held_out) if h}
     assert held == set(HELD_OUT)  # 10 of 100 combinations: every one appears in 2000 draws
     assert abs(test.held_out.float().mean().item() - 0.1) < 0.03
     # each caption is one of the phrasings of its own attributes, and every phrasing is used
-    used = [[caption(attrs, k) for k in range(len(PHRASINGS))].index(text) for attrs, text in zip(a.attributes, a.captions)]
+    used = [
+        [caption(attrs, k) for k in range(len(PHRASINGS))].index(text) for attrs, text in zip(a.attributes, a.captions)
+    ]
     assert set(used) == set(range(len(PHRASINGS)))
     assert caption([7, 0, 8, 2]) == "a red sneaker on the left and a blue bag on the right"
     assert caption([9, 5, 0, 4], 4) == "on the left a white ankle boot, on the right a purple t-shirt"
@@ -215,13 +247,20 @@ def test_a_non_square_npz_keeps_its_shape_and_gets_a_non_square_preset(tmp_path)
     assert torch.equal(load_images(str(tmp_path / "pairs.npz"), split="all").images, images)  # not cropped
     cfg = image_preset(str(tmp_path / "pairs.npz"))
     assert cfg.shape == [3, 32, 64] and (cfg.net["image_size"], cfg.net["image_width"]) == (32, 64)
-    assert load_images(str(tmp_path / "pairs.npz"), split="all", size=16).images.shape == (30, 3, 16, 16)  # a size crops
+    assert load_images(str(tmp_path / "pairs.npz"), split="all", size=16).images.shape == (
+        30,
+        3,
+        16,
+        16,
+    )  # a size crops
     with pytest.raises(DataError, match="fashion-pairs is 3x32x64 RGB: it takes no size or channels"):
         load_images("fashion-pairs", size=16)
 
 
 def test_data_command_writes_captions_beside_the_images(tmp_path, capsys):
-    code, err = run_cli(capsys, "data", "fashion-pairs", "--n", "8", "--out", tmp_path / "g.png", "--save", tmp_path / "x.npz")
+    code, err = run_cli(
+        capsys, "data", "fashion-pairs", "--n", "8", "--out", tmp_path / "g.png", "--save", tmp_path / "x.npz"
+    )
     assert code == 0, err
     with np.load(tmp_path / "x.npz", allow_pickle=False) as f:
         assert f["images"].shape == (8, 3, 32, 64) and f["captions"].shape == (8,) and f["attributes"].shape == (8, 4)
@@ -243,7 +282,8 @@ def runs(tmp_path_factory, latent_runs, digits_runs):
 
 def test_the_trained_autoencoder_reconstructs_held_out_digits_and_its_scale_whitens_the_latents(runs):
     report = json.loads((runs / "ae" / "reconstruction.json").read_text())
-    # measured (300 steps, factor 2, 2 latent channels: 32 numbers for 64 pixels): PSNR 22.6 dB against 11.5 dB for the mean image
+    # measured (300 steps, factor 2, 2 latent channels: 32 numbers for 64 pixels): PSNR 22.6 dB against 11.5 dB for the
+    # mean image
     assert report["test_images"] == 355 and report["psnr"] > report["baseline_psnr"] + 6, report
     assert report["rfd"] < 5, report  # measured 1.50 in the shipped digits features (real test vs train: 0.76)
     assert (runs / "ae" / "reconstructions.png").exists()
@@ -269,8 +309,12 @@ def test_a_latent_run_samples_decodes_and_evaluates_through_the_same_path_as_a_p
         _, traj = run.trajectory(4, class_label=labels[:4], sampler="ddim", steps=10)
         assert traj.x0.shape == (10, 4, 1, 8, 8)  # the chain decoded too
     assert shapes == {"pixel": ((1, 8, 8), (10, 1, 8, 8)), "ldm": ((2, 4, 4), (10, 1, 8, 8))}
-    results = {name: evaluate(runs / name, n=300, sampling=Sampling("dpmpp-2m", 20), bpd_n=0, progress=False) for name in ("pixel", "ldm")}
-    # measured (300 steps each, unguided): FD pixel 15.2, latent 14.4 (real test vs train: 0.76); latent class accuracy 0.61
+    results = {
+        name: evaluate(runs / name, n=300, sampling=Sampling("dpmpp-2m", 20), bpd_n=0, progress=False)
+        for name in ("pixel", "ldm")
+    }
+    # measured (300 steps each, unguided): FD pixel 15.2, latent 14.4 (real test vs train: 0.76); latent class accuracy
+    # 0.61
     # (chance 0.10). With 4 latent channels and --guidance 3 the latent run reached FD 1.57 and 99.0 %.
     for r in results.values():
         assert r["fd"] < 25, r["fd"]
@@ -282,7 +326,9 @@ def test_a_latent_run_samples_decodes_and_evaluates_through_the_same_path_as_a_p
 def test_a_latent_run_refuses_a_missing_or_changed_autoencoder(runs, tmp_path, capsys):
     moved = tmp_path / "ae"
     shutil.copytree(runs / "ae", moved)
-    code, err = run_cli(capsys, "train", "digits", "--latent", moved, "--out", tmp_path / "ldm", "--steps", "2", "--quiet")
+    code, err = run_cli(
+        capsys, "train", "digits", "--latent", moved, "--out", tmp_path / "ldm", "--steps", "2", "--quiet"
+    )
     assert code == 0, err
     cfg = load_config(tmp_path / "ldm")
     assert latent_space(cfg.latent).hash == fingerprint(moved)
@@ -301,7 +347,9 @@ def test_a_latent_run_refuses_a_missing_or_changed_autoencoder(runs, tmp_path, c
     assert code != 0 and "holds an autoencoder run: continue it with `difflab train-autoencoder" in err, err
     code, err = run_cli(capsys, "train", "digits", "--latent", runs / "pixel", "--out", tmp_path / "x", "--steps", "2")
     assert code != 0 and "is a denoiser run, not an autoencoder" in err, err
-    code, err = run_cli(capsys, "train", "fashion-mnist", "--latent", runs / "ae", "--out", tmp_path / "x", "--steps", "2")
+    code, err = run_cli(
+        capsys, "train", "fashion-mnist", "--latent", runs / "ae", "--out", tmp_path / "x", "--steps", "2"
+    )
     assert code != 0 and "encodes 1x8x8 images; fashion-mnist holds 1x28x28" in err, err
 
 
@@ -319,13 +367,49 @@ def test_autoencode_round_trips_user_images_and_refuses_the_wrong_size(runs, tmp
 def test_inverse_problems_on_a_latent_run_go_through_the_decoder(runs, tmp_path, capsys):
     test = load_images("digits", split="test")
     save_npz(tmp_path / "x.npz", test.images[:4])
-    code, err = run_cli(capsys, "restore", runs / "ldm", "--task", "inpaint", "--clean", tmp_path / "x.npz", "--method", "replace",
-                        "--out", tmp_path / "r.png")
+    code, err = run_cli(
+        capsys,
+        "restore",
+        runs / "ldm",
+        "--task",
+        "inpaint",
+        "--clean",
+        tmp_path / "x.npz",
+        "--method",
+        "replace",
+        "--out",
+        tmp_path / "r.png",
+    )
     assert code != 0 and "is a latent run: replace need the pixels" in err and not (tmp_path / "r.png").exists(), err
     consistency = {}
     for scale in (0.0, 1.0):  # DPS's gradient through the decoder pulls the samples toward the measurement
-        assert main(["restore", str(runs / "ldm"), "--task", "sr2", "--clean", str(tmp_path / "x.npz"), "--method", "dps", "--dps-scale",
-                     str(scale), "--steps", "30", "--out", str(tmp_path / "r.png"), "--class", "0", "1", "2", "3", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "restore",
+                    str(runs / "ldm"),
+                    "--task",
+                    "sr2",
+                    "--clean",
+                    str(tmp_path / "x.npz"),
+                    "--method",
+                    "dps",
+                    "--dps-scale",
+                    str(scale),
+                    "--steps",
+                    "30",
+                    "--out",
+                    str(tmp_path / "r.png"),
+                    "--class",
+                    "0",
+                    "1",
+                    "2",
+                    "3",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         line = capsys.readouterr().out
         consistency[scale] = float(line.split("consistency ")[1].split(",")[0])
     # measured: 0.448 without the gradient, 0.117 at scale 1 (another 300-step latent run: 0.430 and 0.136)
@@ -334,7 +418,9 @@ def test_inverse_problems_on_a_latent_run_go_through_the_decoder(runs, tmp_path,
 
 
 def test_resuming_the_autoencoder_continues_it(runs, tmp_path, capsys):
-    code, err = run_cli(capsys, "train-autoencoder", "digits", "--out", tmp_path / "ae", "--factor", "2", "--steps", "20", "--quiet")
+    code, err = run_cli(
+        capsys, "train-autoencoder", "digits", "--out", tmp_path / "ae", "--factor", "2", "--steps", "20", "--quiet"
+    )
     assert code == 0, err
     code, err = run_cli(capsys, "train-autoencoder", "--out", tmp_path / "ae", "--resume", "--steps", "30", "--quiet")
     assert code == 0, err
@@ -342,10 +428,24 @@ def test_resuming_the_autoencoder_continues_it(runs, tmp_path, capsys):
     code, err = run_cli(capsys, "train-autoencoder", "--out", tmp_path / "ae", "--resume", "--factor", "4")
     assert code != 0 and "drop --factor" in err, err
     # stopped early: no latent scale, so no latent run on it until it is finished
-    code, err = run_cli(capsys, "train-autoencoder", "digits", "--out", tmp_path / "ae3", "--factor", "2", "--steps", "500", "--max-minutes",
-                        "0.001", "--quiet")
+    code, err = run_cli(
+        capsys,
+        "train-autoencoder",
+        "digits",
+        "--out",
+        tmp_path / "ae3",
+        "--factor",
+        "2",
+        "--steps",
+        "500",
+        "--max-minutes",
+        "0.001",
+        "--quiet",
+    )
     assert code == 0 and not (tmp_path / "ae3" / LATENT).exists(), err
-    code, err = run_cli(capsys, "train", "digits", "--latent", tmp_path / "ae3", "--out", tmp_path / "x", "--steps", "2")
+    code, err = run_cli(
+        capsys, "train", "digits", "--latent", tmp_path / "ae3", "--out", tmp_path / "x", "--steps", "2"
+    )
     assert code != 0 and "has no finished autoencoder" in err, err
     code, err = run_cli(capsys, "train-autoencoder", "digits", "--out", tmp_path / "ae2", "--factor", "16")
     assert code != 0 and "needs sizes divisible by 16" in err, err

@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from difflab.core.analytic import GaussianDenoiser, gaussian_nll
-from difflab.core.likelihood import VLBTerms, bits_per_dim, discretized_gaussian_log_likelihood, gaussian_log_likelihood, normal_kl, vlb_terms
+from difflab.core.likelihood import (
+    VLBTerms,
+    bits_per_dim,
+    discretized_gaussian_log_likelihood,
+    gaussian_log_likelihood,
+    normal_kl,
+    vlb_terms,
+)
 from difflab.core.parameterize import Denoiser, make_prediction
 from difflab.core.processes import ContinuousVP, DiscreteDDPM, posterior_coefficients
 
@@ -116,7 +123,10 @@ def test_every_term_matches_its_gaussian_expectation(variance):
     n = 4000
     x0 = gaussian_data(n, seed=0)
     v = vlb_terms(
-        GaussianDenoiser(process, MU, COV), x0, variance=variance, decoder="gaussian",
+        GaussianDenoiser(process, MU, COV),
+        x0,
+        variance=variance,
+        decoder="gaussian",
         generator=torch.Generator().manual_seed(1),
     )
     assert v.terms.shape == (n, 49) and v.prior.shape == v.decoder.shape == v.total.shape == (n,)
@@ -141,7 +151,10 @@ def test_bound_is_above_the_true_nll(variance):
     for T in (10, 100, 1000):
         process = DiscreteDDPM(T, "cosine")
         v = vlb_terms(
-            GaussianDenoiser(process, MU, COV), x0, variance=variance, decoder="gaussian",
+            GaussianDenoiser(process, MU, COV),
+            x0,
+            variance=variance,
+            decoder="gaussian",
             generator=torch.Generator().manual_seed(T),
         )
         gap = v.total - nll
@@ -165,7 +178,10 @@ def test_gap_shrinks_as_T_grows_with_beta_variance():
     for T in (10, 100):
         process = DiscreteDDPM(T, "cosine")
         v = vlb_terms(
-            GaussianDenoiser(process, MU, COV), x0, variance="beta", decoder="gaussian",
+            GaussianDenoiser(process, MU, COV),
+            x0,
+            variance="beta",
+            decoder="gaussian",
             generator=torch.Generator().manual_seed(10 + T),
         )
         gaps[T] = v.total - nll
@@ -203,8 +219,15 @@ def test_exact_x0_leaves_only_the_variance_mismatch(t_batch):
     ts = torch.arange(2, 41, dtype=F64)
     r = posterior_coefficients(process, ts, ts - 1)[2] / process.betas[1:]
     for variance, expected in (("beta_tilde", torch.zeros(39, dtype=F64)), ("beta", 0.5 * 12 * (r - 1 - torch.log(r)))):
-        v = vlb_terms(oracle, x0, variance=variance, decoder="gaussian", t_batch=t_batch, cond={"x0": x0},
-                      generator=torch.Generator().manual_seed(1))
+        v = vlb_terms(
+            oracle,
+            x0,
+            variance=variance,
+            decoder="gaussian",
+            t_batch=t_batch,
+            cond={"x0": x0},
+            generator=torch.Generator().manual_seed(1),
+        )
         torch.testing.assert_close(v.terms, expected.expand(5, 39), rtol=1e-9, atol=1e-12)
     # decoder N(x_0, beta_1) evaluated at its mean
     at_mean = 6 * math.log(2 * math.pi * float(process.betas[0]))  # 12 dims of -log N(m; m, beta_1)

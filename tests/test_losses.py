@@ -89,7 +89,7 @@ def test_min_snr_clamps_the_x0_weight_at_gamma(process, target):
 
 
 def test_min_snr_is_hang_et_al_for_eps_and_v():
-    """Hang et al. (2023): eps-prediction weight min(SNR, gamma) / SNR, v-prediction (VP) min(SNR, gamma) / (SNR + 1)."""
+    """Hang et al. (2023): eps-prediction weight min(SNR, gamma) / SNR, v-prediction min(SNR, gamma) / (SNR + 1)."""
     process = DiscreteDDPM(1000, "cosine")
     t = torch.arange(1, 1001, dtype=F64)
     a, s = process.alpha(t), process.sigma(t)

@@ -7,10 +7,18 @@ import pytest
 import torch
 
 from difflab.evaluation import metrics
-from difflab.evaluation.metrics import class_histogram, energy_distance, frechet_distance, frechet_from_stats, gaussian_stats, kid, precision_recall, sliced_wasserstein
+from difflab.evaluation.metrics import (
+    class_histogram,
+    energy_distance,
+    frechet_distance,
+    frechet_from_stats,
+    gaussian_stats,
+    kid,
+    precision_recall,
+    sliced_wasserstein,
+)
 
 F64 = torch.float64
-
 
 
 def gen(seed: int) -> torch.Generator:
@@ -28,7 +36,9 @@ def sample_gaussian(n, mu, cov, g):
 
 def mean_abs_normal(delta: float, s: float) -> float:
     """E|Z| for Z ~ N(delta, s^2)."""
-    return s * math.sqrt(2 / math.pi) * math.exp(-(delta**2) / (2 * s**2)) + delta * math.erf(delta / (s * math.sqrt(2)))
+    return s * math.sqrt(2 / math.pi) * math.exp(-(delta**2) / (2 * s**2)) + delta * math.erf(
+        delta / (s * math.sqrt(2))
+    )
 
 
 # --------------------------------------------------------------------------- Frechet distance
@@ -242,8 +252,13 @@ def test_energy_distance_matches_gaussian_closed_form():
 
 def test_energy_distance_unbiased_version_centres_on_zero():
     g = gen(17)
-    same = [energy_distance(torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g), unbiased=True) for _ in range(20)]
-    biased = energy_distance(torch.zeros(10, 2) + torch.arange(10.0)[:, None], torch.arange(10.0)[:, None].expand(10, 2))
+    same = [
+        energy_distance(torch.randn(200, 2, generator=g), torch.randn(200, 2, generator=g), unbiased=True)
+        for _ in range(20)
+    ]
+    biased = energy_distance(
+        torch.zeros(10, 2) + torch.arange(10.0)[:, None], torch.arange(10.0)[:, None].expand(10, 2)
+    )
     assert min(same) < 0 < max(same)  # the U-statistic can be negative ...
     assert abs(sum(same) / len(same)) < 0.01  # ... and is unbiased for 0
     assert biased == 0.0  # the V-statistic of equal sets is exactly 0

@@ -54,7 +54,9 @@ def test_hand_computed_values():
     assert int((~m).sum()) == 70 and torch.equal(m, random_mask((1, 10, 10), 0.7, seed=3))
     blur = Blur(1.0, (1, 9, 9))  # kernel radius 3
     flat = torch.ones(1, 1, 9, 9, dtype=F64)
-    assert abs(float(blur(flat)[0, 0, 4, 4]) - 1.0) < 1e-12 and float(blur(flat)[0, 0, 0, 0]) < 0.8  # an interior pixel of a constant image keeps its value
+    assert (
+        abs(float(blur(flat)[0, 0, 4, 4]) - 1.0) < 1e-12 and float(blur(flat)[0, 0, 0, 0]) < 0.8
+    )  # an interior pixel of a constant image keeps its value
 
 
 def test_composition_and_errors():

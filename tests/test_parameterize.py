@@ -12,7 +12,17 @@ from torch import nn
 
 from difflab.core.analytic import GaussianDenoiser
 from difflab.core.parameterize import TARGETS, Denoiser, convert, make_prediction
-from difflab.core.processes import ContinuousVP, DiscreteDDPM, VarianceExploding, broadcast, cosine_betas, linear_betas, posterior_coefficients, sigmoid_betas, transition_variance
+from difflab.core.processes import (
+    ContinuousVP,
+    DiscreteDDPM,
+    VarianceExploding,
+    broadcast,
+    cosine_betas,
+    linear_betas,
+    posterior_coefficients,
+    sigmoid_betas,
+    transition_variance,
+)
 
 F64 = torch.float64
 

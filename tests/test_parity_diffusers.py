@@ -92,16 +92,26 @@ def test_diffusers_linspace_is_a_different_grid():
 @pytest.mark.parametrize("variance_type,variance", [("fixed_large", "beta"), ("fixed_small", "beta_tilde")])
 def test_ddpm_step_matches(name, prediction_type, variance_type, variance, monkeypatch):
     process = DiscreteDDPM(T, SCHEDULES[name])
-    s = DDPMScheduler(num_train_timesteps=T, beta_schedule=name, prediction_type=prediction_type,
-                      variance_type=variance_type, clip_sample=False)
+    s = DDPMScheduler(
+        num_train_timesteps=T,
+        beta_schedule=name,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        clip_sample=False,
+    )
     s.alphas_cumprod = abar(process)
     g = torch.Generator().manual_seed(0)
     noise = {}
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda *a, **k: noise["z"].clone())
     # the full chain near both ends, and a 25-step 'leading' subsequence (any subsequence of steps)
     pairs = [(t_d, t_d - 1) for t_d in (999, 998, 500, 2, 1, 0)]
-    s_sub = DDPMScheduler(num_train_timesteps=T, beta_schedule=name, prediction_type=prediction_type,
-                          variance_type=variance_type, clip_sample=False)
+    s_sub = DDPMScheduler(
+        num_train_timesteps=T,
+        beta_schedule=name,
+        prediction_type=prediction_type,
+        variance_type=variance_type,
+        clip_sample=False,
+    )
     s_sub.alphas_cumprod = abar(process)
     s_sub.set_timesteps(25)
     for sched, t_list in ((s, pairs), (s_sub, [(int(t), int(s_sub.previous_timestep(t))) for t in s_sub.timesteps])):
@@ -122,8 +132,9 @@ def test_diffusers_fixed_large_adds_noise_on_a_final_step_from_t_above_1(monkeyp
     (fixed_large) still adds noise of variance 1 - abar_19 there (it skips noise only when timestep == 0); our
     ancestral step into t = 0 is always noise-free, as in Ho et al. (the final x_0 is the mean)."""
     process = DiscreteDDPM(T, "linear")
-    s = DDPMScheduler(num_train_timesteps=T, variance_type="fixed_large", clip_sample=False,
-                      timestep_spacing="trailing")
+    s = DDPMScheduler(
+        num_train_timesteps=T, variance_type="fixed_large", clip_sample=False, timestep_spacing="trailing"
+    )
     s.alphas_cumprod = abar(process)
     s.set_timesteps(50)
     t_d = int(s.timesteps[-1])
@@ -147,8 +158,14 @@ def test_diffusers_fixed_large_adds_noise_on_a_final_step_from_t_above_1(monkeyp
 def test_ddim_step_matches(name, prediction_type, eta, spacing):
     process = DiscreteDDPM(T, SCHEDULES[name])
     n = 20
-    s = DDIMScheduler(num_train_timesteps=T, beta_schedule=name, prediction_type=prediction_type,
-                      clip_sample=False, set_alpha_to_one=True, timestep_spacing=spacing)
+    s = DDIMScheduler(
+        num_train_timesteps=T,
+        beta_schedule=name,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing=spacing,
+    )
     s.alphas_cumprod, s.final_alpha_cumprod = abar(process), torch.tensor(1.0, dtype=F64)
     s.set_timesteps(n)
     ts = timesteps(process, n, spacing)
@@ -174,9 +191,16 @@ def test_ddim_step_matches(name, prediction_type, eta, spacing):
 @pytest.mark.parametrize("spacing,n", [("trailing", 10), ("linspace", 7), ("leading", 20)])
 def test_dpmpp_2m_matches(name, prediction_type, spacing, n):
     process = DiscreteDDPM(T, SCHEDULES[name])
-    s = DPMSolverMultistepScheduler(num_train_timesteps=T, beta_schedule=name, prediction_type=prediction_type,
-                                    algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero",
-                                    lower_order_final=True, timestep_spacing=spacing)
+    s = DPMSolverMultistepScheduler(
+        num_train_timesteps=T,
+        beta_schedule=name,
+        prediction_type=prediction_type,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        final_sigmas_type="zero",
+        lower_order_final=True,
+        timestep_spacing=spacing,
+    )
     a = abar(process)
     s.alphas_cumprod = a
     s.set_timesteps(n)

@@ -9,28 +9,25 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import POOLED, pooled
 
-from difflab.runs import store as ckpt
-from difflab.runs.config import RunConfig, TextRecord, load_config
-from difflab.runs.diffusion import DiffusionRun
+from difflab import load
 from difflab.cli import main
+from difflab.core.losses import SimpleLoss
+from difflab.core.parameterize import Denoiser
+from difflab.core.processes import DiscreteDDPM
 from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.pairs import make_subject, place, subject_prompts, tinted, write_subject
-from difflab.core.losses import SimpleLoss
-from difflab.nets.unet import UNet, UNetConfig
-from difflab.core.parameterize import Denoiser
+from difflab.evaluation.identity import best_half_similarity, gain, load_identity_net, subject_vector
 from difflab.evaluation.subject import feature_center, subject_similarity
 from difflab.nets.lora import LoraError, LoraSpec, is_lora, merge_lora, set_lora_scale, with_lora
+from difflab.nets.unet import UNet, UNetConfig
 from difflab.personalize.identifier import EMBEDDING, PersonalizeError, class_prompt
 from difflab.personalize.method import check_base, personalize
 from difflab.personalize.prior import PriorPreservationLoss
-from difflab.runs.config import Personalization
-from difflab.core.processes import DiscreteDDPM
-
-from difflab import load
-from difflab.evaluation.identity import best_half_similarity, gain, load_identity_net, subject_vector
-
-from conftest import POOLED, pooled
+from difflab.runs import store as ckpt
+from difflab.runs.config import Personalization, RunConfig, TextRecord, load_config
+from difflab.runs.diffusion import DiffusionRun
 
 try:
     load_images("fashion-mnist", split="test")
@@ -38,12 +35,24 @@ try:
 except Exception:  # noqa: BLE001 - any failure to read the Debian package's files
     HAVE_FASHION = False
 G_STEPS = 200  # the LoRA of the identity test
-needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+needs_fashion = pytest.mark.skipif(
+    not HAVE_FASHION, reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)"
+)
 
 
 def _unet() -> UNet:
-    cfg = UNetConfig(image_size=8, image_width=16, in_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(4,), num_heads=2, norm_groups=8, context_dim=12)
+    cfg = UNetConfig(
+        image_size=8,
+        image_width=16,
+        in_channels=3,
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_heads=2,
+        norm_groups=8,
+        context_dim=12,
+    )
     torch.manual_seed(0)
     net = UNet(cfg).eval()
     for p in net.parameters():  # the zero-initialised output layers would hide every difference
@@ -54,8 +63,11 @@ def _unet() -> UNet:
 
 def _inputs(n=3):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(n, 3, 8, 16, generator=g), torch.rand(n, generator=g) * 100,
-            {"context": torch.randn(n, 5, 12, generator=g), "context_mask": torch.ones(n, 5, dtype=torch.bool)})
+    return (
+        torch.randn(n, 3, 8, 16, generator=g),
+        torch.rand(n, generator=g) * 100,
+        {"context": torch.randn(n, 5, 12, generator=g), "context_mask": torch.ones(n, 5, dtype=torch.bool)},
+    )
 
 
 def _lora_net(rank=2):
@@ -104,7 +116,10 @@ def test_the_prior_preservation_loss_is_the_sum_of_its_two_terms_and_lambda_zero
     cc = {"context": torch.randn(6, 5, 12, generator=g), "context_mask": torch.ones(6, 5, dtype=torch.bool)}
 
     def by_hand(x, t, noise, c):  # eps target, no weighting: the mean of ||eps_hat(alpha x + sigma eps) - eps||^2
-        a, s = process.alpha(t).float()[:, None, None, None], process.sigma(t).float()[:, None, None, None]  # a^2 + s^2 = 1: c_in = 1
+        a, s = (
+            process.alpha(t).float()[:, None, None, None],
+            process.sigma(t).float()[:, None, None, None],
+        )  # a^2 + s^2 = 1: c_in = 1
         return ((denoiser.net(a * x + s * noise, process.noise_condition(t).float(), **c) - noise) ** 2).mean()
 
     loss = PriorPreservationLoss(SimpleLoss(), xc, cc, weight=0.3)
@@ -123,7 +138,10 @@ def test_the_prior_preservation_loss_is_the_sum_of_its_two_terms_and_lambda_zero
 
 
 def test_class_prompts_drop_the_identifier_only():
-    assert class_prompt("a red sks sneaker on the left and a blue bag on the right", "sks") == "a red sneaker on the left and a blue bag on the right"
+    assert (
+        class_prompt("a red sks sneaker on the left and a blue bag on the right", "sks")
+        == "a red sneaker on the left and a blue bag on the right"
+    )
     assert class_prompt("a sks ankle boot next to a sksbag", "sks") == "a ankle boot next to a sksbag"
 
 
@@ -217,10 +235,18 @@ def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run,
 
     folder, subject = subject_dir
     out = tmp_path / "db"
-    # class images guided at 3: at this size the base's unguided samples are poor sneakers, and measured, they pulled the
+    # class images guided at 3: at this size the base's unguided samples are poor sneakers, and measured, they pulled
+    # the
     # subject's samples away with them (0.408)
-    personalize(base_run, folder, out, Personalization("dreambooth", "sneaker", class_images=32, class_guidance=3.0), steps=150, lr=3e-4,
-                progress=False)
+    personalize(
+        base_run,
+        folder,
+        out,
+        Personalization("dreambooth", "sneaker", class_images=32, class_guidance=3.0),
+        steps=150,
+        lr=3e-4,
+        progress=False,
+    )
     attributes, sides, captions = subject_prompts("sneaker", 48, seed=1)
     colours = torch.where(sides == 0, attributes[:, 1], attributes[:, 3])
     references = upsampled(pooled(tinted(subject.grey, colours.numpy())))  # the subject as the model can see it
@@ -229,7 +255,11 @@ def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run,
     center = feature_center(net)
 
     def fidelity(run, prompts):
-        x = upsampled(to_uint8(DiffusionRun.load(run).sample(len(prompts), prompt=prompts, guidance=3.0, sampler="dpmpp-2m", steps=20)))
+        x = upsampled(
+            to_uint8(
+                DiffusionRun.load(run).sample(len(prompts), prompt=prompts, guidance=3.0, sampler="dpmpp-2m", steps=20)
+            )
+        )
         return subject_similarity(net, x, sides, references, center).mean().item()
 
     # the base model asked for the class (it has no identifier), the personalised one for the subject
@@ -244,7 +274,14 @@ def test_a_run_tuned_without_caption_dropout_keeps_its_bases_null_prediction(bas
     """--caption-dropout 0 stops training the null prediction on the subject; the base's stays, so guidance works."""
     folder, _ = subject_dir
     out = tmp_path / "drop0"
-    personalize(base_run, folder, out, Personalization("lora", "sneaker", prior_weight=0.0, caption_dropout=0.0), steps=2, progress=False)
+    personalize(
+        base_run,
+        folder,
+        out,
+        Personalization("lora", "sneaker", prior_weight=0.0, caption_dropout=0.0),
+        steps=2,
+        progress=False,
+    )
     assert load_config(out).text_spec().p_drop == 0 and load_config(base_run).text_spec().p_drop > 0
     run, prompt = DiffusionRun.load(out), ["a red sks sneaker on the left and a blue bag on the right"] * 2
     guided, plain = (run.sample(2, prompt=prompt, guidance=s, steps=4, seed=0) for s in (3.0, 1.0))
@@ -265,24 +302,80 @@ def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_
     prompt = "a red sks sneaker on the left and a blue bag on the right"
     for method in ("dreambooth", "lora", "textual-inversion"):
         out = tmp_path / method
-        code, err = run_cli(capsys, "personalize", base_run, "--images", folder, "--class-word", "sneaker", "--method", method,
-                            "--steps", "2", "--class-images", "4", "--out", out, "--quiet")
+        code, err = run_cli(
+            capsys,
+            "personalize",
+            base_run,
+            "--images",
+            folder,
+            "--class-word",
+            "sneaker",
+            "--method",
+            method,
+            "--steps",
+            "2",
+            "--class-images",
+            "4",
+            "--out",
+            out,
+            "--quiet",
+        )
         assert code == 0, err
         assert (out / "samples.png").is_file() and ckpt.weights_step(out) == 2
-        code, err = run_cli(capsys, "sample", out, "--prompt", prompt, "--guidance", "2", "--negative-prompt", class_prompt(prompt, "sks"),
-                            "-n", "2", "--steps", "2", "--out", tmp_path / f"{method}.png")
+        code, err = run_cli(
+            capsys,
+            "sample",
+            out,
+            "--prompt",
+            prompt,
+            "--guidance",
+            "2",
+            "--negative-prompt",
+            class_prompt(prompt, "sks"),
+            "-n",
+            "2",
+            "--steps",
+            "2",
+            "--out",
+            tmp_path / f"{method}.png",
+        )
         assert code == 0 and (tmp_path / f"{method}.png").is_file(), err
-    code, err = run_cli(capsys, "personalize", "--out", tmp_path / "lora", "--resume", "--quiet")  # a finished run: nothing to do
+    code, err = run_cli(
+        capsys, "personalize", "--out", tmp_path / "lora", "--resume", "--quiet"
+    )  # a finished run: nothing to do
     assert code == 0, err
     cfg = load_config(tmp_path / "lora")
     assert cfg.personalize.captions[0].count("sks") == 1 and cfg.lora.rank == 4
-    code, err = run_cli(capsys, "sample", base_run, "--lora", tmp_path / "lora", "--lora-scale", "0.5", "--prompt", prompt,
-                        "-n", "2", "--steps", "2", "--save", tmp_path / "l.npz")
+    code, err = run_cli(
+        capsys,
+        "sample",
+        base_run,
+        "--lora",
+        tmp_path / "lora",
+        "--lora-scale",
+        "0.5",
+        "--prompt",
+        prompt,
+        "-n",
+        "2",
+        "--steps",
+        "2",
+        "--save",
+        tmp_path / "l.npz",
+    )
     assert code == 0, err
 
     # a run killed after its first checkpoint resumes from it
     out = tmp_path / "killed"
-    personalize(base_run, folder, out, Personalization("dreambooth", "sneaker", class_images=4), steps=4, progress=False, stop_after=2)
+    personalize(
+        base_run,
+        folder,
+        out,
+        Personalization("dreambooth", "sneaker", class_images=4),
+        steps=4,
+        progress=False,
+        stop_after=2,
+    )
     assert ckpt.weights_step(out) == 2
     code, err = run_cli(capsys, "personalize", "--out", out, "--resume", "--quiet")
     assert code == 0 and ckpt.weights_step(out) == 4, err
@@ -292,29 +385,78 @@ def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_
 def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_path, capsys):
     folder, subject = subject_dir
     bad_caption = tmp_path / "bad"
-    write_subject(replace(subject, images=pooled(subject.images), captions=[c.replace("sks ", "") for c in subject.captions]), bad_caption)
+    write_subject(
+        replace(subject, images=pooled(subject.images), captions=[c.replace("sks ", "") for c in subject.captions]),
+        bad_caption,
+    )
     big = tmp_path / "big"
     write_subject(subject, big)  # 32x64 images for an 8x16 run
     common = ["--class-word", "sneaker", "--out", tmp_path / "x", "--quiet"]
     lora, other = tmp_path / "lora", tmp_path / "other"
     personalize(base_run, folder, lora, Personalization("lora", "sneaker", prior_weight=0), steps=1, progress=False)
-    personalize(base_run, folder, other, Personalization("dreambooth", "sneaker", prior_weight=0), steps=1, progress=False)
+    personalize(
+        base_run, folder, other, Personalization("dreambooth", "sneaker", prior_weight=0), steps=1, progress=False
+    )
     cases = [
-        (["personalize", base_run, "--images", bad_caption, "--method", "lora", *common], "does not name the subject by its identifier"),
+        (
+            ["personalize", base_run, "--images", bad_caption, "--method", "lora", *common],
+            "does not name the subject by its identifier",
+        ),
         (["personalize", base_run, "--images", big, "--method", "lora", *common], "this needs 16x8 images"),
         (["personalize", base_run, "--images", tmp_path / "none", "--method", "lora", *common], "no such folder"),
         (["personalize", base_run, "--images", folder, "--method", "lora", "--token", "red", *common], "already knows"),
-        (["personalize", base_run, "--images", folder, "--method", "lora", "--token", "two words", *common], "one lower-case word"),
-        (["personalize", base_run, "--images", folder, "--method", "lora", "--prior-weight", "-1", *common], "must be >= 0"),
-        (["personalize", base_run, "--images", folder, "--method", "dreambooth", "--rank", "2", *common], "--rank and --alpha are for --method lora"),
+        (
+            ["personalize", base_run, "--images", folder, "--method", "lora", "--token", "two words", *common],
+            "one lower-case word",
+        ),
+        (
+            ["personalize", base_run, "--images", folder, "--method", "lora", "--prior-weight", "-1", *common],
+            "must be >= 0",
+        ),
+        (
+            ["personalize", base_run, "--images", folder, "--method", "dreambooth", "--rank", "2", *common],
+            "--rank and --alpha are for --method lora",
+        ),
         (["personalize", base_run, "--images", folder, *common], "give --method"),
         (["personalize", "--out", tmp_path / "nothing", "--resume"], "does not exist"),
-        (["sample", base_run, "--lora-scale", "0.5", "--prompt", "a red bag on the left and a red bag on the right", "-n", "1"], "give --lora RUN"),
+        (
+            [
+                "sample",
+                base_run,
+                "--lora-scale",
+                "0.5",
+                "--prompt",
+                "a red bag on the left and a red bag on the right",
+                "-n",
+                "1",
+            ],
+            "give --lora RUN",
+        ),
         (["sample", base_run, "--lora", tmp_path / "nothing", "-n", "1"], "holds no adapter.safetensors"),
-        (["sample", base_run, "--lora", lora, "--lora", lora, "--lora-scale", "1", "--lora-scale", "2", "--lora-scale", "3", "-n", "1"],
-         "one --lora-scale for all adapters or one per --lora (2), not 3"),
+        (
+            [
+                "sample",
+                base_run,
+                "--lora",
+                lora,
+                "--lora",
+                lora,
+                "--lora-scale",
+                "1",
+                "--lora-scale",
+                "2",
+                "--lora-scale",
+                "3",
+                "-n",
+                "1",
+            ],
+            "one --lora-scale for all adapters or one per --lora (2), not 3",
+        ),
         (["sample", base_run, "--lora", lora, "--lora", lora, "-n", "1"], "share an identifier"),
-        (["sample", other, "--lora", lora, "-n", "1"], "has other weights"),  # an adapter over weights it was not trained on
+        (
+            ["sample", other, "--lora", lora, "-n", "1"],
+            "has other weights",
+        ),  # an adapter over weights it was not trained on
         (["train", "--out", lora, "--resume"], "holds a personalised run: continue it with `difflab personalize"),
     ]
     for argv, message in cases:
@@ -328,10 +470,15 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
 
 
 def test_only_runs_that_can_take_an_identifier_are_personalised():
-    cfg = RunConfig(dataset="d", process={"kind": "ddpm", "T": 10}, net_kind="mlp", net={}, shape=[2], data_kind="points")
+    cfg = RunConfig(
+        dataset="d", process={"kind": "ddpm", "T": 10}, net_kind="mlp", net={}, shape=[2], data_kind="points"
+    )
     with pytest.raises(PersonalizeError, match="takes no text"):
         check_base(cfg, "R", "lora")
-    for kind, method, message in (("clip", "lora", "would read as <unk>"), ("minilm", "textual-inversion", "frozen pretrained")):
+    for kind, method, message in (
+        ("clip", "lora", "would read as <unk>"),
+        ("minilm", "textual-inversion", "frozen pretrained"),
+    ):
         c = replace(cfg, text=TextRecord(kind, run="C"))
         with pytest.raises(PersonalizeError, match=message):
             check_base(c, "R", method)
@@ -347,7 +494,6 @@ def test_a_corrupt_adapter_is_refused_and_the_lora_spec_round_trips(tmp_path):
     assert LoraSpec.from_dict(json.loads(json.dumps(LoraSpec(rank=3, alpha=6.0).to_dict()))).scaling == 2.0
     with pytest.raises(LoraError, match="rank"):
         LoraSpec(rank=0)
-
 
 
 def test_lora_without_peft_says_how_to_install_it(monkeypatch):
@@ -375,7 +521,9 @@ def test_lora_on_the_shipped_model_raises_its_subjects_identity_and_not_another_
     colours = torch.where(sides == 0, attributes[:, 1], attributes[:, 3]).numpy()
     base = load("fashion-pairs-t2i-minilm")
 
-    def identity(x, subject):  # the better half: where the model drew the item (sides are prompt fidelity, not identity)
+    def identity(
+        x, subject
+    ):  # the better half: where the model drew the item (sides are prompt fidelity, not identity)
         return best_half_similarity(net, x, subject_vector(net, subject.grey)).mean().item()
 
     def draw(run, prompts):
@@ -384,8 +532,14 @@ def test_lora_on_the_shipped_model_raises_its_subjects_identity_and_not_another_
     untuned = draw(base, [class_prompt(c, "sks") for c in captions])  # the base asked for the class word
     ceilings = [identity(base.latent.reconstruct(place(tinted(s.grey, colours), sides)), s) for s in subjects]
     write_subject(subjects[0], tmp_path / "subject")
-    personalize("fashion-pairs-t2i-minilm", tmp_path / "subject", tmp_path / "lora", Personalization("lora", "sneaker", prior_weight=0.0),
-                steps=G_STEPS, progress=False)
+    personalize(
+        "fashion-pairs-t2i-minilm",
+        tmp_path / "subject",
+        tmp_path / "lora",
+        Personalization("lora", "sneaker", prior_weight=0.0),
+        steps=G_STEPS,
+        progress=False,
+    )
     tuned = draw(load(tmp_path / "lora"), captions)
     gains = [gain(identity(tuned, s), identity(untuned, s), c) for s, c in zip(subjects, ceilings)]
     own, others = gains[0], torch.tensor(gains[1:])

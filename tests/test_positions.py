@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("positions", Path(__file__).resolve().parent.parent / "benchmarks" / "positions.py")
+spec = importlib.util.spec_from_file_location(
+    "positions", Path(__file__).resolve().parent.parent / "benchmarks" / "positions.py"
+)
 positions = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(positions)
 

@@ -37,7 +37,9 @@ def cli(capsys, *argv) -> tuple[int, str]:
 
 def cli_samples(capsys, tmp_path, run, *argv) -> np.ndarray:
     out = tmp_path / "cli.npz"
-    code, err = cli(capsys, "sample", run, "--sampler", "dpmpp-2m", "--steps", 6, "--seed", 3, "--save", out, "--quiet", *argv)
+    code, err = cli(
+        capsys, "sample", run, "--sampler", "dpmpp-2m", "--steps", 6, "--seed", 3, "--save", out, "--quiet", *argv
+    )
     assert code == 0, err
     saved = np.load(out)
     return saved["images"] if "images" in saved else saved["points"]
@@ -46,15 +48,33 @@ def cli_samples(capsys, tmp_path, run, *argv) -> np.ndarray:
 # --------------------------------------------------------------------------- one object, the CLI's images
 
 
-def test_run_sample_gives_the_clis_images_for_every_kind_of_diffusion_run(tiny_toy_run, digits_runs, text_runs, tmp_path, capsys):
+def test_run_sample_gives_the_clis_images_for_every_kind_of_diffusion_run(
+    tiny_toy_run, digits_runs, text_runs, tmp_path, capsys
+):
     three, eight = "a handwritten three", "a handwritten eight"
     cases = [
         ("unconditional", tiny_toy_run, [], {}, {}),
-        ("class-conditional, guided", digits_runs / "dc", ["--class", 3, "--guidance", 3], {"class_label": 3, "guidance": 3.0}, {}),
-        ("latent text, negative prompt", text_runs / "minilm", ["--prompt", three, "--negative-prompt", eight, "--guidance", 3],
-         {"prompt": three, "negative_prompt": eight, "guidance": 3.0}, {}),
-        ("LoRA over its base", text_runs / "minilm", ["--prompt", "a handwritten sks three", "--lora", text_runs / "lora", "--lora-scale", 0.7],
-         {"prompt": "a handwritten sks three"}, {"lora": [(text_runs / "lora", 0.7)]}),
+        (
+            "class-conditional, guided",
+            digits_runs / "dc",
+            ["--class", 3, "--guidance", 3],
+            {"class_label": 3, "guidance": 3.0},
+            {},
+        ),
+        (
+            "latent text, negative prompt",
+            text_runs / "minilm",
+            ["--prompt", three, "--negative-prompt", eight, "--guidance", 3],
+            {"prompt": three, "negative_prompt": eight, "guidance": 3.0},
+            {},
+        ),
+        (
+            "LoRA over its base",
+            text_runs / "minilm",
+            ["--prompt", "a handwritten sks three", "--lora", text_runs / "lora", "--lora-scale", 0.7],
+            {"prompt": "a handwritten sks three"},
+            {"lora": [(text_runs / "lora", 0.7)]},
+        ),
     ]
     for name, run, argv, ask, load in cases:
         want = cli_samples(capsys, tmp_path, run, "-n", 5, *argv)
@@ -64,11 +84,17 @@ def test_run_sample_gives_the_clis_images_for_every_kind_of_diffusion_run(tiny_t
             continue
         got = to_uint8(got).numpy()
         assert got.shape == want.shape, name
-        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, name  # equal up to a rounding of the last float bit
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= 1, (
+            name
+        )  # equal up to a rounding of the last float bit
     # the adapter changes the base's images (it is really loaded), and at strength 0 it is the base exactly
     base = difflab.load(text_runs / "minilm").sample(3, prompt="a handwritten sks three", steps=4)
-    adapted = difflab.load(text_runs / "minilm", lora=[(text_runs / "lora", 1.0)]).sample(3, prompt="a handwritten sks three", steps=4)
-    off = difflab.load(text_runs / "minilm", lora=[(text_runs / "lora", 0.0)]).sample(3, prompt="a handwritten sks three", steps=4)
+    adapted = difflab.load(text_runs / "minilm", lora=[(text_runs / "lora", 1.0)]).sample(
+        3, prompt="a handwritten sks three", steps=4
+    )
+    off = difflab.load(text_runs / "minilm", lora=[(text_runs / "lora", 0.0)]).sample(
+        3, prompt="a handwritten sks three", steps=4
+    )
     assert torch.equal(off, base) and not torch.equal(adapted, base)
 
 
@@ -76,14 +102,20 @@ def test_the_callback_sees_every_step_of_the_chain(digits_runs, latent_runs):
     for run in (digits_runs / "dc", latent_runs / "ldm"):
         model = difflab.load(run)
         seen = []
-        x = model.sample(4, class_label=[1, 2, 3, 4], guidance=2.0, steps=7, callback=lambda i, x_t, x0: seen.append((i, x_t.clone(), x0.clone())))
+        x = model.sample(
+            4,
+            class_label=[1, 2, 3, 4],
+            guidance=2.0,
+            steps=7,
+            callback=lambda i, x_t, x0: seen.append((i, x_t.clone(), x0.clone())),  # noqa: B023 (called in this iteration)
+        )
         assert [i for i, _, _ in seen] == list(range(7))
         assert all(x_t.shape == (4, *model.config.shape) == x0.shape for _, x_t, x0 in seen)
         # the last prediction is the sample (dpmpp-2m's step into t = 0 returns x0_hat), decoded for a latent run
         assert torch.allclose(model.decode(seen[-1][2]), x, atol=1e-5)
         # img2img: every step of the shortened chain (strength 0.5 of 20 DDIM steps), and the callback changes nothing
         seen.clear()
-        edited = model.img2img(x[:2], 0.5, steps=20, class_label=[1, 2], callback=lambda i, x_t, x0: seen.append(i))
+        edited = model.img2img(x[:2], 0.5, steps=20, class_label=[1, 2], callback=lambda i, x_t, x0: seen.append(i))  # noqa: B023
         assert seen == list(range(len(seen))) and 8 <= len(seen) <= 11
         torch.testing.assert_close(edited, model.img2img(x[:2], 0.5, steps=20, class_label=[1, 2]), rtol=0, atol=0)
 
@@ -93,7 +125,10 @@ def test_load_gives_each_kind_its_object_and_refuses_the_wrong_one(digits_runs, 
     from difflab.latent.autoencoder import AutoencoderRun
 
     assert type(difflab.load(digits_runs / "dc")) is DiffusionRun
-    assert type(difflab.load(digits_runs / "clf")) is ClassifierRun and difflab.load(digits_runs / "clf").classifier.num_classes == 10
+    assert (
+        type(difflab.load(digits_runs / "clf")) is ClassifierRun
+        and difflab.load(digits_runs / "clf").classifier.num_classes == 10
+    )
     ae = difflab.load(latent_runs / "ae")
     assert type(ae) is AutoencoderRun and ae.space.latent_shape == [2, 4, 4]
     with pytest.raises(RunKindError, match="is a noise-aware classifier run, not a denoiser"):
@@ -139,16 +174,31 @@ class ConstantRun(Run):
         return self.net.value.detach()
 
 
-TOY = RunKind("toy-mean", "a toy-mean run", {"constant": (ConstantConfig, Constant)}, lambda cfg: MeanLoss(), ConstantRun, "toy-train",
-              use="ask it for its mean")
+TOY = RunKind(
+    "toy-mean",
+    "a toy-mean run",
+    {"constant": (ConstantConfig, Constant)},
+    lambda cfg: MeanLoss(),
+    ConstantRun,
+    "toy-train",
+    use="ask it for its mean",
+)
 
 
 def test_a_new_run_kind_trains_resumes_and_loads_through_the_table_alone(tmp_path):
     register(TOY)
     try:
-        cfg = RunConfig(dataset="swissroll", process=RECIPE_PROCESS, net_kind="constant", net={"dim": 2}, shape=[2], data_kind="points",
-                        run_kind="toy-mean", train=TrainConfig(steps=200, batch_size=64, lr=0.05, warmup=1, ema_decay=0.0, checkpoint_every=50),
-                        data=DataSpec(n=512))
+        cfg = RunConfig(
+            dataset="swissroll",
+            process=RECIPE_PROCESS,
+            net_kind="constant",
+            net={"dim": 2},
+            shape=[2],
+            data_kind="points",
+            run_kind="toy-mean",
+            train=TrainConfig(steps=200, batch_size=64, lr=0.05, warmup=1, ema_decay=0.0, checkpoint_every=50),
+            data=DataSpec(n=512),
+        )
         cfg.validate()
         x = torch.randn(512, 2) * 0.1 + torch.tensor([3.0, -1.0])
         run = tmp_path / "toy"
@@ -181,13 +231,22 @@ def test_a_new_run_kind_trains_resumes_and_loads_through_the_table_alone(tmp_pat
 def test_a_minilm_run_takes_prompts_longer_than_every_training_caption(text_runs, tmp_path, capsys):
     model = difflab.load(text_runs / "minilm")
     trained = model.config.text.max_tokens
-    long = "a handwritten three, " + "drawn with a thick black pen on white paper and slightly tilted to the right, " * 3
+    long = (
+        "a handwritten three, " + "drawn with a thick black pen on white paper and slightly tilted to the right, " * 3
+    )
     assert model.text.length([long]) > 3 * trained
     x = model.sample(2, prompt=long, negative_prompt="a handwritten eight", guidance=3.0, steps=4)
-    cut = model.sample(2, prompt=model.text.tokenizer.decode(model.text.tokenizer(long)["input_ids"][1 : trained - 1]),
-                       negative_prompt="a handwritten eight", guidance=3.0, steps=4)
+    cut = model.sample(
+        2,
+        prompt=model.text.tokenizer.decode(model.text.tokenizer(long)["input_ids"][1 : trained - 1]),
+        negative_prompt="a handwritten eight",
+        guidance=3.0,
+        steps=4,
+    )
     assert x.shape == (2, 1, 8, 8) and not torch.equal(x, cut)  # the whole prompt is read, not its first tokens
-    code, err = cli(capsys, "sample", text_runs / "minilm", "--prompt", "three " * 300, "-n", 1, "--out", tmp_path / "x.png")
+    code, err = cli(
+        capsys, "sample", text_runs / "minilm", "--prompt", "three " * 300, "-n", 1, "--out", tmp_path / "x.png"
+    )
     assert code == 2 and "reads at most 256" in err and len(err.splitlines()) == 1 and not (tmp_path / "x.png").exists()
 
 
@@ -204,10 +263,16 @@ def test_every_command_reads_a_folder_files_or_an_npz_through_one_reader(digits_
     b = read_inputs(sorted(folder.glob("*.png")), (1, 8, 8))
     c = read_inputs([tmp_path / "x.npz"], (1, 8, 8))
     assert torch.equal(a, test) and torch.equal(b, test) and torch.equal(c, test)
-    for argv in (["img2img", digits_runs / "dc", folder, "--steps", 4], ["restore", digits_runs / "dc", "--task", "inpaint", "--clean", folder, "--steps", 4]):
+    for argv in (
+        ["img2img", digits_runs / "dc", folder, "--steps", 4],
+        ["restore", digits_runs / "dc", "--task", "inpaint", "--clean", folder, "--steps", 4],
+    ):
         code, err = cli(capsys, *argv, "--out", tmp_path / "o.png", "--quiet")
         assert code == 0 and (tmp_path / "o.png").exists(), err
-    for argv in (["img2img", digits_runs / "dc", tmp_path / "nothing"], ["restore", digits_runs / "dc", "--task", "inpaint", "--clean", tmp_path / "nothing"]):
+    for argv in (
+        ["img2img", digits_runs / "dc", tmp_path / "nothing"],
+        ["restore", digits_runs / "dc", "--task", "inpaint", "--clean", tmp_path / "nothing"],
+    ):
         code, err = cli(capsys, *argv, "--out", tmp_path / "p.png")
         assert code == 2 and "no such file or folder" in err and len(err.splitlines()) == 1, err
     (tmp_path / "empty").mkdir()
@@ -218,8 +283,21 @@ def test_every_command_reads_a_folder_files_or_an_npz_through_one_reader(digits_
 def test_restore_defaults_work_for_every_run_kind(digits_runs, latent_runs, tmp_path, capsys):
     np.savez(tmp_path / "x.npz", images=load_images("digits", split="test").images[:2].numpy())
     for run, method in ((digits_runs / "dc", "ddrm"), (latent_runs / "ldm", "dps")):
-        code, err = cli(capsys, "restore", run, "--task", "inpaint", "--clean", tmp_path / "x.npz", "--steps", 5, "--class", 1,
-                        "--out", tmp_path / "r.png")
+        code, err = cli(
+            capsys,
+            "restore",
+            run,
+            "--task",
+            "inpaint",
+            "--clean",
+            tmp_path / "x.npz",
+            "--steps",
+            5,
+            "--class",
+            1,
+            "--out",
+            tmp_path / "r.png",
+        )
         assert code == 0, err
         model = difflab.load(run)
         assert model.default_restoration(Mask(box_mask((1, 8, 8)), (1, 8, 8))) == method

@@ -12,7 +12,23 @@ import torch
 from difflab.core.analytic import GaussianDenoiser
 from difflab.core.parameterize import Prediction
 from difflab.core.processes import ContinuousVP, DiscreteDDPM, VarianceExploding
-from difflab.sampling.samplers import DEFAULT_SIGMA_CAP, SAMPLERS, SPACINGS, Trajectory, ddim, ddim_invert, ddim_step, ddpm_step, default_spacing, dpmpp_2m_step, euler, get_sampler, heun, sample, timesteps
+from difflab.sampling.samplers import (
+    DEFAULT_SIGMA_CAP,
+    SAMPLERS,
+    SPACINGS,
+    Trajectory,
+    ddim,
+    ddim_invert,
+    ddim_step,
+    ddpm_step,
+    default_spacing,
+    dpmpp_2m_step,
+    euler,
+    get_sampler,
+    heun,
+    sample,
+    timesteps,
+)
 
 F64 = torch.float64
 MU = torch.tensor([1.0, -0.5], dtype=F64)
@@ -29,7 +45,6 @@ PROCESSES = {
     "vp-linear": ContinuousVP("linear"),
     "ve": VarianceExploding(sigma_min=0.01, sigma_max=20.0),
 }
-
 
 
 def marginal(process, t, n, generator):
@@ -341,7 +356,12 @@ def test_spacings_are_decreasing_grids_from_t_max_to_zero(proc, spacing, n):
     if spacing in ("uniform", "leading", "trailing") and proc.startswith("ddpm"):
         assert torch.equal(ts, ts.round())
     body = ts[:-1]
-    capped = n > 1 and spacing in ("karras", "logsnr") and process.variance_preserving and float(process.sigma(ts[0]) / process.alpha(ts[0])) > DEFAULT_SIGMA_CAP
+    capped = (
+        n > 1
+        and spacing in ("karras", "logsnr")
+        and process.variance_preserving
+        and float(process.sigma(ts[0]) / process.alpha(ts[0])) > DEFAULT_SIGMA_CAP
+    )
     if capped:  # the default cap: the second level sits at sigma_tilde = 80 and the spread starts there
         assert float(process.sigma(ts[1]) / process.alpha(ts[1])) == pytest.approx(DEFAULT_SIGMA_CAP, rel=1e-6)
         body = ts[1:-1]
@@ -429,9 +449,17 @@ def test_trajectory_shapes_callback_and_cond(name):
     n, shape = 6, (5, 2)
     options = {"n_steps_each": 2} if name == "langevin" else {}
     steps_seen = []
-    out, traj = sample(Conditioned(), shape, n, sampler=name, generator=torch.Generator().manual_seed(0),
-                       cond={"label": 7}, return_trajectory=True,
-                       callback=lambda i, t, x, pred: steps_seen.append((i, float(t))), **options)
+    out, traj = sample(
+        Conditioned(),
+        shape,
+        n,
+        sampler=name,
+        generator=torch.Generator().manual_seed(0),
+        cond={"label": 7},
+        return_trajectory=True,
+        callback=lambda i, t, x, pred: steps_seen.append((i, float(t))),
+        **options,
+    )
     assert isinstance(traj, Trajectory)
     assert traj.t.shape == (n + 1,) and traj.x_t.shape == (n + 1, *shape) and traj.x0.shape == (n, *shape)
     assert traj.t[-1] == 0 and bool((traj.t[1:] < traj.t[:-1]).all())

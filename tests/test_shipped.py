@@ -15,8 +15,8 @@ from difflab.cli import main
 from difflab.io import file_sha256
 from difflab.latent.autoencoder import LATENT, fingerprint, rebased
 from difflab.runs import shipped
-from difflab.runs.ship import ship
 from difflab.runs.config import CheckpointError
+from difflab.runs.ship import ship
 from difflab.runs.store import WEIGHTS, latest_checkpoint, load_weights, weights_fingerprint
 from difflab.text.encoders import rebased_text
 
@@ -51,7 +51,9 @@ def test_a_shipped_run_is_never_written(tiny_toy_run, package, capsys):
     assert main(["train", "swissroll", "--out", str(package / "toy"), "--steps", "2", "--resume", "--quiet"]) == 2
     assert "shipped model and is never written" in capsys.readouterr().err
     # --out is a folder, never a name: a copy goes to ./toy, starting from the shipped weights
-    assert main(["train", "swissroll", "--out", "toy", "--init-from", "toy", "--steps", "2", "--n", "500", "--quiet"]) == 0
+    assert (
+        main(["train", "swissroll", "--out", "toy", "--init-from", "toy", "--steps", "2", "--n", "500", "--quiet"]) == 0
+    )
     assert shipped.locate("toy").resolve() == (package.parent / "toy").resolve()
     assert {p: p.read_bytes() for p in (package / "toy").rglob("*") if p.is_file()} == before
 
@@ -75,18 +77,39 @@ def test_a_clip_conditioned_model_ships_with_its_clip_by_name(clip_run, package,
     from difflab.data.pairs import caption
 
     run, other = tmp_path / "t2i", tmp_path / "other-clip"
-    assert main(["train", "fashion-pairs", "--text", f"clip:{clip_run}", "--out", str(run), "--steps", "2", "--batch-size", "4", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "fashion-pairs",
+                "--text",
+                f"clip:{clip_run}",
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     ship(clip_run, "t-clip", {"what": "a CLIP"})
     cfg = json.loads((run / "config.json").read_text())
     ship(run, "t-t2i", {"what": "text to image"}, config=rebased_text(cfg, "t-clip"))
     saved = json.loads((package / "t-t2i" / "config.json").read_text())["text"]
-    assert saved["run"] == "t-clip" and saved["fingerprint"] == weights_fingerprint("t-clip") != cfg["text"]["fingerprint"]
+    assert (
+        saved["run"] == "t-clip" and saved["fingerprint"] == weights_fingerprint("t-clip") != cfg["text"]["fingerprint"]
+    )
     prompts = [caption((7, 0, 8, 2)), caption((1, 3, 4, 5))]
     a = difflab.load(run).sample(2, prompt=prompts, guidance=3.0, sampler="ddim", steps=3, seed=1)
     b = difflab.load("t-t2i").sample(2, prompt=prompts, guidance=3.0, sampler="ddim", steps=3, seed=1)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     # another CLIP (a fresh one-step run) reads the words differently: refused, in one line
-    assert main(["train-clip", "fashion-pairs", "--out", str(other), "--steps", "1", "--batch-size", "8", "--quiet"]) == 0
+    assert (
+        main(["train-clip", "fashion-pairs", "--out", str(other), "--steps", "1", "--batch-size", "8", "--quiet"]) == 0
+    )
     with pytest.raises(CheckpointError, match="not a copy of the CLIP run"):
         rebased_text(cfg, other)
     with pytest.raises(CheckpointError, match="only a CLIP-conditioned run"):
@@ -96,7 +119,10 @@ def test_a_clip_conditioned_model_ships_with_its_clip_by_name(clip_run, package,
         rebased_text(cfg | {"text": {**cfg["text"], "fingerprint": "0" * 16}}, "t-clip")
     # a folder named like the shipped CLIP (a user's own, or an empty one) does not shadow what the model was trained on
     (tmp_path / "t-clip").mkdir()
-    assert shipped.locate("t-clip").resolve() == (tmp_path / "t-clip").resolve() and shipped.from_record("t-clip") == package / "t-clip"
+    assert (
+        shipped.locate("t-clip").resolve() == (tmp_path / "t-clip").resolve()
+        and shipped.from_record("t-clip") == package / "t-clip"
+    )
     c = difflab.load("t-t2i").sample(2, prompt=prompts, guidance=3.0, sampler="ddim", steps=3, seed=1)
     torch.testing.assert_close(a, c, rtol=0, atol=0)
 
@@ -104,8 +130,16 @@ def test_a_clip_conditioned_model_ships_with_its_clip_by_name(clip_run, package,
 def test_difflab_models_lists_and_explains(tiny_toy_run, package, capsys):
     assert main(["models"]) == 0
     assert "no shipped models" in capsys.readouterr().out
-    ship(tiny_toy_run, "toy", {"what": "a swiss roll", "train_seconds": 60, "commands": ["difflab train swissroll"],
-                                       "figures": {"energy": 0.01}})
+    ship(
+        tiny_toy_run,
+        "toy",
+        {
+            "what": "a swiss roll",
+            "train_seconds": 60,
+            "commands": ["difflab train swissroll"],
+            "figures": {"energy": 0.01},
+        },
+    )
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "toy: a swiss roll" in out and "30 steps, trained 1 min" in out and "$ difflab train swissroll" in out
@@ -127,7 +161,16 @@ def test_the_package_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fashion-pairs-t2i", "fashion-pairs-t2i-minilm", "fashion-mnist-classes", "fashion-pairs-ae", "fashion-pairs-clip"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "fashion-pairs-t2i",
+        "fashion-pairs-t2i-minilm",
+        "fashion-mnist-classes",
+        "fashion-pairs-ae",
+        "fashion-pairs-clip",
+    ],
+)
 def test_a_package_model_reproduces_its_recorded_figures(name):
     """`difflab eval NAME` (here its function) with the recipe's settings gives the recipe's figures: the same
     seeds and samples, so only float summation order may move them (tolerance: 1 point of accuracy, 2 % of FD)."""
@@ -139,11 +182,13 @@ def test_a_package_model_reproduces_its_recorded_figures(name):
     fig = shipped.recipe(name)["figures"]
     if name == "fashion-pairs-ae":
         from difflab.data.images import load_images
-        from difflab.latent.autoencoder import load_autoencoder
         from difflab.evaluation.metrics import psnr
+        from difflab.latent.autoencoder import load_autoencoder
 
         test = load_images("fashion-pairs", "test").images[:2000]
-        assert float(psnr(load_autoencoder(name).reconstruct(test), test).mean()) == pytest.approx(fig["psnr"], abs=0.05)
+        assert float(psnr(load_autoencoder(name).reconstruct(test), test).mean()) == pytest.approx(
+            fig["psnr"], abs=0.05
+        )
         return
     if name == "fashion-pairs-clip":
         from difflab.data.images import load_images
@@ -167,8 +212,27 @@ def test_the_shipped_clip_model_refuses_personalisation_and_names_the_one_that_t
     if not {"fashion-pairs-t2i", "fashion-pairs-t2i-minilm"} <= set(shipped.names()):
         pytest.skip("the shipped text models are not in this checkout")
     out = tmp_path / "sks"
-    assert main(["personalize", "fashion-pairs-t2i", "--images", str(tmp_path), "--class-word", "sneaker", "--method", "lora",
-                 "--out", str(out)]) == 2
+    assert (
+        main(
+            [
+                "personalize",
+                "fashion-pairs-t2i",
+                "--images",
+                str(tmp_path),
+                "--class-word",
+                "sneaker",
+                "--method",
+                "lora",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "frozen CLIP run fashion-pairs-clip" in err and "(shipped: fashion-pairs-t2i-minilm)" in err and err.count("\n") == 1
+    assert (
+        "frozen CLIP run fashion-pairs-clip" in err
+        and "(shipped: fashion-pairs-t2i-minilm)" in err
+        and err.count("\n") == 1
+    )
     assert not out.exists()

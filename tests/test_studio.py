@@ -53,7 +53,9 @@ def free_port() -> int:
 @contextmanager
 def served(root: Path, **kw):
     """The studio over ``root`` on a free loopback port (uvicorn in a thread); yields its URL."""
-    server = uvicorn.Server(uvicorn.Config(create_app(root, **kw), host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(root, **kw), host="127.0.0.1", port=free_port(), log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -66,17 +68,32 @@ def served(root: Path, **kw):
         thread.join(30)
 
 
-def call(url: str, method: str = "GET", body=None, *, raw: bytes | None = None, headers: dict | None = None,
-         files: dict | None = None) -> tuple[int, bytes, dict]:
+def call(
+    url: str,
+    method: str = "GET",
+    body=None,
+    *,
+    raw: bytes | None = None,
+    headers: dict | None = None,
+    files: dict | None = None,
+) -> tuple[int, bytes, dict]:
     """One request: (status, body bytes, headers); JSON bodies from ``body``, or ``raw`` bytes as they are."""
     data, h = raw, dict(headers or {})
     if body is not None:
         data, h["Content-Type"] = json.dumps(body).encode(), "application/json"
     if files is not None:
         boundary = "studio-test-boundary"
-        parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"; filename=\"{k}.png\"\r\nContent-Type: image/png\r\n\r\n".encode()
-                 + v + b"\r\n" for k, v in files.items()]
-        data, h["Content-Type"] = b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+        parts = [
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; filename="{k}.png"\r\nContent-Type: '
+            "image/png\r\n\r\n".encode()
+            + v
+            + b"\r\n"
+            for k, v in files.items()
+        ]
+        data, h["Content-Type"] = (
+            b"".join(parts) + f"--{boundary}--\r\n".encode(),
+            f"multipart/form-data; boundary={boundary}",
+        )
     request = urllib.request.Request(url, data=data, method=method, headers=h)
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
@@ -130,7 +147,11 @@ def runs_folder(tmp_path: Path, **runs: Path) -> Path:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under ``root`` with the SHA-256 of its content."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def resident_mib() -> float:
@@ -167,7 +188,12 @@ def test_names_cannot_leave_the_runs_folder(tmp_path):
 
 
 def test_token_guards_every_request(tmp_path):
-    assert not needs_token("127.0.0.1") and not needs_token("::1") and needs_token("0.0.0.0") and needs_token("example.org")
+    assert (
+        not needs_token("127.0.0.1")
+        and not needs_token("::1")
+        and needs_token("0.0.0.0")
+        and needs_token("example.org")
+    )
     with served(tmp_path, token="s3cret") as base:
         for path in ("/", "/api/runs", "/docs", "/openapi.json", "/static/app.js", "/api/history"):
             status, data, _ = call(base + path)
@@ -175,7 +201,9 @@ def test_token_guards_every_request(tmp_path):
         assert call(base + "/api/runs", headers={"Authorization": "Bearer wrong"})[0] == 401
         assert call(base + "/api/runs", headers={"Authorization": "Bearer s3cret"})[0] == 200
         assert call(base + "/api/runs?token=s3cret")[0] == 200
-        status, _, headers = call(base + "/?token=s3cret")  # the page gets a cookie, so its own requests carry the token
+        status, _, headers = call(
+            base + "/?token=s3cret"
+        )  # the page gets a cookie, so its own requests carry the token
         assert status == 200 and "difflab_studio_token=s3cret" in headers.get("set-cookie", "")
         assert call(base + "/static/app.js", headers={"Cookie": "difflab_studio_token=s3cret"})[0] == 200
 
@@ -226,7 +254,9 @@ def test_events_stream_ends_on_the_finished_state():
 
     states = asyncio.run(stream(FinishedRightAfterTheSnapshot("0" * 16, "forward", "dc", {}, status="running")))
     assert [s["status"] for s in states] == ["running", "done"] and states[-1]["finished"] is not None
-    assert [s["status"] for s in asyncio.run(stream(Job("1" * 16, "forward", "dc", {}, status="failed", error="x")))] == ["failed"]
+    assert [
+        s["status"] for s in asyncio.run(stream(Job("1" * 16, "forward", "dc", {}, status="failed", error="x")))
+    ] == ["failed"]
 
 
 # --------------------------------------------------------------------------- on a trained digits run
@@ -245,7 +275,11 @@ def test_generate_reproduce_from_png(digits_studio):
         assert not runs["clf"]["generates"]
         detail = api(f"{base}/api/runs/dc")
         assert detail["metrics"] and detail["metrics"][-1]["step"] == detail["steps_trained"]
-        job = api(f"{base}/api/generate", "POST", {"run": "dc", "class_label": 7, "guidance": 2, "steps": 10, "seed": 5, "batch": 3})
+        job = api(
+            f"{base}/api/generate",
+            "POST",
+            {"run": "dc", "class_label": 7, "guidance": 2, "steps": 10, "seed": 5, "batch": 3},
+        )
         done = wait(base, job["id"])
         assert done["status"] == "done" and done["images"] == 3 and done["previews"] >= 1
         direct = to_uint8(run.sample(3, class_label=7, guidance=2, steps=10, seed=5)).numpy()
@@ -254,7 +288,11 @@ def test_generate_reproduce_from_png(digits_studio):
             assert np.array_equal(png_array(png), direct[i])
             back = api(f"{base}/api/parameters", "POST", files={"file": png})
             assert back["same_weights"] and back["settings"]["seed"] == 5 + i and back["settings"]["batch"] == 1
-            s = {k: v for k, v in back["settings"].items() if k in ("run", "class_label", "guidance", "steps", "seed", "batch", "sampler")}
+            s = {
+                k: v
+                for k, v in back["settings"].items()
+                if k in ("run", "class_label", "guidance", "steps", "seed", "batch", "sampler")
+            }
             again = wait(base, api(f"{base}/api/generate", "POST", s)["id"])  # the PNG's settings make the same pixels
             assert np.array_equal(png_array(api(f"{base}/api/jobs/{again['id']}/images/0.png")), direct[i])
         assert len(api(f"{base}/api/history?limit=10")["jobs"]) == 4
@@ -262,7 +300,12 @@ def test_generate_reproduce_from_png(digits_studio):
 
 def test_queue_is_fifo_and_cancels_the_third(digits_studio):
     with served(digits_studio, limits=Limits(max_queue=8)) as base:
-        ids = [api(f"{base}/api/generate", "POST", {"run": "dc", "class_label": k, "steps": 60, "seed": k, "batch": 8})["id"] for k in range(5)]
+        ids = [
+            api(f"{base}/api/generate", "POST", {"run": "dc", "class_label": k, "steps": 60, "seed": k, "batch": 8})[
+                "id"
+            ]
+            for k in range(5)
+        ]
         cancelled = api(f"{base}/api/jobs/{ids[2]}/cancel", "POST")
         assert cancelled["status"] in ("cancelled", "running")
         jobs = [wait(base, i) for i in ids]
@@ -305,7 +348,9 @@ WRONG = {  # per field of a generate request, values it must refuse (on the clas
     "eta": [-1, "x", 0.5],  # dpmpp-2m takes no eta
     "seed": [-1, 2**31, 2**63, "x", 1.5],
     "batch": [0, 17, 10**9, "x", -3],
-    "method": ["replace"], "image": ["x"], "extra": [1],  # fields a generate does not take
+    "method": ["replace"],
+    "image": ["x"],
+    "extra": [1],  # fields a generate does not take
 }
 
 
@@ -317,29 +362,101 @@ def bad_requests(rng: random.Random, base: str, png: bytes) -> list[tuple]:
         kind = rng.randrange(8)
         if kind == 0:  # a generate with one field wrong
             field = rng.choice(list(WRONG))
-            out.append(("POST", "/api/generate", {"run": "dc", "steps": 4, "seed": 0, field: rng.choice(WRONG[field])}, None))
+            out.append(
+                ("POST", "/api/generate", {"run": "dc", "steps": 4, "seed": 0, field: rng.choice(WRONG[field])}, None)
+            )
         elif kind == 1:  # bad JSON / not JSON
-            out.append(("POST", rng.choice(["/api/generate", "/api/chain", "/api/inpaint"]), None,
-                        rng.choice([b"{", b"[]", b"null", b"\xff\xfe", b"{\"run\": ", b"1e999999", b""])))
+            out.append(
+                (
+                    "POST",
+                    rng.choice(["/api/generate", "/api/chain", "/api/inpaint"]),
+                    None,
+                    rng.choice([b"{", b"[]", b"null", b"\xff\xfe", b'{"run": ', b"1e999999", b""]),
+                )
+            )
         elif kind == 2:  # names with path components
-            out.append(("GET", rng.choice(["/api/runs/{}", "/api/runs/{}/pictures/loss.png", "/api/runs/dc/pictures/{}"]).format(rng.choice(names[:-2])), None, None))
+            out.append(
+                (
+                    "GET",
+                    rng.choice(["/api/runs/{}", "/api/runs/{}/pictures/loss.png", "/api/runs/dc/pictures/{}"]).format(
+                        rng.choice(names[:-2])
+                    ),
+                    None,
+                    None,
+                )
+            )
         elif kind == 3:  # job ids that are not
-            out.append((rng.choice(["GET", "POST"]), rng.choice(["/api/jobs/{}", "/api/jobs/{}/cancel", "/api/jobs/{}/preview.png",
-                                                                 "/api/jobs/{}/images/0.png", "/api/jobs/{}/chain/0/x0.png"]).format(
-                rng.choice(["../../x", "0" * 16, "zz", "0123456789abcdef0", "%2e%2e"])), None, None))
+            out.append(
+                (
+                    rng.choice(["GET", "POST"]),
+                    rng.choice(
+                        [
+                            "/api/jobs/{}",
+                            "/api/jobs/{}/cancel",
+                            "/api/jobs/{}/preview.png",
+                            "/api/jobs/{}/images/0.png",
+                            "/api/jobs/{}/chain/0/x0.png",
+                        ]
+                    ).format(rng.choice(["../../x", "0" * 16, "zz", "0123456789abcdef0", "%2e%2e"])),
+                    None,
+                    None,
+                )
+            )
         elif kind == 4:  # inpainting with bad images and masks
             good = base64.b64encode(png).decode()
-            image = rng.choice([good, "not base64!", base64.b64encode(b"GIF89a").decode(), "data:image/png;base64," + good, ""])
-            mask = rng.choice([good, base64.b64encode(pngs.encode(torch.zeros(1, 3, 3, dtype=torch.uint8))).decode(),
-                               base64.b64encode(pngs.encode(torch.zeros(1, 8, 8, dtype=torch.uint8))).decode(), "%%%"])
-            out.append(("POST", "/api/inpaint", {"run": rng.choice(["dc", "clf", "..", "nope"]), "image": image, "mask": mask,
-                                                 "method": rng.choice(["replace", "ddrm", "magic", 3]), "steps": rng.choice([4, 0, 10**9])}, None))
+            image = rng.choice(
+                [good, "not base64!", base64.b64encode(b"GIF89a").decode(), "data:image/png;base64," + good, ""]
+            )
+            mask = rng.choice(
+                [
+                    good,
+                    base64.b64encode(pngs.encode(torch.zeros(1, 3, 3, dtype=torch.uint8))).decode(),
+                    base64.b64encode(pngs.encode(torch.zeros(1, 8, 8, dtype=torch.uint8))).decode(),
+                    "%%%",
+                ]
+            )
+            out.append(
+                (
+                    "POST",
+                    "/api/inpaint",
+                    {
+                        "run": rng.choice(["dc", "clf", "..", "nope"]),
+                        "image": image,
+                        "mask": mask,
+                        "method": rng.choice(["replace", "ddrm", "magic", 3]),
+                        "steps": rng.choice([4, 0, 10**9]),
+                    },
+                    None,
+                )
+            )
         elif kind == 5:  # uploads that are not studio PNGs
-            out.append(("POST", "/api/parameters", None, rng.choice([b"", b"junk", pngs.encode(torch.zeros(1, 4, 4, dtype=torch.uint8))])))
+            out.append(
+                (
+                    "POST",
+                    "/api/parameters",
+                    None,
+                    rng.choice([b"", b"junk", pngs.encode(torch.zeros(1, 4, 4, dtype=torch.uint8))]),
+                )
+            )
         elif kind == 6:  # history queries out of range
-            out.append(("GET", f"/api/history?limit={rng.choice([-1, 0, 10**9, 'x'])}&offset={rng.choice([-5, 'y', 10**12])}&status={rng.choice(['done', 'x', ''])}", None, None))
+            out.append(
+                (
+                    "GET",
+                    f"/api/history?limit={rng.choice([-1, 0, 10**9, 'x'])}&offset={rng.choice([-5, 'y', 10**12])}"
+                    f"&status={rng.choice(['done', 'x', ''])}",
+                    None,
+                    None,
+                )
+            )
         else:  # unknown routes and methods
-            out.append((rng.choice(["PUT", "DELETE", "PATCH"]), rng.choice(["/api/generate", "/api/runs", "/api/jobs/0000000000000000"]), None, None))
+            out.append(
+                (
+                    rng.choice(["PUT", "DELETE", "PATCH"]),
+                    rng.choice(["/api/generate", "/api/runs", "/api/jobs/0000000000000000"]),
+                    None,
+                    None,
+                )
+            )
     return out
 
 
@@ -352,11 +469,35 @@ def test_fuzz_bad_requests_answer_4xx_and_touch_nothing(digits_studio):
         requests = bad_requests(rng, base, png)
         counts: dict[int, int] = {}
         for method, path, body, raw in requests:
-            status, data, _ = call(base + path, method, body, raw=raw, headers={"Authorization": "Bearer tok"},
-                                   files={"file": raw} if path == "/api/parameters" else None) if path == "/api/parameters" else \
-                call(base + path, method, body, raw=raw, headers={"Authorization": "Bearer tok", **({"Content-Type": "application/json"} if raw is not None else {})})
+            status, data, _ = (
+                call(
+                    base + path,
+                    method,
+                    body,
+                    raw=raw,
+                    headers={"Authorization": "Bearer tok"},
+                    files={"file": raw} if path == "/api/parameters" else None,
+                )
+                if path == "/api/parameters"
+                else call(
+                    base + path,
+                    method,
+                    body,
+                    raw=raw,
+                    headers={
+                        "Authorization": "Bearer tok",
+                        **({"Content-Type": "application/json"} if raw is not None else {}),
+                    },
+                )
+            )
             counts[status] = counts.get(status, 0) + 1
-            assert 400 <= status < 500 or (status == 200 and path.startswith("/api/history")), (method, path, body, status, data[:200])
+            assert 400 <= status < 500 or (status == 200 and path.startswith("/api/history")), (
+                method,
+                path,
+                body,
+                status,
+                data[:200],
+            )
             assert "Traceback" not in data.decode(errors="replace")
             if status >= 400 and status != 405:
                 assert "error" in json.loads(data), (path, data[:200])
@@ -386,8 +527,11 @@ def test_load_50_concurrent_requests(digits_studio):
         assert len(api(f"{base}/api/jobs")["jobs"]) <= 64  # memory: a bounded number of jobs is kept
         grown = resident_mib() - rss
         assert grown < 200
-    print(f"\nload: 50 concurrent requests, {len(accepted)} accepted, {statuses.count(429)} refused with 429, all accepted done; "
-          f"resident memory {rss:.0f} MiB before, {grown:+.0f} MiB after")
+    print(
+        f"\nload: 50 concurrent requests, {len(accepted)} accepted, {statuses.count(429)} refused with 429, all "
+        "accepted done; "
+        f"resident memory {rss:.0f} MiB before, {grown:+.0f} MiB after"
+    )
 
 
 def test_restart_keeps_history_and_interrupts(digits_studio):
@@ -420,15 +564,20 @@ def test_img2img_interpolate_sweep_forward(digits_studio):
     b64 = [base64.b64encode(pngs.encode(d)).decode() for d in digits[:2]]
     run = difflab.load(digits_studio / "dc")
     with served(digits_studio) as base:
+
         def done(path, body):
             job = wait(base, api(f"{base}{path}", "POST", body)["id"])
             assert job["status"] == "done", job
             return job
 
-        job = done("/api/img2img", {"run": "dc", "image": b64[0], "strength": 0.5, "steps": 10, "seed": 2, "class_label": 0})
+        job = done(
+            "/api/img2img", {"run": "dc", "image": b64[0], "strength": 0.5, "steps": 10, "seed": 2, "class_label": 0}
+        )
         direct = to_uint8(run.img2img(to_model(digits[:1]), 0.5, steps=10, seed=2, class_label=0))[0].numpy()
         assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/0.png")), direct)
-        job = done("/api/interpolate", {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 4, "steps": 10, "seed": 0})
+        job = done(
+            "/api/interpolate", {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 4, "steps": 10, "seed": 0}
+        )
         assert job["images"] == 4
         job = done("/api/sweep", {"run": "dc", "scales": [1, 3], "class_label": 3, "steps": 10, "seed": 4})
         for i, scale in enumerate((1, 3)):  # each the same seed at its own scale
@@ -436,12 +585,19 @@ def test_img2img_interpolate_sweep_forward(digits_studio):
             assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/{i}.png")), direct)
         job = done("/api/forward", {"run": "dc", "image": b64[0], "steps": 10, "seed": 0})
         assert job["chain"]["positions"] == 11 and job["chain"]["t"][-1] == 0
-        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/chain/10/x_t.png")), digits[0].numpy())  # t = 0: the image
+        assert np.array_equal(
+            png_array(api(f"{base}/api/jobs/{job['id']}/chain/10/x_t.png")), digits[0].numpy()
+        )  # t = 0: the image
         assert api(f"{base}/api/img2img", "POST", {"run": "dc", "image": b64[0], "strength": 0}, expect=422)
         cut = base64.b64encode(pngs.encode(digits[0])[:50]).decode()  # a PNG cut inside its pixel data
         assert "image" in api(f"{base}/api/forward", "POST", {"run": "dc", "image": cut}, expect=400)["error"]
         small = base64.b64encode(pngs.encode(digits[0][:, :4, :4])).decode()
-        assert "takes 8x8" in api(f"{base}/api/interpolate", "POST", {"run": "dc", "image": b64[0], "image_b": small}, expect=400)["error"]
+        assert (
+            "takes 8x8"
+            in api(f"{base}/api/interpolate", "POST", {"run": "dc", "image": b64[0], "image_b": small}, expect=400)[
+                "error"
+            ]
+        )
 
 
 def test_upscale_with_a_super_resolution_run(tmp_path, digits_runs):
@@ -464,19 +620,36 @@ def test_upscale_with_a_super_resolution_run(tmp_path, digits_runs):
         direct = to_uint8(sr.upscale(to_model(low), noise_level=0.1, sampler="ddim", steps=10, seed=3))[0].numpy()
         assert png_array(png).shape == (1, 8, 8) and np.array_equal(png_array(png), direct)  # the library's upscaling
         assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/input.png")), low[0].numpy())
-        back = api(f"{base}/api/parameters", "POST", files={"file": png})  # its PNG holds its settings, like every job's
-        assert back["same_weights"] and {k: back["settings"][k] for k in body if k != "image"} == {k: v for k, v in body.items() if k != "image"}
+        back = api(
+            f"{base}/api/parameters", "POST", files={"file": png}
+        )  # its PNG holds its settings, like every job's
+        assert back["same_weights"] and {k: back["settings"][k] for k in body if k != "image"} == {
+            k: v for k, v in body.items() if k != "image"
+        }
         assert back["settings"]["kind"] == "upscale"
         assert [j["id"] for j in api(f"{base}/api/history?limit=1")["jobs"]] == [job["id"]]
         # refused in one line: a run that is not an SR run, an image of the wrong size, an SR run for another job
-        assert "not a super-resolution run" in api(f"{base}/api/upscale", "POST", {"run": "dc", "image": b64}, expect=400)["error"]
-        assert "is 8x8; sr upscales 4x4 images (factor 2) to 8x8" in api(f"{base}/api/upscale", "POST", {"run": "sr", "image": full},
-                                                                            expect=400)["error"]
-        assert "super-resolution run" in api(f"{base}/api/generate", "POST", {"run": "sr", "steps": 4}, expect=400)["error"]
-        assert "super-resolution run" in api(f"{base}/api/img2img", "POST", {"run": "sr", "image": full}, expect=400)["error"]
+        assert (
+            "not a super-resolution run"
+            in api(f"{base}/api/upscale", "POST", {"run": "dc", "image": b64}, expect=400)["error"]
+        )
+        assert (
+            "is 8x8; sr upscales 4x4 images (factor 2) to 8x8"
+            in api(f"{base}/api/upscale", "POST", {"run": "sr", "image": full}, expect=400)["error"]
+        )
+        assert (
+            "super-resolution run"
+            in api(f"{base}/api/generate", "POST", {"run": "sr", "steps": 4}, expect=400)["error"]
+        )
+        assert (
+            "super-resolution run"
+            in api(f"{base}/api/img2img", "POST", {"run": "sr", "image": full}, expect=400)["error"]
+        )
         assert "sampler" in api(f"{base}/api/upscale", "POST", {**body, "sampler": "magic"}, expect=400)["error"]
         assert api(f"{base}/api/upscale", "POST", {**body, "noise_level": 2}, expect=422)
-        assert api(f"{base}/api/upscale", "POST", {**body, "class_label": 3}, expect=422)  # it takes no condition but the image
+        assert api(
+            f"{base}/api/upscale", "POST", {**body, "class_label": 3}, expect=422
+        )  # it takes no condition but the image
 
 
 def test_text_run_prompts_and_lora(tmp_path, text_runs, digits_runs):
@@ -488,18 +661,30 @@ def test_text_run_prompts_and_lora(tmp_path, text_runs, digits_runs):
         # each run offers the adapters trained over its weights alone: the digits run none of the text run's
         assert runs["lora"]["adapter_base"] == difflab.load(root / "minilm").fingerprint
         assert runs["minilm"]["adapters"] == ["lora"] and runs["dc"]["adapters"] == []
-        assert "was trained over" in api(f"{base}/api/generate", "POST", {"run": "dc", "steps": 4, "lora": [["lora", 1.0]]}, expect=400)["error"]
+        assert (
+            "was trained over"
+            in api(f"{base}/api/generate", "POST", {"run": "dc", "steps": 4, "lora": [["lora", 1.0]]}, expect=400)[
+                "error"
+            ]
+        )
         plain = wait(base, api(f"{base}/api/generate", "POST", settings)["id"])
         adapted = wait(base, api(f"{base}/api/generate", "POST", {**settings, "lora": [["lora", 1.0]]})["id"])
         assert plain["status"] == adapted["status"] == "done"
         png = api(f"{base}/api/jobs/{adapted['id']}/images/1.png")
         assert pngs.decode(png)[1]["lora"] == [["lora", 1.0]]
-        direct = difflab.load(root / "minilm", lora=[(root / "lora", 1.0)]).sample(2, prompt=settings["prompt"], steps=8, seed=1)
+        direct = difflab.load(root / "minilm", lora=[(root / "lora", 1.0)]).sample(
+            2, prompt=settings["prompt"], steps=8, seed=1
+        )
         assert np.array_equal(png_array(png), to_uint8(direct)[1].numpy())
         # (the shared adapter trained 4 steps: it moves the samples by ~1e-5, below one 8-bit level, so the plain
         # run's pixels cannot tell the two apart; equality with the library's adapted run is the check)
-        assert "characters" in api(f"{base}/api/generate", "POST", {**settings, "prompt": "three " * 300}, expect=400)["error"]
-        assert "tokens" in api(f"{base}/api/generate", "POST", {**settings, "prompt": "3," * 199}, expect=400)["error"]  # the encoder's limit
+        assert (
+            "characters"
+            in api(f"{base}/api/generate", "POST", {**settings, "prompt": "three " * 300}, expect=400)["error"]
+        )
+        assert (
+            "tokens" in api(f"{base}/api/generate", "POST", {**settings, "prompt": "3," * 199}, expect=400)["error"]
+        )  # the encoder's limit
         assert api(f"{base}/api/generate", "POST", {**settings, "lora": [["../lora", 1.0]]}, expect=404)
         assert api(f"{base}/api/generate", "POST", {**settings, "lora": [["lora", 9.0]]}, expect=400)
         assert api(f"{base}/api/generate", "POST", {**settings, "class_label": 3}, expect=400)
@@ -520,15 +705,21 @@ def test_a_distilled_student_generates_with_its_own_sampler(digits_studio):
         assert api(f"{base}/api/runs/fast")["sampling"] == {"sampler": "consistency", "steps": 1}
         assert api(f"{base}/api/runs/dc")["sampling"] == {"sampler": "dpmpp-2m", "steps": 20}
         assert api(f"{base}/api/runs/clf")["sampling"] is None
-        job = wait(base, api(f"{base}/api/generate", "POST", {"run": "fast", "class_label": 4, "guidance": 2, "seed": 3})["id"])
+        job = wait(
+            base, api(f"{base}/api/generate", "POST", {"run": "fast", "class_label": 4, "guidance": 2, "seed": 3})["id"]
+        )
         assert job["status"] == "done", job
         assert (job["settings"]["sampler"], job["settings"]["steps"]) == ("consistency", 1)
         direct = to_uint8(student.sample(1, class_label=4, guidance=2, seed=3)).numpy()
         assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/0.png")), direct[0])
-        status, data, _ = call(f"{base}/api/generate", "POST", {"run": "fast", "class_label": 4, "sampler": "dpmpp-2m", "seed": 3})
+        status, data, _ = call(
+            f"{base}/api/generate", "POST", {"run": "fast", "class_label": 4, "sampler": "dpmpp-2m", "seed": 3}
+        )
         if status == 200:  # refused when the job runs: the job records the one-line error
             failed = wait(base, json.loads(data)["id"])
-            assert failed["status"] == "failed" and "samples with 'consistency', not 'dpmpp-2m'" in failed["error"], failed
+            assert failed["status"] == "failed" and "samples with 'consistency', not 'dpmpp-2m'" in failed["error"], (
+                failed
+            )
         else:
             assert status == 400 and b"samples with 'consistency', not 'dpmpp-2m'" in data, data
 
@@ -546,25 +737,45 @@ def test_interpolate_and_upscale_preview_and_cancel(tmp_path, digits_runs):
     low = to_uint8(low_res_of(digits[:1], 2))
     run, sr = difflab.load(root / "dc"), difflab.load(root / "sr")
     jobs = {
-        "ddim": ("/api/interpolate", {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 3, "steps": 10, "seed": 1, "class_label": 2},
-                 lambda: run.interpolate(to_model(digits[:1]), to_model(digits[1:]), 3, steps=10, seed=1, class_label=2)),
-        "ddpm": ("/api/interpolate", {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 2, "steps": 10, "seed": 1, "method": "ddpm"},
-                 lambda: run.interpolate(to_model(digits[:1]), to_model(digits[1:]), 2, method="ddpm", steps=10, seed=1)),
-        "upscale": ("/api/upscale", {"run": "sr", "image": base64.b64encode(pngs.encode(low[0])).decode(), "steps": 10, "seed": 2},
-                    lambda: sr.upscale(to_model(low), steps=10, seed=2)),
+        "ddim": (
+            "/api/interpolate",
+            {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 3, "steps": 10, "seed": 1, "class_label": 2},
+            lambda: run.interpolate(to_model(digits[:1]), to_model(digits[1:]), 3, steps=10, seed=1, class_label=2),
+        ),
+        "ddpm": (
+            "/api/interpolate",
+            {"run": "dc", "image": b64[0], "image_b": b64[1], "frames": 2, "steps": 10, "seed": 1, "method": "ddpm"},
+            lambda: run.interpolate(to_model(digits[:1]), to_model(digits[1:]), 2, method="ddpm", steps=10, seed=1),
+        ),
+        "upscale": (
+            "/api/upscale",
+            {"run": "sr", "image": base64.b64encode(pngs.encode(low[0])).decode(), "steps": 10, "seed": 2},
+            lambda: sr.upscale(to_model(low), steps=10, seed=2),
+        ),
     }
     with served(root, limits=Limits(preview_every=2)) as base:
         for name, (path, body, direct) in jobs.items():
             id = api(base + path, "POST", body)["id"]
             states = events(base, id)
             assert states[-1]["status"] == "done", (name, states[-1])
-            assert any(s["status"] == "running" and s["previews"] > 0 for s in states[:-1]), name  # a preview before the result
-            assert states[-1]["step"] == states[-1]["steps"], (name, states[-1])  # 2 x 10 for ddim: inversion, then decoding
+            assert any(s["status"] == "running" and s["previews"] > 0 for s in states[:-1]), (
+                name
+            )  # a preview before the result
+            assert states[-1]["step"] == states[-1]["steps"], (
+                name,
+                states[-1],
+            )  # 2 x 10 for ddim: inversion, then decoding
             expected = to_uint8(direct()).numpy()
-            assert all(np.array_equal(png_array(api(f"{base}/api/jobs/{id}/images/{i}.png")), expected[i]) for i in range(len(expected))), name
+            assert all(
+                np.array_equal(png_array(api(f"{base}/api/jobs/{id}/images/{i}.png")), expected[i])
+                for i in range(len(expected))
+            ), name
         assert api(f"{base}/api/jobs/{id}/preview.png")[:4] == b"\x89PNG"
 
-        long = {"/api/interpolate": {**jobs["ddim"][1], "frames": 16, "steps": 200}, "/api/upscale": {**jobs["upscale"][1], "steps": 200}}
+        long = {
+            "/api/interpolate": {**jobs["ddim"][1], "frames": 16, "steps": 200},
+            "/api/upscale": {**jobs["upscale"][1], "steps": 200},
+        }
         for path, body in long.items():
             id = api(base + path, "POST", body)["id"]
             running(base, id)

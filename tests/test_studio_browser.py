@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install 'difflab[test]')")
+sync_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (pip install 'difflab[test]')"
+)
 
 from test_studio import api, png_array, runs_folder, served
 
@@ -27,7 +29,10 @@ from difflab.runs.data import low_res_of
 from difflab.studio import pngs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +74,20 @@ def log(page) -> list[str]:
 
 def wait_log(page, prefix: str, count: int = 1, timeout: float = 60_000) -> str:
     """The page's count-th log line starting with prefix (a job it showed), or a failure saying the page's error."""
-    page.wait_for_function(f"window.studioLog.filter(s => s.startsWith({json.dumps(prefix)})).length >= {count}"
-                           " || !document.getElementById('error').hidden", timeout=timeout)
+    page.wait_for_function(
+        f"window.studioLog.filter(s => s.startsWith({json.dumps(prefix)})).length >= {count}"
+        " || !document.getElementById('error').hidden",
+        timeout=timeout,
+    )
     shown = [s for s in log(page) if s.startswith(prefix)]
     assert len(shown) >= count, f"the page says: {page.text_content('#error')}"
     return shown[count - 1]
 
 
 def images_loaded(page, selector: str) -> None:
-    page.wait_for_function(f"[...document.querySelectorAll({json.dumps(selector)})].every(i => i.complete && i.naturalWidth > 0)")
+    page.wait_for_function(
+        f"[...document.querySelectorAll({json.dumps(selector)})].every(i => i.complete && i.naturalWidth > 0)"
+    )
 
 
 def test_generate_preview_history_and_png_round_trip(page, tmp_path, text_runs):
@@ -128,7 +138,9 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         open_studio(page, base, "dc")
         page.click("nav button[data-panel=edit]")
         page.set_input_files("#edit-file", str(tmp_path / "digit.png"))
-        page.wait_for_function("document.getElementById('edit-image').getContext('2d').getImageData(0, 0, 256, 256).data.some(v => v > 0)")
+        page.wait_for_function(
+            "document.getElementById('edit-image').getContext('2d').getImageData(0, 0, 256, 256).data.some(v => v > 0)"
+        )
         box = page.locator("#edit-mask").bounding_box()
         page.mouse.move(box["x"] + 140, box["y"] + 40)
         page.mouse.down()
@@ -141,7 +153,9 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         job = wait_log(page, "inpainted ").split()[1]
         images_loaded(page, "#edit-result")
         screenshot(page, "edit")
-        mask = pngs.decode(base64.b64decode(page.evaluate("maskPng()").partition(",")[2]), 1)[0][0].numpy() >= 128  # True: filled in
+        mask = (
+            pngs.decode(base64.b64decode(page.evaluate("maskPng()").partition(",")[2]), 1)[0][0].numpy() >= 128
+        )  # True: filled in
         assert 0 < mask.sum() < mask.size
         result = png_array(api(f"{base}/api/jobs/{job}/images/0.png"))
         assert np.array_equal(result[0][~mask], digit[0].numpy()[~mask])  # outside the mask, exactly the input
@@ -156,7 +170,9 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         job = wait_log(page, "interpolated ").split()[1]
         assert api(f"{base}/api/jobs/{job}")["images"] == 3
         shown = log(page)  # its live preview (every 5 of its 2 x 20 steps) came before its result
-        assert shown.index(next(s for s in shown if s.startswith(f"edit preview {job}"))) < shown.index(f"interpolated {job}")
+        assert shown.index(next(s for s in shown if s.startswith(f"edit preview {job}"))) < shown.index(
+            f"interpolated {job}"
+        )
 
         # super-resolution: the digit at 4x4, upscaled by the sr run (factor 2) with the page's sampler and seed
         (tmp_path / "low.png").write_bytes(pngs.encode(to_uint8(low_res_of(digit[None], 2))[0]))
@@ -168,16 +184,26 @@ def test_mask_painted_with_the_mouse_inpaints(page, tmp_path, digits_runs):
         job = wait_log(page, "upscaled ").split()[1]
         images_loaded(page, "#edit-result")
         settings = api(f"{base}/api/jobs/{job}")["settings"]
-        assert {k: settings[k] for k in ("run", "noise_level", "steps", "sampler")} == {"run": "sr", "noise_level": 0.1, "steps": 20,
-                                                                                      "sampler": "dpmpp-2m"}
+        assert {k: settings[k] for k in ("run", "noise_level", "steps", "sampler")} == {
+            "run": "sr",
+            "noise_level": 0.1,
+            "steps": 20,
+            "sampler": "dpmpp-2m",
+        }
         png = api(f"{base}/api/jobs/{job}/images/0.png")
         assert png_array(png).shape == (1, 8, 8)
         page.fill("#noise-level", "0")  # its PNG dropped back in restores the Edit panel's settings
         page.set_input_files("#param-file", files=[{"name": "upscaled.png", "mimeType": "image/png", "buffer": png}])
         wait_log(page, "parameters restored")
-        assert page.is_visible("#panel-edit") and page.input_value("#noise-level") == "0.1" and page.input_value("#sr-run") == "sr"
+        assert (
+            page.is_visible("#panel-edit")
+            and page.input_value("#noise-level") == "0.1"
+            and page.input_value("#sr-run") == "sr"
+        )
 
-        page.fill("#edit-steps", "200")  # a long upscaling, cancelled with the Edit panel's button once it shows a preview
+        page.fill(
+            "#edit-steps", "200"
+        )  # a long upscaling, cancelled with the Edit panel's button once it shows a preview
         before = sum(s.startswith("edit preview ") for s in log(page))
         page.click("#upscale")
         job = wait_log(page, "edit preview ", before + 1).split()[2]
@@ -231,9 +257,13 @@ def test_chain_explorer_slider(page, tmp_path, digits_runs):
             page.wait_for_function(f"document.getElementById('chain-xt').src.includes('/chain/{k}/')")
             images_loaded(page, "#chain-xt, #chain-x0")
             assert page.text_content("#chain-t").startswith(f"step {k} of 10")
-            seen.append(page.evaluate("""() => { const c = document.createElement('canvas'), i = document.getElementById('chain-xt');
-                c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0);
-                return Array.from(g.getImageData(0, 0, c.width, c.height).data); }"""))
+            seen.append(
+                page.evaluate("""() => {
+                const c = document.createElement('canvas'), i = document.getElementById('chain-xt');
+                c.width = i.naturalWidth; c.height = i.naturalHeight;
+                const g = c.getContext('2d'); g.drawImage(i, 0, 0);
+                return Array.from(g.getImageData(0, 0, c.width, c.height).data); }""")
+            )
         assert seen[0] != seen[2]  # noise at the start, the sample at the end
 
         page.fill("#sweep-scales", "1, 3")
@@ -255,7 +285,9 @@ def test_chain_explorer_slider(page, tmp_path, digits_runs):
         page.fill("#chain-slider", "10")
         page.wait_for_function(f"document.getElementById('chain-xt').src.includes('/{job}/chain/10/')")
         images_loaded(page, "#chain-xt")
-        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job}/chain/10/x_t.png")), digit.numpy())  # t = 0: the image
+        assert np.array_equal(
+            png_array(api(f"{base}/api/jobs/{job}/chain/10/x_t.png")), digit.numpy()
+        )  # t = 0: the image
 
 
 def test_a_cut_event_stream_still_shows_the_job(page, tmp_path, digits_runs):
@@ -268,7 +300,9 @@ def test_a_cut_event_stream_still_shows_the_job(page, tmp_path, digits_runs):
     def events(route):
         if not cut:
             cut.append(route.request.url)
-            route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body='data: {"status": "running"}\n\n')
+            route.fulfill(
+                status=200, headers={"Content-Type": "text/event-stream"}, body='data: {"status": "running"}\n\n'
+            )
         else:
             route.continue_()
 
@@ -288,8 +322,13 @@ def test_lora_rows_up_to_four(page, tmp_path, text_runs, digits_runs):
     """The Generate panel takes up to 4 LoRA adapters (the API's limit), each with its strength; rows left at
     "(none)" are not sent, and "use these settings" brings the rows back. A run offers only the adapters trained
     over its weights: none on the digits run, the text run's two on the text run."""
-    root = runs_folder(tmp_path, minilm=text_runs / "minilm", lora=text_runs / "lora", lora2=text_runs / "lora",  # two adapter runs
-                       dc=digits_runs / "dc")
+    root = runs_folder(
+        tmp_path,
+        minilm=text_runs / "minilm",
+        lora=text_runs / "lora",
+        lora2=text_runs / "lora",  # two adapter runs
+        dc=digits_runs / "dc",
+    )
     with served(root) as base:
         open_studio(page, base, "dc")
         assert page.is_hidden("#lora-rows")
@@ -313,7 +352,10 @@ def test_lora_rows_up_to_four(page, tmp_path, text_runs, digits_runs):
         page.fill("#seed", "1")
         page.click("#generate")
         job = wait_log(page, "final ").split()[1]
-        assert api(f"{base}/api/jobs/{job}")["settings"]["lora"] == [["lora", 0.5], ["lora2", -1.5]]  # the empty row left out
+        assert api(f"{base}/api/jobs/{job}")["settings"]["lora"] == [
+            ["lora", 0.5],
+            ["lora2", -1.5],
+        ]  # the empty row left out
         run = difflab.load(root / "minilm", lora=[(root / "lora", 0.5), (root / "lora2", -1.5)])
         direct = run.sample(2, prompt="a handwritten sks three", guidance=1.0, sampler="dpmpp-2m", steps=8, seed=1)
         assert np.array_equal(png_array(api(f"{base}/api/jobs/{job}/images/1.png")), to_uint8(direct)[1].numpy())
@@ -322,14 +364,18 @@ def test_lora_rows_up_to_four(page, tmp_path, text_runs, digits_runs):
         page.click("nav button[data-panel=history]")
         page.click(f".history-item[data-id='{job}'] button.use")
         assert rows.count() == 2
-        assert [(rows.nth(i).locator(".lora").input_value(), rows.nth(i).locator(".lora-strength").input_value()) for i in range(2)] == [
-            ("lora", "0.5"), ("lora2", "-1.5")]
+        assert [
+            (rows.nth(i).locator(".lora").input_value(), rows.nth(i).locator(".lora-strength").input_value())
+            for i in range(2)
+        ] == [("lora", "0.5"), ("lora2", "-1.5")]
 
 
 def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):
     root = runs_folder(tmp_path, dc=digits_runs / "dc")
     with served(root) as base:
-        job = api(f"{base}/api/generate", "POST", {"run": "dc", "class_label": 8, "steps": 10, "seed": 3, "batch": 4})["id"]
+        job = api(f"{base}/api/generate", "POST", {"run": "dc", "class_label": 8, "steps": 10, "seed": 3, "batch": 4})[
+            "id"
+        ]
         while api(f"{base}/api/jobs/{job}")["status"] != "done":
             time.sleep(0.05)
     with served(root) as base:
@@ -341,7 +387,11 @@ def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):
         page.click("nav button[data-panel=history]")
         page.wait_for_selector(f".history-item[data-id='{job}'] img.thumb")
         page.click(f".history-item[data-id='{job}'] button.use")
-        assert page.input_value("#seed") == "3" and page.input_value("#class_label") == "8" and page.input_value("#batch") == "4"
+        assert (
+            page.input_value("#seed") == "3"
+            and page.input_value("#class_label") == "8"
+            and page.input_value("#batch") == "4"
+        )
 
 
 def test_a_student_samples_with_its_own_sampler(page, tmp_path, digits_runs):
@@ -366,12 +416,23 @@ def test_a_student_samples_with_its_own_sampler(page, tmp_path, digits_runs):
         job = api(f"{base}/api/jobs/{wait_log(page, 'final ').split()[1]}")
         assert (job["status"], job["settings"]["sampler"], job["settings"]["steps"]) == ("done", "consistency", 1)
         direct = to_uint8(difflab.load(root / "fast").sample(2, class_label=4, guidance=2, seed=3)).numpy()
-        assert all(np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/{i}.png")), direct[i]) for i in range(2))
+        assert all(
+            np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/{i}.png")), direct[i]) for i in range(2)
+        )
 
         page.select_option("#run-select", "dc")
-        assert page.is_enabled("#sampler") and page.input_value("#sampler") == "dpmpp-2m" and page.input_value("#steps") == "20"
+        assert (
+            page.is_enabled("#sampler")
+            and page.input_value("#sampler") == "dpmpp-2m"
+            and page.input_value("#steps") == "20"
+        )
         page.select_option("#class_label", "4")  # the class menu is the chosen run's, built afresh
         page.fill("#steps", "4")
         page.click("#generate")
         job = api(f"{base}/api/jobs/{wait_log(page, 'final ', 2).split()[1]}")
-        assert (job["status"], job["run"], job["settings"]["sampler"], job["settings"]["steps"]) == ("done", "dc", "dpmpp-2m", 4)
+        assert (job["status"], job["run"], job["settings"]["sampler"], job["settings"]["steps"]) == (
+            "done",
+            "dc",
+            "dpmpp-2m",
+            4,
+        )

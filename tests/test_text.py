@@ -13,18 +13,26 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CLIP_STEPS
 
-from difflab.runs.config import load_config
 from difflab.cli import main
 from difflab.core.conditions import drop_conditions
+from difflab.core.losses import contrastive_loss
 from difflab.data.images import DataError, load_images
 from difflab.data.pairs import ALL_PHRASINGS, NEW_PHRASINGS, PHRASINGS, caption, parse_caption
-from difflab.nets.text import MAX_LOGIT_SCALE, Clip, ClipConfig, TextConfig, TextError, TextTransformer, fit_vocabulary, tokenize
-from difflab.nets.unet import UNet, UNetConfig
 from difflab.evaluation.prompts import parsed
-from difflab.core.losses import contrastive_loss
-
-from conftest import CLIP_STEPS
+from difflab.nets.text import (
+    MAX_LOGIT_SCALE,
+    Clip,
+    ClipConfig,
+    TextConfig,
+    TextError,
+    TextTransformer,
+    fit_vocabulary,
+    tokenize,
+)
+from difflab.nets.unet import UNet, UNetConfig
+from difflab.runs.config import load_config
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
@@ -67,7 +75,9 @@ def test_hard_negatives_join_the_image_to_caption_side_only_and_a_missing_one_ch
     none = torch.zeros(3, dtype=torch.bool)
     assert contrastive_loss(a, b, s, h, none).item() == pytest.approx(contrastive_loss(a, b, s).item(), rel=1e-6)
     an, bn, hn = (F.normalize(v, dim=-1) for v in (a, b, h))
-    logits = [[5.0 * float(an[i] @ c[j]) for c in (bn, hn) for j in range(3)] for i in range(3)]  # (3, 6): captions, then swaps
+    logits = [
+        [5.0 * float(an[i] @ c[j]) for c in (bn, hn) for j in range(3)] for i in range(3)
+    ]  # (3, 6): captions, then swaps
     rows = sum(-logits[i][i] + math.log(sum(math.exp(v) for v in logits[i])) for i in range(3)) / 3
     plain = [[5.0 * float(an[i] @ bn[j]) for j in range(3)] for i in range(3)]
     cols = sum(-plain[j][j] + math.log(sum(math.exp(plain[i][j]) for i in range(3))) for j in range(3)) / 3
@@ -83,7 +93,9 @@ def test_swap_sides_exchanges_left_and_right_as_words_and_keeps_their_case():
     assert swap_sides(c) == "a red sneaker on the right and a blue bag on the left"
     assert swap_sides(swap_sides(c)) == c
     assert swap_sides("Left: a bag; RIGHT: a coat") == "Right: a bag; LEFT: a coat"
-    assert swap_sides("a bag to the leftmost of a coat, copyright") == "a bag to the leftmost of a coat, copyright"  # words only
+    assert (
+        swap_sides("a bag to the leftmost of a coat, copyright") == "a bag to the leftmost of a coat, copyright"
+    )  # words only
     for index in range(4):  # these phrasings' swaps are phrasings too: the caption of the same items on the other sides
         swapped = swap_sides(caption([7, 0, 8, 2], index))
         assert parse_caption(swapped)[0] == (8, 2, 7, 0), swapped
@@ -93,22 +105,32 @@ def test_attention_pooling_knows_where_a_feature_was_and_average_pooling_does_no
     torch.manual_seed(0)
     text = TextConfig(fit_vocabulary(["a red bag"]), max_len=3, width=16, heads=2, layers=1).to_dict()
     for pool, same in (("mean", True), ("attention", False)):
-        tower = Clip(ClipConfig(image_size=32, image_width=64, text=text, pool=pool)).image[-3:]  # the pooling and projection
+        tower = Clip(ClipConfig(image_size=32, image_width=64, text=text, pool=pool)).image[
+            -3:
+        ]  # the pooling and projection
         f = torch.randn(2, 128, 4, 8)  # the last feature map of a 32x64 image
         moved = torch.cat([f[..., 4:], f[..., :4]], -1)  # its halves exchanged
         assert torch.allclose(tower(f), tower(moved), atol=1e-5) == same, pool
     clip = Clip(ClipConfig(image_size=32, image_width=64, text=text, pool="attention"))
-    assert clip(torch.randn(2, 3, 32, 64), tokens=torch.ones(2, 3, dtype=torch.long), token_mask=torch.ones(2, 3, dtype=torch.bool))[0].shape == (2, 64)
+    assert clip(
+        torch.randn(2, 3, 32, 64),
+        tokens=torch.ones(2, 3, dtype=torch.long),
+        token_mask=torch.ones(2, 3, dtype=torch.bool),
+    )[0].shape == (2, 64)
     with pytest.raises(ValueError, match="unknown image pooling 'max'"):
         ClipConfig(pool="max")
 
 
 def test_the_temperature_starts_at_clips_value_and_is_clamped():
-    clip = Clip(ClipConfig(text=TextConfig(fit_vocabulary(["a red bag"]), max_len=3, width=16, heads=2, layers=1).to_dict()))
+    clip = Clip(
+        ClipConfig(text=TextConfig(fit_vocabulary(["a red bag"]), max_len=3, width=16, heads=2, layers=1).to_dict())
+    )
     assert clip.logit_scale.exp().item() == pytest.approx(1 / 0.07, rel=1e-6)
     with torch.no_grad():
         clip.raw_logit_scale.fill_(10.0)
-    assert clip.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE) and clip.logit_scale.exp().item() == pytest.approx(100.0)
+    assert clip.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE) and clip.logit_scale.exp().item() == pytest.approx(
+        100.0
+    )
     clip.logit_scale.backward()  # past the bound the gradient still reaches the parameter (straight-through)
     assert clip.raw_logit_scale.grad.item() == 1.0
 
@@ -118,8 +140,19 @@ def test_the_temperature_starts_at_clips_value_and_is_clamped():
 
 def _text_unet() -> tuple[UNet, TextConfig]:
     text = TextConfig.fitted(["a red bag on the left", "a blue coat on the right"], width=16, heads=2, layers=1)
-    cfg = UNetConfig(image_size=8, image_width=16, in_channels=3, base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                     attention_resolutions=(4,), num_heads=2, norm_groups=8, context_dim=16, text=text.to_dict())
+    cfg = UNetConfig(
+        image_size=8,
+        image_width=16,
+        in_channels=3,
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_heads=2,
+        norm_groups=8,
+        context_dim=16,
+        text=text.to_dict(),
+    )
     torch.manual_seed(0)
     net = UNet(cfg).eval()
     for p in net.parameters():  # the zero-initialised output layers would hide every difference
@@ -144,9 +177,9 @@ def test_masked_tokens_do_not_change_the_output_and_a_word_does():
 
 def test_a_negative_prompt_replaces_the_null_prediction_exactly():
     from difflab.core.conditions import ConditionSpec
-    from difflab.guidance.wrappers import Guided
     from difflab.core.parameterize import Denoiser
     from difflab.core.processes import DiscreteDDPM
+    from difflab.guidance.wrappers import Guided
 
     net, text = _text_unet()
     denoiser = Denoiser(net, DiscreteDDPM(), "eps")
@@ -253,7 +286,12 @@ def test_a_tiny_clip_retrieves_captions_well_above_chance(clip_run):
     assert report["caption_to_image"] > 0.5 and report["image_to_caption"] > 0.5
     assert report["swap_discrimination"] > 0.55
     probe = report["attribute_probe"]
-    assert probe["left colour"] > 0.9 and probe["right colour"] > 0.9 and probe["left class"] > 0.3 and probe["right class"] > 0.3
+    assert (
+        probe["left colour"] > 0.9
+        and probe["right colour"] > 0.9
+        and probe["left class"] > 0.3
+        and probe["right class"] > 0.3
+    )
 
 
 def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, capsys):
@@ -278,7 +316,8 @@ def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(join
     net = load_feature_net("fashion-pairs")
     report = follows(net.attributes(embed(net, to_uint8(F.interpolate(x, scale_factor=4, mode="nearest")))[1]), prompts)
     got, shuffled = report["all"]["per_attribute"], report["shuffled"]["per_attribute"]
-    # measured: left colour 0.500, right colour 0.487 against shuffled 0.167, 0.157 (chance 1/6); classes 0.13, 0.13 against 0.11, 0.08.
+    # measured: left colour 0.500, right colour 0.487 against shuffled 0.167, 0.157 (chance 1/6); classes 0.13, 0.13
+    # against 0.11, 0.08.
     # (A CLIP-conditioned run of the same size, trained 300 steps on the CI CLIP's text tower: colours 0.52, 0.50.)
     for a in ("left colour", "right colour"):
         assert got[a] > shuffled[a] + 0.2, report
@@ -287,29 +326,92 @@ def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(join
 
 def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path, capsys):
     run = tmp_path / "t2i"
-    code, err = run_cli(capsys, "train", "fashion-pairs", "--text", f"clip:{clip_run}", "--out", run, "--steps", "2", "--batch-size", "4", "--quiet")
+    code, err = run_cli(
+        capsys,
+        "train",
+        "fashion-pairs",
+        "--text",
+        f"clip:{clip_run}",
+        "--out",
+        run,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--quiet",
+    )
     assert code == 0, err
     cfg = load_config(run)
     assert cfg.text.fingerprint == json.loads((clip_run / "clip.json").read_text())["fingerprint"]
     prompt = caption((7, 0, 8, 2))
-    code, err = run_cli(capsys, "sample", run, "--prompt", prompt, "--negative-prompt", caption((7, 2, 8, 0)), "--guidance", "3",
-                        "--n", "2", "--steps", "2", "--out", tmp_path / "g.png", "--save", tmp_path / "g.npz")
+    code, err = run_cli(
+        capsys,
+        "sample",
+        run,
+        "--prompt",
+        prompt,
+        "--negative-prompt",
+        caption((7, 2, 8, 0)),
+        "--guidance",
+        "3",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--out",
+        tmp_path / "g.png",
+        "--save",
+        tmp_path / "g.npz",
+    )
     assert code == 0 and (tmp_path / "g.png").exists(), err
     import numpy as np
 
     assert np.load(tmp_path / "g.npz")["captions"].tolist() == [prompt, prompt]
     (tmp_path / "prompts.txt").write_text(f"{prompt}\n\n{caption((1, 1, 2, 2), 3)}\n")
-    code, err = run_cli(capsys, "sample", run, "--prompt-file", tmp_path / "prompts.txt", "--compose-prompt", "0.5", caption((0, 0, 0, 0)),
-                        "--n", "4", "--steps", "2", "--out", tmp_path / "h.png")
+    code, err = run_cli(
+        capsys,
+        "sample",
+        run,
+        "--prompt-file",
+        tmp_path / "prompts.txt",
+        "--compose-prompt",
+        "0.5",
+        caption((0, 0, 0, 0)),
+        "--n",
+        "4",
+        "--steps",
+        "2",
+        "--out",
+        tmp_path / "h.png",
+    )
     assert code == 0, err
-    code, err = run_cli(capsys, "eval", run, "--n", "10", "--steps", "2", "--bpd-n", "0", "--caption-swap", "--clip", clip_run,
-                        "--json", tmp_path / "e.json", "--quiet")
+    code, err = run_cli(
+        capsys,
+        "eval",
+        run,
+        "--n",
+        "10",
+        "--steps",
+        "2",
+        "--bpd-n",
+        "0",
+        "--caption-swap",
+        "--clip",
+        clip_run,
+        "--json",
+        tmp_path / "e.json",
+        "--quiet",
+    )
     assert code == 0, err
     from difflab.evaluation.report import format_report
 
     result = json.loads((tmp_path / "e.json").read_text())
     text = result["text"]
-    assert text["prompts"] == 10 and set(text["follows"]) == {"all", "seen", "held_out", "shuffled"} and text["caption_swap"]["n"] == 10
+    assert (
+        text["prompts"] == 10
+        and set(text["follows"]) == {"all", "seen", "held_out", "shuffled"}
+        and text["caption_swap"]["n"] == 10
+    )
     assert 0 < text["clip_score"]["real"] <= 1 and "caption swap (n=10)" in format_report(result)
     # bad input: one line each
     for argv, message in (
@@ -326,17 +428,37 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     # a changed CLIP model is refused by the run that was trained on it
     shutil.copytree(clip_run, tmp_path / "clip2")
-    code, err = run_cli(capsys, "train", "fashion-pairs", "--text", f"clip:{tmp_path / 'clip2'}", "--out", tmp_path / "t2", "--steps", "1",
-                        "--batch-size", "2", "--quiet")
+    code, err = run_cli(
+        capsys,
+        "train",
+        "fashion-pairs",
+        "--text",
+        f"clip:{tmp_path / 'clip2'}",
+        "--out",
+        tmp_path / "t2",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--quiet",
+    )
     assert code == 0, err
     from safetensors.torch import load_file, save_file
 
     from difflab.runs.store import latest_checkpoint
 
-    weights = latest_checkpoint(tmp_path / "clip2") / "model.safetensors"  # the CLIP model changes after the text run was trained
+    weights = (
+        latest_checkpoint(tmp_path / "clip2") / "model.safetensors"
+    )  # the CLIP model changes after the text run was trained
     tensors = load_file(str(weights))
-    save_file({k: v + 1e-3 if k == "ema.text_projection.weight" else v for k, v in tensors.items()}, str(weights), metadata={"step": str(CLIP_STEPS)})
-    code, err = run_cli(capsys, "sample", tmp_path / "t2", "--prompt", prompt, "--n", "1", "--steps", "1", "--out", tmp_path / "x.png")
+    save_file(
+        {k: v + 1e-3 if k == "ema.text_projection.weight" else v for k, v in tensors.items()},
+        str(weights),
+        metadata={"step": str(CLIP_STEPS)},
+    )
+    code, err = run_cli(
+        capsys, "sample", tmp_path / "t2", "--prompt", prompt, "--n", "1", "--steps", "1", "--out", tmp_path / "x.png"
+    )
     assert code != 0 and "changed since this model was trained" in err, err
     code, err = run_cli(capsys, "sample", run, "--class", "3")
     assert code != 0 and "reads text, not class labels; give --prompt" in err, err

@@ -15,7 +15,26 @@ from difflab.runs.diffusion import DiffusionRun
 @pytest.mark.parametrize("sampler, steps", [("ddim", 50), ("dpmpp-2m", 20)])
 def test_default_swissroll_samples_match_heldout_data(swissroll_run, tmp_path, sampler, steps):
     out = tmp_path / "s.npz"
-    assert main(["sample", str(swissroll_run), "--sampler", sampler, "--steps", str(steps), "--n", "5000", "--seed", "0", "--save", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(swissroll_run),
+                "--sampler",
+                sampler,
+                "--steps",
+                str(steps),
+                "--n",
+                "5000",
+                "--seed",
+                "0",
+                "--save",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     samples = torch.from_numpy(np.load(out)["points"])
     heldout = make_toy("swissroll", 5000, seed=100)
     baseline = energy_distance(make_toy("swissroll", 5000, seed=101), heldout)  # two independent data draws
@@ -32,7 +51,8 @@ def test_every_sampler_out_of_the_box(swissroll_run):
     Measured on this run (energy distance, 5000 samples, data vs data 0.00063): 50 steps ddim 0.00106, ddpm
     (100 steps) 0.00080; at 10 steps, against ddim/uniform 0.00399: euler on its old default (Karras) 6.4x, on
     uniform (today's default) 1.0x; heun 0.30x (uniform) to 3.3x (logsnr), 2.9x on its default (karras);
-    dpmpp-2m 0.32x (uniform) to 4.0x (karras), 0.91x on its default (logsnr); ddpm 0.40x to 0.93x. The 10-step sweep over every grid draws 2000 samples: the failures it guards against are 25x (issue 8)."""
+    dpmpp-2m 0.32x (uniform) to 4.0x (karras), 0.91x on its default (logsnr); ddpm 0.40x to 0.93x. The 10-step sweep
+    over every grid draws 2000 samples: the failures it guards against are 25x (issue 8)."""
     model = DiffusionRun.load(swissroll_run)
     heldout = make_toy("swissroll", 5000, seed=100)
     to_heldout = EnergyTo(heldout)
@@ -42,7 +62,9 @@ def test_every_sampler_out_of_the_box(swissroll_run):
 
     baseline = float(np.mean([to_heldout(make_toy("swissroll", 5000, seed=101 + k)) for k in range(5)]))
     ddim50 = energy("ddim", 50)
-    others = {name: energy(name, steps) for name, steps in (("euler", 50), ("heun", 50), ("dpmpp-2m", 50), ("ddpm", 100))}
+    others = {
+        name: energy(name, steps) for name, steps in (("euler", 50), ("heun", 50), ("dpmpp-2m", 50), ("ddpm", 100))
+    }
     print(f"data-data {baseline:.5f}, ddim 50 {ddim50:.5f}, " + ", ".join(f"{k} {v:.5f}" for k, v in others.items()))
     assert all(v <= 2 * ddim50 for v in others.values()), others
     assert min([ddim50, *others.values()]) <= 2.5 * baseline

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from difflab.runs.store import load_training_state, load_weights, weights_step
-from difflab.runs.presets import preset_for
 from difflab.runs.config import TrainConfig
+from difflab.runs.presets import preset_for
+from difflab.runs.store import load_training_state, load_weights, weights_step
 from difflab.training.loop import ema_decay_at, ema_update, learning_rate
 
 
@@ -69,7 +69,9 @@ def test_warmup_is_linear_then_constant_or_a_cosine_to_zero():
     assert learning_rate(9, tc) == learning_rate(500, tc) == 1.0
     cos = replace(tc, lr_schedule="cosine")
     assert learning_rate(4, cos) == pytest.approx(0.5)  # the same warm-up
-    assert learning_rate(10, cos) == pytest.approx(1.0) and learning_rate(505, cos) == pytest.approx(0.5)  # half-way down
+    assert learning_rate(10, cos) == pytest.approx(1.0) and learning_rate(505, cos) == pytest.approx(
+        0.5
+    )  # half-way down
     assert learning_rate(999, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 989 / 990)))
 
 
@@ -83,7 +85,8 @@ SCRIPT = textwrap.dedent(
     from difflab.training.loop import train
     run, steps, kill_at, resume = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     cfg = preset_for("swissroll")
-    cfg = replace(cfg, train=replace(cfg.train, steps=steps, checkpoint_every=40, sample_every=kill_at or 0, log_every=10, batch_size=64, warmup=20, ema_warmup=True))
+    cfg = replace(cfg, train=replace(cfg.train, steps=steps, checkpoint_every=40, sample_every=kill_at or 0,
+    log_every=10, batch_size=64, warmup=20, ema_warmup=True))
     def die(ema, step, run_dir):
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -93,7 +96,11 @@ SCRIPT = textwrap.dedent(
 
 
 def _train(run, steps, kill_at=0, resume=False):
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(run), str(steps), str(kill_at), "1" if resume else "0"], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(run), str(steps), str(kill_at), "1" if resume else "0"],
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.slow  # trains in subprocesses or loads large data: left out of make test-fast
@@ -111,8 +118,12 @@ def test_resume_after_sigkill_is_exact(tmp_path):
         for k in a:
             assert torch.equal(a[k], b[k]), f"{which}.{k} differs after resume"
     opt_a, opt_b = load_training_state(straight)[1]["state"], load_training_state(broken)[1]["state"]
-    assert opt_a.keys() == opt_b.keys() and all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
-    steps_logged = [int(line.split('"step": ')[1].split(",")[0]) for line in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert opt_a.keys() == opt_b.keys() and all(
+        torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a
+    )
+    steps_logged = [
+        int(line.split('"step": ')[1].split(",")[0]) for line in (broken / "metrics.jsonl").read_text().splitlines()
+    ]
     assert steps_logged == list(range(10, 121, 10))  # the killed run's rows after step 80 were dropped, none twice
 
 
@@ -133,8 +144,8 @@ def test_same_seed_same_run_and_other_seed_differs(tmp_path):
 
 
 def test_resume_refuses_mismatched_files(tmp_path):
-    from difflab.runs.store import CheckpointError, latest_checkpoint
     from difflab.data.toy2d import make_toy
+    from difflab.runs.store import CheckpointError, latest_checkpoint
     from difflab.training.loop import train
 
     data = make_toy("swissroll", 200, seed=1)

@@ -9,7 +9,6 @@ import torch
 from difflab.nets.unet import PRESETS, CrossAttention, UNet, UNetConfig, num_parameters, positions_2d
 
 
-
 def small(**overrides) -> UNetConfig:
     """A narrow network so that every test runs in well under a second."""
     base = dict(image_size=8, base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
@@ -26,7 +25,9 @@ def randomize_(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return net
 
 
-def inputs(cfg: UNetConfig, batch: int = 3, seed: int = 1, context_len: int = 5) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def inputs(
+    cfg: UNetConfig, batch: int = 3, seed: int = 1, context_len: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
     c_noise = torch.rand(batch, generator=g) * 1000
@@ -46,14 +47,25 @@ CONFIGS = {
     "8x8, attention at 4": small(),
     "8x8, no attention": small(attention_resolutions=()),
     "28->14->7, attention at 14 and 7": small(image_size=28, channel_mults=(1, 2, 2), attention_resolutions=(14, 7)),
-    "28, 3 channels in, 6 out": small(image_size=28, in_channels=3, out_channels=6, channel_mults=(1, 2, 2), attention_resolutions=(7,)),
-    "32->4, no attention, 2 res blocks": small(image_size=32, channel_mults=(1, 1, 2, 2), num_res_blocks=2, attention_resolutions=()),
+    "28, 3 channels in, 6 out": small(
+        image_size=28, in_channels=3, out_channels=6, channel_mults=(1, 2, 2), attention_resolutions=(7,)
+    ),
+    "32->4, no attention, 2 res blocks": small(
+        image_size=32, channel_mults=(1, 1, 2, 2), num_res_blocks=2, attention_resolutions=()
+    ),
     "32, classes": small(image_size=32, channel_mults=(1, 2), attention_resolutions=(16,), num_classes=10),
     "16, low_res channels": small(image_size=16, in_channels=3, cond_channels=3, attention_resolutions=(8,)),
     "8, context (cross-attention)": small(context_dim=12, attention_resolutions=(8, 4)),
     "odd 7x7, one level": small(image_size=7, channel_mults=(1,), attention_resolutions=(7,)),
-    "everything": small(image_size=28, channel_mults=(1, 2, 2), attention_resolutions=(7,), num_classes=3,
-                        cond_channels=1, context_dim=8, dropout=0.1),  # fmt: skip
+    "everything": small(
+        image_size=28,
+        channel_mults=(1, 2, 2),
+        attention_resolutions=(7,),
+        num_classes=3,
+        cond_channels=1,
+        context_dim=8,
+        dropout=0.1,
+    ),  # fmt: skip
 }
 
 
@@ -107,7 +119,9 @@ def test_positions_tell_the_network_where_it_is():
     reach the first convolution as each pixel's row and column in [-1, 1]."""
     pe = positions_2d(4, 6, 16)
     assert pe.shape == (24, 16) and torch.unique(pe, dim=0).shape[0] == 24
-    assert torch.equal(pe[0, :8], pe[5, :8]) and torch.equal(pe[0, 8:], pe[6, 8:])  # (0, 0), (0, 5) share a row; (0, 0), (1, 0) a column
+    assert torch.equal(pe[0, :8], pe[5, :8]) and torch.equal(
+        pe[0, 8:], pe[6, 8:]
+    )  # (0, 0), (0, 5) share a row; (0, 0), (1, 0) a column
     torch.testing.assert_close(pe[1, 8:12], (100.0 ** -(torch.arange(4) / 4)).sin())  # column 1: sin(1 / 100^(2i / 8))
     x = torch.ones(2, 8, 4, 6)
     context = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(0))
@@ -123,7 +137,7 @@ def test_positions_tell_the_network_where_it_is():
     net.conv_in.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
     x, c_noise, cond = inputs(cfg)
     net(x, c_noise, **cond)
-    assert seen["x"].shape[1] == cfg.in_channels + 2 and torch.equal(seen["x"][:, :cfg.in_channels], x)
+    assert seen["x"].shape[1] == cfg.in_channels + 2 and torch.equal(seen["x"][:, : cfg.in_channels], x)
     torch.testing.assert_close(seen["x"][0, -1, 3], torch.linspace(-1, 1, 8))  # the column channel along a row
     torch.testing.assert_close(seen["x"][0, -2, :, 3], torch.linspace(-1, 1, 8))  # the row channel along a column
 

@@ -1,6 +1,7 @@
 """The `difflab` command: a thin layer over the library, one small module per command.
 
-    difflab data | train | train-classifier | distill | sample | trajectories | restore | upscale | interpolate | img2img | eval | features train | models | studio
+    difflab data | train | train-classifier | distill | sample | trajectories | restore | upscale | interpolate |
+    img2img | eval | features train | models | studio
 
 Each module parses and validates its options (shared groups in ``options.py``) and calls the library.
 Bad input (unknown names, out-of-range numbers, missing or corrupt files, options a sampler or a model
@@ -16,10 +17,42 @@ import sys
 
 from ..training.distributed import teardown
 from ..training.loop import Interrupted
-from . import autoencoder, classifier, clip, data, distill, edit, eval, features, models, personalize, restore, sample, studio, train, trajectories
+from . import (
+    autoencoder,
+    classifier,
+    clip,
+    data,
+    distill,
+    edit,
+    eval,
+    features,
+    models,
+    personalize,
+    restore,
+    sample,
+    studio,
+    train,
+    trajectories,
+)
 from .options import Parser
 
-COMMANDS = (data, train, classifier, autoencoder, clip, personalize, distill, sample, trajectories, restore, edit, eval, features, models, studio)
+COMMANDS = (
+    data,
+    train,
+    classifier,
+    autoencoder,
+    clip,
+    personalize,
+    distill,
+    sample,
+    trajectories,
+    restore,
+    edit,
+    eval,
+    features,
+    models,
+    studio,
+)
 EXIT_BAD_INPUT = 2
 
 

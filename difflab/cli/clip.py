@@ -5,7 +5,8 @@
 
 Training goes through the one training loop (checkpoints, resume, torchrun, progress); the loss is CLIP's
 symmetric cross-entropy over each process's batch with a learned temperature (text/clip.py), and, where the
-captions name sides, each caption with 'left' and 'right' exchanged as a hard negative for its image (--hard-negatives). At the end
+captions name sides, each caption with 'left' and 'right' exchanged as a hard negative for its image (--hard-negatives).
+At the end
 it measures on the test split (RUN/clip.json): zero-shot retrieval in groups of 100 (caption -> image and
 image -> caption; chance 1 %) and, where the data has attributes (fashion-pairs), a zero-shot attribute
 probe. Its text tower then conditions a model: `difflab train DATASET --text clip:RUN`."""
@@ -21,14 +22,30 @@ from ..runs.lifecycle import begin
 from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
-from .options import UsageError, add_auxiliary_training, dataset_preset, given_flags, positive_int, say_unfinished, training_options
+from .options import (
+    UsageError,
+    add_auxiliary_training,
+    dataset_preset,
+    given_flags,
+    positive_int,
+    say_unfinished,
+    training_options,
+)
 
 
 def new_config(args):
     base = dataset_preset(args)
     captions = load_split(base, "train").captions
-    cfg = training_options(clip_config(base, captions, embed_dim=args.embed_dim or 64, pool=args.pool or "attention",
-                                       hard_negatives=args.hard_negatives), args)
+    cfg = training_options(
+        clip_config(
+            base,
+            captions,
+            embed_dim=args.embed_dim or 64,
+            pool=args.pool or "attention",
+            hard_negatives=args.hard_negatives,
+        ),
+        args,
+    )
     cfg.validate()
     return cfg
 
@@ -36,43 +53,85 @@ def new_config(args):
 def run_train(args) -> None:
     out = Path(args.out)
     device = resolve_device(args.device)
-    cfg, resume = begin(out, CLIP, resume=args.resume, force=args.force, fresh=lambda: new_config(args), fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives")),
-                        steps=args.steps)
+    cfg, resume = begin(
+        out,
+        CLIP,
+        resume=args.resume,
+        force=args.force,
+        fresh=lambda: new_config(args),
+        fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives")),
+        steps=args.steps,
+    )
     data = load_split(cfg, "train")
     if data.captions is None:
         raise UsageError(f"{cfg.dataset} has no captions to train a CLIP model on")
     net = cfg.build_net()
     if not args.quiet and launched_rank() == 0:
-        print(f"{'resuming' if resume else 'training'} a CLIP model on {cfg.dataset}: {sum(p.numel() for p in net.parameters()):,} parameters, "
-              f"{len(net.config.text_config.vocabulary)} words, {cfg.train.steps} steps x batch {cfg.train.batch_size}, on {device}")
+        print(
+            f"{'resuming' if resume else 'training'} a CLIP model on {cfg.dataset}: "
+            f"{sum(p.numel() for p in net.parameters()):,} parameters, "
+            f"{len(net.config.text_config.vocabulary)} words, {cfg.train.steps} steps x batch {cfg.train.batch_size}, "
+            f"on {device}"
+        )
     if not resume and launched_rank() == 0:
         (out / CLIP_REPORT).unlink(missing_ok=True)
-    train(out, cfg, clip_data(cfg, data.images, data.captions), device=device, resume=resume, progress=not args.quiet, max_minutes=args.max_minutes,
-          command="train-clip")
+    train(
+        out,
+        cfg,
+        clip_data(cfg, data.images, data.captions),
+        device=device,
+        resume=resume,
+        progress=not args.quiet,
+        max_minutes=args.max_minutes,
+        command="train-clip",
+    )
     if launched_rank() != 0:
         return
     if say_unfinished(out, cfg, "train-clip"):
         return
     report = clip_report(out, load_split(cfg, "test"))
-    print(f"zero-shot retrieval on {report['images']} test images in groups of {report['group']} (chance {1 / report['group']:.0%}): "
-          f"caption -> image {report['caption_to_image']:.1%}, image -> caption {report['image_to_caption']:.1%}")
+    print(
+        f"zero-shot retrieval on {report['images']} test images in groups of {report['group']} (chance "
+        f"{1 / report['group']:.0%}): "
+        f"caption -> image {report['caption_to_image']:.1%}, image -> caption {report['image_to_caption']:.1%}"
+    )
     if report.get("swap_discrimination") is not None:
-        print(f"side-swap discrimination: {report['swap_discrimination']:.1%} of test images closer to their caption than to "
-              "its sides-swapped twin (a coin flip is 50 %)")
+        print(
+            f"side-swap discrimination: {report['swap_discrimination']:.1%} of test images closer to their caption "
+            "than to "
+            "its sides-swapped twin (a coin flip is 50 %)"
+        )
     if report.get("attribute_probe"):
         print("zero-shot attribute probe: " + ", ".join(f"{k} {v:.1%}" for k, v in report["attribute_probe"].items()))
-    print(f"CLIP model written to {out}/ (condition a model on its text tower with `difflab train {cfg.dataset} --text clip:{out}`)")
+    print(
+        f"CLIP model written to {out}/ (condition a model on its text tower with `difflab train {cfg.dataset} --text "
+        f"clip:{out}`)"
+    )
 
 
 def register(sub) -> None:
-    t = sub.add_parser("train-clip", help="train a CLIP-style image/text encoder pair contrastively (its text tower conditions models)")
-    t.add_argument("name", nargs="?", help="a captioned dataset (fashion-pairs, or a folder with a metadata.jsonl); not needed with --resume")
+    t = sub.add_parser(
+        "train-clip", help="train a CLIP-style image/text encoder pair contrastively (its text tower conditions models)"
+    )
+    t.add_argument(
+        "name",
+        nargs="?",
+        help="a captioned dataset (fashion-pairs, or a folder with a metadata.jsonl); not needed with --resume",
+    )
     t.add_argument("--out", required=True, help="CLIP run directory")
     t.add_argument("--embed-dim", type=positive_int, help="joint embedding width (default 64)")
-    t.add_argument("--pool", choices=POOLS, help="the image tower's pooling: attention (CLIP's attention pool with learned "
-                   "positions: it knows where a feature was; the default) or mean (global average)")
-    t.add_argument("--hard-negatives", choices=HARD_NEGATIVES, help="sides: each caption with 'left'/'right' exchanged is a "
-                   "negative for its image, so the towers must tell the sides apart (default: sides when a training caption "
-                   "names a side, else none)")
+    t.add_argument(
+        "--pool",
+        choices=POOLS,
+        help="the image tower's pooling: attention (CLIP's attention pool with learned "
+        "positions: it knows where a feature was; the default) or mean (global average)",
+    )
+    t.add_argument(
+        "--hard-negatives",
+        choices=HARD_NEGATIVES,
+        help="sides: each caption with 'left'/'right' exchanged is a "
+        "negative for its image, so the towers must tell the sides apart (default: sides when a training caption "
+        "names a side, else none)",
+    )
     add_auxiliary_training(t, "optimizer steps (default 2000)")
     t.set_defaults(func=run_train)

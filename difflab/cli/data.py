@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
-from ..viz import plots
 from ..data.images import load_images
-from ..runs.presets import check_dataset
 from ..data.toy2d import TOY_DATASETS, make_toy
+from ..runs.presets import check_dataset
+from ..viz import plots
 from .options import check_suffix, positive_int, save_npz
 
 
@@ -48,7 +47,11 @@ def run(args) -> None:
 
 def register(sub) -> None:
     d = sub.add_parser("data", help="export points or images of a dataset (and a preview picture)")
-    d.add_argument("name", help=f"a 2-D set ({', '.join(TOY_DATASETS)}), an image set (digits, fashion-mnist, fashion-pairs), a folder (captions from its metadata.jsonl) or an .npz")
+    d.add_argument(
+        "name",
+        help=f"a 2-D set ({', '.join(TOY_DATASETS)}), an image set (digits, fashion-mnist, fashion-pairs), a folder "
+        "(captions from its metadata.jsonl) or an .npz",
+    )
     d.add_argument("-n", "--n", type=positive_int, help="how many (default 5000 points / 64 images)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--split", default="train", choices=["train", "test"])

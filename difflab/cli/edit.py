@@ -1,7 +1,7 @@
 """`difflab interpolate` and `difflab img2img`: edit real images with a trained model (see edit.py).
 
-    difflab interpolate runs/fm a.png b.png --frames 9 --method ddim --out strip.png --gif morph.gif
-    difflab img2img runs/fm-class in.png --strength 0.6 --class 3 --guidance 2 -n 4 --out out.png"""
+difflab interpolate runs/fm a.png b.png --frames 9 --method ddim --out strip.png --gif morph.gif
+difflab img2img runs/fm-class in.png --strength 0.6 --class 3 --guidance 2 -n 4 --out out.png"""
 
 from __future__ import annotations
 
@@ -10,7 +10,17 @@ import torch
 from ..data.images import read_inputs, to_model, to_uint8
 from ..sampling.edit import METHODS
 from ..viz import plots
-from .options import UsageError, add_conditions, asked_for, check_suffix, guidance_from, load_run, positive_int, save_npz, unit_float
+from .options import (
+    UsageError,
+    add_conditions,
+    asked_for,
+    check_suffix,
+    guidance_from,
+    load_run,
+    positive_int,
+    save_npz,
+    unit_float,
+)
 
 
 def run_interpolate(args) -> None:
@@ -26,7 +36,9 @@ def run_interpolate(args) -> None:
     a, b = (to_model(read_inputs([p], tuple(model.config.data_shape))) for p in (args.a, args.b))
     guidance = guidance_from(args)
     asked, _, _ = asked_for(args, model, guidance, 2)  # --class K (both) or K1 K2
-    frames = model.interpolate(a, b, args.frames, method=args.method, t=args.t, steps=args.steps, seed=args.seed, guidance=guidance, **asked)
+    frames = model.interpolate(
+        a, b, args.frames, method=args.method, t=args.t, steps=args.steps, seed=args.seed, guidance=guidance, **asked
+    )
     images = to_uint8(frames)
     if args.out:
         plots.save_grid(images, args.out, nrow=len(images))
@@ -48,8 +60,19 @@ def run_img2img(args) -> None:
     shown = read_inputs(args.input, tuple(model.config.data_shape))
     guidance = guidance_from(args)
     asked, _, _ = asked_for(args, model, guidance, len(shown) * args.n)
-    out = to_uint8(model.img2img(to_model(shown), args.strength, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
-                                 guidance=guidance, progress=not args.quiet, **asked))
+    out = to_uint8(
+        model.img2img(
+            to_model(shown),
+            args.strength,
+            n=args.n,
+            steps=args.steps,
+            sampler=args.sampler,
+            seed=args.seed,
+            guidance=guidance,
+            progress=not args.quiet,
+            **asked,
+        )
+    )
     if args.out:  # per row: the input, then its variations
         rows = torch.cat([shown[:, None], out.reshape(-1, args.n, *out.shape[1:])], dim=1)
         plots.save_grid(rows.reshape(-1, *out.shape[1:]), args.out, nrow=args.n + 1)
@@ -78,10 +101,16 @@ def register(sub) -> None:
 
     e = sub.add_parser("img2img", help="SDEdit: noise an image to a strength and denoise it back")
     e.add_argument("run")
-    e.add_argument("input", nargs="+", help="images (.png/.jpg files, folders of them, or .npz; the run's size and channels)")
-    e.add_argument("--strength", type=unit_float, default=0.6, help="how deep to noise, a fraction of t_max (default 0.6)")
+    e.add_argument(
+        "input", nargs="+", help="images (.png/.jpg files, folders of them, or .npz; the run's size and channels)"
+    )
+    e.add_argument(
+        "--strength", type=unit_float, default=0.6, help="how deep to noise, a fraction of t_max (default 0.6)"
+    )
     e.add_argument("-n", "--n", type=positive_int, default=1, help="variations per input (seeds SEED + i)")
-    e.add_argument("--steps", type=positive_int, default=50, help="steps of the full grid (the edit runs those below the strength)")
+    e.add_argument(
+        "--steps", type=positive_int, default=50, help="steps of the full grid (the edit runs those below the strength)"
+    )
     e.add_argument("--sampler", default="ddim")
     e.add_argument("--seed", type=int, default=0)
     add_conditions(e)

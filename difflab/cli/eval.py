@@ -36,12 +36,27 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
     else:
         single_thread_for_points(cfg.data_kind)
-    student = load_run(args, args.run, ema=args.ema) if cfg.distill is not None else None  # it says what it samples with
+    student = (
+        load_run(args, args.run, ema=args.ema) if cfg.distill is not None else None
+    )  # it says what it samples with
     sampler, spacing, options = sampler_choice(args, cfg.build_process(), student)
     sampling = Sampling(sampler, args.steps, spacing, options, args.batch, resolve_device(args.device))
-    result = evaluate(student or args.run, n=args.n, seed=args.seed, sampling=sampling, guidance=guidance_from(args), ema=args.ema, lora=lora_pairs(args),
-                      bpd_n=args.bpd_n, features=args.features, split=args.split, prompts=args.prompts, caption_swap=args.caption_swap,
-                      clip=args.clip, progress=not args.quiet)
+    result = evaluate(
+        student or args.run,
+        n=args.n,
+        seed=args.seed,
+        sampling=sampling,
+        guidance=guidance_from(args),
+        ema=args.ema,
+        lora=lora_pairs(args),
+        bpd_n=args.bpd_n,
+        features=args.features,
+        split=args.split,
+        prompts=args.prompts,
+        caption_swap=args.caption_swap,
+        clip=args.clip,
+        progress=not args.quiet,
+    )
     print(format_report(result))
     if args.json:
         write_json(result, args.json)
@@ -53,16 +68,40 @@ def register(sub) -> None:
     e.add_argument("run", help="run directory")
     add_sampler(e, "dpmpp-2m", 20)
     add_lora(e)
-    add_guidance(e.add_argument_group("guidance: a class-conditional run samples class i mod K for sample i (see docs/guidance.md)"))
+    add_guidance(
+        e.add_argument_group(
+            "guidance: a class-conditional run samples class i mod K for sample i (see docs/guidance.md)"
+        )
+    )
     t = e.add_argument_group("text-to-image runs (see docs/text.md)")
-    t.add_argument("--prompts", metavar="FILE", help="prompts, one per line, cycled to -n; default test-captions (the test split's captions); new-phrasings: the same images' attributes in phrasings never used in training")
-    t.add_argument("--caption-swap", action="store_true", help="also sample every prompt with left and right exchanged and score those")
-    t.add_argument("--clip", metavar="RUN", help="a `difflab train-clip` run: the CLIP-score of samples and of real test images")
+    t.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="prompts, one per line, cycled to -n; default test-captions (the test split's captions); new-phrasings: "
+        "the same images' attributes in phrasings never used in training",
+    )
+    t.add_argument(
+        "--caption-swap",
+        action="store_true",
+        help="also sample every prompt with left and right exchanged and score those",
+    )
+    t.add_argument(
+        "--clip", metavar="RUN", help="a `difflab train-clip` run: the CLIP-score of samples and of real test images"
+    )
     e.add_argument("-n", "--n", type=positive_int, default=1000, help="number of samples (default 1000; at least 10)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--batch", type=positive_int, default=250, help="samples per sampler call")
-    e.add_argument("--bpd-n", type=int, default=32, help="test images for bits/dim (default 32; 0 skips; ~0.6 s each for 8x8 digits, ~7 s for 28x28)")
-    e.add_argument("--features", help="feature net: digits, fashion-mnist, random, or a classifier .safetensors (default: the dataset's, else random)")
+    e.add_argument(
+        "--bpd-n",
+        type=int,
+        default=32,
+        help="test images for bits/dim (default 32; 0 skips; ~0.6 s each for 8x8 digits, ~7 s for 28x28)",
+    )
+    e.add_argument(
+        "--features",
+        help="feature net: digits, fashion-mnist, random, or a classifier .safetensors (default: the dataset's, else "
+        "random)",
+    )
     e.add_argument("--split", choices=["test", "train"], default="test", help="reference split (default test)")
     e.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
     e.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's; 1 for 2-D runs)")

@@ -110,7 +110,9 @@ def add_auxiliary_training(p, steps_help: str) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def dataset_preset(args, missing: str = "give the DATASET to train on (or --resume to continue the run in --out)") -> RunConfig:
+def dataset_preset(
+    args, missing: str = "give the DATASET to train on (or --resume to continue the run in --out)"
+) -> RunConfig:
     """The preset of the auxiliary trainers' NAME (checked), with --data; ``missing`` when no NAME is given."""
     if args.name is None:
         raise UsageError(missing)
@@ -122,8 +124,11 @@ def dataset_preset(args, missing: str = "give the DATASET to train on (or --resu
 def given_flags(args, names) -> list[str]:
     """The flags among the auxiliary trainers' NAME, --batch-size, --lr, --seed and ``names`` that were given
     (what a resumed run refuses: they are saved in it)."""
-    return [("NAME" if f == "name" else f"--{f.replace('_', '-')}") for f in ("name", "batch_size", "lr", "seed", *names)
-            if getattr(args, f) is not None]
+    return [
+        ("NAME" if f == "name" else f"--{f.replace('_', '-')}")
+        for f in ("name", "batch_size", "lr", "seed", *names)
+        if getattr(args, f) is not None
+    ]
 
 
 def training_options(cfg: RunConfig, args) -> RunConfig:
@@ -136,18 +141,33 @@ def add_sampler(p, sampler: str, steps: int) -> None:
     """The sampler group; ``sampler`` and ``steps`` are the command's defaults, used unless the run has its own
     (a distilled student samples with its own sampler and steps: ``sampler_choice`` with the run)."""
     g = p.add_argument_group("sampler")
-    g.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} (default {sampler}; a distilled student: its own)")
+    g.add_argument(
+        "--sampler",
+        default=None,
+        help=f"one of: {', '.join(SAMPLERS)} (default {sampler}; a distilled student: its own)",
+    )
     g.add_argument("--steps", type=positive_int, default=None, help=f"default {steps} (a distilled student: its own)")
     p.set_defaults(sampler_default=(sampler, steps))
     g.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the sampler's usual grid")
     g.add_argument("--eta", type=unit_float, default=None, help="ddim: eta in [0, 1] (default 0)")
-    g.add_argument("--variance", choices=["beta", "beta_tilde"], default=None, help="ddpm: the reverse variance (default beta)")
-    g.add_argument("--n-steps-each", type=positive_int, default=None, help="langevin: Langevin steps per noise level (default 100)")
+    g.add_argument(
+        "--variance", choices=["beta", "beta_tilde"], default=None, help="ddpm: the reverse variance (default beta)"
+    )
+    g.add_argument(
+        "--n-steps-each", type=positive_int, default=None, help="langevin: Langevin steps per noise level (default 100)"
+    )
     g.add_argument("--step-lr", type=positive_float, default=None, help="langevin: the step size at the smallest level")
-    g.add_argument("--snr", type=positive_float, default=None, help="pc: the corrector's signal-to-noise ratio (default 0.16)")
+    g.add_argument(
+        "--snr", type=positive_float, default=None, help="pc: the corrector's signal-to-noise ratio (default 0.16)"
+    )
     g.add_argument("--n-corrector", type=int, default=None, help="pc: corrector steps per level (default 1)")
-    g.add_argument("--sigma-cap", type=sigma_cap, default=None, metavar="CAP",
-                   help="karras/logsnr grids on VP processes: spread the levels below sigma/alpha = CAP (default 80; 'none': off)")
+    g.add_argument(
+        "--sigma-cap",
+        type=sigma_cap,
+        default=None,
+        metavar="CAP",
+        help="karras/logsnr grids on VP processes: spread the levels below sigma/alpha = CAP (default 80; 'none': off)",
+    )
 
 
 SAMPLER_FLAGS = ("eta", "variance", "n_steps_each", "step_lr", "snr", "n_corrector")  # each a sampler's own keyword
@@ -175,12 +195,17 @@ def sampler_choice(args, process, run=None) -> tuple[str, str, dict]:
             continue
         if name not in takes:
             owners = " and ".join(k for k in SAMPLERS if name in sampler_options(k))
-            raise UsageError(f"--{name.replace('_', '-')} is an option of the {owners} sampler; {args.sampler!r} does not take it")
+            raise UsageError(
+                f"--{name.replace('_', '-')} is an option of the {owners} sampler; {args.sampler!r} does not take it"
+            )
         options[name] = value
     spacing = args.spacing or (default_spacing(args.sampler, process) if process is not None else None)
     if args.sigma_cap is not None and process is not None:
         if not process.variance_preserving:
-            raise UsageError("--sigma-cap applies to variance-preserving processes; a variance-exploding run's grid starts at its sigma_max")
+            raise UsageError(
+                "--sigma-cap applies to variance-preserving processes; a variance-exploding run's grid starts at its "
+                "sigma_max"
+            )
         if spacing not in ("karras", "logsnr"):
             raise UsageError(f"--sigma-cap applies to the karras and logsnr spacings; this run samples on {spacing!r}")
         options["sigma_tilde_cap"] = None if args.sigma_cap == CAP_OFF else args.sigma_cap
@@ -195,9 +220,13 @@ def compose_terms(s: str) -> tuple[tuple[int, float], ...]:
         try:
             terms.append((int(k), float(w)))
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected CLASS:WEIGHT pairs separated by commas (e.g. 3:+1,5:-0.5), got {s!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected CLASS:WEIGHT pairs separated by commas (e.g. 3:+1,5:-0.5), got {s!r}"
+            ) from None
         if not sep:
-            raise argparse.ArgumentTypeError(f"expected CLASS:WEIGHT pairs separated by commas (e.g. 3:+1,5:-0.5), got {s!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected CLASS:WEIGHT pairs separated by commas (e.g. 3:+1,5:-0.5), got {s!r}"
+            )
     return tuple(terms)
 
 
@@ -206,8 +235,11 @@ def interval(s: str) -> tuple[float, float]:
     try:
         return check_interval(float(v) for v in s.split(","))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected LO,HI with 0 <= LO < HI <= 1 (fractions of t_max, e.g. 0.2,0.8), got {s!r}"
-                                         if "lo < hi" not in str(e) else str(e)) from None
+        raise argparse.ArgumentTypeError(
+            f"expected LO,HI with 0 <= LO < HI <= 1 (fractions of t_max, e.g. 0.2,0.8), got {s!r}"
+            if "lo < hi" not in str(e)
+            else str(e)
+        ) from None
 
 
 def class_choice(s: str) -> int | str:
@@ -221,36 +253,102 @@ def class_choice(s: str) -> int | str:
 
 def add_conditions(p) -> None:
     g = p.add_argument_group("conditions and guidance (see docs/guidance.md)")
-    g.add_argument("--class", "--class-label", dest="class_label", type=class_choice, nargs="+", metavar="K",
-                   help="the class of each sample (one value for all, or several, cycled); 'all': one row per class, -n // classes each")
-    g.add_argument("--prompt", action="append", metavar="TEXT", help="a text run's caption (repeatable: -n // prompts samples each)")
+    g.add_argument(
+        "--class",
+        "--class-label",
+        dest="class_label",
+        type=class_choice,
+        nargs="+",
+        metavar="K",
+        help="the class of each sample (one value for all, or several, cycled); 'all': one row per class, -n // "
+        "classes each",
+    )
+    g.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="a text run's caption (repeatable: -n // prompts samples each)",
+    )
     g.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line (blank lines skipped)")
     add_lora(g)
     add_guidance(g)
 
 
 def add_lora(g) -> None:
-    g.add_argument("--lora", action="append", metavar="RUN", help="add the LoRA adapter of a `difflab personalize --method lora` run "
-                   "(trained over this RUN; repeatable: their updates add up)")
-    g.add_argument("--lora-scale", action="append", type=float, metavar="S",
-                   help="each adapter's strength (one for all, or one per --lora; default 1; 0 is the base model)")
+    g.add_argument(
+        "--lora",
+        action="append",
+        metavar="RUN",
+        help="add the LoRA adapter of a `difflab personalize --method lora` run "
+        "(trained over this RUN; repeatable: their updates add up)",
+    )
+    g.add_argument(
+        "--lora-scale",
+        action="append",
+        type=float,
+        metavar="S",
+        help="each adapter's strength (one for all, or one per --lora; default 1; 0 is the base model)",
+    )
 
 
 def add_guidance(g) -> None:
-    g.add_argument("--guidance", type=float, default=1.0, metavar="S",
-                   help="classifier-free guidance scale: pred_null + S (pred_class - pred_null); 1 (default) plain conditional, 0 unconditional")
-    g.add_argument("--guidance-schedule", choices=sorted(SCHEDULES), default="constant", help="how the scale varies with t (each has mean S)")
-    g.add_argument("--negative-class", type=int, metavar="K", help="a class to steer away from: its prediction replaces the null one")
-    g.add_argument("--compose", type=compose_terms, default=(), metavar="K:W,...",
-                   help="composed classes, e.g. '3:+1,5:-0.5': pred_base + sum W (pred_K - pred_base)")
-    g.add_argument("--negative-prompt", metavar="TEXT", help="a text run: a caption to steer away from (its prediction replaces the empty caption's)")
-    g.add_argument("--compose-prompt", nargs=2, action="append", default=[], metavar=("WEIGHT", "TEXT"),
-                   help="a text run: add WEIGHT (pred_TEXT - pred_base) (repeatable; a negative weight steers away)")
-    g.add_argument("--guidance-interval", type=interval, metavar="LO,HI",
-                   help="guide only for t/t_max in [LO, HI] (plain conditional prediction, one pass, elsewhere)")
-    g.add_argument("--guidance-rescale", type=unit_float, default=0.0, metavar="PHI", help="Lin et al. (2024) rescale of the guided x_0's std")
+    g.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="classifier-free guidance scale: pred_null + S (pred_class - pred_null); 1 (default) plain conditional, 0 "
+        "unconditional",
+    )
+    g.add_argument(
+        "--guidance-schedule",
+        choices=sorted(SCHEDULES),
+        default="constant",
+        help="how the scale varies with t (each has mean S)",
+    )
+    g.add_argument(
+        "--negative-class",
+        type=int,
+        metavar="K",
+        help="a class to steer away from: its prediction replaces the null one",
+    )
+    g.add_argument(
+        "--compose",
+        type=compose_terms,
+        default=(),
+        metavar="K:W,...",
+        help="composed classes, e.g. '3:+1,5:-0.5': pred_base + sum W (pred_K - pred_base)",
+    )
+    g.add_argument(
+        "--negative-prompt",
+        metavar="TEXT",
+        help="a text run: a caption to steer away from (its prediction replaces the empty caption's)",
+    )
+    g.add_argument(
+        "--compose-prompt",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("WEIGHT", "TEXT"),
+        help="a text run: add WEIGHT (pred_TEXT - pred_base) (repeatable; a negative weight steers away)",
+    )
+    g.add_argument(
+        "--guidance-interval",
+        type=interval,
+        metavar="LO,HI",
+        help="guide only for t/t_max in [LO, HI] (plain conditional prediction, one pass, elsewhere)",
+    )
+    g.add_argument(
+        "--guidance-rescale",
+        type=unit_float,
+        default=0.0,
+        metavar="PHI",
+        help="Lin et al. (2024) rescale of the guided x_0's std",
+    )
     g.add_argument("--classifier", metavar="RUN", help="classifier guidance with a `difflab train-classifier` run")
-    g.add_argument("--classifier-scale", type=float, default=None, metavar="S", help="classifier guidance scale (default 1)")
+    g.add_argument(
+        "--classifier-scale", type=float, default=None, metavar="S", help="classifier guidance scale (default 1)"
+    )
 
 
 def guidance_from(args):
@@ -262,11 +360,21 @@ def guidance_from(args):
         try:
             compose_prompts.append((text, float(w)))
         except ValueError:
-            raise UsageError(f"--compose-prompt takes WEIGHT TEXT, e.g. --compose-prompt 0.5 \"a red bag on the left\"; got {w!r}") from None
-    g = GuidanceConfig(scale=args.guidance, schedule=args.guidance_schedule, negative=args.negative_class, compose=args.compose,
-                       negative_prompt=args.negative_prompt, compose_prompts=tuple(compose_prompts), interval=args.guidance_interval,
-                       rescale=args.guidance_rescale, classifier=args.classifier,
-                       classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale)
+            raise UsageError(
+                f'--compose-prompt takes WEIGHT TEXT, e.g. --compose-prompt 0.5 "a red bag on the left"; got {w!r}'
+            ) from None
+    g = GuidanceConfig(
+        scale=args.guidance,
+        schedule=args.guidance_schedule,
+        negative=args.negative_class,
+        compose=args.compose,
+        negative_prompt=args.negative_prompt,
+        compose_prompts=tuple(compose_prompts),
+        interval=args.guidance_interval,
+        rescale=args.guidance_rescale,
+        classifier=args.classifier,
+        classifier_scale=1.0 if args.classifier_scale is None else args.classifier_scale,
+    )
     return g if g.active or g.schedule != "constant" or g.interval is not None else None
 
 
@@ -276,8 +384,6 @@ def prompts_from(args) -> list[str] | None:
     if args.prompt_file:
         prompts += read_prompt_file(args.prompt_file)
     return prompts or None
-
-
 
 
 def lora_pairs(args) -> list[tuple[str, float]]:
@@ -305,7 +411,9 @@ def asked_for(args, run: DiffusionRun, guidance: GuidanceConfig | None, n: int) 
         if args.class_label:
             raise UsageError("give --prompt or --class, not both")
         if n < len(prompts):
-            raise UsageError(f"-n {n} is fewer than the {len(prompts)} prompts (n // prompts samples are drawn for each)")
+            raise UsageError(
+                f"-n {n} is fewer than the {len(prompts)} prompts (n // prompts samples are drawn for each)"
+            )
         per = n // len(prompts)
         return {"prompt": [p for p in prompts for _ in range(per)]}, per * len(prompts), None
     requested = args.class_label

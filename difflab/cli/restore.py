@@ -24,7 +24,16 @@ from ..sampling.inverse import METHODS, evaluations
 from ..training.distributed import resolve_device
 from ..viz import plots
 from .options import (
-    UsageError, add_conditions, add_device, asked_for, check_suffix, guidance_from, load_run, positive_int, save_npz, unit_float,
+    UsageError,
+    add_conditions,
+    add_device,
+    asked_for,
+    check_suffix,
+    guidance_from,
+    load_run,
+    positive_int,
+    save_npz,
+    unit_float,
 )  # fmt: skip
 
 TASKS = "inpaint, random, srK (e.g. sr4), deblur, grey"
@@ -74,8 +83,10 @@ def run(args) -> None:
     if "ddrm" in methods and op.svd is None:  # fail before any method has run
         raise UsageError(f"DDRM needs an operator with an SVD; {op.name} has none")
     if model.latent is not None and set(methods) - {"dps"}:
-        raise UsageError(f"{args.run} is a latent run: {', '.join(sorted(set(methods) - {'dps'}))} need the pixels at every "
-                         "step; use --method dps (its gradient runs through the decoder)")
+        raise UsageError(
+            f"{args.run} is a latent run: {', '.join(sorted(set(methods) - {'dps'}))} need the pixels at every "
+            "step; use --method dps (its gradient runs through the decoder)"
+        )
     truth = None
     if args.clean:
         truth = read_inputs(args.clean, shape, "--clean")
@@ -85,17 +96,33 @@ def run(args) -> None:
         y = op(observed) if isinstance(op, Mask) else observed
     guidance = guidance_from(args)
     asked, _, _ = asked_for(args, model, guidance, len(y))
-    options = {"ddrm": {"eta": args.ddrm_eta, "eta_b": args.ddrm_eta_b}, "dps": {"scale": args.dps_scale},
-               "repaint": {"jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}}
+    options = {
+        "ddrm": {"eta": args.ddrm_eta, "eta_b": args.ddrm_eta_b},
+        "dps": {"scale": args.dps_scale},
+        "repaint": {"jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample},
+    }
     columns, rows = [to_uint8(op.show(y).clamp(-1, 1))], {}
     for m in methods:
-        x = model.restore(y, op, method=m, steps=args.steps, options=options.get(m), seed=args.seed, batch=args.batch, guidance=guidance,
-                          device=resolve_device(args.device), progress=not args.quiet, **asked)
+        x = model.restore(
+            y,
+            op,
+            method=m,
+            steps=args.steps,
+            options=options.get(m),
+            seed=args.seed,
+            batch=args.batch,
+            guidance=guidance,
+            device=resolve_device(args.device),
+            progress=not args.quiet,
+            **asked,
+        )
         rows[m] = x
         images = to_uint8(x)
         columns.append(images)
-        line = (f"{m}: {evaluations(m, args.steps, options.get(m))} network evaluations per image, "
-                f"consistency {float(op.consistency(x.double(), y.double()).mean()):.4f}")
+        line = (
+            f"{m}: {evaluations(m, args.steps, options.get(m))} network evaluations per image, "
+            f"consistency {float(op.consistency(x.double(), y.double()).mean()):.4f}"
+        )
         if truth is not None:
             line += f", PSNR {float(psnr(images, truth).mean()):.2f} dB"
         print(line)
@@ -127,14 +154,25 @@ def run_upscale(args) -> None:
         low = op(to_model(truth))
     else:
         low = to_model(read_inputs(args.input, op.y_shape, "--input"))
-    x = model.upscale(low, noise_level=args.noise_level, steps=args.steps, sampler=args.sampler, seed=args.seed, batch=args.batch,
-                      progress=not args.quiet, device=resolve_device(args.device))
+    x = model.upscale(
+        low,
+        noise_level=args.noise_level,
+        steps=args.steps,
+        sampler=args.sampler,
+        seed=args.seed,
+        batch=args.batch,
+        progress=not args.quiet,
+        device=resolve_device(args.device),
+    )
     bilinear = torch.nn.functional.interpolate(low, scale_factor=k, mode="bilinear", align_corners=False).clamp(-1, 1)
     images = to_uint8(x)
     columns = [to_uint8(op.show(low)), to_uint8(bilinear), images] + ([truth] if truth is not None else [])
     print(f"consistency (RMS of downsampled output minus input): {float(op.consistency(x, low).mean()):.4f}")
     if truth is not None:
-        print(f"PSNR: upscaled {float(psnr(images, truth).mean()):.2f} dB, bilinear {float(psnr(to_uint8(bilinear), truth).mean()):.2f} dB")
+        print(
+            f"PSNR: upscaled {float(psnr(images, truth).mean()):.2f} dB, bilinear "
+            f"{float(psnr(to_uint8(bilinear), truth).mean()):.2f} dB"
+        )
     if args.out:
         plots.save_grid(torch.stack(columns, dim=1).reshape(-1, C, H, W), args.out, nrow=len(columns))
         print(f"wrote {args.out} (per row: input, bilinear, upscaled{', truth' if truth is not None else ''})")
@@ -152,21 +190,37 @@ def box(s: str) -> tuple[int, int, int, int]:
 
 
 def register(sub) -> None:
-    r = sub.add_parser("restore", help="inpainting, super-resolution, deblurring, colour from grey with a trained model")
+    r = sub.add_parser(
+        "restore", help="inpainting, super-resolution, deblurring, colour from grey with a trained model"
+    )
     r.add_argument("run")
     r.add_argument("--task", required=True, help=TASKS)
-    r.add_argument("--method", nargs="+", help=f"one or more of: {', '.join(METHODS)} (default: ddrm where the degradation has an SVD, "
-                   "dps otherwise and on latent runs)")
-    r.add_argument("--input", nargs="+", help="observed images (.png/.jpg files, folders of them, or .npz with 'images')")
-    r.add_argument("--clean", nargs="+", help="clean images to degrade (files, folders or .npz; the truth is shown and PSNR reported)")
+    r.add_argument(
+        "--method",
+        nargs="+",
+        help=f"one or more of: {', '.join(METHODS)} (default: ddrm where the degradation has an SVD, "
+        "dps otherwise and on latent runs)",
+    )
+    r.add_argument(
+        "--input", nargs="+", help="observed images (.png/.jpg files, folders of them, or .npz with 'images')"
+    )
+    r.add_argument(
+        "--clean",
+        nargs="+",
+        help="clean images to degrade (files, folders or .npz; the truth is shown and PSNR reported)",
+    )
     r.add_argument("--mask", help="inpaint: a mask image, white = fill in, black = keep (default: --box)")
     r.add_argument("--box", type=box, help="inpaint: the missing box TOP,LEFT,HEIGHT,WIDTH (default: the right half)")
-    r.add_argument("--missing", type=unit_float, default=0.7, help="random: the fraction of missing pixels (default 0.7)")
+    r.add_argument(
+        "--missing", type=unit_float, default=0.7, help="random: the fraction of missing pixels (default 0.7)"
+    )
     r.add_argument("--blur", type=float, default=1.0, help="deblur: the Gaussian blur's sigma in pixels (default 1)")
     r.add_argument("--sigma-y", type=float, default=0.0, help="measurement noise std in [-1, 1] units (default 0)")
     r.add_argument("--steps", type=positive_int, default=100)
     r.add_argument("--jump-length", type=positive_int, default=10, help="repaint: levels per jump back (default 10)")
-    r.add_argument("--jump-n-sample", type=positive_int, default=10, help="repaint: passes over each stretch (default 10)")
+    r.add_argument(
+        "--jump-n-sample", type=positive_int, default=10, help="repaint: passes over each stretch (default 10)"
+    )
     r.add_argument("--ddrm-eta", type=unit_float, default=0.85)
     r.add_argument("--ddrm-eta-b", type=unit_float, default=1.0)
     r.add_argument("--dps-scale", type=float, default=1.0, help="dps: the gradient step size (default 1)")
@@ -182,8 +236,12 @@ def register(sub) -> None:
     u = sub.add_parser("upscale", help="super-resolution with a run trained with --cond low-res (SR3)")
     u.add_argument("run")
     u.add_argument("--input", nargs="+", help="low-resolution images (.png/.jpg or .npz), the run's size / factor")
-    u.add_argument("--clean", nargs="+", help="full-size images to downsample first (PSNR against bilinear is reported)")
-    u.add_argument("--noise-level", type=float, default=0.0, help="augmentation noise std given to the input (default 0)")
+    u.add_argument(
+        "--clean", nargs="+", help="full-size images to downsample first (PSNR against bilinear is reported)"
+    )
+    u.add_argument(
+        "--noise-level", type=float, default=0.0, help="augmentation noise std given to the input (default 0)"
+    )
     u.add_argument("--steps", type=positive_int, default=20)
     u.add_argument("--sampler", default="dpmpp-2m")
     u.add_argument("--seed", type=int, default=0)

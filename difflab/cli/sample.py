@@ -44,11 +44,16 @@ def run(args) -> None:
         k = cascade.config.super_resolution.factor
         low_shape = [C, H // k, W // k]
         if cfg.data_shape != low_shape:
-            raise UsageError(f"--then {args.then} upscales {'x'.join(map(str, low_shape))} images; {args.run} makes {'x'.join(map(str, cfg.data_shape))}")
+            raise UsageError(
+                f"--then {args.then} upscales {'x'.join(map(str, low_shape))} images; {args.run} makes "
+                f"{'x'.join(map(str, cfg.data_shape))}"
+            )
     guidance = guidance_from(args)
     asked, n, nrow = asked_for(args, model, guidance, args.n)
     if args.gif and cfg.data_kind != "images":
-        raise UsageError(f"--gif draws the chain of an image run; {args.run} makes {cfg.data_kind} (use `difflab trajectories`)")
+        raise UsageError(
+            f"--gif draws the chain of an image run; {args.run} makes {cfg.data_kind} (use `difflab trajectories`)"
+        )
     sampler, spacing, options = sampler_choice(args, model.process, model)
     single_thread_for_points(cfg.data_kind)
     device = resolve_device(args.device)
@@ -60,15 +65,27 @@ def run(args) -> None:
         model.to(device)
         x, traj = model.trajectory(first, seed=args.seed, **common, **{k: v[:first] for k, v in asked.items()})
         if n > first:
-            rest = model.sample(n - first, seed=args.seed + first, world=world, progress=not args.quiet, batch=args.batch, device=device,
-                                **common, **{k: v[first:] for k, v in asked.items()})
+            rest = model.sample(
+                n - first,
+                seed=args.seed + first,
+                world=world,
+                progress=not args.quiet,
+                batch=args.batch,
+                device=device,
+                **common,
+                **{k: v[first:] for k, v in asked.items()},
+            )
             x = torch.cat([x, rest]) if rest is not None else None
     else:
-        x = model.sample(n, seed=args.seed, world=world, progress=not args.quiet, batch=args.batch, device=device, **common, **asked)
+        x = model.sample(
+            n, seed=args.seed, world=world, progress=not args.quiet, batch=args.batch, device=device, **common, **asked
+        )
     if not world.is_main:
         return
     if cascade:  # the samples are the low-resolution inputs of the super-resolution run
-        x = cascade.upscale(x.clamp(-1, 1), steps=args.steps, seed=args.seed, batch=args.batch, progress=not args.quiet, device=device)
+        x = cascade.upscale(
+            x.clamp(-1, 1), steps=args.steps, seed=args.seed, batch=args.batch, progress=not args.quiet, device=device
+        )
         cfg = cascade.config
     if cfg.data_kind == "points":
         if args.save:
@@ -101,13 +118,17 @@ def register(sub) -> None:
     add_sampler(s, "ddim", 50)
     add_conditions(s)
     s.add_argument("-n", "--n", type=positive_int, default=64)
-    s.add_argument("--batch", type=positive_int, default=1000, help="samples per sampler call (does not change the samples)")
+    s.add_argument(
+        "--batch", type=positive_int, default=1000, help="samples per sampler call (does not change the samples)"
+    )
     s.add_argument("--seed", type=int, default=0, help="sample i has seed SEED + i")
     s.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights (default)")
     add_device(s)
     s.add_argument("--out", help="picture (.png)")
     s.add_argument("--save", help="raw samples (.npz; uint8 images)")
     s.add_argument("--gif", help="images: a GIF of the reverse chain of the first 16 samples (.gif)")
-    s.add_argument("--then", metavar="SR_RUN", help="a cascade: upscale the samples with a super-resolution run (--cond low-res)")
+    s.add_argument(
+        "--then", metavar="SR_RUN", help="a cascade: upscale the samples with a super-resolution run (--cond low-res)"
+    )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=run)

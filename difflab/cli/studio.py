@@ -48,7 +48,9 @@ def run(args) -> None:
     if token is None and needs_token(args.host):
         token = secrets.token_urlsafe(18)
         print(f"binding {args.host} needs a token; generated one: {token}")
-    limits = Limits(max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue, preview_every=args.preview_every)
+    limits = Limits(
+        max_steps=args.max_steps, max_batch=args.max_batch, max_queue=args.max_queue, preview_every=args.preview_every
+    )
     app = create_app(runs, token=token, limits=limits, device=args.device)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"difflab studio: http://{shown}:{args.port}/{'?token=' + token if token else ''}  (runs: {runs.resolve()})")
@@ -58,7 +60,9 @@ def run(args) -> None:
 def register(sub) -> None:
     p = sub.add_parser("studio", help="serve the local web app over a runs folder")
     p.add_argument("--runs", default="runs", help="the runs folder (default runs/, where `make demo` writes)")
-    p.add_argument("--host", default="127.0.0.1", help="the address to bind (default the loopback; any other needs a token)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="the address to bind (default the loopback; any other needs a token)"
+    )
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--token", help="every request must carry it (?token=, a cookie, or Authorization: Bearer)")
     p.add_argument("--device", default="cpu", help="where the runs sample (cpu, cuda)")

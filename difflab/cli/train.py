@@ -29,7 +29,17 @@ from ..training.loop import PRECISIONS, train
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
 
 # options that set a field of TrainConfig, by argparse name
-TRAIN_FIELDS = ("batch_size", "accumulation", "lr", "seed", "ema_decay", "ema_warmup", "precision", "checkpoint_every", "sample_every")
+TRAIN_FIELDS = (
+    "batch_size",
+    "accumulation",
+    "lr",
+    "seed",
+    "ema_decay",
+    "ema_warmup",
+    "precision",
+    "checkpoint_every",
+    "sample_every",
+)
 
 
 def apply_options(cfg: RunConfig, args) -> RunConfig:
@@ -68,10 +78,15 @@ def with_network_options(cfg: RunConfig, args) -> RunConfig:
     if not (args.position or args.attention_at):
         return cfg
     if cfg.net_kind != "unet":
-        raise UsageError(f"--position and --attention-at need an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}")
+        raise UsageError(
+            f"--position and --attention-at need an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}"
+        )
     net = dict(cfg.net)
     if args.position:
-        net |= {"coord_channels": args.position in ("coords", "both"), "query_positions": args.position in ("queries", "both")}
+        net |= {
+            "coord_channels": args.position in ("coords", "both"),
+            "query_positions": args.position in ("queries", "both"),
+        }
     if args.attention_at:
         net["attention_resolutions"] = list(args.attention_at)
     return replace(cfg, net=net)
@@ -103,11 +118,23 @@ def _contradictions(saved: RunConfig, args) -> list[str]:
     saved_factor = saved.super_resolution.factor if saved.super_resolution else None
     if (args.cond == "low-res" or args.factor) and saved_factor != (args.factor or 4):
         out.append(f"--cond low-res --factor {args.factor} (the run's factor: {saved_factor})")
-    out += [f"{flag} (a resumed run keeps its weights)" for flag, given in (("--init-from", args.init_from), ("--force", args.force)) if given]
-    out += [f"{flag} (a resumed run keeps its network)" for flag, given in (("--position", args.position), ("--attention-at", args.attention_at)) if given]
+    out += [
+        f"{flag} (a resumed run keeps its weights)"
+        for flag, given in (("--init-from", args.init_from), ("--force", args.force))
+        if given
+    ]
+    out += [
+        f"{flag} (a resumed run keeps its network)"
+        for flag, given in (("--position", args.position), ("--attention-at", args.attention_at))
+        if given
+    ]
     a, b = asdict(saved), asdict(wanted)
     for section in ("train", "loss", "data"):
-        out += [f"{section}.{k}={b[section][k]!r} (saved: {a[section].get(k)!r})" for k in b[section] if a[section].get(k) != b[section][k]]
+        out += [
+            f"{section}.{k}={b[section][k]!r} (saved: {a[section].get(k)!r})"
+            for k in b[section]
+            if a[section].get(k) != b[section][k]
+        ]
     for key in ("process", "target", "conditions"):
         if a[key] != b[key]:
             out.append(f"{key} {b[key]!r} (saved: {a[key]!r})")
@@ -122,7 +149,9 @@ def new_config(args) -> RunConfig:
     cfg = apply_options(preset_for(args.name), args)
     if args.cond == "low-res":
         if args.latent:
-            raise UsageError("--cond low-res trains in pixel space; drop --latent (super-resolution in latent space is not built)")
+            raise UsageError(
+                "--cond low-res trains in pixel space; drop --latent (super-resolution in latent space is not built)"
+            )
         cfg = with_low_res(cfg, args.factor or 4, args.aug_max)
     elif args.factor or args.aug_max is not None:
         raise UsageError("--factor and --aug-max are for --cond low-res")
@@ -132,11 +161,15 @@ def new_config(args) -> RunConfig:
     if args.text:
         captions = load_split(cfg, "train").captions
         if not captions:
-            raise UsageError(f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)")
+            raise UsageError(
+                f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)"
+            )
         record, width, joint = text_record(args.text, captions)
         cfg = with_text(cfg, record, width, joint.to_dict() if joint else None, args.cond_dropout)
     if args.class_cond:
-        cfg = with_class_labels(cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout)
+        cfg = with_class_labels(
+            cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout
+        )
     cfg = with_network_options(cfg, args)
     try:
         cfg.validate()
@@ -149,19 +182,36 @@ def run(args) -> None:
     args.class_cond = args.class_cond or args.cond == "class"
     out = Path(args.out)
     device = resolve_device(args.device)
-    cfg, resume = begin(out, DIFFUSION, resume=args.resume, force=args.force, fresh=lambda: new_config(args), steps=args.steps)
+    cfg, resume = begin(
+        out, DIFFUSION, resume=args.resume, force=args.force, fresh=lambda: new_config(args), steps=args.steps
+    )
     if resume and args.resume:
         bad = _contradictions(cfg, args)
         if bad:
-            raise UsageError(f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)")
+            raise UsageError(
+                f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)"
+            )
     data = training_data(cfg, out, not args.quiet)
     single_thread_for_points(cfg.data_kind)
     if not args.quiet and launched_rank() == 0:
         t = cfg.train
-        print(f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with {num_parameters(cfg.build_net()):,} parameters, "
-              f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on {device}")
-    train(out, cfg, data, device=device, resume=resume, progress=not args.quiet, preview=partial(preview, cfg=cfg) if args.preview else None,
-          max_minutes=args.max_minutes, init_from=args.init_from)
+        print(
+            f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with "
+            f"{num_parameters(cfg.build_net()):,} parameters, "
+            f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on "
+            f"{device}"
+        )
+    train(
+        out,
+        cfg,
+        data,
+        device=device,
+        resume=resume,
+        progress=not args.quiet,
+        preview=partial(preview, cfg=cfg) if args.preview else None,
+        max_minutes=args.max_minutes,
+        init_from=args.init_from,
+    )
     if launched_rank() == 0:
         print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png)")
 
@@ -173,14 +223,24 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     t.add_argument("--force", action="store_true", help="start over even if --out holds a run")
     t.add_argument("--steps", type=positive_int, help="total optimizer steps (with --resume: extend the run)")
-    t.add_argument("--batch-size", type=positive_int, help="per process and micro-batch; the global batch is this x processes x accumulation")
+    t.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help="per process and micro-batch; the global batch is this x processes x accumulation",
+    )
     t.add_argument("--accumulation", type=positive_int, help="gradient accumulation micro-batches")
     t.add_argument("--lr", type=positive_float)
     t.add_argument("--seed", type=int)
     t.add_argument("--ema-decay", type=unit_float)
-    t.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="ramp the EMA decay up as min(decay, (1+step)/(10+step)) (default: the preset's choice)")
-    t.add_argument("--precision", choices=PRECISIONS, help="bf16 autocast (CPU, CUDA) or fp16 with a gradient scaler (CUDA)")
+    t.add_argument(
+        "--ema-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ramp the EMA decay up as min(decay, (1+step)/(10+step)) (default: the preset's choice)",
+    )
+    t.add_argument(
+        "--precision", choices=PRECISIONS, help="bf16 autocast (CPU, CUDA) or fp16 with a gradient scaler (CUDA)"
+    )
     t.add_argument("--process", choices=sorted(PROCESSES_BY_NAME))
     t.add_argument("--schedule", help="beta schedule (linear, cosine, sigmoid) or VP/VE schedule")
     t.add_argument("--T", type=positive_int, help="number of DDPM steps")
@@ -188,26 +248,63 @@ def register(sub) -> None:
     t.add_argument("--weighting", choices=["none", "snr", "min_snr"])
     t.add_argument("-n", "--n", type=positive_int, help="2-D sets: number of training points")
     t.add_argument("--data", help="folder holding the dataset's files")
-    t.add_argument("--cond", choices=["class", "low-res"],
-                   help="class: learn p(x | class) from the data's labels, with a null class for guidance; "
-                        "low-res: p(x | its downsampled image), super-resolution (SR3)")
+    t.add_argument(
+        "--cond",
+        choices=["class", "low-res"],
+        help="class: learn p(x | class) from the data's labels, with a null class for guidance; "
+        "low-res: p(x | its downsampled image), super-resolution (SR3)",
+    )
     t.add_argument("--factor", type=positive_int, help="--cond low-res: the downsampling factor (default 4)")
-    t.add_argument("--latent", metavar="AE_RUN", help="train in the latent space of this autoencoder run (difflab train-autoencoder)")
-    t.add_argument("--text", metavar="ENCODER", help="condition on the captions through minilm (pretrained, frozen), clip:RUN (a "
-                   "`difflab train-clip` run, frozen) or joint (a text transformer trained with the U-Net); --p-uncond drops captions")
-    t.add_argument("--aug-max", type=unit_float, help="--cond low-res: the largest std of the noise added to low_res in training (default 0.2)")
+    t.add_argument(
+        "--latent",
+        metavar="AE_RUN",
+        help="train in the latent space of this autoencoder run (difflab train-autoencoder)",
+    )
+    t.add_argument(
+        "--text",
+        metavar="ENCODER",
+        help="condition on the captions through minilm (pretrained, frozen), clip:RUN (a "
+        "`difflab train-clip` run, frozen) or joint (a text transformer trained with the U-Net); --p-uncond drops "
+        "captions",
+    )
+    t.add_argument(
+        "--aug-max",
+        type=unit_float,
+        help="--cond low-res: the largest std of the noise added to low_res in training (default 0.2)",
+    )
     t.add_argument("--class-cond", action="store_true", help="the same as --cond class")
-    t.add_argument("--p-uncond", "--cond-dropout", dest="cond_dropout", type=unit_float,
-                   help="probability of training on the null condition (default 0.1; 0: never, and no classifier-free guidance)")
-    t.add_argument("--position", choices=["none", "coords", "queries", "both"],
-                   help="where the U-Net knows it is: coordinate channels at its input, a 2-D encoding added to the cross-attention queries, both")
-    t.add_argument("--attention-at", type=positive_int, nargs="+", metavar="SIZE",
-                   help="the feature-map heights where (self- and cross-) attention runs (default: the preset's)")
+    t.add_argument(
+        "--p-uncond",
+        "--cond-dropout",
+        dest="cond_dropout",
+        type=unit_float,
+        help="probability of training on the null condition (default 0.1; 0: never, and no classifier-free guidance)",
+    )
+    t.add_argument(
+        "--position",
+        choices=["none", "coords", "queries", "both"],
+        help="where the U-Net knows it is: coordinate channels at its input, a 2-D encoding added to the "
+        "cross-attention queries, both",
+    )
+    t.add_argument(
+        "--attention-at",
+        type=positive_int,
+        nargs="+",
+        metavar="SIZE",
+        help="the feature-map heights where (self- and cross-) attention runs (default: the preset's)",
+    )
     t.add_argument("--init-from", help="a run whose EMA weights initialise the network")
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: at the end only)")
-    t.add_argument("--preview", action=argparse.BooleanOptionalAction, default=True, help="samples.png and loss.png while training (default)")
-    t.add_argument("--max-minutes", type=positive_float, help="stop (with a checkpoint) after this much wall-clock time")
+    t.add_argument(
+        "--preview",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="samples.png and loss.png while training (default)",
+    )
+    t.add_argument(
+        "--max-minutes", type=positive_float, help="stop (with a checkpoint) after this much wall-clock time"
+    )
     add_device(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=run)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from ..sampling.samplers import SAMPLERS
 from ..viz.chain import image_chain, toy_trajectories
-from .options import UsageError, add_conditions, asked_for, check_suffix, guidance_from, load_run, positive_int, single_thread_for_points
+from .options import (
+    UsageError,
+    add_conditions,
+    asked_for,
+    check_suffix,
+    guidance_from,
+    load_run,
+    positive_int,
+    single_thread_for_points,
+)
 
 
 def run(args) -> None:
@@ -26,8 +35,18 @@ def run(args) -> None:
             raise UsageError("--gif and --forward are for image runs; a 2-D run's picture shows both directions")
         toy_trajectories(model, args.out, n=n, steps=args.steps, seed=args.seed, sampler=args.sampler)
     else:
-        image_chain(model, args.out, gif=args.gif, forward=args.forward, n=n, steps=args.steps, seed=args.seed, sampler=args.sampler,
-                    guidance=guidance, **asked)
+        image_chain(
+            model,
+            args.out,
+            gif=args.gif,
+            forward=args.forward,
+            n=n,
+            steps=args.steps,
+            seed=args.seed,
+            sampler=args.sampler,
+            guidance=guidance,
+            **asked,
+        )
     for path in (args.out, args.gif, args.forward):
         if path:
             print(f"wrote {path}")

@@ -1,4 +1,5 @@
-"""Closed-form truth for Gaussian data x_0 ~ N(mu, Sigma) and Gaussian mixtures: exact denoisers, marginals, classifiers.
+"""Closed-form truth for Gaussian data x_0 ~ N(mu, Sigma) and Gaussian mixtures: exact denoisers, marginals,
+classifiers.
 
 q(x_t) = N(alpha mu, alpha^2 Sigma + sigma^2 I) and
 E[x_0 | x_t] = mu + alpha Sigma (alpha^2 Sigma + sigma^2 I)^{-1} (x_t - alpha mu),
@@ -67,7 +68,9 @@ class GaussianMixture:
     def num_classes(self) -> int:
         return len(self.weights)
 
-    def sample(self, n: int, generator: torch.Generator | None = None, label: int | None = None) -> tuple[Tensor, Tensor]:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, label: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """n draws (x (n, d) float64, y (n,)), from class ``label`` only when given."""
         if label is None:
             y = torch.multinomial(self.weights, n, replacement=True, generator=generator)

@@ -55,7 +55,9 @@ class ConditionSpec:
         if isinstance(self.p_drop, bool) or not isinstance(self.p_drop, (int, float)) or not 0.0 <= self.p_drop <= 1.0:
             raise ConditionError(f"condition {self.name!r}: p_drop must be in [0, 1], got {self.p_drop!r}")
         if self.kind == "label" and (not isinstance(self.null_label, int) or self.null_label < 0):
-            raise ConditionError(f"condition {self.name!r}: a label condition needs null_label >= 0, got {self.null_label!r}")
+            raise ConditionError(
+                f"condition {self.name!r}: a label condition needs null_label >= 0, got {self.null_label!r}"
+            )
 
     def null_like(self, value: Tensor) -> Tensor:
         """The null condition shaped like ``value``."""
@@ -64,7 +66,13 @@ class ConditionSpec:
         return torch.zeros_like(value)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "p_drop": self.p_drop, "null_label": self.null_label, "companions": list(self.companions)}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "p_drop": self.p_drop,
+            "null_label": self.null_label,
+            "companions": list(self.companions),
+        }
 
 
 def class_labels(num_classes: int, p_drop: float = 0.1) -> ConditionSpec:
@@ -83,7 +91,10 @@ def select(cond: Mapping[str, Tensor] | None, specs) -> dict[str, Tensor]:
     out = {}
     for s in specs:
         if s.name not in cond or cond[s.name] is None:
-            raise ConditionError(f"the model is conditioned on {s.name!r} but the data has no {s.name!r} (it has {sorted(k for k, v in cond.items() if v is not None) or 'none'})")
+            raise ConditionError(
+                f"the model is conditioned on {s.name!r} but the data has no {s.name!r} (it has "
+                f"{sorted(k for k, v in cond.items() if v is not None) or 'none'})"
+            )
         out[s.name] = cond[s.name]
         for c in s.companions:
             if cond.get(c) is not None:
@@ -97,7 +108,12 @@ def drop_mask(p: float, n: int, generator: torch.Generator | None = None, device
     return torch.rand(n, generator=generator, device=device) < p
 
 
-def drop_conditions(cond: Mapping[str, Tensor], specs, generator: torch.Generator | None = None, masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+def drop_conditions(
+    cond: Mapping[str, Tensor],
+    specs,
+    generator: torch.Generator | None = None,
+    masks: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
     """Replace each condition (and its companions) by its null value where its drop mask is True.
 
     The masks are drawn from ``generator`` (one U[0, 1) draw per sample per spec, in spec order) unless

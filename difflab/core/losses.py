@@ -125,7 +125,9 @@ class ClassifierLoss:
     denoiser it guides); its Prediction's value holds the logits. The labels come in cond['class_labels']
     and are the target, never an input."""
 
-    def __call__(self, model, x0: Tensor, *, t: Tensor, noise: Tensor, cond: Mapping, reduction: str = "mean") -> Tensor:
+    def __call__(
+        self, model, x0: Tensor, *, t: Tensor, noise: Tensor, cond: Mapping, reduction: str = "mean"
+    ) -> Tensor:
         labels = cond["class_labels"]
         x_t = model.process.q_sample(x0, t, noise)
         logits = model(x_t, t).value.float()  # (B, K)
@@ -143,7 +145,9 @@ class NoiseAugmented:
     base: SimpleLoss
     a_max: float = 0.2
 
-    def __call__(self, model, x0: Tensor, *, t: Tensor, noise: Tensor, cond: Mapping, reduction: str = "mean", generator=None) -> Tensor:
+    def __call__(
+        self, model, x0: Tensor, *, t: Tensor, noise: Tensor, cond: Mapping, reduction: str = "mean", generator=None
+    ) -> Tensor:
         low = cond["low_res"]
         a = torch.rand(len(low), device=low.device) * self.a_max
         cond = {**cond, "low_res": low + broadcast(a, low) * torch.randn_like(low), "low_res_noise": a}
@@ -205,7 +209,9 @@ class AutoencoderLoss:
     def adversarial(self, disc, x0: Tensor, x_hat: Tensor) -> Tensor:
         """The two hinge terms (zero during the warm-up); advances the discriminator's batch clock in training."""
         if disc is None:
-            raise ValueError("disc_weight > 0 needs an autoencoder with a discriminator (AutoencoderConfig.discriminator > 0)")
+            raise ValueError(
+                "disc_weight > 0 needs an autoencoder with a discriminator (AutoencoderConfig.discriminator > 0)"
+            )
         on = int(disc.batches) >= self.disc_start
         if torch.is_grad_enabled():
             disc.batches += 1
@@ -217,9 +223,13 @@ class AutoencoderLoss:
         return generator + F.relu(1 - real).mean() + F.relu(1 + fake).mean()
 
 
-
-def contrastive_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, hard_emb: Tensor | None = None,
-                     hard_mask: Tensor | None = None) -> Tensor:
+def contrastive_loss(
+    image_emb: Tensor,
+    text_emb: Tensor,
+    logit_scale: Tensor,
+    hard_emb: Tensor | None = None,
+    hard_mask: Tensor | None = None,
+) -> Tensor:
     """CLIP's symmetric cross-entropy (Radford et al. 2021): logits = exp(logit_scale) * cos(image_i, text_j)
     (B, B); the mean of the cross-entropy over rows (image -> its caption) and over columns (caption -> its image).
 
@@ -251,7 +261,9 @@ class ContrastiveLoss:
 
     def __post_init__(self):
         if self.hard_negatives not in HARD_NEGATIVES:
-            raise ValueError(f"unknown hard negatives {self.hard_negatives!r}; choose one of {', '.join(HARD_NEGATIVES)}")
+            raise ValueError(
+                f"unknown hard negatives {self.hard_negatives!r}; choose one of {', '.join(HARD_NEGATIVES)}"
+            )
 
     def __call__(self, model, x0: Tensor, *, t=None, noise=None, cond=None) -> Tensor:
         tokens, mask = cond["tokens"], cond["token_mask"]
@@ -260,7 +272,9 @@ class ContrastiveLoss:
             return contrastive_loss(image_emb.float(), text_emb.float(), scale.float())
         swap_ids, swap_mask = cond["swap_tokens"], cond["swap_token_mask"]
         # one forward over both caption sets (the towers are independent: B images, 2B captions)
-        image_emb, both, scale = model.net(x0, tokens=torch.cat([tokens, swap_ids]), token_mask=torch.cat([mask, swap_mask]))
+        image_emb, both, scale = model.net(
+            x0, tokens=torch.cat([tokens, swap_ids]), token_mask=torch.cat([mask, swap_mask])
+        )
         text_emb, hard = both.split(len(tokens))
         has_swap = (swap_ids != tokens).any(1)  # a caption with no side word is its own 'swap': no negative
         return contrastive_loss(image_emb.float(), text_emb.float(), scale.float(), hard.float(), has_swap)

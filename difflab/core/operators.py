@@ -122,9 +122,13 @@ class Mask(Operator):
         self.order = torch.cat([self.kept, (~flat).nonzero().squeeze(1)])  # measured first
         self.inverse = torch.argsort(self.order)
         m = len(self.kept)
-        self.svd = SVD(Vt=lambda x: _flat(x)[:, self.order.to(x.device)],
-                       V=lambda c: c[:, self.inverse.to(c.device)].reshape(len(c), *self.shape),
-                       Ut=lambda y: y, U=lambda c: c, s=torch.ones(m, dtype=torch.float64))
+        self.svd = SVD(
+            Vt=lambda x: _flat(x)[:, self.order.to(x.device)],
+            V=lambda c: c[:, self.inverse.to(c.device)].reshape(len(c), *self.shape),
+            Ut=lambda y: y,
+            U=lambda c: c,
+            s=torch.ones(m, dtype=torch.float64),
+        )
 
     def forward(self, x):
         return _flat(x)[:, self.kept.to(x.device)]
@@ -144,7 +148,7 @@ def box_mask(shape: tuple[int, int, int], box: tuple[int, int, int, int] | None 
     _, H, W = shape
     top, left, h, w = box if box is not None else (0, W // 2, H, W - W // 2)
     keep = torch.ones(H, W, dtype=torch.bool)
-    keep[top:top + h, left:left + w] = False
+    keep[top : top + h, left : left + w] = False
     return keep
 
 
@@ -179,8 +183,13 @@ class _Grouped(Operator):
         self.Q = _completion(self.w)  # (n, n)
         s = self.w.norm()
         m = self.num_groups
-        self.svd = SVD(Vt=self._Vt, V=self._V, Ut=lambda y: _flat(y), U=lambda c: c.reshape(len(c), *self.y_shape),
-                       s=torch.full((m,), float(s), dtype=torch.float64))
+        self.svd = SVD(
+            Vt=self._Vt,
+            V=self._V,
+            Ut=lambda y: _flat(y),
+            U=lambda c: c.reshape(len(c), *self.y_shape),
+            s=torch.full((m,), float(s), dtype=torch.float64),
+        )
 
     def _Vt(self, x):
         g = self.groups(x)  # (B, G, n)
@@ -289,8 +298,13 @@ class Blur(Operator):
         r = int((s_all > BLUR_CUTOFF * s_all.max()).sum())
         self.Ur, self.Vr, self.Uc, self.Vc = Ur, Vrt.T, Uc, Vct.T
         self.order, self.inverse = order, torch.argsort(order)
-        self.svd = SVD(Vt=self._Vt, V=self._V, Ut=lambda y: self._spectral(y, self.Ur, self.Uc)[:, :r],
-                       U=self._U, s=s_all[order][:r])
+        self.svd = SVD(
+            Vt=self._Vt,
+            V=self._V,
+            Ut=lambda y: self._spectral(y, self.Ur, self.Uc)[:, :r],
+            U=self._U,
+            s=s_all[order][:r],
+        )
         self.r = r
 
     def _spectral(self, x, L, R):

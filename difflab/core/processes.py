@@ -277,8 +277,10 @@ def posterior_coefficients(process: Process, t: Tensor, s: Tensor):
     """q(x_s | x_t, x_0) = N(c_x0 x_0 + c_xt x_t, var) for s < t.
 
     With a_ts = alpha_t / alpha_s and sigma_ts^2 = sigma_t^2 - a_ts^2 sigma_s^2 (the variance of q(x_t|x_s)):
-        c_x0 = alpha_s sigma_ts^2 / sigma_t^2,  c_xt = a_ts sigma_s^2 / sigma_t^2,  var = sigma_ts^2 sigma_s^2 / sigma_t^2.
-    For DDPM with s = t - 1 these are Ho et al. eq. 7: mu_tilde and beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t.
+        c_x0 = alpha_s sigma_ts^2 / sigma_t^2,  c_xt = a_ts sigma_s^2 / sigma_t^2,  var = sigma_ts^2 sigma_s^2 /
+        sigma_t^2.
+    For DDPM with s = t - 1 these are Ho et al. eq. 7: mu_tilde and beta_tilde_t = (1 - abar_{t-1}) / (1 - abar_t)
+    beta_t.
     Returns (c_x0, c_xt, var) in float64."""
     a_t, s_t = process.alpha(t), process.sigma(t)
     a_s, s_s = process.alpha(s), process.sigma(s)

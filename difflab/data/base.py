@@ -26,7 +26,9 @@ class ImageSet:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise DataError(f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+            raise DataError(
+                f"{self.name}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}"
+            )
         if self.labels is not None and self.labels.shape != (len(self.images),):
             raise DataError(f"{self.name}: {len(self.images)} images but labels of shape {tuple(self.labels.shape)}")
         if self.captions is not None and len(self.captions) != len(self.images):
@@ -37,8 +39,17 @@ class ImageSet:
         idx = keep.nonzero().squeeze(1) if keep.dtype == torch.bool else keep
         pick = lambda v: None if v is None else v[idx]  # noqa: E731
         captions = None if self.captions is None else [self.captions[i] for i in idx.tolist()]
-        return ImageSet(self.images[idx], pick(self.labels), self.num_classes, self.name, self.class_names, self.split, captions,
-                        pick(self.attributes), pick(self.held_out))
+        return ImageSet(
+            self.images[idx],
+            pick(self.labels),
+            self.num_classes,
+            self.name,
+            self.class_names,
+            self.split,
+            captions,
+            pick(self.attributes),
+            pick(self.held_out),
+        )
 
     def __len__(self) -> int:
         return len(self.images)

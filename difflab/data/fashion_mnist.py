@@ -29,17 +29,22 @@ def _find_idx(folder: Path, name: str) -> Path:
     raise DataError(
         f"fashion-mnist: {folder / name}[.gz] not found; install with `apt-get install dataset-fashion-mnist` "
         "or point --data at a folder with the four IDX files "
-        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally .gz)"
+        "(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, optionally "
+        ".gz)"
     )
 
 
 def load_fashion_mnist(split: str, data_dir: str | None = None) -> ImageSet:
     """The train (60000), test (t10k, 10000) or all images, 28x28 grey, 10 classes."""
     folder = Path(data_dir or FASHION_MNIST_DIR)
-    parts = [_read_part(folder, prefix) for prefix in {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]]
+    parts = [
+        _read_part(folder, prefix) for prefix in {"train": ["train"], "test": ["t10k"], "all": ["train", "t10k"]}[split]
+    ]
     if len({tuple(x.shape[1:]) for x, _ in parts}) > 1:
         raise DataError(f"fashion-mnist in {folder}: train and test images differ in size")
-    images, labels = (torch.cat([p[i] for p in parts]) for i in (0, 1))  # new tensors: the cached ones are never handed out
+    images, labels = (
+        torch.cat([p[i] for p in parts]) for i in (0, 1)
+    )  # new tensors: the cached ones are never handed out
     return ImageSet(images, labels, 10, "fashion-mnist", FASHION_MNIST_CLASSES, split)
 
 
@@ -57,7 +62,9 @@ def _read_files(image_path: Path, label_path: Path, stamp) -> tuple[torch.Tensor
     if x.dtype != np.uint8 or x.ndim != 3:
         raise DataError(f"{image_path}: expected uint8 images (N, H, W), got {x.dtype} {x.shape}")
     if y.dtype != np.uint8 or y.shape != (len(x),):
-        raise DataError(f"{label_path}: expected {len(x)} uint8 labels to match {image_path.name}, got {y.dtype} {y.shape}")
+        raise DataError(
+            f"{label_path}: expected {len(x)} uint8 labels to match {image_path.name}, got {y.dtype} {y.shape}"
+        )
     if y.size and y.max() >= 10:
         raise DataError(f"{label_path}: labels must be in 0..9, found {int(y.max())}")
     return torch.from_numpy(x)[:, None], torch.from_numpy(y.astype(np.int64))  # (N, 1, H, W), (N,)
@@ -101,7 +108,9 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     array = np.asarray(array)
     codes = {np.dtype(t): code for code, t in IDX_TYPES.items()}
     if array.dtype not in codes:
-        raise DataError(f"{path}: IDX cannot store {array.dtype}; use one of {[np.dtype(t).name for t in IDX_TYPES.values()]}")
+        raise DataError(
+            f"{path}: IDX cannot store {array.dtype}; use one of {[np.dtype(t).name for t in IDX_TYPES.values()]}"
+        )
     header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
     if str(path).endswith(".gz"):

@@ -52,8 +52,22 @@ from .base import DataError, ImageSet, to_model, to_uint8
 from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist, read_idx, write_idx
 from .pairs import make_pairs
 
-__all__ = ["DATASETS", "DataError", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "ImageSet", "load_images", "read_captioned_folder", "read_idx",
-           "read_inputs", "read_mask", "save_npz", "to_model", "to_uint8", "write_idx"]
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "ImageSet",
+    "load_images",
+    "read_captioned_folder",
+    "read_idx",
+    "read_inputs",
+    "read_mask",
+    "save_npz",
+    "to_model",
+    "to_uint8",
+    "write_idx",
+]
 
 DATASETS = ("digits", "fashion-mnist", "fashion-pairs")
 SPLITS = ("train", "test", "all")
@@ -65,11 +79,21 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 def load_split(cfg, split: str) -> ImageSet:
     """A run's data set (``cfg``: a RunConfig; its dataset with the size, channels and folder it records), one split."""
-    return load_images(cfg.dataset, split=split, size=cfg.data.get("size"), channels=cfg.data.get("channels"), data_dir=cfg.data.get("data_dir"))
+    return load_images(
+        cfg.dataset,
+        split=split,
+        size=cfg.data.get("size"),
+        channels=cfg.data.get("channels"),
+        data_dir=cfg.data.get("data_dir"),
+    )
 
 
 def load_images(
-    source: str, split: str = "train", size: int | None = None, channels: int | None = None, data_dir: str | None = None,
+    source: str,
+    split: str = "train",
+    size: int | None = None,
+    channels: int | None = None,
+    data_dir: str | None = None,
     n: int | None = None,
 ) -> ImageSet:
     """Load ``source`` (a dataset name, a folder of images or an .npz file) as uint8 (N, C, H, W); see the module doc.
@@ -122,7 +146,9 @@ def _split(data: ImageSet, split: str, every: int) -> ImageSet:
         rank[members] = torch.arange(len(members))
     keep = (rank % every == every - 1) if split == "test" else (rank % every != every - 1)
     if not keep.any():
-        raise DataError(f"{data.name}: the {split!r} split is empty (fewer than {every} images per class); use split='all'")
+        raise DataError(
+            f"{data.name}: the {split!r} split is empty (fewer than {every} images per class); use split='all'"
+        )
     return data.subset(keep)
 
 
@@ -130,8 +156,17 @@ def _load_pairs(split: str, data_dir: str | None, n: int | None = None) -> Image
     if n is not None and split == "all":
         raise DataError("fashion-pairs: a number of images is per split (train or test), not for 'all'")
     parts = [make_pairs(s, n, data_dir=data_dir) for s in (["train", "test"] if split == "all" else [split])]
-    return ImageSet(torch.cat([p.images for p in parts]), None, None, "fashion-pairs", None, split, [c for p in parts for c in p.captions],
-                    torch.cat([p.attributes for p in parts]), torch.cat([p.held_out for p in parts]))
+    return ImageSet(
+        torch.cat([p.images for p in parts]),
+        None,
+        None,
+        "fashion-pairs",
+        None,
+        split,
+        [c for p in parts for c in p.captions],
+        torch.cat([p.attributes for p in parts]),
+        torch.cat([p.held_out for p in parts]),
+    )
 
 
 def _conform(images: Tensor, size: int | None, channels: int | None, name: str) -> Tensor:
@@ -145,7 +180,9 @@ def _conform(images: Tensor, size: int | None, channels: int | None, name: str) 
     if size is not None and size != images.shape[-1]:
         chunks = []
         for chunk in images.split(4096):
-            resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            resized = F.interpolate(
+                chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
             chunks.append(resized.round().clamp(0, 255).to(torch.uint8))
         images = torch.cat(chunks)
     C = images.shape[1]
@@ -229,7 +266,9 @@ def _load_folder(root: Path, size: int | None, channels: int | None) -> ImageSet
         index = {name: k for k, name in enumerate(class_names)}
         labels = torch.tensor([index[r.parts[0]] for r in relative], dtype=torch.long)
     captions = _read_metadata(root, relative) if (root / METADATA).exists() else None
-    return ImageSet(images, labels, len(class_names) if class_names else None, root.name, class_names, captions=captions)
+    return ImageSet(
+        images, labels, len(class_names) if class_names else None, root.name, class_names, captions=captions
+    )
 
 
 METADATA = "metadata.jsonl"
@@ -245,9 +284,9 @@ def _read_metadata(root: Path, relative: list[Path]) -> list[str]:
             row = json.loads(line)
             name, text = row["file_name"], row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{number}: expected a JSON object with \"file_name\" and \"text\"") from None
+            raise DataError(f'{path}:{number}: expected a JSON object with "file_name" and "text"') from None
         if not isinstance(name, str) or not isinstance(text, str):
-            raise DataError(f"{path}:{number}: \"file_name\" and \"text\" must be strings")
+            raise DataError(f'{path}:{number}: "file_name" and "text" must be strings')
         if not (root / name).is_file():
             raise DataError(f"{path}:{number}: no image {name!r} in {root}")
         texts[Path(name).as_posix()] = text
@@ -329,10 +368,17 @@ def save_npz(path: str | os.PathLike, images: Tensor | np.ndarray, labels: Tenso
 
 def image_files(folder: Path) -> list[Path]:
     """The PNG/JPEG files in ``folder`` and its subfolders, sorted by path (hidden ones skipped)."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                   and not any(s.startswith(".") for s in p.relative_to(folder).parts))
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+    )
     if not files:
-        raise DataError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)")
+        raise DataError(
+            f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)} files in it and its subfolders)"
+        )
     return files
 
 
@@ -358,7 +404,10 @@ def read_inputs(paths, shape: tuple[int, int, int], what: str = "input") -> Tens
                 array = array.transpose(2, 0, 1)
             images = torch.from_numpy(np.ascontiguousarray(array))[None]
         else:
-            raise DataError(f"{what} {path}: expected an image ({', '.join(IMAGE_EXTENSIONS)}), an .npz with 'images' or a folder of images")
+            raise DataError(
+                f"{what} {path}: expected an image ({', '.join(IMAGE_EXTENSIONS)}), an .npz with 'images' or a folder "
+                "of images"
+            )
         if images.shape[1] != C:
             raise DataError(f"{what} {path} has {images.shape[1]} channel(s); this needs {C}")
         if tuple(images.shape[2:]) != (H, W):

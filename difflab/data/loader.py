@@ -54,7 +54,9 @@ class ShuffledBatches:
         if n <= 0:
             raise ValueError("the dataset is empty")
         if batch_size > n:
-            raise ValueError(f"the global batch ({batch_size}) is larger than the dataset ({n} examples); use a smaller --batch-size")
+            raise ValueError(
+                f"the global batch ({batch_size}) is larger than the dataset ({n} examples); use a smaller --batch-size"
+            )
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.epoch, self.index = 0, 0
         self._perm = self._permutation()

@@ -79,7 +79,10 @@ def caption(attributes, phrasing: int = 0, subject: int | None = None, token: st
     ``subject`` half (0 left, 1 right), if any, named by the identifier ``token`` ("a red sks sneaker")."""
     lk, lc, rk, rc = (int(a) for a in attributes)
     names = list(COLOURS)
-    left, right = (article(f"{names[c]} {token + ' ' if subject == side else ''}{NOUNS[k]}") for side, (k, c) in enumerate(((lk, lc), (rk, rc))))
+    left, right = (
+        article(f"{names[c]} {token + ' ' if subject == side else ''}{NOUNS[k]}")
+        for side, (k, c) in enumerate(((lk, lc), (rk, rc)))
+    )
     return ALL_PHRASINGS[phrasing].format(L=left, R=right)
 
 
@@ -111,7 +114,9 @@ def swapped(attributes) -> tuple[int, int, int, int]:
 def tint(grey: np.ndarray, colour) -> np.ndarray:
     """uint8 (N, 28, 28) grey items -> uint8 (N, 3, 32, 32): g/255 * colour, padded with black."""
     rgb = np.asarray(colour, dtype=np.float64)  # (N, 3) or (3,)
-    out = np.rint(grey[:, None].astype(np.float64) / 255.0 * rgb.reshape(-1, 3, 1, 1)).astype(np.uint8)  # (N, 3, 28, 28)
+    out = np.rint(grey[:, None].astype(np.float64) / 255.0 * rgb.reshape(-1, 3, 1, 1)).astype(
+        np.uint8
+    )  # (N, 3, 28, 28)
     return np.pad(out, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))
 
 
@@ -145,7 +150,9 @@ def _made(split: str, n: int | None, seed: int, data_dir: str | None) -> Pairs:
     colours = RGB
     left_c, right_c = rng.integers(len(COLOURS), size=n), rng.integers(len(COLOURS), size=n)
     phrasing = rng.integers(len(PHRASINGS), size=n)
-    images = np.concatenate([tint(grey[left_i], colours[left_c]), tint(grey[right_i], colours[right_c])], axis=3)  # (n, 3, 32, 64)
+    images = np.concatenate(
+        [tint(grey[left_i], colours[left_c]), tint(grey[right_i], colours[right_c])], axis=3
+    )  # (n, 3, 32, 64)
     attributes = torch.from_numpy(np.stack([left_k, left_c, right_k, right_c], axis=1).astype(np.int64))
     held = torch.tensor([is_held_out(a, b) for a, b in zip(left_k, right_k)])
     return Pairs(torch.from_numpy(images), attributes, [caption(a, p) for a, p in zip(attributes, phrasing)], held)
@@ -187,7 +194,9 @@ def tinted(grey: Tensor, colours) -> Tensor:
     return torch.from_numpy(tint(np.repeat(grey.numpy()[None], len(rgb), axis=0), rgb))
 
 
-def make_subject(class_word: str, n: int = 4, token: str = "sks", seed: int = 0, split: str = "test", data_dir: str | None = None) -> Subject:
+def make_subject(
+    class_word: str, n: int = 4, token: str = "sks", seed: int = 0, split: str = "test", data_dir: str | None = None
+) -> Subject:
     """A subject for personalisation: one item of class ``class_word`` drawn from ``split`` (the test split's
     items are never seen in training), in n different tints, alternately on the left and on the right of
     another random item of another class; deterministic in the arguments."""
@@ -207,7 +216,12 @@ def make_subject(class_word: str, n: int = 4, token: str = "sks", seed: int = 0,
     other_colours = rng.integers(len(COLOURS), size=n)
     other = torch.from_numpy(tint(grey[other_items].numpy(), RGB[other_colours]))
     images = place(tinted(grey[item], colours), sides, other)
-    attributes = torch.tensor([[k, c, o, oc] if s == 0 else [o, oc, k, c] for c, s, o, oc in zip(colours, sides.tolist(), others, other_colours)])
+    attributes = torch.tensor(
+        [
+            [k, c, o, oc] if s == 0 else [o, oc, k, c]
+            for c, s, o, oc in zip(colours, sides.tolist(), others, other_colours)
+        ]
+    )
     captions = [caption(a, subject=int(s), token=token) for a, s in zip(attributes, sides)]
     return Subject(images, captions, attributes, sides, grey[item], item)
 
@@ -234,6 +248,8 @@ def subject_prompts(class_word: str, n: int, token: str = "sks", seed: int = 0) 
     colours, sides = rng.integers(len(COLOURS), size=n), rng.integers(2, size=n)
     others = rng.choice([c for c in range(10) if c != k], size=n)
     other_colours = rng.integers(len(COLOURS), size=n)
-    attributes = torch.tensor([[k, c, o, oc] if s == 0 else [o, oc, k, c] for c, s, o, oc in zip(colours, sides, others, other_colours)])
+    attributes = torch.tensor(
+        [[k, c, o, oc] if s == 0 else [o, oc, k, c] for c, s, o, oc in zip(colours, sides, others, other_colours)]
+    )
     sides = torch.from_numpy(sides).long()
     return attributes, sides, [caption(a, subject=int(s), token=token) for a, s in zip(attributes, sides)]

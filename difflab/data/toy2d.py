@@ -9,7 +9,8 @@ from torch import Tensor
 
 
 def swissroll(n: int, generator: torch.Generator | None = None) -> Tensor:
-    """The 2-D swiss roll (Sohl-Dickstein et al. 2015's figure): r = theta, theta in [1.5 pi, 4.5 pi], plus small noise."""
+    """The 2-D swiss roll (Sohl-Dickstein et al. 2015's figure): r = theta, theta in [1.5 pi, 4.5 pi], plus small
+    noise."""
     theta = 1.5 * math.pi * (1 + 2 * torch.rand(n, generator=generator))
     x = torch.stack([theta * torch.cos(theta), theta * torch.sin(theta)], dim=1)
     x = x + 0.25 * torch.randn(n, 2, generator=generator)

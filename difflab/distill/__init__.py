@@ -1,1 +1,2 @@
-"""Few-step students by distillation: the math (targets.py), the losses (losses.py), the run kind and the command's work (student.py)."""
+"""Few-step students by distillation: the math (targets.py), the losses (losses.py), the run kind and the command's
+work (student.py)."""

@@ -5,7 +5,8 @@ student's step or the pair of levels, ``noise`` makes x_t, so a resumed or multi
 steps. A guided student's scale w is drawn from torch's global generator, which the loop seeds per step.
 
     ProgressiveLoss   one student DDIM step = two teacher DDIM steps (Salimans & Ho 2022, Algorithm 2)
-    GuidedLoss        the student's one pass at w = the teacher's two-pass guided prediction at w (Meng et al. 2023, stage one)
+    GuidedLoss        the student's one pass at w = the teacher's two-pass guided prediction at w (Meng et al. 2023,
+    stage one)
     ConsistencyLoss   f(x_{t_{n+1}}) = f(ODE step of the teacher to t_n) (Song et al. 2023, Algorithm 2; the target
                       is the student itself without gradient, Song & Dhariwal 2023's mu = 0)"""
 
@@ -54,12 +55,18 @@ class Teacher:
         if self.mode == "input":
             return self.denoiser(x, t, **cond, **{GUIDANCE: w})
         B = len(x)
-        nulls = drop_conditions(cond, self.specs, masks={s.name: torch.ones(B, dtype=torch.bool, device=x.device) for s in self.specs if s.name in cond})
+        nulls = drop_conditions(
+            cond,
+            self.specs,
+            masks={s.name: torch.ones(B, dtype=torch.bool, device=x.device) for s in self.specs if s.name in cond},
+        )
         both = {k: torch.cat([nulls[k], cond[k]]) for k in cond}
         x0_null, x0_cond = self.denoiser(torch.cat([x, x]), t.repeat(2), **both).x0.chunk(2)
         process = self.process
         alpha, sigma = broadcast(process.alpha(t), x), broadcast(process.sigma(t), x)
-        return Prediction(x, alpha.to(x.dtype), sigma.to(x.dtype), "x0", x0_null + broadcast(w, x).to(x.dtype) * (x0_cond - x0_null))
+        return Prediction(
+            x, alpha.to(x.dtype), sigma.to(x.dtype), "x0", x0_null + broadcast(w, x).to(x.dtype) * (x0_cond - x0_null)
+        )
 
 
 class _Bound:
@@ -134,7 +141,15 @@ class ConsistencyLoss:
     x_lo = one teacher ODE step (``solver``) to l_{j+1}, loss d(f(x_hi, l_j), sg f(x_lo, l_{j+1})) with the
     pseudo-Huber d and f = consistency_x0 (boundary f(x, t_min) = x)."""
 
-    def __init__(self, teacher: Teacher, levels: Tensor, t_min: float, sigma_data: float = 1.0, solver: str = "heun", guidance_range=None):
+    def __init__(
+        self,
+        teacher: Teacher,
+        levels: Tensor,
+        t_min: float,
+        sigma_data: float = 1.0,
+        solver: str = "heun",
+        guidance_range=None,
+    ):
         self.teacher, self.levels, self.t_min, self.sigma_data = teacher, levels, float(t_min), sigma_data
         self.solver, self.guidance_range = solver, guidance_range
 

@@ -89,7 +89,9 @@ class ConsistencyDenoiser(nn.Module):
     def forward(self, x_t: Tensor, t, **cond) -> Prediction:
         t = expand_t(t, x_t)
         pred = self.denoiser(x_t, t, **cond)
-        return Prediction(x_t, pred.alpha, pred.sigma, "x0", consistency_x0(self.process, pred, t, self.t_min, self.sigma_data))
+        return Prediction(
+            x_t, pred.alpha, pred.sigma, "x0", consistency_x0(self.process, pred, t, self.t_min, self.sigma_data)
+        )
 
 
 class AtScale(nn.Module):
@@ -131,29 +133,53 @@ class StudentRun(DiffusionRun):
         """(sampler, steps) the student takes: its own when not given; another is one clear error."""
         d, own = self.config.distill, self.own_sampler
         if sampler is not None and sampler != own:
-            raise DistillError(f"{self.path} is a {d.method} student: it samples with {own!r}, not {sampler!r} (leave --sampler out)")
+            raise DistillError(
+                f"{self.path} is a {d.method} student: it samples with {own!r}, not {sampler!r} (leave --sampler out)"
+            )
         if spacing not in (None, "uniform"):
-            raise DistillError(f"{self.path} samples on the uniform grid it was distilled on, not {spacing!r} (leave --spacing out)")
+            raise DistillError(
+                f"{self.path} samples on the uniform grid it was distilled on, not {spacing!r} (leave --spacing out)"
+            )
         steps = d.steps_to if steps is None else steps
         if d.method == "progressive" and steps != d.steps_to:
-            raise DistillError(f"{self.path} was distilled to sample in {d.steps_to} DDIM steps, not {steps} "
-                               f"(its earlier stages in {self.path / STAGES} sample in more)")
+            raise DistillError(
+                f"{self.path} was distilled to sample in {d.steps_to} DDIM steps, not {steps} "
+                f"(its earlier stages in {self.path / STAGES} sample in more)"
+            )
         if d.method == "consistency" and not 1 <= steps <= MAX_CONSISTENCY_STEPS:
-            raise DistillError(f"{self.path} is a consistency student: it samples in 1 to {MAX_CONSISTENCY_STEPS} steps, not {steps}")
+            raise DistillError(
+                f"{self.path} is a consistency student: it samples in 1 to {MAX_CONSISTENCY_STEPS} steps, not {steps}"
+            )
         return own, steps
 
     def guided(self, guidance: GuidanceConfig | None, length: int | None = None):
         d = self.config.distill
         if guidance is None or not guidance.active:  # w = 1, the plain conditional, or the range's nearest end
-            return AtScale(self.denoiser, min(max(1.0, d.guidance_range[0]), d.guidance_range[1])) if d.guided else self.denoiser
+            return (
+                AtScale(self.denoiser, min(max(1.0, d.guidance_range[0]), d.guidance_range[1]))
+                if d.guided
+                else self.denoiser
+            )
         if not d.guided:
-            raise DistillError(f"{self.path} was distilled without guidance: it samples the plain conditional law "
-                               "(distil with --guidance-range LO,HI for a student that takes --guidance)")
+            raise DistillError(
+                f"{self.path} was distilled without guidance: it samples the plain conditional law "
+                "(distil with --guidance-range LO,HI for a student that takes --guidance)"
+            )
         g = guidance
-        if (g.negative is not None or g.compose or g.negative_prompt is not None or g.compose_prompts or g.interval is not None
-                or g.rescale or g.classifier is not None or g.schedule != "constant"):
-            raise DistillError(f"{self.path} is a guided student: it takes a guidance scale alone (negative or composed "
-                               "conditions, intervals, rescale, schedules and classifiers need its teacher)")
+        if (
+            g.negative is not None
+            or g.compose
+            or g.negative_prompt is not None
+            or g.compose_prompts
+            or g.interval is not None
+            or g.rescale
+            or g.classifier is not None
+            or g.schedule != "constant"
+        ):
+            raise DistillError(
+                f"{self.path} is a guided student: it takes a guidance scale alone (negative or composed "
+                "conditions, intervals, rescale, schedules and classifiers need its teacher)"
+            )
         lo, hi = d.guidance_range
         if not lo <= g.scale <= hi:
             raise DistillError(f"{self.path} was distilled for guidance scales in [{lo:g}, {hi:g}], not {g.scale:g}")
@@ -168,12 +194,16 @@ class StudentRun(DiffusionRun):
         return super().trajectory(n, sampler=sampler, steps=steps, spacing="uniform", **kw)
 
     def with_lora(self, adapters):
-        raise DistillError(f"{self.path} is a distilled student; LoRA adapters load over the run they were trained on "
-                           f"(its teacher {self.config.distill.teacher})")
+        raise DistillError(
+            f"{self.path} is a distilled student; LoRA adapters load over the run they were trained on "
+            f"(its teacher {self.config.distill.teacher})"
+        )
 
     def _refuse(self, what: str):
-        raise DistillError(f"{self.path} is a distilled student, made for its own {self.config.distill.steps_to}-step sampler; "
-                           f"{what} runs the teacher's full chain: use {self.config.distill.teacher}")
+        raise DistillError(
+            f"{self.path} is a distilled student, made for its own {self.config.distill.steps_to}-step sampler; "
+            f"{what} runs the teacher's full chain: use {self.config.distill.teacher}"
+        )
 
     def restore(self, *a, **k):
         self._refuse("restoration")
@@ -200,19 +230,25 @@ def check_teacher(cfg: RunConfig, run, method: str, teacher_steps: int, steps_to
         raise DistillError(f"{run} holds LoRA adapters; distil its base run")
     process = cfg.build_process()
     if not process.variance_preserving:
-        raise DistillError(f"{run} runs a variance-exploding process; distillation here is written for variance-preserving ones")
+        raise DistillError(
+            f"{run} runs a variance-exploding process; distillation here is written for variance-preserving ones"
+        )
     if method == "progressive":
         if teacher_steps < 2 or teacher_steps & (teacher_steps - 1):
             raise DistillError(f"the teacher's steps must be a power of two >= 2, got {teacher_steps}")
         if process.discrete and teacher_steps > process.T:
             raise DistillError(f"{teacher_steps} teacher steps exceed the process's T = {process.T}")
         if steps_to < 1 or steps_to >= teacher_steps or steps_to & (steps_to - 1):
-            raise DistillError(f"--steps-to must be a power of two below the teacher's {teacher_steps} steps, got {steps_to}")
+            raise DistillError(
+                f"--steps-to must be a power of two below the teacher's {teacher_steps} steps, got {steps_to}"
+            )
     else:
         if teacher_steps < 2:
             raise DistillError(f"the consistency grid needs at least 2 levels, got {teacher_steps}")
         if not 1 <= steps_to <= MAX_CONSISTENCY_STEPS:
-            raise DistillError(f"a consistency student samples in 1 to {MAX_CONSISTENCY_STEPS} steps, got --steps-to {steps_to}")
+            raise DistillError(
+                f"a consistency student samples in 1 to {MAX_CONSISTENCY_STEPS} steps, got --steps-to {steps_to}"
+            )
     if guidance_range is not None:
         lo, hi = guidance_range
         if not 0 <= lo <= hi:
@@ -220,9 +256,13 @@ def check_teacher(cfg: RunConfig, run, method: str, teacher_steps: int, steps_to
         if not cfg.conditions or cfg.text_spec() is None and cfg.num_classes is None:
             raise DistillError(f"{run} takes no class or text: a guided student needs a conditional teacher")
         if any(c["p_drop"] == 0 for c in cfg.conditions if c["name"] in ("class_labels", "context", "tokens")):
-            raise DistillError(f"{run} was trained without condition dropout: it has no null prediction to guide against")
+            raise DistillError(
+                f"{run} was trained without condition dropout: it has no null prediction to guide against"
+            )
         if cfg.net_kind != "unet":
-            raise DistillError(f"a guided student takes the scale as an input, which the U-Net has; {run} trains an {cfg.net_kind}")
+            raise DistillError(
+                f"a guided student takes the scale as an input, which the U-Net has; {run} trains an {cfg.net_kind}"
+            )
 
 
 def plan(method: str, teacher_steps: int, steps_to: int, guided: bool) -> list[list[int]]:
@@ -240,11 +280,25 @@ def student_config(teacher: RunConfig, record: Distillation, steps: int, lr: flo
     """The student's config: the teacher's network (with the guidance input for a guided student), conditions
     never dropped (the student learns the conditional law, and w stands for guidance), a short constant schedule."""
     net = dict(teacher.net, guidance_input=True) if record.guided else teacher.net
-    train_cfg = replace(teacher.train, steps=steps, lr=lr, batch_size=batch_size, accumulation=1, warmup=max(1, min(100, steps // 10)),
-                        weight_decay=0.0, lr_schedule="constant", ema_decay=0.999, ema_warmup=True, checkpoint_every=max(1, min(200, steps)),
-                        sample_every=0, log_every=10)
+    train_cfg = replace(
+        teacher.train,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        accumulation=1,
+        warmup=max(1, min(100, steps // 10)),
+        weight_decay=0.0,
+        lr_schedule="constant",
+        ema_decay=0.999,
+        ema_warmup=True,
+        checkpoint_every=max(1, min(200, steps)),
+        sample_every=0,
+        log_every=10,
+    )
     conditions = [dict(c, p_drop=0.0) for c in teacher.conditions]
-    return replace(teacher, run_kind="distilled", distill=record, net=net, conditions=conditions, train=train_cfg, personalize=None)
+    return replace(
+        teacher, run_kind="distilled", distill=record, net=net, conditions=conditions, train=train_cfg, personalize=None
+    )
 
 
 def stage_config(cfg: RunConfig, record: Distillation, k: int) -> RunConfig:
@@ -288,7 +342,9 @@ def loss_of(record: Distillation, k: int, teacher: Teacher):
     if record.method == "consistency":
         process = teacher.process
         levels = timesteps(process, record.teacher_steps, "karras")[:-1]
-        return ConsistencyLoss(teacher, levels, _default_t_min(process), record.sigma_data, record.solver, record.guidance_range)
+        return ConsistencyLoss(
+            teacher, levels, _default_t_min(process), record.sigma_data, record.solver, record.guidance_range
+        )
     if a == b:
         return GuidedLoss(teacher, record.guidance_range)
     return ProgressiveLoss(teacher, b, record.guidance_range)
@@ -297,9 +353,24 @@ def loss_of(record: Distillation, k: int, teacher: Teacher):
 # --------------------------------------------------------------------------- distilling
 
 
-def distill(teacher, out, method: str | None = None, *, teacher_steps: int | None = None, steps_to: int | None = None,
-            guidance_range=None, steps: int | None = None, lr: float | None = None, batch_size: int | None = None, solver: str = "heun",
-            resume: bool = False, device="auto", progress: bool = True, max_minutes: float | None = None, stop_after: int | None = None) -> Path:
+def distill(
+    teacher,
+    out,
+    method: str | None = None,
+    *,
+    teacher_steps: int | None = None,
+    steps_to: int | None = None,
+    guidance_range=None,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    solver: str = "heun",
+    resume: bool = False,
+    device="auto",
+    progress: bool = True,
+    max_minutes: float | None = None,
+    stop_after: int | None = None,
+) -> Path:
     """Distil ``teacher`` into the student run ``out`` (or continue it: ``resume``; its settings are in it); returns
     ``out``. ``steps`` are optimizer steps per stage (progressive) or in all (consistency). Under torchrun rank 0
     alone writes files; every stage is a resumable run, so a run killed at any moment continues where it stopped."""
@@ -310,10 +381,15 @@ def distill(teacher, out, method: str | None = None, *, teacher_steps: int | Non
     if resume:
         cfg = load_config(out)
         if cfg.distill is None:
-            raise DistillError(f"{out} is not a distilled student (start one with `difflab distill TEACHER --method M --out {out}`)")
+            raise DistillError(
+                f"{out} is not a distilled student (start one with `difflab distill TEACHER --method M --out {out}`)"
+            )
         record = cfg.distill
         if weights_fingerprint(from_record(record.teacher)) != record.teacher_fingerprint:
-            raise DistillError(f"the teacher {record.teacher} changed since {out} was started (its weights' fingerprint differs); start over with --force")
+            raise DistillError(
+                f"the teacher {record.teacher} changed since {out} was started (its weights' fingerprint differs); "
+                "start over with --force"
+            )
     else:
         if method is None:
             raise DistillError("give --method progressive or consistency")
@@ -321,11 +397,23 @@ def distill(teacher, out, method: str | None = None, *, teacher_steps: int | Non
         teacher_steps = teacher_steps or DEFAULT_TEACHER_STEPS[method]
         steps_to = steps_to or DEFAULT_STEPS_TO[method]
         check_teacher(teacher_cfg, teacher, method, teacher_steps, steps_to, guidance_range)
-        record = Distillation(method, recorded_path(teacher), weights_fingerprint(teacher), teacher_steps, steps_to,
-                              plan(method, teacher_steps, steps_to, guidance_range is not None),
-                              guidance_range=None if guidance_range is None else [float(v) for v in guidance_range], solver=solver)
-        cfg = student_config(teacher_cfg, record, steps or DEFAULT_STEPS[method], lr or teacher_cfg.train.lr / 5,
-                             batch_size or teacher_cfg.train.batch_size)
+        record = Distillation(
+            method,
+            recorded_path(teacher),
+            weights_fingerprint(teacher),
+            teacher_steps,
+            steps_to,
+            plan(method, teacher_steps, steps_to, guidance_range is not None),
+            guidance_range=None if guidance_range is None else [float(v) for v in guidance_range],
+            solver=solver,
+        )
+        cfg = student_config(
+            teacher_cfg,
+            record,
+            steps or DEFAULT_STEPS[method],
+            lr or teacher_cfg.train.lr / 5,
+            batch_size or teacher_cfg.train.batch_size,
+        )
         if main:  # nothing of an earlier run in this folder may meet the new teacher
             shutil.rmtree(out / STAGES, ignore_errors=True)
             out.mkdir(parents=True, exist_ok=True)
@@ -346,15 +434,33 @@ def distill(teacher, out, method: str | None = None, *, teacher_steps: int | Non
         teacher_k, source = teacher_of(record, out, k, device)
         a, b = record.stages[k]
         if progress and main:
-            what = (f"consistency across {a} levels" if record.method == "consistency" else
-                    "the guided prediction in one pass" if a == b else f"{a} -> {b} DDIM steps")
+            what = (
+                f"consistency across {a} levels"
+                if record.method == "consistency"
+                else "the guided prediction in one pass"
+                if a == b
+                else f"{a} -> {b} DDIM steps"
+            )
             print(f"stage {k + 1} of {len(record.stages)}: {what} ({folder})")
         continuing = has_checkpoint(folder)
-        train(folder, stage_cfg, data, device=device, resume=continuing, progress=progress, loss_fn=loss_of(record, k, teacher_k),
-              init_from=None if continuing else initial_state(stage_cfg, source), max_minutes=left, stop_after=stop_after,
-              preview=preview, command="distill")
+        train(
+            folder,
+            stage_cfg,
+            data,
+            device=device,
+            resume=continuing,
+            progress=progress,
+            loss_fn=loss_of(record, k, teacher_k),
+            init_from=None if continuing else initial_state(stage_cfg, source),
+            max_minutes=left,
+            stop_after=stop_after,
+            preview=preview,
+            command="distill",
+        )
         wait_for_all()  # rank 0's last checkpoint is written: every rank sees where the stage stopped
-        if weights_step(folder) < stage_cfg.train.steps:  # stopped early (--max-minutes, stop_after): resume continues here
+        if (
+            weights_step(folder) < stage_cfg.train.steps
+        ):  # stopped early (--max-minutes, stop_after): resume continues here
             return out
     return out
 
@@ -376,7 +482,9 @@ def preview(ema, step: int, run: Path) -> None:
     cfg = load_config(run)
     model = StudentRun(run, cfg, ema.net)
     d = cfg.distill
-    sample_pictures(model, run / "samples.png", f"{model.own_sampler}, {d.steps_to} step{'s' * (d.steps_to > 1)}, step {step}")
+    sample_pictures(
+        model, run / "samples.png", f"{model.own_sampler}, {d.steps_to} step{'s' * (d.steps_to > 1)}, step {step}"
+    )
     plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
 
 
@@ -386,5 +494,13 @@ def _check_student(cfg: RunConfig, net, specs) -> None:
     _check(cfg, net, specs)
 
 
-DISTILLED = RunKind("distilled", "a distilled student", NETS, diffusion_loss, StudentRun, "distill",
-                    use="sample it with `difflab sample {run}` (its own sampler and steps)", check=_check_student)
+DISTILLED = RunKind(
+    "distilled",
+    "a distilled student",
+    NETS,
+    diffusion_loss,
+    StudentRun,
+    "distill",
+    use="sample it with `difflab sample {run}` (its own sampler and steps)",
+    check=_check_student,
+)

@@ -52,14 +52,17 @@ def sigma_tilde(process: Process, t: Tensor) -> Tensor:
     return s / a
 
 
-def consistency_coefficients(process: Process, t: Tensor, t_min: float, sigma_data: float = 1.0) -> tuple[Tensor, Tensor]:
+def consistency_coefficients(
+    process: Process, t: Tensor, t_min: float, sigma_data: float = 1.0
+) -> tuple[Tensor, Tensor]:
     """(a, b) of f(x_t, t) = a(t) y_t + b(t) x0_hat(x_t, t), y_t = x_t / alpha_t: Song et al. (2023)'s
     f = c_skip y + c_out F, in EDM's sigma~ = sigma / alpha, with F the output of the teacher's own EDM
     preconditioning x0_hat = c_skip^EDM y + c_out^EDM F (a v-predicting network on a VP process is exactly that with
     sigma_data = 1). Eliminating F:
 
         b = c_out / c_out^EDM = (sigma~ - sigma~_min) / sigma~,     a = c_skip - b c_skip^EDM,
-        c_skip = sigma_data^2 / ((sigma~ - sigma~_min)^2 + sigma_data^2),   c_skip^EDM = sigma_data^2 / (sigma~^2 + sigma_data^2)
+        c_skip = sigma_data^2 / ((sigma~ - sigma~_min)^2 + sigma_data^2),   c_skip^EDM = sigma_data^2 / (sigma~^2 +
+        sigma_data^2)
 
     At t_min a = 1, b = 0 (the boundary condition); above it f is the teacher's x_0 reading up to a correction that
     fades like sigma~_min / sigma~, so a student initialised from its teacher starts as the teacher's one-step

@@ -58,7 +58,15 @@ from ..runs.diffusion import DiffusionRun
 from ..sampling.samplers import SAMPLERS, SPACINGS, default_spacing
 from ..text.clip import clip_scores, load_clip
 from .features import embed, resolve_feature_net
-from .metrics import class_histogram, energy_distance, frechet_from_stats, gaussian_stats, kid, precision_recall, sliced_wasserstein
+from .metrics import (
+    class_histogram,
+    energy_distance,
+    frechet_from_stats,
+    gaussian_stats,
+    kid,
+    precision_recall,
+    sliced_wasserstein,
+)
 from .prompts import TEST_CAPTIONS, PromptSet, accuracies, follows, load_prompts
 from .reference import FEATURE_BATCH, fixed_subset, reference_stats
 
@@ -119,7 +127,9 @@ def _scores(ref: dict, feats: Tensor, seed: int) -> dict:
     """FD, KID and precision/recall of features (n, D) against a reference."""
     mu, cov = gaussian_stats(feats)
     m = min(KID_SUBSET_SIZE, len(feats), len(ref["features"]))
-    kid_mean, kid_se = kid(ref["features"], feats, n_subsets=KID_SUBSETS, subset_size=m, generator=torch.Generator().manual_seed(seed))
+    kid_mean, kid_se = kid(
+        ref["features"], feats, n_subsets=KID_SUBSETS, subset_size=m, generator=torch.Generator().manual_seed(seed)
+    )
     m_pr = min(len(feats), len(ref["features"]))
     precision, recall = precision_recall(ref["features"][:m_pr], feats[:m_pr], k=PR_K)
     return {
@@ -156,15 +166,26 @@ def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, prog
     """The bound of ``bpd_n`` test images under the model itself (guidance is no likelihood), on the CPU."""
     cfg = run.config
     if cfg.latent is not None:
-        return {"total": None, "reason": "not defined for a latent run (its bound is on latents; the decoder has no likelihood)"}
+        return {
+            "total": None,
+            "reason": "not defined for a latent run (its bound is on latents; the decoder has no likelihood)",
+        }
     if cfg.text is not None:
         return {"total": None, "reason": "not computed for a text run (its likelihood depends on the caption)"}
     if not isinstance(run.process, DiscreteDDPM):
-        return {"total": None, "reason": f"the variational bound is defined here for DiscreteDDPM runs; this run uses {type(run.process).__name__}"}
+        return {
+            "total": None,
+            "reason": "the variational bound is defined here for DiscreteDDPM runs; this run uses "
+            f"{type(run.process).__name__}",
+        }
     if bpd_n == 0:
         return {"total": None, "reason": "skipped (bpd_n = 0)"}
     if run.config.distill is not None:
-        return {"total": None, "reason": "a distilled student is a few-step sampler, not a denoiser at every noise level: the bound is its teacher's"}
+        return {
+            "total": None,
+            "reason": "a distilled student is a few-step sampler, not a denoiser at every noise level: the bound is "
+            "its teacher's",
+        }
     x = to_model(test.images[fixed_subset(len(test), min(bpd_n, len(test)))])  # (n, C, H, W)
     D = x[0].numel()
     t_batch = max(1, BPD_CALL_NUMBERS // (BPD_BATCH * D))
@@ -172,14 +193,29 @@ def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, prog
         run.denoiser.cpu(), x.split(BPD_BATCH), variance=BPD_VARIANCE, decoder="discretized",
         generator=torch.Generator().manual_seed(seed), t_batch=t_batch, progress=progress,
     )  # fmt: skip
-    return {"total": out["total"], "stderr": out["total_stderr"], "prior": out["prior"], "terms": out["terms"], "decoder": out["decoder"],
-            "n": out["n"], "split": test.split, "variance": BPD_VARIANCE}
+    return {
+        "total": out["total"],
+        "stderr": out["total_stderr"],
+        "prior": out["prior"],
+        "terms": out["terms"],
+        "decoder": out["decoder"],
+        "n": out["n"],
+        "split": test.split,
+        "variance": BPD_VARIANCE,
+    }
 
 
 # --------------------------------------------------------------------------- the evaluation
 
 
-def _asked(run: DiffusionRun, guidance: GuidanceConfig | None, n: int, prompts: str | None, caption_swap: bool, clip: str | None) -> Asked:
+def _asked(
+    run: DiffusionRun,
+    guidance: GuidanceConfig | None,
+    n: int,
+    prompts: str | None,
+    caption_swap: bool,
+    clip: str | None,
+) -> Asked:
     cfg = run.config
     if cfg.text_spec() is not None:
         prompt_set = load_prompts(prompts or TEST_CAPTIONS, cfg, n)
@@ -189,15 +225,31 @@ def _asked(run: DiffusionRun, guidance: GuidanceConfig | None, n: int, prompts: 
     if prompts or caption_swap or clip:
         raise EvalError(f"{run.path} takes no text: --prompts, --caption-swap and --clip are for text-to-image runs")
     if guidance is not None and guidance.compose:
-        raise EvalError("eval asks sample i for class i mod K and scores that class; composed classes are for `difflab sample`")
+        raise EvalError(
+            "eval asks sample i for class i mod K and scores that class; composed classes are for `difflab sample`"
+        )
     K = classes_for(cfg, guidance)
     return Asked(labels=None if K is None else labels_for(cfg, guidance, list(range(K)), n, str(run.path)))
 
 
-def evaluate(run: str | Path | DiffusionRun, n: int = DEFAULT_N, *, seed: int = 0, sampling: Sampling | None = None,
-             guidance: GuidanceConfig | None = None, ema: bool = True, lora=(), bpd_n: int = DEFAULT_BPD_N,
-             features: str | FeatureNet | None = None, split: str = "test", prompts: str | None = None, caption_swap: bool = False,
-             clip: str | None = None, cache: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate(
+    run: str | Path | DiffusionRun,
+    n: int = DEFAULT_N,
+    *,
+    seed: int = 0,
+    sampling: Sampling | None = None,
+    guidance: GuidanceConfig | None = None,
+    ema: bool = True,
+    lora=(),
+    bpd_n: int = DEFAULT_BPD_N,
+    features: str | FeatureNet | None = None,
+    split: str = "test",
+    prompts: str | None = None,
+    caption_swap: bool = False,
+    clip: str | None = None,
+    cache: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
     """Sample ``n`` images from the run (a path, with its EMA weights unless ``ema=False`` and the LoRA adapters
     ``lora``, or a loaded DiffusionRun) and score them (see the module doc); returns a JSON-ready dict, with the
     wall time of each phase under 'seconds'.
@@ -224,9 +276,19 @@ def evaluate(run: str | Path | DiffusionRun, n: int = DEFAULT_N, *, seed: int = 
     sampling.check()
     cfg = run.config
     asked = _asked(run, guidance, n, prompts, caption_swap, clip)
-    head = {"run": str(run.path), "dataset": cfg.dataset, "step": run.step, "weights": "ema" if ema else "net", "process": cfg.process["kind"],
-            "sampler": sampling.sampler, "steps": sampling.steps, "spacing": sampling.spacing or default_spacing(sampling.sampler, run.process),
-            "seed": seed, "n": n, "batch": sampling.batch}
+    head = {
+        "run": str(run.path),
+        "dataset": cfg.dataset,
+        "step": run.step,
+        "weights": "ema" if ema else "net",
+        "process": cfg.process["kind"],
+        "sampler": sampling.sampler,
+        "steps": sampling.steps,
+        "spacing": sampling.spacing or default_spacing(sampling.sampler, run.process),
+        "seed": seed,
+        "n": n,
+        "batch": sampling.batch,
+    }
     if sampling.options:
         head["options"] = sampling.options
     if guidance is not None:
@@ -238,17 +300,44 @@ def evaluate(run: str | Path | DiffusionRun, n: int = DEFAULT_N, *, seed: int = 
 
     def draw(captions=None) -> Tensor:
         captions = captions if captions is not None else (asked.prompts.captions if asked.prompts is not None else None)
-        return run.sample(n, prompt=captions, class_label=None if asked.labels is None else asked.labels.tolist(), guidance=guidance,
-                          sampler=sampling.sampler, steps=sampling.steps, spacing=sampling.spacing, options=sampling.options, seed=seed,
-                          batch=sampling.batch, device=sampling.device, progress=progress)
+        return run.sample(
+            n,
+            prompt=captions,
+            class_label=None if asked.labels is None else asked.labels.tolist(),
+            guidance=guidance,
+            sampler=sampling.sampler,
+            steps=sampling.steps,
+            spacing=sampling.spacing,
+            options=sampling.options,
+            seed=seed,
+            batch=sampling.batch,
+            device=sampling.device,
+            progress=progress,
+        )
 
     if cfg.data_kind == "points":
         return head | _evaluate_toy(cfg.dataset, draw, n, seed, t_start)
-    return head | _evaluate_images(run, draw, asked, n, seed, guidance, bpd_n, features, split, caption_swap, clip, cache, progress, t_start)
+    return head | _evaluate_images(
+        run, draw, asked, n, seed, guidance, bpd_n, features, split, caption_swap, clip, cache, progress, t_start
+    )
 
 
-def _evaluate_images(run: DiffusionRun, draw, asked: Asked, n: int, seed: int, guidance, bpd_n: int, features, split: str, caption_swap: bool,
-                     clip: str | None, cache, progress: bool, t_start: float) -> dict:
+def _evaluate_images(
+    run: DiffusionRun,
+    draw,
+    asked: Asked,
+    n: int,
+    seed: int,
+    guidance,
+    bpd_n: int,
+    features,
+    split: str,
+    caption_swap: bool,
+    clip: str | None,
+    cache,
+    progress: bool,
+    t_start: float,
+) -> dict:
     cfg, seconds = run.config, {}
     other = "train" if split == "test" else "test"
     ref_data, other_data = load_split(cfg, split), load_split(cfg, other)
@@ -273,10 +362,19 @@ def _evaluate_images(run: DiffusionRun, draw, asked: Asked, n: int, seed: int, g
     scores = _scores(ref, feats, seed)
     floor = None
     if len(other_ref["features"]) >= MIN_N:
-        floor = {"split": other, "n": min(n, len(other_ref["features"]))} | _scores(ref, other_ref["features"][:n], seed)
+        floor = {"split": other, "n": min(n, len(other_ref["features"]))} | _scores(
+            ref, other_ref["features"][:n], seed
+        )
     classes = _class_report(net, logits, ref, ref_data)
-    if asked.labels is not None and logits is not None and net.meta.get("name") == cfg.dataset and net.config.num_classes == classes_for(cfg, guidance):
-        classes["accuracy"] = (logits.argmax(1) == asked.labels).float().mean().item()  # the class asked for, as the feature net sees it
+    if (
+        asked.labels is not None
+        and logits is not None
+        and net.meta.get("name") == cfg.dataset
+        and net.config.num_classes == classes_for(cfg, guidance)
+    ):
+        classes["accuracy"] = (
+            (logits.argmax(1) == asked.labels).float().mean().item()
+        )  # the class asked for, as the feature net sees it
     text = None
     if asked.prompts is not None:
         text = _text_report(net, logits, asked.prompts, images, ref_data, draw, caption_swap, clip, seed)
@@ -288,8 +386,12 @@ def _evaluate_images(run: DiffusionRun, draw, asked: Asked, n: int, seed: int, g
     seconds["total"] = time.perf_counter() - t_start
     return {
         "kind": "images",
-        "features": {"name": net.meta.get("name"), "kind": net.meta.get("kind"), "sha256": net.fingerprint(),
-                     "test_accuracy": net.meta.get("test_accuracy")},
+        "features": {
+            "name": net.meta.get("name"),
+            "kind": net.meta.get("kind"),
+            "sha256": net.fingerprint(),
+            "test_accuracy": net.meta.get("test_accuracy"),
+        },
         "reference": {"split": split, "n": len(ref["features"]), "of": len(ref_data)},
         **scores,
         "classes": classes,
@@ -323,15 +425,27 @@ def _evaluate_toy(dataset: str, draw, n: int, seed: int, t_start: float) -> dict
     return out
 
 
-def _text_report(net: FeatureNet, logits, prompts: PromptSet, images: Tensor, ref_data: ImageSet, draw, caption_swap: bool,
-                 clip: str | None, seed: int) -> dict:
+def _text_report(
+    net: FeatureNet,
+    logits,
+    prompts: PromptSet,
+    images: Tensor,
+    ref_data: ImageSet,
+    draw,
+    caption_swap: bool,
+    clip: str | None,
+    seed: int,
+) -> dict:
     """How the samples of a text run follow their prompts (prompts.py), the caption swap and the CLIP-score."""
     out: dict = {"prompts": len(prompts.captions)}
     attribute_net = logits is not None and net.config.groups is not None and len(net.config.groups) == 4
     if prompts.attributes is None or not attribute_net:
         out["follows"] = None
-        out["reason"] = ("the prompts are not all in the dataset's caption language" if prompts.attributes is None
-                         else f"the feature net {net.meta.get('name')} has no attribute heads")
+        out["reason"] = (
+            "the prompts are not all in the dataset's caption language"
+            if prompts.attributes is None
+            else f"the feature net {net.meta.get('name')} has no attribute heads"
+        )
     else:
         out["follows"] = follows(net.attributes(logits), prompts, seed)
         if caption_swap:
@@ -342,7 +456,12 @@ def _text_report(net: FeatureNet, logits, prompts: PromptSet, images: Tensor, re
         model, fingerprint = load_clip(clip)
         real = ref_data.captions is not None
         k = min(len(prompts.captions), len(ref_data)) if real else 0
-        out["clip_score"] = {"run": clip, "fingerprint": fingerprint,
-                             "samples": clip_scores(model, to_model(images), prompts.captions).mean().item(),
-                             "real": clip_scores(model, to_model(ref_data.images[:k]), ref_data.captions[:k]).mean().item() if real else None}
+        out["clip_score"] = {
+            "run": clip,
+            "fingerprint": fingerprint,
+            "samples": clip_scores(model, to_model(images), prompts.captions).mean().item(),
+            "real": clip_scores(model, to_model(ref_data.images[:k]), ref_data.captions[:k]).mean().item()
+            if real
+            else None,
+        }
     return out

@@ -25,15 +25,24 @@ from torch import Tensor
 
 from ..core.conditions import ConditionSpec
 from ..data.images import ImageSet, load_images
-from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS
 from ..data.loader import TensorDataset
+from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS
 from ..nets.features import FeatureNet, FeatureNetConfig
 from ..runs.config import CheckpointError, DataSpec, RunConfig, TrainConfig, load_config
 from ..runs.kinds import RunKind
 from ..runs.presets import RECIPE_PROCESS
 from ..runs.run import Run
 from ..training.loop import train
-from .features import SHIPPED, WEIGHTS_DIR, FeatureNetError, accuracy, attribute_accuracy, embed, save_feature_net, weight_paths
+from .features import (
+    SHIPPED,
+    WEIGHTS_DIR,
+    FeatureNetError,
+    accuracy,
+    attribute_accuracy,
+    embed,
+    save_feature_net,
+    weight_paths,
+)
 
 SUBSET_N = 2000  # the JSON also records the accuracy on the first SUBSET_N test images (a quick check for tests)
 
@@ -60,7 +69,8 @@ class FeatureTraining:
 RECIPES: dict[str, FeatureTraining] = {
     "digits": FeatureTraining(epochs=40, batch_size=64, lr=3e-3, shift=1),
     "fashion-mnist": FeatureTraining(epochs=4, batch_size=128, lr=3e-3, shift=0),
-    # fashion-pairs (issue 23's judge, per-half class accuracy on the 4000 test pairs; trained on CUDA): 10 epochs of the
+    # fashion-pairs (issue 23's judge, per-half class accuracy on the 4000 test pairs; trained on CUDA): 10 epochs of
+    # the
     # 20000 train pairs 89.9 / 88.5 %; 30 epochs 90.8 / 90.4 %; 15 epochs of 60000 pairs 91.5 / 91.7 %, with widths
     # 64-128-256 92.2 / 91.8 % (all four right 84.3 %)
     "fashion-pairs": FeatureTraining(epochs=15, batch_size=128, lr=3e-3, shift=1, pairs=60000, widths=(64, 128, 256)),
@@ -75,7 +85,9 @@ def augment(x: Tensor, shift: int, flip: bool, generator: torch.Generator | None
         dy, dx = torch.randint(0, 2 * shift + 1, (2, B), generator=generator).to(x.device)
         rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]  # (B, H, 1)
         cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]  # (B, 1, W)
-        x = padded[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        x = padded[torch.arange(B, device=x.device)[:, None, None], :, rows, cols].permute(
+            0, 3, 1, 2
+        )  # (B, H, W, C) -> (B, C, H, W)
     if flip:
         mirror = (torch.rand(B, generator=generator) < 0.5).to(x.device)
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
@@ -106,26 +118,59 @@ class FeatureRun(Run):
     what = "a feature network run"
 
 
-def features_config(source: str, data: ImageSet, recipe: FeatureTraining, data_dir: str | None = None, size: int | None = None,
-                    channels: int | None = None) -> RunConfig:
-    """The run of a feature network for the labelled images ``data`` (the train split of ``source``) trained with ``recipe``."""
+def features_config(
+    source: str,
+    data: ImageSet,
+    recipe: FeatureTraining,
+    data_dir: str | None = None,
+    size: int | None = None,
+    channels: int | None = None,
+) -> RunConfig:
+    """The run of a feature network for the labelled images ``data`` (the train split of ``source``) trained with
+    ``recipe``."""
     _, C, H, W = data.images.shape
     groups = _groups(data)
     num_classes = sum(groups) if groups else data.num_classes
     widths = {"widths": tuple(recipe.widths)} if recipe.widths else {}
-    net = FeatureNetConfig(in_channels=C, num_classes=num_classes, image_size=H, image_width=W if W != H else None, groups=groups,
-                           tiles=2 if groups else 1, **widths)  # fashion-pairs: each half read alone, as an item of its own
+    net = FeatureNetConfig(
+        in_channels=C,
+        num_classes=num_classes,
+        image_size=H,
+        image_width=W if W != H else None,
+        groups=groups,
+        tiles=2 if groups else 1,
+        **widths,
+    )  # fashion-pairs: each half read alone, as an item of its own
     steps = recipe.epochs * (len(data) // recipe.batch_size)
     if steps <= 0:
         raise FeatureNetError(f"{data.name}: {len(data)} training images make no batch of {recipe.batch_size}")
-    train = TrainConfig(steps=steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup=max(1, int(recipe.warmup * steps)), lr_schedule="cosine",
-                        weight_decay=recipe.weight_decay, grad_clip=0.0, ema_decay=0.0, seed=recipe.seed,
-                        checkpoint_every=max(1, steps // 4), log_every=25)
-    return RunConfig(dataset=source, process=RECIPE_PROCESS, net_kind="features",
-                     net=net.to_dict(), shape=[C, H, W], data_kind="images", run_kind="features", target="x0",
-                     loss={"shift": recipe.shift, "flip": recipe.flip, "groups": list(groups) if groups else None}, train=train,
-                     data=DataSpec(n=recipe.pairs, data_dir=data_dir, size=size, channels=channels),
-                     conditions=[ConditionSpec("labels", "tensor", 0.0).to_dict()])
+    train = TrainConfig(
+        steps=steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        warmup=max(1, int(recipe.warmup * steps)),
+        lr_schedule="cosine",
+        weight_decay=recipe.weight_decay,
+        grad_clip=0.0,
+        ema_decay=0.0,
+        seed=recipe.seed,
+        checkpoint_every=max(1, steps // 4),
+        log_every=25,
+    )
+    return RunConfig(
+        dataset=source,
+        process=RECIPE_PROCESS,
+        net_kind="features",
+        net=net.to_dict(),
+        shape=[C, H, W],
+        data_kind="images",
+        run_kind="features",
+        target="x0",
+        loss={"shift": recipe.shift, "flip": recipe.flip, "groups": list(groups) if groups else None},
+        train=train,
+        data=DataSpec(n=recipe.pairs, data_dir=data_dir, size=size, channels=channels),
+        conditions=[ConditionSpec("labels", "tensor", 0.0).to_dict()],
+    )
 
 
 def _groups(data: ImageSet) -> tuple[int, ...] | None:
@@ -140,7 +185,9 @@ def labels_of(data: ImageSet) -> Tensor:
     if data.attributes is not None:
         return data.attributes
     if data.labels is None or data.num_classes is None:
-        raise FeatureNetError(f"{data.name}: a classifier needs labels (class subfolders or an npz 'labels' array); use --features random")
+        raise FeatureNetError(
+            f"{data.name}: a classifier needs labels (class subfolders or an npz 'labels' array); use --features random"
+        )
     return data.labels
 
 
@@ -165,7 +212,9 @@ def normalize_features(net: FeatureNet, images: Tensor) -> FeatureNet:
     return net
 
 
-def export(run: str | Path, name: str, out: str | Path | None = None, command: str | None = None, seconds: float | None = None) -> tuple[Path, dict]:
+def export(
+    run: str | Path, name: str, out: str | Path | None = None, command: str | None = None, seconds: float | None = None
+) -> tuple[Path, dict]:
     """Write the finished features run as {name}-classifier.safetensors and .json in ``out`` (default
     difflab/weights/): the network with its features normalised, its test accuracy and its recipe."""
     loaded = FeatureRun.load(run)
@@ -178,8 +227,11 @@ def export(run: str | Path, name: str, out: str | Path | None = None, command: s
     k = min(SUBSET_N, len(test))
     extra = {}
     if test.attributes is not None:
-        extra = {"attributes": list(ATTRIBUTES), "test_attribute_accuracy": attribute_accuracy(net, test.images, labels),
-                 "test_subset_attribute_accuracy": attribute_accuracy(net, test.images[:k], labels[:k])}
+        extra = {
+            "attributes": list(ATTRIBUTES),
+            "test_attribute_accuracy": attribute_accuracy(net, test.images, labels),
+            "test_subset_attribute_accuracy": attribute_accuracy(net, test.images[:k], labels[:k]),
+        }
     meta = {
         "name": name,
         "dataset": cfg.dataset,
@@ -187,11 +239,20 @@ def export(run: str | Path, name: str, out: str | Path | None = None, command: s
         **extra,
         "seed": cfg.train.seed,
         "command": command or f"difflab features train {cfg.dataset}",
-        "run": {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "loss": cfg.loss,
-                "fingerprint": loaded.fingerprint},
+        "run": {
+            "steps": cfg.train.steps,
+            "batch_size": cfg.train.batch_size,
+            "lr": cfg.train.lr,
+            "loss": cfg.loss,
+            "fingerprint": loaded.fingerprint,
+        },
         "test_accuracy": accuracy(net, test.images, labels),
         "test_n": len(test),
-        "test_subset": {"n": k, "accuracy": accuracy(net, test.images[:k], labels[:k]), "which": f"the first {k} test images in split order"},
+        "test_subset": {
+            "n": k,
+            "accuracy": accuracy(net, test.images[:k], labels[:k]),
+            "which": f"the first {k} test images in split order",
+        },
         "train_n": len(train),
         **({"train_seconds": round(seconds, 1)} if seconds is not None else {}),
         "torch": torch.__version__,
@@ -201,9 +262,20 @@ def export(run: str | Path, name: str, out: str | Path | None = None, command: s
     return weights, meta
 
 
-def train_features(source: str, run: str | Path, *, out: str | Path | None = None, recipe: FeatureTraining | None = None,
-                   data_dir: str | None = None, size: int | None = None, channels: int | None = None, resume: bool = False,
-                   progress: bool = True, command: str | None = None, device: str = "cpu") -> tuple[Path, dict]:
+def train_features(
+    source: str,
+    run: str | Path,
+    *,
+    out: str | Path | None = None,
+    recipe: FeatureTraining | None = None,
+    data_dir: str | None = None,
+    size: int | None = None,
+    channels: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    device: str = "cpu",
+) -> tuple[Path, dict]:
     """Train (or with ``resume`` continue) the feature network of ``source`` in the run folder ``run`` and
     export it (see the module doc). Built-in names go to difflab/weights/ by default; other sources need ``out``."""
     name = source if source in SHIPPED else Path(source).stem
@@ -229,7 +301,13 @@ def _check(cfg: RunConfig, net, specs) -> None:
         raise CheckpointError("config: a feature network's condition is its labels")
 
 
-FEATURES = RunKind("features", "a feature network run", {"features": (FeatureNetConfig, FeatureNet)},
-                   lambda cfg: FeatureLoss(**cfg.loss), FeatureRun, "features train",
-                   use="export it with `difflab features train NAME --run {run} --resume`", check=_check)
-
+FEATURES = RunKind(
+    "features",
+    "a feature network run",
+    {"features": (FeatureNetConfig, FeatureNet)},
+    lambda cfg: FeatureLoss(**cfg.loss),
+    FeatureRun,
+    "features train",
+    use="export it with `difflab features train NAME --run {run} --resume`",
+    check=_check,
+)

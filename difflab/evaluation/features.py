@@ -3,7 +3,8 @@ shipped ones, their files, and embedding images.
 
 Where the features come from (``resolve_feature_net``):
 
-* the shipped classifiers ``digits``, ``fashion-mnist`` and ``fashion-pairs``: difflab/weights/{name}-classifier.safetensors
+* the shipped classifiers ``digits``, ``fashion-mnist`` and ``fashion-pairs``:
+difflab/weights/{name}-classifier.safetensors
   with a JSON beside it (the config, seed, training command and measured test accuracy), trained through the one
   training loop by ``difflab features train NAME`` (evaluation/feature_training.py). The fashion-pairs net has four
   attribute heads (left class, left colour, right class, right colour: ``groups``); its recorded accuracy is all
@@ -92,7 +93,8 @@ def load_feature_net(name: str) -> FeatureNet:
         weights, _ = weight_paths(name)
         if not weights.is_file():
             raise FeatureNetError(
-                f"the shipped {name} feature net is missing ({weights}); rebuild it with `difflab features train {name}`"
+                f"the shipped {name} feature net is missing ({weights}); rebuild it with `difflab features train "
+                f"{name}`"
             )
         return _load_file(weights)
     path = Path(name).expanduser()
@@ -104,7 +106,9 @@ def load_feature_net(name: str) -> FeatureNet:
     )
 
 
-def resolve_feature_net(spec: str | FeatureNet | None, dataset: str, channels: int, size: int, width: int | None = None) -> FeatureNet:
+def resolve_feature_net(
+    spec: str | FeatureNet | None, dataset: str, channels: int, size: int, width: int | None = None
+) -> FeatureNet:
     """The feature net for images of ``dataset`` (C = channels, H = size, W = width or size).
 
     spec None: the shipped classifier when ``dataset`` has one, else random features; 'random'; a shipped
@@ -117,18 +121,23 @@ def resolve_feature_net(spec: str | FeatureNet | None, dataset: str, channels: i
         net = load_feature_net(spec if spec is not None else dataset)
     c = net.config
     if c.in_channels != channels:
-        raise FeatureNetError(f"the feature net reads {c.in_channels}-channel images but {dataset} has {channels} channels")
+        raise FeatureNetError(
+            f"the feature net reads {c.in_channels}-channel images but {dataset} has {channels} channels"
+        )
     width = width or size
     if c.image_size is not None and (c.image_size, c.image_width or c.image_size) != (size, width):
         raise FeatureNetError(
-            f"the feature net was trained on {c.image_size}x{c.image_width or c.image_size} images but {dataset} is {size}x{width}; "
+            f"the feature net was trained on {c.image_size}x{c.image_width or c.image_size} images but {dataset} is "
+            f"{size}x{width}; "
             f"train one on this data (`difflab features train ...`) or use --features {RANDOM}"
         )
     return net
 
 
 @torch.no_grad()
-def embed(net: FeatureNet, images: Tensor, batch: int = 500, progress: bool = False, desc: str = "features") -> tuple[Tensor, Tensor | None]:
+def embed(
+    net: FeatureNet, images: Tensor, batch: int = 500, progress: bool = False, desc: str = "features"
+) -> tuple[Tensor, Tensor | None]:
     """Features (N, feature_dim) and logits (N, K) (None without a head), float32, of images given as
     uint8 (N, C, H, W) or model-space floats. Fixed-size batches, so the result does not depend on N."""
     net.eval()

@@ -76,7 +76,9 @@ def identity_views(items: Tensor, views: Views = Views(), generator: torch.Gener
 
     named = PALETTE[torch.randint(len(PALETTE), (B,), generator=generator)].to(dev)  # (B, 3)
     free = 0.25 + 0.75 * rand(B, 3)
-    free = free / free.amax(1, keepdim=True) * (0.6 + 0.4 * rand(B, 1))  # a bright random colour: its largest channel 0.6..1
+    free = (
+        free / free.amax(1, keepdim=True) * (0.6 + 0.4 * rand(B, 1))
+    )  # a bright random colour: its largest channel 0.6..1
     colour = torch.where((rand(B) < views.palette)[:, None], named, free)
     x = F.pad((items + 1) / 2 * colour[:, :, None, None], (PAD,) * 4)  # (B, 3, 32, 32) in [0, 1]
     size = x.shape[-1]
@@ -84,7 +86,9 @@ def identity_views(items: Tensor, views: Views = Views(), generator: torch.Gener
     t = views.shift * (2 * rand(B, 2) - 1) * 2.0 / size  # in grid units (the image spans [-1, 1])
     theta = torch.zeros(B, 2, 3, device=dev)
     theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = s, s, -t
-    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="zeros", align_corners=False)
+    x = F.grid_sample(
+        x, F.affine_grid(theta, list(x.shape), align_corners=False), padding_mode="zeros", align_corners=False
+    )
     k = torch.tensor([0.25, 0.5, 0.25], device=dev)
     blurred = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None, :]).expand(3, 1, 3, 3), groups=3)
     x = x + views.blur * rand(B, 1, 1, 1) * (blurred - x)
@@ -139,13 +143,36 @@ class IdentityRun(Run):
 
 
 def identity_config(recipe: IdentityTraining) -> RunConfig:
-    net = FeatureNetConfig(in_channels=3, widths=(32, 64, 128), pool=4, feature_dim=128, num_classes=recipe.projection, image_size=32)
-    tc = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup=max(1, recipe.steps // 20), lr_schedule="cosine",
-                     weight_decay=recipe.weight_decay, grad_clip=0.0, ema_decay=0.0, seed=recipe.seed,
-                     checkpoint_every=max(1, recipe.steps // 10), log_every=25)
-    return RunConfig(dataset="fashion-mnist", process=RECIPE_PROCESS, net_kind="features", net=net.to_dict(), shape=[1, 28, 28],
-                     data_kind="images", run_kind="identity", target="x0", loss={"temperature": recipe.temperature}, train=tc,
-                     data=DataSpec(), conditions=[])
+    net = FeatureNetConfig(
+        in_channels=3, widths=(32, 64, 128), pool=4, feature_dim=128, num_classes=recipe.projection, image_size=32
+    )
+    tc = TrainConfig(
+        steps=recipe.steps,
+        batch_size=recipe.batch_size,
+        lr=recipe.lr,
+        warmup=max(1, recipe.steps // 20),
+        lr_schedule="cosine",
+        weight_decay=recipe.weight_decay,
+        grad_clip=0.0,
+        ema_decay=0.0,
+        seed=recipe.seed,
+        checkpoint_every=max(1, recipe.steps // 10),
+        log_every=25,
+    )
+    return RunConfig(
+        dataset="fashion-mnist",
+        process=RECIPE_PROCESS,
+        net_kind="features",
+        net=net.to_dict(),
+        shape=[1, 28, 28],
+        data_kind="images",
+        run_kind="identity",
+        target="x0",
+        loss={"temperature": recipe.temperature},
+        train=tc,
+        data=DataSpec(),
+        conditions=[],
+    )
 
 
 @torch.no_grad()
@@ -154,10 +181,14 @@ def identity_embed(net: FeatureNet, images: Tensor, batch: int = 1000) -> Tensor
     if images.dtype == torch.uint8:
         images = to_model(images)
     net.eval()
-    return torch.cat([F.normalize(net.logits(images[i : i + batch].float()), dim=1) for i in range(0, len(images), batch)])
+    return torch.cat(
+        [F.normalize(net.logits(images[i : i + batch].float()), dim=1) for i in range(0, len(images), batch)]
+    )
 
 
-def retrieval_accuracy(embed, items: Tensor, labels: Tensor, distractors: int = 100, queries: int = 1000, seed: int = 0) -> float:
+def retrieval_accuracy(
+    embed, items: Tensor, labels: Tensor, distractors: int = 100, queries: int = 1000, seed: int = 0
+) -> float:
     """Top-1 retrieval of test items among ``distractors`` other items of their class: for each of ``queries``
     items, a view of it (``embed``'s input: model-space views) must be nearer (cosine) to another view of it
     (another tint, shift, scale) than to a view of each distractor. ``items`` grey (N, 1, 28, 28) in [-1, 1],
@@ -169,13 +200,17 @@ def retrieval_accuracy(embed, items: Tensor, labels: Tensor, distractors: int = 
         same = torch.nonzero(labels == labels[q]).flatten()
         same = same[same != q]
         others = same[torch.randperm(len(same), generator=g)[:distractors]]
-        gallery = embed(identity_views(items[torch.cat([torch.tensor([q]), others])], generator=g))  # (1 + d, D): the item first
+        gallery = embed(
+            identity_views(items[torch.cat([torch.tensor([q]), others])], generator=g)
+        )  # (1 + d, D): the item first
         query = embed(identity_views(items[[q]], generator=g))  # (1, D)
         hits += int((gallery @ query.T).flatten().argmax() == 0)
     return hits / len(order)
 
 
-def export(run: str | Path, out: str | Path | None = None, command: str | None = None, seconds: float | None = None) -> tuple[Path, dict]:
+def export(
+    run: str | Path, out: str | Path | None = None, command: str | None = None, seconds: float | None = None
+) -> tuple[Path, dict]:
     """Write the finished identity run as fashion-identity.safetensors and .json (default difflab/weights/),
     with its retrieval accuracy on test items (never seen in training) among 100 same-class distractors."""
     loaded = IdentityRun.load(run)
@@ -189,11 +224,20 @@ def export(run: str | Path, out: str | Path | None = None, command: str | None =
         "dataset": "fashion-mnist",
         "space": "the projection z, normalised (identity_embed)",
         "command": command or "difflab features identity",
-        "run": {"steps": loaded.config.train.steps, "batch_size": loaded.config.train.batch_size, "lr": loaded.config.train.lr,
-                "loss": loaded.config.loss, "fingerprint": loaded.fingerprint},
+        "run": {
+            "steps": loaded.config.train.steps,
+            "batch_size": loaded.config.train.batch_size,
+            "lr": loaded.config.train.lr,
+            "loss": loaded.config.loss,
+            "fingerprint": loaded.fingerprint,
+        },
         "retrieval_top1": retrieval_accuracy(lambda v: identity_embed(net, v), items, test.labels, 100, 1000),
-        "retrieval_subset": {"queries": 200, "distractors": 100, "seed": 0,
-                             "top1": retrieval_accuracy(lambda v: identity_embed(net, v), items, test.labels, 100, 200)},
+        "retrieval_subset": {
+            "queries": 200,
+            "distractors": 100,
+            "seed": 0,
+            "top1": retrieval_accuracy(lambda v: identity_embed(net, v), items, test.labels, 100, 200),
+        },
         **({"train_seconds": round(seconds, 1)} if seconds is not None else {}),
         "torch": torch.__version__,
     }
@@ -202,8 +246,17 @@ def export(run: str | Path, out: str | Path | None = None, command: str | None =
     return weights, meta
 
 
-def train_identity(run: str | Path, *, out: str | Path | None = None, recipe: IdentityTraining | None = None, resume: bool = False,
-                   progress: bool = True, command: str | None = None, device: str = "cpu", max_minutes: float | None = None) -> tuple[Path, dict] | None:
+def train_identity(
+    run: str | Path,
+    *,
+    out: str | Path | None = None,
+    recipe: IdentityTraining | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+    device: str = "cpu",
+    max_minutes: float | None = None,
+) -> tuple[Path, dict] | None:
     """Train (or continue) the identity encoder in ``run`` on the Fashion-MNIST train items and export it; None
     when ``max_minutes`` stopped it first (``resume`` continues)."""
     cfg = load_config(run) if resume else identity_config(recipe or IdentityTraining())
@@ -211,8 +264,16 @@ def train_identity(run: str | Path, *, out: str | Path | None = None, recipe: Id
         raise FeatureNetError(f"{run} is not an identity encoder run")
     items = load_fashion_mnist("train").images  # uint8 (60000, 1, 28, 28): the loader gives [-1, 1]
     t0 = time.perf_counter()
-    train(run, cfg, TensorDataset(items), device=device, resume=resume, progress=progress, max_minutes=max_minutes,
-          command="features identity")
+    train(
+        run,
+        cfg,
+        TensorDataset(items),
+        device=device,
+        resume=resume,
+        progress=progress,
+        max_minutes=max_minutes,
+        command="features identity",
+    )
     if weights_step(run) < cfg.train.steps:
         return None
     return export(run, out, command, time.perf_counter() - t0)
@@ -222,7 +283,9 @@ def load_identity_net(path: str | Path | None = None) -> FeatureNet:
     """The shipped identity encoder (or one written by ``export`` at ``path``)."""
     weights = Path(path) if path is not None else WEIGHTS
     if path is None and not weights.is_file():
-        raise FeatureNetError(f"the shipped identity encoder is missing ({weights}); rebuild it with `difflab features identity`")
+        raise FeatureNetError(
+            f"the shipped identity encoder is missing ({weights}); rebuild it with `difflab features identity`"
+        )
     net = load_feature_net(str(weights))
     net.meta["kind"] = "identity"
     return net
@@ -273,6 +336,13 @@ def _check(cfg: RunConfig, net, specs) -> None:
         raise CheckpointError("config: an identity encoder takes no condition")
 
 
-IDENTITY = RunKind("identity", "an identity encoder run", {"features": (FeatureNetConfig, FeatureNet)}, lambda cfg: IdentityLoss(**cfg.loss),
-                   IdentityRun, "features identity", use="export it with `difflab features identity --run {run} --resume`", check=_check)
-
+IDENTITY = RunKind(
+    "identity",
+    "an identity encoder run",
+    {"features": (FeatureNetConfig, FeatureNet)},
+    lambda cfg: IdentityLoss(**cfg.loss),
+    IdentityRun,
+    "features identity",
+    use="export it with `difflab features identity --run {run} --resume`",
+    check=_check,
+)

@@ -10,7 +10,8 @@ explicit ``torch.Generator``.
 | ``energy_distance``    | 2 E|X-Y| - E|X-X'| - E|Y-Y'|  (Szekely & Rizzo 2013) |
 | ``sliced_wasserstein`` | (E_theta W_p^p(theta.X, theta.Y))^{1/p}, theta uniform on the sphere |
 | ``frechet_distance``   | ||mu_a - mu_b||^2 + Tr(Sa + Sb - 2 (Sa^{1/2} Sb Sa^{1/2})^{1/2})  (FID, Heusel et al. 2017) |
-| ``kid``                | unbiased MMD^2, kernel k(x, y) = (x.y / D + 1)^3, over random subsets (Binkowski et al. 2018) |
+| ``kid``                | unbiased MMD^2, kernel k(x, y) = (x.y / D + 1)^3, over random subsets (Binkowski et al. 2018)
+|
 | ``precision_recall``   | k-NN manifold precision and recall (Kynkaanniemi et al. 2019) |
 | ``class_histogram``    | how often a classifier picks each class (mode coverage) |
 
@@ -26,7 +27,9 @@ import torch
 from torch import Tensor
 
 F64 = torch.float64
-_BLOCK_ELEMENTS = 2**23  # entries of one (rows, M) distance block: 64 MiB in float64 (a few such temporaries live at once)
+_BLOCK_ELEMENTS = (
+    2**23
+)  # entries of one (rows, M) distance block: 64 MiB in float64 (a few such temporaries live at once)
 
 
 def _features(x) -> Tensor:
@@ -47,7 +50,8 @@ def _pair(a, b) -> tuple[Tensor, Tensor]:
 
 
 def _centred(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Move both sets by their joint mean: distances are unchanged, and |x|^2 + |y|^2 - 2 x.y loses less to cancellation."""
+    """Move both sets by their joint mean: distances are unchanged, and |x|^2 + |y|^2 - 2 x.y loses less to
+    cancellation."""
     centre = (a.sum(0) + b.sum(0)) / (len(a) + len(b))  # (D,)
     return a - centre, b - centre
 
@@ -132,7 +136,9 @@ def _wasserstein_1d_sorted(xs: Tensor, ys: Tensor, p: float) -> Tensor:
     return (gap * width).sum(1)
 
 
-def sliced_wasserstein(a, b, n_projections: int = 256, p: float = 2.0, generator: torch.Generator | None = None) -> float:
+def sliced_wasserstein(
+    a, b, n_projections: int = 256, p: float = 2.0, generator: torch.Generator | None = None
+) -> float:
     """Sliced p-Wasserstein distance (E_theta W_p^p(theta.a, theta.b))^{1/p}.
 
     theta: ``n_projections`` directions uniform on the unit sphere (Monte Carlo over theta;

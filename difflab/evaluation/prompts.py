@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..data.pairs import ATTRIBUTES, PHRASINGS, caption, is_held_out, parse_caption, swapped
+from ..data.pairs import NEW_PHRASINGS as NEW
 from ..runs.data import load_split
-
-from ..data.pairs import ATTRIBUTES, NEW_PHRASINGS as NEW, PHRASINGS, caption, is_held_out, parse_caption, swapped
 
 TEST_CAPTIONS = "test-captions"
 NEW_PHRASINGS = "new-phrasings"  # the test captions' attributes said in phrasings never used in training
@@ -45,7 +45,9 @@ class PromptSet:
         """The prompts with left and right exchanged, in the same phrasing."""
         if self.attributes is None:
             raise PromptError("the caption swap needs prompts in the dataset's caption language (their attributes)")
-        return parsed([caption(swapped(a), p) for a, p in zip(self.attributes.tolist(), self.phrasings)])  # held-out anew: (k, k+7) swaps to a seen pair
+        return parsed(
+            [caption(swapped(a), p) for a, p in zip(self.attributes.tolist(), self.phrasings)]
+        )  # held-out anew: (k, k+7) swaps to a seen pair
 
 
 def parsed(captions: list[str]) -> PromptSet:
@@ -83,7 +85,9 @@ def load_prompts(spec: str, cfg, n: int) -> PromptSet:
         if spec == NEW_PHRASINGS:
             found = [parse_caption(c) for c in lines[:n]]
             if any(f is None for f in found):
-                raise PromptError(f"{NEW_PHRASINGS}: {cfg.dataset}'s captions are not in the fashion-pairs caption language")
+                raise PromptError(
+                    f"{NEW_PHRASINGS}: {cfg.dataset}'s captions are not in the fashion-pairs caption language"
+                )
             lines = [caption(a, len(PHRASINGS) + i % len(NEW)) for i, (a, _) in enumerate(found)]
     else:
         lines = read_prompt_file(spec)
@@ -95,8 +99,12 @@ def accuracies(predicted: Tensor, wanted: Tensor) -> dict:
     ``either_side``: all four right up to exchanging the halves (the right items, maybe on the wrong sides)."""
     right = predicted == wanted
     mirrored = (predicted == wanted[:, [2, 3, 0, 1]]).all(1) if len(wanted) else right.all(1)
-    return {"n": len(right), "per_attribute": dict(zip(ATTRIBUTES, right.double().mean(0).tolist())), "all_four": right.all(1).double().mean().item(),
-            "either_side": (right.all(1) | mirrored).double().mean().item()}
+    return {
+        "n": len(right),
+        "per_attribute": dict(zip(ATTRIBUTES, right.double().mean(0).tolist())),
+        "all_four": right.all(1).double().mean().item(),
+        "either_side": (right.all(1) | mirrored).double().mean().item(),
+    }
 
 
 def follows(predicted: Tensor, prompts: PromptSet, seed: int = 0) -> dict:

@@ -67,7 +67,9 @@ def reference_stats(data: ImageSet, net: FeatureNet, *, folder: Path | None = No
         except (SafetensorError, OSError, ValueError, KeyError):
             pass  # unreadable: recompute and overwrite
     index = fixed_subset(len(data), min(len(data), REF_MAX))
-    feats, logits = embed(net, data.images[index], batch=FEATURE_BATCH, progress=progress, desc=f"features of {data.name} {data.split}")
+    feats, logits = embed(
+        net, data.images[index], batch=FEATURE_BATCH, progress=progress, desc=f"features of {data.name} {data.split}"
+    )
     mu, cov = gaussian_stats(feats)
     tensors = {"features": feats.contiguous(), "mu": mu, "cov": cov, "index": index}
     if logits is not None:

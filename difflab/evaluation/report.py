@@ -37,9 +37,16 @@ def _format_text(t: dict) -> list[str]:
     if f is None:
         lines.append(f"follows the caption: - ({t['reason']})")
     else:
-        lines.append(f"  {'attribute accuracy':22}" + "".join(f"{a:>14}" for a in (*ATTRIBUTES, "all four", "either side")))
-        rows = [("all prompts", f["all"]), ("seen combinations", f["seen"]), ("held-out combinations", f["held_out"]),
-                ("caption-shuffled", f["shuffled"]), ("caption swap", t.get("caption_swap"))]
+        lines.append(
+            f"  {'attribute accuracy':22}" + "".join(f"{a:>14}" for a in (*ATTRIBUTES, "all four", "either side"))
+        )
+        rows = [
+            ("all prompts", f["all"]),
+            ("seen combinations", f["seen"]),
+            ("held-out combinations", f["held_out"]),
+            ("caption-shuffled", f["shuffled"]),
+            ("caption swap", t.get("caption_swap")),
+        ]
         for name, acc in rows:
             if acc is not None:
                 values = [*acc["per_attribute"].values(), acc["all_four"], acc["either_side"]]
@@ -92,12 +99,15 @@ def format_report(result: dict) -> str:
             lines.append(f"classes: - ({c['reason']})")
         else:
             if c.get("accuracy") is not None:
-                lines.append(f"class accuracy (the class asked for, as the classifier sees it): {100 * c['accuracy']:.1f}%")
+                lines.append(
+                    f"class accuracy (the class asked for, as the classifier sees it): {100 * c['accuracy']:.1f}%"
+                )
             lines.append(f"classes as the classifier sees them (total variation {c['total_variation']:.3f}):")
             lines.append(f"  {'class':16}{'samples':>9}{'real':>9}{'labels':>9}")
             labels = c["real_labels"] or [None] * len(c["names"])
             for name, s, q, lab in zip(c["names"], c["samples"], c["real"], labels):
-                lines.append(f"  {name[:16]:16}{100 * s:8.1f}%{100 * q:8.1f}%{_num(None if lab is None else 100 * lab, '8.1f')}{'%' if lab is not None else ''}")
+                real_label = _num(None if lab is None else 100 * lab, "8.1f") + ("%" if lab is not None else "")
+                lines.append(f"  {name[:16]:16}{100 * s:8.1f}%{100 * q:8.1f}%{real_label}")
     if r.get("text"):
         lines += _format_text(r["text"])
     b = r["bits_per_dim"]

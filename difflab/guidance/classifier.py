@@ -36,10 +36,19 @@ def classifier_config(base: RunConfig, num_classes: int) -> RunConfig:
     """A classifier run for the data, shape and forward process of ``base`` (a diffusion run's config or a
     dataset preset): the encoder half of base's U-Net, a quarter of its training steps."""
     if base.net_kind != "unet":
-        raise ValueError(f"a noise-aware classifier needs an image run; {base.dataset} trains an {base.net_kind.upper()}")
+        raise ValueError(
+            f"a noise-aware classifier needs an image run; {base.dataset} trains an {base.net_kind.upper()}"
+        )
     net = ClassifierConfig.like(UNetConfig.from_dict(base.net), num_classes)
-    return replace(base, run_kind="classifier", net_kind="classifier", net=net.to_dict(), loss={},
-                   conditions=[class_labels(num_classes, 0.0).to_dict()], train=replace(base.train, steps=max(1, base.train.steps // 4)))
+    return replace(
+        base,
+        run_kind="classifier",
+        net_kind="classifier",
+        net=net.to_dict(),
+        loss={},
+        conditions=[class_labels(num_classes, 0.0).to_dict()],
+        train=replace(base.train, steps=max(1, base.train.steps // 4)),
+    )
 
 
 class NoiseAwareClassifier(nn.Module):
@@ -65,7 +74,9 @@ class ClassifierRun(Run):
 
     @cached_property
     def classifier(self) -> NoiseAwareClassifier:
-        return NoiseAwareClassifier(Denoiser(self.net, self.config.build_process(), self.config.target))  # guidance differentiates in x only
+        return NoiseAwareClassifier(
+            Denoiser(self.net, self.config.build_process(), self.config.target)
+        )  # guidance differentiates in x only
 
 
 def load_classifier(run_dir: str | Path) -> tuple[NoiseAwareClassifier, RunConfig]:
@@ -76,18 +87,25 @@ def load_classifier(run_dir: str | Path) -> tuple[NoiseAwareClassifier, RunConfi
 
 def check_guides(classifier_cfg: RunConfig, run_cfg: RunConfig, where: str) -> None:
     """Raise one line unless the classifier was trained for the run's dataset, resolution and process."""
-    for what, a, b in (("dataset", classifier_cfg.dataset, run_cfg.dataset), ("shape", classifier_cfg.shape, run_cfg.shape),
-                       ("process", classifier_cfg.process, run_cfg.process)):
+    for what, a, b in (
+        ("dataset", classifier_cfg.dataset, run_cfg.dataset),
+        ("shape", classifier_cfg.shape, run_cfg.shape),
+        ("process", classifier_cfg.process, run_cfg.process),
+    ):
         if a != b:
-            raise CheckpointError(f"the classifier {where} was trained for {what} {a!r}, the run for {b!r}: train one with "
-                                  f"`difflab train-classifier --for RUN`")
+            raise CheckpointError(
+                f"the classifier {where} was trained for {what} {a!r}, the run for {b!r}: train one with "
+                f"`difflab train-classifier --for RUN`"
+            )
     k = classifier_cfg.num_classes
     if run_cfg.num_classes is not None and run_cfg.num_classes != k:
         raise CheckpointError(f"the classifier {where} predicts {k} classes, the run has {run_cfg.num_classes}")
 
 
 @torch.no_grad()
-def accuracy_by_noise(classifier, x0: Tensor, labels: Tensor, levels=NOISE_LEVELS, seed: int = 0, batch: int = 500) -> dict[float, float]:
+def accuracy_by_noise(
+    classifier, x0: Tensor, labels: Tensor, levels=NOISE_LEVELS, seed: int = 0, batch: int = 500
+) -> dict[float, float]:
     """Accuracy of ``classifier(x_t, t)`` on x_t ~ q(x_t | x_0) at t = level * t_max (fixed noise from ``seed``)."""
     process = classifier.process
     device = next(iter(classifier.parameters()), torch.empty(0)).device
@@ -98,11 +116,11 @@ def accuracy_by_noise(classifier, x0: Tensor, labels: Tensor, levels=NOISE_LEVEL
         g = torch.Generator().manual_seed(seed)
         right = 0
         for lo in range(0, len(x0), batch):
-            x = x0[lo:lo + batch].float()
+            x = x0[lo : lo + batch].float()
             noise = torch.randn(x.shape, generator=g)
             tt = torch.full((len(x),), t, dtype=torch.float64)
             x_t = process.q_sample(x, tt, noise).to(device)
-            right += int((classifier(x_t, tt.to(device)).argmax(1).cpu() == labels[lo:lo + batch]).sum())
+            right += int((classifier(x_t, tt.to(device)).argmax(1).cpu() == labels[lo : lo + batch]).sum())
         out[level] = right / max(1, len(x0))
     return out
 
@@ -110,7 +128,9 @@ def accuracy_by_noise(classifier, x0: Tensor, labels: Tensor, levels=NOISE_LEVEL
 ACCURACY = "accuracy.json"
 
 
-def accuracy_report(classifier: NoiseAwareClassifier, step: int, run: str | Path, test: ImageSet, n: int = 2000) -> dict:
+def accuracy_report(
+    classifier: NoiseAwareClassifier, step: int, run: str | Path, test: ImageSet, n: int = 2000
+) -> dict:
     """Test accuracy by noise level (at most ``n`` test images), saved with its step in RUN/accuracy.json."""
     n = min(len(test), n)
     acc = accuracy_by_noise(classifier, to_model(test.images[:n]), test.labels[:n])
@@ -124,8 +144,19 @@ def _check(cfg: RunConfig, net, specs) -> None:
     if [s.name for s in specs] != ["class_labels"] or specs[0].p_drop != 0:
         raise CheckpointError("config: a classifier's conditions must be its labels: class_labels with p_drop 0")
     if specs[0].null_label != net.config.num_classes:
-        raise CheckpointError(f"config: class_labels' null_label {specs[0].null_label} must be the classifier's num_classes ({net.config.num_classes})")
+        raise CheckpointError(
+            f"config: class_labels' null_label {specs[0].null_label} must be the classifier's num_classes "
+            f"({net.config.num_classes})"
+        )
 
 
-CLASSIFIER = RunKind("classifier", "a noise-aware classifier run", {"classifier": (ClassifierConfig, NoisyClassifier)},
-                     lambda cfg: ClassifierLoss(), ClassifierRun, "train-classifier", use="use it with --classifier", check=_check)
+CLASSIFIER = RunKind(
+    "classifier",
+    "a noise-aware classifier run",
+    {"classifier": (ClassifierConfig, NoisyClassifier)},
+    lambda cfg: ClassifierLoss(),
+    ClassifierRun,
+    "train-classifier",
+    use="use it with --classifier",
+    check=_check,
+)

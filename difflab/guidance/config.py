@@ -28,7 +28,8 @@ TextEncode = Callable[[Sequence[str]], dict[str, Tensor]]  # prompts -> the run'
 @dataclass
 class GuidanceConfig:
     """scale       classifier-free guidance scale s (1: plain conditional, 0: unconditional; CFG paper's w = s - 1)
-    schedule    how the scales (classifier-free and classifier) vary with t: constant, linear or cosine (guidance.SCHEDULES)
+    schedule    how the scales (classifier-free and classifier) vary with t: constant, linear or cosine
+    (guidance.SCHEDULES)
     negative    a class whose prediction replaces the null one
     compose     (class, weight) terms added as w (pred_class - pred_base); negative weights steer away
     negative_prompt, compose_prompts   the same two for a text run (prompts instead of classes)
@@ -50,15 +51,25 @@ class GuidanceConfig:
     @property
     def classifier_free(self) -> bool:
         """Whether it asks for classifier-free guidance (plain conditional sampling, s = 1, does not)."""
-        return (self.scale != 1.0 or self.negative is not None or bool(self.compose) or self.rescale != 0.0
-                or self.negative_prompt is not None or bool(self.compose_prompts))
+        return (
+            self.scale != 1.0
+            or self.negative is not None
+            or bool(self.compose)
+            or self.rescale != 0.0
+            or self.negative_prompt is not None
+            or bool(self.compose_prompts)
+        )
 
     @property
     def active(self) -> bool:
         return self.classifier_free or self.classifier is not None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v != GuidanceConfig.__dataclass_fields__[k].default or k == "scale"}
+        return {
+            k: v
+            for k, v in self.__dict__.items()
+            if v != GuidanceConfig.__dataclass_fields__[k].default or k == "scale"
+        }
 
     @classmethod
     def of(cls, guidance: float | GuidanceConfig | None, **fields) -> GuidanceConfig | None:
@@ -66,7 +77,11 @@ class GuidanceConfig:
         fields = {k: v for k, v in fields.items() if v is not None}
         if guidance is None and not fields:
             return None
-        g = guidance if isinstance(guidance, GuidanceConfig) else cls(scale=1.0 if guidance is None else float(guidance))
+        g = (
+            guidance
+            if isinstance(guidance, GuidanceConfig)
+            else cls(scale=1.0 if guidance is None else float(guidance))
+        )
         return replace(g, **fields)
 
 
@@ -85,7 +100,9 @@ def check_class(k: int, num_classes: int | None, what: str, run: str) -> None:
         raise ConditionError(f"{what} {k} is outside the run's classes 0..{num_classes - 1}")
 
 
-def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, encode_text: TextEncode | None = None, run: str = "the run"):
+def guided(
+    denoiser, cfg: RunConfig, g: GuidanceConfig | None, encode_text: TextEncode | None = None, run: str = "the run"
+):
     """``denoiser`` of run ``cfg`` wrapped as ``g`` asks (itself when g is None or asks for nothing);
     ``encode_text`` gives a text run's condition tensors of its negative and composed prompts.
 
@@ -94,7 +111,9 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, encode_text: Text
         return denoiser
     if not g.active:
         if g.schedule != "constant" or g.interval is not None:
-            raise ConditionError("a guidance schedule or interval needs guidance to act on: --guidance S (S != 1) or --classifier RUN")
+            raise ConditionError(
+                "a guidance schedule or interval needs guidance to act on: --guidance S (S != 1) or --classifier RUN"
+            )
         return denoiser
     K = cfg.num_classes
     out = denoiser
@@ -102,26 +121,46 @@ def guided(denoiser, cfg: RunConfig, g: GuidanceConfig | None, encode_text: Text
         out = _text_guided(out, cfg, g, encode_text, run)
     elif g.classifier_free:
         if g.negative_prompt is not None or g.compose_prompts:
-            raise ConditionError(f"{run} takes no text: --negative-prompt and --compose-prompt need a text-to-image run (--text)")
+            raise ConditionError(
+                f"{run} takes no text: --negative-prompt and --compose-prompt need a text-to-image run (--text)"
+            )
         if K is None:
-            raise ConditionError(f"{run} is unconditional: classifier-free guidance, negative and composed classes need a class-conditional "
-                                 f"run (`difflab train NAME --cond class`); an unconditional run takes classifier guidance (--classifier)")
+            raise ConditionError(
+                f"{run} is unconditional: classifier-free guidance, negative and composed classes need a "
+                "class-conditional "
+                "run (`difflab train NAME --cond class`); an unconditional run takes classifier guidance "
+                "(--classifier)"
+            )
         spec = cfg.condition("class_labels")
         if spec.p_drop == 0 and g.negative is None:
-            raise ConditionError(f"{run} was trained without label dropout (--p-uncond 0), so it has no null prediction to guide "
-                                 f"against; give --negative-class, or retrain with --p-uncond > 0")
+            raise ConditionError(
+                f"{run} was trained without label dropout (--p-uncond 0), so it has no null prediction to guide "
+                f"against; give --negative-class, or retrain with --p-uncond > 0"
+            )
         if g.negative is not None and g.scale == 1.0 and not g.compose:
-            raise ConditionError("--negative-class acts through the scale: at --guidance 1 it cancels (pred_neg + 1 (pred_c - pred_neg) = "
-                                 "pred_c); give --guidance S > 1")
+            raise ConditionError(
+                "--negative-class acts through the scale: at --guidance 1 it cancels (pred_neg + 1 (pred_c - pred_neg) "
+                "= "
+                "pred_c); give --guidance S > 1"
+            )
         for k in [c for c, _ in g.compose] + ([g.negative] if g.negative is not None else []):
             check_class(k, K, "class", run)
-        out = Guided(out, cfg.condition_specs(), g.scale, schedule=g.schedule, interval=g.interval, rescale=g.rescale,
-                     negative={"class_labels": g.negative} if g.negative is not None else None,
-                     terms=[({"class_labels": c}, w) for c, w in g.compose])
+        out = Guided(
+            out,
+            cfg.condition_specs(),
+            g.scale,
+            schedule=g.schedule,
+            interval=g.interval,
+            rescale=g.rescale,
+            negative={"class_labels": g.negative} if g.negative is not None else None,
+            terms=[({"class_labels": c}, w) for c, w in g.compose],
+        )
     if g.classifier is not None:
         if cfg.text_spec() is not None:
-            raise ConditionError(f"{run} reads text: classifier guidance (--classifier) needs class labels, which a text run's "
-                                 "samples do not carry; guide it with --guidance and prompts")
+            raise ConditionError(
+                f"{run} reads text: classifier guidance (--classifier) needs class labels, which a text run's "
+                "samples do not carry; guide it with --guidance and prompts"
+            )
         clf, clf_cfg = load_classifier(g.classifier)
         check_guides(clf_cfg, cfg, g.classifier)
         out = ClassifierGuided(out, clf, g.classifier_scale, schedule=g.schedule, interval=g.interval)
@@ -145,16 +184,28 @@ def _text_guided(denoiser, cfg: RunConfig, g: GuidanceConfig, encode_text: TextE
     if g.negative is not None or g.compose:
         raise ConditionError(f"{run} reads text: steer it with --negative-prompt and --compose-prompt, not classes")
     if cfg.text_spec().p_drop == 0 and g.negative_prompt is None and not _base_knows_null(cfg):
-        raise ConditionError(f"{run} was trained without caption dropout (--p-uncond 0), so it has no null prediction to guide "
-                             "against; give --negative-prompt, or retrain with --p-uncond > 0")
+        raise ConditionError(
+            f"{run} was trained without caption dropout (--p-uncond 0), so it has no null prediction to guide "
+            "against; give --negative-prompt, or retrain with --p-uncond > 0"
+        )
     if g.negative_prompt is not None and g.scale == 1.0 and not g.compose_prompts:
-        raise ConditionError("--negative-prompt acts through the scale: at --guidance 1 it cancels; give --guidance S > 1")
+        raise ConditionError(
+            "--negative-prompt acts through the scale: at --guidance 1 it cancels; give --guidance S > 1"
+        )
     if encode_text is None and (g.negative_prompt is not None or g.compose_prompts):
         raise ConditionError("negative and composed prompts need the run's text encoder (encode_text)")
     negative = encode_text([g.negative_prompt]) if g.negative_prompt is not None else None
     terms = [(encode_text([p]), w) for p, w in g.compose_prompts]
-    return Guided(denoiser, cfg.condition_specs(), g.scale, schedule=g.schedule, interval=g.interval, rescale=g.rescale,
-                  negative=negative, terms=terms)
+    return Guided(
+        denoiser,
+        cfg.condition_specs(),
+        g.scale,
+        schedule=g.schedule,
+        interval=g.interval,
+        rescale=g.rescale,
+        negative=negative,
+        terms=terms,
+    )
 
 
 def labels_for(cfg: RunConfig, g: GuidanceConfig | None, requested: list[int] | None, n: int, run: str = "the run"):
@@ -164,7 +215,9 @@ def labels_for(cfg: RunConfig, g: GuidanceConfig | None, requested: list[int] | 
         if g is not None and g.classifier is not None:
             raise ConditionError("classifier guidance needs the class to guide toward (--class)")
         if g is not None and g.classifier_free and (not g.compose or g.interval is not None or g.rescale):
-            raise ConditionError("classifier-free guidance needs the class to guide toward (--class); only --compose alone needs none")
+            raise ConditionError(
+                "classifier-free guidance needs the class to guide toward (--class); only --compose alone needs none"
+            )
         return None
     K = classes_for(cfg, g)
     if K is None and cfg.text_spec() is not None:

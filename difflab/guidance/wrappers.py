@@ -130,7 +130,9 @@ def _nulls(specs: Sequence[ConditionSpec], like: Mapping[str, Tensor]) -> dict[s
                     out[c] = torch.zeros_like(like[c])
     missing = sorted(set(like) - set(out))
     if missing:
-        raise ConditionError(f"no null value for {', '.join(map(repr, missing))}: the model's conditions are {[s.name for s in specs]}")
+        raise ConditionError(
+            f"no null value for {', '.join(map(repr, missing))}: the model's conditions are {[s.name for s in specs]}"
+        )
     return out
 
 
@@ -161,9 +163,19 @@ class Guided(nn.Module):
               memory; benchmarks/guidance_cost.py measures both)
     """
 
-    def __init__(self, denoiser, specs: Sequence[ConditionSpec], scale=1.0, *, schedule: str = "constant",
-                 terms: Sequence[tuple[Mapping[str, Tensor], float]] = (), negative: Mapping[str, Tensor] | None = None,
-                 interval: tuple[float, float] | None = None, rescale: float = 0.0, batched: bool = True):
+    def __init__(
+        self,
+        denoiser,
+        specs: Sequence[ConditionSpec],
+        scale=1.0,
+        *,
+        schedule: str = "constant",
+        terms: Sequence[tuple[Mapping[str, Tensor], float]] = (),
+        negative: Mapping[str, Tensor] | None = None,
+        interval: tuple[float, float] | None = None,
+        rescale: float = 0.0,
+        batched: bool = True,
+    ):
         super().__init__()
         if not specs:
             raise ConditionError("guidance needs a conditional model; this one takes no conditions (use a classifier)")
@@ -192,7 +204,9 @@ class Guided(nn.Module):
         B, u = len(x_t), t / self.process.t_max
         cond = _rows(cond, B, "the condition")
         if (self.interval is not None or self.rescale) and not cond:
-            raise ConditionError("a guidance interval and rescale need the plain conditional prediction: give a condition at call time")
+            raise ConditionError(
+                "a guidance interval and rescale need the plain conditional prediction: give a condition at call time"
+            )
         inside = self._inside(t)
         if not inside.any():  # outside the interval: the plain conditional prediction, one pass
             self.evaluations += 1
@@ -246,8 +260,17 @@ class ClassifierGuided(nn.Module):
     hundreds in x_0: on a digits run, guidance at s = 3 gave FD 74 and 49 % class accuracy with it and FD 12.4
     and 77 % without the levels above sigma/alpha = 64. None applies the gradient everywhere."""
 
-    def __init__(self, denoiser, classifier, scale=1.0, *, schedule: str = "constant", label: str = "class_labels",
-                 interval: tuple[float, float] | None = None, max_sigma_tilde: float | None = 80.0):
+    def __init__(
+        self,
+        denoiser,
+        classifier,
+        scale=1.0,
+        *,
+        schedule: str = "constant",
+        label: str = "class_labels",
+        interval: tuple[float, float] | None = None,
+        max_sigma_tilde: float | None = 80.0,
+    ):
         super().__init__()
         self.denoiser, self.classifier, self.label = denoiser, classifier, label
         self.process = denoiser.process

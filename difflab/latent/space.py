@@ -63,8 +63,10 @@ class LatentSpace:
     def decode(self, z: Tensor, batch: int = 256, progress: bool = False) -> Tensor:
         """x = D(z / scale); differentiable (DPS through the decoder), on z's device."""
         net = self.net.to(z.device)
-        parts = [net.decode(z[lo : lo + batch] / self.scale) for lo in tqdm(range(0, len(z), batch), desc="decode",
-                                                                            disable=not progress or len(z) <= batch)]
+        parts = [
+            net.decode(z[lo : lo + batch] / self.scale)
+            for lo in tqdm(range(0, len(z), batch), desc="decode", disable=not progress or len(z) <= batch)
+        ]
         return torch.cat(parts) if parts else z.new_empty((0, *self.image_shape))
 
     @torch.no_grad()

@@ -48,15 +48,28 @@ class AutoencoderConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"AutoencoderConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.discriminator, int) or isinstance(self.discriminator, bool) or not 0 <= self.discriminator <= 4:
-            raise ValueError(f"AutoencoderConfig.discriminator must be 0 (none) to 4 layers, got {self.discriminator!r}")
+        if (
+            not isinstance(self.discriminator, int)
+            or isinstance(self.discriminator, bool)
+            or not 0 <= self.discriminator <= 4
+        ):
+            raise ValueError(
+                f"AutoencoderConfig.discriminator must be 0 (none) to 4 layers, got {self.discriminator!r}"
+            )
         if self.discriminator and 2**self.discriminator > min(self.image_size, self.width):
-            raise ValueError(f"a {self.discriminator}-layer patch discriminator needs images of at least {2**self.discriminator} pixels a side")
+            raise ValueError(
+                f"a {self.discriminator}-layer patch discriminator needs images of at least {2**self.discriminator} "
+                "pixels a side"
+            )
         if not self.channel_mults or any(m <= 0 for m in self.channel_mults):
-            raise ValueError(f"AutoencoderConfig.channel_mults must be non-empty positive integers, got {self.channel_mults}")
+            raise ValueError(
+                f"AutoencoderConfig.channel_mults must be non-empty positive integers, got {self.channel_mults}"
+            )
         f = self.factor
         if self.image_size % f or self.width % f:
-            raise ValueError(f"a factor-{f} autoencoder needs sizes divisible by {f}, got {self.image_size}x{self.width}")
+            raise ValueError(
+                f"a factor-{f} autoencoder needs sizes divisible by {f}, got {self.image_size}x{self.width}"
+            )
 
     @property
     def width(self) -> int:
@@ -72,7 +85,8 @@ class AutoencoderConfig:
 
     @classmethod
     def for_factor(cls, factor: int, **kw) -> AutoencoderConfig:
-        """The layout for a downsampling factor (1, 2, 4, 8, ...): channel_mults (1,), (1, 2), (1, 2, 4), (1, 2, 4, 4), ..."""
+        """The layout for a downsampling factor (1, 2, 4, 8, ...): channel_mults (1,), (1, 2), (1, 2, 4), (1, 2, 4, 4),
+        ..."""
         levels = factor.bit_length() - 1
         if factor < 1 or 2**levels != factor:
             raise ValueError(f"the autoencoder's factor must be a power of two, got {factor}")
@@ -102,8 +116,14 @@ class Res(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, groups: int):
         super().__init__()
-        self.body = nn.Sequential(group_norm(in_ch, groups), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1),
-                                  group_norm(out_ch, groups), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.body = nn.Sequential(
+            group_norm(in_ch, groups),
+            nn.SiLU(),
+            nn.Conv2d(in_ch, out_ch, 3, padding=1),
+            group_norm(out_ch, groups),
+            nn.SiLU(),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -143,7 +163,12 @@ class Encoder(nn.Module):
                 ch = out
             if level < len(chs) - 1:
                 layers.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-        layers += [middle(ch, cfg), group_norm(ch, cfg.norm_groups), nn.SiLU(), nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1)]
+        layers += [
+            middle(ch, cfg),
+            group_norm(ch, cfg.norm_groups),
+            nn.SiLU(),
+            nn.Conv2d(ch, 2 * cfg.latent_channels, 3, padding=1),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -205,7 +230,10 @@ class Autoencoder(nn.Module):
     def _check(self, x: Tensor) -> None:
         c = self.config
         if x.ndim != 4 or x.shape[1:] != (c.in_channels, c.image_size, c.width):
-            raise ValueError(f"the autoencoder expects x of shape (B, {c.in_channels}, {c.image_size}, {c.width}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"the autoencoder expects x of shape (B, {c.in_channels}, {c.image_size}, {c.width}), got "
+                f"{tuple(x.shape)}"
+            )
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
@@ -214,7 +242,10 @@ class Autoencoder(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         if z.ndim != 4 or list(z.shape[1:]) != self.config.latent_shape:
-            raise ValueError(f"the decoder expects z of shape (B, {', '.join(map(str, self.config.latent_shape))}), got {tuple(z.shape)}")
+            raise ValueError(
+                f"the decoder expects z of shape (B, {', '.join(map(str, self.config.latent_shape))}), got "
+                f"{tuple(z.shape)}"
+            )
         return self.decoder(z)
 
     def forward(self, x: Tensor, *unused, **unused_kw) -> tuple[Tensor, Tensor, Tensor]:

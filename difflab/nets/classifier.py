@@ -36,7 +36,11 @@ class ClassifierConfig(UNetConfig):
     @classmethod
     def like(cls, unet: UNetConfig, num_classes: int) -> ClassifierConfig:
         """The encoder of a denoiser's U-Net, predicting ``num_classes`` classes."""
-        keep = {f.name: getattr(unet, f.name) for f in fields(UNetConfig) if f.name not in ("num_classes", "cond_channels", "context_dim", "out_channels")}
+        keep = {
+            f.name: getattr(unet, f.name)
+            for f in fields(UNetConfig)
+            if f.name not in ("num_classes", "cond_channels", "context_dim", "out_channels")
+        }
         return cls(**keep, num_classes=num_classes)
 
 
@@ -54,13 +58,21 @@ class NoisyClassifier(nn.Module):
         self.conv_in, self.down, self.downsample, skip_chs = build_encoder(cfg, emb_dim)
         ch = skip_chs[-1]
         self.mid = Block(ch, ch, cfg, emb_dim, cfg.resolutions()[-1] in cfg.attention_resolutions)
-        self.head = nn.Sequential(group_norm(ch, cfg.norm_groups), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                  nn.Linear(ch, config.num_classes))
+        self.head = nn.Sequential(
+            group_norm(ch, cfg.norm_groups),
+            nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(ch, config.num_classes),
+        )
 
     def forward(self, x: Tensor, c_noise: Tensor) -> Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.width):
-            raise ValueError(f"the classifier expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.width}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"the classifier expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.width}), got "
+                f"{tuple(x.shape)}"
+            )
         c_noise = torch.as_tensor(c_noise, device=x.device)
         emb = self.time(c_noise.expand(x.shape[0]) if c_noise.ndim == 0 else c_noise)
         h, _ = encode(self, x, emb, None, None)

@@ -47,8 +47,12 @@ class FeatureNetConfig:
     num_classes: int | None = 10  # None: no classifier head (random features)
     image_size: int | None = None  # the size (height) it was trained on (checked against the images); None: any
     image_width: int | None = None  # the width when not square
-    groups: tuple[int, ...] | None = None  # attribute heads: the logits split into groups of these sizes (sum = num_classes)
-    tiles: int = 1  # the image read as this many side-by-side tiles through the same layers, their features concatenated
+    groups: tuple[int, ...] | None = (
+        None  # attribute heads: the logits split into groups of these sizes (sum = num_classes)
+    )
+    tiles: int = (
+        1  # the image read as this many side-by-side tiles through the same layers, their features concatenated
+    )
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)  # JSON gives lists
@@ -61,7 +65,9 @@ class FeatureNetConfig:
         if self.groups is not None:
             self.groups = tuple(int(g) for g in self.groups)
             if sum(self.groups) != self.num_classes:
-                raise FeatureNetError(f"FeatureNetConfig.groups {self.groups} must add up to num_classes ({self.num_classes})")
+                raise FeatureNetError(
+                    f"FeatureNetConfig.groups {self.groups} must add up to num_classes ({self.num_classes})"
+                )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -104,7 +110,9 @@ class FeatureNet(nn.Module):
         k = self.config.tiles
         if W % k:
             raise FeatureNetError(f"a feature net of {k} tiles needs a width divisible by {k}, got {W}")
-        x = x.reshape(N, C, H, k, W // k).permute(0, 3, 1, 2, 4).reshape(N * k, C, H, W // k)  # (N k, C, H, W/k): tile by tile
+        x = (
+            x.reshape(N, C, H, k, W // k).permute(0, 3, 1, 2, 4).reshape(N * k, C, H, W // k)
+        )  # (N k, C, H, W/k): tile by tile
         h = self.stages(x)  # (N k, widths[-1], H / 2^(stages-1), ...)
         h = self.pool(h).flatten(1)  # (N k, widths[-1] * pool^2)
         return F.relu(self.embed(h)).reshape(N, k * self.config.feature_dim)  # (N, tiles * feature_dim)

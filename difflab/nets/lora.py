@@ -51,7 +51,9 @@ def with_lora(net: nn.Module, spec: LoraSpec, name: str = "default") -> nn.Modul
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
-        raise LoraError("LoRA needs the peft package: pip install torch==2.13.0 'difflab[personalize]' (or peft)") from None
+        raise LoraError(
+            "LoRA needs the peft package: pip install torch==2.13.0 'difflab[personalize]' (or peft)"
+        ) from None
 
     config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=spec.targets, lora_dropout=0.0)
     try:

@@ -108,7 +108,9 @@ class TextTransformer(nn.Module):
         with torch.no_grad():
             self.embed.weight[PAD].zero_()
         self.position = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.01)
-        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
 
@@ -185,7 +187,8 @@ class Clip(nn.Module):
     """An image tower (strided convs, global average or attention pool) and a text tower (TextTransformer, mean-pooled),
     each projected to ``embed_dim``; a learned logit scale initialised at log(1/0.07) and read clipped to
     [0, log 100] (CLIP clips it at 100): the clip is straight-through, so a parameter that overshoots still
-    gets the gradient that brings it back (a plain clamp would cut it off above the bound for good). ``net(x, tokens=, token_mask=)`` -> (image_emb, text_emb, logit_scale)."""
+    gets the gradient that brings it back (a plain clamp would cut it off above the bound for good). ``net(x, tokens=,
+    token_mask=)`` -> (image_emb, text_emb, logit_scale)."""
 
     accepts = frozenset({"tokens", "token_mask"})
 
@@ -194,11 +197,20 @@ class Clip(nn.Module):
         self.config = cfg
         c = cfg.base_channels
         self.image = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, c, 3, padding=1), nn.SiLU(),
-            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * c), nn.SiLU(),
-            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * c), nn.SiLU(),
-            nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1), nn.GroupNorm(8, 4 * c), nn.SiLU(),
-            *self._pool(cfg, 4 * c), nn.Linear(4 * c, cfg.embed_dim))
+            nn.Conv2d(cfg.in_channels, c, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 2 * c),
+            nn.SiLU(),
+            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 4 * c),
+            nn.SiLU(),
+            nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 4 * c),
+            nn.SiLU(),
+            *self._pool(cfg, 4 * c),
+            nn.Linear(4 * c, cfg.embed_dim),
+        )
         self.text = TextTransformer(cfg.text_config)
         self.text_projection = nn.Linear(cfg.text_config.width, cfg.embed_dim, bias=False)
         self.raw_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))

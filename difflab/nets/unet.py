@@ -60,8 +60,12 @@ class UNetConfig:
     image_width: int | None = None  # None: square images (image_size x image_size)
     text: dict | None = None  # a TextConfig: a text transformer inside the network reads ``tokens`` (the joint encoder)
     coord_channels: bool = False  # two more input channels holding each pixel's row and column in [-1, 1]
-    query_positions: bool = False  # a fixed 2-D sinusoidal encoding of each position added to the cross-attention queries
-    guidance_input: bool = False  # a guided student (distill/): the guidance scale w, embedded like time and added to it
+    query_positions: bool = (
+        False  # a fixed 2-D sinusoidal encoding of each position added to the cross-attention queries
+    )
+    guidance_input: bool = (
+        False  # a guided student (distill/): the guidance scale w, embedded like time and added to it
+    )
 
     def __post_init__(self):
         # JSON turns tuples into lists; store tuples so equal configs compare equal
@@ -102,14 +106,17 @@ class UNetConfig:
         for name in ("image_size", "width"):
             if getattr(self, name) % factor:
                 raise ValueError(
-                    f"UNetConfig.{'image_width' if name == 'width' else name}={getattr(self, name)} must be divisible by "
-                    f"2**(len(channel_mults)-1) = {factor} to downsample {len(self.channel_mults) - 1} times; use fewer channel_mults or another size"
+                    f"UNetConfig.{'image_width' if name == 'width' else name}={getattr(self, name)} must be divisible "
+                    "by "
+                    f"2**(len(channel_mults)-1) = {factor} to downsample {len(self.channel_mults) - 1} times; use "
+                    "fewer channel_mults or another size"
                 )
         sizes = self.resolutions()
         unused = [r for r in self.attention_resolutions if r not in sizes]
         if unused:
             raise ValueError(
-                f"UNetConfig.attention_resolutions {unused} are not feature-map sizes of this network; choose from {sizes}"
+                f"UNetConfig.attention_resolutions {unused} are not feature-map sizes of this network; choose from "
+                f"{sizes}"
             )
         for size, mult in zip(sizes, self.channel_mults):
             ch = self.base_channels * mult
@@ -118,9 +125,13 @@ class UNetConfig:
         if self.text is not None:
             width = TextConfig.from_dict(self.text).width
             if self.context_dim != width:
-                raise ValueError(f"UNetConfig.context_dim must be the text transformer's width {width}, got {self.context_dim}")
+                raise ValueError(
+                    f"UNetConfig.context_dim must be the text transformer's width {width}, got {self.context_dim}"
+                )
         if self.context_dim is not None and not self.attention_resolutions:
-            raise ValueError("UNetConfig.context_dim is set but attention_resolutions is empty: cross-attention would never run")
+            raise ValueError(
+                "UNetConfig.context_dim is set but attention_resolutions is empty: cross-attention would never run"
+            )
 
     def to_dict(self) -> dict:
         """JSON-ready: tuples become lists."""
@@ -192,7 +203,9 @@ def positions_2d(h: int, w: int, channels: int, device=None, dtype=torch.float32
         return torch.cat([angle.sin(), angle.cos()], dim=1)  # (n, channels/2)
 
     rows, cols = axis(h), axis(w)
-    pe = torch.cat([rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)], dim=-1).reshape(h * w, -1)  # (hw, 4 quarter)
+    pe = torch.cat([rows[:, None].expand(h, w, -1), cols[None].expand(h, w, -1)], dim=-1).reshape(
+        h * w, -1
+    )  # (hw, 4 quarter)
     pe = torch.nn.functional.pad(pe, (0, channels - pe.shape[1]))  # channels not divisible by 4: zeros
     return pe.to(device=device, dtype=dtype)
 
@@ -304,7 +317,9 @@ def build_encoder(cfg: UNetConfig, emb_dim: int) -> tuple[nn.Conv2d, nn.ModuleLi
     return conv_in, down, downsample, skip_chs
 
 
-def encode(net: nn.Module, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+def encode(
+    net: nn.Module, x: Tensor, emb: Tensor, context: Tensor | None, mask: Tensor | None
+) -> tuple[Tensor, list[Tensor]]:
     """Run ``net``'s encoder half (its conv_in, down and downsample): (lowest-resolution features, skips)."""
     if net.config.coord_channels:  # each pixel's row and column in [-1, 1], as two more channels
         B, _, H, W = x.shape
@@ -324,7 +339,7 @@ def encode(net: nn.Module, x: Tensor, emb: Tensor, context: Tensor | None, mask:
 
 
 class UNet(nn.Module):
-    """net(x, c_noise, *, class_labels=None, low_res=None, context=None, context_mask=None) -> (B, out_channels, H, W)."""
+    """net(x, c_noise, *, class_labels=None, low_res=None, context=None, context_mask=None) -> (B, out_ch, H, W)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -332,7 +347,9 @@ class UNet(nn.Module):
         emb_dim = 4 * cfg.base_channels
         self.time = TimeEmbedding(cfg.base_channels, emb_dim)
         self.classes = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
-        if cfg.low_res_noise:  # only then: the parameters (and the seeded initialisation) of other configs stay as they were
+        if (
+            cfg.low_res_noise
+        ):  # only then: the parameters (and the seeded initialisation) of other configs stay as they were
             self.augmentation = TimeEmbedding(cfg.base_channels, emb_dim)
 
         chans = [cfg.base_channels * m for m in cfg.channel_mults]
@@ -349,7 +366,9 @@ class UNet(nn.Module):
         for level in reversed(range(len(chans))):
             blocks = nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(Block(ch + skip_chs.pop(), chans[level], cfg, emb_dim, sizes[level] in cfg.attention_resolutions))
+                blocks.append(
+                    Block(ch + skip_chs.pop(), chans[level], cfg, emb_dim, sizes[level] in cfg.attention_resolutions)
+                )
                 ch = chans[level]
             self.up.append(blocks)
             if level > 0:
@@ -398,7 +417,9 @@ class UNet(nn.Module):
         if class_labels is None:
             class_labels = torch.full((batch,), n, dtype=torch.long, device=emb.device)
         if class_labels.shape != (batch,) or class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
-            raise ValueError(f"class_labels must be ({batch},) integers, got {class_labels.dtype} {tuple(class_labels.shape)}")
+            raise ValueError(
+                f"class_labels must be ({batch},) integers, got {class_labels.dtype} {tuple(class_labels.shape)}"
+            )
         class_labels = class_labels.long()
         if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > n):
             raise ValueError(f"class_labels must be in 0..{n} ({n} is the null class)")
@@ -407,7 +428,9 @@ class UNet(nn.Module):
     def _check_inputs(self, x: Tensor, low_res: Tensor | None, context: Tensor | None, mask: Tensor | None) -> Tensor:
         cfg = self.config
         if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.width):
-            raise ValueError(f"UNet expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.width}), got {tuple(x.shape)}")
+            raise ValueError(
+                f"UNet expects x of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.width}), got {tuple(x.shape)}"
+            )
         if cfg.cond_channels:
             if low_res is None or low_res.ndim != 4 or low_res.shape[:2] != (x.shape[0], cfg.cond_channels):
                 got = None if low_res is None else tuple(low_res.shape)
@@ -453,15 +476,25 @@ class UNet(nn.Module):
         h = self._check_inputs(x, low_res, context, context_mask)
         emb = self.embedding(c_noise, class_labels, x.shape[0])
         if self.config.low_res_noise:  # the augmentation level a of low_res (0 when not given), scaled like c_noise
-            a = torch.zeros(x.shape[0], device=x.device) if low_res_noise is None else torch.as_tensor(low_res_noise, device=x.device).float()
+            a = (
+                torch.zeros(x.shape[0], device=x.device)
+                if low_res_noise is None
+                else torch.as_tensor(low_res_noise, device=x.device).float()
+            )
             emb = emb + self.augmentation(1000.0 * a.expand(x.shape[0]))
         elif low_res_noise is not None:
             raise ValueError("low_res_noise given but this UNet has low_res_noise=False")
         if self.config.guidance_input:  # the scale w (1 when not given: the plain conditional), scaled like c_noise
-            w = torch.ones(x.shape[0], device=x.device) if guidance_scale is None else torch.as_tensor(guidance_scale, device=x.device).float()
+            w = (
+                torch.ones(x.shape[0], device=x.device)
+                if guidance_scale is None
+                else torch.as_tensor(guidance_scale, device=x.device).float()
+            )
             emb = emb + self.guidance(100.0 * w.expand(x.shape[0]))
         elif guidance_scale is not None:
-            raise ValueError("guidance_scale given but this UNet has guidance_input=False (only a guided student takes it)")
+            raise ValueError(
+                "guidance_scale given but this UNet has guidance_input=False (only a guided student takes it)"
+            )
         cond = (emb, context, context_mask)
 
         h, skips = encode(self, h, *cond)
@@ -489,11 +522,21 @@ def num_parameters(module: nn.Module) -> int:
 PRESETS: dict[str, UNetConfig] = {
     # sklearn digits, 8x8 grey: 8 -> 4, attention at 4
     "digits": UNetConfig(
-        image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=2, attention_resolutions=(4,)
+        image_size=8,
+        in_channels=1,
+        base_channels=32,
+        channel_mults=(1, 2),
+        num_res_blocks=2,
+        attention_resolutions=(4,),
     ),
     # Fashion-MNIST, 28x28 grey: 28 -> 14 -> 7, attention at 7
     "fashion-mnist": UNetConfig(
-        image_size=28, in_channels=1, base_channels=16, channel_mults=(1, 3, 5), num_res_blocks=1, attention_resolutions=(7,)
+        image_size=28,
+        in_channels=1,
+        base_channels=16,
+        channel_mults=(1, 3, 5),
+        num_res_blocks=1,
+        attention_resolutions=(7,),
     ),
 }
 
@@ -514,7 +557,11 @@ def preset_for_size(size: int, channels: int, width: int | None = None) -> UNetC
     small = depth <= 1
     lowest = size // 2**depth
     return UNetConfig(
-        image_size=size, in_channels=channels, base_channels=32 if small else 16, channel_mults=MULTS_BY_DEPTH[depth],
-        num_res_blocks=2 if small else 1, attention_resolutions=(lowest,) if lowest <= 16 else (),
+        image_size=size,
+        in_channels=channels,
+        base_channels=32 if small else 16,
+        channel_mults=MULTS_BY_DEPTH[depth],
+        num_res_blocks=2 if small else 1,
+        attention_resolutions=(lowest,) if lowest <= 16 else (),
         image_width=width if width != size else None,
     )

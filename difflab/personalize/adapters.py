@@ -39,8 +39,13 @@ def export_adapter(run: str | Path) -> Path:
     p = cfg.personalize
     tokens = p.tokens if cfg.net.get("text") else []
     if tokens:
-        tensors["token_rows"] = state[EMBEDDING][-len(tokens):].contiguous()
-    meta = {"lora": json.dumps(cfg.lora.to_dict()), "tokens": json.dumps(tokens), "base": p.base, "base_fingerprint": p.base_fingerprint}
+        tensors["token_rows"] = state[EMBEDDING][-len(tokens) :].contiguous()
+    meta = {
+        "lora": json.dumps(cfg.lora.to_dict()),
+        "tokens": json.dumps(tokens),
+        "base": p.base,
+        "base_fingerprint": p.base_fingerprint,
+    }
     with atomic_path(run / ADAPTER) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return run / ADAPTER
@@ -50,13 +55,19 @@ def read_adapter(run: str | Path) -> tuple[dict[str, Tensor], dict]:
     """(tensors, metadata) of RUN/adapter.safetensors, checked."""
     path = Path(run) / ADAPTER
     if not path.is_file():
-        raise PersonalizeError(f"{run} holds no {ADAPTER} (a finished `difflab personalize --method lora` run writes one)")
+        raise PersonalizeError(
+            f"{run} holds no {ADAPTER} (a finished `difflab personalize --method lora` run writes one)"
+        )
     try:
         with safe_open(str(path), "pt") as f:
             meta = dict(f.metadata() or {})
         tensors = load_file(str(path))
-        meta = {"lora": LoraSpec.from_dict(json.loads(meta["lora"])), "tokens": json.loads(meta["tokens"]),
-                "base": meta["base"], "base_fingerprint": meta["base_fingerprint"]}
+        meta = {
+            "lora": LoraSpec.from_dict(json.loads(meta["lora"])),
+            "tokens": json.loads(meta["tokens"]),
+            "base": meta["base"],
+            "base_fingerprint": meta["base_fingerprint"],
+        }
         if len(meta["tokens"]) != (len(tensors["token_rows"]) if "token_rows" in tensors else 0):
             raise ValueError("its identifiers and embedding rows do not match")
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
@@ -64,19 +75,24 @@ def read_adapter(run: str | Path) -> tuple[dict[str, Tensor], dict]:
     return tensors, meta
 
 
-def with_adapters(net: nn.Module, cfg: RunConfig, base_run, fingerprint: str,
-                  adapters: Sequence[tuple[str | Path, float]]) -> tuple[nn.Module, RunConfig]:
+def with_adapters(
+    net: nn.Module, cfg: RunConfig, base_run, fingerprint: str, adapters: Sequence[tuple[str | Path, float]]
+) -> tuple[nn.Module, RunConfig]:
     """The base run's network (its weights' ``fingerprint``) with the LoRA adapters of ``adapters`` ((run,
     strength), ...) added, all active; each is checked to have been trained over these very weights. Returns
     (network, config): a joint run's config gains the adapters' identifiers."""
     if cfg.lora is not None:
-        raise PersonalizeError(f"{base_run} is itself a LoRA run; load its adapters over its base run {cfg.personalize.base}")
+        raise PersonalizeError(
+            f"{base_run} is itself a LoRA run; load its adapters over its base run {cfg.personalize.base}"
+        )
     loaded = []
     for run, strength in adapters:
         tensors, meta = read_adapter(run)
         if meta["base_fingerprint"] != fingerprint:
-            raise PersonalizeError(f"the adapter {run} was trained over {meta['base']} (fingerprint {meta['base_fingerprint']}); "
-                                   f"{base_run} has other weights ({fingerprint})")
+            raise PersonalizeError(
+                f"the adapter {run} was trained over {meta['base']} (fingerprint {meta['base_fingerprint']}); "
+                f"{base_run} has other weights ({fingerprint})"
+            )
         loaded.append((run, strength, tensors, meta))
     tokens = [t for *_, meta in loaded for t in meta["tokens"]]
     if tokens:
@@ -99,7 +115,9 @@ def with_adapters(net: nn.Module, cfg: RunConfig, base_run, fingerprint: str,
         try:
             net.load_state_dict(state, strict=False)
         except RuntimeError as e:
-            raise PersonalizeError(f"the adapter {run} does not fit this network ({str(e).strip().splitlines()[-1].strip()})") from None
+            raise PersonalizeError(
+                f"the adapter {run} does not fit this network ({str(e).strip().splitlines()[-1].strip()})"
+            ) from None
         set_lora_scale(net, strength, name)
         names.append(name)
     for layer in lora_layers(net):

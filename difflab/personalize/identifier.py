@@ -41,7 +41,9 @@ def check_captions(captions: Sequence[str], token: str, class_word: str) -> None
 
 def check_token(token: str) -> None:
     if words(token) != [token]:
-        raise PersonalizeError(f"the identifier must be one lower-case word of letters and digits (e.g. sks), got {token!r}")
+        raise PersonalizeError(
+            f"the identifier must be one lower-case word of letters and digits (e.g. sks), got {token!r}"
+        )
 
 
 def with_tokens(cfg: RunConfig, tokens: Sequence[str]) -> RunConfig:
@@ -59,7 +61,9 @@ def with_tokens(cfg: RunConfig, tokens: Sequence[str]) -> RunConfig:
 def with_token_rows(state: dict[str, Tensor], vocabulary: Sequence[str], rows: Tensor) -> dict[str, Tensor]:
     """``state`` with ``rows`` appended to the joint encoder's word embeddings."""
     if state[EMBEDDING].shape[0] != len(vocabulary):
-        raise PersonalizeError(f"the weights have {state[EMBEDDING].shape[0]} word embeddings for a vocabulary of {len(vocabulary)}")
+        raise PersonalizeError(
+            f"the weights have {state[EMBEDDING].shape[0]} word embeddings for a vocabulary of {len(vocabulary)}"
+        )
     return {**state, EMBEDDING: torch.cat([state[EMBEDDING], rows.to(state[EMBEDDING].dtype)])}
 
 

@@ -47,21 +47,34 @@ from ..nets.text import TextConfig
 from ..runs.config import CONFIG, Personalization, RunConfig, load_config
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
 from ..runs.kinds import RunKind
-from ..runs.shipped import SHIPPED_DIR, from_record, names as shipped_names, recorded_path, refuse_writes
-from ..text.encoders import text_condition
+from ..runs.shipped import SHIPPED_DIR, from_record, recorded_path, refuse_writes
+from ..runs.shipped import names as shipped_names
 from ..runs.store import clear_checkpoints, load_into, load_weights, weights_fingerprint, weights_step
+from ..text.encoders import text_condition
 from ..training.distributed import launched_rank
 from ..training.loop import train
 from ..viz import plots
 from .adapters import export_adapter
-from .identifier import EMBEDDING, PersonalizeError, check_captions, class_prompt, initial_rows, with_token_rows, with_tokens
+from .identifier import (
+    EMBEDDING,
+    PersonalizeError,
+    check_captions,
+    class_prompt,
+    initial_rows,
+    with_token_rows,
+    with_tokens,
+)
 from .prior import PriorPreservationLoss, class_samples
 
 METHODS = ("dreambooth", "lora", "textual-inversion")
 CLASS_IMAGES = "class_images.safetensors"
 SUBJECT = "subject.safetensors"  # the subject images, kept in the run
 PREVIEW_GUIDANCE = 3.0
-DEFAULTS = {"dreambooth": (600, 1.5e-4), "lora": (400, 1e-3), "textual-inversion": (400, 5e-3)}  # steps, learning rate (benchmarks/README.md, issue 24)
+DEFAULTS = {
+    "dreambooth": (600, 1.5e-4),
+    "lora": (400, 1e-3),
+    "textual-inversion": (400, 5e-3),
+}  # steps, learning rate (benchmarks/README.md, issue 24)
 
 
 def class_prompts(p: Personalization) -> list[str]:
@@ -73,34 +86,64 @@ def check_base(cfg: RunConfig, run, method: str, tokens: Sequence[str] = ()) -> 
     """The base run's text encoder kind, after checking that ``method`` can personalise it (and that a joint
     encoder does not know ``tokens`` already)."""
     if cfg.personalize is not None or cfg.lora is not None:
-        raise PersonalizeError(f"{run} is itself personalised; personalise its base run {cfg.personalize.base if cfg.personalize else ''}")
+        raise PersonalizeError(
+            f"{run} is itself personalised; personalise its base run {cfg.personalize.base if cfg.personalize else ''}"
+        )
     if cfg.run_kind != "diffusion":
         raise PersonalizeError(f"{run} is {cfg.kind.what}: personalisation needs a text-to-image run")
     if cfg.text is None:
-        raise PersonalizeError(f"{run} takes no text: personalisation needs a text-to-image run (difflab train ... --text)")
+        raise PersonalizeError(
+            f"{run} takes no text: personalisation needs a text-to-image run (difflab train ... --text)"
+        )
     kind = cfg.text.kind
     if kind == "clip":
-        raise PersonalizeError(f"{run} reads text through the frozen CLIP run {cfg.text.run}, whose vocabulary has no identifier "
-                               "(it would read as <unk>); personalise a minilm or joint run" + _shipped_alternatives(cfg.dataset))
+        raise PersonalizeError(
+            f"{run} reads text through the frozen CLIP run {cfg.text.run}, whose vocabulary has no identifier "
+            "(it would read as <unk>); personalise a minilm or joint run" + _shipped_alternatives(cfg.dataset)
+        )
     if method == "textual-inversion" and kind != "joint":
-        raise PersonalizeError(f"textual inversion learns a new word embedding, and {run}'s encoder (MiniLM) is a frozen pretrained "
-                               "one computed outside the model; use --method dreambooth or lora, or a joint run")
+        raise PersonalizeError(
+            f"textual inversion learns a new word embedding, and {run}'s encoder (MiniLM) is a frozen pretrained "
+            "one computed outside the model; use --method dreambooth or lora, or a joint run"
+        )
     if kind == "joint" and tokens:
         with_tokens(cfg, tokens)
     return kind
 
 
-def personalized_config(base: RunConfig, p: Personalization, steps: int, lr: float, batch_size: int, lora: LoraSpec | None = None) -> RunConfig:
+def personalized_config(
+    base: RunConfig, p: Personalization, steps: int, lr: float, batch_size: int, lora: LoraSpec | None = None
+) -> RunConfig:
     """The run's config: the base's, with the identifier in the joint vocabulary, LoRA adapters for the lora
     method, the personalisation's caption dropout and a short fine-tuning schedule."""
     cfg = with_tokens(base, p.tokens) if base.text.kind == "joint" else base
     if p.caption_dropout is not None:
         spec = cfg.text_spec()
-        cfg = replace(cfg, conditions=[dict(c, p_drop=p.caption_dropout) if c["name"] == spec.name else c for c in cfg.conditions])
-    train_cfg = replace(cfg.train, steps=steps, lr=lr, batch_size=batch_size, accumulation=1, warmup=max(1, min(50, steps // 10)), weight_decay=0.0,
-                        lr_schedule="constant", ema_decay=0.99, ema_warmup=False, checkpoint_every=max(1, min(100, steps)), sample_every=0,
-                        log_every=10)
-    return replace(cfg, run_kind="personalized", personalize=p, lora=(lora or LoraSpec()) if p.method == "lora" else None, train=train_cfg)
+        cfg = replace(
+            cfg, conditions=[dict(c, p_drop=p.caption_dropout) if c["name"] == spec.name else c for c in cfg.conditions]
+        )
+    train_cfg = replace(
+        cfg.train,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        accumulation=1,
+        warmup=max(1, min(50, steps // 10)),
+        weight_decay=0.0,
+        lr_schedule="constant",
+        ema_decay=0.99,
+        ema_warmup=False,
+        checkpoint_every=max(1, min(100, steps)),
+        sample_every=0,
+        log_every=10,
+    )
+    return replace(
+        cfg,
+        run_kind="personalized",
+        personalize=p,
+        lora=(lora or LoraSpec()) if p.method == "lora" else None,
+        train=train_cfg,
+    )
 
 
 def initial_state(cfg: RunConfig, base_run) -> dict[str, Tensor]:
@@ -155,9 +198,22 @@ def _shipped_alternatives(dataset: str) -> str:
     return f" (shipped: {', '.join(found)})" if found else ""
 
 
-def personalize(base_run, folder, out, p: Personalization | None, *, steps: int | None = None, lr: float | None = None,
-                batch_size: int = 8, lora: LoraSpec | None = None, resume: bool = False, device="auto", progress: bool = True,
-                max_minutes: float | None = None, stop_after: int | None = None):
+def personalize(
+    base_run,
+    folder,
+    out,
+    p: Personalization | None,
+    *,
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 8,
+    lora: LoraSpec | None = None,
+    resume: bool = False,
+    device="auto",
+    progress: bool = True,
+    max_minutes: float | None = None,
+    stop_after: int | None = None,
+):
     """Personalise ``base_run`` on the subject images in ``folder`` into the run ``out``, or continue the run
     ``out`` (``resume``: its base, images and settings are in it); returns the EMA denoiser. A LoRA run's
     adapters are exported when it finishes. Under torchrun every rank draws the same class images (they are
@@ -167,22 +223,28 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
     if resume:
         cfg = load_config(out)
         if cfg.personalize is None:
-            raise PersonalizeError(f"{out} is not a personalised run (start one with `difflab personalize BASE --images DIR ...`)")
+            raise PersonalizeError(
+                f"{out} is not a personalised run (start one with `difflab personalize BASE --images DIR ...`)"
+            )
         p = cfg.personalize
         base_run = from_record(p.base)
         if weights_fingerprint(base_run) != p.base_fingerprint:
-            raise PersonalizeError(f"the base run {base_run} changed since {out} started (fingerprint differs); start over")
+            raise PersonalizeError(
+                f"the base run {base_run} changed since {out} started (fingerprint differs); start over"
+            )
         try:
             images = load_file(str(out / SUBJECT))["images"]
         except (SafetensorError, OSError, KeyError) as e:
-            raise PersonalizeError(f"{out / SUBJECT} is missing or corrupt ({type(e).__name__}); start the run over") from None
+            raise PersonalizeError(
+                f"{out / SUBJECT} is missing or corrupt ({type(e).__name__}); start the run over"
+            ) from None
     else:
         base_cfg = load_config(base_run)
         check_base(base_cfg, base_run, p.method, p.tokens)
         images, captions = read_subject(folder, tuple(base_cfg.data_shape), p.token, p.class_word)
         p = replace(p, captions=captions, base=recorded_path(base_run), base_fingerprint=weights_fingerprint(base_run))
-        s, l = DEFAULTS[p.method]
-        cfg = personalized_config(base_cfg, p, steps or s, lr or l, batch_size, lora)
+        default_steps, default_lr = DEFAULTS[p.method]
+        cfg = personalized_config(base_cfg, p, steps or default_steps, lr or default_lr, batch_size, lora)
         if main:
             if (out / CONFIG).exists():  # --force: nothing of the old run may meet the new subject
                 clear_checkpoints(out)
@@ -195,15 +257,33 @@ def personalize(base_run, folder, out, p: Personalization | None, *, steps: int 
     rows = cfg.train.batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # one global batch (accumulation is 1)
     repeat = -(-rows // len(x))  # tile the few images to fill it
     cond = text_condition(cfg, p.captions)  # as the personalised run reads them (its identifier's rows)
-    data = TensorDataset(x.repeat(repeat, *[1] * (x.ndim - 1)), {k: v.repeat(repeat, *[1] * (v.ndim - 1)) for k, v in cond.items()})
+    data = TensorDataset(
+        x.repeat(repeat, *[1] * (x.ndim - 1)), {k: v.repeat(repeat, *[1] * (v.ndim - 1)) for k, v in cond.items()}
+    )
     loss = cfg.build_loss()
-    if p.prior_weight and p.method != "textual-inversion":  # textual inversion cannot drift: the class word's rows never change
+    if (
+        p.prior_weight and p.method != "textual-inversion"
+    ):  # textual inversion cannot drift: the class word's rows never change
         prompts = class_prompts(p)
         xc = class_samples(base, prompts, p.class_images, p.class_guidance, out / CLASS_IMAGES, progress and main)
-        loss = PriorPreservationLoss(loss, xc, text_condition(cfg, [prompts[i % len(prompts)] for i in range(len(xc))]), p.prior_weight)
-    ema = train(out, cfg, data, device=device, resume=resume, progress=progress, loss_fn=loss, trainable=trainable_filter(cfg),
-                init_from=None if resume else initial_state(cfg, base_run), max_minutes=max_minutes, stop_after=stop_after,
-                preview=preview, command="personalize")
+        loss = PriorPreservationLoss(
+            loss, xc, text_condition(cfg, [prompts[i % len(prompts)] for i in range(len(xc))]), p.prior_weight
+        )
+    ema = train(
+        out,
+        cfg,
+        data,
+        device=device,
+        resume=resume,
+        progress=progress,
+        loss_fn=loss,
+        trainable=trainable_filter(cfg),
+        init_from=None if resume else initial_state(cfg, base_run),
+        max_minutes=max_minutes,
+        stop_after=stop_after,
+        preview=preview,
+        command="personalize",
+    )
     if main and cfg.lora is not None and weights_step(out) >= cfg.train.steps:
         export_adapter(out)
     return ema
@@ -214,10 +294,20 @@ def preview(denoiser, step: int, run: Path) -> None:
     cfg = load_config(run)
     p = cfg.personalize
     captions = [c for pair in zip(p.captions, class_prompts(p)) for c in pair for _ in range(2)][:16]
-    x = DiffusionRun(run, cfg, denoiser.net).sample(len(captions), prompt=captions, guidance=GuidanceConfig(scale=PREVIEW_GUIDANCE), batch=16)
+    x = DiffusionRun(run, cfg, denoiser.net).sample(
+        len(captions), prompt=captions, guidance=GuidanceConfig(scale=PREVIEW_GUIDANCE), batch=16
+    )
     plots.captioned_grid(to_uint8(x), captions, run / "samples.png")
     plots.loss_curve(run / "metrics.jsonl", run / "loss.png")
 
 
-PERSONALIZED = RunKind("personalized", "a personalised run", NETS, diffusion_loss, DiffusionRun, "personalize",
-                       use="sample it with `difflab sample {run} --prompt ...`", check=_check)
+PERSONALIZED = RunKind(
+    "personalized",
+    "a personalised run",
+    NETS,
+    diffusion_loss,
+    DiffusionRun,
+    "personalize",
+    use="sample it with `difflab sample {run} --prompt ...`",
+    check=_check,
+)

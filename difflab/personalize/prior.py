@@ -48,15 +48,31 @@ class PriorPreservationLoss:
         return self.loss(model, x, t=t, noise=noise, cond={k: v[idx].to(device) for k, v in self.cond.items()})
 
 
-def class_samples(base: DiffusionRun, prompts: Sequence[str], n: int, scale: float, cache: Path | None,
-                  progress: bool = True, seed: int = 0) -> Tensor:
+def class_samples(
+    base: DiffusionRun,
+    prompts: Sequence[str],
+    n: int,
+    scale: float,
+    cache: Path | None,
+    progress: bool = True,
+    seed: int = 0,
+) -> Tensor:
     """n samples of the frozen base run in its own space (latents for a latent run) for ``prompts`` (cycled),
     guided at ``scale``; drawn once and cached in ``cache`` (keyed by the base weights, the prompts, n, scale, seed)."""
     captions = [prompts[i % len(prompts)] for i in range(n)]
     key = hashlib.sha256(json.dumps([base.fingerprint, captions, scale, seed]).encode()).hexdigest()[:16]
 
     def draw() -> Tensor:  # in the denoiser's space: the loss trains there
-        return base.sample(n, prompt=captions, guidance=scale, sampler="dpmpp-2m", steps=20, seed=seed, batch=64, progress=progress,
-                           decoded=False)
+        return base.sample(
+            n,
+            prompt=captions,
+            guidance=scale,
+            sampler="dpmpp-2m",
+            steps=20,
+            seed=seed,
+            batch=64,
+            progress=progress,
+            decoded=False,
+        )
 
     return cached_tensor(cache, {"key": key}, draw)

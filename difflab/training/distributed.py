@@ -41,7 +41,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+        raise ValueError(
+            f"device {name!r} asked for, but this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu"
+        )
     if name in ("auto", "cuda"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device(name)
@@ -60,8 +62,12 @@ def setup(device: torch.device) -> World:
         # connect. Keys under a per-attempt prefix are always the live attempt's.
         store, rank, size = next(dist.rendezvous("env://"))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(f"difflab/attempt-{attempt}/", store),
-                                rank=rank, world_size=size)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            store=dist.PrefixStore(f"difflab/attempt-{attempt}/", store),
+            rank=rank,
+            world_size=size,
+        )
     return World(dist.get_rank(), dist.get_world_size())
 
 
@@ -118,7 +124,9 @@ def gather_rows(x: torch.Tensor, n_total: int, world: World) -> torch.Tensor | N
     dist.gather(padded, parts, dst=0)
     if not world.is_main:
         return None
-    return torch.cat([p[: hi - lo] for p, (lo, hi) in zip(parts, (shard(n_total, r, world.size) for r in range(world.size)))])
+    return torch.cat(
+        [p[: hi - lo] for p, (lo, hi) in zip(parts, (shard(n_total, r, world.size) for r in range(world.size)))]
+    )
 
 
 def shard(n: int, rank: int, size: int) -> tuple[int, int]:

@@ -33,13 +33,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..core.conditions import drop_conditions, drop_mask, select
+from ..core.parameterize import Denoiser
+from ..data.loader import ShuffledBatches, TensorDataset
+from ..io import atomic_path
 from ..runs import store as ckpt
 from ..runs.config import RunConfig, TrainConfig, save_config
-from ..core.conditions import drop_conditions, drop_mask, select
-from ..data.loader import ShuffledBatches, TensorDataset
 from .distributed import World, max_over_ranks, mean_over_ranks, resolve_device, setup
-from ..io import atomic_path
-from ..core.parameterize import Denoiser
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 SEED_STRIDE = 1_000_003  # step k of a run with seed s draws from a generator seeded s * SEED_STRIDE + k
@@ -162,39 +162,78 @@ def train(
 
     def save():
         if world.is_main:
-            state = {"batches": batches.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None, "world_size": world.size}
+            state = {
+                "batches": batches.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "world_size": world.size,
+            }
             ckpt.save_checkpoint(run_dir, step, denoiser.net, ema.net, opt.state_dict(), state)
 
     first, t0 = step, time.perf_counter()
     last = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
-    bar = tqdm(total=tc.steps, initial=step, disable=not (progress and world.is_main), dynamic_ncols=True,
-               desc=f"train {config.dataset}" + (f" ({world.size} processes)" if world.distributed else ""))
+    bar = tqdm(
+        total=tc.steps,
+        initial=step,
+        disable=not (progress and world.is_main),
+        dynamic_ncols=True,
+        desc=f"train {config.dataset}" + (f" ({world.size} processes)" if world.distributed else ""),
+    )
     log = open(run_dir / "metrics.jsonl", "a") if world.is_main else None
     stopped, signum = False, 0
     with _finish_step_on_signals() as interrupted:
         while step < last:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(step, tc)
-            torch.manual_seed(((tc.seed * SEED_STRIDE + step) << 16) + world.rank)  # the network's own randomness (dropout)
-            loss, grad_norm = train_step(model, loss_fn, opt, scaler, data, next(batches), specs, tc, world, device,
-                                         step_generator(tc.seed, step, device))
+            torch.manual_seed(
+                ((tc.seed * SEED_STRIDE + step) << 16) + world.rank
+            )  # the network's own randomness (dropout)
+            loss, grad_norm = train_step(
+                model,
+                loss_fn,
+                opt,
+                scaler,
+                data,
+                next(batches),
+                specs,
+                tc,
+                world,
+                device,
+                step_generator(tc.seed, step, device),
+            )
             ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
             step += 1
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
-            signum, out_of_time = max_over_ranks((interrupted.signum, int(out_of_time)), world, device)  # every rank alike
+            signum, out_of_time = max_over_ranks(
+                (interrupted.signum, int(out_of_time)), world, device
+            )  # every rank alike
             stopped = bool(signum or out_of_time)
             if step % tc.log_every == 0 or step == last or stopped:
                 loss = mean_over_ranks(loss, world, device)
                 if log is not None:
                     rate = (step - first) / (time.perf_counter() - t0)
-                    log.write(json.dumps({"step": step, "loss": loss, "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"], "it_s": rate}) + "\n")
+                    log.write(
+                        json.dumps(
+                            {
+                                "step": step,
+                                "loss": loss,
+                                "grad_norm": grad_norm,
+                                "lr": opt.param_groups[0]["lr"],
+                                "it_s": rate,
+                            }
+                        )
+                        + "\n"
+                    )
                     log.flush()
             if step % tc.checkpoint_every == 0 or step == last or stopped:
                 save()
-            if world.is_main and preview is not None and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps):
+            if (
+                world.is_main
+                and preview is not None
+                and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps)
+            ):
                 preview(ema, step, run_dir)
             if stopped:
                 break
@@ -203,7 +242,11 @@ def train(
         log.close()
     if stopped and signum:
         name = signal.Signals(signum).name
-        raise Interrupted(f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab {command} --out {run_dir} --resume", signum)
+        raise Interrupted(
+            f"stopped by {name} at step {step}; checkpoint saved; continue with: difflab {command} --out {run_dir} "
+            "--resume",
+            signum,
+        )
     return ema
 
 
@@ -215,10 +258,14 @@ def trainable_parameters(net: nn.Module, trainable, weight_decay: float) -> list
         keep = True if trainable is None else trainable(name, p)
         if isinstance(keep, Tensor):  # train some elements only: mask the gradient of the others
             if keep.shape != p.shape or keep.dtype != torch.bool:
-                raise ValueError(f"trainable({name!r}) gave a mask of shape {tuple(keep.shape)}; the parameter is {tuple(p.shape)} (bool)")
+                raise ValueError(
+                    f"trainable({name!r}) gave a mask of shape {tuple(keep.shape)}; the parameter is {tuple(p.shape)} "
+                    "(bool)"
+                )
             if weight_decay:
                 raise ValueError("a trainable mask needs weight_decay 0 (AdamW's decay would move the masked elements)")
-            p.requires_grad_(True).register_hook(lambda g, m=keep.to(p.device): g * m)
+            mask = keep.to(p.device)
+            p.requires_grad_(True).register_hook(lambda g, m=mask: g * m)
         elif not keep:
             p.requires_grad_(False)
             continue
@@ -228,13 +275,17 @@ def trainable_parameters(net: nn.Module, trainable, weight_decay: float) -> list
     return params
 
 
-def _restore(run_dir: Path, denoiser: Denoiser, ema: Denoiser, opt, batches: ShuffledBatches, scaler, world: World) -> int:
+def _restore(
+    run_dir: Path, denoiser: Denoiser, ema: Denoiser, opt, batches: ShuffledBatches, scaler, world: World
+) -> int:
     """Load the newest checkpoint into the network, its EMA, the optimizer, the data position and the scaler;
     the step it was saved at."""
     step, opt_state, state = ckpt.load_training_state(run_dir)
     if state.get("world_size", 1) != world.size:
-        raise ckpt.CheckpointError(f"{run_dir} was trained by {state.get('world_size')} processes; resume it with as many "
-                                   f"(the global batch is batch_size x processes x accumulation), not {world.size}")
+        raise ckpt.CheckpointError(
+            f"{run_dir} was trained by {state.get('world_size')} processes; resume it with as many "
+            f"(the global batch is batch_size x processes x accumulation), not {world.size}"
+        )
     ckpt.load_into(denoiser.net, ckpt.load_weights(run_dir, "net"), run_dir)
     ckpt.load_into(ema.net, ckpt.load_weights(run_dir, "ema"), run_dir)
     opt.load_state_dict(opt_state)
@@ -256,8 +307,19 @@ def _wrap(denoiser: Denoiser, device: torch.device, world: World) -> Denoiser:
     return Denoiser(ddp, denoiser.process, denoiser.target)
 
 
-def train_step(model: Denoiser, loss_fn, opt, scaler, data: TensorDataset, idx: Tensor, specs, tc: TrainConfig,
-               world: World, device: torch.device, gen: torch.Generator) -> tuple[float, float]:
+def train_step(
+    model: Denoiser,
+    loss_fn,
+    opt,
+    scaler,
+    data: TensorDataset,
+    idx: Tensor,
+    specs,
+    tc: TrainConfig,
+    world: World,
+    device: torch.device,
+    gen: torch.Generator,
+) -> tuple[float, float]:
     """One optimizer step on the global batch ``idx`` (this rank's shards of its ``tc.accumulation``
     micro-batches); returns (this rank's loss, gradient norm before clipping)."""
     G, b = len(idx), tc.batch_size
@@ -276,12 +338,14 @@ def train_step(model: Denoiser, loss_fn, opt, scaler, data: TensorDataset, idx: 
         x, cond = x.to(device, non_blocking=True), {k: v.to(device) for k, v in select(cond, specs).items()}
         cond = drop_conditions(cond, specs, masks={k: v[part] for k, v in masks_all.items()})
         sync = m == tc.accumulation - 1 or not world.distributed
-        with (nullcontext() if sync else model.net.no_sync()), autocast(tc.precision, device):
+        with nullcontext() if sync else model.net.no_sync(), autocast(tc.precision, device):
             loss = loss_fn(model, x, t=t_all[part], noise=noise_all[part].to(x.dtype), cond=cond) / tc.accumulation
         scaler.scale(loss).backward()
         total += loss.item()
     scaler.unscale_(opt)
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], tc.grad_clip or math.inf)
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for g in opt.param_groups for p in g["params"]], tc.grad_clip or math.inf
+    )
     scaler.step(opt)
     scaler.update()
     return total, float(grad_norm)

@@ -51,7 +51,9 @@ def _strip(rows: list[list[torch.Tensor]]) -> Image.Image:
     return plots.image_grid(flat, nrow=len(rows[0]))
 
 
-def image_chain(run, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm", **ask) -> None:
+def image_chain(
+    run, out, gif=None, forward=None, n: int = 8, steps: int = 50, seed: int = 0, sampler: str = "ddpm", **ask
+) -> None:
     """Reverse chain strip (per sample, at six moments of the chain: x_t beside its predicted x_0), an optional
     GIF, and an optional forward-noising strip of real test images; ``ask``: the prompt, class_label, guidance
     and negative_prompt of ``run.trajectory``."""

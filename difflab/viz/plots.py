@@ -39,7 +39,9 @@ def scatter(points: torch.Tensor, path, title: str = "", reference: torch.Tensor
     _save_fig(fig, path)
 
 
-def trajectories_2d(forward: list[torch.Tensor], forward_t: list[float], reverse: list[torch.Tensor], reverse_t: list[float], path) -> None:
+def trajectories_2d(
+    forward: list[torch.Tensor], forward_t: list[float], reverse: list[torch.Tensor], reverse_t: list[float], path
+) -> None:
     """The classic swiss-roll figure: a row of forward noising q(x_t|x_0) and a row of reverse denoising."""
     n = max(len(forward), len(reverse))
     fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
@@ -84,8 +86,16 @@ def captioned_grid(images: torch.Tensor, captions: list[str], path, ncol: int = 
         ax.axis("off")
         if i < n:
             picture = images[i].permute(1, 2, 0).numpy()
-            ax.imshow(picture[..., 0] if c == 1 else picture, cmap="gray" if c == 1 else None, vmin=0, vmax=255, interpolation="nearest")
-            ax.text(0.5, -0.04, textwrap.fill(captions[i], 36), fontsize=6.5, ha="center", va="top", transform=ax.transAxes)
+            ax.imshow(
+                picture[..., 0] if c == 1 else picture,
+                cmap="gray" if c == 1 else None,
+                vmin=0,
+                vmax=255,
+                interpolation="nearest",
+            )
+            ax.text(
+                0.5, -0.04, textwrap.fill(captions[i], 36), fontsize=6.5, ha="center", va="top", transform=ax.transAxes
+            )
     fig.subplots_adjust(hspace=0.45, wspace=0.05)
     _save_fig(fig, path)
 
