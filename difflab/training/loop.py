@@ -2,7 +2,7 @@
 
 AdamW with linear warm-up, gradient clipping and accumulation, an EMA of the parameters, autocast
 that follows the device (bf16 on CPU and CUDA; fp16 with a gradient scaler on CUDA), condition dropout
-for classifier-free guidance, checkpoints every N steps (checkpoint.py: atomic, no pickle), and
+for classifier-free guidance, checkpoints every N steps (runs/store.py: atomic, no pickle), and
 ``resume`` that continues exactly.
 
 Randomness. Step k draws its times t, noise and condition-dropout masks from a generator on the
