@@ -19,7 +19,6 @@ from difflab.core.processes import DiscreteDDPM
 from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.pairs import make_subject, place, subject_prompts, tinted, write_subject
 from difflab.evaluation.identity import best_half_similarity, gain, load_identity_net, subject_vector
-from difflab.evaluation.subject import feature_center, subject_similarity
 from difflab.nets.lora import LoraError, LoraSpec, is_lora, merge_lora, set_lora_scale, with_lora
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.personalize.identifier import EMBEDDING, PersonalizeError, class_prompt
@@ -225,48 +224,6 @@ def test_lora_training_changes_only_the_adapters_and_loads_over_the_base(base_ru
                 assert torch.equal(got, denoiser(x, t, **text_condition(cfg, plain)).value)
     size = (out / "adapter.safetensors").stat().st_size
     assert size < 0.05 * (sum(v.numel() for v in base.values()) * 4)
-
-
-@needs_fashion
-def test_a_tiny_dreambooth_raises_subject_fidelity_over_the_base_model(base_run, subject_dir, tmp_path):
-    """Subject fidelity: cosine, in the attribute network's features, between the generated subject half and
-    the subject item in the requested tint, on new compositions, the images seen at 8x16 (upsampled)."""
-    from difflab.evaluation.features import load_feature_net
-
-    folder, subject = subject_dir
-    out = tmp_path / "db"
-    # class images guided at 3: at this size the base's unguided samples are poor sneakers, and measured, they pulled
-    # the
-    # subject's samples away with them (0.408)
-    personalize(
-        base_run,
-        folder,
-        out,
-        Personalization("dreambooth", "sneaker", class_images=32, class_guidance=3.0),
-        steps=150,
-        lr=3e-4,
-        progress=False,
-    )
-    attributes, sides, captions = subject_prompts("sneaker", 48, seed=1)
-    colours = torch.where(sides == 0, attributes[:, 1], attributes[:, 3])
-    references = upsampled(pooled(tinted(subject.grey, colours.numpy())))  # the subject as the model can see it
-    net = load_feature_net("fashion-pairs")
-
-    center = feature_center(net)
-
-    def fidelity(run, prompts):
-        x = upsampled(
-            to_uint8(
-                DiffusionRun.load(run).sample(len(prompts), prompt=prompts, guidance=3.0, sampler="dpmpp-2m", steps=20)
-            )
-        )
-        return subject_similarity(net, x, sides, references, center).mean().item()
-
-    # the base model asked for the class (it has no identifier), the personalised one for the subject
-    before, after = fidelity(base_run, [class_prompt(c, "sks") for c in captions]), fidelity(out, captions)
-    # measured (centred cosine, 48 new compositions): in the tile judge of issue 23 base 0.500, personalised 0.536; in
-    # the 3-epoch judge before it 0.448 and 0.547. The measure moves with the judge: issue 24 replaces it.
-    assert after > before + 0.02, (before, after)
 
 
 @needs_fashion

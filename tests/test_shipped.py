@@ -161,51 +161,51 @@ def test_the_package_models():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        "fashion-pairs-t2i",
-        "fashion-pairs-t2i-minilm",
-        "fashion-mnist-classes",
-        "fashion-pairs-ae",
-        "fashion-pairs-clip",
-    ],
-)
-def test_a_package_model_reproduces_its_recorded_figures(name):
-    """`difflab eval NAME` (here its function) with the recipe's settings gives the recipe's figures: the same
-    seeds and samples, so only float summation order may move them (tolerance: 1 point of accuracy, 2 % of FD)."""
+@pytest.mark.parametrize("name", ["fashion-pairs-t2i", "fashion-pairs-t2i-minilm", "fashion-mnist-classes"])
+def test_a_package_model_draws_its_check_picture(name):
+    """The few samples of the recipe's check settings equal the check.png shipped beside the weights (the same
+    seeds, so only float summation order may move a level): the weights read through today's generation path give
+    what they gave when the figures were measured. benchmarks/shipped_figures.py reproduces the figures."""
     if name not in shipped.names():
         pytest.skip(f"{name} does not ship in this checkout")
-    from difflab.evaluation.evaluate import evaluate
-    from difflab.guidance.config import GuidanceConfig
+    from difflab.evaluation.checks import CHECK, check_samples, check_settings, compare, from_strip
 
-    fig = shipped.recipe(name)["figures"]
-    if name == "fashion-pairs-ae":
-        from difflab.data.images import load_images
-        from difflab.evaluation.metrics import psnr
-        from difflab.latent.autoencoder import load_autoencoder
+    settings = check_settings(name)
+    assert settings == shipped.recipe(name)["check"]  # what the picture was drawn with
+    got = check_samples(name, settings)
+    want = from_strip(shipped.SHIPPED_DIR / name / CHECK, settings["n"])
+    assert got.shape == want.shape
+    d = compare(got, want)
+    assert d["mean"] <= 0.5 and d["p995"] <= 2, d
+    # the check can fail: another seed is another picture
+    assert compare(check_samples(name, settings | {"seed": 1}), want)["mean"] > 5
 
-        test = load_images("fashion-pairs", "test").images[:2000]
-        assert float(psnr(load_autoencoder(name).reconstruct(test), test).mean()) == pytest.approx(
-            fig["psnr"], abs=0.05
-        )
-        return
-    if name == "fashion-pairs-clip":
-        from difflab.data.images import load_images
-        from difflab.text.clip import clip_figures
 
-        got = clip_figures(name, load_images("fashion-pairs", "test"), n=fig["n"])
-        for k in ("swap_discrimination", "caption_to_image", "image_to_caption"):
-            assert got[k] == pytest.approx(fig[k], abs=0.01), k
-        assert got["swap_discrimination"] >= 0.95  # issue 23: the encoder tells a caption from its side swap
-        return
-    r = evaluate(name, n=fig["n"], guidance=GuidanceConfig(scale=fig["scale"]), bpd_n=0, progress=False)
-    if name.startswith("fashion-pairs-t2i"):
-        assert r["text"]["follows"]["seen"]["all_four"] == pytest.approx(fig["seen"], abs=0.01)
-        assert r["text"]["follows"]["held_out"]["all_four"] == pytest.approx(fig["held_out"], abs=0.01)
-    else:
-        assert r["classes"]["accuracy"] == pytest.approx(fig["class_accuracy"], abs=0.01)
-    assert r["fd"] == pytest.approx(fig["fd"], rel=0.02)
+@pytest.mark.slow
+def test_the_shipped_autoencoder_reproduces_its_recorded_psnr():
+    from difflab.data.images import load_images
+    from difflab.evaluation.metrics import psnr
+    from difflab.latent.autoencoder import load_autoencoder
+
+    if "fashion-pairs-ae" not in shipped.names():
+        pytest.skip("the shipped autoencoder is not in this checkout")
+    images = load_images("fashion-pairs", "test").images[:2000]
+    got = float(psnr(load_autoencoder("fashion-pairs-ae").reconstruct(images), images).mean())
+    assert got == pytest.approx(shipped.recipe("fashion-pairs-ae")["figures"]["psnr"], abs=0.05)
+
+
+@pytest.mark.slow
+def test_the_shipped_clip_reproduces_its_recorded_retrieval_and_swap_figures():
+    from difflab.data.images import load_images
+    from difflab.text.clip import clip_figures
+
+    if "fashion-pairs-clip" not in shipped.names():
+        pytest.skip("the shipped CLIP is not in this checkout")
+    fig = shipped.recipe("fashion-pairs-clip")["figures"]
+    got = clip_figures("fashion-pairs-clip", load_images("fashion-pairs", "test"), n=fig["n"])
+    for k in ("swap_discrimination", "caption_to_image", "image_to_caption"):
+        assert got[k] == pytest.approx(fig[k], abs=0.01), k
+    assert got["swap_discrimination"] >= 0.95  # issue 23: the encoder tells a caption from its side swap
 
 
 def test_the_shipped_clip_model_refuses_personalisation_and_names_the_one_that_takes_it(tmp_path, capsys):

@@ -303,27 +303,6 @@ def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, cap
     assert code != 0 and "is a CLIP run, not a denoiser" in err, err
 
 
-def test_a_tiny_text_run_follows_its_captions_better_than_shuffled_guessing(joint_base):
-    """Colour is what a tiny model learns first: the shared joint-encoder text run (conftest.py: 8x16 average-pooled
-    fashion-pairs, 300 steps; the attribute network reads it upsampled), CFG at 3, 300 test captions."""
-    from difflab.data.images import to_uint8
-    from difflab.evaluation.features import embed, load_feature_net
-    from difflab.evaluation.prompts import follows
-    from difflab.runs.diffusion import DiffusionRun
-
-    prompts = parsed(fashion_pairs("test").captions[:300])
-    x = DiffusionRun.load(joint_base).sample(300, prompt=prompts.captions, guidance=3.0, sampler="dpmpp-2m", steps=20)
-    net = load_feature_net("fashion-pairs")
-    report = follows(net.attributes(embed(net, to_uint8(F.interpolate(x, scale_factor=4, mode="nearest")))[1]), prompts)
-    got, shuffled = report["all"]["per_attribute"], report["shuffled"]["per_attribute"]
-    # measured: left colour 0.500, right colour 0.487 against shuffled 0.167, 0.157 (chance 1/6); classes 0.13, 0.13
-    # against 0.11, 0.08.
-    # (A CLIP-conditioned run of the same size, trained 300 steps on the CI CLIP's text tower: colours 0.52, 0.50.)
-    for a in ("left colour", "right colour"):
-        assert got[a] > shuffled[a] + 0.2, report
-    assert report["held_out"]["n"] + report["seen"]["n"] == 300
-
-
 def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path, capsys):
     run = tmp_path / "t2i"
     code, err = run_cli(
