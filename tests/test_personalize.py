@@ -472,7 +472,12 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
 
 def test_only_runs_that_can_take_an_identifier_are_personalised():
     cfg = RunConfig(
-        dataset="d", process=DiscreteDDPM(T=10), net_kind="mlp", net=MLPConfig(), shape=[2], data_kind="points"
+        dataset="d",
+        process=DiscreteDDPM(T=10, schedule="cosine"),
+        net_kind="mlp",
+        net=MLPConfig(),
+        shape=[2],
+        data_kind="points",
     )
     with pytest.raises(PersonalizeError, match="takes no text"):
         check_base(cfg, "R", "lora")
