@@ -70,13 +70,13 @@ def train_variant(run: Path, position: str, steps: int, either_order: bool = Tru
     """Train the small text run with positions entering as ``position``; its seconds."""
     x, _, _, captions = digit_pairs("train", 6000, 0, either_order)
     cfg = preset_for("digits")
-    net = dict(
+    net = replace(
         cfg.net,
         image_size=8,
         image_width=16,
         base_channels=32,
-        channel_mults=[1, 2],
-        attention_resolutions=[4],
+        channel_mults=(1, 2),
+        attention_resolutions=(4,),
         num_heads=4,
         num_res_blocks=1,
         coord_channels=position in ("coords", "both"),

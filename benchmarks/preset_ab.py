@@ -56,7 +56,7 @@ def config_for(net: UNetConfig) -> RunConfig:
     """The recipe with ``net``, a step horizon no budget reaches, no previews and no checkpoint but the last."""
     preset = RUN_PRESETS["fashion-mnist"]
     tc = replace(preset.train, steps=10**9, sample_every=0, checkpoint_every=10**9)
-    return replace(preset, net=net.to_dict(), train=tc)
+    return replace(preset, net=net, train=tc)
 
 
 def train_for(run: Path, net: UNetConfig, data: TensorDataset, minutes: float) -> tuple[torch.nn.Module, int, dict]:

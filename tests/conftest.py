@@ -279,13 +279,13 @@ def joint_base(tmp_path_factory):
         cfg = replace(
             cfg,
             shape=[3, *POOLED],
-            net=dict(
+            net=replace(
                 cfg.net,
                 image_size=8,
                 image_width=16,
                 base_channels=32,
-                channel_mults=[1, 2],
-                attention_resolutions=[4],
+                channel_mults=(1, 2),
+                attention_resolutions=(4,),
                 num_heads=4,
                 num_res_blocks=1,
             ),

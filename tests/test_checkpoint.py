@@ -212,7 +212,7 @@ def test_a_label_condition_must_use_the_networks_null_class():
     from difflab.core.conditions import class_labels
     from difflab.runs.presets import PRESETS as IMAGE_PRESETS
 
-    cfg = replace(IMAGE_PRESETS["digits"], net=dict(IMAGE_PRESETS["digits"].net, num_classes=10))
-    replace(cfg, conditions=[class_labels(10).to_dict()]).validate()
+    cfg = replace(IMAGE_PRESETS["digits"], net=replace(IMAGE_PRESETS["digits"].net, num_classes=10))
+    replace(cfg, conditions=[class_labels(10)]).validate()
     with pytest.raises(CheckpointError, match="null_label 3 must be the network's num_classes"):
-        replace(cfg, conditions=[class_labels(3).to_dict()]).validate()
+        replace(cfg, conditions=[class_labels(3)]).validate()

@@ -14,6 +14,7 @@ from conftest import DIGITS_STEPS
 from PIL import Image
 
 from difflab.cli import main
+from difflab.core.conditions import ConditionSpec
 from difflab.evaluation.evaluate import Sampling, evaluate
 from difflab.guidance.classifier import check_guides
 from difflab.guidance.config import GuidanceConfig
@@ -45,9 +46,7 @@ def accuracy(run, guidance=None) -> float:
 
 def test_conditional_digits_follow_their_class_and_guidance_sharpens_it(runs):
     cfg = load_config(runs / "dc")
-    assert cfg.conditions == [
-        {"name": "class_labels", "kind": "label", "p_drop": 0.1, "null_label": 10, "companions": []}
-    ]
+    assert cfg.conditions == [ConditionSpec("class_labels", "label", p_drop=0.1, null_label=10)]
     plain = accuracy(runs / "dc")
     guided = accuracy(runs / "dc", GuidanceConfig(scale=3.0))
     unconditional = accuracy(runs / "dc", GuidanceConfig(scale=0.0))  # the null prediction: the class is ignored
@@ -185,12 +184,12 @@ def test_bad_guidance_gives_one_line_and_no_output(runs, tiny_toy_run, tmp_path,
 def test_a_classifier_for_another_process_or_class_count_is_refused(runs):
     clf, run = load_config(runs / "clf"), load_config(runs / "dc")
     check_guides(clf, run, "c")  # made for it
-    other = replace(clf, process=dict(clf.process, T=500))
+    other = replace(clf, process=replace(clf.process, T=500))
     with pytest.raises(CheckpointError, match="trained for process"):
         check_guides(other, run, "c")
     with pytest.raises(CheckpointError, match="trained for shape"):
         check_guides(replace(clf, shape=[1, 16, 16]), run, "c")
-    fewer = replace(run, conditions=[dict(run.conditions[0], null_label=5)])
+    fewer = replace(run, conditions=[replace(run.conditions[0], null_label=5)])
     with pytest.raises(CheckpointError, match="predicts 10 classes, the run has 5"):
         check_guides(clf, fewer, "c")
 
@@ -212,7 +211,7 @@ def test_guidance_needs_a_trained_null_class(runs):
 
     run = DiffusionRun.load(runs / "dc")
     den, cfg = run.denoiser, run.config
-    no_null = replace(cfg, conditions=[dict(cfg.conditions[0], p_drop=0.0)])
+    no_null = replace(cfg, conditions=[replace(cfg.conditions[0], p_drop=0.0)])
     with pytest.raises(ConditionError, match="without label dropout"):
         guided(den, no_null, GuidanceConfig(scale=3.0))
     assert (
@@ -416,7 +415,7 @@ def test_trained_super_resolution_beats_bilinear_and_follows_its_input(runs):
 
     sr = load_upscaler(runs / "sr")
     cfg, k = sr.config, sr.config.super_resolution.factor
-    assert k == 2 and cfg.net["low_res_noise"] and cfg.super_resolution.aug_max == 0.2
+    assert k == 2 and cfg.net.low_res_noise and cfg.super_resolution.aug_max == 0.2
     test = load_images("digits", split="test").images[:300]  # never seen in training
     low = low_res_of(test, k)
     x = sr.upscale(low)

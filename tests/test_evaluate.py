@@ -16,7 +16,7 @@ from difflab.evaluation import evaluate as ev
 from difflab.evaluation import reference, report
 from difflab.evaluation.evaluate import Sampling
 from difflab.nets.unet import UNetConfig
-from difflab.runs.config import RunConfig, TrainConfig, process_to_dict, save_config
+from difflab.runs.config import RunConfig, TrainConfig, save_config
 from difflab.runs.presets import PRESETS as IMAGE_PRESETS
 from difflab.runs.store import save_checkpoint
 from difflab.training.loop import train
@@ -41,7 +41,7 @@ def tiny_digits_run(tmp_path_factory):
     preset = IMAGE_PRESETS["digits"]
     cfg = replace(
         preset,
-        net=TINY_UNET.to_dict(),
+        net=TINY_UNET,
         train=TrainConfig(steps=30, batch_size=32, lr=2e-3, warmup=5, checkpoint_every=30),
     )
     data = load_images("digits", "train")
@@ -129,9 +129,9 @@ def test_continuous_process_and_random_features(tmp_path):
     run = tmp_path / "vp"
     cfg = RunConfig(
         dataset="digits",
-        process=process_to_dict(ContinuousVP()),
+        process=ContinuousVP(),
         net_kind="unet",
-        net=TINY_UNET.to_dict(),
+        net=TINY_UNET,
         shape=[1, 8, 8],
         data_kind="images",
         target="v",

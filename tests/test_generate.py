@@ -28,9 +28,7 @@ TINY = UNetConfig(
 def image_model():
     """An untrained class-conditional U-Net with random (non-zero) weights: any sample it makes depends on
     its noise, its label and the network, so equal samples mean equal inputs."""
-    cfg = replace(
-        IMAGE_PRESETS["digits"], net=replace(TINY, num_classes=10).to_dict(), conditions=[class_labels(10).to_dict()]
-    )
+    cfg = replace(IMAGE_PRESETS["digits"], net=replace(TINY, num_classes=10), conditions=[class_labels(10)])
     torch.manual_seed(0)
     denoiser = cfg.build_denoiser().eval()
     for p in denoiser.parameters():

@@ -139,10 +139,7 @@ def test_a_discriminator_run_trains_resumes_its_clock_and_is_refused_when_misuse
     code, err = run_cli(capsys, "train-autoencoder", "--out", ae, "--resume", "--quiet")
     assert code == 0, err
     cfg = load_config(ae)
-    assert (
-        cfg.loss == {"recon": "l1", "kl_weight": 1e-6, "disc_weight": 0.1, "disc_start": 3}
-        and cfg.net["discriminator"] == 3
-    )
+    assert cfg.loss == AutoencoderLoss("l1", 1e-6, disc_weight=0.1, disc_start=3) and cfg.net.discriminator == 3
     from difflab.runs.store import load_weights
 
     assert int(load_weights(ae, "net")["discriminator.batches"]) == 6  # the clock survived the resume
@@ -246,7 +243,7 @@ def test_a_non_square_npz_keeps_its_shape_and_gets_a_non_square_preset(tmp_path)
     save_npz(tmp_path / "pairs.npz", images)
     assert torch.equal(load_images(str(tmp_path / "pairs.npz"), split="all").images, images)  # not cropped
     cfg = image_preset(str(tmp_path / "pairs.npz"))
-    assert cfg.shape == [3, 32, 64] and (cfg.net["image_size"], cfg.net["image_width"]) == (32, 64)
+    assert cfg.shape == [3, 32, 64] and (cfg.net.image_size, cfg.net.image_width) == (32, 64)
     assert load_images(str(tmp_path / "pairs.npz"), split="all", size=16).images.shape == (
         30,
         3,

@@ -20,6 +20,7 @@ from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.pairs import make_subject, place, subject_prompts, tinted, write_subject
 from difflab.evaluation.identity import best_half_similarity, gain, load_identity_net, subject_vector
 from difflab.nets.lora import LoraError, LoraSpec, is_lora, merge_lora, set_lora_scale, with_lora
+from difflab.nets.mlp import MLPConfig
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.personalize.identifier import EMBEDDING, PersonalizeError, class_prompt
 from difflab.personalize.method import check_base, personalize
@@ -183,7 +184,7 @@ def test_textual_inversion_changes_only_the_new_embedding_row(base_run, subject_
         if k == EMBEDDING:
             assert new[k].shape[0] == v.shape[0] + 1  # the identifier's row, appended
             assert torch.equal(new[k][:-1], v)
-            vocabulary = load_config(out).net["text"]["vocabulary"]
+            vocabulary = load_config(out).net.text_config.vocabulary
             start = v[vocabulary.index("sneaker")]  # initialised from the class word, then trained
             assert vocabulary[-1] == "sks" and not torch.equal(new[k][-1], start)
         else:
@@ -209,7 +210,7 @@ def test_lora_training_changes_only_the_adapters_and_loads_over_the_base(base_ru
         adapted, acfg = adapted_run.denoiser, adapted_run.config
         own_run = DiffusionRun.load(out)
         own, ocfg = own_run.denoiser, own_run.config
-        assert acfg.net["text"]["vocabulary"] == ocfg.net["text"]["vocabulary"]
+        assert acfg.net.text_config.vocabulary == ocfg.net.text_config.vocabulary
         from difflab.text.encoders import text_condition
 
         caption = ["a red sks sneaker on the left and a blue bag on the right"]
@@ -428,7 +429,12 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
 
 def test_only_runs_that_can_take_an_identifier_are_personalised():
     cfg = RunConfig(
-        dataset="d", process={"kind": "ddpm", "T": 10}, net_kind="mlp", net={}, shape=[2], data_kind="points"
+        dataset="d",
+        process=DiscreteDDPM(T=10, schedule="cosine"),
+        net_kind="mlp",
+        net=MLPConfig(),
+        shape=[2],
+        data_kind="points",
     )
     with pytest.raises(PersonalizeError, match="takes no text"):
         check_base(cfg, "R", "lora")

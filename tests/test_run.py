@@ -192,7 +192,7 @@ def test_a_new_run_kind_trains_resumes_and_loads_through_the_table_alone(tmp_pat
             dataset="swissroll",
             process=RECIPE_PROCESS,
             net_kind="constant",
-            net={"dim": 2},
+            net=ConstantConfig(dim=2),
             shape=[2],
             data_kind="points",
             run_kind="toy-mean",

@@ -457,4 +457,4 @@ def test_text_and_class_labels_together_keep_both_conditions():
     record, width, joint = text_record("joint", [caption((1, 2, 3, 4))])
     cfg = with_class_labels(with_text(preset_for("fashion-pairs"), record, width, joint.to_dict()), 10, None)
     cfg.validate()
-    assert [c["name"] for c in cfg.conditions] == ["tokens", "class_labels"] and cfg.net["text"] is not None
+    assert [c.name for c in cfg.conditions] == ["tokens", "class_labels"] and cfg.net.text is not None

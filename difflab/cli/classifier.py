@@ -44,7 +44,8 @@ def new_config(args):
             )
         if args.name is not None and args.name != base.dataset:
             raise UsageError(f"NAME {args.name!r} differs from the dataset of --for {args.for_run} ({base.dataset!r})")
-        base = replace(base, conditions=[], net=dict(base.net, num_classes=None), text=None, super_resolution=None)
+        net = replace(base.net, num_classes=None) if base.net_kind == "unet" else base.net
+        base = replace(base, conditions=[], net=net, text=None, super_resolution=None)
     else:
         base = dataset_preset(args, "give the dataset NAME (or --for RUN, or --resume)")
     if base.data_kind != "images":

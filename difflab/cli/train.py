@@ -11,21 +11,21 @@ run). A worker that torchrun restarted (``--max-restarts``) resumes from the las
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict, replace
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
-from ..core.processes import PROCESSES_BY_NAME
+from ..core.processes import PROCESSES_BY_NAME, process_name
 from ..latent.autoencoder import latent_record, load_autoencoder
 from ..nets.unet import num_parameters
-from ..runs.config import RunConfig, process_to_dict
+from ..runs.config import PRECISIONS, RunConfig
 from ..runs.data import load_split, training_data
 from ..runs.diffusion import DIFFUSION, preview
 from ..runs.lifecycle import begin
 from ..runs.presets import check_dataset, preset_for, with_class_labels, with_latent, with_low_res, with_text
 from ..text.encoders import text_record
 from ..training.distributed import launched_rank, resolve_device
-from ..training.loop import PRECISIONS, train
+from ..training.loop import train
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
 
 # options that set a field of TrainConfig, by argparse name
@@ -45,19 +45,17 @@ TRAIN_FIELDS = (
 def apply_options(cfg: RunConfig, args) -> RunConfig:
     """``cfg`` overridden by whatever the command line says (options left out keep cfg's values)."""
     t = replace(cfg.train, **{f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None})
-    process = dict(cfg.process)
+    process = cfg.process
     if args.process or args.schedule or args.T:
-        kind = args.process or process["kind"]
+        kind = args.process or process_name(process)
         if args.T and kind != "ddpm":
             raise UsageError("--T applies to the discrete DDPM process only")
         kw = {k: v for k, v in (("schedule", args.schedule), ("T", args.T)) if v}
-        if kind == process["kind"]:
-            kw = {**{k: v for k, v in process.items() if k != "kind"}, **kw}
         try:
-            process = process_to_dict(PROCESSES_BY_NAME[kind](**kw))
+            process = replace(process, **kw) if kind == process_name(process) else PROCESSES_BY_NAME[kind](**kw)
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
-    loss = dict(cfg.loss, **({"weighting": args.weighting} if args.weighting else {}))
+    loss = replace(cfg.loss, weighting=args.weighting) if args.weighting else cfg.loss
     data = cfg.data
     if args.data:
         data = replace(data, data_dir=args.data)
@@ -69,7 +67,7 @@ def apply_options(cfg: RunConfig, args) -> RunConfig:
     if args.cond_dropout is not None and not (args.class_cond or args.text or cfg.conditions):
         raise UsageError("--p-uncond needs a conditional model (--cond class or --text)")
     if cfg.conditions and args.cond_dropout is not None:
-        cfg = replace(cfg, conditions=[dict(c, p_drop=args.cond_dropout) for c in cfg.conditions])
+        cfg = replace(cfg, conditions=[replace(c, p_drop=args.cond_dropout) for c in cfg.conditions])
     return cfg
 
 
@@ -81,15 +79,18 @@ def with_network_options(cfg: RunConfig, args) -> RunConfig:
         raise UsageError(
             f"--position and --attention-at need an image run (a U-Net); {cfg.dataset} trains an {cfg.net_kind.upper()}"
         )
-    net = dict(cfg.net)
+    changes = {}
     if args.position:
-        net |= {
+        changes |= {
             "coord_channels": args.position in ("coords", "both"),
             "query_positions": args.position in ("queries", "both"),
         }
     if args.attention_at:
-        net["attention_resolutions"] = list(args.attention_at)
-    return replace(cfg, net=net)
+        changes["attention_resolutions"] = tuple(args.attention_at)
+    try:
+        return replace(cfg, net=replace(cfg.net, **changes))
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
 
 
 def _encoder_name(text) -> str | None:
@@ -128,16 +129,16 @@ def _contradictions(saved: RunConfig, args) -> list[str]:
         for flag, given in (("--position", args.position), ("--attention-at", args.attention_at))
         if given
     ]
-    a, b = asdict(saved), asdict(wanted)
     for section in ("train", "loss", "data"):
+        a, b = getattr(saved, section), getattr(wanted, section)
         out += [
-            f"{section}.{k}={b[section][k]!r} (saved: {a[section].get(k)!r})"
-            for k in b[section]
-            if a[section].get(k) != b[section][k]
+            f"{section}.{f.name}={getattr(b, f.name)!r} (saved: {getattr(a, f.name, None)!r})"
+            for f in fields(b)
+            if getattr(a, f.name, None) != getattr(b, f.name)
         ]
     for key in ("process", "target", "conditions"):
-        if a[key] != b[key]:
-            out.append(f"{key} {b[key]!r} (saved: {a[key]!r})")
+        if getattr(saved, key) != getattr(wanted, key):
+            out.append(f"{key} {getattr(wanted, key)!r} (saved: {getattr(saved, key)!r})")
     return out
 
 

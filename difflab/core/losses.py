@@ -17,31 +17,31 @@ effective weight on the x0-MSE instead, and the loss multiplies the target MSE b
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .parameterize import TARGETS, expand_t, score_from_eps, v_from_x0_eps
+from .parameterize import TARGETS, Target, expand_t, score_from_eps, v_from_x0_eps
 from .processes import broadcast
 
 WEIGHTINGS = ("none", "snr", "min_snr")
 
 
-def snr_factor(target: str, alpha: Tensor, sigma: Tensor) -> Tensor:
+def snr_factor(target: Target, alpha: Tensor, sigma: Tensor) -> Tensor:
     """SNR / native weight of ``target``: the factor turning a plain target-MSE into an SNR-weighted x0-MSE."""
     a2, s2 = alpha**2, sigma**2
     return {"x0": a2 / s2, "eps": torch.ones_like(a2), "v": a2 / (a2 + s2) ** 2, "score": s2}[target]
 
 
-def inverse_native_weight(target: str, alpha: Tensor, sigma: Tensor) -> Tensor:
+def inverse_native_weight(target: Target, alpha: Tensor, sigma: Tensor) -> Tensor:
     """1 / native x0-weight of ``target`` (finite at sigma = 0)."""
     a2, s2 = alpha**2, sigma**2
     return {"x0": torch.ones_like(a2), "eps": s2 / a2, "v": s2 / (a2 + s2) ** 2, "score": s2**2 / a2}[target]
 
 
-def loss_weight(target: str, weighting: str, alpha: Tensor, sigma: Tensor, gamma: float = 5.0) -> Tensor:
+def loss_weight(target: Target, weighting: str, alpha: Tensor, sigma: Tensor, gamma: float = 5.0) -> Tensor:
     """Per-example factor on the plain MSE of ``target`` (float64, shape of alpha).
 
     Written without forming SNR itself, so it stays finite at sigma -> 0 and alpha -> 0:
@@ -62,7 +62,7 @@ class SimpleLoss:
     target: 'x0', 'eps', 'v', 'score', or None for the denoiser's native target (no conversion).
     weighting: 'none', 'snr' or 'min_snr' (see the module docstring); gamma is Min-SNR's clamp."""
 
-    target: str | None = None
+    target: Target | None = None
     weighting: str = "none"
     gamma: float = 5.0
 
@@ -196,6 +196,13 @@ class AutoencoderLoss:
         if not self.disc_weight >= 0 or not (isinstance(self.disc_start, int) and self.disc_start >= 0):
             raise ValueError(f"disc_weight and disc_start must be >= 0, got {self.disc_weight}, {self.disc_start}")
 
+    def to_dict(self) -> dict:
+        """Its fields as a run's config.json holds them: the discriminator's only when it has one."""
+        d = asdict(self)
+        if self.disc_weight == 0 and self.disc_start == 0:
+            del d["disc_weight"], d["disc_start"]
+        return d
+
     def __call__(self, model, x0: Tensor, *, t=None, noise=None, cond=None) -> Tensor:
         x_hat, mean, logvar = model.net(x0)
         err = (x0 - x_hat.float()).abs() if self.recon == "l1" else (x0 - x_hat.float()).pow(2)
@@ -264,6 +271,10 @@ class ContrastiveLoss:
             raise ValueError(
                 f"unknown hard negatives {self.hard_negatives!r}; choose one of {', '.join(HARD_NEGATIVES)}"
             )
+
+    def to_dict(self) -> dict:
+        """Its fields as a CLIP run's config.json holds them: nothing without hard negatives."""
+        return {} if self.hard_negatives == "none" else asdict(self)
 
     def __call__(self, model, x0: Tensor, *, t=None, noise=None, cond=None) -> Tensor:
         tokens, mask = cond["tokens"], cond["token_mask"]

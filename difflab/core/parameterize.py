@@ -20,7 +20,7 @@ network's output as any of the four targets, exactly when it is the native one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from .conditions import check_accepted
 from .processes import Process, broadcast
 
-TARGETS = ("x0", "eps", "v", "score")
+Target = Literal["x0", "eps", "v", "score"]  # what a network predicts: the clean signal, the noise, v or the score
+TARGETS: tuple[Target, ...] = get_args(Target)
 
 
 # --------------------------------------------------------------------------- conversions (pure)
@@ -67,7 +68,7 @@ def x0_from_score(x_t, score, alpha, sigma):
     return (x_t + sigma**2 * score) / alpha
 
 
-def convert(value: Tensor, source: str, target: str, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+def convert(value: Tensor, source: Target, target: Target, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
     """Read a prediction of ``source`` as ``target`` (both in TARGETS). alpha and sigma broadcast against x_t."""
     for name in (source, target):
         if name not in TARGETS:
@@ -108,10 +109,10 @@ class Prediction:
     x_t: Tensor
     alpha: Tensor
     sigma: Tensor
-    target: str
+    target: Target
     value: Tensor
 
-    def as_(self, target: str) -> Tensor:
+    def as_(self, target: Target) -> Tensor:
         return convert(self.value, self.target, target, self.x_t, self.alpha, self.sigma)
 
     @property
@@ -139,7 +140,7 @@ class DenoiserFn(Protocol):
     def __call__(self, x_t: Tensor, t: Tensor, **cond) -> Prediction: ...
 
 
-def make_prediction(process: Process, x_t: Tensor, t: Tensor, target: str, value: Tensor) -> Prediction:
+def make_prediction(process: Process, x_t: Tensor, t: Tensor, target: Target, value: Tensor) -> Prediction:
     """Wrap a raw prediction of ``target`` at times t into a Prediction."""
     t = expand_t(t, x_t)
     return Prediction(x_t, broadcast(process.alpha(t), x_t), broadcast(process.sigma(t), x_t), target, value)
@@ -156,9 +157,15 @@ class Denoiser(nn.Module):
 
     Preconditioning (in the spirit of EDM): the network sees x_in = x_t / sqrt(alpha^2 + sigma^2),
     unit-scale for every process (the identity for variance-preserving ones), and c_noise =
-    process.noise_condition(t), so networks never know which schedule trained them."""
+    process.noise_condition(t), so networks never know which schedule trained them.
 
-    def __init__(self, net: nn.Module, process: Process, target: str = "eps"):
+    Args:
+        net (`nn.Module`): the network, called as net(x_in, c_noise, **cond).
+        process (`Process`): the forward process it was trained on (core/processes.py).
+        target (`Target`, defaults to `"eps"`): what the network predicts, one of `"x0"` (the clean signal),
+            `"eps"` (the noise), `"v"` (alpha eps - sigma x_0) or `"score"` (grad log p(x_t))."""
+
+    def __init__(self, net: nn.Module, process: Process, target: Target = "eps"):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")

@@ -299,3 +299,11 @@ def transition_variance(process: Process, t: Tensor, s: Tensor) -> Tensor:
 
 
 PROCESSES_BY_NAME: dict[str, type[Process]] = {"ddpm": DiscreteDDPM, "vp": ContinuousVP, "ve": VarianceExploding}
+
+
+def process_name(process: Process) -> str:
+    """The process's name in PROCESSES_BY_NAME ('ddpm', 'vp' or 've'), the ``kind`` a config.json gives it."""
+    for name, cls in PROCESSES_BY_NAME.items():
+        if type(process) is cls:
+            return name
+    raise ValueError(f"{type(process).__name__} is not one of the processes {', '.join(PROCESSES_BY_NAME)}")

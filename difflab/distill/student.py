@@ -255,7 +255,7 @@ def check_teacher(cfg: RunConfig, run, method: str, teacher_steps: int, steps_to
             raise DistillError(f"--guidance-range must be LO,HI with 0 <= LO <= HI, got {lo},{hi}")
         if not cfg.conditions or cfg.text_spec() is None and cfg.num_classes is None:
             raise DistillError(f"{run} takes no class or text: a guided student needs a conditional teacher")
-        if any(c["p_drop"] == 0 for c in cfg.conditions if c["name"] in ("class_labels", "context", "tokens")):
+        if any(c.p_drop == 0 for c in cfg.conditions if c.name in ("class_labels", "context", "tokens")):
             raise DistillError(
                 f"{run} was trained without condition dropout: it has no null prediction to guide against"
             )
@@ -279,7 +279,7 @@ def plan(method: str, teacher_steps: int, steps_to: int, guided: bool) -> list[l
 def student_config(teacher: RunConfig, record: Distillation, steps: int, lr: float, batch_size: int) -> RunConfig:
     """The student's config: the teacher's network (with the guidance input for a guided student), conditions
     never dropped (the student learns the conditional law, and w stands for guidance), a short constant schedule."""
-    net = dict(teacher.net, guidance_input=True) if record.guided else teacher.net
+    net = replace(teacher.net, guidance_input=True) if record.guided else teacher.net
     train_cfg = replace(
         teacher.train,
         steps=steps,
@@ -295,7 +295,7 @@ def student_config(teacher: RunConfig, record: Distillation, steps: int, lr: flo
         sample_every=0,
         log_every=10,
     )
-    conditions = [dict(c, p_drop=0.0) for c in teacher.conditions]
+    conditions = [replace(c, p_drop=0.0) for c in teacher.conditions]
     return replace(
         teacher, run_kind="distilled", distill=record, net=net, conditions=conditions, train=train_cfg, personalize=None
     )

@@ -48,14 +48,14 @@ import torch
 from torch import Tensor
 
 from ..core.likelihood import bits_per_dim
-from ..core.processes import DiscreteDDPM
+from ..core.processes import DiscreteDDPM, process_name
 from ..data.images import ImageSet, to_model, to_uint8
 from ..data.toy2d import make_toy
 from ..guidance.config import GuidanceConfig, classes_for, labels_for
 from ..nets.features import FeatureNet
 from ..runs.data import load_split
 from ..runs.diffusion import DiffusionRun
-from ..sampling.samplers import SAMPLERS, SPACINGS, default_spacing
+from ..sampling.samplers import SAMPLERS, SPACINGS, SamplerName, Spacing, default_spacing
 from ..text.clip import clip_scores, load_clip
 from .features import embed, resolve_feature_net
 from .metrics import (
@@ -93,9 +93,11 @@ class Sampling:
     """How the samples are drawn: the sampler, its steps and grid (None: the sampler's usual one), the sampler's
     own options (ddim: eta; ...; the grid's sigma_tilde_cap), samples per call, and the device (None: the run's)."""
 
-    sampler: str | None = None  # None: the run's own (DiffusionRun.default_sampling: dpmpp-2m, 20 steps; a student's)
+    sampler: SamplerName | None = (
+        None  # None: the run's own (DiffusionRun.default_sampling: dpmpp-2m, 20 steps; a student's)
+    )
     steps: int | None = None
-    spacing: str | None = None
+    spacing: Spacing | None = None
     options: dict | None = None
     batch: int = 250
     device: str | torch.device | None = None
@@ -281,7 +283,7 @@ def evaluate(
         "dataset": cfg.dataset,
         "step": run.step,
         "weights": "ema" if ema else "net",
-        "process": cfg.process["kind"],
+        "process": process_name(cfg.process),
         "sampler": sampling.sampler,
         "steps": sampling.steps,
         "spacing": sampling.spacing or default_spacing(sampling.sampler, run.process),

@@ -16,7 +16,7 @@ JSON beside them that evaluation/features.py loads."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -161,15 +161,15 @@ def features_config(
         dataset=source,
         process=RECIPE_PROCESS,
         net_kind="features",
-        net=net.to_dict(),
+        net=net,
         shape=[C, H, W],
         data_kind="images",
         run_kind="features",
         target="x0",
-        loss={"shift": recipe.shift, "flip": recipe.flip, "groups": list(groups) if groups else None},
+        loss=FeatureLoss(recipe.shift, recipe.flip, list(groups) if groups else None),
         train=train,
         data=DataSpec(n=recipe.pairs, data_dir=data_dir, size=size, channels=channels),
-        conditions=[ConditionSpec("labels", "tensor", 0.0).to_dict()],
+        conditions=[ConditionSpec("labels", "tensor", 0.0)],
     )
 
 
@@ -243,7 +243,7 @@ def export(
             "steps": cfg.train.steps,
             "batch_size": cfg.train.batch_size,
             "lr": cfg.train.lr,
-            "loss": cfg.loss,
+            "loss": asdict(cfg.loss),
             "fingerprint": loaded.fingerprint,
         },
         "test_accuracy": accuracy(net, test.images, labels),
@@ -305,9 +305,10 @@ FEATURES = RunKind(
     "features",
     "a feature network run",
     {"features": (FeatureNetConfig, FeatureNet)},
-    lambda cfg: FeatureLoss(**cfg.loss),
+    lambda cfg: cfg.loss,
     FeatureRun,
     "features train",
     use="export it with `difflab features train NAME --run {run} --resume`",
     check=_check,
+    loss_config=FeatureLoss,
 )

@@ -23,7 +23,7 @@ G = (tuned - untuned) / (ceiling - untuned) (``gain``); ``diversity`` of a set o
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -163,12 +163,12 @@ def identity_config(recipe: IdentityTraining) -> RunConfig:
         dataset="fashion-mnist",
         process=RECIPE_PROCESS,
         net_kind="features",
-        net=net.to_dict(),
+        net=net,
         shape=[1, 28, 28],
         data_kind="images",
         run_kind="identity",
         target="x0",
-        loss={"temperature": recipe.temperature},
+        loss=IdentityLoss(recipe.temperature),
         train=tc,
         data=DataSpec(),
         conditions=[],
@@ -228,7 +228,7 @@ def export(
             "steps": loaded.config.train.steps,
             "batch_size": loaded.config.train.batch_size,
             "lr": loaded.config.train.lr,
-            "loss": loaded.config.loss,
+            "loss": asdict(loaded.config.loss),
             "fingerprint": loaded.fingerprint,
         },
         "retrieval_top1": retrieval_accuracy(lambda v: identity_embed(net, v), items, test.labels, 100, 1000),
@@ -340,9 +340,10 @@ IDENTITY = RunKind(
     "identity",
     "an identity encoder run",
     {"features": (FeatureNetConfig, FeatureNet)},
-    lambda cfg: IdentityLoss(**cfg.loss),
+    lambda cfg: cfg.loss,
     IdentityRun,
     "features identity",
     use="export it with `difflab features identity --run {run} --resume`",
     check=_check,
+    loss_config=IdentityLoss,
 )

@@ -24,7 +24,6 @@ from ..core.parameterize import Denoiser
 from ..data.images import ImageSet, to_model
 from ..io import atomic_path
 from ..nets.classifier import ClassifierConfig, NoisyClassifier
-from ..nets.unet import UNetConfig
 from ..runs.config import CheckpointError, RunConfig
 from ..runs.kinds import RunKind
 from ..runs.run import Run
@@ -39,14 +38,14 @@ def classifier_config(base: RunConfig, num_classes: int) -> RunConfig:
         raise ValueError(
             f"a noise-aware classifier needs an image run; {base.dataset} trains an {base.net_kind.upper()}"
         )
-    net = ClassifierConfig.like(UNetConfig.from_dict(base.net), num_classes)
+    net = ClassifierConfig.like(base.net, num_classes)
     return replace(
         base,
         run_kind="classifier",
         net_kind="classifier",
-        net=net.to_dict(),
-        loss={},
-        conditions=[class_labels(num_classes, 0.0).to_dict()],
+        net=net,
+        loss=ClassifierLoss(),
+        conditions=[class_labels(num_classes, 0.0)],
         train=replace(base.train, steps=max(1, base.train.steps // 4)),
     )
 
@@ -154,9 +153,10 @@ CLASSIFIER = RunKind(
     "classifier",
     "a noise-aware classifier run",
     {"classifier": (ClassifierConfig, NoisyClassifier)},
-    lambda cfg: ClassifierLoss(),
+    lambda cfg: cfg.loss,
     ClassifierRun,
     "train-classifier",
     use="use it with --classifier",
     check=_check,
+    loss_config=ClassifierLoss,
 )

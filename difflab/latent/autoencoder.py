@@ -101,12 +101,8 @@ def autoencoder_config(
         sample_every=500,
         log_every=25,
     )
-    loss = {"recon": recon, "kl_weight": kl_weight}
-    if disc_weight > 0:
-        loss |= {"disc_weight": disc_weight, "disc_start": disc_start}
-    return replace(
-        base, run_kind="autoencoder", net_kind="autoencoder", net=net.to_dict(), loss=loss, conditions=[], train=train
-    )
+    loss = AutoencoderLoss(recon, kl_weight, *((disc_weight, disc_start) if disc_weight > 0 else ()))
+    return replace(base, run_kind="autoencoder", net_kind="autoencoder", net=net, loss=loss, conditions=[], train=train)
 
 
 def measure_scale(run: str | Path, images: torch.Tensor, progress: bool = False) -> dict:
@@ -258,9 +254,10 @@ AUTOENCODER = RunKind(
     "autoencoder",
     "an autoencoder run",
     {"autoencoder": (AutoencoderConfig, Autoencoder)},
-    lambda cfg: AutoencoderLoss(**cfg.loss),
+    lambda cfg: cfg.loss,
     AutoencoderRun,
     "train-autoencoder",
     use="train a latent model on it with `difflab train DATASET --latent {run}`",
     check=_check,
+    loss_config=AutoencoderLoss,
 )

@@ -78,6 +78,11 @@ class UNetConfig:
         return self.image_size if self.image_width is None else self.image_width
 
     @property
+    def text_config(self) -> TextConfig | None:
+        """The joint text transformer's config (``text`` read), None without one."""
+        return None if self.text is None else TextConfig.from_dict(self.text)
+
+    @property
     def out_ch(self) -> int:
         return self.in_channels if self.out_channels is None else self.out_channels
 

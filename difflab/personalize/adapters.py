@@ -22,7 +22,6 @@ from torch import Tensor, nn
 
 from ..io import atomic_path
 from ..nets.lora import LoraSpec, is_lora, lora_layers, set_lora_scale, with_lora
-from ..nets.text import TextConfig
 from ..runs.config import RunConfig, load_config
 from ..runs.store import load_into, load_weights
 from .identifier import EMBEDDING, PersonalizeError, with_token_rows, with_tokens
@@ -37,7 +36,7 @@ def export_adapter(run: str | Path) -> Path:
     state = load_weights(run, "ema")
     tensors = {k: v.contiguous() for k, v in state.items() if is_lora(k)}
     p = cfg.personalize
-    tokens = p.tokens if cfg.net.get("text") else []
+    tokens = p.tokens if cfg.net.text else []
     if tokens:
         tensors["token_rows"] = state[EMBEDDING][-len(tokens) :].contiguous()
     meta = {
@@ -96,9 +95,9 @@ def with_adapters(
         loaded.append((run, strength, tensors, meta))
     tokens = [t for *_, meta in loaded for t in meta["tokens"]]
     if tokens:
-        if not cfg.net.get("text"):
+        if not cfg.net.text:
             raise PersonalizeError("the adapters carry word embeddings for a joint encoder, and the base run has none")
-        vocabulary = TextConfig.from_dict(cfg.net["text"]).vocabulary
+        vocabulary = cfg.net.text_config.vocabulary
         rows = torch.cat([tensors["token_rows"] for _, _, tensors, meta in loaded if meta["tokens"]])
         state = with_token_rows(net.state_dict(), vocabulary, rows)
         cfg = with_tokens(cfg, tokens)

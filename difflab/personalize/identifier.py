@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ..nets.text import TextConfig, words
+from ..nets.text import words
 from ..runs.config import RunConfig
 
 EMBEDDING = "text.embed.weight"  # the joint encoder's word embeddings
@@ -48,14 +48,14 @@ def check_token(token: str) -> None:
 
 def with_tokens(cfg: RunConfig, tokens: Sequence[str]) -> RunConfig:
     """A joint-encoder run with ``tokens`` appended to its vocabulary (new embedding rows)."""
-    text = TextConfig.from_dict(cfg.net["text"])
+    text = cfg.net.text_config
     if len(set(tokens)) < len(tokens):
         raise PersonalizeError(f"two subjects share an identifier ({', '.join(tokens)}); each needs its own word")
     known = [t for t in tokens if t in text.vocabulary]
     if known:
         raise PersonalizeError(f"{known[0]!r} is a word the model already knows; choose a rare identifier (e.g. sks)")
     text = replace(text, vocabulary=text.vocabulary + tuple(tokens))
-    return replace(cfg, net={**cfg.net, "text": text.to_dict()})
+    return replace(cfg, net=replace(cfg.net, text=text.to_dict()))
 
 
 def with_token_rows(state: dict[str, Tensor], vocabulary: Sequence[str], rows: Tensor) -> dict[str, Tensor]:

@@ -43,7 +43,6 @@ from ..data.loader import TensorDataset
 from ..guidance.config import GuidanceConfig
 from ..io import atomic_path
 from ..nets.lora import LoraSpec, is_lora, with_lora
-from ..nets.text import TextConfig
 from ..runs.config import CONFIG, Personalization, RunConfig, load_config
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
 from ..runs.kinds import RunKind
@@ -120,7 +119,7 @@ def personalized_config(
     if p.caption_dropout is not None:
         spec = cfg.text_spec()
         cfg = replace(
-            cfg, conditions=[dict(c, p_drop=p.caption_dropout) if c["name"] == spec.name else c for c in cfg.conditions]
+            cfg, conditions=[replace(c, p_drop=p.caption_dropout) if c.name == spec.name else c for c in cfg.conditions]
         )
     train_cfg = replace(
         cfg.train,
@@ -151,8 +150,8 @@ def initial_state(cfg: RunConfig, base_run) -> dict[str, Tensor]:
     and for LoRA fresh adapters (B = 0: the base function)."""
     p = cfg.personalize
     state = load_weights(base_run, "ema")
-    if cfg.net.get("text"):
-        vocabulary = TextConfig.from_dict(cfg.net["text"]).vocabulary[: -len(p.tokens)]
+    if cfg.net.text:
+        vocabulary = cfg.net.text_config.vocabulary[: -len(p.tokens)]
         state = with_token_rows(state, vocabulary, initial_rows(state, vocabulary, p.class_word, len(p.tokens)))
     if cfg.lora is not None:
         net = replace(cfg, lora=None).build_net()

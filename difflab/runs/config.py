@@ -4,15 +4,21 @@ saved as ``RUN/config.json`` and validated field by field when read.
     RunConfig
       dataset, data (DataSpec)              what it trains on
       run_kind                              which entry of the kinds table (runs/kinds.py) it is
-      process, net_kind, net, shape         the forward process, the network and the shape it works in
+      process (Process)                     the forward process (core/processes.py)
+      net_kind, net                         the network: net is the kind's config dataclass for net_kind
+                                            (UNetConfig, MLPConfig, ClassifierConfig, AutoencoderConfig, ...)
+      shape                                 the shape it works in
       data_kind                             what a sample is: 'points' or 'images'
-      target, loss, train (TrainConfig)     how it trains
-      conditions                            the conditions its network takes (ConditionSpec fields)
+      target, loss, train (TrainConfig)     how it trains: loss is the kind's loss dataclass (SimpleLoss, ...)
+      conditions (list[ConditionSpec])      the conditions its network takes
       super_resolution, latent, text, lora, personalize, distill    typed records of the variants, None when absent
 
-Every problem is a one-line ``CheckpointError`` naming the field: an unknown field, a wrong type, an unknown
-process, network or run kind. Configs written before the typed records existed (the variants as keys of a
-``data`` dict, ``kind`` for the data kind) are read and converted (``_upgraded``)."""
+The objects are the config; JSON is only their serialised form (``to_dict`` / ``from_dict``): the process as
+``process_to_dict`` writes it (its fields and a ``kind`` key), the network and the loss as their fields, the
+conditions as ConditionSpec.to_dict. Every problem is a one-line ``CheckpointError`` naming the field: an
+unknown field, a wrong type or choice, an unknown process, network or run kind. Configs written before the
+typed records existed (the variants as keys of a ``data`` dict, ``kind`` for the data kind) are read and
+converted (``_upgraded``)."""
 
 from __future__ import annotations
 
@@ -21,22 +27,39 @@ import types
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from torch import nn
 
 from ..core.conditions import ConditionError, ConditionSpec, check_accepted, condition_names
-from ..core.losses import SimpleLoss
-from ..core.parameterize import TARGETS, Denoiser
+from ..core.losses import AutoencoderLoss, ClassifierLoss, ContrastiveLoss, SimpleLoss
+from ..core.parameterize import TARGETS, Denoiser, Target
 from ..core.processes import PROCESSES_BY_NAME as PROCESSES
-from ..core.processes import Process
+from ..core.processes import Process, process_name
 from ..io import atomic_path
+from ..nets.autoencoder import AutoencoderConfig
+from ..nets.classifier import ClassifierConfig
+from ..nets.features import FeatureNetConfig
 from ..nets.lora import LoraSpec, with_lora
-from ..nets.text import words
+from ..nets.mlp import MLPConfig
+from ..nets.text import ClipConfig, words
+from ..nets.unet import UNetConfig
 from .kinds import RunKind, RunKindError, kind_named
 from .shipped import locate
 
 CONFIG = "config.json"
-DATA_KINDS = ("points", "images")
+DataKind = Literal["points", "images"]  # what a sample is: a point of the plane or an image
+DATA_KINDS: tuple[DataKind, ...] = get_args(DataKind)
+Precision = Literal["fp32", "bf16", "fp16"]  # the training arithmetic: float32, bf16 autocast, fp16 with a scaler
+PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+LRSchedule = Literal["constant", "cosine"]  # the learning rate after the warm-up: held, or half a cosine down to 0
+LR_SCHEDULES: tuple[LRSchedule, ...] = get_args(LRSchedule)
+NetConfig = UNetConfig | MLPConfig | ClassifierConfig | AutoencoderConfig | ClipConfig | FeatureNetConfig
+"""A network's config: the built-in kinds' (a kind registered elsewhere may bring its own); which one a run holds
+is the kinds table's ``nets[net_kind][0]``."""
+LossConfig = SimpleLoss | ClassifierLoss | AutoencoderLoss | ContrastiveLoss
+"""A loss's config, the loss itself: the run kind's ``loss_config`` (the feature runs' FeatureLoss and
+IdentityLoss live in evaluation/, a registered kind may bring its own)."""
 AUG_MAX = 0.2  # super-resolution runs: the largest std of the noise added to low_res in training
 TEXT_ENCODERS = ("minilm", "clip", "joint")
 PERSONALIZATION_METHODS = ("dreambooth", "lora", "textual-inversion")
@@ -48,19 +71,21 @@ class CheckpointError(ValueError):
 
 
 def process_to_dict(process: Process) -> dict:
-    kind = next(k for k, cls in PROCESSES.items() if type(process) is cls)
-    return {"kind": kind, **{f.name: getattr(process, f.name) for f in fields(process) if f.init}}
+    """The process as config.json holds it: ``kind`` (its name in PROCESSES_BY_NAME) and its fields."""
+    return {"kind": process_name(process), **{f.name: getattr(process, f.name) for f in fields(process) if f.init}}
 
 
 def process_from_dict(d: dict) -> Process:
+    if not isinstance(d, dict):
+        raise CheckpointError(f"process must be an object, got {type(d).__name__}")
     d = dict(d)
     kind = d.pop("kind", None)
     if kind not in PROCESSES:
         raise CheckpointError(f"unknown process kind {kind!r}; choose one of {', '.join(PROCESSES)}")
     try:
         return PROCESSES[kind](**d)
-    except TypeError as e:
-        raise CheckpointError(f"process {kind!r}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"process {kind!r}: {str(e).splitlines()[0]}") from None
 
 
 # --------------------------------------------------------------------------- the records
@@ -69,19 +94,28 @@ def process_from_dict(d: dict) -> Process:
 @dataclass
 class TrainConfig:
     """How a run trains. The global batch is batch_size x world size x accumulation: batch_size is per
-    process and per micro-batch."""
+    process and per micro-batch.
+
+    Args:
+        lr_schedule (`LRSchedule`, defaults to `"constant"`): the learning rate after the warm-up: `"constant"`
+            holds lr, `"cosine"` decays it along half a cosine to 0 at the last step.
+        precision (`Precision`, defaults to `"fp32"`): `"fp32"`, `"bf16"` (autocast on CPU and CUDA) or
+            `"fp16"` (CUDA, with a gradient scaler).
+        ema_decay (`float`, defaults to 0.995): 0, the EMA is the network itself.
+        ema_warmup (`bool`, defaults to `False`): True, decay min(ema_decay, (1 + step) / (10 + step)), see
+            training.loop.ema_decay_at."""
 
     steps: int = 4000
     batch_size: int = 256
     lr: float = 2e-3
     warmup: int = 100
-    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" decay to 0 at the last step
+    lr_schedule: LRSchedule = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0: no clipping
     accumulation: int = 1
-    ema_decay: float = 0.995  # 0: the EMA is the network itself
-    ema_warmup: bool = False  # True: decay min(ema_decay, (1 + step) / (10 + step)), see training.loop.ema_decay_at
-    precision: str = "fp32"  # "bf16" (autocast on CPU and CUDA) or "fp16" (CUDA, with a gradient scaler)
+    ema_decay: float = 0.995
+    ema_warmup: bool = False
+    precision: Precision = "fp32"
     seed: int = 0
     checkpoint_every: int = 1000
     sample_every: int = 0  # 0: only at the end
@@ -232,22 +266,31 @@ class Distillation:
 class RunConfig:
     """Everything needed to rebuild a trained run, use it and continue its training (see the module doc).
 
-    shape       the shape of one sample in the space the network works in, e.g. [2], [1, 28, 28] or a latent's
-    data_kind   what a sample is: 'points' or 'images' (how it is shown and saved)
-    conditions  the conditions the network takes (ConditionSpec fields), [] for an unconditional model"""
+    Args:
+        process (`Process`): the forward process (DiscreteDDPM, ContinuousVP, VarianceExploding).
+        net_kind (`str`): which of the run kind's networks it holds ('mlp', 'unet', 'classifier', ...).
+        net (`NetConfig`): that network's config, the kinds table's ``nets[net_kind][0]`` (e.g. a UNetConfig).
+        shape (`list[int]`): the shape of one sample in the space the network works in, e.g. [2], [1, 28, 28]
+            or a latent's.
+        data_kind (`DataKind`): what a sample is, `"points"` or `"images"` (how it is shown and saved).
+        run_kind (`str`, defaults to `"diffusion"`): the entry of the kinds table (runs/kinds.py).
+        target (`Target`, defaults to `"eps"`): what the network predicts, `"x0"`, `"eps"`, `"v"` or `"score"`.
+        loss (`LossConfig`, defaults to `SimpleLoss()`): the run kind's loss dataclass (its ``loss_config``).
+        conditions (`list[ConditionSpec]`, defaults to `[]`): the conditions the network takes, [] for an
+            unconditional model."""
 
     dataset: str
-    process: dict
+    process: Process
     net_kind: str
-    net: dict
+    net: NetConfig
     shape: list[int]
-    data_kind: str
+    data_kind: DataKind
     run_kind: str = "diffusion"
-    target: str = "eps"
-    loss: dict = field(default_factory=lambda: asdict(SimpleLoss()))
+    target: Target = "eps"
+    loss: LossConfig = field(default_factory=SimpleLoss)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataSpec = field(default_factory=DataSpec)
-    conditions: list[dict] = field(default_factory=list)
+    conditions: list[ConditionSpec] = field(default_factory=list)
     super_resolution: SuperResolution | None = None
     latent: LatentRecord | None = None
     text: TextRecord | None = None
@@ -259,11 +302,19 @@ class RunConfig:
         if not isinstance(self.shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.shape):
             raise CheckpointError(f"config: shape must be a list of integers, got {self.shape!r}")
         self.shape = list(self.shape)
+        self.conditions = list(self.conditions)
 
     # ------------------------------------------------------------------ reading and writing
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON form config.json holds (the layout of every earlier difflab)."""
+        typed = {
+            "process": process_to_dict(self.process),
+            "net": _record_dict(self.net),
+            "loss": _record_dict(self.loss),
+            "conditions": [c.to_dict() for c in self.conditions],
+        }
+        return {f.name: typed[f.name] if f.name in typed else _plain(getattr(self, f.name)) for f in fields(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -271,7 +322,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
         """Validate and build; every problem is a one-line CheckpointError naming the field."""
-        cfg = _build(cls, _upgraded(d), "config")
+        cfg = _build(cls, _upgraded(d), "config", parsers=_PARSERS)
         cfg.validate()
         return cfg
 
@@ -289,8 +340,17 @@ class RunConfig:
         """The shape of the run's data: its images for a latent run, else the shape it samples."""
         return list(self.latent.image_shape) if self.latent is not None else list(self.shape)
 
+    @property
+    def net_config_class(self) -> type:
+        """The config dataclass of this run's network: the kinds table's ``nets[net_kind][0]``."""
+        kind = self.kind
+        if self.net_kind not in kind.nets:
+            raise CheckpointError(f"config: unknown net_kind {self.net_kind!r} for a {kind.name} run; choose one of {', '.join(kind.nets)}")
+        return kind.nets[self.net_kind][0]
+
     def condition_specs(self) -> list[ConditionSpec]:
-        return [ConditionSpec(**c) for c in self.conditions]
+        """The conditions (a copy of the list)."""
+        return list(self.conditions)
 
     def condition(self, name: str) -> ConditionSpec | None:
         return next((s for s in self.condition_specs() if s.name == name), None)
@@ -308,22 +368,16 @@ class RunConfig:
     # ------------------------------------------------------------------ building
 
     def build_process(self) -> Process:
-        try:
-            return process_from_dict(self.process)
-        except ValueError as e:
-            raise CheckpointError(f"config: {e}") from None
+        return self.process
 
     def build_net(self) -> nn.Module:
         """The network (with its LoRA adapters for a LoRA run)."""
-        kind = self.kind
-        if self.net_kind not in kind.nets:
-            raise CheckpointError(f"config: unknown net_kind {self.net_kind!r} for a {kind.name} run; choose one of {', '.join(kind.nets)}")
-        config_cls, net_cls = kind.nets[self.net_kind]
+        config_cls = self.net_config_class
+        _, net_cls = self.kind.nets[self.net_kind]
+        if type(self.net) is not config_cls:
+            raise CheckpointError(f"config: net must be a {config_cls.__name__} for net_kind {self.net_kind!r}, got {type(self.net).__name__}")
         try:
-            net_config = config_cls.from_dict(self.net) if hasattr(config_cls, "from_dict") else _build(config_cls, self.net, "net")
-            net = net_cls(net_config)
-        except CheckpointError:
-            raise
+            net = net_cls(self.net)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
         return with_lora(net, self.lora) if self.lora is not None else net
@@ -350,14 +404,22 @@ class RunConfig:
                 raise CheckpointError(f"config: train.{name} must be positive, got {getattr(t, name)}")
         if t.sample_every < 0:
             raise CheckpointError(f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}")
-        if t.lr_schedule not in ("constant", "cosine"):
-            raise CheckpointError(f"config: train.lr_schedule must be 'constant' or 'cosine', got {t.lr_schedule!r}")
+        if t.lr_schedule not in LR_SCHEDULES:
+            raise CheckpointError(f"config: train.lr_schedule must be one of {_choices(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+        if t.precision not in PRECISIONS:
+            raise CheckpointError(f"config: train.precision must be one of {_choices(PRECISIONS)}, got {t.precision!r}")
         if t.grad_clip < 0 or not 0 <= t.ema_decay <= 1:
             raise CheckpointError(f"config: train.grad_clip must be >= 0 and train.ema_decay in [0, 1], got {t.grad_clip}, {t.ema_decay}")
-        self.build_process()
+        if not isinstance(self.process, Process):
+            raise CheckpointError(f"config: process must be a Process (core/processes.py), got {type(self.process).__name__}")
+        if type(self.loss) is not kind.loss_config:
+            raise CheckpointError(f"config: loss must be a {kind.loss_config.__name__} for a {kind.name} run, got {type(self.loss).__name__}")
+        specs = self.conditions
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, ConditionSpec):
+                raise CheckpointError(f"config: conditions[{i}] must be a ConditionSpec, got {type(spec).__name__}")
         try:
             self.build_loss()
-            specs = self.condition_specs()
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: {str(e).splitlines()[0]}") from None
         net = self.build_net()
@@ -373,9 +435,11 @@ class RunConfig:
 # --------------------------------------------------------------------------- field-by-field checks
 
 
-def _build(cls, d, where: str):
-    """The dataclass ``cls`` from the dict ``d``: unknown fields, missing ones and plainly wrong types raise;
-    fields whose type is a dataclass (or one or None) are built the same way."""
+def _build(cls, d, where: str, parsers: dict | None = None):
+    """The dataclass ``cls`` from the dict ``d``: unknown fields, missing ones, plainly wrong types and values
+    outside a ``Literal``'s choices raise; fields whose type is a dataclass (or one or None) are built the same
+    way. ``parsers`` name -> parse(value, fields so far) read the fields whose type depends on others (the net
+    of a net_kind), after every other field has been read."""
     if not isinstance(d, dict):
         raise CheckpointError(f"config: {where} must be an object, got {type(d).__name__}")
     known = {f.name: f for f in fields(cls) if f.init}
@@ -385,9 +449,12 @@ def _build(cls, d, where: str):
     missing = [n for n, f in known.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise CheckpointError(f"config: {where} lacks {', '.join(map(repr, missing))}")
+    parsers = parsers or {}
     hints = typing.get_type_hints(cls)
     kw = {}
     for name, value in d.items():
+        if name in parsers:
+            continue
         hint = hints[name]
         record = _record_type(hint)
         if record is not None and isinstance(value, dict):
@@ -396,6 +463,9 @@ def _build(cls, d, where: str):
             raise CheckpointError(f"config: {where}.{name} must be {_type_name(hint)}, got {value!r}")
         else:
             kw[name] = value
+    for name, parse in parsers.items():
+        if name in d:
+            kw[name] = parse(d[name], kw)
     try:
         return cls(**kw)
     except CheckpointError:
@@ -413,6 +483,8 @@ def _record_type(hint):
 
 def _type_ok(value, hint) -> bool:
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        return isinstance(value, str | int | float | bool) and value in get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, h) for h in typing.get_args(hint))
     base = origin or hint
@@ -432,7 +504,78 @@ def _type_ok(value, hint) -> bool:
 
 
 def _type_name(hint) -> str:
+    """int, list[int], ..., or for a Literal: one of 'a', 'b' (or None)."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return f"one of {_choices(get_args(hint))}"
+    options = get_args(hint) if origin in (typing.Union, types.UnionType) else ()
+    if any(typing.get_origin(h) is Literal for h in options):
+        return " or ".join("None" if h is type(None) else _type_name(h) for h in options)
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _choices(values) -> str:
+    return ", ".join(map(repr, values))
+
+
+# --------------------------------------------------------------------------- the typed fields in JSON
+
+
+def _record_dict(record) -> dict:
+    """A network's or loss's config as JSON holds it: its own ``to_dict`` (lists for tuples), else its fields."""
+    return record.to_dict() if hasattr(record, "to_dict") else asdict(record)
+
+
+def _plain(value):
+    """Any other field as JSON holds it: a record's fields, a list copied."""
+    if is_dataclass(value):
+        return asdict(value)
+    return list(value) if isinstance(value, list) else value
+
+
+def _kind_of(kw: dict) -> RunKind:
+    try:
+        return kind_named(kw.get("run_kind", "diffusion"))
+    except RunKindError as e:
+        raise CheckpointError(f"config: {e}") from None
+
+
+def _parse_process(value, kw: dict) -> Process:
+    try:
+        return process_from_dict(value)
+    except CheckpointError as e:
+        raise CheckpointError(f"config: {e}") from None
+
+
+def _parse_net(value, kw: dict):
+    """The run kind's network config for net_kind (its own from_dict where it has one, else field by field)."""
+    kind, net_kind = _kind_of(kw), kw["net_kind"]
+    if net_kind not in kind.nets:
+        raise CheckpointError(f"config: unknown net_kind {net_kind!r} for a {kind.name} run; choose one of {', '.join(kind.nets)}")
+    config_cls = kind.nets[net_kind][0]
+    if not hasattr(config_cls, "from_dict"):
+        return _build(config_cls, value, "net")
+    if not isinstance(value, dict):
+        raise CheckpointError(f"config: net must be an object, got {type(value).__name__}")
+    try:
+        return config_cls.from_dict(value)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
+
+
+def _parse_loss(value, kw: dict):
+    return _build(_kind_of(kw).loss_config, value, "loss")
+
+
+def _parse_conditions(value, kw: dict) -> list[ConditionSpec]:
+    if not isinstance(value, list):
+        raise CheckpointError(f"config: conditions must be a list, got {value!r}")
+    return [_build(ConditionSpec, c, f"conditions[{i}]") for i, c in enumerate(value)]
+
+
+_PARSERS = {"process": _parse_process, "net": _parse_net, "loss": _parse_loss, "conditions": _parse_conditions}
 
 
 def _upgraded(d) -> dict:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..core.conditions import ConditionError, check_accepted, condition_names
-from ..core.losses import NoiseAugmented, SimpleLoss
+from ..core.losses import NoiseAugmented
 from ..core.operators import Decoded, Operator
 from ..core.parameterize import Denoiser
 from ..data.images import to_uint8
@@ -281,14 +281,14 @@ def _step_callback(callback):
 
 def diffusion_loss(cfg: RunConfig):
     """The denoising loss, with noise augmentation of low_res for super-resolution runs."""
-    loss = SimpleLoss(**cfg.loss)
+    loss = cfg.loss
     return loss if cfg.super_resolution is None else NoiseAugmented(loss, cfg.super_resolution.aug_max)
 
 
 def _check(cfg: RunConfig, net, specs) -> None:
     for spec in specs:  # the U-Net's null class is its extra embedding row, index num_classes
-        if spec.name == "class_labels" and cfg.net_kind == "unet" and spec.null_label != cfg.net.get("num_classes"):
-            raise CheckpointError(f"config: class_labels' null_label {spec.null_label} must be the network's num_classes ({cfg.net.get('num_classes')})")
+        if spec.name == "class_labels" and cfg.net_kind == "unet" and spec.null_label != cfg.net.num_classes:
+            raise CheckpointError(f"config: class_labels' null_label {spec.null_label} must be the network's num_classes ({cfg.net.num_classes})")
     try:
         check_accepted(condition_names(specs), getattr(net, "accepts", frozenset()), f"the {cfg.net_kind} of this config")
     except ConditionError as e:

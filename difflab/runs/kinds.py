@@ -8,6 +8,7 @@ autoencoder, a CLIP model, a personalised run or a feature network is one ``RunK
     what      how messages name it ("a noise-aware classifier")
     nets      the network kinds it may hold: net_kind -> (config dataclass, network class)
     loss      its training loss, built from the run's config
+    loss_config  the dataclass a config's ``loss`` is (SimpleLoss unless said: AutoencoderLoss, ...)
     run       the object ``difflab.load`` returns for it (a ``runs.run.Run`` subclass): how it loads
     command   the difflab command that trains and continues it ("train-classifier")
     use       how such a run is used, said when it is given where another kind is expected
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..core.losses import SimpleLoss
+
 
 class RunKindError(ValueError):
     """A run of a kind that does not exist, or given where another kind is needed."""
@@ -40,6 +43,7 @@ class RunKind:
     command: str
     use: str = ""
     check: Callable | None = field(default=None, compare=False)
+    loss_config: type = SimpleLoss
 
 
 KINDS: dict[str, RunKind] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from ..core.conditions import ConditionSpec, class_labels
@@ -27,10 +27,10 @@ from ..data.toy2d import TOY_DATASETS
 from ..nets.mlp import MLPConfig
 from ..nets.unet import PRESETS as UNET_PRESETS
 from ..nets.unet import UNetConfig, preset_for_size
-from .config import AUG_MAX, DataSpec, LatentRecord, RunConfig, SuperResolution, TextRecord, TrainConfig, process_to_dict
+from .config import AUG_MAX, DataSpec, LatentRecord, RunConfig, SuperResolution, TextRecord, TrainConfig
 
-RECIPE_PROCESS = process_to_dict(DiscreteDDPM(T=1000, schedule="cosine"))
-RECIPE_LOSS = {"target": None, "weighting": "min_snr", "gamma": 5.0}
+RECIPE_PROCESS = DiscreteDDPM(T=1000, schedule="cosine")
+RECIPE_LOSS = SimpleLoss(weighting="min_snr", gamma=5.0)
 
 
 class PresetError(ValueError):
@@ -42,19 +42,19 @@ def _toy(name: str) -> RunConfig:
         dataset=name,
         process=RECIPE_PROCESS,
         net_kind="mlp",
-        net=MLPConfig(dim=2, hidden=128, depth=4, time_dim=64).to_dict(),
+        net=MLPConfig(dim=2, hidden=128, depth=4, time_dim=64),
         shape=[2],
         data_kind="points",
         target="v",
-        loss=asdict(SimpleLoss(weighting="min_snr", gamma=5.0)),
+        loss=replace(RECIPE_LOSS),
         train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=1000, log_every=50),
         data=DataSpec(n=20000, seed=1),
     )
 
 
 def _image(name: str, net: UNetConfig, shape: list[int], train: TrainConfig) -> RunConfig:
-    return RunConfig(dataset=name, process=RECIPE_PROCESS, net_kind="unet", net=net.to_dict(), shape=shape, data_kind="images", target="v",
-                     loss=dict(RECIPE_LOSS), train=train)
+    return RunConfig(dataset=name, process=RECIPE_PROCESS, net_kind="unet", net=net, shape=shape, data_kind="images", target="v",
+                     loss=replace(RECIPE_LOSS), train=train)
 
 
 FASHION_TRAIN = TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, ema_warmup=True, precision="bf16",
@@ -107,8 +107,8 @@ def with_class_labels(cfg: RunConfig, num_classes: int | None, p_drop: float | N
     if not num_classes:
         raise PresetError(f"--cond class needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' array)")
     spec = class_labels(num_classes, ConditionSpec.p_drop if p_drop is None else p_drop)
-    others = [c for c in cfg.conditions if c["name"] != "class_labels"]  # a text condition stays
-    return replace(cfg, net=dict(cfg.net, num_classes=num_classes), conditions=[*others, spec.to_dict()])
+    others = [c for c in cfg.conditions if c.name != "class_labels"]  # a text condition stays
+    return replace(cfg, net=replace(cfg.net, num_classes=num_classes), conditions=[*others, spec])
 
 
 def with_low_res(cfg: RunConfig, factor: int, aug_max: float | None = None) -> RunConfig:
@@ -119,7 +119,7 @@ def with_low_res(cfg: RunConfig, factor: int, aug_max: float | None = None) -> R
     if factor < 2 or H % factor or W % factor:
         raise PresetError(f"--factor {factor} must be at least 2 and divide the image size {H}x{W}")
     spec = ConditionSpec("low_res", "tensor", p_drop=0.0)
-    return replace(cfg, net=dict(cfg.net, cond_channels=C, low_res_noise=True), conditions=[spec.to_dict()],
+    return replace(cfg, net=replace(cfg.net, cond_channels=C, low_res_noise=True), conditions=[spec],
                    super_resolution=SuperResolution(factor, AUG_MAX if aug_max is None else aug_max))
 
 
@@ -132,9 +132,9 @@ def with_latent(cfg: RunConfig, latent: LatentRecord, latent_shape: Sequence[int
         raise PresetError(f"the autoencoder {latent.autoencoder} encodes {'x'.join(map(str, latent.image_shape))} images; "
                           f"{cfg.dataset} holds {'x'.join(map(str, cfg.shape))}")
     c, h, w = latent_shape
-    keep = UNetConfig.from_dict(cfg.net)
+    keep = cfg.net
     net = replace(preset_for_size(h, c, w), num_classes=keep.num_classes, context_dim=keep.context_dim, text=keep.text)
-    return replace(cfg, shape=[c, h, w], net=net.to_dict(), latent=latent)
+    return replace(cfg, shape=[c, h, w], net=net, latent=latent)
 
 
 def with_text(cfg: RunConfig, record: TextRecord, context_dim: int, joint: dict | None = None, p_drop: float | None = None) -> RunConfig:
@@ -142,15 +142,14 @@ def with_text(cfg: RunConfig, record: TextRecord, context_dim: int, joint: dict 
     text_record), with caption dropout ``p_drop`` (default 0.1) to the empty caption; ``joint`` is the joint
     encoder's TextConfig (a dict), which then lives inside the network."""
     _unet(cfg, "--text")
-    if not cfg.net.get("attention_resolutions"):
+    if not cfg.net.attention_resolutions:
         raise PresetError("--text needs a U-Net with attention resolutions (cross-attention runs there)")
     p = ConditionSpec.p_drop if p_drop is None else p_drop  # the dataclass default, 0.1
-    net = dict(cfg.net, context_dim=context_dim)
+    net = replace(cfg.net, context_dim=context_dim, **({"text": joint} if joint is not None else {}))
     if joint is not None:
-        net["text"] = joint
         spec = ConditionSpec("tokens", "tensor", p, companions=("token_mask",))
     else:
         spec = ConditionSpec("context", "tensor", p, companions=("context_mask",))
-    others = [c for c in cfg.conditions if c["name"] not in ("context", "tokens")]
-    return replace(cfg, net=net, conditions=[*others, spec.to_dict()], text=record)
+    others = [c for c in cfg.conditions if c.name not in ("context", "tokens")]
+    return replace(cfg, net=net, conditions=[*others, spec], text=record)
 

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..training.distributed import World, gather_rows, shard
-from .samplers import PerSampleGenerator, Trajectory, check_options, device_of, sample
+from .samplers import PerSampleGenerator, SamplerName, Spacing, Trajectory, check_options, device_of, sample
 
 
 def identity(x: Tensor) -> Tensor:
@@ -53,9 +53,9 @@ def generate(
     shape,
     n: int,
     *,
-    sampler: str = "ddim",
+    sampler: SamplerName | Callable = "ddim",
     steps: int = 50,
-    spacing: str | None = None,
+    spacing: Spacing | None = None,
     options: dict | None = None,
     cond: Mapping[str, Tensor] | None = None,
     seed: int = 0,

@@ -32,6 +32,7 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -54,7 +55,10 @@ __all__ = [
     "DEFAULT_SIGMA_CAP",
     "PerSampleGenerator",
     "SAMPLERS",
+    "SAMPLER_NAMES",
     "SPACINGS",
+    "SamplerName",
+    "Spacing",
     "Trajectory",
     "ddim",
     "ddim_invert",
@@ -622,7 +626,9 @@ def consistency(
     return rec.finish(ts[-1], x)
 
 
-SAMPLERS: dict[str, Callable] = {
+SamplerName = Literal["ddpm", "ddim", "euler", "heun", "dpmpp-2m", "langevin", "pc", "consistency"]
+SAMPLER_NAMES: tuple[SamplerName, ...] = get_args(SamplerName)
+SAMPLERS: dict[SamplerName, Callable] = {
     "ddpm": ddpm,
     "ddim": ddim,
     "euler": euler,
@@ -634,7 +640,11 @@ SAMPLERS: dict[str, Callable] = {
 }
 
 
-def get_sampler(name: str | Callable) -> Callable:
+if tuple(SAMPLERS) != SAMPLER_NAMES:
+    raise ImportError(f"SamplerName {SAMPLER_NAMES} and SAMPLERS {tuple(SAMPLERS)} differ")
+
+
+def get_sampler(name: SamplerName | Callable) -> Callable:
     """The sampler function registered under ``name`` (a function with the samplers' signature passes through,
     e.g. the restoration methods of inverse.py)."""
     if callable(name):
@@ -647,13 +657,13 @@ def get_sampler(name: str | Callable) -> Callable:
 _SHARED = ("cond", "generator", "callback", "return_trajectory")
 
 
-def sampler_options(name: str | Callable) -> dict:
+def sampler_options(name: SamplerName | Callable) -> dict:
     """The options a sampler takes beyond the shared signature, with their defaults (e.g. ddim: {'eta': 0.0})."""
     params = inspect.signature(get_sampler(name)).parameters.values()
     return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _SHARED}
 
 
-def check_options(name: str | Callable, options: dict) -> None:
+def check_options(name: SamplerName | Callable, options: dict) -> None:
     """Raise one line for an option the sampler does not take (rather than dropping it)."""
     known = sampler_options(name)
     unknown = sorted(set(options) - set(known) - set(_SHARED))
@@ -667,7 +677,8 @@ def check_options(name: str | Callable, options: dict) -> None:
 
 # --------------------------------------------------------------------------- step spacings
 
-SPACINGS = ("uniform", "leading", "trailing", "karras", "logsnr")
+Spacing = Literal["uniform", "leading", "trailing", "karras", "logsnr"]  # the grids timesteps() builds
+SPACINGS: tuple[Spacing, ...] = get_args(Spacing)
 
 
 def _default_t_min(process: Process) -> float:
@@ -684,12 +695,14 @@ def _default_t_min(process: Process) -> float:
 def timesteps(
     process: Process,
     n: int,
-    spacing: str = "uniform",
+    spacing: Spacing = "uniform",
     rho: float = 7.0,
     t_min: float | None = None,
     sigma_tilde_cap: float | None = DEFAULT_SIGMA_CAP,
 ) -> Tensor:
     """A decreasing float64 grid of n+1 times from t_max (for 'leading', from diffusers' first step) down to 0.
+
+    ``spacing`` (`Spacing`, defaults to `"uniform"`) is one of SPACINGS:
 
     uniform   linspace(t_max, 0, n+1), rounded to integers for DiscreteDDPM (the same grid as 'trailing' there)
     leading   DiscreteDDPM only, diffusers' 'leading' + 1: (T // n) k + 1 for k = n-1..0, then 0
@@ -765,7 +778,7 @@ def timesteps(
     return torch.cat([grid, zero])
 
 
-def default_spacing(sampler: str, process: Process) -> str:
+def default_spacing(sampler: SamplerName | Callable, process: Process) -> Spacing:
     """The grid each sampler runs on unless told otherwise, chosen by measurement (benchmarks/README.md, "Default
     grids"):
     on a variance-preserving process uniform for ddpm, ddim and euler (Euler in DDIM's form is DDIM: on Karras it
@@ -795,8 +808,8 @@ def sample(
     denoiser,
     shape,
     steps: int,
-    sampler: str = "ddim",
-    spacing: str | None = None,
+    sampler: SamplerName | Callable = "ddim",
+    spacing: Spacing | None = None,
     generator: torch.Generator | None = None,
     cond: dict | None = None,
     return_trajectory: bool = False,
@@ -813,7 +826,13 @@ def sample(
     The prior neglects alpha(t_0) x_0, as every sampler does. ``device`` defaults to the denoiser's.
     x_start  the state at the first grid time instead of the prior draw (e.g. DDIM-inverted noise)
     t_start  start the chain at this time: the grid's times below it, after it (SDEdit; Meng et al. 2022)
-    init     clean x_0 (B, ...) noised to t_start with q(x_t | x_0), the noise drawn where the prior draw would be"""
+    init     clean x_0 (B, ...) noised to t_start with q(x_t | x_0), the noise drawn where the prior draw would be
+
+    Args:
+        sampler (`SamplerName` or a sampler function, defaults to `"ddim"`): one of SAMPLER_NAMES ("ddpm", "ddim",
+            "euler", "heun", "dpmpp-2m", "langevin", "pc", "consistency"), or a function with the samplers' signature.
+        spacing (`Spacing`, *optional*): the grid, one of SPACINGS (see ``timesteps``); None, the sampler's
+            ``default_spacing`` on this process."""
     fn = get_sampler(sampler)
     check_options(sampler, options)
     process = denoiser.process

@@ -108,7 +108,7 @@ class RunsFolder:
             "generates": cfg.run_kind in GENERATES and cfg.data_kind == "images" and cfg.super_resolution is None,
             "dataset": Path(cfg.dataset).name if "/" in cfg.dataset else cfg.dataset,
             "data_kind": cfg.data_kind,
-            "conditions": [c["name"] for c in cfg.conditions],
+            "conditions": [c.name for c in cfg.conditions],
             "text": text,
             "classes": cfg.num_classes,
             "latent": cfg.latent is not None,

@@ -116,7 +116,7 @@ def clip_config(
     'sides' when a caption names a side, else 'none'."""
     if hard_negatives is None:
         hard_negatives = "sides" if any(swap_sides(c) != c for c in captions or ()) else "none"
-    ContrastiveLoss(hard_negatives)  # the loss checks the name
+    loss = ContrastiveLoss(hard_negatives)  # the loss checks the name
     if base.data_kind != "images":
         raise TextError(f"a CLIP model needs images; {base.dataset} is a set of {base.data_kind}")
     if not captions:
@@ -148,10 +148,7 @@ def clip_config(
     )
     swaps = ("swap_tokens", "swap_token_mask") if hard_negatives != "none" else ()
     spec = ConditionSpec("tokens", "tensor", 0.0, companions=("token_mask", *swaps))
-    loss = {"hard_negatives": hard_negatives} if hard_negatives != "none" else {}
-    return replace(
-        base, run_kind="clip", net_kind="clip", net=net.to_dict(), loss=loss, conditions=[spec.to_dict()], train=train
-    )
+    return replace(base, run_kind="clip", net_kind="clip", net=net, loss=loss, conditions=[spec], train=train)
 
 
 @torch.no_grad()
@@ -181,7 +178,7 @@ def clip_data(cfg, images: Tensor, captions: Sequence[str]):
     tokenize = cfg.build_net().config.text_config.tokenize
     tokens, mask = tokenize(list(captions))
     cond = {"tokens": tokens, "token_mask": mask}
-    if cfg.loss.get("hard_negatives", "none") == "sides":
+    if cfg.loss.hard_negatives == "sides":
         cond["swap_tokens"], cond["swap_token_mask"] = tokenize([swap_sides(c) for c in captions])
     return TensorDataset(images, cond)
 
@@ -234,7 +231,7 @@ def clip_figures(run: str | Path, test: ImageSet, n: int = 2000, group: int = 10
 def _check(cfg: RunConfig, net, specs) -> None:
     if [s.name for s in specs] != ["tokens"]:
         raise CheckpointError("config: a CLIP run's condition is its captions' tokens")
-    hard = ContrastiveLoss(**cfg.loss).hard_negatives != "none"
+    hard = cfg.loss.hard_negatives != "none"
     if hard != ("swap_tokens" in specs[0].companions):
         raise CheckpointError("config: a CLIP run with side hard negatives reads swap_tokens (and only then)")
 
@@ -243,9 +240,10 @@ CLIP = RunKind(
     "clip",
     "a CLIP run",
     {"clip": (ClipConfig, Clip)},
-    lambda cfg: ContrastiveLoss(**cfg.loss),
+    lambda cfg: cfg.loss,
     ClipRun,
     "train-clip",
     use="condition a model on it with `difflab train DATASET --text clip:{run}`",
     check=_check,
+    loss_config=ContrastiveLoss,
 )

@@ -198,7 +198,7 @@ def encoder_of(cfg: RunConfig):
     if rec is None:
         return None
     if rec.kind == "joint":
-        return JointText(TextConfig.from_dict(cfg.net["text"]))
+        return JointText(cfg.net.text_config)
     if rec.kind == "minilm":
         enc = MiniLM()
     else:

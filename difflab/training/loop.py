@@ -38,10 +38,9 @@ from ..core.parameterize import Denoiser
 from ..data.loader import ShuffledBatches, TensorDataset
 from ..io import atomic_path
 from ..runs import store as ckpt
-from ..runs.config import RunConfig, TrainConfig, save_config
+from ..runs.config import PRECISIONS, Precision, RunConfig, TrainConfig, save_config
 from .distributed import World, max_over_ranks, mean_over_ranks, resolve_device, setup
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 SEED_STRIDE = 1_000_003  # step k of a run with seed s draws from a generator seeded s * SEED_STRIDE + k
 
 
@@ -79,7 +78,7 @@ def learning_rate(step: int, tc: TrainConfig) -> float:
     return 0.5 * tc.lr * (1 + math.cos(math.pi * (step - tc.warmup) / max(1, tc.steps - tc.warmup)))
 
 
-def check_precision(precision: str, device: torch.device) -> None:
+def check_precision(precision: Precision, device: torch.device) -> None:
     """bf16 runs anywhere, fp16 on CUDA only (it trains with a gradient scaler), fp32 everywhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
@@ -87,7 +86,7 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ValueError("precision fp16 needs a CUDA device (it trains with a gradient scaler); use bf16 on the CPU")
 
 
-def autocast(precision: str, device: torch.device):
+def autocast(precision: Precision, device: torch.device):
     """The autocast context of a precision on a device (fp32: none)."""
     check_precision(precision, device)
     if precision == "fp32":
