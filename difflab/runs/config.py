@@ -188,7 +188,9 @@ class Personalization:
     token: str = "sks"
     prior_weight: float = 1.0  # lambda; 0: no prior preservation
     class_images: int = 64  # class samples drawn once by the base model
-    class_guidance: float = 1.0  # their guidance scale: 1, the model's own conditional law, which is what the term preserves
+    class_guidance: float = (
+        1.0  # their guidance scale: 1, the model's own conditional law, which is what the term preserves
+    )
     caption_dropout: float | None = None  # the captions' dropout while personalising (None: the base's)
     vectors: int = 1  # textual inversion: new embedding rows for the identifier ("sks" reads as that many tokens)
     captions: list[str] = field(default_factory=list)  # the subject images' captions
@@ -199,7 +201,9 @@ class Personalization:
         if self.method not in PERSONALIZATION_METHODS:
             raise CheckpointError(f"unknown method {self.method!r}; choose one of {', '.join(PERSONALIZATION_METHODS)}")
         if words(self.token) != [self.token]:
-            raise CheckpointError(f"the identifier must be one lower-case word of letters and digits (e.g. sks), got {self.token!r}")
+            raise CheckpointError(
+                f"the identifier must be one lower-case word of letters and digits (e.g. sks), got {self.token!r}"
+            )
         if not words(self.class_word):
             raise CheckpointError("give the subject's class word (--class-word, e.g. sneaker)")
         if not self.prior_weight >= 0:
@@ -208,8 +212,14 @@ class Personalization:
             raise CheckpointError(f"--class-images must be positive, got {self.class_images}")
         if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
             raise CheckpointError(f"the caption dropout must lie in [0, 1], got {self.caption_dropout}")
-        if not isinstance(self.vectors, int) or self.vectors < 1 or (self.vectors > 1 and self.method != "textual-inversion"):
-            raise CheckpointError(f"several vectors (--vectors) are for textual inversion; got {self.vectors} for {self.method}")
+        if (
+            not isinstance(self.vectors, int)
+            or self.vectors < 1
+            or (self.vectors > 1 and self.method != "textual-inversion")
+        ):
+            raise CheckpointError(
+                f"several vectors (--vectors) are for textual inversion; got {self.vectors} for {self.method}"
+            )
 
     @property
     def tokens(self) -> list[str]:
@@ -245,13 +255,22 @@ class Distillation:
 
     def __post_init__(self):
         if self.method not in DISTILLATION_METHODS:
-            raise CheckpointError(f"unknown distillation method {self.method!r}; choose one of {', '.join(DISTILLATION_METHODS)}")
+            raise CheckpointError(
+                f"unknown distillation method {self.method!r}; choose one of {', '.join(DISTILLATION_METHODS)}"
+            )
         if self.solver not in ("heun", "ddim"):
             raise CheckpointError(f"the consistency teacher's ODE step must be 'heun' or 'ddim', got {self.solver!r}")
         if self.guidance_range is not None:
             lo, hi = (list(self.guidance_range) + [None, None])[:2]
-            if len(self.guidance_range) != 2 or not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)) or not 0 <= lo <= hi:
-                raise CheckpointError(f"the guidance range must be LO,HI with 0 <= LO <= HI, got {self.guidance_range!r}")
+            if (
+                len(self.guidance_range) != 2
+                or not isinstance(lo, (int, float))
+                or not isinstance(hi, (int, float))
+                or not 0 <= lo <= hi
+            ):
+                raise CheckpointError(
+                    f"the guidance range must be LO,HI with 0 <= LO <= HI, got {self.guidance_range!r}"
+                )
             self.guidance_range = [float(lo), float(hi)]
 
     @property
@@ -299,7 +318,9 @@ class RunConfig:
     distill: Distillation | None = None
 
     def __post_init__(self):
-        if not isinstance(self.shape, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.shape):
+        if not isinstance(self.shape, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in self.shape
+        ):
             raise CheckpointError(f"config: shape must be a list of integers, got {self.shape!r}")
         self.shape = list(self.shape)
         self.conditions = list(self.conditions)
@@ -345,7 +366,10 @@ class RunConfig:
         """The config dataclass of this run's network: the kinds table's ``nets[net_kind][0]``."""
         kind = self.kind
         if self.net_kind not in kind.nets:
-            raise CheckpointError(f"config: unknown net_kind {self.net_kind!r} for a {kind.name} run; choose one of {', '.join(kind.nets)}")
+            raise CheckpointError(
+                f"config: unknown net_kind {self.net_kind!r} for a {kind.name} run; choose one of "
+                f"{', '.join(kind.nets)}"
+            )
         return kind.nets[self.net_kind][0]
 
     def condition_specs(self) -> list[ConditionSpec]:
@@ -375,7 +399,10 @@ class RunConfig:
         config_cls = self.net_config_class
         _, net_cls = self.kind.nets[self.net_kind]
         if type(self.net) is not config_cls:
-            raise CheckpointError(f"config: net must be a {config_cls.__name__} for net_kind {self.net_kind!r}, got {type(self.net).__name__}")
+            raise CheckpointError(
+                f"config: net must be a {config_cls.__name__} for net_kind {self.net_kind!r}, got "
+                f"{type(self.net).__name__}"
+            )
         try:
             net = net_cls(self.net)
         except (TypeError, ValueError) as e:
@@ -403,17 +430,28 @@ class RunConfig:
             if getattr(t, name) <= 0:
                 raise CheckpointError(f"config: train.{name} must be positive, got {getattr(t, name)}")
         if t.sample_every < 0:
-            raise CheckpointError(f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}")
+            raise CheckpointError(
+                f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}"
+            )
         if t.lr_schedule not in LR_SCHEDULES:
-            raise CheckpointError(f"config: train.lr_schedule must be one of {_choices(LR_SCHEDULES)}, got {t.lr_schedule!r}")
+            raise CheckpointError(
+                f"config: train.lr_schedule must be one of {_choices(LR_SCHEDULES)}, got {t.lr_schedule!r}"
+            )
         if t.precision not in PRECISIONS:
             raise CheckpointError(f"config: train.precision must be one of {_choices(PRECISIONS)}, got {t.precision!r}")
         if t.grad_clip < 0 or not 0 <= t.ema_decay <= 1:
-            raise CheckpointError(f"config: train.grad_clip must be >= 0 and train.ema_decay in [0, 1], got {t.grad_clip}, {t.ema_decay}")
+            raise CheckpointError(
+                f"config: train.grad_clip must be >= 0 and train.ema_decay in [0, 1], got {t.grad_clip}, {t.ema_decay}"
+            )
         if not isinstance(self.process, Process):
-            raise CheckpointError(f"config: process must be a Process (core/processes.py), got {type(self.process).__name__}")
+            raise CheckpointError(
+                f"config: process must be a Process (core/processes.py), got {type(self.process).__name__}"
+            )
         if type(self.loss) is not kind.loss_config:
-            raise CheckpointError(f"config: loss must be a {kind.loss_config.__name__} for a {kind.name} run, got {type(self.loss).__name__}")
+            raise CheckpointError(
+                f"config: loss must be a {kind.loss_config.__name__} for a {kind.name} run, got "
+                f"{type(self.loss).__name__}"
+            )
         specs = self.conditions
         for i, spec in enumerate(specs):
             if not isinstance(spec, ConditionSpec):
@@ -427,7 +465,9 @@ class RunConfig:
             kind.check(self, net, specs)
             return
         try:
-            check_accepted(condition_names(specs), getattr(net, "accepts", frozenset()), f"the {self.net_kind} of this config")
+            check_accepted(
+                condition_names(specs), getattr(net, "accepts", frozenset()), f"the {self.net_kind} of this config"
+            )
         except ConditionError as e:
             raise CheckpointError(f"config: {e}") from None
 
@@ -445,7 +485,10 @@ def _build(cls, d, where: str, parsers: dict | None = None):
     known = {f.name: f for f in fields(cls) if f.init}
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise CheckpointError(f"config: unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} in {where} (known: {', '.join(known)})")
+        raise CheckpointError(
+            f"config: unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))} in {where} (known: "
+            f"{', '.join(known)})"
+        )
     missing = [n for n, f in known.items() if n not in d and f.default is MISSING and f.default_factory is MISSING]
     if missing:
         raise CheckpointError(f"config: {where} lacks {', '.join(map(repr, missing))}")
@@ -551,7 +594,9 @@ def _parse_net(value, kw: dict):
     """The run kind's network config for net_kind (its own from_dict where it has one, else field by field)."""
     kind, net_kind = _kind_of(kw), kw["net_kind"]
     if net_kind not in kind.nets:
-        raise CheckpointError(f"config: unknown net_kind {net_kind!r} for a {kind.name} run; choose one of {', '.join(kind.nets)}")
+        raise CheckpointError(
+            f"config: unknown net_kind {net_kind!r} for a {kind.name} run; choose one of {', '.join(kind.nets)}"
+        )
     config_cls = kind.nets[net_kind][0]
     if not hasattr(config_cls, "from_dict"):
         return _build(config_cls, value, "net")
@@ -597,8 +642,12 @@ def _upgraded(d) -> dict:
         d["personalize"] = {k: v for k, v in d["personalize"].items() if k != "lora"}
     d["data"] = data
     net_kind = d.get("net_kind")
-    d.setdefault("run_kind", "personalized" if "personalize" in d else {"classifier": "classifier", "autoencoder": "autoencoder",
-                                                                          "clip": "clip"}.get(net_kind, "diffusion"))
+    d.setdefault(
+        "run_kind",
+        "personalized"
+        if "personalize" in d
+        else {"classifier": "classifier", "autoencoder": "autoencoder", "clip": "clip"}.get(net_kind, "diffusion"),
+    )
     return d
 
 

@@ -47,10 +47,19 @@ def cached_latents(space: LatentSpace, images: Tensor, cache: Path | None, progr
     this autoencoder (fingerprint) for these images (their count and SHA-256), else encoded with a progress bar and
     written there atomically. The training split of the sets here fits in memory as latents (fashion-pairs: 20000 x
     4 x 8 x 16 floats, 41 MB), so latent runs train on the cache rather than encoding every batch."""
-    tag = {"hash": space.hash, "images": str(len(images)), "data": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]}
+    tag = {
+        "hash": space.hash,
+        "images": str(len(images)),
+        "data": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16],
+    }
 
     def encode() -> Tensor:
-        return torch.cat([space.encode(to_model(part)) for part in tqdm(images.split(1024), desc="encode training set", disable=not progress)])
+        return torch.cat(
+            [
+                space.encode(to_model(part))
+                for part in tqdm(images.split(1024), desc="encode training set", disable=not progress)
+            ]
+        )
 
     return cached_tensor(cache, tag, encode, name="z")
 
@@ -62,7 +71,9 @@ def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool 
         return TensorDataset(make_toy(cfg.dataset, cfg.data.n or 20000, 1 if cfg.data.seed is None else cfg.data.seed))
     ds = load_split(cfg, "train")
     if list(ds.images.shape[1:]) != cfg.data_shape:
-        raise DataError(f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.data_shape)}")
+        raise DataError(
+            f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.data_shape)}"
+        )
     cond = {"class_labels": ds.labels} if ds.labels is not None else {}
     if cfg.text is not None:
         if ds.captions is None:

@@ -67,4 +67,6 @@ def kind_for_net(net_kind: str) -> RunKind:
     for k in KINDS.values():
         if net_kind in k.nets:
             return k
-    raise RunKindError(f"unknown network kind {net_kind!r}; known: {', '.join(n for k in KINDS.values() for n in k.nets)}")
+    raise RunKindError(
+        f"unknown network kind {net_kind!r}; known: {', '.join(n for k in KINDS.values() for n in k.nets)}"
+    )

@@ -27,8 +27,16 @@ class LifecycleError(ValueError):
     """A run that cannot be started or continued as asked."""
 
 
-def begin(out: str | Path, kind: RunKind | Sequence[RunKind], *, resume: bool, force: bool, fresh: Callable[[], RunConfig],
-          fixed: Sequence[str] = (), steps: int | None = None) -> tuple[RunConfig, bool]:
+def begin(
+    out: str | Path,
+    kind: RunKind | Sequence[RunKind],
+    *,
+    resume: bool,
+    force: bool,
+    fresh: Callable[[], RunConfig],
+    fixed: Sequence[str] = (),
+    steps: int | None = None,
+) -> tuple[RunConfig, bool]:
     """(config, resumed) of the run a training command trains in ``out`` (see the module doc). ``fixed`` names
     the given options a resumed run refuses; ``steps`` sets (or on resume extends) the steps."""
     refuse_writes(out, "train a copy of it")
@@ -38,9 +46,13 @@ def begin(out: str | Path, kind: RunKind | Sequence[RunKind], *, resume: bool, f
         cfg = load_config(out)
         if cfg.run_kind not in {k.name for k in kinds}:
             theirs = cfg.kind
-            raise LifecycleError(f"{out} holds {theirs.what}: continue it with `difflab {theirs.command} --out {out} --resume`")
+            raise LifecycleError(
+                f"{out} holds {theirs.what}: continue it with `difflab {theirs.command} --out {out} --resume`"
+            )
         if fixed and resume:  # a worker torchrun restarted keeps its first command line: it resumes as saved
-            raise LifecycleError(f"--resume continues {out} as it was saved; drop {', '.join(fixed)} (or start a new run with --out)")
+            raise LifecycleError(
+                f"--resume continues {out} as it was saved; drop {', '.join(fixed)} (or start a new run with --out)"
+            )
         return (_with_steps(cfg, steps), True)
     if (out / CONFIG).exists() and not force and not restarted():
         raise LifecycleError(f"{out} already holds a run: pass --resume to continue it or --force to start over")

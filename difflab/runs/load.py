@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..distill.student import DISTILLED
 from ..evaluation.feature_training import FEATURES
 from ..evaluation.identity import IDENTITY
 from ..guidance.classifier import CLASSIFIER
 from ..latent.autoencoder import AUTOENCODER
 from ..personalize.method import PERSONALIZED
 from ..text.clip import CLIP
-from ..distill.student import DISTILLED
 from .config import load_config
 from .diffusion import DIFFUSION, DiffusionRun
 from .kinds import register
@@ -29,8 +29,13 @@ BUILT_IN = (DIFFUSION, PERSONALIZED, DISTILLED, CLASSIFIER, AUTOENCODER, CLIP, F
 register(*BUILT_IN)
 
 
-def load(path: str | Path, *, ema: bool = True, device: str | torch.device | None = None,
-         lora: Sequence[tuple[str | Path, float]] = ()) -> Run:
+def load(
+    path: str | Path,
+    *,
+    ema: bool = True,
+    device: str | torch.device | None = None,
+    lora: Sequence[tuple[str | Path, float]] = (),
+) -> Run:
     """The run in ``path`` as the object of its kind (the kinds table says which), with its EMA weights unless
     ``ema=False``; ``lora`` adds LoRA adapters ((run, strength), ...) to a diffusion run."""
     cfg = load_config(path)

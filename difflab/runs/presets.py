@@ -47,23 +47,57 @@ def _toy(name: str) -> RunConfig:
         data_kind="points",
         target="v",
         loss=replace(RECIPE_LOSS),
-        train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=1000, log_every=50),
+        train=TrainConfig(
+            steps=4000, batch_size=256, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=1000, log_every=50
+        ),
         data=DataSpec(n=20000, seed=1),
     )
 
 
 def _image(name: str, net: UNetConfig, shape: list[int], train: TrainConfig) -> RunConfig:
-    return RunConfig(dataset=name, process=RECIPE_PROCESS, net_kind="unet", net=net, shape=shape, data_kind="images", target="v",
-                     loss=replace(RECIPE_LOSS), train=train)
+    return RunConfig(
+        dataset=name,
+        process=RECIPE_PROCESS,
+        net_kind="unet",
+        net=net,
+        shape=shape,
+        data_kind="images",
+        target="v",
+        loss=replace(RECIPE_LOSS),
+        train=train,
+    )
 
 
-FASHION_TRAIN = TrainConfig(steps=20000, batch_size=64, lr=1e-3, warmup=500, ema_decay=0.999, ema_warmup=True, precision="bf16",
-                            checkpoint_every=250, sample_every=1000, log_every=25)
+FASHION_TRAIN = TrainConfig(
+    steps=20000,
+    batch_size=64,
+    lr=1e-3,
+    warmup=500,
+    ema_decay=0.999,
+    ema_warmup=True,
+    precision="bf16",
+    checkpoint_every=250,
+    sample_every=1000,
+    log_every=25,
+)
 
 PRESETS: dict[str, RunConfig] = {
     **{name: _toy(name) for name in TOY_DATASETS},
-    "digits": _image("digits", UNET_PRESETS["digits"], [1, 8, 8],
-                     TrainConfig(steps=1500, batch_size=64, lr=2e-3, warmup=100, ema_decay=0.995, checkpoint_every=500, sample_every=500, log_every=25)),
+    "digits": _image(
+        "digits",
+        UNET_PRESETS["digits"],
+        [1, 8, 8],
+        TrainConfig(
+            steps=1500,
+            batch_size=64,
+            lr=2e-3,
+            warmup=100,
+            ema_decay=0.995,
+            checkpoint_every=500,
+            sample_every=500,
+            log_every=25,
+        ),
+    ),
     "fashion-mnist": _image("fashion-mnist", UNET_PRESETS["fashion-mnist"], [1, 28, 28], FASHION_TRAIN),
     "fashion-pairs": _image("fashion-pairs", preset_for_size(32, 3, 64), [3, 32, 64], FASHION_TRAIN),
 }
@@ -84,7 +118,8 @@ def check_dataset(name: str) -> None:
     """A dataset is a built-in name or an existing folder / .npz file."""
     if name not in TOY_DATASETS and name not in DATASETS and not Path(name).exists():
         raise PresetError(
-            f"unknown dataset {name!r}: choose one of {', '.join([*TOY_DATASETS, *DATASETS])}, or give a folder of images or an .npz file"
+            f"unknown dataset {name!r}: choose one of {', '.join([*TOY_DATASETS, *DATASETS])}, or give a folder of "
+            "images or an .npz file"
         )
 
 
@@ -105,7 +140,10 @@ def with_class_labels(cfg: RunConfig, num_classes: int | None, p_drop: float | N
     """The run conditioned on class labels: the U-Net gets a class embedding (plus its null row)."""
     _unet(cfg, "--cond class")
     if not num_classes:
-        raise PresetError(f"--cond class needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' array)")
+        raise PresetError(
+            f"--cond class needs class labels, and {cfg.dataset} has none (use class subfolders or an npz 'labels' "
+            "array)"
+        )
     spec = class_labels(num_classes, ConditionSpec.p_drop if p_drop is None else p_drop)
     others = [c for c in cfg.conditions if c.name != "class_labels"]  # a text condition stays
     return replace(cfg, net=replace(cfg.net, num_classes=num_classes), conditions=[*others, spec])
@@ -119,8 +157,12 @@ def with_low_res(cfg: RunConfig, factor: int, aug_max: float | None = None) -> R
     if factor < 2 or H % factor or W % factor:
         raise PresetError(f"--factor {factor} must be at least 2 and divide the image size {H}x{W}")
     spec = ConditionSpec("low_res", "tensor", p_drop=0.0)
-    return replace(cfg, net=replace(cfg.net, cond_channels=C, low_res_noise=True), conditions=[spec],
-                   super_resolution=SuperResolution(factor, AUG_MAX if aug_max is None else aug_max))
+    return replace(
+        cfg,
+        net=replace(cfg.net, cond_channels=C, low_res_noise=True),
+        conditions=[spec],
+        super_resolution=SuperResolution(factor, AUG_MAX if aug_max is None else aug_max),
+    )
 
 
 def with_latent(cfg: RunConfig, latent: LatentRecord, latent_shape: Sequence[int]) -> RunConfig:
@@ -129,15 +171,19 @@ def with_latent(cfg: RunConfig, latent: LatentRecord, latent_shape: Sequence[int
     if cfg.data_kind != "images" or cfg.net_kind != "unet":
         raise PresetError(f"latent diffusion needs an image run; {cfg.dataset} trains an {cfg.net_kind.upper()}")
     if list(cfg.shape) != list(latent.image_shape):
-        raise PresetError(f"the autoencoder {latent.autoencoder} encodes {'x'.join(map(str, latent.image_shape))} images; "
-                          f"{cfg.dataset} holds {'x'.join(map(str, cfg.shape))}")
+        raise PresetError(
+            f"the autoencoder {latent.autoencoder} encodes {'x'.join(map(str, latent.image_shape))} images; "
+            f"{cfg.dataset} holds {'x'.join(map(str, cfg.shape))}"
+        )
     c, h, w = latent_shape
     keep = cfg.net
     net = replace(preset_for_size(h, c, w), num_classes=keep.num_classes, context_dim=keep.context_dim, text=keep.text)
     return replace(cfg, shape=[c, h, w], net=net, latent=latent)
 
 
-def with_text(cfg: RunConfig, record: TextRecord, context_dim: int, joint: dict | None = None, p_drop: float | None = None) -> RunConfig:
+def with_text(
+    cfg: RunConfig, record: TextRecord, context_dim: int, joint: dict | None = None, p_drop: float | None = None
+) -> RunConfig:
     """The run (a U-Net config) conditioned on captions through the encoder ``record`` names (text/encoders.py:
     text_record), with caption dropout ``p_drop`` (default 0.1) to the empty caption; ``joint`` is the joint
     encoder's TextConfig (a dict), which then lives inside the network."""
@@ -152,4 +198,3 @@ def with_text(cfg: RunConfig, record: TextRecord, context_dim: int, joint: dict 
         spec = ConditionSpec("context", "tensor", p, companions=("context_mask",))
     others = [c for c in cfg.conditions if c.name not in ("context", "tokens")]
     return replace(cfg, net=net, conditions=[*others, spec], text=record)
-

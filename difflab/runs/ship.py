@@ -15,8 +15,15 @@ from .config import CONFIG, load_config
 from .store import STEP_DIR, WEIGHTS, _require_checkpoint, load_weights, weights_fingerprint, weights_step
 
 
-def ship(run: str | Path, name: str, recipe: dict, *, config: dict | None = None, extra_files: tuple[str, ...] = (),
-         root: Path | None = None) -> Path:
+def ship(
+    run: str | Path,
+    name: str,
+    recipe: dict,
+    *,
+    config: dict | None = None,
+    extra_files: tuple[str, ...] = (),
+    root: Path | None = None,
+) -> Path:
     """Copy the finished ``run`` into root/NAME (default difflab/shipped/NAME) as a shipped model: ``config`` (the
     run's config as a dict, rewritten by the caller where it names other runs; its steps set to the shipped step),
     the EMA weights of its newest
@@ -29,7 +36,9 @@ def ship(run: str | Path, name: str, recipe: dict, *, config: dict | None = None
     step = weights_step(run)
     with safe_open(str(_require_checkpoint(run) / WEIGHTS), "pt") as f:
         meta = dict(f.metadata() or {})
-    cfg = cfg | {"train": {**cfg["train"], "steps": step}}  # finished at the step it ships (a run stopped by --max-minutes too)
+    cfg = cfg | {
+        "train": {**cfg["train"], "steps": step}
+    }  # finished at the step it ships (a run stopped by --max-minutes too)
     ema = {f"ema.{k}": v.contiguous() for k, v in load_weights(run, "ema").items()}
     final = root / name
     tmp = root / f".{name}.partial"
@@ -41,8 +50,13 @@ def ship(run: str | Path, name: str, recipe: dict, *, config: dict | None = None
     (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     for extra in extra_files:
         shutil.copy2(run / extra, tmp / extra)
-    info = {"name": name, **recipe, "steps": step, "source_fingerprint": weights_fingerprint(run),
-            "weights_sha256": file_sha256(ckpt / WEIGHTS)}
+    info = {
+        "name": name,
+        **recipe,
+        "steps": step,
+        "source_fingerprint": weights_fingerprint(run),
+        "weights_sha256": file_sha256(ckpt / WEIGHTS),
+    }
     with atomic_path(tmp / shipped.RECIPE) as t:
         Path(t).write_text(json.dumps(info, indent=2) + "\n")
     if final.exists():

@@ -61,7 +61,10 @@ def _require_checkpoint(run_dir: str | Path) -> Path:
     folder = latest_checkpoint(run_dir)
     if folder is None:
         if (Path(run_dir) / "train_state.pt").exists():
-            raise CheckpointError(f"{run_dir} is a run of an older difflab (train_state.pt, a pickle, which is never loaded); train it again")
+            raise CheckpointError(
+                f"{run_dir} is a run of an older difflab (train_state.pt, a pickle, which is never loaded); train it "
+                "again"
+            )
         raise CheckpointError(f"{Path(run_dir) / CHECKPOINTS} holds no checkpoint yet (was the run started?)")
     return folder
 
@@ -74,8 +77,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, net: nn.Module, ema: nn.Module, optimizer: dict | None = None,
-                    state: dict | None = None, keep: int = KEEP) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    net: nn.Module,
+    ema: nn.Module,
+    optimizer: dict | None = None,
+    state: dict | None = None,
+    keep: int = KEEP,
+) -> Path:
     """Write checkpoint ``step`` (weights, the optimizer's state_dict, JSON-ready ``state``) atomically.
 
     Files go to a hidden temporary folder, are synced, and the folder is renamed into place in one step;
@@ -144,7 +154,9 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CheckpointError(
+            f"{path} is corrupt or not a safetensors file ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
 
 
 def load_training_state(run_dir: str | Path) -> tuple[int, dict, dict]:
@@ -166,7 +178,7 @@ def load_weights(run_dir: str | Path, which: str = "ema") -> dict[str, torch.Ten
     """The state_dict of 'net' or 'ema' from the newest checkpoint, with a clear error when missing or corrupt."""
     tensors = _load_tensors(_require_checkpoint(run_dir) / WEIGHTS)
     prefix = f"{which}."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     if not state and which == "net" and any(k.startswith("ema.") for k in tensors):
         raise CheckpointError(f"{run_dir} holds its EMA weights only (a shipped model): load it with its EMA weights")
     return state
