@@ -276,22 +276,18 @@ def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch):
 # --------------------------------------------------------------------------- trained in CI
 
 
-def test_a_tiny_clip_retrieves_captions_well_above_chance(clip_run):
+def test_train_clip_writes_its_report(clip_run):
+    """The fixture's CLIP is plumbing-sized (a few steps): its report is complete; how well a CLIP retrieves is the
+    shipped fashion-pairs-clip's recorded figures (tests/test_shipped.py) and benchmarks/clip_sides.py."""
     report = json.loads((clip_run / "clip.json").read_text())
     assert report["group"] == 100 and report["images"] == 2000
-    # measured at 150 steps of batch 64 (train-clip's defaults: attention pooling, side hard negatives; CLIP's
-    # initialisation): caption -> image 0.703, image -> caption 0.697 (chance 0.01); probe: colours 0.998 and 1.000
-    # (chance 1/6), classes 0.442 and 0.450 (chance 0.1); side-swap discrimination 0.613 (a coin flip 0.5; 0.986 at
-    # 1000 steps of batch 128)
-    assert report["caption_to_image"] > 0.5 and report["image_to_caption"] > 0.5
-    assert report["swap_discrimination"] > 0.55
-    probe = report["attribute_probe"]
-    assert (
-        probe["left colour"] > 0.9
-        and probe["right colour"] > 0.9
-        and probe["left class"] > 0.3
-        and probe["right class"] > 0.3
-    )
+    rates = [report["caption_to_image"], report["image_to_caption"], report["swap_discrimination"]]
+    assert all(0 <= r <= 1 for r in rates) and set(report["attribute_probe"]) == {
+        "left class",
+        "left colour",
+        "right class",
+        "right colour",
+    }
 
 
 def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, capsys):
