@@ -262,7 +262,8 @@ def create_app(
         """The sampler and steps a job that names neither gets (run.default_sampling), from the run loaded in the
         LRU (the page samples it next); None when it does not load."""
         try:
-            sampler, steps = queue(request).runs.get(name).default_sampling()
+            own = queue(request).runs.get(name).default_sampling()
+            sampler, steps = own.sampler, own.steps
         except (ValueError, OSError):  # a run being written, a broken one: said when a job asks for it
             return None
         return {"sampler": sampler, "steps": steps}

@@ -201,7 +201,8 @@ def check(run: DiffusionRun, kind: str, s: dict, limits: Limits) -> dict:
     if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r}")
     check_kind(run, s["run"], kind)
-    own_sampler, own_steps = run.default_sampling()  # a distilled student's own; else dpmpp-2m, 20
+    own = run.default_sampling()  # a distilled student's own; else dpmpp-2m, 20
+    own_sampler, own_steps = own.sampler, own.steps
     s.setdefault("sampler", "ddim" if kind in ("inpaint", "img2img") else own_sampler)
     s.setdefault("steps", 50 if kind in ("inpaint", "img2img", "interpolate") else own_steps)
     s.setdefault("batch", 1)
