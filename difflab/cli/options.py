@@ -366,7 +366,9 @@ def guidance_from(args, run: DiffusionRun | None = None):
             ) from None
     scale = args.guidance
     if scale is None:
-        asked = bool(args.class_label or getattr(args, "prompt", None) or getattr(args, "prompt_file", None))
+        asked = bool(
+            getattr(args, "class_label", None) or getattr(args, "prompt", None) or getattr(args, "prompt_file", None)
+        )
         scale = run.default_sampling().guidance if run is not None and asked else 1.0
     g = GuidanceConfig(
         scale=scale,
