@@ -19,7 +19,7 @@ from difflab.core.operators import Mask, box_mask
 from difflab.data.images import DataError, load_images, read_inputs, to_uint8
 from difflab.data.loader import TensorDataset
 from difflab.runs.config import DataSpec, RunConfig, TrainConfig
-from difflab.runs.diffusion import DiffusionRun
+from difflab.runs.diffusion import DefaultSampling, DiffusionRun
 from difflab.runs.kinds import KINDS, RunKind, RunKindError, register
 from difflab.runs.lifecycle import LifecycleError, begin
 from difflab.runs.presets import RECIPE_PROCESS
@@ -46,6 +46,26 @@ def cli_samples(capsys, tmp_path, run, *argv) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- one object, the CLI's images
+
+
+def test_one_place_decides_the_default_sampling(digits_runs, tmp_path, capsys):
+    """``run.default_sampling()`` decides what a call naming no sampler, steps or guidance gets: `difflab sample`
+    with none of them and ``run.sample`` with none of them make the same images, those of the record's values
+    named; a distilled student overrides that record and its checks, never ``sample`` or ``trajectory``."""
+    from difflab.distill.student import StudentRun
+
+    run = difflab.load(digits_runs / "dc")
+    own = run.default_sampling()
+    assert own == DefaultSampling("dpmpp-2m", 20, guidance=1.0, spacing=None, fixed=False)
+    out = tmp_path / "own.npz"
+    code, err = cli(capsys, "sample", digits_runs / "dc", "-n", 3, "--class", 3, "--seed", 2, "--save", out, "--quiet")
+    assert code == 0, err
+    got = run.sample(3, class_label=3, seed=2)
+    assert np.abs(to_uint8(got).numpy().astype(int) - np.load(out)["images"].astype(int)).max() <= 1
+    named = run.sample(3, class_label=3, seed=2, sampler=own.sampler, steps=own.steps, guidance=own.guidance)
+    torch.testing.assert_close(got, named, rtol=0, atol=0)
+    assert {"sample", "trajectory"}.isdisjoint(vars(StudentRun))
+    assert {"default_sampling", "check_sampling"} <= set(vars(StudentRun))
 
 
 def test_run_sample_gives_the_clis_images_for_every_kind_of_diffusion_run(

@@ -32,6 +32,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import difflab
 from difflab.cli.studio import needs_token
 from difflab.data.images import to_model, to_uint8
+from difflab.runs import shipped
 from difflab.studio import pngs
 from difflab.studio.app import create_app, job_events
 from difflab.studio.folder import NotFound, check_name
@@ -108,32 +109,33 @@ def api(url: str, method: str = "GET", body=None, expect: int = 200, **kw):
     return json.loads(data) if data[:1] in (b"{", b"[") else data
 
 
-def wait(base: str, id: str, timeout: float = 60) -> dict:
-    end = time.time() + timeout
-    while time.time() < end:
-        job = api(f"{base}/api/jobs/{id}")
-        if job["status"] in FINISHED:
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {id} did not finish")
+def follow(base: str, id: str):
+    """The states of a job's Server-Sent Events stream as they come, in order, from its first to its end (closing
+    the generator early closes the stream)."""
+    with urllib.request.urlopen(f"{base}/api/jobs/{id}/events", timeout=120) as r:
+        for line in r:
+            if line.startswith(b"data: "):
+                yield json.loads(line[6:])
 
 
 def events(base: str, id: str) -> list[dict]:
     """Every state of a job its Server-Sent Events stream sent, in order, until its end."""
-    with urllib.request.urlopen(f"{base}/api/jobs/{id}/events", timeout=120) as r:
-        return [json.loads(line[6:]) for line in r if line.startswith(b"data: ")]
+    return list(follow(base, id))
 
 
-def running(base: str, id: str, timeout: float = 60) -> dict:
-    """A job once it is running and has taken a step (a failure if it ends first)."""
-    end = time.time() + timeout
-    while time.time() < end:
-        job = api(f"{base}/api/jobs/{id}")
+def wait(base: str, id: str) -> dict:
+    """A job once it has finished: its events stream followed to its end (the finished state), then asked for."""
+    assert events(base, id)[-1]["status"] in FINISHED
+    return api(f"{base}/api/jobs/{id}")
+
+
+def running(base: str, id: str) -> dict:
+    """A job's first state running with a step taken (a failure if it ends first), from its events stream."""
+    for job in follow(base, id):
         assert job["status"] in ("queued", "running"), job
         if job["status"] == "running" and job["step"] > 0:
             return job
-        time.sleep(0.01)
-    raise AssertionError(f"job {id} did not start")
+    raise AssertionError(f"job {id} ended without a step")
 
 
 def runs_folder(tmp_path: Path, **runs: Path) -> Path:
@@ -233,30 +235,82 @@ def test_history_marks_unfinished_jobs_interrupted(tmp_path):
     assert h.search("50%x", status=None) == []
 
 
-def test_events_stream_ends_on_the_finished_state():
-    """The worker thread may finish a job between the events stream's snapshot of it and the stream's test for
-    the end. The stream once tested the job itself there: it ended after a "running" event, and the page, never
-    told the job ended, waited for ever (the chain explorer's flaky forward process). Its last event must be the
-    finished state."""
-
-    class FinishedRightAfterTheSnapshot(Job):
-        def public(self, position=None):
-            state = super().public(position)
-            if self.status == "running":  # the worker finishes the job just now
-                self.finished, self.status = time.time(), "done"
-            return state
+def stream(job) -> list[dict]:
+    """Every state the events stream of ``job`` sends, until its end (no server: the stream's generator itself)."""
 
     async def connected() -> bool:
         return False
 
-    async def stream(job) -> list[dict]:
-        return [json.loads(event.removeprefix("data: ")) async for event in job_events(job, connected, every=0)]
+    async def states() -> list[dict]:
+        return [json.loads(event.removeprefix("data: ")) async for event in job_events(job, connected)]
 
-    states = asyncio.run(stream(FinishedRightAfterTheSnapshot("0" * 16, "forward", "dc", {}, status="running")))
+    return asyncio.run(states())
+
+
+def test_events_stream_ends_on_the_finished_state():
+    """The stream once sent snapshots of the job, polled: the worker thread could finish the job between the
+    snapshot and the stream's test for the end, and the stream ended after a "running" event (the page, never told
+    the job ended, waited for ever). Now every state is appended to the job's log as it happens and the stream
+    sends the log: its last event is the finished state, and a job finished before the stream opened gives all."""
+    job = Job("0" * 16, "forward", "dc", {}, status="running")
+    job.update(finished=time.time(), status="done")  # the worker finishes the job before the stream is opened
+    states = stream(job)
     assert [s["status"] for s in states] == ["running", "done"] and states[-1]["finished"] is not None
-    assert [
-        s["status"] for s in asyncio.run(stream(Job("1" * 16, "forward", "dc", {}, status="failed", error="x")))
-    ] == ["failed"]
+    assert [s["status"] for s in stream(Job("1" * 16, "forward", "dc", {}, status="failed", error="x"))] == ["failed"]
+
+
+def test_events_stream_misses_no_state():
+    """A job whose states change faster than anyone could poll them (a worker thread taking 2000 steps with a
+    preview every 5, then finishing while the stream drains): the stream sends every state, in order, each once."""
+    job = Job("2" * 16, "generate", "dc", {}, steps=2000)
+    opened = threading.Event()
+
+    def worker():
+        opened.wait(30)
+        job.update(status="running", started=time.time())
+        for k in range(1, 2001):
+            job.update(step=k, previews=job.previews + (k % 5 == 0))
+        job.update(finished=time.time(), status="done")
+
+    threading.Thread(target=worker, daemon=True).start()
+
+    async def connected() -> bool:
+        opened.set()  # the stream has drained the first state and waits: the worker starts
+        return False
+
+    async def states() -> list[dict]:
+        return [json.loads(event.removeprefix("data: ")) async for event in job_events(job, connected)]
+
+    states = asyncio.run(states())
+    assert [s["status"] for s in states] == ["queued", "running"] + ["running"] * 2000 + ["done"]
+    assert [s["step"] for s in states[2:-1]] == list(range(1, 2001))
+    assert [s["previews"] for s in states if s["status"] == "running" and s["step"] % 5 == 0][1:] == list(range(1, 401))
+
+
+def test_a_shipped_model_has_its_card_and_its_best_guidance(tmp_path):
+    """A newcomer's empty runs folder: the shipped text model's info carries its card (the recipe's figures and
+    commands) and the guidance it was measured best at (its recipe's scale, 5: run.default_sampling), which a job
+    naming no guidance gets, as the library's sample does."""
+    name, prompt = "fashion-pairs-t2i", "a red sneaker on the left and a blue bag on the right"
+    recipe = shipped.recipe(name)
+    run = difflab.load(name)
+    assert run.default_sampling().guidance == recipe["figures"]["scale"] == 5.0
+    assert torch.equal(
+        run.sample(1, prompt=prompt, steps=2, seed=0), run.sample(1, prompt=prompt, guidance=5.0, steps=2, seed=0)
+    )
+    with served(tmp_path) as base:
+        info = api(f"{base}/api/runs/{name}")
+        assert info["shipped"] and info["card"]["figures"] == recipe["figures"]
+        assert info["card"]["commands"] == recipe["commands"] and info["card"]["what"] == recipe["what"]
+        assert info["guidance"] == 5.0 and info["sampling"] == {"sampler": "dpmpp-2m", "steps": 20}
+        ae = api(f"{base}/api/runs/fashion-pairs-ae")  # a shipped model that makes no images has its card too
+        assert ae["card"]["figures"] == shipped.recipe("fashion-pairs-ae")["figures"] and ae["guidance"] is None
+        job = wait(
+            base, api(f"{base}/api/generate", "POST", {"run": name, "prompt": prompt, "steps": 2, "seed": 0})["id"]
+        )
+        assert job["status"] == "done" and job["settings"]["guidance"] == 5.0, job
+        direct = to_uint8(run.sample(1, prompt=prompt, steps=2, seed=0))[0].numpy()
+        assert np.array_equal(png_array(api(f"{base}/api/jobs/{job['id']}/images/0.png")), direct)
 
 
 # --------------------------------------------------------------------------- on a trained digits run
@@ -315,8 +369,7 @@ def test_queue_is_fifo_and_cancels_the_third(digits_studio):
         assert api(f"{base}/api/jobs/{ids[0]}/cancel", "POST", expect=409)
         # a running job stops at its next step
         long = api(f"{base}/api/generate", "POST", {"run": "dc", "steps": 200, "seed": 0, "batch": 16})["id"]
-        while api(f"{base}/api/jobs/{long}")["status"] == "queued":
-            time.sleep(0.01)
+        running(base, long)
         api(f"{base}/api/jobs/{long}/cancel", "POST")
         job = wait(base, long)
         assert job["status"] == "cancelled" and job["step"] < 200 and job["images"] == 0

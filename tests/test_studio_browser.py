@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,11 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install 'difflab[test]')"
 )
 
-from test_studio import api, png_array, runs_folder, served
+from test_studio import api, png_array, runs_folder, served, wait
 
 import difflab
 from difflab.data.images import load_images, to_uint8
+from difflab.runs import shipped
 from difflab.runs.data import low_res_of
 from difflab.studio import pngs
 
@@ -88,6 +88,41 @@ def images_loaded(page, selector: str) -> None:
     page.wait_for_function(
         f"[...document.querySelectorAll({json.dumps(selector)})].every(i => i.complete && i.naturalWidth > 0)"
     )
+
+
+def broken_images(page) -> list[str]:
+    """The ids of the visible <img> elements without a picture (a browser draws a broken-image placeholder)."""
+    return page.evaluate(
+        "[...document.images].filter(i => i.offsetParent !== null && !(i.getAttribute('src') || '')).map(i => i.id)"
+    )
+
+
+def test_a_newcomer_sees_the_shipped_models(page, tmp_path):
+    """An empty runs folder, as a newcomer's: no panel shows a broken picture; the shipped text model comes with
+    the guidance it was measured best at (its recipe's scale, 5), and its row on the Runs page shows its card: the
+    figures and the commands of its recipe."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    with served(root) as base:
+        open_studio(page, base, "fashion-pairs-t2i")
+        assert wait_log(page, "own guidance fashion-pairs-t2i") == "own guidance fashion-pairs-t2i 5"
+        assert page.input_value("#guidance") == "5"
+        for panel in ("generate", "edit", "chain", "history", "runs"):
+            page.click(f"nav button[data-panel={panel}]")
+            assert broken_images(page) == [], panel
+        page.click("#runs-table tr[data-run=fashion-pairs-t2i]")
+        wait_log(page, "card ")
+        page.wait_for_selector("#run-card:not([hidden])")
+        figures = page.locator("#card-figures tbody tr").all_inner_texts()
+        assert len(figures) == len(shipped.recipe("fashion-pairs-t2i")["figures"]) and any(
+            "held_out" in f for f in figures
+        )
+        assert "difflab train fashion-pairs" in page.text_content("#card-commands")
+        assert broken_images(page) == []
+        screenshot(page, "runs-shipped")
+        page.click("#runs-table tr[data-run=fashion-pairs-ae]")  # no images of its own: its card alone
+        page.wait_for_function("document.getElementById('card-what').textContent.includes('autoencoder')")
+        assert page.input_value("#run-select") == "fashion-pairs-t2i" and broken_images(page) == []
 
 
 def test_generate_preview_history_and_png_round_trip(page, tmp_path, text_runs):
@@ -230,10 +265,7 @@ def test_queue_five_cancel_the_third(page, tmp_path, digits_runs):
         screenshot(page, "queue")
         ids = [j["id"] for j in api(f"{base}/api/jobs")["jobs"]]
         assert len(ids) == 5
-        end = time.time() + 60
-        while time.time() < end and any(api(f"{base}/api/jobs/{i}")["status"] in ("queued", "running") for i in ids):
-            time.sleep(0.1)
-        jobs = [api(f"{base}/api/jobs/{i}") for i in ids]
+        jobs = [wait(base, i) for i in ids]  # each job's events stream followed to its end
         assert [j["status"] for j in jobs] == ["done", "done", "cancelled", "done", "done"]
         assert [j["settings"]["seed"] for j in jobs] == [0, 1, 2, 3, 4]  # none lost, in order
         done = [j for j in jobs if j["status"] == "done"]
@@ -376,8 +408,7 @@ def test_restart_keeps_history_in_the_page(page, tmp_path, digits_runs):
         job = api(f"{base}/api/generate", "POST", {"run": "dc", "class_label": 8, "steps": 10, "seed": 3, "batch": 4})[
             "id"
         ]
-        while api(f"{base}/api/jobs/{job}")["status"] != "done":
-            time.sleep(0.05)
+        assert wait(base, job)["status"] == "done"
     with served(root) as base:
         open_studio(page, base, "dc")
         page.click("nav button[data-panel=runs]")

@@ -28,7 +28,7 @@ from .options import (
 
 def run(args) -> None:
     check_suffix(args.json, (".json",), "--json")
-    sampler_choice(args, None)  # fail before loading anything
+    sampler_choice(args)  # fail before loading anything
     if args.bpd_n < 0:
         raise UsageError(f"--bpd-n must be 0 (skip) or a positive integer, got {args.bpd_n}")
     cfg = load_config(args.run)
@@ -36,13 +36,11 @@ def run(args) -> None:
         torch.set_num_threads(args.threads)
     else:
         single_thread_for_points(cfg.data_kind)
-    student = (
-        load_run(args, args.run, ema=args.ema) if cfg.distill is not None else None
-    )  # it says what it samples with
-    sampler, spacing, options = sampler_choice(args, cfg.build_process(), student)
+    run = load_run(args, args.run, ema=args.ema)  # it says what it samples with by default (a student: its own)
+    sampler, spacing, options = sampler_choice(args, run)
     sampling = Sampling(sampler, args.steps, spacing, options, args.batch, resolve_device(args.device))
     result = evaluate(
-        student or args.run,
+        run,
         n=args.n,
         seed=args.seed,
         sampling=sampling,
@@ -66,7 +64,7 @@ def run(args) -> None:
 def register(sub) -> None:
     e = sub.add_parser("eval", help="sample quality (FD, KID, precision/recall, classes) and bits/dim of a run")
     e.add_argument("run", help="run directory")
-    add_sampler(e, "dpmpp-2m", 20)
+    add_sampler(e)
     add_lora(e)
     add_guidance(
         e.add_argument_group(

@@ -137,17 +137,18 @@ def training_options(cfg: RunConfig, args) -> RunConfig:
     return replace(cfg, train=replace(cfg.train, **fields))
 
 
-def add_sampler(p, sampler: str, steps: int) -> None:
-    """The sampler group; ``sampler`` and ``steps`` are the command's defaults, used unless the run has its own
-    (a distilled student samples with its own sampler and steps: ``sampler_choice`` with the run)."""
+def add_sampler(p) -> None:
+    """The sampler group. A sampler and steps left out are the run's own (``run.default_sampling()``: dpmpp-2m in
+    20 steps; a distilled student's own), filled in by ``sampler_choice`` with the run."""
     g = p.add_argument_group("sampler")
     g.add_argument(
         "--sampler",
         default=None,
-        help=f"one of: {', '.join(SAMPLERS)} (default {sampler}; a distilled student: its own)",
+        help=f"one of: {', '.join(SAMPLERS)} (default: the run's own, dpmpp-2m; a distilled student's own)",
     )
-    g.add_argument("--steps", type=positive_int, default=None, help=f"default {steps} (a distilled student: its own)")
-    p.set_defaults(sampler_default=(sampler, steps))
+    g.add_argument(
+        "--steps", type=positive_int, default=None, help="default: the run's own (20; a distilled student's own)"
+    )
     g.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the sampler's usual grid")
     g.add_argument("--eta", type=unit_float, default=None, help="ddim: eta in [0, 1] (default 0)")
     g.add_argument(
@@ -173,18 +174,15 @@ def add_sampler(p, sampler: str, steps: int) -> None:
 SAMPLER_FLAGS = ("eta", "variance", "n_steps_each", "step_lr", "snr", "n_corrector")  # each a sampler's own keyword
 
 
-def sampler_choice(args, process, run=None) -> tuple[str, str, dict]:
+def sampler_choice(args, run=None) -> tuple[str, str, dict]:
     """(sampler, spacing, options) from the sampler group, each option checked against what the sampler and
-    the grid take: an option the chosen sampler or spacing does not use is an error, not dropped. With ``process``
-    None it checks the flags alone (before loading anything). An unnamed sampler and steps are filled in
-    ``args``: the run's own for a distilled student (which checks what it is asked for), else the command's."""
-    if process is None and args.sampler is None:
+    the grid take: an option the chosen sampler or spacing does not use is an error, not dropped. With ``run``
+    None it checks the flags alone (before loading anything). An unnamed sampler, steps and spacing are filled in
+    ``args`` from the run (``run.check_sampling``: its ``default_sampling``; a student checks what it is asked for)."""
+    if run is None and args.sampler is None:
         return None, args.spacing, {}
-    if run is not None and hasattr(run, "check_sampling"):
-        args.sampler, args.steps = run.check_sampling(args.sampler, args.steps, args.spacing)
-        args.spacing = args.spacing or "uniform"
-    args.sampler = args.sampler or args.sampler_default[0]
-    args.steps = args.steps or args.sampler_default[1]
+    if run is not None:
+        args.sampler, args.steps, args.spacing = run.check_sampling(args.sampler, args.steps, args.spacing)
     if args.sampler not in SAMPLERS:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     takes = sampler_options(args.sampler)
@@ -199,6 +197,7 @@ def sampler_choice(args, process, run=None) -> tuple[str, str, dict]:
                 f"--{name.replace('_', '-')} is an option of the {owners} sampler; {args.sampler!r} does not take it"
             )
         options[name] = value
+    process = None if run is None else run.process
     spacing = args.spacing or (default_spacing(args.sampler, process) if process is not None else None)
     if args.sigma_cap is not None and process is not None:
         if not process.variance_preserving:
@@ -295,10 +294,11 @@ def add_guidance(g) -> None:
     g.add_argument(
         "--guidance",
         type=float,
-        default=1.0,
+        default=None,
         metavar="S",
-        help="classifier-free guidance scale: pred_null + S (pred_class - pred_null); 1 (default) plain conditional, 0 "
-        "unconditional",
+        help="classifier-free guidance scale: pred_null + S (pred_class - pred_null); 1 plain conditional, 0 "
+        "unconditional (default: the run's own, 1, or the best scale a shipped model records, when a class or "
+        "prompt is asked for)",
     )
     g.add_argument(
         "--guidance-schedule",
@@ -351,8 +351,9 @@ def add_guidance(g) -> None:
     )
 
 
-def guidance_from(args):
-    """The GuidanceConfig the flags ask for (None when they ask for nothing)."""
+def guidance_from(args, run: DiffusionRun | None = None):
+    """The GuidanceConfig the flags ask for (None when they ask for nothing). Without --guidance the scale is 1,
+    or with ``run``, when a class or prompt is asked for, the run's own (``run.default_sampling().guidance``)."""
     if args.classifier_scale is not None and args.classifier is None:
         raise UsageError("--classifier-scale needs --classifier RUN")
     compose_prompts = []
@@ -363,8 +364,14 @@ def guidance_from(args):
             raise UsageError(
                 f'--compose-prompt takes WEIGHT TEXT, e.g. --compose-prompt 0.5 "a red bag on the left"; got {w!r}'
             ) from None
+    scale = args.guidance
+    if scale is None:
+        asked = bool(
+            getattr(args, "class_label", None) or getattr(args, "prompt", None) or getattr(args, "prompt_file", None)
+        )
+        scale = run.default_sampling().guidance if run is not None and asked else 1.0
     g = GuidanceConfig(
-        scale=args.guidance,
+        scale=scale,
         schedule=args.guidance_schedule,
         negative=args.negative_class,
         compose=args.compose,

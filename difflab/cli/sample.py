@@ -34,7 +34,7 @@ def run(args) -> None:
     check_suffix(args.out, (".png",), "--out")
     check_suffix(args.save, (".npz",), "--save")
     check_suffix(args.gif, (".gif",), "--gif")
-    sampler_choice(args, None)  # unknown sampler: fail before loading anything
+    sampler_choice(args)  # unknown sampler: fail before loading anything
     model = load_run(args, args.run, ema=args.ema)
     cfg = model.config
     cascade = None
@@ -48,13 +48,13 @@ def run(args) -> None:
                 f"--then {args.then} upscales {'x'.join(map(str, low_shape))} images; {args.run} makes "
                 f"{'x'.join(map(str, cfg.data_shape))}"
             )
-    guidance = guidance_from(args)
+    guidance = guidance_from(args, model)
     asked, n, nrow = asked_for(args, model, guidance, args.n)
     if args.gif and cfg.data_kind != "images":
         raise UsageError(
             f"--gif draws the chain of an image run; {args.run} makes {cfg.data_kind} (use `difflab trajectories`)"
         )
-    sampler, spacing, options = sampler_choice(args, model.process, model)
+    sampler, spacing, options = sampler_choice(args, model)
     single_thread_for_points(cfg.data_kind)
     device = resolve_device(args.device)
     world = setup(device)
@@ -115,7 +115,7 @@ def run(args) -> None:
 def register(sub) -> None:
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run", help="run directory")
-    add_sampler(s, "ddim", 50)
+    add_sampler(s)
     add_conditions(s)
     s.add_argument("-n", "--n", type=positive_int, default=64)
     s.add_argument(

@@ -24,10 +24,10 @@ def run(args) -> None:
         raise UsageError(f"unknown sampler {args.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
     model = load_run(args, args.run)
     cfg = model.config
-    if hasattr(model, "check_sampling"):  # a distilled student: its own sampler and steps unless named (and checked)
-        args.sampler, args.steps = model.check_sampling(args.sampler, args.steps, None)
-    args.sampler, args.steps = args.sampler or "ddpm", args.steps or 100
-    guidance = guidance_from(args)
+    if not model.default_sampling().fixed:  # this command's own: a DDPM chain of 100 steps shows the noise going
+        args.sampler, args.steps = args.sampler or "ddpm", args.steps or 100
+    args.sampler, args.steps, _ = model.check_sampling(args.sampler, args.steps)  # a student: its own, checked
+    guidance = guidance_from(args, model)
     asked, n, _ = asked_for(args, model, guidance, args.n or (2000 if cfg.data_kind == "points" else 8))
     single_thread_for_points(cfg.data_kind)
     if cfg.data_kind == "points":

@@ -21,7 +21,8 @@ no fewer steps).
 
 The student is a run of kind ``distilled`` (loaded as a ``StudentRun``): its config records the teacher's path
 and fingerprint (a changed teacher is refused), the method, the stages and the step count K it samples in.
-It samples with its own sampler and steps; asking for another is an error. Latent runs distil in the latent
+It samples with its own sampler and steps (its ``default_sampling``; DiffusionRun's ``sample`` and ``trajectory``
+fill them in), and ``check_sampling`` refuses another in one line. Latent runs distil in the latent
 space and decode as usual. LoRA adapters, inverse problems and editing are refused (they were made for the
 teacher's full chain)."""
 
@@ -45,7 +46,7 @@ from ..runs.config import (
     save_config,
 )
 from ..runs.data import training_data
-from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss, sample_pictures
+from ..runs.diffusion import NETS, DefaultSampling, DiffusionRun, _check, diffusion_loss, sample_pictures
 from ..runs.kinds import RunKind
 from ..runs.shipped import from_record, recorded_path, refuse_writes
 from ..runs.store import (
@@ -126,11 +127,12 @@ class StudentRun(DiffusionRun):
     def own_sampler(self) -> str:
         return "ddim" if self.config.distill.method == "progressive" else "consistency"
 
-    def default_sampling(self) -> tuple[str, int]:
-        return self.own_sampler, self.config.distill.steps_to
+    def default_sampling(self) -> DefaultSampling:
+        """Its own sampler in its own steps, on the uniform grid it was distilled on; nothing else is taken."""
+        return DefaultSampling(self.own_sampler, self.config.distill.steps_to, spacing="uniform", fixed=True)
 
-    def check_sampling(self, sampler: str | None, steps: int | None, spacing: str | None) -> tuple[str, int]:
-        """(sampler, steps) the student takes: its own when not given; another is one clear error."""
+    def check_sampling(self, sampler=None, steps=None, spacing=None) -> tuple[str, int, str]:
+        """(sampler, steps, spacing) the student takes: its own when not given; another is one clear error."""
         d, own = self.config.distill, self.own_sampler
         if sampler is not None and sampler != own:
             raise DistillError(
@@ -150,7 +152,7 @@ class StudentRun(DiffusionRun):
             raise DistillError(
                 f"{self.path} is a consistency student: it samples in 1 to {MAX_CONSISTENCY_STEPS} steps, not {steps}"
             )
-        return own, steps
+        return own, steps, "uniform"
 
     def guided(self, guidance: GuidanceConfig | None, length: int | None = None):
         d = self.config.distill
@@ -184,14 +186,6 @@ class StudentRun(DiffusionRun):
         if not lo <= g.scale <= hi:
             raise DistillError(f"{self.path} was distilled for guidance scales in [{lo:g}, {hi:g}], not {g.scale:g}")
         return AtScale(self.denoiser, g.scale)
-
-    def sample(self, n: int = 1, *, sampler=None, steps=None, spacing=None, **kw) -> Tensor:
-        sampler, steps = self.check_sampling(sampler, steps, spacing)
-        return super().sample(n, sampler=sampler, steps=steps, spacing="uniform", **kw)
-
-    def trajectory(self, n: int = 8, *, sampler=None, steps=None, spacing=None, **kw):
-        sampler, steps = self.check_sampling(sampler, steps, spacing)
-        return super().trajectory(n, sampler=sampler, steps=steps, spacing="uniform", **kw)
 
     def with_lora(self, adapters):
         raise DistillError(

@@ -273,8 +273,10 @@ def evaluate(
     t_start = time.perf_counter()
     run = run if isinstance(run, DiffusionRun) else DiffusionRun.load(run, ema=ema, lora=lora)
     if sampling.sampler is None or sampling.steps is None:  # the run's own (a distilled student's few steps)
-        own = run.default_sampling()
-        sampling = replace(sampling, sampler=sampling.sampler or own[0], steps=sampling.steps or own[1])
+        sampler, steps, _ = run.check_sampling(sampling.sampler, sampling.steps, sampling.spacing)
+        sampling = replace(sampling, sampler=sampler, steps=steps)
+    if guidance is None:  # the run's own scale, recorded in the report (a shipped model's best; else none)
+        guidance = GuidanceConfig.of(run.default_guidance(None, asked=True))
     sampling.check()
     cfg = run.config
     asked = _asked(run, guidance, n, prompts, caption_swap, clip)

@@ -19,6 +19,7 @@ Two kinds load as a DiffusionRun: ``diffusion`` (``difflab train``) and ``person
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -49,8 +50,26 @@ from .config import CheckpointError, RunConfig
 from .data import load_split, low_res_of
 from .kinds import RunKind
 from .run import Run
+from .shipped import recorded_scale
 
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp-2m", 20
+
+@dataclass(frozen=True)
+class DefaultSampling:
+    """What a call that names no sampler, steps or guidance gets: ``DiffusionRun.default_sampling()``, the one
+    place that decides it for the library, the CLI and the studio.
+
+    sampler   the sampler's name (sampling/samplers.py SAMPLERS)
+    steps     its steps
+    guidance  the classifier-free scale s of a call that asks for a condition (a prompt, a class) and names no
+              guidance: 1 (plain conditional), or the best scale a shipped model's recipe records
+    spacing   the time grid (None: the sampler's usual one)
+    fixed     whether the run samples with this sampler alone (a distilled student): another is refused"""
+
+    sampler: str = "dpmpp-2m"
+    steps: int = 20
+    guidance: float = 1.0
+    spacing: str | None = None
+    fixed: bool = False
 
 
 class DiffusionRun(Run):
@@ -148,9 +167,25 @@ class DiffusionRun(Run):
 
     # ------------------------------------------------------------------ making images
 
-    def default_sampling(self) -> tuple[str, int]:
-        """The sampler and steps a call that names neither uses (a distilled student: its own)."""
-        return DEFAULT_SAMPLER, DEFAULT_STEPS
+    def default_sampling(self) -> DefaultSampling:
+        """The sampler, steps and guidance a call that names none of them gets: dpmpp-2m in 20 steps, plain
+        conditional, or the best guidance scale a shipped model records (a distilled student: its own)."""
+        return DefaultSampling(guidance=recorded_scale(self.path) or 1.0)
+
+    def check_sampling(self, sampler: str | None = None, steps: int | None = None,
+                       spacing: str | None = None) -> tuple[str, int, str | None]:
+        """(sampler, steps, spacing) of a call: what it names, the rest from ``default_sampling`` (a student
+        also refuses, in one line, a sampler, steps or grid it was not made for)."""
+        own = self.default_sampling()
+        return sampler or own.sampler, steps or own.steps, spacing or own.spacing
+
+    def default_guidance(self, guidance, asked: bool):
+        """The guidance of a call: what it names; when it names none but asks for a condition (``asked``), the
+        run's own scale (``default_sampling().guidance``; None when that is 1: plain conditional)."""
+        if guidance is not None or not asked:
+            return guidance
+        scale = self.default_sampling().guidance
+        return None if scale == 1.0 else scale
 
     def sample(self, n: int = 1, *, prompt: str | Sequence[str] | None = None, negative_prompt: str | None = None,
                class_label: int | Sequence[int] | None = None, guidance: float | GuidanceConfig | None = None,
@@ -161,8 +196,10 @@ class DiffusionRun(Run):
         ``seed + i``. ``guidance`` is a classifier-free scale s (1: plain conditional) or a GuidanceConfig;
         ``options`` the sampler's own (ddim: eta; ...) and the grid's sigma_tilde_cap. Under torchrun (``world``)
         rank 0 gets the samples, the other ranks None. ``decoded=False``: in the denoiser's space (a latent run's latents)."""
+        sampler, steps, spacing = self.check_sampling(sampler, steps, spacing)
+        guidance = self.default_guidance(guidance, prompt is not None or class_label is not None)
         denoiser, cond = self._setup(n, prompt, class_label, guidance, negative_prompt)
-        return generate(denoiser, self.config.shape, n, sampler=sampler or DEFAULT_SAMPLER, steps=steps or DEFAULT_STEPS, spacing=spacing,
+        return generate(denoiser, self.config.shape, n, sampler=sampler, steps=steps, spacing=spacing,
                         options=options, cond=cond, seed=seed, batch=batch, device=device, world=world, progress=progress,
                         decode=self.decode if decoded else None, callback=_step_callback(callback))
 
@@ -170,8 +207,10 @@ class DiffusionRun(Run):
                    steps: int | None = None, spacing: str | None = None, options: dict | None = None, seed: int = 0,
                    callback=None) -> tuple[Tensor, Trajectory]:
         """n samples and their chain (x_t at every grid time, the predicted x_0 at every step), both in the data space."""
+        sampler, steps, spacing = self.check_sampling(sampler, steps, spacing)
+        guidance = self.default_guidance(guidance, prompt is not None or class_label is not None)
         denoiser, cond = self._setup(n, prompt, class_label, guidance, negative_prompt)
-        return generate(denoiser, self.config.shape, n, sampler=sampler or DEFAULT_SAMPLER, steps=steps or DEFAULT_STEPS, spacing=spacing,
+        return generate(denoiser, self.config.shape, n, sampler=sampler, steps=steps, spacing=spacing,
                         options=options, cond=cond, seed=seed, batch=n, decode=self.decode, return_trajectory=True,
                         callback=_step_callback(callback))
 
@@ -229,14 +268,16 @@ class DiffusionRun(Run):
                              cond_a=ends[0] or None, cond_b=ends[1] or None, specs=self.config.condition_specs(), decode=self.decode,
                              callback=_step_callback(callback))
 
-    def upscale(self, low: Tensor, *, noise_level: float = 0.0, steps: int = 20, sampler: str = "dpmpp-2m", seed: int = 0,
+    def upscale(self, low: Tensor, *, noise_level: float = 0.0, steps: int | None = None, sampler: str | None = None, seed: int = 0,
                 batch: int = 250, progress: bool = False, device=None,
                 callback: Callable[[int, Tensor, Tensor], None] | None = None) -> Tensor:
         """A super-resolution run's samples of p(x | low_res) for low-resolution images ``low`` (model space,
         (N, C, H/k, W/k)); ``noise_level``: the conditioning augmentation's level, the input noised as in training
-        and the network told so. ``callback(step, x_t, x0_hat)`` as for ``sample``."""
+        and the network told so; ``sampler`` and ``steps``: the run's own (``default_sampling``) unless named.
+        ``callback(step, x_t, x0_hat)`` as for ``sample``."""
         if self.config.super_resolution is None:
             raise ValueError(f"{self.path} is not a super-resolution run (train one with `difflab train NAME --cond low-res --factor K`)")
+        sampler, steps, _ = self.check_sampling(sampler, steps)  # the run's own unless named
         cond = {"low_res": low}
         if noise_level:
             g = torch.Generator().manual_seed(seed)

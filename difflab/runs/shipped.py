@@ -82,6 +82,14 @@ def recipe(name: str) -> dict:
     return json.loads((SHIPPED_DIR / name / RECIPE).read_text())
 
 
+def recorded_scale(path: str | Path) -> float | None:
+    """The best guidance scale a shipped model's recipe records (its figures' ``scale``), None for any other run."""
+    if not is_shipped(path):
+        return None
+    scale = recipe(Path(path).name).get("figures", {}).get("scale")
+    return None if scale is None else float(scale)
+
+
 def catalogue() -> list[dict]:
     """Every shipped model's recipe, with its folder's size in bytes."""
     out = []

@@ -9,7 +9,12 @@ The parts, one module per idea:
     folder.py    the runs a studio serves: names checked (no path components), summaries, metrics
     pngs.py      PNGs whose ``parameters`` text chunk holds every setting of the image (AUTOMATIC1111's convention)
     history.py   the jobs in SQLite (RUNS/.studio/history.sqlite): every setting, searchable by prompt
-    jobs.py      the settings of a job, checked; the queue: one worker thread, FIFO, cancel, previews, an LRU of runs
-    app.py       the HTTP layer: routes, the token, 4xx JSON errors; static/ holds the page (plain HTML/JS/CSS)
+    events.py    a job's states in order, each as it happens, drained by its events stream (none can be missed)
+    jobs.py      the job record and its states, the limits, the table of job kinds and the checks they share
+    kinds.py     one handler per job kind (generate, chain, inpaint, img2img, interpolate, sweep, forward, upscale):
+                 its request, its checks, its run
+    queue.py     the queue: one worker thread, FIFO, cancel, previews, an LRU of loaded runs
+    app.py       the HTTP layer in route groups: the token and 4xx JSON errors, the page, runs, jobs (a route per
+                 kind of the table), history; static/ holds the page (plain HTML/JS/CSS)
 
 Nothing is read or written outside the runs folder, except the shipped models (read-only) listed beside its runs."""

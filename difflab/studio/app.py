@@ -4,16 +4,18 @@
 
 Every action of the page is a JSON endpoint (OpenAPI at /docs); images are PNGs. Every error is a 4xx JSON
 object ``{"error": "one line"}``: unknown names (404), settings out of the limits or that the run cannot take
-(400), a full queue (429), a job that cannot be cancelled (409), bad JSON or wrong types (422), a missing or
-wrong token (401). With a token, every request needs it: ``Authorization: Bearer T``, ``?token=T``, or the
-cookie the page gets when it is opened with ``?token=T``."""
+(400), an upload too large (413), a full queue (429), a job that cannot be cancelled (409), bad JSON or wrong
+types (422), a missing or wrong token (401). With a token, every request needs it: ``Authorization: Bearer T``,
+``?token=T``, or the cookie the page gets when it is opened with ``?token=T``.
+
+The routes come in groups, one function each: the errors and the token (``add_guard``), the page, the runs, the
+jobs (one POST /api/NAME per entry of the job kinds' table, jobs.KINDS, and the routes every job shares) and the
+history with the PNGs' settings."""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
 import hmac
+import inspect
 import json
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -23,15 +25,8 @@ from typing import Annotated
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import (
-    FileResponse,
-    HTMLResponse,
-    JSONResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..runs import shipped
@@ -40,7 +35,8 @@ from ..sampling.samplers import SAMPLERS, SPACINGS
 from . import pngs
 from .folder import STUDIO_DIR, NotFound, RunsFolder, _line
 from .history import History
-from .jobs import FINISHED, MAX_ADAPTERS, Job, JobQueue, Limits, QueueFull, check_kind
+from .jobs import FINISHED, KINDS, MAX_ADAPTERS, Job, JobKind, Limits, QueueFull, TooLarge
+from .queue import JobQueue
 
 COOKIE = "difflab_studio_token"
 STATIC = resources.files("difflab.studio") / "static"
@@ -52,85 +48,6 @@ JobId = Annotated[str, PathParam(pattern=ID)]
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
         self.status, self.message = status, message
-
-
-class Conditions(BaseModel):
-    """What every kind of job shares: the run, its conditions and guidance, the seed and the steps."""
-
-    model_config = ConfigDict(extra="forbid")
-    run: str = Field(max_length=100)
-    prompt: str | None = Field(None, max_length=4000)
-    negative_prompt: str | None = Field(None, max_length=4000)
-    class_label: int | None = Field(None, ge=0, le=100000)
-    guidance: float = Field(1.0, ge=0, le=100, description="classifier-free scale s (1: plain conditional)")
-    interval: tuple[float, float] | None = Field(None, description="(lo, hi) fractions of t_max where guidance acts")
-    rescale: float | None = Field(None, ge=0, le=1)
-    steps: int | None = Field(None, ge=1, le=100000)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="none: a random seed, recorded")
-    lora: list[tuple[str, float]] | None = Field(
-        None, max_length=4, description="LoRA adapters: [[adapter run, strength], ...]"
-    )
-
-
-class GenerateRequest(Conditions):
-    sampler: str | None = Field(None, max_length=40, description=", ".join(SAMPLERS))
-    spacing: str | None = Field(None, max_length=40, description=", ".join(SPACINGS))
-    eta: float | None = Field(None, ge=0, le=10, description="ddim's eta")
-    batch: int = Field(1, ge=1, le=100000)
-
-
-class ChainRequest(Conditions):
-    sampler: str | None = Field(None, max_length=40)
-    spacing: str | None = Field(None, max_length=40)
-    eta: float | None = Field(None, ge=0, le=10)
-
-
-class InpaintRequest(Conditions):
-    image: str = Field(max_length=8 * 2**20, description="the image: a PNG, base64 (a data: URL's prefix is allowed)")
-    mask: str = Field(
-        max_length=8 * 2**20, description="the mask: a PNG of the image's size, white = fill in, black = keep"
-    )
-    method: str | None = Field(None, max_length=40, description=", ".join(METHODS))
-
-
-class Img2ImgRequest(ChainRequest):
-    image: str = Field(max_length=8 * 2**20, description="the image: a PNG, base64")
-    strength: float = Field(
-        0.6, gt=0, le=1, description="noised to strength * t_max, then denoised (1 ignores the image)"
-    )
-
-
-class InterpolateRequest(Conditions):
-    image: str = Field(max_length=8 * 2**20, description="the first end: a PNG, base64")
-    image_b: str = Field(max_length=8 * 2**20, description="the second end")
-    frames: int = Field(9, ge=2, le=100000)
-    method: str | None = Field(None, max_length=40, description="ddim (inversion + slerp) or ddpm")
-
-
-class SweepRequest(ChainRequest):
-    scales: list[float] = Field(min_length=2, max_length=8, description="guidance scales, one sample each, same seed")
-
-
-class UpscaleRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    run: str = Field(max_length=100, description="a super-resolution run (trained with --cond low-res --factor K)")
-    image: str = Field(
-        max_length=8 * 2**20, description="the low-resolution image: a PNG, base64, of the run's size divided by K"
-    )
-    noise_level: float = Field(
-        0.0, ge=0, le=1, description="conditioning augmentation: the input noised to this level, the network told so"
-    )
-    sampler: str | None = Field(None, max_length=40, description=", ".join(SAMPLERS))
-    steps: int | None = Field(None, ge=1, le=100000)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-
-
-class ForwardRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    run: str = Field(max_length=100)
-    image: str = Field(max_length=8 * 2**20, description="the image: a PNG, base64")
-    steps: int | None = Field(None, ge=1, le=100000, description="levels between t_max and 0")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
 
 
 def create_app(
@@ -160,8 +77,40 @@ def create_app(
         description='Sample, guide, edit and watch diffusion runs. Every error: 4xx {"error": "..."}.',
     )
     app.state.folder, app.state.limits, app.state.token = folder, limits, token
+    add_guard(app, token)
+    add_page(app)
+    add_runs(app, folder, limits)
+    add_jobs(app)
+    add_history(app, folder, limits)
+    return app
 
-    # ------------------------------------------------------------------ errors and the token
+
+# --------------------------------------------------------------------------- helpers of every group
+
+
+def queue(request: Request) -> JobQueue:
+    return request.app.state.queue
+
+
+def found(f, *args):
+    try:
+        return f(*args)
+    except NotFound as e:
+        raise ApiError(404, str(e)) from None
+
+
+def job_of(request: Request, id: str) -> Job:
+    job = queue(request).get(id)
+    if job is None:
+        raise ApiError(404, f"no job {id} in memory (finished jobs' images are in the history)")
+    return job
+
+
+# --------------------------------------------------------------------------- errors and the token
+
+
+def add_guard(app: FastAPI, token: str | None) -> None:
+    """Every error as 4xx JSON in one line; with a token, every request checked for it."""
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -197,42 +146,22 @@ def create_app(
             response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
         return response
 
-    def queue(request: Request) -> JobQueue:
-        return request.app.state.queue
 
-    def found(f, *args):
-        try:
-            return f(*args)
-        except NotFound as e:
-            raise ApiError(404, str(e)) from None
+# --------------------------------------------------------------------------- the page
 
-    def job_of(request: Request, id: str):
-        job = queue(request).get(id)
-        if job is None:
-            raise ApiError(404, f"no job {id} in memory (finished jobs' images are in the history)")
-        return job
 
-    def submit(request: Request, kind: str, settings: dict, inputs: dict | None = None) -> dict:
-        try:
-            job = queue(request).submit(kind, settings, inputs)
-        except NotFound as e:
-            raise ApiError(404, str(e)) from None
-        except QueueFull as e:
-            raise ApiError(429, str(e)) from None
-        except (ValueError, FileNotFoundError) as e:  # JobError, the library's ConditionError, CheckpointError, ...
-            raise ApiError(400, _line(e)) from None
-        return job.public(queue(request).position(job))
-
-    # ------------------------------------------------------------------ the page
-
+def add_page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     def index():
         return HTMLResponse((STATIC / "index.html").read_text())
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
-    # ------------------------------------------------------------------ runs
 
+# --------------------------------------------------------------------------- runs
+
+
+def add_runs(app: FastAPI, folder: RunsFolder, limits: Limits) -> None:
     @app.get("/api/runs", summary="Every run of the runs folder and the shipped models")
     def list_runs():
         return {
@@ -247,118 +176,82 @@ def create_app(
 
     @app.get(
         "/api/runs/{name}",
-        summary="One run: its summary, its training curve (metrics.jsonl) and the sampler and steps it "
-        "takes by default (a distilled student's own)",
+        summary="One run: its summary, its training curve (metrics.jsonl), the sampler, steps and guidance it "
+        "takes by default (run.default_sampling) and, for a shipped model, its card (the recipe: what it is, the "
+        "commands that trained it, its measured figures)",
     )
     def run_detail(request: Request, name: Name):
         summary = found(folder.summary, name)
+        own = default_sampling(request, name) if summary["generates"] else None
         return {
             **summary,
             "metrics": found(folder.metrics, name),
-            "sampling": sampling_of(request, name) if summary["generates"] else None,
+            "sampling": None if own is None else {"sampler": own.sampler, "steps": own.steps},
+            "guidance": None if own is None else own.guidance,
+            "card": card(name) if summary.get("shipped") else None,
         }
-
-    def sampling_of(request: Request, name: str) -> dict | None:
-        """The sampler and steps a job that names neither gets (run.default_sampling), from the run loaded in the
-        LRU (the page samples it next); None when it does not load."""
-        try:
-            sampler, steps = queue(request).runs.get(name).default_sampling()
-        except (ValueError, OSError):  # a run being written, a broken one: said when a job asks for it
-            return None
-        return {"sampler": sampler, "steps": steps}
 
     @app.get("/api/runs/{name}/pictures/{file}", summary="A run's samples.png or loss.png", response_class=FileResponse)
     def run_picture(name: Name, file: Annotated[str, PathParam(max_length=40)]):
         return FileResponse(found(folder.picture, name, file), media_type="image/png")
 
-    # ------------------------------------------------------------------ jobs
 
-    @app.post("/api/generate", summary="Queue a sampling job (run.sample)")
-    def generate(request: Request, body: GenerateRequest):
-        return submit(request, "generate", body.model_dump())
+def default_sampling(request: Request, name: str):
+    """What a job that names no sampler, steps or guidance gets (run.default_sampling), from the run loaded in
+    the LRU (the page samples it next); None when it does not load."""
+    try:
+        return queue(request).runs.get(name).default_sampling()
+    except (ValueError, OSError):  # a run being written, a broken one: said when a job asks for it
+        return None
 
-    @app.post("/api/chain", summary="Queue a chain job (run.trajectory: x_t and x0_hat at every step, one sample)")
-    def chain(request: Request, body: ChainRequest):
-        return submit(request, "chain", body.model_dump())
 
-    def loaded(request: Request, name: str, kind: str):
-        """The run ``name`` loaded, when it takes jobs of ``kind`` (else a 400 saying which it takes)."""
-        try:
-            run = queue(request).runs.get(name)
-            check_kind(run, name, kind)
-            return run
-        except NotFound as e:
-            raise ApiError(404, str(e)) from None
-        except ValueError as e:  # another kind of run, or one that does not load
-            raise ApiError(400, _line(e)) from None
+def card(name: str) -> dict | None:
+    """A shipped model's card: what it is, the commands that trained it, its steps, training time and figures."""
+    try:
+        r = shipped.recipe(name)
+    except ValueError:
+        return None
+    keys = ("what", "commands", "steps", "train_seconds", "figures", "note")
+    return {k: r[k] for k in keys if k in r}
 
-    def run_image(run, name: str, data: str, what: str = "image"):
-        """An uploaded image that must have the run's data shape exactly (never resized)."""
-        C, H, W = run.config.data_shape
-        image = _image(data, C, limits, what)
-        if tuple(image.shape[1:]) != (H, W):
-            raise ApiError(400, f"the {what} is {image.shape[2]}x{image.shape[1]}; {name} takes {W}x{H}")
-        return image
 
-    @app.post("/api/inpaint", summary="Queue an inpainting job (run.restore with a mask operator)")
-    def inpaint(request: Request, body: InpaintRequest):
-        run = loaded(request, body.run, "inpaint")
-        _, H, W = run.config.data_shape
-        image = run_image(run, body.run, body.image)
-        mask = _image(body.mask, 1, limits, "mask")[0]
-        if tuple(mask.shape) != (H, W):
-            raise ApiError(400, f"the mask is {mask.shape[1]}x{mask.shape[0]}; the image is {W}x{H}")
-        keep = mask < 128
-        if keep.all():
-            raise ApiError(400, "the mask marks no pixel to fill in (paint the part to fill)")
-        if not keep.any():
-            raise ApiError(400, "the mask keeps no pixel")
-        settings = body.model_dump(exclude={"image", "mask"})
-        settings["mask_pixels"] = int((~keep).sum())
-        return submit(request, "inpaint", settings, {"image": image, "keep": keep})
+# --------------------------------------------------------------------------- jobs
 
-    @app.post("/api/img2img", summary="Queue an image-to-image job (SDEdit: run.img2img with a strength)")
-    def img2img(request: Request, body: Img2ImgRequest):
-        image = run_image(loaded(request, body.run, "img2img"), body.run, body.image)
-        return submit(request, "img2img", body.model_dump(exclude={"image"}), {"image": image})
 
-    @app.post("/api/interpolate", summary="Queue an interpolation between two images (run.interpolate)")
-    def interpolate(request: Request, body: InterpolateRequest):
-        run = loaded(request, body.run, "interpolate")
-        inputs = {
-            "image": run_image(run, body.run, body.image),
-            "image_b": run_image(run, body.run, body.image_b, "second image"),
-        }
-        return submit(request, "interpolate", body.model_dump(exclude={"image", "image_b"}), inputs)
+def submit(request: Request, kind: JobKind, settings: dict) -> dict:
+    """Queue a job of ``kind``: its public state, or the error in one line."""
+    try:
+        job = queue(request).submit(kind.name, settings)
+    except NotFound as e:
+        raise ApiError(404, str(e)) from None
+    except QueueFull as e:
+        raise ApiError(429, str(e)) from None
+    except TooLarge as e:
+        raise ApiError(413, str(e)) from None
+    except (ValueError, FileNotFoundError) as e:  # JobError, the library's ConditionError, CheckpointError, ...
+        raise ApiError(400, _line(e)) from None
+    return job.public(queue(request).position(job))
 
-    @app.post("/api/sweep", summary="Queue one seed at several guidance scales, side by side")
-    def sweep(request: Request, body: SweepRequest):
-        return submit(request, "sweep", body.model_dump())
 
-    @app.post(
-        "/api/forward",
-        summary="Queue the forward process q(x_t | x_0) of an image (a chain from t_max to 0, no network)",
+def job_route(kind: JobKind):
+    """The POST endpoint of a job kind: its request model is the body (OpenAPI shows each kind's own)."""
+
+    def endpoint(request: Request, body) -> dict:
+        return submit(request, kind, body.model_dump())
+
+    endpoint.__name__ = kind.name
+    endpoint.__signature__ = inspect.Signature(
+        [
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request),
+            inspect.Parameter("body", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind.request),
+        ]
     )
-    def forward(request: Request, body: ForwardRequest):
-        image = run_image(loaded(request, body.run, "forward"), body.run, body.image)
-        return submit(request, "forward", body.model_dump(exclude={"image"}), {"image": image})
+    return endpoint
 
-    @app.post(
-        "/api/upscale",
-        summary="Queue a super-resolution job (a super-resolution run's run.upscale of a low-resolution image)",
-    )
-    def upscale(request: Request, body: UpscaleRequest):
-        run = loaded(request, body.run, "upscale")
-        C, H, W = run.config.data_shape
-        k = run.config.super_resolution.factor
-        image = _image(body.image, C, limits, "image")
-        if tuple(image.shape[1:]) != (H // k, W // k):
-            raise ApiError(
-                400,
-                f"the image is {image.shape[2]}x{image.shape[1]}; {body.run} upscales {W // k}x{H // k} images "
-                f"(factor {k}) to {W}x{H}",
-            )
-        return submit(request, "upscale", body.model_dump(exclude={"image"}), {"image": image})
+
+def add_jobs(app: FastAPI) -> None:
+    for kind in KINDS.values():
+        app.post(f"/api/{kind.name}", summary=kind.summary)(job_route(kind))
 
     @app.get("/api/jobs", summary="The jobs in memory: queued, running and recent finished ones, oldest first")
     def jobs(request: Request):
@@ -390,7 +283,11 @@ def create_app(
             raise ApiError(404, f"job {id} has no preview yet")
         return Response(job.preview, media_type="image/png", headers={"Cache-Control": "no-store"})
 
-    @app.get("/api/jobs/{id}/events", summary="Server-Sent Events: the job's status whenever it changes, until it ends")
+    @app.get(
+        "/api/jobs/{id}/events",
+        summary="Server-Sent Events: every state of the job in order, from its first, each as it happens, until it "
+        "ends",
+    )
     async def events(request: Request, id: JobId):
         job = job_of(request, id)
         return StreamingResponse(
@@ -426,8 +323,18 @@ def create_app(
             raise ApiError(404, f"position {k} is beyond the chain's {len(frames) - 1} steps")
         return Response(frames[k], media_type="image/png")
 
-    # ------------------------------------------------------------------ history and PNG settings
 
+async def job_events(job: Job, disconnected):
+    """A job's Server-Sent Events: every state of its event log (events.py) in order, from its first, each as
+    soon as it happens, until its finished state (always the last event) or until the client leaves."""
+    async for state in job.events.follow(disconnected):
+        yield f"data: {json.dumps(state)}\n\n"
+
+
+# --------------------------------------------------------------------------- history and PNG settings
+
+
+def add_history(app: FastAPI, folder: RunsFolder, limits: Limits) -> None:
     @app.get("/api/history", summary="Finished jobs, newest first, searchable by prompt")
     def history(
         request: Request,
@@ -458,24 +365,6 @@ def create_app(
                 current = None
         return {"settings": settings, "same_weights": current is not None and current == settings.get("fingerprint")}
 
-    return app
-
-
-async def job_events(job: Job, disconnected, every: float = 0.05):
-    """A job's Server-Sent Events: its state whenever it changes (checked every ``every`` s), until it ends or the
-    client leaves. One snapshot is both sent and tested for the end, so the last event of a stream is always the
-    job's finished state: the worker thread may finish the job at any moment, also between the two."""
-    last = None
-    while True:
-        state = job.public()
-        data = json.dumps(state)
-        if data != last:
-            last = data
-            yield f"data: {data}\n\n"
-        if state["status"] in FINISHED or await disconnected():
-            return
-        await asyncio.sleep(every)
-
 
 def _exists(folder: RunsFolder, name: str) -> bool:
     try:
@@ -483,20 +372,3 @@ def _exists(folder: RunsFolder, name: str) -> bool:
         return True
     except NotFound:
         return False
-
-
-def _image(data: str, channels: int, limits: Limits, what: str):
-    """A base64 PNG (or a data: URL) -> uint8 (C, H, W), or a 400 in one line."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
-    if len(data) > limits.max_upload * 4 // 3 + 4:
-        raise ApiError(413, f"the {what} is larger than {limits.max_upload} bytes")
-    try:
-        raw = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"the {what} is not base64") from None
-    try:
-        x, _ = pngs.decode(raw, channels)
-    except pngs.ImageError as e:
-        raise ApiError(400, f"the {what}: {e}") from None
-    return x

@@ -12,6 +12,10 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .jobs import JobKindName
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,7 +50,7 @@ class History:
                 (time.time(),),
             ).rowcount
 
-    def add(self, id: str, kind: str, run: str, settings: dict, created: float) -> None:
+    def add(self, id: str, kind: JobKindName, run: str, settings: dict, created: float) -> None:
         with self.lock:
             self.db.execute(
                 "INSERT INTO jobs (id, kind, run, status, settings, prompt, created) VALUES (?, ?, ?, 'queued', ?, ?, "

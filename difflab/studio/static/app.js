@@ -62,7 +62,11 @@ async function loadRuns() {
     row.dataset.run = r.name;
     for (const v of [r.name, r.kind || "", r.dataset || "", (r.conditions || []).join(", "), (r.parameters || 0).toLocaleString(),
                      `${r.steps_trained ?? ""} / ${r.steps_planned ?? ""}`]) row.insertCell().textContent = v;
-    row.onclick = () => { select.value = r.name; onRunChange(); loadRunDetail().catch(() => {}); };
+    row.onclick = () => {  // any run's detail (its curve, a shipped model's card); one that samples is chosen too
+      if (r.generates) { select.value = r.name; onRunChange(); }
+      state.detailRun = r.name;
+      loadRunDetail().catch(() => {});
+    };
     if (r.generates) select.add(new Option(r.name + (r.shipped ? " (shipped)" : ""), r.name));
     if (r.super_resolution) {
       const [, H, W] = r.shape;
@@ -76,6 +80,7 @@ async function loadRuns() {
 function onRunChange() {
   const r = state.runs[$("run-select").value];
   if (!r) return;
+  state.detailRun = r.name;
   for (const e of document.querySelectorAll(".text-only")) e.hidden = !r.text;
   for (const e of document.querySelectorAll(".class-only")) e.hidden = !r.classes;
   const cls = $("class_label");
@@ -95,8 +100,9 @@ $("run-select").onchange = onRunChange;
 function setSamplerMenu(r) {
   // A distilled student samples with its own sampler and steps: the menu shows them (from the run's info) and the
   // page sends none, so the API gives the job the run's own (run.default_sampling); steps left empty mean its own.
-  // Any other run offers every sampler, starting from the teacher's defaults when it follows a student.
-  const own = r.kind === "distilled", menu = $("sampler");
+  // Any other run offers every sampler, starting from the teacher's defaults when it follows a student. Every run's
+  // guidance starts at its own (a shipped model's best recorded scale), unless it was changed meanwhile.
+  const own = r.kind === "distilled", menu = $("sampler"), guidance = $("guidance").value;
   if (own || menu.dataset.own !== "false") {
     menu.innerHTML = "";
     if (own) menu.add(new Option("(the run's own)", ""));
@@ -107,27 +113,54 @@ function setSamplerMenu(r) {
   }
   menu.dataset.own = String(own);
   menu.disabled = $("spacing").disabled = own;
-  if (own) {
-    $("spacing").value = "";
-    api(`/api/runs/${encodeURIComponent(r.name)}`).then((d) => {
-      if (!d.sampling || $("run-select").value !== r.name) return;
-      menu.options[0].text = `${d.sampling.sampler} (the run's own)`;
-      $("steps").placeholder = `${d.sampling.steps} (its own)`;
-      state.log.push(`own sampling ${r.name} ${d.sampling.sampler} ${d.sampling.steps}`);
-    }).catch(() => {});
-  }
+  if (own) $("spacing").value = "";
+  api(`/api/runs/${encodeURIComponent(r.name)}`).then((d) => {
+    if (!d.sampling || $("run-select").value !== r.name) return;
+    if (d.guidance !== null && $("guidance").value === guidance) {
+      $("guidance").value = String(d.guidance);
+      state.log.push(`own guidance ${r.name} ${d.guidance}`);
+    }
+    if (!own) return;
+    menu.options[0].text = `${d.sampling.sampler} (the run's own)`;
+    $("steps").placeholder = `${d.sampling.steps} (its own)`;
+    state.log.push(`own sampling ${r.name} ${d.sampling.sampler} ${d.sampling.steps}`);
+  }).catch(() => {});
 }
 
 let detailTimer = null;
 async function loadRunDetail() {
   clearTimeout(detailTimer);
-  const name = $("run-select").value;
+  const name = state.detailRun || $("run-select").value;
   if (!name || $("panel-runs").hidden) return;
+  for (const row of $("runs-table").querySelectorAll("tbody tr")) row.classList.toggle("selected", row.dataset.run === name);
   const d = await api(`/api/runs/${encodeURIComponent(name)}`);
   $("run-title").textContent = `${d.name}: ${d.kind}, ${d.dataset}, ${d.steps_trained} of ${d.steps_planned} steps`;
+  $("loss-chart").hidden = !d.metrics.length && Boolean(d.card);  // a shipped model keeps no curve: its card says more
   drawCurve($("loss-chart"), d.metrics);
   if (d.pictures.includes("samples.png")) $("run-samples").src = `/api/runs/${encodeURIComponent(name)}/pictures/samples.png?s=${d.steps_trained}`;
+  else $("run-samples").removeAttribute("src");  // hidden (style.css) rather than a broken picture
+  showCard(d.card);
   if (d.steps_trained < d.steps_planned) detailTimer = setTimeout(() => loadRunDetail().catch(() => {}), 5000);  // still training: a live chart
+}
+
+function showCard(card) {
+  // A shipped model's card: what it is, its measured figures, the commands that trained it (its recipe.json).
+  const box = $("run-card");
+  box.hidden = !card;
+  if (!card) return;
+  $("card-what").textContent = card.what || "";
+  const minutes = card.train_seconds ? `, trained in ${Math.round(card.train_seconds / 60)} min` : "";
+  $("card-steps").textContent = `${card.steps} steps${minutes}`;
+  const figures = $("card-figures").querySelector("tbody");
+  figures.innerHTML = "";
+  for (const [k, v] of Object.entries(card.figures || {})) {
+    const row = figures.insertRow();
+    row.insertCell().textContent = k;
+    row.insertCell().textContent = typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v);
+  }
+  $("card-commands").textContent = (card.commands || []).map((c) => `$ ${c}`).join("\n");
+  $("card-note").textContent = card.note || "";
+  state.log.push(`card ${Object.keys(card.figures || {}).length} figures`);
 }
 
 function drawCurve(canvas, rows) {
@@ -237,7 +270,7 @@ function useSettings(s) {
 const FINISHED = ["done", "cancelled", "failed", "interrupted"];
 
 function follow(job, onUpdate) {
-  // Server-Sent Events: the job's status whenever it changes, until it ends. A stream that stops before the
+  // Server-Sent Events: every state of the job in order (each step, each preview), from its first, until it ends. A stream that stops before the
   // job's end (a dropped connection, a server that closed it) is not the end: the job is asked for once, and
   // followed again while it still runs. Resolves to its finished state, or null when the server is gone.
   return new Promise((resolve) => {
@@ -271,7 +304,7 @@ async function watch(job) {
   state.job = job;
   $("cancel").disabled = false;
   $("progress").value = 0;
-  let previews = 0;
+  let previews = 0, status = null;
   const end = await follow(job, (j) => {
     state.job = j;
     $("progress").value = j.steps ? j.step / j.steps : 0;
@@ -281,7 +314,7 @@ async function watch(job) {
       $("preview").src = `/api/jobs/${j.id}/preview.png?n=${previews}`;
       state.log.push(`preview ${j.id} ${previews}`);
     }
-    refreshQueue().catch(() => {});
+    if (j.status !== status) { status = j.status; refreshQueue().catch(() => {}); }  // every step is an event too
   });
   $("cancel").disabled = true;
   if (end?.status === "done") {
