@@ -19,7 +19,6 @@ import json
 import os
 from pathlib import Path
 
-
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "shipped"
 RECIPE = "recipe.json"
 
@@ -72,7 +71,9 @@ def refuse_writes(path: str | Path, what: str) -> None:
     always a folder: ``--out NAME`` writes ./NAME, never the shipped model of that name."""
     p = Path(path).resolve()
     if p.parent == SHIPPED_DIR.resolve() or SHIPPED_DIR.resolve() in p.parents:
-        raise ShippedError(f"{path} is a shipped model and is never written; {what} with --out DIR (e.g. --init-from {p.name})")
+        raise ShippedError(
+            f"{path} is a shipped model and is never written; {what} with --out DIR (e.g. --init-from {p.name})"
+        )
 
 
 def recipe(name: str) -> dict:
