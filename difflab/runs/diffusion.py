@@ -8,8 +8,8 @@ denoiser wrappers and our validated configs).
 
 Every call goes through the one generation path (sampling/generate.py: per-sample seeds, batches, torchrun
 shards) and returns images in the data space, [-1, 1] and not clipped (``data.images.to_uint8`` clips and makes
-them 8-bit): a latent run decodes with its autoencoder. ``callback(step, x_t, x0_hat)`` sees every step of the chain (in the
-denoiser's space: ``run.decode`` maps a latent run's states to images). Besides ``sample``: ``trajectory``
+them 8-bit): a latent run decodes with its autoencoder. ``callback(step, x_t, x0_hat)`` sees every step of the
+chain (in the denoiser's space: ``run.decode`` maps a latent run's states to images). Besides ``sample``: ``trajectory``
 (the chain, decoded), ``restore`` (inverse problems), ``img2img`` (SDEdit) and ``interpolate``; ``with_lora``
 adds LoRA adapters; ``denoiser``, ``config``, ``latent`` (the autoencoder's space or None) and ``text`` (the
 text encoder or None) are the parts.
