@@ -44,6 +44,7 @@ def accuracy(run, guidance=None) -> float:
     return r["classes"]["accuracy"]
 
 
+@pytest.mark.quality
 def test_conditional_digits_follow_their_class_and_guidance_sharpens_it(runs):
     cfg = load_config(runs / "dc")
     assert cfg.conditions == [ConditionSpec("class_labels", "label", p_drop=0.1, null_label=10)]
@@ -62,6 +63,7 @@ def test_conditional_digits_follow_their_class_and_guidance_sharpens_it(runs):
     assert with_classifier > unconditional + 0.2, (with_classifier, unconditional)
 
 
+@pytest.mark.quality
 def test_noise_aware_classifier_accuracy_falls_as_t_grows(runs):
     saved = json.loads((runs / "clf" / "accuracy.json").read_text())
     assert saved["step"] == STEPS
@@ -108,7 +110,9 @@ def test_sample_every_class_one_row_each_and_the_same_seed_gives_the_same_grid(r
         return np.load(npz)["images"]
 
     plain = draw("--class", "3")
-    assert np.array_equal(draw("--compose", "3:+1"), plain)  # null + 1 (pred_3 - null) is pred_3
+    # null + 1 (pred_3 - null) is pred_3 up to float rounding: the same 8-bit image but for a level here and there
+    composed = draw("--compose", "3:+1")
+    assert np.abs(composed.astype(int) - plain.astype(int)).max() <= 1
     guided = draw("--class", "3", "--guidance", "2")
     for extra in (
         ["--negative-class", "5"],
@@ -404,6 +408,7 @@ def test_bad_editing_input_gives_one_line_and_no_output(runs, digits, tmp_path, 
     assert not (tmp_path / "o.png").exists()
 
 
+@pytest.mark.quality
 def test_trained_super_resolution_beats_bilinear_and_follows_its_input(runs):
     import torch
 

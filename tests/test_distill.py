@@ -249,6 +249,7 @@ def test_consistency_student_on_the_swiss_roll(swissroll_run, tmp_path, heldout)
     assert two < d1 / 10  # multistep sampling works too
 
 
+@pytest.mark.quality
 def test_guided_student_matches_the_two_pass_teacher(digits_runs, tmp_path):
     """A guided student of the class-conditional digits run: its one pass at scale w matches the teacher's two-pass
     classifier-free prediction on held-out inputs, and its 2-step samples at s = 3 are as often of the class asked

@@ -29,6 +29,7 @@ def digits_run(digits_runs, tmp_path_factory):
 CLASSES = [str(k) for k in range(10)]
 
 
+@pytest.mark.quality
 def test_trained_digits_beat_an_untrained_network(digits_run, tmp_path):
     out = tmp_path / "s.npz"
     assert (

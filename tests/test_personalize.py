@@ -157,7 +157,7 @@ def upsampled(images: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def base_run(joint_base):
-    """The shared joint-encoder text run on 8x16 pooled fashion-pairs, 300 steps (conftest.py)."""
+    """The shared joint-encoder text run on 8x16 pooled fashion-pairs, 80 steps (conftest.py)."""
     return joint_base
 
 
@@ -470,6 +470,7 @@ def test_lora_without_peft_says_how_to_install_it(monkeypatch):
 # --------------------------------------------------------------------------- the identity measure on the shipped base
 
 
+@pytest.mark.quality
 @needs_fashion
 def test_lora_on_the_shipped_model_raises_its_subjects_identity_and_not_another_subjects(tmp_path):
     """G in the identity encoder (evaluation/identity.py): a short LoRA over the shipped fashion-pairs-t2i-minilm moves

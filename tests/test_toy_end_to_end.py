@@ -45,6 +45,7 @@ def test_default_swissroll_samples_match_heldout_data(swissroll_run, tmp_path, s
     assert energy_distance(torch.randn(5000, 2), heldout) > 20 * baseline
 
 
+@pytest.mark.quality
 def test_every_sampler_out_of_the_box(swissroll_run):
     """No sampler, grid or step count silently makes garbage, and each sampler's default grid is a good one.
 
