@@ -30,6 +30,7 @@ SHARED = (
     "digits_runs",
     "latent_runs",
     "clip_run",
+    "clip_t2i_run",
     "joint_base",
     "digit_captions",
     "text_runs",
@@ -40,7 +41,7 @@ SHARED = (
 # the longer queue). Each half begins with the tests that build one half of the shared runs, so neither worker
 # waits for a run the other is training; the tests that train nothing fill the ends, which are what is stolen.
 FIRST_HALF = ("digits_runs", "latent_runs", "digit_captions", "text_runs")
-SECOND_HALF = ("clip_run", "joint_base", "swissroll_run")
+SECOND_HALF = ("clip_run", "clip_t2i_run", "joint_base", "swissroll_run")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -256,11 +257,47 @@ def clip_run(tmp_path_factory):
     return shared(
         tmp_path_factory,
         "clip",
-        lambda p: cli("train-clip", "fashion-pairs", "--out", p, "--steps", CLIP_STEPS, "--batch-size", 32, "--quiet"),
+        lambda p: cli(
+            "train-clip",
+            "fashion-pairs",
+            "--out",
+            p,
+            "--steps",
+            CLIP_STEPS,
+            "--batch-size",
+            32,
+            "--report-n",
+            200,
+            "--quiet",
+        ),
     )
 
 
 CLIP_STEPS = 20
+
+
+@pytest.fixture(scope="session")
+def clip_t2i_run(tmp_path_factory, clip_run):
+    """A fashion-pairs text run on clip_run's text tower, 2 steps of batch 4 (plumbing; tests copy it to change it)."""
+    return shared(
+        tmp_path_factory,
+        "clip-t2i",
+        lambda p: cli(
+            "train",
+            "fashion-pairs",
+            "--text",
+            f"clip:{clip_run}",
+            "--out",
+            p,
+            "--steps",
+            2,
+            "--batch-size",
+            4,
+            "--quiet",
+        ),
+    )
+
+
 POOLED = (8, 16)  # fashion-pairs average-pooled 4x: the attribute network reads it upsampled back
 
 

@@ -36,7 +36,10 @@ from difflab.runs.config import load_config
 
 
 def run_cli(capsys, *argv) -> tuple[int, str]:
-    code = main([str(a) for a in argv])
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
     return code, capsys.readouterr().err
 
 
@@ -280,7 +283,7 @@ def test_train_clip_writes_its_report(clip_run):
     """The fixture's CLIP is plumbing-sized (a few steps): its report is complete; how well a CLIP retrieves is the
     shipped fashion-pairs-clip's recorded figures (tests/test_shipped.py) and benchmarks/clip_sides.py."""
     report = json.loads((clip_run / "clip.json").read_text())
-    assert report["group"] == 100 and report["images"] == 2000
+    assert report["group"] == 100 and report["images"] == 200  # --report-n 200
     rates = [report["caption_to_image"], report["image_to_caption"], report["swap_discrimination"]]
     assert all(0 <= r <= 1 for r in rates) and set(report["attribute_probe"]) == {
         "left class",
@@ -295,27 +298,14 @@ def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, cap
     assert code != 0 and "has none" in err, err
     code, err = run_cli(capsys, "train-clip", "--out", clip_run, "--resume", "--embed-dim", "32")
     assert code != 0 and "drop --embed-dim" in err, err
+    code, err = run_cli(capsys, "train-clip", "fashion-pairs", "--out", tmp_path / "c", "--report-n", "50")
+    assert code == 2 and "fewer than one retrieval group of 100" in err and not (tmp_path / "c").exists(), err
     code, err = run_cli(capsys, "sample", clip_run)
     assert code != 0 and "is a CLIP run, not a denoiser" in err, err
 
 
-def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path, capsys):
-    run = tmp_path / "t2i"
-    code, err = run_cli(
-        capsys,
-        "train",
-        "fashion-pairs",
-        "--text",
-        f"clip:{clip_run}",
-        "--out",
-        run,
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--quiet",
-    )
-    assert code == 0, err
+def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, clip_t2i_run, tmp_path, capsys):
+    run = clip_t2i_run
     cfg = load_config(run)
     assert cfg.text.fingerprint == json.loads((clip_run / "clip.json").read_text())["fingerprint"]
     prompt = caption((7, 0, 8, 2))
@@ -388,6 +378,11 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, tmp_path,
         and text["caption_swap"]["n"] == 10
     )
     assert 0 < text["clip_score"]["real"] <= 1 and "caption swap (n=10)" in format_report(result)
+
+
+def test_a_text_run_refuses_bad_input_and_a_changed_clip(clip_run, clip_t2i_run, tmp_path, capsys):
+    run, prompt = tmp_path / "t2i", caption((7, 0, 8, 2))
+    shutil.copytree(clip_t2i_run, run)  # the resume below changes it
     # bad input: one line each
     for argv, message in (
         (["sample", run, "--guidance", "3"], "needs the caption to guide toward"),
@@ -454,3 +449,19 @@ def test_text_and_class_labels_together_keep_both_conditions():
     cfg = with_class_labels(with_text(preset_for("fashion-pairs"), record, width, joint.to_dict()), 10, None)
     cfg.validate()
     assert [c.name for c in cfg.conditions] == ["tokens", "class_labels"] and cfg.net.text is not None
+
+
+def test_a_repeated_caption_is_encoded_once_and_reads_the_same(clip_t2i_run):
+    """text_condition encodes each distinct caption once (a training set repeats its captions) and hands every
+    occurrence the same tensors as encoding it alone."""
+    from difflab.text.encoders import text_condition
+
+    cfg = load_config(clip_t2i_run)
+    a, b = caption((7, 0, 8, 2)), caption((1, 3, 4, 5))
+    many = text_condition(cfg, [a, b, a, a])
+    alone = text_condition(cfg, [a])
+    assert set(many) == {"context", "context_mask"} and many["context"].shape[0] == 4
+    for k in many:
+        assert torch.equal(many[k][0], many[k][2]) and torch.equal(many[k][0], many[k][3])
+        torch.testing.assert_close(many[k][0], alone[k][0], rtol=0, atol=1e-5)  # float32 batch noise
+    assert not torch.equal(many["context"][0], many["context"][1])

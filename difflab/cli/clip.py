@@ -13,6 +13,7 @@ probe. Its text tower then conditions a model: `difflab train DATASET --text cli
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..core.losses import HARD_NEGATIVES
@@ -89,7 +90,7 @@ def run_train(args) -> None:
         return
     if say_unfinished(out, cfg, "train-clip"):
         return
-    report = clip_report(out, load_split(cfg, "test"))
+    report = clip_report(out, load_split(cfg, "test"), n=args.report_n)
     print(
         f"zero-shot retrieval on {report['images']} test images in groups of {report['group']} (chance "
         f"{1 / report['group']:.0%}): "
@@ -107,6 +108,13 @@ def run_train(args) -> None:
         f"CLIP model written to {out}/ (condition a model on its text tower with `difflab train {cfg.dataset} --text "
         f"clip:{out}`)"
     )
+
+
+def report_size(text: str) -> int:
+    n = positive_int(text)
+    if n < 100:
+        raise argparse.ArgumentTypeError(f"{n} test images are fewer than one retrieval group of 100")
+    return n
 
 
 def register(sub) -> None:
@@ -134,4 +142,11 @@ def register(sub) -> None:
         "names a side, else none)",
     )
     add_auxiliary_training(t, "optimizer steps (default 2000)")
+    t.add_argument(
+        "--report-n",
+        type=report_size,
+        default=2000,
+        help="test images the closing report (RUN/clip.json) reads, in groups of 100 (default 2000; fewer is "
+        "faster and noisier)",
+    )
     t.set_defaults(func=run_train)

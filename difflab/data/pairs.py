@@ -112,11 +112,14 @@ def swapped(attributes) -> tuple[int, int, int, int]:
 
 
 def tint(grey: np.ndarray, colour) -> np.ndarray:
-    """uint8 (N, 28, 28) grey items -> uint8 (N, 3, 32, 32): g/255 * colour, padded with black."""
-    rgb = np.asarray(colour, dtype=np.float64)  # (N, 3) or (3,)
-    out = np.rint(grey[:, None].astype(np.float64) / 255.0 * rgb.reshape(-1, 3, 1, 1)).astype(
-        np.uint8
-    )  # (N, 3, 28, 28)
+    """uint8 (N, 28, 28) grey items -> uint8 (N, 3, 32, 32): g/255 * colour rounded to the nearest level, padded with
+    black. In integers: round(g c / 255) = (2 g c + 255) // 510, and g c / 255 is never half-way between two levels
+    (2 g c = 255 (2k + 1) has no solution in integers), so this is exactly NumPy's rint of the float quotient."""
+    rgb = np.asarray(colour)
+    if not np.issubdtype(rgb.dtype, np.integer) or rgb.min(initial=0) < 0 or rgb.max(initial=0) > 255:
+        raise ValueError(f"tint: colours are integer levels 0-255, got {rgb.dtype} {rgb.min()}..{rgb.max()}")
+    g = grey[:, None].astype(np.int32)  # (N, 1, 28, 28)
+    out = ((2 * g * rgb.astype(np.int32).reshape(-1, 3, 1, 1) + 255) // 510).astype(np.uint8)  # (N, 3, 28, 28)
     return np.pad(out, ((0, 0), (0, 0), (PAD, PAD), (PAD, PAD)))
 
 

@@ -278,4 +278,10 @@ def text_condition(
     if enc is None:
         raise TextError(f"{cfg.dataset}: this run takes no text (train one with --text minilm|clip:RUN|joint)")
     captions = as_read(cfg, captions)
-    return enc.condition(captions, length or prompt_length(cfg, enc, captions))
+    length = length or prompt_length(cfg, enc, captions)
+    unique = list(dict.fromkeys(captions))  # a training set repeats its captions: each is encoded once
+    if len(unique) == len(captions):
+        return enc.condition(captions, length)
+    where = {c: i for i, c in enumerate(unique)}
+    index = torch.tensor([where[c] for c in captions], dtype=torch.long)
+    return {k: v[index] for k, v in enc.condition(unique, length).items()}
