@@ -108,29 +108,31 @@ QUALITY = os.environ.get("DIFFLAB_QUALITY") == "1"
 DIGITS_STEPS = 300 if QUALITY else 40
 
 
+class SharedRuns:
+    """A family of shared runs, each built the first time a test asks for it (``runs / "dc"`` is a Path): a test
+    waits only for the runs it reads, and no fixture set-up trains them all at once."""
+
+    def __init__(self, tmp_path_factory, name: str, builders: dict[str, Callable[[Path], None]]):
+        self.factory, self.name, self.builders = tmp_path_factory, name, builders
+
+    def __truediv__(self, key: str) -> Path:
+        return shared(self.factory, f"{self.name}-{key}", self.builders[key])
+
+
 @pytest.fixture(scope="session")
 def digits_runs(tmp_path_factory):
     """Digits, DIGITS_STEPS steps each (300 in quality mode): dc (class-conditional, labels dropped 10 % of the
-    time), clf (a noise-aware classifier), sr (2x super-resolution)."""
-
-    def build(root: Path) -> None:
-        cli("train", "digits", "--cond", "class", "--out", root / "dc", "--steps", DIGITS_STEPS, "--quiet")
-        cli("train-classifier", "digits", "--out", root / "clf", "--steps", DIGITS_STEPS, "--quiet")
-        cli(
-            "train",
-            "digits",
-            "--cond",
-            "low-res",
-            "--factor",
-            "2",
-            "--out",
-            root / "sr",
-            "--steps",
-            DIGITS_STEPS,
-            "--quiet",
-        )
-
-    return shared(tmp_path_factory, "digits", build)
+    time), clf (a noise-aware classifier), sr (2x super-resolution); each trained when first read."""
+    steps = ("--steps", DIGITS_STEPS, "--quiet")
+    return SharedRuns(
+        tmp_path_factory,
+        "digits",
+        {
+            "dc": lambda p: cli("train", "digits", "--cond", "class", "--out", p, *steps),
+            "clf": lambda p: cli("train-classifier", "digits", "--out", p, *steps),
+            "sr": lambda p: cli("train", "digits", "--cond", "low-res", "--factor", "2", "--out", p, *steps),
+        },
+    )
 
 
 @pytest.fixture(scope="session")
