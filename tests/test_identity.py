@@ -73,6 +73,7 @@ def test_gain_is_the_share_of_the_gap_closed():
         gain(0.5, 0.4, 0.3)
 
 
+@pytest.mark.slow  # loads the Fashion-MNIST test split and a shipped net: left out of make test-fast
 def test_shipped_identity_encoder_retrieves_held_out_items_as_recorded():
     test = fashion_test()
     net = load_identity_net()
@@ -87,6 +88,7 @@ def test_shipped_identity_encoder_retrieves_held_out_items_as_recorded():
     assert WEIGHTS.stat().st_size <= 2 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_identity_beats_pixels_and_class_features_on_the_same_task():
     """What the measure is for: the attribute network's features (a classifier's) and raw pixels do not
     separate one sneaker from another as well; on 100 queries, each among 100 of its class."""
