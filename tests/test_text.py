@@ -454,11 +454,24 @@ def test_text_and_class_labels_together_keep_both_conditions():
 def test_a_repeated_caption_is_encoded_once_and_reads_the_same(clip_t2i_run):
     """text_condition encodes each distinct caption once (a training set repeats its captions) and hands every
     occurrence the same tensors as encoding it alone."""
-    from difflab.text.encoders import text_condition
+    from difflab.text.encoders import encoder_of, text_condition
 
     cfg = load_config(clip_t2i_run)
+    enc, seen = encoder_of(cfg), []
+
+    class Counting:  # the run's encoder, recording what it is asked to encode
+        limit = enc.limit
+
+        def length(self, captions):
+            return enc.length(captions)
+
+        def condition(self, captions, length=None):
+            seen.append(list(captions))
+            return enc.condition(captions, length)
+
     a, b = caption((7, 0, 8, 2)), caption((1, 3, 4, 5))
-    many = text_condition(cfg, [a, b, a, a])
+    many = text_condition(cfg, [a, b, a, a], encoder=Counting())
+    assert seen == [[a, b]]
     alone = text_condition(cfg, [a])
     assert set(many) == {"context", "context_mask"} and many["context"].shape[0] == 4
     for k in many:

@@ -20,7 +20,7 @@ from ..core.losses import HARD_NEGATIVES
 from ..nets.text import POOLS
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
-from ..text.clip import CLIP, CLIP_REPORT, clip_config, clip_data, clip_report
+from ..text.clip import CLIP, CLIP_REPORT, GROUP, clip_config, clip_data, clip_report
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
 from .options import (
@@ -112,8 +112,8 @@ def run_train(args) -> None:
 
 def report_size(text: str) -> int:
     n = positive_int(text)
-    if n < 100:
-        raise argparse.ArgumentTypeError(f"{n} test images are fewer than one retrieval group of 100")
+    if n < GROUP:
+        raise argparse.ArgumentTypeError(f"{n} test images are fewer than one retrieval group of {GROUP}")
     return n
 
 
@@ -146,7 +146,7 @@ def register(sub) -> None:
         "--report-n",
         type=report_size,
         default=2000,
-        help="test images the closing report (RUN/clip.json) reads, in groups of 100 (default 2000; fewer is "
-        "faster and noisier)",
+        help=f"test images the closing report (RUN/clip.json) reads, in groups of {GROUP} (default 2000; fewer "
+        "is faster and noisier)",
     )
     t.set_defaults(func=run_train)

@@ -81,8 +81,11 @@ def clip_scores(clip: Clip, images: Tensor, captions: Sequence[str], batch: int 
     return torch.cat(out)
 
 
+GROUP = 100  # zero-shot retrieval's candidates per query (chance: 1 / GROUP)
+
+
 @torch.no_grad()
-def retrieval_accuracy(clip: Clip, images: Tensor, captions: Sequence[str], group: int = 100) -> tuple[float, float]:
+def retrieval_accuracy(clip: Clip, images: Tensor, captions: Sequence[str], group: int = GROUP) -> tuple[float, float]:
     """Zero-shot retrieval in groups of ``group``: how often an image's most similar caption among the
     group's is its own (image -> caption), and a caption's most similar image (caption -> image). Chance: 1/group."""
     hits_i = hits_t = n = 0
@@ -196,7 +199,7 @@ def swap_discrimination(clip: Clip, images: Tensor, captions: Sequence[str], bat
     return float((own > swapped).float().mean())
 
 
-def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = 100) -> dict:
+def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = GROUP) -> dict:
     """``clip_figures``, written to RUN/clip.json."""
     report = clip_figures(run, test, n, group)
     with atomic_path(Path(run) / CLIP_REPORT) as tmp:
@@ -204,7 +207,7 @@ def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = 100
     return report
 
 
-def clip_figures(run: str | Path, test: ImageSet, n: int = 2000, group: int = 100) -> dict:
+def clip_figures(run: str | Path, test: ImageSet, n: int = 2000, group: int = GROUP) -> dict:
     """Retrieval accuracies, side-swap discrimination (and, with attributes, the attribute probe) of the run's
     EMA model on the first ``n`` test images."""
     loaded = ClipRun.load(run)

@@ -279,9 +279,6 @@ def text_condition(
         raise TextError(f"{cfg.dataset}: this run takes no text (train one with --text minilm|clip:RUN|joint)")
     captions = as_read(cfg, captions)
     length = length or prompt_length(cfg, enc, captions)
-    unique = list(dict.fromkeys(captions))  # a training set repeats its captions: each is encoded once
-    if len(unique) == len(captions):
-        return enc.condition(captions, length)
-    where = {c: i for i, c in enumerate(unique)}
-    index = torch.tensor([where[c] for c in captions], dtype=torch.long)
-    return {k: v[index] for k, v in enc.condition(unique, length).items()}
+    where = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # a training set repeats its captions: each is
+    index = torch.tensor([where[c] for c in captions], dtype=torch.long)  # encoded once, then gathered
+    return {k: v[index] for k, v in enc.condition(list(where), length).items()}
