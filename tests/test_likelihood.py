@@ -300,6 +300,8 @@ def test_invalid_inputs_raise():
         bits_per_dim(GaussianDenoiser(ContinuousVP("linear"), MU, COV), [x0], progress=False)
     ddpm = GaussianDenoiser(DiscreteDDPM(20, "cosine"), MU, COV)
     with pytest.raises(ValueError, match="reverse variance"):
+        vlb_terms(ddpm, x0, variance="sideways")
+    with pytest.raises(ValueError, match="predicts its variance"):
         vlb_terms(ddpm, x0, variance="learned")
     with pytest.raises(ValueError, match="decoder"):
         vlb_terms(ddpm, x0, decoder="logistic")

@@ -6,7 +6,8 @@ import argparse
 
 import torch
 
-from ..evaluation.evaluate import Sampling, evaluate
+from ..core.ode_likelihood import DEFAULT_TOL, DIVERGENCES
+from ..evaluation.evaluate import BPD_METHODS, Likelihood, Sampling, evaluate
 from ..evaluation.report import format_report, write_json
 from ..runs.config import load_config
 from ..training.distributed import resolve_device
@@ -39,6 +40,10 @@ def run(args) -> None:
     run = load_run(args, args.run, ema=args.ema)  # it says what it samples with by default (a student: its own)
     sampler, spacing, options = sampler_choice(args, run)
     sampling = Sampling(sampler, args.steps, spacing, options, args.batch, resolve_device(args.device))
+    likelihood = Likelihood(
+        method=args.bpd, steps=tuple(args.bpd_steps or ()), divergence=args.divergence, probes=args.probes,
+        rtol=args.rtol, atol=args.rtol,
+    )  # fmt: skip
     result = evaluate(
         run,
         n=args.n,
@@ -48,6 +53,7 @@ def run(args) -> None:
         ema=args.ema,
         lora=lora_pairs(args),
         bpd_n=args.bpd_n,
+        likelihood=likelihood,
         features=args.features,
         split=args.split,
         prompts=args.prompts,
@@ -59,6 +65,26 @@ def run(args) -> None:
     if args.json:
         write_json(result, args.json)
         print(f"wrote {args.json}")
+
+
+def _bound_steps(text: str) -> list[int]:
+    try:
+        steps = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected step counts like 50,100, got {text!r}") from None
+    if any(k < 2 for k in steps):
+        raise argparse.ArgumentTypeError(f"step counts must be >= 2, got {text!r}")
+    return steps
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a tolerance lies in (0, 1), got {text!r}")
+    return value
 
 
 def register(sub) -> None:
@@ -94,6 +120,34 @@ def register(sub) -> None:
         type=int,
         default=32,
         help="test images for bits/dim (default 32; 0 skips; ~0.6 s each for 8x8 digits, ~7 s for 28x28)",
+    )
+    lik = e.add_argument_group("likelihood (see docs/likelihood.md)")
+    lik.add_argument(
+        "--bpd",
+        choices=BPD_METHODS,
+        default="vlb",
+        help="vlb: the variational bound (default); ode: the probability-flow ODE's log-likelihood; both",
+    )
+    lik.add_argument(
+        "--bpd-steps",
+        type=_bound_steps,
+        metavar="K[,K...]",
+        help="also the bound of a DDPM run on K evenly spaced steps (e.g. 50,100: iDDPM's few-step bound)",
+    )
+    lik.add_argument(
+        "--divergence",
+        choices=DIVERGENCES,
+        default="hutchinson",
+        help="the ODE's divergence: Hutchinson's estimator (default) or exact (D backward passes; small images)",
+    )
+    lik.add_argument(
+        "--probes", type=positive_int, default=1, help="Rademacher probes per image for Hutchinson (default 1)"
+    )
+    lik.add_argument(
+        "--rtol",
+        type=_tolerance,
+        default=DEFAULT_TOL,
+        help=f"the ODE solver's relative and absolute tolerance (default {DEFAULT_TOL:g}, Song et al.'s)",
     )
     e.add_argument(
         "--features",

@@ -152,7 +152,10 @@ def add_sampler(p) -> None:
     g.add_argument("--spacing", choices=SPACINGS, default=None, help="default: the sampler's usual grid")
     g.add_argument("--eta", type=unit_float, default=None, help="ddim: eta in [0, 1] (default 0)")
     g.add_argument(
-        "--variance", choices=["beta", "beta_tilde"], default=None, help="ddpm: the reverse variance (default beta)"
+        "--variance",
+        choices=["beta", "beta_tilde", "learned"],
+        default=None,
+        help="ddpm: the reverse variance (default: learned for a run trained with --variance learned, else beta)",
     )
     g.add_argument(
         "--n-steps-each", type=positive_int, default=None, help="langevin: Langevin steps per noise level (default 100)"

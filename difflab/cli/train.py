@@ -15,7 +15,8 @@ from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
-from ..core.processes import PROCESSES_BY_NAME, process_name
+from ..core.losses import OBJECTIVES
+from ..core.processes import PROCESSES_BY_NAME, has_parameters, process_name
 from ..latent.autoencoder import latent_record, load_autoencoder
 from ..nets.unet import num_parameters
 from ..runs.config import PRECISIONS, RunConfig
@@ -48,14 +49,26 @@ def apply_options(cfg: RunConfig, args) -> RunConfig:
     process = cfg.process
     if args.process or args.schedule or args.T:
         kind = args.process or process_name(process)
+        schedule = args.schedule
+        if schedule == "learned":  # VDM's learned schedule is a process of its own
+            if kind not in ("vp", "learned", "ddpm") or (args.process and kind == "ddpm"):
+                raise UsageError(
+                    "--schedule learned is a variance-preserving process in continuous time (--process vp)"
+                )
+            kind, schedule = "learned", None
         if args.T and kind != "ddpm":
             raise UsageError("--T applies to the discrete DDPM process only")
-        kw = {k: v for k, v in (("schedule", args.schedule), ("T", args.T)) if v}
+        kw = {k: v for k, v in (("schedule", schedule), ("T", args.T)) if v}
         try:
             process = replace(process, **kw) if kind == process_name(process) else PROCESSES_BY_NAME[kind](**kw)
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
     loss = replace(cfg.loss, weighting=args.weighting) if args.weighting else cfg.loss
+    objective = args.objective or (
+        "vlb" if has_parameters(process) else "hybrid" if args.variance == "learned" else None
+    )
+    if objective:
+        loss = replace(loss, objective=objective)
     data = cfg.data
     if args.data:
         data = replace(data, data_dir=args.data)
@@ -72,7 +85,12 @@ def apply_options(cfg: RunConfig, args) -> RunConfig:
 
 
 def with_network_options(cfg: RunConfig, args) -> RunConfig:
-    """``cfg``'s U-Net with --position and --attention-at (after the variants, which size the U-Net)."""
+    """``cfg``'s network with --variance learned (twice the output channels), its U-Net with --position and
+    --attention-at (after the variants, which size the U-Net)."""
+    if args.variance == "learned":
+        out = 2 * cfg.shape[0]
+        net = replace(cfg.net, out_dim=out) if cfg.net_kind == "mlp" else replace(cfg.net, out_channels=out)
+        cfg = replace(cfg, net=net, variance="learned")
     if not (args.position or args.attention_at):
         return cfg
     if cfg.net_kind != "unet":
@@ -136,6 +154,8 @@ def _contradictions(saved: RunConfig, args) -> list[str]:
             for f in fields(b)
             if getattr(a, f.name, None) != getattr(b, f.name)
         ]
+    if args.variance and args.variance != saved.variance:
+        out.append(f"--variance {args.variance} (saved: {saved.variance})")
     for key in ("process", "target", "conditions"):
         if getattr(saved, key) != getattr(wanted, key):
             out.append(f"{key} {getattr(wanted, key)!r} (saved: {getattr(saved, key)!r})")
@@ -243,10 +263,25 @@ def register(sub) -> None:
         "--precision", choices=PRECISIONS, help="bf16 autocast (CPU, CUDA) or fp16 with a gradient scaler (CUDA)"
     )
     t.add_argument("--process", choices=sorted(PROCESSES_BY_NAME))
-    t.add_argument("--schedule", help="beta schedule (linear, cosine, sigmoid) or VP/VE schedule")
+    t.add_argument(
+        "--schedule",
+        help="beta schedule (linear, cosine, sigmoid) or VP/VE schedule; learned: VDM's learned schedule (a vp "
+        "process trained on the bound)",
+    )
     t.add_argument("--T", type=positive_int, help="number of DDPM steps")
     t.add_argument("--target", choices=["eps", "x0", "v", "score"])
     t.add_argument("--weighting", choices=["none", "snr", "min_snr"])
+    t.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        help="simple (default), hybrid (L_simple + L_vlb, for --variance learned) or vlb (the continuous-time bound "
+        "of a vp process; the default for --schedule learned); see docs/likelihood.md",
+    )
+    t.add_argument(
+        "--variance",
+        choices=["fixed", "learned"],
+        help="learned: the network also predicts the reverse variance (iDDPM; trained with --objective hybrid)",
+    )
     t.add_argument("-n", "--n", type=positive_int, help="2-D sets: number of training points")
     t.add_argument("--data", help="folder holding the dataset's files")
     t.add_argument(

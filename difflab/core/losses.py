@@ -12,21 +12,42 @@ effective weight on the x0-MSE instead, and the loss multiplies the target MSE b
     'none'     the target's native weight (plain MSE of the target)
     'snr'      SNR                      (= plain eps-MSE, whatever the target)
     'min_snr'  min(SNR, gamma)          (Hang et al. 2023, "Min-SNR weighting")
+
+The config's ``objective`` picks what trains (runs/diffusion.py builds the callable):
+    'simple'   this loss
+    'hybrid'   L_simple + lambda L_vlb (Nichol & Dhariwal 2021, Sec. 3.1): HybridLoss, for a learned variance
+    'vlb'      the continuous-time bound (Kingma et al. 2021): ContinuousVLBLoss, for a fixed or learned schedule
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .likelihood import (
+    bound_t_min,
+    continuous_decoder_nll,
+    continuous_prior_kl,
+    decoder_log_variance,
+    decoder_nll,
+    diffusion_term,
+    log_snr_slope,
+    reverse_kl,
+    reverse_log_variance,
+)
 from .parameterize import TARGETS, Target, expand_t, score_from_eps, v_from_x0_eps
-from .processes import broadcast
+from .processes import broadcast, has_parameters
 
 WEIGHTINGS = ("none", "snr", "min_snr")
+Objective = Literal["simple", "hybrid", "vlb"]  # what a denoiser run trains on (see the module doc)
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 
 
 def snr_factor(target: Target, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -60,11 +81,21 @@ class SimpleLoss:
     """E_{t, eps} [ w(t) ||pred.as_(target) - target_true||^2 ], the squared error averaged over dimensions.
 
     target: 'x0', 'eps', 'v', 'score', or None for the denoiser's native target (no conversion).
-    weighting: 'none', 'snr' or 'min_snr' (see the module docstring); gamma is Min-SNR's clamp."""
+    weighting: 'none', 'snr' or 'min_snr' (see the module docstring); gamma is Min-SNR's clamp.
+    objective: 'simple', 'hybrid' or 'vlb' (see the module docstring); vlb_weight is the hybrid's lambda."""
 
     target: Target | None = None
     weighting: str = "none"
     gamma: float = 5.0
+    objective: Objective = "simple"
+    vlb_weight: float = 1e-3
+
+    def to_dict(self) -> dict:
+        """Its fields as config.json holds them: the objective's only when it is not the simple loss."""
+        d = asdict(self)
+        if self.objective == "simple" and self.vlb_weight == 1e-3:
+            del d["objective"], d["vlb_weight"]
+        return d
 
     def __post_init__(self):
         if self.target is not None and self.target not in TARGETS:
@@ -73,6 +104,10 @@ class SimpleLoss:
             raise ValueError(f"unknown loss weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
         if not self.gamma > 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose one of {OBJECTIVES}")
+        if not self.vlb_weight > 0:
+            raise ValueError(f"vlb_weight must be > 0, got {self.vlb_weight}")
 
     def __call__(
         self,
@@ -84,11 +119,12 @@ class SimpleLoss:
         noise: Tensor | None = None,
         cond: Mapping | None = None,
         reduction: str = "mean",
+        pred=None,
     ) -> Tensor:
         """The loss on a batch x0 (B, ...): a scalar for reduction='mean', the (B,) per-example losses for 'none'.
 
         t (B,) and noise (like x0) are drawn from ``generator`` unless given; cond is passed as
-        denoiser(x_t, t, **cond)."""
+        denoiser(x_t, t, **cond); ``pred``, the denoiser's Prediction at that x_t when the caller has it."""
         if reduction not in ("mean", "none"):
             raise ValueError(f"unknown reduction {reduction!r}; choose 'mean' or 'none'")
         process = denoiser.process
@@ -99,8 +135,9 @@ class SimpleLoss:
         if noise is None:
             device = generator.device if generator is not None else x0.device
             noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
-        x_t = process.q_sample(x0, t, noise)
-        pred = denoiser(x_t, t, **(cond or {}))
+        if pred is None:
+            x_t = process.q_sample(x0, t, noise)
+            pred = denoiser(x_t, t, **(cond or {}))
 
         target = self.target or pred.target
         alpha, sigma = process.alpha(t), process.sigma(t)  # (B,) float64
@@ -113,6 +150,66 @@ class SimpleLoss:
         }[target]
         mse = ((pred.as_(target) - true) ** 2).flatten(1).mean(1)  # (B,)
         per_example = loss_weight(target, self.weighting, alpha, sigma, self.gamma).to(mse) * mse
+        return per_example.mean() if reduction == "mean" else per_example
+
+
+@dataclass
+class HybridLoss:
+    """L_hybrid = L_simple + lambda T L_vlb,t (Nichol & Dhariwal 2021, Sec. 3.1), for a denoiser that learns its
+    reverse variance: at each example's t the bound's term (the KL into t-1, or at t = 1 the decoder's
+    -log p(x_0 | x_1)) in bits/dim, with the mean's x0_hat detached, so L_vlb trains the variance alone and
+    L_simple the mean; T L_vlb,t is an unbiased draw of the whole bound, and lambda = 1e-3 keeps it from
+    swamping the MSE (their improved-diffusion scales the same way: T/1000)."""
+
+    simple: SimpleLoss
+    decoder: str = "discretized"
+
+    def __call__(self, denoiser, x0: Tensor, *, t: Tensor, noise: Tensor, cond=None, reduction: str = "mean"):
+        process = denoiser.process
+        t = expand_t(t, x0)
+        x_t = process.q_sample(x0, t, noise)
+        pred = denoiser(x_t, t, **(cond or {}))
+        simple = self.simple(denoiser, x0, t=t, noise=noise, pred=pred, reduction="none")  # (B,)
+        x0_hat = pred.x0.detach()
+        s = (t - 1).clamp(min=0)
+        first = t <= 1
+        # the decoder's variance at t = 1 interpolates sigma_1^2 and the next step's beta_tilde (decoder_log_variance)
+        log_var = torch.where(
+            first.reshape(-1, *[1] * (x0.ndim - 1)),
+            decoder_log_variance(process, t.clamp(max=1), t.clamp(max=1) + 1, "learned", pred.var_frac),
+            reverse_log_variance(process, t.clamp(min=2), s.clamp(min=1), "learned", pred.var_frac),
+        )
+        kl = reverse_kl(process, x0, x_t, t.clamp(min=2), s.clamp(min=1), x0_hat, log_var)
+        nll = decoder_nll(x0, x0_hat, log_var, self.decoder)
+        D = x0[0].numel()
+        vlb = torch.where(first, nll, kl) / (D * math.log(2))  # (B,) bits/dim
+        per_example = simple + self.simple.vlb_weight * process.T * vlb.to(simple)
+        return per_example.mean() if reduction == "mean" else per_example
+
+
+@dataclass
+class ContinuousVLBLoss:
+    """The continuous-time bound as a loss (Kingma et al. 2021, eq. 17 and Sec. 3.5), per example in bits/dim:
+    the prior KL, VDM's decoder at t_min and one draw of L_inf = 1/2 int -lambda'(t) ||eps - eps_hat||^2 dt,
+    with the loop's t mapped onto [t_min, 1] (likelihood.bound_t_min). For a learned schedule (LearnedVP) the
+    end points train on the bound and the interior on its variance (GammaNet.variance_gradient)."""
+
+    decoder: str = "discretized"
+
+    def __call__(self, denoiser, x0: Tensor, *, t: Tensor, noise: Tensor, cond=None, reduction: str = "mean"):
+        process = denoiser.process
+        t_min, t_max = bound_t_min(process), float(process.t_max)
+        t = t_min + expand_t(t, x0) * ((t_max - t_min) / t_max)
+        learned = has_parameters(process)
+        with process.gamma.variance_gradient() if learned else contextlib.nullcontext() as holder:
+            x_t = process.q_sample(x0, t, noise)
+            pred = denoiser(x_t, t, **(cond or {}))
+            diffusion = diffusion_term(process, pred.eps, noise, log_snr_slope(process, t), t_max - t_min)
+            if learned:
+                holder["w"] = 2 * diffusion.detach().to(torch.float64)
+        eps0 = torch.randn_like(x0)  # the decoder's noise: the loop seeds torch's generator per step and rank
+        rest = continuous_prior_kl(process, x0) + continuous_decoder_nll(process, x0, t_min, eps0, self.decoder)
+        per_example = (diffusion + rest.to(diffusion)) / (x0[0].numel() * math.log(2))
         return per_example.mean() if reduction == "mean" else per_example
 
 

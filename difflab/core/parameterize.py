@@ -104,13 +104,16 @@ def convert(value: Tensor, source: Target, target: Target, x_t: Tensor, alpha: T
 class Prediction:
     """What a denoiser says about x_t: one native ``value`` of kind ``target``, readable as any other.
 
-    alpha and sigma are already broadcast against x_t (shape (B, 1, ...), x_t's dtype)."""
+    alpha and sigma are already broadcast against x_t (shape (B, 1, ...), x_t's dtype). A network that learns
+    its reverse variance (Nichol & Dhariwal 2021) also gives ``var_frac`` (like x_t): the reverse step's log
+    variance is var_frac log beta + (1 - var_frac) log beta_tilde (their eq. 15); None for a fixed variance."""
 
     x_t: Tensor
     alpha: Tensor
     sigma: Tensor
     target: Target
     value: Tensor
+    var_frac: Tensor | None = None
 
     def as_(self, target: Target) -> Tensor:
         return convert(self.value, self.target, target, self.x_t, self.alpha, self.sigma)
@@ -163,13 +166,16 @@ class Denoiser(nn.Module):
         net (`nn.Module`): the network, called as net(x_in, c_noise, **cond).
         process (`Process`): the forward process it was trained on (core/processes.py).
         target (`Target`, defaults to `"eps"`): what the network predicts, one of `"x0"` (the clean signal),
-            `"eps"` (the noise), `"v"` (alpha eps - sigma x_0) or `"score"` (grad log p(x_t))."""
+            `"eps"` (the noise), `"v"` (alpha eps - sigma x_0) or `"score"` (grad log p(x_t)).
+        learned_variance (`bool`, defaults to `False`): the network's output has twice the channels of x_t: the
+            prediction, then v in iDDPM's parameterisation, read as ``Prediction.var_frac = (v + 1) / 2``."""
 
-    def __init__(self, net: nn.Module, process: Process, target: Target = "eps"):
+    def __init__(self, net: nn.Module, process: Process, target: Target = "eps", learned_variance: bool = False):
         super().__init__()
         if target not in TARGETS:
             raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
         self.net, self.process, self.target = net, process, target
+        self.learned_variance = learned_variance
         inner = getattr(net, "module", net)  # DistributedDataParallel keeps the network in .module
         accepts = getattr(inner, "accepts", None)  # difflab's networks declare it; a foreign one is not checked
         self.accepts: frozenset[str] | None = None if accepts is None else frozenset(accepts)
@@ -184,4 +190,21 @@ class Denoiser(nn.Module):
         c_in = torch.rsqrt(alpha**2 + sigma**2)
         c_noise = self.process.noise_condition(t).to(device=x_t.device, dtype=torch.float32)
         out = self.net(x_t * c_in, c_noise, **cond)
-        return Prediction(x_t, alpha, sigma, self.target, out.to(x_t.dtype))
+        if not self.learned_variance:
+            return Prediction(x_t, alpha, sigma, self.target, out.to(x_t.dtype))
+        value, v = out.to(x_t.dtype).chunk(2, dim=1)  # (B, C, ...) each: the prediction, the variance's v
+        return Prediction(x_t, alpha, sigma, self.target, value, var_frac=(v + 1) / 2)
+
+
+class WithSchedule(nn.Module):
+    """A network and a learned schedule's network trained, averaged and saved together (``net.*`` and
+    ``schedule.*`` in the weights): calls go to the network; the schedule is read through the process."""
+
+    def __init__(self, net: nn.Module, schedule: nn.Module):
+        super().__init__()
+        self.net, self.schedule = net, schedule
+        if hasattr(net, "accepts"):
+            self.accepts = net.accepts
+
+    def forward(self, x: Tensor, c_noise: Tensor, **cond) -> Tensor:
+        return self.net(x, c_noise, **cond)

@@ -14,6 +14,8 @@ Instances:
                      t in [0, 1]: Song et al.'s linear-beta VP SDE or a cosine log-SNR.
     VarianceExploding  x_t = x_0 + sigma_t eps, with t = sigma (EDM's convention);
                      training levels drawn from a geometric or a Karras schedule.
+    LearnedVP        variance preserving, t in [0, 1], with a learned monotone gamma(t) = -lambda(t)
+                     (Kingma et al. 2021, VDM): its parameters train with the denoiser.
 
 Schedules are computed in float64 and cast by the caller (``.to(x)``).
 Notation: abar_t = alpha_t^2 (the paper's bar-alpha), beta_tilde = posterior variance.
@@ -21,12 +23,14 @@ Notation: abar_t = alpha_t^2 (the paper's bar-alpha), beta_tilde = posterior var
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 F64 = torch.float64
 
@@ -270,6 +274,158 @@ class VarianceExploding(Process):
         return 1000.0 * (torch.log(torch.as_tensor(t, dtype=F64).clamp(min=self.sigma_min * 1e-3)) - lo) / (hi - lo)
 
 
+class GammaNet(nn.Module):
+    """VDM's monotone network for gamma(t) = -log SNR(t) on [0, 1] (Kingma et al. 2021, appendix H):
+
+        gamma_tilde(t) = l1(t) + l3(phi(l2(l1(t)))),   phi(u) = 2 (sigmoid(u) - 1/2),
+        gamma(t) = gamma_0 + (gamma_1 - gamma_0) (gamma_tilde(t) - gamma_tilde(0)) / (gamma_tilde(1) - gamma_tilde(0))
+
+    with every weight of l1, l2, l3 made positive (its absolute value), so gamma_tilde increases in t, and the
+    end points gamma_0 = gamma(0), gamma_1 = gamma(1) fixed or learned. ``shape(t)`` is the normalised interior
+    (0 at t = 0, 1 at t = 1): the end points alone set the continuous-time bound, the interior only its variance.
+    Evaluated in float64 (the parameters are cast), like every schedule."""
+
+    def __init__(self, gamma_min: float, gamma_max: float, hidden: int, learn_endpoints: bool):
+        super().__init__()
+        self.l1 = nn.Linear(1, 1)
+        self.l2 = nn.Linear(1, hidden)
+        self.l3 = nn.Linear(hidden, 1, bias=False)
+        with torch.no_grad():  # start near the linear schedule: a unit slope and a small bumpy part
+            self.l1.weight.fill_(1.0)
+            self.l1.bias.zero_()
+            self.l3.weight.mul_(1e-2)
+        ends = torch.tensor([gamma_min, gamma_max])
+        if learn_endpoints:
+            self.ends = nn.Parameter(ends)
+        else:
+            self.register_buffer("ends", ends)
+
+    def _tilde(self, t: Tensor, slope: bool = False):
+        """gamma_tilde(t), and with ``slope`` also d gamma_tilde / dt (in closed form)."""
+        w1, b1 = self.l1.weight.double().abs()[:, 0], self.l1.bias.double()
+        w2, b2 = self.l2.weight.double().abs()[:, 0], self.l2.bias.double()
+        w3 = self.l3.weight.double().abs()[0]
+        h = t[..., None] * w1 + b1  # (..., 1)
+        sig = torch.sigmoid(h * w2 + b2)  # (..., hidden)
+        value = (h + 2 * (sig - 0.5) @ w3[:, None])[..., 0]
+        if not slope:
+            return value
+        return value, w1 * (1 + (2 * sig * (1 - sig) * w2) @ w3)
+
+    def shape(self, t: Tensor, slope: bool = False):
+        """The normalised interior (gamma_tilde(t) - gamma_tilde(0)) / (gamma_tilde(1) - gamma_tilde(0)) in [0, 1]
+        (and with ``slope`` its derivative in t). Inside ``variance_gradient`` their gradients are scaled."""
+        ends = self._tilde(torch.tensor([0.0, 1.0], dtype=F64, device=t.device))
+        span = ends[1] - ends[0]
+        if not slope:
+            return self._hooked((self._tilde(t) - ends[0]) / span)
+        value, d = self._tilde(t, slope=True)
+        return self._hooked((value - ends[0]) / span), self._hooked(d / span)
+
+    def _hooked(self, x: Tensor) -> Tensor:
+        holder = getattr(self, "_variance_holder", None)
+        if holder is not None and x.requires_grad:
+            x.register_hook(lambda g: g if holder.get("w") is None else g * holder["w"].to(g))
+        return x
+
+    @contextlib.contextmanager
+    def variance_gradient(self):
+        """VDM's variance minimisation (Kingma et al. 2021, Sec. 5.3): the end points alone set the bound's
+        expectation, so the interior trains on its variance, d E[L^2] = E[2 L dL]. Inside this context every
+        interior value computed is marked; set ``holder['w'] = 2 L`` (per example, detached) before the backward
+        pass and their gradients are multiplied by it (the end points' are not)."""
+        holder: dict = {}
+        self._variance_holder = holder
+        try:
+            yield holder
+        finally:
+            self._variance_holder = None
+
+    def endpoints(self) -> tuple[Tensor, Tensor]:
+        g = self.ends.double()
+        return g[0], g[1]
+
+    def forward(self, t: Tensor) -> Tensor:
+        g0, g1 = self.endpoints()
+        return g0 + (g1 - g0) * self.shape(t)
+
+    def slope(self, t: Tensor) -> Tensor:
+        """d gamma / dt."""
+        g0, g1 = self.endpoints()
+        return (g1 - g0) * self.shape(t, slope=True)[1]
+
+
+@dataclass(frozen=True)
+class LearnedVP(Process):
+    """Variance preserving with a learned schedule (Kingma et al. 2021, VDM): sigma^2 = sigmoid(gamma(t)),
+    alpha^2 = sigmoid(-gamma(t)), t in [0, 1], gamma = ``GammaNet`` (monotone, end points gamma_min and
+    gamma_max, learned when ``learn_endpoints``). The process owns the network (``.gamma``); a run's config
+    builds it into the denoiser's network (runs/config.py), so it is trained, averaged and saved with the
+    weights. The network is conditioned on gamma(t), scaled to [0, 1000] over (gamma_min, gamma_max), so a
+    change of the schedule's interior moves no expected loss (VDM, Sec. 5.1)."""
+
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    learn_endpoints: bool = True
+    hidden: int = 1024
+    t_max: float = 1.0
+    gamma: GammaNet = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not self.gamma_min < self.gamma_max:
+            raise ValueError(f"need gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}")
+        if self.hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
+        object.__setattr__(self, "gamma", self.fresh_gamma())
+
+    def fresh_gamma(self) -> GammaNet:
+        """A newly initialised schedule network of this config (a run's own, built beside its network)."""
+        return GammaNet(self.gamma_min, self.gamma_max, self.hidden, self.learn_endpoints)
+
+    def bound_to(self, gamma: GammaNet) -> LearnedVP:
+        """This process reading ``gamma`` (a run's trained schedule network)."""
+        process = copy.copy(self)
+        object.__setattr__(process, "gamma", gamma)
+        return process
+
+    def gamma_at(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=F64)
+        return self.gamma(t.to(self.gamma.l1.weight.device)).to(t.device)
+
+    def alpha(self, t):
+        return torch.sqrt(torch.sigmoid(-self.gamma_at(t)))
+
+    def sigma(self, t):
+        return torch.sqrt(torch.sigmoid(self.gamma_at(t)))
+
+    def log_snr(self, t):
+        return -self.gamma_at(t)
+
+    def log_snr_slope(self, t):
+        """lambda'(t) = -gamma'(t), in closed form (differentiable in the schedule's parameters)."""
+        t = torch.as_tensor(t, dtype=F64)
+        return -self.gamma.slope(t.to(self.gamma.l1.weight.device)).to(t.device)
+
+    def t_from_log_snr(self, lam):
+        """gamma^{-1}(-lambda) by bisection (gamma increases), clamped to [0, 1]."""
+        target = -torch.as_tensor(lam, dtype=F64)
+        lo, hi = torch.zeros_like(target), torch.ones_like(target)
+        with torch.no_grad():
+            for _ in range(60):  # 2^-60: float64's resolution on [0, 1]
+                mid = (lo + hi) / 2
+                below = self.gamma_at(mid) < target
+                lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (lo + hi) / 2
+
+    def noise_condition(self, t):
+        return 1000.0 * (self.gamma_at(t) - self.gamma_min) / (self.gamma_max - self.gamma_min)
+
+
+def has_parameters(process: Process) -> bool:
+    """Whether the process trains with the network (a learned schedule)."""
+    return isinstance(process, LearnedVP)
+
+
 # --------------------------------------------------------------------------- posterior
 
 
@@ -298,7 +454,12 @@ def transition_variance(process: Process, t: Tensor, s: Tensor) -> Tensor:
     return process.sigma(t) ** 2 - a_ts**2 * process.sigma(s) ** 2
 
 
-PROCESSES_BY_NAME: dict[str, type[Process]] = {"ddpm": DiscreteDDPM, "vp": ContinuousVP, "ve": VarianceExploding}
+PROCESSES_BY_NAME: dict[str, type[Process]] = {
+    "ddpm": DiscreteDDPM,
+    "vp": ContinuousVP,
+    "ve": VarianceExploding,
+    "learned": LearnedVP,
+}
 
 
 def process_name(process: Process) -> str:

@@ -17,9 +17,13 @@ Against the reference split (``split``, default the test split) the report gives
     real_vs_real     the same scores for n real images of the other split (train when the reference is
                      test) in place of the samples: what a model that reproduced the data would get at
                      this n (FD and KID are biased upwards at finite n: compare with this floor, not 0)
-    bits_per_dim     the variational bound L_T + sum L_{t-1} + L_0 (likelihood.py, discretized decoder,
-                     reverse variance beta, the tighter of the two fixed choices) of ``bpd_n`` test images,
-                     in bits/dim with its standard error; DiscreteDDPM runs only, else null with the reason
+    bits_per_dim     the variational bound of ``bpd_n`` test images in bits/dim with its standard error
+                     (likelihood.py, discretized decoder): a DiscreteDDPM's L_T + sum L_{t-1} + L_0 with the
+                     reverse variance beta (the tighter of the two fixed choices) or the run's learned one,
+                     and with ``Likelihood.steps`` the same bound on coarser grids (iDDPM's 50 and 100
+                     steps); a continuous-time run's continuous bound (VDM); null with the reason otherwise
+    ode_bits_per_dim with ``Likelihood.method`` 'ode' or 'both': the probability-flow ODE's log-likelihood
+                     (ode_likelihood.py: uniform dequantisation, Hutchinson's divergence, the NFE)
 
 The reference statistics are computed once and cached (evaluation/reference.py). A class-conditional (or
 classifier-guided) run draws balanced classes and the report adds the class accuracy; a text run samples for
@@ -41,13 +45,22 @@ Same arguments and seed give the same numbers: every random choice comes from a 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from ..core.likelihood import bits_per_dim
+from ..core.likelihood import bits_per_dim, bound_grid
+from ..core.ode_likelihood import (
+    DEFAULT_TOL,
+    DEQUANTIZATIONS,
+    DIVERGENCES,
+    Dequantization,
+    Divergence,
+    ode_bits_per_dim,
+)
 from ..core.processes import DiscreteDDPM, process_name
 from ..data.images import ImageSet, to_model, to_uint8
 from ..data.toy2d import make_toy
@@ -82,6 +95,9 @@ BPD_CALL_NUMBERS = 2**19  # input numbers per denoiser call in the bound: B * t_
 # (step 1500, 16 test images: 5.17 bits/dim with beta vs 5.63 with beta_tilde; the decoder term is the same)
 BPD_VARIANCE = "beta"
 TOY_REF_SEED = 12345  # fresh 2-D reference points (training data use seed 1)
+ODE_BATCH = 16  # test images per ODE solve (they share its steps)
+BpdMethod = Literal["vlb", "ode", "both"]
+BPD_METHODS: tuple[BpdMethod, ...] = get_args(BpdMethod)
 
 
 class EvalError(ValueError):
@@ -111,6 +127,52 @@ class Sampling:
             raise EvalError(f"unknown sampler {self.sampler!r}; choose one of: {', '.join(SAMPLERS)}")
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise EvalError(f"unknown spacing {self.spacing!r}; choose one of: {', '.join(SPACINGS)}")
+
+
+@dataclass
+class Likelihood:
+    """How the likelihood is measured: the variational bound ('vlb'), the probability-flow ODE ('ode') or both;
+    the bound also on coarser grids of ``steps`` levels (a DiscreteDDPM); the continuous bound's time draws
+    ``k`` per image; the ODE's divergence (Hutchinson's with ``probes`` Rademacher vectors, or exact),
+    tolerances and dequantisation."""
+
+    method: BpdMethod = "vlb"
+    steps: tuple[int, ...] = field(default_factory=tuple)
+    k: int = 8
+    divergence: Divergence = "hutchinson"
+    probes: int = 1
+    rtol: float = DEFAULT_TOL
+    atol: float = DEFAULT_TOL
+    dequantization: Dequantization = "uniform"
+
+    def check(self) -> None:
+        if self.method not in BPD_METHODS:
+            raise EvalError(f"unknown likelihood method {self.method!r}; choose one of: {', '.join(BPD_METHODS)}")
+        if self.divergence not in DIVERGENCES:
+            raise EvalError(f"unknown divergence {self.divergence!r}; choose one of: {', '.join(DIVERGENCES)}")
+        if self.dequantization not in DEQUANTIZATIONS:
+            raise EvalError(
+                f"unknown dequantization {self.dequantization!r}; choose one of: {', '.join(DEQUANTIZATIONS)}"
+            )
+        for name in ("k", "probes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EvalError(f"{name} must be an integer >= 1, got {value!r}")
+        for value in self.steps:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise EvalError(f"bound steps must be integers >= 2, got {value!r}")
+        for name in ("rtol", "atol"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise EvalError(f"{name} must lie in (0, 1), got {value!r}")
+
+    @property
+    def vlb(self) -> bool:
+        return self.method in ("vlb", "both")
+
+    @property
+    def ode(self) -> bool:
+        return self.method in ("ode", "both")
 
 
 @dataclass
@@ -164,37 +226,79 @@ def _class_report(net: FeatureNet, logits: Tensor | None, ref: dict, data: Image
     }
 
 
-def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, progress: bool) -> dict:
-    """The bound of ``bpd_n`` test images under the model itself (guidance is no likelihood), on the CPU."""
+def _likelihood_refusal(run: DiffusionRun, bpd_n: int) -> str | None:
+    """Why this run's likelihood is not measured, or None."""
     cfg = run.config
     if cfg.latent is not None:
-        return {
-            "total": None,
-            "reason": "not defined for a latent run (its bound is on latents; the decoder has no likelihood)",
-        }
+        return "not defined for a latent run (its bound is on latents; the decoder has no likelihood)"
     if cfg.text is not None:
-        return {"total": None, "reason": "not computed for a text run (its likelihood depends on the caption)"}
-    if not isinstance(run.process, DiscreteDDPM):
-        return {
-            "total": None,
-            "reason": "the variational bound is defined here for DiscreteDDPM runs; this run uses "
-            f"{type(run.process).__name__}",
-        }
+        return "not computed for a text run (its likelihood depends on the caption)"
     if bpd_n == 0:
-        return {"total": None, "reason": "skipped (bpd_n = 0)"}
-    if run.config.distill is not None:
-        return {
-            "total": None,
-            "reason": "a distilled student is a few-step sampler, not a denoiser at every noise level: the bound is "
-            "its teacher's",
-        }
+        return "skipped (bpd_n = 0)"
+    if cfg.distill is not None:
+        return (
+            "a distilled student is a few-step sampler, not a denoiser at every noise level: the bound is its teacher's"
+        )
+    return None
+
+
+def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, how: Likelihood, progress: bool):
+    """The likelihood of ``bpd_n`` test images under the model itself (guidance is no likelihood), on the CPU:
+    (the bound's report, the ODE's report or None when not asked)."""
+    reason = _likelihood_refusal(run, bpd_n)
+    if reason is not None:
+        return {"total": None, "reason": reason}, ({"total": None, "reason": reason} if how.ode else None)
     x = to_model(test.images[fixed_subset(len(test), min(bpd_n, len(test)))])  # (n, C, H, W)
+    denoiser = run.denoiser.cpu()
+    vlb = _bound(denoiser, x, seed, how, progress) if how.vlb else {"total": None, "reason": "not asked (ode only)"}
+    if isinstance(vlb, dict) and vlb.get("total") is not None:
+        vlb["split"] = test.split
+    ode = None
+    if how.ode:
+        ode = ode_bits_per_dim(
+            denoiser, x.split(ODE_BATCH), dequantization=how.dequantization, divergence=how.divergence,
+            probes=how.probes, rtol=how.rtol, atol=how.atol, generator=torch.Generator().manual_seed(seed),
+            progress=progress,
+        )  # fmt: skip
+        ode["split"] = test.split
+    return vlb, ode
+
+
+def _bound(denoiser, x: Tensor, seed: int, how: Likelihood, progress: bool) -> dict:
+    """The variational bound of images x: discrete (every step of a DiscreteDDPM, then each of how.steps) or
+    continuous (a continuous-time process)."""
+    process = denoiser.process
     D = x[0].numel()
+    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 - the same draws for every grid
+    if not isinstance(process, DiscreteDDPM):
+        if how.steps:
+            raise EvalError("bound steps (--bpd-steps) are levels of a DiscreteDDPM; this run is continuous-time")
+        out = bits_per_dim(
+            denoiser, x.split(BPD_BATCH), decoder="discretized", generator=gen(), continuous=True, k=how.k,
+            progress=progress,
+        )  # fmt: skip
+        return _bound_report(out, "continuous", None) | {"k": how.k}
+    variance = "learned" if denoiser.learned_variance else BPD_VARIANCE
     t_batch = max(1, BPD_CALL_NUMBERS // (BPD_BATCH * D))
     out = bits_per_dim(
-        run.denoiser.cpu(), x.split(BPD_BATCH), variance=BPD_VARIANCE, decoder="discretized",
-        generator=torch.Generator().manual_seed(seed), t_batch=t_batch, progress=progress,
+        denoiser, x.split(BPD_BATCH), variance=variance, decoder="discretized", generator=gen(), t_batch=t_batch,
+        progress=progress,
     )  # fmt: skip
+    report = _bound_report(out, variance, process.T)
+    if how.steps:
+        report["at_steps"] = {}
+        for K in how.steps:
+            if K > process.T:
+                raise EvalError(f"bound steps {K} exceed the run's T = {process.T}")
+            out = bits_per_dim(
+                denoiser, x.split(BPD_BATCH), variance=variance, decoder="discretized", generator=gen(),
+                t_batch=t_batch, ts=bound_grid(process, K), progress=progress,
+            )  # fmt: skip
+            report["at_steps"][str(K)] = _bound_report(out, variance, K)
+    return report
+
+
+def _bound_report(out: dict, variance: str, steps: int | None) -> dict:
     return {
         "total": out["total"],
         "stderr": out["total_stderr"],
@@ -202,8 +306,8 @@ def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, prog
         "terms": out["terms"],
         "decoder": out["decoder"],
         "n": out["n"],
-        "split": test.split,
-        "variance": BPD_VARIANCE,
+        "variance": variance,
+        "steps": steps,
     }
 
 
@@ -244,6 +348,7 @@ def evaluate(
     ema: bool = True,
     lora=(),
     bpd_n: int = DEFAULT_BPD_N,
+    likelihood: Likelihood | None = None,
     features: str | FeatureNet | None = None,
     split: str = "test",
     prompts: str | None = None,
@@ -263,6 +368,8 @@ def evaluate(
     against caption-shuffled guessing), with ``caption_swap`` the swapped prompts' accuracy (n more samples),
     and with ``clip`` (a train-clip run) the mean CLIP-score of samples and of the real test images."""
     sampling = sampling or Sampling()
+    likelihood = likelihood or Likelihood()
+    likelihood.check()
     for name, value, least in (("n", n, MIN_N), ("bpd_n", bpd_n, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise EvalError(f"{name} must be an integer >= {least}, got {value!r}")
@@ -320,10 +427,11 @@ def evaluate(
         )
 
     if cfg.data_kind == "points":
-        return head | _evaluate_toy(cfg.dataset, draw, n, seed, t_start)
+        return head | _evaluate_toy(run, draw, n, seed, bpd_n, likelihood, t_start)
     return head | _evaluate_images(
-        run, draw, asked, n, seed, guidance, bpd_n, features, split, caption_swap, clip, cache, progress, t_start
-    )
+        run, draw, asked, n, seed, guidance, bpd_n, likelihood, features, split, caption_swap, clip, cache, progress,
+        t_start,
+    )  # fmt: skip
 
 
 def _evaluate_images(
@@ -334,6 +442,7 @@ def _evaluate_images(
     seed: int,
     guidance,
     bpd_n: int,
+    likelihood: Likelihood,
     features,
     split: str,
     caption_swap: bool,
@@ -385,7 +494,7 @@ def _evaluate_images(
     seconds["metrics"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    bpd = _bits_per_dim(run, ref_data if split == "test" else other_data, bpd_n, seed, progress)
+    bpd, ode = _bits_per_dim(run, ref_data if split == "test" else other_data, bpd_n, seed, likelihood, progress)
     seconds["bits_per_dim"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     return {
@@ -402,11 +511,13 @@ def _evaluate_images(
         "real_vs_real": floor,
         **({"text": text} if text is not None else {}),
         "bits_per_dim": bpd,
+        **({"ode_bits_per_dim": ode} if ode is not None else {}),
         "seconds": seconds,
     }
 
 
-def _evaluate_toy(dataset: str, draw, n: int, seed: int, t_start: float) -> dict:
+def _evaluate_toy(run: DiffusionRun, draw, n: int, seed: int, bpd_n: int, how: Likelihood, t_start: float) -> dict:
+    dataset = run.config.dataset
     t0 = time.perf_counter()
     x = draw()
     sampling = time.perf_counter() - t0
@@ -425,7 +536,18 @@ def _evaluate_toy(dataset: str, draw, n: int, seed: int, t_start: float) -> dict
         "real_fresh": distances(other),
         "bits_per_dim": {"total": None, "reason": "bits/dim are defined for 8-bit images; 2-D points are real-valued"},
     }
-    out["seconds"] = {"sampling": sampling, "metrics": time.perf_counter() - t0, "total": time.perf_counter() - t_start}
+    metrics = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if how.ode:  # the density itself: exact divergence in 2-D, no dequantisation
+        reason = _likelihood_refusal(run, bpd_n)
+        out["ode_bits_per_dim"] = {"total": None, "reason": reason} if reason else ode_bits_per_dim(
+            run.denoiser.cpu(), ref[:bpd_n].split(ODE_BATCH * 16), dequantization="none", divergence="exact",
+            rtol=how.rtol, atol=how.atol, progress=False,
+        ) | {"split": "fresh points"}  # fmt: skip
+    out["seconds"] = {"sampling": sampling, "metrics": metrics}
+    if how.ode:
+        out["seconds"]["bits_per_dim"] = time.perf_counter() - t0
+    out["seconds"]["total"] = time.perf_counter() - t_start
     return out
 
 

@@ -110,15 +110,44 @@ def format_report(result: dict) -> str:
                 lines.append(f"  {name[:16]:16}{100 * s:8.1f}%{100 * q:8.1f}%{real_label}")
     if r.get("text"):
         lines += _format_text(r["text"])
-    b = r["bits_per_dim"]
-    if b["total"] is None:
-        lines.append(f"bits/dim: - ({b['reason']})")
-    else:
-        lines.append(
-            f"bits/dim of {b['n']} {b['split']} image{'s' * (b['n'] != 1)}: {b['total']:.4f} ± {b['stderr']:.4f} "
-            f"(L_T {b['prior']:.4f} + sum L_t-1 {b['terms']:.4f} + L_0 {b['decoder']:.4f})"
-        )
+    lines += format_likelihood(r)
     s = r.get("seconds")
     if s:
         lines.append("time: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in s.items()))
     return "\n".join(lines)
+
+
+def format_likelihood(r: dict) -> list[str]:
+    """The bound (with its coarser grids) and the ODE's bits/dim, one line each."""
+    lines = []
+    b = r["bits_per_dim"]
+    if b["total"] is None:
+        lines.append(f"bits/dim: - ({b['reason']})")
+    else:
+        lines.append(f"bits/dim of {b['n']} {b['split']} image{'s' * (b['n'] != 1)} (bound): " + _bound_line(b))
+        for steps, at in (b.get("at_steps") or {}).items():
+            lines.append(f"  the bound at {steps} steps: " + _bound_line(at))
+    o = r.get("ode_bits_per_dim")
+    if o is not None:
+        if o["total"] is None:
+            lines.append(f"ODE bits/dim: - ({o['reason']})")
+        else:
+            probes = "exact divergence" if o["divergence"] == "exact" else f"Hutchinson, {o['probes']} probe(s)"
+            if o.get("hutchinson_stderr") is not None:
+                probes += f", ± {o['hutchinson_stderr']:.4f} of it from the probes"
+            lines.append(
+                f"ODE bits/dim of {o['n']} {o['split']}: {o['total']:.4f} ± {o['total_stderr']:.4f} "
+                f"({o['dequantization']} dequantisation, {probes}; NFE {o['nfe']:.0f}, rtol {o['rtol']:g})"
+            )
+    return lines
+
+
+def _bound_line(b: dict) -> str:
+    if b["variance"] == "continuous":
+        parts = f"prior {b['prior']:.4f} + diffusion {b['terms']:.4f} + decoder {b['decoder']:.4f}; continuous time"
+    else:
+        parts = (
+            f"L_T {b['prior']:.4f} + sum L_t-1 {b['terms']:.4f} + L_0 {b['decoder']:.4f}; "
+            f"variance {b['variance']}, {b['steps']} steps"
+        )
+    return f"{b['total']:.4f} ± {b['stderr']:.4f} ({parts})"

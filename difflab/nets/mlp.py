@@ -16,9 +16,13 @@ class MLPConfig:
     hidden: int = 128
     depth: int = 4
     time_dim: int = 64
+    out_dim: int | None = None  # None: dim (a learned variance doubles it)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.out_dim is None:  # the layout of every earlier difflab
+            del d["out_dim"]
+        return d
 
 
 class ResidualLayer(nn.Module):
@@ -33,7 +37,7 @@ class ResidualLayer(nn.Module):
 
 
 class MLP(nn.Module):
-    """net(x_in, c_noise) -> prediction of the same shape (B, dim); the time enters every layer additively.
+    """net(x_in, c_noise) -> prediction (B, out_dim), by default x's shape; the time enters every layer additively.
 
     It takes no conditions: passing any raises (rather than silently ignoring it)."""
 
@@ -45,7 +49,9 @@ class MLP(nn.Module):
         self.time = TimeEmbedding(config.time_dim, config.hidden)
         self.inp = nn.Linear(config.dim, config.hidden)
         self.layers = nn.ModuleList(ResidualLayer(config.hidden) for _ in range(config.depth))
-        self.out = nn.Sequential(nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.dim))
+        self.out = nn.Sequential(
+            nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, config.out_dim or config.dim)
+        )
 
     def forward(self, x: Tensor, c_noise: Tensor, **cond) -> Tensor:
         check_accepted(cond, self.accepts, "the MLP")

@@ -10,6 +10,7 @@ saved as ``RUN/config.json`` and validated field by field when read.
       shape                                 the shape it works in
       data_kind                             what a sample is: 'points' or 'images'
       target, loss, train (TrainConfig)     how it trains: loss is the kind's loss dataclass (SimpleLoss, ...)
+      variance                              'fixed', or 'learned': the network also gives the reverse variance
       conditions (list[ConditionSpec])      the conditions its network takes
       super_resolution, latent, text, lora, personalize, distill    typed records of the variants, None when absent
 
@@ -33,9 +34,9 @@ from torch import nn
 
 from ..core.conditions import ConditionError, ConditionSpec, check_accepted, condition_names
 from ..core.losses import AutoencoderLoss, ClassifierLoss, ContrastiveLoss, SimpleLoss
-from ..core.parameterize import TARGETS, Denoiser, Target
+from ..core.parameterize import TARGETS, Denoiser, Target, WithSchedule
 from ..core.processes import PROCESSES_BY_NAME as PROCESSES
-from ..core.processes import Process, process_name
+from ..core.processes import DiscreteDDPM, Process, has_parameters, process_name
 from ..io import atomic_path
 from ..nets.autoencoder import AutoencoderConfig
 from ..nets.classifier import ClassifierConfig
@@ -54,6 +55,8 @@ Precision = Literal["fp32", "bf16", "fp16"]  # the training arithmetic: float32,
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 LRSchedule = Literal["constant", "cosine"]  # the learning rate after the warm-up: held, or half a cosine down to 0
 LR_SCHEDULES: tuple[LRSchedule, ...] = get_args(LRSchedule)
+Variance = Literal["fixed", "learned"]  # the reverse variance: the process's, or the network's (iDDPM)
+RUN_VARIANCES: tuple[Variance, ...] = get_args(Variance)
 NetConfig = UNetConfig | MLPConfig | ClassifierConfig | AutoencoderConfig | ClipConfig | FeatureNetConfig
 """A network's config: the built-in kinds' (a kind registered elsewhere may bring its own); which one a run holds
 is the kinds table's ``nets[net_kind][0]``."""
@@ -296,7 +299,10 @@ class RunConfig:
         target (`Target`, defaults to `"eps"`): what the network predicts, `"x0"`, `"eps"`, `"v"` or `"score"`.
         loss (`LossConfig`, defaults to `SimpleLoss()`): the run kind's loss dataclass (its ``loss_config``).
         conditions (`list[ConditionSpec]`, defaults to `[]`): the conditions the network takes, [] for an
-            unconditional model."""
+            unconditional model.
+        variance (`Variance`, defaults to `"fixed"`): `"learned"`, the network's output has twice the channels
+            and also gives the reverse step's variance (Nichol & Dhariwal 2021; trained with loss.objective
+            'hybrid')."""
 
     dataset: str
     process: Process
@@ -316,6 +322,7 @@ class RunConfig:
     lora: LoraSpec | None = None
     personalize: Personalization | None = None
     distill: Distillation | None = None
+    variance: Variance = "fixed"
 
     def __post_init__(self):
         if not isinstance(self.shape, (list, tuple)) or not all(
@@ -335,7 +342,10 @@ class RunConfig:
             "loss": _record_dict(self.loss),
             "conditions": [c.to_dict() for c in self.conditions],
         }
-        return {f.name: typed[f.name] if f.name in typed else _plain(getattr(self, f.name)) for f in fields(self)}
+        d = {f.name: typed[f.name] if f.name in typed else _plain(getattr(self, f.name)) for f in fields(self)}
+        if self.variance == "fixed":  # the layout of every earlier difflab
+            del d["variance"]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -395,7 +405,8 @@ class RunConfig:
         return self.process
 
     def build_net(self) -> nn.Module:
-        """The network (with its LoRA adapters for a LoRA run)."""
+        """The network (with its LoRA adapters for a LoRA run; beside a learned schedule's network for a run
+        whose process has one: ``WithSchedule``)."""
         config_cls = self.net_config_class
         _, net_cls = self.kind.nets[self.net_kind]
         if type(self.net) is not config_cls:
@@ -407,13 +418,24 @@ class RunConfig:
             net = net_cls(self.net)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
-        return with_lora(net, self.lora) if self.lora is not None else net
+        net = with_lora(net, self.lora) if self.lora is not None else net
+        if has_parameters(self.process):
+            net = WithSchedule(net, self.process.fresh_gamma())
+        return net
 
     def build_loss(self):
         return self.kind.loss(self)
 
     def build_denoiser(self) -> Denoiser:
-        return Denoiser(self.build_net(), self.build_process(), self.target)
+        return self.denoiser_for(self.build_net())
+
+    def denoiser_for(self, net: nn.Module) -> Denoiser:
+        """The Denoiser of ``net`` (built by build_net, weights loaded or not): for a learned schedule, a process
+        that reads the schedule network inside ``net``."""
+        process = self.build_process()
+        if has_parameters(process):
+            process = process.bound_to(getattr(net, "module", net).schedule)
+        return Denoiser(net, process, self.target, learned_variance=self.variance == "learned")
 
     # ------------------------------------------------------------------ validation
 
@@ -447,6 +469,7 @@ class RunConfig:
             raise CheckpointError(
                 f"config: process must be a Process (core/processes.py), got {type(self.process).__name__}"
             )
+        self._check_likelihood_options()
         if type(self.loss) is not kind.loss_config:
             raise CheckpointError(
                 f"config: loss must be a {kind.loss_config.__name__} for a {kind.name} run, got "
@@ -470,6 +493,38 @@ class RunConfig:
             )
         except ConditionError as e:
             raise CheckpointError(f"config: {e}") from None
+
+    def _check_likelihood_options(self) -> None:
+        """A learned variance needs a DiscreteDDPM, twice the output channels and the hybrid loss; the
+        continuous-time bound (objective 'vlb') needs a continuous variance-preserving process."""
+        objective = getattr(self.loss, "objective", "simple")
+        if self.variance not in RUN_VARIANCES:
+            raise CheckpointError(f"config: variance must be one of {_choices(RUN_VARIANCES)}, got {self.variance!r}")
+        if self.variance == "learned":
+            if not isinstance(self.process, DiscreteDDPM):
+                raise CheckpointError(
+                    f"config: a learned variance interpolates beta and beta_tilde of a DiscreteDDPM, not a "
+                    f"{type(self.process).__name__}"
+                )
+            out = getattr(self.net, "out_ch", None) or getattr(self.net, "out_dim", None)
+            if out != 2 * self.shape[0]:
+                raise CheckpointError(
+                    f"config: a learned variance needs a network with {2 * self.shape[0]} output channels (the "
+                    f"prediction and the variance), this one has {out}"
+                )
+            if objective != "hybrid":
+                raise CheckpointError(
+                    "config: a learned variance trains with loss.objective 'hybrid' (L_simple + L_vlb)"
+                )
+        elif objective == "hybrid":
+            raise CheckpointError("config: loss.objective 'hybrid' trains a learned variance: set variance 'learned'")
+        if objective == "vlb" and (isinstance(self.process, DiscreteDDPM) or not self.process.variance_preserving):
+            raise CheckpointError(
+                "config: loss.objective 'vlb' is the continuous-time bound of a variance-preserving process in [0, 1] "
+                f"(vp or learned), not {process_name(self.process)!r}"
+            )
+        if has_parameters(self.process) and objective != "vlb":
+            raise CheckpointError("config: a learned schedule trains on the bound: set loss.objective 'vlb'")
 
 
 # --------------------------------------------------------------------------- field-by-field checks

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from ..core.conditions import ConditionError, check_accepted, condition_names
-from ..core.losses import NoiseAugmented
+from ..core.losses import ContinuousVLBLoss, HybridLoss, NoiseAugmented
 from ..core.operators import Decoded, Operator
 from ..core.parameterize import Denoiser
 from ..data.images import to_uint8
@@ -80,7 +80,7 @@ class DiffusionRun(Run):
 
     def __init__(self, path, config: RunConfig, net, adapters: Sequence[tuple[str, float]] = ()):
         super().__init__(path, config, net)
-        self.denoiser = Denoiser(self.net, config.build_process(), config.target)
+        self.denoiser = config.denoiser_for(self.net)
         self.adapters = tuple(adapters)
 
     @classmethod
@@ -511,8 +511,15 @@ def _step_callback(callback):
 
 
 def diffusion_loss(cfg: RunConfig):
-    """The denoising loss, with noise augmentation of low_res for super-resolution runs."""
+    """The loss of the config's objective (core/losses.py): the denoising loss, with noise augmentation of low_res
+    for super-resolution runs; L_hybrid for a learned variance; the continuous-time bound. The bound's decoder
+    is discretized for 8-bit pixels, a density for points and latents."""
     loss = cfg.loss
+    decoder = "discretized" if cfg.data_kind == "images" and cfg.latent is None else "gaussian"
+    if loss.objective == "hybrid":
+        loss = HybridLoss(loss, decoder)
+    elif loss.objective == "vlb":
+        loss = ContinuousVLBLoss(decoder)
     return loss if cfg.super_resolution is None else NoiseAugmented(loss, cfg.super_resolution.aug_max)
 
 

@@ -41,6 +41,7 @@ from ..core.parameterize import Prediction, expand_t
 from ..core.processes import (
     ContinuousVP,
     DiscreteDDPM,
+    LearnedVP,
     Process,
     VarianceExploding,
     broadcast,
@@ -184,6 +185,9 @@ def randn(shape, generator=None, dtype=torch.float32, device=None) -> Tensor:
     return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=gen_device).to(device)
 
 
+DDPM_VARIANCES = ("beta", "beta_tilde", "learned")
+
+
 def _randn_like(x: Tensor, generator) -> Tensor:
     return randn(x.shape, generator, x.dtype, x.device)
 
@@ -232,18 +236,28 @@ def _require_ve(process: Process, name: str) -> None:
 
 def ddpm_step(process: Process, pred: Prediction, t, s, variance: str = "beta", noise: Tensor | None = None) -> Tensor:
     """Ancestral step x_t -> x_s (Ho et al. 2020, Algorithm 2 on any subsequence): mean mu_tilde(x_t, x0_hat)
-    of q(x_s | x_t, x0_hat) (eq. 7) plus std * noise, variance 'beta' (sigma_{t|s}^2) or 'beta_tilde'
-    (the posterior variance); no noise when s = 0, nor when noise is None (the mean alone)."""
-    if variance not in ("beta", "beta_tilde"):
-        raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'beta_tilde'")
+    of q(x_s | x_t, x0_hat) (eq. 7) plus std * noise, variance 'beta' (sigma_{t|s}^2), 'beta_tilde'
+    (the posterior variance) or 'learned' (the denoiser's interpolation of the two on this step, Nichol &
+    Dhariwal 2021, eq. 15); no noise when s = 0, nor when noise is None (the mean alone)."""
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}")
     t, s = torch.as_tensor(t, dtype=F64), torch.as_tensor(s, dtype=F64)
     c_x0, c_xt, beta_tilde = posterior_coefficients(process, t, s)
     x_t = pred.x_t
     mu_tilde = broadcast(c_x0, x_t) * pred.x0 + broadcast(c_xt, x_t) * x_t
     if noise is None:
         return mu_tilde
+    if float(s.max()) <= 0:  # the step into the data (t = 0) adds no noise
+        return mu_tilde
+    if variance == "learned":
+        if pred.var_frac is None:
+            raise ValueError("variance 'learned' needs a run trained with --variance learned")
+        log_beta = broadcast(torch.log(transition_variance(process, t, s)), x_t)
+        log_tilde = broadcast(torch.log(beta_tilde), x_t)
+        std = torch.exp(0.5 * (pred.var_frac * log_beta + (1 - pred.var_frac) * log_tilde))
+        return mu_tilde + std * noise
     var = beta_tilde if variance == "beta_tilde" else transition_variance(process, t, s)
-    var = torch.where(s > 0, var, torch.zeros_like(var))  # the step into the data (t = 0) adds no noise
+    var = torch.where(s > 0, var, torch.zeros_like(var))
     return mu_tilde + broadcast(var.clamp(min=0).sqrt(), x_t) * noise
 
 
@@ -316,15 +330,18 @@ def ddpm(
     x: Tensor,
     ts,
     *,
-    variance: str = "beta",
+    variance: str | None = None,
     cond: dict | None = None,
     generator: torch.Generator | None = None,
     callback: Callable | None = None,
     return_trajectory: bool = False,
 ):
-    """Ancestral sampling (Ho et al. 2020, Algorithm 2) on the grid ts, variance 'beta' or 'beta_tilde'."""
-    if variance not in ("beta", "beta_tilde"):
-        raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'beta_tilde'")
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) on the grid ts, variance 'beta', 'beta_tilde' or
+    'learned'; None: 'learned' for a denoiser that predicts its variance, else 'beta'."""
+    if variance is None:
+        variance = "learned" if getattr(denoiser, "learned_variance", False) else "beta"
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}")
     ts = _check_grid(ts)
     process, rec = denoiser.process, _Recorder(return_trajectory)
     for i in range(len(ts) - 1):
@@ -687,7 +704,7 @@ def _default_t_min(process: Process) -> float:
         return 1.0
     if isinstance(process, VarianceExploding):
         return float(process.sigma_min)
-    if isinstance(process, ContinuousVP):
+    if isinstance(process, (ContinuousVP, LearnedVP)):
         return 1e-3
     raise ValueError(f"pass t_min for a {type(process).__name__} process")
 

@@ -303,7 +303,7 @@ def _wrap(denoiser: Denoiser, device: torch.device, world: World) -> Denoiser:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ddp = DDP(denoiser.net, device_ids=[device.index] if device.type == "cuda" else None)
-    return Denoiser(ddp, denoiser.process, denoiser.target)
+    return Denoiser(ddp, denoiser.process, denoiser.target, denoiser.learned_variance)
 
 
 def train_step(
