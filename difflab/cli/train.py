@@ -16,7 +16,7 @@ from functools import partial
 from pathlib import Path
 
 from ..core.losses import OBJECTIVES
-from ..core.processes import PROCESSES_BY_NAME, has_parameters, process_name
+from ..core.processes import PROCESSES_BY_NAME, LearnedVP, has_parameters, process_name
 from ..latent.autoencoder import latent_record, load_autoencoder
 from ..nets.unet import num_parameters
 from ..runs.config import PRECISIONS, RunConfig
@@ -63,6 +63,10 @@ def apply_options(cfg: RunConfig, args) -> RunConfig:
             process = replace(process, **kw) if kind == process_name(process) else PROCESSES_BY_NAME[kind](**kw)
         except (TypeError, ValueError) as e:
             raise UsageError(str(e)) from None
+    if args.schedule_ends:
+        if not isinstance(process, LearnedVP):
+            raise UsageError("--schedule-ends applies to a learned schedule (--process vp --schedule learned)")
+        process = replace(process, learn_endpoints=args.schedule_ends == "learned")
     loss = replace(cfg.loss, weighting=args.weighting) if args.weighting else cfg.loss
     objective = args.objective or (
         "vlb" if has_parameters(process) else "hybrid" if args.variance == "learned" else None
@@ -267,6 +271,12 @@ def register(sub) -> None:
         "--schedule",
         help="beta schedule (linear, cosine, sigmoid) or VP/VE schedule; learned: VDM's learned schedule (a vp "
         "process trained on the bound)",
+    )
+    t.add_argument(
+        "--schedule-ends",
+        choices=["learned", "fixed"],
+        help="--schedule learned: whether gamma_min and gamma_max (the log-SNR's ends, which alone set the bound) "
+        "are trained too (default learned, VDM's choice) or kept at -13.3 and 5",
     )
     t.add_argument("--T", type=positive_int, help="number of DDPM steps")
     t.add_argument("--target", choices=["eps", "x0", "v", "score"])

@@ -130,15 +130,16 @@ def _repeat_cond(cond: Mapping | None, B: int, k: int) -> dict:
 
 
 def bound_grid(process: Process, K: int) -> Tensor:
-    """K levels for the discrete-time bound of any process, increasing: the K-step DDPM subsequence
-    round(k T / K) for DiscreteDDPM (Nichol & Dhariwal's respacing), else uniform in t from t_max / K to t_max,
-    with the lowest level at least bound_t_min (VDM's discrete-time model, Sec. 4)."""
+    """K levels for the discrete-time bound of any process, increasing: for DiscreteDDPM the K-step subsequence
+    evenly spaced from 1 to T, rounded (Nichol & Dhariwal's respacing, improved-diffusion's space_timesteps:
+    the first step stays t = 1, so the decoder L_0 reads x_1 as in the full chain), else uniform in t from
+    t_max / K to t_max, with the lowest level at least bound_t_min (VDM's discrete-time model, Sec. 4)."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 2:
         raise ValueError(f"the bound needs at least 2 levels, got {K!r}")
     if isinstance(process, DiscreteDDPM):
         if K > process.T:
             raise ValueError(f"{K} levels exceed the T={process.T} steps of the process")
-        return torch.round(torch.arange(1, K + 1, dtype=F64) * process.T / K)
+        return torch.round(1 + torch.arange(K, dtype=F64) * (process.T - 1) / (K - 1))
     lo = bound_t_min(process)
     return lo + (process.t_max - lo) * torch.arange(1, K + 1, dtype=F64) / K
 
@@ -291,8 +292,12 @@ class ContinuousTerms:
     prior      (B,)  KL(q(z_1 | x) || N(0, I))
     decoder    (B,)  -log p(x | z_{t_min}), p a Gaussian at z / alpha with std sigma / alpha (discretized for
                      8-bit data), no network: VDM's decoder at high SNR
-    diffusion  (B,)  L_inf = 1/2 int_{t_min}^1 -lambda'(t) ||eps - eps_hat(z_t; t)||^2 dt, estimated with
-                     ``k`` draws of t per example (stratified), each with its own eps
+    diffusion  (B,)  L_inf = 1/2 int_{t_min}^1 -lambda'(t) ||eps - eps_hat(z_t; t)||^2 dt
+                           = 1/2 int_{lambda(1)}^{lambda(t_min)} ||eps - eps_hat||^2 dlambda,
+                     estimated with ``k`` draws per example uniform in lambda (stratified), each with its own
+                     eps: the same estimator for every schedule (the bound depends on the schedule's end
+                     points alone, VDM eq. 13), free of the weight -lambda'(t) that makes draws uniform in t
+                     noisy where the log-SNR moves fast (the cosine schedule's low-noise end)
     total, bits_per_dim (B,)"""
 
     prior: Tensor
@@ -333,9 +338,9 @@ def continuous_terms(
     generator: torch.Generator | None = None,
     cond: Mapping | None = None,
 ) -> ContinuousTerms:
-    """The continuous-time bound of x0 (B, ...) with ``k`` stratified draws of t per example: draw j of example b
-    lies in the j-th of k equal parts of [t_min, t_max] (an unbiased estimate with less variance than k
-    independent draws)."""
+    """The continuous-time bound of x0 (B, ...) with ``k`` stratified draws of the log-SNR per example: draw j of
+    example b lies in the j-th of k equal parts of [lambda(1), lambda(t_min)] (an unbiased estimate with less
+    variance than k independent draws)."""
     process = denoiser.process
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; choose one of {DECODERS}")
@@ -344,14 +349,17 @@ def continuous_terms(
     B, D, device = x0.shape[0], x0[0].numel(), x0.device
     gen_device = generator.device if generator is not None else device
     t_min, t_max = bound_t_min(process), float(process.t_max)
-    u = (torch.arange(k, dtype=F64) + torch.rand(B, k, generator=generator, dtype=F64, device=gen_device).cpu()) / k
-    t = (t_min + (t_max - t_min) * u).T.reshape(-1).to(device)  # (k*B,) block-major
+    with torch.no_grad():
+        lam_lo, lam_hi = process.log_snr(torch.tensor([t_max, t_min], dtype=F64)).tolist()
+        u = (torch.arange(k, dtype=F64) + torch.rand(B, k, generator=generator, dtype=F64, device=gen_device).cpu()) / k
+        lam = lam_lo + (lam_hi - lam_lo) * u.T.reshape(-1)  # (k*B,) block-major
+        t = process.t_from_log_snr(lam).clamp(t_min, t_max).to(device)
     x0_rep = x0.repeat(k, *([1] * (x0.ndim - 1)))
     eps = torch.randn(x0_rep.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
     x_t = process.q_sample(x0_rep, t, eps)
     pred = denoiser(x_t, t, **_repeat_cond(cond, B, k))
-    slope = log_snr_slope(process, t).to(device)
-    diff = diffusion_term(process, pred.eps, eps, slope, t_max - t_min).to(F64).reshape(k, B).mean(0)
+    err = ((eps - pred.eps).to(F64) ** 2).flatten(1).sum(1)
+    diff = (0.5 * (lam_hi - lam_lo) * err).reshape(k, B).mean(0)
     eps0 = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=x0.dtype).to(device)
     dec = continuous_decoder_nll(process, x0, t_min, eps0, decoder)
     prior = continuous_prior_kl(process, x0)
@@ -393,11 +401,13 @@ def bits_per_dim(
     other tuples whose first element is x0 (labels ignored). Returns
         {'prior': L_T, 'terms': sum_t L_{t-1} (continuous: the diffusion loss L_inf), 'decoder': L_0,
          'total': the bound, 'total_stderr': standard error of 'total' over examples, 'per_t': (K-1,) mean
-         L_{t-1} (index as VLBTerms.terms; discrete only), 'n': number of examples}, all in bits/dim."""
+         L_{t-1} (index as VLBTerms.terms; discrete only), 'n': number of examples, 'per_example': the (n,)
+         totals, for paired comparisons}, all in bits/dim."""
     if not continuous:
         _check_options(denoiser, variance, decoder, ts)
     sums: dict = {}
     sq_total, n = 0.0, 0
+    per_example = []
     for batch in tqdm(batches, desc="bits/dim", disable=not progress):
         cond = None
         if isinstance(batch, (tuple, list)):
@@ -420,12 +430,14 @@ def bits_per_dim(
         for key, value in parts.items():
             sums[key] = sums.get(key, 0.0) + value.sum(0).cpu()
         sq_total += float((bpd**2).sum())
+        per_example.append(bpd.detach().cpu())
         n += batch.shape[0]
     if n == 0:
         raise ValueError("no batches to evaluate")
     out = {key: (value / n if key == "per_t" else float(value) / n) for key, value in sums.items()}
     out["total_stderr"] = _stderr(sq_total, out["total"], n)
     out["n"] = n
+    out["per_example"] = torch.cat(per_example)
     return out
 
 

@@ -99,6 +99,25 @@ def dequantize(x: Tensor, how: Dequantization, generator: torch.Generator | None
     return x.to(F64) + (2 * u - 1) * BIN_HALF_WIDTH, -math.log2(2 * BIN_HALF_WIDTH)
 
 
+def divergence_of(out: Tensor, inp: Tensor, z: Tensor | None) -> Tensor:
+    """The divergence of out = f(inp) per example, (B, K) float64 (inp a leaf that requires grad, f acting on
+    each example alone): exact (z None: K = 1, the trace from D vector-Jacobian products) or Hutchinson's
+    z_k^T (df/dinp) z_k for each of the K probes z (K, *inp.shape)."""
+    B, D = inp.shape[0], inp[0].numel()
+    if z is None:
+        flat, eye = out.flatten(1), torch.eye(D, dtype=out.dtype, device=out.device)
+        total = torch.zeros(B, dtype=F64, device=out.device)
+        for i in range(D):
+            (g,) = torch.autograd.grad(flat, inp, eye[i].expand(B, D), retain_graph=True)
+            total = total + g.flatten(1)[:, i].to(F64)
+        return total[:, None]
+    divs = []
+    for k in range(len(z)):
+        (g,) = torch.autograd.grad(out, inp, z[k], retain_graph=True)
+        divs.append((g * z[k]).flatten(1).sum(1).to(F64))
+    return torch.stack(divs, 1)
+
+
 # --------------------------------------------------------------------------- the solver
 
 
@@ -217,10 +236,9 @@ def ode_log_likelihood(
     t_hi = float(process.t_max)
     B, D = x.shape[0], x[0].numel()
     cond = dict(cond or {})
+    z = None
     if divergence == "hutchinson":
         z = rademacher((probes, *x.shape), generator).to(device=x.device, dtype=dtype)
-    else:
-        eye = torch.eye(D, dtype=dtype, device=x.device)
 
     def at(r: float) -> tuple[Tensor, Tensor]:
         """(t, alpha) at log sigma_tilde = r."""
@@ -233,19 +251,8 @@ def ode_log_likelihood(
         with torch.enable_grad():
             pred = denoiser(y * alpha.to(dtype), expand_t(t, y), **cond)
             dy = pred.eps * math.exp(r)
-            if divergence == "hutchinson":
-                divs = []
-                for k in range(probes):
-                    (g,) = torch.autograd.grad(dy, y, z[k], retain_graph=k < probes - 1)
-                    divs.append((g * z[k]).flatten(1).sum(1))
-            else:
-                flat = dy.flatten(1)
-                div = 0
-                for i in range(D):
-                    (g,) = torch.autograd.grad(flat, y, eye[i].expand(B, D), retain_graph=i < D - 1)
-                    div = div + g.flatten(1)[:, i]
-                divs = [div]
-        return dy.detach().to(F64), torch.stack(divs, 1).detach().to(F64)
+            divs = divergence_of(dy, y, z)
+        return dy.detach().to(F64), divs.detach().to(F64)
 
     with torch.no_grad():
         ends = torch.tensor([t_lo, t_hi], dtype=F64)
@@ -279,12 +286,14 @@ def ode_bits_per_dim(
     batches: x0 tensors, or tuples whose first element is x0 and whose second, if a mapping, is the condition.
     Returns {'total', 'total_stderr' (over examples, probe and dequantisation noise included),
     'hutchinson_stderr' (the probes' share, None with one probe or the exact divergence), 'prior' (the
-    -log p_T(x_T) part), 'offset' (dequantisation's log2(255/2)), 'nfe' (mean per batch), 'n', and the options}."""
+    -log p_T(x_T) part), 'offset' (dequantisation's log2(255/2)), 'nfe' (mean per batch), 'n', 'per_example'
+    (the (n,) values, for paired comparisons of two models on the same data) and the options}."""
     if dequantization not in DEQUANTIZATIONS:
         raise ValueError(f"unknown dequantization {dequantization!r}; choose one of {DEQUANTIZATIONS}")
     total = sq = prior_sum = probe_var = 0.0
     nfe, n, calls = 0, 0, 0
     offset = 0.0
+    per_example = []
     for batch in tqdm(batches, desc="ODE log-likelihood", disable=not progress):
         cond = None
         if isinstance(batch, (tuple, list)):
@@ -297,6 +306,7 @@ def ode_bits_per_dim(
         )
         scale = 1 / (x[0].numel() * math.log(2))
         value = -r.log_p * scale + offset
+        per_example.append(value.detach().cpu())
         total += float(value.sum())
         sq += float((value**2).sum())
         prior_sum += float((-r.prior * scale).sum())
@@ -317,6 +327,7 @@ def ode_bits_per_dim(
         "offset": offset,
         "nfe": nfe / calls,
         "n": n,
+        "per_example": torch.cat(per_example),
         "divergence": divergence,
         "probes": probes if divergence == "hutchinson" else None,
         "rtol": rtol,

@@ -91,7 +91,8 @@ class Process:
 
     def prior_sample(self, shape, generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
         """x_T ~ N(0, sigma(t_max)^2 I) (alpha(t_max) x_0 is neglected, as in every sampler)."""
-        s = float(self.sigma(torch.tensor(self.t_max, dtype=F64)))
+        with torch.no_grad():
+            s = float(self.sigma(torch.tensor(self.t_max, dtype=F64)))
         return torch.randn(shape, generator=generator, dtype=dtype) * s
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
@@ -301,7 +302,17 @@ class GammaNet(nn.Module):
             self.register_buffer("ends", ends)
 
     def _tilde(self, t: Tensor, slope: bool = False):
-        """gamma_tilde(t), and with ``slope`` also d gamma_tilde / dt (in closed form)."""
+        """gamma_tilde(t), and with ``slope`` also d gamma_tilde / dt (in closed form). Where no gradient is
+        taken, each distinct t is evaluated once (a sampler asks for one t repeated over the whole batch, and
+        the hidden layer is ``hidden`` wide)."""
+        if t.numel() > 1 and not (torch.is_grad_enabled() and self.l1.weight.requires_grad):
+            distinct, index = torch.unique(t, return_inverse=True)
+            if distinct.numel() < t.numel():
+                out = self._tilde_of(distinct, slope)
+                return tuple(o[index] for o in out) if slope else out[index]
+        return self._tilde_of(t, slope)
+
+    def _tilde_of(self, t: Tensor, slope: bool):
         w1, b1 = self.l1.weight.double().abs()[:, 0], self.l1.bias.double()
         w2, b2 = self.l2.weight.double().abs()[:, 0], self.l2.bias.double()
         w3 = self.l3.weight.double().abs()[0]

@@ -260,6 +260,7 @@ def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, how:
             probes=how.probes, rtol=how.rtol, atol=how.atol, generator=torch.Generator().manual_seed(seed),
             progress=progress,
         )  # fmt: skip
+        ode.pop("per_example")
         ode["split"] = test.split
     return vlb, ode
 
@@ -540,10 +541,14 @@ def _evaluate_toy(run: DiffusionRun, draw, n: int, seed: int, bpd_n: int, how: L
     t0 = time.perf_counter()
     if how.ode:  # the density itself: exact divergence in 2-D, no dequantisation
         reason = _likelihood_refusal(run, bpd_n)
-        out["ode_bits_per_dim"] = {"total": None, "reason": reason} if reason else ode_bits_per_dim(
-            run.denoiser.cpu(), ref[:bpd_n].split(ODE_BATCH * 16), dequantization="none", divergence="exact",
-            rtol=how.rtol, atol=how.atol, progress=False,
-        ) | {"split": "fresh points"}  # fmt: skip
+        if reason:
+            out["ode_bits_per_dim"] = {"total": None, "reason": reason}
+        else:
+            ode = ode_bits_per_dim(
+                run.denoiser.cpu(), ref[:bpd_n].split(ODE_BATCH * 16), dequantization="none", divergence="exact",
+                rtol=how.rtol, atol=how.atol, progress=False,
+            )  # fmt: skip
+            out["ode_bits_per_dim"] = {k: v for k, v in ode.items() if k != "per_example"} | {"split": "fresh points"}
     out["seconds"] = {"sampling": sampling, "metrics": metrics}
     if how.ode:
         out["seconds"]["bits_per_dim"] = time.perf_counter() - t0

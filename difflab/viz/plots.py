@@ -119,5 +119,7 @@ def loss_curve(metrics_jsonl, path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss")
     ax.plot(steps[k - 1 :], smooth, lw=1.6, label=f"mean of {k}")
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
+    if (loss > 0).all():  # a bound in nats can be negative for continuous data: then a linear axis
+        ax.set_yscale("log")
     _save_fig(fig, path)
