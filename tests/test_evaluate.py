@@ -186,3 +186,19 @@ def test_bad_options_give_one_line(capsys, tmp_path, tiny_digits_run, argv, code
     assert got == code
     assert needle in err and len(err.splitlines()) == 1
     assert not list(tmp_path.glob("*.json")) and not list(tmp_path.glob("*.txt"))
+
+
+def test_bits_per_dim_both_ways_on_an_image_run(tiny_digits_run, tmp_path, capsys):
+    """eval --bpd both --bpd-steps K: the bound at T and at K steps, and the ODE's figure with its NFE, in the
+    report and the JSON (no per-image arrays there)."""
+    args = ["eval", tiny_digits_run, "--n", "10", "--steps", "2", "--bpd-n", "2", "--quiet"]
+    code, out, err = run_cli(
+        capsys, *args, "--bpd", "both", "--bpd-steps", "50", "--rtol", "1e-3", "--json", tmp_path / "r.json"
+    )
+    assert code == 0, err
+    assert "bits/dim of 2 test images (bound)" in out and "the bound at 50 steps" in out
+    assert "ODE bits/dim of 2 test images" in out and "Hutchinson" in out
+    r = json.loads((tmp_path / "r.json").read_text())
+    ode, bound = r["ode_bits_per_dim"], r["bits_per_dim"]
+    assert ode["n"] == 2 and ode["nfe"] > 0 and 0 < ode["total"] < 20 and "per_example" not in ode
+    assert bound["at_steps"]["50"]["steps"] == 50 and 0 < bound["at_steps"]["50"]["total"] < 20
