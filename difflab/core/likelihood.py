@@ -132,14 +132,18 @@ def _repeat_cond(cond: Mapping | None, B: int, k: int) -> dict:
 def bound_grid(process: Process, K: int) -> Tensor:
     """K levels for the discrete-time bound of any process, increasing: for DiscreteDDPM the K-step subsequence
     evenly spaced from 1 to T, rounded (Nichol & Dhariwal's respacing, improved-diffusion's space_timesteps:
-    the first step stays t = 1, so the decoder L_0 reads x_1 as in the full chain), else uniform in t from
-    t_max / K to t_max, with the lowest level at least bound_t_min (VDM's discrete-time model, Sec. 4)."""
+    the first step stays t = 1, so the decoder L_0 reads x_1 as in the full chain), else K levels uniform in t
+    from bound_t_min + (t_max - bound_t_min) / K to t_max (the decoder reads the lowest)."""
     if isinstance(K, bool) or not isinstance(K, int) or K < 2:
         raise ValueError(f"the bound needs at least 2 levels, got {K!r}")
     if isinstance(process, DiscreteDDPM):
         if K > process.T:
             raise ValueError(f"{K} levels exceed the T={process.T} steps of the process")
-        return torch.round(1 + torch.arange(K, dtype=F64) * (process.T - 1) / (K - 1))
+        levels, index, stride = [], 0.0, (process.T - 1) / (K - 1)
+        for _ in range(K):  # space_timesteps' accumulated stride and Python's rounding, on our t = index + 1
+            levels.append(1 + round(index))
+            index += stride
+        return torch.tensor(levels, dtype=F64)
     lo = bound_t_min(process)
     return lo + (process.t_max - lo) * torch.arange(1, K + 1, dtype=F64) / K
 
@@ -149,14 +153,19 @@ LOG_SNR_MAX = 13.3  # VDM's -gamma_min: the highest log-SNR of a continuous boun
 
 def bound_t_min(process: Process) -> float:
     """The lowest level of a continuous-time bound: t = 0 where the log-SNR is finite there (a learned schedule,
-    gamma(0) = gamma_min), t = 1 for DiscreteDDPM (its first step), else the t of log-SNR = LOG_SNR_MAX."""
+    gamma(0) = gamma_min), t = 1 for DiscreteDDPM (its first step), else the t of log-SNR = LOG_SNR_MAX, and
+    never below a VE process's sigma_min (the lowest noise its network was trained on)."""
     if isinstance(process, DiscreteDDPM):
         return 1.0
     with torch.no_grad():
         lam0 = float(process.log_snr(torch.zeros(1, dtype=F64)))
     if math.isfinite(lam0):
         return 0.0
-    return float(process.t_from_log_snr(torch.tensor(LOG_SNR_MAX, dtype=F64)))
+    lam = LOG_SNR_MAX
+    sigma_min = getattr(process, "sigma_min", None)
+    if sigma_min is not None:
+        lam = min(lam, -2 * math.log(sigma_min))
+    return float(process.t_from_log_snr(torch.tensor(lam, dtype=F64)))
 
 
 def prior_log_variance(process: Process) -> float:

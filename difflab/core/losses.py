@@ -205,8 +205,8 @@ class ContinuousVLBLoss:
             x_t = process.q_sample(x0, t, noise)
             pred = denoiser(x_t, t, **(cond or {}))
             diffusion = diffusion_term(process, pred.eps, noise, log_snr_slope(process, t), t_max - t_min)
-            if learned:
-                holder["w"] = 2 * diffusion.detach().to(torch.float64)
+            if learned:  # 2 L in the loss's own units (bits/dim), so d E[L^2] = E[2 L dL] is on the loss's scale
+                holder["w"] = 2 * diffusion.detach().to(torch.float64) / (x0[0].numel() * math.log(2))
         eps0 = torch.randn_like(x0)  # the decoder's noise: the loop seeds torch's generator per step and rank
         rest = continuous_prior_kl(process, x0) + continuous_decoder_nll(process, x0, t_min, eps0, self.decoder)
         per_example = (diffusion + rest.to(diffusion)) / (x0[0].numel() * math.log(2))

@@ -29,7 +29,7 @@ continuous. 'uniform' dequantisation (Song et al.; Theis et al. 2016) adds u ~ U
     -log2 P(pixels) <= E_u[-log2 p(x + u)] + D log2(255/2),
 so bits/dim = -log p / (D ln 2) + log2(255/2): an upper bound, like the variational bound's discretised
 decoder. Variational dequantisation (Ho et al. 2019, Flow++; Song et al.'s tighter figures) learns q(u | x)
-with a flow of its own and is not built here. 'none' is for real-valued data (2-D points): nats per dimension
+with a flow of its own and is not built here. 'none' is for real-valued data (2-D points): bits per dimension
 of the density itself.
 """
 
@@ -202,12 +202,8 @@ class ODELikelihood:
 
 
 def ode_t_min(process: Process) -> float:
-    """Where the ODE starts: the bound's lowest level (bound_t_min), and not below a VE process's sigma_min."""
-    t = bound_t_min(process)
-    sigma_min = getattr(process, "sigma_min", None)
-    if sigma_min is not None:
-        t = max(t, float(process.t_from_log_snr(torch.tensor(-2 * math.log(sigma_min), dtype=F64))))
-    return t
+    """Where the ODE starts: the bound's lowest level (bound_t_min: not below a VE process's sigma_min)."""
+    return bound_t_min(process)
 
 
 def ode_log_likelihood(

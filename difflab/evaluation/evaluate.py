@@ -138,7 +138,7 @@ class Likelihood:
 
     method: BpdMethod = "vlb"
     steps: tuple[int, ...] = field(default_factory=tuple)
-    k: int = 8
+    k: int = 64
     divergence: Divergence = "hutchinson"
     probes: int = 1
     rtol: float = DEFAULT_TOL
