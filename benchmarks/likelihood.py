@@ -264,7 +264,7 @@ def main(argv=None) -> None:
         f"({K_CONTINUOUS} stratified draws per image, uniform in log-SNR). ODE: uniform dequantisation, "
         "Hutchinson (1 probe), rtol = atol = "
         "1e-5. Loss variance: the variance of the continuous runs' training loss (one draw of t ~ U(0, 1) and eps, "
-        f"bits/dim) over {VARIANCE_DRAWS} draws per image. Costs: seconds per training "
+        f"bits/dim), pooled over {VARIANCE_DRAWS} draws of each image. Costs: seconds per training "
         "step from `--costs` (5 vs 45 steps of a fresh run), seconds per image of each measure.",
         "",
         *table(results, args.datasets),
