@@ -46,7 +46,6 @@ from tqdm.auto import tqdm
 
 from .likelihood import BIN_HALF_WIDTH, bound_t_min, prior_log_variance
 from .parameterize import expand_t
-from .processes import Process
 
 F64 = torch.float64
 Divergence = Literal["exact", "hutchinson"]
@@ -201,11 +200,6 @@ class ODELikelihood:
     t_min: float
 
 
-def ode_t_min(process: Process) -> float:
-    """Where the ODE starts: the bound's lowest level (bound_t_min: not below a VE process's sigma_min)."""
-    return bound_t_min(process)
-
-
 def ode_log_likelihood(
     denoiser,
     x: Tensor,
@@ -228,7 +222,7 @@ def ode_log_likelihood(
     if divergence == "hutchinson" and probes < 1:
         raise ValueError(f"Hutchinson's estimator needs probes >= 1, got {probes}")
     process = denoiser.process
-    t_lo = ode_t_min(process) if t_min is None else float(t_min)
+    t_lo = bound_t_min(process) if t_min is None else float(t_min)  # the bound's lowest level
     t_hi = float(process.t_max)
     B, D = x.shape[0], x[0].numel()
     cond = dict(cond or {})

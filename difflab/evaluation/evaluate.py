@@ -260,8 +260,8 @@ def _bits_per_dim(run: DiffusionRun, test: ImageSet, bpd_n: int, seed: int, how:
             probes=how.probes, rtol=how.rtol, atol=how.atol, generator=torch.Generator().manual_seed(seed),
             progress=progress,
         )  # fmt: skip
-        ode.pop("per_example")
-        ode["split"] = test.split
+        ode.pop("per_example")  # the JSON keeps the summary
+        ode |= {"split": test.split, "items": "images"}
     return vlb, ode
 
 
@@ -548,7 +548,8 @@ def _evaluate_toy(run: DiffusionRun, draw, n: int, seed: int, bpd_n: int, how: L
                 run.denoiser.cpu(), ref[:bpd_n].split(ODE_BATCH * 16), dequantization="none", divergence="exact",
                 rtol=how.rtol, atol=how.atol, progress=False,
             )  # fmt: skip
-            out["ode_bits_per_dim"] = {k: v for k, v in ode.items() if k != "per_example"} | {"split": "fresh points"}
+            ode.pop("per_example")  # the JSON keeps the summary
+            out["ode_bits_per_dim"] = ode | {"split": "fresh", "items": "points"}
     out["seconds"] = {"sampling": sampling, "metrics": metrics}
     if how.ode:
         out["seconds"]["bits_per_dim"] = time.perf_counter() - t0

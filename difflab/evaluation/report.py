@@ -135,9 +135,8 @@ def format_likelihood(r: dict) -> list[str]:
             probes = "exact divergence" if o["divergence"] == "exact" else f"Hutchinson, {o['probes']} probe(s)"
             if o.get("hutchinson_stderr") is not None:
                 probes += f", ± {o['hutchinson_stderr']:.4f} of it from the probes"
-            what = o["split"] if o["split"].endswith("points") else f"{o['split']} images"
             lines.append(
-                f"ODE bits/dim of {o['n']} {what}: {o['total']:.4f} ± {o['total_stderr']:.4f} "
+                f"ODE bits/dim of {o['n']} {o['split']} {o['items']}: {o['total']:.4f} ± {o['total_stderr']:.4f} "
                 f"({o['dequantization']} dequantisation, {probes}; NFE {o['nfe']:.0f}, rtol {o['rtol']:g})"
             )
     return lines
