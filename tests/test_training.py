@@ -184,3 +184,96 @@ def test_injected_loss_trainable_filter_and_init_from(tmp_path):
     assert any(not torch.equal(tuned[k], base[k]) for k in base if not k.startswith("out."))
     opt = load_training_state(tmp_path / "tuned")[1]
     assert len(opt["state"]) == len([k for k in base if not k.startswith("out.")])  # AdamW holds only what trains
+
+
+def _toy_config(**train):
+    cfg = preset_for("swissroll")
+    return replace(cfg, train=replace(cfg.train, **train))
+
+
+def test_logged_losses_equal_a_plain_per_step_loop(tmp_path):
+    """The loop keeps the loss on the device and reads it every log_every steps (fused AdamW, one generator
+    reseeded per step): its logged losses are those of a plain loop that reads .item() after every step."""
+    import json
+
+    from difflab.data.loader import ShuffledBatches, TensorDataset
+    from difflab.data.toy2d import make_toy
+    from difflab.training.loop import SEED_STRIDE, train
+
+    data = TensorDataset(make_toy("swissroll", 400, seed=1))
+    cfg = _toy_config(steps=24, batch_size=32, warmup=5, checkpoint_every=24, log_every=4)
+    train(tmp_path / "r", cfg, data, progress=False, device="cpu")
+    logged = {
+        r["step"]: r["loss"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())
+    }
+
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    den, loss_fn = cfg.build_denoiser(), cfg.build_loss()
+    opt = torch.optim.AdamW(den.net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, foreach=False)  # per tensor
+    batches = ShuffledBatches(len(data), tc.batch_size, seed=tc.seed)
+    plain = {}
+    for step in range(tc.steps):
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(step, tc)
+        gen = torch.Generator().manual_seed(tc.seed * SEED_STRIDE + step)
+        t = den.process.sample_t(tc.batch_size, gen)
+        noise = torch.randn((tc.batch_size, 2), generator=gen)
+        x, _ = data.take(next(batches))
+        opt.zero_grad()
+        loss = loss_fn(den, x, t=t, noise=noise, cond={})
+        loss.backward()
+        nn.utils.clip_grad_norm_(den.net.parameters(), tc.grad_clip)
+        opt.step()
+        plain[step + 1] = loss.item()
+    assert sorted(logged) == list(range(4, 25, 4))
+    for step, value in logged.items():
+        assert value == pytest.approx(plain[step], rel=1e-6), step  # measured: within 1.2e-7
+
+
+def test_a_nan_stops_the_run_within_log_every_steps_with_a_resumable_checkpoint(tmp_path):
+    from difflab.data.toy2d import make_toy
+    from difflab.runs.store import checkpoints
+    from difflab.training.loop import NonFiniteLoss, train
+
+    data = make_toy("swissroll", 300, seed=1)
+    cfg = _toy_config(steps=40, batch_size=32, warmup=1, checkpoint_every=10, log_every=8)
+    calls = []
+    plain = cfg.build_loss()
+
+    def poisoned(denoiser, x0, **kw):  # step 13 (the 13th call) gives NaN
+        calls.append(1)
+        loss = plain(denoiser, x0, **kw)
+        return loss * float("nan") if len(calls) == 13 else loss
+
+    with pytest.raises(NonFiniteLoss) as caught:
+        train(tmp_path / "r", cfg, data, progress=False, loss_fn=poisoned)
+    message = str(caught.value)
+    assert "\n" not in message and "step 13" in message and "step 16" in message  # seen at the next log step
+    assert "newest checkpoint (step 10)" in message and "--resume" in message
+    assert len(calls) == 16  # stopped at 16 = 13 + 3 <= 13 + log_every
+    assert [s for s, _ in checkpoints(tmp_path / "r")] == [10]  # the bad weights were never saved
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and "NaN" not in rows[0]  # step 8's row; no row of the poisoned window
+    train(tmp_path / "r", cfg, data, progress=False, resume=True)  # the checkpoint resumes and finishes
+    assert weights_step(tmp_path / "r") == 40
+    assert all(torch.isfinite(v).all() for v in load_weights(tmp_path / "r", "net").values())
+
+
+@pytest.mark.slow  # compiles the network (inductor, C++) twice
+def test_resume_is_exact_with_compile(tmp_path):
+    """torch.compile changes how the step is computed, not what the run is: stopping and resuming a compiled
+    run gives bit-for-bit the weights of an unbroken compiled run."""
+    from difflab.data.toy2d import make_toy
+    from difflab.training.loop import train
+
+    data = make_toy("swissroll", 300, seed=1)
+    cfg = _toy_config(steps=12, batch_size=32, warmup=2, checkpoint_every=6, log_every=3)
+    train(tmp_path / "straight", cfg, data, progress=False, compile=True)
+    train(tmp_path / "broken", cfg, data, progress=False, compile=True, stop_after=6)
+    assert weights_step(tmp_path / "broken") == 6
+    train(tmp_path / "broken", cfg, data, progress=False, compile=True, resume=True)
+    for which in ("net", "ema"):
+        a, b = load_weights(tmp_path / "straight", which), load_weights(tmp_path / "broken", which)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), which
+    assert not any(k.startswith("_orig_mod") for k in a)  # the plain module's keys

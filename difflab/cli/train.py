@@ -5,8 +5,8 @@
     torchrun --nproc-per-node 2 -m difflab train digits --out runs/digits-ddp
 
 ``--resume`` takes the run as it was saved: a NAME or an option that contradicts the saved config is
-refused (``--steps`` may extend a run; ``--device``, ``--max-minutes`` and ``--quiet`` are not part of a
-run). A worker that torchrun restarted (``--max-restarts``) resumes from the last checkpoint by itself."""
+refused (``--steps`` may extend a run; ``--device``, ``--max-minutes``, ``--compile`` and ``--quiet`` are not
+part of a run). A worker that torchrun restarted (``--max-restarts``) resumes from the last checkpoint by itself."""
 
 from __future__ import annotations
 
@@ -236,6 +236,7 @@ def run(args) -> None:
         preview=partial(preview, cfg=cfg) if args.preview else None,
         max_minutes=args.max_minutes,
         init_from=args.init_from,
+        compile=args.compile,
     )
     if launched_rank() == 0:
         print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png)")
@@ -350,6 +351,12 @@ def register(sub) -> None:
     )
     t.add_argument(
         "--max-minutes", type=positive_float, help="stop (with a checkpoint) after this much wall-clock time"
+    )
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the network (a minute or more of compiling first; needs a C compiler on the CPU); "
+        "not part of the run: resume with or without it",
     )
     add_device(t)
     t.add_argument("--quiet", action="store_true", help="no progress bar")

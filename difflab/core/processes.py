@@ -153,9 +153,22 @@ class DiscreteDDPM(Process):
         """log abar_t for t = 0..T, shape (T+1,), with abar_0 = 1."""
         return torch.cat([torch.zeros(1, dtype=F64), torch.cumsum(torch.log1p(-self.betas), 0)])
 
+    @cached_property
+    def _tables(self) -> dict[torch.device, Tensor]:
+        return {}
+
+    def log_abar_on(self, device: torch.device) -> Tensor:
+        """``log_abar`` on ``device``, copied there once and kept: a copy per call would make a GPU wait on the
+        host several times a training step."""
+        device = torch.device(device)
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = self.log_abar.to(device)
+        return table
+
     def _log_abar_at(self, t: Tensor) -> Tensor:
         t = torch.as_tensor(t, dtype=F64).clamp(0, self.T)
-        table = self.log_abar.to(t.device)  # follow t's device (the table is built on the CPU)
+        table = self.log_abar_on(t.device)  # follow t's device (the table is built on the CPU)
         lo = t.floor().long().clamp(max=self.T - 1)
         w = t - lo
         return torch.lerp(table[lo], table[lo + 1], w)

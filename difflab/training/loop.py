@@ -52,12 +52,26 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-@torch.no_grad()
+class EMAUpdate:
+    """theta_ema <- decay theta_ema + (1 - decay) theta for parameters; buffers are copied, not averaged.
+
+    The two modules' tensors are listed once (walking the module tree every step costs more than the
+    update itself for a small network)."""
+
+    def __init__(self, ema: nn.Module, net: nn.Module):
+        self.ema_params, self.params = list(ema.parameters()), list(net.parameters())
+        self.ema_buffers, self.buffers = list(ema.buffers()), list(net.buffers())
+
+    @torch.no_grad()
+    def __call__(self, decay: float) -> None:
+        torch._foreach_lerp_(self.ema_params, self.params, 1 - decay)  # one fused call for all tensors
+        if self.buffers:
+            torch._foreach_copy_(self.ema_buffers, self.buffers)
+
+
 def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
-    """theta_ema <- decay theta_ema + (1 - decay) theta for parameters; buffers are copied, not averaged."""
-    torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)  # one fused call for all tensors
-    for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+    """One EMA update of ``ema`` towards ``net`` (see EMAUpdate, which the loop keeps across steps)."""
+    EMAUpdate(ema, net)(decay)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -94,9 +108,31 @@ def autocast(precision: Precision, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator of step ``step``: the same draws on every rank and after any resume."""
-    return torch.Generator(device).manual_seed(seed * SEED_STRIDE + step)
+def step_generator(seed: int, step: int, device: torch.device, generator: torch.Generator | None = None):
+    """The generator of step ``step``: the same draws on every rank and after any resume (``generator``
+    reseeded in place when given, so the loop keeps one)."""
+    return (generator or torch.Generator(device)).manual_seed(seed * SEED_STRIDE + step)
+
+
+def seed_step(seed: int, step: int, rank: int, device: torch.device) -> None:
+    """Seed the global generators the network's own randomness (dropout) draws from, per step and rank: the
+    CPU's and the training device's, as torch.manual_seed would, without its per-call visit to every other
+    accelerator backend (a millisecond a step, more than a small network's step)."""
+    s = ((seed * SEED_STRIDE + step) << 16) + rank
+    torch.default_generator.manual_seed(s)
+    if device.type == "cuda":
+        torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ].manual_seed(s)
+
+
+class NonFiniteLoss(ValueError):
+    """The loss or the gradient norm became NaN or infinite; the run stopped without saving the bad state."""
+
+
+def fused_adamw_available(device: torch.device) -> bool:
+    """Fused AdamW (one kernel for all parameters) runs on CPU and CUDA tensors in this torch."""
+    return device.type in ("cpu", "cuda")
 
 
 def train(
@@ -114,6 +150,7 @@ def train(
     trainable: Callable[[str, nn.Parameter], bool | Tensor] | None = None,
     init_from: str | Path | dict[str, Tensor] | None = None,
     command: str = "train",
+    compile: bool = False,
 ) -> Denoiser:
     """Train ``config``'s denoiser on ``data`` and write the run to ``run_dir``; returns the EMA denoiser.
 
@@ -126,12 +163,19 @@ def train(
     init_from                             a run whose EMA weights initialise the network, or the state dict
                                           itself (not on resume)
     command                               the difflab command that continues the run (named when interrupted)
-    """
+    compile                               torch.compile the network (its forward and backward; the EMA, the
+                                          previews and the saved weights stay the plain module's)
+
+    The step never waits on the device: the loss and the gradient norm stay there and are read every
+    ``log_every`` steps, at checkpoints and at the end. A NaN or infinite loss (or gradient norm) at step k
+    stops the run at the first of these reads, by step k + log_every, with NonFiniteLoss and no checkpoint of
+    the bad weights: the newest checkpoint (saved before step k) resumes."""
     run_dir, tc = Path(run_dir), config.train
     device = resolve_device(device) if isinstance(device, str) else device
     world = setup(device)
     if isinstance(data, Tensor):
         data = TensorDataset(data)
+    data = on_device(data, device)
     specs = config.condition_specs()
     check_precision(tc.precision, device)
 
@@ -143,7 +187,10 @@ def train(
     ema = copy.deepcopy(denoiser).requires_grad_(False).eval()
     params = trainable_parameters(denoiser.net, trainable, tc.weight_decay)
     loss_fn = loss_fn or config.build_loss()
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, foreach=True)
+    fused = fused_adamw_available(device) and all(p.dtype.is_floating_point for p in params)
+    opt = torch.optim.AdamW(
+        params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused, foreach=None if fused else True
+    )
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
     per_rank = tc.batch_size
     batches = ShuffledBatches(len(data), per_rank * world.size * tc.accumulation, seed=tc.seed)
@@ -157,9 +204,14 @@ def train(
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if world.is_main:
         save_config(run_dir, config)
+    update_ema = EMAUpdate(ema, denoiser)
+    if compile:
+        denoiser.net.compile()  # in place: the same module, parameters and state-dict keys
     model = _wrap(denoiser, device, world)  # after loading: DDP starts every rank from rank 0's weights
+    health = Health(device)
 
     def save():
+        health.check(step, run_dir, command)  # never a checkpoint of NaN weights
         if world.is_main:
             state = {
                 "batches": batches.state_dict(),
@@ -179,66 +231,64 @@ def train(
     )
     log = open(run_dir / "metrics.jsonl", "a") if world.is_main else None
     stopped, signum = False, 0
-    with _finish_step_on_signals() as interrupted:
-        while step < last:
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, tc)
-            torch.manual_seed(
-                ((tc.seed * SEED_STRIDE + step) << 16) + world.rank
-            )  # the network's own randomness (dropout)
-            loss, grad_norm = train_step(
-                model,
-                loss_fn,
-                opt,
-                scaler,
-                data,
-                next(batches),
-                specs,
-                tc,
-                world,
-                device,
-                step_generator(tc.seed, step, device),
-            )
-            ema_update(ema, denoiser, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-            step += 1
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
-            signum, out_of_time = max_over_ranks(
-                (interrupted.signum, int(out_of_time)), world, device
-            )  # every rank alike
-            stopped = bool(signum or out_of_time)
-            if step % tc.log_every == 0 or step == last or stopped:
-                loss = mean_over_ranks(loss, world, device)
-                if log is not None:
-                    rate = (step - first) / (time.perf_counter() - t0)
-                    log.write(
-                        json.dumps(
-                            {
-                                "step": step,
-                                "loss": loss,
-                                "grad_norm": grad_norm,
-                                "lr": opt.param_groups[0]["lr"],
-                                "it_s": rate,
-                            }
-                        )
-                        + "\n"
-                    )
-                    log.flush()
-            if step % tc.checkpoint_every == 0 or step == last or stopped:
-                save()
-            if (
-                world.is_main
-                and preview is not None
-                and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps)
-            ):
-                preview(ema, step, run_dir)
-            if stopped:
-                break
-    bar.close()
-    if log is not None:
-        log.close()
+    gen = torch.Generator(device)
+    try:
+        with _finish_step_on_signals() as interrupted:
+            while step < last:
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(step, tc)
+                seed_step(tc.seed, step, world.rank, device)  # the network's own randomness (dropout)
+                loss, grad_norm = train_step(
+                    model,
+                    loss_fn,
+                    opt,
+                    scaler,
+                    data,
+                    next(batches),
+                    specs,
+                    tc,
+                    world,
+                    device,
+                    step_generator(tc.seed, step, device, gen),
+                )
+                health.record(step, loss, grad_norm)
+                update_ema(ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                step += 1
+                bar.update(1)
+                out_of_time = max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes
+                signum, out_of_time = max_over_ranks(
+                    (interrupted.signum, int(out_of_time)), world, device
+                )  # every rank alike
+                stopped = bool(signum or out_of_time)
+                if step % tc.log_every == 0 or step == last or stopped:
+                    health.check(step, run_dir, command)  # the one read of the device's values in a window
+                    loss_value = mean_over_ranks(float(loss), world, device)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    if log is not None:
+                        rate = (step - first) / (time.perf_counter() - t0)
+                        row = {
+                            "step": step,
+                            "loss": loss_value,
+                            "grad_norm": float(grad_norm),
+                            "lr": opt.param_groups[0]["lr"],
+                            "it_s": rate,
+                        }
+                        log.write(json.dumps(row) + "\n")
+                        log.flush()
+                if step % tc.checkpoint_every == 0 or step == last or stopped:
+                    save()
+                if (
+                    world.is_main
+                    and preview is not None
+                    and ((tc.sample_every and step % tc.sample_every == 0) or step == tc.steps)
+                ):
+                    preview(ema, step, run_dir)
+                if stopped:
+                    break
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
     if stopped and signum:
         name = signal.Signals(signum).name
         raise Interrupted(
@@ -247,6 +297,50 @@ def train(
             signum,
         )
     return ema
+
+
+class Health:
+    """Whether every step so far had a finite loss and gradient norm, kept on the device (no wait per step) and
+    read by ``check`` at log steps and before checkpoints."""
+
+    def __init__(self, device: torch.device):
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # the first non-finite step, or -1
+
+    def record(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), step, self.first_bad)
+
+    def check(self, step: int, run_dir: Path, command: str) -> None:
+        """Raise NonFiniteLoss (naming the bad step and the checkpoint that resumes) if a step went bad."""
+        bad = int(self.first_bad)
+        if bad < 0:
+            return
+        saved = ckpt.checkpoints(run_dir)
+        newest = saved[-1][0] if saved else None
+        where = (
+            f"the newest checkpoint (step {newest}) resumes: difflab {command} --out {run_dir} --resume, with a lower "
+            "--lr or --grad-clip"
+            if newest is not None
+            else f"no checkpoint was saved before it: start {run_dir} again with a lower --lr"
+        )
+        raise NonFiniteLoss(
+            f"the loss or its gradient became NaN or infinite at step {bad + 1}; training stopped at step {step} "
+            f"without saving; {where}"
+        )
+
+
+def on_device(data: TensorDataset, device: torch.device, fraction: float = 0.25) -> TensorDataset:
+    """The training set on the training device when it fits in ``fraction`` of the device's free memory (every
+    batch is then gathered there, with no copy from the host); else in pinned host memory, so that each batch
+    is copied without blocking while the device works on the previous one. On the CPU: unchanged."""
+    if device.type != "cuda":
+        return data
+    tensors = [data.x, *data.cond.values()]
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    free, _ = torch.cuda.mem_get_info(device)
+    if size <= fraction * free:
+        return TensorDataset(data.x.to(device), {k: v.to(device) for k, v in data.cond.items()})
+    return TensorDataset(data.x.pin_memory(), {k: v.pin_memory() for k, v in data.cond.items()})
 
 
 def trainable_parameters(net: nn.Module, trainable, weight_decay: float) -> list[nn.Parameter]:
@@ -320,34 +414,37 @@ def train_step(
     gen: torch.Generator,
 ) -> tuple[float, float]:
     """One optimizer step on the global batch ``idx`` (this rank's shards of its ``tc.accumulation``
-    micro-batches); returns (this rank's loss, gradient norm before clipping)."""
+    micro-batches); returns (this rank's loss, gradient norm before clipping) as tensors on the device: reading
+    them would make the host wait for the step."""
     G, b = len(idx), tc.batch_size
     process = model.process
     x_shape = data.x.shape[1:]
+    idx = idx.to(data.x.device, non_blocking=True)  # the batch is gathered where the data lives
     # draws for the whole global batch, identical on every rank (see the module doc)
     t_all = process.sample_t(G, gen)  # (G,)
     noise_all = torch.randn((G, *x_shape), generator=gen, device=device)  # (G, ...)
     masks_all = {s.name: drop_mask(s.p_drop, G, gen) for s in specs}
     opt.zero_grad(set_to_none=True)
-    total = 0.0
+    total = torch.zeros((), device=device)
     for m in range(tc.accumulation):
         lo = (m * world.size + world.rank) * b  # this rank's shard of micro-batch m
         part = slice(lo, lo + b)
         x, cond = data.take(idx[part])
-        x, cond = x.to(device, non_blocking=True), {k: v.to(device) for k, v in select(cond, specs).items()}
+        x = x.to(device, non_blocking=True)
+        cond = {k: v.to(device, non_blocking=True) for k, v in select(cond, specs).items()}
         cond = drop_conditions(cond, specs, masks={k: v[part] for k, v in masks_all.items()})
         sync = m == tc.accumulation - 1 or not world.distributed
         with nullcontext() if sync else model.net.no_sync(), autocast(tc.precision, device):
             loss = loss_fn(model, x, t=t_all[part], noise=noise_all[part].to(x.dtype), cond=cond) / tc.accumulation
         scaler.scale(loss).backward()
-        total += loss.item()
+        total += loss.detach().float()
     scaler.unscale_(opt)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for g in opt.param_groups for p in g["params"]], tc.grad_clip or math.inf
     )
     scaler.step(opt)
     scaler.update()
-    return total, float(grad_norm)
+    return total, grad_norm.detach()
 
 
 @contextlib.contextmanager
