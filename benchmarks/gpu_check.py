@@ -7,6 +7,8 @@
   4. a 2-rank NCCL run under torchrun, when the machine has two GPUs (said so and skipped otherwise)
   5. benchmarks/quality_vs_nfe.py at its smallest useful size: FD at 10 and 20 evaluations for dpmpp-2m and ddim
      (uniform and log-SNR grids, 2000 samples) against DDPM at 1000 steps, on the bf16 run
+  6. the training step: synchronisations per step between logging steps, the full loop against the bare step and
+     diffusers' loop, the latent text preset at batch 256 against 64, a profile (training_step below)
 
 Each part's outcome goes to --out/gpu_check.json (ok, seconds, figures) as it finishes; a failing part is recorded
 and the rest still run; the exit status is 1 when any part failed. On a machine without CUDA, ``--device cpu``
@@ -201,6 +203,125 @@ def quality(run: Path, device: str, out: Path, small: bool) -> dict:
     return {"points": [{k: r[k] for k in ("sampler", "spacing", "nfe", "fd") if k in r} for r in rows]}
 
 
+def training_step(device: str, work: Path, data: TensorDataset, small: bool) -> dict:
+    """Issue 33's GPU targets: synchronisations per step between logging steps (torch.cuda.set_sync_debug_mode
+    'warn'; target 0), the full loop against the bare step and diffusers' loop (benchmarks/loop_throughput.py;
+    target >= 1.5x diffusers'), images/s of the latent text preset at batch 256 against 64 (target >= 3x), and
+    torch.profiler's view of a few steps (where the host waits). On the CPU: the loop comparison at a tiny size,
+    the CUDA-only parts said so."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from loop_throughput import bare_step_rate, diffusers_loop, full_loop
+
+    steps = 3 if small else 200
+    out: dict = {}
+    for precision in ("fp32", "bf16"):
+        cfg = preset_for("fashion-mnist")
+        cfg = replace(cfg, train=replace(cfg.train, steps=steps, precision=precision))
+        bare = bare_step_rate(cfg, data, steps, device)
+        loop = full_loop(cfg, data, with_preview=False, device=device)
+        peer = diffusers_loop(data.x, precision, steps, cfg.train.batch_size, device)
+        out[precision] = {
+            "bare_images_s": round(bare, 1),
+            "loop_images_s": round(loop["charged_images_s"], 1),
+            "diffusers_images_s": round(peer["charged_images_s"], 1),
+            "loop_over_bare": round(loop["charged_images_s"] / bare, 3),
+            "loop_over_diffusers": round(loop["charged_images_s"] / peer["charged_images_s"], 3),
+        }
+    if device != "cuda":
+        out["syncs"] = out["batch_scaling"] = out["profile"] = "skipped: CUDA only"
+        return out
+    out["syncs"] = count_syncs(work / "syncs", data, steps=120, log_every=50)
+    out["batch_scaling"] = {b: text_preset_rate(work / f"t2i-{b}", b, steps=150) for b in (64, 256)}
+    out["batch_scaling"]["ratio_256_over_64"] = round(out["batch_scaling"][256] / out["batch_scaling"][64], 2)
+    out["profile"] = profile_steps(data)
+    return out
+
+
+def count_syncs(run: Path, data: TensorDataset, steps: int, log_every: int) -> dict:
+    """Warnings of torch.cuda.set_sync_debug_mode('warn') per training step, by step: a step's are those between
+    its loss call and the next step's; steps that log or checkpoint are counted apart."""
+    import warnings
+
+    cfg = preset_for("fashion-mnist")
+    cfg = replace(
+        cfg, train=replace(cfg.train, steps=steps, log_every=log_every, checkpoint_every=steps, sample_every=0)
+    )
+    loss, marks, seen = cfg.build_loss(), [], {}
+
+    def marked(denoiser, x0, **kw):
+        marks.append(len(seen["warnings"]))
+        return loss(denoiser, x0, **kw)
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seen["warnings"] = caught
+            train(run, cfg, data, device="cuda", progress=False, loss_fn=marked)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    per_step = [b - a for a, b in zip(marks, marks[1:])]  # step k: from its loss call to step k+1's
+    quiet = [n for k, n in enumerate(per_step) if k >= 2 and (k + 1) % log_every]  # after warm-up, not logging
+    messages = sorted({str(w.message).splitlines()[0] for w in caught})[:5]
+    return {"max_between_logs": max(quiet), "total_between_logs": sum(quiet), "steps": len(quiet), "first": messages}
+
+
+def text_preset_rate(run: Path, batch: int, steps: int) -> float:
+    """Images/s of the latent text preset (the shipped text model's recipe) at ``batch``, from its metrics.jsonl."""
+    argv = [
+        sys.executable,
+        "-m",
+        "difflab",
+        "train",
+        "fashion-pairs",
+        "--latent",
+        "fashion-pairs-ae",
+        "--text",
+        "clip:fashion-pairs-clip",
+        "--batch-size",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--device",
+        "cuda",
+        "--quiet",
+        "--no-preview",
+        "--out",
+        str(run),
+    ]
+    p = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(p.stderr[-1500:])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return round(rows[-1]["it_s"] * batch, 1)
+
+
+def profile_steps(data: TensorDataset) -> dict:
+    """torch.profiler over 20 steps of the fashion-mnist preset (bf16) on CUDA: the CPU's and the GPU's busy time,
+    and the top CUDA-runtime calls by host time (cudaStreamSynchronize, cudaMemcpy... are where the host waits)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = preset_for("fashion-mnist")
+    cfg = replace(cfg, train=replace(cfg.train, steps=30, checkpoint_every=30, sample_every=0))
+    seen = {}
+    with (
+        tempfile.TemporaryDirectory() as run,
+        profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+    ):
+        train(run, cfg, data, device="cuda", progress=False)
+    events = prof.key_averages()
+    runtime = sorted(
+        (e for e in events if e.key.startswith("cuda") or e.key.startswith("cudaStream")),
+        key=lambda e: -e.cpu_time_total,
+    )[:8]
+    seen["cuda_runtime_ms"] = {e.key: round(e.cpu_time_total / 1e3, 1) for e in runtime}
+    seen["gpu_busy_ms"] = round(sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3, 1)
+    seen["host_ms"] = round(sum(e.self_cpu_time_total for e in events) / 1e3, 1)
+    return seen
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -250,6 +371,7 @@ def main(argv=None) -> int:
     check.part(
         "quality_vs_nfe, smallest size", lambda: quality(args.work / "bf16", args.device, args.work / "quality", small)
     )
+    check.part("the training step (issue 33)", lambda: training_step(args.device, args.work, data, small))
     return 0 if check.ok else 1
 
 

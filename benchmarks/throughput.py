@@ -21,6 +21,10 @@ training step of each network shows where the time goes.
     .venv/bin/python benchmarks/throughput.py [--rounds 12] [--threads 2]      # ~3-4 min on 2 idle cores
 
 Writes benchmarks/results/throughput.md and throughput.png (throughput_cheaper.md/.png with --layout cheaper).
+
+``--part loop`` (or ``all``) then measures the whole training loop (difflab.training.loop.train) beside this bare
+step and beside diffusers' own training loop, at the presets: benchmarks/loop_throughput.py says how, and writes
+results/throughput_loop.md.
 """
 
 from __future__ import annotations
@@ -269,6 +273,20 @@ def main(argv=None) -> None:
     parser.add_argument("--matmul-reps", type=int, default=2, help="timed repeats of each matmul per round (best kept)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--part",
+        choices=("step", "loop", "all"),
+        default="all",
+        help="step: the networks' bare steps (above); loop: the full training loop against the bare step and "
+        "diffusers' loop (loop_throughput.py); all: both, one after the other",
+    )
+    parser.add_argument("--loop-rounds", type=int, default=3, help="rounds of the loop part (medians)")
+    parser.add_argument(
+        "--loop-steps",
+        type=int,
+        default=60,
+        help="loop part: steps per measurement at fashion-mnist (digits 4x, the swiss-roll MLP 1000)",
+    )
     parser.add_argument("--out", default=str(RESULTS), help="folder for throughput.md and throughput.png")
     parser.add_argument(
         "--layout",
@@ -279,6 +297,13 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.part != "step":
+        from loop_throughput import main_loop_part
+
+        steps = {"swissroll": 1000, "digits": 4 * args.loop_steps, "fashion-mnist": args.loop_steps}
+        main_loop_part(args.loop_rounds, steps, Path(args.out))
+        if args.part == "loop":
+            return
     load_before, others_before = load_average(), busy_processes()
     t_start = time.perf_counter()
 

@@ -24,7 +24,9 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     spec.loader.exec_module(module)
     assert module.main(["--device", "cpu", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
-    assert len(parts) == 6 and all(p["ok"] for p in parts.values()), parts
+    assert len(parts) == 7 and all(p["ok"] for p in parts.values()), parts
+    step = parts["the training step (issue 33)"]
+    assert step["syncs"].startswith("skipped") and all(step[p]["loop_images_s"] > 0 for p in ("fp32", "bf16"))
     assert parts["the bf16 run resumed on the CPU"]["to_step"] == 6
     assert "skipped" in parts["2-rank NCCL"] and "skipped" in parts["fashion-mnist preset, fp16"]
     points = parts["quality_vs_nfe, smallest size"]["points"]

@@ -240,6 +240,18 @@ class SelfAttention(nn.Module):
         return x + self.out(h).transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 
 
+def attention_mask(mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(the attention mask (B, 1, 1, L), which samples have any valid token (B,)) of a context mask (B, L); made
+    once per forward (UNet.forward) and shared by every cross-attention block.
+
+    A sample whose tokens are all masked attends to nothing: its contribution is set to zero (softmax over an
+    empty set is undefined, so it attends to everything and is then zeroed)."""
+    if mask is None:
+        return None, None
+    any_valid = mask.any(dim=1)  # (B,)
+    return (mask | ~any_valid[:, None])[:, None, None, :], any_valid
+
+
 class CrossAttention(nn.Module):
     """Queries from the feature map, keys and values from a context sequence (B, L, context_dim)."""
 
@@ -251,19 +263,15 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(context_dim, 2 * channels)
         self.out = zero_(nn.Linear(channels, channels))
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | tuple | None) -> Tensor:
+        """mask: the context mask (B, L) or attention_mask of it (the U-Net makes that once for all blocks)."""
         B, C, H, W = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         if self.positions:  # where each query is: "on the left" can then be read where the image is left
             tokens = tokens + positions_2d(H, W, C, x.device, tokens.dtype)
         q = _heads(self.q(tokens), self.heads)  # (B, heads, HW, d)
         k, v = (_heads(t, self.heads) for t in self.kv(self.norm_context(context)).chunk(2, dim=-1))  # (B, heads, L, d)
-        attn_mask, any_valid = None, None
-        if mask is not None:
-            # a sample whose tokens are all masked attends to nothing: its contribution is set to zero
-            # (softmax over an empty set is undefined, so it attends to everything and is then zeroed)
-            any_valid = mask.any(dim=1)  # (B,)
-            attn_mask = (mask | ~any_valid[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        attn_mask, any_valid = mask if isinstance(mask, tuple) else attention_mask(mask)
         h = attention(q, k, v, attn_mask)  # (B, heads, HW, d)
         h = self.out(h.transpose(1, 2).reshape(B, H * W, C))  # (B, HW, C)
         if any_valid is not None:
@@ -426,8 +434,12 @@ class UNet(nn.Module):
                 f"class_labels must be ({batch},) integers, got {class_labels.dtype} {tuple(class_labels.shape)}"
             )
         class_labels = class_labels.long()
-        if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > n):
-            raise ValueError(f"class_labels must be in 0..{n} ({n} is the null class)")
+        message = f"class_labels must be in 0..{n} ({n} is the null class)"
+        if class_labels.device.type == "cpu":
+            if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > n):
+                raise ValueError(message)
+        else:  # checked on the device, without making the host wait for the answer
+            torch._assert_async(((class_labels >= 0) & (class_labels <= n)).all(), message)
         return emb + self.classes(class_labels)
 
     def _check_inputs(self, x: Tensor, low_res: Tensor | None, context: Tensor | None, mask: Tensor | None) -> Tensor:
@@ -500,7 +512,7 @@ class UNet(nn.Module):
             raise ValueError(
                 "guidance_scale given but this UNet has guidance_input=False (only a guided student takes it)"
             )
-        cond = (emb, context, context_mask)
+        cond = (emb, context, attention_mask(context_mask) if context_mask is not None else None)
 
         h, skips = encode(self, h, *cond)
         h = self.mid_res(self.mid(h, *cond), emb)
