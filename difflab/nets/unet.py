@@ -435,7 +435,9 @@ class UNet(nn.Module):
             )
         class_labels = class_labels.long()
         message = f"class_labels must be in 0..{n} ({n} is the null class)"
-        if class_labels.device.type == "cpu":
+        if torch.compiler.is_exporting():  # a traced graph cannot branch on values: the runtime's lookup checks them
+            pass
+        elif class_labels.device.type == "cpu":
             if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > n):
                 raise ValueError(message)
         else:  # checked on the device, without making the host wait for the answer
