@@ -25,6 +25,7 @@ from . import (
     distill,
     edit,
     eval,
+    export,
     features,
     models,
     personalize,
@@ -50,6 +51,7 @@ COMMANDS = (
     edit,
     eval,
     features,
+    export,
     models,
     studio,
 )
