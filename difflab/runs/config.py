@@ -37,6 +37,7 @@ from ..core.losses import AutoencoderLoss, ClassifierLoss, ContrastiveLoss, Simp
 from ..core.parameterize import TARGETS, Denoiser, Target, WithSchedule
 from ..core.processes import PROCESSES_BY_NAME as PROCESSES
 from ..core.processes import DiscreteDDPM, Process, has_parameters, process_name
+from ..data.augment import flip_refusal
 from ..io import atomic_path
 from ..nets.autoencoder import AutoencoderConfig
 from ..nets.classifier import ClassifierConfig
@@ -53,6 +54,8 @@ DataKind = Literal["points", "images"]  # what a sample is: a point of the plane
 DATA_KINDS: tuple[DataKind, ...] = get_args(DataKind)
 Precision = Literal["fp32", "bf16", "fp16"]  # the training arithmetic: float32, bf16 autocast, fp16 with a scaler
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
+Augment = Literal["none", "flip"]  # training-time augmentation of image data: none, or random horizontal flips
+AUGMENTS: tuple[Augment, ...] = get_args(Augment)
 LRSchedule = Literal["constant", "cosine"]  # the learning rate after the warm-up: held, or half a cosine down to 0
 LR_SCHEDULES: tuple[LRSchedule, ...] = get_args(LRSchedule)
 Variance = Literal["fixed", "learned"]  # the reverse variance: the process's, or the network's (iDDPM)
@@ -123,6 +126,8 @@ class TrainConfig:
     checkpoint_every: int = 1000
     sample_every: int = 0  # 0: only at the end
     log_every: int = 50
+    eval_every: int = 0  # FD/KID and the memorisation distance every N steps, the best kept as RUN/best (0: never)
+    augment: Augment = "none"  # "flip": each training image mirrored left-right with probability 1/2
 
 
 @dataclass
@@ -451,6 +456,12 @@ class RunConfig:
         for name in ("steps", "batch_size", "accumulation", "checkpoint_every", "log_every"):
             if getattr(t, name) <= 0:
                 raise CheckpointError(f"config: train.{name} must be positive, got {getattr(t, name)}")
+        if t.eval_every < 0:
+            raise CheckpointError(f"config: train.eval_every must be 0 (never) or positive, got {t.eval_every}")
+        if t.augment == "flip":
+            refusal = flip_refusal(self.dataset, self.data_kind, self.latent is not None)
+            if refusal:
+                raise CheckpointError(f"config: {refusal}")
         if t.sample_every < 0:
             raise CheckpointError(
                 f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}"

@@ -6,6 +6,7 @@
         optimizer.safetensors               the optimizer's tensors (Adam moments, step counts)
         state.json                          step, optimizer hyper-parameters, data position, grad scaler
     RUN/metrics.jsonl, loss.png, samples.png
+    RUN/best/                               with --eval-every: the best EMA weights so far, a run of their own
 
 A checkpoint is written into a hidden temporary folder beside the others and renamed to its final name
 only when every file is complete and synced, so a kill at any moment leaves the previous checkpoint
@@ -34,6 +35,7 @@ CHECKPOINTS = "checkpoints"
 WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "optimizer.safetensors", "state.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 KEEP = 2  # complete checkpoints kept per run
+BEST, BEST_JSON = "best", "best.json"  # RUN/best: the best EMA weights by --eval-every (save_best)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -120,9 +122,45 @@ def save_checkpoint(
     return final
 
 
+def save_best(run_dir: str | Path, step: int, ema: nn.Module, scores: dict) -> Path:
+    """RUN/best: the EMA weights of ``step`` as a run of their own (config.json, checkpoints/step-N/model.safetensors
+    with the EMA weights only, as a shipped model, and best.json with ``scores``), so that every command that takes
+    a run takes RUN/best. Written beside, then swapped in with renames: a kill leaves the old or the new one whole."""
+    run_dir = Path(run_dir)
+    final, tmp, old = run_dir / BEST, run_dir / f".{BEST}.tmp-{os.getpid()}", run_dir / f".{BEST}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (tmp / CHECKPOINTS / f"step-{step:08d}").mkdir(parents=True)
+        shutil.copyfile(run_dir / CONFIG, tmp / CONFIG)
+        tensors = {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+        save_file(tensors, str(tmp / CHECKPOINTS / f"step-{step:08d}" / WEIGHTS), metadata={"step": str(step)})
+        (tmp / BEST_JSON).write_text(json.dumps({"step": step, **scores}, indent=1) + "\n")
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def best_record(run_dir: str | Path) -> dict | None:
+    """RUN/best/best.json (the step and the scores of the best checkpoint so far), or None."""
+    try:
+        record = json.loads((Path(run_dir) / BEST / BEST_JSON).read_text())
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def clear_checkpoints(run_dir: str | Path) -> None:
-    """Remove a run's checkpoints: a run started afresh in a used folder must not resume the old one."""
+    """Remove a run's checkpoints (and its best weights): a run started afresh in a used folder must not resume the
+    old one."""
     shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(Path(run_dir) / BEST, ignore_errors=True)
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict, dict]:

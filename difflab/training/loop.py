@@ -35,11 +35,13 @@ from tqdm.auto import tqdm
 
 from ..core.conditions import drop_conditions, drop_mask, select
 from ..core.parameterize import Denoiser
+from ..data.augment import SPATIAL_CONDITIONS, flip, flip_mask
 from ..data.loader import ShuffledBatches, TensorDataset
 from ..io import atomic_path
 from ..runs import store as ckpt
 from ..runs.config import PRECISIONS, Precision, RunConfig, TrainConfig, save_config
 from .distributed import World, max_over_ranks, mean_over_ranks, resolve_device, setup
+from .trackers import Tracker
 
 SEED_STRIDE = 1_000_003  # step k of a run with seed s draws from a generator seeded s * SEED_STRIDE + k
 
@@ -161,6 +163,8 @@ def train(
     init_from: str | Path | dict[str, Tensor] | None = None,
     command: str = "train",
     compile: bool = False,
+    tracker: Tracker | None = None,
+    evaluator: Callable[[Denoiser, int], dict] | None = None,
 ) -> Denoiser:
     """Train ``config``'s denoiser on ``data`` and write the run to ``run_dir``; returns the EMA denoiser.
 
@@ -175,6 +179,11 @@ def train(
     command                               the difflab command that continues the run (named when interrupted)
     compile                               torch.compile the network (its forward and backward; the EMA, the
                                           previews and the saved weights stay the plain module's)
+    tracker                               also logs every metrics row (and, through preview, the pictures) to
+                                          TensorBoard or wandb (trackers.py); rank 0
+    evaluator(ema_denoiser, step) -> dict  scores of the EMA at eval_every steps and at the end (rank 0), written
+                                          to metrics.jsonl and the tracker; the EMA with the lowest
+                                          evaluator.primary ('fd') is kept as RUN/best (runs/store.py save_best)
 
     The step never waits on the device: the loss and the gradient norm stay there and are read every
     ``log_every`` steps, at checkpoints and at the end. A NaN or infinite loss (or gradient norm) at step k
@@ -215,6 +224,9 @@ def train(
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     if world.is_main:
         save_config(run_dir, config)
+    tracker = tracker if tracker is not None and world.is_main else Tracker()
+    tracker.start(run_dir, config, step, fresh=not resume)
+    best = ckpt.best_record(run_dir) if resume else None
     update_ema = EMAUpdate(ema, denoiser)
     if compile:
         denoiser.net.compile()  # in place: the same module, parameters and state-dict keys
@@ -286,8 +298,24 @@ def train(
                         }
                         log.write(json.dumps(row) + "\n")
                         log.flush()
+                        tracker.scalars(step, row)
                 if step % tc.checkpoint_every == 0 or step == last or stopped:
                     save()
+                if (
+                    world.is_main
+                    and evaluator is not None
+                    and tc.eval_every
+                    and (step % tc.eval_every == 0 or step == tc.steps)
+                ):
+                    scores = evaluator(ema, step)
+                    key = getattr(evaluator, "primary", "fd")  # lower is better
+                    if best is None or scores[key] < best.get(key, math.inf):
+                        best = {"step": step, **scores}
+                        ckpt.save_best(run_dir, step, ema.net, scores)
+                    row = {"step": step, **scores, "best_step": best["step"]}
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    tracker.scalars(step, {f"eval/{k}": v for k, v in row.items()}, group="eval")
                 if (
                     world.is_main
                     and preview is not None
@@ -298,6 +326,7 @@ def train(
                     break
     finally:
         bar.close()
+        tracker.close()
         if log is not None:
             log.close()
     if stopped and signum:
@@ -435,6 +464,7 @@ def train_step(
     t_all = process.sample_t(G, gen)  # (G,)
     noise_all = torch.randn((G, *x_shape), generator=gen, device=device)  # (G, ...)
     masks_all = {s.name: drop_mask(s.p_drop, G, gen) for s in specs}
+    flips_all = flip_mask(G, gen) if tc.augment == "flip" else None
     opt.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for m in range(tc.accumulation):
@@ -443,6 +473,9 @@ def train_step(
         x, cond = data.take(idx[part])
         x = x.to(device, non_blocking=True)
         cond = {k: v.to(device, non_blocking=True) for k, v in select(cond, specs).items()}
+        if flips_all is not None:  # the image and its image conditions mirrored together
+            x = flip(x, flips_all[part])
+            cond = {k: flip(v, flips_all[part]) if k in SPATIAL_CONDITIONS else v for k, v in cond.items()}
         cond = drop_conditions(cond, specs, masks={k: v[part] for k, v in masks_all.items()})
         sync = m == tc.accumulation - 1 or not world.distributed
         with nullcontext() if sync else model.net.no_sync(), autocast(tc.precision, device):

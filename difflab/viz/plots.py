@@ -108,18 +108,28 @@ def save_gif(frames: list[Image.Image], path, duration_ms: int = 80, hold_last_m
 
 
 def loss_curve(metrics_jsonl, path) -> None:
-    """The training loss (and its running mean) against the step, from a run's metrics.jsonl."""
+    """The training loss (and its running mean) against the step, from a run's metrics.jsonl; beside it, when the
+    run was evaluated while training (--eval-every), the FD of each evaluation with the best one marked."""
     rows = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "fd" in r]
+    rows = [r for r in rows if "loss" in r]
     if not rows:
         return
     steps = np.array([r["step"] for r in rows])
     loss = np.array([r["loss"] for r in rows])
     k = max(1, len(loss) // 20)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5.5, 3.2), squeeze=False)
+    ax = axes[0, 0]
     ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss")
     ax.plot(steps[k - 1 :], smooth, lw=1.6, label=f"mean of {k}")
     ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend(), ax.grid(alpha=0.3)
     if (loss > 0).all():  # a bound in nats can be negative for continuous data: then a linear axis
         ax.set_yscale("log")
+    if evals:
+        ax = axes[0, 1]
+        ax.plot([r["step"] for r in evals], [r["fd"] for r in evals], "o-", lw=1.2, ms=3, label="FD of samples")
+        best = min(evals, key=lambda r: r["fd"])
+        ax.plot([best["step"]], [best["fd"]], "*", ms=12, color="C3", label=f"best (step {best['step']})")
+        ax.set_xlabel("step"), ax.set_ylabel("FD (lower is better)"), ax.legend(), ax.grid(alpha=0.3)
     _save_fig(fig, path)
