@@ -1,7 +1,7 @@
 """The `difflab` command: a thin layer over the library, one small module per command.
 
     difflab data | train | train-classifier | distill | sample | trajectories | restore | upscale | interpolate |
-    img2img | eval | features train | models | studio
+    img2img | eval | features train | export | models | studio
 
 Each module parses and validates its options (shared groups in ``options.py``) and calls the library.
 Bad input (unknown names, out-of-range numbers, missing or corrupt files, options a sampler or a model
@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed, for what records it (a run's model card)
     try:
         args.func(args)
         teardown()

@@ -11,15 +11,19 @@ part of a run). A worker that torchrun restarted (``--max-restarts``) resumes fr
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
 from ..core.losses import OBJECTIVES
 from ..core.processes import PROCESSES_BY_NAME, LearnedVP, has_parameters, process_name
+from ..evaluation.watch import DEFAULT_N as DEFAULT_EVAL_N
+from ..evaluation.watch import TrainingEval
+from ..export.card import write_model_card
 from ..latent.autoencoder import latent_record, load_autoencoder
 from ..nets.unet import num_parameters
-from ..runs.config import PRECISIONS, RunConfig
+from ..runs.config import AUGMENTS, PRECISIONS, RunConfig
 from ..runs.data import load_split, training_data
 from ..runs.diffusion import DIFFUSION, preview
 from ..runs.lifecycle import begin
@@ -27,6 +31,7 @@ from ..runs.presets import check_dataset, preset_for, with_class_labels, with_la
 from ..text.encoders import text_record
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
+from ..training.trackers import TRACKERS, make_tracker, saved_kind
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
 
 # options that set a field of TrainConfig, by argparse name
@@ -40,6 +45,8 @@ TRAIN_FIELDS = (
     "precision",
     "checkpoint_every",
     "sample_every",
+    "eval_every",
+    "augment",
 )
 
 
@@ -207,6 +214,8 @@ def run(args) -> None:
     args.class_cond = args.class_cond or args.cond == "class"
     out = Path(args.out)
     device = resolve_device(args.device)
+    if args.tracker:
+        make_tracker(args.tracker)  # a missing package refused before anything is written
     cfg, resume = begin(
         out, DIFFUSION, resume=args.resume, force=args.force, fresh=lambda: new_config(args), steps=args.steps
     )
@@ -216,6 +225,10 @@ def run(args) -> None:
             raise UsageError(
                 f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)"
             )
+    tracker = make_tracker(args.tracker or (saved_kind(out) if resume else "none"))
+    evaluator = None
+    if cfg.train.eval_every and launched_rank() == 0:
+        evaluator = TrainingEval(cfg, args.eval_n, features=args.features, progress=not args.quiet)
     data = training_data(cfg, out, not args.quiet)
     single_thread_for_points(cfg.data_kind)
     if not args.quiet and launched_rank() == 0:
@@ -233,13 +246,24 @@ def run(args) -> None:
         device=device,
         resume=resume,
         progress=not args.quiet,
-        preview=partial(preview, cfg=cfg) if args.preview else None,
+        preview=partial(preview_and_track, cfg=cfg, tracker=tracker) if args.preview else None,
         max_minutes=args.max_minutes,
         init_from=args.init_from,
         compile=args.compile,
+        tracker=tracker,
+        evaluator=evaluator,
     )
     if launched_rank() == 0:
-        print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png)")
+        # a resumed run keeps the command its card recorded when it started
+        command = None if resume else "difflab " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+        write_model_card(out, command=command)
+        print(f"run written to {out}/ (config.json, checkpoints/, metrics.jsonl, loss.png, samples.png, README.md)")
+
+
+def preview_and_track(ema, step: int, run: Path, cfg: RunConfig, tracker) -> None:
+    """The run's pictures (runs/diffusion.py preview), the sample grid also sent to the tracker."""
+    preview(ema, step, run, cfg)
+    tracker.image(step, "samples", run / "samples.png")
 
 
 def register(sub) -> None:
@@ -343,6 +367,37 @@ def register(sub) -> None:
     t.add_argument("--init-from", help="a run whose EMA weights initialise the network")
     t.add_argument("--checkpoint-every", type=positive_int)
     t.add_argument("--sample-every", type=int, help="write a sample grid every N steps (0: at the end only)")
+    t.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="N",
+        help="every N steps and at the end: FD and KID of --eval-n samples in the run's feature net, and the distance "
+        "of samples to their nearest training image (memorisation); the best EMA is kept as RUN/best (0: never, "
+        "the default)",
+    )
+    t.add_argument(
+        "--eval-n",
+        type=positive_int,
+        default=DEFAULT_EVAL_N,
+        help=f"samples per --eval-every (default {DEFAULT_EVAL_N})",
+    )
+    t.add_argument(
+        "--features",
+        help="--eval-every's feature net: a .safetensors from `difflab features train` (default: the one `difflab "
+        "eval` uses for this data)",
+    )
+    t.add_argument(
+        "--augment",
+        choices=AUGMENTS,
+        help="flip: mirror each training image left-right with probability 1/2 (refused where a flip changes the "
+        "meaning: digits, fashion-pairs' sides, latent runs)",
+    )
+    t.add_argument(
+        "--tracker",
+        choices=TRACKERS,
+        help="also log scalars, sample grids and the config to TensorBoard (RUN/tensorboard) or wandb (RUN/wandb, "
+        "offline unless WANDB_MODE=online or logged in); a resumed run keeps its tracker (default none)",
+    )
     t.add_argument(
         "--preview",
         action=argparse.BooleanOptionalAction,

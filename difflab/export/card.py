@@ -174,8 +174,9 @@ def _training(cfg: RunConfig, folder: Path, recipe: dict) -> dict[str, str]:
         rows_out["training time"] = f"about {_duration(seconds)}" + (
             "" if recipe.get("train_seconds") else " (metrics.jsonl's it/s)"
         )
-    if rows and "loss" in rows[-1]:
-        rows_out["last loss"] = f"{rows[-1]['loss']:.4f} (step {rows[-1].get('step')})"
+    losses = [r for r in rows if "loss" in r]
+    if losses:
+        rows_out["last loss"] = f"{losses[-1]['loss']:.4f} (step {losses[-1].get('step')})"
     return rows_out
 
 
