@@ -66,7 +66,7 @@ def test_every_shipped_config_reads_as_objects_and_saves_as_it_was_written(name)
     again = cfg.to_dict()
     assert RunConfig.from_dict(again) == cfg
     assert json.loads(cfg.to_json()) == again  # JSON-ready: lists, not tuples
-    for key, cls in (("net", type(cfg.net)), ("loss", type(cfg.loss))):
+    for key, cls in (("net", type(cfg.net)), ("loss", type(cfg.loss)), ("train", type(cfg.train))):
         again[key] = _as_written(again[key], read[key], cls)
     assert _as_written(again, read, RunConfig) == read
 

@@ -29,7 +29,7 @@ from ..runs.diffusion import DIFFUSION, preview
 from ..runs.lifecycle import begin
 from ..runs.presets import check_dataset, preset_for, with_class_labels, with_latent, with_low_res, with_text
 from ..text.encoders import text_record
-from ..training.distributed import launched_rank, resolve_device
+from ..training.distributed import launched_rank, resolve_device, teardown
 from ..training.loop import train
 from ..training.trackers import TRACKERS, make_tracker, saved_kind
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
@@ -50,9 +50,14 @@ TRAIN_FIELDS = (
 )
 
 
+EVAL_AT_CHECKPOINTS = -1  # --eval-every given without N
+
+
 def apply_options(cfg: RunConfig, args) -> RunConfig:
     """``cfg`` overridden by whatever the command line says (options left out keep cfg's values)."""
     t = replace(cfg.train, **{f: getattr(args, f) for f in TRAIN_FIELDS if getattr(args, f) is not None})
+    if t.eval_every == EVAL_AT_CHECKPOINTS:  # --eval-every without N: at each checkpoint
+        t = replace(t, eval_every=t.checkpoint_every)
     process = cfg.process
     if args.process or args.schedule or args.T:
         kind = args.process or process_name(process)
@@ -253,6 +258,7 @@ def run(args) -> None:
         tracker=tracker,
         evaluator=evaluator,
     )
+    teardown()  # the ranks leave together before rank 0 writes the card (a rank kept waiting in gloo may abort)
     if launched_rank() == 0:
         # a resumed run keeps the command its card recorded when it started
         command = None if resume else "difflab " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
@@ -370,10 +376,12 @@ def register(sub) -> None:
     t.add_argument(
         "--eval-every",
         type=int,
+        nargs="?",
+        const=EVAL_AT_CHECKPOINTS,
         metavar="N",
-        help="every N steps and at the end: FD and KID of --eval-n samples in the run's feature net, and the distance "
-        "of samples to their nearest training image (memorisation); the best EMA is kept as RUN/best (0: never, "
-        "the default)",
+        help="every N steps (N left out: at each checkpoint, the default interval) and at the end: FD and KID of "
+        "--eval-n samples in the run's feature net, and the distance of samples to their nearest training image "
+        "(memorisation); the best EMA is kept as RUN/best (0: never, the default)",
     )
     t.add_argument(
         "--eval-n",
