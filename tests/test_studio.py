@@ -836,3 +836,19 @@ def test_interpolate_and_upscale_preview_and_cancel(tmp_path, digits_runs):
             job = wait(base, id)
             assert job["status"] == "cancelled" and job["step"] < job["steps"] and job["images"] == 0, (path, job)
             assert api(f"{base}/api/jobs/{id}/images/0.png", expect=404)
+
+
+def test_runs_panel_gets_the_eval_every_scores_beside_the_loss(tmp_path, digits_runs):
+    """--eval-every's rows (FD, the best step, the memorisation ratio) reach the Runs panel apart from the loss
+    curve, whose rows stay (step, loss) only."""
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    rows = [{"step": 10, "fd": 5.0, "nn_ratio": 1.2, "best_step": 10}, {"step": 20, "fd": 7.0, "best_step": 10}]
+    with open(root / "dc" / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 30, "fd": ')  # a line being written
+    with served(root) as base:
+        detail = api(f"{base}/api/runs/dc")
+    assert detail["evals"] == [
+        {"step": 10, "metric": "fd", "value": 5.0, "best_step": 10, "nn_ratio": 1.2},
+        {"step": 20, "metric": "fd", "value": 7.0, "best_step": 10, "nn_ratio": None},
+    ]
+    assert all(set(r) == {"step", "loss"} for r in detail["metrics"])

@@ -467,3 +467,18 @@ def test_a_student_samples_with_its_own_sampler(page, tmp_path, digits_runs):
             "dpmpp-2m",
             4,
         )
+
+
+def test_runs_panel_draws_the_eval_every_scores_beside_the_loss(page, tmp_path, digits_runs):
+    """A run trained with --eval-every: its Runs row shows the FD curve on the loss chart, the best step named."""
+    root = runs_folder(tmp_path, dc=digits_runs / "dc")
+    rows = [{"step": 10, "fd": 9.0, "best_step": 10}, {"step": 20, "fd": 4.0, "best_step": 20}]
+    rows.append({"step": 30, "fd": 6.0, "best_step": 20})
+    with open(root / "dc" / "metrics.jsonl", "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    with served(root) as base:
+        open_studio(page, base, "dc")
+        page.click("nav button[data-panel=runs]")
+        page.click("#runs-table tr[data-run=dc]")
+        assert wait_log(page, "evals ") == "evals 3 best 20"
+        screenshot(page, "runs-eval-every")

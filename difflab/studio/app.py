@@ -176,7 +176,8 @@ def add_runs(app: FastAPI, folder: RunsFolder, limits: Limits) -> None:
 
     @app.get(
         "/api/runs/{name}",
-        summary="One run: its summary, its training curve (metrics.jsonl), the sampler, steps and guidance it "
+        summary="One run: its summary, its training curve (metrics.jsonl) and its --eval-every scores, the sampler, "
+        "steps and guidance it "
         "takes by default (run.default_sampling) and, for a shipped model, its card (the recipe: what it is, the "
         "commands that trained it, its measured figures)",
     )
@@ -186,6 +187,7 @@ def add_runs(app: FastAPI, folder: RunsFolder, limits: Limits) -> None:
         return {
             **summary,
             "metrics": found(folder.metrics, name),
+            "evals": found(folder.evals, name),
             "sampling": None if own is None else {"sampler": own.sampler, "steps": own.steps},
             "guidance": None if own is None else own.guidance,
             "card": card(name) if summary.get("shipped") else None,

@@ -125,20 +125,48 @@ class RunsFolder:
             "pictures": [f for f in ("samples.png", "loss.png") if (path / f).is_file()],
         }
 
-    def metrics(self, name: str) -> list[dict]:
-        """The training curve of a run from its metrics.jsonl: (step, loss) rows, thinned to MAX_METRICS points."""
+    def _rows(self, name: str) -> list[dict]:
+        """metrics.jsonl's rows with an integer step (a line being written right now is skipped)."""
         rows = []
         f = self.path(name) / "metrics.jsonl"
         if f.is_file():
             for line in f.read_text().splitlines():
                 try:
                     r = json.loads(line)
-                except json.JSONDecodeError:  # a line being written right now
+                except json.JSONDecodeError:
                     continue
-                if isinstance(r, dict) and isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float)):
-                    rows.append({"step": r["step"], "loss": float(r["loss"])})
+                if isinstance(r, dict) and isinstance(r.get("step"), int):
+                    rows.append(r)
+        return rows
+
+    def metrics(self, name: str) -> list[dict]:
+        """The training curve of a run from its metrics.jsonl: (step, loss) rows, thinned to MAX_METRICS points."""
+        rows = [
+            {"step": r["step"], "loss": float(r["loss"])}
+            for r in self._rows(name)
+            if isinstance(r.get("loss"), (int, float))
+        ]
         every = max(1, -(-len(rows) // MAX_METRICS))
         return rows[::every] + (rows[-1:] if rows and (len(rows) - 1) % every else [])
+
+    def evals(self, name: str) -> list[dict]:
+        """The quality rows of ``--eval-every`` (step, score, its name: 'fd' or 'energy' for points, the best step so
+        far, the nearest-training distance over the real images' where measured), in step order."""
+        out = []
+        for r in self._rows(name):
+            key = next((k for k in ("fd", "energy") if isinstance(r.get(k), (int, float))), None)
+            if key is not None:
+                ratio = r.get("nn_ratio")
+                out.append(
+                    {
+                        "step": r["step"],
+                        "metric": key,
+                        "value": float(r[key]),
+                        "best_step": r.get("best_step"),
+                        "nn_ratio": float(ratio) if isinstance(ratio, (int, float)) else None,
+                    }
+                )
+        return out[-MAX_METRICS:]
 
     def picture(self, name: str, file: str) -> Path:
         """One of a run's pictures (samples.png, loss.png), nothing else."""

@@ -136,7 +136,7 @@ async function loadRunDetail() {
   const d = await api(`/api/runs/${encodeURIComponent(name)}`);
   $("run-title").textContent = `${d.name}: ${d.kind}, ${d.dataset}, ${d.steps_trained} of ${d.steps_planned} steps`;
   $("loss-chart").hidden = !d.metrics.length && Boolean(d.card);  // a shipped model keeps no curve: its card says more
-  drawCurve($("loss-chart"), d.metrics);
+  drawCurve($("loss-chart"), d.metrics, d.evals || []);
   if (d.pictures.includes("samples.png")) $("run-samples").src = `/api/runs/${encodeURIComponent(name)}/pictures/samples.png?s=${d.steps_trained}`;
   else $("run-samples").removeAttribute("src");  // hidden (style.css) rather than a broken picture
   showCard(d.card);
@@ -163,7 +163,7 @@ function showCard(card) {
   state.log.push(`card ${Object.keys(card.figures || {}).length} figures`);
 }
 
-function drawCurve(canvas, rows) {
+function drawCurve(canvas, rows, evals = []) {
   const g = canvas.getContext("2d"), W = canvas.width, H = canvas.height, pad = 30;
   g.clearRect(0, 0, W, H);
   g.strokeStyle = "#999"; g.strokeRect(pad, 5, W - pad - 5, H - pad - 5);
@@ -176,7 +176,21 @@ function drawCurve(canvas, rows) {
   rows.forEach((r, i) => (i ? g.lineTo : g.moveTo).call(g, x(r.step), y(logs[i])));
   g.stroke();
   g.fillStyle = "#333";
-  g.fillText(`loss ${rows[rows.length - 1].loss.toPrecision(3)} at step ${s1} (log scale)`, pad + 5, H - 8);
+  let label = `loss ${rows[rows.length - 1].loss.toPrecision(3)} at step ${s1} (log scale)`;
+  if (evals.length) {
+    // --eval-every's score on its own scale (orange), the best checkpoint starred
+    const v = evals.map((e) => e.value), elo = Math.min(...v), ehi = Math.max(...v);
+    const ey = (u) => 5 + (H - pad - 10) * (ehi > elo ? (ehi - u) / (ehi - elo) : 0.5);
+    g.strokeStyle = "#d60"; g.beginPath();
+    evals.forEach((e, i) => (i ? g.lineTo : g.moveTo).call(g, x(e.step), ey(e.value)));
+    g.stroke();
+    const last = evals[evals.length - 1], best = evals.find((e) => e.step === last.best_step) || last;
+    g.fillStyle = "#d60"; g.fillText("*", x(best.step) - 3, ey(best.value) + 4);
+    label += `; ${last.metric.toUpperCase()} ${last.value.toPrecision(3)}, best ${best.value.toPrecision(3)} at step ${best.step}`;
+    g.fillStyle = "#333";
+    state.log.push(`evals ${evals.length} best ${best.step}`);
+  }
+  g.fillText(label, pad + 5, H - 8);
 }
 
 // ------------------------------------------------------------------ generate, the queue
