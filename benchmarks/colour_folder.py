@@ -50,6 +50,14 @@ def make_colour_folder(out: str | Path, n: int = 2000, seed: int = 0) -> Path:
     return out
 
 
+def folder_run_options(description: str, steps: int, every: int) -> argparse.ArgumentParser:
+    """The options of the scripts that train on this folder: --steps of a run, evaluated --every steps."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--every", type=int, default=every)
+    return p
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=2000)

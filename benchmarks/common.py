@@ -87,14 +87,23 @@ def trained(argv: list[str]) -> tuple[Path, float]:
         if has_checkpoint(run)
         else argv
     )
-    print(f"$ difflab {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-m", "difflab", *cmd]).returncode
+    rc = difflab(cmd, check=False)
     spent += time.perf_counter() - t0
     book.write_text(json.dumps({"seconds": spent}))
     if rc != 0:
         sys.exit(f"{run}: training failed ({rc})")
     return run, spent
+
+
+def difflab(argv: list[str], check: bool = True) -> int:
+    """Run ``difflab ARGV`` in a subprocess (as a user would; the benchmarks call the CLI, never import it), printing
+    the command; exits the script when it fails and ``check``."""
+    print(f"$ difflab {' '.join(argv)}", flush=True)
+    rc = subprocess.run([sys.executable, "-m", "difflab", *argv]).returncode
+    if check and rc != 0:
+        sys.exit(f"difflab {argv[0]} failed ({rc})")
+    return rc
 
 
 def machine(device: str = "cpu") -> str:

@@ -8,27 +8,21 @@ training rate. Reported: the cost at the default interval (1000 steps) and at --
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import statistics
 
-from colour_folder import make_colour_folder
-from common import RESULTS, RUNS, header, md_table
-
-from difflab.cli import main as difflab
+from colour_folder import folder_run_options, make_colour_folder
+from common import RESULTS, RUNS, difflab, header, md_table
 
 
 def run() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--every", type=int, default=250)
-    args = p.parse_args()
+    args = folder_run_options(__doc__.split("\n\n")[0], steps=500, every=250).parse_args()
     folder = make_colour_folder(RUNS / "colour-folder", 2000)
     out = RUNS / "eval-every-cost"
     shutil.rmtree(out, ignore_errors=True)
     argv = ["train", str(folder), "--cond", "class", "--steps", str(args.steps), "--eval-every", str(args.every)]
-    assert difflab([*argv, "--out", str(out), "--quiet", "--no-preview"]) == 0
+    difflab([*argv, "--out", str(out), "--quiet", "--no-preview"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "fd" in r]
     rate = statistics.median(r["it_s"] for r in rows if "it_s" in r)

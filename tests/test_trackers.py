@@ -130,12 +130,27 @@ def test_refusals(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
+class Recording(Tracker):
+    kind = "recording"
+
+    def _open(self, config, fresh):
+        self.logged = []
+
+    def _log_scalars(self, step, values):
+        self.logged.append((step, values))
+
+
 def test_tracker_state_and_tags(tmp_path):
-    t = Tracker()
+    t = Recording()
     t.start(tmp_path, None, 0, fresh=True)
     t.scalars(10, {"step": 10, "loss": 0.5})
     t.scalars(10, {"loss": 0.6})  # the same step again: skipped
     t.scalars(10, {"eval/fd": 3.0}, group="eval")  # another group at the same step: logged
-    assert read_state(tmp_path) == {"kind": "none", "last": {"train": 10, "eval": 10}}
+    assert read_state(tmp_path) == {"kind": "recording", "last": {"train": 10, "eval": 10}}
+    assert t.logged == [(10, {"loss": 0.5}), (10, {"eval/fd": 3.0})]
+    none = Tracker()  # no tracker: nothing written on the hot path, an earlier tracker's state forgotten when fresh
+    none.start(tmp_path, None, 0, fresh=True)
+    none.scalars(20, {"loss": 0.4})
+    assert not (tmp_path / "tracker.json").exists()
     assert (tag("loss"), tag("fd"), tag("eval/kid")) == ("train/loss", "eval/fd", "eval/kid")
     assert make_tracker("none").kind == "none"

@@ -222,8 +222,7 @@ def run(args) -> None:
     args.class_cond = args.class_cond or args.cond == "class"
     out = Path(args.out)
     device = resolve_device(args.device)
-    if args.tracker:
-        make_tracker(args.tracker)  # a missing package refused before anything is written
+    asked = make_tracker(args.tracker) if args.tracker else None  # a missing package refused before anything is written
     cfg, resume = begin(
         out, DIFFUSION, resume=args.resume, force=args.force, fresh=lambda: new_config(args), steps=args.steps
     )
@@ -233,7 +232,7 @@ def run(args) -> None:
             raise UsageError(
                 f"--resume continues {out} as it was saved; drop {'; '.join(bad)} (or train a new run with --out)"
             )
-    tracker = make_tracker(args.tracker or (saved_kind(out) if resume else "none"))
+    tracker = asked or make_tracker(saved_kind(out) if resume else "none")
     evaluator = None
     if cfg.train.eval_every and launched_rank() == 0:
         evaluator = TrainingEval(cfg, args.eval_n, features=args.features, progress=not args.quiet)

@@ -3,9 +3,9 @@
     scores = TrainingEval(cfg, n=256)(ema_denoiser, step)   # {"fd": ..., "kid": ..., "nn_train": ..., ...}
 
 Each evaluation draws ``n`` samples with a fast sampler (dpmpp-2m, 20 steps, seeds 0..n-1: the same noise every
-time, so two checkpoints differ only by their weights), reads them with the run's feature net (the one ``difflab
-eval`` uses: the shipped classifier of a built-in set, the net `difflab features train FOLDER` made for a folder,
-else fixed random features) and reports
+time, so two checkpoints differ only by their weights), reads them with a feature net (``--features``: e.g. the
+classifier `difflab features train FOLDER` writes for a labelled folder; by default the one ``difflab eval`` uses:
+the shipped classifier of a built-in set, else fixed random features) and reports
 
     fd          Frechet distance to the cached statistics of the test split (evaluation/reference.py); the loop keeps
                 the EMA with the lowest as RUN/best

@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..io import file_sha256
+from ..io import atomic_dir, file_sha256
 from .config import CONFIG, CheckpointError
 from .shipped import locate
 
@@ -125,26 +125,15 @@ def save_checkpoint(
 def save_best(run_dir: str | Path, step: int, ema: nn.Module, scores: dict) -> Path:
     """RUN/best: the EMA weights of ``step`` as a run of their own (config.json, checkpoints/step-N/model.safetensors
     with the EMA weights only, as a shipped model, and best.json with ``scores``), so that every command that takes
-    a run takes RUN/best. Written beside, then swapped in with renames: a kill leaves the old or the new one whole."""
+    a run takes RUN/best. Written beside and swapped in whole (io.atomic_dir): a kill leaves the old or the new one."""
     run_dir = Path(run_dir)
-    final, tmp, old = run_dir / BEST, run_dir / f".{BEST}.tmp-{os.getpid()}", run_dir / f".{BEST}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(run_dir / BEST, replace=True) as tmp:
         (tmp / CHECKPOINTS / f"step-{step:08d}").mkdir(parents=True)
         shutil.copyfile(run_dir / CONFIG, tmp / CONFIG)
         tensors = {f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
         save_file(tensors, str(tmp / CHECKPOINTS / f"step-{step:08d}" / WEIGHTS), metadata={"step": str(step)})
         (tmp / BEST_JSON).write_text(json.dumps({"step": step, **scores}, indent=1) + "\n")
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not final.exists():
-            old.rename(final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    return run_dir / BEST
 
 
 def best_record(run_dir: str | Path) -> dict | None:

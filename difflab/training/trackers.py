@@ -47,6 +47,10 @@ class Tracker:
 
     def start(self, run_dir: str | Path, config, step: int, fresh: bool) -> None:
         """Open the tracker for a run that starts at ``step`` (0, or a resumed checkpoint's step)."""
+        if self.kind == "none":  # nothing logged, nothing to remember; a fresh run forgets an earlier tracker
+            if fresh:
+                (Path(run_dir) / STATE).unlink(missing_ok=True)
+            return
         self.run_dir = Path(run_dir)
         state = read_state(self.run_dir)
         if fresh or state.get("kind") != self.kind:
