@@ -12,11 +12,22 @@ import torch
 from ..evaluation.feature_training import RECIPES, FeatureTraining, train_features
 from ..evaluation.features import SHIPPED
 from ..evaluation.identity import IdentityTraining, train_identity
+from ..evaluation.instance import InstanceTraining, train_instance
 from ..training.distributed import resolve_device
 from .options import Parser, UsageError, add_device, positive_float, positive_int
 
 
+def method_of(args) -> str:
+    """--method, or its default: a classifier for the built-in sets, instance discrimination for a folder / .npz."""
+    return args.method or ("classifier" if args.name in SHIPPED else "instance")
+
+
 def run_train(args) -> None:
+    if method_of(args) == "instance":
+        return run_instance(args)
+    wrong = [f"--{f.replace('_', '-')}" for f in ("steps", "batch_size", "max_minutes") if getattr(args, f) is not None]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: options of --method instance (a classifier trains --epochs)")
     fixed = [
         f"--{f}"
         for f in ("epochs", "seed", "pairs", "widths", "size", "channels", "data")
@@ -62,6 +73,60 @@ def run_train(args) -> None:
     print(f"wrote {weights} ({kb:.0f} KiB) and {weights.with_suffix('.json').name}")
 
 
+def run_instance(args) -> None:
+    wrong = [f"--{f}" for f in ("epochs", "pairs") if getattr(args, f) is not None]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)}: options of --method classifier (instance discrimination trains --steps)")
+    fixed = [
+        f"--{f.replace('_', '-')}"
+        for f in ("steps", "batch_size", "seed", "widths", "size", "channels", "data")
+        if getattr(args, f) is not None
+    ]
+    if args.resume and fixed:
+        raise UsageError(f"{', '.join(fixed)}: a resumed run keeps what it was started with (its config.json)")
+    overrides = {
+        k: v
+        for k, v in (
+            ("steps", args.steps),
+            ("batch_size", args.batch_size),
+            ("seed", args.seed),
+            ("widths", args.widths),
+        )
+        if v is not None
+    }
+    torch.set_num_threads(args.threads)
+    run = args.run or f"runs/features-{Path(args.name).stem}"
+    command = "difflab " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["features"] else None
+    done = train_instance(
+        args.name,
+        run,
+        out=args.out,
+        recipe=InstanceTraining(**overrides),
+        data_dir=args.data,
+        size=args.size,
+        channels=args.channels,
+        resume=args.resume,
+        progress=not args.quiet,
+        command=command,
+        device=resolve_device(args.device),
+        max_minutes=args.max_minutes,
+    )
+    if done is None:
+        print(f"stopped after --max-minutes; continue with `difflab features train {args.name} --run {run} --resume`")
+        return
+    weights, meta = done
+    if "linear_probe" in meta:
+        print(
+            f"linear probe {100 * meta['linear_probe']:.1f}% on {meta['test_n']} test images "
+            f"(random features {100 * meta['linear_probe_random']:.1f}%); trained in {meta['train_seconds']:.0f} s "
+            f"(run {run})"
+        )
+    else:
+        print(f"trained in {meta['train_seconds']:.0f} s (run {run}); no classes, so no linear probe")
+    print(f"wrote {weights} ({weights.stat().st_size / 1024:.0f} KiB) and {weights.with_suffix('.json').name}")
+    print(f"use it: difflab train {args.name} --eval-every --features {weights}  (or difflab eval RUN --features ...)")
+
+
 def run_identity(args) -> None:
     recipe = IdentityTraining(
         **{
@@ -97,16 +162,36 @@ def register(sub) -> None:
     fsub = f.add_subparsers(dest="features_command", required=True, parser_class=Parser)
     t = fsub.add_parser(
         "train",
-        help="train a classifier and write {name}-classifier.safetensors + .json (fashion-pairs' recipe "
-        "is GPU-sized: 7020 steps of a 64-128-256 net, 95 s on one H200, not measured on a CPU)",
+        help="a folder / .npz: train an instance-discrimination net on its images (no labels needed) and write "
+        "{name}-instance.safetensors + .json; a built-in set: its classifier, {name}-classifier.* (fashion-pairs' "
+        "recipe is GPU-sized: 7020 steps of a 64-128-256 net, 95 s on one H200, not measured on a CPU)",
     )
     t.add_argument(
-        "name", help=f"{' or '.join(SHIPPED)} (written to difflab/weights/), or a labelled folder / .npz (needs --out)"
+        "name", help=f"{' or '.join(SHIPPED)} (a classifier, written to difflab/weights/), or a folder / .npz"
     )
-    t.add_argument("--out", help="output folder (default for built-in sets: difflab/weights/)")
+    t.add_argument(
+        "--method",
+        choices=["instance", "classifier"],
+        help="instance: NT-Xent instance discrimination (default for a folder / .npz; see docs/evaluation.md); "
+        "classifier: a classifier of the labels (default for the built-in sets; a folder needs class subfolders)",
+    )
+    t.add_argument(
+        "--out",
+        help="output folder (default: difflab/weights/ for a built-in set's classifier, else the run folder; a "
+        "folder's classifier needs --out)",
+    )
     t.add_argument("--run", help="the training run's folder (default runs/features-NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run in --run")
-    t.add_argument("--epochs", type=positive_int, help="override the recipe's epochs")
+    t.add_argument("--epochs", type=positive_int, help="classifier: override the recipe's epochs")
+    t.add_argument("--steps", type=positive_int, help=f"instance: training steps (default {InstanceTraining.steps})")
+    t.add_argument(
+        "--batch-size",
+        type=positive_int,
+        help=f"instance: images per step, two views each (default {InstanceTraining.batch_size})",
+    )
+    t.add_argument(
+        "--max-minutes", type=positive_float, help="instance: stop (with a checkpoint) after this many minutes"
+    )
     t.add_argument("--seed", type=int, help="override the recipe's seed (0)")
     t.add_argument(
         "--pairs",

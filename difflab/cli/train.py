@@ -18,8 +18,9 @@ from pathlib import Path
 
 from ..core.losses import OBJECTIVES
 from ..core.processes import PROCESSES_BY_NAME, LearnedVP, has_parameters, process_name
+from ..evaluation.features import features_spec
 from ..evaluation.watch import DEFAULT_N as DEFAULT_EVAL_N
-from ..evaluation.watch import TrainingEval
+from ..evaluation.watch import TrainingEval, features_record
 from ..export.card import write_model_card
 from ..latent.autoencoder import latent_record, load_autoencoder
 from ..nets.unet import num_parameters
@@ -173,6 +174,11 @@ def _contradictions(saved: RunConfig, args) -> list[str]:
             for f in fields(b)
             if getattr(a, f.name, None) != getattr(b, f.name)
         ]
+    if saved.features is not None:
+        if args.features and features_spec(args.features, saved.dataset) != saved.features.net:
+            out.append(f"--features {args.features} (the run is measured with {saved.features.net})")
+        if args.eval_n and args.eval_n != saved.features.eval_n:
+            out.append(f"--eval-n {args.eval_n} (saved: {saved.features.eval_n})")
     if args.variance and args.variance != saved.variance:
         out.append(f"--variance {args.variance} (saved: {saved.variance})")
     for key in ("process", "target", "conditions"):
@@ -211,6 +217,10 @@ def new_config(args) -> RunConfig:
             cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout
         )
     cfg = with_network_options(cfg, args)
+    if cfg.train.eval_every or args.features:
+        cfg = replace(cfg, features=features_record(cfg, args.features, args.eval_n))
+    elif args.eval_n is not None:
+        raise UsageError("--eval-n is the samples of --eval-every; add --eval-every")
     try:
         cfg.validate()
     except ValueError as e:
@@ -235,7 +245,13 @@ def run(args) -> None:
     tracker = asked or make_tracker(saved_kind(out) if resume else "none")
     evaluator = None
     if cfg.train.eval_every and launched_rank() == 0:
-        evaluator = TrainingEval(cfg, args.eval_n, features=args.features, progress=not args.quiet)
+        legacy = cfg.features is None  # a run started before runs recorded their feature net
+        evaluator = TrainingEval(
+            cfg,
+            args.eval_n if legacy else None,
+            features=args.features if legacy else None,
+            progress=not args.quiet,
+        )
     data = training_data(cfg, out, not args.quiet)
     single_thread_for_points(cfg.data_kind)
     if not args.quiet and launched_rank() == 0:
@@ -388,13 +404,13 @@ def register(sub) -> None:
     t.add_argument(
         "--eval-n",
         type=positive_int,
-        default=DEFAULT_EVAL_N,
-        help=f"samples per --eval-every (default {DEFAULT_EVAL_N})",
+        help=f"samples per --eval-every (default {DEFAULT_EVAL_N}; recorded in the run)",
     )
     t.add_argument(
         "--features",
-        help="--eval-every's feature net: a .safetensors from `difflab features train` (default: the one `difflab "
-        "eval` uses for this data)",
+        help="the run's feature net, for --eval-every and `difflab eval RUN`: a .safetensors from `difflab features "
+        "train` (e.g. a folder's instance net), a built-in name or random (default: the shipped classifier of a "
+        "built-in set, else random); recorded in the run, refused if trained on other images",
     )
     t.add_argument(
         "--augment",

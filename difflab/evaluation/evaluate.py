@@ -5,8 +5,10 @@
 
 Image runs (digits, fashion-mnist, fashion-pairs, folders, npz). ``n`` samples are drawn by the run object
 (``run.sample``: sample i has seed ``seed + i``), rounded to 8 bits like the data, and read by a feature network
-(evaluation/features.py; the shipped classifier for digits, Fashion-MNIST and fashion-pairs, fixed random
-features otherwise).
+(evaluation/features.py): ``features``, else the one the run records (``difflab train --eval-every/--features``,
+e.g. a folder's instance-discrimination net), else the shipped classifier for digits, Fashion-MNIST and
+fashion-pairs, fixed random features otherwise. A net that records its training images (an instance net) is refused
+for a run whose training images differ.
 Against the reference split (``split``, default the test split) the report gives
 
     fd               Frechet distance between Gaussians fitted to the penultimate features (FID's formula)
@@ -70,7 +72,7 @@ from ..runs.data import load_split
 from ..runs.diffusion import DiffusionRun
 from ..sampling.samplers import SAMPLERS, SPACINGS, SamplerName, Spacing, default_spacing
 from ..text.clip import clip_scores, load_clip
-from .features import embed, resolve_feature_net
+from .features import check_trained_on, embed, recorded_feature_net, resolve_feature_net
 from .metrics import (
     class_histogram,
     energy_distance,
@@ -208,6 +210,8 @@ def _scores(ref: dict, feats: Tensor, seed: int) -> dict:
 def _class_report(net: FeatureNet, logits: Tensor | None, ref: dict, data: ImageSet) -> dict:
     if logits is None or ref["logits"] is None:
         return {"samples": None, "reason": "the feature net has no classifier head (random features)"}
+    if net.meta.get("kind") in ("instance", "identity"):
+        return {"samples": None, "reason": f"the feature net's head is a projection ({net.meta['kind']}), not classes"}
     if net.config.groups is not None:
         return {"samples": None, "reason": "the feature net has attribute heads, not classes"}
     K = net.config.num_classes
@@ -458,7 +462,11 @@ def _evaluate_images(
     C, H, W = ref_data.images.shape[1:]
     if cfg.data_shape != [C, H, W]:
         raise EvalError(f"the run makes {'x'.join(map(str, cfg.data_shape))} images but {cfg.dataset} is {C}x{H}x{W}")
-    net = resolve_feature_net(features, cfg.dataset, C, H, W)
+    if features is None and cfg.features is not None:
+        net = recorded_feature_net(cfg.features, cfg.dataset, C, H, W)
+    else:
+        net = resolve_feature_net(features, cfg.dataset, C, H, W)
+    check_trained_on(net, (ref_data if split == "train" else other_data).images, cfg.dataset)
     t0 = time.perf_counter()
     ref = reference_stats(ref_data, net, folder=cache, progress=progress)
     other_ref = reference_stats(other_data, net, folder=cache, progress=progress)

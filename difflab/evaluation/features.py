@@ -23,6 +23,7 @@ every weight, and reference statistics are cached under that hash.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -82,8 +83,29 @@ def _load_file(weights: Path) -> FeatureNet:
         raise FeatureNetError(f"{weights} does not match {meta_path.name}: {str(e).strip().splitlines()[0]}") from None
     net.meta = {k: v for k, v in meta.items() if k != "config"}
     net.meta.setdefault("name", weights.stem)
-    net.meta["kind"] = "classifier"
+    net.meta.setdefault("kind", "classifier")  # an instance net's or the identity encoder's JSON names its kind
     return net.eval()
+
+
+def images_digest(images: Tensor) -> str:
+    """SHA-256 of uint8 images (N, C, H, W): their shape and bytes (what a feature net records it was trained on)."""
+    h = hashlib.sha256(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_trained_on(net: FeatureNet, train_images: Tensor, dataset: str) -> None:
+    """Refuse, in one line, a feature net that records the images it was trained on (``meta['data']``, an instance
+    net's) when ``train_images`` (the run's train split) are other images. Nets that record none pass."""
+    data = net.meta.get("data")
+    if not isinstance(data, dict) or "sha256" not in data:
+        return
+    if images_digest(train_images) != data["sha256"]:
+        raise FeatureNetError(
+            f"the feature net {net.meta.get('name')} was trained on the {data.get('n')} training images of "
+            f"{net.meta.get('dataset')}, not on the {len(train_images)} of {dataset}: train one on this data with "
+            f"`difflab features train {dataset} --method instance`"
+        )
 
 
 def load_feature_net(name: str) -> FeatureNet:
@@ -130,6 +152,28 @@ def resolve_feature_net(
             f"the feature net was trained on {c.image_size}x{c.image_width or c.image_size} images but {dataset} is "
             f"{size}x{width}; "
             f"train one on this data (`difflab features train ...`) or use --features {RANDOM}"
+        )
+    return net
+
+
+def features_spec(spec: str | None, dataset: str) -> str:
+    """A --features value as a run records it: a file as its absolute path, a name as given, None as the net it
+    stands for (the dataset's shipped classifier, else 'random')."""
+    if spec is None:
+        return dataset if dataset in SHIPPED else RANDOM
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.suffix == ".safetensors" else spec
+
+
+def recorded_feature_net(record, dataset: str, channels: int, size: int, width: int | None = None) -> FeatureNet:
+    """The feature net a run records (runs.config.FeaturesRecord), refused when its weights changed since."""
+    net = resolve_feature_net(record.net, dataset, channels, size, width)
+    now = net.fingerprint()
+    if now != record.fingerprint:
+        raise FeatureNetError(
+            f"the run's feature net {record.net} has changed since the run recorded it (fingerprint "
+            f"{record.fingerprint[:12]}, now {now[:12]}): its FDs would not compare; pass --features to measure with "
+            "another net"
         )
     return net
 

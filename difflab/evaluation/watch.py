@@ -3,9 +3,10 @@
     scores = TrainingEval(cfg, n=256)(ema_denoiser, step)   # {"fd": ..., "kid": ..., "nn_train": ..., ...}
 
 Each evaluation draws ``n`` samples with a fast sampler (dpmpp-2m, 20 steps, seeds 0..n-1: the same noise every
-time, so two checkpoints differ only by their weights), reads them with a feature net (``--features``: e.g. the
-classifier `difflab features train FOLDER` writes for a labelled folder; by default the one ``difflab eval`` uses:
-the shipped classifier of a built-in set, else fixed random features) and reports
+time, so two checkpoints differ only by their weights), reads them with the feature net the run records
+(``cfg.features``, from ``--features``: e.g. the instance-discrimination net `difflab features train FOLDER` writes;
+by default the shipped classifier of a built-in set, else fixed random features; ``difflab eval`` reads with the
+same) and reports
 
     fd          Frechet distance to the cached statistics of the test split (evaluation/reference.py); the loop keeps
                 the EMA with the lowest as RUN/best
@@ -30,10 +31,10 @@ from torch import Tensor
 from ..core.parameterize import Denoiser
 from ..data.images import to_uint8
 from ..data.toy2d import make_toy
-from ..runs.config import RunConfig
+from ..runs.config import FeaturesRecord, RunConfig
 from ..runs.data import load_split
 from ..runs.diffusion import DiffusionRun
-from .features import embed, resolve_feature_net
+from .features import check_trained_on, embed, features_spec, recorded_feature_net, resolve_feature_net
 from .metrics import energy_distance, frechet_from_stats, gaussian_stats, kid
 from .reference import FEATURE_BATCH, fixed_subset, reference_stats
 
@@ -61,6 +62,19 @@ def nearest_distance(queries: Tensor, support: Tensor, batch: int = 256) -> Tens
     return torch.cat(out)
 
 
+def features_record(cfg: RunConfig, spec: str | None, n: int | None) -> FeaturesRecord | None:
+    """What a new image run records of the feature net it is measured with (``spec``: --features), refused first
+    when the net cannot read its images or was trained on other images; None for a 2-D run."""
+    if cfg.data_kind == "points":
+        if spec is not None:
+            raise WatchError(f"--features reads images; {cfg.dataset} is a 2-D set (its score is the energy distance)")
+        return None
+    C, H, W = cfg.data_shape
+    net = resolve_feature_net(spec, cfg.dataset, C, H, W)
+    check_trained_on(net, load_split(cfg, "train").images, cfg.dataset)
+    return FeaturesRecord(features_spec(spec, cfg.dataset), net.fingerprint(), n or DEFAULT_N)
+
+
 class TrainingEval:
     """The evaluator the loop calls at eval_every steps (see the module doc); built once per run: the feature net,
     the reference statistics and the training images are read here, not at every evaluation."""
@@ -68,7 +82,7 @@ class TrainingEval:
     def __init__(
         self,
         cfg: RunConfig,
-        n: int = DEFAULT_N,
+        n: int | None = None,
         *,
         features: str | None = None,
         cache: str | Path | None = None,
@@ -76,6 +90,7 @@ class TrainingEval:
     ):
         if cfg.super_resolution is not None:
             raise WatchError("--eval-every does not evaluate super-resolution runs; use `difflab eval` on the run")
+        n = n or (cfg.features.eval_n if cfg.features is not None else DEFAULT_N)
         if n < 10:
             raise WatchError(f"--eval-n must be at least 10 (a covariance and KID subsets), got {n}")
         self.cfg, self.n = cfg, n
@@ -85,7 +100,11 @@ class TrainingEval:
             return
         test, train = load_split(cfg, "test"), load_split(cfg, "train")
         C, H, W = test.images.shape[1:]
-        self.net = resolve_feature_net(features, cfg.dataset, C, H, W)
+        if features is None and cfg.features is not None:
+            self.net = recorded_feature_net(cfg.features, cfg.dataset, C, H, W)
+        else:
+            self.net = resolve_feature_net(features, cfg.dataset, C, H, W)
+        check_trained_on(self.net, train.images, cfg.dataset)
         self.ref = reference_stats(test, self.net, folder=cache, progress=progress)
         self.train_images = train.images[fixed_subset(len(train), min(len(train), NN_TRAIN))]
         real = test.images[fixed_subset(len(test), min(len(test), n))]

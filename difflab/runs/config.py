@@ -131,6 +131,17 @@ class TrainConfig:
 
 
 @dataclass
+class FeaturesRecord:
+    """The feature net a run is measured with (``difflab train --eval-every`` / ``--features``; ``difflab eval``
+    reads with it by default): a built-in name ('digits', 'random', ...) or the absolute path of a .safetensors,
+    its weights' fingerprint (a changed net is refused), and --eval-every's samples."""
+
+    net: str
+    fingerprint: str
+    eval_n: int = 256
+
+
+@dataclass
 class DataSpec:
     """Where the examples come from, beyond the dataset's name."""
 
@@ -328,6 +339,7 @@ class RunConfig:
     personalize: Personalization | None = None
     distill: Distillation | None = None
     variance: Variance = "fixed"
+    features: FeaturesRecord | None = None
 
     def __post_init__(self):
         if not isinstance(self.shape, (list, tuple)) or not all(
@@ -350,6 +362,8 @@ class RunConfig:
         d = {f.name: typed[f.name] if f.name in typed else _plain(getattr(self, f.name)) for f in fields(self)}
         if self.variance == "fixed":  # the layout of every earlier difflab
             del d["variance"]
+        if self.features is None:
+            del d["features"]
         return d
 
     def to_json(self) -> str:

@@ -16,6 +16,7 @@ import torch
 from ..distill.student import DISTILLED
 from ..evaluation.feature_training import FEATURES
 from ..evaluation.identity import IDENTITY
+from ..evaluation.instance import INSTANCE
 from ..guidance.classifier import CLASSIFIER
 from ..latent.autoencoder import AUTOENCODER
 from ..personalize.method import PERSONALIZED
@@ -25,7 +26,7 @@ from .diffusion import DIFFUSION, DiffusionRun
 from .kinds import register
 from .run import Run
 
-BUILT_IN = (DIFFUSION, PERSONALIZED, DISTILLED, CLASSIFIER, AUTOENCODER, CLIP, FEATURES, IDENTITY)
+BUILT_IN = (DIFFUSION, PERSONALIZED, DISTILLED, CLASSIFIER, AUTOENCODER, CLIP, FEATURES, IDENTITY, INSTANCE)
 register(*BUILT_IN)
 
 
