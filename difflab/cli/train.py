@@ -28,7 +28,15 @@ from ..runs.config import AUGMENTS, PRECISIONS, RunConfig
 from ..runs.data import load_split, training_data
 from ..runs.diffusion import DIFFUSION, preview
 from ..runs.lifecycle import begin
-from ..runs.presets import check_dataset, preset_for, with_class_labels, with_latent, with_low_res, with_text
+from ..runs.presets import (
+    check_dataset,
+    preset_for,
+    with_class_labels,
+    with_edm_augment,
+    with_latent,
+    with_low_res,
+    with_text,
+)
 from ..text.encoders import text_record
 from ..training.distributed import launched_rank, resolve_device, teardown
 from ..training.loop import train
@@ -217,6 +225,8 @@ def new_config(args) -> RunConfig:
             cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout
         )
     cfg = with_network_options(cfg, args)
+    if cfg.train.augment == "edm":
+        cfg = with_edm_augment(cfg)
     if cfg.train.eval_every or args.features:
         cfg = replace(cfg, features=features_record(cfg, args.features, args.eval_n))
     elif args.eval_n is not None:
@@ -416,7 +426,8 @@ def register(sub) -> None:
         "--augment",
         choices=AUGMENTS,
         help="flip: mirror each training image left-right with probability 1/2 (refused where a flip changes the "
-        "meaning: digits, fashion-pairs' sides, latent runs)",
+        "meaning: digits, fashion-pairs' sides, latent runs); edm: EDM's non-leaking augmentation (flips, quarter "
+        "turns, translations, each with probability 0.12, the network told which; pixel-space runs)",
     )
     t.add_argument(
         "--tracker",

@@ -1,10 +1,20 @@
-"""Training-time augmentation of image data: random horizontal flips (``--augment flip``).
+"""Training-time augmentation of image data: random horizontal flips (``--augment flip``) and EDM's non-leaking
+augmentation (``--augment edm``).
 
 Each image of a training batch is mirrored left-right with probability 1/2, drawn from the step's generator (so a
 resumed run sees the same flips); an image condition (super-resolution's ``low_res``) is mirrored with its image.
 A flip is refused where it changes what an image means: handwritten digits (a mirrored 3 is not a digit), the
 captions of fashion-pairs (its "left" and "right"), 2-D points, and latent runs (the training set is the encoded
-images, and a mirrored latent is not the latent of the mirrored image)."""
+images, and a mirrored latent is not the latent of the mirrored image).
+
+``--augment edm`` (Karras et al. 2022, after Karras et al. 2020's ADA; its pixel-exact transforms only): each
+training image is, with probability ``p`` per transform, mirrored left-right, mirrored up-down, turned by a random
+number of quarter turns (square images) and translated by a whole number of pixels (up to 1/8 of its size, the
+edges reflected). The network is *told* what was done (``augment_labels``, six numbers per image, added to its time
+embedding through a bias-free linear map), so it learns the transformed images as other conditions and never has
+to draw them: sampling gives no labels, which is the label of the untransformed data. Nothing leaks, so the
+transforms are allowed where a plain flip is not (digits, fashion-pairs), but not for 2-D points or latent runs, and
+not yet for super-resolution (its low-res condition would have to move alike)."""
 
 from __future__ import annotations
 
@@ -28,6 +38,75 @@ def flip_refusal(dataset: str, data_kind: str, latent: bool) -> str | None:
     if latent:
         return "--augment flip is for pixel-space runs (a mirrored latent is not the latent of the mirrored image)"
     return None
+
+
+EDM_P = 0.12  # the probability of each transform (EDM's CIFAR-10 setting)
+EDM_TRANSLATE = 0.125  # translations up to this fraction of the size
+AUGMENT_DIM = 6  # augment_labels: x-flip, y-flip, the quarter turn's two bits, tx and ty (in units of the largest)
+
+
+def edm_refusal(dataset: str, data_kind: str, latent: bool, super_resolution: bool) -> str | None:
+    """Why ``--augment edm`` is refused for this run, or None where it is allowed."""
+    if data_kind != "images":
+        return f"--augment edm transforms images; {dataset} is not an image set"
+    if latent:
+        return "--augment edm is for pixel-space runs (the training set of a latent run is its encoded images)"
+    if super_resolution:
+        return "--augment edm is not built for super-resolution runs (the low-res condition would move alike)"
+    return None
+
+
+def edm_draw(n: int, height: int, width: int, generator: torch.Generator, p: float = EDM_P) -> Tensor:
+    """(n, 5) int64: per image its x-flip and y-flip (0/1), quarter turns k (0..3; 0 unless square) and translation
+    tx, ty in pixels; each transform is drawn with probability ``p`` (else its identity), on the generator's
+    device."""
+    dev = generator.device
+
+    def apply(values: Tensor) -> Tensor:
+        return torch.where(torch.rand(values.shape, generator=generator, device=dev) < p, values, 0)
+
+    flips = apply(torch.randint(2, (n, 2), generator=generator, device=dev))
+    turns = apply(torch.randint(4, (n, 1), generator=generator, device=dev)) if height == width else flips[:, :1] * 0
+    limit = torch.tensor([width, height], device=dev) * EDM_TRANSLATE
+    shift = ((2 * torch.rand((n, 2), generator=generator, device=dev) - 1) * limit).round().long()
+    shift = torch.where(torch.rand((n, 1), generator=generator, device=dev) < p, shift, 0)
+    return torch.cat([flips, turns, shift], dim=1)
+
+
+def _reflect(i: Tensor, size: int) -> Tensor:
+    """Indices outside [0, size) reflected back in, the edge not repeated (... 2 1 | 0 1 2 ... | size-2 ...)."""
+    if size == 1:
+        return torch.zeros_like(i)
+    period = 2 * size - 2
+    return size - 1 - (size - 1 - i.remainder(period)).abs()
+
+
+def edm_apply(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """Images (B, C, H, W) transformed by ``edm_draw``'s parameters (B, 5), and their augment_labels (B, 6):
+    x-flip, y-flip, the quarter turn as the two flips and transpose it is made of, tx / (W / 8), ty / (H / 8).
+    All-zero parameters leave an image as it is and give labels of zeros."""
+    B, _, H, W = x.shape
+    xf, yf, k, tx, ty = (params[:, i].to(x.device) for i in range(5))
+
+    def where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(mask.bool().view(B, 1, 1, 1), a, b)
+
+    x = where(xf, x.flip(-1), x)
+    x = where(yf, x.flip(-2), x)
+    turn_x, turn_y = (k == 1) | (k == 2), (k == 2) | (k == 3)  # k quarter turns = these flips, then a transpose
+    x = where(turn_x, x.flip(-1), x)
+    x = where(turn_y, x.flip(-2), x)
+    if H == W:
+        x = where((k == 1) | (k == 3), x.transpose(-1, -2), x)
+    rows = _reflect(torch.arange(H, device=x.device)[None, :] - ty[:, None], H)  # (B, H): source row of each row
+    cols = _reflect(torch.arange(W, device=x.device)[None, :] - tx[:, None], W)  # (B, W)
+    x = x.gather(2, rows[:, None, :, None].expand(-1, x.shape[1], -1, W))
+    x = x.gather(3, cols[:, None, None, :].expand(-1, x.shape[1], H, -1))
+    unit = torch.tensor([W, H], device=x.device, dtype=torch.float32) * EDM_TRANSLATE
+    labels = torch.cat(
+        [torch.stack([xf, yf, turn_x, turn_y], 1).float(), torch.stack([tx, ty], 1).float() / unit], dim=1
+    )
+    return x, labels
 
 
 def flip_mask(n: int, generator: torch.Generator) -> Tensor:

@@ -156,6 +156,8 @@ def unet2d_state(run: DiffusionRun) -> dict[str, Tensor]:
     """The run's U-Net weights under UNet2DModel's names: renamed, q/k/v split, and the time table (module doc)."""
     state = {}
     for name, value in run.net.state_dict().items():
+        if name.startswith("augment."):  # --augment edm's label map: sampling gives no labels, so it adds nothing
+            continue
         for pattern, repl in _RENAMES:
             name = re.sub(pattern, repl, name)
         if ".qkv." in name:  # (3C, C) or (3C,): our chunk(3) order is q, k, v

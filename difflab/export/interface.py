@@ -50,6 +50,7 @@ class InputSpec:
         }
 
 
+TRAINING_ONLY = ("augment_labels",)  # --augment edm's labels: none at sampling (no augmentation), so not exported
 CONDITION_INPUTS = (  # the order conditions follow x and c_noise in every exported graph
     "class_labels",
     "low_res",
@@ -89,7 +90,7 @@ def check_exportable(run: DiffusionRun) -> None:
         raise ExportError(
             f"{run.path} has a learned noise schedule (a network inside the run): only fixed schedules are exported"
         )
-    unknown = sorted(set(accepted(run.net)) - set(CONDITION_INPUTS))
+    unknown = sorted(set(getattr(run.net, "accepts", frozenset())) - set(CONDITION_INPUTS) - set(TRAINING_ONLY))
     if unknown:
         raise ExportError(f"{run.path}'s network takes {', '.join(unknown)}, which an export does not know")
 

@@ -66,6 +66,7 @@ class UNetConfig:
     guidance_input: bool = (
         False  # a guided student (distill/): the guidance scale w, embedded like time and added to it
     )
+    augment_dim: int = 0  # EDM's non-leaking augmentation: a linear map of these labels added to the time embedding
 
     def __post_init__(self):
         # JSON turns tuples into lists; store tuples so equal configs compare equal
@@ -101,6 +102,8 @@ class UNetConfig:
         for name in ("out_channels", "num_classes", "context_dim", "image_width"):
             if getattr(self, name) is not None:
                 positive(name)
+        if not isinstance(self.augment_dim, int) or isinstance(self.augment_dim, bool) or self.augment_dim < 0:
+            raise ValueError(f"UNetConfig.augment_dim must be a non-negative integer, got {self.augment_dim!r}")
         if not isinstance(self.cond_channels, int) or self.cond_channels < 0:
             raise ValueError(f"UNetConfig.cond_channels must be a non-negative integer, got {self.cond_channels!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -395,6 +398,8 @@ class UNet(nn.Module):
         if cfg.guidance_input:  # after everything: its last layer starts at zero, so a student starts as its teacher
             self.guidance = TimeEmbedding(cfg.base_channels, emb_dim)
             zero_(self.guidance.mlp[-1])
+        if cfg.augment_dim:  # no bias: labels of zeros (no augmentation, what sampling gives) add nothing
+            self.augment = nn.Linear(cfg.augment_dim, emb_dim, bias=False)
 
     @property
     def accepts(self) -> frozenset[str]:
@@ -408,6 +413,8 @@ class UNet(nn.Module):
             names.add("low_res_noise")
         if cfg.guidance_input:
             names.add("guidance_scale")
+        if cfg.augment_dim:
+            names.add("augment_labels")
         if cfg.text is not None:
             names |= {"tokens", "token_mask"}
         elif cfg.context_dim is not None:
@@ -483,6 +490,7 @@ class UNet(nn.Module):
         tokens: Tensor | None = None,
         token_mask: Tensor | None = None,
         guidance_scale: Tensor | None = None,
+        augment_labels: Tensor | None = None,
     ) -> Tensor:
         if tokens is None and token_mask is not None:
             raise ValueError("token_mask given without tokens")
@@ -514,6 +522,10 @@ class UNet(nn.Module):
             raise ValueError(
                 "guidance_scale given but this UNet has guidance_input=False (only a guided student takes it)"
             )
+        if augment_labels is not None:  # training with --augment edm: which transform each image went through
+            if not self.config.augment_dim:
+                raise ValueError("augment_labels given but this UNet has augment_dim=0 (trained without --augment edm)")
+            emb = emb + self.augment(augment_labels.to(emb.dtype))
         cond = (emb, context, attention_mask(context_mask) if context_mask is not None else None)
 
         h, skips = encode(self, h, *cond)

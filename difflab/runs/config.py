@@ -37,7 +37,7 @@ from ..core.losses import AutoencoderLoss, ClassifierLoss, ContrastiveLoss, Simp
 from ..core.parameterize import TARGETS, Denoiser, Target, WithSchedule
 from ..core.processes import PROCESSES_BY_NAME as PROCESSES
 from ..core.processes import DiscreteDDPM, Process, has_parameters, process_name
-from ..data.augment import flip_refusal
+from ..data.augment import AUGMENT_DIM, edm_refusal, flip_refusal
 from ..io import atomic_path
 from ..nets.autoencoder import AutoencoderConfig
 from ..nets.classifier import ClassifierConfig
@@ -54,7 +54,7 @@ DataKind = Literal["points", "images"]  # what a sample is: a point of the plane
 DATA_KINDS: tuple[DataKind, ...] = get_args(DataKind)
 Precision = Literal["fp32", "bf16", "fp16"]  # the training arithmetic: float32, bf16 autocast, fp16 with a scaler
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-Augment = Literal["none", "flip"]  # training-time augmentation of image data: none, or random horizontal flips
+Augment = Literal["none", "flip", "edm"]  # training-time augmentation of image data (data/augment.py)
 AUGMENTS: tuple[Augment, ...] = get_args(Augment)
 LRSchedule = Literal["constant", "cosine"]  # the learning rate after the warm-up: held, or half a cosine down to 0
 LR_SCHEDULES: tuple[LRSchedule, ...] = get_args(LRSchedule)
@@ -127,7 +127,7 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     log_every: int = 50
     eval_every: int = 0  # FD/KID and the memorisation distance every N steps, the best kept as RUN/best (0: never)
-    augment: Augment = "none"  # "flip": each training image mirrored left-right with probability 1/2
+    augment: Augment = "none"  # "flip": mirrored left-right with probability 1/2; "edm": EDM's non-leaking transforms
 
 
 @dataclass
@@ -476,6 +476,17 @@ class RunConfig:
             refusal = flip_refusal(self.dataset, self.data_kind, self.latent is not None)
             if refusal:
                 raise CheckpointError(f"config: {refusal}")
+        if t.augment == "edm":
+            refusal = edm_refusal(
+                self.dataset, self.data_kind, self.latent is not None, self.super_resolution is not None
+            )
+            if refusal:
+                raise CheckpointError(f"config: {refusal}")
+            if getattr(self.net, "augment_dim", None) != AUGMENT_DIM:
+                raise CheckpointError(
+                    f"config: train.augment 'edm' needs a U-Net that reads the augmentation (net.augment_dim "
+                    f"{AUGMENT_DIM}, presets.with_edm_augment)"
+                )
         if t.sample_every < 0:
             raise CheckpointError(
                 f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}"

@@ -5,6 +5,7 @@
     with_low_res(cfg, factor=4)                   p(x | its downsampled image) (SR3)
     with_latent(cfg, space)                       in an autoencoder's latent space
     with_text(cfg, "minilm", captions)            conditioned on captions through a text encoder
+    with_edm_augment(cfg)                         trained with EDM's non-leaking augmentation (data/augment.py)
 
 The presets are real RunConfig objects, per dataset (no strings resolved at run time): 2-D sets get a residual
 MLP, image sets U-Nets sized for 2 CPU cores, all with our default recipe (cosine beta schedule,
@@ -22,6 +23,7 @@ from pathlib import Path
 from ..core.conditions import ConditionSpec, class_labels
 from ..core.losses import SimpleLoss
 from ..core.processes import DiscreteDDPM
+from ..data.augment import AUGMENT_DIM
 from ..data.images import DATASETS, load_images
 from ..data.toy2d import TOY_DATASETS
 from ..nets.mlp import MLPConfig
@@ -147,6 +149,12 @@ def with_class_labels(cfg: RunConfig, num_classes: int | None, p_drop: float | N
     spec = class_labels(num_classes, ConditionSpec.p_drop if p_drop is None else p_drop)
     others = [c for c in cfg.conditions if c.name != "class_labels"]  # a text condition stays
     return replace(cfg, net=replace(cfg.net, num_classes=num_classes), conditions=[*others, spec])
+
+
+def with_edm_augment(cfg: RunConfig) -> RunConfig:
+    """The run trained with EDM's non-leaking augmentation: its U-Net reads the augmentation labels."""
+    _unet(cfg, "--augment edm")
+    return replace(cfg, net=replace(cfg.net, augment_dim=AUGMENT_DIM), train=replace(cfg.train, augment="edm"))
 
 
 def with_low_res(cfg: RunConfig, factor: int, aug_max: float | None = None) -> RunConfig:
