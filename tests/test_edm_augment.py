@@ -95,3 +95,5 @@ def test_a_digits_run_trains_samples_resumes_and_exports_with_it(tmp_path, capsy
         assert main([*bad, "--quiet"]) == 2
         assert says in capsys.readouterr().err
     assert not (tmp_path / "m").exists() and not (tmp_path / "s").exists()
+    pytest.importorskip("diffusers")  # the mapped UNet2DModel is checked against the run while exporting
+    assert main(["export", str(run), "--format", "diffusers", "--out", str(tmp_path / "d")]) == 0

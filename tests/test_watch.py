@@ -139,3 +139,25 @@ def test_eval_every_refusals(tmp_path, capsys):
     argv = ["train", "digits", "--cond", "low-res", "--eval-every", "5", "--out", str(tmp_path / "s"), "--quiet"]
     assert main(argv) == 2
     assert "does not evaluate super-resolution runs" in capsys.readouterr().err
+
+
+def test_net_sizes_and_the_size_a_budget_picks(tmp_path, monkeypatch, capsys):
+    from difflab.runs import presets
+
+    folder = folder_of_colour_images(tmp_path / "imgs", size=16)
+    base = config_of(folder).net.base_channels
+    assert config_of(folder, "--net", "small").net.base_channels == base // 2
+    assert config_of(folder, "--net", "large").net.base_channels == 2 * base
+    monkeypatch.setattr(presets, "BUDGET_SIZES", {10.0: "small", 60.0: "large"})
+    assert presets.size_for_budget(10) == ("small", 10.0) and presets.size_for_budget(18) == ("small", 10.0)
+    assert presets.size_for_budget(45) == ("large", 60.0) and presets.size_for_budget(200) == ("medium", None)
+    assert presets.size_for_budget(3) == ("medium", None)
+    assert config_of(folder, "--max-minutes", "12").net.base_channels == base // 2
+    assert config_of(folder, "--max-minutes", "12", "--net", "medium").net.base_channels == base  # --net wins
+    assert config_of("digits", "--max-minutes", "12").net == presets.preset_for("digits").net  # built-ins keep theirs
+    run = tmp_path / "run"
+    argv = ["train", str(folder), "--out", str(run), "--steps", "1", "--batch-size", "4", "--max-minutes", "12"]
+    assert main(argv) == 0
+    assert "--max-minutes 12: the small U-Net, measured best after 10 CPU-minutes" in capsys.readouterr().out
+    assert main(["train", "--out", str(run), "--resume", "--steps", "2", "--net", "large", "--quiet"]) == 2
+    assert "--net (a resumed run keeps its network)" in capsys.readouterr().err

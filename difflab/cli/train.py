@@ -29,12 +29,16 @@ from ..runs.data import load_split, training_data
 from ..runs.diffusion import DIFFUSION, preview
 from ..runs.lifecycle import begin
 from ..runs.presets import (
+    NET_SIZES,
+    PRESETS,
     check_dataset,
     preset_for,
+    size_for_budget,
     with_class_labels,
     with_edm_augment,
     with_latent,
     with_low_res,
+    with_net_size,
     with_text,
 )
 from ..text.encoders import text_record
@@ -172,7 +176,7 @@ def _contradictions(saved: RunConfig, args) -> list[str]:
     ]
     out += [
         f"{flag} (a resumed run keeps its network)"
-        for flag, given in (("--position", args.position), ("--attention-at", args.attention_at))
+        for flag, given in (("--position", args.position), ("--attention-at", args.attention_at), ("--net", args.net))
         if given
     ]
     for section in ("train", "loss", "data"):
@@ -225,6 +229,20 @@ def new_config(args) -> RunConfig:
             cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout
         )
     cfg = with_network_options(cfg, args)
+    size = args.net
+    if size is None and args.max_minutes and args.name not in PRESETS and cfg.net_kind == "unet":
+        size, budget = size_for_budget(args.max_minutes)  # a folder run on a budget: the size measured best for it
+        args.budget_note = (
+            f"--max-minutes {args.max_minutes:g}: the {size} U-Net, "
+            + (
+                f"measured best after {budget:g} CPU-minutes on a 32x32 folder (benchmarks/README.md)"
+                if budget is not None
+                else "the preset's (no budget near this one was measured)"
+            )
+            + "; it stops then with a checkpoint (--resume continues)"
+        )
+    if size is not None:
+        cfg = with_net_size(cfg, size)
     if cfg.train.augment == "edm":
         cfg = with_edm_augment(cfg)
     if cfg.train.eval_every or args.features:
@@ -272,6 +290,8 @@ def run(args) -> None:
             f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on "
             f"{device}"
         )
+        if getattr(args, "budget_note", None):
+            print(args.budget_note)
     train(
         out,
         cfg,
@@ -442,7 +462,15 @@ def register(sub) -> None:
         help="samples.png and loss.png while training (default)",
     )
     t.add_argument(
-        "--max-minutes", type=positive_float, help="stop (with a checkpoint) after this much wall-clock time"
+        "--max-minutes",
+        type=positive_float,
+        help="stop (with a checkpoint) after this much wall-clock time; a new folder run without --net takes the "
+        "U-Net size measured best for that budget (the start line says which)",
+    )
+    t.add_argument(
+        "--net",
+        choices=list(NET_SIZES),
+        help="the preset U-Net with half (small) or twice (large) its channels (default medium: the preset)",
     )
     t.add_argument(
         "--compile",

@@ -120,9 +120,11 @@ class InstanceLoss:
 
 @dataclass
 class InstanceTraining:
-    """The recipe of a folder's instance-discrimination net (its defaults: the measured one, benchmarks/README.md)."""
+    """The recipe of a folder's instance-discrimination net. 5000 steps: on the 32x32 colour folder the linear probe
+    reads 75.0 % against 68.9 % after 1000 (random features 62.2 %), 16 minutes on 2 CPU cores
+    (benchmarks/folder_features.py)."""
 
-    steps: int = 1000
+    steps: int = 5000
     batch_size: int = 128  # images; the loss sees 2 views of each (capped at the training set's size)
     lr: float = 2e-3
     weight_decay: float = 1e-4

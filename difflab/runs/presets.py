@@ -6,6 +6,8 @@
     with_latent(cfg, space)                       in an autoencoder's latent space
     with_text(cfg, "minilm", captions)            conditioned on captions through a text encoder
     with_edm_augment(cfg)                         trained with EDM's non-leaking augmentation (data/augment.py)
+    with_net_size(cfg, "small")                   the preset's U-Net with half (small) or twice (large) the channels
+    size_for_budget(10)                           the size measured best for a folder run of that many minutes
 
 The presets are real RunConfig objects, per dataset (no strings resolved at run time): 2-D sets get a residual
 MLP, image sets U-Nets sized for 2 CPU cores, all with our default recipe (cosine beta schedule,
@@ -16,6 +18,7 @@ line) for a variant the run cannot take. The other kinds' configs are made besid
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -149,6 +152,35 @@ def with_class_labels(cfg: RunConfig, num_classes: int | None, p_drop: float | N
     spec = class_labels(num_classes, ConditionSpec.p_drop if p_drop is None else p_drop)
     others = [c for c in cfg.conditions if c.name != "class_labels"]  # a text condition stays
     return replace(cfg, net=replace(cfg.net, num_classes=num_classes), conditions=[*others, spec])
+
+
+NET_SIZES = {"small": 0.5, "medium": 1.0, "large": 2.0}  # the preset U-Net's base channels, times
+
+# `difflab train FOLDER --max-minutes M` without --net: the size that scored the best FD after that many minutes
+# on 2 CPU cores (benchmarks/budget_ab.py on the 32x32 colour folder; benchmarks/README.md). A budget within a
+# factor of 2 of a measured one takes its winner; others keep the preset's size (not measured).
+BUDGET_SIZES: dict[float, str] = {
+    10.0: "medium",  # FD 0.96 (2231 steps) against small 3.58 (2769 steps) and large 1.15 (1036 steps)
+}
+
+
+def with_net_size(cfg: RunConfig, size: str) -> RunConfig:
+    """The run with its U-Net's channels scaled: ``size`` one of NET_SIZES (medium: the preset itself)."""
+    _unet(cfg, "--net")
+    if size not in NET_SIZES:
+        raise PresetError(f"unknown network size {size!r}; choose one of {', '.join(NET_SIZES)}")
+    base = max(4, round(cfg.net.base_channels * NET_SIZES[size]))
+    return replace(cfg, net=replace(cfg.net, base_channels=base))
+
+
+def size_for_budget(minutes: float) -> tuple[str, float | None]:
+    """(the network size for a folder run of ``minutes``, the measured budget it comes from, or None when no
+    measured budget lies within a factor of 2: then the preset's own size, 'medium')."""
+    near = [b for b in BUDGET_SIZES if b / 2 <= minutes <= 2 * b]
+    if not near:
+        return "medium", None
+    budget = min(near, key=lambda b: abs(math.log(minutes / b)))
+    return BUDGET_SIZES[budget], budget
 
 
 def with_edm_augment(cfg: RunConfig) -> RunConfig:
