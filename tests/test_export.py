@@ -264,3 +264,12 @@ def test_model_card_names_data_steps_time_and_command(runs, tmp_path):
     assert "reconstructed from config.json" in model_card(run_dir)
     shipped = model_card("fashion-mnist-classes")
     assert "difflab train fashion-mnist --cond class" in shipped and "fd: 1.038" in shipped
+
+
+def test_the_card_keeps_eval_bookkeeping_out_of_its_figures_and_says_under_a_second(tmp_path):
+    from difflab.export.card import _duration, _figures
+
+    rows = [{"step": 10, "loss": 0.1, "it_s": 5.0}, {"step": 10, "fd": 3.5, "eval_seconds": 2.0, "best_step": 10}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _figures(tmp_path, {}) == {"fd (step 10)": 3.5}
+    assert _duration(0.3) == "under 1 s" and _duration(30) == "30 s" and _duration(600) == "10 min"

@@ -29,7 +29,8 @@ from ..runs.store import WEIGHTS, latest_checkpoint
 CARD = "README.md"
 PICTURES = ("samples.png", "loss.png")  # shown in the card where the folder has them
 BEST_JSON = Path("best") / "best.json"  # the best checkpoint of --eval-every and its scores
-LOG_KEYS = {"step", "loss", "grad_norm", "lr", "it_s"}  # the loop's own columns; any other is a figure
+# the loop's own columns, and --eval-every's bookkeeping (its time, the best step so far); any other is a figure
+LOG_KEYS = {"step", "loss", "grad_norm", "lr", "it_s", "eval_seconds", "best_step"}
 RECONSTRUCTED = "reconstructed from config.json: the command itself was not recorded"
 _COMMAND = re.compile(r"^## Command\n\n```\n(?P<command>[^\n]+)\n```\n(?P<note>\(.*\)\n)?", re.MULTILINE)
 
@@ -171,7 +172,7 @@ def _training(cfg: RunConfig, folder: Path, recipe: dict) -> dict[str, str]:
     }
     seconds = recipe.get("train_seconds") or _seconds(rows)
     if seconds:
-        rows_out["training time"] = f"about {_duration(seconds)}" + (
+        rows_out["training time"] = (f"about {_duration(seconds)}" if seconds >= 1 else _duration(seconds)) + (
             "" if recipe.get("train_seconds") else " (metrics.jsonl's it/s)"
         )
     losses = [r for r in rows if "loss" in r]
@@ -253,6 +254,8 @@ def _number(v) -> str:
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
