@@ -22,19 +22,20 @@ def method_of(args) -> str:
     return args.method or ("classifier" if args.name in SHIPPED else "instance")
 
 
+def refuse_on_resume(args, names: tuple[str, ...]) -> None:
+    """A resumed run keeps its recipe: refuse, in one line, the options among ``names`` that were given."""
+    fixed = [f"--{f.replace('_', '-')}" for f in names if getattr(args, f) is not None]
+    if args.resume and fixed:
+        raise UsageError(f"{', '.join(fixed)}: a resumed run keeps what it was started with (its config.json)")
+
+
 def run_train(args) -> None:
     if method_of(args) == "instance":
         return run_instance(args)
     wrong = [f"--{f.replace('_', '-')}" for f in ("steps", "batch_size", "max_minutes") if getattr(args, f) is not None]
     if wrong:
         raise UsageError(f"{', '.join(wrong)}: options of --method instance (a classifier trains --epochs)")
-    fixed = [
-        f"--{f}"
-        for f in ("epochs", "seed", "pairs", "widths", "size", "channels", "data")
-        if getattr(args, f) is not None
-    ]
-    if args.resume and fixed:
-        raise UsageError(f"{', '.join(fixed)}: a resumed run keeps what it was started with (its config.json)")
+    refuse_on_resume(args, ("epochs", "seed", "pairs", "widths", "size", "channels", "data"))
     recipe = RECIPES.get(args.name, FeatureTraining())
     overrides = {
         k: v
@@ -77,13 +78,7 @@ def run_instance(args) -> None:
     wrong = [f"--{f}" for f in ("epochs", "pairs") if getattr(args, f) is not None]
     if wrong:
         raise UsageError(f"{', '.join(wrong)}: options of --method classifier (instance discrimination trains --steps)")
-    fixed = [
-        f"--{f.replace('_', '-')}"
-        for f in ("steps", "batch_size", "seed", "widths", "size", "channels", "data")
-        if getattr(args, f) is not None
-    ]
-    if args.resume and fixed:
-        raise UsageError(f"{', '.join(fixed)}: a resumed run keeps what it was started with (its config.json)")
+    refuse_on_resume(args, ("steps", "batch_size", "seed", "widths", "size", "channels", "data"))
     overrides = {
         k: v
         for k, v in (

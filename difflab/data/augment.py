@@ -66,7 +66,11 @@ def edm_draw(n: int, height: int, width: int, generator: torch.Generator, p: flo
         return torch.where(torch.rand(values.shape, generator=generator, device=dev) < p, values, 0)
 
     flips = apply(torch.randint(2, (n, 2), generator=generator, device=dev))
-    turns = apply(torch.randint(4, (n, 1), generator=generator, device=dev)) if height == width else flips[:, :1] * 0
+    turns = (
+        apply(torch.randint(4, (n, 1), generator=generator, device=dev))
+        if height == width
+        else torch.zeros((n, 1), dtype=torch.long, device=dev)
+    )
     limit = torch.tensor([width, height], device=dev) * EDM_TRANSLATE
     shift = ((2 * torch.rand((n, 2), generator=generator, device=dev) - 1) * limit).round().long()
     shift = torch.where(torch.rand((n, 1), generator=generator, device=dev) < p, shift, 0)

@@ -72,7 +72,7 @@ from ..runs.data import load_split
 from ..runs.diffusion import DiffusionRun
 from ..sampling.samplers import SAMPLERS, SPACINGS, SamplerName, Spacing, default_spacing
 from ..text.clip import clip_scores, load_clip
-from .features import check_trained_on, embed, recorded_feature_net, resolve_feature_net
+from .features import check_trained_on, embed, run_feature_net
 from .metrics import (
     class_histogram,
     energy_distance,
@@ -462,10 +462,7 @@ def _evaluate_images(
     C, H, W = ref_data.images.shape[1:]
     if cfg.data_shape != [C, H, W]:
         raise EvalError(f"the run makes {'x'.join(map(str, cfg.data_shape))} images but {cfg.dataset} is {C}x{H}x{W}")
-    if features is None and cfg.features is not None:
-        net = recorded_feature_net(cfg.features, cfg.dataset, C, H, W)
-    else:
-        net = resolve_feature_net(features, cfg.dataset, C, H, W)
+    net = run_feature_net(features, cfg.features, cfg.dataset, C, H, W)
     check_trained_on(net, (ref_data if split == "train" else other_data).images, cfg.dataset)
     t0 = time.perf_counter()
     ref = reference_stats(ref_data, net, folder=cache, progress=progress)

@@ -212,6 +212,23 @@ def normalize_features(net: FeatureNet, images: Tensor) -> FeatureNet:
     return net
 
 
+def run_meta(loaded: Run, seconds: float | None) -> dict:
+    """What a feature net's JSON says of the run that trained it: its recipe and weights' fingerprint, the
+    training time and torch's version (every features exporter writes these)."""
+    t = loaded.config.train
+    return {
+        "run": {
+            "steps": t.steps,
+            "batch_size": t.batch_size,
+            "lr": t.lr,
+            "loss": asdict(loaded.config.loss),
+            "fingerprint": loaded.fingerprint,
+        },
+        **({"train_seconds": round(seconds, 1)} if seconds is not None else {}),
+        "torch": torch.__version__,
+    }
+
+
 def export(
     run: str | Path, name: str, out: str | Path | None = None, command: str | None = None, seconds: float | None = None
 ) -> tuple[Path, dict]:
@@ -239,13 +256,6 @@ def export(
         **extra,
         "seed": cfg.train.seed,
         "command": command or f"difflab features train {cfg.dataset}",
-        "run": {
-            "steps": cfg.train.steps,
-            "batch_size": cfg.train.batch_size,
-            "lr": cfg.train.lr,
-            "loss": asdict(cfg.loss),
-            "fingerprint": loaded.fingerprint,
-        },
         "test_accuracy": accuracy(net, test.images, labels),
         "test_n": len(test),
         "test_subset": {
@@ -254,8 +264,7 @@ def export(
             "which": f"the first {k} test images in split order",
         },
         "train_n": len(train),
-        **({"train_seconds": round(seconds, 1)} if seconds is not None else {}),
-        "torch": torch.__version__,
+        **run_meta(loaded, seconds),
     }
     weights, _ = weight_paths(name, out if out is not None else WEIGHTS_DIR)
     save_feature_net(net, weights, meta)

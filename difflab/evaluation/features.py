@@ -87,10 +87,13 @@ def _load_file(weights: Path) -> FeatureNet:
     return net.eval()
 
 
-def images_digest(images: Tensor) -> str:
-    """SHA-256 of uint8 images (N, C, H, W): their shape and bytes (what a feature net records it was trained on)."""
+def images_digest(images: Tensor, labels: Tensor | None = None) -> str:
+    """SHA-256 of uint8 images (N, C, H, W), their shape and bytes, and of their labels when given: what a feature
+    net records it was trained on, and the data part of reference statistics' cache key."""
     h = hashlib.sha256(str(tuple(images.shape)).encode())
     h.update(images.contiguous().numpy().tobytes())
+    if labels is not None:
+        h.update(labels.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -165,8 +168,13 @@ def features_spec(spec: str | None, dataset: str) -> str:
     return str(path.resolve()) if path.suffix == ".safetensors" else spec
 
 
-def recorded_feature_net(record, dataset: str, channels: int, size: int, width: int | None = None) -> FeatureNet:
-    """The feature net a run records (runs.config.FeaturesRecord), refused when its weights changed since."""
+def run_feature_net(
+    spec: str | FeatureNet | None, record, dataset: str, channels: int, size: int, width: int | None = None
+) -> FeatureNet:
+    """The feature net a run is measured with: ``spec`` when given, else the one the run records
+    (runs.config.FeaturesRecord; refused when its weights changed since), else ``resolve_feature_net``'s default."""
+    if spec is not None or record is None:
+        return resolve_feature_net(spec, dataset, channels, size, width)
     net = resolve_feature_net(record.net, dataset, channels, size, width)
     now = net.fingerprint()
     if now != record.fingerprint:

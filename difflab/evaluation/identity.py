@@ -23,7 +23,7 @@ G = (tuned - untuned) / (ceiling - untuned) (``gain``); ``diversity`` of a set o
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from ..runs.presets import RECIPE_PROCESS
 from ..runs.run import Run
 from ..runs.store import weights_step
 from ..training.loop import train
+from .feature_training import run_meta
 from .features import WEIGHTS_DIR, load_feature_net, save_feature_net
 
 NAME = "fashion-identity"
@@ -224,13 +225,6 @@ def export(
         "dataset": "fashion-mnist",
         "space": "the projection z, normalised (identity_embed)",
         "command": command or "difflab features identity",
-        "run": {
-            "steps": loaded.config.train.steps,
-            "batch_size": loaded.config.train.batch_size,
-            "lr": loaded.config.train.lr,
-            "loss": asdict(loaded.config.loss),
-            "fingerprint": loaded.fingerprint,
-        },
         "retrieval_top1": retrieval_accuracy(lambda v: identity_embed(net, v), items, test.labels, 100, 1000),
         "retrieval_subset": {
             "queries": 200,
@@ -238,8 +232,7 @@ def export(
             "seed": 0,
             "top1": retrieval_accuracy(lambda v: identity_embed(net, v), items, test.labels, 100, 200),
         },
-        **({"train_seconds": round(seconds, 1)} if seconds is not None else {}),
-        "torch": torch.__version__,
+        **run_meta(loaded, seconds),
     }
     weights = Path(out) / f"{NAME}.safetensors" if out is not None else WEIGHTS
     save_feature_net(net, weights, meta)

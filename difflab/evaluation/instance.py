@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ from ..runs.presets import RECIPE_PROCESS
 from ..runs.run import Run
 from ..runs.store import weights_step
 from ..training.loop import train
-from .feature_training import normalize_features
+from .feature_training import normalize_features, run_meta
 from .features import embed, images_digest, save_feature_net
 from .identity import nt_xent
 
@@ -261,15 +261,7 @@ def export(
         **({"test_n": len(test_set)} if probe else {}),
         "seed": cfg.train.seed,
         "command": command or f"difflab features train {cfg.dataset}",
-        "run": {
-            "steps": cfg.train.steps,
-            "batch_size": cfg.train.batch_size,
-            "lr": cfg.train.lr,
-            "loss": asdict(cfg.loss),
-            "fingerprint": loaded.fingerprint,
-        },
-        **({"train_seconds": round(seconds, 1)} if seconds is not None else {}),
-        "torch": torch.__version__,
+        **run_meta(loaded, seconds),
     }
     weights, _ = instance_paths(name, out if out is not None else run)
     save_feature_net(net, weights, meta)

@@ -7,7 +7,6 @@ statistics."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import Tensor
 from ..data.images import ImageSet
 from ..io import atomic_path
 from ..nets.features import FeatureNet
-from .features import embed
+from .features import embed, images_digest
 from .metrics import gaussian_stats
 
 REF_MAX = 10000  # reference features: at most this many images of a split (a fixed random subset)
@@ -39,14 +38,6 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------- reference statistics
 
 
-def _fingerprint_data(images: Tensor, labels: Tensor | None) -> str:
-    h = hashlib.sha256(f"{tuple(images.shape)}".encode())
-    h.update(images.contiguous().numpy().tobytes())
-    if labels is not None:
-        h.update(labels.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def fixed_subset(n_total: int, n: int) -> Tensor:
     """The first n of a permutation drawn from a fixed seed: the same images every time."""
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
@@ -58,7 +49,7 @@ def reference_stats(data: ImageSet, net: FeatureNet, *, folder: Path | None = No
     global reference_computations
     folder = Path(folder) if folder is not None else cache_dir()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.name)[:40]
-    key = f"{slug}-{data.split}-{_fingerprint_data(data.images, data.labels)[:16]}-{net.fingerprint()[:16]}"
+    key = f"{slug}-{data.split}-{images_digest(data.images, data.labels)[:16]}-{net.fingerprint()[:16]}"
     path = folder / f"ref-{key}.safetensors"
     if path.is_file():
         try:

@@ -34,7 +34,7 @@ from ..data.toy2d import make_toy
 from ..runs.config import FeaturesRecord, RunConfig
 from ..runs.data import load_split
 from ..runs.diffusion import DiffusionRun
-from .features import check_trained_on, embed, features_spec, recorded_feature_net, resolve_feature_net
+from .features import check_trained_on, embed, features_spec, resolve_feature_net, run_feature_net
 from .metrics import energy_distance, frechet_from_stats, gaussian_stats, kid
 from .reference import FEATURE_BATCH, fixed_subset, reference_stats
 
@@ -100,10 +100,7 @@ class TrainingEval:
             return
         test, train = load_split(cfg, "test"), load_split(cfg, "train")
         C, H, W = test.images.shape[1:]
-        if features is None and cfg.features is not None:
-            self.net = recorded_feature_net(cfg.features, cfg.dataset, C, H, W)
-        else:
-            self.net = resolve_feature_net(features, cfg.dataset, C, H, W)
+        self.net = run_feature_net(features, cfg.features, cfg.dataset, C, H, W)
         check_trained_on(self.net, train.images, cfg.dataset)
         self.ref = reference_stats(test, self.net, folder=cache, progress=progress)
         self.train_images = train.images[fixed_subset(len(train), min(len(train), NN_TRAIN))]
