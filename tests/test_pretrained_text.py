@@ -27,9 +27,10 @@ def test_wordpiece_reads_words_no_training_caption_has(towers):
     assert tower.tokenizer.decode(ids[0][mask[0]], skip_special_tokens=True) == caption  # the round trip
     assert ids.shape == (2, 20) and mask[0].sum() == tower.count(caption) and not mask[1].any()  # "": the null one
     with pytest.raises(TextError, match=r"has 21 tokens; this model reads at most 20"):
-        tower.tokenize(["left " * 19])
+        tower.tokenize(["left " * 19], 20)
+    assert tower.tokenize(["left " * 30])[0].shape == (1, 32)  # a longer prompt reads at its own length
     with pytest.raises(TextError, match=r"has 302 tokens; MiniLM reads at most 256"):
-        tower.tokenize(["left " * 300], tower.limit + 1)
+        tower.tokenize(["left " * 300])
 
 
 def test_only_what_is_tuned_trains_and_is_saved(towers):

@@ -102,7 +102,7 @@ def register(sub) -> None:
         "--prompts",
         metavar="FILE",
         help="prompts, one per line, cycled to -n; default test-captions (the test split's captions); new-phrasings: "
-        "the same images' attributes in phrasings never used in training",
+        "the same images' attributes in phrasings never used in training; reworded: a second such set",
     )
     t.add_argument(
         "--caption-swap",

@@ -56,7 +56,13 @@ NEW_PHRASINGS = (  # never in a training caption: does a model read the sentence
     "to the right {R}, to the left {L}",
     "{L} placed left of {R}",
 )
-ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS  # a phrasing's index is its place here
+REWORDED_PHRASINGS = (  # a second set, written once (2026-12-06) and never in training: --prompts reworded
+    "{L} at left, {R} at right",
+    "left side {L}, right side {R}",
+    "at right {R}; at left {L}",
+    "{R} appears right of {L}",
+)
+ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS + REWORDED_PHRASINGS  # a phrasing's index is its place here
 ATTRIBUTES = ("left class", "left colour", "right class", "right colour")
 DEFAULT_N = {"train": 20000, "test": 4000}
 PAD = 2  # 28 + 2 * 2 = 32

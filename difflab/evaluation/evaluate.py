@@ -331,7 +331,7 @@ def _asked(
     if cfg.text_spec() is not None:
         prompt_set = load_prompts(prompts or TEST_CAPTIONS, cfg, n)
         if clip is not None:  # a prompt the CLIP cannot read fails now, not after the sampling
-            load_clip(clip)[0].config.text_config.tokenize(prompt_set.captions)
+            load_clip(clip)[0].text.tokenize(prompt_set.captions)
         return Asked(prompts=prompt_set)
     if prompts or caption_swap or clip:
         raise EvalError(f"{run.path} takes no text: --prompts, --caption-swap and --clip are for text-to-image runs")

@@ -24,10 +24,12 @@ from torch import Tensor
 
 from ..data.pairs import ATTRIBUTES, PHRASINGS, caption, is_held_out, parse_caption, swapped
 from ..data.pairs import NEW_PHRASINGS as NEW
+from ..data.pairs import REWORDED_PHRASINGS as REWORDED
 from ..runs.data import load_split
 
 TEST_CAPTIONS = "test-captions"
 NEW_PHRASINGS = "new-phrasings"  # the test captions' attributes said in phrasings never used in training
+REWORDED_SET = "reworded"  # the same in a second set of such phrasings (data/pairs.py: REWORDED_PHRASINGS)
 
 
 class PromptError(ValueError):
@@ -76,19 +78,21 @@ def read_prompt_file(path) -> list[str]:
 
 def load_prompts(spec: str, cfg, n: int) -> PromptSet:
     """n prompts: the run's test split captions ('test-captions', the first n), the same images' attributes in
-    the phrasings never used in training ('new-phrasings', fashion-pairs only), or a file's lines; cycled."""
-    if spec in (TEST_CAPTIONS, NEW_PHRASINGS):
+    the phrasings never used in training ('new-phrasings', or 'reworded' for the second such set; fashion-pairs
+    only), or a file's lines; cycled."""
+    if spec in (TEST_CAPTIONS, NEW_PHRASINGS, REWORDED_SET):
         test = load_split(cfg, "test")
         if test.captions is None:
             raise PromptError(f"{cfg.dataset}'s test split has no captions; give a prompt file")
         lines = test.captions
-        if spec == NEW_PHRASINGS:
+        if spec != TEST_CAPTIONS:
             found = [parse_caption(c) for c in lines[:n]]
             if any(f is None for f in found):
-                raise PromptError(
-                    f"{NEW_PHRASINGS}: {cfg.dataset}'s captions are not in the fashion-pairs caption language"
-                )
-            lines = [caption(a, len(PHRASINGS) + i % len(NEW)) for i, (a, _) in enumerate(found)]
+                raise PromptError(f"{spec}: {cfg.dataset}'s captions are not in the fashion-pairs caption language")
+            first, count = (
+                (len(PHRASINGS), len(NEW)) if spec == NEW_PHRASINGS else (len(PHRASINGS) + len(NEW), len(REWORDED))
+            )
+            lines = [caption(a, first + i % count) for i, (a, _) in enumerate(found)]
     else:
         lines = read_prompt_file(spec)
     return parsed([lines[i % len(lines)] for i in range(n)])

@@ -160,10 +160,11 @@ class PretrainedText(nn.Module):
         return not (name.startswith("model.") and name[len("model.") :] in self.frozen)
 
     def tokenize(self, captions, length: int | None = None) -> tuple[Tensor, Tensor]:
-        """WordPiece ids (B, length) and mask (B, length), length = max_len by default; a caption over ``length``
-        tokens is refused in one line (with the model's limit when that is what it exceeds)."""
-        length = length or self.config.max_len
+        """WordPiece ids (B, length) and mask (B, length), by default length = max_len or the longest caption's
+        count when longer; a caption over ``length`` tokens or over the model's limit is refused in one line."""
         captions = [str(c) for c in captions]
+        if length is None:
+            length = min(max([self.config.max_len, *map(self.count, captions)]), self.limit + 1)
         enc = self.tokenizer(captions, padding="max_length", max_length=max(length, 2), truncation=False)
         ids, masks = enc["input_ids"], enc["attention_mask"]
         for c, row in zip(captions, ids):

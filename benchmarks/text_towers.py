@@ -1,0 +1,219 @@
+"""Which text tower reads any wording and still sees the sides? (issue 32, part 1: the tower variants side by side)
+
+CLIP runs on fashion-pairs alike but for the text tower (`difflab train-clip fashion-pairs`, --steps each, batch 128,
+attention pooling, side hard negatives: train-clip's defaults), scored on the test split:
+
+    words      the small transformer on the training captions' words (train-clip's default: the baseline)
+    head       MiniLM frozen, one trainable transformer layer on its token states (--init minilm --tune head)
+    lora       MiniLM with rank-8 adapters on its attention (--tune lora)
+    last-2     MiniLM's last 2 layers tuned (--tune last-2)
+    full       all of MiniLM tuned (--tune full)
+
+Figures per tower (the first --n test pairs; chance in brackets):
+  - side-swap discrimination (50 %): an image closer to its caption than to the sides-swapped twin, in the training
+    phrasings, in data.pairs.NEW_PHRASINGS and in data.pairs.REWORDED_PHRASINGS (both never in a training caption);
+  - retrieval in groups of 100 (1 %) and the zero-shot attribute probe (classes 10 %, colours 16.7 %): RUN/clip.json;
+  - the attribute probe again with words no training caption has (--probe-n images): colour and item synonyms,
+    plurals, typos (WORDS below); the words tower reads them as <unk>.
+
+    .venv/bin/python benchmarks/text_towers.py [--steps 600] [--towers words head lora last-2 full]
+
+Writes benchmarks/results/text_towers.md and .json; runs in benchmarks/runs/text_towers/ (a finished run is not
+retrained, a killed one resumes; figures are cached in figures.json by run and step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RESULTS, RUNS, busy_processes, header, load_average, md_table, trained  # noqa: E402
+from benchmarks.guidance_tradeoff import write_text  # noqa: E402
+
+NAME = "text_towers"
+ROOT = RUNS / NAME
+TOWERS = {
+    "words": [],
+    "head": ["--init", "minilm", "--tune", "head"],
+    "lora": ["--init", "minilm", "--tune", "lora"],
+    "last-2": ["--init", "minilm", "--tune", "last-2"],
+    "full": ["--init", "minilm", "--tune", "full"],
+}
+# words no training caption has, in the order of data.pairs.COLOURS and NOUNS (written once, 2026-12-06)
+WORDS = {
+    "synonyms": (
+        ("crimson", "emerald", "azure", "golden", "violet", "ivory"),
+        ("tee", "pants", "sweater", "gown", "jacket", "flip-flop", "blouse", "trainer", "handbag", "bootie"),
+    ),
+    "plurals": (
+        None,
+        (
+            "t-shirts",
+            "trousers",
+            "pullovers",
+            "dresses",
+            "coats",
+            "sandals",
+            "shirts",
+            "sneakers",
+            "bags",
+            "ankle boots",
+        ),
+    ),
+    "typos": (
+        ("rde", "gren", "bleu", "yelow", "purpel", "whte"),
+        ("t-shrit", "trowser", "pulover", "dres", "caot", "sandle", "shrit", "sneeker", "bga", "ankle bot"),
+    ),
+}
+
+
+def worded(attributes, phrasing: int, colours, nouns) -> str:
+    """A fashion-pairs caption of ``attributes`` in ALL_PHRASINGS[phrasing] with other colour and item words
+    (None keeps the dataset's); plural items lose their article."""
+    from difflab.data.pairs import ALL_PHRASINGS, COLOURS, NOUNS, article
+
+    colours, plural = colours or tuple(COLOURS), nouns is not None and nouns[0].endswith("s")
+    nouns = nouns or NOUNS
+
+    def item(k, c):
+        words = f"{colours[c]} {nouns[k]}"
+        return words if plural else article(words)
+
+    lk, lc, rk, rc = (int(a) for a in attributes)
+    return ALL_PHRASINGS[phrasing].format(L=item(lk, lc), R=item(rk, rc))
+
+
+def tower_figures(run: Path, n: int, probe_n: int) -> dict:
+    import torch
+
+    from difflab.data.images import to_model
+    from difflab.data.pairs import ATTRIBUTES, COLOURS, NEW_PHRASINGS, NOUNS, PHRASINGS, REWORDED_PHRASINGS, make_pairs
+    from difflab.text.clip import ClipRun, attribute_probe, swap_discrimination
+
+    torch.manual_seed(0)
+    test = make_pairs("test")
+    clip = ClipRun.load(run).clip
+    x, attrs = to_model(test.images[:n]), test.attributes[:n]
+    out = {"swap": {"training phrasings": swap_discrimination(clip, x, test.captions[:n])}}
+    first = len(PHRASINGS)
+    for name, count in (("new phrasings", len(NEW_PHRASINGS)), ("reworded", len(REWORDED_PHRASINGS))):
+        captions = [worded(a, first + i % count, None, None) for i, a in enumerate(attrs.tolist())]
+        out["swap"][name] = swap_discrimination(clip, x, captions)
+        first += count
+    sizes = [len(NOUNS), len(COLOURS), len(NOUNS), len(COLOURS)]
+    out["unseen words"] = {
+        kind: attribute_probe(
+            clip,
+            x[:probe_n],
+            attrs[:probe_n],
+            lambda a, c=colours, k=nouns: worded(a, 0, c, k),
+            ATTRIBUTES,
+            sizes,
+        )
+        for kind, (colours, nouns) in WORDS.items()
+    }
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--towers", nargs="+", default=list(TOWERS), choices=list(TOWERS))
+    p.add_argument("--n", type=int, default=1000, help="test pairs for the side-swap figures")
+    p.add_argument("--probe-n", type=int, default=200, help="test pairs for the unseen-word attribute probes")
+    args = p.parse_args(argv)
+    load_start, busy_start = load_average(), busy_processes()
+    ROOT.mkdir(parents=True, exist_ok=True)
+    book = ROOT / "figures.json"
+    figures = json.loads(book.read_text()) if book.exists() else {}
+    rows = {}
+    for name in args.towers:
+        run, seconds = trained(
+            ["train-clip", "fashion-pairs", "--out", str(ROOT / name), "--steps", str(args.steps), "--quiet"]
+            + TOWERS[name]
+        )
+        key = f"{name} steps={args.steps} n={args.n} probe_n={args.probe_n}"
+        if key not in figures:
+            figures[key] = tower_figures(run, args.n, args.probe_n)
+            write_text(book, json.dumps(figures, indent=1))
+        config = json.loads((run / "config.json").read_text())["net"]
+        weights = sorted((run / "checkpoints").glob("step-*/model.safetensors"))[-1].stat().st_size
+        rows[name] = {
+            **figures[key],
+            "report": json.loads((run / "clip.json").read_text()),
+            "seconds": seconds,
+            "weights_mb": weights / 2 / 1e6,  # the file holds the weights and their EMA
+            "tune": (config.get("pretrained") or {}).get("tune", "words"),
+        }
+    report(args, rows, load_start, busy_start)
+
+
+def report(args, rows: dict, load_start, busy_start) -> None:
+    lines = header("Text towers side by side: any wording, and the sides (issue 32)")
+    lines += [
+        f"- CLIP runs on fashion-pairs, {args.steps} steps of batch 128 each (`difflab train-clip fashion-pairs "
+        "[--init minilm --tune T]`: attention pooling, side hard negatives), one at a time",
+        f"- side-swap figures on the first {args.n} test pairs; retrieval and the attribute probe from RUN/clip.json "
+        f"(2000 and 500 pairs); unseen-word probes on {args.probe_n} pairs",
+        f"- load average at the start: {load_start}; other busy processes: {', '.join(busy_start) or 'none'}; at the "
+        f"end: {load_average()}",
+        "",
+    ]
+    head = [
+        "tower",
+        "swap: training phrasings",
+        "swap: new phrasings",
+        "swap: reworded",
+        "caption -> image",
+        "probe L/R class",
+        "probe colours",
+        "weights MB",
+        "seconds",
+    ]
+    table = []
+    for name, r in rows.items():
+        probe = r["report"]["attribute_probe"]
+        table.append(
+            [
+                name,
+                *[f"{v:.1%}" for v in r["swap"].values()],
+                f"{r['report']['caption_to_image']:.1%}",
+                f"{probe['left class']:.1%} / {probe['right class']:.1%}",
+                f"{probe['left colour']:.1%} / {probe['right colour']:.1%}",
+                f"{r['weights_mb']:.1f}",
+                f"{r['seconds']:.0f}",
+            ]
+        )
+    lines += md_table(head, table)
+    lines += [
+        "",
+        "Unseen words: the zero-shot attribute probe (the true caption against those differing in one attribute) with "
+        "captions written in words no training caption has; class / colour accuracy, both sides averaged (chance "
+        "10 % / 16.7 %):",
+        "",
+    ]
+    head = ["tower", *[f"{k}: classes / colours" for k in WORDS]]
+    table = []
+    for name, r in rows.items():
+        cells = []
+        for kind in WORDS:
+            u = r["unseen words"][kind]
+            cells.append(
+                f"{(u['left class'] + u['right class']) / 2:.1%} / {(u['left colour'] + u['right colour']) / 2:.1%}"
+            )
+        table.append([name, *cells])
+    lines += md_table(head, table)
+    lines += ["", "Words tried (in the order of data.pairs.COLOURS and NOUNS):", ""]
+    for kind, (colours, nouns) in WORDS.items():
+        lines.append(f"- {kind}: {', '.join(colours or ('(the dataset colours)',))}; {', '.join(nouns)}")
+    write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
+    write_text(RESULTS / f"{NAME}.json", json.dumps({"setting": vars(args), "towers": rows}, indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
