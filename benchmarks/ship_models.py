@@ -119,8 +119,9 @@ def ceiling(n: int) -> dict:
     return follows(net.attributes(embed(net, test.images[:n])[1]), parsed(test.captions[:n]))
 
 
-def text_figures(run: Path, n: int, scales: list[float]) -> dict:
-    """All-four accuracy (seen, held-out, swapped captions, new phrasings) and FD at the best of ``scales``."""
+def text_figures(run: Path, n: int, scales: list[float], reworded: bool = False) -> dict:
+    """All-four accuracy (seen, held-out, swapped captions, new phrasings, and with ``reworded`` the second set of
+    unseen phrasings) and FD at the best of ``scales``."""
     best = None
     for s in scales:
         r = evaluate(run, n=n, guidance=GuidanceConfig(scale=s), caption_swap=True, bpd_n=0, progress=False)
@@ -136,12 +137,18 @@ def text_figures(run: Path, n: int, scales: list[float]) -> dict:
         print(json.dumps(row), flush=True)
         if best is None or row["seen"] > best["seen"]:
             best = row
-    new = evaluate(
-        run, n=n, guidance=GuidanceConfig(scale=best["scale"]), prompts="new-phrasings", bpd_n=0, progress=False
-    )
+    unseen = {  # the same images' attributes in phrasings no training caption uses (two sets)
+        name: evaluate(run, n=n, guidance=GuidanceConfig(scale=best["scale"]), prompts=name, bpd_n=0, progress=False)
+        for name in (["new-phrasings", "reworded"] if reworded else ["new-phrasings"])
+    }
     real = ceiling(n)
     return {k: round(v, 4) for k, v in best.items()} | {
-        "new_phrasings": round(new["text"]["follows"]["all"]["all_four"], 4),
+        "new_phrasings": round(unseen["new-phrasings"]["text"]["follows"]["all"]["all_four"], 4),
+        **(
+            {"reworded": round(unseen["reworded"]["text"]["follows"]["all"]["all_four"], 4)}
+            if "reworded" in unseen
+            else {}
+        ),
         "ceiling_seen": round(real["seen"]["all_four"], 4),
         "ceiling_held_out": round(real["held_out"]["all_four"], 4),
         "n": n,

@@ -1,7 +1,8 @@
 """Text-to-image models side by side in the current fashion-pairs judge (issue 23: what was tried, and how long
 it was trained). Each model, a run folder or a shipped name, is judged like the shipped model
 (benchmarks/ship_models.py's text_figures: all four attributes right on seen and held-out compositions, either
-side, caption swap, new phrasings, FD, at the best of --scales), beside the judge's ceiling (real test pairs).
+side, caption swap, new phrasings and the second unseen set (reworded), FD, at the best of --scales), beside the
+judge's ceiling (real test pairs).
 
     .venv/bin/python benchmarks/text_models.py LABEL=RUN [LABEL=RUN ...] [--n 300] [--scales 3 5]
 
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
                 "label": label,
                 "run": run,
                 **training(run),
-                **text_figures(run, args.n, args.scales),
+                **text_figures(run, args.n, args.scales, reworded=True),
                 "eval_seconds": round(time.perf_counter() - t0),
             }
         )
@@ -96,6 +97,7 @@ def main(argv=None) -> None:
         "either side",
         "caption swap",
         "new phrasings",
+        "reworded",
         "FD",
     ]
     table = [
@@ -110,6 +112,7 @@ def main(argv=None) -> None:
             f"{r['either_side']:.1%}",
             f"{r['swap']:.1%}",
             f"{r['new_phrasings']:.1%}",
+            f"{r['reworded']:.1%}",
             f"{r['fd']:.2f}",
         ]
         for r in rows
@@ -123,6 +126,7 @@ def main(argv=None) -> None:
             "-",
             f"{rows[0]['ceiling_seen']:.1%}",
             f"{rows[0]['ceiling_held_out']:.1%}",
+            "-",
             "-",
             "-",
             "-",

@@ -439,10 +439,10 @@ def test_only_runs_that_can_take_an_identifier_are_personalised():
     with pytest.raises(PersonalizeError, match="takes no text"):
         check_base(cfg, "R", "lora")
     for kind, method, message in (
-        ("clip", "lora", "would read as <unk>"),
-        ("minilm", "textual-inversion", "frozen pretrained"),
+        ("clip", "lora", "would read as <unk>"),  # the shipped CLIP's word tower
+        ("minilm", "textual-inversion", r"encoder \(MiniLM\) is a frozen one"),
     ):
-        c = replace(cfg, text=TextRecord(kind, run="C"))
+        c = replace(cfg, text=TextRecord(kind, run="fashion-pairs-clip"))
         with pytest.raises(PersonalizeError, match=message):
             check_base(c, "R", method)
     assert check_base(replace(cfg, text=TextRecord("minilm")), "R", "dreambooth") == "minilm"

@@ -100,3 +100,17 @@ def test_a_clip_run_on_minilm_tunes_its_adapters_and_conditions_on_any_wording(t
     assert states["context"].shape == (2, 24, 384) and states["context"][1].abs().sum() == 0
     code, err = cli(capsys, "train-clip", "--out", run, "--resume", "--tune", "full", "--steps", 3)
     assert code == 2 and "--tune" in err, err  # a resumed run keeps its tower
+    # a text model on it takes an identifier ("sks" reads as WordPiece pieces): DreamBooth and LoRA, not textual
+    # inversion (the tower is frozen outside the model)
+    from dataclasses import replace
+
+    from difflab.personalize.identifier import PersonalizeError
+    from difflab.personalize.method import check_base
+    from difflab.runs.config import TextRecord, load_config
+    from difflab.text.encoders import describe_text
+
+    t2i = replace(load_config(run), run_kind="diffusion", text=TextRecord("clip", run=str(run)))
+    assert check_base(t2i, "R", "lora") == check_base(t2i, "R", "dreambooth") == "clip"
+    with pytest.raises(PersonalizeError, match=r"text tower\) is a frozen one"):
+        check_base(t2i, "R", "textual-inversion")
+    assert "minilm tuned as lora (WordPiece: any wording, up to 256 tokens)" in describe_text(t2i)

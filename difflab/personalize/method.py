@@ -17,8 +17,9 @@ Three methods, all trained by the one loop (training.loop.train: its loss_fn, tr
   MiniLM is a frozen pretrained encoder whose states are computed outside the model, and a clip:RUN encoder's
   tower is frozen outside it too: both are refused with that reason.
 
-The identifier (personalize/identifier.py): MiniLM reads any word; the joint encoder's vocabulary gains it as
-new rows. A clip:RUN encoder would read it as <unk>; such runs are refused.
+The identifier (personalize/identifier.py): MiniLM reads any word, and so does a clip:RUN encoder whose text tower
+is pretrained (``train-clip --init minilm``: WordPiece); the joint encoder's vocabulary gains it as new rows. A
+clip:RUN encoder on a word tower would read it as <unk>; such runs are refused.
 
 A personalised run is a run directory like any other (its config records the personalisation; the run kind
 ``personalized`` loads as a DiffusionRun), so ``sample``, ``eval``, guidance and inverse problems take it as
@@ -49,7 +50,7 @@ from ..runs.kinds import RunKind
 from ..runs.shipped import SHIPPED_DIR, from_record, recorded_path, refuse_writes
 from ..runs.shipped import names as shipped_names
 from ..runs.store import clear_checkpoints, load_into, load_weights, weights_fingerprint, weights_step
-from ..text.encoders import text_condition
+from ..text.encoders import reads_any_word, text_condition
 from ..training.distributed import launched_rank
 from ..training.loop import train
 from ..viz import plots
@@ -95,15 +96,17 @@ def check_base(cfg: RunConfig, run, method: str, tokens: Sequence[str] = ()) -> 
             f"{run} takes no text: personalisation needs a text-to-image run (difflab train ... --text)"
         )
     kind = cfg.text.kind
-    if kind == "clip":
+    if kind == "clip" and not reads_any_word(cfg):
         raise PersonalizeError(
             f"{run} reads text through the frozen CLIP run {cfg.text.run}, whose vocabulary has no identifier "
-            "(it would read as <unk>); personalise a minilm or joint run" + _shipped_alternatives(cfg.dataset)
+            "(it would read as <unk>); personalise a minilm or joint run, or one on a CLIP trained with --init minilm"
+            + _shipped_alternatives(cfg.dataset)
         )
     if method == "textual-inversion" and kind != "joint":
+        what = "MiniLM" if kind == "minilm" else f"the CLIP run {cfg.text.run}'s text tower"
         raise PersonalizeError(
-            f"textual inversion learns a new word embedding, and {run}'s encoder (MiniLM) is a frozen pretrained "
-            "one computed outside the model; use --method dreambooth or lora, or a joint run"
+            f"textual inversion learns a new word embedding, and {run}'s encoder ({what}) is a frozen one computed "
+            "outside the model; use --method dreambooth or lora, or a joint run"
         )
     if kind == "joint" and tokens:
         with_tokens(cfg, tokens)
@@ -192,7 +195,7 @@ def _shipped_alternatives(dataset: str) -> str:
     found = []
     for name in shipped_names():
         cfg = load_config(SHIPPED_DIR / name)
-        if cfg.dataset == dataset and cfg.text is not None and cfg.text.kind in ("minilm", "joint"):
+        if cfg.dataset == dataset and cfg.text is not None and (cfg.text.kind == "joint" or reads_any_word(cfg)):
             found.append(name)
     return f" (shipped: {', '.join(found)})" if found else ""
 

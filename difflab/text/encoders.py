@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..io import file_sha256
-from ..nets.pretrained_text import MINILM_PACKAGE, load_minilm
+from ..nets.pretrained_text import MINILM_LIMIT, MINILM_PACKAGE, load_minilm
 from ..nets.text import SPECIALS, TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TextRecord
 from ..runs.shipped import from_record, recorded_path
@@ -218,6 +218,50 @@ def rebased_text(config: dict, clip: str | Path) -> dict:
     if not same or not torch.equal(old.condition(words)["context"], new.condition(words)["context"]):
         raise CheckpointError(f"{clip} is not a copy of the CLIP run this model was trained on ({rec.run})")
     return config | {"text": {**config["text"], **new.record()}}
+
+
+def clip_tower(rec: TextRecord):
+    """The ClipConfig of a clip-conditioned run's CLIP (its config only, no weights)."""
+    from ..runs.config import load_config  # the CLIP run's config.json
+
+    run = from_record(rec.run)
+    if not (run / "config.json").exists():
+        raise TextError(f"the CLIP run of this text run is missing: {rec.run} (restore it, or retrain the text run)")
+    return load_config(run).net
+
+
+def reads_any_word(cfg: RunConfig) -> bool:
+    """Whether the text run ``cfg`` reads any word as itself (MiniLM, or a CLIP run whose text tower is pretrained):
+    the joint encoder and a CLIP word tower read a word outside their vocabulary as <unk>."""
+    rec = cfg.text
+    return rec is not None and (rec.kind == "minilm" or (rec.kind == "clip" and clip_tower(rec).pretrained is not None))
+
+
+def describe_text(cfg: RunConfig) -> str | None:
+    """One line on what a text run reads captions with and its limit (None for a run without text)."""
+    rec = cfg.text
+    if rec is None:
+        return None
+    if rec.kind == "minilm":
+        return f"MiniLM, frozen (WordPiece: any wording, up to {MINILM_LIMIT} tokens)"
+    if rec.kind == "joint":
+        text = cfg.net.text_config
+        return (
+            f"a text transformer inside the model ({len(text.vocabulary) - len(SPECIALS)} words fitted to its training "
+            f"captions, up to {text.max_len}; any other word reads as <unk>)"
+        )
+    clip = clip_tower(rec)
+    tower = clip.pretrained_config
+    if tower is not None:
+        return (
+            f"the text tower of the CLIP run {rec.run}: {tower.base} tuned as {tower.tune} (WordPiece: any wording, up "
+            f"to {MINILM_LIMIT} tokens)"
+        )
+    text = clip.text_config
+    return (
+        f"the text tower of the CLIP run {rec.run} ({len(text.vocabulary) - len(SPECIALS)} words fitted to its "
+        f"training captions, up to {text.max_len}; any other word reads as <unk>)"
+    )
 
 
 def text_record(encoder: str, captions: Sequence[str]) -> tuple[TextRecord, int, TextConfig | None]:
