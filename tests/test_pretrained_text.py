@@ -75,19 +75,38 @@ def test_unknown_tune_and_rank_without_lora_are_refused(capsys, tmp_path):
         assert code == 2 and says in err and not (tmp_path / "x").exists(), err
 
 
-def test_a_clip_run_on_minilm_tunes_its_adapters_and_conditions_on_any_wording(tmp_path, capsys):
-    from difflab.data.images import DataError, load_images
+def captioned_folder(root, n: int = 24):
+    """n 16x16 colour squares, red or blue, with captions in metadata.jsonl (a user's folder, the smallest useful)."""
+    import json
 
-    try:
-        load_images("fashion-mnist", "test")
-    except DataError as e:
-        pytest.skip(f"Fashion-MNIST IDX files not installed: {e}")
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng, rows = np.random.default_rng(0), []
+    for i in range(n):
+        colour = ("red", "blue")[i % 2]
+        img = np.zeros((16, 16, 3), np.uint8)
+        img[..., 0 if colour == "red" else 2] = 200
+        Image.fromarray((img + rng.integers(0, 40, img.shape)).astype(np.uint8)).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": f"a {colour} square on the left"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows))
+    return root
+
+
+def test_a_folder_clip_on_minilm_tunes_its_adapters_and_its_text_model_reads_any_wording(tmp_path, capsys):
+    """The README's folder recipe: train-clip FOLDER --init minilm, then train FOLDER --text clip:RUN; a prompt in
+    words no caption has is read, one over MiniLM's limit refused in one line."""
+    from difflab.personalize.identifier import PersonalizeError
+    from difflab.personalize.method import check_base
+    from difflab.runs.config import load_config
     from difflab.text.clip import ClipRun
-    from difflab.text.encoders import ClipText
+    from difflab.text.encoders import ClipText, describe_text
 
-    run = tmp_path / "clip"
-    args = ["train-clip", "fashion-pairs", "--init", "minilm", "--tune", "lora", "--rank", "2", "--out", str(run)]
-    main([*args, "--steps", "2", "--batch-size", "8", "--report-n", "100", "--quiet"])
+    folder, run, t2i = captioned_folder(tmp_path / "squares"), tmp_path / "clip", tmp_path / "t2i"
+    args = ["train-clip", folder, "--init", "minilm", "--tune", "lora", "--rank", "2", "--out", run]
+    code, err = cli(capsys, *args, "--steps", 2, "--batch-size", 4, "--quiet")
+    assert code == 0, err
     clip = ClipRun.load(run).clip
     base = dict(load_minilm()[1].named_parameters())
     for n, p in clip.text.model.named_parameters():
@@ -95,22 +114,23 @@ def test_a_clip_run_on_minilm_tunes_its_adapters_and_conditions_on_any_wording(t
             assert p.abs().sum() > 0  # B starts at zero: it moved
         elif "lora_" not in n:
             assert torch.equal(p, base[n.replace(".base_layer", "")])  # the pretrained weights did not
-    enc = ClipText(run)
-    states = enc.condition(["a crimson sneaker at left, a navy coat at right", ""], 24)
+    states = ClipText(run).condition(["a crimson sneaker at left, a navy coat at right", ""], 24)
     assert states["context"].shape == (2, 24, 384) and states["context"][1].abs().sum() == 0
     code, err = cli(capsys, "train-clip", "--out", run, "--resume", "--tune", "full", "--steps", 3)
     assert code == 2 and "--tune" in err, err  # a resumed run keeps its tower
-    # a text model on it takes an identifier ("sks" reads as WordPiece pieces): DreamBooth and LoRA, not textual
-    # inversion (the tower is frozen outside the model)
-    from dataclasses import replace
 
-    from difflab.personalize.identifier import PersonalizeError
-    from difflab.personalize.method import check_base
-    from difflab.runs.config import TextRecord, load_config
-    from difflab.text.encoders import describe_text
+    code, err = cli(capsys, "train", folder, "--text", f"clip:{run}", "--out", t2i, "--steps", 2, "--batch-size", 4)
+    assert code == 0, err
+    prompt = "a crimson square, drawn at left"  # "crimson", "drawn" and "," are in no caption
+    code, err = cli(capsys, "sample", t2i, "--prompt", prompt, "-n", 1, "--steps", 2, "--out", tmp_path / "s.png")
+    assert code == 0 and (tmp_path / "s.png").exists(), err
+    code, err = cli(capsys, "sample", t2i, "--prompt", "red " * 300, "-n", 1, "--out", tmp_path / "long.png")
+    assert code == 2 and "has 302 tokens; MiniLM reads at most 256" in err and not (tmp_path / "long.png").exists()
 
-    t2i = replace(load_config(run), run_kind="diffusion", text=TextRecord("clip", run=str(run)))
-    assert check_base(t2i, "R", "lora") == check_base(t2i, "R", "dreambooth") == "clip"
+    # the text model takes an identifier ("sks" reads as WordPiece pieces): DreamBooth and LoRA, not textual
+    # inversion (the tower is frozen outside the model); `difflab models` would say what it reads with
+    cfg = load_config(t2i)
+    assert check_base(cfg, "R", "lora") == check_base(cfg, "R", "dreambooth") == "clip"
     with pytest.raises(PersonalizeError, match=r"text tower\) is a frozen one"):
-        check_base(t2i, "R", "textual-inversion")
-    assert "minilm tuned as lora (WordPiece: any wording, up to 256 tokens)" in describe_text(t2i)
+        check_base(cfg, "R", "textual-inversion")
+    assert "minilm tuned as lora (WordPiece: any wording, up to 256 tokens)" in describe_text(cfg)

@@ -236,10 +236,13 @@ def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = GRO
 
 def clip_figures(run: str | Path, test: ImageSet, n: int = 2000, group: int = GROUP) -> dict:
     """Retrieval accuracies, side-swap discrimination (and, with attributes, the attribute probe) of the run's
-    EMA model on the first ``n`` test images."""
+    EMA model on the first ``n`` test images; retrieval in groups of ``group``, or of all of them when fewer."""
     loaded = ClipRun.load(run)
     clip = loaded.clip
     x = to_model(test.images[:n])
+    if len(x) < 2:
+        raise TextError(f"the test split has {len(x)} captioned image(s): retrieval needs two at least")
+    group = min(group, len(x))  # a small folder's test split: one smaller group (chance 1 / group)
     i2c, c2i = retrieval_accuracy(clip, x, test.captions[:n], group)
     report = {
         "step": loaded.step,
