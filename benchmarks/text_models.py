@@ -50,11 +50,55 @@ def training(run: str) -> dict:
     }
 
 
+def unseen_word_figures(run: str, n: int, scale: float) -> dict:
+    """Samples for the first n test pairs' attributes in the training phrasings, written with the dataset's words
+    and with words no training caption has (text_towers.WORDS: synonyms, plurals, typos), at guidance ``scale``,
+    judged by the attribute net: per kind, all four right and "either side" (the items in their colours, maybe on
+    the other sides), and per unseen word the share of its uses whose attribute came out right on its side."""
+    from benchmarks.text_towers import WORDS, worded
+    from difflab import load
+    from difflab.data.images import to_uint8
+    from difflab.data.pairs import COLOURS, NOUNS, PHRASINGS, make_pairs
+    from difflab.evaluation.features import embed
+    from difflab.evaluation.prompts import accuracies
+
+    model, net = load(run), load_feature_net("fashion-pairs")
+    attrs = make_pairs("test").attributes[:n]
+    out = {}
+    for kind, (colours, nouns) in {"training words": (None, None), **WORDS}.items():
+        captions = [worded(a, i % len(PHRASINGS), colours, nouns) for i, a in enumerate(attrs.tolist())]
+        images = to_uint8(model.sample(n, prompt=captions, guidance=scale, seed=0, batch=100))
+        predicted = net.attributes(embed(net, images)[1])
+        acc = accuracies(predicted, attrs)
+        right = predicted == attrs  # (n, 4): left class, left colour, right class, right colour
+        words = {}
+        for column, names in ((0, nouns), (1, colours), (2, nouns), (3, colours)):
+            default = NOUNS if column % 2 == 0 else tuple(COLOURS)
+            for value, word in enumerate(names or default):
+                uses = attrs[:, column] == value
+                hits, count = words.get(word, (0, 0))
+                words[word] = (hits + int(right[uses, column].sum()), count + int(uses.sum()))
+        out[kind] = {
+            "all_four": acc["all_four"],
+            "either_side": acc["either_side"],
+            "per_attribute": acc["per_attribute"],
+            "words": {w: round(h / c, 4) if c else None for w, (h, c) in words.items()},
+        }
+        print(kind, json.dumps({k: v for k, v in out[kind].items() if k != "words"}), flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="LABEL=RUN (a run folder or a shipped model's name)")
     p.add_argument("--n", type=int, default=300)
     p.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0])
+    p.add_argument(
+        "--unseen-words",
+        action="store_true",
+        help="also sample the test attributes in words no training caption has (synonyms, plurals, typos) at the "
+        "best scale",
+    )
     p.add_argument("--name", default=NAME, help=f"the results' file name (default {NAME}: results/{NAME}.md and .json)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -71,9 +115,11 @@ def main(argv=None) -> None:
                 "run": run,
                 **training(run),
                 **text_figures(run, args.n, args.scales, reworded=True),
-                "eval_seconds": round(time.perf_counter() - t0),
             }
         )
+        if args.unseen_words:
+            rows[-1]["unseen_words"] = unseen_word_figures(run, args.n, rows[-1]["scale"])
+        rows[-1]["eval_seconds"] = round(time.perf_counter() - t0)
         print(json.dumps(rows[-1]), flush=True)
     judge = load_feature_net("fashion-pairs").meta
     lines = header("Text-to-image models side by side in the fashion-pairs judge")
@@ -134,6 +180,34 @@ def main(argv=None) -> None:
         ]
     )
     lines += md_table(head, table)
+    worded_rows = [r for r in rows if "unseen_words" in r]
+    if worded_rows:
+        kinds = list(worded_rows[0]["unseen_words"])
+        lines += [
+            "",
+            "Words no training caption has (the test attributes in the training phrasings, each kind's words in place "
+            "of the dataset's; benchmarks/text_towers.py WORDS), at each row's s: all four / either side (the items "
+            "in their colours on either side):",
+            "",
+        ]
+        lines += md_table(
+            ["model", *kinds],
+            [
+                [
+                    r["label"],
+                    *[
+                        f"{r['unseen_words'][k]['all_four']:.1%} / {r['unseen_words'][k]['either_side']:.1%}"
+                        for k in kinds
+                    ],
+                ]
+                for r in worded_rows
+            ],
+        )
+        lines += ["", "Per unseen word, the share of its uses whose attribute came out right on its side:", ""]
+        for r in worded_rows:
+            for k in kinds[1:]:
+                words = r["unseen_words"][k]["words"]
+                lines.append(f"- {r['label']}, {k}: " + ", ".join(f"{w} {v:.0%}" for w, v in words.items()))
     write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     write_text(RESULTS / f"{args.name}.json", json.dumps({"setting": vars(args), "rows": rows}, indent=1) + "\n")
 

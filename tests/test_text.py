@@ -19,7 +19,7 @@ from difflab.cli import main
 from difflab.core.conditions import drop_conditions
 from difflab.core.losses import contrastive_loss
 from difflab.data.images import DataError, load_images
-from difflab.data.pairs import ALL_PHRASINGS, NEW_PHRASINGS, PHRASINGS, caption, parse_caption
+from difflab.data.pairs import ALL_PHRASINGS, NEW_PHRASINGS, PHRASINGS, REWORDED_PHRASINGS, caption, parse_caption
 from difflab.evaluation.prompts import parsed
 from difflab.nets.clip import MAX_LOGIT_SCALE, Clip, ClipConfig
 from difflab.nets.text import (
@@ -28,6 +28,7 @@ from difflab.nets.text import (
     TextTransformer,
     fit_vocabulary,
     tokenize,
+    words,
 )
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.runs.config import load_config
@@ -227,7 +228,9 @@ def test_the_text_transformer_ignores_padding():
 def test_captions_parse_back_to_their_attributes_in_every_phrasing():
     for k in range(len(ALL_PHRASINGS)):  # the training phrasings and the new ones (--prompts new-phrasings)
         assert parse_caption(caption((9, 3, 0, 5), k)) == ((9, 3, 0, 5), k)
-    assert not set(NEW_PHRASINGS) & set(PHRASINGS)
+    assert not set(NEW_PHRASINGS) & set(PHRASINGS) and not set(REWORDED_PHRASINGS) & set(PHRASINGS + NEW_PHRASINGS)
+    training = {w for phrasing in PHRASINGS for w in words(phrasing.format(L="", R=""))}  # each reworded phrasing
+    assert all(set(words(r.format(L="", R=""))) - training for r in REWORDED_PHRASINGS)  # has a word training lacks
     assert parse_caption("a red spaceship on the left and a blue bag on the right") is None
     p = parsed([caption((0, 1, 7, 2), 2), caption((1, 1, 1, 1), 0)])
     assert p.attributes.tolist() == [[0, 1, 7, 2], [1, 1, 1, 1]] and p.held_out.tolist() == [True, False]
