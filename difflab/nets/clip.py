@@ -45,11 +45,16 @@ class ClipConfig:
     pool: str = "mean"  # how the image tower pools its last feature map: "mean" (global average) or "attention"
     pretrained: dict | None = None  # PretrainedTextConfig: a pretrained text tower (then ``text`` is unused)
     text_lr_scale: float = 1.0  # the pretrained text tower's tuned weights learn at this times the run's lr
+    caption_variants: int = 0  # fashion-pairs: each training image also seen with this many rephrased captions
 
     def __post_init__(self):
         TextConfig.from_dict(self.text or {})  # raises on a bad text config
         if self.pretrained is not None:
             PretrainedTextConfig.from_dict(self.pretrained)
+        if not isinstance(self.caption_variants, int) or not 0 <= self.caption_variants <= 8:
+            raise ValueError(
+                f"ClipConfig.caption_variants must be an integer from 0 to 8, got {self.caption_variants!r}"
+            )
         if not self.text_lr_scale > 0:
             raise ValueError(f"ClipConfig.text_lr_scale must be positive, got {self.text_lr_scale!r}")
         if self.pool not in POOLS:

@@ -28,7 +28,7 @@ from ..core.conditions import ConditionSpec
 from ..core.losses import ContrastiveLoss
 from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
-from ..data.pairs import ATTRIBUTES, COLOURS, NOUNS, caption
+from ..data.pairs import ALL_PHRASINGS, ATTRIBUTES, AUGMENT_PHRASINGS, COLOURS, NOUNS, caption, parse_caption
 from ..io import atomic_path
 from ..nets.clip import Clip, ClipConfig
 from ..nets.pretrained_text import PretrainedTextConfig, load_minilm, minilm_sha256
@@ -116,6 +116,8 @@ def clip_config(
     init: str | None = None,
     tune: str = "lora",
     rank: int = 8,
+    caption_variants: int = 0,
+    attributes: Tensor | None = None,
 ):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
@@ -123,7 +125,9 @@ def clip_config(
     side-swapped twin (swap_sides) is a negative for its image (core/losses.py: contrastive_loss); None:
     'sides' when a caption names a side, else 'none'. ``init='minilm'``: the text tower starts from the pretrained
     MiniLM, tuned as ``tune`` says (nets/pretrained_text.py; ``rank``: LoRA's), its tuned weights at
-    TEXT_LR_SCALE[tune] times the run's learning rate; None: a small transformer on the captions' words."""
+    TEXT_LR_SCALE[tune] times the run's learning rate; None: a small transformer on the captions' words.
+    ``caption_variants`` K: each training image is also seen with K captions of its ``attributes`` in
+    data.pairs.AUGMENT_PHRASINGS (fashion-pairs' caption language only; never the phrasings the figures use)."""
     if hard_negatives is None:
         hard_negatives = "sides" if any(swap_sides(c) != c for c in captions or ()) else "none"
     loss = ContrastiveLoss(hard_negatives)  # the loss checks the name
@@ -135,6 +139,8 @@ def clip_config(
             "fashion-pairs)"
         )
     C, H, W = base.shape
+    if caption_variants:
+        captions = [*captions, *rephrased(captions, attributes, caption_variants)]
     pretrained = text = None
     if init is not None:
         pretrained = pretrained_tower(init, tune, rank, captions)
@@ -149,6 +155,7 @@ def clip_config(
         pool=pool,
         pretrained=None if pretrained is None else pretrained.to_dict(),
         text_lr_scale=1.0 if pretrained is None else TEXT_LR_SCALE.get(tune, TEXT_LR_SCALE["last-K"]),
+        caption_variants=caption_variants,
     )
     train = TrainConfig(
         steps=2000,
@@ -202,9 +209,25 @@ def attribute_probe(
     return out
 
 
-def clip_data(cfg, images: Tensor, captions: Sequence[str]):
+def rephrased(captions: Sequence[str], attributes: Tensor | None, variants: int) -> list[str]:
+    """``variants`` more captions of each image, its attributes said in data.pairs.AUGMENT_PHRASINGS (in turn, so
+    every phrasing is used alike): image i's v-th is row v * N + i. Refused for captions outside fashion-pairs'
+    caption language."""
+    if attributes is None or len(attributes) != len(captions) or any(parse_caption(c) is None for c in captions[:50]):
+        raise TextError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
+    first, count = len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS), len(AUGMENT_PHRASINGS)
+    rows = attributes.tolist()
+    return [caption(rows[i], first + (i * variants + v) % count) for v in range(variants) for i in range(len(rows))]
+
+
+def clip_data(cfg, images: Tensor, captions: Sequence[str], attributes: Tensor | None = None):
     """The training data of a CLIP run: the images, with their captions' word ids as 'tokens' / 'token_mask'
-    (and, with side hard negatives, the swapped captions' as 'swap_tokens' / 'swap_token_mask')."""
+    (and, with side hard negatives, the swapped captions' as 'swap_tokens' / 'swap_token_mask'); with caption
+    variants, each image again with each of its rephrased captions (``attributes``: fashion-pairs')."""
+    variants = cfg.net.caption_variants
+    if variants:
+        captions = [*captions, *rephrased(captions, attributes, variants)]
+        images = images.repeat(variants + 1, *[1] * (images.ndim - 1))
     tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
     cond = {"tokens": tokens, "token_mask": mask}
