@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 
+from ..runs import shipped
 from ..runs.config import load_config
-from ..runs.shipped import SHIPPED_DIR, catalogue, recipe
+from ..runs.shipped import catalogue, recipe
 from ..text.encoders import describe_text
 from .options import UsageError
 
@@ -34,7 +35,7 @@ def run(args) -> None:
         minutes = f"{m['train_seconds'] / 60:.0f} min" if m.get("train_seconds") else "-"
         print(f"{m['name']}: {m.get('what', '')}")
         print(f"    {m['steps']} steps, trained {minutes}, {m['bytes'] / 2**20:.1f} MiB; {_figures(m)}")
-        reads = describe_text(load_config(SHIPPED_DIR / m["name"]))
+        reads = describe_text(load_config(shipped.SHIPPED_DIR / m["name"]))
         if reads:
             print(f"    reads captions with {reads}")
         for c in m.get("commands", []):
