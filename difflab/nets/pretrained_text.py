@@ -163,21 +163,21 @@ class PretrainedText(nn.Module):
         """WordPiece ids (B, length) and mask (B, length), by default length = max_len or the longest caption's
         count when longer; a caption over ``length`` tokens or over the model's limit is refused in one line."""
         captions = [str(c) for c in captions]
+        rows = self.tokenizer(captions, truncation=False)["input_ids"]  # one pass: lengths and ids
         if length is None:
-            length = min(max([self.config.max_len, *map(self.count, captions)]), self.limit + 1)
-        enc = self.tokenizer(captions, padding="max_length", max_length=max(length, 2), truncation=False)
-        ids, masks = enc["input_ids"], enc["attention_mask"]
-        for c, row in zip(captions, ids):
+            length = min(max([self.config.max_len, *map(len, rows)]), self.limit + 1)
+        ids = torch.full((len(captions), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(captions), length, dtype=torch.bool)
+        for i, (c, row) in enumerate(zip(captions, rows)):
             if len(row) > length:
                 what = "MiniLM" if length >= self.limit else "this model"
                 raise TextError(
                     f"the caption {c[:60] + '...' if len(c) > 60 else c!r} has {len(row)} tokens; {what} reads at "
                     f"most {min(length, self.limit)}"
                 )
-        ids = torch.tensor(ids, dtype=torch.long)
-        mask = torch.tensor(masks, dtype=torch.bool)
-        mask[torch.tensor([not c.strip() for c in captions], dtype=torch.bool)] = False  # the null condition
-        return ids[:, :length], mask[:, :length]
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[i, : len(row)] = bool(c.strip())  # the empty caption: all False, the null condition
+        return ids, mask
 
     def count(self, caption: str) -> int:
         """Tokens in ``caption`` ([CLS] and [SEP] included)."""

@@ -37,10 +37,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..io import file_sha256
-from ..nets.pretrained_text import MINILM_LIMIT, MINILM_PACKAGE, load_minilm
+from ..nets.pretrained_text import MINILM_LIMIT, MINILM_PACKAGE, load_minilm, minilm_sha256
 from ..nets.text import SPECIALS, TextConfig, TextError
-from ..runs.config import CheckpointError, RunConfig, TextRecord
+from ..runs.config import CheckpointError, RunConfig, TextRecord, load_config
 from ..runs.shipped import from_record, recorded_path
 from ..runs.store import weights_fingerprint
 from .clip import ClipRun
@@ -69,7 +68,7 @@ class MiniLM:
         self.tokenizer, self.model, self.weights, self.limit = load_minilm()
 
     def record(self) -> dict:
-        return {"kind": "minilm", "package": MINILM_PACKAGE, "sha256": file_sha256(self.weights)}
+        return {"kind": "minilm", "package": MINILM_PACKAGE, "sha256": minilm_sha256()}  # hashed once a process
 
     def _count(self, caption: str) -> int:
         return len(self.tokenizer(caption)["input_ids"])  # [CLS] and [SEP] included
@@ -178,11 +177,7 @@ def encoder_of(cfg: RunConfig):
     if rec.kind == "minilm":
         enc = MiniLM()
     else:
-        run = from_record(rec.run)
-        if not (run / "config.json").exists():
-            raise TextError(
-                f"the CLIP run of this text run is missing: {rec.run} (restore it, or retrain the text run)"
-            )
+        run = clip_run_of(rec)
         enc = _clip_text(str(run), weights_fingerprint(run))
     if enc.record() != rec.encoder_record():
         what = "the installed MiniLM weights" if rec.kind == "minilm" else f"the CLIP run {rec.run}"
@@ -220,14 +215,17 @@ def rebased_text(config: dict, clip: str | Path) -> dict:
     return config | {"text": {**config["text"], **new.record()}}
 
 
-def clip_tower(rec: TextRecord):
-    """The ClipConfig of a clip-conditioned run's CLIP (its config only, no weights)."""
-    from ..runs.config import load_config  # the CLIP run's config.json
-
+def clip_run_of(rec: TextRecord) -> Path:
+    """The folder of a clip-conditioned run's CLIP, refused in one line when it is gone."""
     run = from_record(rec.run)
     if not (run / "config.json").exists():
         raise TextError(f"the CLIP run of this text run is missing: {rec.run} (restore it, or retrain the text run)")
-    return load_config(run).net
+    return run
+
+
+def clip_tower(rec: TextRecord):
+    """The ClipConfig of a clip-conditioned run's CLIP (its config only, no weights)."""
+    return load_config(clip_run_of(rec)).net
 
 
 def reads_any_word(cfg: RunConfig) -> bool:
