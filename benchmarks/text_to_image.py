@@ -83,7 +83,7 @@ def clip_model(root: Path, data, steps: int) -> Path:
     if not (run / "clip.json").exists():
         cfg = clip_config(preset_for(DATASET), data.captions)
         cfg = replace(cfg, train=replace(cfg.train, steps=steps))
-        timed_train(run, cfg, clip_data(cfg, data.images, data.captions), 10**6)
+        timed_train(run, cfg, clip_data(cfg, data), 10**6)
         clip_report(run, load_images(DATASET, "test"))
     return run
 

@@ -236,6 +236,56 @@ def test_a_captioned_folder_reads_metadata_jsonl(tmp_path):
         load_images(str(tmp_path / "imgs"))
 
 
+def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image_alike(tmp_path):
+    """metadata.jsonl's "text" may be a list (COCO gives five): the first is the image's caption, and a text model's
+    training data holds every (image, caption) pair, each image K times (K the most captions any image has)."""
+    from PIL import Image
+
+    from difflab.data.images import read_captioned_folder
+    from difflab.runs.data import training_data
+    from difflab.runs.presets import image_preset, with_text
+    from difflab.text.clip import clip_config, clip_data
+    from difflab.text.encoders import text_record
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    texts = {i: [f"grey {i}", f"level {i}", f"shade {i}"][: 1 + i % 3] for i in range(10)}  # 1, 2 or 3 captions
+    for i in range(10):
+        Image.fromarray(np.full((8, 8), i * 20, np.uint8)).save(root / f"{i}.png")
+    rows = [json.dumps({"file_name": f"{i}.png", "text": t if len(t) > 1 else t[0]}) for i, t in texts.items()]
+    (root / "metadata.jsonl").write_text("\n".join(rows))
+    data = load_images(str(root), split="all")
+    assert data.captions == [f"grey {i}" for i in range(10)] and data.caption_sets[2] == (
+        "grey 2",
+        "level 2",
+        "shade 2",
+    )
+    assert data.subset(torch.tensor([2, 4])).caption_sets == [tuple(texts[2]), tuple(texts[4])]
+    index, captions = data.caption_pairs()
+    assert len(index) == 30 and torch.equal(torch.bincount(index), torch.full((10,), 3))  # every image alike
+    for i, c in zip(index.tolist(), captions):
+        assert c in texts[i]
+    assert sorted(set(captions)) == sorted(data.every_caption()) and len(data.every_caption()) == 19
+
+    train_split = load_images(str(root), split="train")  # image 9 is the test split's
+    cfg = image_preset(str(root))
+    record, width, joint = text_record("joint", train_split.every_caption())
+    assert {"level", "shade"} <= set(joint.vocabulary)  # fitted to every caption, not only the first
+    cfg = with_text(cfg, record, width, joint.to_dict())
+    ds = training_data(cfg)
+    assert len(ds) == 27 and torch.equal(ds.x[9:18], train_split.images[torch.arange(9)]) and "tokens" in ds.cond
+
+    clip = clip_data(clip_config(cfg, train_split.every_caption()), train_split)
+    assert len(clip) == 27 and torch.equal(clip.x, train_split.images.repeat(3, 1, 1, 1))
+
+    images, captions = read_captioned_folder(root, (1, 8, 8))  # personalisation's subject folder: a pair per caption
+    assert len(images) == 19 and captions[:3] == ["grey 0", "grey 1", "level 1"] and int(images[2, 0, 0, 0]) == 20
+    for bad in ("[]", '["a", 3]', '{"a": 1}'):
+        (root / "metadata.jsonl").write_text("\n".join(rows) + f'\n{{"file_name": "0.png", "text": {bad}}}')
+        with pytest.raises(DataError, match=r"metadata.jsonl:11: .* a caption or a list of captions"):
+            load_images(str(root))
+
+
 def test_a_non_square_npz_keeps_its_shape_and_gets_a_non_square_preset(tmp_path):
     from difflab.runs.presets import image_preset
 

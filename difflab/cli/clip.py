@@ -42,7 +42,7 @@ def new_config(args):
         raise UsageError(f"--rank is LoRA's rank; --tune {args.tune} has none")
     base = dataset_preset(args)
     train_split = load_split(base, "train")
-    captions = train_split.captions
+    captions = train_split.every_caption()
     cfg = training_options(
         clip_config(
             base,
@@ -97,7 +97,7 @@ def run_train(args) -> None:
     train(
         out,
         cfg,
-        clip_data(cfg, data.images, data.captions, data.attributes),
+        clip_data(cfg, data),
         device=device,
         resume=resume,
         progress=not args.quiet,

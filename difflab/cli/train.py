@@ -217,7 +217,7 @@ def new_config(args) -> RunConfig:
         space = load_autoencoder(args.latent)
         cfg = with_latent(cfg, latent_record(space), space.latent_shape)
     if args.text:
-        captions = load_split(cfg, "train").captions
+        captions = load_split(cfg, "train").every_caption()
         if not captions:
             raise UsageError(
                 f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)"

@@ -16,6 +16,8 @@ Sources for ``load_images(source, split, size, channels, data_dir)``:
   subfolder names are the classes (sorted, indices 0..K-1); otherwise the set is unlabelled. A
   ``metadata.jsonl`` in the folder (rows ``{"file_name": "a/b.png", "text": "a caption"}``, the image-folder
   convention) gives every image its caption; an image without a row, or a row without its image, is an error.
+  ``"text"`` may be a list of captions (as COCO gives five per image): the first is the image's caption for
+  evaluation and grids, and text models train on every one (``ImageSet.caption_pairs``).
 * an ``.npz`` file with a uint8 array ``images`` of shape (N, H, W), (N, H, W, C) or (N, C, H, W)
   (C in {1, 3}) and optionally integer ``labels`` (N,). ``save_npz`` writes this format. Non-square
   images keep their shape unless a ``size`` is given (then they are center-cropped and resized).
@@ -265,17 +267,18 @@ def _load_folder(root: Path, size: int | None, channels: int | None) -> ImageSet
         class_names = tuple(sorted({r.parts[0] for r in relative}))
         index = {name: k for k, name in enumerate(class_names)}
         labels = torch.tensor([index[r.parts[0]] for r in relative], dtype=torch.long)
-    captions = _read_metadata(root, relative) if (root / METADATA).exists() else None
+    sets = _read_metadata(root, relative) if (root / METADATA).exists() else None
     return ImageSet(
-        images, labels, len(class_names) if class_names else None, root.name, class_names, captions=captions
+        images, labels, len(class_names) if class_names else None, root.name, class_names, **_captions(sets)
     )
 
 
 METADATA = "metadata.jsonl"
 
 
-def _read_metadata(root: Path, relative: list[Path]) -> list[str]:
-    """The caption of every image from ``root/metadata.jsonl`` (rows {"file_name": ..., "text": ...})."""
+def _read_metadata(root: Path, relative: list[Path]) -> list[tuple[str, ...]]:
+    """The captions of every image from ``root/metadata.jsonl`` (rows {"file_name": ..., "text": ...}, "text" a
+    caption or a list of captions), in ``relative``'s order."""
     path, texts = root / METADATA, {}
     for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
@@ -285,15 +288,30 @@ def _read_metadata(root: Path, relative: list[Path]) -> list[str]:
             name, text = row["file_name"], row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise DataError(f'{path}:{number}: expected a JSON object with "file_name" and "text"') from None
-        if not isinstance(name, str) or not isinstance(text, str):
-            raise DataError(f'{path}:{number}: "file_name" and "text" must be strings')
+        if isinstance(text, str):
+            text = [text]
+        if (
+            not isinstance(name, str)
+            or not isinstance(text, list)
+            or not text
+            or not all(isinstance(t, str) for t in text)
+        ):
+            raise DataError(f'{path}:{number}: "file_name" must be a string and "text" a caption or a list of captions')
         if not (root / name).is_file():
             raise DataError(f"{path}:{number}: no image {name!r} in {root}")
-        texts[Path(name).as_posix()] = text
+        texts[Path(name).as_posix()] = tuple(text)
     missing = [r.as_posix() for r in relative if r.as_posix() not in texts]
     if missing:
         raise DataError(f"{path}: no caption for {len(missing)} image(s), e.g. {missing[0]!r}")
     return [texts[r.as_posix()] for r in relative]
+
+
+def _captions(sets: list[tuple[str, ...]] | None) -> dict:
+    """ImageSet's caption fields from each image's captions: ``captions`` (the first of each) and, where some
+    image has several, ``caption_sets``."""
+    if sets is None:
+        return {"captions": None}
+    return {"captions": [s[0] for s in sets], "caption_sets": sets if any(len(s) > 1 for s in sets) else None}
 
 
 def _as_channels(array: np.ndarray, channels: int) -> np.ndarray:
@@ -420,13 +438,17 @@ def read_inputs(paths, shape: tuple[int, int, int], what: str = "input") -> Tens
 
 def read_captioned_folder(folder, shape: tuple[int, int, int], what: str = "image") -> tuple[Tensor, list[str] | None]:
     """Every image in ``folder`` (sorted by path; each exactly C x H x W, never resized) and their captions
-    from its metadata.jsonl (None without one)."""
+    from its metadata.jsonl (None without one); an image with several captions comes once per caption."""
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
     files = image_files(root)
-    captions = _read_metadata(root, [p.relative_to(root) for p in files]) if (root / METADATA).exists() else None
-    return read_inputs(files, shape, what), captions
+    images = read_inputs(files, shape, what)
+    if not (root / METADATA).exists():
+        return images, None
+    sets = _read_metadata(root, [p.relative_to(root) for p in files])
+    index = [i for i, s in enumerate(sets) for _ in s]
+    return images[index], [c for s in sets for c in s]
 
 
 def read_mask(path, size: tuple[int, int]) -> Tensor:

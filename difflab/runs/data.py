@@ -4,7 +4,9 @@
 
 * images stay uint8 in memory and are scaled per batch (data/loader.py); 2-D sets are drawn once;
 * labels become the 'class_labels' condition; a text run's captions its text condition, encoded once
-  (text/encoders.py); a super-resolution run's images downsampled become 'low_res' (core/operators.Downsample);
+  (text/encoders.py); an image with several captions (a folder's metadata.jsonl) is one example per caption,
+  every image alike (data.base.ImageSet.caption_pairs); a super-resolution run's images downsampled become
+  'low_res' (core/operators.Downsample);
 * a latent run trains on the scaled latents of its autoencoder, encoded once and cached in the run
   (``latents.safetensors``, keyed by the autoencoder's fingerprint and the images' hash)."""
 
@@ -74,14 +76,19 @@ def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool 
         raise DataError(
             f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.data_shape)}"
         )
-    cond = {"class_labels": ds.labels} if ds.labels is not None else {}
+    index = None
     if cfg.text is not None:
         if ds.captions is None:
             raise DataError(f"the run reads captions, and {cfg.dataset} has none")
-        cond |= text_condition(cfg, ds.captions, cfg.text.max_tokens)
+        index, captions = ds.caption_pairs()  # an image with several captions: once per caption (in turn)
+        index = None if len(index) == len(ds) else index
+    take = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
+    cond = {"class_labels": take(ds.labels)} if ds.labels is not None else {}
+    if cfg.text is not None:
+        cond |= text_condition(cfg, captions, cfg.text.max_tokens)
     if cfg.super_resolution is not None:
-        cond["low_res"] = low_res_of(ds.images, cfg.super_resolution.factor)
+        cond["low_res"] = take(low_res_of(ds.images, cfg.super_resolution.factor))
     if cfg.latent is not None:
         z = cached_latents(latent_space(cfg.latent), ds.images, Path(run) / LATENTS if run else None, progress)
-        return TensorDataset(z, cond)
-    return TensorDataset(ds.images, cond)
+        return TensorDataset(take(z), cond)
+    return TensorDataset(take(ds.images), cond)

@@ -220,13 +220,16 @@ def rephrased(captions: Sequence[str], attributes: Tensor | None, variants: int)
     return [caption(rows[i], first + (i * variants + v) % count) for v in range(variants) for i in range(len(rows))]
 
 
-def clip_data(cfg, images: Tensor, captions: Sequence[str], attributes: Tensor | None = None):
-    """The training data of a CLIP run: the images, with their captions' word ids as 'tokens' / 'token_mask'
-    (and, with side hard negatives, the swapped captions' as 'swap_tokens' / 'swap_token_mask'); with caption
-    variants, each image again with each of its rephrased captions (``attributes``: fashion-pairs')."""
+def clip_data(cfg, data: ImageSet):
+    """The training data of a CLIP run on the train split ``data``: the images, with their captions' word ids as
+    'tokens' / 'token_mask' (and, with side hard negatives, the swapped captions' as 'swap_tokens' /
+    'swap_token_mask'). An image with several captions comes once per caption (ImageSet.caption_pairs); with
+    caption variants (fashion-pairs), each image again with each of its rephrased captions."""
+    index, captions = data.caption_pairs()
+    images = data.images[index]
     variants = cfg.net.caption_variants
     if variants:
-        captions = [*captions, *rephrased(captions, attributes, variants)]
+        captions = [*captions, *rephrased(captions, data.attributes, variants)]
         images = images.repeat(variants + 1, *[1] * (images.ndim - 1))
     tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
