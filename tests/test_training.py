@@ -75,6 +75,30 @@ def test_warmup_is_linear_then_constant_or_a_cosine_to_zero():
     assert learning_rate(999, cos) == pytest.approx(0.5 * (1 + math.cos(math.pi * 989 / 990)))
 
 
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    """'auto' (the image presets' precision) trains in bf16 where it is native and in fp32 where PyTorch would
+    emulate it (an AVX2 CPU: its bf16 matmul is a generic loop, about 50x slower); explicit bf16 is kept, with a
+    warning in the start line."""
+    from difflab.training import loop
+
+    cpu = torch.device("cpu")
+    assert preset_for("fashion-mnist").train.precision == preset_for("fashion-pairs").train.precision == "auto"
+    for native in (True, False):
+        monkeypatch.setattr(loop, "native_bf16", lambda device, native=native: native)
+        used = "bf16" if native else "fp32"
+        assert loop.resolve_precision("auto", cpu) == used and loop.resolve_precision("bf16", cpu) == "bf16"
+        assert loop.describe_precision("auto", cpu) == f"auto precision ({used} on this cpu)"
+        with loop.autocast("auto", cpu):
+            y = nn.Linear(4, 4)(torch.randn(2, 4))
+        assert y.dtype == (torch.bfloat16 if native else torch.float32)
+        assert ("emulated" in loop.describe_precision("bf16", cpu)) is not native
+    assert loop.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        loop.resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="unknown precision 'fp64'"):
+        loop.resolve_precision("fp64", cpu)
+
+
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, torch

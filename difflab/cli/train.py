@@ -43,7 +43,7 @@ from ..runs.presets import (
 )
 from ..text.encoders import text_record
 from ..training.distributed import launched_rank, resolve_device, teardown
-from ..training.loop import train
+from ..training.loop import describe_precision, train
 from ..training.trackers import TRACKERS, make_tracker, saved_kind
 from .options import UsageError, add_device, positive_float, positive_int, single_thread_for_points, unit_float
 
@@ -287,8 +287,8 @@ def run(args) -> None:
         print(
             f"{'resuming' if resume else 'training'} {cfg.dataset}: {cfg.net_kind} with "
             f"{num_parameters(cfg.build_net()):,} parameters, "
-            f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, {t.precision}, on "
-            f"{device}"
+            f"{t.steps} steps x batch {t.batch_size} per process x {t.accumulation} accumulation, "
+            f"{describe_precision(t.precision, device)}, on {device}"
         )
         if getattr(args, "budget_note", None):
             print(args.budget_note)
@@ -343,7 +343,10 @@ def register(sub) -> None:
         help="ramp the EMA decay up as min(decay, (1+step)/(10+step)) (default: the preset's choice)",
     )
     t.add_argument(
-        "--precision", choices=PRECISIONS, help="bf16 autocast (CPU, CUDA) or fp16 with a gradient scaler (CUDA)"
+        "--precision",
+        choices=PRECISIONS,
+        help="bf16 autocast (CPU, CUDA), fp16 with a gradient scaler (CUDA), or auto: bf16 where the device computes "
+        "it natively (GPU, AVX-512/AMX CPU), else fp32 (the image presets' default)",
     )
     t.add_argument("--process", choices=sorted(PROCESSES_BY_NAME))
     t.add_argument(

@@ -138,6 +138,7 @@ def personalized_config(
         checkpoint_every=max(1, min(100, steps)),
         sample_every=0,
         log_every=10,
+        precision="auto",  # a base trained in bf16 on a GPU may be personalised on a CPU that only emulates it
     )
     return replace(
         cfg,

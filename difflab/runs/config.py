@@ -53,7 +53,7 @@ from .shipped import locate
 CONFIG = "config.json"
 DataKind = Literal["points", "images"]  # what a sample is: a point of the plane or an image
 DATA_KINDS: tuple[DataKind, ...] = get_args(DataKind)
-Precision = Literal["fp32", "bf16", "fp16"]  # the training arithmetic: float32, bf16 autocast, fp16 with a scaler
+Precision = Literal["fp32", "bf16", "fp16", "auto"]  # float32, bf16 autocast, fp16 with a scaler, bf16 where native
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
 Augment = Literal["none", "flip", "edm"]  # training-time augmentation of image data (data/augment.py)
 AUGMENTS: tuple[Augment, ...] = get_args(Augment)
@@ -106,8 +106,9 @@ class TrainConfig:
     Args:
         lr_schedule (`LRSchedule`, defaults to `"constant"`): the learning rate after the warm-up: `"constant"`
             holds lr, `"cosine"` decays it along half a cosine to 0 at the last step.
-        precision (`Precision`, defaults to `"fp32"`): `"fp32"`, `"bf16"` (autocast on CPU and CUDA) or
-            `"fp16"` (CUDA, with a gradient scaler).
+        precision (`Precision`, defaults to `"fp32"`): `"fp32"`, `"bf16"` (autocast on CPU and CUDA),
+            `"fp16"` (CUDA, with a gradient scaler) or `"auto"`: bf16 where the device computes it natively (a GPU
+            with bf16, a CPU with AVX-512 or AMX), else fp32 (training.loop.resolve_precision).
         ema_decay (`float`, defaults to 0.995): 0, the EMA is the network itself.
         ema_warmup (`bool`, defaults to `False`): True, decay min(ema_decay, (1 + step) / (10 + step)), see
             training.loop.ema_decay_at."""

@@ -102,9 +102,42 @@ def check_precision(precision: Precision, device: torch.device) -> None:
         raise ValueError("precision fp16 needs a CUDA device (it trains with a gradient scaler); use bf16 on the CPU")
 
 
-def autocast(precision: Precision, device: torch.device):
-    """The autocast context of a precision on a device (fp32: none)."""
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose oneDNN has bf16
+    kernels (AVX-512 or AMX). Elsewhere (an AVX2 CPU: most laptops) PyTorch's bf16 matmul falls back to a
+    generic loop, about 50x slower than float32 (benchmarks/README.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """The arithmetic a run trains in on ``device``: 'auto' is bf16 where it is native, else fp32."""
     check_precision(precision, device)
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def describe_precision(precision: Precision, device: torch.device) -> str:
+    """The start line's words for a run's precision on ``device``: what 'auto' became, and a warning where bf16
+    is emulated."""
+    used = resolve_precision(precision, device)
+    if precision == "auto":
+        return f"auto precision ({used} on this {device.type})"
+    if used == "bf16" and not native_bf16(device):
+        return f"bf16 (emulated on this {device.type}, much slower than fp32: --precision auto picks fp32 here)"
+    return used
+
+
+def autocast(precision: Precision, device: torch.device):
+    """The autocast context of a precision on a device (fp32, and 'auto' where bf16 is not native: none)."""
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
