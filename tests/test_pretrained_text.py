@@ -3,6 +3,8 @@ trained, and a CLIP run on it conditions a text model. What the variants are wor
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -32,6 +34,24 @@ def test_wordpiece_reads_words_no_training_caption_has(towers):
     assert tower.tokenize(["left " * 30])[0].shape == (1, 32)  # a longer prompt reads at its own length
     with pytest.raises(TextError, match=r"has 302 tokens; MiniLM reads at most 256"):
         tower.tokenize(["left " * 300])
+
+
+def test_a_new_word_reads_its_vector_as_an_input_embedding(towers):
+    """Textual inversion's new ids (tokenize(new_words=...)) read the given rows where a word's embedding would
+    be: a row equal to "square"'s embedding gives exactly "square"'s states, and gradients reach the rows."""
+    tower = towers["lora"]
+    ids, mask = tower.tokenize(["a sks on the left", "a SKS, then sks2"], new_words=["sks", "sks2"])
+    vocabulary = len(tower.tokenizer)
+    assert ids[0, 2] == vocabulary and ids[1, 2] == vocabulary and ids[1, 5] == vocabulary + 1
+    assert tower.count("a sks on the left", ["sks"]) == int(mask[0].sum()) == 7
+    square = tower.model.get_input_embeddings().weight[tower.tokenizer.convert_tokens_to_ids("square")]
+    rows = torch.stack([square, torch.zeros_like(square)]).requires_grad_(True)
+    plain_ids, plain_mask = tower.tokenize(["a square on the left"], ids.shape[1])
+    torch.testing.assert_close(tower(ids[:1], mask[:1], rows), tower(plain_ids, plain_mask), rtol=0, atol=1e-5)
+    tower(ids, mask, rows)[mask].sum().backward()
+    assert (rows.grad.abs().sum(1) > 0).all()
+    with pytest.raises(TextError, match="no vectors were given"):
+        tower(ids, mask)
 
 
 def test_only_what_is_tuned_trains_and_is_saved(towers):
@@ -128,13 +148,81 @@ def test_a_folder_clip_on_minilm_tunes_its_adapters_and_its_text_model_reads_any
     code, err = cli(capsys, "sample", t2i, "--prompt", "red " * 300, "-n", 1, "--out", tmp_path / "long.png")
     assert code == 2 and "has 302 tokens; MiniLM reads at most 256" in err and not (tmp_path / "long.png").exists()
 
-    # the text model takes an identifier ("sks" reads as WordPiece pieces): DreamBooth and LoRA, not textual
-    # inversion (the tower is frozen outside the model); `difflab models` would say what it reads with
+    # the text model takes an identifier ("sks" reads as WordPiece pieces) for every method; `difflab models`
+    # would say what it reads with
     cfg = load_config(t2i)
     assert check_base(cfg, "R", "lora") == check_base(cfg, "R", "dreambooth") == "clip"
-    with pytest.raises(PersonalizeError, match=r"text tower\) is a frozen one"):
-        check_base(cfg, "R", "textual-inversion")
+    assert check_base(cfg, "R", "textual-inversion") == "clip"
     assert "minilm tuned as lora (WordPiece: any wording, up to 256 tokens)" in describe_text(cfg)
+    with pytest.raises(PersonalizeError, match=r"encoder \(MiniLM\) is a frozen one"):
+        check_base(replace(cfg, text=replace(cfg.text, kind="minilm")), "R", "textual-inversion")
+    textual_inversion_through_the_tower(t2i, tmp_path, capsys)
+
+
+def textual_inversion_through_the_tower(t2i, tmp_path, capsys):
+    """Textual inversion on a text model whose CLIP tower is pretrained: the personalised network reads word ids
+    through the tower, "sks" (two vectors) as new ids whose input embeddings alone train, starting at the class
+    word's; every other caption reads exactly as the base reads it, and the run saves no tower weights."""
+    import copy
+    import json
+
+    from safetensors.torch import load_file
+
+    from difflab.personalize.tower import TowerInput
+    from difflab.runs.diffusion import DiffusionRun
+    from difflab.runs.store import load_weights, save_checkpoint, weights_step
+    from difflab.text.encoders import text_condition
+
+    base = DiffusionRun.load(t2i)  # two steps leave the zero-initialised cross-attention outputs near zero, where
+    g = torch.Generator().manual_seed(1)  # no gradient reaches a word's vector: perturb the base's weights
+    with torch.no_grad():
+        for p in base.net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    save_checkpoint(t2i, weights_step(t2i), base.net, copy.deepcopy(base.net))
+    subject = captioned_folder(tmp_path / "subject", n=3)
+    rows = [
+        json.dumps({"file_name": f"{i}.png", "text": f"a sks square on the {('left', 'right')[i % 2]}"})
+        for i in range(3)
+    ]
+    (subject / "metadata.jsonl").write_text("\n".join(rows))
+    out = tmp_path / "ti"
+    argv = ["personalize", t2i, "--images", subject, "--method", "textual-inversion", "--class-word", "square"]
+    code, err = cli(capsys, *argv, "--vectors", 2, "--steps", 3, "--batch-size", 2, "--out", out, "--quiet")
+    assert code == 0, err
+    base, run = DiffusionRun.load(t2i), DiffusionRun.load(out)
+    net = run.denoiser.net
+    assert isinstance(net, TowerInput) and net.rows.shape == (2, 384)
+    start = net.word_rows("square")
+    assert not torch.allclose(net.rows[0], start) and not torch.allclose(net.rows[1], start)  # both rows moved
+    saved = load_weights(out, "ema")
+    assert "rows" in saved and not any(k.startswith("tower.") for k in saved)
+    for k, v in load_weights(t2i, "ema").items():  # the U-Net did not move
+        assert torch.equal(saved[f"net.{k}"], v), k
+    assert not any(k.startswith("tower.") for k in load_file(str(next(out.glob("checkpoints/*/model.safetensors")))))
+
+    # a caption without the identifier reads as in the base run: the same prediction
+    x, t = torch.randn(2, *base.config.shape), torch.full((2,), 0.5, dtype=torch.float64)
+    prompts = ["a red square on the left", ""]
+    with torch.no_grad():
+        a = base.denoiser(x, t, **text_condition(base.config, prompts)).as_("x0")
+        b = run.denoiser(x, t, **text_condition(run.config, prompts)).as_("x0")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    ids = text_condition(run.config, ["a sks square"])["tokens"][0].tolist()
+    assert ids[:5] == [101, 1037, 30522, 30523, 2675]  # [CLS] a sks -> two new ids, square
+    code, err = cli(
+        capsys,
+        "sample",
+        out,
+        "--prompt",
+        "a sks square on the left",
+        "-n",
+        1,
+        "--steps",
+        2,
+        "--out",
+        tmp_path / "ti.png",
+    )
+    assert code == 0 and (tmp_path / "ti.png").exists(), err
 
 
 def test_caption_variants_say_the_same_attributes_in_phrasings_no_figure_uses():

@@ -24,6 +24,7 @@ import copy
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from pathlib import Path
@@ -159,11 +160,13 @@ class PretrainedText(nn.Module):
         """Whether the parameter ``name`` (relative to this module) is tuned."""
         return not (name.startswith("model.") and name[len("model.") :] in self.frozen)
 
-    def tokenize(self, captions, length: int | None = None) -> tuple[Tensor, Tensor]:
+    def tokenize(self, captions, length: int | None = None, new_words: Sequence[str] = ()) -> tuple[Tensor, Tensor]:
         """WordPiece ids (B, length) and mask (B, length), by default length = max_len or the longest caption's
-        count when longer; a caption over ``length`` tokens or over the model's limit is refused in one line."""
+        count when longer; a caption over ``length`` tokens or over the model's limit is refused in one line.
+        ``new_words`` (textual inversion's identifier words) read as one token each, id ``vocabulary + j`` for the
+        j-th, whose vector ``forward`` takes from its ``new_rows``."""
         captions = [str(c) for c in captions]
-        rows = self.tokenizer(captions, truncation=False)["input_ids"]  # one pass: lengths and ids
+        rows = self._ids(captions, new_words)  # one pass: lengths and ids
         if length is None:
             length = min(max([self.config.max_len, *map(len, rows)]), self.limit + 1)
         ids = torch.full((len(captions), length), self.tokenizer.pad_token_id, dtype=torch.long)
@@ -179,15 +182,43 @@ class PretrainedText(nn.Module):
             mask[i, : len(row)] = bool(c.strip())  # the empty caption: all False, the null condition
         return ids, mask
 
-    def count(self, caption: str) -> int:
-        """Tokens in ``caption`` ([CLS] and [SEP] included)."""
-        return len(self.tokenizer(str(caption))["input_ids"])
+    def _ids(self, captions: list[str], new_words: Sequence[str]) -> list[list[int]]:
+        """Each caption's ids, [CLS] ... [SEP]; a word of ``new_words`` (whole, any case) is one new id."""
+        if not new_words:
+            return self.tokenizer(captions, truncation=False)["input_ids"]
+        vocabulary, index = len(self.tokenizer), {w.lower(): j for j, w in enumerate(new_words)}
+        pattern = re.compile(r"(?i)\b(" + "|".join(map(re.escape, new_words)) + r")\b")
+        out = []
+        for c in captions:
+            parts = pattern.split(c)  # text, word, text, word, ..., text
+            pieces = self.tokenizer(parts[0::2], add_special_tokens=False)["input_ids"]
+            row = [self.tokenizer.cls_token_id, *pieces[0]]
+            for word, text in zip(parts[1::2], pieces[1:]):
+                row += [vocabulary + index[word.lower()], *text]
+            out.append([*row, self.tokenizer.sep_token_id])
+        return out
 
-    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+    def count(self, caption: str, new_words: Sequence[str] = ()) -> int:
+        """Tokens in ``caption`` ([CLS] and [SEP] included; a new word one)."""
+        return len(self._ids([str(caption)], new_words)[0])
+
+    def forward(self, ids: Tensor, mask: Tensor, new_rows: Tensor | None = None) -> Tensor:
+        """Token states (B, L, width); ids from the vocabulary's size on read ``new_rows`` (k, width) as their
+        input embeddings (textual inversion: gradients reach them through the frozen tower)."""
         if ids.shape[1] > self.limit:
             raise TextError(f"{ids.shape[1]} tokens given; MiniLM reads at most {self.limit}")
         attend = mask | ~mask.any(dim=1, keepdim=True)  # the empty caption attends to its pads; the caller drops it
-        h = self.model(input_ids=ids, attention_mask=attend.long()).last_hidden_state
+        vocabulary = self.model.config.vocab_size
+        new = ids >= vocabulary
+        if new_rows is None or not new.any():
+            if new.any():
+                raise TextError("a caption holds a new word, and no vectors were given for it")
+            h = self.model(input_ids=ids, attention_mask=attend.long()).last_hidden_state
+        else:
+            words = self.model.get_input_embeddings()(ids.clamp(max=vocabulary - 1))  # (B, L, width)
+            rows = new_rows.to(words.dtype)[(ids - vocabulary).clamp(0, len(new_rows) - 1)]
+            embeds = torch.where(new.unsqueeze(-1), rows, words)
+            h = self.model(inputs_embeds=embeds, attention_mask=attend.long()).last_hidden_state
         if self.config.tune == "head":
             h = self.head_norm(self.head(h, src_key_padding_mask=~attend))
         return h

@@ -13,9 +13,11 @@ Three methods, all trained by the one loop (training.loop.train: its loss_fn, tr
   (personalize/adapters.py) that loads over the base run: ``difflab sample BASE --lora RUN --lora-scale 0.8``.
 * ``textual-inversion`` (Gal et al. 2023): learn only new word embeddings for the identifier (one, or
   ``vectors`` of them), initialised from the class word's, everything else frozen. It needs an encoder whose
-  embeddings can be extended: the joint encoder (a word tokenizer and a text transformer inside the U-Net).
-  MiniLM is a frozen pretrained encoder whose states are computed outside the model, and a clip:RUN encoder's
-  tower is frozen outside it too: both are refused with that reason.
+  embeddings can be extended and whose states a gradient can pass through: the joint encoder (a word tokenizer
+  and a text transformer inside the U-Net), or a clip:RUN encoder with a pretrained tower, which the personalised
+  run takes inside its network (personalize/tower.py: the identifier's words are new WordPiece ids whose input
+  embeddings are the learned rows). MiniLM alone (``--text minilm``) is refused: its states are computed outside
+  the model and it has no tuned tower of the run's to carry.
 
 The identifier (personalize/identifier.py): MiniLM reads any word, and so does a clip:RUN encoder whose text tower
 is pretrained (``train-clip --init minilm``: WordPiece); the joint encoder's vocabulary gains it as new rows. A
@@ -39,6 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..core.conditions import ConditionSpec
 from ..data.images import read_captioned_folder, to_model, to_uint8
 from ..data.loader import TensorDataset
 from ..guidance.config import GuidanceConfig
@@ -65,6 +68,7 @@ from .identifier import (
     with_tokens,
 )
 from .prior import PriorPreservationLoss, class_samples
+from .tower import ROWS, inverts_through_tower, wrap_net
 
 METHODS = ("dreambooth", "lora", "textual-inversion")
 CLASS_IMAGES = "class_images.safetensors"
@@ -102,11 +106,11 @@ def check_base(cfg: RunConfig, run, method: str, tokens: Sequence[str] = ()) -> 
             "(it would read as <unk>); personalise a minilm or joint run, or one on a CLIP trained with --init minilm"
             + _shipped_alternatives(cfg.dataset)
         )
-    if method == "textual-inversion" and kind != "joint":
-        what = "MiniLM" if kind == "minilm" else f"the CLIP run {cfg.text.run}'s text tower"
+    if method == "textual-inversion" and kind == "minilm":
         raise PersonalizeError(
-            f"textual inversion learns a new word embedding, and {run}'s encoder ({what}) is a frozen one computed "
-            "outside the model; use --method dreambooth or lora, or a joint run"
+            f"textual inversion learns a new word embedding, and {run}'s encoder (MiniLM) is a frozen one computed "
+            "outside the model; use --method dreambooth or lora, a joint run, or a run on a CLIP trained with "
+            "--init minilm"
         )
     if kind == "joint" and tokens:
         with_tokens(cfg, tokens)
@@ -119,8 +123,12 @@ def personalized_config(
     """The run's config: the base's, with the identifier in the joint vocabulary, LoRA adapters for the lora
     method, the personalisation's caption dropout and a short fine-tuning schedule."""
     cfg = with_tokens(base, p.tokens) if base.text.kind == "joint" else base
+    spec = cfg.text_spec()
+    if p.method == "textual-inversion" and base.text.kind == "clip":  # the network reads ids through the tower
+        ids = ConditionSpec("tokens", "tensor", spec.p_drop, companions=("token_mask",))
+        cfg = replace(cfg, conditions=[ids if c.name == spec.name else c for c in cfg.conditions])
+        spec = ids
     if p.caption_dropout is not None:
-        spec = cfg.text_spec()
         cfg = replace(
             cfg, conditions=[replace(c, p_drop=p.caption_dropout) if c.name == spec.name else c for c in cfg.conditions]
         )
@@ -154,6 +162,12 @@ def initial_state(cfg: RunConfig, base_run) -> dict[str, Tensor]:
     and for LoRA fresh adapters (B = 0: the base function)."""
     p = cfg.personalize
     state = load_weights(base_run, "ema")
+    if inverts_through_tower(cfg):  # the base's U-Net behind the tower; the rows start at the class word's
+        net = cfg.build_net()
+        load_into(net.net, state, base_run)
+        with torch.no_grad():
+            net.rows.copy_(net.word_rows(p.class_word).expand_as(net.rows))
+        return {k: v.detach().clone() for k, v in net.state_dict().items()}
     if cfg.net.text:
         vocabulary = cfg.net.text_config.vocabulary[: -len(p.tokens)]
         state = with_token_rows(state, vocabulary, initial_rows(state, vocabulary, p.class_word, len(p.tokens)))
@@ -173,6 +187,8 @@ def trainable_filter(cfg: RunConfig):
         return None
 
     def trainable(name: str, p: nn.Parameter):
+        if name == ROWS:  # textual inversion through a CLIP tower (personalize/tower.py)
+            return True
         if name == EMBEDDING:
             mask = torch.zeros(p.shape, dtype=torch.bool)
             mask[-rows:] = True  # the identifier's rows (appended last)
@@ -313,4 +329,5 @@ PERSONALIZED = RunKind(
     "personalize",
     use="sample it with `difflab sample {run} --prompt ...`",
     check=_check,
+    wrap=wrap_net,
 )

@@ -426,8 +426,8 @@ class RunConfig:
         return self.process
 
     def build_net(self) -> nn.Module:
-        """The network (with its LoRA adapters for a LoRA run; beside a learned schedule's network for a run
-        whose process has one: ``WithSchedule``)."""
+        """The network (with its LoRA adapters for a LoRA run; inside what its run kind wraps it in, ``wrap``;
+        beside a learned schedule's network for a run whose process has one: ``WithSchedule``)."""
         config_cls = self.net_config_class
         _, net_cls = self.kind.nets[self.net_kind]
         if type(self.net) is not config_cls:
@@ -440,6 +440,8 @@ class RunConfig:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"config: net: {str(e).splitlines()[0]}") from None
         net = with_lora(net, self.lora) if self.lora is not None else net
+        if self.kind.wrap is not None:
+            net = self.kind.wrap(self, net)
         if has_parameters(self.process):
             net = WithSchedule(net, self.process.fresh_gamma())
         return net

@@ -13,6 +13,8 @@ autoencoder, a CLIP model, a personalised run or a feature network is one ``RunK
     command   the difflab command that trains and continues it ("train-classifier")
     use       how such a run is used, said when it is given where another kind is expected
     check     further checks of a config of this kind (None: the generic ones suffice)
+    wrap      (config, network) -> the network the run trains and loads, for a kind whose config asks for more
+              around the built network (a personalised run's text tower for textual inversion); None: as built
 
 The table itself is ``KINDS``; runs/load.py registers the built-in entries, each defined beside its run
 class, and ``difflab`` registers them on import, so the table is complete wherever difflab is imported. A new
@@ -44,6 +46,7 @@ class RunKind:
     use: str = ""
     check: Callable | None = field(default=None, compare=False)
     loss_config: type = SimpleLoss
+    wrap: Callable | None = field(default=None, compare=False)
 
 
 KINDS: dict[str, RunKind] = {}

@@ -130,6 +130,26 @@ class ClipText:
         return {"context": states * mask.unsqueeze(-1), "context_mask": mask}
 
 
+class InvertedClipText:
+    """A textual-inversion run's captions for its CLIP run's pretrained tower: WordPiece ids in which the
+    identifier's ``words`` are new ids (``tokens``, ``token_mask``); the network runs the tower on them, the new
+    ids reading the learned vectors (personalize/tower.py)."""
+
+    def __init__(self, clip_text: ClipText, words: Sequence[str]):
+        self.base, self.words = clip_text, tuple(words)
+        self.tower, self.dim, self.limit = clip_text.clip.text, clip_text.dim, clip_text.limit
+
+    def record(self) -> dict:
+        return self.base.record()
+
+    def length(self, captions: Sequence[str]) -> int:
+        return max(self.tower.count(c, self.words) for c in captions)
+
+    def condition(self, captions: Sequence[str], length: int | None = None) -> dict[str, Tensor]:
+        ids, mask = self.tower.tokenize([str(c) for c in captions], length, new_words=self.words)
+        return {"tokens": ids, "token_mask": mask}
+
+
 @lru_cache(maxsize=4)
 def _clip_text(run: str, fingerprint: str) -> ClipText:
     return ClipText(run)
@@ -182,6 +202,9 @@ def encoder_of(cfg: RunConfig):
     if enc.record() != rec.encoder_record():
         what = "the installed MiniLM weights" if rec.kind == "minilm" else f"the CLIP run {rec.run}"
         raise TextError(f"{what} changed since this model was trained (fingerprint differs); retrain the model on them")
+    p = cfg.personalize
+    if rec.kind == "clip" and p is not None and p.method == "textual-inversion":
+        return InvertedClipText(enc, p.tokens)  # the network reads the ids through the tower (personalize/tower.py)
     return enc
 
 
