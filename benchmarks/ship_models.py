@@ -8,6 +8,9 @@ weights only; a model on another records it by shipped name and fingerprint):
     fashion-pairs-clip        a CLIP of fashion-pairs (attention pool, side hard negatives): a text encoder
     fashion-pairs-t2i         latent text-to-image on the autoencoder, captions through fashion-pairs-clip's text tower
     fashion-pairs-t2i-minilm  the same on MiniLM captions (reads new phrasings; personalisation's base)
+    fashion-pairs-clip-minilm a CLIP whose text tower is MiniLM tuned by LoRA with 4 caption variants (issue 32)
+    fashion-pairs-t2i-open    latent text-to-image on the autoencoder, captions through fashion-pairs-clip-minilm's
+                              text tower: any wording, personalisable (DreamBooth, LoRA)
     fashion-mnist-classes     class-conditional Fashion-MNIST (pixel space)
 
     .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300]
@@ -37,7 +40,13 @@ from difflab.latent.autoencoder import LATENT, RECONSTRUCTION, rebased  # noqa: 
 from difflab.runs import shipped  # noqa: E402
 from difflab.runs.ship import ship  # noqa: E402
 from difflab.runs.store import weights_step  # noqa: E402
-from difflab.text.clip import CLIP_REPORT, clip_report  # noqa: E402
+from difflab.text.clip import (  # noqa: E402
+    CLIP_REPORT,
+    ClipRun,
+    clip_figures,
+    clip_report,
+    unseen_phrasing_swaps,
+)
 from difflab.text.encoders import rebased_text  # noqa: E402
 
 ROOT = RUNS / "ship"
@@ -47,11 +56,15 @@ MODELS = (
     "fashion-pairs-t2i",
     "fashion-pairs-t2i-minilm",
     "fashion-mnist-classes",
+    "fashion-pairs-clip-minilm",
+    "fashion-pairs-t2i-open",
 )
 NEEDS = {
     "fashion-pairs-t2i": ("fashion-pairs-ae", "fashion-pairs-clip"),
     "fashion-pairs-t2i-minilm": ("fashion-pairs-ae",),
+    "fashion-pairs-t2i-open": ("fashion-pairs-ae", "fashion-pairs-clip-minilm"),
 }
+CLIP_OF = {"fashion-pairs-t2i": "fashion-pairs-clip", "fashion-pairs-t2i-open": "fashion-pairs-clip-minilm"}
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -94,6 +107,36 @@ def commands(args) -> dict[str, list[str]]:
             f"{r}/t2i",
             "--steps",
             str(args.minilm_steps),
+        ],
+        "fashion-pairs-clip-minilm": [
+            "train-clip",
+            "fashion-pairs",
+            "--init",
+            "minilm",
+            "--tune",
+            "lora",
+            "--caption-variants",
+            "4",
+            "--out",
+            f"{r}/clip-minilm",
+            "--steps",
+            str(args.clip_minilm_steps),
+            *device(args),
+        ],
+        "fashion-pairs-t2i-open": [
+            "train",
+            "fashion-pairs",
+            "--latent",
+            "fashion-pairs-ae",  # the shipped one: the model reads the latents users get
+            "--text",
+            f"clip:{r}/clip-minilm",
+            "--out",
+            f"{r}/t2i-open",
+            "--batch-size",
+            str(args.open_batch),
+            "--steps",
+            str(args.open_steps),
+            *device(args),
         ],
         "fashion-mnist-classes": [
             "train",
@@ -165,6 +208,24 @@ def clip_figures_of(run: Path) -> dict:
     }
 
 
+CHECK_N = 300  # the suite's seconds-long check of a shipped CLIP (tests/test_shipped.py)
+
+
+def clip_check_figures(run: Path, unseen: bool) -> dict:
+    """clip_figures on the first CHECK_N test images, and with ``unseen`` the side-swap discrimination of the same
+    images captioned in the two phrasing sets no training caption uses (data.pairs.caption, phrasing by image)."""
+    test = load_images("fashion-pairs", "test")
+    got = clip_figures(run, test, n=CHECK_N)
+    out = {
+        "what": "clip_figures on the first n test images (the suite's seconds-long check of these weights)",
+        "n": CHECK_N,
+        **{k: got[k] for k in ("image_to_caption", "caption_to_image", "swap_discrimination", "attribute_probe")},
+    }
+    if unseen:
+        out |= unseen_phrasing_swaps(ClipRun.load(run).clip, test, CHECK_N)
+    return out
+
+
 def class_figures(run: Path, n: int, scale: float) -> dict:
     r = evaluate(run, n=n, guidance=GuidanceConfig(scale=scale), bpd_n=0, progress=False)
     return {"scale": scale, "class_accuracy": round(r["classes"]["accuracy"], 4), "fd": round(r["fd"], 4), "n": n}
@@ -177,6 +238,9 @@ def main(argv=None) -> None:
     p.add_argument("--clip-steps", type=int, default=2000)
     p.add_argument("--t2i-steps", type=int, default=4720, help="fashion-pairs-t2i's steps (batch 256)")
     p.add_argument("--minilm-steps", type=int, default=5000)
+    p.add_argument("--clip-minilm-steps", type=int, default=1000)
+    p.add_argument("--open-steps", type=int, default=8000, help="fashion-pairs-t2i-open's steps")
+    p.add_argument("--open-batch", type=int, default=64, help="fashion-pairs-t2i-open's batch")
     p.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -216,26 +280,28 @@ def main(argv=None) -> None:
                 "figures": {k: rec[k] for k in ("psnr", "rfd") if k in rec},
             }
             ship(run, name, recipe, extra_files=(LATENT, RECONSTRUCTION))
-        elif name == "fashion-pairs-clip":
+        elif name in ("fashion-pairs-clip", "fashion-pairs-clip-minilm"):
+            tower = (
+                "a small transformer on the captions' 25 words"
+                if name == "fashion-pairs-clip"
+                else "MiniLM tuned by rank-8 LoRA, each image also with 4 rephrased captions: any wording"
+            )
             recipe |= {
-                "what": "CLIP of fashion-pairs (attention pool, side hard negatives): a text encoder, `--text "
-                "clip:fashion-pairs-clip`",
+                "what": f"CLIP of fashion-pairs (attention pool, side hard negatives; text tower {tower}): a text "
+                f"encoder, `--text clip:{name}`",
                 "figures": clip_figures_of(run),
+                "check_figures": clip_check_figures(run, unseen=name == "fashion-pairs-clip-minilm"),
             }
             ship(run, name, recipe, extra_files=(CLIP_REPORT,))
-        elif name in ("fashion-pairs-t2i", "fashion-pairs-t2i-minilm"):
-            clip = name == "fashion-pairs-t2i"
+        elif name in ("fashion-pairs-t2i", "fashion-pairs-t2i-minilm", "fashion-pairs-t2i-open"):
+            clip = CLIP_OF.get(name)
             recipe |= {
                 "what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), "
-                + (
-                    "captions through fashion-pairs-clip's text tower"
-                    if clip
-                    else "MiniLM captions (any phrasing; personalisation's base)"
-                ),
-                "figures": text_figures(run, args.n, args.scales),
+                + (f"captions through {clip}'s text tower" if clip else "MiniLM captions (any phrasing)"),
+                "figures": text_figures(run, args.n, args.scales, reworded=name == "fashion-pairs-t2i-open"),
             }
             config = rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae")
-            ship(run, name, recipe, config=rebased_text(config, "fashion-pairs-clip") if clip else config)
+            ship(run, name, recipe, config=rebased_text(config, clip) if clip else config)
         else:
             recipe |= {
                 "what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",

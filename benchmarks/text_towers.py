@@ -95,20 +95,22 @@ def worded(attributes, phrasing: int, colours, nouns) -> str:
 def tower_figures(run: Path, n: int, probe_n: int) -> dict:
     import torch
 
-    from difflab.data.images import to_model
-    from difflab.data.pairs import ATTRIBUTES, COLOURS, NEW_PHRASINGS, NOUNS, PHRASINGS, REWORDED_PHRASINGS, make_pairs
-    from difflab.text.clip import ClipRun, attribute_probe, swap_discrimination
+    from difflab.data.images import load_images, to_model
+    from difflab.data.pairs import ATTRIBUTES, COLOURS, NOUNS
+    from difflab.text.clip import ClipRun, attribute_probe, swap_discrimination, unseen_phrasing_swaps
 
     torch.manual_seed(0)
-    test = make_pairs("test")
+    test = load_images("fashion-pairs", "test")
     clip = ClipRun.load(run).clip
     x, attrs = to_model(test.images[:n]), test.attributes[:n]
-    out = {"swap": {"training phrasings": swap_discrimination(clip, x, test.captions[:n])}}
-    first = len(PHRASINGS)
-    for name, count in (("new phrasings", len(NEW_PHRASINGS)), ("reworded", len(REWORDED_PHRASINGS))):
-        captions = [worded(a, first + i % count, None, None) for i, a in enumerate(attrs.tolist())]
-        out["swap"][name] = swap_discrimination(clip, x, captions)
-        first += count
+    unseen = unseen_phrasing_swaps(clip, test, n)
+    out = {
+        "swap": {
+            "training phrasings": swap_discrimination(clip, x, test.captions[:n]),
+            "new phrasings": unseen["swap_new_phrasings"],
+            "reworded": unseen["swap_reworded"],
+        }
+    }
     sizes = [len(NOUNS), len(COLOURS), len(NOUNS), len(COLOURS)]
     out["unseen words"] = {
         kind: attribute_probe(

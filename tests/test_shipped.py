@@ -212,6 +212,27 @@ def test_the_shipped_clip_reproduces_its_recorded_check_figures():
     assert got["swap_discrimination"] >= 0.95  # issue 23: the encoder tells a caption from its side swap
 
 
+@pytest.mark.slow
+def test_the_shipped_open_vocabulary_clip_reads_the_sides_in_words_it_never_trained_on():
+    """fashion-pairs-clip-minilm (MiniLM + LoRA + caption variants): the recipe's figures on the first n test images
+    reproduce, in the training phrasings and in the two sets no training caption uses (benchmarks/ship_models.py:
+    text.clip.unseen_phrasing_swaps); and it tells a caption from its side swap in all three."""
+    from difflab.data.images import load_images
+    from difflab.text.clip import ClipRun, clip_figures, unseen_phrasing_swaps
+
+    name = "fashion-pairs-clip-minilm"
+    if name not in shipped.names():
+        pytest.skip(f"{name} is not in this checkout")
+    check = shipped.recipe(name)["check_figures"]
+    test = load_images("fashion-pairs", "test")
+    got = clip_figures(name, test, n=check["n"]) | unseen_phrasing_swaps(ClipRun.load(name).clip, test, check["n"])
+    one = 1 / check["n"]  # an image more or less
+    for k in ("swap_discrimination", "swap_new_phrasings", "swap_reworded", "caption_to_image", "image_to_caption"):
+        assert got[k] == pytest.approx(check[k], abs=one), k
+    assert got["attribute_probe"] == pytest.approx(check["attribute_probe"], abs=one)
+    assert got["swap_discrimination"] >= 0.95 and min(got["swap_new_phrasings"], got["swap_reworded"]) >= 0.8
+
+
 def test_the_shipped_clip_model_refuses_personalisation_and_names_the_one_that_takes_it(tmp_path, capsys):
     if not {"fashion-pairs-t2i", "fashion-pairs-t2i-minilm"} <= set(shipped.names()):
         pytest.skip("the shipped text models are not in this checkout")

@@ -28,7 +28,18 @@ from ..core.conditions import ConditionSpec
 from ..core.losses import ContrastiveLoss
 from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
-from ..data.pairs import ALL_PHRASINGS, ATTRIBUTES, AUGMENT_PHRASINGS, COLOURS, NOUNS, caption, parse_caption
+from ..data.pairs import (
+    ALL_PHRASINGS,
+    ATTRIBUTES,
+    AUGMENT_PHRASINGS,
+    COLOURS,
+    NEW_PHRASINGS,
+    NOUNS,
+    PHRASINGS,
+    REWORDED_PHRASINGS,
+    caption,
+    parse_caption,
+)
 from ..io import atomic_path
 from ..nets.clip import Clip, ClipConfig
 from ..nets.pretrained_text import PretrainedTextConfig, load_minilm, minilm_sha256
@@ -250,6 +261,20 @@ def swap_discrimination(clip: Clip, images: Tensor, captions: Sequence[str], bat
     own = clip_scores(clip, images[keep], [captions[i] for i in keep], batch)
     swapped = clip_scores(clip, images[keep], [swap_sides(captions[i]) for i in keep], batch)
     return float((own > swapped).float().mean())
+
+
+def unseen_phrasing_swaps(clip: Clip, test: ImageSet, n: int) -> dict[str, float]:
+    """Side-swap discrimination of the first ``n`` fashion-pairs test images with their attributes said in the two
+    phrasing sets no training caption uses, data.pairs.NEW_PHRASINGS and REWORDED_PHRASINGS (image i in the set's
+    phrasing i mod its size): does the tower read the sides, or the training templates?"""
+    if test.attributes is None:
+        raise TextError("unseen phrasings say fashion-pairs' attributes: they need its test split")
+    x, rows = to_model(test.images[:n]), test.attributes[:n].tolist()
+    first, out = len(PHRASINGS), {}
+    for key, count in (("swap_new_phrasings", len(NEW_PHRASINGS)), ("swap_reworded", len(REWORDED_PHRASINGS))):
+        out[key] = swap_discrimination(clip, x, [caption(a, first + i % count) for i, a in enumerate(rows)])
+        first += count
+    return out
 
 
 def clip_report(run: str | Path, test: ImageSet, n: int = 2000, group: int = GROUP) -> dict:
