@@ -3,8 +3,9 @@
 The subject is one Fashion-MNIST sneaker of the test split (never seen in training), in 4 tints, each beside
 another item (`difflab subject --class-word sneaker`). The base is the shipped text-to-image model
 fashion-pairs-t2i-minilm (latent, MiniLM); textual inversion needs a joint encoder (MiniLM's is frozen outside the
-model), so it runs over a joint base trained here with `--joint-minutes` (0: not run). Each variant is
-`difflab personalize` through personalize.personalize.
+model), so it runs over a joint base trained here with `--joint-minutes` (0: not run). `--base NAME` runs every
+method over another shipped model instead (a model on a CLIP with a pretrained tower takes textual inversion
+too). Each variant is `difflab personalize` through personalize.personalize.
 
 Measured on --n new compositions of the subject (a random tint and side, another class in a random colour
 in the other half) sampled at the base's scale (s = 5, dpmpp-2m, 20 steps):
@@ -28,6 +29,8 @@ Targets (issue 24): LoRA G >= 0.6, DreamBooth G >= 0.7, textual inversion G >= 0
 the base at the default rank.
 
     .venv/bin/python benchmarks/personalization.py [--n 200] [--n-plain 300] [--joint-minutes 8]
+    .venv/bin/python benchmarks/personalization.py --base fashion-pairs-t2i-open \
+        --only dreambooth-prior1 lora-prior1 textual-inversion      # all three over a model on a pretrained tower
 
 Writes benchmarks/results/personalization.md, .json and .png; runs in benchmarks/runs/personalization/
 (finished variants are not retrained, killed ones resume, evaluations are cached in evals.json).
@@ -79,6 +82,15 @@ JOINT = ROOT / "joint-base"  # textual inversion's base (a joint encoder), train
 JOINT_STEPS = 2500
 SCALE = 5.0  # the shipped base's recorded best scale; the joint base is sampled at the same
 CLASS = "sneaker"
+TI_ON_BASE = False  # --base: textual inversion over the same base (a CLIP with a pretrained tower takes it)
+
+
+def use_base(name: str) -> None:
+    """--base NAME: every method over the shipped model NAME, runs and results named after it."""
+    global SHIPPED_BASE, NAME, ROOT, JOINT, TI_ON_BASE
+    SHIPPED_BASE, NAME, TI_ON_BASE = name, f"personalization_{name}", True
+    ROOT = RUNS / NAME
+    JOINT = ROOT / "joint-base"
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class Variant:
 
     @property
     def base(self) -> str:
-        return "joint" if self.method == "textual-inversion" else "shipped"
+        return "joint" if self.method == "textual-inversion" and not TI_ON_BASE else "shipped"
 
     @property
     def name(self) -> str:
@@ -300,7 +312,14 @@ def main(argv=None) -> None:
         help="train textual inversion's joint base for up to this long (0: skip it)",
     )
     p.add_argument("--only", nargs="*", help="only these variants (names as in the table)")
+    p.add_argument(
+        "--base",
+        help="personalise this shipped text model instead, textual inversion included (a model on a CLIP with a "
+        "pretrained tower takes all three methods); runs and results named personalization_BASE",
+    )
     args = p.parse_args(argv)
+    if args.base:
+        use_base(args.base)
     torch.set_num_threads(2)
     load_start, busy_start = load_average(), busy_processes()
     subject = make_subject(CLASS, n=4)

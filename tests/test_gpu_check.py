@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from difflab.data.images import DataError, load_images
+from difflab.training.loop import native_bf16
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
@@ -25,9 +27,12 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert module.main(["--device", "cpu", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert len(parts) == 7 and all(p["ok"] for p in parts.values()), parts
+    low = module.low_precision("cpu")  # bf16 where this CPU computes it natively, else fp32 (emulated: 50x slower)
+    assert low == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     step = parts["the training step (issue 33)"]
-    assert step["syncs"].startswith("skipped") and all(step[p]["loop_images_s"] > 0 for p in ("fp32", "bf16"))
-    assert parts["the bf16 run resumed on the CPU"]["to_step"] == 6
+    assert step["syncs"].startswith("skipped") and all(step[p]["loop_images_s"] > 0 for p in ("fp32", low))
+    assert parts[f"fashion-mnist preset, {low}"]["steps"] == 4
+    assert parts[f"the {low} run resumed on the CPU"]["to_step"] == 6
     assert "skipped" in parts["2-rank NCCL"] and "skipped" in parts["fashion-mnist preset, fp16"]
     points = parts["quality_vs_nfe, smallest size"]["points"]
     assert {(p["sampler"], p["nfe"]) for p in points} >= {("dpmpp-2m", 5), ("ddim", 5)} and all(
