@@ -328,7 +328,7 @@ def main(argv=None) -> None:
     sticks = Yardsticks(subject, args.n, args.n_plain)
     book_path = ROOT / "evals.json"
     book = json.loads(book_path.read_text()) if book_path.exists() else {}
-    has_joint = joint_base(args.joint_minutes)
+    has_joint = not TI_ON_BASE and joint_base(args.joint_minutes)  # --base: textual inversion runs over it
     judge = load_feature_net("fashion-pairs").fingerprint()[:12]  # prompt fidelity's judge: a new one measures anew
     version = f"v4 id={sticks.id_net.fingerprint()[:12]} judge={judge} n={args.n}/{args.n_plain}"
     rows = {}

@@ -10,7 +10,7 @@ weights only; a model on another records it by shipped name and fingerprint):
     fashion-pairs-t2i-minilm  the same on MiniLM captions (reads new phrasings; personalisation's base)
     fashion-pairs-clip-minilm a CLIP whose text tower is MiniLM tuned by LoRA with 4 caption variants (issue 32)
     fashion-pairs-t2i-open    latent text-to-image on the autoencoder, captions through fashion-pairs-clip-minilm's
-                              text tower: any wording, personalisable (DreamBooth, LoRA)
+                              text tower: any wording, personalisable (DreamBooth, LoRA, textual inversion)
     fashion-mnist-classes     class-conditional Fashion-MNIST (pixel space)
 
     .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300]

@@ -7,10 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from difflab.data.images import DataError, load_images
-from difflab.training.loop import native_bf16
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
@@ -28,7 +26,6 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert len(parts) == 7 and all(p["ok"] for p in parts.values()), parts
     low = module.low_precision("cpu")  # bf16 where this CPU computes it natively, else fp32 (emulated: 50x slower)
-    assert low == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     step = parts["the training step (issue 33)"]
     assert step["syncs"].startswith("skipped") and all(step[p]["loop_images_s"] > 0 for p in ("fp32", low))
     assert parts[f"fashion-mnist preset, {low}"]["steps"] == 4

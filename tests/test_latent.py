@@ -239,6 +239,8 @@ def test_a_captioned_folder_reads_metadata_jsonl(tmp_path):
 def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image_alike(tmp_path):
     """metadata.jsonl's "text" may be a list (COCO gives five): the first is the image's caption, and a text model's
     training data holds every (image, caption) pair, each image K times (K the most captions any image has)."""
+    from dataclasses import replace
+
     from PIL import Image
 
     from difflab.data.images import read_captioned_folder
@@ -274,6 +276,11 @@ def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image
     cfg = with_text(cfg, record, width, joint.to_dict())
     ds = training_data(cfg)
     assert len(ds) == 27 and torch.equal(ds.x[9:18], train_split.images[torch.arange(9)]) and "tokens" in ds.cond
+    ids, _ = joint.tokenize(["grey 1", "level 1", "grey 2", "shade 2"])  # pair j * 9 + i: image i, caption j mod k_i
+    for pair, row in ((1, 0), (10, 1), (19, 0), (2, 2), (20, 3)):
+        assert torch.equal(ds.cond["tokens"][pair], ids[row]), pair
+    with pytest.raises(DataError, match="caption set must start with its caption"):
+        replace(train_split, caption_sets=[("other",), *train_split.caption_sets[1:]])
 
     clip = clip_data(clip_config(cfg, train_split.every_caption()), train_split)
     assert len(clip) == 27 and torch.equal(clip.x, train_split.images.repeat(3, 1, 1, 1))

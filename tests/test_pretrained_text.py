@@ -223,6 +223,15 @@ def textual_inversion_through_the_tower(t2i, tmp_path, capsys):
         tmp_path / "ti.png",
     )
     assert code == 0 and (tmp_path / "ti.png").exists(), err
+    ids = text_condition(run.config, ["a SKS_square", "a sksx square"])["tokens"][:, 2].tolist()
+    assert ids == [30522, 15315]  # the identifier as captions split words: "sks_square" holds it, "sksx" does not
+    for argv in (
+        ["export", out, "--format", "onnx", "--out", tmp_path / "onnx"],
+        ["distill", out, "--method", "progressive", "--out", tmp_path / "student", "--steps", 1],
+    ):
+        code, err = cli(capsys, *argv)
+        assert code == 2 and "inside the network (textual inversion)" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "onnx").exists() and not (tmp_path / "student").exists()
 
 
 def test_caption_variants_say_the_same_attributes_in_phrasings_no_figure_uses():

@@ -90,6 +90,12 @@ def check_exportable(run: DiffusionRun) -> None:
         raise ExportError(
             f"{run.path} has a learned noise schedule (a network inside the run): only fixed schedules are exported"
         )
+    p = cfg.personalize
+    if p is not None and p.method == "textual-inversion" and cfg.text is not None and cfg.text.kind == "clip":
+        raise ExportError(
+            f"{run.path} reads its captions through its CLIP's pretrained text tower inside the network (textual "
+            "inversion): exporting that tower is not built"
+        )
     unknown = sorted(set(getattr(run.net, "accepts", frozenset())) - set(CONDITION_INPUTS) - set(TRAINING_ONLY))
     if unknown:
         raise ExportError(f"{run.path}'s network takes {', '.join(unknown)}, which an export does not know")

@@ -133,7 +133,7 @@ class PretrainedText(nn.Module):
         for m in self.model.modules():  # no dropout: the same caption reads the same in training and after
             if isinstance(m, nn.Dropout):
                 m.p = 0.0
-        self.width = self.model.config.hidden_size
+        self.width, self.vocabulary = self.model.config.hidden_size, self.model.config.vocab_size
         layers = self.model.config.num_hidden_layers
         k = tuned_layers(cfg.tune, layers)
         if cfg.tune == "lora":
@@ -186,12 +186,12 @@ class PretrainedText(nn.Module):
         """Each caption's ids, [CLS] ... [SEP]; a word of ``new_words`` (whole, any case) is one new id."""
         if not new_words:
             return self.tokenizer(captions, truncation=False)["input_ids"]
-        vocabulary, index = len(self.tokenizer), {w.lower(): j for j, w in enumerate(new_words)}
-        pattern = re.compile(r"(?i)\b(" + "|".join(map(re.escape, new_words)) + r")\b")
+        vocabulary, index = self.vocabulary, {w.lower(): j for j, w in enumerate(new_words)}
+        pattern = identifier_pattern(new_words)
         out = []
         for c in captions:
             parts = pattern.split(c)  # text, word, text, word, ..., text
-            pieces = self.tokenizer(parts[0::2], add_special_tokens=False)["input_ids"]
+            pieces = self.tokenizer(parts[0::2], add_special_tokens=False, truncation=False)["input_ids"]
             row = [self.tokenizer.cls_token_id, *pieces[0]]
             for word, text in zip(parts[1::2], pieces[1:]):
                 row += [vocabulary + index[word.lower()], *text]
@@ -208,15 +208,14 @@ class PretrainedText(nn.Module):
         if ids.shape[1] > self.limit:
             raise TextError(f"{ids.shape[1]} tokens given; MiniLM reads at most {self.limit}")
         attend = mask | ~mask.any(dim=1, keepdim=True)  # the empty caption attends to its pads; the caller drops it
-        vocabulary = self.model.config.vocab_size
-        new = ids >= vocabulary
-        if new_rows is None or not new.any():
-            if new.any():
+        if new_rows is None:
+            if ids.max() >= self.vocabulary:
                 raise TextError("a caption holds a new word, and no vectors were given for it")
             h = self.model(input_ids=ids, attention_mask=attend.long()).last_hidden_state
-        else:
-            words = self.model.get_input_embeddings()(ids.clamp(max=vocabulary - 1))  # (B, L, width)
-            rows = new_rows.to(words.dtype)[(ids - vocabulary).clamp(0, len(new_rows) - 1)]
+        else:  # always this path when rows are given: they stay in the graph even in a batch without a new word
+            new = ids >= self.vocabulary
+            words = self.model.get_input_embeddings()(ids.clamp(max=self.vocabulary - 1))  # (B, L, width)
+            rows = new_rows.to(words.dtype)[(ids - self.vocabulary).clamp(0, len(new_rows) - 1)]
             embeds = torch.where(new.unsqueeze(-1), rows, words)
             h = self.model(inputs_embeds=embeds, attention_mask=attend.long()).last_hidden_state
         if self.config.tune == "head":
@@ -227,6 +226,13 @@ class PretrainedText(nn.Module):
         h = self(ids, mask)  # (B, L, width)
         m = mask.unsqueeze(-1).to(h.dtype)  # (B, L, 1)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)  # (B, width)
+
+
+def identifier_pattern(words: Sequence[str]) -> re.Pattern:
+    """A regex finding any of ``words`` as a whole word the way captions are split into words for the identifier
+    check (nets.text.words: runs of letters and digits, so "sks_x" holds "sks" and "sks1" does not), any case;
+    split() on it alternates text and word."""
+    return re.compile(r"(?i)(?<![a-z0-9])(" + "|".join(map(re.escape, words)) + r")(?![a-z0-9])")
 
 
 def _drop_frozen(module: PretrainedText, state: dict, prefix: str, local_metadata) -> None:

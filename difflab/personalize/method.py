@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..core.conditions import ConditionSpec
+from ..core.processes import has_parameters
 from ..data.images import read_captioned_folder, to_model, to_uint8
 from ..data.loader import TensorDataset
 from ..guidance.config import GuidanceConfig
@@ -105,6 +106,11 @@ def check_base(cfg: RunConfig, run, method: str, tokens: Sequence[str] = ()) -> 
             f"{run} reads text through the frozen CLIP run {cfg.text.run}, whose vocabulary has no identifier "
             "(it would read as <unk>); personalise a minilm or joint run, or one on a CLIP trained with --init minilm"
             + _shipped_alternatives(cfg.dataset)
+        )
+    if method == "textual-inversion" and kind == "clip" and has_parameters(cfg.process):
+        raise PersonalizeError(
+            f"{run} has a learned noise schedule; textual inversion through its CLIP's tower is not built for it "
+            "(use --method dreambooth or lora)"
         )
     if method == "textual-inversion" and kind == "minilm":
         raise PersonalizeError(

@@ -29,7 +29,6 @@ contribution is exactly zero), so "" and a dropped caption are the same input.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..nets.pretrained_text import MINILM_LIMIT, MINILM_PACKAGE, load_minilm, minilm_sha256
+from ..nets.pretrained_text import MINILM_LIMIT, MINILM_PACKAGE, identifier_pattern, load_minilm, minilm_sha256
 from ..nets.text import SPECIALS, TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TextRecord, load_config
 from ..runs.shipped import from_record, recorded_path
@@ -312,7 +311,7 @@ def as_read(cfg: RunConfig, captions: Sequence[str]) -> list[str]:
     p = cfg.personalize
     if p is None or p.vectors <= 1:
         return captions
-    return [re.sub(rf"(?i)\b{re.escape(p.token)}\b", " ".join(p.tokens), c) for c in captions]
+    return [identifier_pattern([p.token]).sub(" ".join(p.tokens), c) for c in captions]
 
 
 def text_condition(

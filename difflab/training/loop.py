@@ -103,11 +103,12 @@ def check_precision(precision: Precision, device: torch.device) -> None:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively: a CUDA GPU that supports it, or a CPU whose oneDNN has bf16
-    kernels (AVX-512 or AMX). Elsewhere (an AVX2 CPU: most laptops) PyTorch's bf16 matmul falls back to a
-    generic loop, about 50x slower than float32 (benchmarks/README.md)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    """Whether ``device`` computes bf16 natively: a CUDA GPU of compute capability 8 or more (Ampere on; a T4 or
+    V100 emulates it), or a CPU whose oneDNN has bf16 kernels (AVX-512 or AMX). Elsewhere (an AVX2 CPU: most
+    laptops) PyTorch's bf16 matmul falls back to a generic loop, about 50x slower than float32
+    (benchmarks/precision.py)."""
+    if device.type == "cuda":  # compute capability 8 (Ampere) on: bf16 tensor cores; older cards emulate it
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type == "cpu":
         try:
             return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -130,7 +131,7 @@ def describe_precision(precision: Precision, device: torch.device) -> str:
     used = resolve_precision(precision, device)
     if precision == "auto":
         return f"auto precision ({used} on this {device.type})"
-    if used == "bf16" and not native_bf16(device):
+    if used == "bf16" and device.type in ("cpu", "cuda") and not native_bf16(device):
         return f"bf16 (emulated on this {device.type}, much slower than fp32: --precision auto picks fp32 here)"
     return used
 
