@@ -147,14 +147,15 @@ def test_difflab_models_lists_and_explains(tiny_toy_run, package, capsys):
 
 
 def test_the_package_models():
-    """Whatever ships in this checkout: its weights are the ones its recipe names, and all of them fit in 25 MB."""
+    """Whatever ships in this checkout: its weights are the ones its recipe names, and all of them fit in 30 MB (25 MB
+    until the open-vocabulary pair, fashion-pairs-clip-minilm and fashion-pairs-t2i-open, joined: 28.6 MB)."""
     total = 0
     for r in shipped.catalogue():
         folder = shipped.SHIPPED_DIR / r["name"]
         assert file_sha256(latest_checkpoint(folder) / WEIGHTS) == r["weights_sha256"], r["name"]
         assert r["commands"], r["name"]
         total += r["bytes"]
-    assert total <= 25 * 10**6
+    assert total <= 30 * 10**6
 
 
 @pytest.mark.slow
@@ -214,9 +215,12 @@ def test_the_shipped_clip_reproduces_its_recorded_check_figures():
 
 @pytest.mark.slow
 def test_the_shipped_open_vocabulary_clip_reads_the_sides_in_words_it_never_trained_on():
-    """fashion-pairs-clip-minilm (MiniLM + LoRA + caption variants): the recipe's figures on the first n test images
-    reproduce, in the training phrasings and in the two sets no training caption uses (benchmarks/ship_models.py:
-    text.clip.unseen_phrasing_swaps); and it tells a caption from its side swap in all three."""
+    """fashion-pairs-clip-minilm (MiniLM + LoRA + caption variants): the recipe's retrieval and side-swap figures on
+    the first n test images reproduce, in the training phrasings and in the two sets no training caption uses
+    (text.clip.unseen_phrasing_swaps); it tells a caption from its side swap in all three. (The attribute probe,
+    15600 captions through MiniLM, is left to benchmarks/shipped_figures.py.)"""
+    from dataclasses import replace
+
     from difflab.data.images import load_images
     from difflab.text.clip import ClipRun, clip_figures, unseen_phrasing_swaps
 
@@ -224,13 +228,12 @@ def test_the_shipped_open_vocabulary_clip_reads_the_sides_in_words_it_never_trai
     if name not in shipped.names():
         pytest.skip(f"{name} is not in this checkout")
     check = shipped.recipe(name)["check_figures"]
-    test = load_images("fashion-pairs", "test")
-    got = clip_figures(name, test, n=check["n"]) | unseen_phrasing_swaps(ClipRun.load(name).clip, test, check["n"])
-    one = 1 / check["n"]  # an image more or less
+    n, test = check["n"], load_images("fashion-pairs", "test")
+    first = replace(test.subset(torch.arange(n)), attributes=None)  # no probe
+    got = clip_figures(name, first, n=n) | unseen_phrasing_swaps(ClipRun.load(name).clip, test, n)
     for k in ("swap_discrimination", "swap_new_phrasings", "swap_reworded", "caption_to_image", "image_to_caption"):
-        assert got[k] == pytest.approx(check[k], abs=one), k
-    assert got["attribute_probe"] == pytest.approx(check["attribute_probe"], abs=one)
-    assert got["swap_discrimination"] >= 0.95 and min(got["swap_new_phrasings"], got["swap_reworded"]) >= 0.8
+        assert got[k] == pytest.approx(check[k], abs=1 / n), k  # an image more or less
+    assert got["swap_discrimination"] >= 0.97 and min(got["swap_new_phrasings"], got["swap_reworded"]) >= 0.95
 
 
 def test_the_shipped_clip_model_refuses_personalisation_and_names_the_one_that_takes_it(tmp_path, capsys):
