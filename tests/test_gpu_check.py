@@ -25,7 +25,9 @@ def test_the_gpu_check_runs_every_part_on_the_cpu(tmp_path):
     assert module.main(["--device", "cpu", "--work", str(tmp_path / "work"), "--out", str(tmp_path)]) == 0
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert len(parts) == 7 and all(p["ok"] for p in parts.values()), parts
-    low = module.low_precision("cpu")  # bf16 where this CPU computes it natively, else fp32 (emulated: 50x slower)
+    low = module.low_precision(
+        "cpu"
+    )  # bf16 where this CPU computes it natively, else fp32 (emulated: 60-90x slower matmuls)
     step = parts["the training step (issue 33)"]
     assert step["syncs"].startswith("skipped") and all(step[p]["loop_images_s"] > 0 for p in ("fp32", low))
     assert parts[f"fashion-mnist preset, {low}"]["steps"] == 4

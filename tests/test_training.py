@@ -77,7 +77,7 @@ def test_warmup_is_linear_then_constant_or_a_cosine_to_zero():
 
 def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
     """'auto' (the image presets' precision) trains in bf16 where it is native and in fp32 where PyTorch would
-    emulate it (an AVX2 CPU: its bf16 matmul is a generic loop, about 50x slower); explicit bf16 is kept, with a
+    emulate it (an AVX2 CPU: its bf16 matmul is a generic loop, 60-90x slower); explicit bf16 is kept, with a
     warning in the start line."""
     from difflab.training import loop
 

@@ -105,7 +105,7 @@ def check_precision(precision: Precision, device: torch.device) -> None:
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU of compute capability 8 or more (Ampere on; a T4 or
     V100 emulates it), or a CPU whose oneDNN has bf16 kernels (AVX-512 or AMX). Elsewhere (an AVX2 CPU: most
-    laptops) PyTorch's bf16 matmul falls back to a generic loop, about 50x slower than float32
+    laptops) PyTorch's bf16 matmul falls back to a generic loop, 60-90x slower than float32
     (benchmarks/precision.py)."""
     if device.type == "cuda":  # compute capability 8 (Ampere) on: bf16 tensor cores; older cards emulate it
         return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
