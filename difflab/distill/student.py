@@ -222,8 +222,7 @@ def check_teacher(cfg: RunConfig, run, method: str, teacher_steps: int, steps_to
         raise DistillError(f"{run} is a super-resolution run; distil a run that samples from noise alone")
     if cfg.lora is not None:
         raise DistillError(f"{run} holds LoRA adapters; distil its base run")
-    p = cfg.personalize
-    if p is not None and p.method == "textual-inversion" and cfg.text is not None and cfg.text.kind == "clip":
+    if cfg.inverts_through_tower:
         raise DistillError(
             f"{run} learns its identifier through its CLIP's text tower inside the network (textual inversion); "
             "distilling such a run is not built: distil its base run"

@@ -90,8 +90,7 @@ def check_exportable(run: DiffusionRun) -> None:
         raise ExportError(
             f"{run.path} has a learned noise schedule (a network inside the run): only fixed schedules are exported"
         )
-    p = cfg.personalize
-    if p is not None and p.method == "textual-inversion" and cfg.text is not None and cfg.text.kind == "clip":
+    if cfg.inverts_through_tower:
         raise ExportError(
             f"{run.path} reads its captions through its CLIP's pretrained text tower inside the network (textual "
             "inversion): exporting that tower is not built"

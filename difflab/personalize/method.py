@@ -69,7 +69,7 @@ from .identifier import (
     with_tokens,
 )
 from .prior import PriorPreservationLoss, class_samples
-from .tower import ROWS, inverts_through_tower, wrap_net
+from .tower import ROWS, wrap_net
 
 METHODS = ("dreambooth", "lora", "textual-inversion")
 CLASS_IMAGES = "class_images.safetensors"
@@ -128,9 +128,9 @@ def personalized_config(
 ) -> RunConfig:
     """The run's config: the base's, with the identifier in the joint vocabulary, LoRA adapters for the lora
     method, the personalisation's caption dropout and a short fine-tuning schedule."""
-    cfg = with_tokens(base, p.tokens) if base.text.kind == "joint" else base
+    cfg = replace(with_tokens(base, p.tokens) if base.text.kind == "joint" else base, personalize=p)
     spec = cfg.text_spec()
-    if p.method == "textual-inversion" and base.text.kind == "clip":  # the network reads ids through the tower
+    if cfg.inverts_through_tower:  # the network reads the ids through the tower
         ids = ConditionSpec("tokens", "tensor", spec.p_drop, companions=("token_mask",))
         cfg = replace(cfg, conditions=[ids if c.name == spec.name else c for c in cfg.conditions])
         spec = ids
@@ -168,7 +168,7 @@ def initial_state(cfg: RunConfig, base_run) -> dict[str, Tensor]:
     and for LoRA fresh adapters (B = 0: the base function)."""
     p = cfg.personalize
     state = load_weights(base_run, "ema")
-    if inverts_through_tower(cfg):  # the base's U-Net behind the tower; the rows start at the class word's
+    if cfg.inverts_through_tower:  # the base's U-Net behind the tower; the rows start at the class word's
         net = cfg.build_net()
         load_into(net.net, state, base_run)
         with torch.no_grad():

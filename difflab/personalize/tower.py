@@ -65,16 +65,10 @@ def _fill_tower(module: TowerInput, state: dict, prefix: str, *rest) -> None:
         state.setdefault(f"{prefix}tower.{name}", value)
 
 
-def inverts_through_tower(cfg: RunConfig) -> bool:
-    """Whether ``cfg`` is textual inversion on a CLIP-conditioned run (the tower inside its network)."""
-    p = cfg.personalize
-    return p is not None and p.method == "textual-inversion" and cfg.text is not None and cfg.text.kind == "clip"
-
-
 def wrap_net(cfg: RunConfig, net: nn.Module) -> nn.Module:
     """A personalised run's network: for textual inversion on a CLIP-conditioned run, ``net`` behind its CLIP
     run's text tower (``TowerInput``); otherwise ``net`` itself."""
-    if not inverts_through_tower(cfg):
+    if not cfg.inverts_through_tower:
         return net
     loaded = ClipRun.load(clip_run_of(cfg.text))
     if loaded.fingerprint != cfg.text.fingerprint:

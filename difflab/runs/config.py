@@ -420,6 +420,13 @@ class RunConfig:
         """The run's text condition (``context`` or ``tokens``), or None when it reads no text."""
         return next((s for s in self.condition_specs() if s.name in ("context", "tokens")), None)
 
+    @property
+    def inverts_through_tower(self) -> bool:
+        """Textual inversion on a CLIP-conditioned run: its network reads the captions' ids through the CLIP's
+        pretrained tower, the identifier's new ids reading the learned rows (personalize/tower.py)."""
+        p = self.personalize
+        return p is not None and p.method == "textual-inversion" and self.text is not None and self.text.kind == "clip"
+
     # ------------------------------------------------------------------ building
 
     def build_process(self) -> Process:

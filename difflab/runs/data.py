@@ -76,15 +76,15 @@ def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool 
         raise DataError(
             f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.data_shape)}"
         )
-    index = None
+    take, captions = (lambda v: v), None  # noqa: E731
     if cfg.text is not None:
         if ds.captions is None:
             raise DataError(f"the run reads captions, and {cfg.dataset} has none")
         index, captions = ds.caption_pairs()  # an image with several captions: once per caption (in turn)
-        index = None if len(index) == len(ds) else index
-    take = (lambda v: v) if index is None else (lambda v: v[index])  # noqa: E731
+        if len(index) != len(ds):
+            take = lambda v: v[index]  # noqa: E731
     cond = {"class_labels": take(ds.labels)} if ds.labels is not None else {}
-    if cfg.text is not None:
+    if captions is not None:
         cond |= text_condition(cfg, captions, cfg.text.max_tokens)
     if cfg.super_resolution is not None:
         cond["low_res"] = take(low_res_of(ds.images, cfg.super_resolution.factor))

@@ -201,9 +201,8 @@ def encoder_of(cfg: RunConfig):
     if enc.record() != rec.encoder_record():
         what = "the installed MiniLM weights" if rec.kind == "minilm" else f"the CLIP run {rec.run}"
         raise TextError(f"{what} changed since this model was trained (fingerprint differs); retrain the model on them")
-    p = cfg.personalize
-    if rec.kind == "clip" and p is not None and p.method == "textual-inversion":
-        return InvertedClipText(enc, p.tokens)  # the network reads the ids through the tower (personalize/tower.py)
+    if cfg.inverts_through_tower:  # the network reads the ids through the tower (personalize/tower.py)
+        return InvertedClipText(enc, cfg.personalize.tokens)
     return enc
 
 

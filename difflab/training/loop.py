@@ -27,6 +27,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -102,6 +103,7 @@ def check_precision(precision: Precision, device: torch.device) -> None:
         raise ValueError("precision fp16 needs a CUDA device (it trains with a gradient scaler); use bf16 on the CPU")
 
 
+@cache  # autocast asks every micro-step; a device's answer does not change in a process
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU of compute capability 8 or more (Ampere on; a T4 or
     V100 emulates it), or a CPU whose oneDNN has bf16 kernels (AVX-512 or AMX). Elsewhere (an AVX2 CPU: most
