@@ -12,7 +12,7 @@ Four CLIP-style encoders on fashion-pairs, alike but for two switches (`difflab 
 Each is scored on the 2000 first test pairs: retrieval in groups of 100, the zero-shot attribute probe, and
 side-swap discrimination (how often an image is closer to its own caption than to its sides-swapped twin;
 a coin flip is 50 %). Then a latent text-to-image model (on the shipped fashion-pairs-ae, as the shipped
-fashion-pairs-t2i is built) is trained for --t2i-steps on the frozen text tower of today's encoder and of the
+fashion-pairs-t2i-words is built) is trained for --t2i-steps on the frozen text tower of today's encoder and of the
 best swap discriminator, and judged like the shipped model (benchmarks/ship_models.py's text_figures: all
 four right on seen and held-out compositions, either side, caption swap, at each scale of --scales).
 

@@ -29,7 +29,7 @@ Targets (issue 24): LoRA G >= 0.6, DreamBooth G >= 0.7, textual inversion G >= 0
 the base at the default rank.
 
     .venv/bin/python benchmarks/personalization.py [--n 200] [--n-plain 300] [--joint-minutes 8]
-    .venv/bin/python benchmarks/personalization.py --base fashion-pairs-t2i-open \
+    .venv/bin/python benchmarks/personalization.py --base fashion-pairs-t2i \
         --only dreambooth-prior1 lora-prior1 textual-inversion      # all three over a model on a pretrained tower
 
 Writes benchmarks/results/personalization.md, .json and .png; runs in benchmarks/runs/personalization/

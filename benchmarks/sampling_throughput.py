@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import ROOT, RUNS, header, load_average, md_table
 
-MODEL = "fashion-pairs-t2i"
+MODEL = "fashion-pairs-t2i-words"
 PROMPT = "a red shirt on the left and blue trousers on the right"
 TARGET = 1.5
 

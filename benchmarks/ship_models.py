@@ -6,15 +6,17 @@ weights only; a model on another records it by shipped name and fingerprint):
 
     fashion-pairs-ae          the KL autoencoder of fashion-pairs (factor 4, 4 latent channels)
     fashion-pairs-clip        a CLIP of fashion-pairs (attention pool, side hard negatives): a text encoder
-    fashion-pairs-t2i         latent text-to-image on the autoencoder, captions through fashion-pairs-clip's text tower
-    fashion-pairs-t2i-minilm  the same on MiniLM captions (reads new phrasings; personalisation's base)
+    fashion-pairs-t2i-words   latent text-to-image on the autoencoder, captions through fashion-pairs-clip's text
+                              tower (the training captions' words; the flagship's name until issue 32)
+    fashion-pairs-t2i-minilm  the same on frozen MiniLM captions
     fashion-pairs-clip-minilm a CLIP whose text tower is MiniLM tuned by LoRA with 4 caption variants (issue 32)
-    fashion-pairs-t2i-open    latent text-to-image on the autoencoder, captions through fashion-pairs-clip-minilm's
-                              text tower: any wording, personalisable (DreamBooth, LoRA, textual inversion)
+    fashion-pairs-t2i         the flagship: latent text-to-image on the autoencoder, captions through
+                              fashion-pairs-clip-minilm's text tower: any wording, personalisable (DreamBooth, LoRA,
+                              textual inversion); shipped as fashion-pairs-t2i-open until it took the name
     fashion-mnist-classes     class-conditional Fashion-MNIST (pixel space)
 
-    .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--classes-steps N] [--n 300]
-    [--device cuda]
+    .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--words-steps N]
+    [--classes-steps N] [--n 300] [--device cuda]
 
 Runs live in benchmarks/runs/ship/; the figures go into each recipe and benchmarks/results/shipped.json. A
 model whose run is not finished is trained first (hours on 2 CPU cores: give fewer steps to try it)."""
@@ -53,18 +55,18 @@ ROOT = RUNS / "ship"
 MODELS = (
     "fashion-pairs-ae",
     "fashion-pairs-clip",
-    "fashion-pairs-t2i",
+    "fashion-pairs-t2i-words",
     "fashion-pairs-t2i-minilm",
     "fashion-mnist-classes",
     "fashion-pairs-clip-minilm",
-    "fashion-pairs-t2i-open",
+    "fashion-pairs-t2i",
 )
 NEEDS = {
-    "fashion-pairs-t2i": ("fashion-pairs-ae", "fashion-pairs-clip"),
+    "fashion-pairs-t2i-words": ("fashion-pairs-ae", "fashion-pairs-clip"),
     "fashion-pairs-t2i-minilm": ("fashion-pairs-ae",),
-    "fashion-pairs-t2i-open": ("fashion-pairs-ae", "fashion-pairs-clip-minilm"),
+    "fashion-pairs-t2i": ("fashion-pairs-ae", "fashion-pairs-clip-minilm"),
 }
-CLIP_OF = {"fashion-pairs-t2i": "fashion-pairs-clip", "fashion-pairs-t2i-open": "fashion-pairs-clip-minilm"}
+CLIP_OF = {"fashion-pairs-t2i-words": "fashion-pairs-clip", "fashion-pairs-t2i": "fashion-pairs-clip-minilm"}
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -81,7 +83,7 @@ def commands(args) -> dict[str, list[str]]:
             str(args.clip_steps),
             *device(args),
         ],
-        "fashion-pairs-t2i": [
+        "fashion-pairs-t2i-words": [
             "train",
             "fashion-pairs",
             "--latent",
@@ -93,7 +95,7 @@ def commands(args) -> dict[str, list[str]]:
             "--batch-size",
             "256",
             "--steps",
-            str(args.t2i_steps),
+            str(args.words_steps),
             *device(args),
         ],
         "fashion-pairs-t2i-minilm": [
@@ -123,7 +125,7 @@ def commands(args) -> dict[str, list[str]]:
             str(args.clip_minilm_steps),
             *device(args),
         ],
-        "fashion-pairs-t2i-open": [
+        "fashion-pairs-t2i": [
             "train",
             "fashion-pairs",
             "--latent",
@@ -133,9 +135,9 @@ def commands(args) -> dict[str, list[str]]:
             "--out",
             f"{r}/t2i-open",
             "--batch-size",
-            str(args.open_batch),
+            str(args.t2i_batch),
             "--steps",
-            str(args.open_steps),
+            str(args.t2i_steps),
             *device(args),
         ],
         "fashion-mnist-classes": [
@@ -236,11 +238,11 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     p.add_argument("--ae-steps", type=int, default=1000)
     p.add_argument("--clip-steps", type=int, default=2000)
-    p.add_argument("--t2i-steps", type=int, default=4720, help="fashion-pairs-t2i's steps (batch 256)")
+    p.add_argument("--words-steps", type=int, default=4720, help="fashion-pairs-t2i-words's steps (batch 256)")
     p.add_argument("--minilm-steps", type=int, default=5000)
     p.add_argument("--clip-minilm-steps", type=int, default=1000)
-    p.add_argument("--open-steps", type=int, default=8000, help="fashion-pairs-t2i-open's steps")
-    p.add_argument("--open-batch", type=int, default=64, help="fashion-pairs-t2i-open's batch")
+    p.add_argument("--t2i-steps", type=int, default=6000, help="fashion-pairs-t2i's steps")
+    p.add_argument("--t2i-batch", type=int, default=64, help="fashion-pairs-t2i's batch")
     p.add_argument(
         "--device",
         choices=["cpu", "cuda"],
@@ -293,12 +295,12 @@ def main(argv=None) -> None:
                 "check_figures": clip_check_figures(run, unseen=name == "fashion-pairs-clip-minilm"),
             }
             ship(run, name, recipe, extra_files=(CLIP_REPORT,))
-        elif name in ("fashion-pairs-t2i", "fashion-pairs-t2i-minilm", "fashion-pairs-t2i-open"):
+        elif name in ("fashion-pairs-t2i-words", "fashion-pairs-t2i-minilm", "fashion-pairs-t2i"):
             clip = CLIP_OF.get(name)
             recipe |= {
                 "what": "text-to-image on fashion-pairs: latent (fashion-pairs-ae), "
                 + (f"captions through {clip}'s text tower" if clip else "MiniLM captions (any phrasing)"),
-                "figures": text_figures(run, args.n, args.scales, reworded=name == "fashion-pairs-t2i-open"),
+                "figures": text_figures(run, args.n, args.scales, reworded=name == "fashion-pairs-t2i"),
             }
             config = rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae")
             ship(run, name, recipe, config=rebased_text(config, clip) if clip else config)
