@@ -67,7 +67,7 @@ from difflab.evaluation.identity import (
 )  # noqa: E402
 from difflab.evaluation.metrics import frechet_distance  # noqa: E402
 from difflab.evaluation.subject import shape_similarity  # noqa: E402
-from difflab.nets.lora import LoraSpec  # noqa: E402
+from difflab.nets.lora import LORA_MODULES, LoraSpec  # noqa: E402
 from difflab.personalize.adapters import ADAPTER  # noqa: E402
 from difflab.personalize.identifier import class_prompt  # noqa: E402
 from difflab.personalize.method import personalize, trainable_filter  # noqa: E402
@@ -102,6 +102,7 @@ class Variant:
     lr: float | None = None
     caption_dropout: float | None = None  # None: the base's
     vectors: int = 1  # textual inversion
+    modules: str | None = None  # LoRA: a name of nets.lora.LORA_MODULES; None: the library's default
 
     @property
     def base(self) -> str:
@@ -113,6 +114,7 @@ class Variant:
         out += f"-r{self.rank}" if self.rank is not None else ""
         out += f"-{self.steps}x{self.lr:g}" if self.steps else ""
         out += f"-drop{self.caption_dropout:g}" if self.caption_dropout is not None else ""
+        out += f"-{self.modules}" if self.modules is not None else ""
         return out + (f"-v{self.vectors}" if self.vectors != 1 else "")
 
 
@@ -131,6 +133,9 @@ VARIANTS = [
     Variant("dreambooth", steps=600, lr=1.5e-4),
     Variant("textual-inversion"),
     Variant("textual-inversion", steps=800, lr=1e-2),
+    Variant("lora", modules="cross-kv"),  # issue 32: which modules LoRA needs, for a file < 1 % of the base
+    Variant("lora", modules="cross"),
+    Variant("lora", rank=2),
 ]
 
 
@@ -179,7 +184,10 @@ def trained(run: Path, folder: Path, v: Variant) -> Path:
         p = Personalization(
             v.method, CLASS, prior_weight=v.prior_weight, caption_dropout=v.caption_dropout, vectors=v.vectors
         )
-        lora = LoraSpec(rank=v.rank, alpha=float(v.rank)) if v.method == "lora" and v.rank is not None else None
+        lora = None
+        if v.method == "lora" and (v.rank is not None or v.modules is not None):
+            rank = v.rank or LoraSpec().rank
+            lora = LoraSpec(rank=rank, alpha=float(rank), targets=LORA_MODULES[v.modules or "attention"])
         personalize(
             base_path(v.base), folder, run, None if resume else p, resume=resume, steps=v.steps, lr=v.lr, lora=lora
         )

@@ -19,7 +19,7 @@ from difflab.core.processes import DiscreteDDPM
 from difflab.data.images import load_images, to_model, to_uint8
 from difflab.data.pairs import make_subject, place, subject_prompts, tinted, write_subject
 from difflab.evaluation.identity import best_half_similarity, gain, load_identity_net, subject_vector
-from difflab.nets.lora import LoraError, LoraSpec, is_lora, merge_lora, set_lora_scale, with_lora
+from difflab.nets.lora import LORA_MODULES, LoraError, LoraSpec, is_lora, merge_lora, set_lora_scale, with_lora
 from difflab.nets.mlp import MLPConfig
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.personalize.identifier import EMBEDDING, PersonalizeError, class_prompt
@@ -255,6 +255,30 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 
 @needs_fashion
+def test_lora_modules_put_the_adapters_on_the_named_projections_only(base_run, subject_dir, tmp_path, capsys):
+    """--modules cross-kv: adapters on the cross-attention's keys/values alone (every one of them), recorded in the
+    run's LoRA spec, and a smaller adapter file than the default's adapters on every attention projection."""
+    from safetensors.torch import load_file
+
+    folder, _ = subject_dir
+    sizes = {}
+    for modules in ("cross-kv", "attention"):
+        out = tmp_path / modules
+        argv = ["personalize", base_run, "--images", folder, "--class-word", "sneaker", "--method", "lora"]
+        code, err = run_cli(
+            capsys, *argv, "--modules", modules, "--steps", "1", "--class-images", "4", "--out", out, "--quiet"
+        )
+        assert code == 0, err
+        assert load_config(out).lora.targets == LORA_MODULES[modules]
+        layers = {k.split(".lora_")[0] for k in load_file(out / "adapter.safetensors") if ".lora_" in k}
+        sizes[modules] = (out / "adapter.safetensors").stat().st_size
+        if modules == "cross-kv":
+            kv = {n for n, _ in load_config(base_run).build_net().named_modules() if n.endswith(".cross.kv")}
+            assert kv and {k.removeprefix("net.") for k in layers} == kv, layers
+    assert sizes["cross-kv"] < sizes["attention"]
+
+
+@needs_fashion
 def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_run, subject_dir, tmp_path, capsys):
     folder, _ = subject_dir
     prompt = "a red sks sneaker on the left and a blue bag on the right"
@@ -373,7 +397,11 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
         ),
         (
             ["personalize", base_run, "--images", folder, "--method", "dreambooth", "--rank", "2", *common],
-            "--rank and --alpha are for --method lora",
+            "--rank, --alpha and --modules are for --method lora",
+        ),
+        (
+            ["personalize", base_run, "--images", folder, "--method", "dreambooth", "--modules", "cross", *common],
+            "--rank, --alpha and --modules are for --method lora",
         ),
         (["personalize", base_run, "--images", folder, *common], "give --method"),
         (["personalize", "--out", tmp_path / "nothing", "--resume"], "does not exist"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..data.pairs import make_subject, write_subject
-from ..nets.lora import LoraSpec
+from ..nets.lora import LORA_MODULES, LoraSpec
 from ..personalize.adapters import ADAPTER
 from ..personalize.method import DEFAULTS, METHODS, PERSONALIZED, personalize
 from ..runs.config import Personalization, load_config
@@ -37,6 +37,7 @@ SETTINGS = (
     "vectors",
     "rank",
     "alpha",
+    "modules",
     "steps",
     "lr",
     "batch_size",
@@ -56,8 +57,8 @@ def new_personalization(args) -> Personalization:
     ]
     if missing:
         raise UsageError(f"give {', '.join(missing)} (or --resume to continue the run in --out)")
-    if args.method != "lora" and (args.rank or args.alpha):
-        raise UsageError("--rank and --alpha are for --method lora")
+    if args.method != "lora" and (args.rank or args.alpha or args.modules):
+        raise UsageError("--rank, --alpha and --modules are for --method lora")
     if args.method == "textual-inversion" and args.prior_weight:
         raise UsageError(
             "textual inversion trains only the identifier's embedding: the class word cannot drift, so it takes no "
@@ -83,7 +84,17 @@ def run(args) -> None:
     if not resume:
         p = new_personalization(args)
     lora = (
-        LoraSpec(**{k: v for k, v in (("rank", args.rank), ("alpha", args.alpha)) if v is not None})
+        LoraSpec(
+            **{
+                k: v
+                for k, v in (
+                    ("rank", args.rank),
+                    ("alpha", args.alpha),
+                    ("targets", args.modules and LORA_MODULES[args.modules]),
+                )
+                if v is not None
+            }
+        )
         if args.method == "lora"
         else None
     )
@@ -175,6 +186,12 @@ def register(sub) -> None:
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=positive_int, help="adapter rank r (default 4)")
     g.add_argument("--alpha", type=positive_float, help="adapter alpha: the update is (alpha / r) B A (default 4)")
+    g.add_argument(
+        "--modules",
+        choices=list(LORA_MODULES),
+        help="which of the U-Net's projections take adapters: every attention projection (default), the "
+        "cross-attention's (cross), or its keys and values alone (cross-kv: the smallest file)",
+    )
     g = p.add_argument_group("training")
     g.add_argument(
         "--steps",
