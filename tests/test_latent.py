@@ -236,7 +236,7 @@ def test_a_captioned_folder_reads_metadata_jsonl(tmp_path):
         load_images(str(tmp_path / "imgs"))
 
 
-def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image_alike(tmp_path):
+def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image_alike(tmp_path, capsys):
     """metadata.jsonl's "text" may be a list (COCO gives five): the first is the image's caption, and a text model's
     training data holds every (image, caption) pair, each image K times (K the most captions any image has)."""
     from dataclasses import replace
@@ -284,6 +284,13 @@ def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image
 
     clip = clip_data(clip_config(cfg, train_split.every_caption()), train_split)
     assert len(clip) == 27 and torch.equal(clip.x, train_split.images.repeat(3, 1, 1, 1))
+
+    code, err = run_cli(capsys, "data", root, "--n", "9", "--save", tmp_path / "x.npz")  # the training split
+    assert code == 0, err
+    with np.load(tmp_path / "x.npz", allow_pickle=False) as f:  # `data --save` keeps every caption
+        assert f["caption_sets"].shape == (9, 3)
+        saved = {c: [s for s in row if s] for c, row in zip(f["captions"].tolist(), f["caption_sets"].tolist())}
+    assert saved == {t[0]: t for i, t in texts.items() if i != 9}
 
     images, captions = read_captioned_folder(root, (1, 8, 8))  # personalisation's subject folder: a pair per caption
     assert len(images) == 19 and captions[:3] == ["grey 0", "grey 1", "level 1"] and int(images[2, 0, 0, 0]) == 20

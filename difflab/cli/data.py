@@ -32,6 +32,10 @@ def run(args) -> None:
                 arrays["labels"] = data.labels[idx].numpy()
             if data.captions is not None:  # a fixed-width unicode array: np.load reads it without pickle
                 arrays["captions"] = np.array([data.captions[i] for i in idx.tolist()], dtype=str)
+            if data.caption_sets is not None:  # every caption of each image, padded with "" to the most any has
+                sets = [data.caption_sets[i] for i in idx.tolist()]
+                k = max(map(len, sets))
+                arrays["caption_sets"] = np.array([[*s, *[""] * (k - len(s))] for s in sets], dtype=str)
             if data.attributes is not None:
                 arrays["attributes"], arrays["held_out"] = data.attributes[idx].numpy(), data.held_out[idx].numpy()
             save_npz(args.save, **arrays)
