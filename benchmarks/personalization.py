@@ -135,6 +135,7 @@ VARIANTS = [
     Variant("textual-inversion", steps=800, lr=1e-2),
     Variant("lora", modules="cross-kv"),  # issue 32: which modules LoRA needs, for a file < 1 % of the base
     Variant("lora", modules="cross"),
+    Variant("lora", modules="self"),
     Variant("lora", rank=2),
     Variant("textual-inversion", vectors=4),  # issue 32: textual inversion through a pretrained tower
     Variant("textual-inversion", steps=800, lr=1e-2, vectors=4),

@@ -181,7 +181,10 @@ def register(sub) -> None:
         "--caption-dropout", type=unit_float, help="the captions' dropout while personalising (default: the base run's)"
     )
     g.add_argument(
-        "--vectors", type=positive_int, help="textual inversion: embedding vectors for the identifier (default 1)"
+        "--vectors",
+        type=positive_int,
+        help="textual inversion: embedding vectors for the identifier (default 4 through a pretrained CLIP tower, "
+        "1 in a joint encoder)",
     )
     g = p.add_argument_group("LoRA")
     g.add_argument("--rank", type=positive_int, help="adapter rank r (default 4)")
@@ -190,7 +193,7 @@ def register(sub) -> None:
         "--modules",
         choices=list(LORA_MODULES),
         help="which of the U-Net's projections take adapters: every attention projection (default), the "
-        "cross-attention's (cross), or its keys and values alone (cross-kv: the smallest file)",
+        "self-attention's (self), the cross-attention's (cross), or its keys and values alone (cross-kv)",
     )
     g = p.add_argument_group("training")
     g.add_argument(

@@ -15,10 +15,11 @@ from torch import nn
 
 LORA_TARGETS = r".*\.(attn|cross)\.(qkv|q|kv|out)"  # the attention projections of the U-Net's blocks
 # Named sets of the U-Net's modules an adapter may go on (`--modules`): every attention projection (the default);
-# the cross-attention's query, keys/values and output; its keys and values alone, the projections of the text
-# (Custom Diffusion, Kumari et al. 2023, tunes only these).
+# the self-attention's qkv and output; the cross-attention's query, keys/values and output; its keys and values
+# alone, the projections of the text (Custom Diffusion, Kumari et al. 2023, tunes only these).
 LORA_MODULES = {
     "attention": LORA_TARGETS,
+    "self": r".*\.attn\.(qkv|out)",
     "cross": r".*\.cross\.(q|kv|out)",
     "cross-kv": r".*\.cross\.kv",
 }

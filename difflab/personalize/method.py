@@ -80,6 +80,14 @@ DEFAULTS = {
     "lora": (400, 1e-3),
     "textual-inversion": (400, 5e-3),
 }  # steps, learning rate (benchmarks/README.md, issue 24)
+TOWER_VECTORS = 4  # textual inversion through a pretrained tower: G 0.51 against 0.27 with one (benchmarks/README.md)
+
+
+def default_vectors(base: RunConfig, method: str) -> int:
+    """Textual inversion's vectors when none are asked for: ``TOWER_VECTORS`` through a CLIP's pretrained tower
+    (WordPiece captions have room), one in a joint encoder (its captions' length is fixed at training)."""
+    text = base.text
+    return TOWER_VECTORS if method == "textual-inversion" and text is not None and text.kind == "clip" else 1
 
 
 def class_prompts(p: Personalization) -> list[str]:
@@ -128,6 +136,8 @@ def personalized_config(
 ) -> RunConfig:
     """The run's config: the base's, with the identifier in the joint vocabulary, LoRA adapters for the lora
     method, the personalisation's caption dropout and a short fine-tuning schedule."""
+    if p.vectors is None:
+        p = replace(p, vectors=default_vectors(base, p.method))
     cfg = replace(with_tokens(base, p.tokens) if base.text.kind == "joint" else base, personalize=p)
     spec = cfg.text_spec()
     if cfg.inverts_through_tower:  # the network reads the ids through the tower
@@ -265,6 +275,8 @@ def personalize(
             ) from None
     else:
         base_cfg = load_config(base_run)
+        if p.vectors is None:
+            p = replace(p, vectors=default_vectors(base_cfg, p.method))
         check_base(base_cfg, base_run, p.method, p.tokens)
         images, captions = read_subject(folder, tuple(base_cfg.data_shape), p.token, p.class_word)
         p = replace(p, captions=captions, base=recorded_path(base_run), base_fingerprint=weights_fingerprint(base_run))

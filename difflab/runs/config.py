@@ -213,7 +213,9 @@ class Personalization:
         1.0  # their guidance scale: 1, the model's own conditional law, which is what the term preserves
     )
     caption_dropout: float | None = None  # the captions' dropout while personalising (None: the base's)
-    vectors: int = 1  # textual inversion: new embedding rows for the identifier ("sks" reads as that many tokens)
+    # textual inversion: new embedding rows for the identifier ("sks" reads as that many tokens); None: the base's
+    # default (personalize.method.default_vectors: 4 through a pretrained CLIP tower, 1 in a joint encoder)
+    vectors: int | None = None
     captions: list[str] = field(default_factory=list)  # the subject images' captions
     base: str = ""  # the base run (resolved) and its weights' fingerprint
     base_fingerprint: str = ""
@@ -233,7 +235,7 @@ class Personalization:
             raise CheckpointError(f"--class-images must be positive, got {self.class_images}")
         if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
             raise CheckpointError(f"the caption dropout must lie in [0, 1], got {self.caption_dropout}")
-        if (
+        if self.vectors is not None and (
             not isinstance(self.vectors, int)
             or self.vectors < 1
             or (self.vectors > 1 and self.method != "textual-inversion")
@@ -245,7 +247,7 @@ class Personalization:
     @property
     def tokens(self) -> list[str]:
         """The identifier's words in the joint vocabulary: 'sks', or 'sks', 'sks1', ... for several vectors."""
-        return [self.token] + [f"{self.token}{i}" for i in range(1, self.vectors)]
+        return [self.token] + [f"{self.token}{i}" for i in range(1, self.vectors or 1)]
 
 
 @dataclass
