@@ -18,7 +18,7 @@ Figures per tower (the first --n test pairs; chance in brackets):
   - the attribute probe again with words no training caption has (--probe-n images): colour and item synonyms,
     plurals, typos (WORDS below); the words tower reads them as <unk>.
 
-    .venv/bin/python benchmarks/text_towers.py [--steps 1000] [--towers words head lora last-2 full ...]
+    .venv/bin/python benchmarks/text_towers.py [--steps 1000] [--towers words head lora last-2 full ...] [--name N]
 
 Writes benchmarks/results/text_towers.md and .json; runs in benchmarks/runs/text_towers/ (a finished run is not
 retrained, a killed one resumes; figures are cached in figures.json by run and step).
@@ -47,6 +47,8 @@ TOWERS = {
     "words+variants": ["--caption-variants", "4"],
     "head+variants": ["--init", "minilm", "--tune", "head", "--caption-variants", "4"],
     "lora+variants": ["--init", "minilm", "--tune", "lora", "--caption-variants", "4"],
+    "last-2+variants": ["--init", "minilm", "--tune", "last-2", "--caption-variants", "4"],
+    "full+variants": ["--init", "minilm", "--tune", "full", "--caption-variants", "4"],
 }
 # words no training caption has, in the order of data.pairs.COLOURS and NOUNS (written once, 2026-12-06)
 WORDS = {
@@ -132,6 +134,7 @@ def main(argv=None) -> None:
     p.add_argument("--towers", nargs="+", default=list(TOWERS)[:5], choices=list(TOWERS))
     p.add_argument("--n", type=int, default=1000, help="test pairs for the side-swap figures")
     p.add_argument("--probe-n", type=int, default=200, help="test pairs for the unseen-word attribute probes")
+    p.add_argument("--name", default=NAME, help=f"the results' file name (default {NAME}: results/{NAME}.md and .json)")
     args = p.parse_args(argv)
     load_start, busy_start = load_average(), busy_processes()
     ROOT.mkdir(parents=True, exist_ok=True)
@@ -217,8 +220,8 @@ def report(args, rows: dict, load_start, busy_start) -> None:
     lines += ["", "Words tried (in the order of data.pairs.COLOURS and NOUNS):", ""]
     for kind, (colours, nouns) in WORDS.items():
         lines.append(f"- {kind}: {', '.join(colours or ('(the dataset colours)',))}; {', '.join(nouns)}")
-    write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"setting": vars(args), "towers": rows}, indent=1))
+    write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
+    write_text(RESULTS / f"{args.name}.json", json.dumps({"setting": vars(args), "towers": rows}, indent=1))
     print("\n".join(lines))
 
 
