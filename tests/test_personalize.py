@@ -174,6 +174,20 @@ def _weights(run, which="ema"):
 
 
 @needs_fashion
+def test_textual_inversion_defaults_to_one_vector_in_a_joint_encoder_and_old_records_read_as_one(base_run):
+    """--vectors left out: a joint encoder's identifier is one word (its captions' length is fixed); a record from
+    before vectors existed (None) reads captions as one vector does."""
+    from difflab.personalize.method import personalized_config
+    from difflab.text.encoders import as_read
+
+    base = load_config(base_run)
+    cfg = personalized_config(base, Personalization("textual-inversion", "sneaker"), 1, 1e-3, 2)
+    assert cfg.personalize.vectors == 1 and list(cfg.net.text_config.vocabulary[-1:]) == ["sks"]
+    old = replace(base, personalize=Personalization("textual-inversion", "sneaker", vectors=None))
+    assert as_read(old, ["a sks sneaker"]) == ["a sks sneaker"] and old.personalize.tokens == ["sks"]
+
+
+@needs_fashion
 def test_textual_inversion_changes_only_the_new_embedding_row(base_run, subject_dir, tmp_path):
     folder, _ = subject_dir
     out = tmp_path / "ti"

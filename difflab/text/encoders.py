@@ -308,7 +308,7 @@ def as_read(cfg: RunConfig, captions: Sequence[str]) -> list[str]:
     expanded to its words, "a sks bag" -> "a sks sks1 sks2 bag"."""
     captions = [str(c) for c in captions]
     p = cfg.personalize
-    if p is None or p.vectors <= 1:
+    if p is None or (p.vectors or 1) <= 1:  # a record from before vectors existed: one
         return captions
     return [identifier_pattern([p.token]).sub(" ".join(p.tokens), c) for c in captions]
 
