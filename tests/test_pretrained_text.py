@@ -3,6 +3,7 @@ trained, and a CLIP run on it conditions a text model. What the variants are wor
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -91,6 +92,8 @@ def test_unknown_tune_and_rank_without_lora_are_refused(capsys, tmp_path):
         (["--tune", "middle"], "unknown text tuning 'middle'"),
         (["--tune", "lora"], "give --init minilm"),
         (["--init", "minilm", "--tune", "full", "--rank", "4"], "--tune full has none"),
+        (["--caption-words", "synonyms"], "give --caption-variants K"),
+        (["--caption-words", "slang"], "invalid choice: 'slang'"),
     ):
         code, err = cli(capsys, "train-clip", "fashion-pairs", "--out", tmp_path / "x", *argv)
         assert code == 2 and says in err and not (tmp_path / "x").exists(), err
@@ -255,3 +258,38 @@ def test_caption_variants_say_the_same_attributes_in_phrasings_no_figure_uses():
         assert list(attributes) == pairs.attributes[row % 20].tolist() and phrasing >= first
     with pytest.raises(TextError, match="needs fashion-pairs' captions"):
         rephrased(["a red square"] * 3, None, 2)
+
+
+def test_synonym_variants_keep_the_attributes_and_never_use_the_words_the_figures_measure():
+    from difflab.data.pairs import COLOURS, NOUNS, SYNONYMS, UNSEEN_WORDS, article, make_pairs, parse_caption
+    from difflab.nets.clip import ClipConfig
+    from difflab.text.clip import rephrased
+
+    colours, items = SYNONYMS
+    assert [row[0] for row in colours] == list(COLOURS) and [row[0] for row in items] == list(NOUNS)
+    tuned = {w for row in colours + items for w in row[1:]}
+    unseen = {w for kind in UNSEEN_WORDS.values() for words in kind if words for w in words}
+    assert len(unseen) == 6 + 10 + 10 + 6 + 10 and not tuned & unseen
+    assert not {part for w in tuned for part in w.split()} & unseen  # nor as a word inside a tuning phrase
+    # undo the synonyms (each item back to the dataset's words): the caption of the image's own attributes
+    plain = {
+        article(f"{c} {k}"): article(f"{crow[0]} {krow[0]}")
+        for crow in colours
+        for krow in items
+        for c in crow
+        for k in krow
+    }
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(plain, key=len, reverse=True)))
+    pairs = make_pairs("test", n=40)
+    more = rephrased(pairs.captions, pairs.attributes, 3, "synonyms")
+    assert more == rephrased(pairs.captions, pairs.attributes, 3, "synonyms")  # a fixed draw
+    said = 0
+    for row, text in enumerate(more):
+        said += text != pattern.sub(lambda m: plain[m.group(0)], text)
+        attributes, phrasing = parse_caption(pattern.sub(lambda m: plain[m.group(0)], text))
+        assert list(attributes) == pairs.attributes[row % 40].tolist() and phrasing >= len(ALL) - 8
+    assert said > 0.8 * len(more)  # most variants say something in other words
+    with pytest.raises(TextError, match="unknown caption words 'slang'"):
+        rephrased(pairs.captions, pairs.attributes, 1, "slang")
+    with pytest.raises(ValueError, match="unknown caption words"):
+        ClipConfig(caption_words="slang")

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from ..core.losses import HARD_NEGATIVES
-from ..nets.clip import POOLS
+from ..nets.clip import CAPTION_WORDS, POOLS
 from ..nets.pretrained_text import BASES, tuned_layers
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
@@ -55,6 +55,7 @@ def new_config(args):
             rank=args.rank or 8,
             caption_variants=args.caption_variants or 0,
             attributes=train_split.attributes,
+            caption_words=args.caption_words or "dataset",
         ),
         args,
     )
@@ -71,7 +72,9 @@ def run_train(args) -> None:
         resume=args.resume,
         force=args.force,
         fresh=lambda: new_config(args),
-        fixed=given_flags(args, ("embed_dim", "pool", "hard_negatives", "init", "tune", "rank", "caption_variants")),
+        fixed=given_flags(
+            args, ("embed_dim", "pool", "hard_negatives", "init", "tune", "rank", "caption_variants", "caption_words")
+        ),
         steps=args.steps,
     )
     data = load_split(cfg, "train")
@@ -187,6 +190,12 @@ def register(sub) -> None:
         metavar="K",
         help="fashion-pairs: each training image is also seen with K captions (0-8) of its attributes in other "
         "phrasings (data.pairs.AUGMENT_PHRASINGS; never those of eval's new-phrasings and reworded); default 0",
+    )
+    t.add_argument(
+        "--caption-words",
+        choices=CAPTION_WORDS,
+        help="the caption variants' colour and item words: dataset (the default) or synonyms (each also said in "
+        "other words, data.pairs.SYNONYMS; never the unseen words the figures use)",
     )
     add_auxiliary_training(t, "optimizer steps (default 2000)")
     t.add_argument(

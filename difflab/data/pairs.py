@@ -72,6 +72,56 @@ AUGMENT_PHRASINGS = (  # more ways to say the sides, for tuning a text tower (tr
     "from left to right {L} then {R}",
     "from right to left {R} then {L}",
 )
+# Other words for the colours and items. SYNONYMS[0][colour] and SYNONYMS[1][item] list the dataset's word first,
+# then words a tower may be tuned on (train-clip --caption-words synonyms). UNSEEN_WORDS are never in a training
+# caption: they measure whether a model reads words it was not tuned on (written once, 2026-12-06).
+SYNONYMS: tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]] = (
+    (
+        ("red", "scarlet", "cherry", "ruby"),
+        ("green", "lime", "jade", "olive"),
+        ("blue", "navy", "cobalt", "sapphire"),
+        ("yellow", "lemon", "amber", "mustard"),
+        ("purple", "lilac", "plum", "lavender"),
+        ("white", "cream", "pearl", "snowy"),
+    ),
+    (
+        ("t-shirt", "top", "tank top", "polo"),
+        ("trouser", "slacks", "jeans", "chinos"),
+        ("pullover", "jumper", "hoodie", "sweatshirt"),
+        ("dress", "frock", "sundress", "pinafore"),
+        ("coat", "overcoat", "parka", "raincoat"),
+        ("sandal", "slider", "espadrille", "strappy shoe"),
+        ("shirt", "button-down", "oxford", "collared shirt"),
+        ("sneaker", "running shoe", "tennis shoe", "kicks"),
+        ("bag", "purse", "tote", "satchel"),
+        ("ankle boot", "boot", "chelsea boot", "short boot"),
+    ),
+)
+UNSEEN_WORDS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...] | None]] = {  # per kind: (colours, items)
+    "synonyms": (
+        ("crimson", "emerald", "azure", "golden", "violet", "ivory"),
+        ("tee", "pants", "sweater", "gown", "jacket", "flip-flop", "blouse", "trainer", "handbag", "bootie"),
+    ),
+    "plurals": (
+        None,
+        (
+            "t-shirts",
+            "trousers",
+            "pullovers",
+            "dresses",
+            "coats",
+            "sandals",
+            "shirts",
+            "sneakers",
+            "bags",
+            "ankle boots",
+        ),
+    ),
+    "typos": (
+        ("rde", "gren", "bleu", "yelow", "purpel", "whte"),
+        ("t-shrit", "trowser", "pulover", "dres", "caot", "sandle", "shrit", "sneeker", "bga", "ankle bot"),
+    ),
+}
 ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS + REWORDED_PHRASINGS + AUGMENT_PHRASINGS  # a phrasing's index: its place
 ATTRIBUTES = ("left class", "left colour", "right class", "right colour")
 DEFAULT_N = {"train": 20000, "test": 4000}
@@ -99,6 +149,16 @@ def caption(attributes, phrasing: int = 0, subject: int | None = None, token: st
         article(f"{names[c]} {token + ' ' if subject == side else ''}{NOUNS[k]}")
         for side, (k, c) in enumerate(((lk, lc), (rk, rc)))
     )
+    return ALL_PHRASINGS[phrasing].format(L=left, R=right)
+
+
+def synonym_caption(attributes, phrasing: int, picks) -> str:
+    """The caption of ``attributes`` in ALL_PHRASINGS[phrasing] with its left colour, left item, right colour and
+    right item said as the ``picks``-th words of their SYNONYMS rows (0: the dataset's own word)."""
+    lk, lc, rk, rc = (int(a) for a in attributes)
+    plc, plk, prc, prk = (int(p) for p in picks)
+    left = article(f"{SYNONYMS[0][lc][plc]} {SYNONYMS[1][lk][plk]}")
+    right = article(f"{SYNONYMS[0][rc][prc]} {SYNONYMS[1][rk][prk]}")
     return ALL_PHRASINGS[phrasing].format(L=left, R=right)
 
 

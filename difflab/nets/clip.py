@@ -15,6 +15,7 @@ from .text import TextConfig, TextTransformer
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the inverse temperature at 100
 POOLS = ("mean", "attention")
+CAPTION_WORDS = ("dataset", "synonyms")  # the words of train-clip's caption variants (ClipConfig.caption_words)
 
 
 class AttentionPool2d(nn.Module):
@@ -46,6 +47,7 @@ class ClipConfig:
     pretrained: dict | None = None  # PretrainedTextConfig: a pretrained text tower (then ``text`` is unused)
     text_lr_scale: float = 1.0  # the pretrained text tower's tuned weights learn at this times the run's lr
     caption_variants: int = 0  # fashion-pairs: each training image also seen with this many rephrased captions
+    caption_words: str = "dataset"  # the variants' colour and item words: "dataset" or "synonyms" (data.pairs)
 
     def __post_init__(self):
         TextConfig.from_dict(self.text or {})  # raises on a bad text config
@@ -55,6 +57,8 @@ class ClipConfig:
             raise ValueError(
                 f"ClipConfig.caption_variants must be an integer from 0 to 8, got {self.caption_variants!r}"
             )
+        if self.caption_words not in CAPTION_WORDS:
+            raise ValueError(f"unknown caption words {self.caption_words!r}; choose one of {', '.join(CAPTION_WORDS)}")
         if not self.text_lr_scale > 0:
             raise ValueError(f"ClipConfig.text_lr_scale must be positive, got {self.text_lr_scale!r}")
         if self.pool not in POOLS:

@@ -39,9 +39,10 @@ from ..data.pairs import (
     REWORDED_PHRASINGS,
     caption,
     parse_caption,
+    synonym_caption,
 )
 from ..io import atomic_path
-from ..nets.clip import Clip, ClipConfig
+from ..nets.clip import CAPTION_WORDS, Clip, ClipConfig
 from ..nets.pretrained_text import PretrainedTextConfig, load_minilm, minilm_sha256
 from ..nets.text import TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TrainConfig
@@ -129,6 +130,7 @@ def clip_config(
     rank: int = 8,
     caption_variants: int = 0,
     attributes: Tensor | None = None,
+    caption_words: str = "dataset",
 ):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
@@ -138,7 +140,9 @@ def clip_config(
     MiniLM, tuned as ``tune`` says (nets/pretrained_text.py; ``rank``: LoRA's), its tuned weights at
     TEXT_LR_SCALE[tune] times the run's learning rate; None: a small transformer on the captions' words.
     ``caption_variants`` K: each training image is also seen with K captions of its ``attributes`` in
-    data.pairs.AUGMENT_PHRASINGS (fashion-pairs' caption language only; never the phrasings the figures use)."""
+    data.pairs.AUGMENT_PHRASINGS (fashion-pairs' caption language only; never the phrasings the figures use);
+    ``caption_words='synonyms'``: their colours and items also said in other words (data.pairs.SYNONYMS; never
+    the UNSEEN_WORDS the figures use)."""
     if hard_negatives is None:
         hard_negatives = "sides" if any(swap_sides(c) != c for c in captions or ()) else "none"
     loss = ContrastiveLoss(hard_negatives)  # the loss checks the name
@@ -150,8 +154,12 @@ def clip_config(
             "fashion-pairs)"
         )
     C, H, W = base.shape
+    if caption_words != "dataset" and not caption_variants:
+        raise TextError(
+            f"--caption-words {caption_words} says the caption variants in other words: give --caption-variants K"
+        )
     if caption_variants:
-        captions = [*captions, *rephrased(captions, attributes, caption_variants)]
+        captions = [*captions, *rephrased(captions, attributes, caption_variants, caption_words)]
     pretrained = text = None
     if init is not None:
         pretrained = pretrained_tower(init, tune, rank, captions)
@@ -167,6 +175,7 @@ def clip_config(
         pretrained=None if pretrained is None else pretrained.to_dict(),
         text_lr_scale=1.0 if pretrained is None else TEXT_LR_SCALE.get(tune, TEXT_LR_SCALE["last-K"]),
         caption_variants=caption_variants,
+        caption_words=caption_words,
     )
     train = TrainConfig(
         steps=2000,
@@ -220,15 +229,25 @@ def attribute_probe(
     return out
 
 
-def rephrased(captions: Sequence[str], attributes: Tensor | None, variants: int) -> list[str]:
+def rephrased(captions: Sequence[str], attributes: Tensor | None, variants: int, words: str = "dataset") -> list[str]:
     """``variants`` more captions of each image, its attributes said in data.pairs.AUGMENT_PHRASINGS (in turn, so
-    every phrasing is used alike): image i's v-th is row v * N + i. Refused for captions outside fashion-pairs'
-    caption language."""
+    every phrasing is used alike): image i's v-th is row v * N + i. ``words='synonyms'``: each colour and item of a
+    variant is said as one of its SYNONYMS row's four words (the dataset's among them), drawn with a fixed seed.
+    Refused for captions outside fashion-pairs' caption language."""
+    if words not in CAPTION_WORDS:
+        raise TextError(f"unknown caption words {words!r}; choose one of {', '.join(CAPTION_WORDS)}")
     if attributes is None or len(attributes) != len(captions) or any(parse_caption(c) is None for c in captions[:50]):
         raise TextError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
     first, count = len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS), len(AUGMENT_PHRASINGS)
-    rows = attributes.tolist()
-    return [caption(rows[i], first + (i * variants + v) % count) for v in range(variants) for i in range(len(rows))]
+    rows, n = attributes.tolist(), len(attributes)
+    if words == "dataset":
+        return [caption(rows[i], first + (i * variants + v) % count) for v in range(variants) for i in range(n)]
+    picks = torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0)).tolist()
+    return [
+        synonym_caption(rows[i], first + (i * variants + v) % count, picks[v * n + i])
+        for v in range(variants)
+        for i in range(n)
+    ]
 
 
 def clip_data(cfg, data: ImageSet):
@@ -240,7 +259,7 @@ def clip_data(cfg, data: ImageSet):
     images = data.images[index]
     variants = cfg.net.caption_variants
     if variants:
-        captions = [*captions, *rephrased(captions, data.attributes, variants)]
+        captions = [*captions, *rephrased(captions, data.attributes, variants, cfg.net.caption_words)]
         images = images.repeat(variants + 1, *[1] * (images.ndim - 1))
     tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
