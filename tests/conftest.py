@@ -124,13 +124,16 @@ def digits_runs(tmp_path_factory):
     """Digits, DIGITS_STEPS steps each (300 in quality mode): dc (class-conditional, labels dropped 10 % of the
     time), clf (a noise-aware classifier), sr (2x super-resolution); each trained when first read."""
     steps = ("--steps", DIGITS_STEPS, "--quiet")
+    no_preview = "--no-preview"  # no test reads their samples.png (the pictures' tests train their own)
     return SharedRuns(
         tmp_path_factory,
         "digits",
         {
-            "dc": lambda p: cli("train", "digits", "--cond", "class", "--out", p, *steps),
+            "dc": lambda p: cli("train", "digits", "--cond", "class", "--out", p, *steps, no_preview),
             "clf": lambda p: cli("train-classifier", "digits", "--out", p, *steps),
-            "sr": lambda p: cli("train", "digits", "--cond", "low-res", "--factor", "2", "--out", p, *steps),
+            "sr": lambda p: cli(
+                "train", "digits", "--cond", "low-res", "--factor", "2", "--out", p, *steps, no_preview
+            ),
         },
     )
 
@@ -166,6 +169,7 @@ def latent_runs(tmp_path_factory):
             "--steps",
             DIGITS_STEPS,
             "--quiet",
+            "--no-preview",
         )
 
     return shared(tmp_path_factory, "latent", build)
@@ -215,6 +219,7 @@ def text_runs(tmp_path_factory, latent_runs, digit_captions):
             "--batch-size",
             32,
             "--quiet",
+            "--no-preview",
         )
         subject = root / "subject"  # four handwritten threes, "a handwritten sks three"
         subject.mkdir(parents=True)
@@ -296,6 +301,7 @@ def clip_t2i_run(tmp_path_factory, clip_run):
             "--batch-size",
             4,
             "--quiet",
+            "--no-preview",
         ),
     )
 

@@ -186,6 +186,7 @@ def heldout():
     return EnergyTo(make_toy("swissroll", 4000, seed=100))
 
 
+@pytest.mark.quality
 def test_progressive_stage_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
     """One stage 8 -> 4 steps: the student's 4-step samples are as close to the teacher's 8-step samples as the
     teacher's 8-step ones are to its 16. Measured (energy distance to held-out data): teacher 16 steps 0.0024,
@@ -224,6 +225,7 @@ def test_progressive_stage_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
     assert s4 < t4 / 4  # and far from the teacher's own 4
 
 
+@pytest.mark.quality
 def test_consistency_student_on_the_swiss_roll(swissroll_run, tmp_path, heldout):
     """Consistency distillation: f(x, t_min) = x / alpha(t_min) for the trained student, and its 1-step samples beat
     the teacher's
@@ -483,6 +485,18 @@ def test_unguided_class_student_refuses_guidance(digits_runs, tmp_path, capsys):
         )
         == 0
     )
+
+
+def test_a_consistency_student_is_exact_at_its_boundary_and_samples_in_one_step(tiny_toy_run, tmp_path):
+    """The plumbing of a consistency student (what one achieves: the quality test on the swiss roll): a few steps
+    of training, then f(x, t_min) = x / alpha(t_min) exactly, and its own sampler (1 step) gives finite points."""
+    distill(tiny_toy_run, tmp_path / "cd", "consistency", steps=3, progress=False)
+    student = difflab.load(tmp_path / "cd")
+    x, one = torch.randn(32, 2), torch.ones(32, dtype=torch.float64)
+    assert torch.equal(student.denoiser(x, one).x0, x * (1 / PROCESS.alpha(one))[:, None].float())
+    points = student.sample(64, seed=0)
+    assert points.shape == (64, 2) and torch.isfinite(points).all()
+    assert torch.equal(points, student.sample(64, seed=0))  # the same seed, the same points
 
 
 def test_a_stopped_distillation_resumes_exactly(tiny_toy_run, tmp_path):

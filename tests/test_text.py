@@ -414,6 +414,7 @@ def test_a_text_run_refuses_bad_input_and_a_changed_clip(clip_run, clip_t2i_run,
         "--batch-size",
         "2",
         "--quiet",
+        "--no-preview",
     )
     assert code == 0, err
     from safetensors.torch import load_file, save_file
@@ -438,7 +439,7 @@ def test_a_text_run_refuses_bad_input_and_a_changed_clip(clip_run, clip_t2i_run,
     code, err = run_cli(capsys, "train", "--out", clip_run, "--resume")
     assert code != 0 and "continue it with `difflab train-clip" in err, err
     # resuming a text run recomputes its condition; text and class labels together keep both
-    code, err = run_cli(capsys, "train", "--out", run, "--resume", "--steps", "3", "--quiet")
+    code, err = run_cli(capsys, "train", "--out", run, "--resume", "--steps", "3", "--quiet", "--no-preview")
     assert code == 0 and load_config(run).train.steps == 3, err
     code, err = run_cli(capsys, "train", "--out", run, "--resume", "--text", "joint")
     assert code != 0 and "--text joint (the run's encoder: clip:" in err, err

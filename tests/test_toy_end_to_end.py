@@ -12,6 +12,7 @@ from difflab.evaluation.metrics import EnergyTo, energy_distance
 from difflab.runs.diffusion import DiffusionRun
 
 
+@pytest.mark.quality
 @pytest.mark.parametrize("sampler, steps", [("ddim", 50), ("dpmpp-2m", 20)])
 def test_default_swissroll_samples_match_heldout_data(swissroll_run, tmp_path, sampler, steps):
     out = tmp_path / "s.npz"
@@ -83,10 +84,10 @@ def test_every_sampler_out_of_the_box(swissroll_run):
     assert max(worst.values()) <= 8, worst  # measured worst: 6.4 (first-order solvers on the Karras grid)
 
 
-def test_trajectory_figure_and_pictures(swissroll_run, tmp_path):
-    assert main(["trajectories", str(swissroll_run), "--out", str(tmp_path / "t.png"), "--steps", "100"]) == 0
+def test_trajectory_figure_and_pictures(tiny_toy_run, tmp_path):
+    assert main(["trajectories", str(tiny_toy_run), "--out", str(tmp_path / "t.png"), "--steps", "100"]) == 0
     from PIL import Image
 
     img = Image.open(tmp_path / "t.png")
     assert img.width > 2 * img.height  # two rows of six panels
-    assert (swissroll_run / "loss.png").exists() and (swissroll_run / "samples.png").exists()
+    assert (tiny_toy_run / "loss.png").exists() and (tiny_toy_run / "samples.png").exists()

@@ -8,15 +8,23 @@ import math
 import textwrap
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from ..io import atomic_path
 
-from ..io import atomic_path  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use (half a second of every command's
+    start otherwise, and most commands draw nothing)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 LIM = 2.5  # axis half-width for the 2-D toy sets
 
@@ -24,12 +32,12 @@ LIM = 2.5  # axis half-width for the 2-D toy sets
 def _save_fig(fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def scatter(points: torch.Tensor, path, title: str = "", reference: torch.Tensor | None = None) -> None:
     """A 2-D scatter plot of (N, 2) points, with optional reference data in grey beside them."""
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    fig, ax = pyplot().subplots(figsize=(4.5, 4.5))
     if reference is not None:
         ax.scatter(*reference[:, :2].T.numpy(), s=1, c="0.75", label="data")
     ax.scatter(*points[:, :2].T.numpy(), s=1, c="tab:blue", label="samples" if reference is not None else None)
@@ -44,7 +52,7 @@ def trajectories_2d(
 ) -> None:
     """The classic swiss-roll figure: a row of forward noising q(x_t|x_0) and a row of reverse denoising."""
     n = max(len(forward), len(reverse))
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    fig, axes = pyplot().subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
     for row, (pts, ts, name) in enumerate([(forward, forward_t, "q(x_t | x_0)"), (reverse, reverse_t, "p(x_t)")]):
         for j in range(n):
             ax = axes[row, j]
@@ -81,7 +89,7 @@ def captioned_grid(images: torch.Tensor, captions: list[str], path, ncol: int = 
     """uint8 (N, C, H, W) images with their captions beneath, ``ncol`` per row (e.g. fashion-pairs)."""
     n, c, h, w = images.shape
     rows = math.ceil(n / ncol)
-    fig, axes = plt.subplots(rows, ncol, figsize=(2.4 * ncol, rows * (2.4 * h / w + 0.45)), squeeze=False)
+    fig, axes = pyplot().subplots(rows, ncol, figsize=(2.4 * ncol, rows * (2.4 * h / w + 0.45)), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -119,7 +127,7 @@ def loss_curve(metrics_jsonl, path) -> None:
     loss = np.array([r["loss"] for r in rows])
     k = max(1, len(loss) // 20)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5.5, 3.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, 2 if evals else 1, figsize=(10 if evals else 5.5, 3.2), squeeze=False)
     ax = axes[0, 0]
     ax.plot(steps, loss, lw=0.8, alpha=0.4, label="loss")
     ax.plot(steps[k - 1 :], smooth, lw=1.6, label=f"mean of {k}")
