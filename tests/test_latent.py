@@ -291,6 +291,21 @@ def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image
         assert f["caption_sets"].shape == (9, 3)
         saved = {c: [s for s in row if s] for c, row in zip(f["captions"].tolist(), f["caption_sets"].tolist())}
     assert saved == {t[0]: t for i, t in texts.items() if i != 9}
+    back = load_images(str(tmp_path / "x.npz"), split="all")  # and an .npz trains on them, as the folder does
+    assert {s[0]: list(s) for s in back.caption_sets} == saved and back.captions == [s[0] for s in back.caption_sets]
+    with np.load(tmp_path / "x.npz", allow_pickle=False) as f:
+        arrays = dict(f)
+    for bad, message in (
+        ({"caption_sets": arrays["caption_sets"][:, ::-1]}, "must start with the image's caption"),
+        ({"captions": arrays["captions"][:5]}, "'captions' must be 9 strings"),
+        ({"captions": np.zeros(9)}, "'captions' must be 9 strings"),
+        ({"captions": None}, "'caption_sets' without 'captions'"),
+    ):
+        broken = {k: v for k, v in {**arrays, **bad}.items() if v is not None}
+        np.savez(tmp_path / "bad.npz", **broken)
+        with pytest.raises(DataError, match=message) as info:
+            load_images(str(tmp_path / "bad.npz"), split="all")
+        assert "bad.npz" in str(info.value)
 
     images, captions = read_captioned_folder(root, (1, 8, 8))  # personalisation's subject folder: a pair per caption
     assert len(images) == 19 and captions[:3] == ["grey 0", "grey 1", "level 1"] and int(images[2, 0, 0, 0]) == 20

@@ -329,6 +329,8 @@ def _load_npz(path: Path) -> ImageSet:
             keys = list(archive.keys())
             images = archive["images"] if "images" in keys else None
             labels = archive["labels"] if "labels" in keys else None
+            captions = archive["captions"] if "captions" in keys else None
+            sets = archive["caption_sets"] if "caption_sets" in keys else None
     except Exception as e:  # BadZipFile, OSError, ValueError (pickled objects), EOFError...
         raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from e
     if images is None:
@@ -353,7 +355,27 @@ def _load_npz(path: Path) -> ImageSet:
             raise DataError(f"{path}: 'labels' must be non-negative, found {int(labels.min())}")
         labels = torch.from_numpy(labels.astype(np.int64))
     num_classes = int(labels.max()) + 1 if labels is not None else None
-    return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), labels, num_classes, path.stem)
+    texts = _npz_captions(path, len(images), captions, sets)
+    return ImageSet(torch.from_numpy(np.ascontiguousarray(images)), labels, num_classes, path.stem, **_captions(texts))
+
+
+def _npz_captions(path: Path, n: int, captions, sets) -> list[tuple[str, ...]] | None:
+    """Each image's captions from an .npz's text arrays (what `difflab data --save` writes): ``captions`` (N,)
+    and, where an image has several, ``caption_sets`` (N, K), padded with empty strings."""
+    if sets is not None and captions is None:
+        raise DataError(f"{path}: 'caption_sets' without 'captions' (each image's first caption)")
+    if captions is None:
+        return None
+    if captions.dtype.kind != "U" or captions.shape != (n,):
+        raise DataError(f"{path}: 'captions' must be {n} strings, got {captions.dtype} {captions.shape}")
+    if sets is None:
+        return [(c,) for c in captions.tolist()]
+    if sets.dtype.kind != "U" or sets.ndim != 2 or len(sets) != n:
+        raise DataError(f"{path}: 'caption_sets' must be {n} rows of strings, got {sets.dtype} {sets.shape}")
+    rows = [tuple(c for c in row if c) for row in sets.tolist()]
+    if any(not row or row[0] != c for row, c in zip(rows, captions.tolist())):
+        raise DataError(f"{path}: each row of 'caption_sets' must start with the image's caption")
+    return rows
 
 
 def _channels_last(shape: tuple[int, ...]) -> bool:
