@@ -4,7 +4,8 @@
 (tests/conftest.py): class-conditional digits following their class and guidance sharpening it, the noise-aware
 classifier's accuracy by noise level, super-resolution beating bilinear, a latent run about as good as the pixel
 run, the autoencoder's reconstructions, a guided student against its two-pass teacher, trained digits beating an
-untrained network, every sampler on the default swiss roll, and a LoRA over the shipped text model raising its
+untrained network, the default swiss roll's samples against held-out data and its progressive and consistency
+students against their teacher, every sampler on it, and a LoRA over the shipped text model raising its
 subject's identity. This runs exactly those, with the shared runs at their full 300 steps (DIFFLAB_QUALITY=1),
 and writes each test's outcome and time to benchmarks/results/quality_tests.md.
 

@@ -10,13 +10,15 @@ attention pooling, side hard negatives: train-clip's defaults), scored on the te
     full       all of MiniLM tuned (--tune full)
     T+variants the same, each training image also seen with 4 captions in data.pairs.AUGMENT_PHRASINGS
                (--caption-variants 4; never the phrasings measured below)
+    lora+synonyms  lora+variants with the variants' colours and items also said in other words
+               (--caption-words synonyms: data.pairs.SYNONYMS, never the unseen words measured below)
 
 Figures per tower (the first --n test pairs; chance in brackets):
   - side-swap discrimination (50 %): an image closer to its caption than to the sides-swapped twin, in the training
     phrasings, in data.pairs.NEW_PHRASINGS and in data.pairs.REWORDED_PHRASINGS (both never in a training caption);
   - retrieval in groups of 100 (1 %) and the zero-shot attribute probe (classes 10 %, colours 16.7 %): RUN/clip.json;
   - the attribute probe again with words no training caption has (--probe-n images): colour and item synonyms,
-    plurals, typos (WORDS below); the words tower reads them as <unk>.
+    plurals, typos (data.pairs.UNSEEN_WORDS); the words tower reads them as <unk>.
 
     .venv/bin/python benchmarks/text_towers.py [--steps 1000] [--towers words head lora last-2 full ...] [--name N]
 

@@ -41,7 +41,7 @@ SHARED = (
 # the longer queue). Each half begins with the tests that build one half of the shared runs, so neither worker
 # waits for a run the other is training; the tests that train nothing fill the ends, which are what is stolen.
 FIRST_HALF = ("digits_runs", "latent_runs", "digit_captions", "text_runs")
-SECOND_HALF = ("clip_run", "clip_t2i_run", "joint_base", "swissroll_run")
+SECOND_HALF = ("clip_run", "clip_t2i_run", "joint_base")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -124,12 +124,12 @@ def digits_runs(tmp_path_factory):
     """Digits, DIGITS_STEPS steps each (300 in quality mode): dc (class-conditional, labels dropped 10 % of the
     time), clf (a noise-aware classifier), sr (2x super-resolution); each trained when first read."""
     steps = ("--steps", DIGITS_STEPS, "--quiet")
-    no_preview = "--no-preview"  # no test reads their samples.png (the pictures' tests train their own)
+    no_preview = "--no-preview"  # no test reads sr's samples.png (the studio's page shows dc's)
     return SharedRuns(
         tmp_path_factory,
         "digits",
         {
-            "dc": lambda p: cli("train", "digits", "--cond", "class", "--out", p, *steps, no_preview),
+            "dc": lambda p: cli("train", "digits", "--cond", "class", "--out", p, *steps),
             "clf": lambda p: cli("train-classifier", "digits", "--out", p, *steps),
             "sr": lambda p: cli(
                 "train", "digits", "--cond", "low-res", "--factor", "2", "--out", p, *steps, no_preview

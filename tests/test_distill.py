@@ -496,7 +496,8 @@ def test_a_consistency_student_is_exact_at_its_boundary_and_samples_in_one_step(
     assert torch.equal(student.denoiser(x, one).x0, x * (1 / PROCESS.alpha(one))[:, None].float())
     points = student.sample(64, seed=0)
     assert points.shape == (64, 2) and torch.isfinite(points).all()
-    assert torch.equal(points, student.sample(64, seed=0))  # the same seed, the same points
+    assert torch.equal(points, student.sample(64, seed=0, steps=1))  # its own sampler takes one step
+    assert not torch.equal(points, student.sample(64, seed=0, steps=2))
 
 
 def test_a_stopped_distillation_resumes_exactly(tiny_toy_run, tmp_path):

@@ -282,7 +282,10 @@ def test_synonym_variants_keep_the_attributes_and_never_use_the_words_the_figure
     pattern = re.compile("|".join(re.escape(k) for k in sorted(plain, key=len, reverse=True)))
     pairs = make_pairs("test", n=40)
     more = rephrased(pairs.captions, pairs.attributes, 3, "synonyms")
-    assert more == rephrased(pairs.captions, pairs.attributes, 3, "synonyms")  # a fixed draw
+    assert more[:2] == [  # a fixed draw (a resumed run rebuilds the same captions)
+        "a white strappy shoe is on the left and a lemon pullover is on the right",
+        "in the left half a mustard satchel, in the right half a mustard satchel",
+    ]
     said = 0
     for row, text in enumerate(more):
         said += text != pattern.sub(lambda m: plain[m.group(0)], text)

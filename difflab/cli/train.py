@@ -220,7 +220,8 @@ def new_config(args) -> RunConfig:
         captions = load_split(cfg, "train").every_caption()
         if not captions:
             raise UsageError(
-                f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, or fashion-pairs)"
+                f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, an .npz with "
+                "'captions', or fashion-pairs)"
             )
         record, width, joint = text_record(args.text, captions)
         cfg = with_text(cfg, record, width, joint.to_dict() if joint else None, args.cond_dropout)

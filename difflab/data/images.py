@@ -372,10 +372,19 @@ def _npz_captions(path: Path, n: int, captions, sets) -> list[tuple[str, ...]] |
         return [(c,) for c in captions.tolist()]
     if sets.dtype.kind != "U" or sets.ndim != 2 or len(sets) != n:
         raise DataError(f"{path}: 'caption_sets' must be {n} rows of strings, got {sets.dtype} {sets.shape}")
-    rows = [tuple(c for c in row if c) for row in sets.tolist()]
+    rows = [_unpadded(row) for row in sets.tolist()]
     if any(not row or row[0] != c for row, c in zip(rows, captions.tolist())):
         raise DataError(f"{path}: each row of 'caption_sets' must start with the image's caption")
     return rows
+
+
+def _unpadded(row: list[str]) -> tuple[str, ...]:
+    """A caption_sets row without the empty strings that pad it to the widest (the first caption is kept even when
+    empty, and an empty caption between others too)."""
+    end = len(row)
+    while end > 1 and not row[end - 1]:
+        end -= 1
+    return tuple(row[:end])
 
 
 def _channels_last(shape: tuple[int, ...]) -> bool:

@@ -150,8 +150,8 @@ def clip_config(
         raise TextError(f"a CLIP model needs images; {base.dataset} is a set of {base.data_kind}")
     if not captions:
         raise TextError(
-            f"a CLIP model needs captions, and {base.dataset} has none (a folder with a metadata.jsonl, or "
-            "fashion-pairs)"
+            f"a CLIP model needs captions, and {base.dataset} has none (a folder with a metadata.jsonl, an .npz "
+            "with 'captions', or fashion-pairs)"
         )
     C, H, W = base.shape
     if caption_words != "dataset" and not caption_variants:

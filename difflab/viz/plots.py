@@ -16,11 +16,14 @@ from ..io import atomic_path
 
 
 def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend, imported on first use (half a second of every command's
-    start otherwise, and most commands draw nothing)."""
-    import matplotlib
+    """matplotlib's pyplot, imported on first use (half a second of every command's start otherwise, and most
+    commands draw nothing); on the file-only Agg backend unless the caller (a notebook) imported pyplot first."""
+    import sys
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules:
+        import matplotlib
+
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
