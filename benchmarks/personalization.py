@@ -139,6 +139,9 @@ VARIANTS = [
     Variant("lora", rank=2),
     Variant("textual-inversion", vectors=4),  # issue 32: textual inversion through a pretrained tower
     Variant("textual-inversion", steps=800, lr=1e-2, vectors=4),
+    Variant("lora", steps=400, lr=5e-4),  # issue 32: LoRA's prompt fidelity within 10 % of the base
+    Variant("lora", steps=200, lr=1e-3),
+    Variant("lora", steps=400, lr=7e-4),
 ]
 
 
