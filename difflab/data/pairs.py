@@ -140,25 +140,17 @@ def article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
 
 
-def caption(attributes, phrasing: int = 0, subject: int | None = None, token: str = "sks") -> str:
+def caption(attributes, phrasing: int = 0, subject: int | None = None, token: str = "sks", words=(0, 0, 0, 0)) -> str:
     """The caption of one image's attributes (left class, left colour, right class, right colour); the
-    ``subject`` half (0 left, 1 right), if any, named by the identifier ``token`` ("a red sks sneaker")."""
+    ``subject`` half (0 left, 1 right), if any, named by the identifier ``token`` ("a red sks sneaker"). ``words``:
+    which word of its SYNONYMS row says the left colour, left item, right colour and right item (0, the default:
+    the dataset's own)."""
     lk, lc, rk, rc = (int(a) for a in attributes)
-    names = list(COLOURS)
+    wlc, wlk, wrc, wrk = (int(w) for w in words)
     left, right = (
-        article(f"{names[c]} {token + ' ' if subject == side else ''}{NOUNS[k]}")
-        for side, (k, c) in enumerate(((lk, lc), (rk, rc)))
+        article(f"{SYNONYMS[0][c][wc]} {token + ' ' if subject == side else ''}{SYNONYMS[1][k][wk]}")
+        for side, (k, c, wk, wc) in enumerate(((lk, lc, wlk, wlc), (rk, rc, wrk, wrc)))
     )
-    return ALL_PHRASINGS[phrasing].format(L=left, R=right)
-
-
-def synonym_caption(attributes, phrasing: int, picks) -> str:
-    """The caption of ``attributes`` in ALL_PHRASINGS[phrasing] with its left colour, left item, right colour and
-    right item said as the ``picks``-th words of their SYNONYMS rows (0: the dataset's own word)."""
-    lk, lc, rk, rc = (int(a) for a in attributes)
-    plc, plk, prc, prk = (int(p) for p in picks)
-    left = article(f"{SYNONYMS[0][lc][plc]} {SYNONYMS[1][lk][plk]}")
-    right = article(f"{SYNONYMS[0][rc][prc]} {SYNONYMS[1][rk][prk]}")
     return ALL_PHRASINGS[phrasing].format(L=left, R=right)
 
 

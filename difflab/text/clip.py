@@ -39,7 +39,6 @@ from ..data.pairs import (
     REWORDED_PHRASINGS,
     caption,
     parse_caption,
-    synonym_caption,
 )
 from ..io import atomic_path
 from ..nets.clip import CAPTION_WORDS, Clip, ClipConfig
@@ -240,11 +239,13 @@ def rephrased(captions: Sequence[str], attributes: Tensor | None, variants: int,
         raise TextError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
     first, count = len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS), len(AUGMENT_PHRASINGS)
     rows, n = attributes.tolist(), len(attributes)
-    if words == "dataset":
-        return [caption(rows[i], first + (i * variants + v) % count) for v in range(variants) for i in range(n)]
-    picks = torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0)).tolist()
+    picks = (
+        torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0))
+        if words == "synonyms"
+        else torch.zeros(variants * n, 4, dtype=torch.long)
+    ).tolist()
     return [
-        synonym_caption(rows[i], first + (i * variants + v) % count, picks[v * n + i])
+        caption(rows[i], first + (i * variants + v) % count, words=picks[v * n + i])
         for v in range(variants)
         for i in range(n)
     ]
