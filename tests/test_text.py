@@ -396,6 +396,21 @@ def test_a_text_run_refuses_bad_input_and_a_changed_clip(clip_run, clip_t2i_run,
         (["train", "digits", "--text", "minilm", "--out", tmp_path / "d"], "has none"),
         (["train", "fashion-pairs", "--text", "bert", "--out", tmp_path / "d"], "unknown text encoder 'bert'"),
         (["eval", run, "--prompts", tmp_path / "none.txt", "--n", "10"], "no such file"),
+        (["train", "fashion-pairs", "--caption-variants", "2", "--out", tmp_path / "d"], "give --text"),
+        (
+            [
+                "train",
+                "fashion-pairs",
+                "--text",
+                f"clip:{clip_run}",
+                "--caption-words",
+                "synonyms",
+                "--out",
+                tmp_path / "d",
+            ],
+            "give --caption-variants K",
+        ),
+        (["train", "fashion-pairs", "--caption-variants", "9", "--out", tmp_path / "d"], "invalid choice: 9"),
     ):
         code, err = run_cli(capsys, *argv)
         assert code != 0 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
@@ -445,6 +460,42 @@ def test_a_text_run_refuses_bad_input_and_a_changed_clip(clip_run, clip_t2i_run,
     assert code != 0 and "--text joint (the run's encoder: clip:" in err, err
 
 
+def test_caption_variants_say_each_image_again_in_other_phrasings_and_a_run_trains_on_them(
+    clip_run, clip_t2i_run, digit_captions, tmp_path, capsys
+):
+    from dataclasses import replace
+
+    from difflab.data.pairs import AUGMENT_PHRASINGS
+    from difflab.runs.data import training_captions
+
+    ds = load_images("fashion-pairs", "test").subset(torch.arange(20))
+    cfg = load_config(clip_t2i_run)
+    cfg = replace(cfg, train=replace(cfg.train, caption_variants=2))
+    index, captions = training_captions(cfg, ds)
+    assert index.tolist() == list(range(20)) * 3 and captions[:20] == ds.captions
+    for i, text in zip(index.tolist(), captions):  # every caption says its own image's attributes
+        attributes, phrasing = parse_caption(text)
+        assert list(attributes) == ds.attributes[i].tolist()
+        assert (phrasing >= len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS)) == (text not in ds.captions)
+    assert len(set(captions[20:])) == 40  # two new phrasings of each image
+    # a run trains on them (a joint vocabulary fitted to them too), records them; other variants on resume: refused
+    run = tmp_path / "t2i"
+    argv = ["train", "fashion-pairs", "--text", "joint", "--out", run, "--caption-variants", "1"]
+    code, err = run_cli(capsys, *argv, "--steps", "1", "--batch-size", "2", "--quiet", "--no-preview")
+    assert code == 0 and load_config(run).train.caption_variants == 1, err
+    code, err = run_cli(capsys, "train", "--out", run, "--resume", "--caption-variants", "2")
+    assert code == 2 and "train.caption_variants=2 (saved: 1)" in err, err
+    # a tower that knows only its training captions' words cannot read them; captions that are not fashion-pairs'
+    # cannot be rephrased: both refused before anything is written
+    argv = ["train", "fashion-pairs", "--text", f"clip:{clip_run}", "--caption-variants", "1", "--out", tmp_path / "w"]
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and "reads only its training captions' words" in err and not (tmp_path / "w").exists(), err
+    argv = ["train", digit_captions, "--text", "joint", "--caption-variants", "1", "--out", tmp_path / "d"]
+    code, err = run_cli(capsys, *argv)
+    assert code == 2 and "needs fashion-pairs' captions" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()
+
+
 def test_text_and_class_labels_together_keep_both_conditions():
     from difflab.runs.presets import preset_for, with_class_labels, with_text
     from difflab.text.encoders import text_record
@@ -455,7 +506,7 @@ def test_text_and_class_labels_together_keep_both_conditions():
     assert [c.name for c in cfg.conditions] == ["tokens", "class_labels"] and cfg.net.text is not None
 
 
-def test_a_repeated_caption_is_encoded_once_and_reads_the_same(clip_t2i_run):
+def test_a_repeated_caption_is_encoded_once_and_reads_the_same(clip_t2i_run, monkeypatch):
     """text_condition encodes each distinct caption once (a training set repeats its captions) and hands every
     occurrence the same tensors as encoding it alone."""
     from difflab.text.encoders import encoder_of, text_condition
@@ -481,4 +532,14 @@ def test_a_repeated_caption_is_encoded_once_and_reads_the_same(clip_t2i_run):
     for k in many:
         assert torch.equal(many[k][0], many[k][2]) and torch.equal(many[k][0], many[k][3])
         torch.testing.assert_close(many[k][0], alone[k][0], rtol=0, atol=1e-5)  # float32 batch noise
+    # a long list is encoded in chunks (the progress bar's steps): the same tensors as in one call
+    monkeypatch.setattr("difflab.text.encoders.ENCODE_CHUNK", 3)
+    seen.clear()
+    texts = [caption((k, c, (k + 3) % 10, (c + 1) % 6)) for k in range(4) for c in range(2)]
+    chunked = text_condition(cfg, [*texts, texts[0]], encoder=Counting(), progress=True)
+    assert [len(s) for s in seen] == [3, 3, 2]
+    whole = Counting().condition(texts, chunked["context"].shape[1])
+    for k in chunked:
+        torch.testing.assert_close(chunked[k][:8], whole[k], rtol=0, atol=1e-5)
+        assert torch.equal(chunked[k][8], chunked[k][0])
     assert not torch.equal(many["context"][0], many["context"][1])

@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from ..core.losses import HARD_NEGATIVES
-from ..nets.clip import CAPTION_WORDS, POOLS
+from ..data.pairs import CAPTION_WORDS
+from ..nets.clip import POOLS
 from ..nets.pretrained_text import BASES, tuned_layers
 from ..runs.data import load_split
 from ..runs.lifecycle import begin

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..core.losses import OBJECTIVES
 from ..core.processes import PROCESSES_BY_NAME, LearnedVP, has_parameters, process_name
+from ..data.pairs import CAPTION_WORDS, MAX_CAPTION_VARIANTS
 from ..evaluation.features import features_spec
 from ..evaluation.watch import DEFAULT_N as DEFAULT_EVAL_N
 from ..evaluation.watch import TrainingEval, features_record
@@ -25,7 +26,7 @@ from ..export.card import write_model_card
 from ..latent.autoencoder import latent_record, load_autoencoder
 from ..nets.unet import num_parameters
 from ..runs.config import AUGMENTS, PRECISIONS, RunConfig
-from ..runs.data import load_split, training_data
+from ..runs.data import load_split, training_captions, training_data
 from ..runs.diffusion import DIFFUSION, preview
 from ..runs.lifecycle import begin
 from ..runs.presets import (
@@ -41,7 +42,7 @@ from ..runs.presets import (
     with_net_size,
     with_text,
 )
-from ..text.encoders import text_record
+from ..text.encoders import reads_any_word, text_record
 from ..training.distributed import launched_rank, resolve_device, teardown
 from ..training.loop import describe_precision, train
 from ..training.trackers import TRACKERS, make_tracker, saved_kind
@@ -60,6 +61,8 @@ TRAIN_FIELDS = (
     "sample_every",
     "eval_every",
     "augment",
+    "caption_variants",
+    "caption_words",
 )
 
 
@@ -216,15 +219,28 @@ def new_config(args) -> RunConfig:
     if args.latent:
         space = load_autoencoder(args.latent)
         cfg = with_latent(cfg, latent_record(space), space.latent_shape)
+    if args.caption_variants and not args.text:
+        raise UsageError(f"--caption-variants {args.caption_variants} rephrases a text run's captions: give --text")
+    if args.caption_words not in (None, "dataset") and not args.caption_variants:
+        raise UsageError(
+            f"--caption-words {args.caption_words} says the caption variants in other words: give --caption-variants K"
+        )
     if args.text:
-        captions = load_split(cfg, "train").every_caption()
+        split = load_split(cfg, "train")
+        captions = split.every_caption()
         if not captions:
             raise UsageError(
                 f"--text needs captions, and {cfg.dataset} has none (a folder with a metadata.jsonl, an .npz with "
                 "'captions', or fashion-pairs)"
             )
-        record, width, joint = text_record(args.text, captions)
+        record, width, joint = text_record(args.text, training_captions(cfg, split)[1])  # variants' lengths too
         cfg = with_text(cfg, record, width, joint.to_dict() if joint else None, args.cond_dropout)
+        if cfg.train.caption_variants and record.kind == "clip" and not reads_any_word(cfg):
+            raise UsageError(
+                f"--caption-variants: the tower of {args.text} reads only its training captions' words, and the "
+                "variants are other phrasings; give a tower that reads any wording (train-clip --init minilm), "
+                "--text minilm or --text joint"
+            )
     if args.class_cond:
         cfg = with_class_labels(
             cfg, load_split(cfg, "train").num_classes if cfg.data_kind == "images" else None, args.cond_dropout
@@ -452,6 +468,20 @@ def register(sub) -> None:
         help="flip: mirror each training image left-right with probability 1/2 (refused where a flip changes the "
         "meaning: digits, fashion-pairs' sides, latent runs); edm: EDM's non-leaking augmentation (flips, quarter "
         "turns, translations, each with probability 0.12, the network told which; pixel-space runs)",
+    )
+    t.add_argument(
+        "--caption-variants",
+        type=int,
+        choices=range(0, MAX_CAPTION_VARIANTS + 1),
+        metavar="K",
+        help="a fashion-pairs text run: each training image is also seen with K captions (0-8) of its attributes in "
+        "other phrasings (data.pairs.AUGMENT_PHRASINGS; never those of eval's new phrasings and reworded); default 0",
+    )
+    t.add_argument(
+        "--caption-words",
+        choices=CAPTION_WORDS,
+        help="the caption variants' colour and item words: the dataset's (default) or synonyms (data.pairs.SYNONYMS; "
+        "never the unseen words the figures measure)",
     )
     t.add_argument(
         "--tracker",

@@ -75,6 +75,8 @@ AUGMENT_PHRASINGS = (  # more ways to say the sides, for tuning a text tower (tr
 # Other words for the colours and items. SYNONYMS[0][colour] and SYNONYMS[1][item] list the dataset's word first,
 # then words a tower may be tuned on (train-clip --caption-words synonyms). UNSEEN_WORDS are never in a training
 # caption: they measure whether a model reads words it was not tuned on (written once, 2026-12-06).
+CAPTION_WORDS = ("dataset", "synonyms")  # the words of caption variants: the dataset's own, or SYNONYMS rows
+MAX_CAPTION_VARIANTS = 8  # one per AUGMENT_PHRASINGS
 SYNONYMS: tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]] = (
     (
         ("red", "scarlet", "cherry", "ruby"),
@@ -171,6 +173,29 @@ def parse_caption(text: str) -> tuple[tuple[int, int, int, int], int] | None:
             (lk, lc), (rk, rc) = items[m["L"]], items[m["R"]]
             return (lk, lc, rk, rc), index
     return None
+
+
+def rephrased(captions, attributes: Tensor | None, variants: int, words: str = "dataset") -> list[str]:
+    """``variants`` more captions of each image, its attributes said in AUGMENT_PHRASINGS (in turn, so every phrasing
+    is used alike): image i's v-th is row v * N + i. ``words='synonyms'``: each colour and item of a variant is said
+    as one of its SYNONYMS row's four words (the dataset's among them), drawn with a fixed seed (a resumed run
+    rebuilds the same captions). Refused for captions outside fashion-pairs' caption language."""
+    if words not in CAPTION_WORDS:
+        raise DataError(f"unknown caption words {words!r}; choose one of {', '.join(CAPTION_WORDS)}")
+    if attributes is None or len(attributes) != len(captions) or any(parse_caption(c) is None for c in captions[:50]):
+        raise DataError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
+    first, count = len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS), len(AUGMENT_PHRASINGS)
+    rows, n = attributes.tolist(), len(attributes)
+    picks = (
+        torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0))
+        if words == "synonyms"
+        else torch.zeros(variants * n, 4, dtype=torch.long)
+    ).tolist()
+    return [
+        caption(rows[i], first + (i * variants + v) % count, words=picks[v * n + i])
+        for v in range(variants)
+        for i in range(n)
+    ]
 
 
 def swapped(attributes) -> tuple[int, int, int, int]:

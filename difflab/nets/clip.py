@@ -10,12 +10,12 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from ..data.pairs import CAPTION_WORDS, MAX_CAPTION_VARIANTS  # the words of caption variants (ClipConfig.caption_words)
 from .pretrained_text import PretrainedText, PretrainedTextConfig
 from .text import TextConfig, TextTransformer
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the inverse temperature at 100
 POOLS = ("mean", "attention")
-CAPTION_WORDS = ("dataset", "synonyms")  # the words of train-clip's caption variants (ClipConfig.caption_words)
 
 
 class AttentionPool2d(nn.Module):
@@ -53,9 +53,10 @@ class ClipConfig:
         TextConfig.from_dict(self.text or {})  # raises on a bad text config
         if self.pretrained is not None:
             PretrainedTextConfig.from_dict(self.pretrained)
-        if not isinstance(self.caption_variants, int) or not 0 <= self.caption_variants <= 8:
+        if not isinstance(self.caption_variants, int) or not 0 <= self.caption_variants <= MAX_CAPTION_VARIANTS:
             raise ValueError(
-                f"ClipConfig.caption_variants must be an integer from 0 to 8, got {self.caption_variants!r}"
+                f"ClipConfig.caption_variants must be an integer from 0 to {MAX_CAPTION_VARIANTS}, "
+                f"got {self.caption_variants!r}"
             )
         if self.caption_words not in CAPTION_WORDS:
             raise ValueError(f"unknown caption words {self.caption_words!r}; choose one of {', '.join(CAPTION_WORDS)}")

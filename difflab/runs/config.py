@@ -38,6 +38,7 @@ from ..core.parameterize import TARGETS, Denoiser, Target, WithSchedule
 from ..core.processes import PROCESSES_BY_NAME as PROCESSES
 from ..core.processes import DiscreteDDPM, Process, has_parameters, process_name
 from ..data.augment import AUGMENT_DIM, edm_refusal, flip_refusal
+from ..data.pairs import CAPTION_WORDS, MAX_CAPTION_VARIANTS
 from ..io import atomic_path
 from ..nets.autoencoder import AutoencoderConfig
 from ..nets.classifier import ClassifierConfig
@@ -130,6 +131,8 @@ class TrainConfig:
     log_every: int = 50
     eval_every: int = 0  # FD/KID and the memorisation distance every N steps, the best kept as RUN/best (0: never)
     augment: Augment = "none"  # "flip": mirrored left-right with probability 1/2; "edm": EDM's non-leaking transforms
+    caption_variants: int = 0  # a fashion-pairs text run: each image also seen with this many rephrased captions
+    caption_words: str = "dataset"  # the variants' colour and item words: "dataset" or "synonyms" (data.pairs)
 
 
 @dataclass
@@ -500,6 +503,22 @@ class RunConfig:
                     f"config: train.augment 'edm' needs a U-Net that reads the augmentation (net.augment_dim "
                     f"{AUGMENT_DIM}, presets.with_edm_augment)"
                 )
+        if not isinstance(t.caption_variants, int) or not 0 <= t.caption_variants <= MAX_CAPTION_VARIANTS:
+            raise CheckpointError(
+                f"config: train.caption_variants must be an integer from 0 to {MAX_CAPTION_VARIANTS}, "
+                f"got {t.caption_variants!r}"
+            )
+        if t.caption_words not in CAPTION_WORDS:
+            raise CheckpointError(
+                f"config: train.caption_words must be one of {_choices(CAPTION_WORDS)}, got {t.caption_words!r}"
+            )
+        if t.caption_variants and self.text is None:
+            raise CheckpointError("config: train.caption_variants rephrase captions: they need a text run (--text)")
+        if t.caption_words != "dataset" and not t.caption_variants:
+            raise CheckpointError(
+                f"config: train.caption_words {t.caption_words!r} says the caption variants in other words: "
+                "they need train.caption_variants"
+            )
         if t.sample_every < 0:
             raise CheckpointError(
                 f"config: train.sample_every must be 0 (at the end only) or positive, got {t.sample_every}"

@@ -5,7 +5,8 @@
 * images stay uint8 in memory and are scaled per batch (data/loader.py); 2-D sets are drawn once;
 * labels become the 'class_labels' condition; a text run's captions its text condition, encoded once
   (text/encoders.py); an image with several captions (a folder's metadata.jsonl) is one example per caption,
-  every image alike (data.base.ImageSet.caption_pairs); a super-resolution run's images downsampled become
+  every image alike (data.base.ImageSet.caption_pairs), and with train.caption_variants K each image again with
+  K rephrased captions (fashion-pairs: data.pairs.rephrased); a super-resolution run's images downsampled become
   'low_res' (core/operators.Downsample);
 * a latent run trains on the scaled latents of its autoencoder, encoded once and cached in the run
   (``latents.safetensors``, keyed by the autoencoder's fingerprint and the images' hash)."""
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from ..core.operators import Downsample
 from ..data.images import DataError, ImageSet, load_images, to_model
 from ..data.loader import TensorDataset
+from ..data.pairs import rephrased
 from ..data.toy2d import make_toy
 from ..io import cached_tensor
 from ..latent.autoencoder import latent_space
@@ -66,6 +68,21 @@ def cached_latents(space: LatentSpace, images: Tensor, cache: Path | None, progr
     return cached_tensor(cache, tag, encode, name="z")
 
 
+def training_captions(cfg: RunConfig, ds: ImageSet) -> tuple[Tensor, list[str]]:
+    """The (image, caption) pairs a text run trains on: indices into ``ds``'s images and a caption for each. An
+    image with several captions comes once per caption (ImageSet.caption_pairs); with train.caption_variants K,
+    every pair again with each of K rephrased captions of the image's attributes (data.pairs.rephrased)."""
+    if ds.captions is None:
+        raise DataError(f"the run reads captions, and {cfg.dataset} has none")
+    index, captions = ds.caption_pairs()
+    k = cfg.train.caption_variants
+    if k:
+        attributes = None if ds.attributes is None else ds.attributes[index]
+        captions = [*captions, *rephrased(captions, attributes, k, cfg.train.caption_words)]
+        index = index.repeat(k + 1)
+    return index, captions
+
+
 def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool = False) -> TensorDataset:
     """The train split of ``cfg``'s dataset as a TensorDataset with every condition the config takes (see the
     module doc); ``run`` is where a latent run's cache lives (None: no cache)."""
@@ -78,14 +95,12 @@ def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool 
         )
     take, captions = (lambda v: v), None  # noqa: E731
     if cfg.text is not None:
-        if ds.captions is None:
-            raise DataError(f"the run reads captions, and {cfg.dataset} has none")
-        index, captions = ds.caption_pairs()  # an image with several captions: once per caption (in turn)
+        index, captions = training_captions(cfg, ds)  # several captions or caption variants: once per caption
         if len(index) != len(ds):
             take = lambda v: v[index]  # noqa: E731
     cond = {"class_labels": take(ds.labels)} if ds.labels is not None else {}
     if captions is not None:
-        cond |= text_condition(cfg, captions, cfg.text.max_tokens)
+        cond |= text_condition(cfg, captions, cfg.text.max_tokens, progress=progress)
     if cfg.super_resolution is not None:
         cond["low_res"] = take(low_res_of(ds.images, cfg.super_resolution.factor))
     if cfg.latent is not None:

@@ -29,19 +29,17 @@ from ..core.losses import ContrastiveLoss
 from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
 from ..data.pairs import (
-    ALL_PHRASINGS,
     ATTRIBUTES,
-    AUGMENT_PHRASINGS,
     COLOURS,
     NEW_PHRASINGS,
     NOUNS,
     PHRASINGS,
     REWORDED_PHRASINGS,
     caption,
-    parse_caption,
+    rephrased,
 )
 from ..io import atomic_path
-from ..nets.clip import CAPTION_WORDS, Clip, ClipConfig
+from ..nets.clip import Clip, ClipConfig
 from ..nets.pretrained_text import PretrainedTextConfig, load_minilm, minilm_sha256
 from ..nets.text import TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TrainConfig
@@ -226,29 +224,6 @@ def attribute_probe(
         sim = (txt.reshape(len(images), k, -1) * img[:, None]).sum(-1)  # (N, k)
         out[name] = float((sim.argmax(1) == attributes[:, a]).float().mean())
     return out
-
-
-def rephrased(captions: Sequence[str], attributes: Tensor | None, variants: int, words: str = "dataset") -> list[str]:
-    """``variants`` more captions of each image, its attributes said in data.pairs.AUGMENT_PHRASINGS (in turn, so
-    every phrasing is used alike): image i's v-th is row v * N + i. ``words='synonyms'``: each colour and item of a
-    variant is said as one of its SYNONYMS row's four words (the dataset's among them), drawn with a fixed seed.
-    Refused for captions outside fashion-pairs' caption language."""
-    if words not in CAPTION_WORDS:
-        raise TextError(f"unknown caption words {words!r}; choose one of {', '.join(CAPTION_WORDS)}")
-    if attributes is None or len(attributes) != len(captions) or any(parse_caption(c) is None for c in captions[:50]):
-        raise TextError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
-    first, count = len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS), len(AUGMENT_PHRASINGS)
-    rows, n = attributes.tolist(), len(attributes)
-    picks = (
-        torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0))
-        if words == "synonyms"
-        else torch.zeros(variants * n, 4, dtype=torch.long)
-    ).tolist()
-    return [
-        caption(rows[i], first + (i * variants + v) % count, words=picks[v * n + i])
-        for v in range(variants)
-        for i in range(n)
-    ]
 
 
 def clip_data(cfg, data: ImageSet):
