@@ -483,6 +483,7 @@ def test_caption_variants_say_each_image_again_in_other_phrasings_and_a_run_trai
     argv = ["train", "fashion-pairs", "--text", "joint", "--out", run, "--caption-variants", "1"]
     code, err = run_cli(capsys, *argv, "--steps", "1", "--batch-size", "2", "--quiet", "--no-preview")
     assert code == 0 and load_config(run).train.caption_variants == 1, err
+    assert "seed 0, 1 caption variant\n" in (run / "README.md").read_text()  # the model card says so
     code, err = run_cli(capsys, "train", "--out", run, "--resume", "--caption-variants", "2")
     assert code == 2 and "train.caption_variants=2 (saved: 1)" in err, err
     # a tower that knows only its training captions' words cannot read them; captions that are not fashion-pairs'

@@ -168,7 +168,14 @@ def _training(cfg: RunConfig, folder: Path, recipe: dict) -> dict[str, str]:
     rows_out = {
         "steps": f"{step if step is not None else '?'} of {t.steps}",
         "recipe": f"batch {t.batch_size}, lr {t.lr:g} ({t.lr_schedule}), EMA {t.ema_decay:g}, {t.precision}, "
-        f"seed {t.seed}" + (f", augment {t.augment}" if t.augment != "none" else ""),
+        f"seed {t.seed}"
+        + (f", augment {t.augment}" if t.augment != "none" else "")
+        + (
+            f", {t.caption_variants} caption variant{'s' if t.caption_variants > 1 else ''}"
+            + (f" ({t.caption_words})" if t.caption_words != "dataset" else "")
+            if t.caption_variants
+            else ""
+        ),
     }
     seconds = recipe.get("train_seconds") or _seconds(rows)
     if seconds:
