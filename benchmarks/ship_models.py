@@ -166,7 +166,8 @@ def ceiling(n: int) -> dict:
 
 def text_figures(run: Path, n: int, scales: list[float], reworded: bool = False) -> dict:
     """All-four accuracy (seen, held-out, swapped captions, new phrasings, and with ``reworded`` the second set of
-    unseen phrasings) and FD at the best of ``scales``."""
+    unseen phrasings: on all their prompts, on the seen combinations and per phrasing) and FD at the best of
+    ``scales``."""
     best = None
     for s in scales:
         r = evaluate(run, n=n, guidance=GuidanceConfig(scale=s), caption_swap=True, bpd_n=0, progress=False)
@@ -194,6 +195,16 @@ def text_figures(run: Path, n: int, scales: list[float], reworded: bool = False)
             if "reworded" in unseen
             else {}
         ),
+        **{  # the seen combinations only (what "all four, seen" counts) and per phrasing
+            f"{key}_seen": round(unseen[name]["text"]["follows"]["seen"]["all_four"], 4)
+            for key, name in (("new_phrasings", "new-phrasings"), ("reworded", "reworded"))
+            if name in unseen
+        },
+        "by_phrasing": {
+            p: round(v["all_four"], 4)
+            for r in unseen.values()
+            for p, v in r["text"]["follows"].get("by_phrasing", {}).items()
+        },
         "ceiling_seen": round(real["seen"]["all_four"], 4),
         "ceiling_held_out": round(real["held_out"]["all_four"], 4),
         "n": n,

@@ -142,8 +142,8 @@ def main(argv=None) -> None:
         "all four, held-out",
         "either side",
         "caption swap",
-        "new phrasings",
-        "reworded",
+        "new phrasings (seen)",
+        "reworded (seen)",
         "FD",
     ]
     table = [
@@ -157,8 +157,8 @@ def main(argv=None) -> None:
             f"{r['held_out']:.1%}",
             f"{r['either_side']:.1%}",
             f"{r['swap']:.1%}",
-            f"{r['new_phrasings']:.1%}",
-            f"{r['reworded']:.1%}",
+            f"{r['new_phrasings']:.1%}" + (f" ({r['new_phrasings_seen']:.1%})" if "new_phrasings_seen" in r else ""),
+            f"{r['reworded']:.1%}" + (f" ({r['reworded_seen']:.1%})" if "reworded_seen" in r else ""),
             f"{r['fd']:.2f}",
         ]
         for r in rows
@@ -180,6 +180,18 @@ def main(argv=None) -> None:
         ]
     )
     lines += md_table(head, table)
+    phrased = [r for r in rows if r.get("by_phrasing")]
+    if phrased:
+        lines += [
+            "",
+            "All four right on the seen combinations, per unseen phrasing (data.pairs.NEW_PHRASINGS, then "
+            "REWORDED_PHRASINGS; about 67 captions each), at each row's s:",
+            "",
+        ]
+        lines += md_table(
+            ["phrasing", *[r["label"] for r in phrased]],
+            [[f"`{p}`", *[f"{r['by_phrasing'][p]:.1%}" for r in phrased]] for p in phrased[0]["by_phrasing"]],
+        )
     worded_rows = [r for r in rows if "unseen_words" in r]
     if worded_rows:
         kinds = list(worded_rows[0]["unseen_words"])

@@ -232,10 +232,19 @@ def test_the_shipped_open_vocabulary_clip_reads_the_sides_in_words_it_never_trai
     check = shipped.recipe(name)["check_figures"]
     n, test = check["n"], load_images("fashion-pairs", "test")
     first = replace(test.subset(torch.arange(n)), attributes=None)  # no probe
-    got = clip_figures(name, first, n=n) | unseen_phrasing_swaps(ClipRun.load(name).clip, test, n)
+    clip = ClipRun.load(name).clip
+    got = clip_figures(name, first, n=n) | unseen_phrasing_swaps(clip, test, n)
     for k in ("swap_discrimination", "swap_new_phrasings", "swap_reworded", "caption_to_image", "image_to_caption"):
         assert got[k] == pytest.approx(check[k], abs=1 / n), k  # an image more or less
     assert got["swap_discrimination"] >= 0.97 and min(got["swap_new_phrasings"], got["swap_reworded"]) >= 0.95
+    # and it binds each colour to its own item (benchmarks/tower_binding.py: every phrasing but one, "left: {L};
+    # right: {R}", where it reads the colours exchanged)
+    from difflab.data.images import to_model
+    from difflab.data.pairs import swap_colours
+    from difflab.text.clip import swap_discrimination
+
+    colours = swap_discrimination(clip, to_model(test.images[:100]), test.captions[:100], swap=swap_colours)
+    assert colours >= 0.97, colours
 
 
 def test_the_closed_vocabulary_model_refuses_personalisation_and_names_the_ones_that_take_it(tmp_path, capsys):

@@ -18,7 +18,7 @@ from conftest import CLIP_STEPS
 from difflab.cli import main
 from difflab.core.conditions import drop_conditions
 from difflab.core.losses import contrastive_loss
-from difflab.data.images import DataError, load_images
+from difflab.data.images import DataError, load_images, to_model
 from difflab.data.pairs import ALL_PHRASINGS, NEW_PHRASINGS, PHRASINGS, REWORDED_PHRASINGS, caption, parse_caption
 from difflab.evaluation.prompts import parsed
 from difflab.nets.clip import MAX_LOGIT_SCALE, Clip, ClipConfig
@@ -86,6 +86,35 @@ def test_hard_negatives_join_the_image_to_caption_side_only_and_a_missing_one_ch
     assert contrastive_loss(a, b, s, h).item() == pytest.approx((rows + cols) / 2, rel=1e-6)
     # an image whose swapped caption is as close as its own caption costs more than one whose swap is far
     assert contrastive_loss(a, a, s, a).item() > contrastive_loss(a, a, s, -a).item()
+
+
+def test_swap_colours_exchanges_the_colours_of_the_two_items_in_any_phrasing():
+    from difflab.data.pairs import swap_colours
+
+    c = "a red sneaker on the left and a blue bag on the right"
+    assert swap_colours(c) == "a blue sneaker on the left and a red bag on the right"
+    for index in range(len(ALL_PHRASINGS)):
+        text = caption([7, 0, 8, 2], index)
+        attributes, phrasing = parse_caption(swap_colours(text))
+        assert attributes == (7, 2, 8, 0) and phrasing == index and swap_colours(swap_colours(text)) == text
+    assert swap_colours(caption([7, 4, 8, 4])) == caption([7, 4, 8, 4])  # one colour: nothing to exchange
+    assert swap_colours("a red square") == "a red square"
+
+
+def test_binding_by_phrasing_reads_each_phrasing_with_both_swaps(clip_run):
+    from difflab.data.pairs import AUGMENT_PHRASINGS, swap_colours
+    from difflab.text.clip import ClipRun, binding_by_phrasing, swap_discrimination
+
+    test, clip = load_images("fashion-pairs", "test"), ClipRun.load(clip_run).clip
+    got = binding_by_phrasing(clip, test, 20)
+    assert list(got) == list(ALL_PHRASINGS[: len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS)])
+    x = to_model(test.images[:20])
+    texts = [caption(a, 6) for a in test.attributes[:20].tolist()]  # "left: {L}; right: {R}"
+    assert got[ALL_PHRASINGS[6]] == {
+        "sides": swap_discrimination(clip, x, texts),
+        "colours": swap_discrimination(clip, x, texts, swap=swap_colours),
+    }
+    assert all(0 <= v <= 1 for f in got.values() for v in f.values())
 
 
 def test_swap_sides_exchanges_left_and_right_as_words_and_keeps_their_case():
@@ -377,9 +406,13 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, clip_t2i_
     text = result["text"]
     assert (
         text["prompts"] == 10
-        and set(text["follows"]) == {"all", "seen", "held_out", "shuffled"}
+        and set(text["follows"]) == {"all", "seen", "held_out", "shuffled", "by_phrasing"}
         and text["caption_swap"]["n"] == 10
     )
+    seen, by = text["follows"]["seen"], text["follows"]["by_phrasing"].values()  # the seen prompts, split by phrasing
+    assert sum(p["n"] for p in by) == seen["n"] and set(text["follows"]["by_phrasing"]) <= set(PHRASINGS)
+    assert sum(p["n"] * p["all_four"] for p in by) == pytest.approx(seen["n"] * seen["all_four"])
+    assert len(by) > 1 and "all four by phrasing, seen combinations:" in format_report(result)
     assert 0 < text["clip_score"]["real"] <= 1 and "caption swap (n=10)" in format_report(result)
 
 

@@ -204,6 +204,17 @@ def swapped(attributes) -> tuple[int, int, int, int]:
     return rk, rc, lk, lc
 
 
+def swap_colours(text: str) -> str:
+    """A fashion-pairs caption with its two colours exchanged, items, sides and phrasing kept ("a red sneaker on the
+    left and a blue bag on the right" -> "a blue sneaker ... a red bag ..."): the check that a text tower binds each
+    colour to its own item. Any other text, or two items of one colour, comes back unchanged."""
+    found = parse_caption(text)
+    if found is None:
+        return text
+    (lk, lc, rk, rc), phrasing = found
+    return text if lc == rc else caption((lk, rc, rk, lc), phrasing)
+
+
 def tint(grey: np.ndarray, colour) -> np.ndarray:
     """uint8 (N, 28, 28) grey items -> uint8 (N, 3, 32, 32): g/255 * colour rounded to the nearest level, padded with
     black. In integers: round(g c / 255) = (2 g c + 255) // 510, and g c / 255 is never half-way between two levels

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..data.pairs import ATTRIBUTES, PHRASINGS, caption, is_held_out, parse_caption, swapped
+from ..data.pairs import ALL_PHRASINGS, ATTRIBUTES, PHRASINGS, caption, is_held_out, parse_caption, swapped
 from ..data.pairs import NEW_PHRASINGS as NEW
 from ..data.pairs import REWORDED_PHRASINGS as REWORDED
 from ..runs.data import load_split
@@ -113,7 +113,8 @@ def accuracies(predicted: Tensor, wanted: Tensor) -> dict:
 
 def follows(predicted: Tensor, prompts: PromptSet, seed: int = 0) -> dict:
     """How often the samples' attributes (predicted (N, 4), by the attribute network) are the prompts': on
-    all prompts, on seen and on held-out combinations, and for the prompts shuffled among the samples."""
+    all prompts, on seen and on held-out combinations, for the prompts shuffled among the samples, and
+    ('by_phrasing') all four right on the seen combinations of each phrasing the prompts use."""
     if prompts.attributes is None:
         raise PromptError("attribute accuracy needs prompts in the dataset's caption language")
     out = {"all": accuracies(predicted, prompts.attributes)}
@@ -121,4 +122,13 @@ def follows(predicted: Tensor, prompts: PromptSet, seed: int = 0) -> dict:
         out[name] = accuracies(predicted[keep], prompts.attributes[keep]) if keep.any() else None
     perm = torch.randperm(len(predicted), generator=torch.Generator().manual_seed(seed))
     out["shuffled"] = accuracies(predicted, prompts.attributes[perm])
+    if prompts.phrasings is not None:  # all four right on the seen combinations, per phrasing (data.pairs)
+        phrasing, seen = torch.tensor(prompts.phrasings), ~prompts.held_out
+        out["by_phrasing"] = {
+            ALL_PHRASINGS[p]: {
+                k: v for k, v in accuracies(predicted[keep], prompts.attributes[keep]).items() if k in ("n", "all_four")
+            }
+            for p in sorted(set(prompts.phrasings))
+            if (keep := (phrasing == p) & seen).any()
+        }
     return out

@@ -52,6 +52,10 @@ def _format_text(t: dict) -> list[str]:
                 values = [*acc["per_attribute"].values(), acc["all_four"], acc["either_side"]]
                 label = f"{name} (n={acc['n']})"
                 lines.append(f"  {label:22}" + "".join(f"{100 * v:13.1f}%" for v in values))
+        by = f.get("by_phrasing") or {}
+        if len(by) > 1:  # which wording the model reads worst
+            lines.append("  all four by phrasing, seen combinations:")
+            lines += [f"    {100 * v['all_four']:5.1f}% (n={v['n']})  {p}" for p, v in by.items()]
     c = t.get("clip_score")
     if c:
         real = f", real test images {c['real']:.3f}" if c["real"] is not None else ""

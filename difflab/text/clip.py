@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,7 +29,9 @@ from ..core.losses import ContrastiveLoss
 from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
 from ..data.pairs import (
+    ALL_PHRASINGS,
     ATTRIBUTES,
+    AUGMENT_PHRASINGS,
     COLOURS,
     NEW_PHRASINGS,
     NOUNS,
@@ -37,6 +39,7 @@ from ..data.pairs import (
     REWORDED_PHRASINGS,
     caption,
     rephrased,
+    swap_colours,
 )
 from ..io import atomic_path
 from ..nets.clip import Clip, ClipConfig
@@ -246,16 +249,37 @@ def clip_data(cfg, data: ImageSet):
 
 
 @torch.no_grad()
-def swap_discrimination(clip: Clip, images: Tensor, captions: Sequence[str], batch: int = 500) -> float | None:
-    """The share of images that are closer to their own caption than to its side-swapped twin (swap_sides),
-    over the captions that name a side; 0.5 is a coin flip (an encoder that cannot tell the sides apart scores
-    it). None when no caption names a side."""
-    keep = [i for i, c in enumerate(captions) if swap_sides(c) != c]
+def swap_discrimination(
+    clip: Clip, images: Tensor, captions: Sequence[str], batch: int = 500, swap: Callable[[str], str] = swap_sides
+) -> float | None:
+    """The share of images that are closer to their own caption than to its twin ``swap(caption)`` (default
+    swap_sides: the same items on the other sides; data.pairs.swap_colours: the colours exchanged between the
+    items), over the captions the swap changes; 0.5 is a coin flip (an encoder that cannot tell them apart scores
+    it). None when the swap changes no caption."""
+    keep = [i for i, c in enumerate(captions) if swap(c) != c]
     if not keep:
         return None
     own = clip_scores(clip, images[keep], [captions[i] for i in keep], batch)
-    swapped = clip_scores(clip, images[keep], [swap_sides(captions[i]) for i in keep], batch)
+    swapped = clip_scores(clip, images[keep], [swap(captions[i]) for i in keep], batch)
     return float((own > swapped).float().mean())
+
+
+def binding_by_phrasing(clip: Clip, test: ImageSet, n: int) -> dict[str, dict[str, float | None]]:
+    """Per phrasing of data.pairs.ALL_PHRASINGS but the tuning ones (the training phrasings, then NEW_PHRASINGS and
+    REWORDED_PHRASINGS), the first ``n`` fashion-pairs test images captioned in it: side-swap and colour-swap
+    discrimination (swap_sides, data.pairs.swap_colours). A tower can read the sides of a phrasing and still bind
+    its colours to the wrong items."""
+    if test.attributes is None:
+        raise TextError("the phrasings say fashion-pairs' attributes: they need its test split")
+    x, rows = to_model(test.images[:n]), test.attributes[:n].tolist()
+    out = {}
+    for k in range(len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS)):
+        texts = [caption(a, k) for a in rows]
+        out[ALL_PHRASINGS[k]] = {
+            "sides": swap_discrimination(clip, x, texts),
+            "colours": swap_discrimination(clip, x, texts, swap=swap_colours),
+        }
+    return out
 
 
 def unseen_phrasing_swaps(clip: Clip, test: ImageSet, n: int) -> dict[str, float]:
