@@ -375,3 +375,25 @@ def test_batches_resume_from_their_state():
     resumed = batches(data, 3, seed=123)
     resumed.load_state_dict(state)
     assert [ids(next(resumed)[0]) for _ in range(7)] == expected
+
+
+def test_a_dataset_with_rows_keeps_each_row_once_and_takes_what_a_materialised_one_takes():
+    images = torch.arange(3, dtype=torch.uint8)[:, None, None, None].expand(3, 1, 2, 2).contiguous()
+    states = torch.tensor([[10.0, 11.0], [20.0, 21.0]])
+    rows = {"x": torch.tensor([0, 0, 1, 2, 2]), "c": torch.tensor([1, 0, 1, 1, 0])}
+    data = TensorDataset(images, {"c": states}, rows)
+    whole = TensorDataset(images[rows["x"]], {"c": states[rows["c"]]})  # every row copied per example
+    assert len(data) == len(whole) == 5
+    idx = torch.tensor([4, 1, 3])
+    (x, cond), (x2, cond2) = data.take(idx), whole.take(idx)
+    assert torch.equal(x, x2) and torch.equal(cond["c"], cond2["c"]) and ids(x) == [2, 0, 2]
+    moved = data.map(lambda t: t.clone())
+    assert torch.equal(moved.take(idx)[1]["c"], cond["c"]) and len(moved.tensors()) == 4
+    for bad, message in (
+        ({"y": rows["x"]}, "does not hold"),
+        ({"x": torch.tensor([0, 3])}, "indices into its 3 rows"),
+        ({"x": rows["x"], "c": torch.tensor([0, 1])}, "must be 5 indices"),
+        ({"x": rows["x"]}, "condition 'c' has 2 rows for 5 examples"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            TensorDataset(images, {"c": states}, bad)

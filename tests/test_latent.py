@@ -14,7 +14,7 @@ import torch
 
 from difflab.cli import main
 from difflab.core.losses import AutoencoderLoss, kl_to_standard_normal
-from difflab.data.images import DataError, load_images, save_npz
+from difflab.data.images import DataError, load_images, save_npz, to_model
 from difflab.data.pairs import COLOURS, HELD_OUT, PHRASINGS, caption, make_pairs
 from difflab.evaluation.evaluate import Sampling, evaluate
 from difflab.latent.autoencoder import LATENT, fingerprint, latent_space, load_autoencoder
@@ -275,10 +275,12 @@ def test_a_folder_with_several_captions_per_image_trains_on_every_one_each_image
     assert {"level", "shade"} <= set(joint.vocabulary)  # fitted to every caption, not only the first
     cfg = with_text(cfg, record, width, joint.to_dict())
     ds = training_data(cfg)
-    assert len(ds) == 27 and torch.equal(ds.x[9:18], train_split.images[torch.arange(9)]) and "tokens" in ds.cond
+    x, cond = ds.take(torch.arange(27))
+    assert len(ds) == 27 and torch.equal(x[9:18], to_model(train_split.images)) and "tokens" in cond
+    assert len(ds.x) == 9 and len(ds.cond["tokens"]) == len(train_split.every_caption()) == 18  # each stored once
     ids, _ = joint.tokenize(["grey 1", "level 1", "grey 2", "shade 2"])  # pair j * 9 + i: image i, caption j mod k_i
     for pair, row in ((1, 0), (10, 1), (19, 0), (2, 2), (20, 3)):
-        assert torch.equal(ds.cond["tokens"][pair], ids[row]), pair
+        assert torch.equal(cond["tokens"][pair], ids[row]), pair
     with pytest.raises(DataError, match="caption set must start with its caption"):
         replace(train_split, caption_sets=[("other",), *train_split.caption_sets[1:]])
 

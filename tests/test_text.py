@@ -530,6 +530,22 @@ def test_caption_variants_say_each_image_again_in_other_phrasings_and_a_run_trai
     assert not (tmp_path / "d").exists()
 
 
+def test_a_text_training_set_keeps_each_captions_states_once(clip_t2i_run):
+    """fashion-pairs' 20000 training images have fewer distinct captions: the training set holds each caption's
+    token states once and gives every example the states of its own caption, as encoding it alone does."""
+    from difflab.runs.data import load_split, training_data
+    from difflab.text.encoders import text_condition
+
+    cfg = load_config(clip_t2i_run)
+    data, captions = training_data(cfg), load_split(cfg, "train").captions
+    assert len(data) == len(captions) and len(data.cond["context"]) == len(set(captions)) < len(captions)
+    idx = torch.tensor([0, 17, 4242, 19999])
+    _, cond = data.take(idx)
+    alone = text_condition(cfg, [captions[i] for i in idx.tolist()], cfg.text.max_tokens)
+    for k in ("context", "context_mask"):
+        torch.testing.assert_close(cond[k], alone[k], rtol=0, atol=1e-5)  # float32 batch noise
+
+
 def test_text_and_class_labels_together_keep_both_conditions():
     from difflab.runs.presets import preset_for, with_class_labels, with_text
     from difflab.text.encoders import text_record

@@ -20,25 +20,50 @@ from .base import to_model
 class TensorDataset:
     """Examples ``x`` (N, ...) and named conditions, each (N, ...); ``take`` yields ``(x, cond)``.
 
-    uint8 examples are images in 0..255 and come out as floats in [-1, 1]."""
+    ``rows`` (optional), by name ('x' or a condition's): long (N,), the row of that tensor each example reads, which
+    then holds each distinct row once (an image with K captions stored once, not K times; a caption's token states
+    once however many images it describes). uint8 examples are images in 0..255 and come out as floats in [-1, 1]."""
 
     x: Tensor
     cond: Mapping[str, Tensor] = field(default_factory=dict)
+    rows: Mapping[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self):
-        if len(self.x) == 0:
-            raise ValueError("the dataset is empty")
         self.cond = {k: v for k, v in self.cond.items() if v is not None}
-        for name, value in self.cond.items():
-            if len(value) != len(self.x):
-                raise ValueError(f"condition {name!r} has {len(value)} rows for {len(self.x)} examples")
+        unknown = set(self.rows) - {"x", *self.cond}
+        if unknown:
+            raise ValueError(f"rows for {sorted(unknown)}, which the dataset does not hold")
+        n = len(self.rows["x"]) if "x" in self.rows else len(self.x)
+        if n == 0:
+            raise ValueError("the dataset is empty")
+        for name, value in {"x": self.x, **self.cond}.items():
+            if name in self.rows:
+                r = self.rows[name]
+                if r.dtype != torch.long or r.shape != (n,) or int(r.min()) < 0 or int(r.max()) >= len(value):
+                    raise ValueError(f"rows of {name!r} must be {n} indices into its {len(value)} rows")
+            elif len(value) != n:
+                raise ValueError(f"condition {name!r} has {len(value)} rows for {n} examples")
+        self.n = n
 
     def __len__(self) -> int:
-        return len(self.x)
+        return self.n
+
+    def _pick(self, name: str, value: Tensor, idx: Tensor) -> Tensor:
+        return value[self.rows[name][idx]] if name in self.rows else value[idx]
 
     def take(self, idx: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        x = self.x[idx]
-        return (to_model(x) if x.dtype == torch.uint8 else x), {k: v[idx] for k, v in self.cond.items()}
+        x = self._pick("x", self.x, idx)
+        return (to_model(x) if x.dtype == torch.uint8 else x), {k: self._pick(k, v, idx) for k, v in self.cond.items()}
+
+    def tensors(self) -> list[Tensor]:
+        """Every tensor it holds (the examples, the conditions, the rows): what moving it to a device moves."""
+        return [self.x, *self.cond.values(), *self.rows.values()]
+
+    def map(self, fn) -> TensorDataset:
+        """The same dataset with ``fn`` applied to each of its tensors (e.g. moved to a device)."""
+        return TensorDataset(
+            fn(self.x), {k: fn(v) for k, v in self.cond.items()}, {k: fn(v) for k, v in self.rows.items()}
+        )
 
 
 class ShuffledBatches:

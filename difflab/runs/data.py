@@ -3,11 +3,12 @@
     data = training_data(cfg, run_dir)           # a TensorDataset: (x, {condition: tensor})
 
 * images stay uint8 in memory and are scaled per batch (data/loader.py); 2-D sets are drawn once;
-* labels become the 'class_labels' condition; a text run's captions its text condition, encoded once
-  (text/encoders.py); an image with several captions (a folder's metadata.jsonl) is one example per caption,
-  every image alike (data.base.ImageSet.caption_pairs), and with train.caption_variants K each image again with
-  K rephrased captions (fashion-pairs: data.pairs.rephrased); a super-resolution run's images downsampled become
-  'low_res' (core/operators.Downsample);
+* labels become the 'class_labels' condition; a text run's captions its text condition, each distinct caption
+  encoded and stored once (text/encoders.py: text_states; each example reads its row, TensorDataset.rows); an
+  image with several captions (a folder's metadata.jsonl) is one example per caption, every image alike and stored
+  once (data.base.ImageSet.caption_pairs), and with train.caption_variants K each image again with K rephrased
+  captions (fashion-pairs: data.pairs.rephrased); a super-resolution run's images downsampled become 'low_res'
+  (core/operators.Downsample);
 * a latent run trains on the scaled latents of its autoencoder, encoded once and cached in the run
   (``latents.safetensors``, keyed by the autoencoder's fingerprint and the images' hash)."""
 
@@ -28,7 +29,7 @@ from ..data.toy2d import make_toy
 from ..io import cached_tensor
 from ..latent.autoencoder import latent_space
 from ..latent.space import LatentSpace
-from ..text.encoders import text_condition
+from ..text.encoders import text_states
 from .config import RunConfig
 
 LATENTS = "latents.safetensors"
@@ -93,17 +94,21 @@ def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool 
         raise DataError(
             f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.data_shape)}"
         )
-    take, captions = (lambda v: v), None  # noqa: E731
+    rows, captions = {}, None  # rows: which stored row each example reads (TensorDataset.rows)
     if cfg.text is not None:
         index, captions = training_captions(cfg, ds)  # several captions or caption variants: once per caption
-        if len(index) != len(ds):
-            take = lambda v: v[index]  # noqa: E731
-    cond = {"class_labels": take(ds.labels)} if ds.labels is not None else {}
-    if captions is not None:
-        cond |= text_condition(cfg, captions, cfg.text.max_tokens, progress=progress)
+        if len(index) != len(ds):  # an image and its labels stored once, read once per caption
+            rows = {"x": index, **({"class_labels": index} if ds.labels is not None else {})}
+    cond = {"class_labels": ds.labels} if ds.labels is not None else {}
+    if captions is not None:  # each distinct caption's states stored once
+        states, rows_of_caption = text_states(cfg, captions, cfg.text.max_tokens, progress=progress)
+        cond |= states
+        rows |= {k: rows_of_caption for k in states}
     if cfg.super_resolution is not None:
-        cond["low_res"] = take(low_res_of(ds.images, cfg.super_resolution.factor))
+        cond["low_res"] = low_res_of(ds.images, cfg.super_resolution.factor)
+        if "x" in rows:
+            rows["low_res"] = rows["x"]
     if cfg.latent is not None:
         z = cached_latents(latent_space(cfg.latent), ds.images, Path(run) / LATENTS if run else None, progress)
-        return TensorDataset(take(z), cond)
-    return TensorDataset(take(ds.images), cond)
+        return TensorDataset(z, cond, rows)
+    return TensorDataset(ds.images, cond, rows)

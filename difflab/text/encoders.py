@@ -315,29 +315,36 @@ def as_read(cfg: RunConfig, captions: Sequence[str]) -> list[str]:
     return [identifier_pattern([p.token]).sub(" ".join(p.tokens), c) for c in captions]
 
 
-def text_condition(
+def text_states(
     cfg: RunConfig, captions: Sequence[str], length: int | None = None, encoder=None, progress: bool = False
-) -> dict[str, Tensor]:
-    """The condition tensors of ``captions`` for the text run ``cfg`` (see the module doc), through ``encoder``
-    (default: the run's, checked against its record), padded to ``length`` (default: what they need); ``progress``:
-    a bar over the distinct captions (a training set's 100000 take minutes through a pretrained tower)."""
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The condition tensors of each distinct caption of ``captions`` for the text run ``cfg`` (see the module doc),
+    through ``encoder`` (default: the run's, checked against its record), padded to ``length`` (default: what they
+    need), and for each caption the row of its states (long (N,)): a training set repeats its captions, and each is
+    encoded and kept once. ``progress``: a bar over the distinct captions (100000 take minutes through a tower)."""
     enc = encoder or encoder_of(cfg)
     if enc is None:
         raise TextError(f"{cfg.dataset}: this run takes no text (train one with --text minilm|clip:RUN|joint)")
     captions = as_read(cfg, captions)
     length = length or prompt_length(cfg, enc, captions)
-    where = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # a training set repeats its captions: each is
-    index = torch.tensor([where[c] for c in captions], dtype=torch.long)  # encoded once, then gathered
+    where = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    index = torch.tensor([where[c] for c in captions], dtype=torch.long)
     distinct = list(where)
     if len(distinct) <= ENCODE_CHUNK:
-        states = enc.condition(distinct, length)
-    else:  # in chunks, each padded to the same length, for the progress bar
-        bar = tqdm(total=len(distinct), desc="encode captions", unit="caption", disable=not progress)
-        parts = []
-        for lo in range(0, len(distinct), ENCODE_CHUNK):
-            chunk = distinct[lo : lo + ENCODE_CHUNK]
-            parts.append(enc.condition(chunk, length))
-            bar.update(len(chunk))
-        bar.close()
-        states = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return enc.condition(distinct, length), index
+    bar = tqdm(total=len(distinct), desc="encode captions", unit="caption", disable=not progress)
+    parts = []  # in chunks, each padded to the same length, for the progress bar
+    for lo in range(0, len(distinct), ENCODE_CHUNK):
+        chunk = distinct[lo : lo + ENCODE_CHUNK]
+        parts.append(enc.condition(chunk, length))
+        bar.update(len(chunk))
+    bar.close()
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, index
+
+
+def text_condition(
+    cfg: RunConfig, captions: Sequence[str], length: int | None = None, encoder=None, progress: bool = False
+) -> dict[str, Tensor]:
+    """The condition tensors of ``captions`` for the text run ``cfg``, one row per caption (text_states gathered)."""
+    states, index = text_states(cfg, captions, length, encoder, progress)
     return {k: v[index] for k, v in states.items()}

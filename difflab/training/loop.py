@@ -415,12 +415,11 @@ def on_device(data: TensorDataset, device: torch.device, fraction: float = 0.25)
     is copied without blocking while the device works on the previous one. On the CPU: unchanged."""
     if device.type != "cuda":
         return data
-    tensors = [data.x, *data.cond.values()]
-    size = sum(t.numel() * t.element_size() for t in tensors)
+    size = sum(t.numel() * t.element_size() for t in data.tensors())
     free, _ = torch.cuda.mem_get_info(device)
     if size <= fraction * free:
-        return TensorDataset(data.x.to(device), {k: v.to(device) for k, v in data.cond.items()})
-    return TensorDataset(data.x.pin_memory(), {k: v.pin_memory() for k, v in data.cond.items()})
+        return data.map(lambda t: t.to(device))
+    return data.map(lambda t: t.pin_memory())
 
 
 def trainable_parameters(net: nn.Module, trainable, weight_decay: float) -> list[nn.Parameter]:
