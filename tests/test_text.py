@@ -413,6 +413,12 @@ def test_text_runs_train_sample_and_evaluate_through_the_cli(clip_run, clip_t2i_
     assert sum(p["n"] for p in by) == seen["n"] and set(text["follows"]["by_phrasing"]) <= set(PHRASINGS)
     assert sum(p["n"] * p["all_four"] for p in by) == pytest.approx(seen["n"] * seen["all_four"])
     assert len(by) > 1 and "all four by phrasing, seen combinations:" in format_report(result)
+    table = [
+        line
+        for line in format_report(result).splitlines()
+        if line.startswith("  ") and line[2] != " " and (line.endswith("%") or "attribute accuracy" in line)
+    ]
+    assert len(table) >= 5 and len({len(line) for line in table}) == 1  # the columns line up
     assert 0 < text["clip_score"]["real"] <= 1 and "caption swap (n=10)" in format_report(result)
 
 

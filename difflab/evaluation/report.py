@@ -37,9 +37,6 @@ def _format_text(t: dict) -> list[str]:
     if f is None:
         lines.append(f"follows the caption: - ({t['reason']})")
     else:
-        lines.append(
-            f"  {'attribute accuracy':22}" + "".join(f"{a:>14}" for a in (*ATTRIBUTES, "all four", "either side"))
-        )
         rows = [
             ("all prompts", f["all"]),
             ("seen combinations", f["seen"]),
@@ -47,11 +44,13 @@ def _format_text(t: dict) -> list[str]:
             ("caption-shuffled", f["shuffled"]),
             ("caption swap", t.get("caption_swap")),
         ]
-        for name, acc in rows:
-            if acc is not None:
-                values = [*acc["per_attribute"].values(), acc["all_four"], acc["either_side"]]
-                label = f"{name} (n={acc['n']})"
-                lines.append(f"  {label:22}" + "".join(f"{100 * v:13.1f}%" for v in values))
+        labelled = [(f"{name} (n={acc['n']})", acc) for name, acc in rows if acc is not None]
+        width = max(22, *(len(label) for label, _ in labelled))  # the columns line up whatever the counts
+        heads = (*ATTRIBUTES, "all four", "either side")
+        lines.append(f"  {'attribute accuracy':{width}}" + "".join(f"{a:>14}" for a in heads))
+        for label, acc in labelled:
+            values = [*acc["per_attribute"].values(), acc["all_four"], acc["either_side"]]
+            lines.append(f"  {label:{width}}" + "".join(f"{100 * v:13.1f}%" for v in values))
         by = f.get("by_phrasing") or {}
         if len(by) > 1:  # which wording the model reads worst
             lines.append("  all four by phrasing, seen combinations:")

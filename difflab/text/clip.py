@@ -235,17 +235,17 @@ def clip_data(cfg, data: ImageSet):
     'swap_token_mask'). An image with several captions comes once per caption (ImageSet.caption_pairs); with
     caption variants (fashion-pairs), each image again with each of its rephrased captions."""
     index, captions = data.caption_pairs()
-    images = data.images[index]
     variants = cfg.net.caption_variants
     if variants:
-        captions = [*captions, *rephrased(captions, data.attributes, variants, cfg.net.caption_words)]
-        images = images.repeat(variants + 1, *[1] * (images.ndim - 1))
+        attributes = None if data.attributes is None else data.attributes[index]
+        captions = [*captions, *rephrased(captions, attributes, variants, cfg.net.caption_words)]
+        index = index.repeat(variants + 1)
     tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
     cond = {"tokens": tokens, "token_mask": mask}
     if cfg.loss.hard_negatives == "sides":
         cond["swap_tokens"], cond["swap_token_mask"] = tokenize([swap_sides(c) for c in captions])
-    return TensorDataset(images, cond)
+    return TensorDataset(data.images, cond, {"x": index})  # each image stored once, read once per caption
 
 
 @torch.no_grad()
