@@ -185,12 +185,15 @@ def main(argv=None) -> None:
         lines += [
             "",
             "All four right on the seen combinations, per unseen phrasing (data.pairs.NEW_PHRASINGS, then "
-            "REWORDED_PHRASINGS; about 67 captions each), at each row's s:",
+            f"REWORDED_PHRASINGS; {args.n // 4} captions each, the held-out ones left out), at each row's s:",
             "",
         ]
         lines += md_table(
             ["phrasing", *[r["label"] for r in phrased]],
-            [[f"`{p}`", *[f"{r['by_phrasing'][p]:.1%}" for r in phrased]] for p in phrased[0]["by_phrasing"]],
+            [
+                [f"`{p}`", *["-" if p not in r["by_phrasing"] else f"{r['by_phrasing'][p]:.1%}" for r in phrased]]
+                for p in dict.fromkeys(p for r in phrased for p in r["by_phrasing"])
+            ],
         )
     worded_rows = [r for r in rows if "unseen_words" in r]
     if worded_rows:

@@ -185,6 +185,10 @@ def test_textual_inversion_defaults_to_one_vector_in_a_joint_encoder_and_old_rec
     assert cfg.personalize.vectors == 1 and list(cfg.net.text_config.vocabulary[-1:]) == ["sks"]
     old = replace(base, personalize=Personalization("textual-inversion", "sneaker", vectors=None))
     assert as_read(old, ["a sks sneaker"]) == ["a sks sneaker"] and old.personalize.tokens == ["sks"]
+    # a base trained with caption variants: the personalised run trains on the subject's captions only
+    varied = replace(base, train=replace(base.train, caption_variants=4, caption_words="synonyms"))
+    cfg = personalized_config(varied, Personalization("dreambooth", "sneaker"), 1, 1e-3, 2)
+    assert (cfg.train.caption_variants, cfg.train.caption_words) == (0, "dataset")
 
 
 @needs_fashion

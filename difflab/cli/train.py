@@ -297,7 +297,7 @@ def run(args) -> None:
             features=args.features if legacy else None,
             progress=not args.quiet,
         )
-    data = training_data(cfg, out, not args.quiet)
+    data = training_data(cfg, out, not args.quiet and launched_rank() == 0)  # one progress bar, not one per rank
     single_thread_for_points(cfg.data_kind)
     if not args.quiet and launched_rank() == 0:
         t = cfg.train

@@ -209,9 +209,7 @@ class PretrainedText(nn.Module):
             raise TextError(f"{ids.shape[1]} tokens given; MiniLM reads at most {self.limit}")
         attend = mask | ~mask.any(dim=1, keepdim=True)  # the empty caption attends to its pads; the caller drops it
         if new_rows is None:
-            # checked on the CPU only: on a GPU the check would make the host wait for the device at every step (a
-            # tuned tower's forward); there an id past the vocabulary fails in the embedding lookup instead
-            if ids.device.type == "cpu" and ids.max() >= self.vocabulary:
+            if ids.max() >= self.vocabulary:
                 raise TextError("a caption holds a new word, and no vectors were given for it")
             h = self.model(input_ids=ids, attention_mask=attend.long()).last_hidden_state
         else:  # always this path when rows are given: they stay in the graph even in a batch without a new word

@@ -163,6 +163,8 @@ def personalized_config(
         sample_every=0,
         log_every=10,
         precision="auto",  # a base trained in bf16 on a GPU may be personalised on a CPU that only emulates it
+        caption_variants=0,  # the subject's own captions only (the base's variants are not its data)
+        caption_words="dataset",
     )
     return replace(
         cfg,
