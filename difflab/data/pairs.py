@@ -204,6 +204,19 @@ def swapped(attributes) -> tuple[int, int, int, int]:
     return rk, rc, lk, lc
 
 
+def training_pairs(data, variants: int = 0, words: str = "dataset") -> tuple[Tensor, list[str]]:
+    """The (image, caption) pairs a text model trains on, as indices into ``data``'s images (an ImageSet) and a
+    caption each: its own pairs (ImageSet.caption_pairs: an image with several captions once per caption), and with
+    ``variants`` K every pair again with each of K rephrased captions of its image's attributes (rephrased; in
+    ``words``)."""
+    index, captions = data.caption_pairs()
+    if variants:
+        attributes = None if data.attributes is None else data.attributes[index]
+        captions = [*captions, *rephrased(captions, attributes, variants, words)]
+        index = index.repeat(variants + 1)
+    return index, captions
+
+
 def swap_colours(text: str) -> str:
     """A fashion-pairs caption with its two colours exchanged, items, sides and phrasing kept ("a red sneaker on the
     left and a blue bag on the right" -> "a blue sneaker ... a red bag ..."): the check that a text tower binds each

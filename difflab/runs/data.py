@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..core.operators import Downsample
 from ..data.images import DataError, ImageSet, load_images, to_model
 from ..data.loader import TensorDataset
-from ..data.pairs import rephrased
+from ..data.pairs import training_pairs
 from ..data.toy2d import make_toy
 from ..io import cached_tensor
 from ..latent.autoencoder import latent_space
@@ -75,13 +75,7 @@ def training_captions(cfg: RunConfig, ds: ImageSet) -> tuple[Tensor, list[str]]:
     every pair again with each of K rephrased captions of the image's attributes (data.pairs.rephrased)."""
     if ds.captions is None:
         raise DataError(f"the run reads captions, and {cfg.dataset} has none")
-    index, captions = ds.caption_pairs()
-    k = cfg.train.caption_variants
-    if k:
-        attributes = None if ds.attributes is None else ds.attributes[index]
-        captions = [*captions, *rephrased(captions, attributes, k, cfg.train.caption_words)]
-        index = index.repeat(k + 1)
-    return index, captions
+    return training_pairs(ds, cfg.train.caption_variants, cfg.train.caption_words)
 
 
 def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool = False) -> TensorDataset:
@@ -94,20 +88,16 @@ def training_data(cfg: RunConfig, run: str | Path | None = None, progress: bool 
         raise DataError(
             f"{cfg.dataset} holds {tuple(ds.images.shape[1:])} images but the run makes {tuple(cfg.data_shape)}"
         )
-    rows, captions = {}, None  # rows: which stored row each example reads (TensorDataset.rows)
-    if cfg.text is not None:
-        index, captions = training_captions(cfg, ds)  # several captions or caption variants: once per caption
-        if len(index) != len(ds):  # an image and its labels stored once, read once per caption
-            rows = {"x": index, **({"class_labels": index} if ds.labels is not None else {})}
     cond = {"class_labels": ds.labels} if ds.labels is not None else {}
-    if captions is not None:  # each distinct caption's states stored once
-        states, rows_of_caption = text_states(cfg, captions, cfg.text.max_tokens, progress=progress)
-        cond |= states
-        rows |= {k: rows_of_caption for k in states}
     if cfg.super_resolution is not None:
         cond["low_res"] = low_res_of(ds.images, cfg.super_resolution.factor)
-        if "x" in rows:
-            rows["low_res"] = rows["x"]
+    rows = {}  # which stored row each example reads (TensorDataset.rows)
+    if cfg.text is not None:  # one example per (image, caption): each image and each distinct caption stored once
+        index, captions = training_captions(cfg, ds)
+        rows = dict.fromkeys(("x", *cond), index)  # the image's tensors: its row
+        states, caption_rows = text_states(cfg, captions, cfg.text.max_tokens, progress=progress)
+        cond |= states
+        rows |= dict.fromkeys(states, caption_rows)
     if cfg.latent is not None:
         z = cached_latents(latent_space(cfg.latent), ds.images, Path(run) / LATENTS if run else None, progress)
         return TensorDataset(z, cond, rows)

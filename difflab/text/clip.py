@@ -40,6 +40,7 @@ from ..data.pairs import (
     caption,
     rephrased,
     swap_colours,
+    training_pairs,
 )
 from ..io import atomic_path
 from ..nets.clip import Clip, ClipConfig
@@ -234,12 +235,7 @@ def clip_data(cfg, data: ImageSet):
     'tokens' / 'token_mask' (and, with side hard negatives, the swapped captions' as 'swap_tokens' /
     'swap_token_mask'). An image with several captions comes once per caption (ImageSet.caption_pairs); with
     caption variants (fashion-pairs), each image again with each of its rephrased captions."""
-    index, captions = data.caption_pairs()
-    variants = cfg.net.caption_variants
-    if variants:
-        attributes = None if data.attributes is None else data.attributes[index]
-        captions = [*captions, *rephrased(captions, attributes, variants, cfg.net.caption_words)]
-        index = index.repeat(variants + 1)
+    index, captions = training_pairs(data, cfg.net.caption_variants, cfg.net.caption_words)
     tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
     cond = {"tokens": tokens, "token_mask": mask}

@@ -45,7 +45,7 @@ from ..runs.store import weights_fingerprint
 from .clip import ClipRun
 
 ENCODERS = ("minilm", "clip:RUN", "joint")
-ENCODE_CHUNK = 4000  # captions per call of an encoder in text_condition (one step of its progress bar)
+ENCODE_CHUNK = 4000  # captions per call of an encoder in text_states (one step of its progress bar)
 
 
 def _too_long(captions: Sequence[str], count, limit: int, what: str) -> None:
