@@ -6,9 +6,9 @@ its caption than to the same items on the other sides) and colour-swap discrimin
 with the two colours exchanged between the items; images with two items of one colour left out). A coin flip is
 50 %. text.clip.binding_by_phrasing computes both.
 
-    .venv/bin/python benchmarks/tower_binding.py [CLIP ...] [--n 300]
+    .venv/bin/python benchmarks/tower_binding.py [CLIP ...] [--n 300] [--name tower_binding]
 
-Writes benchmarks/results/tower_binding.md and .json."""
+Writes benchmarks/results/NAME.md and .json."""
 
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("clips", nargs="*", default=["fashion-pairs-clip-minilm", "fashion-pairs-clip"])
     p.add_argument("--n", type=int, default=300, help="test images per phrasing")
+    p.add_argument("--name", default=NAME, help=f"the results' file name (default {NAME})")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -65,8 +66,8 @@ def main(argv=None) -> None:
     ]
     lines += md_table(["phrasing", "set", *[f"{c}: sides / colours" for c in args.clips]], rows)
     RESULTS.mkdir(exist_ok=True)
-    write_text(RESULTS / f"{NAME}.md", "\n".join(lines) + "\n")
-    write_text(RESULTS / f"{NAME}.json", json.dumps({"n": args.n, "figures": figures}, indent=1) + "\n")
+    write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
+    write_text(RESULTS / f"{args.name}.json", json.dumps({"n": args.n, "figures": figures}, indent=1) + "\n")
     print("\n".join(lines))
 
 

@@ -325,6 +325,57 @@ def test_train_clip_writes_its_report(clip_run):
     }
 
 
+def test_colour_hard_negatives_are_each_captions_colour_swap_and_a_run_starts_from_another(clip_run, tmp_path, capsys):
+    """--hard-negatives sides+colours: every caption's twin with its two colours exchanged is one more negative for
+    its image (the loss by hand); --init-from starts from another CLIP run's weights; refusals in one line."""
+    from dataclasses import replace
+
+    from difflab.core.losses import ContrastiveLoss
+    from difflab.text.clip import ClipRun, clip_config, clip_data, swap_sides
+
+    run = tmp_path / "colours"
+    argv = ["train-clip", "fashion-pairs", "--out", run, "--hard-negatives", "sides+colours", "--init-from", clip_run]
+    code, err = run_cli(
+        capsys, *argv, "--steps", "1", "--batch-size", "8", "--lr", "1e-12", "--report-n", "100", "--quiet"
+    )
+    assert code == 0, err
+    cfg = load_config(run)
+    assert cfg.loss == ContrastiveLoss("sides+colours") and cfg.to_dict()["loss"] == {"hard_negatives": "sides+colours"}
+    # started from clip_run's weights (a learning rate of 1e-12 leaves them where they were)
+    a, b = ClipRun.load(clip_run).clip, ClipRun.load(run).clip
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    # the twins: the same words with the colours exchanged where the two colours differ, else no negative
+    ds = load_images("fashion-pairs", "test").subset(torch.arange(40))
+    _, cond = clip_data(cfg, ds).take(torch.arange(40))
+    two = (ds.attributes[:, 1] != ds.attributes[:, 3]).tolist()
+    assert 0 < sum(two) < 40
+    for i, differ in enumerate(two):
+        own, twin = cond["tokens"][i], cond["colour_swap_tokens"][i]
+        assert (own != twin).any().item() == differ
+        assert sorted(own.tolist()) == sorted(twin.tolist())  # the same words, two of them exchanged
+    # the loss: the side and the colour twins join the image -> caption candidates, (B, 3B)
+    net = b.train()
+    x, k = to_model(ds.images[:8]), ContrastiveLoss("sides+colours")
+    torch.manual_seed(0)
+    got = k(type("M", (), {"net": net})(), x, cond={n: v[:8] for n, v in cond.items()})
+    img, txt, scale = net(x, tokens=cond["tokens"][:8], token_mask=cond["token_mask"][:8])
+    sides = net(x, tokens=cond["swap_tokens"][:8], token_mask=cond["swap_token_mask"][:8])[1]
+    colours = net(x, tokens=cond["colour_swap_tokens"][:8], token_mask=cond["colour_swap_token_mask"][:8])[1]
+    mask = torch.cat([(cond[n][:8] != cond["tokens"][:8]).any(1) for n in ("swap_tokens", "colour_swap_tokens")])
+    torch.testing.assert_close(got, contrastive_loss(img, txt, scale, torch.cat([sides, colours]), mask))
+    # refusals: captions whose colours cannot be swapped; --init-from with --resume; towers of another shape
+    pairs = replace(cfg, conditions=[])
+    with pytest.raises(TextError, match="no training caption of fashion-pairs changes when its colours are swapped"):
+        clip_config(pairs, ["a bag on the left", "a coat on the right"], hard_negatives="sides+colours")
+    assert swap_sides("a bag on the left") != "a bag on the left"
+    code, err = run_cli(capsys, "train-clip", "--out", run, "--resume", "--init-from", clip_run)
+    assert code == 2 and "--init-from starts a run" in err, err
+    other = ["train-clip", "fashion-pairs", "--out", tmp_path / "o", "--embed-dim", "32", "--init-from", clip_run]
+    code, err = run_cli(capsys, *other, "--steps", "1", "--batch-size", "8", "--report-n", "100", "--quiet")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(clip_run) in err, err
+
+
 def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, capsys):
     code, err = run_cli(capsys, "train-clip", "digits", "--out", tmp_path / "c")
     assert code != 0 and "has none" in err, err
@@ -560,6 +611,37 @@ def test_text_and_class_labels_together_keep_both_conditions():
     cfg = with_class_labels(with_text(preset_for("fashion-pairs"), record, width, joint.to_dict()), 10, None)
     cfg.validate()
     assert [c.name for c in cfg.conditions] == ["tokens", "class_labels"] and cfg.net.text is not None
+
+
+def test_under_caption_rows_every_example_reads_its_own_images_label_and_low_res(tmp_path):
+    """A folder with classes and several captions per image: each (image, caption) example reads its own image, its
+    class label, its low-resolution version and one of its own captions (TensorDataset.rows)."""
+    import numpy as np
+    from PIL import Image
+
+    from difflab.runs.data import load_split, training_data
+    from difflab.runs.presets import preset_for, with_class_labels, with_low_res, with_text
+    from difflab.text.encoders import text_condition, text_record
+
+    rows = []
+    for i in range(12):  # image i: every pixel 20 i, class i % 2, i % 3 + 1 captions that say i
+        name = f"{'ab'[i % 2]}/{i}.png"
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(tmp_path / name)
+        rows.append(json.dumps({"file_name": name, "text": [f"picture {i} take {j}" for j in range(i % 3 + 1)]}))
+    (tmp_path / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    base = preset_for(str(tmp_path))
+    record, width, joint = text_record("joint", load_split(base, "train").every_caption())
+    cfg = with_class_labels(with_text(with_low_res(base, 4), record, width, joint.to_dict()), 2, None)
+    data, split = training_data(cfg), load_split(cfg, "train")
+    assert len(data) == 3 * len(split.images)  # every image 3 times: the most captions any image has
+    x, cond = data.take(torch.arange(len(data)))
+    for k in range(len(data)):
+        i = round((float(x[k].float().mean()) + 1) * 127.5 / 20)  # which image this example reads (model space)
+        assert int(cond["class_labels"][k]) == i % 2
+        torch.testing.assert_close(cond["low_res"][k], x[k, :, ::4, ::4])  # one grey level: its own, at 4x4
+        own = text_condition(cfg, [f"picture {i} take {j}" for j in range(i % 3 + 1)], cond["tokens"].shape[1])
+        assert (own["tokens"] == cond["tokens"][k]).all(1).any(), k
 
 
 def test_a_repeated_caption_is_encoded_once_and_reads_the_same(clip_t2i_run, monkeypatch):

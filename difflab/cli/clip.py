@@ -5,8 +5,9 @@
 
 Training goes through the one training loop (checkpoints, resume, torchrun, progress); the loss is CLIP's
 symmetric cross-entropy over each process's batch with a learned temperature (text/clip.py), and, where the
-captions name sides, each caption with 'left' and 'right' exchanged as a hard negative for its image (--hard-negatives).
-At the end
+captions name sides, each caption with 'left' and 'right' exchanged as a hard negative for its image (--hard-negatives;
+sides+colours: also with its two items' colours exchanged). --init-from RUN starts from another CLIP run's weights
+(the same towers). At the end
 it measures on the test split (RUN/clip.json): zero-shot retrieval in groups of 100 (caption -> image and
 image -> caption; chance 1 %) and, where the data has attributes (fashion-pairs), a zero-shot attribute
 probe. Its text tower then conditions a model: `difflab train DATASET --text clip:RUN`."""
@@ -67,6 +68,8 @@ def new_config(args):
 def run_train(args) -> None:
     out = Path(args.out)
     device = resolve_device(args.device)
+    if args.init_from and args.resume:
+        raise UsageError("--init-from starts a run; a resumed run keeps its weights")
     cfg, resume = begin(
         out,
         CLIP,
@@ -107,6 +110,7 @@ def run_train(args) -> None:
         progress=not args.quiet,
         max_minutes=args.max_minutes,
         command="train-clip",
+        init_from=args.init_from,
     )
     if launched_rank() != 0:
         return
@@ -168,8 +172,9 @@ def register(sub) -> None:
         "--hard-negatives",
         choices=HARD_NEGATIVES,
         help="sides: each caption with 'left'/'right' exchanged is a "
-        "negative for its image, so the towers must tell the sides apart (default: sides when a training caption "
-        "names a side, else none)",
+        "negative for its image, so the towers must tell the sides apart; sides+colours: also each caption with its "
+        "two items' colours exchanged, so they must bind a colour to its item (fashion-pairs' captions) (default: "
+        "sides when a training caption names a side, else none)",
     )
     t.add_argument(
         "--init",
@@ -197,6 +202,11 @@ def register(sub) -> None:
         choices=CAPTION_WORDS,
         help="the caption variants' colour and item words: dataset (the default) or synonyms (each also said in "
         "other words, data.pairs.SYNONYMS; never the unseen words the figures use)",
+    )
+    t.add_argument(
+        "--init-from",
+        help="a CLIP run (or shipped model) whose EMA weights initialise the network: the same towers (--init, "
+        "--tune, --rank, --embed-dim, --pool); the rest of the recipe may differ",
     )
     add_auxiliary_training(t, "optimizer steps (default 2000)")
     t.add_argument(

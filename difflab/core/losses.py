@@ -337,29 +337,41 @@ def contrastive_loss(
     """CLIP's symmetric cross-entropy (Radford et al. 2021): logits = exp(logit_scale) * cos(image_i, text_j)
     (B, B); the mean of the cross-entropy over rows (image -> its caption) and over columns (caption -> its image).
 
-    ``hard_emb`` (B, E): one hard negative caption per image (e.g. its caption with the sides swapped), added
-    to every image's candidates in the image -> caption direction, (B, 2B) (Yuksekgonul et al. 2023, NegCLIP);
-    ``hard_mask`` (B,) bool: which of them exist (a caption without a side word has no swap)."""
+    ``hard_emb`` (K B, E): K hard negative captions per image (e.g. its caption with the sides swapped, then with
+    the colours swapped), added to every image's candidates in the image -> caption direction, (B, B + K B)
+    (Yuksekgonul et al. 2023, NegCLIP); ``hard_mask`` (K B,) bool: which of them exist (a caption without a side
+    word has no side swap)."""
     image_emb, text_emb = F.normalize(image_emb, dim=-1), F.normalize(text_emb, dim=-1)
     scale = logit_scale.exp()
     logits = scale * image_emb @ text_emb.T
     target = torch.arange(len(logits), device=logits.device)
     if hard_emb is None:
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    hard = scale * image_emb @ F.normalize(hard_emb, dim=-1).T  # (B, B): image i against every swapped caption j
+    hard = scale * image_emb @ F.normalize(hard_emb, dim=-1).T  # (B, K B): image i against every swapped caption
     if hard_mask is not None:
         hard = hard.masked_fill(~hard_mask[None, :], float("-inf"))
     return (F.cross_entropy(torch.cat([logits, hard], 1), target) + F.cross_entropy(logits.T, target)) / 2
 
 
-HARD_NEGATIVES = ("none", "sides")
+HARD_NEGATIVES = ("none", "sides", "sides+colours")
+HARD_NEGATIVE_TOKENS = {  # the condition entries each kind of hard negative reads: (token ids, mask)
+    "sides": ("swap_tokens", "swap_token_mask"),
+    "colours": ("colour_swap_tokens", "colour_swap_token_mask"),
+}
+
+
+def hard_negative_kinds(hard_negatives: str) -> tuple[str, ...]:
+    """The swaps a ContrastiveLoss setting makes hard negatives of: 'sides+colours' -> ('sides', 'colours')."""
+    return () if hard_negatives == "none" else tuple(hard_negatives.split("+"))
 
 
 @dataclass
 class ContrastiveLoss:
     """The training loop's loss for a CLIP network: contrastive_loss over the (per-process) batch; the captions
     come as cond['tokens'] and cond['token_mask']; with ``hard_negatives='sides'`` each caption's side-swapped
-    twin comes as cond['swap_tokens'] / cond['swap_token_mask'] and is a hard negative for its image."""
+    twin comes as cond['swap_tokens'] / cond['swap_token_mask'] and is a hard negative for its image;
+    'sides+colours' adds its colour-swapped twin (the two items' colours exchanged) as cond['colour_swap_tokens'] /
+    cond['colour_swap_token_mask'] (HARD_NEGATIVE_TOKENS)."""
 
     hard_negatives: str = "none"
 
@@ -378,11 +390,11 @@ class ContrastiveLoss:
         if self.hard_negatives == "none":
             image_emb, text_emb, scale = model.net(x0, tokens=tokens, token_mask=mask)
             return contrastive_loss(image_emb.float(), text_emb.float(), scale.float())
-        swap_ids, swap_mask = cond["swap_tokens"], cond["swap_token_mask"]
-        # one forward over both caption sets (the towers are independent: B images, 2B captions)
-        image_emb, both, scale = model.net(
-            x0, tokens=torch.cat([tokens, swap_ids]), token_mask=torch.cat([mask, swap_mask])
-        )
-        text_emb, hard = both.split(len(tokens))
-        has_swap = (swap_ids != tokens).any(1)  # a caption with no side word is its own 'swap': no negative
+        twins = [cond[HARD_NEGATIVE_TOKENS[kind][0]] for kind in hard_negative_kinds(self.hard_negatives)]
+        masks = [cond[HARD_NEGATIVE_TOKENS[kind][1]] for kind in hard_negative_kinds(self.hard_negatives)]
+        # one forward over every caption set (the towers are independent: B images, (1 + K) B captions)
+        image_emb, both, scale = model.net(x0, tokens=torch.cat([tokens, *twins]), token_mask=torch.cat([mask, *masks]))
+        text_emb, hard = both[: len(tokens)], both[len(tokens) :]
+        # a caption that a swap leaves unchanged (no side word; two items of one colour) is its own twin: no negative
+        has_swap = torch.cat([(twin != tokens).any(1) for twin in twins])
         return contrastive_loss(image_emb.float(), text_emb.float(), scale.float(), hard.float(), has_swap)

@@ -8,7 +8,8 @@ images by the one loop (``difflab train-clip``); its frozen text tower can condi
 
 The loss is CLIP's symmetric cross-entropy (core/losses.py: ContrastiveLoss) over each process's batch with a
 learned temperature. With ``hard_negatives='sides'`` each caption's sides-swapped twin (swap_sides) is one more
-negative for its image, so the towers must read which side a word names (NegCLIP's hard negatives for word order). At
+negative for its image, so the towers must read which side a word names (NegCLIP's hard negatives for word order);
+'sides+colours' adds its colour-swapped twin (data.pairs.swap_colours), so they must bind each colour to its item. At
 the end of training ``clip_report`` measures zero-shot retrieval in groups of 100 and,
 where the data has attributes (fashion-pairs), a zero-shot attribute probe (RUN/clip.json)."""
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.conditions import ConditionSpec
-from ..core.losses import ContrastiveLoss
+from ..core.losses import HARD_NEGATIVE_TOKENS, ContrastiveLoss, hard_negative_kinds
 from ..data.images import ImageSet, to_model
 from ..data.loader import TensorDataset
 from ..data.pairs import (
@@ -65,6 +66,9 @@ def swap_sides(caption: str) -> str:
         return new.upper() if word.isupper() else new.capitalize() if word[0].isupper() else new
 
     return _SIDE.sub(other, caption)
+
+
+HARD_NEGATIVE_SWAPS: dict[str, Callable[[str], str]] = {"sides": swap_sides, "colours": swap_colours}
 
 
 class ClipRun(Run):
@@ -136,7 +140,8 @@ def clip_config(
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
     ``pool``: the image tower's pooling (nets/clip.py); ``hard_negatives='sides'``: each caption's
-    side-swapped twin (swap_sides) is a negative for its image (core/losses.py: contrastive_loss); None:
+    side-swapped twin (swap_sides) is a negative for its image (core/losses.py: contrastive_loss);
+    'sides+colours': its colour-swapped twin too (data.pairs.swap_colours: fashion-pairs' captions); None:
     'sides' when a caption names a side, else 'none'. ``init='minilm'``: the text tower starts from the pretrained
     MiniLM, tuned as ``tune`` says (nets/pretrained_text.py; ``rank``: LoRA's), its tuned weights at
     TEXT_LR_SCALE[tune] times the run's learning rate; None: a small transformer on the captions' words.
@@ -161,9 +166,16 @@ def clip_config(
         )
     if caption_variants:
         captions = [*captions, *rephrased(captions, attributes, caption_variants, caption_words)]
+    for kind in hard_negative_kinds(hard_negatives):
+        if not any(HARD_NEGATIVE_SWAPS[kind](c) != c for c in captions):
+            raise TextError(
+                f"--hard-negatives {hard_negatives}: no training caption of {base.dataset} changes when its "
+                f"{kind} are swapped ({'a side word' if kind == 'sides' else 'two items of two named colours'}, "
+                "as fashion-pairs' captions have)"
+            )
     pretrained = text = None
     if init is not None:
-        pretrained = pretrained_tower(init, tune, rank, captions)
+        pretrained = pretrained_tower(init, tune, rank, captions, hard_negatives)
     else:
         text = TextConfig.fitted(captions, width=width, layers=layers).to_dict()
     net = ClipConfig(
@@ -190,7 +202,7 @@ def clip_config(
         sample_every=0,
         log_every=25,
     )
-    swaps = ("swap_tokens", "swap_token_mask") if hard_negatives != "none" else ()
+    swaps = tuple(name for kind in hard_negative_kinds(hard_negatives) for name in HARD_NEGATIVE_TOKENS[kind])
     spec = ConditionSpec("tokens", "tensor", 0.0, companions=("token_mask", *swaps))
     return replace(base, run_kind="clip", net_kind="clip", net=net, loss=loss, conditions=[spec], train=train)
 
@@ -198,12 +210,15 @@ def clip_config(
 TEXT_LR_SCALE = {"head": 1.0, "lora": 1.0, "last-K": 0.1, "full": 0.1}  # pretrained weights move 10x slower
 
 
-def pretrained_tower(init: str, tune: str, rank: int, captions: Sequence[str]) -> PretrainedTextConfig:
+def pretrained_tower(
+    init: str, tune: str, rank: int, captions: Sequence[str], hard_negatives: str
+) -> PretrainedTextConfig:
     """The pretrained text tower ``init`` tuned as ``tune``, its training length fitted to ``captions`` (and their
-    side-swapped twins, which it reads as hard negatives)."""
+    swapped twins, which it reads as ``hard_negatives``)."""
     cfg = PretrainedTextConfig(base=init, sha256=minilm_sha256(), tune=tune, rank=rank)
     tokenizer, _, _, limit = load_minilm()
-    longest = max(len(ids) for ids in tokenizer([*captions, *map(swap_sides, captions)])["input_ids"])
+    twins = [HARD_NEGATIVE_SWAPS[kind](c) for kind in hard_negative_kinds(hard_negatives) for c in captions]
+    longest = max(len(ids) for ids in tokenizer([*captions, *twins])["input_ids"])
     if longest > limit:
         raise TextError(f"a training caption has {longest} tokens; {init} reads at most {limit}")
     return replace(cfg, max_len=longest)
@@ -232,15 +247,17 @@ def attribute_probe(
 
 def clip_data(cfg, data: ImageSet):
     """The training data of a CLIP run on the train split ``data``: the images, with their captions' word ids as
-    'tokens' / 'token_mask' (and, with side hard negatives, the swapped captions' as 'swap_tokens' /
-    'swap_token_mask'). An image with several captions comes once per caption (ImageSet.caption_pairs); with
-    caption variants (fashion-pairs), each image again with each of its rephrased captions."""
+    'tokens' / 'token_mask' (and, with hard negatives, the swapped captions' as core.losses.HARD_NEGATIVE_TOKENS
+    names them: 'swap_tokens' / 'swap_token_mask' for the sides). An image with several captions comes once per
+    caption (ImageSet.caption_pairs); with caption variants (fashion-pairs), each image again with each of its
+    rephrased captions."""
     index, captions = training_pairs(data, cfg.net.caption_variants, cfg.net.caption_words)
     tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
     cond = {"tokens": tokens, "token_mask": mask}
-    if cfg.loss.hard_negatives == "sides":
-        cond["swap_tokens"], cond["swap_token_mask"] = tokenize([swap_sides(c) for c in captions])
+    for kind in hard_negative_kinds(cfg.loss.hard_negatives):
+        ids, mask_name = HARD_NEGATIVE_TOKENS[kind]
+        cond[ids], cond[mask_name] = tokenize([HARD_NEGATIVE_SWAPS[kind](c) for c in captions])
     return TensorDataset(data.images, cond, {"x": index})  # each image stored once, read once per caption
 
 
@@ -330,9 +347,12 @@ def clip_figures(run: str | Path, test: ImageSet, n: int = 2000, group: int = GR
 def _check(cfg: RunConfig, net, specs) -> None:
     if [s.name for s in specs] != ["tokens"]:
         raise CheckpointError("config: a CLIP run's condition is its captions' tokens")
-    hard = cfg.loss.hard_negatives != "none"
-    if hard != ("swap_tokens" in specs[0].companions):
-        raise CheckpointError("config: a CLIP run with side hard negatives reads swap_tokens (and only then)")
+    swaps = [name for kind in hard_negative_kinds(cfg.loss.hard_negatives) for name in HARD_NEGATIVE_TOKENS[kind]]
+    if list(specs[0].companions) != ["token_mask", *swaps]:
+        raise CheckpointError(
+            f"config: a CLIP run with hard negatives {cfg.loss.hard_negatives!r} reads token_mask"
+            f"{''.join(', ' + n for n in swaps)} beside its tokens, not {', '.join(specs[0].companions)}"
+        )
 
 
 CLIP = RunKind(
