@@ -95,6 +95,8 @@ def test_unknown_tune_and_rank_without_lora_are_refused(capsys, tmp_path):
         (["--init", "minilm", "--tune", "full", "--rank", "4"], "--tune full has none"),
         (["--caption-words", "synonyms"], "give --caption-variants K"),
         (["--caption-words", "slang"], "invalid choice: 'slang'"),
+        (["--caption-phrasings", "sides+labels"], "give --caption-variants K"),
+        (["--caption-phrasings", "labels"], "invalid choice: 'labels'"),
     ):
         code, err = cli(capsys, "train-clip", "fashion-pairs", "--out", tmp_path / "x", *argv)
         assert code == 2 and says in err and not (tmp_path / "x").exists(), err
@@ -247,22 +249,50 @@ def textual_inversion_through_the_tower(t2i, tmp_path, capsys):
 
 
 def test_caption_variants_say_the_same_attributes_in_phrasings_no_figure_uses():
-    from difflab.data.pairs import AUGMENT_PHRASINGS, NEW_PHRASINGS, REWORDED_PHRASINGS, make_pairs, parse_caption
+    from difflab.data.pairs import (
+        CAPTION_PHRASINGS,
+        FIRST_VARIANT,
+        LABEL_PHRASINGS,
+        NEW_PHRASINGS,
+        REWORDED_PHRASINGS,
+        make_pairs,
+        parse_caption,
+    )
     from difflab.text.clip import rephrased
 
     pairs = make_pairs("test", n=20)
-    more = rephrased(pairs.captions, pairs.attributes, 3)
-    assert len(more) == 60 and not set(AUGMENT_PHRASINGS) & set(NEW_PHRASINGS + REWORDED_PHRASINGS)
-    first = len(ALL) - len(AUGMENT_PHRASINGS)
-    for row, text in enumerate(more):  # image i's v-th variant is row v * N + i: its attributes, a new phrasing
-        attributes, phrasing = parse_caption(text)
-        assert list(attributes) == pairs.attributes[row % 20].tolist() and phrasing >= first
+    judged = set(NEW_PHRASINGS + REWORDED_PHRASINGS)
+    assert (
+        not set(CAPTION_PHRASINGS["sides+labels"]) & judged and ALL[FIRST_VARIANT:] == CAPTION_PHRASINGS["sides+labels"]
+    )
+    for phrasings, variants in (("sides", 3), ("sides+labels", 7)):
+        more = rephrased(pairs.captions, pairs.attributes, variants, phrasings=phrasings)
+        assert len(more) == 20 * variants
+        used = set()
+        for row, text in enumerate(more):  # image i's v-th variant is row v * N + i: its attributes, a new phrasing
+            attributes, phrasing = parse_caption(text)
+            assert list(attributes) == pairs.attributes[row % 20].tolist() and phrasing >= FIRST_VARIANT
+            used.add(ALL[phrasing])
+        assert used == set(CAPTION_PHRASINGS[phrasings])  # every phrasing of the set, in turn
+    # the label phrasings say either side first, as many of each (a tower tuned on one order learns the order)
+    assert sum(p.index("{L}") < p.index("{R}") for p in LABEL_PHRASINGS) * 2 == len(LABEL_PHRASINGS)
     with pytest.raises(DataError, match="needs fashion-pairs' captions"):
         rephrased(["a red square"] * 3, None, 2)
+    with pytest.raises(DataError, match="unknown caption phrasings 'labels'; choose one of sides, sides\\+labels"):
+        rephrased(pairs.captions, pairs.attributes, 2, phrasings="labels")
 
 
 def test_synonym_variants_keep_the_attributes_and_never_use_the_words_the_figures_measure():
-    from difflab.data.pairs import COLOURS, NOUNS, SYNONYMS, UNSEEN_WORDS, article, make_pairs, parse_caption
+    from difflab.data.pairs import (
+        COLOURS,
+        FIRST_VARIANT,
+        NOUNS,
+        SYNONYMS,
+        UNSEEN_WORDS,
+        article,
+        make_pairs,
+        parse_caption,
+    )
     from difflab.nets.clip import ClipConfig
     from difflab.text.clip import rephrased
 
@@ -291,9 +321,11 @@ def test_synonym_variants_keep_the_attributes_and_never_use_the_words_the_figure
     for row, text in enumerate(more):
         said += text != pattern.sub(lambda m: plain[m.group(0)], text)
         attributes, phrasing = parse_caption(pattern.sub(lambda m: plain[m.group(0)], text))
-        assert list(attributes) == pairs.attributes[row % 40].tolist() and phrasing >= len(ALL) - 8
+        assert list(attributes) == pairs.attributes[row % 40].tolist() and phrasing >= FIRST_VARIANT
     assert said > 0.8 * len(more)  # most variants say something in other words
     with pytest.raises(DataError, match="unknown caption words 'slang'"):
         rephrased(pairs.captions, pairs.attributes, 1, "slang")
     with pytest.raises(ValueError, match="unknown caption words"):
         ClipConfig(caption_words="slang")
+    with pytest.raises(ValueError, match="unknown caption phrasings"):
+        ClipConfig(caption_phrasings="slang")

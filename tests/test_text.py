@@ -102,12 +102,12 @@ def test_swap_colours_exchanges_the_colours_of_the_two_items_in_any_phrasing():
 
 
 def test_binding_by_phrasing_reads_each_phrasing_with_both_swaps(clip_run):
-    from difflab.data.pairs import AUGMENT_PHRASINGS, swap_colours
+    from difflab.data.pairs import FIRST_VARIANT, swap_colours
     from difflab.text.clip import ClipRun, binding_by_phrasing, swap_discrimination
 
     test, clip = load_images("fashion-pairs", "test"), ClipRun.load(clip_run).clip
     got = binding_by_phrasing(clip, test, 20)
-    assert list(got) == list(ALL_PHRASINGS[: len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS)])
+    assert list(got) == list(ALL_PHRASINGS[:FIRST_VARIANT])
     x = to_model(test.images[:20])
     texts = [caption(a, 6) for a in test.attributes[:20].tolist()]  # "left: {L}; right: {R}"
     assert got[ALL_PHRASINGS[6]] == {
@@ -555,7 +555,7 @@ def test_caption_variants_say_each_image_again_in_other_phrasings_and_a_run_trai
 ):
     from dataclasses import replace
 
-    from difflab.data.pairs import AUGMENT_PHRASINGS
+    from difflab.data.pairs import FIRST_VARIANT
     from difflab.runs.data import training_captions
 
     ds = load_images("fashion-pairs", "test").subset(torch.arange(20))
@@ -566,7 +566,7 @@ def test_caption_variants_say_each_image_again_in_other_phrasings_and_a_run_trai
     for i, text in zip(index.tolist(), captions):  # every caption says its own image's attributes
         attributes, phrasing = parse_caption(text)
         assert list(attributes) == ds.attributes[i].tolist()
-        assert (phrasing >= len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS)) == (text not in ds.captions)
+        assert (phrasing >= FIRST_VARIANT) == (text not in ds.captions)
     assert len(set(captions[20:])) == 40  # two new phrasings of each image
     # a run trains on them (a joint vocabulary fitted to them too), records them; other variants on resume: refused
     run = tmp_path / "t2i"

@@ -18,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from ..core.losses import HARD_NEGATIVES
-from ..data.pairs import CAPTION_WORDS
+from ..data.pairs import CAPTION_PHRASINGS, CAPTION_WORDS
 from ..nets.clip import POOLS
 from ..nets.pretrained_text import BASES, tuned_layers
 from ..runs.data import load_split
@@ -58,6 +58,7 @@ def new_config(args):
             caption_variants=args.caption_variants or 0,
             attributes=train_split.attributes,
             caption_words=args.caption_words or "dataset",
+            caption_phrasings=args.caption_phrasings or "sides",
         ),
         args,
     )
@@ -77,7 +78,18 @@ def run_train(args) -> None:
         force=args.force,
         fresh=lambda: new_config(args),
         fixed=given_flags(
-            args, ("embed_dim", "pool", "hard_negatives", "init", "tune", "rank", "caption_variants", "caption_words")
+            args,
+            (
+                "embed_dim",
+                "pool",
+                "hard_negatives",
+                "init",
+                "tune",
+                "rank",
+                "caption_variants",
+                "caption_words",
+                "caption_phrasings",
+            ),
         ),
         steps=args.steps,
     )
@@ -202,6 +214,13 @@ def register(sub) -> None:
         choices=CAPTION_WORDS,
         help="the caption variants' colour and item words: dataset (the default) or synonyms (each also said in "
         "other words, data.pairs.SYNONYMS; never the unseen words the figures use)",
+    )
+    t.add_argument(
+        "--caption-phrasings",
+        choices=CAPTION_PHRASINGS,
+        help="the phrasings the caption variants take turns in: sides (data.pairs.AUGMENT_PHRASINGS; the default) or "
+        "sides+labels (also data.pairs.LABEL_PHRASINGS, the sides as labels, 'left = {L}, right = {R}', either side "
+        "first; never eval's colon form)",
     )
     t.add_argument(
         "--init-from",

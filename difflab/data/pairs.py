@@ -72,6 +72,18 @@ AUGMENT_PHRASINGS = (  # more ways to say the sides, for tuning a text tower (tr
     "from left to right {L} then {R}",
     "from right to left {R} then {L}",
 )
+LABEL_PHRASINGS = (  # the sides as labels before their items, either side first (train-clip --caption-phrasings
+    "left = {L}, right = {R}",  # sides+labels); never the evaluation's colon form "left: {L}; right: {R}"
+    "right = {R}, left = {L}",
+    "left - {L}; right - {R}",
+    "right - {R}; left - {L}",
+    "{L} (left); {R} (right)",
+    "{R} (right); {L} (left)",
+)
+CAPTION_PHRASINGS = {  # the phrasings caption variants take turns in (rephrased)
+    "sides": AUGMENT_PHRASINGS,
+    "sides+labels": AUGMENT_PHRASINGS + LABEL_PHRASINGS,
+}
 # Other words for the colours and items. SYNONYMS[0][colour] and SYNONYMS[1][item] list the dataset's word first,
 # then words a tower may be tuned on (train-clip --caption-words synonyms). UNSEEN_WORDS are never in a training
 # caption: they measure whether a model reads words it was not tuned on (written once, 2026-12-06).
@@ -124,7 +136,9 @@ UNSEEN_WORDS: dict[str, tuple[tuple[str, ...] | None, tuple[str, ...] | None]] =
         ("t-shrit", "trowser", "pulover", "dres", "caot", "sandle", "shrit", "sneeker", "bga", "ankle bot"),
     ),
 }
-ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS + REWORDED_PHRASINGS + AUGMENT_PHRASINGS  # a phrasing's index: its place
+# a phrasing's index: its place here; the variants' phrasings (CAPTION_PHRASINGS) from FIRST_VARIANT on, in order
+ALL_PHRASINGS = PHRASINGS + NEW_PHRASINGS + REWORDED_PHRASINGS + AUGMENT_PHRASINGS + LABEL_PHRASINGS
+FIRST_VARIANT = len(PHRASINGS + NEW_PHRASINGS + REWORDED_PHRASINGS)
 ATTRIBUTES = ("left class", "left colour", "right class", "right colour")
 DEFAULT_N = {"train": 20000, "test": 4000}
 PAD = 2  # 28 + 2 * 2 = 32
@@ -175,16 +189,20 @@ def parse_caption(text: str) -> tuple[tuple[int, int, int, int], int] | None:
     return None
 
 
-def rephrased(captions, attributes: Tensor | None, variants: int, words: str = "dataset") -> list[str]:
-    """``variants`` more captions of each image, its attributes said in AUGMENT_PHRASINGS (in turn, so every phrasing
-    is used alike): image i's v-th is row v * N + i. ``words='synonyms'``: each colour and item of a variant is said
-    as one of its SYNONYMS row's four words (the dataset's among them), drawn with a fixed seed (a resumed run
-    rebuilds the same captions). Refused for captions outside fashion-pairs' caption language."""
+def rephrased(
+    captions, attributes: Tensor | None, variants: int, words: str = "dataset", phrasings: str = "sides"
+) -> list[str]:
+    """``variants`` more captions of each image, its attributes said in the CAPTION_PHRASINGS[phrasings] (in turn, so
+    every phrasing is used alike): image i's v-th is row v * N + i. ``words='synonyms'``: each colour and item of a
+    variant is said as one of its SYNONYMS row's four words (the dataset's among them), drawn with a fixed seed (a
+    resumed run rebuilds the same captions). Refused for captions outside fashion-pairs' caption language."""
     if words not in CAPTION_WORDS:
         raise DataError(f"unknown caption words {words!r}; choose one of {', '.join(CAPTION_WORDS)}")
+    if phrasings not in CAPTION_PHRASINGS:
+        raise DataError(f"unknown caption phrasings {phrasings!r}; choose one of {', '.join(CAPTION_PHRASINGS)}")
     if attributes is None or len(attributes) != len(captions) or any(parse_caption(c) is None for c in captions[:50]):
         raise DataError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
-    first, count = len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS), len(AUGMENT_PHRASINGS)
+    count = len(CAPTION_PHRASINGS[phrasings])
     rows, n = attributes.tolist(), len(attributes)
     picks = (
         torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0))
@@ -192,7 +210,7 @@ def rephrased(captions, attributes: Tensor | None, variants: int, words: str = "
         else torch.zeros(variants * n, 4, dtype=torch.long)
     ).tolist()
     return [
-        caption(rows[i], first + (i * variants + v) % count, words=picks[v * n + i])
+        caption(rows[i], FIRST_VARIANT + (i * variants + v) % count, words=picks[v * n + i])
         for v in range(variants)
         for i in range(n)
     ]
@@ -204,15 +222,17 @@ def swapped(attributes) -> tuple[int, int, int, int]:
     return rk, rc, lk, lc
 
 
-def training_pairs(data, variants: int = 0, words: str = "dataset") -> tuple[Tensor, list[str]]:
+def training_pairs(
+    data, variants: int = 0, words: str = "dataset", phrasings: str = "sides"
+) -> tuple[Tensor, list[str]]:
     """The (image, caption) pairs a text model trains on, as indices into ``data``'s images (an ImageSet) and a
     caption each: its own pairs (ImageSet.caption_pairs: an image with several captions once per caption), and with
     ``variants`` K every pair again with each of K rephrased captions of its image's attributes (rephrased; in
-    ``words``)."""
+    ``words`` and ``phrasings``)."""
     index, captions = data.caption_pairs()
     if variants:
         attributes = None if data.attributes is None else data.attributes[index]
-        captions = [*captions, *rephrased(captions, attributes, variants, words)]
+        captions = [*captions, *rephrased(captions, attributes, variants, words, phrasings)]
         index = index.repeat(variants + 1)
     return index, captions
 

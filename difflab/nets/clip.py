@@ -10,7 +10,11 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ..data.pairs import CAPTION_WORDS, MAX_CAPTION_VARIANTS  # the words of caption variants (ClipConfig.caption_words)
+from ..data.pairs import (
+    CAPTION_PHRASINGS,
+    CAPTION_WORDS,
+    MAX_CAPTION_VARIANTS,
+)  # the words of caption variants (ClipConfig.caption_words)
 from .pretrained_text import PretrainedText, PretrainedTextConfig
 from .text import TextConfig, TextTransformer
 
@@ -48,6 +52,7 @@ class ClipConfig:
     text_lr_scale: float = 1.0  # the pretrained text tower's tuned weights learn at this times the run's lr
     caption_variants: int = 0  # fashion-pairs: each training image also seen with this many rephrased captions
     caption_words: str = "dataset"  # the variants' colour and item words: "dataset" or "synonyms" (data.pairs)
+    caption_phrasings: str = "sides"  # the phrasings the variants take turns in: data.pairs.CAPTION_PHRASINGS
 
     def __post_init__(self):
         TextConfig.from_dict(self.text or {})  # raises on a bad text config
@@ -60,6 +65,10 @@ class ClipConfig:
             )
         if self.caption_words not in CAPTION_WORDS:
             raise ValueError(f"unknown caption words {self.caption_words!r}; choose one of {', '.join(CAPTION_WORDS)}")
+        if self.caption_phrasings not in CAPTION_PHRASINGS:
+            raise ValueError(
+                f"unknown caption phrasings {self.caption_phrasings!r}; choose one of {', '.join(CAPTION_PHRASINGS)}"
+            )
         if not self.text_lr_scale > 0:
             raise ValueError(f"ClipConfig.text_lr_scale must be positive, got {self.text_lr_scale!r}")
         if self.pool not in POOLS:

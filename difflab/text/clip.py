@@ -32,8 +32,8 @@ from ..data.loader import TensorDataset
 from ..data.pairs import (
     ALL_PHRASINGS,
     ATTRIBUTES,
-    AUGMENT_PHRASINGS,
     COLOURS,
+    FIRST_VARIANT,
     NEW_PHRASINGS,
     NOUNS,
     PHRASINGS,
@@ -136,6 +136,7 @@ def clip_config(
     caption_variants: int = 0,
     attributes: Tensor | None = None,
     caption_words: str = "dataset",
+    caption_phrasings: str = "sides",
 ):
     """A `difflab train-clip` run for the images of ``base`` (a dataset preset) and their ``captions``:
     2000 steps of batch 128 by default (the batch is also the contrastive task's number of candidates).
@@ -148,7 +149,8 @@ def clip_config(
     ``caption_variants`` K: each training image is also seen with K captions of its ``attributes`` in
     data.pairs.AUGMENT_PHRASINGS (fashion-pairs' caption language only; never the phrasings the figures use);
     ``caption_words='synonyms'``: their colours and items also said in other words (data.pairs.SYNONYMS; never
-    the UNSEEN_WORDS the figures use)."""
+    the UNSEEN_WORDS the figures use); ``caption_phrasings='sides+labels'``: the variants also take turns in
+    data.pairs.LABEL_PHRASINGS (the sides as labels, "left = {L}, right = {R}", either side first)."""
     if hard_negatives is None:
         hard_negatives = "sides" if any(swap_sides(c) != c for c in captions or ()) else "none"
     loss = ContrastiveLoss(hard_negatives)  # the loss checks the name
@@ -164,8 +166,13 @@ def clip_config(
         raise TextError(
             f"--caption-words {caption_words} says the caption variants in other words: give --caption-variants K"
         )
+    if caption_phrasings != "sides" and not caption_variants:
+        raise TextError(
+            f"--caption-phrasings {caption_phrasings} says the caption variants in more phrasings: give "
+            "--caption-variants K"
+        )
     if caption_variants:
-        captions = [*captions, *rephrased(captions, attributes, caption_variants, caption_words)]
+        captions = [*captions, *rephrased(captions, attributes, caption_variants, caption_words, caption_phrasings)]
     for kind in hard_negative_kinds(hard_negatives):
         if not any(HARD_NEGATIVE_SWAPS[kind](c) != c for c in captions):
             raise TextError(
@@ -189,6 +196,7 @@ def clip_config(
         text_lr_scale=1.0 if pretrained is None else TEXT_LR_SCALE.get(tune, TEXT_LR_SCALE["last-K"]),
         caption_variants=caption_variants,
         caption_words=caption_words,
+        caption_phrasings=caption_phrasings,
     )
     train = TrainConfig(
         steps=2000,
@@ -251,7 +259,8 @@ def clip_data(cfg, data: ImageSet):
     names them: 'swap_tokens' / 'swap_token_mask' for the sides). An image with several captions comes once per
     caption (ImageSet.caption_pairs); with caption variants (fashion-pairs), each image again with each of its
     rephrased captions."""
-    index, captions = training_pairs(data, cfg.net.caption_variants, cfg.net.caption_words)
+    net = cfg.net
+    index, captions = training_pairs(data, net.caption_variants, net.caption_words, net.caption_phrasings)
     tokenize = cfg.build_net().text.tokenize
     tokens, mask = tokenize(list(captions))
     cond = {"tokens": tokens, "token_mask": mask}
@@ -286,7 +295,7 @@ def binding_by_phrasing(clip: Clip, test: ImageSet, n: int) -> dict[str, dict[st
         raise TextError("the phrasings say fashion-pairs' attributes: they need its test split")
     x, rows = to_model(test.images[:n]), test.attributes[:n].tolist()
     out = {}
-    for k in range(len(ALL_PHRASINGS) - len(AUGMENT_PHRASINGS)):
+    for k in range(FIRST_VARIANT):
         texts = [caption(a, k) for a in rows]
         out[ALL_PHRASINGS[k]] = {
             "sides": swap_discrimination(clip, x, texts),
