@@ -280,6 +280,26 @@ def test_caption_variants_say_the_same_attributes_in_phrasings_no_figure_uses():
         rephrased(["a red square"] * 3, None, 2)
     with pytest.raises(DataError, match="unknown caption phrasings 'labels'; choose one of sides, sides\\+labels"):
         rephrased(pairs.captions, pairs.attributes, 2, phrasings="labels")
+    # a CLIP run records them (its config round-trips) and trains on them
+    from difflab.nets.clip import ClipConfig
+    from difflab.runs.presets import preset_for
+    from difflab.text.clip import clip_config
+
+    cfg = clip_config(
+        preset_for("fashion-pairs"),
+        pairs.captions,
+        caption_variants=7,
+        attributes=pairs.attributes,
+        caption_phrasings="sides+labels",
+    )
+    assert ClipConfig.from_dict(cfg.net.to_dict()).caption_phrasings == "sides+labels"
+    assert ClipConfig.from_dict({k: v for k, v in cfg.net.to_dict().items() if k != "caption_phrasings"}) == replace(
+        cfg.net, caption_phrasings="sides"
+    )  # a run saved before the option read as it trained
+    from difflab.nets.text import words
+
+    label_captions = [c for c in more if parse_caption(c)[1] >= FIRST_VARIANT + len(CAPTION_PHRASINGS["sides"])]
+    assert label_captions and {w for c in label_captions for w in words(c)} <= set(cfg.net.text_config.vocabulary)
 
 
 def test_synonym_variants_keep_the_attributes_and_never_use_the_words_the_figures_measure():
