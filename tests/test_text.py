@@ -371,9 +371,40 @@ def test_colour_hard_negatives_are_each_captions_colour_swap_and_a_run_starts_fr
     assert swap_sides("a bag on the left") != "a bag on the left"
     code, err = run_cli(capsys, "train-clip", "--out", run, "--resume", "--init-from", clip_run)
     assert code == 2 and "--init-from starts a run" in err, err
-    other = ["train-clip", "fashion-pairs", "--out", tmp_path / "o", "--embed-dim", "32", "--init-from", clip_run]
-    code, err = run_cli(capsys, *other, "--steps", "1", "--batch-size", "8", "--report-n", "100", "--quiet")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and str(clip_run) in err, err
+    for flags, says in (
+        (["--embed-dim", "32"], "differ from this run's in embed_dim"),
+        # a word tower fitted to other captions: the same shapes, the words in another order
+        (["--caption-variants", "2"], "differ from this run's in text (the word tower's vocabulary"),
+    ):
+        other = ["train-clip", "fashion-pairs", "--out", tmp_path / "o", *flags, "--init-from", clip_run]
+        code, err = run_cli(capsys, *other, "--steps", "1", "--batch-size", "8", "--report-n", "100", "--quiet")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and says in err and str(clip_run) in err, err
+        assert not (tmp_path / "o").exists()
+    # a pretrained tower: the same base, weights and tuning; its training length and caption recipe may differ
+    from difflab.runs import shipped
+    from difflab.text.clip import check_init_from
+
+    src = load_config(shipped.locate("fashion-pairs-clip-minilm"))
+    longer = {**src.net.pretrained, "max_len": 30}
+    check_init_from(replace(src, net=replace(src.net, caption_phrasings="sides+labels", pretrained=longer)), src, "s")
+    with pytest.raises(TextError, match="differ from this run's in pretrained.rank"):
+        check_init_from(replace(src, net=replace(src.net, pretrained={**longer, "rank": 4})), src, "s")
+    with pytest.raises(TextError, match="is a diffusion run, not a CLIP run"):
+        check_init_from(src, load_config(shipped.locate("fashion-pairs-t2i")), "fashion-pairs-t2i")
+    code, err = run_cli(
+        capsys,
+        "train-clip",
+        "fashion-pairs",
+        "--out",
+        tmp_path / "s",
+        "--hard-negatives",
+        "sides+colours",
+        "--caption-variants",
+        "1",
+        "--caption-words",
+        "synonyms",
+    )
+    assert code == 2 and "swaps the dataset's colour words: not with --caption-words synonyms" in err, err
 
 
 def test_train_clip_refuses_uncaptioned_data_and_resumes(clip_run, tmp_path, capsys):

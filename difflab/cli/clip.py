@@ -21,9 +21,11 @@ from ..core.losses import HARD_NEGATIVES
 from ..data.pairs import CAPTION_PHRASINGS, CAPTION_WORDS
 from ..nets.clip import POOLS
 from ..nets.pretrained_text import BASES, tuned_layers
+from ..runs import shipped
+from ..runs.config import load_config
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
-from ..text.clip import CLIP, CLIP_REPORT, GROUP, clip_config, clip_data, clip_report
+from ..text.clip import CLIP, CLIP_REPORT, GROUP, check_init_from, clip_config, clip_data, clip_report
 from ..training.distributed import launched_rank, resolve_device
 from ..training.loop import train
 from .options import (
@@ -71,12 +73,19 @@ def run_train(args) -> None:
     device = resolve_device(args.device)
     if args.init_from and args.resume:
         raise UsageError("--init-from starts a run; a resumed run keeps its weights")
+
+    def fresh():
+        cfg = new_config(args)
+        if args.init_from:  # before anything is written
+            check_init_from(cfg, load_config(shipped.locate(args.init_from)), args.init_from)
+        return cfg
+
     cfg, resume = begin(
         out,
         CLIP,
         resume=args.resume,
         force=args.force,
-        fresh=lambda: new_config(args),
+        fresh=fresh,
         fixed=given_flags(
             args,
             (
@@ -225,7 +234,8 @@ def register(sub) -> None:
     t.add_argument(
         "--init-from",
         help="a CLIP run (or shipped model) whose EMA weights initialise the network: the same towers (--init, "
-        "--tune, --rank, --embed-dim, --pool); the rest of the recipe may differ",
+        "--tune, --rank, --embed-dim, --pool; a word tower's vocabulary, fitted to the same captions), checked "
+        "before anything is written; the caption variants, phrasings and hard negatives may differ",
     )
     add_auxiliary_training(t, "optimizer steps (default 2000)")
     t.add_argument(

@@ -88,7 +88,7 @@ CAPTION_PHRASINGS = {  # the phrasings caption variants take turns in (rephrased
 # then words a tower may be tuned on (train-clip --caption-words synonyms). UNSEEN_WORDS are never in a training
 # caption: they measure whether a model reads words it was not tuned on (written once, 2026-12-06).
 CAPTION_WORDS = ("dataset", "synonyms")  # the words of caption variants: the dataset's own, or SYNONYMS rows
-MAX_CAPTION_VARIANTS = 8  # one per AUGMENT_PHRASINGS
+MAX_CAPTION_VARIANTS = 8  # variants per image, at most (as many as AUGMENT_PHRASINGS)
 SYNONYMS: tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]] = (
     (
         ("red", "scarlet", "cherry", "ruby"),

@@ -173,6 +173,11 @@ def clip_config(
         )
     if caption_variants:
         captions = [*captions, *rephrased(captions, attributes, caption_variants, caption_words, caption_phrasings)]
+    if "colours" in hard_negative_kinds(hard_negatives) and caption_words != "dataset":
+        raise TextError(
+            f"--hard-negatives {hard_negatives} swaps the dataset's colour words: not with --caption-words "
+            f"{caption_words} (its variants say them in other words)"
+        )
     for kind in hard_negative_kinds(hard_negatives):
         if not any(HARD_NEGATIVE_SWAPS[kind](c) != c for c in captions):
             raise TextError(
@@ -213,6 +218,30 @@ def clip_config(
     swaps = tuple(name for kind in hard_negative_kinds(hard_negatives) for name in HARD_NEGATIVE_TOKENS[kind])
     spec = ConditionSpec("tokens", "tensor", 0.0, companions=("token_mask", *swaps))
     return replace(base, run_kind="clip", net_kind="clip", net=net, loss=loss, conditions=[spec], train=train)
+
+
+def check_init_from(cfg: RunConfig, source: RunConfig, name: str) -> None:
+    """Refuse, in one line, to start the CLIP run ``cfg`` from the run ``source`` (called ``name``) unless its towers
+    are the same: every ClipConfig field that shapes or reads the weights (a word tower's vocabulary, its order
+    included: the same shapes with the words in another order would give each word another word's embedding), and
+    a pretrained tower's base, weights and tuning; the caption variants, phrasings and training length may differ."""
+    if source.run_kind != "clip":
+        raise TextError(f"--init-from {name} is a {source.run_kind} run, not a CLIP run")
+    a, b = cfg.net, source.net
+    apart = ("caption_variants", "caption_words", "caption_phrasings", "text_lr_scale", "text", "pretrained")
+    differ = [f for f in vars(a) if f not in apart and getattr(a, f) != getattr(b, f)]
+    if a.pretrained is None and a.text_config != b.text_config:
+        differ.append("text (the word tower's vocabulary and sizes: fitted to each run's own captions)")
+    elif a.pretrained is not None:
+        pa, pb = a.pretrained_config, b.pretrained_config
+        if pb is None:
+            differ.append("pretrained (a word tower there)")
+        else:
+            differ += [
+                f"pretrained.{f}" for f in ("base", "sha256", "tune", "rank") if getattr(pa, f) != getattr(pb, f)
+            ]
+    if differ:
+        raise TextError(f"--init-from {name}: its towers differ from this run's in {', '.join(differ)}")
 
 
 TEXT_LR_SCALE = {"head": 1.0, "lora": 1.0, "last-K": 0.1, "full": 0.1}  # pretrained weights move 10x slower
