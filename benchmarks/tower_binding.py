@@ -6,7 +6,10 @@ its caption than to the same items on the other sides) and colour-swap discrimin
 with the two colours exchanged between the items; images with two items of one colour left out). A coin flip is
 50 %. text.clip.binding_by_phrasing computes both.
 
-    .venv/bin/python benchmarks/tower_binding.py [CLIP ...] [--n 300] [--name tower_binding]
+    .venv/bin/python benchmarks/tower_binding.py [CLIP ...] [--n 300] [--name tower_binding] [--probe]
+
+--probe also measures PROBES, forms near the colon phrasing "left: {L}; right: {R}" (written 2026-12-07 to see how far
+a fix for it reaches; never in a training caption).
 
 Writes benchmarks/results/NAME.md and .json."""
 
@@ -25,6 +28,37 @@ from benchmarks.common import RESULTS, busy_processes, header, load_average, md_
 from benchmarks.guidance_tradeoff import write_text  # noqa: E402
 
 NAME = "tower_binding"
+PROBES = (
+    "left: {L}, right: {R}",
+    "left: {L} right: {R}",
+    "{L}; {R}",
+    "left {L}; right {R}",
+    "left: {L}. right: {R}",
+    "on the left: {L}; on the right: {R}",
+    "right: {R}; left: {L}",
+)
+
+
+def probe_binding(clip, test, n: int, template: str) -> dict:
+    """Side-swap and colour-swap discrimination of the first ``n`` test images captioned in ``template`` (any
+    "{L}"/"{R}" form; the colour twin is built from the swapped attributes, so it needs no known phrasing)."""
+    from difflab.data.images import to_model
+    from difflab.data.pairs import COLOURS, NOUNS, article
+    from difflab.text.clip import swap_discrimination
+
+    colours = list(COLOURS)
+
+    def say(lk, lc, rk, rc):
+        return template.format(L=article(f"{colours[lc]} {NOUNS[lk]}"), R=article(f"{colours[rc]} {NOUNS[rk]}"))
+
+    rows = test.attributes[:n].tolist()
+    texts = [say(*a) for a in rows]
+    twins = {say(*a): say(a[0], a[3], a[2], a[1]) for a in rows}
+    x = to_model(test.images[:n])
+    return {
+        "sides": swap_discrimination(clip, x, texts),
+        "colours": swap_discrimination(clip, x, texts, swap=twins.__getitem__),
+    }
 
 
 def main(argv=None) -> None:
@@ -36,6 +70,7 @@ def main(argv=None) -> None:
     p.add_argument("clips", nargs="*", default=["fashion-pairs-clip-minilm", "fashion-pairs-clip"])
     p.add_argument("--n", type=int, default=300, help="test images per phrasing")
     p.add_argument("--name", default=NAME, help=f"the results' file name (default {NAME})")
+    p.add_argument("--probe", action="store_true", help="also the forms near the colon phrasing (PROBES)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
@@ -43,10 +78,13 @@ def main(argv=None) -> None:
     test = load_images("fashion-pairs", "test")
     figures = {}
     for name in args.clips:
-        figures[name] = binding_by_phrasing(ClipRun.load(name).clip, test, args.n)
+        clip = ClipRun.load(name).clip
+        figures[name] = binding_by_phrasing(clip, test, args.n)
+        for template in PROBES if args.probe else ():
+            figures[name][template] = probe_binding(clip, test, args.n, template)
         print(name, json.dumps(figures[name]), flush=True)
     sets = {**{p: "training" for p in PHRASINGS}, **{p: "new" for p in NEW_PHRASINGS}}
-    sets |= {p: "reworded" for p in REWORDED_PHRASINGS}
+    sets |= {p: "reworded" for p in REWORDED_PHRASINGS} | {p: "probe" for p in PROBES}
     lines = header("Side and colour binding of text towers, per phrasing")
     lines += [
         f"- the first {args.n} test images per phrasing; colour swap over those with two colours "
