@@ -43,13 +43,12 @@ def probe_binding(clip, test, n: int, template: str) -> dict:
     """Side-swap and colour-swap discrimination of the first ``n`` test images captioned in ``template`` (any
     "{L}"/"{R}" form; the colour twin is built from the swapped attributes, so it needs no known phrasing)."""
     from difflab.data.images import to_model
-    from difflab.data.pairs import COLOURS, NOUNS, article
+    from difflab.data.pairs import said_items
     from difflab.text.clip import swap_discrimination
 
-    colours = list(COLOURS)
-
-    def say(lk, lc, rk, rc):
-        return template.format(L=article(f"{colours[lc]} {NOUNS[lk]}"), R=article(f"{colours[rc]} {NOUNS[rk]}"))
+    def say(*attributes):
+        left, right = said_items(attributes)
+        return template.format(L=left, R=right)
 
     rows = test.attributes[:n].tolist()
     texts = [say(*a) for a in rows]

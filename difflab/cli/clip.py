@@ -21,7 +21,6 @@ from ..core.losses import HARD_NEGATIVES
 from ..data.pairs import CAPTION_PHRASINGS, CAPTION_WORDS
 from ..nets.clip import POOLS
 from ..nets.pretrained_text import BASES, tuned_layers
-from ..runs import shipped
 from ..runs.config import load_config
 from ..runs.data import load_split
 from ..runs.lifecycle import begin
@@ -77,7 +76,7 @@ def run_train(args) -> None:
     def fresh():
         cfg = new_config(args)
         if args.init_from:  # before anything is written
-            check_init_from(cfg, load_config(shipped.locate(args.init_from)), args.init_from)
+            check_init_from(cfg, load_config(args.init_from), args.init_from)
         return cfg
 
     cfg, resume = begin(

@@ -390,8 +390,8 @@ class ContrastiveLoss:
         if self.hard_negatives == "none":
             image_emb, text_emb, scale = model.net(x0, tokens=tokens, token_mask=mask)
             return contrastive_loss(image_emb.float(), text_emb.float(), scale.float())
-        twins = [cond[HARD_NEGATIVE_TOKENS[kind][0]] for kind in hard_negative_kinds(self.hard_negatives)]
-        masks = [cond[HARD_NEGATIVE_TOKENS[kind][1]] for kind in hard_negative_kinds(self.hard_negatives)]
+        names = [HARD_NEGATIVE_TOKENS[kind] for kind in hard_negative_kinds(self.hard_negatives)]
+        twins, masks = [cond[ids] for ids, _ in names], [cond[m] for _, m in names]
         # one forward over every caption set (the towers are independent: B images, (1 + K) B captions)
         image_emb, both, scale = model.net(x0, tokens=torch.cat([tokens, *twins]), token_mask=torch.cat([mask, *masks]))
         text_emb, hard = both[: len(tokens)], both[len(tokens) :]

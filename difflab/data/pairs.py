@@ -161,13 +161,20 @@ def caption(attributes, phrasing: int = 0, subject: int | None = None, token: st
     ``subject`` half (0 left, 1 right), if any, named by the identifier ``token`` ("a red sks sneaker"). ``words``:
     which word of its SYNONYMS row says the left colour, left item, right colour and right item (0, the default:
     the dataset's own)."""
+    left, right = said_items(attributes, subject, token, words)
+    return ALL_PHRASINGS[phrasing].format(L=left, R=right)
+
+
+def said_items(attributes, subject: int | None = None, token: str = "sks", words=(0, 0, 0, 0)) -> tuple[str, str]:
+    """The left and right items of ``attributes`` as a caption says them ("a red sneaker", "a blue bag"); the
+    arguments as caption's. Any template with {L} and {R} can take them."""
     lk, lc, rk, rc = (int(a) for a in attributes)
     wlc, wlk, wrc, wrk = (int(w) for w in words)
     left, right = (
         article(f"{SYNONYMS[0][c][wc]} {token + ' ' if subject == side else ''}{SYNONYMS[1][k][wk]}")
         for side, (k, c, wk, wc) in enumerate(((lk, lc, wlk, wlc), (rk, rc, wrk, wrc)))
     )
-    return ALL_PHRASINGS[phrasing].format(L=left, R=right)
+    return left, right
 
 
 def is_held_out(left_class, right_class) -> bool:

@@ -10,11 +10,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from ..data.pairs import (
-    CAPTION_PHRASINGS,
-    CAPTION_WORDS,
-    MAX_CAPTION_VARIANTS,
-)  # the words of caption variants (ClipConfig.caption_words)
+from ..data.pairs import CAPTION_PHRASINGS, CAPTION_WORDS, MAX_CAPTION_VARIANTS  # ClipConfig's caption variants
 from .pretrained_text import PretrainedText, PretrainedTextConfig
 from .text import TextConfig, TextTransformer
 
