@@ -9,14 +9,18 @@ weights only; a model on another records it by shipped name and fingerprint):
     fashion-pairs-t2i-words   latent text-to-image on the autoencoder, captions through fashion-pairs-clip's text
                               tower (the training captions' words; the flagship's name until issue 32)
     fashion-pairs-t2i-minilm  the same on frozen MiniLM captions
-    fashion-pairs-clip-minilm a CLIP whose text tower is MiniLM tuned by LoRA with 4 caption variants (issue 32)
+    fashion-pairs-clip-minilm a CLIP whose text tower is MiniLM tuned by LoRA with 4 caption variants (issue 32),
+                              then 300 more steps with label phrasings and colour hard negatives (stop 50)
     fashion-pairs-t2i         the flagship: latent text-to-image on the autoencoder, captions through
                               fashion-pairs-clip-minilm's text tower: any wording, personalisable (DreamBooth, LoRA,
-                              textual inversion); shipped as fashion-pairs-t2i-open until it took the name
+                              textual inversion); 6000 steps on the first tower, then 2000 on the second
+
+A model's recipe is a chain of commands (stages): each later stage starts from the run before it (--init-from);
+the last stage's run is the one shipped, and the training time is the sum.
     fashion-mnist-classes     class-conditional Fashion-MNIST (pixel space)
 
     .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--words-steps N]
-    [--classes-steps N] [--n 300] [--device cuda]
+    [--classes-steps N] [--clip-minilm-tune-steps N] [--t2i-tune-steps N] [--n 300] [--device cuda]
 
 Runs live in benchmarks/runs/ship/; the figures go into each recipe and benchmarks/results/shipped.json. A
 model whose run is not finished is trained first (hours on 2 CPU cores: give fewer steps to try it)."""
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import RESULTS, RUNS, trained  # noqa: E402
 from difflab.data.images import load_images  # noqa: E402
+from difflab.evaluation.checks import check_settings, write_check  # noqa: E402
 from difflab.evaluation.evaluate import evaluate  # noqa: E402
 from difflab.evaluation.features import embed, load_feature_net  # noqa: E402
 from difflab.evaluation.prompts import follows, parsed  # noqa: E402
@@ -69,8 +74,59 @@ NEEDS = {
 CLIP_OF = {"fashion-pairs-t2i-words": "fashion-pairs-clip", "fashion-pairs-t2i": "fashion-pairs-clip-minilm"}
 
 
-def commands(args) -> dict[str, list[str]]:
-    """Each model's training command (difflab's argv), with the run folder relative to the repository."""
+def commands(args) -> dict[str, list[list[str]]]:
+    """Each model's training commands (difflab's argv, one per stage, the last one's run shipped), with the run
+    folders relative to the repository."""
+    r = str(ROOT.relative_to(ROOT.parent.parent.parent))
+    base = base_commands(args)
+    return (
+        {name: [argv] for name, argv in base.items()}
+        | {
+            "fashion-pairs-clip-minilm": [
+                base["fashion-pairs-clip-minilm"],
+                [  # the colon phrasing's colours (docs/text.md): label phrasings, either side first, + colour twins
+                    *base["fashion-pairs-clip-minilm"][:8],
+                    "--caption-phrasings",
+                    "sides+labels",
+                    "--hard-negatives",
+                    "sides+colours",
+                    "--init-from",
+                    f"{r}/clip-minilm",
+                    "--lr",
+                    "3e-4",
+                    "--out",
+                    f"{r}/clip-minilm-labels",
+                    "--steps",
+                    str(args.clip_minilm_tune_steps),
+                    *device(args),
+                ],
+            ],
+            "fashion-pairs-t2i": [
+                base["fashion-pairs-t2i"],
+                [  # the same model on the second tower's token states
+                    "train",
+                    "fashion-pairs",
+                    "--latent",
+                    "fashion-pairs-ae",
+                    "--text",
+                    f"clip:{r}/clip-minilm-labels",
+                    "--init-from",
+                    f"{r}/t2i-open",
+                    "--out",
+                    f"{r}/t2i-labels",
+                    "--batch-size",
+                    str(args.t2i_batch),
+                    "--steps",
+                    str(args.t2i_tune_steps),
+                    *device(args),
+                ],
+            ],
+        }
+    )
+
+
+def base_commands(args) -> dict[str, list[str]]:
+    """Each model's first training command (difflab's argv)."""
     r = str(ROOT.relative_to(ROOT.parent.parent.parent))
     return {
         "fashion-pairs-ae": ["train-autoencoder", "fashion-pairs", "--out", f"{r}/ae", "--steps", str(args.ae_steps)],
@@ -255,6 +311,10 @@ def main(argv=None) -> None:
     p.add_argument("--t2i-steps", type=int, default=6000, help="fashion-pairs-t2i's steps")
     p.add_argument("--t2i-batch", type=int, default=64, help="fashion-pairs-t2i's batch")
     p.add_argument(
+        "--clip-minilm-tune-steps", type=int, default=300, help="fashion-pairs-clip-minilm's second stage's steps"
+    )
+    p.add_argument("--t2i-tune-steps", type=int, default=2000, help="fashion-pairs-t2i's second stage's steps")
+    p.add_argument(
         "--device",
         choices=["cpu", "cuda"],
         help="train on this device (recorded in the command; default: the CLI's auto)",
@@ -278,9 +338,12 @@ def main(argv=None) -> None:
         missing = [m for m in NEEDS.get(name, ()) if m not in shipped.names()]
         if missing:
             sys.exit(f"ship {', '.join(missing)} first (what {name} is trained on)")
-        run, seconds = trained(cmds[name])
+        seconds = 0.0
+        for stage in cmds[name]:
+            run, spent = trained(stage)
+            seconds += spent
         recipe = {
-            "commands": ["difflab " + " ".join(cmds[name])],
+            "commands": ["difflab " + " ".join(stage) for stage in cmds[name]],
             "train_seconds": round(seconds),
             **({"note": notes[name]} if name in notes else {}),
         }
@@ -297,7 +360,8 @@ def main(argv=None) -> None:
             tower = (
                 "a small transformer on the captions' 25 words"
                 if name == "fashion-pairs-clip"
-                else "MiniLM tuned by rank-8 LoRA, each image also with 4 rephrased captions: any wording"
+                else "MiniLM tuned by rank-8 LoRA, each image also with 4 rephrased captions, then with label "
+                "phrasings and colour hard negatives: any wording"
             )
             recipe |= {
                 "what": f"CLIP of fashion-pairs (attention pool, side hard negatives; text tower {tower}): a text "
@@ -315,12 +379,14 @@ def main(argv=None) -> None:
             }
             config = rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae")
             ship(run, name, recipe, config=rebased_text(config, clip) if clip else config)
+            write_check(shipped.SHIPPED_DIR / name, name, check_settings(name))
         else:
             recipe |= {
                 "what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",
                 "figures": class_figures(run, args.n, args.class_scale),
             }
             ship(run, name, recipe)
+            write_check(shipped.SHIPPED_DIR / name, name, check_settings(name))
         results[name] = shipped.recipe(name)
         print(json.dumps(results[name], indent=1), flush=True)
         RESULTS.mkdir(exist_ok=True)
