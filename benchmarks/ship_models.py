@@ -344,6 +344,11 @@ def main(argv=None) -> None:
             seconds += spent
         recipe = {
             "commands": ["difflab " + " ".join(stage) for stage in cmds[name]],
+            **(
+                {"stage_steps": [int(argv[argv.index("--steps") + 1]) for argv in cmds[name]]}
+                if len(cmds[name]) > 1
+                else {}
+            ),
             "train_seconds": round(seconds),
             **({"note": notes[name]} if name in notes else {}),
         }

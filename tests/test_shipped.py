@@ -144,6 +144,19 @@ def test_difflab_models_lists_and_explains(tiny_toy_run, package, capsys):
     assert json.loads(capsys.readouterr().out)["figures"] == {"energy": 0.01}
     assert main(["models", "nope"]) == 2
     assert "no shipped model 'nope'; shipped: toy" in capsys.readouterr().err
+    # a recipe in two stages says the steps of each; a table of figures is named, not dumped
+    ship(
+        tiny_toy_run,
+        "toy",
+        {
+            "commands": ["difflab train swissroll", "difflab train swissroll --init-from x"],
+            "stage_steps": [20, 30],
+            "figures": {"energy": 0.01, "by_phrasing": {"a": 0.5, "b": 0.25}},
+        },
+    )
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "20 + 30 steps" in out and "energy 0.01, by_phrasing (2 figures)" in out and "0.25" not in out, out
 
 
 def test_the_package_models():

@@ -1,6 +1,6 @@
 """`difflab models`: the models that ship ready, with their recipes and measured figures.
 
-    difflab models                  # a table: name, what it is, steps, training time, size, figures
+    difflab models                  # a table: name, what it is, steps (of each stage), training time, size, figures
     difflab models NAME             # one model's recipe: the commands that trained it, fingerprints, figures
 
 Any command that takes a run folder takes a shipped model's name (runs/shipped.py)."""
@@ -17,7 +17,16 @@ from .options import UsageError
 
 
 def _figures(r: dict) -> str:
-    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.get("figures", {}).items())
+    """The recipe's figures on one line; a table of figures (per phrasing, say) by its name and size alone."""
+    return ", ".join(
+        f"{k} {v:.4g}" if isinstance(v, float) else f"{k} ({len(v)} figures)" if isinstance(v, dict) else f"{k} {v}"
+        for k, v in r.get("figures", {}).items()
+    )
+
+
+def _steps(r: dict) -> str:
+    """``N steps``, or ``N1 + N2 steps`` for a recipe trained in stages (each from the one before)."""
+    return " + ".join(str(n) for n in r.get("stage_steps", [r["steps"]])) + " steps"
 
 
 def run(args) -> None:
@@ -34,7 +43,7 @@ def run(args) -> None:
     for m in models:
         minutes = f"{m['train_seconds'] / 60:.0f} min" if m.get("train_seconds") else "-"
         print(f"{m['name']}: {m.get('what', '')}")
-        print(f"    {m['steps']} steps, trained {minutes}, {m['bytes'] / 2**20:.1f} MiB; {_figures(m)}")
+        print(f"    {_steps(m)}, trained {minutes}, {m['bytes'] / 2**20:.1f} MiB; {_figures(m)}")
         reads = describe_text(load_config(shipped.SHIPPED_DIR / m["name"]))
         if reads:
             print(f"    reads captions with {reads}")
