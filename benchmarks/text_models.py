@@ -37,14 +37,15 @@ def training(run: str) -> dict:
     """What the run's training was: encoder, steps, batch and seconds (None where not recorded)."""
     cfg = load_config(run)
     folder = shipped.locate(run)
-    seconds = None
+    seconds, steps = None, str(weights_step(run))
     if shipped.is_shipped(run):
-        seconds = shipped.recipe(folder.name).get("train_seconds")
+        recipe = shipped.recipe(folder.name)
+        seconds, steps = recipe.get("train_seconds"), shipped.said_steps(recipe)  # each stage's steps
     elif (folder / "seconds.json").exists():
         seconds = json.loads((folder / "seconds.json").read_text())["seconds"]
     return {
         "encoder": cfg.text.kind if cfg.text else None,
-        "steps": weights_step(run),
+        "steps": steps,
         "batch": cfg.train.batch_size,
         "seconds": seconds,
     }

@@ -11,7 +11,7 @@ import json
 
 from ..runs import shipped
 from ..runs.config import load_config
-from ..runs.shipped import catalogue, recipe
+from ..runs.shipped import catalogue, recipe, said_steps
 from ..text.encoders import describe_text
 from .options import UsageError
 
@@ -22,11 +22,6 @@ def _figures(r: dict) -> str:
         f"{k} {v:.4g}" if isinstance(v, float) else f"{k} ({len(v)} figures)" if isinstance(v, dict) else f"{k} {v}"
         for k, v in r.get("figures", {}).items()
     )
-
-
-def _steps(r: dict) -> str:
-    """``N steps``, or ``N1 + N2 steps`` for a recipe trained in stages (each from the one before)."""
-    return " + ".join(str(n) for n in r.get("stage_steps", [r["steps"]])) + " steps"
 
 
 def run(args) -> None:
@@ -43,7 +38,7 @@ def run(args) -> None:
     for m in models:
         minutes = f"{m['train_seconds'] / 60:.0f} min" if m.get("train_seconds") else "-"
         print(f"{m['name']}: {m.get('what', '')}")
-        print(f"    {_steps(m)}, trained {minutes}, {m['bytes'] / 2**20:.1f} MiB; {_figures(m)}")
+        print(f"    {said_steps(m)} steps, trained {minutes}, {m['bytes'] / 2**20:.1f} MiB; {_figures(m)}")
         reads = describe_text(load_config(shipped.SHIPPED_DIR / m["name"]))
         if reads:
             print(f"    reads captions with {reads}")

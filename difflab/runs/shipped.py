@@ -83,6 +83,12 @@ def recipe(name: str) -> dict:
     return json.loads((SHIPPED_DIR / name / RECIPE).read_text())
 
 
+def said_steps(recipe: dict) -> str:
+    """A recipe's training steps as said to a user: ``N``, or ``N1 + N2`` for a recipe trained in stages (each
+    stage from the run before it; ``stage_steps``)."""
+    return " + ".join(str(n) for n in recipe.get("stage_steps", [recipe["steps"]]))
+
+
 def recorded_scale(path: str | Path) -> float | None:
     """The best guidance scale a shipped model's recipe records (its figures' ``scale``), None for any other run."""
     if not is_shipped(path):
