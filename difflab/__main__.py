@@ -1,7 +1,6 @@
 """`python -m difflab ...` (and `torchrun ... -m difflab train ...`) runs the `difflab` command."""
 
-import sys
-
 from .cli import main
+from .training.distributed import leave
 
-sys.exit(main())
+leave(main())
