@@ -145,6 +145,20 @@ VARIANTS = [
 ]
 
 
+def same_base() -> None:
+    """The runs and cached evaluations in ROOT are over the shipped base's present weights: its fingerprint is
+    recorded there (ROOT/base.json) and a release that replaced the base under its name is refused, rather than
+    its old runs and figures read back as the new model's."""
+    book, now = ROOT / "base.json", ckpt.weights_fingerprint(SHIPPED_BASE)
+    if book.exists() and (was := json.loads(book.read_text())["fingerprint"]) != now:
+        sys.exit(
+            f"{ROOT} holds runs over another {SHIPPED_BASE} (weights {was}; shipped now: {now}): move it away to "
+            "measure the shipped one"
+        )
+    ROOT.mkdir(parents=True, exist_ok=True)
+    write_text(book, json.dumps({"base": SHIPPED_BASE, "fingerprint": now}) + "\n")
+
+
 def base_path(which: str):
     return SHIPPED_BASE if which == "shipped" else JOINT
 
@@ -335,6 +349,7 @@ def main(argv=None) -> None:
     if args.base:
         use_base(args.base)
     torch.set_num_threads(2)
+    same_base()
     load_start, busy_start = load_average(), busy_processes()
     subject = make_subject(CLASS, n=4)
     folder = ROOT / "subject"

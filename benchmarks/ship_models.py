@@ -10,17 +10,18 @@ weights only; a model on another records it by shipped name and fingerprint):
                               tower (the training captions' words; the flagship's name until issue 32)
     fashion-pairs-t2i-minilm  the same on frozen MiniLM captions
     fashion-pairs-clip-minilm a CLIP whose text tower is MiniLM tuned by LoRA with 4 caption variants (issue 32),
-                              then 300 more steps with label phrasings and colour hard negatives (stop 50)
+                              then 300 more steps with label phrasings and colour hard negatives
     fashion-pairs-t2i         the flagship: latent text-to-image on the autoencoder, captions through
                               fashion-pairs-clip-minilm's text tower: any wording, personalisable (DreamBooth, LoRA,
                               textual inversion); 6000 steps on the first tower, then 2000 on the second
-
-A model's recipe is a chain of commands (stages): each later stage starts from the run before it (--init-from);
-the last stage's run is the one shipped, and the training time is the sum.
     fashion-mnist-classes     class-conditional Fashion-MNIST (pixel space)
 
     .venv/bin/python benchmarks/ship_models.py [--models NAME ...] [--t2i-steps N] [--words-steps N]
     [--classes-steps N] [--clip-minilm-tune-steps N] [--t2i-tune-steps N] [--n 300] [--device cuda]
+
+A model's recipe is a chain of commands (stages): each later stage starts from the run before it (--init-from);
+the last stage's run is the one shipped, and the training time is the sum. A finished stage is not retrained: after
+changing an earlier stage's steps, delete the later stages' runs.
 
 Runs live in benchmarks/runs/ship/; the figures go into each recipe and benchmarks/results/shipped.json. A
 model whose run is not finished is trained first (hours on 2 CPU cores: give fewer steps to try it)."""
@@ -71,6 +72,8 @@ NEEDS = {
     "fashion-pairs-t2i-minilm": ("fashion-pairs-ae",),
     "fashion-pairs-t2i": ("fashion-pairs-ae", "fashion-pairs-clip-minilm"),
 }
+# fashion-pairs-clip-minilm's tower, the same in both stages (check_init_from refuses another)
+CLIP_MINILM = ["train-clip", "fashion-pairs", "--init", "minilm", "--tune", "lora", "--caption-variants", "4"]
 CLIP_OF = {"fashion-pairs-t2i-words": "fashion-pairs-clip", "fashion-pairs-t2i": "fashion-pairs-clip-minilm"}
 
 
@@ -79,50 +82,47 @@ def commands(args) -> dict[str, list[list[str]]]:
     folders relative to the repository."""
     r = str(ROOT.relative_to(ROOT.parent.parent.parent))
     base = base_commands(args)
-    return (
-        {name: [argv] for name, argv in base.items()}
-        | {
-            "fashion-pairs-clip-minilm": [
-                base["fashion-pairs-clip-minilm"],
-                [  # the colon phrasing's colours (docs/text.md): label phrasings, either side first, + colour twins
-                    *base["fashion-pairs-clip-minilm"][:8],
-                    "--caption-phrasings",
-                    "sides+labels",
-                    "--hard-negatives",
-                    "sides+colours",
-                    "--init-from",
-                    f"{r}/clip-minilm",
-                    "--lr",
-                    "3e-4",
-                    "--out",
-                    f"{r}/clip-minilm-labels",
-                    "--steps",
-                    str(args.clip_minilm_tune_steps),
-                    *device(args),
-                ],
+    return {name: [argv] for name, argv in base.items()} | {
+        "fashion-pairs-clip-minilm": [
+            base["fashion-pairs-clip-minilm"],
+            [  # the colon phrasing's colours (docs/text.md): label phrasings, either side first, + colour twins
+                *CLIP_MINILM,
+                "--caption-phrasings",
+                "sides+labels",
+                "--hard-negatives",
+                "sides+colours",
+                "--init-from",
+                f"{r}/clip-minilm",
+                "--lr",
+                "3e-4",
+                "--out",
+                f"{r}/clip-minilm-labels",
+                "--steps",
+                str(args.clip_minilm_tune_steps),
+                *device(args),
             ],
-            "fashion-pairs-t2i": [
-                base["fashion-pairs-t2i"],
-                [  # the same model on the second tower's token states
-                    "train",
-                    "fashion-pairs",
-                    "--latent",
-                    "fashion-pairs-ae",
-                    "--text",
-                    f"clip:{r}/clip-minilm-labels",
-                    "--init-from",
-                    f"{r}/t2i-open",
-                    "--out",
-                    f"{r}/t2i-labels",
-                    "--batch-size",
-                    str(args.t2i_batch),
-                    "--steps",
-                    str(args.t2i_tune_steps),
-                    *device(args),
-                ],
+        ],
+        "fashion-pairs-t2i": [
+            base["fashion-pairs-t2i"],
+            [  # the same model on the second tower's token states
+                "train",
+                "fashion-pairs",
+                "--latent",
+                "fashion-pairs-ae",
+                "--text",
+                f"clip:{r}/clip-minilm-labels",
+                "--init-from",
+                f"{r}/t2i-open",
+                "--out",
+                f"{r}/t2i-labels",
+                "--batch-size",
+                str(args.t2i_batch),
+                "--steps",
+                str(args.t2i_tune_steps),
+                *device(args),
             ],
-        }
-    )
+        ],
+    }
 
 
 def base_commands(args) -> dict[str, list[str]]:
@@ -167,14 +167,7 @@ def base_commands(args) -> dict[str, list[str]]:
             str(args.minilm_steps),
         ],
         "fashion-pairs-clip-minilm": [
-            "train-clip",
-            "fashion-pairs",
-            "--init",
-            "minilm",
-            "--tune",
-            "lora",
-            "--caption-variants",
-            "4",
+            *CLIP_MINILM,
             "--out",
             f"{r}/clip-minilm",
             "--steps",
@@ -334,21 +327,18 @@ def main(argv=None) -> None:
     cmds = commands(args)
     book = RESULTS / "shipped.json"
     results = json.loads(book.read_text()) if book.exists() else {}
-    for name in args.models:
+    for name in sorted(dict.fromkeys(args.models), key=MODELS.index):  # a model after what it is trained on
         missing = [m for m in NEEDS.get(name, ()) if m not in shipped.names()]
         if missing:
             sys.exit(f"ship {', '.join(missing)} first (what {name} is trained on)")
-        seconds = 0.0
+        seconds, steps = 0.0, []
         for stage in cmds[name]:
             run, spent = trained(stage)
             seconds += spent
+            steps.append(weights_step(run))  # what the run has (a finished run given fewer steps keeps its own)
         recipe = {
             "commands": ["difflab " + " ".join(stage) for stage in cmds[name]],
-            **(
-                {"stage_steps": [int(argv[argv.index("--steps") + 1]) for argv in cmds[name]]}
-                if len(cmds[name]) > 1
-                else {}
-            ),
+            **({"stage_steps": steps} if len(steps) > 1 else {}),
             "train_seconds": round(seconds),
             **({"note": notes[name]} if name in notes else {}),
         }

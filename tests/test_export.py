@@ -264,6 +264,12 @@ def test_model_card_names_data_steps_time_and_command(runs, tmp_path):
     assert "reconstructed from config.json" in model_card(run_dir)
     shipped = model_card("fashion-mnist-classes")
     assert "difflab train fashion-mnist --cond class" in shipped and "fd: 1.038" in shipped
+    from difflab.runs import shipped as package
+
+    if "stage_steps" in package.recipe("fashion-pairs-t2i"):  # a recipe in stages, a table of figures
+        flagship = model_card("fashion-pairs-t2i")
+        assert "(the last of its stages: 6000 + 2000)" in flagship, flagship
+        assert "- by_phrasing: {L} at the left, {R} at the right 0.9375; " in flagship, flagship
 
 
 def test_the_card_keeps_eval_bookkeeping_out_of_its_figures_and_says_under_a_second(tmp_path):

@@ -122,6 +122,12 @@ def test_a_clip_conditioned_model_ships_with_its_clip_by_name(clip_run, clip_t2i
     )
     c = difflab.load("t-t2i").sample(2, prompt=prompts, guidance=3.0, sampler="ddim", steps=3, seed=1)
     torch.testing.assert_close(a, c, rtol=0, atol=0)
+    # a release replaces the shipped CLIP under its name: the model trained on the old one is refused, saying so
+    from difflab.nets.text import TextError
+
+    ship(other, "t-clip", {"what": "a newer CLIP"})
+    with pytest.raises(TextError, match=r"t-clip \(a shipped model replaced by a newer release\) changed since"):
+        difflab.load("t-t2i").sample(2, prompt=prompts, guidance=3.0, sampler="ddim", steps=3, seed=1)
 
 
 def test_difflab_models_lists_and_explains(tiny_toy_run, package, capsys):
@@ -167,6 +173,8 @@ def test_the_package_models():
         folder = shipped.SHIPPED_DIR / r["name"]
         assert file_sha256(latest_checkpoint(folder) / WEIGHTS) == r["weights_sha256"], r["name"]
         assert r["commands"], r["name"]
+        stages = r.get("stage_steps", [r["steps"]])  # a recipe in stages: one command and one step count each
+        assert len(stages) == len(r["commands"]) and stages[-1] == r["steps"], r["name"]
         total += r["bytes"]
     assert total <= 30 * 10**6
 
@@ -230,10 +238,11 @@ def test_the_shipped_clip_reproduces_its_recorded_check_figures():
 
 @pytest.mark.slow
 def test_the_shipped_open_vocabulary_clip_reads_the_sides_in_words_it_never_trained_on():
-    """fashion-pairs-clip-minilm (MiniLM + LoRA + caption variants): the recipe's retrieval and side-swap figures on
-    the first n test images reproduce, in the training phrasings and in the two sets no training caption uses
-    (text.clip.unseen_phrasing_swaps); it tells a caption from its side swap in all three. (The attribute probe,
-    15600 captions through MiniLM, is left to benchmarks/shipped_figures.py.)"""
+    """fashion-pairs-clip-minilm (MiniLM + LoRA + caption variants, then label phrasings and colour hard negatives):
+    the recipe's retrieval and side-swap figures on the first n test images reproduce, in the training phrasings and
+    in the two sets no training caption uses (text.clip.unseen_phrasing_swaps); it tells a caption from its side swap
+    in all three, and from its colour swap in the training phrasings and the colon form. (The attribute probe, 15600
+    captions through MiniLM, is left to benchmarks/shipped_figures.py.)"""
     from dataclasses import replace
 
     from difflab.data.images import load_images

@@ -302,6 +302,7 @@ def test_a_shipped_model_has_its_card_and_its_best_guidance(tmp_path):
         info = api(f"{base}/api/runs/{name}")
         assert info["shipped"] and info["card"]["figures"] == recipe["figures"]
         assert info["card"]["commands"] == recipe["commands"] and info["card"]["what"] == recipe["what"]
+        assert info["card"]["steps"] == " + ".join(map(str, recipe.get("stage_steps", [recipe["steps"]])))
         assert info["guidance"] == 5.0 and info["sampling"] == {"sampler": "dpmpp-2m", "steps": 20}
         ae = api(f"{base}/api/runs/fashion-pairs-ae")  # a shipped model that makes no images has its card too
         assert ae["card"]["figures"] == shipped.recipe("fashion-pairs-ae")["figures"] and ae["guidance"] is None

@@ -118,6 +118,9 @@ def test_a_newcomer_sees_the_shipped_models(page, tmp_path):
             "held_out" in f for f in figures
         )
         assert "difflab train fashion-pairs" in page.text_content("#card-commands")
+        assert "[object Object]" not in " ".join(figures)  # a table of figures (by_phrasing) reads as its entries
+        steps = shipped.recipe("fashion-pairs-t2i").get("stage_steps")
+        assert not steps or page.text_content("#card-steps").startswith(" + ".join(map(str, steps)) + " steps")
         assert broken_images(page) == []
         screenshot(page, "runs-shipped")
         page.click("#runs-table tr[data-run=fashion-pairs-ae]")  # no images of its own: its card alone

@@ -23,7 +23,7 @@ from safetensors import safe_open
 
 from ..io import atomic_path
 from ..runs.config import RunConfig, load_config, process_to_dict
-from ..runs.shipped import RECIPE, locate
+from ..runs.shipped import RECIPE, locate, said_steps
 from ..runs.store import WEIGHTS, latest_checkpoint
 
 CARD = "README.md"
@@ -166,7 +166,8 @@ def _training(cfg: RunConfig, folder: Path, recipe: dict) -> dict[str, str]:
     rows = _log_rows(folder / "metrics.jsonl")
     step = _step(folder)
     rows_out = {
-        "steps": f"{step if step is not None else '?'} of {t.steps}",
+        "steps": f"{step if step is not None else '?'} of {t.steps}"
+        + (f" (the last of its stages: {said_steps(recipe)})" if "stage_steps" in recipe else ""),
         "recipe": f"batch {t.batch_size}, lr {t.lr:g} ({t.lr_schedule}), EMA {t.ema_decay:g}, {t.precision}, "
         f"seed {t.seed}"
         + (f", augment {t.augment}" if t.augment != "none" else "")
@@ -257,6 +258,9 @@ def _json(path: Path) -> dict | None:
 
 
 def _number(v) -> str:
+    """A figure as written in a card; a table of figures (per phrasing, say) as its entries, ``name value; ...``."""
+    if isinstance(v, dict):
+        return "; ".join(f"{k} {_number(x)}" for k, x in v.items())
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 

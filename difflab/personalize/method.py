@@ -80,7 +80,9 @@ DEFAULTS = {
     "lora": (400, 1e-3),
     "textual-inversion": (400, 5e-3),
 }  # steps, learning rate (benchmarks/README.md, issue 24)
-TOWER_VECTORS = 4  # textual inversion through a pretrained tower: G 0.51 against 0.27 with one (benchmarks/README.md)
+# textual inversion through a pretrained tower: G 0.51 against 0.27 with one on the flagship's first stage (not
+# re-measured with one on the second; four give 0.37 there; benchmarks/README.md)
+TOWER_VECTORS = 4
 
 
 def default_vectors(base: RunConfig, method: str) -> int:

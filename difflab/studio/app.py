@@ -213,8 +213,8 @@ def card(name: str) -> dict | None:
         r = shipped.recipe(name)
     except ValueError:
         return None
-    keys = ("what", "commands", "steps", "train_seconds", "figures", "note")
-    return {k: r[k] for k in keys if k in r}
+    keys = ("what", "commands", "train_seconds", "figures", "note")
+    return {k: r[k] for k in keys if k in r} | {"steps": shipped.said_steps(r)}  # "6000 + 2000" for stages
 
 
 # --------------------------------------------------------------------------- jobs

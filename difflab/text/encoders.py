@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from ..nets.pretrained_text import MINILM_LIMIT, MINILM_PACKAGE, identifier_pattern, load_minilm, minilm_sha256
 from ..nets.text import SPECIALS, TextConfig, TextError
 from ..runs.config import CheckpointError, RunConfig, TextRecord, load_config
-from ..runs.shipped import from_record, recorded_path
+from ..runs.shipped import from_record, is_shipped, recorded_path
 from ..runs.store import weights_fingerprint
 from .clip import ClipRun
 
@@ -202,7 +202,10 @@ def encoder_of(cfg: RunConfig):
         enc = _clip_text(str(run), weights_fingerprint(run))
     if enc.record() != rec.encoder_record():
         what = "the installed MiniLM weights" if rec.kind == "minilm" else f"the CLIP run {rec.run}"
-        raise TextError(f"{what} changed since this model was trained (fingerprint differs); retrain the model on them")
+        replaced = " (a shipped model replaced by a newer release)" if rec.kind != "minilm" and is_shipped(run) else ""
+        raise TextError(
+            f"{what}{replaced} changed since this model was trained (fingerprint differs); retrain the model on them"
+        )
     if cfg.inverts_through_tower:  # the network reads the ids through the tower (personalize/tower.py)
         return InvertedClipText(enc, cfg.personalize.tokens)
     return enc

@@ -153,10 +153,13 @@ function showCard(card) {
   $("card-steps").textContent = `${card.steps} steps${minutes}`;
   const figures = $("card-figures").querySelector("tbody");
   figures.innerHTML = "";
+  const figure = (v) => (typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v));
   for (const [k, v] of Object.entries(card.figures || {})) {
     const row = figures.insertRow();
     row.insertCell().textContent = k;
-    row.insertCell().textContent = typeof v === "number" && !Number.isInteger(v) ? v.toPrecision(4) : String(v);
+    // a table of figures (per phrasing, say): its entries, "name value; ..."
+    row.insertCell().textContent =
+      v && typeof v === "object" ? Object.entries(v).map(([a, b]) => `${a} ${figure(b)}`).join("; ") : figure(v);
   }
   $("card-commands").textContent = (card.commands || []).map((c) => `$ ${c}`).join("\n");
   $("card-note").textContent = card.note || "";
