@@ -58,6 +58,7 @@ from difflab.text.clip import (  # noqa: E402
 from difflab.text.encoders import rebased_text  # noqa: E402
 
 ROOT = RUNS / "ship"
+REL = str(ROOT.relative_to(ROOT.parent.parent.parent))  # the run folders as the recipes record them
 MODELS = (
     "fashion-pairs-ae",
     "fashion-pairs-clip",
@@ -80,7 +81,6 @@ CLIP_OF = {"fashion-pairs-t2i-words": "fashion-pairs-clip", "fashion-pairs-t2i":
 def commands(args) -> dict[str, list[list[str]]]:
     """Each model's training commands (difflab's argv, one per stage, the last one's run shipped), with the run
     folders relative to the repository."""
-    r = str(ROOT.relative_to(ROOT.parent.parent.parent))
     base = base_commands(args)
     return {name: [argv] for name, argv in base.items()} | {
         "fashion-pairs-clip-minilm": [
@@ -92,11 +92,11 @@ def commands(args) -> dict[str, list[list[str]]]:
                 "--hard-negatives",
                 "sides+colours",
                 "--init-from",
-                f"{r}/clip-minilm",
+                f"{REL}/clip-minilm",
                 "--lr",
                 "3e-4",
                 "--out",
-                f"{r}/clip-minilm-labels",
+                f"{REL}/clip-minilm-labels",
                 "--steps",
                 str(args.clip_minilm_tune_steps),
                 *device(args),
@@ -110,11 +110,11 @@ def commands(args) -> dict[str, list[list[str]]]:
                 "--latent",
                 "fashion-pairs-ae",
                 "--text",
-                f"clip:{r}/clip-minilm-labels",
+                f"clip:{REL}/clip-minilm-labels",
                 "--init-from",
-                f"{r}/t2i-open",
+                f"{REL}/t2i-open",
                 "--out",
-                f"{r}/t2i-labels",
+                f"{REL}/t2i-labels",
                 "--batch-size",
                 str(args.t2i_batch),
                 "--steps",
@@ -127,14 +127,13 @@ def commands(args) -> dict[str, list[list[str]]]:
 
 def base_commands(args) -> dict[str, list[str]]:
     """Each model's first training command (difflab's argv)."""
-    r = str(ROOT.relative_to(ROOT.parent.parent.parent))
     return {
-        "fashion-pairs-ae": ["train-autoencoder", "fashion-pairs", "--out", f"{r}/ae", "--steps", str(args.ae_steps)],
+        "fashion-pairs-ae": ["train-autoencoder", "fashion-pairs", "--out", f"{REL}/ae", "--steps", str(args.ae_steps)],
         "fashion-pairs-clip": [
             "train-clip",
             "fashion-pairs",
             "--out",
-            f"{r}/clip",
+            f"{REL}/clip",
             "--steps",
             str(args.clip_steps),
             *device(args),
@@ -143,11 +142,11 @@ def base_commands(args) -> dict[str, list[str]]:
             "train",
             "fashion-pairs",
             "--latent",
-            f"{r}/ae",
+            f"{REL}/ae",
             "--text",
-            f"clip:{r}/clip",
+            f"clip:{REL}/clip",
             "--out",
-            f"{r}/t2i-clip",
+            f"{REL}/t2i-clip",
             "--batch-size",
             "256",
             "--steps",
@@ -158,18 +157,18 @@ def base_commands(args) -> dict[str, list[str]]:
             "train",
             "fashion-pairs",
             "--latent",
-            f"{r}/ae",
+            f"{REL}/ae",
             "--text",
             "minilm",
             "--out",
-            f"{r}/t2i",
+            f"{REL}/t2i",
             "--steps",
             str(args.minilm_steps),
         ],
         "fashion-pairs-clip-minilm": [
             *CLIP_MINILM,
             "--out",
-            f"{r}/clip-minilm",
+            f"{REL}/clip-minilm",
             "--steps",
             str(args.clip_minilm_steps),
             *device(args),
@@ -180,9 +179,9 @@ def base_commands(args) -> dict[str, list[str]]:
             "--latent",
             "fashion-pairs-ae",  # the shipped one: the model reads the latents users get
             "--text",
-            f"clip:{r}/clip-minilm",
+            f"clip:{REL}/clip-minilm",
             "--out",
-            f"{r}/t2i-open",
+            f"{REL}/t2i-open",
             "--batch-size",
             str(args.t2i_batch),
             "--steps",
@@ -195,7 +194,7 @@ def base_commands(args) -> dict[str, list[str]]:
             "--cond",
             "class",
             "--out",
-            f"{r}/classes",
+            f"{REL}/classes",
             "--steps",
             str(args.classes_steps),
         ],
@@ -374,13 +373,13 @@ def main(argv=None) -> None:
             }
             config = rebased(json.loads((run / "config.json").read_text()), "fashion-pairs-ae")
             ship(run, name, recipe, config=rebased_text(config, clip) if clip else config)
-            write_check(shipped.SHIPPED_DIR / name, name, check_settings(name))
         else:
             recipe |= {
                 "what": "class-conditional Fashion-MNIST (28x28, --class 0-9, guidance)",
                 "figures": class_figures(run, args.n, args.class_scale),
             }
             ship(run, name, recipe)
+        if name not in ("fashion-pairs-ae", "fashion-pairs-clip", "fashion-pairs-clip-minilm"):  # makes images
             write_check(shipped.SHIPPED_DIR / name, name, check_settings(name))
         results[name] = shipped.recipe(name)
         print(json.dumps(results[name], indent=1), flush=True)

@@ -166,3 +166,20 @@ def test_accumulation_and_condition_dropout_shard_like_one_process(tmp_path):
     assert (
         relative_gap(load_weights(one, "net"), load_weights(tmp_path / "nodrop", "net")) > 1000 * gap
     )  # measured: 1.9e-4
+
+
+def test_a_torchrun_worker_leaves_with_its_code_and_its_output_flushed():
+    """distributed.leave: under torchrun (WORLD_SIZE > 1) the process ends without the interpreter's finalisation,
+    with its exit code and everything it printed (a pipe is block-buffered: unflushed output would be lost); alone
+    it exits normally, finalisation included."""
+    script = (
+        "import atexit, sys; atexit.register(lambda: print('finalised'));"
+        "print('written', end=''); print('warned', end='', file=sys.stderr);"
+        "from difflab.training.distributed import leave; leave(3)"
+    )
+    buffered = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # as a torchrun worker's pipes are
+    for world, finalised in (("2", False), ("1", True)):
+        env = buffered | {"WORLD_SIZE": world}
+        p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+        assert p.returncode == 3 and p.stdout.startswith("written") and p.stderr.startswith("warned"), (world, p)
+        assert ("finalised" in p.stdout) == finalised, (world, p.stdout)

@@ -384,7 +384,8 @@ def test_colour_hard_negatives_are_each_captions_colour_swap_and_a_run_starts_fr
 
     src = load_config("fashion-pairs-clip-minilm")
     longer = {**src.net.pretrained, "max_len": 30}
-    check_init_from(replace(src, net=replace(src.net, caption_phrasings="sides+labels", pretrained=longer)), src, "s")
+    assert src.net.caption_phrasings == "sides+labels"  # the shipped tower's second stage: another recipe is taken
+    check_init_from(replace(src, net=replace(src.net, caption_phrasings="sides", pretrained=longer)), src, "s")
     with pytest.raises(TextError, match="differ from this run's in pretrained.rank"):
         check_init_from(replace(src, net=replace(src.net, pretrained={**longer, "rank": 4})), src, "s")
     with pytest.raises(TextError, match="is a diffusion run, not a CLIP run"):
