@@ -134,6 +134,8 @@ async function loadRunDetail() {
   if (!name || $("panel-runs").hidden) return;
   for (const row of $("runs-table").querySelectorAll("tbody tr")) row.classList.toggle("selected", row.dataset.run === name);
   const d = await api(`/api/runs/${encodeURIComponent(name)}`);
+  // another run chosen meanwhile: its own request draws it (a slower answer for this one must not overwrite it)
+  if (name !== (state.detailRun || $("run-select").value)) return;
   $("run-title").textContent = `${d.name}: ${d.kind}, ${d.dataset}, ${d.steps_trained} of ${d.steps_planned} steps`;
   $("loss-chart").hidden = !d.metrics.length && Boolean(d.card);  // a shipped model keeps no curve: its card says more
   drawCurve($("loss-chart"), d.metrics, d.evals || []);
