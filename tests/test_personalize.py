@@ -23,10 +23,10 @@ from difflab.nets.lora import LORA_MODULES, LoraError, LoraSpec, is_lora, merge_
 from difflab.nets.mlp import MLPConfig
 from difflab.nets.unet import UNet, UNetConfig
 from difflab.personalize.identifier import EMBEDDING, PersonalizeError, class_prompt
-from difflab.personalize.method import check_base, personalize
+from difflab.personalize.method import check_base, class_prompts, names, personalize, prior_prompts
 from difflab.personalize.prior import PriorPreservationLoss
 from difflab.runs import store as ckpt
-from difflab.runs.config import Personalization, RunConfig, TextRecord, load_config
+from difflab.runs.config import CheckpointError, Personalization, RunConfig, TextRecord, load_config
 from difflab.runs.diffusion import DiffusionRun
 
 try:
@@ -169,6 +169,25 @@ def subject_dir(base_run, tmp_path_factory):
     return folder, subject
 
 
+@needs_fashion
+def test_the_prior_can_keep_the_class_word_in_the_bases_own_compositions(base_run, subject_dir):
+    folder, subject = subject_dir
+    base = load_config(base_run)
+    p = Personalization("lora", "sneaker", class_images=40, captions=list(subject.captions))
+    assert prior_prompts(p, base) == class_prompts(p)  # the default: the subject's captions, identifier dropped
+    drawn = prior_prompts(replace(p, prior_prompts="data"), base)
+    every = set(load_images("fashion-pairs", split="train").captions)
+    assert len(drawn) == 40 == len(set(drawn))  # without replacement: 40 of the base's captions
+    assert all(c in every and names(c, "sneaker") and not names(c, "sks") for c in drawn)
+    assert prior_prompts(replace(p, prior_prompts="data"), base) == drawn  # a fixed draw: every rank, every resume
+    boots = prior_prompts(replace(p, class_word="ankle boot", prior_prompts="data"), base)
+    assert all("ankle boot" in c for c in boots)  # a class of two words
+    with pytest.raises(PersonalizeError, match="no training caption of fashion-pairs says 'hat'"):
+        prior_prompts(replace(p, class_word="hat", prior_prompts="data"), base)
+    with pytest.raises(CheckpointError, match="unknown prior prompts 'all'"):
+        Personalization("lora", "sneaker", prior_prompts="all")
+
+
 def _weights(run, which="ema"):
     return ckpt.load_weights(run, which)
 
@@ -302,6 +321,7 @@ def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_
     prompt = "a red sks sneaker on the left and a blue bag on the right"
     for method in ("dreambooth", "lora", "textual-inversion"):
         out = tmp_path / method
+        prior = ["--prior-prompts", "data"] if method == "lora" else []
         code, err = run_cli(
             capsys,
             "personalize",
@@ -316,6 +336,7 @@ def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_
             "2",
             "--class-images",
             "4",
+            *prior,
             "--out",
             out,
             "--quiet",
@@ -345,7 +366,11 @@ def test_personalize_through_the_cli_every_method_resume_and_lora_strength(base_
     )  # a finished run: nothing to do
     assert code == 0, err
     cfg = load_config(tmp_path / "lora")
-    assert cfg.personalize.captions[0].count("sks") == 1 and cfg.lora.rank == 4
+    assert cfg.personalize.captions[0].count("sks") == 1 and cfg.lora.rank == 8
+    assert (
+        cfg.personalize.prior_prompts == "data"
+        and load_config(tmp_path / "dreambooth").personalize.prior_prompts == "subject"
+    )
     code, err = run_cli(
         capsys,
         "sample",
@@ -391,6 +416,13 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
     )
     big = tmp_path / "big"
     write_subject(subject, big)  # 32x64 images for an 8x16 run
+    hat = tmp_path / "hat"  # a class the base's captions never name
+    write_subject(
+        replace(
+            subject, images=pooled(subject.images), captions=[c.replace("sneaker", "hat") for c in subject.captions]
+        ),
+        hat,
+    )
     common = ["--class-word", "sneaker", "--out", tmp_path / "x", "--quiet"]
     lora, other = tmp_path / "lora", tmp_path / "other"
     personalize(base_run, folder, lora, Personalization("lora", "sneaker", prior_weight=0), steps=1, progress=False)
@@ -412,6 +444,38 @@ def test_personalize_refuses_bad_input_in_one_line(base_run, subject_dir, tmp_pa
         (
             ["personalize", base_run, "--images", folder, "--method", "lora", "--prior-weight", "-1", *common],
             "must be >= 0",
+        ),
+        (
+            [
+                "personalize",
+                base_run,
+                "--images",
+                folder,
+                "--method",
+                "textual-inversion",
+                "--prior-prompts",
+                "data",
+                *common,
+            ],
+            "takes no --prior-prompts",
+        ),
+        (
+            [
+                "personalize",
+                base_run,
+                "--images",
+                hat,
+                "--method",
+                "lora",
+                "--prior-prompts",
+                "data",
+                "--class-word",
+                "hat",
+                "--out",
+                tmp_path / "x",
+                "--quiet",
+            ],
+            "no training caption of fashion-pairs says 'hat'",
         ),
         (
             ["personalize", base_run, "--images", folder, "--method", "dreambooth", "--rank", "2", *common],

@@ -194,7 +194,7 @@ def textual_inversion_through_the_tower(t2i, tmp_path, capsys):
     from difflab.personalize.method import personalized_config
     from difflab.runs.config import Personalization, load_config
 
-    for method, vectors in (("textual-inversion", 4), ("lora", 1)):  # --vectors left out: the base's default
+    for method, vectors in (("textual-inversion", 8), ("lora", 1)):  # --vectors left out: the base's default
         cfg = personalized_config(load_config(t2i), Personalization(method, "square"), 1, 1e-3, 2)
         assert cfg.personalize.vectors == vectors and cfg.personalize.tokens[1:] == [
             f"sks{i}" for i in range(1, vectors)

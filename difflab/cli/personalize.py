@@ -19,7 +19,7 @@ from ..data.pairs import make_subject, write_subject
 from ..nets.lora import LORA_MODULES, LoraSpec
 from ..personalize.adapters import ADAPTER
 from ..personalize.method import DEFAULTS, METHODS, PERSONALIZED, personalize
-from ..runs.config import Personalization, load_config
+from ..runs.config import PRIOR_PROMPTS, Personalization, load_config
 from ..runs.lifecycle import begin
 from ..training.distributed import launched_rank, resolve_device
 from .options import UsageError, add_device, positive_float, positive_int, say_unfinished, unit_float
@@ -33,6 +33,7 @@ SETTINGS = (
     "prior_weight",
     "class_images",
     "class_guidance",
+    "prior_prompts",
     "caption_dropout",
     "vectors",
     "rank",
@@ -59,17 +60,25 @@ def new_personalization(args) -> Personalization:
         raise UsageError(f"give {', '.join(missing)} (or --resume to continue the run in --out)")
     if args.method != "lora" and (args.rank or args.alpha or args.modules):
         raise UsageError("--rank, --alpha and --modules are for --method lora")
-    if args.method == "textual-inversion" and args.prior_weight:
+    if args.method == "textual-inversion" and (args.prior_weight or args.prior_prompts):
         raise UsageError(
             "textual inversion trains only the identifier's embedding: the class word cannot drift, so it takes no "
-            "--prior-weight"
+            + ("--prior-weight" if args.prior_weight else "--prior-prompts")
         )
     return Personalization(
         args.method,
         args.class_word,
         **{
             k: getattr(args, k)
-            for k in ("token", "prior_weight", "class_images", "class_guidance", "caption_dropout", "vectors")
+            for k in (
+                "token",
+                "prior_weight",
+                "class_images",
+                "class_guidance",
+                "prior_prompts",
+                "caption_dropout",
+                "vectors",
+            )
             if getattr(args, k) is not None
         },
     )
@@ -178,17 +187,23 @@ def register(sub) -> None:
         help="their guidance scale (default 1: the base's own conditional law, which the term preserves)",
     )
     g.add_argument(
+        "--prior-prompts",
+        choices=PRIOR_PROMPTS,
+        help="what the class images are drawn for: the subject's captions without the identifier (subject, "
+        "default), or captions of the base's training data that name the class word (data)",
+    )
+    g.add_argument(
         "--caption-dropout", type=unit_float, help="the captions' dropout while personalising (default: the base run's)"
     )
     g.add_argument(
         "--vectors",
         type=positive_int,
-        help="textual inversion: embedding vectors for the identifier (default 4 through a pretrained CLIP tower, "
+        help="textual inversion: embedding vectors for the identifier (default 8 through a pretrained CLIP tower, "
         "1 in a joint encoder)",
     )
     g = p.add_argument_group("LoRA")
-    g.add_argument("--rank", type=positive_int, help="adapter rank r (default 4)")
-    g.add_argument("--alpha", type=positive_float, help="adapter alpha: the update is (alpha / r) B A (default 4)")
+    g.add_argument("--rank", type=positive_int, help="adapter rank r (default 8)")
+    g.add_argument("--alpha", type=positive_float, help="adapter alpha: the update is (alpha / r) B A (default 8)")
     g.add_argument(
         "--modules",
         choices=list(LORA_MODULES),

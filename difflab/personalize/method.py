@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -48,7 +49,9 @@ from ..data.loader import TensorDataset
 from ..guidance.config import GuidanceConfig
 from ..io import atomic_path
 from ..nets.lora import LoraSpec, is_lora, with_lora
+from ..nets.text import words
 from ..runs.config import CONFIG, Personalization, RunConfig, load_config
+from ..runs.data import load_split
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
 from ..runs.kinds import RunKind
 from ..runs.shipped import SHIPPED_DIR, from_record, recorded_path, refuse_writes
@@ -76,13 +79,13 @@ CLASS_IMAGES = "class_images.safetensors"
 SUBJECT = "subject.safetensors"  # the subject images, kept in the run
 PREVIEW_GUIDANCE = 3.0
 DEFAULTS = {
-    "dreambooth": (600, 1.5e-4),
+    "dreambooth": (700, 1.5e-4),
     "lora": (400, 1e-3),
     "textual-inversion": (400, 5e-3),
-}  # steps, learning rate (benchmarks/README.md, issue 24)
-# textual inversion through a pretrained tower: G 0.51 against 0.27 with one on the flagship's first stage (not
-# re-measured with one on the second; four give 0.37 there; benchmarks/README.md)
-TOWER_VECTORS = 4
+}  # steps, learning rate (benchmarks/README.md, issues 24 and 32: DreamBooth 700 steps, G 0.91 against 0.85 at 600)
+# textual inversion through a pretrained tower: on the flagship's first stage G 0.51 with four against 0.27 with one;
+# on its second, 0.43 with eight against 0.34 with four (benchmarks/README.md)
+TOWER_VECTORS = 8
 
 
 def default_vectors(base: RunConfig, method: str) -> int:
@@ -93,8 +96,32 @@ def default_vectors(base: RunConfig, method: str) -> int:
 
 
 def class_prompts(p: Personalization) -> list[str]:
-    """The subject's captions without the identifier: what the prior-preservation term keeps."""
+    """The subject's captions without the identifier."""
     return [class_prompt(c, p.token) for c in p.captions]
+
+
+def names(caption: str, phrase: str) -> bool:
+    """Whether ``caption`` says ``phrase`` (one or more words) as whole words."""
+    return f" {' '.join(words(phrase))} " in f" {' '.join(words(caption))} "
+
+
+def prior_prompts(p: Personalization, base: RunConfig) -> list[str]:
+    """The captions the prior-preservation term keeps the base's images for (``p.prior_prompts``):
+
+    * ``subject``: the subject's captions without the identifier (DreamBooth's class prompt), cycled;
+    * ``data``: ``p.class_images`` captions of the base's own training split that name the class word (and not the
+      identifier), drawn without replacement by a fixed seed, so the term keeps the class word's meaning in the
+      compositions the base was trained on rather than in the subject's few."""
+    if p.prior_prompts == "subject":
+        return class_prompts(p)
+    every = load_split(base, "train").every_caption() or []
+    found = sorted({c for c in every if names(c, p.class_word) and not names(c, p.token)})
+    if not found:
+        raise PersonalizeError(
+            f"no training caption of {base.dataset} says {p.class_word!r}; use --prior-prompts subject"
+        )
+    order = np.random.default_rng(0).permutation(len(found))
+    return [found[order[i % len(found)]] for i in range(p.class_images)]
 
 
 def check_base(cfg: RunConfig, run, method: str, tokens: Sequence[str] = ()) -> str:
@@ -286,13 +313,16 @@ def personalize(
         p = replace(p, captions=captions, base=recorded_path(base_run), base_fingerprint=weights_fingerprint(base_run))
         default_steps, default_lr = DEFAULTS[p.method]
         cfg = personalized_config(base_cfg, p, steps or default_steps, lr or default_lr, batch_size, lora)
-        if main:
-            if (out / CONFIG).exists():  # --force: nothing of the old run may meet the new subject
-                clear_checkpoints(out)
-                (out / CONFIG).unlink()
-            with atomic_path(out / SUBJECT) as tmp:  # the run keeps its subject: resume needs nothing else
-                save_file({"images": images.contiguous()}, str(tmp))
     base = DiffusionRun.load(base_run)
+    # textual inversion cannot drift (the class word's rows never change): no prior term
+    keeps_prior = bool(p.prior_weight) and p.method != "textual-inversion"
+    prompts = prior_prompts(p, base.config) if keeps_prior else []  # refused here, before anything is written
+    if main and not resume:
+        if (out / CONFIG).exists():  # --force: nothing of the old run may meet the new subject
+            clear_checkpoints(out)
+            (out / CONFIG).unlink()
+        with atomic_path(out / SUBJECT) as tmp:  # the run keeps its subject: resume needs nothing else
+            save_file({"images": images.contiguous()}, str(tmp))
     with torch.no_grad():
         x = base.encode(to_model(images))  # the base's space: its autoencoder for a latent run
     rows = cfg.train.batch_size * int(os.environ.get("WORLD_SIZE", "1"))  # one global batch (accumulation is 1)
@@ -302,10 +332,7 @@ def personalize(
         x.repeat(repeat, *[1] * (x.ndim - 1)), {k: v.repeat(repeat, *[1] * (v.ndim - 1)) for k, v in cond.items()}
     )
     loss = cfg.build_loss()
-    if (
-        p.prior_weight and p.method != "textual-inversion"
-    ):  # textual inversion cannot drift: the class word's rows never change
-        prompts = class_prompts(p)
+    if keeps_prior:
         xc = class_samples(base, prompts, p.class_images, p.class_guidance, out / CLASS_IMAGES, progress and main)
         loss = PriorPreservationLoss(
             loss, xc, text_condition(cfg, [prompts[i % len(prompts)] for i in range(len(xc))]), p.prior_weight

@@ -2,8 +2,9 @@
 
     L = E ||x_hat(x_t, c) - x||^2  +  lambda E ||x_hat(x'_t, c_pr) - x'||^2
 
-x' are class images drawn once by the frozen base model for the subject's captions without the identifier
-(c_pr: "a red sneaker on the left and ..."), so the plain class word keeps its meaning. Each term is the run's
+x' are class images drawn once by the frozen base model for class prompts c_pr: the subject's captions without the
+identifier ("a red sneaker on the left and ..."), or the base's own training captions that name the class
+(personalize.method.prior_prompts), so the plain class word keeps its meaning. Each term is the run's
 own loss (its target and weighting), each with its own times and noise; lambda = 0 is plain fine-tuning."""
 
 from __future__ import annotations

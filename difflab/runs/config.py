@@ -71,6 +71,9 @@ IdentityLoss live in evaluation/, a registered kind may bring its own)."""
 AUG_MAX = 0.2  # super-resolution runs: the largest std of the noise added to low_res in training
 TEXT_ENCODERS = ("minilm", "clip", "joint")
 PERSONALIZATION_METHODS = ("dreambooth", "lora", "textual-inversion")
+# what the prior-preservation term's class images are drawn for: the subject's captions without the identifier, or
+# captions of the base's own training data that name the class word (personalize.method.prior_prompts)
+PRIOR_PROMPTS = ("subject", "data")
 DISTILLATION_METHODS = ("progressive", "consistency")
 
 
@@ -215,9 +218,10 @@ class Personalization:
     class_guidance: float = (
         1.0  # their guidance scale: 1, the model's own conditional law, which is what the term preserves
     )
+    prior_prompts: str = "subject"  # PRIOR_PROMPTS; a run saved before it existed drew for its subject's captions
     caption_dropout: float | None = None  # the captions' dropout while personalising (None: the base's)
     # textual inversion: new embedding rows for the identifier ("sks" reads as that many tokens); None: the base's
-    # default (personalize.method.default_vectors: 4 through a pretrained CLIP tower, 1 in a joint encoder)
+    # default (personalize.method.default_vectors: 8 through a pretrained CLIP tower, 1 in a joint encoder)
     vectors: int | None = None
     captions: list[str] = field(default_factory=list)  # the subject images' captions
     base: str = ""  # the base run (resolved) and its weights' fingerprint
@@ -236,6 +240,10 @@ class Personalization:
             raise CheckpointError(f"the prior-preservation weight must be >= 0, got {self.prior_weight}")
         if self.class_images <= 0:
             raise CheckpointError(f"--class-images must be positive, got {self.class_images}")
+        if self.prior_prompts not in PRIOR_PROMPTS:
+            raise CheckpointError(
+                f"unknown prior prompts {self.prior_prompts!r}; choose one of {', '.join(PRIOR_PROMPTS)}"
+            )
         if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
             raise CheckpointError(f"the caption dropout must lie in [0, 1], got {self.caption_dropout}")
         if self.vectors is not None and (
