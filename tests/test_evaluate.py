@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from difflab.cli import main
 from difflab.core.processes import ContinuousVP
@@ -63,15 +64,16 @@ def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, 
     before = reference.reference_computations
     code, out, err = run_cli(capsys, *args, "--json", tmp_path / "a.json")
     assert code == 0, err
-    assert reference.reference_computations == before + 2  # the test split (reference) and the train split (floor)
+    # the test split's statistics; the floor embeds only its 60 training images (under a quarter of the split)
+    assert reference.reference_computations == before + 1
     files = sorted(cache.glob("ref-digits-*.safetensors"))
-    assert len(files) == 2
+    assert len(files) == 1
     mtimes = [f.stat().st_mtime_ns for f in files]
     assert "FD" in out and "bits/dim of 2 test images" in out and f"wrote {tmp_path / 'a.json'}" in out
 
     code, _, _ = run_cli(capsys, *args, "--json", tmp_path / "b.json")
     assert code == 0
-    assert reference.reference_computations == before + 2  # second call: loaded from the cache
+    assert reference.reference_computations == before + 1  # second call: loaded from the cache
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     a, b = (tmp_path / "a.json").read_text(), (tmp_path / "b.json").read_text()
     assert a == b
@@ -99,6 +101,21 @@ def test_same_seed_same_json_and_cache_reused(tiny_digits_run, cache, tmp_path, 
     bpd = r["bits_per_dim"]
     assert bpd["n"] == 2 and bpd["total"] == pytest.approx(bpd["prior"] + bpd["terms"] + bpd["decoder"])
     assert 0 < bpd["total"] < 20
+
+
+def test_a_few_reference_features_are_the_cached_ones_without_the_whole_split(cache):
+    from difflab.evaluation.features import load_feature_net
+
+    data, net = load_images("digits", split="train"), load_feature_net("digits")
+    before = reference.reference_computations
+    few = reference.reference_features(data, net, 60, progress=False)  # 60 of 1442: embedded alone, not cached
+    assert reference.reference_computations == before and not list(cache.glob("ref-*"))
+    whole = reference.reference_stats(data, net, progress=False)["features"]  # now cached
+    assert reference.reference_computations == before + 1 and len(whole) == len(data)
+    torch.testing.assert_close(few, whole[:60], rtol=1e-5, atol=1e-5)  # the same images, in the same order
+    assert torch.equal(reference.reference_features(data, net, 500, progress=False), whole[:500])  # the cache's rows
+    assert len(reference.reference_features(data, net, 10**6, progress=False)) == len(data)
+    assert reference.reference_computations == before + 1
 
 
 def test_python_api_matches_the_cli_numbers(tiny_digits_run, tmp_path, capsys):

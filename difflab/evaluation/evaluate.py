@@ -83,7 +83,7 @@ from .metrics import (
     sliced_wasserstein,
 )
 from .prompts import TEST_CAPTIONS, PromptSet, accuracies, follows, load_prompts
-from .reference import FEATURE_BATCH, fixed_subset, reference_stats
+from .reference import FEATURE_BATCH, fixed_subset, reference_features, reference_stats
 
 DEFAULT_N = 1000
 DEFAULT_BPD_N = 32
@@ -466,7 +466,7 @@ def _evaluate_images(
     check_trained_on(net, (ref_data if split == "train" else other_data).images, cfg.dataset)
     t0 = time.perf_counter()
     ref = reference_stats(ref_data, net, folder=cache, progress=progress)
-    other_ref = reference_stats(other_data, net, folder=cache, progress=progress)
+    other_feats = reference_features(other_data, net, n, folder=cache, progress=progress)  # the floor's n real images
     seconds["reference"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -480,10 +480,8 @@ def _evaluate_images(
     t0 = time.perf_counter()
     scores = _scores(ref, feats, seed)
     floor = None
-    if len(other_ref["features"]) >= MIN_N:
-        floor = {"split": other, "n": min(n, len(other_ref["features"]))} | _scores(
-            ref, other_ref["features"][:n], seed
-        )
+    if len(other_feats) >= MIN_N:
+        floor = {"split": other, "n": len(other_feats)} | _scores(ref, other_feats, seed)
     classes = _class_report(net, logits, ref, ref_data)
     if (
         asked.labels is not None

@@ -43,14 +43,41 @@ def fixed_subset(n_total: int, n: int) -> Tensor:
     return torch.randperm(n_total, generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
 
 
+def _cached_path(data: ImageSet, net: FeatureNet, folder: Path | None) -> Path:
+    folder = Path(folder) if folder is not None else cache_dir()
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.name)[:40]
+    key = f"{slug}-{data.split}-{images_digest(data.images, data.labels)[:16]}-{net.fingerprint()[:16]}"
+    return folder / f"ref-{key}.safetensors"
+
+
+def reference_features(
+    data: ImageSet, net: FeatureNet, n: int, *, folder: Path | None = None, progress: bool = True
+) -> Tensor:
+    """The first ``n`` rows of ``reference_stats(data, net)["features"]`` (its fixed subset, in its order; fewer where
+    the subset is smaller). Read from the cache when it holds them; else a few (under a quarter of the subset) are
+    embedded alone, uncached, so a small comparison never pays for the whole split; else the whole subset is
+    computed and cached."""
+    size = min(len(data), REF_MAX)
+    n = min(n, size)
+    path = _cached_path(data, net, folder)
+    if not path.is_file() and 4 * n < size:
+        index = fixed_subset(len(data), n)
+        feats, _ = embed(
+            net,
+            data.images[index],
+            batch=FEATURE_BATCH,
+            progress=progress,
+            desc=f"features of {data.name} {data.split}",
+        )
+        return feats
+    return reference_stats(data, net, folder=folder, progress=progress)["features"][:n]
+
+
 def reference_stats(data: ImageSet, net: FeatureNet, *, folder: Path | None = None, progress: bool = True) -> dict:
     """Features (N, D) float32, logits (N, K) or None, mu (D,), cov (D, D) float64 of a fixed random subset
     (at most REF_MAX images, in that random order) of ``data``; from the cache when it holds them."""
     global reference_computations
-    folder = Path(folder) if folder is not None else cache_dir()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", data.name)[:40]
-    key = f"{slug}-{data.split}-{images_digest(data.images, data.labels)[:16]}-{net.fingerprint()[:16]}"
-    path = folder / f"ref-{key}.safetensors"
+    path = _cached_path(data, net, folder)
     if path.is_file():
         try:
             t = load_file(str(path))
