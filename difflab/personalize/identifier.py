@@ -29,13 +29,16 @@ def class_prompt(caption: str, token: str) -> str:
     return " ".join(re.sub(rf"(?i)\b{re.escape(token)}\b", " ", caption).split())
 
 
+def says(caption: str, phrase: str) -> bool:
+    """Whether ``caption`` says ``phrase`` (one or more words) as whole words."""
+    return f" {' '.join(words(phrase))} " in f" {' '.join(words(caption))} "
+
+
 def check_captions(captions: Sequence[str], token: str, class_word: str) -> None:
     for c in captions:
-        ws = words(c)
-        if token not in ws:
+        if token not in words(c):
             raise PersonalizeError(f"the caption {c!r} does not name the subject by its identifier {token!r}")
-        cw = words(class_word)
-        if not any(ws[i : i + len(cw)] == cw for i in range(len(ws))):
+        if not says(c, class_word):
             raise PersonalizeError(f"the caption {c!r} does not contain the class word {class_word!r}")
 
 

@@ -49,7 +49,6 @@ from ..data.loader import TensorDataset
 from ..guidance.config import GuidanceConfig
 from ..io import atomic_path
 from ..nets.lora import LoraSpec, is_lora, with_lora
-from ..nets.text import words
 from ..runs.config import CONFIG, Personalization, RunConfig, load_config
 from ..runs.data import load_split
 from ..runs.diffusion import NETS, DiffusionRun, _check, diffusion_loss
@@ -68,6 +67,7 @@ from .identifier import (
     check_captions,
     class_prompt,
     initial_rows,
+    says,
     with_token_rows,
     with_tokens,
 )
@@ -100,11 +100,6 @@ def class_prompts(p: Personalization) -> list[str]:
     return [class_prompt(c, p.token) for c in p.captions]
 
 
-def names(caption: str, phrase: str) -> bool:
-    """Whether ``caption`` says ``phrase`` (one or more words) as whole words."""
-    return f" {' '.join(words(phrase))} " in f" {' '.join(words(caption))} "
-
-
 def prior_prompts(p: Personalization, base: RunConfig) -> list[str]:
     """The captions the prior-preservation term keeps the base's images for (``p.prior_prompts``):
 
@@ -115,7 +110,7 @@ def prior_prompts(p: Personalization, base: RunConfig) -> list[str]:
     if p.prior_prompts == "subject":
         return class_prompts(p)
     every = load_split(base, "train").every_caption() or []
-    found = sorted({c for c in every if names(c, p.class_word) and not names(c, p.token)})
+    found = sorted({c for c in every if says(c, p.class_word) and not says(c, p.token)})
     if not found:
         raise PersonalizeError(
             f"no training caption of {base.dataset} says {p.class_word!r}; use --prior-prompts subject"
