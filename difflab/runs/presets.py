@@ -161,6 +161,7 @@ NET_SIZES = {"small": 0.5, "medium": 1.0, "large": 2.0}  # the preset U-Net's ba
 # factor of 2 of a measured one takes its winner; others keep the preset's size (not measured).
 BUDGET_SIZES: dict[float, str] = {
     10.0: "medium",  # FD 0.96 (2231 steps) against small 3.58 (2769 steps) and large 1.15 (1036 steps)
+    30.0: "medium",  # FD 0.63 (4094 steps) against large 0.68 (1689 steps); small not run (last at 10 minutes)
 }
 
 
