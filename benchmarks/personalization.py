@@ -30,7 +30,7 @@ the base at the default rank.
 
     .venv/bin/python benchmarks/personalization.py [--n 200] [--n-plain 300] [--joint-minutes 8]
     .venv/bin/python benchmarks/personalization.py --base fashion-pairs-t2i \
-        --only dreambooth-prior1 lora-prior1 textual-inversion-v4   # all three over a model on a pretrained tower
+        --only dreambooth-prior1 lora-prior1 textual-inversion-v8   # all three over a model on a pretrained tower
 
 Writes benchmarks/results/personalization.md, .json and .png; runs in benchmarks/runs/personalization/
 (finished variants are not retrained, killed ones resume, evaluations are cached in evals.json).
@@ -103,6 +103,7 @@ class Variant:
     caption_dropout: float | None = None  # None: the base's
     vectors: int = 1  # textual inversion (given explicitly: the library's default through a tower is 4)
     modules: str | None = None  # LoRA: a name of nets.lora.LORA_MODULES; None: the library's default
+    prior_prompts: str | None = None  # runs.config.PRIOR_PROMPTS; None: the library's default
 
     @property
     def base(self) -> str:
@@ -115,6 +116,7 @@ class Variant:
         out += f"-{self.steps}x{self.lr:g}" if self.steps else ""
         out += f"-drop{self.caption_dropout:g}" if self.caption_dropout is not None else ""
         out += f"-{self.modules}" if self.modules is not None else ""
+        out += f"-prompts-{self.prior_prompts}" if self.prior_prompts is not None else ""
         return out + (f"-v{self.vectors}" if self.vectors != 1 else "")
 
 
@@ -142,6 +144,16 @@ VARIANTS = [
     Variant("lora", steps=400, lr=5e-4),  # issue 32: LoRA's prompt fidelity within 10 % of the base
     Variant("lora", steps=200, lr=1e-3),
     Variant("lora", steps=400, lr=7e-4),
+    Variant("lora", prior_prompts="data"),  # issue 32 on the second stage: the prior over the base's compositions
+    Variant("dreambooth", prior_prompts="data"),
+    Variant("dreambooth", steps=700, lr=1.5e-4),
+    Variant("textual-inversion", vectors=8),
+    Variant("textual-inversion", steps=400, lr=3e-3, vectors=4),
+    Variant("textual-inversion", vectors=6),
+    Variant("textual-inversion", steps=300, lr=5e-3, vectors=8),
+    Variant("lora", rank=8),
+    Variant("lora", steps=500, lr=1e-3),
+    Variant("lora", 2.0),
 ]
 
 
@@ -202,7 +214,12 @@ def trained(run: Path, folder: Path, v: Variant) -> Path:
         cpu, wall = time.process_time(), time.perf_counter()
         resume = ckpt.has_checkpoint(run)
         p = Personalization(
-            v.method, CLASS, prior_weight=v.prior_weight, caption_dropout=v.caption_dropout, vectors=v.vectors
+            v.method,
+            CLASS,
+            prior_weight=v.prior_weight,
+            caption_dropout=v.caption_dropout,
+            vectors=v.vectors,
+            **({"prior_prompts": v.prior_prompts} if v.prior_prompts is not None else {}),
         )
         lora = None
         if v.method == "lora" and (v.rank is not None or v.modules is not None):
@@ -264,6 +281,11 @@ class Yardsticks:
         self.shape_floor = shape_similarity(others_trip, self.sides, self.references).mean().item()
         self.shape_ceiling = shape_similarity(subject_trip, self.sides, self.references).mean().item()
         self.real_features = embed(self.attr_net, matched_real(plain_attributes, items, 4))[0]
+        # prompt fidelity's ceiling: the subject itself in its tint beside a real item of the prompt's other class and
+        # colour, through the autoencoder, read by the same attribute net
+        beside = half(matched_real(self.attributes, items, 1, seed=3), 1 - self.sides)
+        with torch.no_grad():
+            self.real_prompt = self.subject(space.reconstruct(place(self.references, self.sides, beside)))
 
     def subject(self, x: torch.Tensor) -> dict:
         sims = best_half_similarity(self.id_net, x, self.vector)
@@ -275,6 +297,8 @@ class Yardsticks:
             "shape": shape_similarity(x, self.sides, self.references).mean().item(),
             "all_four": (predicted == self.attributes).all(1).double().mean().item(),
             "per_attribute": (predicted == self.attributes).double().mean(0).tolist(),
+            # where the prompt errors fall: the subject's half (its class and tint) and the other item's half
+            **half_rates(predicted == self.attributes, self.sides),
         }
 
     def plain_word(self, x: torch.Tensor) -> dict:
@@ -286,6 +310,17 @@ class Yardsticks:
             "diversity": diversity(self.id_net, halves),
             "subject_rate": (sims > self.threshold).double().mean().item(),
         }
+
+
+def half_rates(right: torch.Tensor, sides: torch.Tensor) -> dict:
+    """From (n, 4) attribute hits (left class, left colour, right class, right colour) and the subject's sides: the
+    share of samples with both of the subject half's attributes right, and both of the other half's."""
+    by_half = right.view(-1, 2, 2).all(2)  # (n, 2): left half right, right half right
+    rows = torch.arange(len(sides))
+    return {
+        "subject_half": by_half[rows, sides].double().mean().item(),
+        "other_half": by_half[rows, 1 - sides].double().mean().item(),
+    }
 
 
 def matched_real(attributes: torch.Tensor, items, repeat: int, seed: int = 0) -> torch.Tensor:
@@ -359,7 +394,7 @@ def main(argv=None) -> None:
     book = json.loads(book_path.read_text()) if book_path.exists() else {}
     has_joint = not TI_ON_BASE and joint_base(args.joint_minutes)  # --base: textual inversion runs over it
     judge = load_feature_net("fashion-pairs").fingerprint()[:12]  # prompt fidelity's judge: a new one measures anew
-    version = f"v4 id={sticks.id_net.fingerprint()[:12]} judge={judge} n={args.n}/{args.n_plain}"
+    version = f"v5 id={sticks.id_net.fingerprint()[:12]} judge={judge} n={args.n}/{args.n_plain}"
     rows = {}
     for which in ("shipped", "joint") if has_joint else ("shipped",):
         key = f"base-{which} {version} step={ckpt.weights_step(base_path(which))}"
@@ -409,6 +444,9 @@ def report(args, rows, sticks: Yardsticks, base_bytes, load_start, busy_start) -
         f"{sticks.threshold:.3f}). "
         f"Shape: floor {sticks.shape_floor:.3f}, ceiling {sticks.shape_ceiling:.3f}.",
         "G = (identity - untuned) / (ceiling - untuned), untuned = the base asked with the class word.",
+        "Prompt fidelity of real images: the subject in its tint beside a real item of the prompt's other class and "
+        f"colour, through the autoencoder: all four {100 * sticks.real_prompt['all_four']:.1f} %, subject / other "
+        f"half right {100 * sticks.real_prompt['subject_half']:.1f} / {100 * sticks.real_prompt['other_half']:.1f} %.",
         "",
     ]
     g = gains(rows, sticks)
@@ -425,6 +463,7 @@ def report(args, rows, sticks: Yardsticks, base_bytes, load_start, busy_start) -
                 f"{s['shape']:.3f}",
                 f"{100 * s['all_four']:.1f} +- {100 * (s['all_four'] * (1 - s['all_four']) / args.n) ** 0.5:.1f} %",
                 f"{100 * (s['all_four'] / base['subject']['all_four'] - 1):+.0f} %" if c else "",
+                f"{100 * s['subject_half']:.1f} / {100 * s['other_half']:.1f} %",
                 f"{pl['pres']:.3f}",
                 f"{pl['diversity']:.3f}",
                 f"{pl['fd']:.2f}",
@@ -443,6 +482,7 @@ def report(args, rows, sticks: Yardsticks, base_bytes, load_start, busy_start) -
             "shape",
             "prompt: all four",
             "vs base",
+            "subject / other half right",
             "PRES",
             "diversity",
             "plain FD",
@@ -456,7 +496,8 @@ def report(args, rows, sticks: Yardsticks, base_bytes, load_start, busy_start) -
     lines += [
         "",
         'Base rows: the base asked with the class word (no identifier). "vs base" and "FD change": against the base '
-        "the variant was tuned from. PRES and diversity: the plain class word's sneaker halves.",
+        "the variant was tuned from. Subject / other half right: both attributes of the subject's half (class, tint) "
+        "and both of the other item's half. PRES and diversity: the plain class word's sneaker halves.",
         "",
     ]
     lines += targets(rows, g, base_bytes)
@@ -472,6 +513,7 @@ def report(args, rows, sticks: Yardsticks, base_bytes, load_start, busy_start) -
                 "ceiling": sticks.ceiling,
                 "floor": sticks.floor,
                 "threshold": sticks.threshold,
+                "real_prompt": sticks.real_prompt,
                 "base_bytes": base_bytes,
             },
             indent=1,
