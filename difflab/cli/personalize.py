@@ -24,18 +24,14 @@ from ..runs.lifecycle import begin
 from ..training.distributed import launched_rank, resolve_device
 from .options import UsageError, add_device, positive_float, positive_int, say_unfinished, unit_float
 
+# the options recorded in the run's Personalization (left out: its default)
+RECORDED = ("token", "prior_weight", "class_images", "class_guidance", "prior_prompts", "caption_dropout", "vectors")
 SETTINGS = (
     "run",
     "images",
     "method",
     "class_word",
-    "token",
-    "prior_weight",
-    "class_images",
-    "class_guidance",
-    "prior_prompts",
-    "caption_dropout",
-    "vectors",
+    *RECORDED,
     "rank",
     "alpha",
     "modules",
@@ -68,19 +64,7 @@ def new_personalization(args) -> Personalization:
     return Personalization(
         args.method,
         args.class_word,
-        **{
-            k: getattr(args, k)
-            for k in (
-                "token",
-                "prior_weight",
-                "class_images",
-                "class_guidance",
-                "prior_prompts",
-                "caption_dropout",
-                "vectors",
-            )
-            if getattr(args, k) is not None
-        },
+        **{k: getattr(args, k) for k in RECORDED if getattr(args, k) is not None},
     )
 
 

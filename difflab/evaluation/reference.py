@@ -61,33 +61,35 @@ def reference_features(
     n = min(n, size)
     path = _cached_path(data, net, folder)
     if not path.is_file() and 4 * n < size:
-        index = fixed_subset(len(data), n)
-        feats, _ = embed(
-            net,
-            data.images[index],
-            batch=FEATURE_BATCH,
-            progress=progress,
-            desc=f"features of {data.name} {data.split}",
-        )
-        return feats
-    return reference_stats(data, net, folder=folder, progress=progress)["features"][:n]
+        return _embed_subset(data, net, n, progress)[1]
+    return _stats_at(path, data, net, progress)["features"][:n]
+
+
+def _embed_subset(data: ImageSet, net: FeatureNet, n: int, progress: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(index, features, logits) of the first n images of ``data``'s fixed subset."""
+    index = fixed_subset(len(data), n)
+    feats, logits = embed(
+        net, data.images[index], batch=FEATURE_BATCH, progress=progress, desc=f"features of {data.name} {data.split}"
+    )
+    return index, feats, logits
 
 
 def reference_stats(data: ImageSet, net: FeatureNet, *, folder: Path | None = None, progress: bool = True) -> dict:
     """Features (N, D) float32, logits (N, K) or None, mu (D,), cov (D, D) float64 of a fixed random subset
     (at most REF_MAX images, in that random order) of ``data``; from the cache when it holds them."""
+    return _stats_at(_cached_path(data, net, folder), data, net, progress)
+
+
+def _stats_at(path: Path, data: ImageSet, net: FeatureNet, progress: bool) -> dict:
+    """reference_stats with its cache file ``path`` already found (its key hashes the images)."""
     global reference_computations
-    path = _cached_path(data, net, folder)
     if path.is_file():
         try:
             t = load_file(str(path))
             return {"features": t["features"], "logits": t.get("logits"), "mu": t["mu"], "cov": t["cov"], "path": path}
         except (SafetensorError, OSError, ValueError, KeyError):
             pass  # unreadable: recompute and overwrite
-    index = fixed_subset(len(data), min(len(data), REF_MAX))
-    feats, logits = embed(
-        net, data.images[index], batch=FEATURE_BATCH, progress=progress, desc=f"features of {data.name} {data.split}"
-    )
+    index, feats, logits = _embed_subset(data, net, min(len(data), REF_MAX), progress)
     mu, cov = gaussian_stats(feats)
     tensors = {"features": feats.contiguous(), "mu": mu, "cov": cov, "index": index}
     if logits is not None:
