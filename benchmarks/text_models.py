@@ -89,6 +89,113 @@ def unseen_word_figures(run: str, n: int, scale: float) -> dict:
     return out
 
 
+def one_word_figures(run: str, n: int, scale: float) -> dict:
+    """Issue 32's unseen-word measure: samples for the first n test pairs' attributes in the training phrasings,
+    each caption in the dataset's words but one, said in a word no training caption has (each kind of
+    data.pairs.UNSEEN_WORDS in turn; caption i changes its left or right colour or item in turn), at guidance
+    ``scale``, judged by the attribute net: "either side" (both items in their colours, maybe on the other sides)
+    over all captions and over those whose word the pretrained model knows (the frozen MiniLM reads it as the word
+    it stands for: pretrained_text.nearest_meanings among the dataset's colours or items), and per word."""
+    from benchmarks.text_towers import WORDS, one_worded
+    from difflab import load
+    from difflab.data.images import to_uint8
+    from difflab.data.pairs import COLOURS, NOUNS, PHRASINGS, make_pairs, meant_words
+    from difflab.evaluation.features import embed
+    from difflab.evaluation.prompts import either_side
+    from difflab.nets.pretrained_text import nearest_meanings
+
+    model, net = load(run), load_feature_net("fashion-pairs")
+    attrs = make_pairs("test").attributes[:n]
+    out = {}
+    for kind in WORDS:
+        meant = meant_words(kind)
+        word_of = {m: w for w, m in meant.items()}
+        read = {}
+        for dataset in (tuple(COLOURS), NOUNS):
+            words = [w for w, m in meant.items() if m in dataset]
+            if words:
+                read |= dict(zip(words, nearest_meanings(words, dataset)))
+        places = [p for p in range(4) if any((m in COLOURS) == (p % 2 == 0) for m in meant.values())]
+        captions, used = [], []
+        for i, a in enumerate(attrs.tolist()):
+            lk, lc, rk, rc = a
+            said = [list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk]][places[i % len(places)]]
+            used.append(word_of[said])
+            captions.append(one_worded(a, i % len(PHRASINGS), used[-1], said))
+        images = to_uint8(model.sample(n, prompt=captions, guidance=scale, seed=0, batch=100))
+        predicted = net.attributes(embed(net, images)[1])
+        right = either_side(predicted, attrs)
+        known = torch.tensor([read[w] == meant[w] for w in used])
+        out[kind] = {
+            "either_side": round(right.double().mean().item(), 4),
+            "either_side_known": round(right[known].double().mean().item(), 4) if known.any() else None,
+            "either_side_unknown": round(right[~known].double().mean().item(), 4) if (~known).any() else None,
+            "known_captions": int(known.sum()),
+            "words": {
+                w: {
+                    "means": meant[w],
+                    "minilm_reads": read[w],
+                    "either_side": round(right[[u == w for u in used]].double().mean().item(), 4),
+                    "captions": used.count(w),
+                }
+                for w in meant
+                if w in used
+            },
+        }
+        print(kind, json.dumps({k: v for k, v in out[kind].items() if k != "words"}), flush=True)
+    return out
+
+
+def one_word_lines(rows: list[dict]) -> list[str]:
+    """The markdown of one_word_figures' rows: per kind, either side over all captions, over the words the
+    pretrained model knows and over the others; then per word (what it stands for, what MiniLM reads it as)."""
+    if not rows:
+        return []
+    kinds = list(rows[0]["one_word"])
+    lines = [
+        "",
+        "One word no training caption has (the test attributes in the training phrasings and the dataset's words but "
+        "one; issue 32's measure), at each row's s: both items in their colours on either side, over all captions / "
+        "those whose word the frozen MiniLM reads as the word it stands for (known) / the others:",
+        "",
+    ]
+
+    def cell(v):
+        return "-" if v is None else f"{v:.1%}"
+
+    lines += md_table(
+        ["model", *kinds],
+        [
+            [
+                r["label"],
+                *[
+                    " / ".join(
+                        cell(r["one_word"][k][f]) for f in ("either_side", "either_side_known", "either_side_unknown")
+                    )
+                    + f" ({r['one_word'][k]['known_captions']} known)"
+                    for k in kinds
+                ],
+            ]
+            for r in rows
+        ],
+    )
+    lines += [
+        "",
+        "Per word: either side, and what the frozen MiniLM reads it as (x: not the word it stands for):",
+        "",
+    ]
+    for r in rows:
+        for k in kinds:
+            lines.append(
+                f"- {r['label']}, {k}: "
+                + ", ".join(
+                    f"{w} {v['either_side']:.0%} ({'' if v['minilm_reads'] == v['means'] else 'x '}{v['minilm_reads']})"
+                    for w, v in r["one_word"][k]["words"].items()
+                )
+            )
+    return lines
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs="+", help="LABEL=RUN (a run folder or a shipped model's name)")
@@ -100,6 +207,17 @@ def main(argv=None) -> None:
         help="also sample the test attributes in words no training caption has (synonyms, plurals, typos) at the "
         "best scale",
     )
+    p.add_argument(
+        "--one-word",
+        action="store_true",
+        help="also sample captions in the dataset's words but one that no training caption has (issue 32's measure, "
+        "by whether the pretrained model knows the word) at the best scale",
+    )
+    p.add_argument(
+        "--words-only",
+        action="store_true",
+        help="skip the usual figures and judge the words alone (--unseen-words, --one-word) at the first of --scales",
+    )
     p.add_argument("--name", default=NAME, help=f"the results' file name (default {NAME}: results/{NAME}.md and .json)")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -110,16 +228,14 @@ def main(argv=None) -> None:
     rows = []
     for label, run in pairs:
         t0 = time.perf_counter()
-        rows.append(
-            {
-                "label": label,
-                "run": run,
-                **training(run),
-                **text_figures(run, args.n, args.scales, reworded=True),
-            }
+        figures = (
+            {"scale": args.scales[0]} if args.words_only else text_figures(run, args.n, args.scales, reworded=True)
         )
+        rows.append({"label": label, "run": run, **training(run), **figures})
         if args.unseen_words:
             rows[-1]["unseen_words"] = unseen_word_figures(run, args.n, rows[-1]["scale"])
+        if args.one_word:
+            rows[-1]["one_word"] = one_word_figures(run, args.n, rows[-1]["scale"])
         rows[-1]["eval_seconds"] = round(time.perf_counter() - t0)
         print(json.dumps(rows[-1]), flush=True)
     judge = load_feature_net("fashion-pairs").meta
@@ -133,54 +249,56 @@ def main(argv=None) -> None:
         f"end: {load_average()}",
         "",
     ]
-    head = [
-        "model",
-        "encoder",
-        "steps x batch",
-        "train seconds",
-        "s",
-        "all four, seen",
-        "all four, held-out",
-        "either side",
-        "caption swap",
-        "new phrasings (seen)",
-        "reworded (seen)",
-        "FD",
-    ]
-    table = [
-        [
-            r["label"],
-            r["encoder"],
-            f"{r['steps']} x {r['batch']}",
-            "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
-            f"{r['scale']:g}",
-            f"{r['seen']:.1%}",
-            f"{r['held_out']:.1%}",
-            f"{r['either_side']:.1%}",
-            f"{r['swap']:.1%}",
-            f"{r['new_phrasings']:.1%}" + (f" ({r['new_phrasings_seen']:.1%})" if "new_phrasings_seen" in r else ""),
-            f"{r['reworded']:.1%}" + (f" ({r['reworded_seen']:.1%})" if "reworded_seen" in r else ""),
-            f"{r['fd']:.2f}",
+    if not args.words_only:
+        head = [
+            "model",
+            "encoder",
+            "steps x batch",
+            "train seconds",
+            "s",
+            "all four, seen",
+            "all four, held-out",
+            "either side",
+            "caption swap",
+            "new phrasings (seen)",
+            "reworded (seen)",
+            "FD",
         ]
-        for r in rows
-    ]
-    table.append(
-        [
-            "real test images (the judge's ceiling)",
-            "-",
-            "-",
-            "-",
-            "-",
-            f"{rows[0]['ceiling_seen']:.1%}",
-            f"{rows[0]['ceiling_held_out']:.1%}",
-            "-",
-            "-",
-            "-",
-            "-",
-            "-",
+        table = [
+            [
+                r["label"],
+                r["encoder"],
+                f"{r['steps']} x {r['batch']}",
+                "-" if r["seconds"] is None else f"{r['seconds']:.0f}",
+                f"{r['scale']:g}",
+                f"{r['seen']:.1%}",
+                f"{r['held_out']:.1%}",
+                f"{r['either_side']:.1%}",
+                f"{r['swap']:.1%}",
+                f"{r['new_phrasings']:.1%}"
+                + (f" ({r['new_phrasings_seen']:.1%})" if "new_phrasings_seen" in r else ""),
+                f"{r['reworded']:.1%}" + (f" ({r['reworded_seen']:.1%})" if "reworded_seen" in r else ""),
+                f"{r['fd']:.2f}",
+            ]
+            for r in rows
         ]
-    )
-    lines += md_table(head, table)
+        table.append(
+            [
+                "real test images (the judge's ceiling)",
+                "-",
+                "-",
+                "-",
+                "-",
+                f"{rows[0]['ceiling_seen']:.1%}",
+                f"{rows[0]['ceiling_held_out']:.1%}",
+                "-",
+                "-",
+                "-",
+                "-",
+                "-",
+            ]
+        )
+        lines += md_table(head, table)
     phrased = [r for r in rows if r.get("by_phrasing")]
     if phrased:
         lines += [
@@ -224,6 +342,7 @@ def main(argv=None) -> None:
             for k in kinds[1:]:
                 words = r["unseen_words"][k]["words"]
                 lines.append(f"- {r['label']}, {k}: " + ", ".join(f"{w} {v:.0%}" for w, v in words.items()))
+    lines += one_word_lines([r for r in rows if "one_word" in r])
     write_text(RESULTS / f"{args.name}.md", "\n".join(lines) + "\n")
     write_text(RESULTS / f"{args.name}.json", json.dumps({"setting": vars(args), "rows": rows}, indent=1) + "\n")
 

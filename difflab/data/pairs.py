@@ -177,6 +177,15 @@ def said_items(attributes, subject: int | None = None, token: str = "sks", words
     return left, right
 
 
+def meant_words(kind: str) -> dict[str, str]:
+    """Each of UNSEEN_WORDS[kind]'s words and the dataset word it stands for (by its place in COLOURS' and NOUNS'
+    order): "crimson" -> "red", "handbag" -> "bag"."""
+    if kind not in UNSEEN_WORDS:
+        raise DataError(f"unknown kind of unseen words {kind!r}; choose one of {', '.join(UNSEEN_WORDS)}")
+    colours, items = UNSEEN_WORDS[kind]
+    return dict(zip(colours or (), COLOURS)) | dict(zip(items or (), NOUNS))
+
+
 def is_held_out(left_class, right_class) -> bool:
     """Whether the left/right class combination is one of HELD_OUT (never in the train split)."""
     return (int(left_class), int(right_class)) in HELD_OUT

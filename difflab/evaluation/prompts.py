@@ -98,16 +98,21 @@ def load_prompts(spec: str, cfg, n: int) -> PromptSet:
     return parsed([lines[i % len(lines)] for i in range(n)])
 
 
+def either_side(predicted: Tensor, wanted: Tensor) -> Tensor:
+    """(N,) bool: all four of predicted (N, 4) right up to exchanging the halves (the right items in their
+    colours, maybe on the wrong sides)."""
+    return (predicted == wanted).all(1) | (predicted == wanted[:, [2, 3, 0, 1]]).all(1)
+
+
 def accuracies(predicted: Tensor, wanted: Tensor) -> dict:
     """Per-attribute and all-four-correct accuracy of predicted (N, 4) against wanted (N, 4), and
-    ``either_side``: all four right up to exchanging the halves (the right items, maybe on the wrong sides)."""
+    ``either_side`` (the share of rows right by ``either_side``)."""
     right = predicted == wanted
-    mirrored = (predicted == wanted[:, [2, 3, 0, 1]]).all(1) if len(wanted) else right.all(1)
     return {
         "n": len(right),
         "per_attribute": dict(zip(ATTRIBUTES, right.double().mean(0).tolist())),
         "all_four": right.all(1).double().mean().item(),
-        "either_side": (right.all(1) | mirrored).double().mean().item(),
+        "either_side": either_side(predicted, wanted).double().mean().item(),
     }
 
 

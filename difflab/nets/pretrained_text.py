@@ -73,6 +73,27 @@ def minilm_sha256() -> str:
     return file_sha256(load_minilm()[2])
 
 
+@torch.no_grad()
+def sentence_embeddings(texts: Sequence[str]) -> Tensor:
+    """all-MiniLM-L6-v2's own sentence embeddings (N, 384), frozen, as its sentence-transformers pipeline makes
+    them: the mean of the token states over the mask, L2-normalised (cosine similarity is then a dot product)."""
+    tokenizer, model, _, _ = load_minilm()
+    enc = tokenizer(list(texts), padding=True, return_tensors="pt")
+    mask = enc["attention_mask"].unsqueeze(-1).to(torch.float32)
+    pooled = (model(**enc).last_hidden_state * mask).sum(1) / mask.sum(1)
+    return nn.functional.normalize(pooled, dim=-1)
+
+
+def nearest_meanings(words: Sequence[str], references: Sequence[str]) -> list[str]:
+    """For each word, the reference whose sentence embedding (the frozen MiniLM's, each text alone) is the most
+    cosine-similar: what the pretrained model reads the word as, among the references. Whether a model can be
+    asked to read a word it never trained on as one it did hangs on this (benchmarks/text_models.py)."""
+    if not words or not references:
+        raise ValueError("nearest_meanings needs at least one word and one reference")
+    best = (sentence_embeddings(words) @ sentence_embeddings(references).T).argmax(1)
+    return [references[int(i)] for i in best]
+
+
 def tuned_layers(tune: str, layers: int) -> int | None:
     """K of 'last-K' (checked against the model's ``layers``), None for the other modes; unknown names refused."""
     m = re.fullmatch(r"last-(\d+)", tune)
