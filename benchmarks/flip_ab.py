@@ -8,13 +8,14 @@ seed and steps, each evaluated every --every steps in that net. Afterwards RUN/b
 are scored again with --n samples (a different seed's noise: the 256-sample figure's own noise is not reused).
 An arm whose run already holds --steps is not trained again (--fresh: start every arm over).
 
-    .venv/bin/python benchmarks/flip_ab.py [--steps 1000] [--every 250] [--n 1000] [--arms none flip edm]
+    .venv/bin/python benchmarks/flip_ab.py [--steps 1000] [--every 250] [--n 1000] [--arms none flip edm edm-geometric]
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 from colour_folder import folder_run_options, make_colour_folder
@@ -43,8 +44,11 @@ def fd_after(run, features: str, n: int) -> float:
 def run() -> None:
     p = folder_run_options(__doc__.split("\n\n")[0], steps=1000, every=250)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument("--arms", nargs="+", choices=["none", "flip", "edm"], default=["none", "flip", "edm"])
+    p.add_argument(
+        "--arms", nargs="+", choices=["none", "flip", "edm", "edm-geometric"], default=["none", "flip", "edm"]
+    )
     p.add_argument("--fresh", action="store_true", help="retrain the feature net and every arm")
+    p.add_argument("--name", default="flip_ab", help="the results' file name (default flip_ab: results/flip_ab.md)")
     args = p.parse_args()
     folder = make_colour_folder(RUNS / "colour-folder", 2000)
     feat_dir = RUNS / "colour-folder-features"
@@ -62,7 +66,9 @@ def run() -> None:
             shutil.rmtree(out, ignore_errors=True)
             train = ["train", str(folder), "--cond", "class", "--steps", str(args.steps)]
             train += ["--eval-every", str(args.every), "--features", features, "--augment", augment]
+            t0 = time.perf_counter()
             difflab([*train, "--out", str(out), "--quiet", "--no-preview"])
+            print(f"{augment}: trained in {time.perf_counter() - t0:.0f} s", flush=True)
         evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         evals = [r for r in evals if "fd" in r]
         curves.append([augment, *(f"{r['fd']:.2f}" for r in evals)])
@@ -96,7 +102,7 @@ def run() -> None:
         rows,
     )
     text = "\n".join(lines) + "\n"
-    (RESULTS / "flip_ab.md").write_text(text)
+    (RESULTS / f"{args.name}.md").write_text(text)
     print(text)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..core.losses import OBJECTIVES
 from ..core.processes import PROCESSES_BY_NAME, LearnedVP, has_parameters, process_name
+from ..data.augment import AUGMENT_DIMS
 from ..data.pairs import CAPTION_WORDS, MAX_CAPTION_VARIANTS
 from ..evaluation.features import features_spec
 from ..evaluation.watch import DEFAULT_N as DEFAULT_EVAL_N
@@ -260,8 +261,8 @@ def new_config(args) -> RunConfig:
         )
     if size is not None:
         cfg = with_net_size(cfg, size)
-    if cfg.train.augment == "edm":
-        cfg = with_edm_augment(cfg)
+    if cfg.train.augment in AUGMENT_DIMS:
+        cfg = with_edm_augment(cfg, cfg.train.augment)
     if cfg.train.eval_every or args.features:
         cfg = replace(cfg, features=features_record(cfg, args.features, args.eval_n))
     elif args.eval_n is not None:
@@ -466,8 +467,10 @@ def register(sub) -> None:
         "--augment",
         choices=AUGMENTS,
         help="flip: mirror each training image left-right with probability 1/2 (refused where a flip changes the "
-        "meaning: digits, fashion-pairs' sides, latent runs); edm: EDM's non-leaking augmentation (flips, quarter "
-        "turns, translations, each with probability 0.12, the network told which; pixel-space runs)",
+        "meaning: digits, fashion-pairs' sides, latent runs); edm: EDM's non-leaking augmentation, its pixel-exact "
+        "transforms (flips, quarter turns, whole-pixel translations, each with probability 0.12, the network told "
+        "which; pixel-space runs); edm-geometric: EDM's CIFAR-10 set (half the images mirrored, then y-flip, "
+        "scaling, any rotation, anisotropic scaling and sub-pixel translation, each with probability 0.12)",
     )
     t.add_argument(
         "--caption-variants",

@@ -14,12 +14,21 @@ edges reflected). The network is *told* what was done (``augment_labels``, six n
 embedding through a bias-free linear map), so it learns the transformed images as other conditions and never has
 to draw them: sampling gives no labels, which is the label of the untransformed data. Nothing leaks, so the
 transforms are allowed where a plain flip is not (digits, fashion-pairs), but not for 2-D points or latent runs, and
-not yet for super-resolution (its low-res condition would have to move alike)."""
+not yet for super-resolution (its low-res condition would have to move alike).
+
+``--augment edm-geometric`` is the set EDM trains CIFAR-10 with (its ``xflip=1e8, yflip=1, scale=1,
+rotate_frac=1, aniso=1, translate_frac=1``): every image mirrored left-right or not (labelled either way), then
+with probability ``p`` each a y-flip, an isotropic scaling by 2^(0.2 N(0, 1)), a rotation by any angle, an
+anisotropic scaling by 2^(+-0.2 N(0, 1)) (along a random axis half the time) and a translation by N(0, 1/8) of the
+size, sub-pixel: nine labels, EDM's. The affine part is resampled bilinearly with reflected edges, at the image's
+own size (EDM works at twice the size through wavelet filters, to alias less)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 SPATIAL_CONDITIONS = ("low_res",)  # conditions that are images of the same scene, mirrored with it
 
@@ -43,16 +52,24 @@ def flip_refusal(dataset: str, data_kind: str, latent: bool) -> str | None:
 EDM_P = 0.12  # the probability of each transform (EDM's CIFAR-10 setting)
 EDM_TRANSLATE = 0.125  # translations up to this fraction of the size
 AUGMENT_DIM = 6  # augment_labels: x-flip, y-flip, the quarter turn's two bits, tx and ty (in units of the largest)
+# --augment edm-geometric: EDM's CIFAR-10 set (xflip, yflip, scale, rotate_frac, aniso, translate_frac)
+GEOMETRIC_SCALE_STD = 0.2  # log2 standard deviation of the isotropic scaling
+GEOMETRIC_ANISO_STD = 0.2  # log2 standard deviation of the anisotropic scaling
+GEOMETRIC_ANISO_ROTATED = 0.5  # the probability that the anisotropic scaling is along a random axis, not x and y
+GEOMETRIC_TRANSLATE_STD = 0.125  # standard deviation of the translation, in units of the size
+GEOMETRIC_DIM = 9  # labels: x-flip, y-flip, the scale's draw, cos - 1 and sin of the turn, aniso (2), tx, ty
+AUGMENT_DIMS = {"edm": AUGMENT_DIM, "edm-geometric": GEOMETRIC_DIM}  # the labels each non-leaking augmentation gives
 
 
-def edm_refusal(dataset: str, data_kind: str, latent: bool, super_resolution: bool) -> str | None:
-    """Why ``--augment edm`` is refused for this run, or None where it is allowed."""
+def edm_refusal(dataset: str, data_kind: str, latent: bool, super_resolution: bool, name: str = "edm") -> str | None:
+    """Why ``--augment NAME`` (one of AUGMENT_DIMS: edm, edm-geometric) is refused for this run, or None where it
+    is allowed."""
     if data_kind != "images":
-        return f"--augment edm transforms images; {dataset} is not an image set"
+        return f"--augment {name} transforms images; {dataset} is not an image set"
     if latent:
-        return "--augment edm is for pixel-space runs (the training set of a latent run is its encoded images)"
+        return f"--augment {name} is for pixel-space runs (the training set of a latent run is its encoded images)"
     if super_resolution:
-        return "--augment edm is not built for super-resolution runs (the low-res condition would move alike)"
+        return f"--augment {name} is not built for super-resolution runs (the low-res condition would move alike)"
     return None
 
 
@@ -109,6 +126,82 @@ def edm_apply(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
     unit = torch.tensor([W, H], device=x.device, dtype=torch.float32) * EDM_TRANSLATE
     labels = torch.cat(
         [torch.stack([xf, yf, turn_x, turn_y], 1).float(), torch.stack([tx, ty], 1).float() / unit], dim=1
+    )
+    return x, labels
+
+
+def geometric_draw(n: int, generator: torch.Generator, p: float = EDM_P) -> Tensor:
+    """(n, 8) float: per image its x-flip (drawn for every image: EDM mirrors half of them), y-flip (0/1), the
+    scale's standard-normal draw w (the scale is 2^(0.2 w)), the turn's angle in (-pi, pi), the anisotropic
+    scaling's draw and axis angle, and the translation's two standard-normal draws (in units of 1/8 of the size);
+    each transform but the x-flip drawn with probability ``p`` (else its identity), on the generator's device."""
+    dev = generator.device
+
+    def rand(*shape) -> Tensor:
+        return torch.rand(shape, generator=generator, device=dev)
+
+    def randn(*shape) -> Tensor:
+        return torch.randn(shape, generator=generator, device=dev)
+
+    def apply(values: Tensor) -> Tensor:
+        return torch.where(rand(n, 1) < p, values, 0.0)
+
+    xflip = torch.randint(2, (n, 1), generator=generator, device=dev).float()
+    yflip = apply(torch.randint(2, (n, 1), generator=generator, device=dev).float())
+    scale = apply(randn(n, 1))
+    turn = apply((2 * rand(n, 1) - 1) * math.pi)
+    aniso = apply(randn(n, 1))
+    axis = torch.where(rand(n, 1) < GEOMETRIC_ANISO_ROTATED, (2 * rand(n, 1) - 1) * math.pi, 0.0)
+    shift = apply(randn(n, 2))
+    return torch.cat([xflip, yflip, scale, turn, aniso, axis, shift], dim=1)
+
+
+def _rotation(angle: Tensor) -> Tensor:
+    c, s = angle.cos(), angle.sin()
+    return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # (B, 2, 2)
+
+
+def _reflect_float(u: Tensor, size: Tensor) -> Tensor:
+    """Coordinates (..., 2) in pixels reflected into [0, size - 1] (the edge not repeated: _reflect's rule)."""
+    top = (size - 1).clamp(min=1e-6)
+    return top - (top - u.remainder(2 * top)).abs()
+
+
+def geometric_apply(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """Images (B, C, H, W) transformed by ``geometric_draw``'s parameters (B, 8), and their augment_labels (B, 9):
+    x-flip, y-flip, the scale's draw, cos - 1 and sin of the turn, the anisotropic draw times the cos and sin of
+    its axis, and the translation's two draws (EDM's labels). The flips are exact; the rest is one affine map
+    about the image centre, resampled bilinearly with the edges reflected (EDM resamples at twice the size
+    through wavelet filters; not done here). Parameters of zeros leave an image exactly as it is, labels zero."""
+    B, _, H, W = x.shape
+    params = params.to(x.device, torch.float32)
+    xf, yf, w_scale, turn, w_aniso, axis, tx, ty = params.unbind(1)
+    x = torch.where(xf.bool().view(B, 1, 1, 1), x.flip(-1), x)
+    x = torch.where(yf.bool().view(B, 1, 1, 1), x.flip(-2), x)
+    moved = (params[:, 2:5] != 0).any(1) | (params[:, 6:] != 0).any(1)
+    if moved.any():
+        # the inverse map: where in the input each output pixel (centred coordinates) is read from
+        s = (w_scale * GEOMETRIC_SCALE_STD).exp2()
+        a = (w_aniso * GEOMETRIC_ANISO_STD).exp2()
+        inv = torch.eye(2, device=x.device).expand(B, 2, 2) / s.view(B, 1, 1)
+        inv = inv @ _rotation(turn)  # EDM's rotate2d_inv(-turn)
+        stretch = torch.diag_embed(torch.stack([1 / a, a], -1))
+        inv = inv @ _rotation(-axis) @ stretch @ _rotation(axis)
+        shift = torch.stack([tx * W, ty * H], -1) * GEOMETRIC_TRANSLATE_STD  # pixels
+        ys, xs = torch.meshgrid(
+            torch.arange(H, device=x.device, dtype=torch.float32) - (H - 1) / 2,
+            torch.arange(W, device=x.device, dtype=torch.float32) - (W - 1) / 2,
+            indexing="ij",
+        )
+        points = torch.stack([xs, ys], -1).view(1, H * W, 2) - shift.view(B, 1, 2)
+        size = torch.tensor([W, H], device=x.device, dtype=torch.float32)
+        source = (points @ inv.transpose(1, 2)).view(B, H, W, 2) + (size - 1) / 2  # pixel coordinates
+        source = _reflect_float(source, size)  # inside the image: bilinear reads no padding
+        grid = source * 2 / (size - 1).clamp(min=1) - 1  # align_corners=True: -1 and 1 are the edge pixels
+        warped = nn.functional.grid_sample(x.float(), grid, mode="bilinear", align_corners=True).to(x.dtype)
+        x = torch.where(moved.view(B, 1, 1, 1), warped, x)
+    labels = torch.stack(
+        [xf, yf, w_scale, turn.cos() - 1, turn.sin(), w_aniso * axis.cos(), w_aniso * axis.sin(), tx, ty], 1
     )
     return x, labels
 

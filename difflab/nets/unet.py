@@ -524,7 +524,10 @@ class UNet(nn.Module):
             )
         if augment_labels is not None:  # training with --augment edm: which transform each image went through
             if not self.config.augment_dim:
-                raise ValueError("augment_labels given but this UNet has augment_dim=0 (trained without --augment edm)")
+                raise ValueError(
+                    "augment_labels given but this UNet has augment_dim=0 (trained without --augment edm or "
+                    "edm-geometric)"
+                )
             emb = emb + self.augment(augment_labels.to(emb.dtype))
         cond = (emb, context, attention_mask(context_mask) if context_mask is not None else None)
 

@@ -37,7 +37,7 @@ from ..core.losses import AutoencoderLoss, ClassifierLoss, ContrastiveLoss, Simp
 from ..core.parameterize import TARGETS, Denoiser, Target, WithSchedule
 from ..core.processes import PROCESSES_BY_NAME as PROCESSES
 from ..core.processes import DiscreteDDPM, Process, has_parameters, process_name
-from ..data.augment import AUGMENT_DIM, edm_refusal, flip_refusal
+from ..data.augment import AUGMENT_DIMS, edm_refusal, flip_refusal
 from ..data.pairs import CAPTION_WORDS, MAX_CAPTION_VARIANTS
 from ..io import atomic_path
 from ..nets.autoencoder import AutoencoderConfig
@@ -56,7 +56,7 @@ DataKind = Literal["points", "images"]  # what a sample is: a point of the plane
 DATA_KINDS: tuple[DataKind, ...] = get_args(DataKind)
 Precision = Literal["fp32", "bf16", "fp16", "auto"]  # float32, bf16 autocast, fp16 with a scaler, bf16 where native
 PRECISIONS: tuple[Precision, ...] = get_args(Precision)
-Augment = Literal["none", "flip", "edm"]  # training-time augmentation of image data (data/augment.py)
+Augment = Literal["none", "flip", "edm", "edm-geometric"]  # training-time augmentation of image data (data/augment.py)
 AUGMENTS: tuple[Augment, ...] = get_args(Augment)
 LRSchedule = Literal["constant", "cosine"]  # the learning rate after the warm-up: held, or half a cosine down to 0
 LR_SCHEDULES: tuple[LRSchedule, ...] = get_args(LRSchedule)
@@ -133,7 +133,9 @@ class TrainConfig:
     sample_every: int = 0  # 0: only at the end
     log_every: int = 50
     eval_every: int = 0  # FD/KID and the memorisation distance every N steps, the best kept as RUN/best (0: never)
-    augment: Augment = "none"  # "flip": mirrored left-right with probability 1/2; "edm": EDM's non-leaking transforms
+    augment: Augment = (
+        "none"  # "flip": mirrored left-right with probability 1/2; "edm", "edm-geometric": EDM's non-leaking transforms
+    )
     caption_variants: int = 0  # a fashion-pairs text run: each image also seen with this many rephrased captions
     caption_words: str = "dataset"  # the variants' colour and item words: "dataset" or "synonyms" (data.pairs)
 
@@ -500,16 +502,16 @@ class RunConfig:
             refusal = flip_refusal(self.dataset, self.data_kind, self.latent is not None)
             if refusal:
                 raise CheckpointError(f"config: {refusal}")
-        if t.augment == "edm":
+        if t.augment in AUGMENT_DIMS:
             refusal = edm_refusal(
-                self.dataset, self.data_kind, self.latent is not None, self.super_resolution is not None
+                self.dataset, self.data_kind, self.latent is not None, self.super_resolution is not None, t.augment
             )
             if refusal:
                 raise CheckpointError(f"config: {refusal}")
-            if getattr(self.net, "augment_dim", None) != AUGMENT_DIM:
+            if getattr(self.net, "augment_dim", None) != AUGMENT_DIMS[t.augment]:
                 raise CheckpointError(
-                    f"config: train.augment 'edm' needs a U-Net that reads the augmentation (net.augment_dim "
-                    f"{AUGMENT_DIM}, presets.with_edm_augment)"
+                    f"config: train.augment {t.augment!r} needs a U-Net that reads its augmentation labels "
+                    f"(net.augment_dim {AUGMENT_DIMS[t.augment]}, presets.with_edm_augment)"
                 )
         if not isinstance(t.caption_variants, int) or not 0 <= t.caption_variants <= MAX_CAPTION_VARIANTS:
             raise CheckpointError(

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..core.conditions import ConditionSpec, class_labels
 from ..core.losses import SimpleLoss
 from ..core.processes import DiscreteDDPM
-from ..data.augment import AUGMENT_DIM
+from ..data.augment import AUGMENT_DIMS
 from ..data.images import DATASETS, load_images
 from ..data.toy2d import TOY_DATASETS
 from ..nets.mlp import MLPConfig
@@ -184,10 +184,11 @@ def size_for_budget(minutes: float) -> tuple[str, float | None]:
     return BUDGET_SIZES[budget], budget
 
 
-def with_edm_augment(cfg: RunConfig) -> RunConfig:
-    """The run trained with EDM's non-leaking augmentation: its U-Net reads the augmentation labels."""
-    _unet(cfg, "--augment edm")
-    return replace(cfg, net=replace(cfg.net, augment_dim=AUGMENT_DIM), train=replace(cfg.train, augment="edm"))
+def with_edm_augment(cfg: RunConfig, name: str = "edm") -> RunConfig:
+    """The run trained with EDM's non-leaking augmentation ``name`` (edm: pixel-exact transforms; edm-geometric:
+    EDM's CIFAR-10 set, data/augment.py): its U-Net reads that augmentation's labels."""
+    _unet(cfg, f"--augment {name}")
+    return replace(cfg, net=replace(cfg.net, augment_dim=AUGMENT_DIMS[name]), train=replace(cfg.train, augment=name))
 
 
 def with_low_res(cfg: RunConfig, factor: int, aug_max: float | None = None) -> RunConfig:
