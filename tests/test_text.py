@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import socket
 import sys
@@ -711,3 +712,39 @@ def test_a_repeated_caption_is_encoded_once_and_reads_the_same(clip_t2i_run, mon
         torch.testing.assert_close(chunked[k][:8], whole[k], rtol=0, atol=1e-5)
         assert torch.equal(chunked[k][8], chunked[k][0])
     assert not torch.equal(many["context"][0], many["context"][1])
+
+
+def edits(a: str, b: str) -> int:
+    """Damerau-Levenshtein distance (adjacent swaps count one) by the textbook table."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
+def test_typo_variants_misspell_each_word_by_one_edit_and_never_as_the_figures_do():
+    from difflab.data.pairs import COLOURS, NOUNS, UNSEEN_WORDS, make_pairs, rephrased
+
+    pairs = make_pairs("test", n=200)
+    got = rephrased(pairs.captions, pairs.attributes, 2, "typos")
+    assert got == rephrased(pairs.captions, pairs.attributes, 2, "typos")  # a resumed run reads the same captions
+    measured = set(UNSEEN_WORDS["typos"][0]) | set(UNSEEN_WORDS["typos"][1])
+    dataset = [*COLOURS, *NOUNS]
+    changed = total = 0
+    for v in range(2):
+        for i, text in enumerate(got[v * 200 : (v + 1) * 200]):
+            lk, lc, rk, rc = pairs.attributes[i].tolist()
+            meant = (list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk])
+            words = text.split()
+            for word in meant:  # each attribute is said, as itself or one edit away, and never as a measured typo
+                said = [w.strip(",;()") for w in words]
+                spans = [" ".join(said[k : k + len(word.split())]) for k in range(len(said))]
+                near = [s for s in spans if edits(s, word) <= 1 and s not in dataset or s == word]
+                assert near, (word, text)
+                total += 1
+                changed += word not in spans
+            assert not any(re.search(rf"(^|\s){re.escape(m)}\b", text) for m in measured)
+    assert 0.65 < changed / total < 0.85  # 3 in 4 misspelt

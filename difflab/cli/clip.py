@@ -220,8 +220,9 @@ def register(sub) -> None:
     t.add_argument(
         "--caption-words",
         choices=CAPTION_WORDS,
-        help="the caption variants' colour and item words: dataset (the default) or synonyms (each also said in "
-        "other words, data.pairs.SYNONYMS; never the unseen words the figures use)",
+        help="the caption variants' colour and item words: dataset (the default), synonyms (each also said in "
+        "other words, data.pairs.SYNONYMS) or typos (each misspelt by one letter 3 times in 4, data.pairs.typo); "
+        "never the unseen words the figures use",
     )
     t.add_argument(
         "--caption-phrasings",

@@ -483,8 +483,8 @@ def register(sub) -> None:
     t.add_argument(
         "--caption-words",
         choices=CAPTION_WORDS,
-        help="the caption variants' colour and item words: the dataset's (default) or synonyms (data.pairs.SYNONYMS; "
-        "never the unseen words the figures measure)",
+        help="the caption variants' colour and item words: the dataset's (default), synonyms (data.pairs.SYNONYMS) "
+        "or typos (misspelt by one letter 3 times in 4, data.pairs.typo); never the unseen words the figures measure",
     )
     t.add_argument(
         "--tracker",

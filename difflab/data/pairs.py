@@ -18,6 +18,7 @@ generator seeded with (seed, split): the same arguments give the same bytes on a
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -87,7 +88,7 @@ CAPTION_PHRASINGS = {  # the phrasings caption variants take turns in (rephrased
 # Other words for the colours and items. SYNONYMS[0][colour] and SYNONYMS[1][item] list the dataset's word first,
 # then words a tower may be tuned on (train-clip --caption-words synonyms). UNSEEN_WORDS are never in a training
 # caption: they measure whether a model reads words it was not tuned on (written once, 2026-12-06).
-CAPTION_WORDS = ("dataset", "synonyms")  # the words of caption variants: the dataset's own, or SYNONYMS rows
+CAPTION_WORDS = ("dataset", "synonyms", "typos")  # the variants' words: the dataset's, SYNONYMS rows, or misspelt
 MAX_CAPTION_VARIANTS = 8  # variants per image, at most (as many as AUGMENT_PHRASINGS)
 SYNONYMS: tuple[tuple[tuple[str, ...], ...], tuple[tuple[str, ...], ...]] = (
     (
@@ -205,13 +206,42 @@ def parse_caption(text: str) -> tuple[tuple[int, int, int, int], int] | None:
     return None
 
 
+TYPO_EDITS = ("drop", "swap", "double", "replace")  # one edit of a word's letters (typo)
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def typo(word: str, rng: random.Random) -> str:
+    """``word`` with one random edit of its letters (a letter dropped, two neighbours swapped, a letter doubled or
+    replaced), never one of UNSEEN_WORDS' typos (those measure words no training caption has), the word itself or
+    another of the dataset's words; in a word of two words ("ankle boot") one letter of either."""
+    measured = set(UNSEEN_WORDS["typos"][0]) | set(UNSEEN_WORDS["typos"][1])
+    letters = [i for i, ch in enumerate(word) if ch.isalpha()]
+    while True:
+        i, edit = rng.choice(letters), rng.choice(TYPO_EDITS)
+        if edit == "drop":
+            out = word[:i] + word[i + 1 :]
+        elif edit == "swap":
+            j = i + 1 if i + 1 < len(word) and word[i + 1].isalpha() else i - 1
+            if j < 0 or not word[j].isalpha():
+                continue
+            a, b = sorted((i, j))
+            out = word[:a] + word[b] + word[a] + word[b + 1 :]
+        elif edit == "double":
+            out = word[: i + 1] + word[i] + word[i + 1 :]
+        else:
+            out = word[:i] + rng.choice(_LETTERS.replace(word[i], "")) + word[i + 1 :]
+        if out != word and out not in measured and out not in COLOURS and out not in NOUNS:
+            return out
+
+
 def rephrased(
     captions, attributes: Tensor | None, variants: int, words: str = "dataset", phrasings: str = "sides"
 ) -> list[str]:
     """``variants`` more captions of each image, its attributes said in the CAPTION_PHRASINGS[phrasings] (in turn, so
     every phrasing is used alike): image i's v-th is row v * N + i. ``words='synonyms'``: each colour and item of a
     variant is said as one of its SYNONYMS row's four words (the dataset's among them), drawn with a fixed seed (a
-    resumed run rebuilds the same captions). Refused for captions outside fashion-pairs' caption language."""
+    resumed run rebuilds the same captions); ``words='typos'``: each misspelt 3 times in 4 (typo), likewise.
+    Refused for captions outside fashion-pairs' caption language."""
     if words not in CAPTION_WORDS:
         raise DataError(f"unknown caption words {words!r}; choose one of {', '.join(CAPTION_WORDS)}")
     if phrasings not in CAPTION_PHRASINGS:
@@ -220,6 +250,8 @@ def rephrased(
         raise DataError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
     count = len(CAPTION_PHRASINGS[phrasings])
     rows, n = attributes.tolist(), len(attributes)
+    if words == "typos":
+        return _misspelt(rows, variants, count)
     picks = (
         torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0))
         if words == "synonyms"
@@ -230,6 +262,21 @@ def rephrased(
         for v in range(variants)
         for i in range(n)
     ]
+
+
+def _misspelt(rows: list, variants: int, count: int) -> list[str]:
+    """rephrased's variants with ``words='typos'``: each colour and item word misspelt (typo) with probability 3/4,
+    drawn from a fixed seed (a resumed run rebuilds the same captions)."""
+    rng, n = random.Random(0), len(rows)
+    out = []
+    for v in range(variants):
+        for i in range(n):
+            lk, lc, rk, rc = rows[i]
+            said = [list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk]]
+            said = [typo(w, rng) if rng.random() < 0.75 else w for w in said]
+            template = ALL_PHRASINGS[FIRST_VARIANT + (i * variants + v) % count]
+            out.append(template.format(L=article(f"{said[0]} {said[1]}"), R=article(f"{said[2]} {said[3]}")))
+    return out
 
 
 def swapped(attributes) -> tuple[int, int, int, int]:
