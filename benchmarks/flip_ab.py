@@ -25,6 +25,7 @@ from difflab.data.images import to_uint8
 from difflab.evaluation.features import embed
 from difflab.evaluation.metrics import frechet_from_stats, gaussian_stats
 from difflab.evaluation.watch import TrainingEval
+from difflab.runs.config import AUGMENTS
 from difflab.runs.diffusion import DiffusionRun
 from difflab.runs.store import has_checkpoint, weights_step
 
@@ -44,9 +45,7 @@ def fd_after(run, features: str, n: int) -> float:
 def run() -> None:
     p = folder_run_options(__doc__.split("\n\n")[0], steps=1000, every=250)
     p.add_argument("--n", type=int, default=1000)
-    p.add_argument(
-        "--arms", nargs="+", choices=["none", "flip", "edm", "edm-geometric"], default=["none", "flip", "edm"]
-    )
+    p.add_argument("--arms", nargs="+", choices=AUGMENTS, default=["none", "flip", "edm"])
     p.add_argument("--fresh", action="store_true", help="retrain the feature net and every arm")
     p.add_argument("--name", default="flip_ab", help="the results' file name (default flip_ab: results/flip_ab.md)")
     args = p.parse_args()

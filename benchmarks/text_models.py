@@ -99,7 +99,7 @@ def one_word_figures(run: str, n: int, scale: float) -> dict:
     from benchmarks.text_towers import WORDS, one_worded
     from difflab import load
     from difflab.data.images import to_uint8
-    from difflab.data.pairs import COLOURS, NOUNS, PHRASINGS, make_pairs, meant_words
+    from difflab.data.pairs import COLOURS, NOUNS, PHRASINGS, make_pairs, meant_words, said_words
     from difflab.evaluation.features import embed
     from difflab.evaluation.prompts import either_side
     from difflab.nets.pretrained_text import nearest_meanings
@@ -118,8 +118,7 @@ def one_word_figures(run: str, n: int, scale: float) -> dict:
         places = [p for p in range(4) if any((m in COLOURS) == (p % 2 == 0) for m in meant.values())]
         captions, used = [], []
         for i, a in enumerate(attrs.tolist()):
-            lk, lc, rk, rc = a
-            said = [list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk]][places[i % len(places)]]
+            said = said_words(a)[places[i % len(places)]]
             used.append(word_of[said])
             captions.append(one_worded(a, i % len(PHRASINGS), used[-1], said))
         images = to_uint8(model.sample(n, prompt=captions, guidance=scale, seed=0, batch=100))

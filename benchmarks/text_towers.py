@@ -79,10 +79,9 @@ def one_worded(attributes, phrasing: int, word: str, meant: str) -> str:
     """A fashion-pairs caption of ``attributes`` in ALL_PHRASINGS[phrasing] in the dataset's words but one: the
     first place that says ``meant`` (a colour or an item) says ``word`` instead (a plural item loses its article:
     ``word`` is the plural of ``meant``). Refused where the attributes do not say ``meant``."""
-    from difflab.data.pairs import ALL_PHRASINGS, COLOURS, NOUNS, article
+    from difflab.data.pairs import ALL_PHRASINGS, article, said_words
 
-    lk, lc, rk, rc = (int(a) for a in attributes)
-    said = [list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk]]
+    said = said_words(attributes)
     if meant not in said:
         raise ValueError(f"the attributes {attributes} do not say {meant!r}")
     place = said.index(meant)

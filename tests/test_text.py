@@ -726,7 +726,7 @@ def edits(a: str, b: str) -> int:
 
 
 def test_typo_variants_misspell_each_word_by_one_edit_and_never_as_the_figures_do():
-    from difflab.data.pairs import COLOURS, NOUNS, UNSEEN_WORDS, make_pairs, rephrased
+    from difflab.data.pairs import COLOURS, NOUNS, UNSEEN_WORDS, make_pairs, rephrased, said_words
 
     pairs = make_pairs("test", n=200)
     got = rephrased(pairs.captions, pairs.attributes, 2, "typos")
@@ -736,8 +736,7 @@ def test_typo_variants_misspell_each_word_by_one_edit_and_never_as_the_figures_d
     changed = total = 0
     for v in range(2):
         for i, text in enumerate(got[v * 200 : (v + 1) * 200]):
-            lk, lc, rk, rc = pairs.attributes[i].tolist()
-            meant = (list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk])
+            meant = said_words(pairs.attributes[i])
             words = text.split()
             for word in meant:  # each attribute is said, as itself or one edit away, and never as a measured typo
                 said = [w.strip(",;()") for w in words]

@@ -206,6 +206,16 @@ def geometric_apply(x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
     return x, labels
 
 
+def non_leaking_draw(name: str, n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+    """The parameters of ``n`` images' transforms under the non-leaking augmentation ``name`` (AUGMENT_DIMS)."""
+    return edm_draw(n, height, width, generator) if name == "edm" else geometric_draw(n, generator)
+
+
+def non_leaking_apply(name: str, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
+    """The images transformed by ``non_leaking_draw(name, ...)``'s parameters, and their augment_labels."""
+    return edm_apply(x, params) if name == "edm" else geometric_apply(x, params)
+
+
 def flip_mask(n: int, generator: torch.Generator) -> Tensor:
     """(n,) bool: which images of a batch are mirrored (probability 1/2 each), on the generator's device."""
     return torch.rand(n, generator=generator, device=generator.device) < 0.5

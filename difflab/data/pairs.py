@@ -166,14 +166,21 @@ def caption(attributes, phrasing: int = 0, subject: int | None = None, token: st
     return ALL_PHRASINGS[phrasing].format(L=left, R=right)
 
 
+def said_words(attributes, words=(0, 0, 0, 0)) -> list[str]:
+    """The words a caption says ``attributes`` (left class, left colour, right class, right colour) in, in the order
+    it says them: left colour, left item, right colour, right item. ``words``: which word of its SYNONYMS row says
+    each (0, the default: the dataset's own)."""
+    lk, lc, rk, rc = (int(a) for a in attributes)
+    wlc, wlk, wrc, wrk = (int(w) for w in words)
+    return [SYNONYMS[0][lc][wlc], SYNONYMS[1][lk][wlk], SYNONYMS[0][rc][wrc], SYNONYMS[1][rk][wrk]]
+
+
 def said_items(attributes, subject: int | None = None, token: str = "sks", words=(0, 0, 0, 0)) -> tuple[str, str]:
     """The left and right items of ``attributes`` as a caption says them ("a red sneaker", "a blue bag"); the
     arguments as caption's. Any template with {L} and {R} can take them."""
-    lk, lc, rk, rc = (int(a) for a in attributes)
-    wlc, wlk, wrc, wrk = (int(w) for w in words)
+    said = said_words(attributes, words)
     left, right = (
-        article(f"{SYNONYMS[0][c][wc]} {token + ' ' if subject == side else ''}{SYNONYMS[1][k][wk]}")
-        for side, (k, c, wk, wc) in enumerate(((lk, lc, wlk, wlc), (rk, rc, wrk, wrc)))
+        article(f"{said[2 * side]} {token + ' ' if subject == side else ''}{said[2 * side + 1]}") for side in (0, 1)
     )
     return left, right
 
@@ -250,30 +257,18 @@ def rephrased(
         raise DataError("--caption-variants rephrases captions from their attributes: it needs fashion-pairs' captions")
     count = len(CAPTION_PHRASINGS[phrasings])
     rows, n = attributes.tolist(), len(attributes)
-    if words == "typos":
-        return _misspelt(rows, variants, count)
     picks = (
         torch.randint(0, 4, (variants * n, 4), generator=torch.Generator().manual_seed(0))
         if words == "synonyms"
         else torch.zeros(variants * n, 4, dtype=torch.long)
     ).tolist()
-    return [
-        caption(rows[i], FIRST_VARIANT + (i * variants + v) % count, words=picks[v * n + i])
-        for v in range(variants)
-        for i in range(n)
-    ]
-
-
-def _misspelt(rows: list, variants: int, count: int) -> list[str]:
-    """rephrased's variants with ``words='typos'``: each colour and item word misspelt (typo) with probability 3/4,
-    drawn from a fixed seed (a resumed run rebuilds the same captions)."""
-    rng, n = random.Random(0), len(rows)
+    rng = random.Random(0)  # the typos' draws
     out = []
     for v in range(variants):
         for i in range(n):
-            lk, lc, rk, rc = rows[i]
-            said = [list(COLOURS)[lc], NOUNS[lk], list(COLOURS)[rc], NOUNS[rk]]
-            said = [typo(w, rng) if rng.random() < 0.75 else w for w in said]
+            said = said_words(rows[i], picks[v * n + i])
+            if words == "typos":
+                said = [typo(w, rng) if rng.random() < 0.75 else w for w in said]
             template = ALL_PHRASINGS[FIRST_VARIANT + (i * variants + v) % count]
             out.append(template.format(L=article(f"{said[0]} {said[1]}"), R=article(f"{said[2]} {said[3]}")))
     return out

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..core.conditions import drop_conditions, drop_mask, select
 from ..core.parameterize import Denoiser
-from ..data.augment import SPATIAL_CONDITIONS, edm_apply, edm_draw, flip, flip_mask, geometric_apply, geometric_draw
+from ..data.augment import AUGMENT_DIMS, SPATIAL_CONDITIONS, flip, flip_mask, non_leaking_apply, non_leaking_draw
 from ..data.loader import ShuffledBatches, TensorDataset
 from ..io import atomic_path
 from ..runs import store as ckpt
@@ -517,14 +517,7 @@ def train_step(
     noise_all = torch.randn((G, *x_shape), generator=gen, device=device)  # (G, ...)
     masks_all = {s.name: drop_mask(s.p_drop, G, gen) for s in specs}
     flips_all = flip_mask(G, gen) if tc.augment == "flip" else None
-    edm_all = (
-        edm_draw(G, x_shape[-2], x_shape[-1], gen)
-        if tc.augment == "edm"
-        else geometric_draw(G, gen)
-        if tc.augment == "edm-geometric"
-        else None
-    )
-    transform = geometric_apply if tc.augment == "edm-geometric" else edm_apply
+    edm_all = non_leaking_draw(tc.augment, G, x_shape[-2], x_shape[-1], gen) if tc.augment in AUGMENT_DIMS else None
     opt.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for m in range(tc.accumulation):
@@ -537,7 +530,7 @@ def train_step(
             x = flip(x, flips_all[part])
             cond = {k: flip(v, flips_all[part]) if k in SPATIAL_CONDITIONS else v for k, v in cond.items()}
         if edm_all is not None:  # the network is told what was done (non-leaking: data/augment.py)
-            x, cond["augment_labels"] = transform(x, edm_all[part])
+            x, cond["augment_labels"] = non_leaking_apply(tc.augment, x, edm_all[part])
         cond = drop_conditions(cond, specs, masks={k: v[part] for k, v in masks_all.items()})
         sync = m == tc.accumulation - 1 or not world.distributed
         with nullcontext() if sync else model.net.no_sync(), autocast(tc.precision, device):
